@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml requirements/test.txt
 	# CUDA-built torchvision/torchaudio/torchcodec, which break `import vllm` on CPU, are
 	# deliberately absent.
 	$(PIP) install --no-deps -r requirements/test.txt
-	$(PIP) install "setuptools==78.1.1" "wheel==0.45.1"
+	$(PIP) install "setuptools==78.1.1" "wheel==0.48.0"
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
