@@ -46,7 +46,7 @@ demo: $(STAMP) ## end to end on 127.0.0.1: emulator, S3, operator, job runner, r
 	$(VENV)/bin/preshard demo
 
 bench: $(STAMP) ## benchmarks: operator scale, S3 transfer vs s5cmd/boto3, conversion stages
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH)
 
 images: ## build the operator and converter images (needs a Docker engine)
 	docker build -f images/operator/Dockerfile -t preshard-operator:dev .
