@@ -1,0 +1,35 @@
+{{/*
+PRESHARD_* environment of the operator container, read by
+preshard.core.config.OperatorConfig.from_env. Only names and plain settings: the
+operator never receives S3 keys (conversion pods read them from the Secret themselves).
+*/}}
+{{- define "preshard.env" -}}
+- name: PRESHARD_CONVERTER_IMAGE
+  value: {{ include "preshard.image" (dict "image" .Values.converter.image "ctx" $) | quote }}
+- name: PRESHARD_CONVERTER_IMAGE_PULL_POLICY
+  value: {{ .Values.converter.image.pullPolicy | quote }}
+- name: PRESHARD_GPU_RESOURCE_NAME
+  value: {{ .Values.converter.gpuResourceName | quote }}
+- name: PRESHARD_JOB_SERVICE_ACCOUNT
+  value: {{ .Values.converter.serviceAccount.name | quote }}
+- name: PRESHARD_S3_ENDPOINT
+  value: {{ .Values.s3.endpoint | quote }}
+- name: PRESHARD_CREDENTIALS_SECRET
+  value: {{ .Values.s3.credentialsSecret | quote }}
+- name: PRESHARD_NAMESPACES
+  value: {{ join "," .Values.watchNamespaces | quote }}
+- name: PRESHARD_JOB_TTL_SECONDS
+  value: {{ .Values.jobTTLSeconds | int64 | toString | quote }}
+- name: PRESHARD_METRICS_PORT
+  value: {{ .Values.metrics.port | int | toString | quote }}
+- name: PRESHARD_LIVENESS_ENDPOINT
+  value: {{ include "preshard.livenessURL" . | quote }}
+- name: PRESHARD_PROGRESS_POLL_SECONDS
+  value: {{ .Values.converter.progressPollSeconds | int | toString | quote }}
+- name: PRESHARD_WORK_DIR_SIZE
+  value: {{ .Values.converter.workDirSize | quote }}
+- name: PRESHARD_CONVERTER_NODE_SELECTOR
+  value: {{ .Values.converter.nodeSelector | toJson | quote }}
+- name: PRESHARD_CONVERTER_TOLERATIONS
+  value: {{ .Values.converter.tolerations | toJson | quote }}
+{{- end }}
