@@ -1,0 +1,341 @@
+"""Run one vLLM engine in a child process: load, greedy-generate, optionally save shards.
+
+Everything that imports vLLM or torch for the conversion lives here, and it is imported
+only inside the child process. Each engine runs in a fresh ``spawn``-ed process that is
+the leader of its own process group, so that
+
+* the engine's memory and vLLM's own worker processes are released when it ends (the
+  conversion engine and the verification engine never coexist), and
+* the parent can always stop the whole tree (timeout, Ctrl-C, a crashed child): the CLI
+  never hangs and leaves no orphaned vLLM workers behind.
+
+The parent and the child exchange plain picklable dataclasses over a pipe.
+
+On vLLM's CPU platform (tests, the demo, laptops) the child applies the settings the CPU
+backend needs (see DESIGN.md); on any other platform it uses vLLM's defaults apart from
+what the caller passes explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from preshard.core.errors import PreshardError
+
+log = logging.getLogger(__name__)
+
+# Files that mark a model directory as carrying its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+# Fixed prompts for the reference/verification comparison.
+TEXT_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Hello, my name is",
+)
+MAX_TOKENS = 8
+DEFAULT_TIMEOUT = float(os.environ.get("PRESHARD_ENGINE_TIMEOUT", str(3 * 3600)))
+# CPU-only defaults (vLLM's CPU backend on a small machine).
+CPU_GPU_MEMORY_UTILIZATION = 0.2
+CPU_MAX_MODEL_LEN = 512
+CPU_MAX_NUM_SEQS = 8
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A text prompt, or token ids when the model has no tokenizer."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+
+    def describe(self) -> str:
+        if self.text is not None:
+            return repr(self.text)
+        return f"token ids {list(self.token_ids or ())}"
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    model: str
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    quantization: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    prompts: tuple[Prompt, ...] = ()
+    # save_sharded_state target; None: no save (verification engine)
+    save_dir: str | None = None
+    pattern: str | None = None
+    max_file_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    # PRESHARD_KEEP_CPU_WEIGHTS for the engine's processes (see vllm_plugin)
+    keep_cpu_weights: bool = True
+    skip_tokenizer_init: bool = False
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineOutcome:
+    tokens: tuple[tuple[int, ...], ...]
+    load_seconds: float
+    generate_seconds: float
+    save_seconds: float
+    vllm_version: str
+    platform: str
+    settings: dict[str, Any]
+
+
+class EngineError(PreshardError):
+    """The engine failed. ``stage`` is "load", "generate" or "save"; ``kind`` is the
+    exception class name in the child ("" when the child died without a word)."""
+
+    reason = "ConversionFailed"
+
+    def __init__(self, message: str, *, stage: str, kind: str = "", detail: str = ""):
+        super().__init__(message)
+        self.stage = stage
+        self.kind = kind
+        self.detail = detail
+
+
+def has_tokenizer(model_dir: str | os.PathLike[str]) -> bool:
+    return any(os.path.exists(os.path.join(model_dir, f)) for f in TOKENIZER_FILES)
+
+
+def default_prompts(config: dict[str, Any], *, tokenizer: bool) -> tuple[Prompt, ...]:
+    """Text prompts when there is a tokenizer, otherwise fixed token ids within the vocab."""
+    if tokenizer:
+        return tuple(Prompt(text=t) for t in TEXT_PROMPTS)
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int) and isinstance(config.get("text_config"), dict):
+        vocab = config["text_config"].get("vocab_size")
+    vocab = vocab if isinstance(vocab, int) and vocab > 16 else 32000
+    seqs = ([1, 2, 3, 4, 5, 6, 7, 8], [100, 200, 300, 400], [11, 13, 17, 19, 23, 29])
+    return tuple(Prompt(token_ids=tuple(3 + (i % (vocab - 3)) for i in s)) for s in seqs)
+
+
+def omp_threads_bind(world_size: int, cpus: list[int] | None = None) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for ``world_size`` CPU workers: the allowed CPUs split
+    into contiguous groups ("0|1" for two workers on two CPUs); with fewer CPUs than
+    workers, workers share CPUs round-robin."""
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        cpus = cpus or list(range(os.cpu_count() or 1))
+    cpus = sorted(cpus)
+    if world_size < 1:
+        raise ValueError("world_size must be >= 1")
+    if len(cpus) < world_size:
+        return "|".join(str(cpus[r % len(cpus)]) for r in range(world_size))
+    per, extra = divmod(len(cpus), world_size)
+    groups, start = [], 0
+    for r in range(world_size):
+        n = per + (1 if r < extra else 0)
+        groups.append(",".join(str(c) for c in cpus[start : start + n]))
+        start += n
+    return "|".join(groups)
+
+
+def cpu_env(world_size: int, environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """Environment defaults for vLLM's CPU backend; values the user set are kept."""
+    wanted = {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(world_size),
+    }
+    return {k: v for k, v in wanted.items() if not environ.get(k)}
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def _engine_kwargs(req: EngineRequest, *, is_cpu: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "model": req.model,
+        "tensor_parallel_size": req.tensor_parallel_size,
+        "pipeline_parallel_size": req.pipeline_parallel_size,
+        "dtype": req.dtype,
+        "load_format": req.load_format,
+        "skip_tokenizer_init": req.skip_tokenizer_init,
+        "seed": 0,
+    }
+    if req.quantization:
+        kwargs["quantization"] = req.quantization
+    if req.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = req.gpu_memory_utilization
+    if req.max_model_len is not None:
+        kwargs["max_model_len"] = req.max_model_len
+    if is_cpu:
+        kwargs.setdefault("gpu_memory_utilization", CPU_GPU_MEMORY_UTILIZATION)
+        kwargs["enforce_eager"] = True
+        kwargs["max_num_seqs"] = CPU_MAX_NUM_SEQS
+        if "max_model_len" not in kwargs:
+            kwargs["max_model_len"] = CPU_MAX_MODEL_LEN
+            with contextlib.suppress(Exception):
+                import json
+
+                with open(os.path.join(req.model, "config.json")) as f:
+                    cfg = json.load(f)
+                mpe = cfg.get("max_position_embeddings")
+                if isinstance(mpe, int) and mpe > 0:
+                    kwargs["max_model_len"] = min(mpe, CPU_MAX_MODEL_LEN)
+    return kwargs
+
+
+def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cover - child
+    """Entry point of the spawned engine process (module level, so spawn can import it)."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+    stage = "load"
+    try:
+        os.environ.update(req.extra_env)
+        os.environ["PRESHARD_KEEP_CPU_WEIGHTS"] = "1" if req.keep_cpu_weights else "0"
+        # vLLM logs to stderr: stdout carries the PRESHARD-PROGRESS records.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from vllm.platforms import current_platform
+
+        is_cpu = bool(current_platform.is_cpu())
+        settings: dict[str, Any] = {}
+        if is_cpu:
+            extra = cpu_env(req.tensor_parallel_size * req.pipeline_parallel_size, os.environ)
+            os.environ.update(extra)
+            settings.update(extra)
+
+        import vllm
+        from vllm import LLM, SamplingParams
+
+        kwargs = _engine_kwargs(req, is_cpu=is_cpu)
+        settings.update({k: v for k, v in kwargs.items() if k != "model"})
+        t0 = time.monotonic()
+        llm = LLM(**kwargs)
+        t1 = time.monotonic()
+
+        stage = "generate"
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        inputs: list[Any] = [
+            p.text if p.text is not None else {"prompt_token_ids": list(p.token_ids or ())}
+            for p in req.prompts
+        ]
+        tokens: tuple[tuple[int, ...], ...] = ()
+        if inputs:
+            outputs = llm.generate(inputs, params, use_tqdm=False)
+            tokens = tuple(tuple(int(t) for t in o.outputs[0].token_ids) for o in outputs)
+        t2 = time.monotonic()
+
+        save_seconds = 0.0
+        if req.save_dir is not None:
+            stage = "save"
+            llm.llm_engine.engine_core.save_sharded_state(
+                path=req.save_dir, pattern=req.pattern, max_size=req.max_file_size
+            )
+            save_seconds = time.monotonic() - t2
+        conn.send(
+            (
+                "ok",
+                EngineOutcome(
+                    tokens=tokens,
+                    load_seconds=t1 - t0,
+                    generate_seconds=t2 - t1,
+                    save_seconds=save_seconds,
+                    vllm_version=str(vllm.__version__),
+                    platform=str(current_platform.device_type or "unknown"),
+                    settings=settings,
+                ),
+            )
+        )
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+    except BaseException as exc:
+        msg = _one_line(exc)
+        with contextlib.suppress(Exception):
+            conn.send(("error", stage, type(exc).__name__, msg, traceback.format_exc()))
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 1500 else text[:1500] + " ..."
+
+
+# ---------------------------------------------------------------------------- parent side
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _stop_tree(proc: multiprocessing.process.BaseProcess, grace: float = 10.0) -> None:
+    """Stop the child and everything in its process group (vLLM engine core, workers)."""
+    pid = proc.pid
+    if pid is None:
+        return
+    _kill_group(pid, signal.SIGTERM)
+    proc.join(grace)
+    _kill_group(pid, signal.SIGKILL)
+    proc.join(5)
+
+
+def run_engine(req: EngineRequest, *, timeout: float | None = None) -> EngineOutcome:
+    """Run ``req`` in a fresh spawned process; raise EngineError on any failure."""
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    ctx = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child_main, args=(req, child_conn), name="preshard-vllm", daemon=False
+    )
+    proc.start()
+    child_conn.close()
+    deadline = time.monotonic() + timeout
+    message: Any = None
+    try:
+        while True:
+            if parent_conn.poll(1.0):
+                try:
+                    message = parent_conn.recv()
+                except EOFError:
+                    message = None
+                break
+            if not proc.is_alive():
+                # Anything sent just before exiting is still in the pipe.
+                if parent_conn.poll(0.5):
+                    with contextlib.suppress(EOFError):
+                        message = parent_conn.recv()
+                break
+            if time.monotonic() > deadline:
+                raise EngineError(
+                    f"vLLM engine did not finish within {int(timeout)} s "
+                    "(PRESHARD_ENGINE_TIMEOUT); stopped it",
+                    stage="timeout",
+                )
+        # The child shuts its engine down after answering; give it time to do so.
+        proc.join(120)
+    finally:
+        _stop_tree(proc)
+        parent_conn.close()
+    if message is None:
+        code = proc.exitcode
+        if code is not None and code < 0:
+            how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        hint = " (out of memory?)" if code == -signal.SIGKILL else ""
+        raise EngineError(
+            f"vLLM engine process {how}{hint} before reporting a result", stage="load"
+        )
+    if message[0] == "ok":
+        outcome: EngineOutcome = message[1]
+        return outcome
+    _, stage, kind, msg, tb = message
+    log.debug("vLLM engine failed in %s:\n%s", stage, tb)
+    raise EngineError(f"{kind}: {msg}", stage=stage, kind=kind, detail=tb)
