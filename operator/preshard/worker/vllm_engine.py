@@ -22,9 +22,12 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
 import signal
+import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -155,6 +158,60 @@ def cpu_env(world_size: int, environ: dict[str, str] | os._Environ[str]) -> dict
 
 # ----------------------------------------------------------------------------- child side
 
+# An exception line in vLLM's logs, e.g.
+# "(Worker pid=7) ERROR 11-22 23:57:58 [multiproc_executor.py:953] ValueError: Missing keys"
+_EXC_LINE = re.compile(
+    r"^(?:\([^)]*pid=\d+\) )?(?:ERROR\s[^\]]*\] )?"
+    r"(?P<exc>[A-Za-z_][\w.]*(?:Error|Exception|Exit)): (?P<msg>\S.*)$"
+)
+# Wrappers vLLM raises around the real failure of a background process.
+_WRAPPER_MESSAGES = ("See root cause", "See stack trace", "initialization failed")
+
+
+def find_root_cause(lines: list[str]) -> tuple[str, str] | None:
+    """The first exception line in vLLM's log output that is not one of vLLM's wrapper
+    exceptions: the real reason an engine process failed (vLLM reports the failure of a
+    background process to the caller only as "Engine core initialization failed")."""
+    for line in lines:
+        m = _EXC_LINE.match(line.rstrip())
+        if m and not any(w in m["msg"] for w in _WRAPPER_MESSAGES):
+            return m["exc"].rsplit(".", 1)[-1], m["msg"]
+    return None
+
+
+class _StderrTee:
+    """Copy everything written to fd 2 (by this process and every process it starts,
+    which inherit fd 2) to the original stderr, keeping the last lines for diagnosis."""
+
+    def __init__(self, keep: int = 400) -> None:
+        self.lines: deque[str] = deque(maxlen=keep)
+        self._orig = os.dup(2)
+        r, w = os.pipe()
+        os.dup2(w, 2)
+        os.close(w)
+        self._r = r
+        self._partial = b""
+        threading.Thread(target=self._pump, name="stderr-tee", daemon=True).start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._r, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            with contextlib.suppress(OSError):
+                os.write(self._orig, chunk)
+            data = self._partial + chunk
+            *complete, self._partial = data.split(b"\n")
+            for raw in complete:
+                self.lines.append(raw.decode("utf-8", "replace"))
+
+    def snapshot(self) -> list[str]:
+        time.sleep(0.5)  # let the pump drain what the engine processes just wrote
+        return list(self.lines)
+
 
 def _engine_kwargs(req: EngineRequest, *, is_cpu: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
@@ -193,6 +250,9 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
     """Entry point of the spawned engine process (module level, so spawn can import it)."""
     with contextlib.suppress(OSError):
         os.setsid()
+    tee: _StderrTee | None = None
+    with contextlib.suppress(OSError):
+        tee = _StderrTee()
     stage = "load"
     try:
         os.environ.update(req.extra_env)
@@ -254,9 +314,15 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
         with contextlib.suppress(Exception):
             llm.llm_engine.engine_core.shutdown()
     except BaseException as exc:
-        msg = _one_line(exc)
+        kind, msg = type(exc).__name__, _one_line(exc)
+        tb = traceback.format_exc()
+        # vLLM re-raises a background process's failure as a generic RuntimeError.
+        wrapped = kind == "EngineDeadError" or any(w in msg for w in _WRAPPER_MESSAGES)
+        cause = find_root_cause(tee.snapshot()) if tee is not None and wrapped else None
+        if cause:
+            kind, msg = cause[0], _one_line(Exception(cause[1]))
         with contextlib.suppress(Exception):
-            conn.send(("error", stage, type(exc).__name__, msg, traceback.format_exc()))
+            conn.send(("error", stage, kind, msg, tb))
     finally:
         with contextlib.suppress(Exception):
             conn.close()

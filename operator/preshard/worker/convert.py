@@ -1,0 +1,492 @@
+"""``preshard convert``: Downloading -> Converting -> Verifying -> Uploading.
+
+1. Downloading: ``storage.fetch_source`` brings the checkpoint into the work dir (a local
+   directory or a mounted PVC is used in place; it is never modified or deleted).
+2. Converting: checks the model's config against the requested parallelism BEFORE any
+   engine starts, then loads the model in vLLM at TP x PP in a child process, records
+   greedy reference tokens for a few fixed prompts, and calls ``save_sharded_state``.
+   The source's non-weight files (config, tokenizer, generation config, ...) are copied
+   next to the shards.
+3. Verifying: file-level checks of the shards (always; cheap), then (``--verify``, the
+   default) ONE more engine loads the shards with ``load_format="sharded_state"`` at the
+   same TP/PP/quantization and must produce the same greedy tokens. A load error (for
+   example vLLM's "Missing keys") is a verification failure.
+4. Uploading: ``storage.publish`` uploads the files and writes the manifest last.
+
+The result goes to the termination message (``worker.progress.write_result``); exit
+codes follow docs/architecture.md: 0 ok, 1 transient, 3 permanent (bad input, missing
+source, wrong parallelism for the model, verification failure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preshard.core.errors import PreshardError, SpecError
+from preshard.core.progress import Result
+from preshard.core.quantity import parse_bytes
+from preshard.core.spec import DTYPES, QUANTIZATIONS, CheckpointSpec, check_model_config
+from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
+from preshard.worker import verify_shards
+from preshard.worker.vllm_engine import (
+    EngineError,
+    EngineOutcome,
+    EngineRequest,
+    Prompt,
+    default_prompts,
+    has_tokenizer,
+    run_engine,
+)
+
+log = logging.getLogger("preshard.convert")
+
+EXIT_OK, EXIT_FAILED, EXIT_PERMANENT = 0, 1, 3
+SHARDS_DIR = "shards"
+SOURCE_DIR = "source"
+# Files of the source that are weights (vLLM writes its own) and are not copied.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# Exceptions vLLM raises for a model/configuration it cannot load: retrying cannot help.
+PERMANENT_ENGINE_ERRORS = frozenset({"ValueError", "NotImplementedError", "ValidationError"})
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    source: StorageURI
+    output: StorageURI
+    tensor_parallel_size: int
+    pipeline_parallel_size: int = 1
+    quantization: str | None = None
+    dtype: str = "auto"
+    max_file_size: int = 5 * 2**30
+    verify: bool = True
+    work_dir: Path = Path("preshard-work")
+    owner: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+    concurrency: int = 16
+    source_endpoint_url: str | None = None
+    gpu_memory_utilization: float | None = None
+    max_model_len: int | None = None
+    keep_cpu_weights: bool = True
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ConvertRequest:
+        """Validate the command line; SpecError (permanent) with one clear line."""
+        tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+        if tp < 1 or pp < 1:
+            raise SpecError(
+                f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1 "
+                f"(got {tp} and {pp})"
+            )
+        if args.quantization is not None and args.quantization not in QUANTIZATIONS:
+            raise SpecError(
+                f"unknown quantization {args.quantization!r}; supported: "
+                f"{', '.join(QUANTIZATIONS)}",
+                reason="UnknownQuantization",
+            )
+        if args.dtype not in DTYPES:
+            raise SpecError(f"unknown dtype {args.dtype!r}; supported: {', '.join(DTYPES)}")
+        try:
+            max_file_size = parse_bytes(args.max_file_size)
+        except ValueError as exc:
+            raise SpecError(f"--max-file-size: {exc}") from None
+        if max_file_size < 1:
+            raise SpecError("--max-file-size must be positive")
+        if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+            raise SpecError("--gpu-memory-utilization must be in (0, 1]")
+        if args.max_model_len is not None and args.max_model_len < 1:
+            raise SpecError("--max-model-len must be positive")
+        source = parse_uri(args.source, allow_local=True)
+        output = parse_output_uri(args.output, allow_local=True)
+        if source.scheme == "s3" and source.overlaps(output):
+            raise SpecError(f"output {output} overlaps the source {source}")
+        work_dir = Path(args.work_dir).resolve()
+        if source.scheme == "file":
+            src = Path(source.path).resolve()
+            if _inside(work_dir, src) or _inside(src, work_dir):
+                raise SpecError(
+                    f"--work-dir {work_dir} and the source {src} must not contain each other "
+                    "(the work dir is cleaned on every run)"
+                )
+        if output.scheme == "file":
+            out = Path(output.path).resolve()
+            if source.scheme == "file" and (
+                _inside(out, Path(source.path).resolve())
+                or _inside(Path(source.path).resolve(), out)
+            ):
+                raise SpecError(f"output {out} and the source must not contain each other")
+        return cls(
+            source=source,
+            output=output,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            quantization=args.quantization,
+            dtype=args.dtype,
+            max_file_size=max_file_size,
+            verify=bool(args.verify),
+            work_dir=work_dir,
+            owner=args.owner,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            concurrency=max(1, int(args.concurrency)),
+            source_endpoint_url=args.source_endpoint_url,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            # PRESHARD_KEEP_CPU_WEIGHTS=0 turns the CPU keep-weights plugin off (tests use
+            # it to prove that verification catches the weights vLLM's CPU backend drops).
+            keep_cpu_weights=os.environ.get("PRESHARD_KEEP_CPU_WEIGHTS", "1").strip() != "0",
+        )
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+@dataclass
+class ConvertOutcome:
+    artifact: dict[str, Any]
+    shards_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    reference_tokens: list[list[int]] = field(default_factory=list)
+    verified_tokens: list[list[int]] | None = None
+    vllm_version: str = ""
+    shard_summary: str = ""
+
+
+class _Timer:
+    """Wall time per stage, logged as each stage ends."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t0 = time.monotonic()
+
+    def add(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+
+    def total(self) -> float:
+        return time.monotonic() - self._t0
+
+
+# ------------------------------------------------------------------------ source checks
+
+
+def read_model_config(model_dir: Path, label: str) -> dict[str, Any]:
+    """The checkpoint's config.json; InvalidSource if it is missing or unreadable, or
+    if there are no safetensors weights."""
+    if not model_dir.is_dir():
+        raise PreshardError(
+            f"the source {label} does not exist", reason="SourceNotFound", permanent=True
+        )
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise PreshardError(
+            f"the source {label} has no config.json: not a Hugging Face model directory",
+            reason="InvalidSource",
+            permanent=True,
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PreshardError(
+            f"the source's config.json is not valid JSON: {exc}",
+            reason="InvalidSource",
+            permanent=True,
+        ) from None
+    if not isinstance(config, dict):
+        raise PreshardError(
+            "the source's config.json is not a JSON object", reason="InvalidSource", permanent=True
+        )
+    if not any(p.is_file() for p in model_dir.glob("*.safetensors")):
+        raise PreshardError(
+            f"the source {label} has no *.safetensors weights (other formats are not supported)",
+            reason="InvalidSource",
+            permanent=True,
+        )
+    return config
+
+
+def check_parallelism(config: dict[str, Any], tp: int, pp: int) -> None:
+    """The parallel layout must fit the model; checked before any engine starts."""
+    spec = CheckpointSpec.model_construct(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    check_model_config(spec, config)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    assert isinstance(text, dict)
+    kv = text.get("num_key_value_heads")
+    # vLLM splits KV heads across ranks when there are at least TP of them, otherwise it
+    # replicates them: either way one count must divide the other.
+    if isinstance(kv, int) and kv > 0:
+        if kv >= tp and kv % tp:
+            raise SpecError(
+                f"tensorParallelSize {tp} does not divide the model's {kv} key/value heads",
+                reason="TensorParallelSizeMismatch",
+            )
+        if kv < tp and tp % kv:
+            raise SpecError(
+                f"tensorParallelSize {tp} is not a multiple of the model's {kv} key/value heads",
+                reason="TensorParallelSizeMismatch",
+            )
+
+
+def weight_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors") if p.is_file())
+
+
+def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
+    """Copy the source's top-level non-weight files (config, tokenizer, ...)."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES:
+            continue
+        if verify_shards.is_shard_file(p.name) or p.name == "preshard-manifest.json":
+            continue
+        shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def prepare_work_dir(work_dir: Path) -> Path:
+    """Create the work dir and an empty shards dir (partial output of an earlier attempt
+    is removed; a fetched source in the work dir is kept for resuming)."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    shards = work_dir / SHARDS_DIR
+    if shards.exists():
+        log.info("removing partial output of an earlier attempt: %s", shards)
+        shutil.rmtree(shards)
+    shards.mkdir()
+    return shards
+
+
+# -------------------------------------------------------------------------------- engine
+
+
+def _engine_request(
+    req: ConvertRequest, model: Path, prompts: tuple[Prompt, ...], **kw: Any
+) -> EngineRequest:
+    return EngineRequest(
+        model=str(model),
+        tensor_parallel_size=req.tensor_parallel_size,
+        pipeline_parallel_size=req.pipeline_parallel_size,
+        quantization=req.quantization,
+        dtype=req.dtype,
+        prompts=prompts,
+        gpu_memory_utilization=req.gpu_memory_utilization,
+        max_model_len=req.max_model_len,
+        keep_cpu_weights=req.keep_cpu_weights,
+        skip_tokenizer_init=not has_tokenizer(model),
+        **kw,
+    )
+
+
+def _conversion_error(exc: EngineError) -> PreshardError:
+    if exc.stage == "load" and exc.kind in PERMANENT_ENGINE_ERRORS:
+        return PreshardError(
+            f"vLLM cannot load the model at this configuration: {exc.message}",
+            reason="ConversionFailed",
+            permanent=True,
+        )
+    return PreshardError(
+        f"conversion failed ({exc.stage}): {exc.message}", reason="ConversionFailed"
+    )
+
+
+def _verification_error(exc: EngineError) -> PreshardError:
+    if exc.kind:  # vLLM raised: the shards do not load (e.g. "Missing keys")
+        return verify_shards.VerificationFailed(
+            f"reloading the shards with load_format=sharded_state failed: {exc.message}"
+        )
+    # The process died or timed out: not a verdict on the shards.
+    return PreshardError(f"verification engine failed: {exc.message}", reason="ConversionFailed")
+
+
+def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
+    """The whole pipeline; raises PreshardError on any failure."""
+    from preshard.worker import storage
+
+    timer = _Timer()
+    shards = prepare_work_dir(req.work_dir)
+
+    # -- Downloading ------------------------------------------------------------------
+    t = time.monotonic()
+    reporter.stage("Downloading")
+    src_dir = Path(
+        storage.fetch_source(
+            str(req.source),
+            req.work_dir / SOURCE_DIR,
+            endpoint_url=req.source_endpoint_url or req.endpoint_url,
+            region=req.region,
+            concurrency=req.concurrency,
+            reporter=reporter,
+        )
+    )
+    timer.add("download", time.monotonic() - t)
+    log.info("source ready in %s (%.1f s)", src_dir, timer.timings["download"])
+
+    config = read_model_config(src_dir, str(req.source))
+    check_parallelism(config, req.tensor_parallel_size, req.pipeline_parallel_size)
+    prompts = default_prompts(config, tokenizer=has_tokenizer(src_dir))
+
+    # -- Converting -------------------------------------------------------------------
+    total = weight_bytes(src_dir)
+    reporter.stage("Converting", total_bytes=total)
+    t = time.monotonic()
+    try:
+        conv: EngineOutcome = run_engine(
+            _engine_request(
+                req,
+                src_dir,
+                prompts,
+                save_dir=str(shards),
+                pattern=verify_shards.shard_pattern(req.pipeline_parallel_size),
+                max_file_size=req.max_file_size,
+            )
+        )
+    except EngineError as exc:
+        raise _conversion_error(exc) from None
+    timer.add("convert", time.monotonic() - t)
+    timer.add("vllm_load", conv.load_seconds)
+    timer.add("vllm_save", conv.save_seconds)
+    timer.add("reference_generate", conv.generate_seconds)
+    copied = copy_non_weight_files(src_dir, shards)
+    reporter.advance(total)
+    log.info(
+        "converted with vLLM %s on %s (load %.1f s, save %.1f s); copied %s",
+        conv.vllm_version,
+        conv.platform,
+        conv.load_seconds,
+        conv.save_seconds,
+        ", ".join(copied) or "no other files",
+    )
+
+    # -- Verifying --------------------------------------------------------------------
+    reporter.stage("Verifying")
+    t = time.monotonic()
+    report = verify_shards.check_shards(
+        shards, req.tensor_parallel_size, req.pipeline_parallel_size
+    )
+    timer.add("check_files", time.monotonic() - t)
+    log.info("shard files: %s", report.summary())
+    verified: list[list[int]] | None = None
+    if req.verify:
+        t = time.monotonic()
+        try:
+            again = run_engine(_engine_request(req, shards, prompts, load_format="sharded_state"))
+        except EngineError as exc:
+            raise _verification_error(exc) from None
+        timer.add("verify", time.monotonic() - t)
+        verify_shards.compare_tokens(
+            [p.describe() for p in prompts],
+            [list(x) for x in conv.tokens],
+            [list(x) for x in again.tokens],
+        )
+        verified = [list(x) for x in again.tokens]
+        log.info(
+            "verified: the sharded checkpoint gives the same greedy tokens for %d prompts (%.1f s)",
+            len(prompts),
+            timer.timings["verify"],
+        )
+    else:
+        log.warning("--no-verify: the reload and token comparison were skipped")
+
+    # -- Uploading --------------------------------------------------------------------
+    reporter.stage("Uploading", total_bytes=sum(p.stat().st_size for p in shards.iterdir()))
+    t = time.monotonic()
+    artifact = storage.publish(
+        shards,
+        str(req.output),
+        manifest_fields=manifest_fields(req, conv.vllm_version),
+        owner=req.owner,
+        endpoint_url=req.endpoint_url,
+        region=req.region,
+        concurrency=req.concurrency,
+        reporter=reporter,
+    )
+    timer.add("upload", time.monotonic() - t)
+    timer.timings["total"] = timer.total()
+    log.info("stage timings: %s", format_timings(timer.timings))
+    return ConvertOutcome(
+        artifact=artifact,
+        shards_dir=shards,
+        timings=timer.timings,
+        reference_tokens=[list(x) for x in conv.tokens],
+        verified_tokens=verified,
+        vllm_version=conv.vllm_version,
+        shard_summary=report.summary(),
+    )
+
+
+def manifest_fields(req: ConvertRequest, vllm_version: str) -> dict[str, Any]:
+    return {
+        "source_uri": str(req.source) if req.source.scheme != "file" else req.source.path,
+        "source_revision": req.source.revision,
+        "tensor_parallel_size": req.tensor_parallel_size,
+        "pipeline_parallel_size": req.pipeline_parallel_size,
+        "quantization": req.quantization,
+        "dtype": req.dtype,
+        "vllm_version": vllm_version,
+        "file_pattern": verify_shards.shard_pattern(req.pipeline_parallel_size),
+        "load_format": "sharded_state",
+    }
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+
+
+# ------------------------------------------------------------------------------ command
+
+
+def run(args: argparse.Namespace) -> int:
+    from preshard.worker.progress import Reporter, write_result
+
+    reporter = Reporter(mode=getattr(args, "progress", "auto"))
+    try:
+        req = ConvertRequest.from_args(args)
+        outcome = convert(req, reporter)
+    except PreshardError as exc:
+        _safe_done(reporter)
+        write_result(Result(result="Failed", reason=exc.reason, message=exc.message))
+        print(f"preshard: error: {exc.message}", file=sys.stderr)
+        return EXIT_PERMANENT if exc.permanent else EXIT_FAILED
+    except KeyboardInterrupt:
+        _safe_done(reporter)
+        write_result(Result(result="Failed", reason="Interrupted", message="interrupted"))
+        print("preshard: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # unexpected: a bug or an environment problem; the Job retries
+        _safe_done(reporter)
+        log.debug("unexpected error", exc_info=True)
+        msg = f"unexpected error: {type(exc).__name__}: {exc}"
+        write_result(Result(result="Failed", reason="InternalError", message=msg))
+        print(f"preshard: error: {msg} (run with -v for details)", file=sys.stderr)
+        return EXIT_FAILED
+    _safe_done(reporter)
+    write_result(Result(result="Succeeded", artifact=outcome.artifact))
+    print(
+        f"preshard: published {outcome.artifact.get('uri', req.output)} "
+        f"({outcome.shard_summary}; {format_timings(outcome.timings)})",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _safe_done(reporter: Any) -> None:
+    # The progress display must never mask the real outcome.
+    with contextlib.suppress(Exception):
+        reporter.done()
