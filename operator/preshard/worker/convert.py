@@ -26,7 +26,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -452,13 +454,30 @@ def format_timings(timings: dict[str, float]) -> str:
 # ------------------------------------------------------------------------------ command
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (pod deletion, Job deadline, a user): stop engines and exit."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def run(args: argparse.Namespace) -> int:
     from preshard.worker.progress import Reporter, write_result
 
+    # Turn SIGTERM into an exception so that the engine's process group is stopped on the
+    # way out (vllm_engine.run_engine's finally), instead of leaving vLLM running.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     reporter = Reporter(mode=getattr(args, "progress", "auto"))
     try:
         req = ConvertRequest.from_args(args)
         outcome = convert(req, reporter)
+    except Terminated:
+        _safe_done(reporter)
+        write_result(Result(result="Failed", reason="Terminated", message="terminated (SIGTERM)"))
+        print("preshard: terminated", file=sys.stderr)
+        return 143
     except PreshardError as exc:
         _safe_done(reporter)
         write_result(Result(result="Failed", reason=exc.reason, message=exc.message))

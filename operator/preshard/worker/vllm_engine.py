@@ -28,6 +28,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -347,19 +348,30 @@ def _stop_tree(proc: multiprocessing.process.BaseProcess, grace: float = 10.0) -
     if pid is None:
         return
     _kill_group(pid, signal.SIGTERM)
+    if proc.is_alive():
+        proc.terminate()
     proc.join(grace)
     _kill_group(pid, signal.SIGKILL)
+    if proc.is_alive():
+        proc.kill()
     proc.join(5)
 
 
-def run_engine(req: EngineRequest, *, timeout: float | None = None) -> EngineOutcome:
-    """Run ``req`` in a fresh spawned process; raise EngineError on any failure."""
+def run_engine(
+    req: EngineRequest,
+    *,
+    timeout: float | None = None,
+    target: Callable[[EngineRequest, Connection], None] = _child_main,
+) -> EngineOutcome:
+    """Run ``req`` in a fresh spawned process; raise EngineError on any failure.
+
+    ``target`` is the child's entry point (tests substitute a module-level function to
+    exercise the process handling without vLLM).
+    """
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     ctx = multiprocessing.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=_child_main, args=(req, child_conn), name="preshard-vllm", daemon=False
-    )
+    proc = ctx.Process(target=target, args=(req, child_conn), name="preshard-vllm", daemon=False)
     proc.start()
     child_conn.close()
     deadline = time.monotonic() + timeout
