@@ -1,0 +1,237 @@
+"""``preshard-manifest.json``: the record that makes an S3 prefix a checkpoint.
+
+It is uploaded LAST; a prefix without it is not a checkpoint. It lists every file with
+its size and sha256, so readers (``preshard fetch``/``verify``) check integrity
+themselves instead of trusting the object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+MANIFEST_NAME = "preshard-manifest.json"
+FORMAT = "preshard.io/checkpoint-manifest"
+FORMAT_VERSION = 1
+FILE_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
+PP_FILE_PATTERN = "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
+LOAD_FORMAT = "sharded_state"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RANK_FILE = re.compile(r"^model-rank-(?P<rank>\d+)-part-(?P<part>\d+)\.safetensors$")
+_PP_FILE = re.compile(r"^model-pp-(?P<pp>\d+)-tp-(?P<tp>\d+)-part-(?P<part>\d+)\.safetensors$")
+
+
+class ManifestError(ValueError):
+    """The manifest is malformed or does not describe a usable checkpoint."""
+
+
+def parse_shard_filename(name: str, tensor_parallel_size: int = 1) -> tuple[int, int] | None:
+    """(global rank, part) of a shard file name, or None for a non-shard file.
+
+    The PP form's global rank is ``pp_rank * tensor_parallel_size + tp_rank``.
+    """
+    m = _RANK_FILE.match(name)
+    if m:
+        return int(m["rank"]), int(m["part"])
+    m = _PP_FILE.match(name)
+    if m:
+        return int(m["pp"]) * tensor_parallel_size + int(m["tp"]), int(m["part"])
+    return None
+
+
+def _check_key(key: str) -> None:
+    if not key or key.startswith("/") or "\\" in key:
+        raise ManifestError(f"invalid file key {key!r}")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ManifestError(f"invalid file key {key!r}: empty, '.' or '..' segment")
+    if key == MANIFEST_NAME:
+        raise ManifestError("the manifest cannot list itself")
+
+
+@dataclass(frozen=True)
+class ManifestFile:
+    key: str
+    size: int
+    sha256: str
+    rank: int | None = None
+    part: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "size": self.size, "sha256": self.sha256}
+        if self.rank is not None:
+            out["rank"] = self.rank
+            out["part"] = self.part
+        return out
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source_uri: str
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    vllm_version: str
+    files: tuple[ManifestFile, ...]
+    dtype: str = "auto"
+    quantization: str | None = None
+    source_revision: str | None = None
+    owner: str | None = None
+    file_pattern: str = FILE_PATTERN
+    load_format: str = LOAD_FORMAT
+    created_at: str | None = None
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, key: str) -> ManifestFile | None:
+        for f in self.files:
+            if f.key == key:
+                return f
+        return None
+
+    def rank_files(self, rank: int) -> list[ManifestFile]:
+        return [f for f in self.files if f.rank == rank]
+
+    def shard_files(self) -> list[ManifestFile]:
+        return [f for f in self.files if f.rank is not None]
+
+    def other_files(self) -> list[ManifestFile]:
+        return [f for f in self.files if f.rank is None]
+
+    def missing_ranks(self) -> list[int]:
+        present = {f.rank for f in self.files if f.rank is not None}
+        return [r for r in range(self.world_size) if r not in present]
+
+    def expected_rank_files_present(self) -> bool:
+        return not self.missing_ranks()
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "format": FORMAT,
+            "formatVersion": self.format_version,
+            "createdAt": self.created_at,
+            "owner": self.owner,
+            "source": {"uri": self.source_uri, "revision": self.source_revision},
+            "tensorParallelSize": self.tensor_parallel_size,
+            "pipelineParallelSize": self.pipeline_parallel_size,
+            "quantization": self.quantization,
+            "dtype": self.dtype,
+            "vllmVersion": self.vllm_version,
+            "loadFormat": self.load_format,
+            "filePattern": self.file_pattern,
+            "totalBytes": self.total_bytes,
+            "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.key)],
+        }
+        if self.extra:
+            data["extra"] = self.extra
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ManifestError("manifest is not a JSON object")
+        if data.get("format") != FORMAT:
+            raise ManifestError(f"not a preshard manifest (format {data.get('format')!r})")
+        version = data.get("formatVersion")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"unsupported manifest formatVersion {version!r} (this preshard reads {FORMAT_VERSION})"
+            )
+        try:
+            tp = int(data["tensorParallelSize"])
+            pp = int(data.get("pipelineParallelSize", 1))
+            source = data["source"]
+            raw_files = data["files"]
+            vllm_version = str(data["vllmVersion"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest is missing or has a bad field: {exc}") from None
+        if tp < 1 or pp < 1:
+            raise ManifestError("manifest parallel sizes must be >= 1")
+        if not isinstance(raw_files, list) or not raw_files:
+            raise ManifestError("manifest lists no files")
+        files: list[ManifestFile] = []
+        seen: set[str] = set()
+        for raw in raw_files:
+            try:
+                key, size, sha = str(raw["key"]), int(raw["size"]), str(raw["sha256"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ManifestError(f"manifest file entry is malformed: {exc}") from None
+            _check_key(key)
+            if key in seen:
+                raise ManifestError(f"manifest lists {key!r} twice")
+            seen.add(key)
+            if size < 0:
+                raise ManifestError(f"{key}: negative size")
+            if not _SHA256.match(sha):
+                raise ManifestError(f"{key}: sha256 {sha!r} is not 64 lowercase hex digits")
+            parsed = parse_shard_filename(key.rsplit("/", 1)[-1], tp)
+            files.append(
+                ManifestFile(key, size, sha, parsed[0] if parsed else None, parsed[1] if parsed else None)
+            )
+        m = cls(
+            source_uri=str(source.get("uri", "")) if isinstance(source, dict) else "",
+            source_revision=source.get("revision") if isinstance(source, dict) else None,
+            tensor_parallel_size=tp,
+            pipeline_parallel_size=pp,
+            quantization=data.get("quantization"),
+            dtype=str(data.get("dtype", "auto")),
+            vllm_version=vllm_version,
+            files=tuple(files),
+            owner=data.get("owner"),
+            file_pattern=str(data.get("filePattern", FILE_PATTERN)),
+            load_format=str(data.get("loadFormat", LOAD_FORMAT)),
+            created_at=data.get("createdAt"),
+            extra=data.get("extra") or {},
+        )
+        if "totalBytes" in data and int(data["totalBytes"]) != m.total_bytes:
+            raise ManifestError("manifest totalBytes does not equal the sum of file sizes")
+        missing = m.missing_ranks()
+        if missing:
+            raise ManifestError(
+                f"manifest has no shard files for rank(s) {missing} of "
+                f"{m.world_size} (TP {tp} x PP {pp})"
+            )
+        return m
+
+
+def build_manifest(files: list[tuple[str, int, str]], **fields: Any) -> Manifest:
+    """A manifest from (key, size, sha256) tuples; ranks are parsed from the names."""
+    tp = int(fields.get("tensor_parallel_size", 1))
+    entries = []
+    for key, size, sha in files:
+        _check_key(key)
+        parsed = parse_shard_filename(key.rsplit("/", 1)[-1], tp)
+        entries.append(ManifestFile(key, size, sha, parsed[0] if parsed else None, parsed[1] if parsed else None))
+    return Manifest(files=tuple(sorted(entries, key=lambda f: f.key)), **fields)
+
+
+def manifest_sha256(text: str | bytes) -> str:
+    data = text.encode() if isinstance(text, str) else text
+    return hashlib.sha256(data).hexdigest()
+
+
+def artifact_status(manifest: Manifest, uri: str, manifest_text: str | bytes) -> dict[str, Any]:
+    """The ``status.artifact`` object for a published manifest."""
+    base = uri if uri.endswith("/") else uri + "/"
+    return {
+        "uri": base,
+        "manifestUri": base + MANIFEST_NAME,
+        "files": len(manifest.files),
+        "totalBytes": manifest.total_bytes,
+        "manifestSha256": manifest_sha256(manifest_text),
+        "vllmVersion": manifest.vllm_version,
+    }
