@@ -80,8 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument(
         "--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)"
     )
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default 8080, 0 disables)")
-    p.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="Prometheus /metrics port (default 8080, 0 disables)",
+    )
+    p.add_argument(
+        "--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz"
+    )
     p.add_argument("--standalone", action="store_true", default=True, help=argparse.SUPPRESS)
 
     # -- convert --------------------------------------------------------------------------
@@ -91,20 +98,70 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch a model, save it with vLLM's save_sharded_state at the given "
         "parallelism, verify it, and upload it with preshard-manifest.json written last.",
     )
-    p.add_argument("--source", required=True, help="s3://bucket/prefix/, pvc://claim/path, hf://org/name[@rev] or a local directory")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, required=True, help="tensor-parallel size (>= 1)")
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument(
+        "--source",
+        required=True,
+        help="s3://bucket/prefix/, pvc://claim/path, hf://org/name[@rev] or a local directory",
+    )
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, required=True, help="tensor-parallel size (>= 1)"
+    )
+    p.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=1,
+        help="pipeline-parallel size (default 1)",
+    )
     p.add_argument("--quantization", default=None, help="vLLM quantization method, e.g. fp8")
-    p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default auto)")
+    p.add_argument(
+        "--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default auto)"
+    )
     p.add_argument("--output", required=True, help="s3://bucket/prefix/ (or a local directory)")
-    p.add_argument("--max-file-size", default="5Gi", help="largest safetensors file per rank, bytes or a quantity like 5Gi (default 5Gi)")
-    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True, help="reload the shards and compare greedy tokens (default on)")
-    p.add_argument("--work-dir", default=os.environ.get("PRESHARD_WORK_DIR", "./preshard-work"), help="local scratch directory (env PRESHARD_WORK_DIR)")
-    p.add_argument("--owner", default=os.environ.get("PRESHARD_OWNER"), help="owner recorded in the manifest (namespace/name/uid); a prefix owned by another owner is never overwritten")
-    p.add_argument("--source-endpoint-url", default=os.environ.get("PRESHARD_SOURCE_ENDPOINT_URL"), help="S3 endpoint of the source, if different (env PRESHARD_SOURCE_ENDPOINT_URL)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="vLLM gpu_memory_utilization (default: vLLM's, 0.2 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=None, help="vLLM max_model_len for the conversion engines")
-    p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto", help="progress display: a bar on a terminal, lines otherwise")
+    p.add_argument(
+        "--max-file-size",
+        default="5Gi",
+        help="largest safetensors file per rank, bytes or a quantity like 5Gi (default 5Gi)",
+    )
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reload the shards and compare greedy tokens (default on)",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=os.environ.get("PRESHARD_WORK_DIR", "./preshard-work"),
+        help="local scratch directory (env PRESHARD_WORK_DIR)",
+    )
+    p.add_argument(
+        "--owner",
+        default=os.environ.get("PRESHARD_OWNER"),
+        help="owner recorded in the manifest (namespace/name/uid); a prefix owned by another owner is never overwritten",
+    )
+    p.add_argument(
+        "--source-endpoint-url",
+        default=os.environ.get("PRESHARD_SOURCE_ENDPOINT_URL"),
+        help="S3 endpoint of the source, if different (env PRESHARD_SOURCE_ENDPOINT_URL)",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="vLLM gpu_memory_utilization (default: vLLM's, 0.2 on CPU)",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="vLLM max_model_len for the conversion engines",
+    )
+    p.add_argument(
+        "--progress",
+        choices=["auto", "bar", "lines"],
+        default="auto",
+        help="progress display: a bar on a terminal, lines otherwise",
+    )
     _s3_flags(p)
 
     # -- fetch ----------------------------------------------------------------------------
@@ -114,9 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download a published checkpoint (refuses a prefix with no manifest) and "
         "check every file's sha256. Serving pods run this as an init container.",
     )
-    p.add_argument("--from", dest="source", required=True, help="s3://bucket/prefix/ of a published checkpoint")
+    p.add_argument(
+        "--from", dest="source", required=True, help="s3://bucket/prefix/ of a published checkpoint"
+    )
     p.add_argument("--to", dest="dest", required=True, help="local directory")
-    p.add_argument("--rank", type=int, default=None, help="only this rank's shard files (plus config and tokenizer files)")
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="only this rank's shard files (plus config and tokenizer files)",
+    )
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
     _s3_flags(p)
 
@@ -139,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
         "and abort unfinished multipart uploads.",
     )
     p.add_argument("--output", required=True, help="s3://bucket/prefix/ to delete")
-    p.add_argument("--owner", default=os.environ.get("PRESHARD_OWNER"), help="refuse unless the manifest (if any) names this owner")
+    p.add_argument(
+        "--owner",
+        default=os.environ.get("PRESHARD_OWNER"),
+        help="refuse unless the manifest (if any) names this owner",
+    )
     _s3_flags(p)
 
     # -- demo -----------------------------------------------------------------------------
@@ -150,9 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Job runner on 127.0.0.1, apply examples/tiny-tp2.yaml and watch it to Ready. "
         "Dev tooling: on a real cluster Kubernetes runs the Job.",
     )
-    p.add_argument("--keep", action="store_true", help="leave everything running and print a kubeconfig path and the S3 endpoint")
-    p.add_argument("--dir", default=".preshard-demo", help="state and log directory (default .preshard-demo)")
-    p.add_argument("--example", default=None, help="the ShardedCheckpoint to apply (default examples/tiny-tp2.yaml)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="leave everything running and print a kubeconfig path and the S3 endpoint",
+    )
+    p.add_argument(
+        "--dir", default=".preshard-demo", help="state and log directory (default .preshard-demo)"
+    )
+    p.add_argument(
+        "--example",
+        default=None,
+        help="the ShardedCheckpoint to apply (default examples/tiny-tp2.yaml)",
+    )
     return parser
 
 
@@ -169,7 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[args.command])
     except ModuleNotFoundError as exc:
-        print(f"preshard: error: '{args.command}' is not available in this installation ({exc.name} is missing)", file=sys.stderr)
+        print(
+            f"preshard: error: '{args.command}' is not available in this installation ({exc.name} is missing)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     try:
         return int(module.run(args) or 0)

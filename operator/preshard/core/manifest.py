@@ -180,7 +180,9 @@ class Manifest:
                 raise ManifestError(f"{key}: sha256 {sha!r} is not 64 lowercase hex digits")
             parsed = parse_shard_filename(key.rsplit("/", 1)[-1], tp)
             files.append(
-                ManifestFile(key, size, sha, parsed[0] if parsed else None, parsed[1] if parsed else None)
+                ManifestFile(
+                    key, size, sha, parsed[0] if parsed else None, parsed[1] if parsed else None
+                )
             )
         m = cls(
             source_uri=str(source.get("uri", "")) if isinstance(source, dict) else "",
@@ -215,7 +217,11 @@ def build_manifest(files: list[tuple[str, int, str]], **fields: Any) -> Manifest
     for key, size, sha in files:
         _check_key(key)
         parsed = parse_shard_filename(key.rsplit("/", 1)[-1], tp)
-        entries.append(ManifestFile(key, size, sha, parsed[0] if parsed else None, parsed[1] if parsed else None))
+        entries.append(
+            ManifestFile(
+                key, size, sha, parsed[0] if parsed else None, parsed[1] if parsed else None
+            )
+        )
     return Manifest(files=tuple(sorted(entries, key=lambda f: f.key)), **fields)
 
 

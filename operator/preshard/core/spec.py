@@ -129,7 +129,9 @@ class ConverterSpec(_Model):
 class CheckpointSpec(_Model):
     source: SourceSpec
     tensor_parallel_size: int = Field(alias="tensorParallelSize", ge=1, le=MAX_PARALLEL)
-    pipeline_parallel_size: int = Field(default=1, alias="pipelineParallelSize", ge=1, le=MAX_PARALLEL)
+    pipeline_parallel_size: int = Field(
+        default=1, alias="pipelineParallelSize", ge=1, le=MAX_PARALLEL
+    )
     quantization: str | None = None
     dtype: str = "auto"
     output: OutputSpec
@@ -163,7 +165,10 @@ class CheckpointSpec(_Model):
             "pipelineParallelSize": self.pipeline_parallel_size,
             "quantization": self.quantization,
             "dtype": self.dtype,
-            "output": {"uri": str(self.output.parsed), "maxFileSize": self.output.max_file_size_bytes},
+            "output": {
+                "uri": str(self.output.parsed),
+                "maxFileSize": self.output.max_file_size_bytes,
+            },
         }
 
     def conversion_hash(self) -> str:

@@ -25,9 +25,7 @@ HF_RE = re.compile(rf"^hf://(?P<org>{_HF_PART})/(?P<name>{_HF_PART})(@(?P<rev>{_
 
 # The same rules as regexes for the CRD's openAPIV3Schema ``pattern`` (kept here so the
 # schema and the operator cannot drift; a unit test compares them with the CRD).
-SOURCE_URI_PATTERN = (
-    rf"^(s3://{_BUCKET}(/[^\s]*)?|pvc://{_CLAIM}(/[^\s]*)?|hf://{_HF_PART}/{_HF_PART}(@{_HF_REV})?)$"
-)
+SOURCE_URI_PATTERN = rf"^(s3://{_BUCKET}(/[^\s]*)?|pvc://{_CLAIM}(/[^\s]*)?|hf://{_HF_PART}/{_HF_PART}(@{_HF_REV})?)$"
 OUTPUT_URI_PATTERN = rf"^s3://{_BUCKET}/[^\s]*[^\s/][^\s]*$"
 
 
@@ -89,7 +87,9 @@ def _norm_prefix(key: str) -> str:
 def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
     """Parse and normalise a storage URI; raise URIError with an actionable message."""
     if not isinstance(uri, str) or not uri.strip():
-        raise URIError("URI is empty; expected s3://bucket/prefix/, pvc://claim/path or hf://org/name[@rev]")
+        raise URIError(
+            "URI is empty; expected s3://bucket/prefix/, pvc://claim/path or hf://org/name[@rev]"
+        )
     uri = uri.strip()
     if uri.startswith("s3://"):
         m = S3_RE.match(uri)
@@ -113,7 +113,9 @@ def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
     if uri.startswith("hf://"):
         m = HF_RE.match(uri)
         if not m:
-            raise URIError(f"{uri!r} is not a valid Hugging Face URI: expected hf://org/name or hf://org/name@revision")
+            raise URIError(
+                f"{uri!r} is not a valid Hugging Face URI: expected hf://org/name or hf://org/name@revision"
+            )
         return StorageURI("hf", f"{m['org']}/{m['name']}", "", m["rev"])
     if allow_local:
         if uri.startswith("file://"):
