@@ -103,3 +103,12 @@ def test_register_is_a_noop_on_other_platforms(
     original = linear_method_restored.process_weights_after_loading
     vllm_plugin.register()
     assert linear_method_restored.process_weights_after_loading is original
+
+
+def test_shard_patterns_match_vllm() -> None:
+    from vllm.model_executor.model_loader import ShardedStateLoader
+
+    from preshard.worker import verify_shards
+
+    assert verify_shards.shard_pattern(1) == ShardedStateLoader.TP_ONLY_PATTERN
+    assert verify_shards.shard_pattern(2) == ShardedStateLoader.PP_AND_TP_PATTERN

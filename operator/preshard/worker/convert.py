@@ -303,6 +303,15 @@ def _conversion_error(exc: EngineError) -> PreshardError:
             reason="ConversionFailed",
             permanent=True,
         )
+    if exc.stage == "generate" and exc.kind:
+        # vLLM raised while generating the reference tokens: deterministic for a given
+        # model and layout, so a retry cannot help.
+        return PreshardError(
+            f"vLLM failed to generate the reference tokens for verification: {exc.message} "
+            "(--no-verify skips this step)",
+            reason="ConversionFailed",
+            permanent=True,
+        )
     return PreshardError(
         f"conversion failed ({exc.stage}): {exc.message}", reason="ConversionFailed"
     )
@@ -342,7 +351,8 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
 
     config = read_model_config(src_dir, str(req.source))
     check_parallelism(config, req.tensor_parallel_size, req.pipeline_parallel_size)
-    prompts = default_prompts(config, tokenizer=has_tokenizer(src_dir))
+    # Reference tokens are only needed to compare against the reload.
+    prompts = default_prompts(config, tokenizer=has_tokenizer(src_dir)) if req.verify else ()
 
     # -- Converting -------------------------------------------------------------------
     total = weight_bytes(src_dir)

@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from preshard.core.errors import PreshardError
+from preshard.core.manifest import FILE_PATTERN, PP_FILE_PATTERN
 
-TP_ONLY_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
-PP_AND_TP_PATTERN = "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
+# vLLM's ShardedStateLoader.TP_ONLY_PATTERN / PP_AND_TP_PATTERN (a vLLM test compares).
+TP_ONLY_PATTERN = FILE_PATTERN
+PP_AND_TP_PATTERN = PP_FILE_PATTERN
 TP_ONLY_RE = re.compile(r"^model-rank-(?P<rank>\d+)-part-(?P<part>\d+)\.safetensors$")
 PP_AND_TP_RE = re.compile(r"^model-pp-(?P<pp>\d+)-tp-(?P<tp>\d+)-part-(?P<part>\d+)\.safetensors$")
 MAX_HEADER = 100 * 2**20  # safetensors' own limit
