@@ -1,0 +1,262 @@
+"""``preshard fetch``, ``preshard verify`` and ``preshard purge``: reading and removing
+published checkpoints. Integrity is checked by preshard itself (sha256 against the
+manifest), never delegated to the object store."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+
+from preshard.core.errors import PreshardError
+from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
+from preshard.core.quantity import format_bytes
+from preshard.core.uris import StorageURI, parse_uri
+from preshard.worker import s3
+from preshard.worker.progress import Reporter
+from preshard.worker.storage import _delete_keys
+from preshard.worker.transfer import Downloader, DownloadItem, with_retries
+
+log = logging.getLogger(__name__)
+
+
+def _s3_uri(uri: str) -> StorageURI:
+    u = parse_uri(uri)
+    if u.scheme != "s3":
+        raise PreshardError(f"{uri} is not an s3:// prefix", reason="InvalidURI", permanent=True)
+    return u
+
+
+def load_manifest(client: Any, u: StorageURI) -> tuple[Manifest, bytes]:
+    uri = str(u)
+    try:
+        body: bytes = client.get_object(Bucket=u.bucket, Key=u.key(MANIFEST_NAME))["Body"].read()
+    except botocore.exceptions.ClientError as exc:
+        if s3.is_not_found(exc):
+            raise PreshardError(
+                f"{uri} has no {MANIFEST_NAME}: it is not a published checkpoint (or its upload has not finished)",
+                reason="ManifestNotFound",
+                permanent=True,
+            ) from None
+        raise s3.translate(exc, uri, "read") from None
+    except Exception as exc:
+        raise s3.translate(exc, uri, "read") from None
+    try:
+        return Manifest.from_json(body), body
+    except ManifestError as exc:
+        raise PreshardError(
+            f"{uri}{MANIFEST_NAME} is invalid: {exc}", reason="InvalidManifest", permanent=True
+        ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "fetch":
+        return fetch(args)
+    if args.command == "verify":
+        return verify(args)
+    if args.command == "purge":
+        return purge(args)
+    raise PreshardError(f"unknown command {args.command}", reason="Usage")  # pragma: no cover
+
+
+def _client(args: argparse.Namespace) -> tuple[Any, s3.S3Settings]:
+    settings = s3.output_settings(args.endpoint_url, args.region, args.concurrency)
+    return s3.make_client(settings), settings
+
+
+# ------------------------------------------------------------------------------- fetch
+
+
+def fetch(args: argparse.Namespace) -> int:
+    u = _s3_uri(args.source)
+    client, settings = _client(args)
+    manifest, body = load_manifest(client, u)
+    files = list(manifest.files)
+    if args.rank is not None:
+        if not 0 <= args.rank < manifest.world_size:
+            raise PreshardError(
+                f"--rank {args.rank} is outside 0..{manifest.world_size - 1} for this checkpoint",
+                reason="Usage",
+                permanent=True,
+            )
+        files = manifest.rank_files(args.rank) + manifest.other_files()
+    dest = Path(args.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    # A fetched directory is complete only once its manifest is there: withdraw it first.
+    (dest / MANIFEST_NAME).unlink(missing_ok=True)
+    reporter = Reporter(mode=args.progress)
+    total = sum(f.size for f in files)
+    reporter.stage("Downloading", total)
+    items = [DownloadItem(u.key(f.key), dest / f.key, f.size, f.sha256) for f in files]
+    transferred = Downloader(
+        client, u.bucket, concurrency=settings.concurrency, reporter=reporter, uri=str(u)
+    ).download(items)
+    reporter.done()
+    tmp = dest / (MANIFEST_NAME + ".part")
+    tmp.write_bytes(body)
+    os.replace(tmp, dest / MANIFEST_NAME)
+    print(
+        f"fetched {len(files)} files ({format_bytes(total)}; {len(transferred)} downloaded, "
+        f"{len(files) - len(transferred)} already present) from {u} to {dest}, all sha256-verified"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------ verify
+
+
+@dataclass
+class FileCheck:
+    key: str
+    size: int
+    ok: bool
+    problem: str = ""
+
+
+def _check_object(client: Any, u: StorageURI, key: str, size: int, sha: str) -> FileCheck:
+    def run_once() -> FileCheck:
+        try:
+            resp = client.get_object(Bucket=u.bucket, Key=u.key(key))
+        except botocore.exceptions.ClientError as exc:
+            if s3.is_not_found(exc):
+                return FileCheck(key, size, False, "missing")
+            raise
+        h = hashlib.sha256()
+        n = 0
+        for chunk in resp["Body"].iter_chunks(chunk_size=2**20):
+            h.update(chunk)
+            n += len(chunk)
+        if n != size:
+            return FileCheck(key, size, False, f"size {n} != manifest {size}")
+        if h.hexdigest() != sha:
+            return FileCheck(key, size, False, "sha256 mismatch (object changed or corrupted)")
+        return FileCheck(key, size, True)
+
+    result: FileCheck = with_retries(run_once, f"verify {key}")
+    return result
+
+
+def verify(args: argparse.Namespace) -> int:
+    u = _s3_uri(args.uri)
+    client, settings = _client(args)
+    manifest, body = load_manifest(client, u)
+    try:
+        with ThreadPoolExecutor(max_workers=min(settings.concurrency, 8)) as pool:
+            checks = list(
+                pool.map(
+                    lambda f: _check_object(client, u, f.key, f.size, f.sha256), manifest.files
+                )
+            )
+    except PreshardError:
+        raise
+    except Exception as exc:
+        raise s3.translate(exc, str(u), "verify") from None
+    problems = [c for c in checks if not c.ok]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "uri": str(u),
+                    "ok": not problems,
+                    "files": len(checks),
+                    "totalBytes": manifest.total_bytes,
+                    "manifestSha256": hashlib.sha256(body).hexdigest(),
+                    "tensorParallelSize": manifest.tensor_parallel_size,
+                    "pipelineParallelSize": manifest.pipeline_parallel_size,
+                    "vllmVersion": manifest.vllm_version,
+                    "problems": [{"key": c.key, "problem": c.problem} for c in problems],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"checkpoint {u}")
+        print(
+            f"  TP {manifest.tensor_parallel_size} x PP {manifest.pipeline_parallel_size}, "
+            f"quantization {manifest.quantization or 'none'}, dtype {manifest.dtype}, vLLM {manifest.vllm_version}"
+        )
+        for c in checks:
+            print(
+                f"  {'ok ' if c.ok else 'BAD'} {c.key:<48} {format_bytes(c.size):>10}  {c.problem}"
+            )
+        verdict = "OK" if not problems else f"{len(problems)} PROBLEM(S)"
+        print(f"{len(checks)} files, {format_bytes(manifest.total_bytes)}: {verdict}")
+    if problems:
+        print(
+            f"preshard: error: {len(problems)} of {len(checks)} files in {u} do not match the manifest",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------- purge
+
+
+def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
+    """Delete the manifest first, then every object, then pending multipart uploads."""
+    uri = str(u)
+    if not u.prefix:
+        raise PreshardError(
+            f"refusing to purge a bucket root ({uri})", reason="Usage", permanent=True
+        )
+    key = u.key(MANIFEST_NAME)
+    try:
+        body = client.get_object(Bucket=u.bucket, Key=key)["Body"].read()
+        existing: Manifest | None = Manifest.from_json(body)
+    except botocore.exceptions.ClientError as exc:
+        if not s3.is_not_found(exc):
+            raise s3.translate(exc, uri, "read the manifest of") from None
+        existing = None
+    except ManifestError:
+        existing = None
+    except Exception as exc:
+        raise s3.translate(exc, uri, "read the manifest of") from None
+    if existing is not None and owner and existing.owner and existing.owner != owner:
+        raise PreshardError(
+            f"refusing to purge {uri}: its manifest names owner {existing.owner}, not {owner}",
+            reason="OutputOwnedByOther",
+            permanent=True,
+        )
+    s3.with_translation(
+        lambda: with_retries(
+            lambda: client.delete_object(Bucket=u.bucket, Key=key), "delete manifest"
+        ),
+        uri,
+    )
+    keys = list(
+        s3.with_translation(lambda: s3.list_objects(client, u.bucket, u.prefix), uri, "list")
+    )
+    deleted = _delete_keys(client, u.bucket, keys, uri)
+    aborted = 0
+    paginator = client.get_paginator("list_multipart_uploads")
+    try:
+        for page in paginator.paginate(Bucket=u.bucket, Prefix=u.prefix):
+            for up in page.get("Uploads", []) or []:
+                client.abort_multipart_upload(
+                    Bucket=u.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                )
+                aborted += 1
+    except botocore.exceptions.ClientError as exc:
+        if s3.error_code(exc) not in ("NotImplemented", "501"):
+            raise s3.translate(exc, uri, "abort uploads under") from None
+    log.info("purged %s: %d objects deleted, %d multipart uploads aborted", uri, deleted, aborted)
+    return deleted
+
+
+def purge(args: argparse.Namespace) -> int:
+    u = _s3_uri(args.output)
+    client, _ = _client(args)
+    s3.check_bucket(client, u.bucket, str(u))
+    deleted = purge_prefix(client, u, args.owner)
+    print(f"purged {u}: {deleted} objects deleted (manifest first)")
+    return 0

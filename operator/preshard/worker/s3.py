@@ -1,0 +1,203 @@
+"""boto3 clients for the worker, and translation of S3 failures into clear errors.
+
+Credentials come only from the environment (standard ``AWS_*`` variables; for a source
+in another account the ``PRESHARD_SOURCE_*`` variables, see docs/architecture.md). No
+error message or log line ever contains a credential value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from preshard.core.errors import PreshardError
+
+SOURCE_PREFIX = "PRESHARD_SOURCE_"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str | None = None
+    concurrency: int = 16
+    # Explicit keys (source credentials); None means boto3's default chain (env, IRSA...).
+    access_key: str | None = None
+    secret_key: str | None = None
+    session_token: str | None = None
+
+    def __repr__(self) -> str:  # never show keys
+        return f"S3Settings(endpoint_url={self.endpoint_url!r}, region={self.region!r}, concurrency={self.concurrency})"
+
+
+def output_settings(
+    endpoint_url: str | None = None, region: str | None = None, concurrency: int = 16
+) -> S3Settings:
+    return S3Settings(
+        endpoint_url=endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or None,
+        region=region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or None,
+        concurrency=max(1, concurrency),
+    )
+
+
+def source_settings(
+    endpoint_url: str | None = None, region: str | None = None, concurrency: int = 16
+) -> S3Settings:
+    """Source credentials: PRESHARD_SOURCE_* when set, else the output's (standard env)."""
+    env = os.environ
+    base = output_settings(
+        endpoint_url or env.get(SOURCE_PREFIX + "ENDPOINT_URL"),
+        region or env.get(SOURCE_PREFIX + "REGION"),
+        concurrency,
+    )
+    key = env.get(SOURCE_PREFIX + "AWS_ACCESS_KEY_ID")
+    secret = env.get(SOURCE_PREFIX + "AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        return S3Settings(
+            base.endpoint_url,
+            base.region,
+            base.concurrency,
+            key,
+            secret,
+            env.get(SOURCE_PREFIX + "AWS_SESSION_TOKEN") or None,
+        )
+    return base
+
+
+def make_client(settings: S3Settings) -> Any:
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 10},
+        max_pool_connections=settings.concurrency + 4,
+        connect_timeout=10,
+        read_timeout=120,
+        tcp_keepalive=True,
+        s3={"addressing_style": "path"} if settings.endpoint_url else None,
+        # Checksums: we send Content-MD5 ourselves and verify sha256 end to end.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = boto3.session.Session(
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
+        region_name=settings.region or "us-east-1",
+    )
+    return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def is_not_found(exc: BaseException) -> bool:
+    return error_code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
+_PERMANENT_ACCESS = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "403",
+    "AllAccessDisabled",
+}
+
+
+def translate(exc: BaseException, uri: str, action: str) -> PreshardError:
+    """A clear, secret-free error for a failed S3 call on ``uri``."""
+    if isinstance(exc, PreshardError):
+        return exc
+    if isinstance(
+        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+    ):
+        return PreshardError(
+            f"cannot {action} {uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or use a service account with an IAM role)",
+            reason="AccessDenied",
+            permanent=True,
+        )
+    if isinstance(
+        exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError
+    ):
+        endpoint = getattr(exc, "kwargs", {}).get("endpoint_url", "")
+        where = f" at {endpoint}" if endpoint else ""
+        return PreshardError(
+            f"cannot {action} {uri}: the S3 endpoint{where} is unreachable",
+            reason="StorageUnavailable",
+            permanent=False,
+        )
+    code = error_code(exc)
+    if code == "NoSuchBucket":
+        return PreshardError(
+            f"cannot {action} {uri}: the bucket does not exist",
+            reason="BucketNotFound",
+            permanent=True,
+        )
+    if code in _PERMANENT_ACCESS:
+        return PreshardError(
+            f"cannot {action} {uri}: access denied ({code}); check the credentials in AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY and the bucket policy",
+            reason="AccessDenied",
+            permanent=True,
+        )
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return PreshardError(f"cannot {action} {uri}: not found", reason="NotFound", permanent=True)
+    if isinstance(exc, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
+        return PreshardError(
+            f"cannot {action} {uri}: {code or type(exc).__name__}",
+            reason="StorageError",
+            permanent=False,
+        )
+    return PreshardError(
+        f"cannot {action} {uri}: {type(exc).__name__}: {exc}",
+        reason="StorageError",
+        permanent=False,
+    )
+
+
+def check_bucket(client: Any, bucket: str, uri: str) -> None:
+    try:
+        client.head_bucket(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            raise PreshardError(
+                f"cannot use {uri}: the bucket {bucket!r} does not exist",
+                reason="BucketNotFound",
+                permanent=True,
+            ) from None
+        raise translate(exc, uri, "access") from None
+    except Exception as exc:
+        raise translate(exc, uri, "access") from None
+
+
+def list_objects(client: Any, bucket: str, prefix: str) -> dict[str, int]:
+    """key -> size for every object under ``prefix`` (paginated: any number of objects)."""
+    out: dict[str, int] = {}
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []) or []:
+            out[obj["Key"]] = int(obj["Size"])
+    return out
+
+
+def with_translation(fn: Any, uri: str, action: str = "access") -> Any:
+    """Run an S3 call, turning any failure into a clear PreshardError."""
+    try:
+        return fn()
+    except PreshardError:
+        raise
+    except Exception as exc:
+        raise translate(exc, uri, action) from None
