@@ -1,0 +1,378 @@
+"""Child object manifests (plain dicts) built from a ShardedCheckpoint: the conversion
+Job, the purge Job (deletionPolicy: Delete) and the serving ConfigMap.
+
+Pure functions: same inputs, same manifest (pinned by golden files in tests/unit/golden).
+User values only ever land in an argument list or env values, never in a shell string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from preshard import GROUP, KIND, VERSION
+from preshard.core.config import OperatorConfig
+from preshard.core.naming import cleanup_job_name, job_name, serving_configmap_name
+from preshard.core.serving import configmap_data, serving_info
+from preshard.core.spec import CheckpointSpec
+
+CONTAINER = "convert"
+WORK_DIR = "/work"
+PVC_MOUNT_ROOT = "/mnt/source"
+TERMINATION_LOG = "/dev/termination-log"
+EXIT_PERMANENT = 3
+MANAGED_BY = "preshard"
+LABEL_CHECKPOINT = "preshard.io/checkpoint"
+LABEL_SPEC_HASH = "preshard.io/spec-hash"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+ANNOTATION_SPEC_HASH = "preshard.io/spec-hash"
+ANNOTATION_OWNER_UID = "preshard.io/owner-uid"
+
+RESTRICTED_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def labels(name: str, component: str, spec_hash: str | None = None) -> dict[str, str]:
+    out = {
+        "app.kubernetes.io/name": "preshard",
+        LABEL_COMPONENT: component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_CHECKPOINT: name,
+    }
+    if spec_hash:
+        out[LABEL_SPEC_HASH] = spec_hash[:10]
+    return out
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _secret_env(env_name: str, secret: str, key: str, optional: bool = False) -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": secret, "key": key}
+    if optional:
+        ref["optional"] = True
+    return {"name": env_name, "valueFrom": {"secretKeyRef": ref}}
+
+
+def _aws_env(prefix: str, secret: str) -> list[dict[str, Any]]:
+    return [
+        _secret_env(f"{prefix}AWS_ACCESS_KEY_ID", secret, "AWS_ACCESS_KEY_ID"),
+        _secret_env(f"{prefix}AWS_SECRET_ACCESS_KEY", secret, "AWS_SECRET_ACCESS_KEY"),
+        _secret_env(f"{prefix}AWS_SESSION_TOKEN", secret, "AWS_SESSION_TOKEN", optional=True),
+    ]
+
+
+def output_secret(spec: CheckpointSpec, config: OperatorConfig) -> str | None:
+    return spec.output.credentials_secret or config.default_credentials_secret
+
+
+def source_secret(spec: CheckpointSpec, config: OperatorConfig) -> str | None:
+    """The Secret the source is read with (None: the output's credentials or none)."""
+    return spec.source.credentials_secret
+
+
+def output_endpoint(spec: CheckpointSpec, config: OperatorConfig) -> str | None:
+    return spec.output.endpoint or config.default_s3_endpoint
+
+
+def referenced_secrets(spec: CheckpointSpec, config: OperatorConfig) -> list[str]:
+    """Every Secret the conversion pod reads (the operator checks they exist)."""
+    names = [s for s in (output_secret(spec, config), source_secret(spec, config)) if s]
+    return sorted(set(names))
+
+
+def _output_env(spec: CheckpointSpec, config: OperatorConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = []
+    secret = output_secret(spec, config)
+    if secret:
+        env += _aws_env("", secret)
+    endpoint = output_endpoint(spec, config)
+    if endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": endpoint})
+    if spec.output.region:
+        env.append({"name": "AWS_REGION", "value": spec.output.region})
+    return env
+
+
+def _source_env(spec: CheckpointSpec) -> list[dict[str, Any]]:
+    src = spec.source.parsed
+    env: list[dict[str, Any]] = []
+    secret = spec.source.credentials_secret
+    if src.scheme == "hf":
+        if secret:
+            env.append(_secret_env("HF_TOKEN", secret, "HF_TOKEN", optional=True))
+        return env
+    if src.scheme == "s3":
+        if secret:
+            env += _aws_env("PRESHARD_SOURCE_", secret)
+        if spec.source.endpoint:
+            env.append({"name": "PRESHARD_SOURCE_ENDPOINT_URL", "value": spec.source.endpoint})
+        if spec.source.region:
+            env.append({"name": "PRESHARD_SOURCE_REGION", "value": spec.source.region})
+    return env
+
+
+def _runtime_env() -> list[dict[str, Any]]:
+    # The root filesystem is read-only: every cache goes under the /work volume.
+    return [
+        {"name": "PRESHARD_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "PRESHARD_WORK_DIR", "value": WORK_DIR},
+        {"name": "PRESHARD_PVC_MOUNT_ROOT", "value": PVC_MOUNT_ROOT},
+        {"name": "HOME", "value": f"{WORK_DIR}/home"},
+        {"name": "XDG_CACHE_HOME", "value": f"{WORK_DIR}/cache"},
+        {"name": "HF_HOME", "value": f"{WORK_DIR}/cache/huggingface"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{WORK_DIR}/cache/vllm"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{WORK_DIR}/cache/triton"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:
+    gpu = spec.converter.gpu_resource_name or config.gpu_resource_name
+    user = spec.converter.resources or {}
+    requests = dict(user.get("requests") or {})
+    limits = dict(user.get("limits") or {})
+    requests[gpu] = spec.world_size
+    limits[gpu] = spec.world_size
+    return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
+
+
+def conversion_args(name: str, namespace: str, uid: str, spec: CheckpointSpec) -> list[str]:
+    args = [
+        "convert",
+        "--source",
+        spec.source.uri,
+        "--tensor-parallel-size",
+        str(spec.tensor_parallel_size),
+        "--pipeline-parallel-size",
+        str(spec.pipeline_parallel_size),
+    ]
+    if spec.quantization:
+        args += ["--quantization", spec.quantization]
+    args += [
+        "--dtype",
+        spec.dtype,
+        "--output",
+        str(spec.output.parsed),
+        "--max-file-size",
+        str(spec.output.max_file_size_bytes),
+        "--verify" if spec.verify else "--no-verify",
+        "--work-dir",
+        WORK_DIR,
+        "--owner",
+        f"{namespace}/{name}/{uid}",
+        "--progress",
+        "lines",
+    ]
+    return args
+
+
+def build_conversion_job(
+    name: str, namespace: str, uid: str, spec: CheckpointSpec, config: OperatorConfig
+) -> dict[str, Any]:
+    spec_hash = spec.conversion_hash()
+    conv = spec.converter
+    volumes: list[dict[str, Any]] = [
+        {"name": "work", "emptyDir": {"sizeLimit": conv.work_dir_size or config.work_dir_size}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "work", "mountPath": WORK_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    src = spec.source.parsed
+    if src.scheme == "pvc":
+        volumes.append(
+            {
+                "name": "source",
+                "persistentVolumeClaim": {"claimName": src.authority, "readOnly": True},
+            }
+        )
+        mounts.append(
+            {"name": "source", "mountPath": f"{PVC_MOUNT_ROOT}/{src.authority}", "readOnly": True}
+        )
+    env = _output_env(spec, config) + _source_env(spec) + _runtime_env()
+    env += [{"name": e["name"], "value": str(e.get("value", ""))} for e in (conv.env or [])]
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": conv.image or config.converter_image,
+        "imagePullPolicy": conv.image_pull_policy or config.image_pull_policy,
+        "command": ["preshard"],
+        "args": conversion_args(name, namespace, uid, spec),
+        "env": env,
+        "resources": _resources(spec, config),
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": conv.service_account_name or config.job_service_account,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": dict(RESTRICTED_POD_SECURITY),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    node_selector = (
+        conv.node_selector if conv.node_selector is not None else dict(config.default_node_selector)
+    )
+    if node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
+    tolerations = (
+        conv.tolerations
+        if conv.tolerations is not None
+        else [dict(t) for t in config.default_tolerations]
+    )
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if conv.priority_class_name:
+        pod_spec["priorityClassName"] = conv.priority_class_name
+    lbl = labels(name, "converter", spec_hash)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(name, spec_hash),
+            "namespace": namespace,
+            "labels": lbl,
+            "annotations": {ANNOTATION_SPEC_HASH: spec_hash, ANNOTATION_OWNER_UID: uid},
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "backoffLimit": conv.backoff_limit,
+            "activeDeadlineSeconds": conv.active_deadline_seconds,
+            "ttlSecondsAfterFinished": (
+                conv.ttl_seconds_after_finished
+                if conv.ttl_seconds_after_finished is not None
+                else config.job_ttl_seconds
+            ),
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": CONTAINER,
+                            "operator": "In",
+                            "values": [EXIT_PERMANENT],
+                        },
+                    },
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                ]
+            },
+            "template": {
+                "metadata": {"labels": lbl, "annotations": {ANNOTATION_SPEC_HASH: spec_hash}},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_purge_job(
+    name: str, namespace: str, uid: str, spec: CheckpointSpec, config: OperatorConfig
+) -> dict[str, Any]:
+    """The Job that deletes the output prefix (deletionPolicy: Delete), manifest first.
+
+    It has no ownerReference: its owner is being deleted, and the finalizer waits for it.
+    """
+    spec_hash = spec.conversion_hash()
+    lbl = labels(name, "purge", spec_hash)
+    container: dict[str, Any] = {
+        "name": "purge",
+        "image": spec.converter.image or config.converter_image,
+        "imagePullPolicy": spec.converter.image_pull_policy or config.image_pull_policy,
+        "command": ["preshard"],
+        "args": [
+            "purge",
+            "--output",
+            str(spec.output.parsed),
+            "--owner",
+            f"{namespace}/{name}/{uid}",
+        ],
+        "env": [
+            *_output_env(spec, config),
+            {"name": "PRESHARD_TERMINATION_LOG", "value": TERMINATION_LOG},
+            {"name": "HOME", "value": "/tmp"},
+        ],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": cleanup_job_name(name, spec_hash),
+            "namespace": namespace,
+            "labels": lbl,
+            "annotations": {ANNOTATION_SPEC_HASH: spec_hash, ANNOTATION_OWNER_UID: uid},
+        },
+        "spec": {
+            "backoffLimit": 3,
+            "activeDeadlineSeconds": 3600,
+            "ttlSecondsAfterFinished": 600,
+            "template": {
+                "metadata": {"labels": lbl},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": spec.converter.service_account_name
+                    or config.job_service_account,
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": dict(RESTRICTED_POD_SECURITY),
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def build_serving_configmap(
+    name: str,
+    namespace: str,
+    uid: str,
+    artifact: dict[str, Any],
+    spec: CheckpointSpec,
+    default_endpoint: str | None = None,
+) -> dict[str, Any]:
+    endpoint = spec.output.endpoint or default_endpoint
+    info = serving_info(name, spec, str(artifact["uri"]), endpoint)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": serving_configmap_name(name),
+            "namespace": namespace,
+            "labels": labels(name, "serving"),
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "data": configmap_data(info, spec, artifact),
+    }

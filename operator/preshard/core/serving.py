@@ -1,0 +1,102 @@
+"""The serving hand-off: how vLLM loads a published checkpoint.
+
+Two ways, both published in ``status.serving`` and the ``<name>-serving`` ConfigMap:
+
+* stream straight from S3: ``--load-format runai_streamer_sharded`` with the S3 prefix as
+  the model (each rank streams only its own files);
+* local copy: an init container runs ``preshard fetch --from URI --to /models/<name>``
+  (sha256-verified), then ``--load-format sharded_state`` on that directory.
+
+No concurrency/memory_limit model-loader-extra-config is passed with
+runai_streamer_sharded: vLLM rejects it for that loader (vLLM issue #30100).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from preshard.core.spec import CheckpointSpec
+
+STREAM_LOAD_FORMAT = "runai_streamer_sharded"
+LOCAL_LOAD_FORMAT = "sharded_state"
+LOCAL_MODEL_ROOT = "/models"
+
+
+@dataclass(frozen=True)
+class ServingInfo:
+    model: str
+    load_format: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    local_model_path: str
+    local_args: tuple[str, ...]
+    fetch_command: tuple[str, ...]
+
+    def status(self, configmap_name: str) -> dict[str, Any]:
+        return {
+            "loadFormat": self.load_format,
+            "args": list(self.args),
+            "env": [{"name": k, "value": v} for k, v in self.env],
+            "configMapName": configmap_name,
+        }
+
+
+def parallel_args(spec: CheckpointSpec) -> list[str]:
+    args = ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
+    if spec.pipeline_parallel_size > 1:
+        args += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
+    if spec.quantization:
+        args += ["--quantization", spec.quantization]
+    if spec.dtype != "auto":
+        args += ["--dtype", spec.dtype]
+    return args
+
+
+def serving_info(
+    name: str, spec: CheckpointSpec, artifact_uri: str, endpoint: str | None
+) -> ServingInfo:
+    model = artifact_uri if artifact_uri.endswith("/") else artifact_uri + "/"
+    env: list[tuple[str, str]] = []
+    if endpoint:
+        env.append(("AWS_ENDPOINT_URL", endpoint))
+        # Path-style addressing for S3-compatible stores (MinIO etc.).
+        env.append(("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0"))
+    local = f"{LOCAL_MODEL_ROOT}/{name}"
+    par = parallel_args(spec)
+    return ServingInfo(
+        model=model,
+        load_format=STREAM_LOAD_FORMAT,
+        args=("--model", model, "--load-format", STREAM_LOAD_FORMAT, *par),
+        env=tuple(env),
+        local_model_path=local,
+        local_args=("--model", local, "--load-format", LOCAL_LOAD_FORMAT, *par),
+        fetch_command=("preshard", "fetch", "--from", model, "--to", local),
+    )
+
+
+def configmap_data(
+    info: ServingInfo, spec: CheckpointSpec, artifact: dict[str, Any]
+) -> dict[str, str]:
+    data = {
+        "MODEL": info.model,
+        "LOAD_FORMAT": info.load_format,
+        "TENSOR_PARALLEL_SIZE": str(spec.tensor_parallel_size),
+        "PIPELINE_PARALLEL_SIZE": str(spec.pipeline_parallel_size),
+        "VLLM_ARGS": shlex.join(info.args),
+        "vllm-args.json": json.dumps(list(info.args)),
+        "LOCAL_MODEL_PATH": info.local_model_path,
+        "LOCAL_LOAD_FORMAT": LOCAL_LOAD_FORMAT,
+        "LOCAL_VLLM_ARGS": shlex.join(info.local_args),
+        "FETCH_COMMAND": shlex.join(info.fetch_command),
+        "MANIFEST_URI": str(artifact.get("manifestUri", "")),
+        "MANIFEST_SHA256": str(artifact.get("manifestSha256", "")),
+        "VLLM_VERSION": str(artifact.get("vllmVersion", "")),
+    }
+    if spec.quantization:
+        data["QUANTIZATION"] = spec.quantization
+    for k, v in info.env:
+        data[k] = v
+    return data
