@@ -1,0 +1,337 @@
+"""Status derivation: from what Kubernetes recorded (Job conditions, the pod's
+termination message, the worker's progress lines) to ``.status``.
+
+Conventions: ``Ready`` is the summary condition; every condition carries
+observedGeneration; lastTransitionTime changes only when a condition's status changes;
+reasons are PascalCase. Success and failure come from the Job's conditions, never from
+pod counts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from preshard.core.progress import ProgressRecord, Result
+
+READY = "Ready"
+SPEC_VALID = "SpecValid"
+JOB_CREATED = "JobCreated"
+CONVERTING = "Converting"
+PUBLISHED = "Published"
+CONDITION_ORDER = (READY, SPEC_VALID, JOB_CREATED, CONVERTING, PUBLISHED)
+
+PENDING, RUNNING, SUCCEEDED, FAILED, DELETING = (
+    "Pending",
+    "Running",
+    "Succeeded",
+    "Failed",
+    "Deleting",
+)
+_PASCAL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+MAX_MESSAGE = 1024
+
+
+def _check_reason(reason: str) -> str:
+    if not _PASCAL.match(reason):
+        raise ValueError(f"condition reason {reason!r} is not PascalCase")
+    return reason
+
+
+def set_condition(
+    conditions: list[dict[str, Any]] | None,
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Return a new list with the condition set; lastTransitionTime kept unless status changed."""
+    if status not in ("True", "False", "Unknown"):
+        raise ValueError(f"condition status {status!r} must be True, False or Unknown")
+    _check_reason(reason)
+    out = [dict(c) for c in (conditions or []) if c.get("type") != type_]
+    old = next((c for c in (conditions or []) if c.get("type") == type_), None)
+    cond: dict[str, Any] = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message[:MAX_MESSAGE],
+        "lastTransitionTime": old["lastTransitionTime"]
+        if old and old.get("status") == status and old.get("lastTransitionTime")
+        else now,
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    out.append(cond)
+    order = {t: i for i, t in enumerate(CONDITION_ORDER)}
+    out.sort(key=lambda c: (order.get(c.get("type", ""), len(order)), c.get("type", "")))
+    return out
+
+
+def get_condition(status: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    for c in (status or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return dict(c)
+    return None
+
+
+def _job_condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return dict(c)
+    return None
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    phase: str  # Pending | Running | Succeeded | Failed
+    reason: str | None = None
+    message: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+
+
+def job_outcome(job: dict[str, Any] | None) -> JobOutcome:
+    """Where a Job stands, from its conditions (Complete/SuccessCriteriaMet,
+    Failed/FailureTarget) and start/completion times only."""
+    if job is None:
+        return JobOutcome(PENDING, "JobNotFound", "the conversion Job does not exist")
+    st = job.get("status") or {}
+    start = st.get("startTime")
+    for type_ in ("Complete", "SuccessCriteriaMet"):
+        c = _job_condition(job, type_)
+        if c is not None:
+            return JobOutcome(
+                SUCCEEDED,
+                "Completed",
+                c.get("message") or "the conversion Job completed",
+                start,
+                st.get("completionTime") or c.get("lastTransitionTime"),
+            )
+    for type_ in ("Failed", "FailureTarget"):
+        c = _job_condition(job, type_)
+        if c is not None:
+            reason = c.get("reason") or "JobFailed"
+            if not _PASCAL.match(reason):
+                reason = "JobFailed"
+            return JobOutcome(
+                FAILED,
+                reason,
+                c.get("message") or "the conversion Job failed",
+                start,
+                c.get("lastTransitionTime"),
+            )
+    if start or st.get("active"):
+        return JobOutcome(RUNNING, "JobRunning", None, start)
+    return JobOutcome(
+        PENDING,
+        "JobPending",
+        "waiting for the conversion pod to start (GPU capacity, image pull)",
+        start,
+    )
+
+
+def _fmt_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def derive_status(
+    current: dict[str, Any] | None,
+    *,
+    generation: int | None,
+    job_name: str,
+    job: dict[str, Any] | None,
+    result: Result | None,
+    progress: ProgressRecord | None,
+    now: str,
+    serving: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The full new status for a checkpoint whose conversion Job is ``job``.
+
+    ``serving`` is the status.serving object (built by the caller once the ConfigMap
+    exists); ``result`` is the newest pod's termination message; ``progress`` the last
+    progress record from its log.
+    """
+    st = copy.deepcopy(current or {})
+    conds = st.get("conditions") or []
+    conds = set_condition(
+        conds, SPEC_VALID, "True", "SpecValid", "the spec is valid", generation, now
+    )
+    outcome = job_outcome(job)
+    st["observedGeneration"] = generation
+    st["jobName"] = job_name
+    if outcome.start_time:
+        st["startTime"] = outcome.start_time
+    if job is not None:
+        conds = set_condition(
+            conds,
+            JOB_CREATED,
+            "True",
+            "JobCreated",
+            f"conversion Job {job_name} exists",
+            generation,
+            now,
+        )
+    if progress is not None:
+        st["progress"] = progress.to_status()
+
+    if outcome.phase == SUCCEEDED:
+        artifact = result.artifact if result is not None and result.result == "Succeeded" else None
+        st["completionTime"] = outcome.completion_time or now
+        conds = set_condition(
+            conds, CONVERTING, "False", "Completed", "conversion finished", generation, now
+        )
+        if artifact:
+            st["phase"] = SUCCEEDED
+            st["artifact"] = artifact
+            total = int(artifact.get("totalBytes", 0))
+            st["progress"] = {"stage": "Published", "bytesDone": total, "bytesTotal": total}
+            msg = f"checkpoint published at {artifact.get('uri')} ({artifact.get('files')} files, {_fmt_bytes(total)})"
+            conds = set_condition(conds, PUBLISHED, "True", "Published", msg, generation, now)
+            if serving is not None:
+                st["serving"] = serving
+                conds = set_condition(
+                    conds,
+                    READY,
+                    "True",
+                    "Published",
+                    msg + f"; serve with ConfigMap {serving.get('configMapName')}",
+                    generation,
+                    now,
+                )
+            else:
+                conds = set_condition(
+                    conds,
+                    READY,
+                    "False",
+                    "ServingConfigPending",
+                    msg + "; writing the serving ConfigMap",
+                    generation,
+                    now,
+                )
+        else:
+            st["phase"] = FAILED
+            msg = (
+                f"the conversion Job {job_name} completed but its result (termination message) is missing; "
+                "check the manifest with `preshard verify` and re-create the resource if needed"
+            )
+            conds = set_condition(
+                conds, PUBLISHED, "Unknown", "ResultMissing", msg, generation, now
+            )
+            conds = set_condition(conds, READY, "False", "ResultMissing", msg, generation, now)
+    elif outcome.phase == FAILED:
+        st["phase"] = FAILED
+        st["completionTime"] = outcome.completion_time or now
+        if result is not None and result.result == "Failed" and result.reason:
+            reason = result.reason if _PASCAL.match(result.reason) else "ConversionFailed"
+            message = result.message or outcome.message or "conversion failed"
+        else:
+            reason = outcome.reason or "JobFailed"
+            message = outcome.message or "the conversion Job failed"
+        message = (
+            f"{message} (Job {job_name}, {outcome.reason})"
+            if outcome.reason and outcome.reason != reason
+            else f"{message} (Job {job_name})"
+        )
+        conds = set_condition(conds, CONVERTING, "False", reason, message, generation, now)
+        conds = set_condition(
+            conds, PUBLISHED, "False", reason, "nothing was published", generation, now
+        )
+        conds = set_condition(conds, READY, "False", reason, message, generation, now)
+    elif outcome.phase == RUNNING:
+        st["phase"] = RUNNING
+        stage = progress.stage if progress is not None else "Starting"
+        detail = ""
+        if progress is not None and progress.bytes_total:
+            detail = f": {_fmt_bytes(progress.bytes_done)} of {_fmt_bytes(progress.bytes_total)}"
+        msg = f"conversion Job {job_name} is running ({stage}{detail})"
+        conds = set_condition(
+            conds,
+            CONVERTING,
+            "True",
+            stage if _PASCAL.match(stage) else "Running",
+            msg,
+            generation,
+            now,
+        )
+        conds = set_condition(conds, READY, "False", "Converting", msg, generation, now)
+    else:
+        st["phase"] = PENDING
+        msg = f"conversion Job {job_name}: {outcome.message}"
+        conds = set_condition(
+            conds, CONVERTING, "False", outcome.reason or "JobPending", msg, generation, now
+        )
+        conds = set_condition(
+            conds, READY, "False", outcome.reason or "JobPending", msg, generation, now
+        )
+    st["conditions"] = conds
+    return st
+
+
+def status_for_error(
+    current: dict[str, Any] | None,
+    *,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+    spec_valid: bool = False,
+    phase: str = FAILED,
+) -> dict[str, Any]:
+    """Status for a resource the operator will not (or not yet) convert."""
+    st = copy.deepcopy(current or {})
+    conds = st.get("conditions") or []
+    if spec_valid:
+        conds = set_condition(
+            conds, SPEC_VALID, "True", "SpecValid", "the spec is valid", generation, now
+        )
+    else:
+        conds = set_condition(conds, SPEC_VALID, "False", reason, message, generation, now)
+    conds = set_condition(conds, READY, "False", reason, message, generation, now)
+    st["conditions"] = conds
+    st["phase"] = phase
+    st["observedGeneration"] = generation
+    return st
+
+
+def status_for_spec_error(
+    current: dict[str, Any] | None, reason: str, message: str, generation: int | None, now: str
+) -> dict[str, Any]:
+    return status_for_error(current, reason=reason, message=message, generation=generation, now=now)
+
+
+def status_for_conflict(
+    current: dict[str, Any] | None, owner: str, output_uri: str, generation: int | None, now: str
+) -> dict[str, Any]:
+    msg = (
+        f"output {output_uri} is already used by ShardedCheckpoint {owner} (same or overlapping prefix); "
+        "choose another spec.output.uri (this resource starts once that one is deleted)"
+    )
+    return status_for_error(
+        current,
+        reason="OutputConflict",
+        message=msg,
+        generation=generation,
+        now=now,
+        spec_valid=True,
+        phase=PENDING,
+    )
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Top-level status fields that changed (a merge patch; removed keys become None)."""
+    old = old or {}
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    for k in old:
+        if k not in new:
+            patch[k] = None
+    return patch
