@@ -1,0 +1,1521 @@
+"""A Kubernetes API emulator on 127.0.0.1 for tests, the demo and benchmarks (dev only).
+
+Why not plain kmock: DESIGN.md lists what kmock 0.8 lacks (uid/resourceVersion/
+generation, namespace on POST, resourceVersion on watches, 409/422 status codes, label
+selectors, PUT, namespaces). A subclass would have had to replace all of its object
+handling, so this emulator implements the API semantics the operator and kubectl rely on
+directly on aiohttp, and keeps them small and explicit:
+
+* discovery (/version, /api, /apis, group versions) for the built-in kinds preshard uses
+  and for every CRD created through ``apiextensions.k8s.io/v1``;
+* CRUD with uid, a global resourceVersion, creationTimestamp, generation (bumped only by
+  spec changes), namespaces from the URL, 404/409/422 ``Status`` objects, PUT with
+  resourceVersion conflicts, merge / strategic-merge (as merge) / JSON patches, the
+  ``status`` subresource, CRD schema validation with pruning and defaulting, CEL
+  ``x-kubernetes-validations`` (transition rules included) through cel-python;
+* DELETE with finalizers (deletionTimestamp), propagationPolicy Foreground/Background
+  cascade through ownerReferences (the garbage collector), Orphan;
+* LIST and WATCH with label/field selectors, watches resuming from a resourceVersion
+  (410 Gone when it is too old), bookmarks, timeoutSeconds;
+* ``application/json;as=Table`` for kubectl (CRD printer columns);
+* pod logs (``GET .../pods/NAME/log?tailLines=N``) fed through a non-standard
+  ``POST /emulator/v1/namespaces/NS/pods/NAME/log``;
+* request counters (``GET /emulator/stats``) and fault injection
+  (``POST /emulator/faults``).
+
+What it does not do: authentication, admission webhooks, server-side apply, real
+scheduling or controllers (the Job runner in ``preshard_dev.jobrunner`` plays the Job
+controller), and protobuf: kubectl sends protobuf bodies for built-in kinds, so
+``kubectl create configmap`` is refused (415) while ``kubectl apply --validate=false -f``
+of custom resources, ``get``/``get -w``/``describe``/``patch``/``delete`` work. kubectl's
+client-side schema validation and ``explain`` need more of the OpenAPI document than the
+emulator serves: use ``--validate=false`` (the server still validates the schema and
+the CEL rules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import datetime as dt
+import json
+import re
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+# ---------------------------------------------------------------------------- resources
+
+
+@dataclass
+class ResourceType:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+    subresources: tuple[str, ...] = ()
+    short_names: tuple[str, ...] = ()
+    singular: str = ""
+    categories: tuple[str, ...] = ()
+    printer_columns: list[dict[str, Any]] = field(default_factory=list)
+    schema: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.group, self.plural)
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def has_status(self) -> bool:
+        return "status" in self.subresources
+
+
+BUILTIN = [
+    ResourceType(
+        "",
+        "v1",
+        "namespaces",
+        "Namespace",
+        namespaced=False,
+        subresources=("status",),
+        short_names=("ns",),
+    ),
+    ResourceType("", "v1", "pods", "Pod", subresources=("status", "log"), short_names=("po",)),
+    ResourceType("", "v1", "configmaps", "ConfigMap", short_names=("cm",)),
+    ResourceType("", "v1", "secrets", "Secret"),
+    ResourceType("", "v1", "serviceaccounts", "ServiceAccount", short_names=("sa",)),
+    ResourceType("", "v1", "events", "Event", short_names=("ev",)),
+    ResourceType("batch", "v1", "jobs", "Job", subresources=("status",)),
+    ResourceType("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
+    ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
+    ResourceType(
+        "apiextensions.k8s.io",
+        "v1",
+        "customresourcedefinitions",
+        "CustomResourceDefinition",
+        namespaced=False,
+        subresources=("status",),
+        short_names=("crd", "crds"),
+    ),
+]
+VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.code, self.reason, self.message, self.details = code, reason, message, details or {}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "details": self.details,
+            "code": self.code,
+        }
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------- selectors
+
+_SEL_RE = re.compile(
+    r"\s*(?P<key>!?[A-Za-z0-9_./-]+)\s*(?:(?P<op>==|!=|=|\s+in\s+|\s+notin\s+)\s*(?P<val>\([^)]*\)|[A-Za-z0-9_./-]*))?\s*"
+)
+
+
+def parse_label_selector(sel: str | None) -> list[tuple[str, str, set[str]]]:
+    """Equality- and set-based selectors: a=b, a==b, a!=b, a in (x,y), a notin (x), a, !a."""
+    out: list[tuple[str, str, set[str]]] = []
+    if not sel:
+        return out
+    parts: list[str] = []
+    depth, cur = 0, ""
+    for ch in sel:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    for part in parts:
+        if not part.strip():
+            continue
+        m = _SEL_RE.fullmatch(part)
+        if not m:
+            raise ApiError(400, "BadRequest", f"unable to parse requirement: {part!r}")
+        key, op, val = m["key"], (m["op"] or "").strip(), m["val"] or ""
+        if key.startswith("!"):
+            out.append((key[1:], "!exists", set()))
+        elif not op:
+            out.append((key, "exists", set()))
+        elif op in ("in", "notin"):
+            out.append((key, op, {v.strip() for v in val.strip("()").split(",") if v.strip()}))
+        else:
+            out.append((key, "!=" if op == "!=" else "=", {val}))
+    return out
+
+
+def match_labels(labels: dict[str, str], reqs: list[tuple[str, str, set[str]]]) -> bool:
+    for key, op, vals in reqs:
+        has = key in labels
+        v = labels.get(key)
+        if (
+            (op == "exists" and not has)
+            or (op == "!exists" and has)
+            or (op in ("=", "in") and v not in vals)
+            or (op in ("!=", "notin") and has and v in vals)
+        ):
+            return False
+    return True
+
+
+def match_fields(obj: dict[str, Any], sel: str | None) -> bool:
+    if not sel:
+        return True
+    for part in sel.split(","):
+        if not part.strip():
+            continue
+        neg = "!=" in part
+        key, _, val = part.partition("!=" if neg else "=")
+        val = val.lstrip("=")
+        cur: Any = obj
+        for seg in key.strip().split("."):
+            cur = cur.get(seg) if isinstance(cur, dict) else None
+        if (str(cur) == val) == neg:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------- patching
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            result.pop(k, None)
+        else:
+            result[k] = merge_patch(result.get(k), v)
+    return result
+
+
+def _ptr(path: str) -> list[str]:
+    if path == "":
+        return []
+    return [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")]
+
+
+def json_patch(doc: Any, ops: list[dict[str, Any]]) -> Any:
+    """RFC 6902: add, remove, replace, test, copy, move."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        kind, path = op.get("op"), _ptr(op.get("path", ""))
+        if kind in ("copy", "move"):
+            src = _ptr(op.get("from", ""))
+            value = _get(doc, src)
+            if kind == "move":
+                _remove(doc, src)
+            doc = _add(doc, path, copy.deepcopy(value))
+        elif kind == "add":
+            doc = _add(doc, path, op.get("value"))
+        elif kind == "remove":
+            _remove(doc, path)
+        elif kind == "replace":
+            _get(doc, path)
+            _remove(doc, path)
+            doc = _add(doc, path, op.get("value"))
+        elif kind == "test":
+            if _get(doc, path) != op.get("value"):
+                raise ApiError(422, "Invalid", f"test operation failed at {op.get('path')}")
+        else:
+            raise ApiError(400, "BadRequest", f"unknown JSON patch op {kind!r}")
+    return doc
+
+
+def _get(doc: Any, path: list[str]) -> Any:
+    cur = doc
+    for p in path:
+        try:
+            cur = cur[int(p)] if isinstance(cur, list) else cur[p]
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise ApiError(422, "Invalid", f"path /{'/'.join(path)} does not exist") from None
+    return cur
+
+
+def _remove(doc: Any, path: list[str]) -> None:
+    parent = _get(doc, path[:-1])
+    try:
+        if isinstance(parent, list):
+            parent.pop(int(path[-1]))
+        else:
+            del parent[path[-1]]
+    except (KeyError, IndexError, ValueError):
+        raise ApiError(422, "Invalid", f"path /{'/'.join(path)} does not exist") from None
+
+
+def _add(doc: Any, path: list[str], value: Any) -> Any:
+    if not path:
+        return value
+    parent = _get(doc, path[:-1])
+    last = path[-1]
+    if isinstance(parent, list):
+        if last == "-":
+            parent.append(value)
+        else:
+            parent.insert(int(last), value)
+    elif isinstance(parent, dict):
+        parent[last] = value
+    else:
+        raise ApiError(422, "Invalid", f"cannot add at /{'/'.join(path)}")
+    return doc
+
+
+# ---------------------------------------------------------------------------- schemas
+
+
+def _prune_and_default(value: Any, schema: dict[str, Any], path: str, unknown: list[str]) -> Any:
+    """Structural pruning (unknown fields dropped, recorded) and defaulting, like the API."""
+    if not isinstance(schema, dict):
+        return value
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties")
+        if props is not None and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            for k in list(value):
+                if k not in props:
+                    unknown.append(f"{path}.{k}")
+                    del value[k]
+        for k, sub in (props or {}).items():
+            if k not in value and isinstance(sub, dict) and "default" in sub:
+                value[k] = copy.deepcopy(sub["default"])
+            if k in value:
+                value[k] = _prune_and_default(value[k], sub, f"{path}.{k}", unknown)
+        addl = schema.get("additionalProperties")
+        if isinstance(addl, dict) and props is None:
+            for k in list(value):
+                value[k] = _prune_and_default(value[k], addl, f"{path}.{k}", unknown)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [
+            _prune_and_default(v, schema["items"], f"{path}[{i}]", unknown)
+            for i, v in enumerate(value)
+        ]
+    return value
+
+
+def _to_jsonschema(schema: Any) -> Any:
+    """Kubernetes structural schema -> JSON Schema (nullable, int-or-string)."""
+    if isinstance(schema, list):
+        return [_to_jsonschema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _to_jsonschema(v) for k, v in schema.items() if not k.startswith("x-kubernetes-")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out.pop("anyOf", None)
+        out["type"] = ["integer", "string"]
+    if schema.get("nullable") and "type" in out:
+        t = out["type"]
+        out["type"] = [*t, "null"] if isinstance(t, list) else [t, "null"]
+    out.pop("nullable", None)
+    return out
+
+
+def _cel_rules(
+    schema: dict[str, Any], path: tuple[str, ...] = ()
+) -> Iterable[tuple[tuple[str, ...], dict[str, Any]]]:
+    for rule in schema.get("x-kubernetes-validations") or []:
+        yield path, rule
+    for k, sub in (schema.get("properties") or {}).items():
+        if isinstance(sub, dict):
+            yield from _cel_rules(sub, (*path, k))
+
+
+def _at(obj: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
+    cur = obj
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return False, None
+        cur = cur[p]
+    return True, cur
+
+
+class CRDValidator:
+    def __init__(self, schema: dict[str, Any]):
+        import jsonschema
+
+        self.schema = schema
+        self.validator = jsonschema.Draft7Validator(_to_jsonschema(schema))
+        self.rules = list(_cel_rules(schema))
+        self._programs: dict[str, Any] = {}
+
+    def admit(
+        self, obj: dict[str, Any], old: dict[str, Any] | None, strict: bool
+    ) -> dict[str, Any]:
+        obj = copy.deepcopy(obj)
+        meta = obj.pop("metadata", {})
+        unknown: list[str] = []
+        obj = _prune_and_default(obj, self.schema, "", unknown)
+        obj["metadata"] = meta
+        if strict and unknown:
+            raise ApiError(
+                422,
+                "Invalid",
+                "strict decoding error: unknown field "
+                + ", ".join(f'"{u.lstrip(".")}"' for u in unknown),
+            )
+        errors = sorted(
+            self.validator.iter_errors({k: v for k, v in obj.items() if k != "metadata"}),
+            key=lambda e: list(e.path),
+        )
+        if errors:
+            causes = [
+                {"field": ".".join(str(p) for p in e.path), "message": e.message} for e in errors
+            ]
+            msg = "; ".join(f"{c['field']}: {c['message']}" for c in causes)
+            raise ApiError(
+                422,
+                "Invalid",
+                f"{obj.get('kind')} {meta.get('name')!r} is invalid: {msg}",
+                {"causes": causes},
+            )
+        self._check_cel(obj, old)
+        return obj
+
+    def _check_cel(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        if not self.rules:
+            return
+        import celpy
+
+        for path, rule in self.rules:
+            found, value = _at(obj, path)
+            if not found:
+                continue
+            uses_old = "oldSelf" in rule["rule"]
+            old_found, old_value = _at(old, path) if old is not None else (False, None)
+            if uses_old and not old_found:
+                continue  # transition rules apply to updates only
+            prog = self._programs.get(rule["rule"])
+            if prog is None:
+                env = celpy.Environment()
+                prog = env.program(env.compile(rule["rule"]))
+                self._programs[rule["rule"]] = prog
+            activation = {"self": celpy.json_to_cel(value)}
+            if uses_old:
+                activation["oldSelf"] = celpy.json_to_cel(old_value)
+            try:
+                ok = bool(prog.evaluate(activation))
+            except Exception as exc:  # evaluation error counts as a failed rule, like the API
+                ok = False
+                rule = {**rule, "message": f"{rule.get('message', rule['rule'])} ({exc})"}
+            if not ok:
+                field_path = ".".join(path) or "<root>"
+                raise ApiError(
+                    422,
+                    "Invalid",
+                    f"{field_path}: Invalid value: {rule.get('message') or rule['rule']}",
+                )
+
+
+# ---------------------------------------------------------------------------- jsonpath (printer columns)
+
+
+def simple_jsonpath(obj: Any, expr: str) -> Any:
+    """The subset of JSONPath printer columns use: .a.b, .a[0], .a[?(@.k=="v")].b"""
+    cur: list[Any] = [obj]
+    for token in re.findall(
+        r"\.([A-Za-z0-9_-]+)|\[(\d+)\]|\[\?\(@\.([A-Za-z0-9_]+)==[\"']([^\"']*)[\"']\)\]", expr
+    ):
+        key, idx, fkey, fval = token
+        nxt: list[Any] = []
+        for c in cur:
+            if key and isinstance(c, dict) and key in c:
+                nxt.append(c[key])
+            elif idx and isinstance(c, list) and int(idx) < len(c):
+                nxt.append(c[int(idx)])
+            elif fkey and isinstance(c, list):
+                nxt.extend(i for i in c if isinstance(i, dict) and str(i.get(fkey)) == fval)
+        cur = nxt
+    if not cur:
+        return None
+    return cur[0] if len(cur) == 1 else ",".join(str(c) for c in cur)
+
+
+def _age(ts: str | None) -> str:
+    if not ts:
+        return "<unknown>"
+    try:
+        t = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return "<unknown>"
+    s = int((dt.datetime.now(dt.UTC) - t).total_seconds())
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m"
+    return f"{s // 3600}h"
+
+
+def to_table(
+    rt: ResourceType, objs: list[dict[str, Any]], include_object: bool, rv: str
+) -> dict[str, Any]:
+    cols: list[dict[str, Any]] = [
+        {"name": "Name", "type": "string", "format": "name", "description": "Name", "priority": 0}
+    ]
+    getters: list[Any] = [lambda o: o["metadata"]["name"]]
+    if rt.printer_columns:
+        for c in rt.printer_columns:
+            cols.append(
+                {
+                    "name": c["name"],
+                    "type": c.get("type", "string"),
+                    "format": c.get("format", ""),
+                    "description": c.get("description", ""),
+                    "priority": c.get("priority", 0),
+                }
+            )
+            if c.get("type") == "date":
+                getters.append(lambda o, p=c["jsonPath"]: _age(simple_jsonpath(o, p)))
+            else:
+                getters.append(lambda o, p=c["jsonPath"]: simple_jsonpath(o, p))
+    else:
+        if rt.plural == "pods":
+            cols.append(
+                {"name": "Status", "type": "string", "format": "", "description": "", "priority": 0}
+            )
+            getters.append(lambda o: (o.get("status") or {}).get("phase", "Pending"))
+        if rt.plural == "jobs":
+            cols.append(
+                {"name": "Status", "type": "string", "format": "", "description": "", "priority": 0}
+            )
+            getters.append(
+                lambda o: next(
+                    (
+                        c["type"]
+                        for c in (o.get("status") or {}).get("conditions") or []
+                        if c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+                    ),
+                    "Running",
+                )
+            )
+        if rt.plural in ("configmaps", "secrets"):
+            cols.append(
+                {"name": "Data", "type": "integer", "format": "", "description": "", "priority": 0}
+            )
+            getters.append(lambda o: len(o.get("data") or {}))
+        cols.append(
+            {"name": "Age", "type": "string", "format": "", "description": "", "priority": 0}
+        )
+        getters.append(lambda o: _age(o["metadata"].get("creationTimestamp")))
+    rows = []
+    for o in objs:
+        row: dict[str, Any] = {"cells": [g(o) for g in getters]}
+        if include_object:
+            row["object"] = o
+        else:
+            row["object"] = {
+                "kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1",
+                "metadata": o["metadata"],
+            }
+        rows.append(row)
+    return {
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": rv},
+        "columnDefinitions": cols,
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------- the store
+
+
+@dataclass
+class Fault:
+    verb: str
+    plural: str
+    code: int
+    count: int
+    message: str = "injected fault"
+
+
+class Store:
+    def __init__(self, history: int = 20000) -> None:
+        self.types: dict[tuple[str, str], ResourceType] = {}
+        self.objects: dict[tuple[str, str], dict[tuple[str, str], dict[str, Any]]] = {}
+        self.rv = 0
+        self.events: deque[tuple[int, tuple[str, str], str, dict[str, Any]]] = deque(maxlen=history)
+        self.cond = asyncio.Condition()
+        self.validators: dict[tuple[str, str], CRDValidator] = {}
+        self.logs: dict[tuple[str, str], list[str]] = {}
+        self.stats: Counter[str] = Counter()
+        self.faults: list[Fault] = []
+        for rt in BUILTIN:
+            self.add_type(rt)
+        for ns in ("default", "kube-system", "kube-public"):
+            self._put_raw(
+                self.types[("", "namespaces")],
+                {
+                    "apiVersion": "v1",
+                    "kind": "Namespace",
+                    "metadata": {"name": ns},
+                    "spec": {},
+                    "status": {"phase": "Active"},
+                },
+            )
+
+    def add_type(self, rt: ResourceType) -> None:
+        self.types[rt.key] = rt
+        self.objects.setdefault(rt.key, {})
+        if rt.schema is not None:
+            self.validators[rt.key] = CRDValidator(rt.schema)
+        else:
+            self.validators.pop(rt.key, None)
+
+    def find_type(self, group: str, version: str, plural: str) -> ResourceType:
+        rt = self.types.get((group, plural))
+        if rt is None or rt.version != version:
+            raise ApiError(
+                404,
+                "NotFound",
+                f"the server could not find the requested resource ({group or 'core'}/{version}, {plural})",
+            )
+        return rt
+
+    def next_rv(self) -> int:
+        self.rv += 1
+        return self.rv
+
+    def _put_raw(self, rt: ResourceType, obj: dict[str, Any]) -> dict[str, Any]:
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("creationTimestamp", now_iso())
+        meta["resourceVersion"] = str(self.next_rv())
+        self.objects[rt.key][(meta.get("namespace", ""), meta["name"])] = obj
+        return obj
+
+    async def notify(self, rt: ResourceType, type_: str, obj: dict[str, Any]) -> None:
+        self.events.append(
+            (int(obj["metadata"]["resourceVersion"]), rt.key, type_, copy.deepcopy(obj))
+        )
+        async with self.cond:
+            self.cond.notify_all()
+
+    def check_fault(self, verb: str, plural: str) -> None:
+        for f in self.faults:
+            if f.count > 0 and f.verb in (verb, "*") and f.plural in (plural, "*"):
+                f.count -= 1
+                raise ApiError(f.code, "InternalError" if f.code >= 500 else "Conflict", f.message)
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+class Emulator:
+    def __init__(self) -> None:
+        self.store = Store()
+        self.app = web.Application(client_max_size=64 * 2**20)
+        self.app.router.add_route("*", "/{tail:.*}", self.dispatch)
+
+    # -- routing ------------------------------------------------------------------------
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.rstrip("/") or "/"
+        parts = [p for p in path.split("/") if p]
+        try:
+            if parts[:1] == ["emulator"]:
+                return await self.emulator_endpoint(request, parts[1:])
+            if path == "/version":
+                return web.json_response(
+                    {
+                        "major": "1",
+                        "minor": "33",
+                        "gitVersion": "v1.33.0-preshard-emulator",
+                        "platform": "linux/amd64",
+                    }
+                )
+            if path == "/api":
+                return web.json_response(
+                    {
+                        "kind": "APIVersions",
+                        "versions": ["v1"],
+                        "serverAddressByClientCIDRs": [
+                            {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}
+                        ],
+                    }
+                )
+            if path == "/apis":
+                return web.json_response(self.group_list())
+            if path in ("/healthz", "/readyz", "/livez"):
+                return web.Response(text="ok")
+            if path == "/openapi/v3":
+                return web.json_response(self.openapi_index())
+            if parts[:2] == ["openapi", "v3"]:
+                return web.json_response(self.openapi_doc("/".join(parts[2:])))
+            if "application/vnd.kubernetes.protobuf" in request.headers.get("Content-Type", ""):
+                raise ApiError(415, "UnsupportedMediaType", "the emulator speaks JSON only")
+            if parts[:1] == ["api"] and len(parts) >= 2:
+                group, version, rest = "", parts[1], parts[2:]
+            elif parts[:1] == ["apis"] and len(parts) >= 3:
+                group, version, rest = parts[1], parts[2], parts[3:]
+            elif parts[:1] == ["apis"] and len(parts) == 2:
+                return web.json_response(self.group(parts[1]))
+            else:
+                raise ApiError(
+                    404, "NotFound", f"the server could not find the requested resource {path}"
+                )
+            if not rest:
+                return web.json_response(self.resource_list(group, version))
+            return await self.resource_request(request, group, version, rest)
+        except ApiError as err:
+            return web.json_response(err.status(), status=err.code)
+
+    # -- discovery ----------------------------------------------------------------------
+    def _groups(self) -> dict[str, set[str]]:
+        groups: dict[str, set[str]] = {}
+        for rt in self.store.types.values():
+            if rt.group:
+                groups.setdefault(rt.group, set()).add(rt.version)
+        return groups
+
+    def group(self, name: str) -> dict[str, Any]:
+        versions = self._groups().get(name)
+        if not versions:
+            raise ApiError(404, "NotFound", f"group {name} not found")
+        vs = [{"groupVersion": f"{name}/{v}", "version": v} for v in sorted(versions)]
+        return {
+            "kind": "APIGroup",
+            "apiVersion": "v1",
+            "name": name,
+            "versions": vs,
+            "preferredVersion": vs[0],
+        }
+
+    def group_list(self) -> dict[str, Any]:
+        return {
+            "kind": "APIGroupList",
+            "apiVersion": "v1",
+            "groups": [self.group(g) for g in sorted(self._groups())],
+        }
+
+    def resource_list(self, group: str, version: str) -> dict[str, Any]:
+        resources = []
+        for rt in self.store.types.values():
+            if rt.group != group or rt.version != version:
+                continue
+            resources.append(
+                {
+                    "name": rt.plural,
+                    "singularName": rt.singular or rt.kind.lower(),
+                    "namespaced": rt.namespaced,
+                    "kind": rt.kind,
+                    "verbs": VERBS,
+                    "shortNames": list(rt.short_names),
+                    "categories": list(rt.categories),
+                }
+            )
+            for sub in rt.subresources:
+                verbs = ["get"] if sub == "log" else ["get", "patch", "update"]
+                resources.append(
+                    {
+                        "name": f"{rt.plural}/{sub}",
+                        "singularName": "",
+                        "namespaced": rt.namespaced,
+                        "kind": "Pod" if sub == "log" else rt.kind,
+                        "verbs": verbs,
+                    }
+                )
+        if not resources:
+            raise ApiError(404, "NotFound", f"no resources in {group or 'core'}/{version}")
+        gv = f"{group}/{version}" if group else version
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": gv,
+            "resources": resources,
+        }
+
+    # -- OpenAPI v3 (enough for kubectl: validation, explain, server-side field validation) --
+    def _gv_paths(self) -> dict[str, tuple[str, str]]:
+        out = {}
+        for rt in self.store.types.values():
+            gvpath = f"apis/{rt.group}/{rt.version}" if rt.group else f"api/{rt.version}"
+            out[gvpath] = (rt.group, rt.version)
+        return out
+
+    def openapi_index(self) -> dict[str, Any]:
+        return {
+            "paths": {
+                p: {"serverRelativeURL": f"/openapi/v3/{p}?hash=0"}
+                for p in sorted(self._gv_paths())
+            }
+        }
+
+    def openapi_doc(self, gvpath: str) -> dict[str, Any]:
+        gv = self._gv_paths().get(gvpath)
+        if gv is None:
+            raise ApiError(404, "NotFound", f"no OpenAPI document for {gvpath}")
+        group, version = gv
+        schemas: dict[str, Any] = {}
+        paths: dict[str, Any] = {}
+        params = [
+            {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+            {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+            {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+        ]
+        for rt in self.store.types.values():
+            if (rt.group, rt.version) != gv:
+                continue
+            name = f"{rt.group or 'core'}.{rt.version}.{rt.kind}"
+            schema = (
+                copy.deepcopy(rt.schema)
+                if rt.schema
+                else {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+            )
+            props = schema.setdefault("properties", {})
+            props.setdefault("apiVersion", {"type": "string"})
+            props.setdefault("kind", {"type": "string"})
+            props["metadata"] = {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": True,
+                "description": "Standard object metadata.",
+            }
+            schema["x-kubernetes-group-version-kind"] = [
+                {"group": rt.group, "version": rt.version, "kind": rt.kind}
+            ]
+            schemas[name] = schema
+            ref = {
+                "content": {
+                    "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}
+                }
+            }
+            base = (
+                f"/{gvpath}/namespaces/{{namespace}}/{rt.plural}"
+                if rt.namespaced
+                else f"/{gvpath}/{rt.plural}"
+            )
+            paths[base] = {
+                "post": {"parameters": params, "requestBody": ref, "responses": {"200": ref}},
+                "get": {"responses": {"200": ref}},
+            }
+            paths[base + "/{name}"] = {
+                "put": {"parameters": params, "requestBody": ref, "responses": {"200": ref}},
+                "patch": {"parameters": params, "requestBody": ref, "responses": {"200": ref}},
+                "get": {"responses": {"200": ref}},
+            }
+        return {
+            "openapi": "3.0.0",
+            "info": {"title": "Kubernetes", "version": "v1.33.0"},
+            "paths": paths,
+            "components": {"schemas": schemas},
+        }
+
+    # -- non-standard endpoints ------------------------------------------------------------
+    async def emulator_endpoint(self, request: web.Request, parts: list[str]) -> web.StreamResponse:
+        if parts == ["stats"]:
+            if request.method == "DELETE":
+                self.store.stats.clear()
+            return web.json_response(dict(self.store.stats))
+        if parts == ["faults"] and request.method == "POST":
+            body = await request.json()
+            self.store.faults.append(
+                Fault(
+                    body.get("verb", "*"),
+                    body.get("resource", "*"),
+                    int(body.get("code", 500)),
+                    int(body.get("count", 1)),
+                    body.get("message", "injected fault"),
+                )
+            )
+            return web.json_response({"ok": True})
+        # /emulator/v1/namespaces/NS/pods/NAME/log
+        if (
+            len(parts) == 6
+            and parts[0] == "v1"
+            and parts[1] == "namespaces"
+            and parts[3] == "pods"
+            and parts[5] == "log"
+            and request.method == "POST"
+        ):
+            text = await request.text()
+            self.store.logs.setdefault((parts[2], parts[4]), []).append(text)
+            return web.json_response({"ok": True, "bytes": len(text)})
+        raise ApiError(404, "NotFound", f"no emulator endpoint /emulator/{'/'.join(parts)}")
+
+    # -- resources ------------------------------------------------------------------------
+    async def resource_request(
+        self, request: web.Request, group: str, version: str, rest: list[str]
+    ) -> web.StreamResponse:
+        namespace: str | None = None
+        if rest[0] == "namespaces" and len(rest) >= 3:
+            namespace, rest = rest[1], rest[2:]
+        plural = rest[0]
+        if plural == "namespaces" and namespace is not None and len(rest) == 1:
+            # GET /api/v1/namespaces/NAME (namespace itself)
+            rest = ["namespaces", namespace]
+            namespace = None
+        rt = self.store.find_type(group, version, plural)
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        if rt.namespaced is False:
+            namespace = None
+        method = request.method
+        q = request.query
+        verb = {
+            "GET": "watch" if q.get("watch") in ("true", "1") else ("get" if name else "list"),
+            "POST": "create",
+            "PUT": "update",
+            "PATCH": "patch",
+            "DELETE": "delete",
+        }.get(method, method.lower())
+        self.store.stats[f"{verb} {plural}{'/' + sub if sub else ''}"] += 1
+        self.store.stats["total"] += 1
+        self.store.check_fault(verb, plural)
+        if sub == "log":
+            return self.pod_log(namespace or "default", name or "", q)
+        if sub is not None and sub not in rt.subresources:
+            raise ApiError(404, "NotFound", f"{plural} has no subresource {sub}")
+        if verb == "watch":
+            return await self.watch(request, rt, namespace, name)
+        if verb == "list":
+            return self.respond(request, rt, self.list_objects(rt, namespace, q), list_mode=True)
+        if verb == "get":
+            return self.respond(request, rt, self.get(rt, namespace, name or ""))
+        if verb == "create":
+            body = await self._json(request)
+            return web.json_response(await self.create(rt, namespace, body, q), status=201)
+        if verb in ("update", "patch"):
+            body = await self._json(request)
+            obj = await self.update(
+                rt, namespace, name or "", sub, body, method, request.content_type, q
+            )
+            return web.json_response(obj)
+        if verb == "delete":
+            body = await self._json(request, optional=True)
+            policy = (
+                q.get("propagationPolicy") or (body or {}).get("propagationPolicy") or "Background"
+            )
+            obj = await self.delete(rt, namespace, name or "", policy)
+            return web.json_response(obj)
+        raise ApiError(405, "MethodNotAllowed", f"{method} is not supported")
+
+    async def _json(self, request: web.Request, optional: bool = False) -> Any:
+        text = await request.text()
+        if not text:
+            if optional:
+                return None
+            raise ApiError(400, "BadRequest", "empty request body")
+        try:
+            return json.loads(text)
+        except ValueError:
+            try:
+                return yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise ApiError(400, "BadRequest", "request body is not JSON") from None
+
+    def respond(
+        self, request: web.Request, rt: ResourceType, data: Any, list_mode: bool = False
+    ) -> web.StreamResponse:
+        accept = request.headers.get("Accept", "")
+        if "as=Table" in accept:
+            objs = data["items"] if list_mode else [data]
+            include = request.query.get("includeObject", "").lower() == "object"
+            return web.json_response(to_table(rt, objs, include, str(self.store.rv)))
+        return web.json_response(data)
+
+    def pod_log(self, namespace: str, name: str, q: Any) -> web.StreamResponse:
+        if (namespace, name) not in self.store.objects[("", "pods")]:
+            raise ApiError(404, "NotFound", f'pods "{name}" not found')
+        text = "".join(self.store.logs.get((namespace, name), []))
+        tail = q.get("tailLines")
+        if tail is not None:
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[-int(tail) :]) if int(tail) > 0 else ""
+        return web.Response(text=text, content_type="text/plain")
+
+    # -- reading ------------------------------------------------------------------------
+    def _key(self, rt: ResourceType, namespace: str | None, name: str) -> tuple[str, str]:
+        return ((namespace or "") if rt.namespaced else "", name)
+
+    def get(self, rt: ResourceType, namespace: str | None, name: str) -> dict[str, Any]:
+        obj = self.store.objects[rt.key].get(self._key(rt, namespace, name))
+        if obj is None:
+            raise ApiError(
+                404,
+                "NotFound",
+                f'{rt.plural}.{rt.group or "core"} "{name}" not found',
+                {"name": name, "group": rt.group, "kind": rt.plural},
+            )
+        return copy.deepcopy(obj)
+
+    def _matching(self, rt: ResourceType, namespace: str | None, q: Any) -> list[dict[str, Any]]:
+        reqs = parse_label_selector(q.get("labelSelector"))
+        fsel = q.get("fieldSelector")
+        out = []
+        for (ns, _), obj in sorted(self.store.objects[rt.key].items()):
+            if namespace and rt.namespaced and ns != namespace:
+                continue
+            if not match_labels(obj["metadata"].get("labels") or {}, reqs) or not match_fields(
+                obj, fsel
+            ):
+                continue
+            out.append(obj)
+        return out
+
+    def list_objects(self, rt: ResourceType, namespace: str | None, q: Any) -> dict[str, Any]:
+        items = [copy.deepcopy(o) for o in self._matching(rt, namespace, q)]
+        for o in items:
+            o.setdefault("apiVersion", rt.api_version)
+            o.setdefault("kind", rt.kind)
+        return {
+            "kind": f"{rt.kind}List",
+            "apiVersion": rt.api_version,
+            "metadata": {"resourceVersion": str(self.store.rv)},
+            "items": items,
+        }
+
+    async def watch(
+        self, request: web.Request, rt: ResourceType, namespace: str | None, name: str | None
+    ) -> web.StreamResponse:
+        q = request.query
+        reqs = parse_label_selector(q.get("labelSelector"))
+        fsel = q.get("fieldSelector")
+        if name:
+            fsel = f"metadata.name={name}" + (f",{fsel}" if fsel else "")
+        timeout = float(q.get("timeoutSeconds") or 1800)
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        table = "as=Table" in request.headers.get("Accept", "")
+        rv_param = q.get("resourceVersion")
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        )
+        await resp.prepare(request)
+
+        def matches(obj: dict[str, Any]) -> bool:
+            meta = obj["metadata"]
+            if namespace and rt.namespaced and meta.get("namespace") != namespace:
+                return False
+            return match_labels(meta.get("labels") or {}, reqs) and match_fields(obj, fsel)
+
+        async def send(type_: str, obj: dict[str, Any]) -> None:
+            payload: dict[str, Any] = obj
+            if table and type_ != "BOOKMARK":
+                payload = to_table(
+                    rt,
+                    [obj],
+                    q.get("includeObject", "").lower() == "object",
+                    obj["metadata"]["resourceVersion"],
+                )
+            await resp.write((json.dumps({"type": type_, "object": payload}) + "\n").encode())
+
+        try:
+            if not rv_param or rv_param == "0":
+                start = self.store.rv
+                for obj in self._matching(
+                    rt, namespace, {"labelSelector": q.get("labelSelector"), "fieldSelector": fsel}
+                ):
+                    await send("ADDED", copy.deepcopy(obj))
+            else:
+                start = int(rv_param)
+                oldest = self.store.events[0][0] if self.store.events else self.store.rv + 1
+                if start < oldest - 1 and start < self.store.rv:
+                    gone = ApiError(
+                        410, "Expired", f"too old resource version: {start} ({oldest - 1})"
+                    ).status()
+                    await resp.write(
+                        (json.dumps({"type": "ERROR", "object": gone}) + "\n").encode()
+                    )
+                    return resp
+            deadline = time.monotonic() + timeout
+            last = start
+            last_bookmark = time.monotonic()
+            while time.monotonic() < deadline:
+                for rv, key, type_, obj in list(self.store.events):
+                    if rv <= last:
+                        continue
+                    last = rv
+                    if key == rt.key and matches(obj):
+                        await send(type_, obj)
+                if bookmarks and time.monotonic() - last_bookmark > 5:
+                    last_bookmark = time.monotonic()
+                    await send(
+                        "BOOKMARK",
+                        {
+                            "kind": rt.kind,
+                            "apiVersion": rt.api_version,
+                            "metadata": {"resourceVersion": str(max(last, start))},
+                        },
+                    )
+                async with self.store.cond:
+                    try:
+                        await asyncio.wait_for(
+                            self.store.cond.wait(),
+                            timeout=min(1.0, max(0.01, deadline - time.monotonic())),
+                        )
+                    except TimeoutError:
+                        pass
+        except (ConnectionResetError, asyncio.CancelledError):
+            return resp
+        return resp
+
+    # -- writing ------------------------------------------------------------------------
+    def _admit(
+        self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None, q: Any
+    ) -> dict[str, Any]:
+        validator = self.store.validators.get(rt.key)
+        if validator is None:
+            return obj
+        return validator.admit(obj, old, strict=q.get("fieldValidation") == "Strict")
+
+    async def create(
+        self, rt: ResourceType, namespace: str | None, body: Any, q: Any
+    ) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the body must be an object")
+        meta = body.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        name = meta.get("name")
+        if not name:
+            raise ApiError(422, "Invalid", f"{rt.kind}: metadata.name: Required value")
+        if rt.namespaced:
+            ns = namespace or meta.get("namespace") or "default"
+            if meta.get("namespace") and namespace and meta["namespace"] != namespace:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "the namespace of the object does not match the namespace on the request",
+                )
+            if ("", ns) not in self.store.objects[("", "namespaces")]:
+                raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
+            meta["namespace"] = ns
+        else:
+            meta.pop("namespace", None)
+        key = self._key(rt, meta.get("namespace"), name)
+        if key in self.store.objects[rt.key]:
+            raise ApiError(
+                409,
+                "AlreadyExists",
+                f'{rt.plural}.{rt.group or "core"} "{name}" already exists',
+                {"name": name, "group": rt.group, "kind": rt.plural},
+            )
+        body["apiVersion"] = rt.api_version
+        body["kind"] = rt.kind
+        if (
+            rt.has_status
+            and rt.group not in ("", "batch")
+            and rt.plural != "customresourcedefinitions"
+        ):
+            body.pop("status", None)  # CRs: status only through /status
+        body = self._admit(rt, body, None, q)
+        for k in ("uid", "resourceVersion", "creationTimestamp", "deletionTimestamp"):
+            meta = body["metadata"]
+            meta.pop(k, None)
+        body["metadata"]["generation"] = 1
+        obj = self.store._put_raw(rt, body)
+        if rt.plural == "customresourcedefinitions":
+            self._register_crd(obj)
+        await self.store.notify(rt, "ADDED", obj)
+        return copy.deepcopy(obj)
+
+    async def update(
+        self,
+        rt: ResourceType,
+        namespace: str | None,
+        name: str,
+        sub: str | None,
+        body: Any,
+        method: str,
+        ctype: str,
+        q: Any,
+    ) -> dict[str, Any]:
+        key = self._key(rt, namespace, name)
+        old = self.store.objects[rt.key].get(key)
+        if old is None:
+            raise ApiError(
+                404,
+                "NotFound",
+                f'{rt.plural}.{rt.group or "core"} "{name}" not found',
+                {"name": name, "kind": rt.plural},
+            )
+        if method == "PUT":
+            new = copy.deepcopy(body)
+            want_rv = (new.get("metadata") or {}).get("resourceVersion")
+            if want_rv and want_rv != old["metadata"]["resourceVersion"]:
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been modified; please apply your changes to the latest version and try again',
+                )
+        elif "json-patch" in ctype:
+            new = json_patch(old, body)
+        else:  # merge-patch+json and strategic-merge-patch+json (merge semantics here)
+            if isinstance(body, dict):
+                want_rv = (body.get("metadata") or {}).get("resourceVersion")
+                if want_rv and want_rv != old["metadata"]["resourceVersion"]:
+                    raise ApiError(
+                        409,
+                        "Conflict",
+                        f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been modified',
+                    )
+            new = merge_patch(old, body)
+        new = new if isinstance(new, dict) else {}
+        # identity and system fields are not changed by updates
+        meta = new.setdefault("metadata", {})
+        for k in (
+            "uid",
+            "creationTimestamp",
+            "namespace",
+            "name",
+            "deletionTimestamp",
+            "generation",
+        ):
+            if k in old["metadata"]:
+                meta[k] = old["metadata"][k]
+            else:
+                meta.pop(k, None)
+        new["apiVersion"], new["kind"] = rt.api_version, rt.kind
+        if sub == "status":
+            merged = copy.deepcopy(old)
+            if "status" in new:
+                merged["status"] = new["status"]
+            else:
+                merged.pop("status", None)
+            new = merged
+        elif rt.has_status:
+            if "status" in old:
+                new["status"] = copy.deepcopy(old["status"])
+            else:
+                new.pop("status", None)
+        if sub != "status":
+            new = self._admit(rt, new, old, q)
+        changed_spec = {k: v for k, v in new.items() if k not in ("metadata", "status")} != {
+            k: v for k, v in old.items() if k not in ("metadata", "status")
+        }
+        if changed_spec and sub != "status":
+            new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
+        if new == old:
+            return copy.deepcopy(old)  # no-op: no new resourceVersion, no event
+        new["metadata"]["resourceVersion"] = str(self.store.next_rv())
+        self.store.objects[rt.key][key] = new
+        if rt.plural == "customresourcedefinitions":
+            self._register_crd(new)
+        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            await self._remove(rt, key, new)
+            return copy.deepcopy(new)
+        await self.store.notify(rt, "MODIFIED", new)
+        return copy.deepcopy(new)
+
+    async def delete(
+        self, rt: ResourceType, namespace: str | None, name: str, policy: str
+    ) -> dict[str, Any]:
+        key = self._key(rt, namespace, name)
+        obj = self.store.objects[rt.key].get(key)
+        if obj is None:
+            raise ApiError(
+                404,
+                "NotFound",
+                f'{rt.plural}.{rt.group or "core"} "{name}" not found',
+                {"name": name, "kind": rt.plural},
+            )
+        meta = obj["metadata"]
+        if policy == "Foreground" and self._dependents(meta["uid"]):
+            finalizers = list(meta.get("finalizers") or [])
+            if "foregroundDeletion" not in finalizers:
+                finalizers.append("foregroundDeletion")
+            meta["finalizers"] = finalizers
+        if meta.get("finalizers"):
+            if not meta.get("deletionTimestamp"):
+                meta["deletionTimestamp"] = now_iso()
+                meta["deletionGracePeriodSeconds"] = 0
+                meta["resourceVersion"] = str(self.store.next_rv())
+                await self.store.notify(rt, "MODIFIED", obj)
+            if policy == "Foreground":
+                await self._cascade(meta["uid"], policy)
+            return copy.deepcopy(obj)
+        await self._remove(rt, key, obj, policy)
+        return copy.deepcopy(obj)
+
+    async def _remove(
+        self,
+        rt: ResourceType,
+        key: tuple[str, str],
+        obj: dict[str, Any],
+        policy: str = "Background",
+    ) -> None:
+        self.store.objects[rt.key].pop(key, None)
+        obj["metadata"]["resourceVersion"] = str(self.store.next_rv())
+        self.store.logs.pop(key, None) if rt.plural == "pods" else None
+        await self.store.notify(rt, "DELETED", obj)
+        if policy != "Orphan":
+            await self._cascade(obj["metadata"]["uid"], "Background")
+        await self._release_foreground_owners(obj)
+
+    def _dependents(self, uid: str) -> list[tuple[ResourceType, tuple[str, str], dict[str, Any]]]:
+        out = []
+        for tkey, objs in self.store.objects.items():
+            for okey, o in objs.items():
+                if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or []):
+                    out.append((self.store.types[tkey], okey, o))
+        return out
+
+    async def _cascade(self, uid: str, policy: str) -> None:
+        for rt, okey, _ in self._dependents(uid):
+            if okey in self.store.objects[rt.key]:
+                await self.delete(rt, okey[0] or None, okey[1], policy)
+
+    async def _release_foreground_owners(self, removed: dict[str, Any]) -> None:
+        for ref in removed["metadata"].get("ownerReferences") or []:
+            for tkey, objs in self.store.objects.items():
+                for okey, owner in list(objs.items()):
+                    m = owner["metadata"]
+                    if m.get("uid") != ref.get("uid") or "foregroundDeletion" not in (
+                        m.get("finalizers") or []
+                    ):
+                        continue
+                    if self._dependents(m["uid"]):
+                        continue
+                    m["finalizers"] = [f for f in m["finalizers"] if f != "foregroundDeletion"]
+                    rt = self.store.types[tkey]
+                    if not m["finalizers"]:
+                        await self._remove(rt, okey, owner)
+                    else:
+                        m["resourceVersion"] = str(self.store.next_rv())
+                        await self.store.notify(rt, "MODIFIED", owner)
+
+    def _register_crd(self, crd: dict[str, Any]) -> None:
+        spec = crd.get("spec") or {}
+        names = spec.get("names") or {}
+        for v in spec.get("versions") or []:
+            if not v.get("served", True):
+                continue
+            schema = ((v.get("schema") or {}).get("openAPIV3Schema")) or None
+            rt = ResourceType(
+                group=spec.get("group", ""),
+                version=v["name"],
+                plural=names.get("plural", ""),
+                kind=names.get("kind", ""),
+                namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                subresources=tuple((v.get("subresources") or {}).keys()),
+                short_names=tuple(names.get("shortNames") or ()),
+                singular=names.get("singular", ""),
+                categories=tuple(names.get("categories") or ()),
+                printer_columns=list(v.get("additionalPrinterColumns") or []),
+                schema=schema,
+            )
+            self.store.add_type(rt)
+        crd["status"] = {
+            "conditions": [
+                {
+                    "type": "Established",
+                    "status": "True",
+                    "reason": "InitialNamesAccepted",
+                    "lastTransitionTime": now_iso(),
+                },
+                {
+                    "type": "NamesAccepted",
+                    "status": "True",
+                    "reason": "NoConflicts",
+                    "lastTransitionTime": now_iso(),
+                },
+            ],
+            "acceptedNames": names,
+            "storedVersions": [v["name"] for v in spec.get("versions") or [] if v.get("storage")],
+        }
+
+
+# ---------------------------------------------------------------------------- running it
+
+
+def kubeconfig(url: str, namespace: str = "default") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "preshard-emulator", "cluster": {"server": url}}],
+        "users": [{"name": "preshard-emulator", "user": {"token": "emulator"}}],
+        "contexts": [
+            {
+                "name": "preshard-emulator",
+                "context": {
+                    "cluster": "preshard-emulator",
+                    "user": "preshard-emulator",
+                    "namespace": namespace,
+                },
+            }
+        ],
+        "current-context": "preshard-emulator",
+    }
+
+
+class EmulatorServer:
+    """Runs the emulator in a background thread with its own event loop."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
+        self.emulator = Emulator()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> EmulatorServer:
+        self._thread = threading.Thread(target=self._run, name="k8s-emulator", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise TimeoutError("the Kubernetes API emulator did not start")
+        if self._error:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException as exc:  # surfaced to start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(
+            self.emulator.app, handle_signals=False, access_log=None, shutdown_timeout=0.5
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        if self.loop is None:
+            return
+        loop = self.loop
+
+        async def shutdown() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        fut = asyncio.run_coroutine_threadsafe(shutdown(), loop)
+        try:
+            fut.result(timeout=10)
+        except Exception:  # noqa: S110 - best-effort shutdown
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.loop = None
+
+    def call(self, coro: Any) -> Any:
+        """Run a coroutine on the emulator's loop from another thread."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def apply_file(self, path: Path | str) -> list[dict[str, Any]]:
+        """Create every document of a YAML file (setup helper)."""
+        out = []
+        for doc in yaml.safe_load_all(Path(path).read_text()):
+            if doc:
+                out.append(self.create_object(doc))
+        return out
+
+    def create_object(self, doc: dict[str, Any]) -> dict[str, Any]:
+        group, _, version = doc["apiVersion"].rpartition("/")
+        rt = next(
+            (
+                t
+                for t in self.emulator.store.types.values()
+                if t.group == group and t.version == version and t.kind == doc["kind"]
+            ),
+            None,
+        )
+        if rt is None:
+            raise ApiError(404, "NotFound", f"no resource for {doc['apiVersion']} {doc['kind']}")
+        ns = (doc.get("metadata") or {}).get("namespace")
+        return dict(self.call(self.emulator.create(rt, ns, copy.deepcopy(doc), {})))
+
+    def write_kubeconfig(self, path: Path | str, namespace: str = "default") -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(yaml.safe_dump(kubeconfig(self.url, namespace)))
+        return p
+
+    def __enter__(self) -> EmulatorServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:  # pragma: no cover - CLI
+    emu = Emulator()
+    runner = web.AppRunner(emu.app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", args.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{port}"
+    for crd in args.crd or []:
+        for doc in yaml.safe_load_all(Path(crd).read_text()):
+            if doc:
+                await emu.create(
+                    emu.store.types[("apiextensions.k8s.io", "customresourcedefinitions")],
+                    None,
+                    doc,
+                    {},
+                )
+    if args.kubeconfig:
+        Path(args.kubeconfig).write_text(yaml.safe_dump(kubeconfig(url)))
+    print(url, flush=True)
+    await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - CLI
+    p = argparse.ArgumentParser(description="Kubernetes API emulator on 127.0.0.1 (dev only)")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--kubeconfig", help="write a kubeconfig pointing at the emulator")
+    p.add_argument("--crd", action="append", help="CRD file(s) to install at start")
+    args = p.parse_args(argv)
+    try:
+        asyncio.run(_serve_forever(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
