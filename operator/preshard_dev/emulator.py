@@ -781,7 +781,7 @@ class Emulator:
         gv = self._gv_paths().get(gvpath)
         if gv is None:
             raise ApiError(404, "NotFound", f"no OpenAPI document for {gvpath}")
-        group, version = gv
+        _group, _version = gv
         schemas: dict[str, Any] = {}
         paths: dict[str, Any] = {}
         params = [
