@@ -1,0 +1,49 @@
+"""Pipeline parallelism: vLLM names the files ``model-pp-{pp}-tp-{tp}-part-{part}``, each
+stage holds its own layers, and the shards load back with ``load_format=sharded_state``
+at the same layout (no missing keys).
+
+The ``converted_pp2`` fixture (tests/vllm/conftest.py) runs the conversion once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from preshard.worker.verify_shards import check_shards, read_safetensors_header
+from preshard.worker.vllm_engine import EngineRequest, run_engine
+
+pytestmark = pytest.mark.vllm
+
+
+def test_pp2_conversion_layout(converted_pp2: Any) -> None:
+    run = converted_pp2
+    assert run.rc == 0, run.stderr[-3000:]
+    assert "--no-verify: the reload and token comparison were skipped" in run.stderr
+    shards = sorted(p.name for p in run.output.glob("*.safetensors"))
+    assert shards == ["model-pp-0-tp-0-part-0.safetensors", "model-pp-1-tp-0-part-0.safetensors"]
+    report = check_shards(run.output, 1, 2)
+    assert sorted(report.files) == [(0, 0), (1, 0)]
+    stage0 = set(read_safetensors_header(run.output / shards[0]))
+    stage1 = set(read_safetensors_header(run.output / shards[1]))
+    assert "model.embed_tokens.weight" in stage0 and "model.embed_tokens.weight" not in stage1
+    assert "lm_head.weight" in stage1 and "model.norm.weight" in stage1
+    assert any(k.startswith("model.layers.0.") for k in stage0)
+    assert not any(k.startswith("model.layers.1.") for k in stage0)
+    assert any(k.startswith("model.layers.1.") for k in stage1)
+    assert not any(k.startswith("model.layers.0.") for k in stage1)
+
+
+def test_pp2_shards_reload_at_the_same_layout(converted_pp2: Any) -> None:
+    assert converted_pp2.rc == 0
+    out = run_engine(
+        EngineRequest(
+            model=str(converted_pp2.output),
+            pipeline_parallel_size=2,
+            load_format="sharded_state",
+        ),
+        timeout=600,
+    )
+    assert out.tokens == ()  # loaded without generating (see the fixture's docstring)
+    assert out.settings["pipeline_parallel_size"] == 2
+    assert out.settings["load_format"] == "sharded_state"
