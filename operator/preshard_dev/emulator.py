@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -572,7 +573,7 @@ class Store:
         self.objects: dict[tuple[str, str], dict[tuple[str, str], dict[str, Any]]] = {}
         self.rv = 0
         self.events: deque[tuple[int, tuple[str, str], str, dict[str, Any]]] = deque(maxlen=history)
-        self.cond = asyncio.Condition()
+        self.changed = asyncio.Event()
         self.validators: dict[tuple[str, str], CRDValidator] = {}
         self.logs: dict[tuple[str, str], list[str]] = {}
         self.stats: Counter[str] = Counter()
@@ -625,8 +626,9 @@ class Store:
         self.events.append(
             (int(obj["metadata"]["resourceVersion"]), rt.key, type_, copy.deepcopy(obj))
         )
-        async with self.cond:
-            self.cond.notify_all()
+        # Wake every watcher: each waits on the Event current when it started waiting.
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
 
     def check_fault(self, verb: str, plural: str) -> None:
         for f in self.faults:
@@ -793,12 +795,12 @@ class Emulator:
             if (rt.group, rt.version) != gv:
                 continue
             name = f"{rt.group or 'core'}.{rt.version}.{rt.kind}"
-            schema = (
+            schema: dict[str, Any] = (
                 copy.deepcopy(rt.schema)
                 if rt.schema
                 else {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
             )
-            props = schema.setdefault("properties", {})
+            props: dict[str, Any] = schema.setdefault("properties", {})
             props.setdefault("apiVersion", {"type": "string"})
             props.setdefault("kind", {"type": "string"})
             props["metadata"] = {
@@ -1072,14 +1074,11 @@ class Emulator:
                             "metadata": {"resourceVersion": str(max(last, start))},
                         },
                     )
-                async with self.store.cond:
-                    try:
-                        await asyncio.wait_for(
-                            self.store.cond.wait(),
-                            timeout=min(1.0, max(0.01, deadline - time.monotonic())),
-                        )
-                    except TimeoutError:
-                        pass
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self.store.changed.wait(),
+                        timeout=min(1.0, max(0.01, deadline - time.monotonic())),
+                    )
         except (ConnectionResetError, asyncio.CancelledError):
             return resp
         return resp

@@ -1,0 +1,1 @@
+"""kopf handlers. Importing :mod:`preshard.handlers.checkpoint` registers them."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -172,25 +173,18 @@ class Uploader:
             ) as pool:
                 small = [i for i in items if i.size <= self.part_size]
                 large = [i for i in items if i.size > self.part_size]
-                tasks: list[Callable[[], Any]] = [lambda i=i: self._put_small(i) for i in small]
+                tasks: list[Callable[[], Any]] = [partial(self._put_small, i) for i in small]
                 uploads: list[tuple[UploadItem, str, int, list[Any]]] = []
                 for item in large:
                     ps = part_size_for(item.size, self.part_size)
                     upload_id = with_retries(
-                        lambda item=item: self.client.create_multipart_upload(
-                            Bucket=self.bucket, Key=item.key, Metadata={"sha256": item.sha256}
-                        )["UploadId"],
-                        f"create multipart {item.key}",
+                        partial(self._create_multipart, item), f"create multipart {item.key}"
                     )
                     nparts = (item.size + ps - 1) // ps
                     etags: list[Any] = [None] * nparts
                     uploads.append((item, upload_id, ps, etags))
                     for n in range(nparts):
-                        tasks.append(
-                            lambda item=item, uid=upload_id, ps=ps, n=n, etags=etags: (
-                                self._put_part(item, uid, ps, n, etags)
-                            )
-                        )
+                        tasks.append(partial(self._put_part, item, upload_id, ps, n, etags))
                 try:
                     _run_all(pool, tasks)
                 except BaseException:
@@ -200,13 +194,12 @@ class Uploader:
                 for item, upload_id, _, etags in uploads:
                     parts = [{"PartNumber": n + 1, "ETag": e} for n, e in enumerate(etags)]
                     with_retries(
-                        lambda item=item, upload_id=upload_id, parts=parts: (
-                            self.client.complete_multipart_upload(
-                                Bucket=self.bucket,
-                                Key=item.key,
-                                UploadId=upload_id,
-                                MultipartUpload={"Parts": parts},
-                            )
+                        partial(
+                            self.client.complete_multipart_upload,
+                            Bucket=self.bucket,
+                            Key=item.key,
+                            UploadId=upload_id,
+                            MultipartUpload={"Parts": parts},
                         ),
                         f"complete {item.key}",
                     )
@@ -214,6 +207,12 @@ class Uploader:
             raise
         except Exception as exc:
             raise translate(exc, self.uri, "upload to") from None
+
+    def _create_multipart(self, item: UploadItem) -> str:
+        resp = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=item.key, Metadata={"sha256": item.sha256}
+        )
+        return str(resp["UploadId"])
 
     def _abort(self, key: str, upload_id: str) -> None:
         try:
@@ -325,14 +324,10 @@ class Downloader:
                     ps = part_size_for(item.size, self.part_size)
                     n = max(1, (item.size + ps - 1) // ps)
                     for k in range(n):
-                        tasks.append(
-                            lambda item=item, tmp=tmp, start=k * ps, ps=ps: self._get_range(
-                                item, tmp, start, ps
-                            )
-                        )
+                        tasks.append(partial(self._get_range, item, tmp, k * ps, ps))
                 _run_all(pool, tasks)
                 # Verify and publish each file (hashing in parallel).
-                _run_all(pool, [lambda item=item: self._finish(item) for item in todo])
+                _run_all(pool, [partial(self._finish, item) for item in todo])
         except PreshardError:
             raise
         except Exception as exc:

@@ -1,0 +1,381 @@
+"""kopf handlers for ShardedCheckpoint: parse -> build -> I/O -> status.
+
+* create / resume / spec update -> :func:`reconcile` (validate, check Secrets and output
+  ownership, create-or-get the conversion Job, write status);
+* a timer retries resources that wait for something (a missing Secret, an output prefix
+  owned by another resource) and polls the progress of running conversions;
+* Job events -> :func:`sync_from_job` derives status from the Job's conditions, the
+  newest pod's termination message and its progress lines;
+* delete -> Retain releases at once; Delete stops the Job, runs the purge Job and
+  releases the finalizer when it completed.
+
+Permanent problems never raise out of a handler (no crash loop, no retry storm): they
+become a Ready=False condition with a PascalCase reason. Unexpected API errors raise
+kopf.TemporaryError and are retried with backoff, for this resource only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from preshard import GROUP, PLURAL, VERSION, metrics
+from preshard.core import status as st
+from preshard.core.config import OperatorConfig
+from preshard.core.errors import SpecError
+from preshard.core.jobs import (
+    ANNOTATION_OWNER_UID,
+    LABEL_CHECKPOINT,
+    LABEL_COMPONENT,
+    build_conversion_job,
+    build_purge_job,
+    build_serving_configmap,
+    output_endpoint,
+    referenced_secrets,
+)
+from preshard.core.naming import job_name, serving_configmap_name
+from preshard.core.serving import serving_info
+from preshard.core.spec import CheckpointSpec, parse_spec
+from preshard.core.uris import parse_output_uri
+from preshard.k8s import api
+
+log = logging.getLogger(__name__)
+
+CONFIG = OperatorConfig()
+WAITING_REASONS = {"CredentialsSecretNotFound", "OutputConflict"}
+# Timer intervals are fixed when kopf registers the handlers (import time).
+POLL_SECONDS = float(os.environ.get("PRESHARD_PROGRESS_POLL_SECONDS") or 10)
+RETRY_SECONDS = float(os.environ.get("PRESHARD_RETRY_SECONDS") or 10)
+
+
+def configure(config: OperatorConfig) -> None:
+    global CONFIG
+    CONFIG = config
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    try:
+        return (dt.datetime.strptime(end, fmt) - dt.datetime.strptime(start, fmt)).total_seconds()
+    except ValueError:
+        return None
+
+
+def _ready_reason(status: dict[str, Any] | None) -> str | None:
+    cond = st.get_condition(status, st.READY)
+    return cond.get("reason") if cond else None
+
+
+def _write_status(body: dict[str, Any], old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+    meta = body["metadata"]
+    patch = st.status_patch(old, new)
+    if not patch:
+        return
+    api.patch_checkpoint_status(meta["namespace"], meta["name"], patch)
+    old_phase = (old or {}).get("phase")
+    new_phase = new.get("phase")
+    metrics.observe_phase(
+        meta["uid"],
+        str(new_phase),
+        old_phase,
+        _seconds_between(new.get("startTime"), new.get("completionTime")),
+    )
+    old_reason, new_reason = _ready_reason(old), _ready_reason(new)
+    if new_reason != old_reason or old_phase != new_phase:
+        cond = st.get_condition(new, st.READY) or {}
+        ok = cond.get("status") == "True" or new_phase in ("Pending", "Running")
+        kopf.event(
+            body,
+            type="Normal" if ok else "Warning",
+            reason=str(cond.get("reason") or new_phase),
+            message=str(cond.get("message") or ""),
+        )
+
+
+# ------------------------------------------------------------------------- output index
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def outputs(name: str, namespace: str, spec: dict[str, Any], meta: dict[str, Any], **_: Any) -> Any:
+    """bucket -> (prefix, creationTimestamp, uid, namespace/name) of every checkpoint."""
+    try:
+        out = parse_output_uri(str((spec.get("output") or {}).get("uri", "")))
+    except SpecError:
+        return None
+    return {
+        out.bucket: (
+            out.prefix,
+            meta.get("creationTimestamp") or "",
+            meta.get("uid") or "",
+            f"{namespace}/{name}",
+        )
+    }
+
+
+def output_owner(spec: CheckpointSpec, uid: str, created: str, index: Any) -> str | None:
+    """The namespace/name of an older checkpoint whose output overlaps ours, if any."""
+    out = spec.output.parsed
+    mine = (created, uid)
+    owners = []
+    for prefix, other_created, other_uid, ref in index.get(out.bucket, []):
+        if other_uid == uid:
+            continue
+        if not (prefix.startswith(out.prefix) or out.prefix.startswith(prefix)):
+            continue
+        if (other_created, other_uid) < mine:
+            owners.append(((other_created, other_uid), ref))
+    return min(owners)[1] if owners else None
+
+
+# ---------------------------------------------------------------------------- reconcile
+
+
+def reconcile(body: dict[str, Any], outputs_index: Any) -> None:
+    meta = body["metadata"]
+    ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
+    if meta.get("deletionTimestamp"):
+        return
+    old = dict(body.get("status") or {})
+    try:
+        spec = parse_spec(dict(body.get("spec") or {}))
+    except SpecError as err:
+        _write_status(body, old, st.status_for_spec_error(old, err.reason, err.message, gen, now()))
+        return
+    try:
+        missing = [s for s in referenced_secrets(spec, CONFIG) if not api.secret_exists(ns, s)]
+        if missing:
+            msg = (
+                f"credentials Secret {missing[0]!r} not found in namespace {ns!r}; create it with keys "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (HF_TOKEN for hf:// sources)"
+            )
+            new = st.status_for_error(
+                old,
+                reason="CredentialsSecretNotFound",
+                message=msg,
+                generation=gen,
+                now=now(),
+                spec_valid=True,
+                phase=st.PENDING,
+            )
+            _write_status(body, old, new)
+            return
+        owner = output_owner(spec, uid, meta.get("creationTimestamp") or "", outputs_index)
+        if owner is not None:
+            _write_status(
+                body, old, st.status_for_conflict(old, owner, str(spec.output.parsed), gen, now())
+            )
+            return
+        manifest = build_conversion_job(name, ns, uid, spec, CONFIG)
+        job, created = api.create_or_get_job(manifest)
+        job_meta = job.get("metadata") or {}
+        owned = any(r.get("uid") == uid for r in job_meta.get("ownerReferences") or []) or (
+            (job_meta.get("annotations") or {}).get(ANNOTATION_OWNER_UID) == uid
+        )
+        if not owned:
+            msg = f"a Job named {job_meta.get('name')} exists but does not belong to this ShardedCheckpoint; delete it or rename this resource"
+            _write_status(
+                body,
+                old,
+                st.status_for_error(
+                    old,
+                    reason="JobNameConflict",
+                    message=msg,
+                    generation=gen,
+                    now=now(),
+                    spec_valid=True,
+                ),
+            )
+            return
+        if created:
+            kopf.event(
+                body,
+                type="Normal",
+                reason="JobCreated",
+                message=f"created conversion Job {job_meta.get('name')} ({spec.world_size} GPUs)",
+            )
+        _sync(body, spec, job)
+    except ApiException as exc:
+        metrics.RECONCILE_ERRORS.inc()
+        raise kopf.TemporaryError(
+            f"Kubernetes API error {exc.status} {exc.reason}", delay=10
+        ) from None
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def on_change(body: kopf.Body, outputs: kopf.Index[str, Any], **_: Any) -> None:
+    reconcile(dict(body), outputs)
+
+
+def _waiting(status: dict[str, Any], **_: Any) -> bool:
+    return _ready_reason(status) in WAITING_REASONS
+
+
+@kopf.timer(
+    GROUP, VERSION, PLURAL, interval=RETRY_SECONDS, initial_delay=RETRY_SECONDS / 2, when=_waiting
+)
+def retry_waiting(body: kopf.Body, outputs: kopf.Index[str, Any], **_: Any) -> None:
+    """Heal resources waiting for a Secret or for an output prefix to be released."""
+    reconcile(dict(body), outputs)
+
+
+def _running(status: dict[str, Any], **_: Any) -> bool:
+    # Pending needs no polling: the Job changes (and we get its event) when it starts.
+    return status.get("phase") == "Running" and bool(status.get("jobName"))
+
+
+@kopf.timer(
+    GROUP, VERSION, PLURAL, interval=POLL_SECONDS, initial_delay=POLL_SECONDS / 2, when=_running
+)
+def poll_progress(body: kopf.Body, **_: Any) -> None:
+    """Progress lives in the pod log, which does not change the Job: poll it."""
+    b = dict(body)
+    try:
+        spec = parse_spec(dict(b.get("spec") or {}))
+        job = api.get_job(b["metadata"]["namespace"], str((b.get("status") or {}).get("jobName")))
+        if job is not None:
+            _sync(b, spec, job)
+    except (SpecError, ApiException) as exc:
+        log.debug("progress poll of %s failed: %s", b["metadata"]["name"], exc)
+
+
+# ----------------------------------------------------------------------------- job sync
+
+
+def _sync(body: dict[str, Any], spec: CheckpointSpec, job: dict[str, Any]) -> None:
+    meta = body["metadata"]
+    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    old = dict(body.get("status") or {})
+    jname = job["metadata"]["name"]
+    outcome = st.job_outcome(job)
+    # A Job that has not started has no pod worth reading (saves a request per resource).
+    pod = api.newest_pod(ns, jname) if outcome.phase != st.PENDING else None
+    result = api.termination_result(pod)
+    progress = None
+    if pod is not None and outcome.phase == st.RUNNING:
+        progress = api.pod_progress(ns, pod["metadata"]["name"])
+    serving = None
+    if outcome.phase == st.SUCCEEDED and result is not None and result.artifact:
+        cm = build_serving_configmap(
+            name, ns, uid, result.artifact, spec, CONFIG.default_s3_endpoint
+        )
+        api.apply_configmap(cm)
+        info = serving_info(name, spec, str(result.artifact["uri"]), output_endpoint(spec, CONFIG))
+        serving = info.status(serving_configmap_name(name))
+    new = st.derive_status(
+        old,
+        generation=meta.get("generation"),
+        job_name=jname,
+        job=job,
+        result=result,
+        progress=progress,
+        now=now(),
+        serving=serving,
+    )
+    _write_status(body, old, new)
+
+
+@kopf.on.event(
+    "batch", "v1", "jobs", labels={LABEL_COMPONENT: "converter", LABEL_CHECKPOINT: kopf.PRESENT}
+)
+def on_job_event(event: dict[str, Any], **_: Any) -> None:
+    if event.get("type") == "DELETED":
+        return
+    job = dict(event.get("object") or {})
+    meta = job.get("metadata") or {}
+    ns = meta.get("namespace")
+    owner = (meta.get("labels") or {}).get(LABEL_CHECKPOINT)
+    if not ns or not owner:
+        return
+    try:
+        body = api.get_checkpoint(ns, owner)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        if (meta.get("annotations") or {}).get(ANNOTATION_OWNER_UID) != body["metadata"]["uid"]:
+            return  # a Job of an earlier resource with the same name
+        spec = parse_spec(dict(body.get("spec") or {}))
+        if job_name(owner, spec.conversion_hash()) != meta.get("name"):
+            return
+        _sync(body, spec, job)
+    except SpecError:
+        return
+    except ApiException as exc:
+        metrics.RECONCILE_ERRORS.inc()
+        log.warning("could not update %s/%s from its Job: %s %s", ns, owner, exc.status, exc.reason)
+
+
+# ----------------------------------------------------------------------------- deletion
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def on_delete(body: kopf.Body, **_: Any) -> None:
+    b = dict(body)
+    meta = b["metadata"]
+    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
+    metrics.forget(uid)
+    try:
+        spec = parse_spec(dict(b.get("spec") or {}))
+    except SpecError:
+        return  # nothing was ever created for an invalid spec
+    if spec.deletion_policy == "Retain":
+        return  # the Job and ConfigMap are garbage-collected through ownerReferences
+    status = dict(b.get("status") or {})
+    if _ready_reason(status) in ("OutputConflict", "InvalidSpec"):
+        return  # this resource never wrote to the output: never delete another's data
+    try:
+        # 1. stop the conversion (foreground: wait until its pods are gone)
+        conv = job_name(name, spec.conversion_hash())
+        job = api.get_job(ns, conv)
+        if job is not None:
+            if not (job["metadata"].get("deletionTimestamp")):
+                api.delete_job(ns, conv, "Foreground")
+                kopf.event(
+                    b,
+                    type="Normal",
+                    reason="Deleting",
+                    message=f"stopping conversion Job {conv} before deleting {spec.output.uri}",
+                )
+            api.patch_checkpoint_status(ns, name, {"phase": "Deleting"})
+            raise kopf.TemporaryError(f"waiting for Job {conv} to stop", delay=2)
+        # 2. purge the output prefix with a Job (same image and credentials as the worker)
+        purge = build_purge_job(name, ns, uid, spec, CONFIG)
+        pjob, created = api.create_or_get_job(purge)
+        if created:
+            kopf.event(
+                b,
+                type="Normal",
+                reason="Purging",
+                message=f"deleting {spec.output.uri} (deletionPolicy: Delete)",
+            )
+            api.patch_checkpoint_status(ns, name, {"phase": "Deleting"})
+        outcome = st.job_outcome(pjob)
+        if outcome.phase == st.SUCCEEDED:
+            kopf.event(b, type="Normal", reason="Purged", message=f"deleted {spec.output.uri}")
+            return
+        if outcome.phase == st.FAILED:
+            kopf.event(
+                b,
+                type="Warning",
+                reason="PurgeFailed",
+                message=f"deleting {spec.output.uri} failed ({outcome.reason}); retrying. To keep the data and "
+                'remove the resource anyway: kubectl patch sckpt NAME --type=merge -p \'{"spec":{"deletionPolicy":"Retain"}}\'',
+            )
+            api.delete_job(ns, pjob["metadata"]["name"], "Background")
+            raise kopf.TemporaryError("purge failed; retrying", delay=30)
+        raise kopf.TemporaryError(f"waiting for purge Job {pjob['metadata']['name']}", delay=3)
+    except ApiException as exc:
+        raise kopf.TemporaryError(
+            f"Kubernetes API error {exc.status} {exc.reason}", delay=10
+        ) from None

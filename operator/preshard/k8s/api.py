@@ -1,0 +1,204 @@
+"""Kubernetes I/O for the operator (kubernetes Python client, called from kopf's sync
+handlers in its thread pool). Thin wrappers: create-or-get, minimal patches, reads of
+what the worker recorded (termination message, progress lines in the pod log)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from preshard import GROUP, PLURAL, VERSION
+from preshard.core.progress import ProgressRecord, Result, last_progress
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_client: kubernetes.client.ApiClient | None = None
+LOG_TAIL_LINES = 50
+
+
+def configure(in_cluster: bool | None = None) -> None:
+    """Load in-cluster config, else KUBECONFIG / ~/.kube/config."""
+    global _client
+    with _lock:
+        if in_cluster is not False:
+            try:
+                kubernetes.config.load_incluster_config()
+                _client = kubernetes.client.ApiClient()
+                return
+            except kubernetes.config.ConfigException:
+                if in_cluster:
+                    raise
+        kubernetes.config.load_kube_config()
+        _client = kubernetes.client.ApiClient()
+
+
+def client() -> kubernetes.client.ApiClient:
+    if _client is None:
+        configure()
+    assert _client is not None
+    return _client
+
+
+def core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(client())
+
+
+def batch() -> kubernetes.client.BatchV1Api:
+    return kubernetes.client.BatchV1Api(client())
+
+
+def custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(client())
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    return dict(client().sanitize_for_serialization(obj))
+
+
+def is_status(exc: BaseException, code: int) -> bool:
+    return isinstance(exc, ApiException) and exc.status == code
+
+
+# ------------------------------------------------------------------------------- secrets
+
+
+def secret_exists(namespace: str, name: str) -> bool:
+    """Whether the Secret exists. Its data is never logged, returned or kept."""
+    try:
+        core().read_namespaced_secret(name, namespace)  # result dropped at once
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+# ---------------------------------------------------------------------------------- jobs
+
+
+def create_or_get_job(manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Create the Job, or return the existing one of that name. (job, created)."""
+    ns = manifest["metadata"]["namespace"]
+    try:
+        return to_dict(batch().create_namespaced_job(ns, manifest)), True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    return to_dict(batch().read_namespaced_job(manifest["metadata"]["name"], ns)), False
+
+
+def get_job(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return to_dict(batch().read_namespaced_job(name, namespace))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> bool:
+    """Delete a Job and its pods; False if it was already gone."""
+    try:
+        batch().delete_namespaced_job(name, namespace, propagation_policy=propagation)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+# ---------------------------------------------------------------------------------- pods
+
+
+def newest_pod(namespace: str, job_name: str) -> dict[str, Any] | None:
+    pods = core().list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+    if not pods:
+        return None
+    pods_d = [to_dict(p) for p in pods]
+    pods_d.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+    return pods_d[-1]
+
+
+def termination_result(pod: dict[str, Any] | None) -> Result | None:
+    """The worker's Result from the pod's termination message (current or last state)."""
+    if pod is None:
+        return None
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        for state_key in ("state", "lastState"):
+            term = ((cs.get(state_key) or {}).get("terminated")) or None
+            if term and term.get("message"):
+                res = Result.from_message(term["message"])
+                if res is not None:
+                    return res
+    return None
+
+
+def pod_progress(namespace: str, pod_name: str) -> ProgressRecord | None:
+    try:
+        text = core().read_namespaced_pod_log(pod_name, namespace, tail_lines=LOG_TAIL_LINES)
+    except ApiException as exc:
+        if exc.status in (400, 404):  # container not started yet / pod gone
+            return None
+        raise
+    return last_progress(text if isinstance(text, str) else str(text))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def get_checkpoint(namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return to_dict(
+            custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+def patch_checkpoint_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    if not patch:
+        return
+    try:
+        custom().patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": patch}
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return  # deleted meanwhile
+        raise
+
+
+# ---------------------------------------------------------------------------- configmaps
+
+
+def apply_configmap(manifest: dict[str, Any]) -> None:
+    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+    try:
+        current = to_dict(core().read_namespaced_config_map(name, ns))
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        try:
+            core().create_namespaced_config_map(ns, manifest)
+            return
+        except ApiException as exc2:
+            if exc2.status != 409:
+                raise
+            current = to_dict(core().read_namespaced_config_map(name, ns))
+    if (
+        current.get("data") != manifest["data"]
+        or (current["metadata"].get("labels") or {}) != manifest["metadata"]["labels"]
+    ):
+        core().patch_namespaced_config_map(
+            name,
+            ns,
+            {"metadata": {"labels": manifest["metadata"]["labels"]}, "data": manifest["data"]},
+        )

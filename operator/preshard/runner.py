@@ -1,0 +1,82 @@
+"""``preshard operator``: run the kopf operator with production settings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from typing import Any
+
+from preshard.core.config import OperatorConfig
+from preshard.core.errors import PreshardError
+
+log = logging.getLogger(__name__)
+
+
+def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> OperatorConfig:
+    try:
+        config = OperatorConfig.from_env(dict(os.environ if env is None else env))
+    except ValueError as exc:
+        raise PreshardError(
+            f"invalid operator configuration: {exc}", reason="InvalidConfig", permanent=True
+        ) from None
+    namespaces = tuple(args.namespace or ()) if not args.all_namespaces else ()
+    return config.with_overrides(
+        namespaces=namespaces or None,
+        metrics_port=args.metrics_port,
+        liveness_endpoint=args.liveness,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    import kopf
+
+    from preshard import metrics
+    from preshard.handlers import checkpoint
+    from preshard.k8s import api
+
+    checkpoint.configure(config)
+    api.configure()
+
+    @kopf.on.startup()
+    def settings(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Progress and diff-base in annotations under our own prefix (no status clutter).
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+            prefix="preshard.io"
+        )
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix="preshard.io", key="last-handled-configuration"
+        )
+        settings.persistence.finalizer = "preshard.io/finalizer"
+        # Our Events are explicit (kopf.event); kopf's own "Handler succeeded" events would
+        # double the API calls, so only its warnings and errors become Events.
+        settings.posting.enabled = True
+        settings.posting.level = logging.WARNING
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = 30
+        settings.networking.request_timeout = 60
+        settings.execution.max_workers = 32
+        settings.batching.worker_limit = 256
+        settings.batching.idle_timeout = 60
+        settings.batching.batch_window = 0.05
+
+    metrics.serve(config.metrics_port)
+    scope = "all namespaces" if config.cluster_wide else ", ".join(config.namespaces)
+    log.info(
+        "preshard operator: watching %s; converter image %s; GPU resource %s",
+        scope,
+        config.converter_image,
+        config.gpu_resource_name,
+    )
+    asyncio.run(
+        kopf.operator(
+            clusterwide=config.cluster_wide,
+            namespaces=list(config.namespaces),
+            standalone=True,
+            liveness_endpoint=config.liveness_endpoint or None,
+        )
+    )
+    return 0
