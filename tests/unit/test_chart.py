@@ -152,19 +152,16 @@ def _triples(rules: Iterable[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
-def _required_rbac() -> set[tuple[str, str, str]]:
+def _required_rbac(namespaced: bool | None = None) -> set[tuple[str, str, str]]:
+    """REQUIRED_RBAC (every API call the operator makes) as (group, resource, verb);
+    ``namespaced`` selects the rules on namespaced or cluster-scoped resources."""
     from preshard.k8s.rbac import REQUIRED_RBAC
 
-    rules = [r if isinstance(r, dict) else dict(r._asdict()) for r in REQUIRED_RBAC]
-    normalized = [
-        {
-            "apiGroups": r.get("apiGroups", r.get("api_groups")),
-            "resources": r["resources"],
-            "verbs": r["verbs"],
-        }
-        for r in rules
-    ]
-    return _triples(normalized)
+    return _triples(
+        {"apiGroups": r.api_groups, "resources": r.resources, "verbs": r.verbs}
+        for r in REQUIRED_RBAC
+        if namespaced is None or r.namespaced == namespaced
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,6 +398,27 @@ def test_default_env_is_what_operator_config_reads(default: Rendered) -> None:
     assert cfg.liveness_endpoint == "http://0.0.0.0:8081/healthz"
     assert cfg.progress_poll_seconds == 10
     assert cfg.work_dir_size == "200Gi"
+    assert cfg.default_node_selector == ()
+    assert cfg.default_tolerations == ()
+
+
+def test_chart_sets_exactly_the_variables_operator_config_reads(default: Rendered) -> None:
+    from preshard.core.config import OperatorConfig
+
+    class Recording(dict[str, str]):
+        read: set[str] = set()
+
+        def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+            self.read.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: str) -> str:
+            self.read.add(key)
+            return super().__getitem__(key)
+
+    env = Recording(default.env)
+    OperatorConfig.from_env(env)
+    assert Recording.read == set(default.env)
 
 
 def test_custom_env_is_what_operator_config_reads(custom: Rendered) -> None:
@@ -419,13 +437,8 @@ def test_custom_env_is_what_operator_config_reads(custom: Rendered) -> None:
     assert cfg.liveness_endpoint == "http://0.0.0.0:9091/healthz"
     assert cfg.progress_poll_seconds == 5
     assert cfg.work_dir_size == "500Gi"
-    assert json.loads(custom.env["PRESHARD_CONVERTER_NODE_SELECTOR"]) == {
-        "gpu.example.com/class": "h100"
-    }
-    assert (
-        json.loads(custom.env["PRESHARD_CONVERTER_TOLERATIONS"])
-        == CUSTOM_VALUES["converter"]["tolerations"]
-    )
+    assert cfg.default_node_selector == (("gpu.example.com/class", "h100"),)
+    assert list(cfg.default_tolerations) == CUSTOM_VALUES["converter"]["tolerations"]
 
 
 def test_operator_env_carries_no_secret_material(custom: Rendered) -> None:
@@ -465,15 +478,15 @@ def test_cluster_wide_rbac_equals_required_rbac(default: Rendered) -> None:
 def test_namespaced_rbac_equals_required_rbac(custom: Rendered) -> None:
     cluster_role = custom.one("ClusterRole")
     _assert_no_wildcards(cluster_role["rules"])
-    cluster_resources = {r for _, r, _ in _triples(cluster_role["rules"])}
-    # only cluster-scoped reads stay cluster-wide
-    assert cluster_resources == {"customresourcedefinitions", "namespaces"}
+    # only the rules on cluster-scoped resources stay cluster-wide, and they only read
+    assert _triples(cluster_role["rules"]) == _required_rbac(namespaced=False)
     assert all(v in ("get", "list", "watch") for _, _, v in _triples(cluster_role["rules"]))
     roles = {r["metadata"]["namespace"]: r for r in custom.of_kind("Role")}
     bindings = {b["metadata"]["namespace"]: b for b in custom.of_kind("RoleBinding")}
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for ns, role in roles.items():
         _assert_no_wildcards(role["rules"])
+        assert _triples(role["rules"]) == _required_rbac(namespaced=True)
         assert _triples(role["rules"]) | _triples(cluster_role["rules"]) == _required_rbac()
         assert bindings[ns]["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -527,7 +540,16 @@ def test_converter_service_account_namespaces_override(chart: helm.Chart) -> Non
 
 def test_rbac_values_mirror_required_rbac(chart: helm.Chart) -> None:
     values = chart.values["rbac"]
-    assert _triples(values["namespacedRules"] + values["clusterRules"]) == _required_rbac()
+    assert _triples(values["namespacedRules"]) == _required_rbac(namespaced=True)
+    assert _triples(values["clusterRules"]) == _required_rbac(namespaced=False)
+    # one values rule per REQUIRED_RBAC rule, in the same order (easy to review side by side)
+    from preshard.k8s.rbac import REQUIRED_RBAC
+
+    as_values = [
+        {"apiGroups": list(r.api_groups), "resources": list(r.resources), "verbs": list(r.verbs)}
+        for r in REQUIRED_RBAC
+    ]
+    assert values["namespacedRules"] + values["clusterRules"] == as_values
 
 
 # ---------------------------------------------------------------------------------------
@@ -569,7 +591,7 @@ def test_chart_crd_is_a_copy_of_the_canonical_crd(chart: helm.Chart) -> None:
     assert copy.read_bytes() == canonical.read_bytes(), "chart CRD differs: run 'make crd-sync'"
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == [CRD_NAME]
     crds = chart.crds
-    assert [c["filename"] for c in crds] == [f"crds/{CRD_NAME}"]
+    assert [c["filename"] for c in crds] == [f"preshard/crds/{CRD_NAME}"]
     doc = yaml.safe_load(crds[0]["data"])
     assert doc["kind"] == "CustomResourceDefinition"
     assert doc["metadata"]["name"] == "shardedcheckpoints.preshard.io"

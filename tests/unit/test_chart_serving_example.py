@@ -1,12 +1,17 @@
 """examples/serving-deployment.yaml: valid Kubernetes (strict OpenAPI schemas), wired to the
-serving ConfigMap the operator really builds (preshard.core.jobs.build_serving_configmap),
-and, once Kubernetes has expanded $(VAR) references from that ConfigMap, accepted by
-vLLM's own `vllm serve` argument parser and by `preshard fetch`.
+serving ConfigMap the operator really builds (preshard.core.jobs.build_serving_configmap).
+The vLLM containers' command runs in the real /bin/sh with that ConfigMap's values (a
+stand-in `vllm` executable on PATH records its argv, because no vLLM server can start
+here), and the argv is parsed by vLLM's own `vllm serve` argument parser; the init
+container's args (after Kubernetes' $(VAR) expansion) by `preshard fetch`'s parser.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,9 @@ def _container(dep: dict[str, Any], name: str, init: bool = False) -> dict[str, 
     return c
 
 
-def _serving_configmap(endpoint: str | None) -> dict[str, Any]:
+def _serving_configmap(
+    endpoint: str | None, tp: int = TP, pp: int = 1, **extra: Any
+) -> dict[str, Any]:
     """The ConfigMap the operator publishes for a Ready checkpoint (real builder)."""
     from preshard.core.jobs import build_serving_configmap
     from preshard.core.spec import parse_spec
@@ -52,8 +59,10 @@ def _serving_configmap(endpoint: str | None) -> dict[str, Any]:
     spec = parse_spec(
         {
             "source": {"uri": "s3://models/llama-3-70b/", "credentialsSecret": "s3-credentials"},
-            "tensorParallelSize": TP,
+            "tensorParallelSize": tp,
+            "pipelineParallelSize": pp,
             "output": output,
+            **extra,
         }
     )
     artifact = {
@@ -68,9 +77,9 @@ def _serving_configmap(endpoint: str | None) -> dict[str, Any]:
     return cm
 
 
-def _resolve(container: dict[str, Any], cm: dict[str, Any]) -> list[str]:
-    """Kubernetes' $(VAR) expansion of args from env with configMapKeyRef (secrets and
-    optional keys that are absent resolve to nothing/stay unset)."""
+def _env(container: dict[str, Any], cm: dict[str, Any]) -> dict[str, str]:
+    """The container's environment from values and the ConfigMap (Secrets left out;
+    optional keys that are absent stay unset, as in Kubernetes)."""
     env: dict[str, str] = {}
     for e in container.get("env", []):
         if "value" in e:
@@ -84,6 +93,29 @@ def _resolve(container: dict[str, Any], cm: dict[str, Any]) -> list[str]:
             env[e["name"]] = cm["data"][ref["key"]]
         else:
             assert ref.get("optional") is True, f"ConfigMap has no key {ref['key']}"
+    return env
+
+
+def _vllm_argv(container: dict[str, Any], cm: dict[str, Any], tmp_path: Path) -> list[str]:
+    """Run the container's command + args in the real /bin/sh with its environment; a
+    stand-in `vllm` on PATH prints the argv it was exec'ed with."""
+    assert "$(" not in " ".join(container["args"]), "no Kubernetes $(VAR) expansion expected"
+    fake = tmp_path / "bin" / "vllm"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\0\' "$a"; done\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{fake.parent}{os.pathsep}/usr/bin:/bin", **_env(container, cm)}
+    out = subprocess.run(
+        container["command"] + container["args"], env=env, capture_output=True, check=True
+    )
+    argv = out.stdout.decode().split("\0")[:-1]
+    assert argv[0] == "serve", argv
+    return argv[1:]
+
+
+def _resolve(container: dict[str, Any], cm: dict[str, Any]) -> list[str]:
+    """Kubernetes' $(VAR) expansion of a container's args from its environment."""
+    env = _env(container, cm)
     resolved = []
     for arg in container["args"]:
         for var in VAR.findall(arg):
@@ -164,38 +196,49 @@ def test_every_configmap_reference_names_the_checkpoint_serving_configmap(name: 
                 assert ref["key"] in cm["data"], f"{ref['key']} never set by the operator"
 
 
-def test_stream_variant_args_are_what_the_operator_publishes(vllm_serve_parser: Any) -> None:
-    for endpoint in (None, ENDPOINT):
-        cm = _serving_configmap(endpoint)
-        vllm = _container(_deployment("llama-70b-tp8-stream"), "vllm")
-        args = _resolve(vllm, cm)
-        parsed = vllm_serve_parser.parse_args(args)
-        assert parsed.model_tag == OUTPUT
-        assert parsed.load_format == "runai_streamer_sharded"
-        assert parsed.tensor_parallel_size == TP
-        assert parsed.port == 8000
-        # the same as the ConfigMap's own vLLM argument list
-        published = vllm_serve_parser.parse_args(_published_args(cm))
-        assert _model(parsed) == _model(published) == OUTPUT
-        for field in ("load_format", "tensor_parallel_size", "pipeline_parallel_size"):
-            assert getattr(parsed, field) == getattr(published, field), field
-        assert published.quantization is None
-
-
 def _model(ns: Any) -> str:
     """`vllm serve` takes the model positionally (model_tag) or as --model."""
     model: str = ns.model_tag if ns.model_tag is not None else ns.model
     return model
 
 
-def _published_args(cm: dict[str, Any]) -> list[str]:
-    import json
+@pytest.mark.parametrize("endpoint", [None, ENDPOINT], ids=["aws", "custom-endpoint"])
+def test_stream_variant_runs_vllm_with_the_published_args(
+    endpoint: str | None, vllm_serve_parser: Any, tmp_path: Path
+) -> None:
+    cm = _serving_configmap(endpoint)
+    vllm = _container(_deployment("llama-70b-tp8-stream"), "vllm")
+    argv = _vllm_argv(vllm, cm, tmp_path)
+    assert argv[: len(_published(cm, "VLLM_ARGS"))] == _published(cm, "VLLM_ARGS")
+    parsed = vllm_serve_parser.parse_args(argv)
+    assert _model(parsed) == OUTPUT == cm["data"]["MODEL"]
+    assert parsed.load_format == "runai_streamer_sharded" == cm["data"]["LOAD_FORMAT"]
+    assert parsed.tensor_parallel_size == TP
+    assert parsed.port == 8000
+    assert parsed.served_model_name == ["llama-70b"]
+
+
+@pytest.mark.parametrize("variant", ["llama-70b-tp8-stream", "llama-70b-tp8-local"])
+def test_quantization_dtype_and_pipeline_parallelism_reach_vllm(
+    variant: str, vllm_serve_parser: Any, tmp_path: Path
+) -> None:
+    cm = _serving_configmap(None, tp=4, pp=2, quantization="fp8", dtype="bfloat16")
+    vllm = _container(_deployment(variant), "vllm")
+    parsed = vllm_serve_parser.parse_args(_vllm_argv(vllm, cm, tmp_path))
+    assert parsed.tensor_parallel_size == 4
+    assert parsed.pipeline_parallel_size == 2
+    assert parsed.quantization == "fp8"
+    assert parsed.dtype == "bfloat16"
+
+
+def _published(cm: dict[str, Any], key: str) -> list[str]:
     import shlex
 
-    if "vllm-args.json" in cm["data"]:
-        args: list[str] = json.loads(cm["data"]["vllm-args.json"])
-    else:
-        args = shlex.split(cm["data"]["VLLM_ARGS"])
+    args = shlex.split(cm["data"][key])
+    if key == "VLLM_ARGS":
+        import json
+
+        assert args == json.loads(cm["data"]["vllm-args.json"])
     return args
 
 
@@ -207,27 +250,32 @@ def test_stream_variant_env_for_custom_endpoints() -> None:
     assert "AWS_ENDPOINT_URL" not in plain["data"]
 
 
-def test_local_variant_fetches_then_loads_sharded_state(vllm_serve_parser: Any) -> None:
+def test_local_variant_fetches_then_loads_sharded_state(
+    vllm_serve_parser: Any, tmp_path: Path
+) -> None:
     cm = _serving_configmap(ENDPOINT)
     dep = _deployment("llama-70b-tp8-local")
     fetch = _container(dep, "fetch", init=True)
     assert fetch["image"] == "ghcr.io/preshard/preshard-converter:0.1.0"
     assert "command" not in fetch  # the converter image's ENTRYPOINT is `preshard`
-    args = build_parser().parse_args(_resolve(fetch, cm))
+    fetch_args = _resolve(fetch, cm)
+    args = build_parser().parse_args(fetch_args)
     assert args.command == "fetch"
     assert args.source == OUTPUT
     assert args.dest == cm["data"]["LOCAL_MODEL_PATH"] == f"/models/{CHECKPOINT}"
-    assert args.endpoint_url is None  # from AWS_ENDPOINT_URL in the pod, not the test's env
     env_names = {e["name"] for e in fetch["env"]}
     assert {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env_names
-    # the ConfigMap's own fetch command is the same command
+    assert _env(fetch, cm)["AWS_ENDPOINT_URL"] == ENDPOINT
+    # the same command the ConfigMap publishes as FETCH_COMMAND
     import shlex
 
-    assert shlex.split(cm["data"]["FETCH_COMMAND"])[1:] == _resolve(fetch, cm)[:5]
+    assert ["preshard", *fetch_args[:5]] == shlex.split(cm["data"]["FETCH_COMMAND"])
 
     vllm = _container(dep, "vllm")
-    parsed = vllm_serve_parser.parse_args(_resolve(vllm, cm))
-    assert parsed.model_tag == f"/models/{CHECKPOINT}"
+    argv = _vllm_argv(vllm, cm, tmp_path)
+    assert argv[: len(_published(cm, "LOCAL_VLLM_ARGS"))] == _published(cm, "LOCAL_VLLM_ARGS")
+    parsed = vllm_serve_parser.parse_args(argv)
+    assert _model(parsed) == f"/models/{CHECKPOINT}"
     assert parsed.load_format == "sharded_state" == cm["data"]["LOCAL_LOAD_FORMAT"]
     assert parsed.tensor_parallel_size == TP
     fetch_mounts = {m["name"]: m for m in fetch["volumeMounts"]}
