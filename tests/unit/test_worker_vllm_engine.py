@@ -187,3 +187,50 @@ def test_run_engine_timeout_stops_the_whole_process_tree(tmp_path: Path) -> None
     if _alive(grandchild):  # clean up before failing
         os.kill(grandchild, signal.SIGKILL)
         pytest.fail("the engine's grandchild process survived the timeout")
+
+
+SIGTERM_SCRIPT = """
+import signal, sys
+from preshard.worker import convert
+from preshard.worker.vllm_engine import EngineRequest, run_engine
+from test_worker_vllm_engine import child_hangs_with_grandchild
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, convert._on_sigterm)
+    try:
+        run_engine(EngineRequest(model=sys.argv[1]), target=child_hangs_with_grandchild)
+    except convert.Terminated:
+        print("TERMINATED", flush=True)
+        sys.exit(143)
+"""
+
+
+def test_sigterm_stops_the_engine_tree(tmp_path: Path) -> None:
+    """What `preshard convert` does on SIGTERM (pod deletion, Ctrl-C elsewhere): the
+    engine's whole process group goes, nothing is left running."""
+    pidfile = tmp_path / "grandchild.pid"
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(pidfile)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline, "the substitute engine never started"
+            assert proc.poll() is None, "the runner exited early"
+            time.sleep(0.2)
+        grandchild = int(pidfile.read_text())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "TERMINATED" in out
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(grandchild):
+        os.kill(grandchild, signal.SIGKILL)
+        pytest.fail("the engine's grandchild process survived SIGTERM")

@@ -35,11 +35,19 @@ def test_register_without_env_does_not_even_import_vllm() -> None:
 def linear_method_restored():
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-    original = UnquantizedLinearMethod.process_weights_after_loading
+    mark = "_preshard_keeps_cpu_weights"
+    current = UnquantizedLinearMethod.process_weights_after_loading
+    was_marked = UnquantizedLinearMethod.__dict__.get(mark)
+    # Start from vLLM's own method even if this process already loaded the plugin.
+    UnquantizedLinearMethod.process_weights_after_loading = getattr(current, "__wrapped__", current)
+    if was_marked is not None:
+        delattr(UnquantizedLinearMethod, mark)
     yield UnquantizedLinearMethod
-    UnquantizedLinearMethod.process_weights_after_loading = original
-    if hasattr(UnquantizedLinearMethod, "_preshard_keeps_cpu_weights"):
-        delattr(UnquantizedLinearMethod, "_preshard_keeps_cpu_weights")
+    UnquantizedLinearMethod.process_weights_after_loading = current
+    if was_marked is not None:
+        setattr(UnquantizedLinearMethod, mark, was_marked)
+    elif mark in UnquantizedLinearMethod.__dict__:
+        delattr(UnquantizedLinearMethod, mark)
 
 
 def _layer(n: int = 64, k: int = 128):
@@ -67,7 +75,7 @@ def test_register_patches_only_with_env_and_keeps_weights(
     from preshard.worker import vllm_plugin
 
     method_cls = linear_method_restored
-    original = method_cls.process_weights_after_loading
+    original = method_cls.process_weights_after_loading  # vLLM's own (see the fixture)
     monkeypatch.setenv("PRESHARD_KEEP_CPU_WEIGHTS", "0")
     vllm_plugin.register()
     assert method_cls.process_weights_after_loading is original
