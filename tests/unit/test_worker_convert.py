@@ -118,6 +118,8 @@ def test_from_args_uris(tmp_path: Path) -> None:
         convert_args(str(tmp_path), "s3://bucket-a/x/", str(tmp_path / "work"))
     with pytest.raises(SpecError, match=r"output .* and the source must not contain each other"):
         convert_args(str(tmp_path / "m"), str(tmp_path / "m" / "out"))
+    with pytest.raises(SpecError, match=r"output .* and --work-dir .* must not contain each other"):
+        convert_args("hf://org/model", str(tmp_path / "w" / "out"))
     req = convert_args("hf://org/model@v1", str(tmp_path / "out"))
     assert req.source.revision == "v1" and req.output.scheme == "file"
 

@@ -127,6 +127,11 @@ class ConvertRequest:
                 )
         if output.scheme == "file":
             out = Path(output.path).resolve()
+            if _inside(out, work_dir) or _inside(work_dir, out):
+                raise SpecError(
+                    f"output {out} and --work-dir {work_dir} must not contain each other "
+                    "(the work dir is cleaned on every run)"
+                )
             if source.scheme == "file" and (
                 _inside(out, Path(source.path).resolve())
                 or _inside(Path(source.path).resolve(), out)
