@@ -70,7 +70,12 @@ CUSTOM_VALUES: dict[str, Any] = {
     "probes": {"port": 9091, "readiness": {"enabled": True}},
     "metrics": {
         "port": 9090,
-        "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "kps"}},
+        "serviceMonitor": {
+            "enabled": True,
+            "interval": "15s",
+            "scrapeTimeout": "10s",
+            "labels": {"release": "kps"},
+        },
     },
 }
 
@@ -565,7 +570,7 @@ def test_service_monitor(default: Rendered, custom: Rendered) -> None:
     service = custom.one("Service")
     assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"] == [
-        {"port": "metrics", "path": "/metrics", "scheme": "http", "interval": "15s"}
+        {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
     ]
     assert set(sm["spec"]) == {"namespaceSelector", "selector", "endpoints"}
 
