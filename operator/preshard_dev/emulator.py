@@ -577,6 +577,7 @@ class Store:
         self.validators: dict[tuple[str, str], CRDValidator] = {}
         self.logs: dict[tuple[str, str], list[str]] = {}
         self.stats: Counter[str] = Counter()
+        self.agent_stats: dict[str, Counter[str]] = {}
         self.faults: list[Fault] = []
         for rt in BUILTIN:
             self.add_type(rt)
@@ -843,6 +844,9 @@ class Emulator:
         if parts == ["stats"]:
             if request.method == "DELETE":
                 self.store.stats.clear()
+                self.store.agent_stats.clear()
+            if request.query.get("by") == "agent":
+                return web.json_response({a: dict(c) for a, c in self.store.agent_stats.items()})
             return web.json_response(dict(self.store.stats))
         if parts == ["faults"] and request.method == "POST":
             body = await request.json()
@@ -896,8 +900,11 @@ class Emulator:
             "PATCH": "patch",
             "DELETE": "delete",
         }.get(method, method.lower())
-        self.store.stats[f"{verb} {plural}{'/' + sub if sub else ''}"] += 1
+        stat = f"{verb} {plural}{'/' + sub if sub else ''}"
+        self.store.stats[stat] += 1
         self.store.stats["total"] += 1
+        agent = request.headers.get("User-Agent", "").split("/")[0] or "unknown"
+        self.store.agent_stats.setdefault(agent, Counter())[stat] += 1
         self.store.check_fault(verb, plural)
         if sub == "log":
             return self.pod_log(namespace or "default", name or "", q)

@@ -151,8 +151,9 @@ def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:
     user = spec.converter.resources or {}
     requests = dict(user.get("requests") or {})
     limits = dict(user.get("limits") or {})
-    requests[gpu] = spec.world_size
-    limits[gpu] = spec.world_size
+    # Quantities are strings in the API (the kubernetes client returns them as such).
+    requests[gpu] = str(spec.world_size)
+    limits[gpu] = str(spec.world_size)
     return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
 
 

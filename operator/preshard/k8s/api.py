@@ -4,6 +4,7 @@ what the worker recorded (termination message, progress lines in the pod log).""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any
@@ -117,10 +118,16 @@ def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> bo
 
 
 def newest_pod(namespace: str, job_name: str) -> dict[str, Any] | None:
-    pods = core().list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
-    if not pods:
+    # Raw JSON: only the fields we read, no client-side model validation.
+    resp = core().list_namespaced_pod(
+        namespace, label_selector=f"job-name={job_name}", _preload_content=False
+    )
+    try:
+        pods_d = [dict(p) for p in json.loads(resp.data).get("items") or []]
+    finally:
+        resp.release_conn()
+    if not pods_d:
         return None
-    pods_d = [to_dict(p) for p in pods]
     pods_d.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
     return pods_d[-1]
 
@@ -141,12 +148,19 @@ def termination_result(pod: dict[str, Any] | None) -> Result | None:
 
 def pod_progress(namespace: str, pod_name: str) -> ProgressRecord | None:
     try:
-        text = core().read_namespaced_pod_log(pod_name, namespace, tail_lines=LOG_TAIL_LINES)
+        # Raw bytes: the client's str deserialization of text/plain is not reliable.
+        resp = core().read_namespaced_pod_log(
+            pod_name, namespace, tail_lines=LOG_TAIL_LINES, _preload_content=False
+        )
+        try:
+            text = resp.data.decode("utf-8", errors="replace")
+        finally:
+            resp.release_conn()
     except ApiException as exc:
         if exc.status in (400, 404):  # container not started yet / pod gone
             return None
         raise
-    return last_progress(text if isinstance(text, str) else str(text))
+    return last_progress(text)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,346 @@
+"""The real kopf operator (`preshard operator` subprocess) over HTTP against the Kubernetes
+API emulator. Kubernetes' Job controller and kubelet do not run here: the tests play
+them by writing Job status, Pods with termination messages and pod log lines, exactly
+the records the operator reads on a real cluster."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from typing import Any
+
+import pytest
+
+from preshard.core.progress import ProgressRecord, Result
+from preshard.k8s.rbac import REQUIRED_RBAC
+
+from .conftest import K8s, Operator, wait_for
+
+SECRET_VALUE = "s3cr3t-value-never-shown"
+ARTIFACT = {
+    "uri": "s3://out/llama/tp2/",
+    "manifestUri": "s3://out/llama/tp2/preshard-manifest.json",
+    "files": 4,
+    "totalBytes": 123456,
+    "manifestSha256": "ab" * 32,
+    "vllmVersion": "0.32.0",
+}
+
+
+def spec(output: str | None = None, tp: int = 2, pp: int = 1, **extra: Any) -> dict[str, Any]:
+    # a distinct output per resource unless a test wants a conflict
+    output = output or f"s3://out/{uuid.uuid4().hex[:8]}/tp{tp}/"
+    s: dict[str, Any] = {
+        "source": {"uri": "s3://models/llama/"},
+        "tensorParallelSize": tp,
+        "pipelineParallelSize": pp,
+        "output": {"uri": output, "credentialsSecret": "s3", "endpoint": "http://minio.local:9000"},
+    }
+    s.update(extra)
+    return s
+
+
+@pytest.fixture
+def ns(k8s_api: K8s) -> str:
+    name = k8s_api.namespace()
+    k8s_api.secret(
+        name, "s3", {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE}
+    )
+    return name
+
+
+def converter_jobs(k8s: K8s, ns: str) -> list[dict[str, Any]]:
+    return k8s.jobs(ns, "app.kubernetes.io/component=converter")
+
+
+def finish_job(k8s: K8s, ns: str, job: dict[str, Any], result: Result, suffix: str = "a") -> None:
+    """Play the Job controller: a pod that terminated with ``result``, then Job conditions."""
+    pod = k8s.create_pod(ns, job, suffix)
+    ok = result.result == "Succeeded"
+    k8s.set_pod_terminated(ns, pod, 0 if ok else 3, result.to_message())
+    conds = (
+        [
+            {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
+            {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
+        ]
+        if ok
+        else [
+            {
+                "type": "FailureTarget",
+                "status": "True",
+                "reason": "PodFailurePolicy",
+                "message": "Container convert exited with 3",
+            },
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "PodFailurePolicy",
+                "message": "Container convert exited with 3",
+            },
+        ]
+    )
+    k8s.set_job_status(
+        ns,
+        job["metadata"]["name"],
+        {
+            "startTime": "2026-01-01T00:00:00Z",
+            "completionTime": "2026-01-01T00:05:00Z",
+            "succeeded" if ok else "failed": 1,
+            "conditions": conds,
+        },
+    )
+
+
+def test_create_makes_one_job_with_gpus_args_and_secret_refs(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(
+        ns, "llama", spec(output="s3://out/llama/tp4/", tp=4, pp=2, quantization="fp8")
+    )
+    (job,) = k8s_api.wait_jobs(ns)
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "8"
+    assert c["image"] == "registry.example/preshard-converter:test"
+    assert c["command"] == ["preshard"]
+    args = c["args"]
+    assert args[0] == "convert"
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    assert args[args.index("--pipeline-parallel-size") + 1] == "2"
+    assert args[args.index("--quantization") + 1] == "fp8"
+    assert args[args.index("--output") + 1] == "s3://out/llama/tp4/"
+    uid = k8s_api.checkpoint(ns, "llama")["metadata"]["uid"]  # type: ignore[index]
+    assert args[args.index("--owner") + 1] == f"{ns}/llama/{uid}"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.local:9000"
+    assert SECRET_VALUE not in json.dumps(job)
+    assert pod["automountServiceAccountToken"] is False
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert job["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [3]
+    cond = k8s_api.wait_condition(ns, "llama", "False", "JobPending")
+    assert cond["observedGeneration"] == 1
+    obj = k8s_api.checkpoint(ns, "llama")
+    assert obj["status"]["jobName"] == job["metadata"]["name"]  # type: ignore[index]
+    assert obj["status"]["phase"] == "Pending"  # type: ignore[index]
+    reasons = wait_for(
+        lambda: (
+            {e["reason"] for e in k8s_api.events(ns)} >= {"JobCreated"}
+            and {e["reason"] for e in k8s_api.events(ns)}
+        ),
+        what="JobCreated event",
+    )
+    assert "JobCreated" in reasons
+    assert SECRET_VALUE not in json.dumps(k8s_api.events(ns))
+
+
+def test_progress_then_complete_gives_ready_artifact_serving_and_configmap(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(ns, "tiny", spec(output="s3://out/llama/tp2/"))
+    (job,) = k8s_api.wait_jobs(ns)
+    pod = k8s_api.create_pod(ns, job, "p1")
+    k8s_api.set_job_status(
+        ns, job["metadata"]["name"], {"startTime": "2026-01-01T00:00:00Z", "active": 1}
+    )
+    k8s_api.append_log(
+        ns, pod, "loading model...\n" + ProgressRecord("Uploading", 300, 1000, 1.0).to_line() + "\n"
+    )
+    k8s_api.wait_condition(ns, "tiny", "False", "Converting")
+
+    def progress() -> dict[str, Any] | None:
+        p = ((k8s_api.checkpoint(ns, "tiny") or {}).get("status") or {}).get("progress")
+        return p if p and p.get("bytesDone") == 300 else None
+
+    assert wait_for(progress, 20, what="progress from the pod log") == {
+        "stage": "Uploading",
+        "bytesDone": 300,
+        "bytesTotal": 1000,
+    }
+    assert k8s_api.checkpoint(ns, "tiny")["status"]["phase"] == "Running"  # type: ignore[index]
+
+    finish_job(k8s_api, ns, job, Result("Succeeded", artifact=ARTIFACT), "p2")
+    cond = k8s_api.wait_condition(ns, "tiny", "True", "Published")
+    assert "s3://out/llama/tp2/" in cond["message"]
+    status = k8s_api.checkpoint(ns, "tiny")["status"]  # type: ignore[index]
+    assert status["phase"] == "Succeeded"
+    assert status["artifact"] == ARTIFACT
+    assert status["completionTime"] == "2026-01-01T00:05:00Z"
+    assert status["serving"]["loadFormat"] == "runai_streamer_sharded"
+    assert status["serving"]["configMapName"] == "tiny-serving"
+    args = status["serving"]["args"]
+    assert args[:4] == ["--model", "s3://out/llama/tp2/", "--load-format", "runai_streamer_sharded"]
+    assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.local:9000"} in status["serving"][
+        "env"
+    ]
+    cm = k8s_api.core.read_namespaced_config_map("tiny-serving", ns)
+    assert cm.data["MODEL"] == "s3://out/llama/tp2/"
+    assert cm.data["TENSOR_PARALLEL_SIZE"] == "2"
+    assert cm.data["FETCH_COMMAND"] == "preshard fetch --from s3://out/llama/tp2/ --to /models/tiny"
+    assert cm.metadata.owner_references[0].name == "tiny"
+    assert SECRET_VALUE not in json.dumps(cm.data)
+    types = {c["type"]: c for c in status["conditions"]}
+    assert types["Published"]["status"] == "True"
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+
+
+def test_failed_job_reports_the_workers_reason(k8s_api: K8s, operator: Operator, ns: str) -> None:
+    k8s_api.create_checkpoint(ns, "missing", spec())
+    (job,) = k8s_api.wait_jobs(ns)
+    msg = "source s3://models/llama/ does not exist or is empty (no objects under the prefix)"
+    finish_job(k8s_api, ns, job, Result("Failed", reason="SourceNotFound", message=msg))
+    cond = k8s_api.wait_condition(ns, "missing", "False", "SourceNotFound")
+    assert "s3://models/llama/" in cond["message"]
+    assert k8s_api.checkpoint(ns, "missing")["status"]["phase"] == "Failed"  # type: ignore[index]
+    wait_for(
+        lambda: any(
+            e["reason"] == "SourceNotFound" and e["type"] == "Warning" for e in k8s_api.events(ns)
+        ),
+        what="Warning event",
+    )
+    assert len(converter_jobs(k8s_api, ns)) == 1
+
+
+def test_missing_secret_is_reported_and_heals_without_affecting_others(
+    k8s_api: K8s, operator: Operator
+) -> None:
+    ns = k8s_api.namespace()
+    k8s_api.create_checkpoint(ns, "nosecret", spec(output="s3://out/a/"))
+    cond = k8s_api.wait_condition(ns, "nosecret", "False", "CredentialsSecretNotFound")
+    assert "'s3'" in cond["message"] and ns in cond["message"]
+    # another resource with its secret present proceeds normally meanwhile
+    other = k8s_api.namespace()
+    k8s_api.secret(other, "s3", {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    k8s_api.create_checkpoint(other, "fine", spec(output="s3://out/b/"))
+    k8s_api.wait_jobs(other)
+    assert converter_jobs(k8s_api, ns) == []
+    # creating the Secret heals the first one (periodic re-check)
+    k8s_api.secret(ns, "s3", {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    k8s_api.wait_jobs(ns, timeout=30)
+    k8s_api.wait_condition(ns, "nosecret", "False", "JobPending")
+
+
+def test_invalid_spec_that_the_schema_cannot_catch_gives_a_condition(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    # maxFileSize below 1Mi passes the schema's pattern but not the operator's check
+    k8s_api.create_checkpoint(
+        ns,
+        "tiny-files",
+        spec(output="s3://out/c/") | {"output": {"uri": "s3://out/c/", "maxFileSize": "2k"}},
+    )
+    cond = k8s_api.wait_condition(ns, "tiny-files", "False", "InvalidSpec")
+    assert "maxFileSize" in cond["message"]
+    assert converter_jobs(k8s_api, ns) == []
+    assert k8s_api.checkpoint(ns, "tiny-files")["status"]["phase"] == "Failed"  # type: ignore[index]
+
+
+def test_same_output_prefix_conflicts_until_the_owner_is_deleted(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(ns, "first", spec(output="s3://shared/model/"))
+    k8s_api.wait_jobs(ns)
+    k8s_api.create_checkpoint(
+        ns, "second", spec(output="s3://shared/model/tp2/")
+    )  # overlapping prefix
+    cond = k8s_api.wait_condition(ns, "second", "False", "OutputConflict")
+    assert f"{ns}/first" in cond["message"]
+    jobs = converter_jobs(k8s_api, ns)
+    assert [j["metadata"]["labels"]["preshard.io/checkpoint"] for j in jobs] == ["first"]
+    k8s_api.delete_checkpoint(ns, "first")
+    wait_for(lambda: k8s_api.checkpoint(ns, "first") is None, what="first deleted")
+    wait_for(
+        lambda: any(
+            j["metadata"]["labels"]["preshard.io/checkpoint"] == "second"
+            for j in converter_jobs(k8s_api, ns)
+        ),
+        30,
+        what="second's Job",
+    )
+
+
+def test_operator_restart_adopts_the_job_and_continues(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(ns, "restart", spec(output="s3://out/restart/"))
+    (job,) = k8s_api.wait_jobs(ns)
+    operator.stop(kill=True)
+    k8s_api.set_job_status(
+        ns, job["metadata"]["name"], {"startTime": "2026-01-01T00:00:00Z", "active": 1}
+    )
+    operator.start()
+    k8s_api.wait_condition(ns, "restart", "False", "Converting")
+    finish_job(
+        k8s_api, ns, job, Result("Succeeded", artifact=ARTIFACT | {"uri": "s3://out/restart/"})
+    )
+    k8s_api.wait_condition(ns, "restart", "True", "Published")
+    assert len(converter_jobs(k8s_api, ns)) == 1
+
+
+def test_delete_with_retain_keeps_output_and_releases(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(ns, "keep", spec(output="s3://out/keep/", deletionPolicy="Retain"))
+    k8s_api.wait_jobs(ns)
+    k8s_api.delete_checkpoint(ns, "keep")
+    wait_for(lambda: k8s_api.checkpoint(ns, "keep") is None, what="resource gone")
+    wait_for(
+        lambda: converter_jobs(k8s_api, ns) == [],
+        what="Job garbage-collected through its ownerReference",
+    )
+    assert k8s_api.jobs(ns, "app.kubernetes.io/component=purge") == []
+
+
+def test_delete_with_delete_stops_the_job_and_runs_the_purge_job(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(ns, "drop", spec(output="s3://out/drop/", deletionPolicy="Delete"))
+    k8s_api.wait_jobs(ns)
+    k8s_api.delete_checkpoint(ns, "drop")
+    (purge,) = k8s_api.wait_jobs(ns, label_selector="app.kubernetes.io/component=purge")
+    assert converter_jobs(k8s_api, ns) == []  # stopped before purging
+    c = purge["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:3] == ["purge", "--output", "s3://out/drop/"]
+    assert "nvidia.com/gpu" not in json.dumps(c["resources"])
+    assert k8s_api.checkpoint(ns, "drop") is not None  # the finalizer waits for the purge
+    k8s_api.set_job_status(
+        ns, purge["metadata"]["name"], {"conditions": [{"type": "Complete", "status": "True"}]}
+    )
+    wait_for(
+        lambda: k8s_api.checkpoint(ns, "drop") is None, 30, what="resource released after the purge"
+    )
+
+
+def test_metrics_and_rbac(k8s_api: K8s, operator: Operator) -> None:
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    assert "preshard_active_jobs" in text
+    assert "preshard_conversion_duration_seconds_bucket" in text
+    succeeded = [
+        line
+        for line in text.splitlines()
+        if line.startswith('preshard_conversions_total{result="Succeeded"}')
+    ]
+    assert succeeded and float(succeeded[0].split()[-1]) >= 1
+    # every request the operator made (kopf and the kubernetes client; the tests use their
+    # own user agent) is allowed by REQUIRED_RBAC, which the chart's RBAC equals
+    allowed = {(res, verb) for r in REQUIRED_RBAC for res in r.resources for verb in r.verbs}
+    made = set()
+    for agent, counts in k8s_api.stats(by_agent=True).items():
+        if agent in ("preshard-tests", "urllib3", "unknown"):
+            continue
+        for key in counts:
+            verb, resource = key.split(" ", 1)
+            made.add((resource, verb))
+    assert ("jobs", "create") in made and ("shardedcheckpoints/status", "patch") in made
+    assert made <= allowed, f"calls not allowed by REQUIRED_RBAC: {made - allowed}"
+    assert SECRET_VALUE not in operator.logs()
