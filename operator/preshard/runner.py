@@ -38,7 +38,15 @@ def run(args: argparse.Namespace) -> int:
     from preshard.k8s import api
 
     checkpoint.configure(config)
-    api.configure()
+    try:
+        api.configure()
+    except Exception as exc:  # kubernetes.config.ConfigException and file errors
+        raise PreshardError(
+            f"no Kubernetes credentials: not running in a cluster and no usable kubeconfig ({exc}); "
+            "set KUBECONFIG or run inside a pod with a ServiceAccount",
+            reason="NoKubeconfig",
+            permanent=True,
+        ) from None
 
     @kopf.on.startup()
     def settings(settings: kopf.OperatorSettings, **_: Any) -> None:
