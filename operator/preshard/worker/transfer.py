@@ -131,7 +131,9 @@ def _run_all(pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], Any]]) -> li
     return [f.result() for f in futures]
 
 
-class Uploader:
+class _Transfer:
+    """Shared settings of an upload or download batch against one bucket."""
+
     def __init__(
         self,
         client: Any,
@@ -148,6 +150,11 @@ class Uploader:
         self.part_size = part_size
         self.reporter = reporter
         self.uri = uri or f"s3://{bucket}/"
+
+
+class Uploader(_Transfer):
+    def __init__(self, client: Any, bucket: str, **kw: Any) -> None:
+        super().__init__(client, bucket, **kw)
         # Test hook: raise after this many parts (simulates a crash mid-upload).
         self.fail_after_parts: int | None = None
         self._parts_done = 0
@@ -286,24 +293,7 @@ class IntegrityError(PreshardError):
     permanent = True
 
 
-class Downloader:
-    def __init__(
-        self,
-        client: Any,
-        bucket: str,
-        *,
-        concurrency: int = 16,
-        part_size: int = DEFAULT_PART_SIZE,
-        reporter: Reporter | None = None,
-        uri: str = "",
-    ) -> None:
-        self.client = client
-        self.bucket = bucket
-        self.concurrency = max(1, concurrency)
-        self.part_size = part_size
-        self.reporter = reporter
-        self.uri = uri or f"s3://{bucket}/"
-
+class Downloader(_Transfer):
     def download(self, items: list[DownloadItem]) -> list[DownloadItem]:
         """Download items not already present and verified; returns the ones transferred."""
         todo = [i for i in items if not self._present(i)]
