@@ -152,6 +152,17 @@ class _Transfer:
         self.uri = uri or f"s3://{bucket}/"
 
 
+@dataclass
+class _Multipart:
+    """A multipart upload in flight: completed by whichever task stores its last part."""
+
+    item: UploadItem
+    upload_id: str
+    etags: list[Any]
+    remaining: int
+    completed: bool = False
+
+
 class Uploader(_Transfer):
     def __init__(self, client: Any, bucket: str, **kw: Any) -> None:
         super().__init__(client, bucket, **kw)
@@ -173,7 +184,12 @@ class Uploader(_Transfer):
                 )
 
     def upload(self, items: list[UploadItem]) -> None:
-        """Upload all items in parallel. Raises the first failure (translated)."""
+        """Upload all items in parallel. Raises the first failure (translated).
+
+        Each multipart upload is completed as soon as its own last part is stored, so a
+        crash or failure mid-batch leaves every finished file complete (and skipped by
+        the next, resumed run); only unfinished uploads are aborted.
+        """
         try:
             with ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="s3-up"
@@ -181,39 +197,42 @@ class Uploader(_Transfer):
                 small = [i for i in items if i.size <= self.part_size]
                 large = [i for i in items if i.size > self.part_size]
                 tasks: list[Callable[[], Any]] = [partial(self._put_small, i) for i in small]
-                uploads: list[tuple[UploadItem, str, int, list[Any]]] = []
+                uploads: list[_Multipart] = []
                 for item in large:
                     ps = part_size_for(item.size, self.part_size)
                     upload_id = with_retries(
                         partial(self._create_multipart, item), f"create multipart {item.key}"
                     )
                     nparts = (item.size + ps - 1) // ps
-                    etags: list[Any] = [None] * nparts
-                    uploads.append((item, upload_id, ps, etags))
+                    mp = _Multipart(item, upload_id, [None] * nparts, nparts)
+                    uploads.append(mp)
                     for n in range(nparts):
-                        tasks.append(partial(self._put_part, item, upload_id, ps, n, etags))
+                        tasks.append(partial(self._put_part, mp, ps, n))
                 try:
                     _run_all(pool, tasks)
                 except BaseException:
-                    for item, upload_id, _, _ in uploads:
-                        self._abort(item.key, upload_id)
+                    for mp in uploads:
+                        if not mp.completed:
+                            self._abort(mp.item.key, mp.upload_id)
                     raise
-                for item, upload_id, _, etags in uploads:
-                    parts = [{"PartNumber": n + 1, "ETag": e} for n, e in enumerate(etags)]
-                    with_retries(
-                        partial(
-                            self.client.complete_multipart_upload,
-                            Bucket=self.bucket,
-                            Key=item.key,
-                            UploadId=upload_id,
-                            MultipartUpload={"Parts": parts},
-                        ),
-                        f"complete {item.key}",
-                    )
         except PreshardError:
             raise
         except Exception as exc:
             raise translate(exc, self.uri, "upload to") from None
+
+    def _complete(self, mp: _Multipart) -> None:
+        parts = [{"PartNumber": n + 1, "ETag": e} for n, e in enumerate(mp.etags)]
+        with_retries(
+            partial(
+                self.client.complete_multipart_upload,
+                Bucket=self.bucket,
+                Key=mp.item.key,
+                UploadId=mp.upload_id,
+                MultipartUpload={"Parts": parts},
+            ),
+            f"complete {mp.item.key}",
+        )
+        mp.completed = True
 
     def _create_multipart(self, item: UploadItem) -> str:
         resp = self.client.create_multipart_upload(
@@ -245,9 +264,8 @@ class Uploader(_Transfer):
         )
         self._advance(item.size)
 
-    def _put_part(
-        self, item: UploadItem, upload_id: str, part_size: int, n: int, etags: list[Any]
-    ) -> None:
+    def _put_part(self, mp: _Multipart, part_size: int, n: int) -> None:
+        item = mp.item
         with open(item.path, "rb") as f:
             f.seek(n * part_size)
             data = f.read(part_size)
@@ -257,15 +275,20 @@ class Uploader(_Transfer):
             lambda: self.client.upload_part(
                 Bucket=self.bucket,
                 Key=item.key,
-                UploadId=upload_id,
+                UploadId=mp.upload_id,
                 PartNumber=n + 1,
                 Body=data,
                 ContentMD5=md5,
             ),
             f"part {n + 1} of {item.key}",
         )
-        etags[n] = resp["ETag"]
+        mp.etags[n] = resp["ETag"]
         self._advance(len(data))
+        with self._lock:
+            mp.remaining -= 1
+            last = mp.remaining == 0
+        if last:
+            self._complete(mp)
 
 
 def remote_sha256(client: Any, bucket: str, key: str) -> tuple[int, str | None] | None:
