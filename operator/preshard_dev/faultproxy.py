@@ -19,11 +19,15 @@ limit) gets a fault instead:
     an S3 error response (``status`` with an XML ``<Error>`` body, e.g. 503 SlowDown or
     500 InternalError) without contacting the upstream; the request body is read first.
 ``reset``
-    the connection is dropped after ``drop_after_bytes`` of the request body (default:
-    half of it), with no response, as when a network path fails mid-upload.
+    the connection is dropped after ``at_byte`` bytes of the request body (default: half
+    of it), with no response, as when a network path fails mid-upload.
 ``truncate``
-    the request is forwarded, but the connection is dropped after ``drop_after_bytes``
-    of the response body (default: half of it), as when a download breaks mid-body.
+    the request is forwarded, but the connection is dropped after ``at_byte`` bytes of
+    the response body (default: half of it), as when a download breaks mid-body.
+``corrupt``
+    the request is forwarded with the byte at offset ``at_byte`` (default: the middle)
+    of its body inverted; a request without a body gets that byte of the response body
+    inverted instead. Tests integrity checks on both sides (Content-MD5, sha256).
 
 Rules are checked in order and the first one that fires wins. Every request is counted
 and recorded (:meth:`FaultProxy.stats`, :meth:`FaultProxy.records`), so tests can also
@@ -49,7 +53,7 @@ import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 from xml.sax.saxutils import escape
@@ -61,7 +65,7 @@ from yarl import URL
 
 log = logging.getLogger(__name__)
 
-Action = Literal["error", "reset", "truncate"]
+Action = Literal["error", "reset", "truncate", "corrupt"]
 
 # Headers that describe one hop, not the message (RFC 9110 7.6.1), plus Expect: the proxy
 # answers 100-continue itself and forwards the body without waiting.
@@ -145,6 +149,11 @@ class FaultRule:
     Firing, among the requests the filters match: ``nth`` (1-based index or indexes of
     the matches to hit), else ``fraction`` (probability per match, from the proxy's
     seeded random generator), else every match; ``max_faults`` caps the total.
+
+    The fault: ``action`` (see the module docstring); ``status``, ``code`` and
+    ``message`` of an ``error``; ``at_byte``, where a ``reset``, ``truncate`` or
+    ``corrupt`` strikes (default: the middle of the body); ``delay`` in seconds before
+    the fault, to model a slow server too.
     """
 
     action: Action = "error"
@@ -158,13 +167,13 @@ class FaultRule:
     nth: int | Collection[int] | None = None
     fraction: float | None = None
     max_faults: int | None = None
-    drop_after_bytes: int | None = None
+    at_byte: int | None = None
     delay: float = 0.0
     matched: int = field(default=0, init=False)
     injected: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if self.action not in ("error", "reset", "truncate"):
+        if self.action not in ("error", "reset", "truncate", "corrupt"):
             raise ValueError(f"unknown fault action {self.action!r}")
         if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
             raise ValueError("fraction must be within 0..1")
@@ -421,9 +430,9 @@ class FaultProxy:
                 headers={"x-amz-request-id": rid},
             )
         elif rule.action == "reset":
-            await self._read_some(request, rule.drop_after_bytes)
+            await self._read_some(request, rule.at_byte)
             resp, status = self._drop(request), None
-        else:  # truncate
+        else:  # truncate, corrupt
             resp, status = await self._forward(request, rule)
         self._record(request, operation, rule, status)
         return resp
@@ -447,15 +456,21 @@ class FaultProxy:
         return web.Response(status=500)
 
     async def _forward(
-        self, request: web.Request, truncate: FaultRule | None
+        self, request: web.Request, rule: FaultRule | None
     ) -> tuple[web.StreamResponse, int | None]:
+        """Forward the request (with a ``truncate`` or ``corrupt`` fault, if given)."""
         assert self._session is not None
         headers: CIMultiDict[str] = CIMultiDict(
             (k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
         )
         # Streamed with the client's Content-Length (or chunked, if the client chunked).
         has_body = request.body_exists and request.content_length != 0
-        data = request.content.iter_chunked(_CHUNK) if has_body else None
+        data: AsyncIterator[bytes] | None = None
+        corrupt_response = rule is not None and rule.action == "corrupt" and not has_body
+        if has_body:
+            data = request.content.iter_chunked(_CHUNK)
+            if rule is not None and rule.action == "corrupt":
+                data = _flip(data, _offset(rule, request.content_length))
         url = self.upstream.with_path(
             self.upstream.raw_path.rstrip("/") + request.raw_path, encoded=True
         )
@@ -470,8 +485,8 @@ class FaultProxy:
         except aiohttp.ClientError as exc:
             log.warning("upstream %s unreachable: %s", self.upstream, exc)
             rid = uuid.uuid4().hex[:16].upper()
-            body = error_body("ServiceUnavailable", "upstream unreachable", request.path, rid)
-            return web.Response(status=503, body=body, content_type="application/xml"), 503
+            err = error_body("ServiceUnavailable", "upstream unreachable", request.path, rid)
+            return web.Response(status=503, body=err, content_type="application/xml"), 503
         async with upstream:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
@@ -481,17 +496,15 @@ class FaultProxy:
                 # aiohttp would otherwise replace the upstream Content-Length with 0.
                 await resp.prepare(request)
                 return resp, upstream.status
-            length = upstream.content_length
             limit: int | None = None
-            if truncate is not None:
-                limit = (
-                    truncate.drop_after_bytes
-                    if truncate.drop_after_bytes is not None
-                    else (length or 0) // 2
-                )
+            if rule is not None and rule.action == "truncate":
+                limit = _offset(rule, upstream.content_length)
+            chunks: AsyncIterator[bytes] = upstream.content.iter_chunked(_CHUNK)
+            if rule is not None and corrupt_response:
+                chunks = _flip(chunks, _offset(rule, upstream.content_length))
             await resp.prepare(request)
             sent = 0
-            async for chunk in upstream.content.iter_chunked(_CHUNK):
+            async for chunk in chunks:
                 if limit is not None and sent + len(chunk) >= limit:
                     await resp.write(chunk[: limit - sent])
                     return self._drop(request), None
@@ -503,6 +516,21 @@ class FaultProxy:
             return resp, upstream.status
 
 
+def _offset(rule: FaultRule, length: int | None) -> int:
+    return rule.at_byte if rule.at_byte is not None else (length or 0) // 2
+
+
+async def _flip(chunks: AsyncIterator[bytes], offset: int) -> AsyncIterator[bytes]:
+    """The same bytes, with the one at ``offset`` inverted."""
+    pos = 0
+    async for chunk in chunks:
+        if pos <= offset < pos + len(chunk):
+            i = offset - pos
+            chunk = chunk[:i] + bytes([chunk[i] ^ 0xFF]) + chunk[i + 1 :]
+        pos += len(chunk)
+        yield chunk
+
+
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
     import argparse
     import time
@@ -512,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
     )
     p.add_argument("--upstream", required=True, help="the S3 endpoint, e.g. http://127.0.0.1:9000")
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--action", choices=["error", "reset", "truncate"], default="error")
+    p.add_argument("--action", choices=["error", "reset", "truncate", "corrupt"], default="error")
     p.add_argument("--status", type=int, default=503)
     p.add_argument("--code", default="SlowDown")
     p.add_argument("--method", default=None)
