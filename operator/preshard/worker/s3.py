@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions
@@ -74,9 +75,17 @@ def source_settings(
     return base
 
 
+def max_attempts() -> int:
+    """botocore's attempts per call: AWS_MAX_ATTEMPTS (the standard AWS setting) or 10."""
+    try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS") or 10))
+    except ValueError:
+        return 10
+
+
 def make_client(settings: S3Settings) -> Any:
     config = Config(
-        retries={"mode": "standard", "max_attempts": 10},
+        retries={"mode": "standard", "max_attempts": max_attempts()},
         max_pool_connections=settings.concurrency + 4,
         connect_timeout=10,
         read_timeout=120,
@@ -116,6 +125,17 @@ _PERMANENT_ACCESS = {
 }
 
 
+def _endpoint_of(url: str) -> str:
+    """scheme://host:port of a request URL (botocore reports the object's full URL);
+    never any user:password part."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return ""
+    return f"{parts.scheme}://{parts.hostname}{port}" if parts.hostname else ""
+
+
 def translate(exc: BaseException, uri: str, action: str) -> PreshardError:
     """A clear, secret-free error for a failed S3 call on ``uri``."""
     if isinstance(exc, PreshardError):
@@ -132,7 +152,7 @@ def translate(exc: BaseException, uri: str, action: str) -> PreshardError:
     if isinstance(
         exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError
     ):
-        endpoint = getattr(exc, "kwargs", {}).get("endpoint_url", "")
+        endpoint = _endpoint_of(str(getattr(exc, "kwargs", {}).get("endpoint_url", "")))
         where = f" at {endpoint}" if endpoint else ""
         return PreshardError(
             f"cannot {action} {uri}: the S3 endpoint{where} is unreachable",
