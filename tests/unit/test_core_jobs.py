@@ -20,6 +20,7 @@ import kubernetes_validate
 import pytest
 
 from preshard.core.config import OperatorConfig
+from preshard.core.errors import SpecError
 from preshard.core.jobs import (
     ANNOTATION_OWNER_UID,
     ANNOTATION_SPEC_HASH,
@@ -125,7 +126,7 @@ HF: dict[str, Any] = {
         "workDirSize": "100Gi",
     },
 }
-ARTIFACT = {
+ARTIFACT: dict[str, Any] = {
     "uri": "s3://models/llama-70b/tp8-pp2-fp8/",
     "manifestUri": "s3://models/llama-70b/tp8-pp2-fp8/preshard-manifest.json",
     "files": 42,
@@ -630,6 +631,18 @@ def test_secrets_only_as_secret_key_refs(name: str) -> None:
             assert set(value["valueFrom"]) == {"secretKeyRef"}, path
     if obj["kind"] == "ConfigMap":
         assert not CREDENTIAL_KEYS & set(obj["data"])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: spec.py accepts a converter.env entry without 'name' (env is list[dict[str, Any]]) "
+    "and jobs.build_conversion_job then raises KeyError('name') instead of the operator "
+    "reporting InvalidSpec (only the CRD schema, if installed, prevents it)",
+)
+def test_env_entry_without_a_name_is_an_invalid_spec_not_a_crash() -> None:
+    with pytest.raises(SpecError):
+        spec = spec_of(S3_TP2, **{"converter.env": [{"value": "x"}]})
+        build_conversion_job("m", NS, UID, spec, BASIC_CONFIG)
 
 
 @pytest.mark.xfail(

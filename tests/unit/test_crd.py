@@ -1,0 +1,886 @@
+"""The ShardedCheckpoint CRD: its openAPIV3Schema (validated with jsonschema), descriptions,
+printer columns, agreement with preshard.core, and its CEL transition rules (evaluated with
+cel-python against old/new object pairs).
+
+What jsonschema cannot judge is said where it matters: ``x-kubernetes-*`` keys are ignored
+by it, and unknown fields are not *rejected* by a structural schema but *pruned* by the API
+server (there is no ``additionalProperties: false`` and no
+``x-kubernetes-preserve-unknown-fields``); the pruning is emulated below.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import typing
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+
+from preshard import GROUP, KIND, PLURAL, VERSION
+from preshard.core.errors import SpecError
+from preshard.core.progress import STAGES, ProgressRecord, Result
+from preshard.core.quantity import QUANTITY_PATTERN
+from preshard.core.spec import DTYPES, MAX_PARALLEL, QUANTIZATIONS, CheckpointSpec, parse_spec
+from preshard.core.status import (
+    DELETING,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    derive_status,
+    status_for_conflict,
+    status_for_spec_error,
+)
+from preshard.core.uris import OUTPUT_URI_PATTERN, SOURCE_URI_PATTERN
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "shardedcheckpoints.preshard.io.yaml"
+CHART_CRD_FILE = ROOT / "charts" / "preshard" / "crds" / "shardedcheckpoints.preshard.io.yaml"
+RESHARD = "create a new ShardedCheckpoint to re-shard"
+
+
+@cache
+def crd() -> dict[str, Any]:
+    return typing.cast(dict[str, Any], yaml.safe_load(CRD_FILE.read_text()))
+
+
+def version() -> dict[str, Any]:
+    versions = crd()["spec"]["versions"]
+    assert len(versions) == 1
+    return typing.cast(dict[str, Any], versions[0])
+
+
+def schema() -> dict[str, Any]:
+    return typing.cast(dict[str, Any], version()["schema"]["openAPIV3Schema"])
+
+
+def spec_schema() -> dict[str, Any]:
+    return typing.cast(dict[str, Any], schema()["properties"]["spec"])
+
+
+def prop(*path: str) -> dict[str, Any]:
+    node = schema()
+    for p in path:
+        node = node["properties"][p]
+    return node
+
+
+@cache
+def validator() -> jsonschema.Draft202012Validator:
+    jsonschema.Draft202012Validator.check_schema(schema())
+    return jsonschema.Draft202012Validator(schema())
+
+
+def walk_schema(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every schema node with a readable path (properties, items, additionalProperties, anyOf)."""
+    yield path or "<root>", node
+    for name, sub in (node.get("properties") or {}).items():
+        yield from walk_schema(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from walk_schema(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk_schema(node["additionalProperties"], f"{path}{{*}}")
+    for i, sub in enumerate(node.get("anyOf") or []):
+        yield from walk_schema(sub, f"{path}<anyOf{i}>")
+
+
+MINIMAL: dict[str, Any] = {
+    "source": {"uri": "s3://models/llama/"},
+    "tensorParallelSize": 2,
+    "output": {"uri": "s3://checkpoints/llama/tp2/"},
+}
+FULL: dict[str, Any] = {
+    "source": {
+        "uri": "s3://models/llama-70b/",
+        "credentialsSecret": "src-creds",
+        "endpoint": "https://s3.src.example.com",
+        "region": "eu-west-1",
+    },
+    "tensorParallelSize": 8,
+    "pipelineParallelSize": 2,
+    "quantization": "fp8",
+    "dtype": "bfloat16",
+    "output": {
+        "uri": "s3://checkpoints/llama-70b/tp8-pp2-fp8/",
+        "credentialsSecret": "s3-credentials",
+        "endpoint": "http://minio.storage:9000",
+        "region": "us-east-1",
+        "maxFileSize": "2Gi",
+    },
+    "verify": False,
+    "deletionPolicy": "Delete",
+    "converter": {
+        "image": "registry.example.com/preshard-converter:1",
+        "imagePullPolicy": "Always",
+        "resources": {
+            "requests": {"cpu": 16, "memory": "400Gi"},
+            "limits": {"memory": "500Gi"},
+        },
+        "gpuResourceName": "nvidia.com/gpu",
+        "nodeSelector": {"gpu.example.com/class": "h100"},
+        "tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "x", "operator": "Equal", "value": "y", "effect": "", "tolerationSeconds": 5},
+        ],
+        "backoffLimit": 0,
+        "activeDeadlineSeconds": 604800,
+        "ttlSecondsAfterFinished": 0,
+        "serviceAccountName": "sharder",
+        "priorityClassName": "gpu-batch",
+        "workDirSize": "1Ti",
+        "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "EMPTY"}],
+    },
+}
+HF: dict[str, Any] = {
+    "source": {"uri": "hf://meta-llama/Llama-3.1-8B-Instruct@main", "credentialsSecret": "hf"},
+    "tensorParallelSize": 1,
+    "output": {"uri": "s3://models/llama-8b/tp1", "maxFileSize": 1048576},
+}
+PVC: dict[str, Any] = {
+    "source": {"uri": "pvc://model-store/llama"},
+    "tensorParallelSize": 4,
+    "quantization": "awq",
+    "output": {"uri": "s3://models/llama/tp4-awq/", "maxFileSize": 5368709120},
+}
+VALID_SPECS = {"minimal": MINIMAL, "full": FULL, "hf": HF, "pvc": PVC}
+
+
+def resource(spec: dict[str, Any], status: dict[str, Any] | None = None) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": "llama", "namespace": "ml"},
+        "spec": spec,
+    }
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def changed(spec: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """A copy with dotted-path changes; the value DROP removes the key."""
+    out = copy.deepcopy(spec)
+    for path, value in changes.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is DROP:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return out
+
+
+DROP = object()
+
+
+def errors(obj: dict[str, Any]) -> list[jsonschema.ValidationError]:
+    return list(validator().iter_errors(obj))
+
+
+# ------------------------------------------------------------------------- identity
+
+
+def test_names_and_scope() -> None:
+    doc = crd()
+    assert doc["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert doc["kind"] == "CustomResourceDefinition"
+    assert doc["metadata"]["name"] == f"{PLURAL}.{GROUP}"
+    assert doc["spec"]["group"] == GROUP
+    assert doc["spec"]["scope"] == "Namespaced"
+    assert doc["spec"]["names"] == {
+        "kind": KIND,
+        "listKind": f"{KIND}List",
+        "plural": PLURAL,
+        "singular": "shardedcheckpoint",
+        "shortNames": ["sckpt"],
+        "categories": ["preshard"],
+    }
+    v = version()
+    assert (v["name"], v["served"], v["storage"]) == (VERSION, True, True)
+    assert v["subresources"] == {"status": {}}
+
+
+def test_chart_copy_is_byte_identical() -> None:
+    assert CHART_CRD_FILE.read_bytes() == CRD_FILE.read_bytes(), "run 'make crd-sync'"
+
+
+# ------------------------------------------------------------------- printer columns
+
+
+def test_printer_columns() -> None:
+    cols = version()["additionalPrinterColumns"]
+    default = [(c["name"], c["type"], c["jsonPath"]) for c in cols if c.get("priority", 0) == 0]
+    assert default == [
+        ("Phase", "string", ".status.phase"),
+        ("TP", "integer", ".spec.tensorParallelSize"),
+        ("Quantization", "string", ".spec.quantization"),
+        ("Ready", "string", '.status.conditions[?(@.type=="Ready")].status'),
+        ("Output", "string", ".spec.output.uri"),
+        ("Age", "date", ".metadata.creationTimestamp"),
+    ]
+    wide = [(c["name"], c["priority"], c["jsonPath"]) for c in cols if c.get("priority", 0) != 0]
+    assert wide == [
+        ("PP", 1, ".spec.pipelineParallelSize"),
+        ("Stage", 1, ".status.progress.stage"),
+        ("Job", 1, ".status.jobName"),
+        ("Reason", 1, '.status.conditions[?(@.type=="Ready")].reason'),
+    ]
+    for c in cols:
+        if c["name"] != "Age":  # Age is the conventional, self-explanatory column
+            assert c.get("description", "").strip(), c
+
+
+def test_printer_column_paths_exist_in_the_schema() -> None:
+    for c in version()["additionalPrinterColumns"]:
+        path = c["jsonPath"]
+        if path.startswith(".metadata."):
+            continue
+        parts = re.sub(r"\[\?\(.*\)\]", "", path).strip(".").split(".")
+        node = schema()
+        for p in parts:
+            if node.get("type") == "array":
+                node = node["items"]
+            node = node["properties"][p]
+        assert node["type"] == c["type"], path
+
+
+# --------------------------------------------------------------- structural schema
+
+
+def test_every_property_has_a_description() -> None:
+    missing = []
+    for path, node in walk_schema(schema()):
+        for name, sub in (node.get("properties") or {}).items():
+            if not str(sub.get("description", "")).strip():
+                missing.append(f"{path}.{name}")
+        if isinstance(node.get("items"), dict) and node["items"].get("type") == "object":
+            if not str(node["items"].get("description", "")).strip():
+                missing.append(f"{path}[]")
+    assert missing == []
+
+
+def test_schema_is_structural() -> None:
+    """Every node has a type (or is int-or-string); nothing preserves unknown fields, so the
+    API server prunes them; no additionalProperties: false (pruning, not rejection)."""
+    for path, node in walk_schema(schema()):
+        if "<anyOf" in path:
+            continue
+        assert "x-kubernetes-preserve-unknown-fields" not in node, path
+        assert node.get("additionalProperties") is not False, path
+        if node.get("x-kubernetes-int-or-string"):
+            assert [s["type"] for s in node["anyOf"]] == ["integer", "string"], path
+            assert "type" not in node, path
+        else:
+            assert node.get("type") in {"object", "array", "string", "integer", "boolean"}, path
+        if node.get("type") == "array":
+            assert "items" in node, path
+    assert schema()["required"] == ["spec"]
+    assert spec_schema()["required"] == ["source", "tensorParallelSize", "output"]
+
+
+def test_list_map_keys_for_conditions() -> None:
+    conds = prop("status", "conditions")
+    assert conds["x-kubernetes-list-type"] == "map"
+    assert conds["x-kubernetes-list-map-keys"] == ["type"]
+    assert set(conds["items"]["required"]) >= {"type", "status"}
+
+
+# -------------------------------------------------------- agreement with preshard.core
+
+
+def test_quantization_enum_equals_core() -> None:
+    assert prop("spec", "quantization")["enum"] == list(QUANTIZATIONS)
+
+
+def test_dtype_enum_and_default_equal_core() -> None:
+    assert prop("spec", "dtype")["enum"] == list(DTYPES)
+    assert prop("spec", "dtype")["default"] == CheckpointSpec.model_fields["dtype"].default
+
+
+def test_uri_patterns_equal_core() -> None:
+    assert prop("spec", "source", "uri")["pattern"] == SOURCE_URI_PATTERN
+    assert prop("spec", "output", "uri")["pattern"] == OUTPUT_URI_PATTERN
+
+
+def test_quantity_patterns_equal_core() -> None:
+    assert prop("spec", "output", "maxFileSize")["pattern"] == QUANTITY_PATTERN
+    assert prop("spec", "converter", "workDirSize")["pattern"] == QUANTITY_PATTERN
+    assert prop("spec", "output", "maxFileSize")["minimum"] == 2**20
+
+
+def test_enums_and_bounds_equal_core() -> None:
+    spec = parse_spec(MINIMAL)
+    conv = spec.converter
+    assert prop("spec", "deletionPolicy")["enum"] == list(
+        typing.get_args(CheckpointSpec.model_fields["deletion_policy"].annotation)
+    )
+    assert prop("spec", "deletionPolicy")["default"] == spec.deletion_policy
+    assert prop("spec", "verify")["default"] is spec.verify
+    assert prop("spec", "pipelineParallelSize")["default"] == spec.pipeline_parallel_size
+    for name in ("tensorParallelSize", "pipelineParallelSize"):
+        assert (prop("spec", name)["minimum"], prop("spec", name)["maximum"]) == (1, MAX_PARALLEL)
+    backoff = prop("spec", "converter", "backoffLimit")
+    assert (backoff["minimum"], backoff["maximum"], backoff["default"]) == (
+        0,
+        20,
+        conv.backoff_limit,
+    )
+    deadline = prop("spec", "converter", "activeDeadlineSeconds")
+    assert (deadline["minimum"], deadline["maximum"], deadline["default"]) == (
+        60,
+        7 * 24 * 3600,
+        conv.active_deadline_seconds,
+    )
+    assert prop("spec", "converter", "imagePullPolicy")["enum"] == [
+        "Always",
+        "IfNotPresent",
+        "Never",
+    ]
+    assert prop("status", "progress", "stage")["enum"] == list(STAGES)
+    assert prop("status", "phase")["enum"] == [PENDING, RUNNING, SUCCEEDED, FAILED, DELETING]
+
+
+def test_spec_fields_equal_the_model_fields() -> None:
+    def aliases(model: type[Any]) -> set[str]:
+        return {f.alias or n for n, f in model.model_fields.items()}
+
+    assert set(prop("spec")["properties"]) == aliases(CheckpointSpec)
+    for name, field in CheckpointSpec.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and hasattr(sub, "model_fields"):
+            assert set(prop("spec", field.alias or name)["properties"]) == aliases(sub), name
+
+
+# ------------------------------------------------------------ validation: samples
+
+
+@pytest.mark.parametrize("name", sorted(VALID_SPECS))
+def test_valid_samples(name: str) -> None:
+    assert [e.message for e in errors(resource(VALID_SPECS[name]))] == []
+    parse_spec(VALID_SPECS[name])  # and the operator agrees
+
+
+T0 = "2025-01-01T00:00:00Z"
+ARTIFACT = {
+    "uri": "s3://checkpoints/llama/tp2/",
+    "manifestUri": "s3://checkpoints/llama/tp2/preshard-manifest.json",
+    "files": 4,
+    "totalBytes": 1000,
+    "manifestSha256": "a" * 64,
+    "vllmVersion": "0.32.0",
+}
+
+
+def operator_statuses() -> dict[str, dict[str, Any]]:
+    job = {"status": {"startTime": T0, "active": 1}}
+    done = {"status": {"startTime": T0, "conditions": [{"type": "Complete", "status": "True"}]}}
+    failed = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "X"}]}}
+    serving = {
+        "loadFormat": "runai_streamer_sharded",
+        "args": ["--model", ARTIFACT["uri"]],
+        "env": [{"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"}],
+        "configMapName": "llama-serving",
+    }
+    common: dict[str, Any] = {"generation": 1, "job_name": "llama-x", "now": T0}
+    return {
+        "running": derive_status(
+            None, job=job, result=None, progress=ProgressRecord("Uploading", 1, 2, 3.0), **common
+        ),
+        "succeeded": derive_status(
+            None,
+            job=done,
+            result=Result("Succeeded", artifact=ARTIFACT),
+            progress=None,
+            serving=serving,
+            **common,
+        ),
+        "failed": derive_status(
+            None,
+            job=failed,
+            result=Result("Failed", "SourceNotFound", "m"),
+            progress=None,
+            **common,
+        ),
+        "pending": derive_status(None, job=None, result=None, progress=None, **common),
+        "spec-error": status_for_spec_error(None, "InvalidSpec", "bad", 1, T0),
+        "conflict": status_for_conflict(None, "ml/other", "s3://x/y/", 1, T0),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(operator_statuses()))
+def test_statuses_the_operator_writes_are_valid(name: str) -> None:
+    obj = resource(MINIMAL, operator_statuses()[name])
+    assert [f"{list(e.absolute_path)}: {e.message}" for e in errors(obj)] == []
+
+
+INVALID: dict[str, tuple[dict[str, Any], list[Any]]] = {
+    "missing spec": ({}, []),
+    "missing source": (changed(MINIMAL, source=DROP), ["spec"]),
+    "missing tensorParallelSize": (changed(MINIMAL, tensorParallelSize=DROP), ["spec"]),
+    "missing output": (changed(MINIMAL, output=DROP), ["spec"]),
+    "missing source.uri": (changed(MINIMAL, **{"source.uri": DROP}), ["spec", "source"]),
+    "missing output.uri": (changed(MINIMAL, **{"output.uri": DROP}), ["spec", "output"]),
+    "source scheme": (
+        changed(MINIMAL, **{"source.uri": "gs://models/x"}),
+        ["spec", "source", "uri"],
+    ),
+    "source bucket": (
+        changed(MINIMAL, **{"source.uri": "s3://Models/x"}),
+        ["spec", "source", "uri"],
+    ),
+    "source hf": (changed(MINIMAL, **{"source.uri": "hf://org"}), ["spec", "source", "uri"]),
+    "source pvc": (changed(MINIMAL, **{"source.uri": "pvc://Claim/x"}), ["spec", "source", "uri"]),
+    "source too long": (
+        changed(MINIMAL, **{"source.uri": "s3://models/" + "x" * 1020}),
+        ["spec", "source", "uri"],
+    ),
+    "output bucket root": (
+        changed(MINIMAL, **{"output.uri": "s3://checkpoints/"}),
+        ["spec", "output", "uri"],
+    ),
+    "output bucket only": (
+        changed(MINIMAL, **{"output.uri": "s3://checkpoints"}),
+        ["spec", "output", "uri"],
+    ),
+    "output pvc": (changed(MINIMAL, **{"output.uri": "pvc://claim/x"}), ["spec", "output", "uri"]),
+    "tp 0": (changed(MINIMAL, tensorParallelSize=0), ["spec", "tensorParallelSize"]),
+    "tp 1025": (changed(MINIMAL, tensorParallelSize=1025), ["spec", "tensorParallelSize"]),
+    "tp string": (changed(MINIMAL, tensorParallelSize="2"), ["spec", "tensorParallelSize"]),
+    "tp boolean": (changed(MINIMAL, tensorParallelSize=True), ["spec", "tensorParallelSize"]),
+    "tp fraction": (changed(MINIMAL, tensorParallelSize=2.5), ["spec", "tensorParallelSize"]),
+    "pp 0": (changed(MINIMAL, pipelineParallelSize=0), ["spec", "pipelineParallelSize"]),
+    "quantization": (changed(MINIMAL, quantization="int4"), ["spec", "quantization"]),
+    "dtype": (changed(MINIMAL, dtype="fp16"), ["spec", "dtype"]),
+    "maxFileSize small int": (
+        changed(MINIMAL, **{"output.maxFileSize": 1048575}),
+        ["spec", "output", "maxFileSize"],
+    ),
+    "maxFileSize unit": (
+        changed(MINIMAL, **{"output.maxFileSize": "5GB"}),
+        ["spec", "output", "maxFileSize"],
+    ),
+    "maxFileSize bool": (
+        changed(MINIMAL, **{"output.maxFileSize": True}),
+        ["spec", "output", "maxFileSize"],
+    ),
+    "verify string": (changed(MINIMAL, verify="yes"), ["spec", "verify"]),
+    "deletionPolicy": (changed(MINIMAL, deletionPolicy="Keep"), ["spec", "deletionPolicy"]),
+    "source secret name": (
+        changed(MINIMAL, **{"source.credentialsSecret": "Bad_Secret"}),
+        ["spec", "source", "credentialsSecret"],
+    ),
+    "output secret name": (
+        changed(MINIMAL, **{"output.credentialsSecret": "Bad_Secret"}),
+        ["spec", "output", "credentialsSecret"],
+    ),
+    "source endpoint": (
+        changed(MINIMAL, **{"source.endpoint": "minio:9000"}),
+        ["spec", "source", "endpoint"],
+    ),
+    "output endpoint": (
+        changed(MINIMAL, **{"output.endpoint": "ftp://minio"}),
+        ["spec", "output", "endpoint"],
+    ),
+    "region too long": (
+        changed(MINIMAL, **{"output.region": "r" * 65}),
+        ["spec", "output", "region"],
+    ),
+    "imagePullPolicy": (
+        changed(MINIMAL, **{"converter.imagePullPolicy": "Sometimes"}),
+        ["spec", "converter", "imagePullPolicy"],
+    ),
+    "backoffLimit": (
+        changed(MINIMAL, **{"converter.backoffLimit": 21}),
+        ["spec", "converter", "backoffLimit"],
+    ),
+    "activeDeadlineSeconds": (
+        changed(MINIMAL, **{"converter.activeDeadlineSeconds": 59}),
+        ["spec", "converter", "activeDeadlineSeconds"],
+    ),
+    "ttl negative": (
+        changed(MINIMAL, **{"converter.ttlSecondsAfterFinished": -1}),
+        ["spec", "converter", "ttlSecondsAfterFinished"],
+    ),
+    "serviceAccountName": (
+        changed(MINIMAL, **{"converter.serviceAccountName": "Bad_SA"}),
+        ["spec", "converter", "serviceAccountName"],
+    ),
+    "workDirSize": (
+        changed(MINIMAL, **{"converter.workDirSize": "lots"}),
+        ["spec", "converter", "workDirSize"],
+    ),
+    "nodeSelector value": (
+        changed(MINIMAL, **{"converter.nodeSelector": {"gpu": 1}}),
+        ["spec", "converter", "nodeSelector", "gpu"],
+    ),
+    "toleration operator": (
+        changed(MINIMAL, **{"converter.tolerations": [{"key": "k", "operator": "Maybe"}]}),
+        ["spec", "converter", "tolerations", 0, "operator"],
+    ),
+    "toleration effect": (
+        changed(MINIMAL, **{"converter.tolerations": [{"key": "k", "effect": "Never"}]}),
+        ["spec", "converter", "tolerations", 0, "effect"],
+    ),
+    "toleration not an object": (
+        changed(MINIMAL, **{"converter.tolerations": ["gpu"]}),
+        ["spec", "converter", "tolerations", 0],
+    ),
+    "too many tolerations": (
+        changed(MINIMAL, **{"converter.tolerations": [{"key": "k"}] * 65}),
+        ["spec", "converter", "tolerations"],
+    ),
+    "env without name": (
+        changed(MINIMAL, **{"converter.env": [{"value": "x"}]}),
+        ["spec", "converter", "env", 0],
+    ),
+    "env bad name": (
+        changed(MINIMAL, **{"converter.env": [{"name": "1X", "value": "x"}]}),
+        ["spec", "converter", "env", 0, "name"],
+    ),
+    "env value not a string": (
+        changed(MINIMAL, **{"converter.env": [{"name": "X", "value": 1}]}),
+        ["spec", "converter", "env", 0, "value"],
+    ),
+    "resources not a quantity": (
+        changed(MINIMAL, **{"converter.resources": {"requests": {"cpu": [1]}}}),
+        ["spec", "converter", "resources", "requests", "cpu"],
+    ),
+    "bad status phase": (MINIMAL, ["status", "phase"]),
+    "bad condition status": (MINIMAL, ["status", "conditions", 0, "status"]),
+    "negative progress": (MINIMAL, ["status", "progress", "bytesDone"]),
+}
+BAD_STATUS: dict[str, dict[str, Any]] = {
+    "bad status phase": {"phase": "Done"},
+    "bad condition status": {"conditions": [{"type": "Ready", "status": "Yes"}]},
+    "negative progress": {"progress": {"stage": "Uploading", "bytesDone": -1}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_invalid_samples_are_rejected_at_the_field(name: str) -> None:
+    spec, path = INVALID[name]
+    obj = resource(spec, BAD_STATUS.get(name))
+    if name == "missing spec":
+        obj.pop("spec")
+    found = [list(e.absolute_path) for e in errors(obj)]
+    assert found, f"{name}: accepted"
+    assert path in found, found
+
+
+def test_max_file_size_string_minimum_is_enforced_by_the_operator_only() -> None:
+    # 'minimum' applies to the integer form only: "1Ki" passes the schema, and the operator
+    # reports it as InvalidSpec.
+    spec = changed(MINIMAL, **{"output.maxFileSize": "1Ki"})
+    assert errors(resource(spec)) == []
+    with pytest.raises(
+        SpecError, match=r"^spec.output.maxFileSize: maxFileSize must be at least 1Mi$"
+    ):
+        parse_spec(spec)
+
+
+# Samples the schema rejects but parse_spec accepts: spec.py's docstring promises to
+# re-validate everything (the schema may be missing or another version).
+NOT_REVALIDATED = {
+    "tp string",  # lax int coercion
+    "tp boolean",
+    "verify string",
+    "source too long",  # lax bool coercion
+    "source secret name",
+    "output secret name",
+    "source endpoint",
+    "output endpoint",
+    "region too long",
+    "serviceAccountName",
+    "workDirSize",
+    "toleration operator",
+    "toleration effect",
+    "too many tolerations",
+    "env without name",
+    "env bad name",
+    "env value not a string",
+    "resources not a quantity",
+}
+SPEC_CASES = sorted(n for n in INVALID if n not in BAD_STATUS and n != "missing spec")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(
+            n,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="gap: spec.py does not re-validate this CRD constraint although its "
+                "docstring says it re-validates everything",
+            ),
+        )
+        if n in NOT_REVALIDATED
+        else n
+        for n in SPEC_CASES
+    ],
+)
+def test_the_operator_rejects_what_the_schema_rejects(name: str) -> None:
+    with pytest.raises(SpecError):
+        parse_spec(INVALID[name][0])
+
+
+# ------------------------------------------------------------- unknown fields
+
+
+def prune(obj: Any, node: dict[str, Any]) -> Any:
+    """The API server's pruning of unknown fields for a structural schema."""
+    if isinstance(obj, dict) and node.get("type") == "object":
+        props = node.get("properties")
+        extra = node.get("additionalProperties")
+        out = {}
+        for k, v in obj.items():
+            if props is not None and k in props:
+                out[k] = prune(v, props[k])
+            elif isinstance(extra, dict):
+                out[k] = prune(v, extra)
+        return out
+    if isinstance(obj, list) and isinstance(node.get("items"), dict):
+        return [prune(v, node["items"]) for v in obj]
+    return obj
+
+
+def test_unknown_fields_are_pruned_not_rejected() -> None:
+    spec = changed(
+        FULL,
+        bogus=1,
+        **{
+            "source.typo": "x",
+            "output.maxFileSizee": "1Gi",
+            "converter.resources.claims": [{"name": "gpu"}],
+            "converter.tolerations": [{"key": "k", "operator": "Exists", "extra": True}],
+            "converter.env": [
+                {"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+            ],
+        },
+    )
+    # jsonschema (like the API server's validation) does not reject unknown fields...
+    assert errors(resource(spec)) == []
+    # ...the API server prunes them before storing the object,
+    pruned = prune(spec, spec_schema())
+    assert "bogus" not in pruned
+    assert "typo" not in pruned["source"]
+    assert "maxFileSizee" not in pruned["output"]
+    assert "claims" not in pruned["converter"]["resources"]
+    assert pruned["converter"]["tolerations"] == [{"key": "k", "operator": "Exists"}]
+    assert pruned["converter"]["env"] == [{"name": "X"}]
+    assert pruned == changed(
+        FULL,
+        **{
+            "converter.tolerations": [{"key": "k", "operator": "Exists"}],
+            "converter.env": [{"name": "X"}],
+        },
+    )
+    parse_spec(pruned)
+    # ...and the operator, which must not trust that the schema is installed, rejects them.
+    with pytest.raises(SpecError, match=r"spec.bogus: unknown field"):
+        parse_spec(spec)
+
+
+# --------------------------------------------------------------------------- CEL
+
+
+def apply_defaults(obj: Any, node: dict[str, Any]) -> Any:
+    """The API server's defaulting (it runs before validation and CEL)."""
+    if isinstance(obj, dict) and node.get("type") == "object":
+        out = dict(obj)
+        for name, sub in (node.get("properties") or {}).items():
+            if name not in out and "default" in sub:
+                out[name] = copy.deepcopy(sub["default"])
+            if name in out:
+                out[name] = apply_defaults(out[name], sub)
+        return out
+    if isinstance(obj, list) and isinstance(node.get("items"), dict):
+        return [apply_defaults(v, node["items"]) for v in obj]
+    return obj
+
+
+def cel_rules() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(path, rule, schema node) for every x-kubernetes-validations rule in the schema."""
+    return [
+        (path, rule, node)
+        for path, node in walk_schema(schema())
+        for rule in node.get("x-kubernetes-validations") or []
+    ]
+
+
+@cache
+def cel_programs() -> list[tuple[str, str, Any]]:
+    env = celpy.Environment()
+    out = []
+    for path, rule, _ in cel_rules():
+        out.append((path, rule["message"], env.program(env.compile(rule["rule"]))))
+    return out
+
+
+def failing_rules(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> list[str]:
+    """Messages of the rules that reject this update (false or an evaluation error)."""
+    old = apply_defaults(old_spec, spec_schema())
+    new = apply_defaults(new_spec, spec_schema())
+    failed = []
+    for path, message, program in cel_programs():
+        assert path == ".spec", (
+            path
+        )  # every rule sits on spec (see test_cel_rules_are_where_expected)
+        try:
+            result = program.evaluate(
+                {"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)}
+            )
+        except celpy.CELEvalError:
+            result = None
+        if result is not True and not (
+            isinstance(result, celpy.celtypes.BoolType) and bool(result)
+        ):
+            failed.append(message)
+    return failed
+
+
+IMMUTABLE_FIELDS = [
+    "source.uri",
+    "tensorParallelSize",
+    "pipelineParallelSize",
+    "quantization",
+    "dtype",
+    "output.uri",
+    "output.maxFileSize",
+]
+
+
+def immutable_message(field: str) -> str:
+    return f"spec.{field} is immutable: {RESHARD}"
+
+
+def test_cel_rules_are_where_expected() -> None:
+    rules = cel_rules()
+    assert rules
+    assert {path for path, _, _ in rules} == {".spec"}
+    assert [r["message"] for _, r, _ in rules] == [immutable_message(f) for f in IMMUTABLE_FIELDS]
+    for _, rule, _ in rules:
+        assert "oldSelf" in rule["rule"]  # transition rules: checked on update only
+        assert RESHARD in rule["message"]
+        assert "&" not in rule["rule"].replace("&&", "")  # no bitwise operator in CEL
+
+
+def test_immutable_fields_are_the_conversion_fields() -> None:
+    def leaves(d: dict[str, Any], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for k, v in d.items():
+            out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+        return out
+
+    assert set(IMMUTABLE_FIELDS) == leaves(parse_spec(MINIMAL).conversion_fields())
+    description = prop("spec")["description"]
+    for field in IMMUTABLE_FIELDS:
+        assert field in description
+
+
+def test_every_rule_compiles() -> None:
+    assert len(cel_programs()) == len(IMMUTABLE_FIELDS)
+
+
+@pytest.mark.parametrize("name", sorted(VALID_SPECS))
+def test_an_unchanged_update_passes(name: str) -> None:
+    spec = VALID_SPECS[name]
+    assert failing_rules(spec, copy.deepcopy(spec)) == []
+
+
+@pytest.mark.parametrize(
+    ("base", "change", "field"),
+    [
+        (MINIMAL, {"source.uri": "s3://models/llama-2/"}, "source.uri"),
+        (HF, {"source.uri": "hf://meta-llama/Llama-3.1-8B-Instruct@v2"}, "source.uri"),
+        (MINIMAL, {"tensorParallelSize": 4}, "tensorParallelSize"),
+        (FULL, {"tensorParallelSize": 4}, "tensorParallelSize"),
+        (MINIMAL, {"pipelineParallelSize": 2}, "pipelineParallelSize"),
+        (FULL, {"pipelineParallelSize": DROP}, "pipelineParallelSize"),
+        (MINIMAL, {"quantization": "fp8"}, "quantization"),
+        (FULL, {"quantization": DROP}, "quantization"),
+        (FULL, {"quantization": "fp8_per_tensor"}, "quantization"),
+        (MINIMAL, {"dtype": "float16"}, "dtype"),
+        (FULL, {"dtype": "auto"}, "dtype"),
+        (FULL, {"dtype": DROP}, "dtype"),
+        (MINIMAL, {"output.uri": "s3://checkpoints/llama/tp2-b/"}, "output.uri"),
+        (MINIMAL, {"output.uri": "s3://checkpoints/llama/tp2"}, "output.uri"),
+        (FULL, {"output.maxFileSize": "3Gi"}, "output.maxFileSize"),
+        (FULL, {"output.maxFileSize": DROP}, "output.maxFileSize"),
+        (MINIMAL, {"output.maxFileSize": "5Gi"}, "output.maxFileSize"),
+        # int -> string: cel-python raises "no such overload", cel-go (heterogeneous
+        # equality) evaluates to false; either way the update is rejected.
+        (PVC, {"output.maxFileSize": "5Gi"}, "output.maxFileSize"),
+    ],
+)
+def test_changing_a_conversion_field_is_rejected(
+    base: dict[str, Any], change: dict[str, Any], field: str
+) -> None:
+    assert failing_rules(base, changed(base, **change)) == [immutable_message(field)]
+
+
+def test_changing_everything_reports_every_field() -> None:
+    new = changed(
+        FULL,
+        **{
+            "source.uri": "pvc://other/x",
+            "tensorParallelSize": 1,
+            "pipelineParallelSize": 1,
+            "quantization": "awq",
+            "dtype": "float32",
+            "output.uri": "s3://other/x/",
+            "output.maxFileSize": "1Gi",
+        },
+    )
+    assert failing_rules(FULL, new) == [immutable_message(f) for f in IMMUTABLE_FIELDS]
+
+
+@pytest.mark.parametrize(
+    ("base", "change"),
+    [
+        (MINIMAL, {"verify": False}),
+        (FULL, {"verify": True}),
+        (MINIMAL, {"deletionPolicy": "Delete"}),
+        (FULL, {"deletionPolicy": "Retain"}),
+        (MINIMAL, {"source.credentialsSecret": "other"}),
+        (FULL, {"source.credentialsSecret": DROP}),
+        (FULL, {"source.endpoint": "http://new:9000", "source.region": "us-east-2"}),
+        (MINIMAL, {"output.credentialsSecret": "s3-rotated"}),
+        (FULL, {"output.endpoint": DROP, "output.region": DROP}),
+        (MINIMAL, {"converter": {"image": "img:2", "backoffLimit": 5}}),
+        (FULL, {"converter": DROP}),
+        (FULL, {"converter.nodeSelector": {"gpu": "a100"}, "converter.tolerations": []}),
+        (FULL, {"converter.resources.requests.memory": "800Gi"}),
+        # Equivalent spellings: defaulting makes them equal.
+        (MINIMAL, {"pipelineParallelSize": 1}),
+        (MINIMAL, {"dtype": "auto"}),
+        (FULL, {"quantization": "fp8"}),
+    ],
+)
+def test_changing_a_mutable_field_passes(base: dict[str, Any], change: dict[str, Any]) -> None:
+    new = changed(base, **change)
+    assert errors(resource(new)) == []
+    assert failing_rules(base, new) == []
+
+
+def test_cel_rules_and_conversion_hash_agree() -> None:
+    """Every update the rules accept keeps the conversion hash (so the Job name) unchanged."""
+    for base in VALID_SPECS.values():
+        for change in (
+            {"verify": False},
+            {"deletionPolicy": "Delete"},
+            {"converter": {"image": "x:1"}},
+            {"output.credentialsSecret": "x"},
+        ):
+            new = changed(base, **change)
+            assert failing_rules(base, new) == []
+            assert parse_spec(new).conversion_hash() == parse_spec(base).conversion_hash()
