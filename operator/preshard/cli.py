@@ -244,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+    # Also under -v: the kubernetes client logs whole response bodies at DEBUG, Secrets
+    # included, and botocore logs request headers; neither may reach a log.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "kubernetes.client.rest"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         module = importlib.import_module(COMMANDS[args.command])

@@ -1435,6 +1435,12 @@ class EmulatorServer:
         async def shutdown() -> None:
             if self._runner is not None:
                 await self._runner.cleanup()
+            # open watches are long-running handlers: end them instead of abandoning them
+            current = asyncio.current_task()
+            pending = [t for t in asyncio.all_tasks() if t is not current]
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
         fut = asyncio.run_coroutine_threadsafe(shutdown(), loop)
         try:

@@ -237,7 +237,7 @@ class Operator:
         self.starts += 1
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "preshard.cli", "operator"],
+            [sys.executable, "-m", "preshard.cli", "-v", "operator"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -289,3 +289,14 @@ def operator(k8s_api: K8s, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield op
     finally:
         op.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """On a failure, attach the tail of the operator's log to the report."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call" and report.failed:
+        op = item.funcargs.get("operator") if hasattr(item, "funcargs") else None  # type: ignore[attr-defined]
+        if isinstance(op, Operator):
+            report.sections.append(("operator log (tail)", op.logs()[-6000:]))

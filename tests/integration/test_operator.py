@@ -246,6 +246,9 @@ def test_same_output_prefix_conflicts_until_the_owner_is_deleted(
 ) -> None:
     k8s_api.create_checkpoint(ns, "first", spec(output="s3://shared/model/"))
     k8s_api.wait_jobs(ns)
+    # "first" claims the prefix once its status names its Job; both resources may share a
+    # creationTimestamp (one-second resolution), so the claim, not the timestamp, decides.
+    wait_for(lambda: (k8s_api.checkpoint(ns, "first") or {}).get("status", {}).get("jobName"))
     k8s_api.create_checkpoint(
         ns, "second", spec(output="s3://shared/model/tp2/")
     )  # overlapping prefix

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -107,34 +107,55 @@ def _write_status(body: dict[str, Any], old: dict[str, Any] | None, new: dict[st
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def outputs(name: str, namespace: str, spec: dict[str, Any], meta: dict[str, Any], **_: Any) -> Any:
-    """bucket -> (prefix, creationTimestamp, uid, namespace/name) of every checkpoint."""
+def outputs(
+    name: str,
+    namespace: str,
+    spec: dict[str, Any],
+    meta: dict[str, Any],
+    status: dict[str, Any],
+    **_: Any,
+) -> Any:
+    """bucket -> OutputClaim of every checkpoint."""
     try:
         out = parse_output_uri(str((spec.get("output") or {}).get("uri", "")))
     except SpecError:
         return None
     return {
-        out.bucket: (
-            out.prefix,
-            meta.get("creationTimestamp") or "",
-            meta.get("uid") or "",
-            f"{namespace}/{name}",
+        out.bucket: OutputClaim(
+            prefix=out.prefix,
+            claimed=bool((status or {}).get("jobName")),
+            created=meta.get("creationTimestamp") or "",
+            uid=meta.get("uid") or "",
+            ref=f"{namespace}/{name}",
         )
     }
 
 
-def output_owner(spec: CheckpointSpec, uid: str, created: str, index: Any) -> str | None:
-    """The namespace/name of an older checkpoint whose output overlaps ours, if any."""
+class OutputClaim(NamedTuple):
+    """Who writes where. Precedence: a resource that already has a conversion Job, then the
+    older creationTimestamp; uid breaks ties (timestamps have one-second resolution)."""
+
+    prefix: str
+    claimed: bool
+    created: str
+    uid: str
+    ref: str
+
+    def rank(self) -> tuple[int, str, str]:
+        return (0 if self.claimed else 1, self.created, self.uid)
+
+
+def output_owner(spec: CheckpointSpec, me: OutputClaim, index: Any) -> str | None:
+    """The namespace/name of a checkpoint whose output overlaps ours and precedes us."""
     out = spec.output.parsed
-    mine = (created, uid)
     owners = []
-    for prefix, other_created, other_uid, ref in index.get(out.bucket, []):
-        if other_uid == uid:
+    for other in index.get(out.bucket, []):
+        if other.uid == me.uid:
             continue
-        if not (prefix.startswith(out.prefix) or out.prefix.startswith(prefix)):
+        if not (other.prefix.startswith(out.prefix) or out.prefix.startswith(other.prefix)):
             continue
-        if (other_created, other_uid) < mine:
-            owners.append(((other_created, other_uid), ref))
+        if other.rank() < me.rank():
+            owners.append((other.rank(), other.ref))
     return min(owners)[1] if owners else None
 
 
@@ -170,7 +191,14 @@ def reconcile(body: dict[str, Any], outputs_index: Any) -> None:
             )
             _write_status(body, old, new)
             return
-        owner = output_owner(spec, uid, meta.get("creationTimestamp") or "", outputs_index)
+        me = OutputClaim(
+            prefix=spec.output.parsed.prefix,
+            claimed=bool(old.get("jobName")),
+            created=meta.get("creationTimestamp") or "",
+            uid=uid,
+            ref=f"{ns}/{name}",
+        )
+        owner = output_owner(spec, me, outputs_index)
         if owner is not None:
             _write_status(
                 body, old, st.status_for_conflict(old, owner, str(spec.output.parsed), gen, now())
