@@ -10,6 +10,7 @@ import pytest
 from preshard.core.naming import (
     MAX_NAME,
     bounded_name,
+    checkpoint_label_value,
     cleanup_job_name,
     job_name,
     serving_configmap_name,
@@ -98,11 +99,38 @@ def test_serving_configmap_name() -> None:
     assert serving_configmap_name("llama-70b-tp8") == "llama-70b-tp8-serving"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: naming.serving_configmap_name appends '-serving' without bounding; a resource "
-    "name of 246-253 chars (legal for a custom resource) gives an invalid ConfigMap name (> 253)",
-)
 def test_serving_configmap_name_is_a_valid_subdomain_for_the_longest_names() -> None:
     name = serving_configmap_name("a" * 253)
     assert len(name) <= 253
+
+
+SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@pytest.mark.parametrize("length", [245, 246, 253])
+def test_serving_configmap_names_of_long_resources(length: int) -> None:
+    resource = ("model.v1-" * 40)[: length - 1] + "z"
+    name = serving_configmap_name(resource)
+    assert len(name) <= 253 and SUBDOMAIN.match(name), name
+    assert name.endswith("-serving")
+    if length + len("-serving") <= 253:
+        assert name == resource + "-serving"
+    else:
+        assert name != serving_configmap_name(resource[:-1] + "y")  # hashed: still distinct
+    assert serving_configmap_name(resource) == name
+
+
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+@pytest.mark.parametrize("length", [1, 63, 64, 100, 253])
+def test_checkpoint_label_value(length: int) -> None:
+    resource = ("llama.3-" * 40)[: length - 1] + "z"
+    value = checkpoint_label_value(resource)
+    assert len(value) <= 63 and LABEL_VALUE.match(value), value
+    if length <= 63:
+        assert value == resource
+    else:
+        digest = hashlib.sha256(resource.encode()).hexdigest()[:10]
+        assert value.endswith("-" + digest)
+        assert resource.startswith(value.removesuffix("-" + digest))

@@ -1,17 +1,23 @@
 """Child object manifests (plain dicts) built from a ShardedCheckpoint: the conversion
 Job, the purge Job (deletionPolicy: Delete) and the serving ConfigMap.
 
-Pure functions: same inputs, same manifest (pinned by golden files in tests/unit/golden).
+Pure functions: same inputs, same manifest (pinned by golden files in tests/golden).
 User values only ever land in an argument list or env values, never in a shell string.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from preshard import GROUP, KIND, VERSION
 from preshard.core.config import OperatorConfig
-from preshard.core.naming import cleanup_job_name, job_name, serving_configmap_name
+from preshard.core.naming import (
+    checkpoint_label_value,
+    cleanup_job_name,
+    job_name,
+    serving_configmap_name,
+)
 from preshard.core.serving import configmap_data, serving_info
 from preshard.core.spec import CheckpointSpec
 
@@ -26,6 +32,8 @@ LABEL_SPEC_HASH = "preshard.io/spec-hash"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 ANNOTATION_SPEC_HASH = "preshard.io/spec-hash"
 ANNOTATION_OWNER_UID = "preshard.io/owner-uid"
+# The owner's full name: the checkpoint label holds a cut name + hash for names over 63.
+ANNOTATION_CHECKPOINT_NAME = "preshard.io/checkpoint-name"
 
 RESTRICTED_CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
@@ -44,11 +52,12 @@ RESTRICTED_POD_SECURITY = {
 
 
 def labels(name: str, component: str, spec_hash: str | None = None) -> dict[str, str]:
+    """Labels of a child object; the checkpoint label is bounded to 63 characters."""
     out = {
         "app.kubernetes.io/name": "preshard",
         LABEL_COMPONENT: component,
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        LABEL_CHECKPOINT: name,
+        LABEL_CHECKPOINT: checkpoint_label_value(name),
     }
     if spec_hash:
         out[LABEL_SPEC_HASH] = spec_hash[:10]
@@ -223,7 +232,7 @@ def build_conversion_job(
         "args": conversion_args(name, namespace, uid, spec),
         "env": env,
         "resources": _resources(spec, config),
-        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+        "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": mounts,
@@ -233,7 +242,7 @@ def build_conversion_job(
         "serviceAccountName": conv.service_account_name or config.job_service_account,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": dict(RESTRICTED_POD_SECURITY),
+        "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
     }
@@ -242,11 +251,10 @@ def build_conversion_job(
     )
     if node_selector:
         pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
-    tolerations = (
-        conv.tolerations
-        if conv.tolerations is not None
-        else [dict(t) for t in config.default_tolerations]
-    )
+    tolerations = [
+        copy.deepcopy(dict(t))
+        for t in (conv.tolerations if conv.tolerations is not None else config.default_tolerations)
+    ]
     if tolerations:
         pod_spec["tolerations"] = tolerations
     if conv.priority_class_name:
@@ -259,7 +267,11 @@ def build_conversion_job(
             "name": job_name(name, spec_hash),
             "namespace": namespace,
             "labels": lbl,
-            "annotations": {ANNOTATION_SPEC_HASH: spec_hash, ANNOTATION_OWNER_UID: uid},
+            "annotations": {
+                ANNOTATION_SPEC_HASH: spec_hash,
+                ANNOTATION_OWNER_UID: uid,
+                ANNOTATION_CHECKPOINT_NAME: name,
+            },
             "ownerReferences": [owner_reference(name, uid)],
         },
         "spec": {
@@ -321,7 +333,7 @@ def build_purge_job(
             {"name": "HOME", "value": "/tmp"},
         ],
         "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+        "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
@@ -333,7 +345,11 @@ def build_purge_job(
             "name": cleanup_job_name(name, spec_hash),
             "namespace": namespace,
             "labels": lbl,
-            "annotations": {ANNOTATION_SPEC_HASH: spec_hash, ANNOTATION_OWNER_UID: uid},
+            "annotations": {
+                ANNOTATION_SPEC_HASH: spec_hash,
+                ANNOTATION_OWNER_UID: uid,
+                ANNOTATION_CHECKPOINT_NAME: name,
+            },
         },
         "spec": {
             "backoffLimit": 3,
@@ -347,7 +363,7 @@ def build_purge_job(
                     or config.job_service_account,
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
-                    "securityContext": dict(RESTRICTED_POD_SECURITY),
+                    "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
                     "containers": [container],
                     "volumes": [{"name": "tmp", "emptyDir": {}}],
                 },

@@ -6,6 +6,8 @@ import hashlib
 import re
 
 MAX_NAME = 63
+MAX_LABEL_VALUE = 63
+MAX_SUBDOMAIN = 253
 _INVALID = re.compile(r"[^a-z0-9-]+")
 
 
@@ -35,6 +37,28 @@ def cleanup_job_name(resource_name: str, spec_hash: str) -> str:
     return bounded_name(resource_name, f"purge-{spec_hash[:10]}")
 
 
+def _digest(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()[:10]
+
+
+def checkpoint_label_value(resource_name: str) -> str:
+    """The ``preshard.io/checkpoint`` label value: the resource name, or for names over the
+    63-character label limit a cut name plus a hash of the whole name.
+
+    A resource name is a DNS subdomain (up to 253 characters), so a long one cannot be a
+    label value; the full name is in the ``preshard.io/checkpoint-name`` annotation.
+    """
+    if len(resource_name) <= MAX_LABEL_VALUE:
+        return resource_name
+    keep = MAX_LABEL_VALUE - 11
+    return f"{resource_name[:keep].rstrip('-.')}-{_digest(resource_name)}"
+
+
 def serving_configmap_name(resource_name: str) -> str:
-    # ConfigMap names are DNS subdomains (253 chars); keep them readable.
-    return f"{resource_name}-serving"
+    """``<name>-serving``; ConfigMap names are DNS subdomains (253 characters), so a name
+    too long for the suffix is cut and gets a hash of the whole name."""
+    suffix = "-serving"
+    if len(resource_name) + len(suffix) <= MAX_SUBDOMAIN:
+        return resource_name + suffix
+    keep = MAX_SUBDOMAIN - len(suffix) - 11
+    return f"{resource_name[:keep].rstrip('-.')}-{_digest(resource_name)}{suffix}"
