@@ -190,6 +190,23 @@ def test_progress_then_complete_gives_ready_artifact_serving_and_configmap(
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
 
 
+def test_a_name_longer_than_a_label_value_reaches_ready(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    # 63 characters is the label-value limit; the operator finds the owner of a Job by its
+    # preshard.io/checkpoint-name annotation, the label holds a cut name and a hash
+    name = "llama-3-1-405b-instruct." + "x" * 80
+    k8s_api.create_checkpoint(ns, name, spec(output="s3://out/long/tp2/"))
+    (job,) = k8s_api.wait_jobs(ns)
+    assert job["metadata"]["annotations"]["preshard.io/checkpoint-name"] == name
+    assert all(len(v) <= 63 for v in job["metadata"]["labels"].values())
+    finish_job(k8s_api, ns, job, Result("Succeeded", artifact=ARTIFACT))
+    k8s_api.wait_condition(ns, name, "True", "Published")
+    status = k8s_api.checkpoint(ns, name)["status"]  # type: ignore[index]
+    cm = k8s_api.core.read_namespaced_config_map(status["serving"]["configMapName"], ns)
+    assert all(len(v) <= 63 for v in cm.metadata.labels.values())
+
+
 def test_failed_job_reports_the_workers_reason(k8s_api: K8s, operator: Operator, ns: str) -> None:
     k8s_api.create_checkpoint(ns, "missing", spec())
     (job,) = k8s_api.wait_jobs(ns)

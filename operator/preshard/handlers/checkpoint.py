@@ -29,6 +29,7 @@ from preshard.core import status as st
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import SpecError
 from preshard.core.jobs import (
+    ANNOTATION_CHECKPOINT_NAME,
     ANNOTATION_OWNER_UID,
     LABEL_CHECKPOINT,
     LABEL_COMPONENT,
@@ -324,7 +325,11 @@ def on_job_event(event: dict[str, Any], **_: Any) -> None:
     job = dict(event.get("object") or {})
     meta = job.get("metadata") or {}
     ns = meta.get("namespace")
-    owner = (meta.get("labels") or {}).get(LABEL_CHECKPOINT)
+    # The annotation has the full name; the label is cut for names over 63 characters
+    # (Jobs of older operator versions have only the label, and only short names).
+    owner = (meta.get("annotations") or {}).get(ANNOTATION_CHECKPOINT_NAME) or (
+        meta.get("labels") or {}
+    ).get(LABEL_CHECKPOINT)
     if not ns or not owner:
         return
     try:
