@@ -90,11 +90,6 @@ def test_parse_line_ignores_anything_malformed(line: str) -> None:
     assert parse_progress_line(line) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: progress.parse_progress_line catches ValueError/KeyError/TypeError but not "
-    "OverflowError: bytesDone Infinity or 1e400 (valid for Python's json) raises instead of None",
-)
 @pytest.mark.parametrize("value", ["Infinity", "1e400", "-Infinity"])
 def test_parse_line_ignores_infinite_byte_counts(value: str) -> None:
     line = f'PRESHARD-PROGRESS {{"stage":"Uploading","bytesDone":{value}}}'
@@ -170,19 +165,39 @@ def test_result_long_ascii_failure_keeps_most_of_the_message() -> None:
     assert len(back.message) > 3900
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Result.to_message computes the excess in bytes of the JSON text but cuts that "
-    "many characters from the raw message; characters JSON escapes (non-ASCII as \\uXXXX, "
-    "newlines, quotes, control chars) are 2-6 bytes, so a long message of them is cut to "
-    "nothing but ' [truncated]'",
-)
 @pytest.mark.parametrize("char", ["é", "\n", '"', "字"])
 def test_result_long_escaped_failure_keeps_a_prefix(char: str) -> None:
     res = Result("Failed", reason="ConversionFailed", message=char * 10000)
     back = Result.from_message(res.to_message())
     assert back is not None and back.message is not None
     assert back.message.startswith(char * 10)
+
+
+@pytest.mark.parametrize("char", ["x", "é", "\n", '"', "\x01", "字", "\U0001f600"])
+def test_result_truncation_keeps_the_longest_prefix_that_fits(char: str) -> None:
+    res = Result("Failed", reason="ConversionFailed", message="ab" + char * 10000)
+    text = res.to_message()
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    back = Result.from_message(text)
+    assert back is not None and back.message is not None
+    kept = back.message.removesuffix(" [truncated]")
+    assert ("ab" + char * 10000).startswith(kept)
+    # one more character would not fit
+    longer = json.loads(text) | {"message": "ab" + char * (len(kept) - 1) + " [truncated]"}
+    assert len(json.dumps(longer, separators=(",", ":"), sort_keys=True).encode()) > (
+        TERMINATION_MESSAGE_LIMIT
+    )
+
+
+def test_result_long_failure_with_a_large_artifact_keeps_its_message() -> None:
+    res = Result("Failed", reason="X", message="short", artifact={"a": "x" * 5000})
+    assert Result.from_message(res.to_message()) == Result("Failed", reason="X", message="short")
+
+
+@pytest.mark.parametrize("value", ["Infinity", "NaN", "1e400"])
+def test_parse_line_ignores_non_finite_timestamps(value: str) -> None:
+    line = f'PRESHARD-PROGRESS {{"stage":"Uploading","ts":{value}}}'
+    assert parse_progress_line(line) is None
 
 
 def test_result_short_messages_are_not_truncated() -> None:

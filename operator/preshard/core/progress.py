@@ -7,6 +7,7 @@ log); the result goes to the container's termination message (at most 4 KiB).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -14,6 +15,11 @@ PROGRESS_PREFIX = "PRESHARD-PROGRESS "
 STAGES = ("Downloading", "Converting", "Verifying", "Uploading", "Published")
 Stage = Literal["Downloading", "Converting", "Verifying", "Uploading", "Published"]
 TERMINATION_MESSAGE_LIMIT = 4096
+TRUNCATED = " [truncated]"
+
+
+def _dumps(data: dict[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,17 @@ def parse_progress_line(line: str) -> ProgressRecord | None:
         stage = data["stage"]
         if stage not in STAGES:
             return None
+        ts = float(data.get("ts", 0.0))
+        if not math.isfinite(ts):
+            return None
         return ProgressRecord(
             stage=stage,
             bytes_done=max(0, int(data.get("bytesDone", 0))),
             bytes_total=max(0, int(data.get("bytesTotal", 0))),
-            ts=float(data.get("ts", 0.0)),
+            ts=ts,
         )
-    except (ValueError, KeyError, TypeError):
+    # OverflowError: int() of Infinity or 1e400, both valid for Python's json.
+    except (ValueError, KeyError, TypeError, OverflowError):
         return None
 
 
@@ -80,16 +90,36 @@ class Result:
     artifact: dict[str, Any] | None = field(default=None)
 
     def to_message(self) -> str:
+        """The JSON text, at most TERMINATION_MESSAGE_LIMIT bytes when it can be.
+
+        Too long (a very long error): a failure's artifact is dropped, then the message is
+        cut to the longest prefix that fits with " [truncated]"; the structure is kept.
+        """
         data = {k: v for k, v in asdict(self).items() if v is not None}
-        text = json.dumps(data, separators=(",", ":"), sort_keys=True)
+        text = _dumps(data)
         if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
             return text
-        # Too long (a very long error): shorten the message, never the structure.
-        over = len(text.encode()) - TERMINATION_MESSAGE_LIMIT + 16
-        msg = (self.message or "")[: max(0, len(self.message or "") - over)] + " [truncated]"
-        data["message"] = msg
-        data.pop("artifact", None) if self.result == "Failed" else None
-        return json.dumps(data, separators=(",", ":"), sort_keys=True)
+        if self.result == "Failed" and data.pop("artifact", None) is not None:
+            text = _dumps(data)
+            if len(text.encode()) <= TERMINATION_MESSAGE_LIMIT:
+                return text
+        message = self.message or ""
+        if not message:
+            return text  # nothing to shorten
+
+        def cut(n: int) -> str:
+            return _dumps({**data, "message": message[:n] + TRUNCATED})
+
+        # The encoded size grows with the prefix length (JSON escapes make characters
+        # 1-12 bytes, so bytes cannot be turned into characters): binary search.
+        lo, hi = 0, min(len(message), TERMINATION_MESSAGE_LIMIT)  # a character is >= 1 byte
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(cut(mid).encode()) <= TERMINATION_MESSAGE_LIMIT:
+                lo = mid
+            else:
+                hi = mid - 1
+        return cut(lo)
 
     @classmethod
     def from_message(cls, text: str | None) -> Result | None:
