@@ -378,46 +378,98 @@ def test_from_json_file_order_does_not_change_the_serialised_form() -> None:
     assert data == original
 
 
-# Gaps in strict parsing (see the report).
+# Strict parsing: unknown fields, ranks of another parallel size, numbers.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: Manifest.from_json silently ignores unknown top-level fields (e.g. a typo "
-    "'tensorParalelSize'); a strict reader rejects them (extensions belong in 'extra')",
-)
 def test_from_json_rejects_unknown_top_level_fields() -> None:
-    with pytest.raises(ManifestError):
-        Manifest.from_json(_with(bogus=1))
+    with pytest.raises(ManifestError) as exc:
+        Manifest.from_json(_with(bogus=1, tensorParalelSize=2))
+    assert str(exc.value) == (
+        "manifest has unknown field(s) 'bogus', 'tensorParalelSize' "
+        "(formatVersion 1; extensions belong in 'extra')"
+    )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: Manifest.from_json accepts shard files whose rank is outside TP x PP "
-    "(model-rank-3 in a TP=2 manifest), i.e. shards of another parallel size",
-)
-def test_from_json_rejects_ranks_outside_the_world_size() -> None:
-    with pytest.raises(ManifestError):
-        Manifest.from_json(
-            _with(files=[_f(R0), _f(R1), _f("model-rank-3-part-0.safetensors")], totalBytes=_DROP)
-        )
+def test_from_json_keeps_extensions_under_extra() -> None:
+    m = Manifest.from_json(_with(extra={"builder": {"name": "x", "n": [1, 2]}}))
+    assert m.extra == {"builder": {"name": "x", "n": [1, 2]}}
+    assert Manifest.from_json(m.to_json()) == m
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: manifest.py from_json converts totalBytes with int() outside its try block and "
-    "sizes/parallel sizes catch no OverflowError, so a bad value raises ValueError/TypeError/"
-    "OverflowError instead of ManifestError (worker callers catch only ManifestError)",
-)
+@pytest.mark.parametrize("extra", [[1], "x", 5])
+def test_from_json_extra_must_be_an_object(extra: Any) -> None:
+    with pytest.raises(ManifestError, match="'extra' must be an object"):
+        Manifest.from_json(_with(extra=extra))
+
+
+@pytest.mark.parametrize("name", ["owner", "quantization", "createdAt"])
+def test_from_json_optional_strings(name: str) -> None:
+    with pytest.raises(ManifestError, match=f"manifest field {name!r} must be a string or null"):
+        Manifest.from_json(_with(**{name: 5}))
+
+
 @pytest.mark.parametrize(
-    "text",
+    ("files", "tp", "pp", "message"),
     [
-        _with(totalBytes="many"),
-        _with(totalBytes=None),
-        _with(files=[_f(R0, size=1e400), _f(R1)], totalBytes=_DROP),
-        _with(tensorParallelSize=1e400),
+        (
+            [R0, R1, "model-rank-3-part-0.safetensors"],
+            2,
+            1,
+            "model-rank-3-part-0.safetensors: rank 3 is outside TP 2 x PP 1 "
+            "(shards of another parallel size?)",
+        ),
+        (
+            ["model-pp-0-tp-0-part-0.safetensors", "model-pp-0-tp-2-part-0.safetensors"],
+            2,
+            1,
+            "model-pp-0-tp-2-part-0.safetensors: shard of PP rank 0, TP rank 2 is outside "
+            "TP 2 x PP 1 (shards of another parallel size?)",
+        ),
+        (
+            # tp index 2 of TP=2 would alias global rank 2 (pp 1, tp 0)
+            [
+                "model-pp-0-tp-0-part-0.safetensors",
+                "model-pp-0-tp-1-part-0.safetensors",
+                "model-pp-0-tp-2-part-0.safetensors",
+                "model-pp-1-tp-1-part-0.safetensors",
+            ],
+            2,
+            2,
+            "model-pp-0-tp-2-part-0.safetensors: shard of PP rank 0, TP rank 2 is outside "
+            "TP 2 x PP 2 (shards of another parallel size?)",
+        ),
     ],
 )
-def test_from_json_bad_numbers_raise_manifest_error(text: str) -> None:
-    with pytest.raises(ManifestError):
+def test_from_json_rejects_ranks_outside_the_world_size(
+    files: list[str], tp: int, pp: int, message: str
+) -> None:
+    text = _with(
+        files=[_f(k) for k in files],
+        tensorParallelSize=tp,
+        pipelineParallelSize=pp,
+        totalBytes=_DROP,
+    )
+    with pytest.raises(ManifestError) as exc:
         Manifest.from_json(text)
+    assert str(exc.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_with(totalBytes="many"), "totalBytes 'many' is not an integer"),
+        (_with(totalBytes=None), "totalBytes None is not an integer"),
+        (_with(totalBytes=510.0), "totalBytes 510.0 is not an integer"),
+        (_with(files=[_f(R0, size=1e400), _f(R1)], totalBytes=_DROP), "size inf is not an integer"),
+        (_with(files=[_f(R0, size=True), _f(R1)], totalBytes=_DROP), "size True is not an integer"),
+        (_with(tensorParallelSize=1e400), "tensorParallelSize inf is not an integer"),
+        (_with(tensorParallelSize=2.5), "tensorParallelSize 2.5 is not an integer"),
+        (_with(pipelineParallelSize="1"), "pipelineParallelSize '1' is not an integer"),
+        ("[" * 100000 + "]" * 100000, "manifest is not valid JSON: "),
+        (b"\xff\xfe", "manifest is not valid JSON: "),
+    ],
+)
+def test_from_json_bad_numbers_raise_manifest_error(text: str, message: str) -> None:
+    with pytest.raises(ManifestError) as exc:
+        Manifest.from_json(text)
+    assert message in str(exc.value)

@@ -3,6 +3,11 @@
 It is uploaded LAST; a prefix without it is not a checkpoint. It lists every file with
 its size and sha256, so readers (``preshard fetch``/``verify``) check integrity
 themselves instead of trusting the object store.
+
+Compatibility: ``formatVersion`` is the contract. A reader accepts exactly the versions
+it knows, and within a version it is strict: an unknown top-level field (a typo such as
+``tensorParalelSize``) is an error, not silently ignored. Additions that older readers
+may skip go under the free-form ``extra`` object; anything else is a new formatVersion.
 """
 
 from __future__ import annotations
@@ -29,6 +34,42 @@ class ManifestError(ValueError):
     """The manifest is malformed or does not describe a usable checkpoint."""
 
 
+# Every top-level field of formatVersion 1 (what Manifest.to_json writes).
+FIELDS = frozenset(
+    {
+        "format",
+        "formatVersion",
+        "createdAt",
+        "owner",
+        "source",
+        "tensorParallelSize",
+        "pipelineParallelSize",
+        "quantization",
+        "dtype",
+        "vllmVersion",
+        "loadFormat",
+        "filePattern",
+        "totalBytes",
+        "files",
+        "extra",
+    }
+)
+
+
+def _int(value: Any, what: str) -> int:
+    """A JSON integer (not a bool, float or string); ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} {value!r} is not an integer")
+    return value
+
+
+def _opt_str(data: dict[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ManifestError(f"manifest field {name!r} must be a string or null, not {value!r}")
+    return value
+
+
 def parse_shard_filename(name: str, tensor_parallel_size: int = 1) -> tuple[int, int] | None:
     """(global rank, part) of a shard file name, or None for a non-shard file.
 
@@ -41,6 +82,27 @@ def parse_shard_filename(name: str, tensor_parallel_size: int = 1) -> tuple[int,
     if m:
         return int(m["pp"]) * tensor_parallel_size + int(m["tp"]), int(m["part"])
     return None
+
+
+def _shard_of(key: str, tp: int, pp: int) -> tuple[int, int] | None:
+    """(global rank, part) of a shard key in a TP x PP manifest; ManifestError for a shard
+    of another parallel size (a rank, or a PP/TP index, outside TP x PP)."""
+    name = key.rsplit("/", 1)[-1]
+    parsed = parse_shard_filename(name, tp)
+    if parsed is None:
+        return None
+    m = _PP_FILE.match(name)
+    if m and (int(m["pp"]) >= pp or int(m["tp"]) >= tp):
+        raise ManifestError(
+            f"{key}: shard of PP rank {int(m['pp'])}, TP rank {int(m['tp'])} is outside "
+            f"TP {tp} x PP {pp} (shards of another parallel size?)"
+        )
+    if parsed[0] >= tp * pp:
+        raise ManifestError(
+            f"{key}: rank {parsed[0]} is outside TP {tp} x PP {pp} "
+            "(shards of another parallel size?)"
+        )
+    return parsed
 
 
 def _check_key(key: str) -> None:
@@ -140,7 +202,7 @@ class Manifest:
     def from_json(cls, text: str | bytes) -> Manifest:
         try:
             data = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ManifestError(f"manifest is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise ManifestError("manifest is not a JSON object")
@@ -151,9 +213,16 @@ class Manifest:
             raise ManifestError(
                 f"unsupported manifest formatVersion {version!r} (this preshard reads {FORMAT_VERSION})"
             )
+        unknown = sorted(set(data) - FIELDS)
+        if unknown:
+            raise ManifestError(
+                f"manifest has unknown field(s) {', '.join(map(repr, unknown))} "
+                f"(formatVersion {FORMAT_VERSION}; extensions belong in 'extra')"
+            )
         try:
-            tp = int(data["tensorParallelSize"])
-            pp = int(data.get("pipelineParallelSize", 1))
+            tp = _int(data["tensorParallelSize"], "tensorParallelSize")
+            pp = _int(data.get("pipelineParallelSize", 1), "pipelineParallelSize")
+            total = _int(data["totalBytes"], "totalBytes") if "totalBytes" in data else None
             source = data["source"]
             raw_files = data["files"]
             vllm_version = str(data["vllmVersion"])
@@ -161,13 +230,17 @@ class Manifest:
             raise ManifestError(f"manifest is missing or has a bad field: {exc}") from None
         if tp < 1 or pp < 1:
             raise ManifestError("manifest parallel sizes must be >= 1")
+        extra = data.get("extra")
+        if extra is not None and not isinstance(extra, dict):
+            raise ManifestError("manifest field 'extra' must be an object")
         if not isinstance(raw_files, list) or not raw_files:
             raise ManifestError("manifest lists no files")
         files: list[ManifestFile] = []
         seen: set[str] = set()
         for raw in raw_files:
             try:
-                key, size, sha = str(raw["key"]), int(raw["size"]), str(raw["sha256"])
+                key, sha = str(raw["key"]), str(raw["sha256"])
+                size = _int(raw["size"], "size")
             except (KeyError, TypeError, ValueError) as exc:
                 raise ManifestError(f"manifest file entry is malformed: {exc}") from None
             _check_key(key)
@@ -178,7 +251,7 @@ class Manifest:
                 raise ManifestError(f"{key}: negative size")
             if not _SHA256.match(sha):
                 raise ManifestError(f"{key}: sha256 {sha!r} is not 64 lowercase hex digits")
-            parsed = parse_shard_filename(key.rsplit("/", 1)[-1], tp)
+            parsed = _shard_of(key, tp, pp)
             files.append(
                 ManifestFile(
                     key, size, sha, parsed[0] if parsed else None, parsed[1] if parsed else None
@@ -186,20 +259,20 @@ class Manifest:
             )
         m = cls(
             source_uri=str(source.get("uri", "")) if isinstance(source, dict) else "",
-            source_revision=source.get("revision") if isinstance(source, dict) else None,
+            source_revision=_opt_str(source, "revision") if isinstance(source, dict) else None,
             tensor_parallel_size=tp,
             pipeline_parallel_size=pp,
-            quantization=data.get("quantization"),
+            quantization=_opt_str(data, "quantization"),
             dtype=str(data.get("dtype", "auto")),
             vllm_version=vllm_version,
             files=tuple(files),
-            owner=data.get("owner"),
+            owner=_opt_str(data, "owner"),
             file_pattern=str(data.get("filePattern", FILE_PATTERN)),
             load_format=str(data.get("loadFormat", LOAD_FORMAT)),
-            created_at=data.get("createdAt"),
-            extra=data.get("extra") or {},
+            created_at=_opt_str(data, "createdAt"),
+            extra=extra or {},
         )
-        if "totalBytes" in data and int(data["totalBytes"]) != m.total_bytes:
+        if total is not None and total != m.total_bytes:
             raise ManifestError("manifest totalBytes does not equal the sum of file sizes")
         missing = m.missing_ranks()
         if missing:
