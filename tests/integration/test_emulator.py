@@ -1,0 +1,1296 @@
+"""Fidelity of the Kubernetes API emulator (preshard_dev.emulator), checked with the
+official ``kubernetes`` client and raw HTTP: the behaviour the operator and kubectl rely
+on must match a real API server, or integration tests pass against a cluster that does
+not exist.
+
+Tests marked ``xfail(strict=True)`` record known differences from a real API server; an
+XPASS means the emulator was fixed and the marker can go.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+import urllib3
+
+from preshard_dev.emulator import EmulatorServer
+
+from .conftest import CRD, GROUP, PLURAL, VERSION, K8s, wait_for
+
+TABLE = "application/json;as=Table;g=meta.k8s.io;v=v1"
+ApiException = kubernetes.client.ApiException
+HTTP = urllib3.PoolManager()
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@pytest.fixture
+def ns(k8s_api: K8s) -> str:
+    return k8s_api.namespace()
+
+
+def api_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    """Call ``fn``, expect an ApiException; return (HTTP status, decoded Status body)."""
+    with pytest.raises(ApiException) as info:
+        fn(*args, **kwargs)
+    exc = info.value
+    body = json.loads(exc.body) if exc.body else {}
+    return int(exc.status), body
+
+
+def cr_spec(tp: int = 2, **extra: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "source": {"uri": "s3://models/llama/"},
+        "tensorParallelSize": tp,
+        "output": {"uri": f"s3://out/{uuid.uuid4().hex[:8]}/tp{tp}/"},
+    }
+    s.update(extra)
+    return s
+
+
+def cr_body(name: str, spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ShardedCheckpoint",
+        "metadata": {"name": name, **meta},
+        "spec": spec,
+    }
+
+
+def cm(name: str, data: dict[str, str] | None = None, **meta: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, **meta}, "data": data or {}}
+
+
+def raw(
+    k8s: K8s, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    hdrs = {"Content-Type": "application/json", **(headers or {})}
+    r = k8s.http.request(
+        method,
+        k8s.url + path,
+        body=None if body is None else json.dumps(body).encode(),
+        headers=hdrs,
+        retries=False,
+    )
+    try:
+        return r.status, json.loads(r.data)
+    except ValueError:
+        return r.status, r.data.decode()
+
+
+def collect_watch(
+    base: str, path: str, count: int, timeout: float = 10, **params: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """The first ``count`` events of ``GET path?watch=true`` as (type, object); fewer if the
+    server ends the watch first. Raw HTTP with ``watch=true`` as kopf and kubectl send it
+    (the Python client's ``watch=True`` is a separate, xfailed test)."""
+    query = urllib.parse.urlencode({"watch": "true", "timeoutSeconds": str(int(timeout)), **params})
+    r = HTTP.request("GET", f"{base}{path}?{query}", preload_content=False, retries=False)
+    try:
+        if r.status != 200:
+            raise ApiException(status=r.status, reason=r.read().decode())
+        out: list[tuple[str, dict[str, Any]]] = []
+        buf = b""
+        for chunk in r.stream(1024, decode_content=True):
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    ev = json.loads(line)
+                    out.append((ev["type"], ev["object"]))
+                    if len(out) >= count:
+                        return out
+        return out
+    finally:
+        r.close()  # a watch never ends by itself: drop the connection, do not reuse it
+        r.release_conn()
+
+
+def cm_path(ns: str) -> str:
+    return f"/api/v1/namespaces/{ns}/configmaps"
+
+
+def cr_path(ns: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}"
+
+
+# ------------------------------------------------------------------------------ discovery
+
+
+def test_discovery_lists_builtin_and_crd_resources(k8s_api: K8s) -> None:
+    groups = kubernetes.client.ApisApi(k8s_api.api).get_api_versions()
+    by_name = {g.name: g for g in groups.groups}
+    assert by_name[GROUP].preferred_version.group_version == f"{GROUP}/{VERSION}"
+    assert "batch" in by_name
+    res = kubernetes.client.CustomObjectsApi(k8s_api.api).get_api_resources(GROUP, VERSION)
+    names = {r.name: r for r in res.resources}
+    sckpt = names[PLURAL]
+    assert sckpt.kind == "ShardedCheckpoint"
+    assert sckpt.namespaced is True
+    assert sckpt.short_names == ["sckpt"]
+    assert set(sckpt.verbs) >= {"create", "get", "list", "watch", "patch", "update", "delete"}
+    assert f"{PLURAL}/status" in names
+    core = {r.name for r in kubernetes.client.CoreV1Api(k8s_api.api).get_api_resources().resources}
+    assert {"pods", "pods/log", "pods/status", "configmaps", "secrets", "namespaces"} <= core
+    crd = kubernetes.client.ApiextensionsV1Api(k8s_api.api).read_custom_resource_definition(
+        f"{PLURAL}.{GROUP}"
+    )
+    established = {c.type: c.status for c in crd.status.conditions}
+    assert established["Established"] == "True"
+
+
+# ----------------------------------------------------------------------------------- CRUD
+
+
+def test_create_get_list_sets_identity_and_namespace(k8s_api: K8s, ns: str) -> None:
+    created = k8s_api.core.create_namespaced_config_map(ns, cm("one", {"a": "1"}))
+    meta = created.metadata
+    assert meta.namespace == ns  # taken from the URL
+    assert uuid.UUID(meta.uid)
+    assert int(meta.resource_version) > 0
+    assert meta.creation_timestamp is not None
+    got = k8s_api.core.read_namespaced_config_map("one", ns)
+    assert got.metadata.uid == meta.uid
+    assert got.metadata.resource_version == meta.resource_version
+    assert got.data == {"a": "1"}
+
+    k8s_api.core.create_namespaced_config_map(ns, cm("two"))
+    lst = k8s_api.core.list_namespaced_config_map(ns)
+    assert sorted(i.metadata.name for i in lst.items) == ["one", "two"]
+    assert int(lst.metadata.resource_version) >= int(meta.resource_version)
+    # other namespaces are not listed; the cluster-wide list has both
+    other = k8s_api.namespace()
+    k8s_api.core.create_namespaced_config_map(other, cm("three"))
+    assert [i.metadata.name for i in k8s_api.core.list_namespaced_config_map(other).items] == [
+        "three"
+    ]
+    everywhere = {
+        (i.metadata.namespace, i.metadata.name)
+        for i in k8s_api.core.list_config_map_for_all_namespaces().items
+    }
+    assert {(ns, "one"), (ns, "two"), (other, "three")} <= everywhere
+
+
+def test_generate_name_and_namespace_mismatch(k8s_api: K8s, ns: str) -> None:
+    obj = k8s_api.core.create_namespaced_config_map(
+        ns, {"metadata": {"generateName": "gen-"}, "data": {}}
+    )
+    assert obj.metadata.name.startswith("gen-") and len(obj.metadata.name) > len("gen-")
+    status, body = api_error(
+        k8s_api.core.create_namespaced_config_map, ns, cm("x", namespace="somewhere-else")
+    )
+    assert status == 400
+    assert body["kind"] == "Status" and body["reason"] == "BadRequest"
+
+
+def test_merge_json_and_strategic_patches(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_config_map(ns, cm("p", {"a": "1", "b": "2"}))
+    rv0 = int(k8s_api.core.read_namespaced_config_map("p", ns).metadata.resource_version)
+
+    # merge patch (RFC 7386): null removes a key, others are merged
+    merged = k8s_api.core.patch_namespaced_config_map(
+        "p",
+        ns,
+        {"data": {"a": None, "c": "3"}, "metadata": {"labels": {"x": "y"}}},
+        _content_type="application/merge-patch+json",
+    )
+    assert merged.data == {"b": "2", "c": "3"}
+    assert merged.metadata.labels == {"x": "y"}
+    rv1 = int(merged.metadata.resource_version)
+    assert rv1 > rv0
+
+    # JSON patch (RFC 6902): a list body
+    patched = k8s_api.core.patch_namespaced_config_map(
+        "p",
+        ns,
+        [
+            {"op": "test", "path": "/data/b", "value": "2"},
+            {"op": "replace", "path": "/data/b", "value": "22"},
+            {"op": "add", "path": "/metadata/labels/z", "value": "w"},
+            {"op": "remove", "path": "/data/c"},
+        ],
+    )
+    assert patched.data == {"b": "22"}
+    assert patched.metadata.labels == {"x": "y", "z": "w"}
+    assert int(patched.metadata.resource_version) > rv1
+
+    # a failing "test" op rejects the whole patch
+    status, body = api_error(
+        k8s_api.core.patch_namespaced_config_map,
+        "p",
+        ns,
+        [
+            {"op": "replace", "path": "/data/b", "value": "never"},
+            {"op": "test", "path": "/data/b", "value": "not-it"},
+        ],
+    )
+    assert status == 422 and body["reason"] == "Invalid"
+    assert k8s_api.core.read_namespaced_config_map("p", ns).data == {"b": "22"}
+
+    # strategic merge (the client's default for a dict body on core types): maps merge
+    smp = k8s_api.core.patch_namespaced_config_map("p", ns, {"data": {"d": "4"}})
+    assert smp.data == {"b": "22", "d": "4"}
+
+    # a patch that changes nothing keeps the resourceVersion (no write, no watch event)
+    same = k8s_api.core.patch_namespaced_config_map("p", ns, {"data": {"d": "4"}})
+    assert same.metadata.resource_version == smp.metadata.resource_version
+
+
+def test_custom_object_merge_and_json_patch(k8s_api: K8s, ns: str) -> None:
+    k8s_api.custom.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("cr", cr_spec())
+    )
+    out = k8s_api.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "cr", {"spec": {"converter": {"backoffLimit": 5}}}
+    )
+    assert out["spec"]["converter"]["backoffLimit"] == 5
+    assert out["spec"]["tensorParallelSize"] == 2  # merged, not replaced
+    out = k8s_api.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "cr",
+        [{"op": "replace", "path": "/spec/converter/backoffLimit", "value": 7}],
+        _content_type="application/json-patch+json",
+    )
+    assert out["spec"]["converter"]["backoffLimit"] == 7
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="limitation (documented in the emulator docstring): strategic merge patch is "
+    "applied as a JSON merge patch, so lists with a patchMergeKey (containers by name, "
+    "Job/Pod status conditions by type) are replaced instead of merged",
+)
+def test_strategic_merge_merges_lists_by_key(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": "smp"},
+            "spec": {"containers": [{"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}]},
+        },
+    )
+    pod = k8s_api.core.patch_namespaced_pod(
+        "smp", ns, {"spec": {"containers": [{"name": "b", "image": "b:2"}]}}
+    )
+    assert [(c.name, c.image) for c in pod.spec.containers] == [("a", "a:1"), ("b", "b:2")]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a strategic merge patch (Content-Type application/strategic-merge-patch+json) "
+    "of a custom resource is accepted; the API server refuses it with 415 "
+    "UnsupportedMediaType (CRs support only merge and JSON patches), as `kubectl patch` "
+    "without --type=merge shows",
+)
+def test_strategic_merge_of_custom_resource_is_refused(k8s_api: K8s, ns: str) -> None:
+    k8s_api.custom.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("smp", cr_spec())
+    )
+    status, _ = api_error(
+        k8s_api.custom.patch_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "smp",
+        {"spec": {"verify": False}},
+        _content_type="application/strategic-merge-patch+json",
+    )
+    assert status == 415
+
+
+def test_delete_then_404_not_found_status(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_config_map(ns, cm("gone"))
+    k8s_api.core.delete_namespaced_config_map("gone", ns)
+    status, body = api_error(k8s_api.core.read_namespaced_config_map, "gone", ns)
+    assert status == 404
+    assert body["kind"] == "Status" and body["status"] == "Failure"
+    assert body["reason"] == "NotFound" and body["code"] == 404
+    assert body["details"]["name"] == "gone"
+    assert '"gone" not found' in body["message"]
+    # deleting, patching or replacing a missing object: 404 as well
+    assert api_error(k8s_api.core.delete_namespaced_config_map, "gone", ns)[0] == 404
+    assert api_error(k8s_api.core.patch_namespaced_config_map, "gone", ns, {"data": {}})[0] == 404
+    assert api_error(k8s_api.core.replace_namespaced_config_map, "gone", ns, cm("gone"))[0] == 404
+    # custom objects and a namespace that does not exist
+    assert (
+        api_error(k8s_api.custom.get_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, "no")[0]
+        == 404
+    )
+    status, body = api_error(
+        k8s_api.core.create_namespaced_config_map, "no-such-namespace", cm("x")
+    )
+    assert status == 404 and body["reason"] == "NotFound"
+    assert "no-such-namespace" in body["message"]
+    # an unknown resource type
+    status, body = raw(k8s_api, "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/nothings")
+    assert status == 404 and body["reason"] == "NotFound"
+
+
+def test_create_twice_409_already_exists(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_config_map(ns, cm("dup"))
+    status, body = api_error(k8s_api.core.create_namespaced_config_map, ns, cm("dup"))
+    assert status == 409
+    assert body["kind"] == "Status" and body["apiVersion"] == "v1"
+    assert body["status"] == "Failure" and body["code"] == 409
+    assert body["reason"] == "AlreadyExists"
+    assert body["details"]["name"] == "dup" and body["details"]["kind"] == "configmaps"
+    assert '"dup" already exists' in body["message"]
+
+    k8s_api.custom.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("dup", cr_spec())
+    )
+    status, body = api_error(
+        k8s_api.custom.create_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        cr_body("dup", cr_spec()),
+    )
+    assert status == 409 and body["reason"] == "AlreadyExists"
+    assert body["message"] == f'{PLURAL}.{GROUP} "dup" already exists'  # as the API says it
+    assert body["details"]["group"] == GROUP
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason='bug: messages of core resources name the group "core" '
+    '(configmaps.core "x" not found / already exists); the API server prints the bare '
+    'resource for the core group (configmaps "x" not found), as kubectl shows it',
+)
+def test_core_group_messages_use_bare_resource(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_config_map(ns, cm("msg"))
+    _, body = api_error(k8s_api.core.create_namespaced_config_map, ns, cm("msg"))
+    assert body["message"] == 'configmaps "msg" already exists'
+    _, body = api_error(k8s_api.core.read_namespaced_config_map, "nope", ns)
+    assert body["message"] == 'configmaps "nope" not found'
+
+
+# ------------------------------------------------------------------ resourceVersion conflicts
+
+
+def test_update_with_stale_resource_version_conflicts(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_config_map(ns, cm("rv", {"n": "0"}))
+    first = k8s_api.core.read_namespaced_config_map("rv", ns)
+    second = k8s_api.core.read_namespaced_config_map("rv", ns)
+    first.data = {"n": "1"}
+    updated = k8s_api.core.replace_namespaced_config_map("rv", ns, first)
+    assert int(updated.metadata.resource_version) > int(first.metadata.resource_version)
+    second.data = {"n": "2"}
+    status, body = api_error(k8s_api.core.replace_namespaced_config_map, "rv", ns, second)
+    assert status == 409 and body["reason"] == "Conflict"
+    assert "the object has been modified" in body["message"]
+    assert k8s_api.core.read_namespaced_config_map("rv", ns).data == {"n": "1"}
+    # a merge patch carrying a stale resourceVersion is a precondition too
+    status, body = api_error(
+        k8s_api.core.patch_namespaced_config_map,
+        "rv",
+        ns,
+        {"metadata": {"resourceVersion": first.metadata.resource_version}, "data": {"n": "3"}},
+        _content_type="application/merge-patch+json",
+    )
+    assert status == 409 and body["reason"] == "Conflict"
+    # the current resourceVersion passes
+    ok = k8s_api.core.patch_namespaced_config_map(
+        "rv",
+        ns,
+        {"metadata": {"resourceVersion": updated.metadata.resource_version}, "data": {"n": "3"}},
+        _content_type="application/merge-patch+json",
+    )
+    assert ok.data == {"n": "3"}
+
+
+def test_custom_object_replace_conflict(k8s_api: K8s, ns: str) -> None:
+    k8s_api.custom.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("put", cr_spec())
+    )
+    obj = k8s_api.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "put")
+    obj["spec"]["verify"] = False
+    new = k8s_api.custom.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "put", obj)
+    assert new["spec"]["verify"] is False
+    assert new["metadata"]["generation"] == 2
+    obj["spec"]["verify"] = True  # still the old resourceVersion
+    status, body = api_error(
+        k8s_api.custom.replace_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, "put", obj
+    )
+    assert status == 409 and body["reason"] == "Conflict"
+
+
+# -------------------------------------------------------------- generation and status subresource
+
+
+def test_generation_counts_spec_changes_only(k8s_api: K8s, ns: str) -> None:
+    c = k8s_api.custom
+    obj = c.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, cr_body("gen", cr_spec()))
+    assert obj["metadata"]["generation"] == 1
+    rv = int(obj["metadata"]["resourceVersion"])
+
+    obj = c.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "gen", {"spec": {"converter": {"backoffLimit": 4}}}
+    )
+    assert obj["metadata"]["generation"] == 2
+    assert int(obj["metadata"]["resourceVersion"]) > rv
+    rv = int(obj["metadata"]["resourceVersion"])
+
+    obj = c.patch_namespaced_custom_object_status(
+        GROUP, VERSION, ns, PLURAL, "gen", {"status": {"phase": "Running", "observedGeneration": 2}}
+    )
+    assert obj["metadata"]["generation"] == 2  # status is not the spec
+    assert obj["status"]["phase"] == "Running"
+    assert int(obj["metadata"]["resourceVersion"]) > rv
+    rv = int(obj["metadata"]["resourceVersion"])
+
+    obj = c.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "gen",
+        {"metadata": {"labels": {"a": "b"}, "annotations": {"c": "d"}}},
+    )
+    assert obj["metadata"]["generation"] == 2  # neither is metadata
+    assert int(obj["metadata"]["resourceVersion"]) > rv
+
+    # the client cannot set generation, uid or creationTimestamp
+    before = c.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "gen")["metadata"]
+    obj = c.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "gen",
+        {"metadata": {"generation": 99, "uid": "x", "creationTimestamp": "2000-01-01T00:00:00Z"}},
+    )
+    for k in ("generation", "uid", "creationTimestamp"):
+        assert obj["metadata"][k] == before[k]
+
+
+def test_status_subresource_separates_spec_and_status(k8s_api: K8s, ns: str) -> None:
+    c = k8s_api.custom
+    # status sent on create is dropped for a resource with a status subresource
+    created = c.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        {**cr_body("sub", cr_spec(tp=2)), "status": {"phase": "Succeeded"}},
+    )
+    assert "status" not in created
+
+    # the main endpoint ignores status
+    obj = c.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "sub",
+        {"spec": {"verify": False}, "status": {"phase": "Failed"}},
+    )
+    assert obj["spec"]["verify"] is False
+    assert "status" not in obj
+
+    # the status subresource ignores spec and metadata
+    obj = c.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "sub",
+        {
+            "spec": {"verify": True, "converter": {"backoffLimit": 9}},
+            "metadata": {"labels": {"from": "status"}},
+            "status": {"phase": "Running"},
+        },
+    )
+    assert obj["status"] == {"phase": "Running"}
+    assert obj["spec"]["verify"] is False
+    assert "converter" not in obj["spec"]
+    assert not (obj["metadata"].get("labels") or {}).get("from")
+
+    # PUT on the main endpoint with another status keeps the stored status
+    cur = c.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "sub")
+    cur["status"] = {"phase": "Failed"}
+    cur["spec"]["verify"] = True
+    out = c.replace_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "sub", cur)
+    assert out["status"] == {"phase": "Running"}
+    assert out["spec"]["verify"] is True
+    # PUT on /status with another spec keeps the stored spec
+    out["status"] = {"phase": "Succeeded"}
+    out["spec"]["verify"] = False
+    out2 = c.replace_namespaced_custom_object_status(GROUP, VERSION, ns, PLURAL, "sub", out)
+    assert out2["status"] == {"phase": "Succeeded"}
+    assert out2["spec"]["verify"] is True
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: writes through the status subresource skip the CRD schema: an invalid "
+    "status (phase not in the enum) is stored and unknown status fields are kept; the API "
+    "server validates and prunes status too (422 status.phase: Unsupported value), so an "
+    "operator writing a bad status passes here and fails on a cluster",
+)
+def test_status_subresource_is_validated_against_the_schema(k8s_api: K8s, ns: str) -> None:
+    k8s_api.custom.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("badstatus", cr_spec())
+    )
+    status, body = api_error(
+        k8s_api.custom.patch_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "badstatus",
+        {"status": {"phase": "Bogus"}},
+    )
+    assert status == 422 and "status.phase" in body["message"]
+
+
+# ------------------------------------------------------------------ schema and CEL admission
+
+
+def test_schema_rejects_invalid_values_with_422_and_field_path(k8s_api: K8s, ns: str) -> None:
+    c = k8s_api.custom
+    cases = [
+        ("tp0", cr_spec(tp=0), "spec.tensorParallelSize"),
+        ("quant", cr_spec(quantization="int3"), "spec.quantization"),
+        ("src", cr_spec(source={"uri": "ftp://nope"}), "spec.source.uri"),
+        ("kind", cr_spec(verify="yes"), "spec.verify"),
+    ]
+    for name, spec, field in cases:
+        status, body = api_error(
+            c.create_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, cr_body(name, spec)
+        )
+        assert status == 422, (name, body)
+        assert body["kind"] == "Status" and body["reason"] == "Invalid"
+        assert field in body["message"], (name, body["message"])
+        assert field in [cause["field"] for cause in body["details"]["causes"]], body
+        assert c.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"] == []
+    # updates are validated as well
+    c.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, cr_body("ok", cr_spec()))
+    status, body = api_error(
+        c.patch_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "ok",
+        {"spec": {"converter": {"backoffLimit": 99}}},
+    )
+    assert status == 422 and "spec.converter.backoffLimit" in body["message"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a missing required field is reported at its parent "
+    "(\"spec: 'output' is a required property\", causes[].field 'spec'); the API server "
+    "reports the field itself (spec.output: Required value)",
+)
+def test_missing_required_field_names_the_field(k8s_api: K8s, ns: str) -> None:
+    spec = cr_spec()
+    del spec["output"]
+    _, body = api_error(
+        k8s_api.custom.create_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        cr_body("req", spec),
+    )
+    assert "spec.output" in [c["field"] for c in body["details"]["causes"]]
+
+
+def test_schema_defaults_pruning_and_strict_field_validation(k8s_api: K8s, ns: str) -> None:
+    c = k8s_api.custom
+    spec = cr_spec()
+    spec["bogusField"] = 1
+    obj = c.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, cr_body("prune", spec))
+    assert "bogusField" not in obj["spec"]  # pruned
+    assert obj["spec"]["pipelineParallelSize"] == 1  # defaults
+    assert obj["spec"]["dtype"] == "auto"
+    assert obj["spec"]["verify"] is True
+    assert obj["spec"]["deletionPolicy"] == "Retain"
+    status, body = api_error(
+        c.create_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        cr_body("strict", spec),
+        field_validation="Strict",
+    )
+    assert status == 422
+    assert 'unknown field "spec.bogusField"' in body["message"]
+
+
+def test_cel_immutable_fields(k8s_api: K8s, ns: str) -> None:
+    c = k8s_api.custom
+    c.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, cr_body("cel", cr_spec(tp=2)))
+    for patch, field in [
+        ({"spec": {"tensorParallelSize": 4}}, "spec.tensorParallelSize"),
+        ({"spec": {"source": {"uri": "s3://models/other/"}}}, "spec.source.uri"),
+        ({"spec": {"quantization": "fp8"}}, "spec.quantization"),  # adding counts too
+        ({"spec": {"dtype": "bfloat16"}}, "spec.dtype"),
+    ]:
+        status, body = api_error(
+            c.patch_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, "cel", patch
+        )
+        assert status == 422, (patch, body)
+        assert body["reason"] == "Invalid"
+        assert f"{field} is immutable" in body["message"], body["message"]
+    obj = c.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "cel")
+    assert obj["spec"]["tensorParallelSize"] == 2 and "quantization" not in obj["spec"]
+    assert obj["metadata"]["generation"] == 1
+    # the same value, or a mutable field, passes
+    ok = c.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "cel",
+        {"spec": {"tensorParallelSize": 2, "converter": {"image": "other:1"}}},
+    )
+    assert ok["spec"]["converter"]["image"] == "other:1"
+    assert ok["metadata"]["generation"] == 2
+    # dtype: auto is the default, so setting it explicitly is no change
+    ok = c.patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "cel", {"spec": {"dtype": "auto"}}
+    )
+    assert ok["spec"]["dtype"] == "auto"
+
+
+# ------------------------------------------------------------------------------ watches
+
+
+def test_watch_delivers_events_in_order_and_resumes(k8s_api: K8s, ns: str) -> None:
+    start_rv = k8s_api.core.list_namespaced_config_map(ns).metadata.resource_version
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    def watch() -> None:
+        events.extend(collect_watch(k8s_api.url, cm_path(ns), 3, resourceVersion=start_rv))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    time.sleep(0.2)
+    k8s_api.core.create_namespaced_config_map(ns, cm("w", {"v": "1"}))
+    k8s_api.core.patch_namespaced_config_map("w", ns, {"data": {"v": "2"}})
+    k8s_api.core.delete_namespaced_config_map("w", ns)
+    t.join(15)
+    assert [e[0] for e in events] == ["ADDED", "MODIFIED", "DELETED"]
+    assert [e[1]["data"]["v"] for e in events] == ["1", "2", "2"]
+    rvs = [int(e[1]["metadata"]["resourceVersion"]) for e in events]
+    assert rvs == sorted(rvs) and len(set(rvs)) == 3
+    assert all(e[1]["metadata"]["name"] == "w" for e in events)
+
+    # resume after the ADDED event: only what came later
+    resumed = collect_watch(k8s_api.url, cm_path(ns), 2, resourceVersion=str(rvs[0]))
+    assert [(t, int(o["metadata"]["resourceVersion"])) for t, o in resumed] == [
+        ("MODIFIED", rvs[1]),
+        ("DELETED", rvs[2]),
+    ]
+
+
+def test_watch_without_resource_version_starts_with_current_objects(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_config_map(ns, cm("a"))
+    k8s_api.core.create_namespaced_config_map(ns, cm("b"))
+    evs = collect_watch(k8s_api.url, cm_path(ns), 2)
+    assert sorted((t, o["metadata"]["name"]) for t, o in evs) == [("ADDED", "a"), ("ADDED", "b")]
+
+
+def test_watch_of_custom_objects_with_label_selector(k8s_api: K8s, ns: str) -> None:
+    c = k8s_api.custom
+    rv = c.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["metadata"]["resourceVersion"]
+    c.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("skip", cr_spec(), labels={"team": "b"})
+    )
+    c.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("keep", cr_spec(), labels={"team": "a"})
+    )
+    c.patch_namespaced_custom_object_status(
+        GROUP, VERSION, ns, PLURAL, "keep", {"status": {"phase": "Pending"}}
+    )
+    evs = collect_watch(k8s_api.url, cr_path(ns), 2, labelSelector="team=a", resourceVersion=rv)
+    assert [(t, o["metadata"]["name"]) for t, o in evs] == [("ADDED", "keep"), ("MODIFIED", "keep")]
+    assert evs[1][1]["status"] == {"phase": "Pending"}
+
+
+def test_watch_too_old_resource_version_is_410_gone(tmp_path: Path) -> None:
+    server = EmulatorServer().start()
+    try:
+        # a short event history, so that an old resourceVersion falls out of it
+        server.emulator.store.events = deque(maxlen=3)
+        cfg = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(
+            str(server.write_kubeconfig(tmp_path / "kubeconfig")), client_configuration=cfg
+        )
+        core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(cfg))
+        first = core.create_namespaced_config_map("default", cm("c0"))
+        for i in range(1, 6):
+            core.create_namespaced_config_map("default", cm(f"c{i}"))
+        (ev,) = collect_watch(
+            server.url, cm_path("default"), 1, resourceVersion=first.metadata.resource_version
+        )
+        assert ev[0] == "ERROR"
+        assert ev[1]["kind"] == "Status" and ev[1]["code"] == 410
+        assert ev[1]["reason"] == "Expired"
+        # a recent resourceVersion still resumes
+        last = core.list_namespaced_config_map("default").metadata.resource_version
+        core.delete_namespaced_config_map("c5", "default")
+        evs = collect_watch(server.url, cm_path("default"), 1, resourceVersion=last)
+        assert [(t, o["metadata"]["name"]) for t, o in evs] == [("DELETED", "c5")]
+    finally:
+        server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: the official Python client sends watch=True (str(True)); the emulator only "
+    "accepts watch=true/1 and answers watch=True with a plain List, so kubernetes.watch.Watch "
+    "never sees an event. The API server parses the flag with strconv.ParseBool "
+    "(1, t, T, TRUE, true, True); allowWatchBookmarks has the same check",
+)
+def test_python_client_watch_stream(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_config_map(ns, cm("pyw"))
+    w = kubernetes.watch.Watch()
+    events = []
+    for ev in w.stream(k8s_api.core.list_namespaced_config_map, ns, timeout_seconds=1):
+        events.append((ev["type"], ev["object"].metadata.name))
+        w.stop()
+        break
+    assert events == [("ADDED", "pyw")]
+
+
+# ------------------------------------------------------------------------------ selectors
+
+
+def test_label_and_field_selectors(k8s_api: K8s, ns: str) -> None:
+    labels = {
+        "a1": {"app": "a", "tier": "web"},
+        "a2": {"app": "a"},
+        "b1": {"app": "b", "tier": "db"},
+        "c1": {"app": "c"},
+        "none": {},
+    }
+    for name, lab in labels.items():
+        k8s_api.core.create_namespaced_config_map(ns, cm(name, labels=lab))
+
+    def names(**kw: Any) -> list[str]:
+        return sorted(
+            i.metadata.name for i in k8s_api.core.list_namespaced_config_map(ns, **kw).items
+        )
+
+    assert names(label_selector="app=a") == ["a1", "a2"]
+    assert names(label_selector="app==a") == ["a1", "a2"]
+    assert names(label_selector="app!=a") == ["b1", "c1", "none"]  # no label matches !=
+    assert names(label_selector="app in (a, b)") == ["a1", "a2", "b1"]
+    assert names(label_selector="app notin (a,b)") == ["c1", "none"]
+    assert names(label_selector="tier") == ["a1", "b1"]
+    assert names(label_selector="!tier") == ["a2", "c1", "none"]
+    assert names(label_selector="app=a,tier") == ["a1"]
+    assert names(label_selector="app in (a,b),tier!=db") == ["a1", "a2"]
+    assert names(label_selector="app=zzz") == []
+    assert names(field_selector="metadata.name=b1") == ["b1"]
+    assert names(field_selector="metadata.name!=b1", label_selector="app") == ["a1", "a2", "c1"]
+    assert names(field_selector=f"metadata.namespace={ns}") == sorted(labels)
+    # custom objects too
+    c = k8s_api.custom
+    c.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("x", cr_spec(), labels={"env": "prod"})
+    )
+    c.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, cr_body("y", cr_spec()))
+    got = c.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, label_selector="env=prod")
+    assert [o["metadata"]["name"] for o in got["items"]] == ["x"]
+    # a malformed selector is a 400
+    status, body = api_error(
+        k8s_api.core.list_namespaced_config_map, ns, label_selector="app in (a"
+    )
+    assert status == 400 and body["reason"] == "BadRequest"
+
+
+# ----------------------------------------------------------------------------- finalizers
+
+
+def test_finalizer_keeps_object_until_removed(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_config_map(
+        ns, cm("fin", finalizers=["example.com/keep", "example.com/other"])
+    )
+    rv = k8s_api.core.list_namespaced_config_map(ns).metadata.resource_version
+    k8s_api.core.delete_namespaced_config_map("fin", ns)
+    obj = k8s_api.core.read_namespaced_config_map("fin", ns)
+    assert obj.metadata.deletion_timestamp is not None
+    assert obj.metadata.finalizers == ["example.com/keep", "example.com/other"]
+    # a second delete changes nothing
+    k8s_api.core.delete_namespaced_config_map("fin", ns)
+    again = k8s_api.core.read_namespaced_config_map("fin", ns)
+    assert again.metadata.resource_version == obj.metadata.resource_version
+    # removing one finalizer keeps it, removing the last deletes it
+    k8s_api.core.patch_namespaced_config_map(
+        "fin",
+        ns,
+        {"metadata": {"finalizers": ["example.com/other"]}},
+        _content_type="application/merge-patch+json",
+    )
+    assert k8s_api.core.read_namespaced_config_map("fin", ns).metadata.deletion_timestamp
+    k8s_api.core.patch_namespaced_config_map(
+        "fin", ns, [{"op": "remove", "path": "/metadata/finalizers"}]
+    )
+    assert api_error(k8s_api.core.read_namespaced_config_map, "fin", ns)[0] == 404
+    evs = collect_watch(k8s_api.url, cm_path(ns), 4, timeout=1, resourceVersion=rv)
+    # deletionTimestamp set, one finalizer removed, then gone (no MODIFIED for the last
+    # removal, no event for the repeated delete)
+    assert [t for t, _ in evs] == ["MODIFIED", "MODIFIED", "DELETED"]
+    assert evs[1][1]["metadata"]["finalizers"] == ["example.com/other"]
+    assert evs[-1][0] == "DELETED" and evs[0][1]["metadata"]["deletionTimestamp"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: setting deletionTimestamp on an object with finalizers does not bump "
+    "metadata.generation; the API server increments it once (markAsDeleting / "
+    "BeforeDelete), so controllers comparing observedGeneration see the change",
+)
+def test_deletion_with_finalizer_bumps_generation(k8s_api: K8s, ns: str) -> None:
+    c = k8s_api.custom
+    c.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("delgen", cr_spec(), finalizers=["example.com/f"])
+    )
+    c.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "delgen")
+    obj = c.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "delgen")
+    assert obj["metadata"]["deletionTimestamp"]
+    assert obj["metadata"]["generation"] == 2
+
+
+# ------------------------------------------------------------------ garbage collection
+
+
+def _owner_ref(kind: str, api_version: str, obj: Any) -> dict[str, Any]:
+    meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata
+    name = meta["name"] if isinstance(meta, dict) else meta.name
+    uid = meta["uid"] if isinstance(meta, dict) else meta.uid
+    return {
+        "apiVersion": api_version,
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _job(name: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "template": {
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}
+            }
+        },
+    }
+
+
+def _pod(name: str, owner: dict[str, Any], finalizers: list[str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "ownerReferences": [owner]}
+    if finalizers:
+        meta["finalizers"] = finalizers
+    return {"metadata": meta, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+
+
+def _exists(read: Callable[..., Any], *args: Any) -> bool:
+    try:
+        read(*args)
+        return True
+    except ApiException as exc:
+        if exc.status == 404:
+            return False
+        raise
+
+
+def test_background_cascade_through_owner_chain(k8s_api: K8s, ns: str) -> None:
+    """CR -> Job -> Pod and CR -> ConfigMap: deleting the CR removes the whole tree."""
+    cr = k8s_api.custom.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("owner", cr_spec())
+    )
+    ref = _owner_ref("ShardedCheckpoint", f"{GROUP}/{VERSION}", cr)
+    job_body = _job("owned-job")
+    job_body["metadata"]["ownerReferences"] = [ref]
+    job = k8s_api.batch.create_namespaced_job(ns, job_body)
+    k8s_api.core.create_namespaced_pod(ns, _pod("owned-pod", _owner_ref("Job", "batch/v1", job)))
+    k8s_api.core.create_namespaced_config_map(ns, cm("owned-cm", ownerReferences=[ref]))
+    k8s_api.core.create_namespaced_config_map(ns, cm("bystander"))
+
+    k8s_api.custom.delete_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "owner", propagation_policy="Background"
+    )
+    wait_for(
+        lambda: (
+            not any(
+                (
+                    _exists(k8s_api.batch.read_namespaced_job, "owned-job", ns),
+                    _exists(k8s_api.core.read_namespaced_pod, "owned-pod", ns),
+                    _exists(k8s_api.core.read_namespaced_config_map, "owned-cm", ns),
+                )
+            )
+        ),
+        5,
+        what="dependents garbage-collected",
+    )
+    assert _exists(k8s_api.core.read_namespaced_config_map, "bystander", ns)
+    assert not _exists(
+        k8s_api.custom.get_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, "owner"
+    )
+
+
+def test_foreground_cascade_waits_for_dependents(k8s_api: K8s, ns: str) -> None:
+    job = k8s_api.batch.create_namespaced_job(ns, _job("fg"))
+    ref = _owner_ref("Job", "batch/v1", job)
+    k8s_api.core.create_namespaced_pod(ns, _pod("fg-a", ref))
+    k8s_api.core.create_namespaced_pod(ns, _pod("fg-b", ref, finalizers=["example.com/hold"]))
+
+    k8s_api.batch.delete_namespaced_job("fg", ns, propagation_policy="Foreground")
+    # the owner stays, marked for deletion, while a dependent remains
+    owner = k8s_api.batch.read_namespaced_job("fg", ns)
+    assert owner.metadata.deletion_timestamp is not None
+    assert "foregroundDeletion" in owner.metadata.finalizers
+    assert not _exists(k8s_api.core.read_namespaced_pod, "fg-a", ns)
+    held = k8s_api.core.read_namespaced_pod("fg-b", ns)
+    assert held.metadata.deletion_timestamp is not None
+    # releasing the last dependent releases the owner
+    k8s_api.core.patch_namespaced_pod(
+        "fg-b",
+        ns,
+        {"metadata": {"finalizers": None}},
+        _content_type="application/merge-patch+json",
+    )
+    wait_for(
+        lambda: not _exists(k8s_api.batch.read_namespaced_job, "fg", ns), 5, what="owner deleted"
+    )
+
+    # Foreground with no dependents deletes at once
+    k8s_api.batch.create_namespaced_job(ns, _job("fg-alone"))
+    k8s_api.batch.delete_namespaced_job("fg-alone", ns, propagation_policy="Foreground")
+    assert not _exists(k8s_api.batch.read_namespaced_job, "fg-alone", ns)
+
+
+def test_orphan_keeps_dependents(k8s_api: K8s, ns: str) -> None:
+    job = k8s_api.batch.create_namespaced_job(ns, _job("orph"))
+    k8s_api.core.create_namespaced_pod(ns, _pod("orph-pod", _owner_ref("Job", "batch/v1", job)))
+    k8s_api.batch.delete_namespaced_job("orph", ns, propagation_policy="Orphan")
+    assert not _exists(k8s_api.batch.read_namespaced_job, "orph", ns)
+    time.sleep(0.2)
+    assert _exists(k8s_api.core.read_namespaced_pod, "orph-pod", ns)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: propagationPolicy=Orphan leaves the deleted owner in the dependents' "
+    "ownerReferences; the garbage collector removes that reference before it deletes the "
+    "owner (orphan finalizer)",
+)
+def test_orphan_removes_owner_reference(k8s_api: K8s, ns: str) -> None:
+    job = k8s_api.batch.create_namespaced_job(ns, _job("orph2"))
+    k8s_api.core.create_namespaced_pod(ns, _pod("orph2-pod", _owner_ref("Job", "batch/v1", job)))
+    k8s_api.batch.delete_namespaced_job("orph2", ns, propagation_policy="Orphan")
+    pod = k8s_api.core.read_namespaced_pod("orph2-pod", ns)
+    assert not pod.metadata.owner_references
+
+
+# ------------------------------------------------------------------------------ Table
+
+
+def test_table_output_has_crd_printer_columns(k8s_api: K8s, ns: str) -> None:
+    c = k8s_api.custom
+    c.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        cr_body("tbl", cr_spec(tp=4, quantization="fp8", output={"uri": "s3://out/tbl/tp4/"})),
+    )
+    c.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, cr_body("tbl2", cr_spec(tp=1)))
+    c.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "tbl",
+        {
+            "status": {
+                "phase": "Running",
+                "jobName": "tbl-abc",
+                "progress": {"stage": "Converting", "bytesDone": 1, "bytesTotal": 2},
+                "conditions": [
+                    {"type": "SpecValid", "status": "True", "reason": "Valid"},
+                    {"type": "Ready", "status": "False", "reason": "Converting"},
+                ],
+            }
+        },
+    )
+    status, table = raw(
+        k8s_api,
+        "GET",
+        f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}",
+        headers={"Accept": TABLE},
+    )
+    assert status == 200
+    assert table["kind"] == "Table" and table["apiVersion"] == "meta.k8s.io/v1"
+    cols = [col["name"] for col in table["columnDefinitions"]]
+    assert cols == [
+        "Name",
+        "Phase",
+        "TP",
+        "Quantization",
+        "Ready",
+        "Output",
+        "Age",
+        "PP",
+        "Stage",
+        "Job",
+        "Reason",
+    ]
+    prio = {col["name"]: col["priority"] for col in table["columnDefinitions"]}
+    assert prio["Phase"] == 0 and prio["PP"] == 1 and prio["Reason"] == 1
+    types = {col["name"]: col["type"] for col in table["columnDefinitions"]}
+    assert types["TP"] == "integer" and types["Age"] == "date"
+    rows = {r["cells"][0]: dict(zip(cols, r["cells"], strict=True)) for r in table["rows"]}
+    assert rows["tbl"] | {"Age": None} == {
+        "Name": "tbl",
+        "Phase": "Running",
+        "TP": 4,
+        "Quantization": "fp8",
+        "Ready": "False",
+        "Output": "s3://out/tbl/tp4/",
+        "Age": None,
+        "PP": 1,
+        "Stage": "Converting",
+        "Job": "tbl-abc",
+        "Reason": "Converting",
+    }
+    assert rows["tbl"]["Age"].endswith("s")
+    assert rows["tbl2"]["Phase"] is None and rows["tbl2"]["TP"] == 1
+    # rows carry the object's metadata (PartialObjectMetadata) by default
+    obj = table["rows"][0]["object"]
+    assert obj["kind"] == "PartialObjectMetadata" and obj["metadata"]["namespace"] == ns
+
+    # a single object, with includeObject=Object
+    status, one = raw(
+        k8s_api,
+        "GET",
+        f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/tbl?includeObject=Object",
+        headers={"Accept": TABLE},
+    )
+    assert status == 200 and len(one["rows"]) == 1
+    assert one["rows"][0]["cells"][:3] == ["tbl", "Running", 4]
+    assert one["rows"][0]["object"]["spec"]["tensorParallelSize"] == 4
+    # a plain Accept still gets the object
+    status, plain = raw(k8s_api, "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{ns}/{PLURAL}/tbl")
+    assert plain["kind"] == "ShardedCheckpoint"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kubectl_get_prints_printer_columns(k8s_api: K8s, ns: str) -> None:
+    k8s_api.custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        cr_body("kc", cr_spec(tp=8, quantization="fp8", output={"uri": "s3://out/kc/tp8/"})),
+    )
+
+    def kubectl(*args: str) -> str:
+        return subprocess.run(
+            ["kubectl", "--kubeconfig", str(k8s_api.kubeconfig_path), "-n", ns, *args],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+
+    out = kubectl("get", "sckpt").splitlines()
+    assert out[0].split() == ["NAME", "PHASE", "TP", "QUANTIZATION", "READY", "OUTPUT", "AGE"]
+    # Phase and Ready are unset (null cells, printed blank)
+    assert out[1].split()[:4] == ["kc", "8", "fp8", "s3://out/kc/tp8/"]
+    wide = kubectl("get", "sckpt", "-o", "wide").splitlines()
+    assert wide[0].split()[-4:] == ["PP", "STAGE", "JOB", "REASON"]
+
+
+# ------------------------------------------------------------------------------ pod logs
+
+
+def test_pod_log_and_tail_lines(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_pod(
+        ns, {"metadata": {"name": "logs"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+    )
+    k8s_api.append_log(ns, "logs", "one\ntwo\n")
+    k8s_api.append_log(ns, "logs", "three\n")
+    r = k8s_api.core.read_namespaced_pod_log("logs", ns, _preload_content=False)
+    assert r.data.decode() == "one\ntwo\nthree\n"
+    r = k8s_api.core.read_namespaced_pod_log("logs", ns, tail_lines=2, _preload_content=False)
+    assert r.data.decode() == "two\nthree\n"
+    assert api_error(k8s_api.core.read_namespaced_pod_log, "nopod", ns)[0] == 404
+
+
+# ------------------------------------------------------------------------------ stats
+
+
+def test_stats_count_requests_per_user_agent(k8s_api: K8s, ns: str) -> None:
+    cfg = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(str(k8s_api.kubeconfig_path), client_configuration=cfg)
+    client = kubernetes.client.ApiClient(cfg)
+    agent = f"stats-probe-{uuid.uuid4().hex[:6]}"
+    client.user_agent = f"{agent}/0.1 (test)"
+    core = kubernetes.client.CoreV1Api(client)
+    before_total = k8s_api.stats()["total"]
+
+    core.create_namespaced_config_map(ns, cm("s1"))
+    for _ in range(3):
+        core.read_namespaced_config_map("s1", ns)
+    core.list_namespaced_config_map(ns)
+    core.patch_namespaced_config_map("s1", ns, {"data": {"a": "b"}})
+    core.delete_namespaced_config_map("s1", ns)
+    assert api_error(core.read_namespaced_secret, "missing", ns)[0] == 404  # errors count too
+
+    mine = k8s_api.stats(by_agent=True)[agent]
+    assert mine == {
+        "create configmaps": 1,
+        "get configmaps": 3,
+        "list configmaps": 1,
+        "patch configmaps": 1,
+        "delete configmaps": 1,
+        "get secrets": 1,
+    }
+    assert k8s_api.stats()["total"] - before_total == 8
+    # subresources are counted apart
+    core.create_namespaced_pod(
+        ns, {"metadata": {"name": "sp"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+    )
+    core.patch_namespaced_pod_status("sp", ns, {"status": {"phase": "Running"}})
+    core.read_namespaced_pod_log("sp", ns, _preload_content=False)
+    mine = k8s_api.stats(by_agent=True)[agent]
+    assert mine["patch pods/status"] == 1 and mine["get pods/log"] == 1
+    # the test client is counted under its own agent, not ours
+    assert k8s_api.stats(by_agent=True)["preshard-tests"]["create namespaces"] >= 1
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+def inject(k8s: K8s, **fault: Any) -> None:
+    status, body = raw(k8s, "POST", "/emulator/faults", fault)
+    assert status == 200 and body == {"ok": True}
+
+
+def test_fault_injection_fails_the_next_requests(k8s_api: K8s, ns: str) -> None:
+    sa = k8s_api.core
+    sa.create_namespaced_service_account(ns, {"metadata": {"name": "f"}})
+    inject(k8s_api, verb="get", resource="serviceaccounts", code=503, count=2, message="boom")
+    for _ in range(2):
+        status, body = api_error(sa.read_namespaced_service_account, "f", ns)
+        assert status == 503
+        assert body["kind"] == "Status" and body["message"] == "boom"
+        assert body["reason"] == "InternalError"
+    assert sa.read_namespaced_service_account("f", ns).metadata.name == "f"  # count used up
+    # other verbs and resources were never affected
+    inject(k8s_api, verb="patch", resource="serviceaccounts", code=409, count=1)
+    assert sa.list_namespaced_service_account(ns).items
+    status, body = api_error(sa.patch_namespaced_service_account, "f", ns, {"metadata": {}})
+    assert status == 409 and body["reason"] == "Conflict"
+    assert sa.patch_namespaced_service_account("f", ns, {"metadata": {"labels": {"a": "b"}}})
+    # the fault fires before the write: nothing was stored
+    inject(k8s_api, verb="create", resource="serviceaccounts", code=500)
+    assert (
+        api_error(sa.create_namespaced_service_account, ns, {"metadata": {"name": "g"}})[0] == 500
+    )
+    assert not _exists(sa.read_namespaced_service_account, "g", ns)
+    # wildcards: any verb on serviceaccounts
+    inject(k8s_api, resource="serviceaccounts", code=500, count=1)
+    assert api_error(sa.list_namespaced_service_account, ns)[0] == 500
+    assert sa.list_namespaced_service_account(ns).items
+
+
+def test_fault_injection_on_watch(k8s_api: K8s, ns: str) -> None:
+    inject(k8s_api, verb="watch", resource="configmaps", code=500, count=1)
+    with pytest.raises(ApiException) as info:
+        collect_watch(k8s_api.url, cm_path(ns), 1, timeout=2)
+    assert info.value.status == 500
+    # a list is not a watch
+    assert k8s_api.core.list_namespaced_config_map(ns).items == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: an injected fault's Status.reason is 'Conflict' for every code below 500 "
+    "(429 should be TooManyRequests, 404 NotFound, 403 Forbidden), and 429 carries no "
+    "Retry-After header / details.retryAfterSeconds",
+)
+def test_fault_injection_429_is_too_many_requests(k8s_api: K8s, ns: str) -> None:
+    inject(k8s_api, verb="list", resource="serviceaccounts", code=429, count=1)
+    status, body = api_error(k8s_api.core.list_namespaced_service_account, ns)
+    assert status == 429 and body["reason"] == "TooManyRequests"
+
+
+# ---------------------------------------------------------------------------- CRD lifecycle
+
+
+def test_crd_installed_through_the_api_serves_its_resource(k8s_api: K8s) -> None:
+    """A CRD created over HTTP (not the setup helper) is served at once, with its schema."""
+    import yaml
+
+    doc = yaml.safe_load(CRD.read_text())
+    doc["metadata"]["name"] = "widgets.example.com"
+    doc["spec"]["group"] = "example.com"
+    doc["spec"]["names"] = {
+        "kind": "Widget",
+        "listKind": "WidgetList",
+        "plural": "widgets",
+        "singular": "widget",
+    }
+    ext = kubernetes.client.ApiextensionsV1Api(k8s_api.api)
+    status, _ = raw(k8s_api, "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc)
+    assert status == 201
+    assert ext.read_custom_resource_definition("widgets.example.com").spec.group == "example.com"
+    obj = k8s_api.custom.create_namespaced_custom_object(
+        "example.com",
+        VERSION,
+        "default",
+        "widgets",
+        {
+            "apiVersion": f"example.com/{VERSION}",
+            "kind": "Widget",
+            "metadata": {"name": "w"},
+            "spec": cr_spec(),
+        },
+    )
+    assert obj["kind"] == "Widget" and obj["metadata"]["namespace"] == "default"
+    status, _ = api_error(
+        k8s_api.custom.create_namespaced_custom_object,
+        "example.com",
+        VERSION,
+        "default",
+        "widgets",
+        {"apiVersion": f"example.com/{VERSION}", "kind": "Widget", "metadata": {"name": "bad"}},
+    )
+    assert status == 422  # spec is required by the schema
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_faults(k8s_api: K8s) -> Iterator[None]:
+    yield
+    faults = k8s_api.server.emulator.store.faults
+    left = [f for f in faults if f.count > 0]
+    for f in faults:  # never leak a fault into the next test
+        f.count = 0
+    assert not left, f"injected faults not used up: {left}"
