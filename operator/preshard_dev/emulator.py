@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import copy
 import datetime as dt
@@ -1094,6 +1095,12 @@ class Emulator:
     def _admit(
         self, rt: ResourceType, obj: dict[str, Any], old: dict[str, Any] | None, q: Any
     ) -> dict[str, Any]:
+        if rt.group == "" and rt.plural == "secrets" and obj.get("stringData"):
+            # as the API server: stringData is write-only, merged into data (base64)
+            data = dict(obj.get("data") or {})
+            for k, v in (obj.pop("stringData") or {}).items():
+                data[k] = base64.b64encode(str(v).encode()).decode()
+            obj["data"] = data
         validator = self.store.validators.get(rt.key)
         if validator is None:
             return obj

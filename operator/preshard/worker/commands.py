@@ -242,12 +242,20 @@ def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
     try:
         for page in paginator.paginate(Bucket=u.bucket, Prefix=u.prefix):
             for up in page.get("Uploads", []) or []:
-                client.abort_multipart_upload(
-                    Bucket=u.bucket, Key=up["Key"], UploadId=up["UploadId"]
-                )
-                aborted += 1
+                try:
+                    client.abort_multipart_upload(
+                        Bucket=u.bucket, Key=up["Key"], UploadId=up["UploadId"]
+                    )
+                    aborted += 1
+                except botocore.exceptions.ClientError as exc:
+                    # already completed or aborted (some servers list stale uploads): gone
+                    # is what we want
+                    if s3.error_code(exc) != "NoSuchUpload":
+                        raise
     except botocore.exceptions.ClientError as exc:
-        if s3.error_code(exc) not in ("NotImplemented", "501"):
+        # NotImplemented: the store has no listing; NoSuchUpload: rclone's answer when
+        # there are no unfinished uploads. Neither leaves anything to abort.
+        if s3.error_code(exc) not in ("NotImplemented", "501", "NoSuchUpload"):
             raise s3.translate(exc, uri, "abort uploads under") from None
     log.info("purged %s: %d objects deleted, %d multipart uploads aborted", uri, deleted, aborted)
     return deleted
