@@ -270,7 +270,11 @@ class Timeline:
         self.status: dict[str, float] = {}  # status.jobName written
 
     def on_job(self, type_: str, obj: dict[str, Any], now: float) -> None:
-        owner = (obj["metadata"].get("labels") or {}).get(LABEL_CHECKPOINT)
+        meta = obj["metadata"]
+        # the full resource name; the label holds it too while it fits a label value
+        owner = (meta.get("annotations") or {}).get("preshard.io/checkpoint-name") or (
+            meta.get("labels") or {}
+        ).get(LABEL_CHECKPOINT)
         if type_ == "ADDED" and owner:
             self.job.setdefault(owner, now)
 
