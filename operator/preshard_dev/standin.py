@@ -1,0 +1,106 @@
+"""A fast stand-in for the conversion worker (dev tooling, for load tests and demos).
+
+``python -m preshard_dev.standin convert ...`` takes exactly ``preshard convert``'s
+arguments (the same parser) and does everything the real worker does except running vLLM:
+it checks the S3 source exists, writes one small safetensors file per rank in vLLM's file
+pattern, reports progress through the real reporter, publishes with the real
+``storage.publish`` (parallel upload, manifest last) and writes the real termination
+message. Any other subcommand (``purge``, ``fetch``, ``verify``) runs the real CLI.
+
+It exists so that tests can run many conversions at once on a 2-core machine; the e2e
+happy path and the demo use the real worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from preshard import cli
+from preshard.core.errors import PreshardError
+from preshard.core.progress import Result
+
+STANDIN_VERSION = "standin"
+
+
+def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in range(pp):
+        for r in range(tp):
+            rank = p * tp + r
+            tensors = {f"model.layers.{rank}.weight": np.full((64, 64), rank + 1, dtype=np.float32)}
+            name = pattern.format(rank=rank, part=0, pp_rank=p, tp_rank=r)
+            save_file(tensors, str(dest / name))
+    (dest / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+
+
+def convert(args: Any) -> int:
+    from preshard.worker import s3, storage
+    from preshard.worker.convert import ConvertRequest, manifest_fields
+    from preshard.worker.progress import Reporter, write_result
+    from preshard.worker.verify_shards import shard_pattern
+
+    reporter = Reporter(mode="lines", line_interval=1.0, record_interval=0.2)
+    try:
+        req = ConvertRequest.from_args(args)
+        reporter.stage("Downloading")
+        if req.source.scheme == "s3":
+            settings = s3.source_settings(req.source_endpoint_url, None, 4)
+            client = s3.make_client(settings)
+            listing = s3.with_translation(
+                lambda: s3.list_objects(client, req.source.bucket, req.source.prefix),
+                str(req.source),
+                "list",
+            )
+            if not listing:
+                raise PreshardError(
+                    f"source {req.source} is empty or does not exist",
+                    reason="SourceNotFound",
+                    permanent=True,
+                )
+        delay = float(os.environ.get("PRESHARD_STANDIN_SECONDS", "0.5"))
+        reporter.stage("Converting")
+        time.sleep(delay)
+        shards = req.work_dir / "shards"
+        pattern = shard_pattern(req.pipeline_parallel_size)
+        _fake_shards(shards, req.tensor_parallel_size, req.pipeline_parallel_size, pattern)
+        reporter.stage("Verifying")
+        reporter.stage("Uploading", total_bytes=sum(p.stat().st_size for p in shards.iterdir()))
+        artifact = storage.publish(
+            shards,
+            str(req.output),
+            manifest_fields=manifest_fields(req, STANDIN_VERSION),
+            owner=req.owner,
+            endpoint_url=req.endpoint_url,
+            region=req.region,
+            concurrency=4,
+            reporter=reporter,
+        )
+    except PreshardError as exc:
+        reporter.done()
+        write_result(Result(result="Failed", reason=exc.reason, message=exc.message))
+        print(f"preshard: error: {exc.message}", file=sys.stderr)
+        return 3 if exc.permanent else 1
+    reporter.done()
+    write_result(Result(result="Succeeded", artifact=artifact))
+    print(f"preshard (stand-in): published {artifact.get('uri')}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "convert":
+        return cli.main(argv)
+    args = cli.build_parser().parse_args(argv)
+    return convert(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
