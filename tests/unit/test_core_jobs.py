@@ -47,7 +47,7 @@ from preshard.core.jobs import (
 )
 from preshard.core.naming import cleanup_job_name, job_name
 from preshard.core.serving import configmap_data, serving_info
-from preshard.core.spec import CheckpointSpec, parse_spec
+from preshard.core.spec import RESERVED_ENV, CheckpointSpec, parse_spec
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 UPDATE_GOLDEN = os.environ.get("PRESHARD_UPDATE_GOLDEN") == "1"
@@ -587,22 +587,20 @@ def test_runtime_env_keeps_caches_on_the_work_volume() -> None:
 
 
 def test_user_env_is_plain_values_only() -> None:
-    spec = spec_of(
-        S3_TP2,
-        **{
-            "converter.env": [
-                {"name": "A", "value": "1"},
-                {"name": "B"},
-                {"name": "C", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
-            ]
-        },
-    )
+    spec = spec_of(S3_TP2, **{"converter.env": [{"name": "A", "value": "1"}, {"name": "B"}]})
     env = container_of(build_conversion_job("m", NS, UID, spec, BASIC_CONFIG))["env"]
-    assert env[-3:] == [
-        {"name": "A", "value": "1"},
-        {"name": "B", "value": ""},
-        {"name": "C", "value": ""},
-    ]
+    assert env[-2:] == [{"name": "A", "value": "1"}, {"name": "B", "value": ""}]
+    # valueFrom is an unknown field (the CRD prunes it; without the CRD it is an error,
+    # not a silently empty variable): Secrets come from credentialsSecret only
+    with pytest.raises(SpecError, match=r"^spec.converter.env\[0\].valueFrom: unknown field$"):
+        spec_of(
+            S3_TP2,
+            **{
+                "converter.env": [
+                    {"name": "C", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+                ]
+            },
+        )
 
 
 def walk(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
@@ -636,38 +634,74 @@ def test_secrets_only_as_secret_key_refs(name: str) -> None:
         assert not CREDENTIAL_KEYS & set(obj["data"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: spec.py accepts a converter.env entry without 'name' (env is list[dict[str, Any]]) "
-    "and jobs.build_conversion_job then raises KeyError('name') instead of the operator "
-    "reporting InvalidSpec (only the CRD schema, if installed, prevents it)",
-)
 def test_env_entry_without_a_name_is_an_invalid_spec_not_a_crash() -> None:
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError, match=r"^spec.converter.env\[0\].name: Field required$"):
         spec = spec_of(S3_TP2, **{"converter.env": [{"value": "x"}]})
         build_conversion_job("m", NS, UID, spec, BASIC_CONFIG)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: jobs.build_conversion_job appends spec.converter.env after the credential "
-    "variables without filtering, so converter.env can put AWS_SECRET_ACCESS_KEY/HF_TOKEN as a "
-    "plain value (and shadow the secretKeyRef: duplicate env names, last one wins)",
-)
 def test_user_env_cannot_override_credentials_or_runtime_variables() -> None:
+    # Rejected as InvalidSpec: a plain-text secret, or a second definition of a variable
+    # the Job sets (duplicate env names: the last one wins)
+    with pytest.raises(SpecError) as exc:
+        spec_of(
+            S3_TP2,
+            **{
+                "converter.env": [
+                    {"name": "AWS_SECRET_ACCESS_KEY", "value": "plain-text-secret"},
+                    {"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"},
+                    {"name": "PRESHARD_TERMINATION_LOG", "value": "/tmp/x"},
+                ]
+            },
+        )
+    assert str(exc.value) == (
+        "spec.converter.env[0].name: AWS_SECRET_ACCESS_KEY is set by the operator and cannot "
+        "be overridden (credentials come from credentialsSecret, endpoints and regions from "
+        "spec.source and spec.output); spec.converter.env[2].name: PRESHARD_TERMINATION_LOG is "
+        "set by the operator and cannot be overridden (credentials come from "
+        "credentialsSecret, endpoints and regions from spec.source and spec.output)"
+    )
+    assert "plain-text-secret" not in str(exc.value)
+    with pytest.raises(SpecError, match=r"^spec.converter.env: duplicate variable name\(s\) X$"):
+        spec_of(S3_TP2, **{"converter.env": [{"name": "X", "value": "1"}, {"name": "X"}]})
+    # worker tuning knobs stay available
     spec = spec_of(
         S3_TP2,
         **{
             "converter.env": [
-                {"name": "AWS_SECRET_ACCESS_KEY", "value": "plain-text-secret"},
-                {"name": "PRESHARD_TERMINATION_LOG", "value": "/tmp/x"},
+                {"name": "PRESHARD_S3_CONCURRENCY", "value": "32"},
+                {"name": "AWS_MAX_ATTEMPTS", "value": "3"},
             ]
         },
     )
-    env = container_of(build_conversion_job("m", NS, UID, spec, BASIC_CONFIG))["env"]
-    names = [e["name"] for e in env]
+    names = [
+        e["name"]
+        for e in container_of(build_conversion_job("m", NS, UID, spec, BASIC_CONFIG))["env"]
+    ]
     assert len(names) == len(set(names))
-    assert "plain-text-secret" not in json.dumps(env)
+
+
+def test_every_variable_any_spec_makes_the_builder_set_is_reserved() -> None:
+    spec = spec_of(
+        S3_TP2,
+        **{
+            "source.credentialsSecret": "src",
+            "source.endpoint": "http://src:9000",
+            "source.region": "eu-west-1",
+            "output.credentialsSecret": "out",
+            "output.endpoint": "http://out:9000",
+            "output.region": "us-east-1",
+        },
+    )
+    hf = spec_of(HF, **{"source.credentialsSecret": "hf"})
+    names = set()
+    for s in (spec, hf):
+        for build in (build_conversion_job, build_purge_job):
+            names |= {
+                e["name"] for e in container_of(build("m", NS, UID, s, CLUSTER_CONFIG))["env"]
+            }
+    assert names <= RESERVED_ENV
+    assert RESERVED_ENV - names == set()  # and nothing is reserved without a reason
 
 
 def test_built_jobs_share_no_mutable_state_with_module_constants() -> None:

@@ -181,7 +181,7 @@ QUANT_LIST = ", ".join(QUANTIZATIONS)
         ),
         (
             spec_with(tensorParallelSize="eight"),
-            "spec.tensorParallelSize: Input should be a valid integer, unable to parse string as an integer",
+            "spec.tensorParallelSize: Input should be a valid integer",
         ),
         (
             spec_with(pipelineParallelSize=0),
@@ -253,18 +253,24 @@ def test_parse_spec_errors_name_every_field(raw: dict[str, Any], message: str) -
     [
         (
             spec_with(**{"source.uri": "ftp://x"}),
-            "'ftp://x' has an unsupported scheme: expected s3://bucket/prefix/, pvc://claim/path or "
-            "hf://org/name[@rev]",
+            "spec.source.uri: 'ftp://x' has an unsupported scheme: expected s3://bucket/prefix/, "
+            "pvc://claim/path or hf://org/name[@rev]",
         ),
         (
             spec_with(**{"output.uri": "s3://checkpoints/"}),
-            "output 's3://checkpoints/' is a bucket root: give a prefix such as "
+            "spec.output.uri: output 's3://checkpoints/' is a bucket root: give a prefix such as "
             "s3://checkpoints/models/name/ (deletionPolicy: Delete removes everything under the "
             "output prefix)",
         ),
         (
             spec_with(**{"output.uri": "pvc://claim/x"}),
-            "output 'pvc://claim/x' must be an s3:// prefix (got pvc://)",
+            "spec.output.uri: output 'pvc://claim/x' must be an s3:// prefix (got pvc://)",
+        ),
+        (
+            spec_with(**{"source.uri": "ftp://x", "output.uri": "pvc://claim/x"}),
+            "spec.source.uri: 'ftp://x' has an unsupported scheme: expected s3://bucket/prefix/, "
+            "pvc://claim/path or hf://org/name[@rev]; "
+            "spec.output.uri: output 'pvc://claim/x' must be an s3:// prefix (got pvc://)",
         ),
     ],
 )
@@ -276,17 +282,161 @@ def test_bad_uris_are_invalid_uri_spec_errors(raw: dict[str, Any], message: str)
     assert isinstance(exc.value, SpecError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: spec.py URI validators raise URIError, which is not a ValueError, so pydantic "
-    "does not collect it: parse_spec's error neither names spec.source.uri nor reports the "
-    "other invalid fields (docstring: 'naming every offending field')",
-)
 def test_bad_uri_error_names_the_field_and_the_other_problems() -> None:
     with pytest.raises(SpecError) as exc:
         parse_spec(spec_with(**{"source.uri": "ftp://x"}, tensorParallelSize=0))
     assert "spec.source.uri" in str(exc.value)
     assert "spec.tensorParallelSize" in str(exc.value)
+    # not only URIs: the general reason
+    assert type(exc.value) is SpecError and exc.value.reason == "InvalidSpec"
+
+
+# What the CRD checks, re-validated (the schema may be missing or another version).
+
+NAME_RULE = "(lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)"
+RESERVED = (
+    "is set by the operator and cannot be overridden (credentials come from "
+    "credentialsSecret, endpoints and regions from spec.source and spec.output)"
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            spec_with(tensorParallelSize=True),
+            "spec.tensorParallelSize: Input should be a valid integer",
+        ),
+        (
+            spec_with(tensorParallelSize="2"),
+            "spec.tensorParallelSize: Input should be a valid integer",
+        ),
+        (spec_with(verify="yes"), "spec.verify: Input should be a valid boolean"),
+        (spec_with(verify=1), "spec.verify: Input should be a valid boolean"),
+        (
+            spec_with(**{"converter.backoffLimit": "2"}),
+            "spec.converter.backoffLimit: Input should be a valid integer",
+        ),
+        (
+            spec_with(**{"source.credentialsSecret": "Bad_Secret"}),
+            f"spec.source.credentialsSecret: 'Bad_Secret' is not a valid object name {NAME_RULE}",
+        ),
+        (
+            spec_with(**{"output.credentialsSecret": "x" * 254}),
+            "spec.output.credentialsSecret: String should have at most 253 characters",
+        ),
+        (
+            spec_with(**{"converter.serviceAccountName": "-sa"}),
+            f"spec.converter.serviceAccountName: '-sa' is not a valid object name {NAME_RULE}",
+        ),
+        (
+            spec_with(**{"source.endpoint": "minio:9000"}),
+            "spec.source.endpoint: 'minio:9000' is not an endpoint URL such as "
+            "http://minio.storage:9000",
+        ),
+        (
+            spec_with(**{"output.endpoint": "ftp://minio"}),
+            "spec.output.endpoint: 'ftp://minio' is not an endpoint URL such as "
+            "http://minio.storage:9000",
+        ),
+        (
+            spec_with(**{"output.region": "r" * 65}),
+            "spec.output.region: String should have at most 64 characters",
+        ),
+        (
+            spec_with(**{"source.uri": "s3://models/" + "x" * 1013}),
+            "spec.source.uri: String should have at most 1024 characters",
+        ),
+        (
+            spec_with(**{"converter.image": "i" * 513}),
+            "spec.converter.image: String should have at most 512 characters",
+        ),
+        (
+            spec_with(**{"converter.workDirSize": "lots"}),
+            "spec.converter.workDirSize: 'lots' is not a quantity such as 200Gi",
+        ),
+        (
+            spec_with(**{"converter.workDirSize": 200}),
+            "spec.converter.workDirSize: Input should be a valid string",
+        ),
+        (
+            spec_with(**{"output.maxFileSize": 1.5}),
+            "spec.output.maxFileSize: 1.5 is not a byte count or a quantity such as 5Gi",
+        ),
+        (
+            spec_with(**{"converter.nodeSelector": {"gpu": None}}),
+            "spec.converter.nodeSelector.gpu: Input should be a valid string",
+        ),
+        (
+            spec_with(
+                **{"converter.tolerations": [{"key": "k", "operator": "Maybe", "x": 1}, "gpu"]}
+            ),
+            "spec.converter.tolerations[0].operator: Input should be 'Exists' or 'Equal'; "
+            "spec.converter.tolerations[0].x: unknown field; "
+            "spec.converter.tolerations[1]: Input should be a valid dictionary",
+        ),
+        (
+            spec_with(**{"converter.tolerations": [{"effect": "Never", "tolerationSeconds": "5"}]}),
+            "spec.converter.tolerations[0].effect: Input should be 'NoSchedule', "
+            "'PreferNoSchedule', 'NoExecute' or ''; "
+            "spec.converter.tolerations[0].tolerationSeconds: Input should be a valid integer",
+        ),
+        (
+            spec_with(**{"converter.tolerations": [{}] * 65}),
+            "spec.converter.tolerations: List should have at most 64 items after validation, "
+            "not 65",
+        ),
+        (
+            spec_with(
+                **{"converter.env": [{"value": "x"}, {"name": "1X"}, {"name": "X", "value": 1}]}
+            ),
+            "spec.converter.env[0].name: Field required; spec.converter.env[1].name: '1X' is not "
+            "a valid variable name (letters, digits and '_', not starting with a digit); "
+            "spec.converter.env[2].value: Input should be a valid string",
+        ),
+        (
+            spec_with(**{"converter.env": [{"name": "HF_TOKEN", "value": "hf_secret"}]}),
+            f"spec.converter.env[0].name: HF_TOKEN {RESERVED}",
+        ),
+        (
+            spec_with(**{"converter.env": [{"name": "HOME", "value": "/"}]}),
+            f"spec.converter.env[0].name: HOME {RESERVED}",
+        ),
+        (
+            spec_with(**{"converter.env": [{"name": "X", "value": "v" * 32769}]}),
+            "spec.converter.env[0].value: String should have at most 32768 characters",
+        ),
+        (
+            spec_with(**{"converter.resources": {"requests": {"cpu": [1], "memory": "lots"}}}),
+            "spec.converter.resources.requests.cpu: [1] is not a resource quantity such as 16, "
+            "500m or 400Gi; spec.converter.resources.requests.memory: 'lots' is not a resource "
+            "quantity such as 16, 500m or 400Gi",
+        ),
+        (
+            spec_with(**{"converter.resources": {"limits": {"cpu": -1, "gpu": True}}}),
+            "spec.converter.resources.limits.cpu: -1 is not a resource quantity such as 16, 500m "
+            "or 400Gi; spec.converter.resources.limits.gpu: True is not a resource quantity such "
+            "as 16, 500m or 400Gi",
+        ),
+        (
+            spec_with(**{"converter.resources": {"claims": [{"name": "gpu"}]}}),
+            "spec.converter.resources.claims: unknown field",
+        ),
+    ],
+)
+def test_parse_spec_revalidates_the_crd(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(raw)
+    assert str(exc.value) == message
+    assert exc.value.reason == "InvalidSpec"
+
+
+@pytest.mark.parametrize(
+    "quantity", [16, 0, "16", "500m", "0.5", ".5", "1.", "400Gi", "1e3", "2E-2", "1Ei", "100k"]
+)
+def test_resource_quantities(quantity: int | str) -> None:
+    raw = spec_with(**{"converter.resources": {"requests": {"cpu": quantity}}})
+    assert parse_spec(raw).converter.resources == {"requests": {"cpu": quantity}}
 
 
 # ----------------------------------------------------------------- conversion hash

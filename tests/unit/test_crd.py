@@ -27,7 +27,21 @@ from preshard import GROUP, KIND, PLURAL, VERSION
 from preshard.core.errors import SpecError
 from preshard.core.progress import STAGES, ProgressRecord, Result
 from preshard.core.quantity import QUANTITY_PATTERN
-from preshard.core.spec import DTYPES, MAX_PARALLEL, QUANTIZATIONS, CheckpointSpec, parse_spec
+from preshard.core.spec import (
+    DTYPES,
+    ENDPOINT_PATTERN,
+    ENV_NAME_PATTERN,
+    MAX_LIST,
+    MAX_PARALLEL,
+    MAX_URI,
+    NAME_PATTERN,
+    QUANTIZATIONS,
+    CheckpointSpec,
+    EnvVar,
+    Resources,
+    Toleration,
+    parse_spec,
+)
 from preshard.core.status import (
     DELETING,
     FAILED,
@@ -311,6 +325,35 @@ def test_uri_patterns_equal_core() -> None:
     assert prop("spec", "output", "uri")["pattern"] == OUTPUT_URI_PATTERN
 
 
+def test_name_endpoint_and_env_patterns_equal_core() -> None:
+    for path in (
+        ("spec", "source", "credentialsSecret"),
+        ("spec", "output", "credentialsSecret"),
+        ("spec", "converter", "serviceAccountName"),
+    ):
+        assert prop(*path)["pattern"] == NAME_PATTERN, path
+        assert prop(*path)["maxLength"] == 253, path
+    for side in ("source", "output"):
+        assert prop("spec", side, "endpoint")["pattern"] == ENDPOINT_PATTERN
+        assert prop("spec", side, "endpoint")["maxLength"] == MAX_URI
+        assert prop("spec", side, "uri")["maxLength"] == MAX_URI
+    env = prop("spec", "converter", "env")
+    assert env["items"]["properties"]["name"]["pattern"] == ENV_NAME_PATTERN
+    assert env["maxItems"] == prop("spec", "converter", "tolerations")["maxItems"] == MAX_LIST
+
+
+def test_converter_item_types_equal_the_schema() -> None:
+    conv = prop("spec", "converter")["properties"]
+    tol = conv["tolerations"]["items"]["properties"]
+    assert set(tol) == set(Toleration.__annotations__)
+    hints = typing.get_type_hints(Toleration)
+    for name in ("operator", "effect"):
+        assert tol[name]["enum"] == list(typing.get_args(hints[name])), name
+    assert set(conv["env"]["items"]["properties"]) == set(EnvVar.__annotations__)
+    assert conv["env"]["items"]["required"] == ["name"]
+    assert set(conv["resources"]["properties"]) == set(Resources.__annotations__)
+
+
 def test_quantity_patterns_equal_core() -> None:
     assert prop("spec", "output", "maxFileSize")["pattern"] == QUANTITY_PATTERN
     assert prop("spec", "converter", "workDirSize")["pattern"] == QUANTITY_PATTERN
@@ -587,47 +630,12 @@ def test_max_file_size_string_minimum_is_enforced_by_the_operator_only() -> None
         parse_spec(spec)
 
 
-# Samples the schema rejects but parse_spec accepts: spec.py's docstring promises to
-# re-validate everything (the schema may be missing or another version).
-NOT_REVALIDATED = {
-    "tp string",  # lax int coercion
-    "tp boolean",
-    "verify string",
-    "source too long",  # lax bool coercion
-    "source secret name",
-    "output secret name",
-    "source endpoint",
-    "output endpoint",
-    "region too long",
-    "serviceAccountName",
-    "workDirSize",
-    "toleration operator",
-    "toleration effect",
-    "too many tolerations",
-    "env without name",
-    "env bad name",
-    "env value not a string",
-    "resources not a quantity",
-}
+# parse_spec re-validates every sample the schema rejects (the schema may be missing or
+# another version).
 SPEC_CASES = sorted(n for n in INVALID if n not in BAD_STATUS and n != "missing spec")
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            n,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="gap: spec.py does not re-validate this CRD constraint although its "
-                "docstring says it re-validates everything",
-            ),
-        )
-        if n in NOT_REVALIDATED
-        else n
-        for n in SPEC_CASES
-    ],
-)
+@pytest.mark.parametrize("name", SPEC_CASES)
 def test_the_operator_rejects_what_the_schema_rejects(name: str) -> None:
     with pytest.raises(SpecError):
         parse_spec(INVALID[name][0])

