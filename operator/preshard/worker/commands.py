@@ -24,7 +24,7 @@ from preshard.core.uris import StorageURI, parse_uri
 from preshard.worker import s3
 from preshard.worker.progress import Reporter
 from preshard.worker.storage import _delete_keys
-from preshard.worker.transfer import Downloader, DownloadItem, with_retries
+from preshard.worker.transfer import Downloader, DownloadItem, read_object, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _s3_uri(uri: str) -> StorageURI:
 def load_manifest(client: Any, u: StorageURI) -> tuple[Manifest, bytes]:
     uri = str(u)
     try:
-        body: bytes = client.get_object(Bucket=u.bucket, Key=u.key(MANIFEST_NAME))["Body"].read()
+        body = read_object(client, u.bucket, u.key(MANIFEST_NAME))
     except botocore.exceptions.ClientError as exc:
         if s3.is_not_found(exc):
             raise PreshardError(
@@ -211,7 +211,7 @@ def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
         )
     key = u.key(MANIFEST_NAME)
     try:
-        body = client.get_object(Bucket=u.bucket, Key=key)["Body"].read()
+        body = read_object(client, u.bucket, key)
         existing: Manifest | None = Manifest.from_json(body)
     except botocore.exceptions.ClientError as exc:
         if not s3.is_not_found(exc):

@@ -35,6 +35,7 @@ from preshard.worker.transfer import (
     DownloadItem,
     Uploader,
     UploadItem,
+    read_object,
     sha256_file,
     with_retries,
 )
@@ -145,9 +146,7 @@ def _fetch_s3(
     expected: dict[str, str] = {}
     if MANIFEST_NAME in files:  # a preshard checkpoint as source: verify hashes too
         try:
-            man = Manifest.from_json(
-                client.get_object(Bucket=u.bucket, Key=u.key(MANIFEST_NAME))["Body"].read()
-            )
+            man = Manifest.from_json(read_object(client, u.bucket, u.key(MANIFEST_NAME)))
             expected = {f.key: f.sha256 for f in man.files}
         except ManifestError:
             expected = {}
@@ -369,7 +368,7 @@ def _remote_sha(client: Any, bucket: str, key: str) -> str | None:
 
 def _read_manifest(client: Any, bucket: str, key: str, uri: str) -> Manifest | None:
     try:
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = read_object(client, bucket, key)
     except botocore.exceptions.ClientError as exc:
         if s3.is_not_found(exc):
             return None

@@ -291,6 +291,27 @@ class Uploader(_Transfer):
             self._complete(mp)
 
 
+def read_object(client: Any, bucket: str, key: str, attempts: int = PART_ATTEMPTS) -> bytes:
+    """A small object's bytes (a manifest). botocore retries the request itself; this also
+    retries a connection that breaks while the body is read, which botocore does not."""
+    for attempt in range(1, attempts + 1):
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            data: bytes = body.read()
+            return data
+        except (
+            botocore.exceptions.ResponseStreamingError,
+            botocore.exceptions.IncompleteReadError,
+            botocore.exceptions.ReadTimeoutError,
+            ConnectionError,
+        ) as exc:
+            if attempt == attempts:
+                raise
+            log.info("retrying get %s after %s", key, type(exc).__name__)
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def remote_sha256(client: Any, bucket: str, key: str) -> tuple[int, str | None] | None:
     """(size, recorded sha256) of an object, or None when it does not exist."""
     try:
