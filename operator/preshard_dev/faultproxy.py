@@ -29,7 +29,9 @@ limit) gets a fault instead:
     of its body inverted; a request without a body gets that byte of the response body
     inverted instead. Tests integrity checks on both sides (Content-MD5, sha256).
 
-Rules are checked in order and the first one that fires wins. Every request is counted
+Rules are checked in order and the first one that fires wins (every rule whose filter
+matches counts the request, so ``nth`` is the Nth match whatever other rules did).
+Every request is counted
 and recorded (:meth:`FaultProxy.stats`, :meth:`FaultProxy.records`), so tests can also
 assert what a client did or did not send (for example that a resumed upload sent no
 part of a file already present).
@@ -53,8 +55,9 @@ import re
 import threading
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 from xml.sax.saxutils import escape
 
@@ -193,9 +196,15 @@ class FaultRule:
                 return False
         return True
 
-    def fires(self, rng: random.Random) -> bool:
-        """Count one match and decide whether it gets the fault (call under the lock)."""
+    def fires(self, rng: random.Random, *, eligible: bool = True) -> bool:
+        """Count one match and decide whether it gets the fault (call under the lock).
+
+        ``eligible=False``: an earlier rule already took the request; it still counts
+        as a match, so ``nth`` always means the Nth request matching this rule's filter.
+        """
         self.matched += 1
+        if not eligible:
+            return False
         if self.max_faults is not None and self.injected >= self.max_faults:
             return False
         if self.nth is not None:
@@ -388,11 +397,14 @@ class FaultProxy:
     def _choose(
         self, method: str, operation: str, path: str, query: Mapping[str, str]
     ) -> FaultRule | None:
+        chosen: FaultRule | None = None
         with self._lock:
             for rule in self._rules:
-                if rule.matches(method, operation, path, query) and rule.fires(self._rng):
-                    return rule
-        return None
+                if rule.matches(method, operation, path, query) and rule.fires(
+                    self._rng, eligible=chosen is None
+                ):
+                    chosen = rule
+        return chosen
 
     def _record(
         self, request: web.Request, operation: str, rule: FaultRule | None, status: int | None
@@ -414,28 +426,27 @@ class FaultProxy:
         rule = self._choose(request.method, operation, request.path, query)
         if rule is not None and rule.delay:
             await asyncio.sleep(rule.delay)
-        if rule is None:
-            resp, status = await self._forward(request, None)
-        elif rule.action == "error":
-            await request.read()
-            rid = uuid.uuid4().hex[:16].upper()
-            body = error_body(
-                rule.code, rule.message or _MESSAGES.get(rule.code, rule.code), request.path, rid
-            )
-            status = rule.status
-            resp = web.Response(
-                status=status,
-                body=body if request.method != "HEAD" else None,
-                content_type="application/xml",
-                headers={"x-amz-request-id": rid},
-            )
-        elif rule.action == "reset":
+        # Recorded before the response goes out: once a client has its answer, the record
+        # of the request is there for it to inspect.
+        record = partial(self._record, request, operation, rule)
+        if rule is None or rule.action in ("truncate", "corrupt"):
+            return await self._forward(request, rule, record)
+        if rule.action == "reset":
             await self._read_some(request, rule.at_byte)
-            resp, status = self._drop(request), None
-        else:  # truncate, corrupt
-            resp, status = await self._forward(request, rule)
-        self._record(request, operation, rule, status)
-        return resp
+            record(None)
+            return self._drop(request)
+        # error: read the body first, as a server does before it answers.
+        await request.read()
+        rid = uuid.uuid4().hex[:16].upper()
+        message = rule.message or _MESSAGES.get(rule.code, rule.code)
+        body = error_body(rule.code, message, request.path, rid)
+        record(rule.status)
+        return web.Response(
+            status=rule.status,
+            body=body if request.method != "HEAD" else None,
+            content_type="application/xml",
+            headers={"x-amz-request-id": rid},
+        )
 
     async def _read_some(self, request: web.Request, limit: int | None) -> None:
         """Read ``limit`` bytes of the request body (default: half of it)."""
@@ -456,8 +467,8 @@ class FaultProxy:
         return web.Response(status=500)
 
     async def _forward(
-        self, request: web.Request, rule: FaultRule | None
-    ) -> tuple[web.StreamResponse, int | None]:
+        self, request: web.Request, rule: FaultRule | None, record: Callable[[int | None], None]
+    ) -> web.StreamResponse:
         """Forward the request (with a ``truncate`` or ``corrupt`` fault, if given)."""
         assert self._session is not None
         headers: CIMultiDict[str] = CIMultiDict(
@@ -482,23 +493,26 @@ class FaultProxy:
                 data=data,
                 allow_redirects=False,
             )
-        except aiohttp.ClientError as exc:
-            log.warning("upstream %s unreachable: %s", self.upstream, exc)
+        except aiohttp.ClientError as exc:  # refused, or closed while the body was sent
+            log.warning("request to the upstream %s failed: %s", self.upstream, exc)
             rid = uuid.uuid4().hex[:16].upper()
-            err = error_body("ServiceUnavailable", "upstream unreachable", request.path, rid)
-            return web.Response(status=503, body=err, content_type="application/xml"), 503
+            msg = "the proxy's request to the upstream S3 server failed"
+            err = error_body("BadGateway", msg, request.path, rid)
+            record(502)
+            return web.Response(status=502, body=err, content_type="application/xml")
         async with upstream:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for k, v in upstream.headers.items():
                 if k.lower() not in _HOP_BY_HOP:
                     resp.headers.add(k, v)
-            if request.method == "HEAD":
-                # aiohttp would otherwise replace the upstream Content-Length with 0.
-                await resp.prepare(request)
-                return resp, upstream.status
             limit: int | None = None
             if rule is not None and rule.action == "truncate":
                 limit = _offset(rule, upstream.content_length)
+            record(None if limit is not None else upstream.status)
+            if request.method == "HEAD":
+                # Sent as is: aiohttp would otherwise replace the Content-Length with 0.
+                await resp.prepare(request)
+                return resp
             chunks: AsyncIterator[bytes] = upstream.content.iter_chunked(_CHUNK)
             if rule is not None and corrupt_response:
                 chunks = _flip(chunks, _offset(rule, upstream.content_length))
@@ -507,13 +521,13 @@ class FaultProxy:
             async for chunk in chunks:
                 if limit is not None and sent + len(chunk) >= limit:
                     await resp.write(chunk[: limit - sent])
-                    return self._drop(request), None
+                    return self._drop(request)
                 await resp.write(chunk)
                 sent += len(chunk)
             if limit is not None:  # the body was shorter than the limit: drop at its end
-                return self._drop(request), None
+                return self._drop(request)
             await resp.write_eof()
-            return resp, upstream.status
+            return resp
 
 
 def _offset(rule: FaultRule, length: int | None) -> int:
