@@ -78,7 +78,7 @@ FULL_ENV = {
     "PRESHARD_LIVENESS_ENDPOINT": "http://0.0.0.0:9091/healthz",
     "PRESHARD_PROGRESS_POLL_SECONDS": "2.5",
     "PRESHARD_WORK_DIR_SIZE": "500Gi",
-    "PRESHARD_CONVERTER_NODE_SELECTOR": '{"gpu.example.com/class": "h100", "a": "b", "n": 1}',
+    "PRESHARD_CONVERTER_NODE_SELECTOR": '{"gpu.example.com/class": "h100", "a": "b", "n": "1"}',
     "PRESHARD_CONVERTER_TOLERATIONS": (
         '[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},'
         ' {"key": "x", "operator": "Equal", "value": "y"}]'
@@ -101,7 +101,7 @@ def test_from_env_reads_every_variable() -> None:
         "liveness_endpoint": "http://0.0.0.0:9091/healthz",
         "progress_poll_seconds": 2.5,
         "work_dir_size": "500Gi",
-        # sorted by key, values as strings
+        # sorted by key
         "default_node_selector": (("a", "b"), ("gpu.example.com/class", "h100"), ("n", "1")),
         "default_tolerations": (
             {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},
@@ -203,36 +203,51 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
     assert str(exc.value) == message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py number() checks only value <= 0, so 'nan' and 'inf' (which float() "
-    "accepts) pass as PRESHARD_PROGRESS_POLL_SECONDS",
-)
-@pytest.mark.parametrize("raw", ["nan", "inf"])
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "1e400"])
 def test_poll_seconds_must_be_finite(raw: str) -> None:
     with pytest.raises(ValueError, match="PRESHARD_PROGRESS_POLL_SECONDS"):
         cfg = OperatorConfig.from_env({"PRESHARD_PROGRESS_POLL_SECONDS": raw})
         assert math.isfinite(cfg.progress_poll_seconds)
+    with pytest.raises(ValueError) as exc:
+        OperatorConfig.from_env({"PRESHARD_PROGRESS_POLL_SECONDS": raw})
+    assert str(exc.value) == f"PRESHARD_PROGRESS_POLL_SECONDS={raw!r} is not a finite number"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py from_env accepts PRESHARD_CONVERTER_TOLERATIONS items that are not "
-    "objects ('[1]'); build_conversion_job later fails with TypeError in dict(t)",
-)
 def test_tolerations_must_be_objects() -> None:
     with pytest.raises(ValueError, match="PRESHARD_CONVERTER_TOLERATIONS"):
         OperatorConfig.from_env({"PRESHARD_CONVERTER_TOLERATIONS": '[1, "gpu"]'})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: config.py from_env turns a null nodeSelector value into the string 'None' "
-    "(str(v)) instead of rejecting it",
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ('[1, "gpu"]', "[0]: Input should be a valid dictionary"),
+        (
+            '[{"key": "k"}, {"operator": "Maybe"}]',
+            "[1].operator: Input should be 'Exists' or 'Equal'",
+        ),
+        ('[{"key": "k", "bogus": 1}]', "[0].bogus: unknown field"),
+        ('[{"tolerationSeconds": "5"}]', "[0].tolerationSeconds: Input should be a valid integer"),
+    ],
 )
+def test_tolerations_follow_the_spec_rules(raw: str, message: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        OperatorConfig.from_env({"PRESHARD_CONVERTER_TOLERATIONS": raw})
+    assert str(exc.value) == "PRESHARD_CONVERTER_TOLERATIONS" + message
+
+
 def test_node_selector_null_value_is_rejected() -> None:
     with pytest.raises(ValueError, match="PRESHARD_CONVERTER_NODE_SELECTOR"):
         OperatorConfig.from_env({"PRESHARD_CONVERTER_NODE_SELECTOR": '{"gpu": null}'})
+
+
+@pytest.mark.parametrize(("raw", "shown"), [("null", "None"), ("1", "1"), ("true", "True")])
+def test_node_selector_values_must_be_strings(raw: str, shown: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        OperatorConfig.from_env({"PRESHARD_CONVERTER_NODE_SELECTOR": f'{{"a": "b", "n": {raw}}}'})
+    assert str(exc.value) == (
+        f"PRESHARD_CONVERTER_NODE_SELECTOR values must be strings ('n': {shown})"
+    )
 
 
 def test_with_overrides_skips_none() -> None:

@@ -4,12 +4,18 @@ them) and command-line flags."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from preshard import __version__
 from preshard.core.quantity import QUANTITY_RE
+from preshard.core.spec import Toleration
+
+_TOLERATIONS = TypeAdapter(list[Toleration])
 
 DEFAULT_CONVERTER_IMAGE = f"ghcr.io/preshard/preshard-converter:{__version__}"
 
@@ -66,6 +72,8 @@ class OperatorConfig:
                 value = float(raw)
             except ValueError:
                 raise ValueError(f"{name}={raw!r} is not a number") from None
+            if not math.isfinite(value):
+                raise ValueError(f"{name}={raw!r} is not a finite number")
             if value <= 0:
                 raise ValueError(f"{name}={value} must be > 0")
             return value
@@ -93,7 +101,20 @@ class OperatorConfig:
                 f"PRESHARD_S3_ENDPOINT={endpoint!r} must start with http:// or https://"
             )
         node_selector = json_value("PRESHARD_CONVERTER_NODE_SELECTOR", dict)
+        for key, value in node_selector.items():
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"PRESHARD_CONVERTER_NODE_SELECTOR values must be strings ({key!r}: {value!r})"
+                )
         tolerations = json_value("PRESHARD_CONVERTER_TOLERATIONS", list)
+        try:
+            # The same rules as spec.converter.tolerations (objects, known fields, enums).
+            tolerations = _TOLERATIONS.validate_python(tolerations)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ValueError(f"PRESHARD_CONVERTER_TOLERATIONS{where}: {msg}") from None
         work = get("PRESHARD_WORK_DIR_SIZE") or "200Gi"
         if not QUANTITY_RE.match(work):
             raise ValueError(f"PRESHARD_WORK_DIR_SIZE={work!r} is not a quantity such as 200Gi")
@@ -114,6 +135,6 @@ class OperatorConfig:
             liveness_endpoint=liveness if liveness is not None else "http://0.0.0.0:8081/healthz",
             progress_poll_seconds=number("PRESHARD_PROGRESS_POLL_SECONDS", 10.0),
             work_dir_size=work,
-            default_node_selector=tuple(sorted((str(k), str(v)) for k, v in node_selector.items())),
+            default_node_selector=tuple(sorted(node_selector.items())),
             default_tolerations=tuple(tolerations),
         )
