@@ -3,6 +3,13 @@ resumption after an interrupted upload."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from preshard.core.errors import PreshardError
@@ -11,7 +18,17 @@ from preshard.worker.transfer import remote_sha256
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3
 
-from .conftest import PART, Checkpoint, manifest_of, object_keys, publish, read_object, sha256
+from .conftest import (
+    PART,
+    Checkpoint,
+    client_env,
+    manifest_of,
+    object_keys,
+    publish,
+    read_object,
+    run_cli,
+    sha256,
+)
 
 WRITES = {"PutObject", "UploadPart", "CreateMultipartUpload", "CompleteMultipartUpload"}
 
@@ -180,3 +197,67 @@ def test_a_part_damaged_in_transit_never_becomes_an_object(
     assert rule.injected == 1
     for name, data in checkpoint.files.items():
         assert read_object(s3_env, bucket, prefix + name) == data, name
+
+
+PUBLISH_SCRIPT = """
+import sys
+from pathlib import Path
+from tests.s3.conftest import Checkpoint, publish
+publish(Checkpoint(Path(sys.argv[1]), {}), sys.argv[2], sys.argv[3], concurrency=2)
+"""
+
+
+def test_killed_upload_resumes_and_purge_aborts_its_leftovers(
+    s3_env: RcloneS3, bucket: str, proxy: FaultProxy, checkpoint: Checkpoint
+) -> None:
+    """SIGKILL mid-upload (OOM, node loss): no cleanup runs at all. Finished files stay,
+    the re-run skips them, and `preshard purge` aborts the multipart upload left behind."""
+    prefix = "killed/"
+    uri = f"s3://{bucket}/{prefix}"
+    rank0 = "model-rank-0-part-0.safetensors"
+    rank1 = "model-rank-1-part-0.safetensors"
+    # Rank 1's parts hang in the proxy, so the kill lands while they are in flight.
+    proxy.add_rule(FaultRule(operation="UploadPart", path=rank1, action="reset", delay=60))
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISH_SCRIPT, str(checkpoint.path), uri, proxy.endpoint],
+        cwd=root,
+        env=os.environ | {"PYTHONPATH": str(root)},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not any(
+            r.operation == "CompleteMultipartUpload" and r.path.endswith(rank0)
+            for r in proxy.records()
+        ):
+            assert proc.poll() is None and time.monotonic() < deadline, show_records(proxy)
+            time.sleep(0.05)
+        time.sleep(0.2)  # let the other small PUT finish too
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    proxy.clear_rules()
+
+    present = object_keys(s3_env, bucket, prefix)
+    assert prefix + MANIFEST_NAME not in present
+    assert prefix + rank0 in present and prefix + rank1 not in present
+    client = s3_env.client()
+    leftovers = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+    assert [u["Key"] for u in leftovers] == [prefix + rank1]
+
+    proxy.reset_stats()
+    publish(checkpoint, uri, proxy.endpoint)
+    writes = writes_by_key(proxy, prefix)
+    assert rank0 not in writes and rank1 in writes and MANIFEST_NAME in writes
+    for key, data in checkpoint.files.items():
+        assert read_object(s3_env, bucket, prefix + key) == data, key
+
+    done = run_cli("purge", "--output", uri, env=client_env(s3_env))
+    assert done.returncode == 0, done.stderr
+    assert not object_keys(s3_env, bucket, prefix)
+    assert not client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads")
+
+
+def show_records(proxy: FaultProxy) -> str:
+    return "\n".join(f"{r.operation} {r.path} {r.fault} {r.status}" for r in proxy.records())
