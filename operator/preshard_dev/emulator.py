@@ -118,12 +118,20 @@ VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.code, self.reason, self.message, self.details = code, reason, message, details or {}
+        self.headers = headers or {}
 
     def status(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
@@ -133,6 +141,40 @@ class ApiError(Exception):
             "details": self.details,
             "code": self.code,
         }
+        if not self.details:
+            del out["details"]  # omitempty, as the API server writes it
+        return out
+
+
+# metav1.StatusReason of each HTTP status code, as apimachinery's errors package sets it
+# (NewBadRequest, NewForbidden, NewTooManyRequests, ...). Unknown codes get "" (Unknown).
+STATUS_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    406: "NotAcceptable",
+    409: "Conflict",
+    410: "Expired",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    429: "TooManyRequests",
+    500: "InternalError",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
+
+
+def query_bool(value: str | None) -> bool:
+    """A boolean query parameter (watch, allowWatchBookmarks) as the API server reads it
+    (apimachinery ``runtime.Convert_Slice_string_To_bool``): absent, ``0`` or ``false`` in
+    any case is false; anything else, the empty string included, is true. The Python
+    client sends ``watch=True``, kubectl and kopf ``watch=true`` or ``1``."""
+    if value is None:
+        return False
+    return not (value == "0" or value.lower() == "false")
 
 
 def now_iso() -> str:
@@ -566,6 +608,22 @@ class Fault:
     code: int
     count: int
     message: str = "injected fault"
+    retry_after: int | None = None  # seconds; 429 defaults to 1
+
+    def error(self) -> ApiError:
+        details: dict[str, Any] = {}
+        headers: dict[str, str] = {}
+        retry = self.retry_after
+        if retry is None and self.code == 429:
+            retry = 1
+        if retry is not None:
+            # NewTooManyRequests / NewServerTimeout: details.retryAfterSeconds and the
+            # Retry-After header (client-go and kopf honour it)
+            details["retryAfterSeconds"] = retry
+            headers["Retry-After"] = str(retry)
+        return ApiError(
+            self.code, STATUS_REASONS.get(self.code, ""), self.message, details, headers
+        )
 
 
 class Store:
@@ -636,7 +694,7 @@ class Store:
         for f in self.faults:
             if f.count > 0 and f.verb in (verb, "*") and f.plural in (plural, "*"):
                 f.count -= 1
-                raise ApiError(f.code, "InternalError" if f.code >= 500 else "Conflict", f.message)
+                raise f.error()
 
 
 # ---------------------------------------------------------------------------- the app
@@ -698,7 +756,7 @@ class Emulator:
                 return web.json_response(self.resource_list(group, version))
             return await self.resource_request(request, group, version, rest)
         except ApiError as err:
-            return web.json_response(err.status(), status=err.code)
+            return web.json_response(err.status(), status=err.code, headers=err.headers)
 
     # -- discovery ----------------------------------------------------------------------
     def _groups(self) -> dict[str, set[str]]:
@@ -858,6 +916,7 @@ class Emulator:
                     int(body.get("code", 500)),
                     int(body.get("count", 1)),
                     body.get("message", "injected fault"),
+                    None if body.get("retryAfter") is None else int(body["retryAfter"]),
                 )
             )
             return web.json_response({"ok": True})
@@ -895,7 +954,7 @@ class Emulator:
         method = request.method
         q = request.query
         verb = {
-            "GET": "watch" if q.get("watch") in ("true", "1") else ("get" if name else "list"),
+            "GET": "watch" if query_bool(q.get("watch")) else ("get" if name else "list"),
             "POST": "create",
             "PUT": "update",
             "PATCH": "patch",
@@ -1019,7 +1078,7 @@ class Emulator:
         if name:
             fsel = f"metadata.name={name}" + (f",{fsel}" if fsel else "")
         timeout = float(q.get("timeoutSeconds") or 1800)
-        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        bookmarks = query_bool(q.get("allowWatchBookmarks"))
         table = "as=Table" in request.headers.get("Accept", "")
         rv_param = q.get("resourceVersion")
         resp = web.StreamResponse(

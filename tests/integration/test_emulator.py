@@ -96,7 +96,7 @@ def collect_watch(
 ) -> list[tuple[str, dict[str, Any]]]:
     """The first ``count`` events of ``GET path?watch=true`` as (type, object); fewer if the
     server ends the watch first. Raw HTTP with ``watch=true`` as kopf and kubectl send it
-    (the Python client's ``watch=True`` is a separate, xfailed test)."""
+    (the Python client's ``watch=True`` is tested apart)."""
     query = urllib.parse.urlencode({"watch": "true", "timeoutSeconds": str(int(timeout)), **params})
     r = HTTP.request("GET", f"{base}{path}?{query}", preload_content=False, retries=False)
     try:
@@ -757,14 +757,8 @@ def test_watch_too_old_resource_version_is_410_gone(tmp_path: Path) -> None:
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the official Python client sends watch=True (str(True)); the emulator only "
-    "accepts watch=true/1 and answers watch=True with a plain List, so kubernetes.watch.Watch "
-    "never sees an event. The API server parses the flag with strconv.ParseBool "
-    "(1, t, T, TRUE, true, True); allowWatchBookmarks has the same check",
-)
 def test_python_client_watch_stream(k8s_api: K8s, ns: str) -> None:
+    """The official client sends ``watch=True`` (``str(True)``)."""
     k8s_api.core.create_namespaced_config_map(ns, cm("pyw"))
     w = kubernetes.watch.Watch()
     events = []
@@ -773,6 +767,41 @@ def test_python_client_watch_stream(k8s_api: K8s, ns: str) -> None:
         w.stop()
         break
     assert events == [("ADDED", "pyw")]
+    # and with bookmarks allowed, as kopf and informers ask for them
+    w = kubernetes.watch.Watch()
+    events = []
+    for ev in w.stream(
+        k8s_api.core.list_namespaced_config_map,
+        ns,
+        timeout_seconds=1,
+        allow_watch_bookmarks=True,
+    ):
+        events.append((ev["type"], ev["object"].metadata.name))
+        w.stop()
+        break
+    assert events == [("ADDED", "pyw")]
+
+
+@pytest.mark.parametrize("value", ["true", "True", "TRUE", "1", "t", "yes", ""])
+def test_watch_flag_true_forms(k8s_api: K8s, ns: str, value: str) -> None:
+    """The API server reads the flag with apimachinery's Convert_Slice_string_To_bool:
+    anything but ``0`` and ``false`` (any case) is true, the empty string included."""
+    k8s_api.core.create_namespaced_config_map(ns, cm("flag"))
+    r = HTTP.request(
+        "GET",
+        f"{k8s_api.url}{cm_path(ns)}?watch={value}&timeoutSeconds=1",
+        retries=False,
+    )
+    lines = [json.loads(line) for line in r.data.splitlines() if line.strip()]
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in lines] == [("ADDED", "flag")]
+
+
+@pytest.mark.parametrize("value", ["false", "False", "FALSE", "0"])
+def test_watch_flag_false_forms_list(k8s_api: K8s, ns: str, value: str) -> None:
+    k8s_api.core.create_namespaced_config_map(ns, cm("flag"))
+    status, body = raw(k8s_api, "GET", f"{cm_path(ns)}?watch={value}")
+    assert status == 200 and body["kind"] == "ConfigMapList"
+    assert [i["metadata"]["name"] for i in body["items"]] == ["flag"]
 
 
 # ------------------------------------------------------------------------------ selectors
@@ -1201,7 +1230,7 @@ def test_fault_injection_fails_the_next_requests(k8s_api: K8s, ns: str) -> None:
         status, body = api_error(sa.read_namespaced_service_account, "f", ns)
         assert status == 503
         assert body["kind"] == "Status" and body["message"] == "boom"
-        assert body["reason"] == "InternalError"
+        assert body["reason"] == "ServiceUnavailable"
     assert sa.read_namespaced_service_account("f", ns).metadata.name == "f"  # count used up
     # other verbs and resources were never affected
     inject(k8s_api, verb="patch", resource="serviceaccounts", code=409, count=1)
@@ -1230,16 +1259,47 @@ def test_fault_injection_on_watch(k8s_api: K8s, ns: str) -> None:
     assert k8s_api.core.list_namespaced_config_map(ns).items == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an injected fault's Status.reason is 'Conflict' for every code below 500 "
-    "(429 should be TooManyRequests, 404 NotFound, 403 Forbidden), and 429 carries no "
-    "Retry-After header / details.retryAfterSeconds",
-)
 def test_fault_injection_429_is_too_many_requests(k8s_api: K8s, ns: str) -> None:
     inject(k8s_api, verb="list", resource="serviceaccounts", code=429, count=1)
-    status, body = api_error(k8s_api.core.list_namespaced_service_account, ns)
-    assert status == 429 and body["reason"] == "TooManyRequests"
+    r = k8s_api.http.request(
+        "GET", f"{k8s_api.url}/api/v1/namespaces/{ns}/serviceaccounts", retries=False
+    )
+    body = json.loads(r.data)
+    assert r.status == 429 and body["reason"] == "TooManyRequests"
+    assert r.headers["Retry-After"] == "1"
+    assert body["details"]["retryAfterSeconds"] == 1
+    # an explicit retryAfter
+    inject(k8s_api, verb="list", resource="serviceaccounts", code=429, count=1, retryAfter=7)
+    r = k8s_api.http.request(
+        "GET", f"{k8s_api.url}/api/v1/namespaces/{ns}/serviceaccounts", retries=False
+    )
+    assert r.status == 429 and r.headers["Retry-After"] == "7"
+    # the official client (urllib3) honours Retry-After on a 429 and retries by itself
+    inject(k8s_api, verb="list", resource="serviceaccounts", code=429, count=1)
+    started = time.monotonic()
+    assert k8s_api.core.list_namespaced_service_account(ns).kind == "ServiceAccountList"
+    assert time.monotonic() - started >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (400, "BadRequest"),
+        (403, "Forbidden"),
+        (404, "NotFound"),
+        (409, "Conflict"),
+        (410, "Expired"),
+        (422, "Invalid"),
+        (500, "InternalError"),
+        (503, "ServiceUnavailable"),
+        (504, "Timeout"),
+        (418, ""),  # no Kubernetes reason: StatusReasonUnknown
+    ],
+)
+def test_fault_injection_reasons(k8s_api: K8s, ns: str, code: int, reason: str) -> None:
+    inject(k8s_api, verb="get", resource="configmaps", code=code, count=1)
+    status, body = api_error(k8s_api.core.read_namespaced_config_map, "any", ns)
+    assert status == code and body["reason"] == reason and body["code"] == code
 
 
 # ---------------------------------------------------------------------------- CRD lifecycle
