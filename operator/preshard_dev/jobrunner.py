@@ -46,6 +46,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -95,6 +96,7 @@ class Attempt:
     stop_reason: str | None = None  # "Deadline", "Deleted"
     kill_at: float | None = None
     config_error: str | None = None
+    scratch: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -395,6 +397,8 @@ class JobRunner:
         with contextlib.suppress(kubernetes.client.ApiException):
             self.core.patch_namespaced_pod(a.pod, track.namespace, {"metadata": {"finalizers": []}})
         track.attempt = None
+        for d in a.scratch:
+            shutil.rmtree(d, ignore_errors=True)
         self.history.append(
             {
                 "namespace": track.namespace,
@@ -642,6 +646,11 @@ class JobRunner:
             vol = volumes.get(m["name"]) or {}
             if "persistentVolumeClaim" in vol:
                 local = self.state_dir / "pvcs" / ns / vol["persistentVolumeClaim"]["claimName"]
+            elif m["mountPath"].rstrip("/") == "/tmp":
+                # a short path: Unix socket paths (vLLM's ZMQ IPC under TMPDIR) must stay
+                # under 108 bytes, which a deep state directory would exceed
+                local = Path(tempfile.gettempdir()) / f"pjr-{a.pod[-5:]}-{a.root.stat().st_ino}"
+                a.scratch.append(local)
             else:
                 local = a.root / "volumes" / m["name"]
             if m.get("subPath"):

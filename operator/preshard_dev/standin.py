@@ -14,8 +14,10 @@ happy path and the demo use the real worker.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,44 @@ from typing import Any
 from preshard import cli
 from preshard.core.errors import PreshardError
 from preshard.core.progress import Result
+from preshard.worker.progress import Reporter
 
 STANDIN_VERSION = "standin"
+
+
+class StallingReporter(Reporter):
+    """Stalls every transfer thread after ``after`` progress steps of the upload: the
+    process then hangs mid-upload until something kills it (fault tests). With
+    ``once_marker``, only the first attempt stalls (the file records that it did)."""
+
+    def __init__(self, after: int, once_marker: str | None, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.after = after
+        self.once_marker = Path(once_marker) if once_marker else None
+        self.enabled = self.once_marker is None or not self.once_marker.exists()
+        self.count = 0
+        self.guard = threading.Lock()
+
+    def advance(self, n: int) -> None:
+        if self.enabled:
+            with self.guard:
+                self.count += 1
+                stall = self.count > self.after
+            if stall:
+                if self.once_marker is not None:
+                    self.once_marker.touch()
+                print("preshard (stand-in): stalling mid-upload", file=sys.stderr, flush=True)
+                while True:
+                    time.sleep(3600)
+        super().advance(n)
+
+
+def _reporter() -> Reporter:
+    kw: dict[str, Any] = {"mode": "lines", "line_interval": 1.0, "record_interval": 0.2}
+    after = os.environ.get("PRESHARD_STANDIN_STALL_AFTER")
+    if after is None:
+        return Reporter(**kw)
+    return StallingReporter(int(after), os.environ.get("PRESHARD_STANDIN_STALL_ONCE"), **kw)
 
 
 def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
@@ -44,10 +82,10 @@ def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
 def convert(args: Any) -> int:
     from preshard.worker import s3, storage
     from preshard.worker.convert import ConvertRequest, manifest_fields
-    from preshard.worker.progress import Reporter, write_result
+    from preshard.worker.progress import write_result
     from preshard.worker.verify_shards import shard_pattern
 
-    reporter = Reporter(mode="lines", line_interval=1.0, record_interval=0.2)
+    reporter = _reporter()
     try:
         req = ConvertRequest.from_args(args)
         reporter.stage("Downloading")
@@ -99,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] != "convert":
         return cli.main(argv)
     args = cli.build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     return convert(args)
 
 
