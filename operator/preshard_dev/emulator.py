@@ -72,6 +72,14 @@ class ResourceType:
     categories: tuple[str, ...] = ()
     printer_columns: list[dict[str, Any]] = field(default_factory=list)
     schema: dict[str, Any] | None = None
+    # served through a CRD (a custom resource): no strategic merge patch, no PUT without
+    # a resourceVersion (customResourceStrategy)
+    custom: bool = False
+    # metadata.generation is kept (set to 1 on create, bumped by spec changes and by the
+    # first deletion with finalizers); ConfigMaps, Secrets and the like have none
+    generation: bool = False
+    # AllowUnconditionalUpdate: PUT without metadata.resourceVersion
+    unconditional_update: bool = True
 
     @property
     def key(self) -> tuple[str, str]:
@@ -85,6 +93,42 @@ class ResourceType:
     def has_status(self) -> bool:
         return "status" in self.subresources
 
+    @property
+    def qualified(self) -> str:
+        """schema.GroupResource.String(): ``configmaps``, ``jobs.batch``."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    @property
+    def group_kind(self) -> str:
+        """schema.GroupKind.String(): ``ConfigMap``, ``ShardedCheckpoint.preshard.io``."""
+        return f"{self.kind}.{self.group}" if self.group else self.kind
+
+    def _details(self, name: str) -> dict[str, Any]:
+        details = {"name": name, "group": self.group, "kind": self.plural}
+        return {k: v for k, v in details.items() if v}  # omitempty
+
+    def not_found(self, name: str) -> ApiError:
+        """apierrors.NewNotFound."""
+        return ApiError(
+            404, "NotFound", f'{self.qualified} "{name}" not found', self._details(name)
+        )
+
+    def already_exists(self, name: str) -> ApiError:
+        """apierrors.NewAlreadyExists."""
+        return ApiError(
+            409, "AlreadyExists", f'{self.qualified} "{name}" already exists', self._details(name)
+        )
+
+    def conflict(self, name: str) -> ApiError:
+        """apierrors.NewConflict for a stale resourceVersion (storage precondition)."""
+        return ApiError(
+            409,
+            "Conflict",
+            f'Operation cannot be fulfilled on {self.qualified} "{name}": the object has been '
+            "modified; please apply your changes to the latest version and try again",
+            self._details(name),
+        )
+
 
 BUILTIN = [
     ResourceType(
@@ -96,14 +140,23 @@ BUILTIN = [
         subresources=("status",),
         short_names=("ns",),
     ),
-    ResourceType("", "v1", "pods", "Pod", subresources=("status", "log"), short_names=("po",)),
+    # Pods have metadata.generation since Kubernetes 1.33 (podStrategy.PrepareForCreate)
+    ResourceType(
+        "",
+        "v1",
+        "pods",
+        "Pod",
+        subresources=("status", "log"),
+        short_names=("po",),
+        generation=True,
+    ),
     ResourceType("", "v1", "configmaps", "ConfigMap", short_names=("cm",)),
     ResourceType("", "v1", "secrets", "Secret"),
     ResourceType("", "v1", "serviceaccounts", "ServiceAccount", short_names=("sa",)),
     ResourceType("", "v1", "events", "Event", short_names=("ev",)),
-    ResourceType("batch", "v1", "jobs", "Job", subresources=("status",)),
+    ResourceType("batch", "v1", "jobs", "Job", subresources=("status",), generation=True),
     ResourceType("events.k8s.io", "v1", "events", "Event", short_names=("ev",)),
-    ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
+    ResourceType("coordination.k8s.io", "v1", "leases", "Lease", unconditional_update=False),
     ResourceType(
         "apiextensions.k8s.io",
         "v1",
@@ -112,6 +165,8 @@ BUILTIN = [
         namespaced=False,
         subresources=("status",),
         short_names=("crd", "crds"),
+        generation=True,
+        unconditional_update=False,
     ),
 ]
 VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
@@ -342,6 +397,342 @@ def _add(doc: Any, path: list[str], value: Any) -> Any:
     return doc
 
 
+# Strategic merge patch (application/strategic-merge-patch+json), built-in kinds only.
+#
+# The API server merges by the ``patchStrategy``/``patchMergeKey`` struct tags of the Go
+# types (k8s.io/api); only the fields of the kinds the emulator serves that carry such a
+# tag are listed here (everything else: maps merge, lists are replaced, as in a JSON merge
+# patch). The algorithm follows apimachinery's strategicpatch.mergeMap / mergeSlice:
+# entries of a merge list are matched by their key and merged, new ones are added,
+# ``{"$patch": "delete", key: ...}`` removes one, ``{"$patch": "replace"}`` replaces the
+# list; lists of scalars (finalizers) are merged as sets; ``$patch: replace|delete`` on a
+# map, ``$retainKeys``, ``$deleteFromPrimitiveList/<field>`` and ``$setElementOrder/<field>``
+# are honoured. The resulting order is the server's (normalizeElementOrder): the items the
+# patch names keep the patch's order, the others their live order, woven together by their
+# live positions; an item new to the list goes before the unnamed items still pending at
+# its turn (patching [a, b] with [c] gives [c, a, b], with [b, c] gives [a, b, c]).
+# Note that an empty list in a strategic patch of a merge list changes nothing: to clear
+# ``metadata.finalizers`` send ``null``, a merge patch or a JSON patch.
+
+
+@dataclass(frozen=True)
+class PatchField:
+    strategy: str = ""  # "merge" or "" (replace lists, merge maps)
+    key: str = ""  # patchMergeKey of a list of objects
+    sub: dict[str, PatchField] | None = None  # the fields of the value (or list element)
+
+
+def _merge_list(key: str, sub: dict[str, PatchField] | None = None) -> PatchField:
+    return PatchField("merge", key, sub)
+
+
+OBJECT_META_PATCH = {
+    "finalizers": PatchField("merge"),  # a set of strings
+    "ownerReferences": _merge_list("uid"),
+}
+CONTAINER_PATCH = {
+    "ports": _merge_list("containerPort"),
+    "env": _merge_list("name"),
+    "volumeMounts": _merge_list("mountPath"),
+    "volumeDevices": _merge_list("devicePath"),
+}
+POD_SPEC_PATCH = {
+    "volumes": _merge_list("name"),  # merge,retainKeys
+    "initContainers": _merge_list("name", CONTAINER_PATCH),
+    "containers": _merge_list("name", CONTAINER_PATCH),
+    "ephemeralContainers": _merge_list("name", CONTAINER_PATCH),
+    "imagePullSecrets": _merge_list("name"),
+    "hostAliases": _merge_list("ip"),
+    "topologySpreadConstraints": _merge_list("topologyKey"),
+    "schedulingGates": _merge_list("name"),
+    "resourceClaims": _merge_list("name"),
+}
+POD_STATUS_PATCH = {
+    "conditions": _merge_list("type"),
+    "podIPs": _merge_list("ip"),
+    "hostIPs": _merge_list("ip"),
+    "resourceClaimStatuses": _merge_list("name"),
+    # containerStatuses has no patch strategy: replaced as a whole
+}
+POD_TEMPLATE_PATCH = {
+    "metadata": PatchField(sub=OBJECT_META_PATCH),
+    "spec": PatchField(sub=POD_SPEC_PATCH),
+}
+SMP_FIELDS: dict[tuple[str, str], dict[str, PatchField]] = {
+    ("", "pods"): {
+        "spec": PatchField(sub=POD_SPEC_PATCH),
+        "status": PatchField(sub=POD_STATUS_PATCH),
+    },
+    ("batch", "jobs"): {
+        "spec": PatchField(sub={"template": PatchField(sub=POD_TEMPLATE_PATCH)}),
+        "status": PatchField(sub={"conditions": _merge_list("type")}),
+    },
+    ("", "namespaces"): {"status": PatchField(sub={"conditions": _merge_list("type")})},
+    ("", "serviceaccounts"): {"secrets": _merge_list("name")},
+}
+PATCH_TYPES = [
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/strategic-merge-patch+json",
+    "application/apply-patch+yaml",
+]
+# custom resources: no strategic merge patch (there are no Go struct tags to merge by)
+PATCH_TYPES_CUSTOM = [t for t in PATCH_TYPES if "strategic" not in t]
+
+
+def smp_meta(rt: ResourceType) -> dict[str, PatchField]:
+    return {"metadata": PatchField(sub=OBJECT_META_PATCH), **SMP_FIELDS.get(rt.key, {})}
+
+
+def _smp_error(message: str, code: int = 400) -> ApiError:
+    return ApiError(code, STATUS_REASONS[code], message)
+
+
+def _strip_patch(value: Any) -> Any:
+    """A patch value taken as it is: nulls dropped (IgnoreUnmatchedNulls) and leftover
+    ``$`` directives dropped (the typed decoding of a built-in kind ignores them)."""
+    if isinstance(value, dict):
+        return {
+            k: _strip_patch(v) for k, v in value.items() if v is not None and not k.startswith("$")
+        }
+    if isinstance(value, list):
+        return [_strip_patch(v) for v in value]
+    return value
+
+
+def strategic_merge_patch(
+    original: dict[str, Any], patch: dict[str, Any], fields: dict[str, PatchField]
+) -> dict[str, Any]:
+    return _smp_map(copy.deepcopy(original), copy.deepcopy(patch), fields)
+
+
+def _smp_map(
+    original: dict[str, Any], patch: dict[str, Any], fields: dict[str, PatchField]
+) -> dict[str, Any]:
+    directive = patch.pop("$patch", None)
+    if directive == "replace":
+        return dict(_strip_patch(patch))
+    if directive == "delete":
+        return {}
+    if directive is not None:
+        raise _smp_error(f"Unknown patch type: {directive} in map: {patch}", 500)
+    retain = patch.pop("$retainKeys", None)
+    if retain is not None:
+        if not isinstance(retain, list):
+            raise _smp_error("invalid patch: the $retainKeys directive must be a list")
+        for k, v in patch.items():
+            if v is not None and not k.startswith("$") and k not in retain:
+                raise _smp_error("invalid patch: all fields must be present in $retainKeys")
+        for k in [k for k in original if k not in retain]:
+            del original[k]
+    for order_key in [k for k in patch if k.startswith("$setElementOrder/")]:
+        order = patch.pop(order_key)
+        name = order_key.split("/", 1)[1]
+        if not isinstance(order, list):
+            raise _smp_error("invalid patch: $setElementOrder must be a list")
+        spec = fields.get(name, PatchField())
+        orig_list, patch_list = original.get(name), patch.pop(name, None)
+        if not isinstance(orig_list, list | type(None)) or not isinstance(
+            patch_list, list | type(None)
+        ):
+            raise _smp_error(f"invalid patch: {name} is not a list")
+        if orig_list is None and patch_list is None:
+            continue
+        if patch_list is None:
+            merged = orig_list or []
+        elif orig_list is None:
+            merged = _strip_patch(patch_list)
+        elif spec.strategy == "merge":
+            merged = _smp_list(orig_list, patch_list, spec)
+        else:
+            merged = _strip_patch(patch_list)
+        original[name] = _order_like(merged, order, orig_list or [], spec.key)
+    for k, v in patch.items():
+        delete_list = k.startswith("$deleteFromPrimitiveList/")
+        if delete_list:
+            k = k.split("/", 1)[1]
+        elif k.startswith("$"):
+            raise _smp_error(f"unknown directive {k!r} in the strategic merge patch")
+        if v is None:
+            original.pop(k, None)
+            continue
+        if k not in original:
+            if not delete_list:
+                original[k] = _strip_patch(v)
+            continue
+        cur = original[k]
+        if delete_list:
+            if isinstance(cur, list) and isinstance(v, list):
+                original[k] = [x for x in cur if x not in v]
+            continue
+        spec = fields.get(k, PatchField())
+        if isinstance(cur, dict) and isinstance(v, dict):
+            original[k] = _smp_map(cur, v, spec.sub or {})
+        elif isinstance(cur, list) and isinstance(v, list):
+            original[k] = _smp_list(cur, v, spec) if spec.strategy == "merge" else _strip_patch(v)
+        else:
+            original[k] = _strip_patch(v)
+    return original
+
+
+def _keyed(item: Any, key: str) -> Any:
+    return item.get(key) if key and isinstance(item, dict) else (None if key else item)
+
+
+def _merge_sorted(left: list[Any], right: list[Any], order: list[Any], key: str) -> list[Any]:
+    """strategicpatch.mergeSortedSlice: server-only items (left) are woven into the patch
+    items (right) by their place in the live list; an item the live list does not have
+    goes first."""
+
+    def index(item: Any) -> int:
+        want = _keyed(item, key)
+        return next((i for i, o in enumerate(order) if _keyed(o, key) == want), -1)
+
+    out: list[Any] = []
+    i = j = 0
+    while i < len(left) or j < len(right):
+        if i >= len(left):
+            out.append(right[j])
+            j += 1
+        elif j >= len(right):
+            out.append(left[i])
+            i += 1
+        else:
+            li, ri = index(left[i]), index(right[j])
+            if li >= 0 and ri >= 0 and li < ri:
+                out.append(left[i])
+                i += 1
+            else:
+                out.append(right[j])
+                j += 1
+    return out
+
+
+def _order_like(merged: list[Any], patch_order: list[Any], live: list[Any], key: str) -> list[Any]:
+    """strategicpatch.normalizeElementOrder: the items named by ``patch_order`` in its
+    order, the others in their live order, woven together."""
+    named = [_keyed(p, key) for p in patch_order]
+    in_patch = [m for m in merged if _keyed(m, key) in named]
+    in_patch.sort(key=lambda m: named.index(_keyed(m, key)))
+    server_only = [m for m in merged if _keyed(m, key) not in named]
+    return _merge_sorted(server_only, in_patch, live, key)
+
+
+def _smp_list(original: list[Any], patch: list[Any], spec: PatchField) -> list[Any]:
+    if not original and not patch:
+        return original
+    items = original + patch
+    if any(isinstance(x, list) for x in items):
+        raise _smp_error("lists of lists are not supported", 422)
+    if not any(isinstance(x, dict) for x in items):  # a set of scalars
+        merged: list[Any] = []
+        for x in items:
+            if x not in merged:
+                merged.append(x)
+        return _order_like(merged, patch, original, "")
+    if not all(isinstance(x, dict) for x in items):
+        raise _smp_error(f"list element types are not identical: {items}", 500)
+    key = spec.key
+    if not key:
+        raise _smp_error("cannot merge lists without merge key", 500)
+    plain: list[dict[str, Any]] = []
+    for item in patch:
+        directive = item.get("$patch")
+        if directive is None:
+            plain.append(item)
+        elif directive == "delete":
+            if key not in item:
+                raise _smp_error(f"map: {item} does not contain declared merge key: {key}", 500)
+            original = [o for o in original if o.get(key) != item[key]]
+        elif directive == "replace":
+            return [_strip_patch(p) for p in plain] + [
+                _strip_patch(p) for p in patch[patch.index(item) + 1 :] if "$patch" not in p
+            ]
+        else:
+            raise _smp_error(f"Unknown patch type: {directive} in list", 500)
+    merged = list(original)
+    for item in plain:
+        if key not in item:
+            raise _smp_error(f"map: {item} does not contain declared merge key: {key}", 500)
+        at = next((i for i, o in enumerate(merged) if o.get(key) == item[key]), None)
+        if at is None:
+            merged.append(_strip_patch(item))
+        else:
+            merged[at] = _smp_map(merged[at], item, spec.sub or {})
+    return _order_like(merged, plain, original, key)
+
+
+# ---------------------------------------------------------------------------- built-in strategies
+
+_QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+(?:[eE][+-]?[0-9]+)?)([a-zA-Z]*)$")
+_QUANTITY_SUFFIX = {
+    "n": 10**-9,
+    "u": 10**-6,
+    "m": 10**-3,
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def parse_quantity(value: Any) -> float:
+    """A resource.Quantity ("500m", "1Gi", 2) as a number (enough to compare)."""
+    m = _QUANTITY_RE.match(str(value).strip())
+    if not m or m[2] not in _QUANTITY_SUFFIX:
+        raise ApiError(
+            400, "BadRequest", f"quantities must match the regular expression: {value!r}"
+        )
+    return float(m[1]) * _QUANTITY_SUFFIX[m[2]]
+
+
+def pod_qos_class(pod: dict[str, Any]) -> str:
+    """qos.GetPodQOS over cpu and memory (requests default to limits, as the API's
+    defaulting does): BestEffort without any, Guaranteed when every container has equal
+    cpu and memory requests and limits, Burstable otherwise."""
+    spec = pod.get("spec") or {}
+    requests: dict[str, float] = {}
+    limits: dict[str, float] = {}
+    guaranteed = True
+    for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        res = (c or {}).get("resources") or {}
+        lim = {k: parse_quantity(v) for k, v in (res.get("limits") or {}).items()}
+        req = {k: parse_quantity(v) for k, v in (res.get("requests") or {}).items()}
+        req = {**lim, **req}
+        for name in ("cpu", "memory"):
+            if req.get(name):
+                requests[name] = requests.get(name, 0) + req[name]
+            if lim.get(name):
+                limits[name] = limits.get(name, 0) + lim[name]
+        if not (lim.get("cpu") and lim.get("memory")):
+            guaranteed = False
+    if not requests and not limits:
+        return "BestEffort"
+    if guaranteed and requests == limits:
+        return "Guaranteed"
+    return "Burstable"
+
+
+def initial_status(rt: ResourceType, obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The status PrepareForCreate sets (whatever the client sent is dropped)."""
+    if rt.key == ("", "pods"):
+        return {"phase": "Pending", "qosClass": pod_qos_class(obj)}
+    if rt.key == ("batch", "jobs"):
+        return {}
+    if rt.key == ("", "namespaces"):
+        return {"phase": "Active"}
+    return None  # custom resources: no status until written through /status
+
+
 # ---------------------------------------------------------------------------- schemas
 
 
@@ -410,11 +801,173 @@ def _at(obj: Any, path: tuple[str, ...]) -> tuple[bool, Any]:
     return True, cur
 
 
+def field_path(parts: Iterable[Any]) -> str:
+    """A field path as the API server prints it: ``spec.items[0].name``."""
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def go_value(value: Any) -> str:
+    """A bad value as field.Error prints it (%q for strings, %v for numbers and bools)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+FieldError = tuple[str, str, str]  # (field, cause reason, message as field.Error.ErrorBody)
+
+
+def invalid(
+    rt: ResourceType, name: str, errors: list[FieldError], qualified: bool = False
+) -> ApiError:
+    """apierrors.NewInvalid: ``Kind.group "name" is invalid: field: message`` (several
+    errors in brackets, comma-separated), one cause per error. ``qualified`` names the
+    resource (``shardedcheckpoints.preshard.io``) instead of the kind, as the storage
+    layer's checks do (a PUT without resourceVersion)."""
+    gk = rt.qualified if qualified else rt.group_kind
+    texts = list(dict.fromkeys(f"{f}: {m}" if f else m for f, _, m in errors))
+    agg = texts[0] if len(texts) == 1 else "[" + ", ".join(texts) + "]"
+    details: dict[str, Any] = {
+        "name": name,
+        "group": rt.group,
+        "kind": rt.plural if qualified else rt.kind,
+        "causes": [{"reason": r, "message": m, "field": f} for f, r, m in errors],
+    }
+    return ApiError(
+        422,
+        "Invalid",
+        f'{gk} "{name}" is invalid: {agg}',
+        {k: v for k, v in details.items() if v},
+    )
+
+
+_TYPE_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "object",
+    type(None): "null",
+}
+
+
+def _schema_error(e: Any) -> list[FieldError]:
+    """A jsonschema error as the field errors kube-openapi's validator reports
+    (apiextensions' kubeOpenAPIResultToFieldErrors)."""
+    path = list(e.absolute_path)
+    where = field_path(path) or "<root>"
+    v = e.validator
+    if v == "required":
+        missing = [
+            p for p in e.validator_value if p not in (e.instance or {}) and repr(p) in e.message
+        ]
+        return [(field_path([*path, p]), "FieldValueRequired", "Required value") for p in missing]
+    if v == "enum":
+        allowed = ", ".join(json.dumps(x) for x in e.validator_value)
+        return [
+            (
+                where,
+                "FieldValueNotSupported",
+                f"Unsupported value: {go_value(e.instance)}: supported values: {allowed}",
+            )
+        ]
+    if v == "type":
+        want = (
+            e.validator_value if isinstance(e.validator_value, str) else "/".join(e.validator_value)
+        )
+        got = _TYPE_NAMES.get(type(e.instance), "object")
+        return [
+            (
+                where,
+                "FieldValueTypeInvalid",
+                f'Invalid value: "{got}": {where} in body must be of type {want}: "{got}"',
+            )
+        ]
+    if v == "maxLength":
+        unit = "byte" if e.validator_value == 1 else "bytes"
+        return [
+            (
+                where,
+                "FieldValueTooLong",
+                f"Too long: may not be more than {e.validator_value} {unit}",
+            )
+        ]
+    if v == "maxItems":
+        return [
+            (
+                where,
+                "FieldValueTooMany",
+                f"Too many: {len(e.instance)}: must have at most {e.validator_value} items",
+            )
+        ]
+    detail = {
+        "minimum": f"should be greater than or equal to {e.validator_value}",
+        "maximum": f"should be less than or equal to {e.validator_value}",
+        "exclusiveMinimum": f"should be greater than {e.validator_value}",
+        "exclusiveMaximum": f"should be less than {e.validator_value}",
+        "pattern": f"should match '{e.validator_value}'",
+        "minLength": f"should be at least {e.validator_value} chars long",
+        "minItems": f"should have at least {e.validator_value} items",
+        "uniqueItems": "shouldn't contain duplicates",
+        "multipleOf": f"should be a multiple of {e.validator_value}",
+    }.get(v, e.message)
+    return [
+        (
+            where,
+            "FieldValueInvalid",
+            f"Invalid value: {go_value(e.instance)}: {where} in body {detail}",
+        )
+    ]
+
+
+def _list_type_errors(value: Any, schema: Any, path: list[Any]) -> list[FieldError]:
+    """x-kubernetes-list-type set/map: no duplicate items / map keys (Duplicate value)."""
+    out: list[FieldError] = []
+    if not isinstance(schema, dict):
+        return out
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        for k, v in value.items():
+            sub = props.get(k, schema.get("additionalProperties"))
+            out += _list_type_errors(v, sub, [*path, k])
+    elif isinstance(value, list):
+        kind = schema.get("x-kubernetes-list-type")
+        keys = schema.get("x-kubernetes-list-map-keys") or []
+        seen: list[Any] = []
+        for i, item in enumerate(value):
+            ident: Any = item
+            if kind == "map" and isinstance(item, dict):
+                ident = {k: item.get(k) for k in keys}
+            if kind in ("set", "map"):
+                if ident in seen:
+                    shown = (
+                        "map[string]interface {}" + json.dumps(ident, separators=(",", ":"))
+                        if kind == "map"
+                        else go_value(ident)
+                    )
+                    out.append(
+                        (field_path([*path, i]), "FieldValueDuplicate", f"Duplicate value: {shown}")
+                    )
+                seen.append(ident)
+            out += _list_type_errors(item, schema.get("items"), [*path, i])
+    return out
+
+
 class CRDValidator:
-    def __init__(self, schema: dict[str, Any]):
+    def __init__(self, schema: dict[str, Any], rt: ResourceType | None = None):
         import jsonschema
 
         self.schema = schema
+        self.rt = rt
         self.validator = jsonschema.Draft7Validator(_to_jsonschema(schema))
         self.rules = list(_cel_rules(schema))
         self._programs: dict[str, Any] = {}
@@ -427,36 +980,33 @@ class CRDValidator:
         unknown: list[str] = []
         obj = _prune_and_default(obj, self.schema, "", unknown)
         obj["metadata"] = meta
+        kind, version = obj.get("kind"), str(obj.get("apiVersion", "")).rpartition("/")[2]
         if strict and unknown:
+            # the decoder refuses the body (fieldValidation=Strict): 400, not 422
             raise ApiError(
-                422,
-                "Invalid",
-                "strict decoding error: unknown field "
-                + ", ".join(f'"{u.lstrip(".")}"' for u in unknown),
+                400,
+                "BadRequest",
+                f'{kind} in version "{version}" cannot be handled as a {kind}: strict decoding '
+                "error: " + ", ".join(f'unknown field "{u.lstrip(".")}"' for u in unknown),
             )
-        errors = sorted(
-            self.validator.iter_errors({k: v for k, v in obj.items() if k != "metadata"}),
-            key=lambda e: list(e.path),
-        )
+        body = {k: v for k, v in obj.items() if k != "metadata"}
+        errors: list[FieldError] = []
+        for e in sorted(self.validator.iter_errors(body), key=lambda e: [str(p) for p in e.path]):
+            errors += _schema_error(e)
+        errors += _list_type_errors(body, self.schema, [])
+        if not errors:
+            errors = self._check_cel(obj, old)
         if errors:
-            causes = [
-                {"field": ".".join(str(p) for p in e.path), "message": e.message} for e in errors
-            ]
-            msg = "; ".join(f"{c['field']}: {c['message']}" for c in causes)
-            raise ApiError(
-                422,
-                "Invalid",
-                f"{obj.get('kind')} {meta.get('name')!r} is invalid: {msg}",
-                {"causes": causes},
-            )
-        self._check_cel(obj, old)
+            rt = self.rt or ResourceType("", "", "", str(kind))
+            raise invalid(rt, str(meta.get("name", "")), errors)
         return obj
 
-    def _check_cel(self, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+    def _check_cel(self, obj: dict[str, Any], old: dict[str, Any] | None) -> list[FieldError]:
         if not self.rules:
-            return
+            return []
         import celpy
 
+        errors: list[FieldError] = []
         for path, rule in self.rules:
             found, value = _at(obj, path)
             if not found:
@@ -479,12 +1029,12 @@ class CRDValidator:
                 ok = False
                 rule = {**rule, "message": f"{rule.get('message', rule['rule'])} ({exc})"}
             if not ok:
-                field_path = ".".join(path) or "<root>"
-                raise ApiError(
-                    422,
-                    "Invalid",
-                    f"{field_path}: Invalid value: {rule.get('message') or rule['rule']}",
-                )
+                # field.Invalid(path, <schema type>, message)
+                where = field_path(path) or "<root>"
+                got = _TYPE_NAMES.get(type(value), "object")
+                msg = rule.get("message") or f"failed rule: {rule['rule']}"
+                errors.append((where, "FieldValueInvalid", f'Invalid value: "{got}": {msg}'))
+        return errors
 
 
 # ---------------------------------------------------------------------------- jsonpath (printer columns)
@@ -656,7 +1206,7 @@ class Store:
         self.types[rt.key] = rt
         self.objects.setdefault(rt.key, {})
         if rt.schema is not None:
-            self.validators[rt.key] = CRDValidator(rt.schema)
+            self.validators[rt.key] = CRDValidator(rt.schema, rt)
         else:
             self.validators.pop(rt.key, None)
 
@@ -986,12 +1536,22 @@ class Emulator:
             )
             return web.json_response(obj)
         if verb == "delete":
-            body = await self._json(request, optional=True)
-            policy = (
-                q.get("propagationPolicy") or (body or {}).get("propagationPolicy") or "Background"
-            )
-            obj = await self.delete(rt, namespace, name or "", policy)
-            return web.json_response(obj)
+            body = await self._json(request, optional=True) or {}
+            policy = q.get("propagationPolicy") or body.get("propagationPolicy")
+            orphan = q.get("orphanDependents", body.get("orphanDependents"))
+            if not policy and orphan is not None:  # deprecated DeleteOptions.orphanDependents
+                policy = "Orphan" if str(orphan).lower() in ("true", "1") else "Background"
+            headers = {}
+            if not policy and rt.key == ("batch", "jobs"):
+                # batch/v1 Jobs default to orphaning their pods (DefaultGarbageCollectionPolicy)
+                policy = "Orphan"
+                headers["Warning"] = (
+                    '299 - "child pods are preserved by default when jobs are deleted; set '
+                    "propagationPolicy=Background to remove them or set propagationPolicy=Orphan "
+                    'to suppress this warning"'
+                )
+            obj = await self.delete(rt, namespace, name or "", policy or "Background")
+            return web.json_response(obj, headers=headers)
         raise ApiError(405, "MethodNotAllowed", f"{method} is not supported")
 
     async def _json(self, request: web.Request, optional: bool = False) -> Any:
@@ -1020,7 +1580,7 @@ class Emulator:
 
     def pod_log(self, namespace: str, name: str, q: Any) -> web.StreamResponse:
         if (namespace, name) not in self.store.objects[("", "pods")]:
-            raise ApiError(404, "NotFound", f'pods "{name}" not found')
+            raise self.store.types[("", "pods")].not_found(name)
         text = "".join(self.store.logs.get((namespace, name), []))
         tail = q.get("tailLines")
         if tail is not None:
@@ -1035,12 +1595,7 @@ class Emulator:
     def get(self, rt: ResourceType, namespace: str | None, name: str) -> dict[str, Any]:
         obj = self.store.objects[rt.key].get(self._key(rt, namespace, name))
         if obj is None:
-            raise ApiError(
-                404,
-                "NotFound",
-                f'{rt.plural}.{rt.group or "core"} "{name}" not found',
-                {"name": name, "group": rt.group, "kind": rt.plural},
-            )
+            raise rt.not_found(name)
         return copy.deepcopy(obj)
 
     def _matching(self, rt: ResourceType, namespace: str | None, q: Any) -> list[dict[str, Any]]:
@@ -1175,46 +1730,71 @@ class Emulator:
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         name = meta.get("name")
         if not name:
-            raise ApiError(422, "Invalid", f"{rt.kind}: metadata.name: Required value")
+            raise invalid(rt, "", [("metadata.name", "FieldValueRequired", "Required value")])
         if rt.namespaced:
             ns = namespace or meta.get("namespace") or "default"
             if meta.get("namespace") and namespace and meta["namespace"] != namespace:
                 raise ApiError(
                     400,
                     "BadRequest",
-                    "the namespace of the object does not match the namespace on the request",
+                    "the namespace of the provided object does not match the namespace sent "
+                    "on the request",
                 )
             if ("", ns) not in self.store.objects[("", "namespaces")]:
-                raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
+                raise self.store.types[("", "namespaces")].not_found(ns)
             meta["namespace"] = ns
         else:
             meta.pop("namespace", None)
         key = self._key(rt, meta.get("namespace"), name)
         if key in self.store.objects[rt.key]:
-            raise ApiError(
-                409,
-                "AlreadyExists",
-                f'{rt.plural}.{rt.group or "core"} "{name}" already exists',
-                {"name": name, "group": rt.group, "kind": rt.plural},
-            )
+            raise rt.already_exists(name)
         body["apiVersion"] = rt.api_version
         body["kind"] = rt.kind
-        if (
-            rt.has_status
-            and rt.group not in ("", "batch")
-            and rt.plural != "customresourcedefinitions"
-        ):
-            body.pop("status", None)  # CRs: status only through /status
+        if rt.has_status:
+            # status is written through /status only: PrepareForCreate resets it
+            body.pop("status", None)
+            initial = initial_status(rt, body)
+            if initial is not None:
+                body["status"] = initial
+        if rt.group == "" and rt.plural == "namespaces":
+            finalizers = (body.setdefault("spec", {}) or {}).get("finalizers") or []
+            if "kubernetes" not in finalizers:
+                body["spec"] = {**(body["spec"] or {}), "finalizers": [*finalizers, "kubernetes"]}
         body = self._admit(rt, body, None, q)
-        for k in ("uid", "resourceVersion", "creationTimestamp", "deletionTimestamp"):
-            meta = body["metadata"]
+        meta = body["metadata"]
+        for k in (
+            "uid",
+            "resourceVersion",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+        ):
             meta.pop(k, None)
-        body["metadata"]["generation"] = 1
+        if rt.generation:
+            meta["generation"] = 1
         obj = self.store._put_raw(rt, body)
         if rt.plural == "customresourcedefinitions":
             self._register_crd(obj)
         await self.store.notify(rt, "ADDED", obj)
         return copy.deepcopy(obj)
+
+    def _patched(self, rt: ResourceType, old: dict[str, Any], body: Any, ctype: str) -> Any:
+        """The object a PATCH request asks for (before the strategy's own rules)."""
+        if ctype == "application/json-patch+json":
+            if not isinstance(body, list):
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    "json: cannot unmarshal object into Go value of type jsonpatch.Patch",
+                )
+            return json_patch(old, body)
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", "the patch must be a JSON object")
+        if ctype == "application/strategic-merge-patch+json":
+            return strategic_merge_patch(old, body, smp_meta(rt))
+        # merge-patch+json; apply-patch+yaml (server-side apply) is approximated by a merge
+        return merge_patch(old, body)
 
     async def update(
         self,
@@ -1227,38 +1807,48 @@ class Emulator:
         ctype: str,
         q: Any,
     ) -> dict[str, Any]:
+        if method == "PATCH":
+            kinds = PATCH_TYPES_CUSTOM if rt.custom else PATCH_TYPES
+            if ctype not in kinds:
+                raise ApiError(
+                    415,
+                    "UnsupportedMediaType",
+                    "the body of the request was in an unknown format - accepted media types "
+                    "include: " + ", ".join(kinds),
+                )
         key = self._key(rt, namespace, name)
         old = self.store.objects[rt.key].get(key)
         if old is None:
-            raise ApiError(
-                404,
-                "NotFound",
-                f'{rt.plural}.{rt.group or "core"} "{name}" not found',
-                {"name": name, "kind": rt.plural},
-            )
+            raise rt.not_found(name)
         if method == "PUT":
+            if not isinstance(body, dict):
+                raise ApiError(400, "BadRequest", "the body must be an object")
             new = copy.deepcopy(body)
-            want_rv = (new.get("metadata") or {}).get("resourceVersion")
-            if want_rv and want_rv != old["metadata"]["resourceVersion"]:
-                raise ApiError(
-                    409,
-                    "Conflict",
-                    f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been modified; please apply your changes to the latest version and try again',
+            if not (new.get("metadata") or {}).get("resourceVersion") and not (
+                rt.unconditional_update
+            ):
+                # the strategy refuses unconditional updates (custom resources, CRDs, Leases)
+                raise invalid(
+                    rt,
+                    name,
+                    [
+                        (
+                            "metadata.resourceVersion",
+                            "FieldValueInvalid",
+                            "Invalid value: 0x0: must be specified for an update",
+                        )
+                    ],
+                    qualified=True,
                 )
-        elif "json-patch" in ctype:
-            new = json_patch(old, body)
-        else:  # merge-patch+json and strategic-merge-patch+json (merge semantics here)
-            if isinstance(body, dict):
-                want_rv = (body.get("metadata") or {}).get("resourceVersion")
-                if want_rv and want_rv != old["metadata"]["resourceVersion"]:
-                    raise ApiError(
-                        409,
-                        "Conflict",
-                        f'Operation cannot be fulfilled on {rt.plural} "{name}": the object has been modified',
-                    )
-            new = merge_patch(old, body)
-        new = new if isinstance(new, dict) else {}
-        # identity and system fields are not changed by updates
+        else:
+            new = self._patched(rt, old, body, ctype)
+        if not isinstance(new, dict) or not isinstance(new.get("metadata", {}), dict):
+            raise ApiError(400, "BadRequest", "the object must have metadata")
+        # a resourceVersion in the request (or the patched object) is a precondition
+        want_rv = (new.get("metadata") or {}).get("resourceVersion")
+        if want_rv and want_rv != old["metadata"]["resourceVersion"]:
+            raise rt.conflict(name)
+        # identity and system fields are not changed by updates (rest.BeforeUpdate)
         meta = new.setdefault("metadata", {})
         for k in (
             "uid",
@@ -1266,6 +1856,7 @@ class Emulator:
             "namespace",
             "name",
             "deletionTimestamp",
+            "deletionGracePeriodSeconds",
             "generation",
         ):
             if k in old["metadata"]:
@@ -1285,12 +1876,12 @@ class Emulator:
                 new["status"] = copy.deepcopy(old["status"])
             else:
                 new.pop("status", None)
-        if sub != "status":
-            new = self._admit(rt, new, old, q)
+        # the schema (pruning, defaults, validation, CEL) applies to status writes too
+        new = self._admit(rt, new, old, q)
         changed_spec = {k: v for k, v in new.items() if k not in ("metadata", "status")} != {
             k: v for k, v in old.items() if k not in ("metadata", "status")
         }
-        if changed_spec and sub != "status":
+        if changed_spec and rt.generation and sub != "status":
             new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
         if new == old:
             return copy.deepcopy(old)  # no-op: no new resourceVersion, no event
@@ -1310,13 +1901,12 @@ class Emulator:
         key = self._key(rt, namespace, name)
         obj = self.store.objects[rt.key].get(key)
         if obj is None:
-            raise ApiError(
-                404,
-                "NotFound",
-                f'{rt.plural}.{rt.group or "core"} "{name}" not found',
-                {"name": name, "kind": rt.plural},
-            )
+            raise rt.not_found(name)
         meta = obj["metadata"]
+        if policy == "Orphan":
+            # the garbage collector's orphan finalizer, done at once: the dependents lose
+            # their reference to this owner before it goes
+            await self._orphan(meta["uid"])
         if policy == "Foreground" and self._dependents(meta["uid"]):
             finalizers = list(meta.get("finalizers") or [])
             if "foregroundDeletion" not in finalizers:
@@ -1324,6 +1914,9 @@ class Emulator:
             meta["finalizers"] = finalizers
         if meta.get("finalizers"):
             if not meta.get("deletionTimestamp"):
+                # markAsDeleting: the first deletion bumps a tracked generation
+                if int(meta.get("generation") or 0) > 0:
+                    meta["generation"] = int(meta["generation"]) + 1
                 meta["deletionTimestamp"] = now_iso()
                 meta["deletionGracePeriodSeconds"] = 0
                 meta["resourceVersion"] = str(self.store.next_rv())
@@ -1356,6 +1949,17 @@ class Emulator:
                 if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences") or []):
                     out.append((self.store.types[tkey], okey, o))
         return out
+
+    async def _orphan(self, uid: str) -> None:
+        for rt, _, dep in self._dependents(uid):
+            m = dep["metadata"]
+            refs = [r for r in m.get("ownerReferences") or [] if r.get("uid") != uid]
+            if refs:
+                m["ownerReferences"] = refs
+            else:
+                m.pop("ownerReferences", None)
+            m["resourceVersion"] = str(self.store.next_rv())
+            await self.store.notify(rt, "MODIFIED", dep)
 
     async def _cascade(self, uid: str, policy: str) -> None:
         for rt, okey, _ in self._dependents(uid):
@@ -1400,6 +2004,9 @@ class Emulator:
                 categories=tuple(names.get("categories") or ()),
                 printer_columns=list(v.get("additionalPrinterColumns") or []),
                 schema=schema,
+                custom=True,
+                generation=True,
+                unconditional_update=False,
             )
             self.store.add_type(rt)
         crd["status"] = {

@@ -3,8 +3,8 @@ official ``kubernetes`` client and raw HTTP: the behaviour the operator and kube
 on must match a real API server, or integration tests pass against a cluster that does
 not exist.
 
-Tests marked ``xfail(strict=True)`` record known differences from a real API server; an
-XPASS means the emulator was fixed and the marker can go.
+Known differences that remain are listed in the emulator's module docstring; a test
+marked ``xfail(strict=True)`` would record one (an XPASS means it was fixed).
 """
 
 from __future__ import annotations
@@ -270,12 +270,6 @@ def test_custom_object_merge_and_json_patch(k8s_api: K8s, ns: str) -> None:
     assert out["spec"]["converter"]["backoffLimit"] == 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="limitation (documented in the emulator docstring): strategic merge patch is "
-    "applied as a JSON merge patch, so lists with a patchMergeKey (containers by name, "
-    "Job/Pod status conditions by type) are replaced instead of merged",
-)
 def test_strategic_merge_merges_lists_by_key(k8s_api: K8s, ns: str) -> None:
     k8s_api.core.create_namespaced_pod(
         ns,
@@ -290,18 +284,180 @@ def test_strategic_merge_merges_lists_by_key(k8s_api: K8s, ns: str) -> None:
     assert [(c.name, c.image) for c in pod.spec.containers] == [("a", "a:1"), ("b", "b:2")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a strategic merge patch (Content-Type application/strategic-merge-patch+json) "
-    "of a custom resource is accepted; the API server refuses it with 415 "
-    "UnsupportedMediaType (CRs support only merge and JSON patches), as `kubectl patch` "
-    "without --type=merge shows",
-)
+def smp(k8s: K8s, path: str, patch: dict[str, Any]) -> tuple[int, Any]:
+    return raw(
+        k8s,
+        "PATCH",
+        path,
+        patch,
+        headers={"Content-Type": "application/strategic-merge-patch+json"},
+    )
+
+
+def test_strategic_merge_directives_and_order(k8s_api: K8s, ns: str) -> None:
+    """apimachinery's strategicpatch semantics for the lists preshard's kinds carry."""
+    path = f"/api/v1/namespaces/{ns}/pods/dir"
+    k8s_api.core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": "dir", "finalizers": ["x/a", "x/b"], "labels": {"k": "v"}},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "a",
+                        "image": "a:1",
+                        "args": ["--one", "--two"],
+                        "env": [{"name": "E1", "value": "1"}, {"name": "E2", "value": "2"}],
+                        "volumeMounts": [{"name": "v", "mountPath": "/data"}],
+                    },
+                    {"name": "b", "image": "b:1"},
+                ],
+                "volumes": [{"name": "v", "emptyDir": {}}],
+            },
+        },
+    )
+    # nested merge by key (env by name, volumeMounts by mountPath); args has no strategy
+    status, pod = smp(
+        k8s_api,
+        path,
+        {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "a",
+                        "args": ["--three"],
+                        "env": [{"name": "E2", "value": "22"}, {"name": "E3", "value": "3"}],
+                        "volumeMounts": [{"mountPath": "/data", "readOnly": True}],
+                    }
+                ]
+            }
+        },
+    )
+    assert status == 200, pod
+    a = pod["spec"]["containers"][0]
+    assert a["args"] == ["--three"]  # replaced
+    # E2 merged in place, E3 added after it (the patch's order)
+    assert [(e["name"], e["value"]) for e in a["env"]] == [("E1", "1"), ("E2", "22"), ("E3", "3")]
+    assert a["volumeMounts"] == [{"name": "v", "mountPath": "/data", "readOnly": True}]
+    assert a["image"] == "a:1" and [c["name"] for c in pod["spec"]["containers"]] == ["a", "b"]
+    # a new container alone goes before the ones the patch does not name
+    _, pod = smp(k8s_api, path, {"spec": {"containers": [{"name": "c", "image": "c:1"}]}})
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["c", "a", "b"]
+    # $patch: delete removes one entry by key; $patch: replace replaces the list
+    _, pod = smp(k8s_api, path, {"spec": {"containers": [{"name": "c", "$patch": "delete"}]}})
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["a", "b"]
+    _, pod = smp(
+        k8s_api,
+        path,
+        {
+            "spec": {
+                "containers": [
+                    {"name": "a", "env": [{"name": "ONLY", "value": "x"}, {"$patch": "replace"}]}
+                ]
+            }
+        },
+    )
+    assert pod["spec"]["containers"][0]["env"] == [{"name": "ONLY", "value": "x"}]
+    # $setElementOrder reorders
+    _, pod = smp(
+        k8s_api,
+        path,
+        {"spec": {"$setElementOrder/containers": [{"name": "b"}, {"name": "a"}]}},
+    )
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["b", "a"]
+    # finalizers: a set; new ones first, duplicates dropped
+    _, pod = smp(k8s_api, path, {"metadata": {"finalizers": ["x/c", "x/a"]}})
+    assert pod["metadata"]["finalizers"] == ["x/c", "x/a", "x/b"]
+    # an empty list changes nothing on a merge list; $deleteFromPrimitiveList removes
+    _, same = smp(k8s_api, path, {"metadata": {"finalizers": []}})
+    assert same["metadata"]["finalizers"] == ["x/c", "x/a", "x/b"]
+    assert same["metadata"]["resourceVersion"] == pod["metadata"]["resourceVersion"]
+    _, pod = smp(
+        k8s_api, path, {"metadata": {"$deleteFromPrimitiveList/finalizers": ["x/a", "x/c"]}}
+    )
+    assert pod["metadata"]["finalizers"] == ["x/b"]
+    # null deletes a field; a map merges
+    _, pod = smp(k8s_api, path, {"metadata": {"finalizers": None, "labels": {"n": "m"}}})
+    assert "finalizers" not in pod["metadata"] and pod["metadata"]["labels"] == {"k": "v", "n": "m"}
+    # $patch: replace on a map
+    _, pod = smp(k8s_api, path, {"metadata": {"labels": {"only": "this", "$patch": "replace"}}})
+    assert pod["metadata"]["labels"] == {"only": "this"}
+    # a merge list entry without its key is refused, as apimachinery does
+    status, body = smp(k8s_api, path, {"spec": {"containers": [{"image": "nokey"}]}})
+    assert status == 500 and "does not contain declared merge key: name" in body["message"]
+
+
+def test_strategic_merge_of_status_merges_conditions_by_type(k8s_api: K8s, ns: str) -> None:
+    k8s_api.core.create_namespaced_pod(
+        ns, {"metadata": {"name": "st"}, "spec": {"containers": [{"name": "c", "image": "x"}]}}
+    )
+    k8s_api.core.patch_namespaced_pod_status(
+        "st",
+        ns,
+        {
+            "status": {
+                "phase": "Running",
+                "conditions": [
+                    {"type": "Ready", "status": "False"},
+                    {"type": "Initialized", "status": "True"},
+                ],
+                "containerStatuses": [
+                    {"name": "c", "image": "x", "imageID": "", "ready": False, "restartCount": 0}
+                ],
+            }
+        },
+    )
+    pod = k8s_api.core.patch_namespaced_pod_status(
+        "st",
+        ns,
+        {
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [
+                    {"name": "c", "image": "x", "imageID": "", "ready": True, "restartCount": 0}
+                ],
+            }
+        },
+    )
+    conds = [(c.type, c.status) for c in pod.status.conditions]
+    assert conds == [("Ready", "True"), ("Initialized", "True")]
+    assert [c.ready for c in pod.status.container_statuses] == [True]  # no strategy: replaced
+    assert pod.status.phase == "Running"
+
+    k8s_api.batch.create_namespaced_job(ns, _job("stj"))
+    k8s_api.batch.patch_namespaced_job_status(
+        "stj", ns, {"status": {"conditions": [{"type": "FailureTarget", "status": "True"}]}}
+    )
+    job = k8s_api.batch.patch_namespaced_job_status(
+        "stj", ns, {"status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+    )
+    assert [c.type for c in job.status.conditions] == ["Failed", "FailureTarget"]
+
+
+def test_strategic_merge_owner_references_by_uid(k8s_api: K8s, ns: str) -> None:
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "o1", "uid": "u-1"}
+    k8s_api.core.create_namespaced_config_map(ns, cm("refs", ownerReferences=[ref]))
+    other = {"apiVersion": "v1", "kind": "ConfigMap", "name": "o2", "uid": "u-2"}
+    out = k8s_api.core.patch_namespaced_config_map(
+        "refs", ns, {"metadata": {"ownerReferences": [other]}}
+    )
+    assert [r.uid for r in out.metadata.owner_references] == ["u-2", "u-1"]
+    # a merge patch replaces the list
+    out = k8s_api.core.patch_namespaced_config_map(
+        "refs",
+        ns,
+        {"metadata": {"ownerReferences": [other]}},
+        _content_type="application/merge-patch+json",
+    )
+    assert [r.uid for r in out.metadata.owner_references] == ["u-2"]
+
+
 def test_strategic_merge_of_custom_resource_is_refused(k8s_api: K8s, ns: str) -> None:
+    """CRs take JSON and merge patches only, as `kubectl patch` without --type=merge shows."""
     k8s_api.custom.create_namespaced_custom_object(
         GROUP, VERSION, ns, PLURAL, cr_body("smp", cr_spec())
     )
-    status, _ = api_error(
+    status, body = api_error(
         k8s_api.custom.patch_namespaced_custom_object,
         GROUP,
         VERSION,
@@ -312,6 +468,20 @@ def test_strategic_merge_of_custom_resource_is_refused(k8s_api: K8s, ns: str) ->
         _content_type="application/strategic-merge-patch+json",
     )
     assert status == 415
+    assert body["reason"] == "UnsupportedMediaType"
+    assert body["message"] == (
+        "the body of the request was in an unknown format - accepted media types include: "
+        "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+    )
+    # an unknown patch type is refused for every kind
+    status, body = raw(
+        k8s_api,
+        "PATCH",
+        f"{cm_path(ns)}/none",
+        {"data": {}},
+        headers={"Content-Type": "application/json"},
+    )
+    assert status == 415 and "application/strategic-merge-patch+json" in body["message"]
 
 
 def test_delete_then_404_not_found_status(k8s_api: K8s, ns: str) -> None:
@@ -368,18 +538,39 @@ def test_create_twice_409_already_exists(k8s_api: K8s, ns: str) -> None:
     assert body["details"]["group"] == GROUP
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='bug: messages of core resources name the group "core" '
-    '(configmaps.core "x" not found / already exists); the API server prints the bare '
-    'resource for the core group (configmaps "x" not found), as kubectl shows it',
-)
 def test_core_group_messages_use_bare_resource(k8s_api: K8s, ns: str) -> None:
     k8s_api.core.create_namespaced_config_map(ns, cm("msg"))
     _, body = api_error(k8s_api.core.create_namespaced_config_map, ns, cm("msg"))
     assert body["message"] == 'configmaps "msg" already exists'
     _, body = api_error(k8s_api.core.read_namespaced_config_map, "nope", ns)
     assert body["message"] == 'configmaps "nope" not found'
+    assert body["details"] == {"name": "nope", "kind": "configmaps"}  # no group for core
+    # other groups: resource.group
+    _, body = api_error(k8s_api.batch.read_namespaced_job, "nope", ns)
+    assert body["message"] == 'jobs.batch "nope" not found'
+    assert body["details"] == {"name": "nope", "group": "batch", "kind": "jobs"}
+    # a stale resourceVersion names the qualified resource too
+    obj = k8s_api.core.read_namespaced_config_map("msg", ns)
+    k8s_api.core.patch_namespaced_config_map("msg", ns, {"data": {"a": "b"}})
+    _, body = api_error(k8s_api.core.replace_namespaced_config_map, "msg", ns, obj)
+    assert body["message"] == (
+        'Operation cannot be fulfilled on configmaps "msg": the object has been modified; '
+        "please apply your changes to the latest version and try again"
+    )
+    k8s_api.custom.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, cr_body("msg", cr_spec())
+    )
+    status, body = api_error(
+        k8s_api.custom.patch_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "msg",
+        {"metadata": {"resourceVersion": "1"}, "spec": {"verify": False}},
+    )
+    assert status == 409 and body["reason"] == "Conflict"
+    assert body["message"].startswith(f'Operation cannot be fulfilled on {PLURAL}.{GROUP} "msg"')
 
 
 # ------------------------------------------------------------------ resourceVersion conflicts
@@ -538,13 +729,115 @@ def test_status_subresource_separates_spec_and_status(k8s_api: K8s, ns: str) -> 
     assert out2["spec"]["verify"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: writes through the status subresource skip the CRD schema: an invalid "
-    "status (phase not in the enum) is stored and unknown status fields are kept; the API "
-    "server validates and prunes status too (422 status.phase: Unsupported value), so an "
-    "operator writing a bad status passes here and fails on a cluster",
+def test_create_drops_status_of_kinds_with_a_status_subresource(k8s_api: K8s, ns: str) -> None:
+    """PrepareForCreate resets status for Pods (Pending + QoS class), Jobs (empty) and
+    Namespaces (Active); it is written through /status afterwards."""
+    pod = k8s_api.core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": "st0"},
+            "spec": {"containers": [{"name": "c", "image": "x"}]},
+            "status": {"phase": "Succeeded", "message": "made up"},
+        },
+    )
+    assert pod.status.phase == "Pending" and pod.status.message is None
+    assert pod.status.qos_class == "BestEffort"
+    pod = k8s_api.core.patch_namespaced_pod_status("st0", ns, {"status": {"phase": "Running"}})
+    assert pod.status.phase == "Running"
+    # the main endpoint does not write status
+    pod = k8s_api.core.patch_namespaced_pod(
+        "st0", ns, {"status": {"phase": "Failed"}, "metadata": {"labels": {"a": "b"}}}
+    )
+    assert pod.status.phase == "Running" and pod.metadata.labels == {"a": "b"}
+
+    job_body = _job("st0")
+    job_body["status"] = {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    k8s_api.batch.create_namespaced_job(ns, job_body)
+    status, raw_job = raw(k8s_api, "GET", f"/apis/batch/v1/namespaces/{ns}/jobs/st0")
+    assert status == 200 and raw_job["status"] == {}
+    job = k8s_api.batch.patch_namespaced_job_status("st0", ns, {"status": {"active": 1}})
+    assert job.status.active == 1 and job.status.succeeded is None
+
+    name = k8s_api.namespace()
+    got = k8s_api.core.read_namespace(name)
+    assert got.status.phase == "Active" and got.spec.finalizers == ["kubernetes"]
+
+
+@pytest.mark.parametrize(
+    ("resources", "qos"),
+    [
+        ({}, "BestEffort"),
+        ({"requests": {"cpu": "100m"}}, "Burstable"),
+        ({"limits": {"cpu": "1", "memory": "1Gi"}}, "Guaranteed"),  # requests default to limits
+        (
+            {
+                "requests": {"cpu": "1000m", "memory": "1Gi"},
+                "limits": {"cpu": 1, "memory": "1024Mi"},
+            },
+            "Guaranteed",
+        ),
+        (
+            {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+            "Burstable",
+        ),
+        ({"limits": {"nvidia.com/gpu": 1}}, "BestEffort"),  # only cpu and memory count
+    ],
 )
+def test_pod_qos_class(k8s_api: K8s, ns: str, resources: dict[str, Any], qos: str) -> None:
+    pod = k8s_api.core.create_namespaced_pod(
+        ns,
+        {
+            "metadata": {"name": "qos"},
+            "spec": {"containers": [{"name": "c", "image": "x", "resources": resources}]},
+        },
+    )
+    assert pod.status.qos_class == qos
+
+
+def test_put_without_resource_version(k8s_api: K8s, ns: str) -> None:
+    """Custom resources (and CRDs, Leases) refuse unconditional updates; ConfigMaps, Pods,
+    Jobs accept them."""
+    c = k8s_api.custom
+    c.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, cr_body("norv", cr_spec()))
+    obj = c.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "norv")
+    del obj["metadata"]["resourceVersion"]
+    obj["spec"]["verify"] = False
+    status, body = api_error(
+        c.replace_namespaced_custom_object, GROUP, VERSION, ns, PLURAL, "norv", obj
+    )
+    assert status == 422 and body["reason"] == "Invalid"
+    assert body["message"] == (
+        f'{PLURAL}.{GROUP} "norv" is invalid: metadata.resourceVersion: Invalid value: 0x0: '
+        "must be specified for an update"
+    )
+    assert body["details"]["causes"] == [
+        {
+            "reason": "FieldValueInvalid",
+            "message": "Invalid value: 0x0: must be specified for an update",
+            "field": "metadata.resourceVersion",
+        }
+    ]
+    # the status subresource too
+    obj["status"] = {"phase": "Running"}
+    assert (
+        api_error(
+            c.replace_namespaced_custom_object_status, GROUP, VERSION, ns, PLURAL, "norv", obj
+        )[0]
+        == 422
+    )
+    # a patch needs no resourceVersion
+    assert (
+        c.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, "norv", {"spec": {"verify": False}}
+        )["spec"]["verify"]
+        is False
+    )
+    # a ConfigMap may be replaced unconditionally
+    k8s_api.core.create_namespaced_config_map(ns, cm("norv", {"a": "1"}))
+    out = k8s_api.core.replace_namespaced_config_map("norv", ns, cm("norv", {"a": "2"}))
+    assert out.data == {"a": "2"}
+
+
 def test_status_subresource_is_validated_against_the_schema(k8s_api: K8s, ns: str) -> None:
     k8s_api.custom.create_namespaced_custom_object(
         GROUP, VERSION, ns, PLURAL, cr_body("badstatus", cr_spec())
@@ -559,6 +852,60 @@ def test_status_subresource_is_validated_against_the_schema(k8s_api: K8s, ns: st
         {"status": {"phase": "Bogus"}},
     )
     assert status == 422 and "status.phase" in body["message"]
+    assert body["message"] == (
+        f'ShardedCheckpoint.{GROUP} "badstatus" is invalid: status.phase: Unsupported value: '
+        '"Bogus": supported values: "Pending", "Running", "Succeeded", "Failed", "Deleting"'
+    )
+    # unknown status fields are pruned, defaults and the rest kept
+    out = k8s_api.custom.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "badstatus",
+        {"status": {"phase": "Running", "bogus": 1, "progress": {"stage": "Converting", "x": 2}}},
+    )
+    assert out["status"] == {"phase": "Running", "progress": {"stage": "Converting"}}
+    # conditions are a map keyed by type (x-kubernetes-list-type: map): no duplicates
+    status, body = api_error(
+        k8s_api.custom.patch_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "badstatus",
+        {
+            "status": {
+                "conditions": [
+                    {"type": "Ready", "status": "True"},
+                    {"type": "Ready", "status": "False"},
+                ]
+            }
+        },
+    )
+    assert status == 422
+    assert body["details"]["causes"] == [
+        {
+            "reason": "FieldValueDuplicate",
+            "message": 'Duplicate value: map[string]interface {}{"type":"Ready"}',
+            "field": "status.conditions[1]",
+        }
+    ]
+    # a PUT of /status is validated as well
+    obj = k8s_api.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "badstatus")
+    obj["status"]["progress"]["bytesDone"] = -1
+    status, body = api_error(
+        k8s_api.custom.replace_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        "badstatus",
+        obj,
+    )
+    assert status == 422
+    assert "status.progress.bytesDone: Invalid value: -1: status.progress.bytesDone in body "
+    "should be greater than or equal to 0" in body["message"]
 
 
 # ------------------------------------------------------------------ schema and CEL admission
@@ -595,12 +942,6 @@ def test_schema_rejects_invalid_values_with_422_and_field_path(k8s_api: K8s, ns:
     assert status == 422 and "spec.converter.backoffLimit" in body["message"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a missing required field is reported at its parent "
-    "(\"spec: 'output' is a required property\", causes[].field 'spec'); the API server "
-    "reports the field itself (spec.output: Required value)",
-)
 def test_missing_required_field_names_the_field(k8s_api: K8s, ns: str) -> None:
     spec = cr_spec()
     del spec["output"]
@@ -613,6 +954,34 @@ def test_missing_required_field_names_the_field(k8s_api: K8s, ns: str) -> None:
         cr_body("req", spec),
     )
     assert "spec.output" in [c["field"] for c in body["details"]["causes"]]
+    assert (
+        body["message"]
+        == f'ShardedCheckpoint.{GROUP} "req" is invalid: spec.output: Required value'
+    )
+    assert body["details"] == {
+        "name": "req",
+        "group": GROUP,
+        "kind": "ShardedCheckpoint",
+        "causes": [
+            {"reason": "FieldValueRequired", "message": "Required value", "field": "spec.output"}
+        ],
+    }
+    # several errors: in brackets, as apimachinery's aggregate prints them
+    spec = cr_spec(tp=0)
+    del spec["output"]
+    _, body = api_error(
+        k8s_api.custom.create_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        cr_body("req2", spec),
+    )
+    assert body["message"] == (
+        f'ShardedCheckpoint.{GROUP} "req2" is invalid: [spec.output: Required value, '
+        "spec.tensorParallelSize: Invalid value: 0: spec.tensorParallelSize in body should be "
+        "greater than or equal to 1]"
+    )
 
 
 def test_schema_defaults_pruning_and_strict_field_validation(k8s_api: K8s, ns: str) -> None:
@@ -634,8 +1003,12 @@ def test_schema_defaults_pruning_and_strict_field_validation(k8s_api: K8s, ns: s
         cr_body("strict", spec),
         field_validation="Strict",
     )
-    assert status == 422
-    assert 'unknown field "spec.bogusField"' in body["message"]
+    # the decoder refuses it: 400 BadRequest, as `kubectl apply --validate=strict` shows
+    assert status == 400 and body["reason"] == "BadRequest"
+    assert body["message"] == (
+        'ShardedCheckpoint in version "v1alpha1" cannot be handled as a ShardedCheckpoint: '
+        'strict decoding error: unknown field "spec.bogusField"'
+    )
 
 
 def test_cel_immutable_fields(k8s_api: K8s, ns: str) -> None:
@@ -887,12 +1260,6 @@ def test_finalizer_keeps_object_until_removed(k8s_api: K8s, ns: str) -> None:
     assert evs[-1][0] == "DELETED" and evs[0][1]["metadata"]["deletionTimestamp"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: setting deletionTimestamp on an object with finalizers does not bump "
-    "metadata.generation; the API server increments it once (markAsDeleting / "
-    "BeforeDelete), so controllers comparing observedGeneration see the change",
-)
 def test_deletion_with_finalizer_bumps_generation(k8s_api: K8s, ns: str) -> None:
     c = k8s_api.custom
     c.create_namespaced_custom_object(
@@ -902,6 +1269,39 @@ def test_deletion_with_finalizer_bumps_generation(k8s_api: K8s, ns: str) -> None
     obj = c.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "delgen")
     assert obj["metadata"]["deletionTimestamp"]
     assert obj["metadata"]["generation"] == 2
+    # once only: a repeated delete changes nothing
+    c.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "delgen")
+    again = c.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "delgen")
+    assert again["metadata"]["generation"] == 2
+    assert again["metadata"]["resourceVersion"] == obj["metadata"]["resourceVersion"]
+    # kinds without a generation (ConfigMaps) get none
+    k8s_api.core.create_namespaced_config_map(ns, cm("delgen", finalizers=["example.com/f"]))
+    k8s_api.core.delete_namespaced_config_map("delgen", ns)
+    gone = k8s_api.core.read_namespaced_config_map("delgen", ns)
+    assert gone.metadata.deletion_timestamp and gone.metadata.generation is None
+
+
+def test_generation_only_for_kinds_that_track_it(k8s_api: K8s, ns: str) -> None:
+    """ConfigMaps, Secrets, ServiceAccounts, Namespaces have no metadata.generation; Pods
+    (Kubernetes 1.33+), Jobs, CRDs and custom resources start at 1 and count spec changes."""
+    made = k8s_api.core.create_namespaced_config_map(ns, cm("g", {"a": "1"}, generation=5))
+    assert made.metadata.generation is None
+    changed = k8s_api.core.patch_namespaced_config_map("g", ns, {"data": {"a": "2"}})
+    assert changed.metadata.generation is None
+    assert k8s_api.core.read_namespace(ns).metadata.generation is None
+
+    pod = k8s_api.core.create_namespaced_pod(
+        ns, {"metadata": {"name": "g"}, "spec": {"containers": [{"name": "c", "image": "x:1"}]}}
+    )
+    assert pod.metadata.generation == 1
+    pod = k8s_api.core.patch_namespaced_pod(
+        "g", ns, {"spec": {"containers": [{"name": "c", "image": "x:2"}]}}
+    )
+    assert pod.metadata.generation == 2
+    pod = k8s_api.core.patch_namespaced_pod_status("g", ns, {"status": {"phase": "Running"}})
+    assert pod.metadata.generation == 2
+    job = k8s_api.batch.create_namespaced_job(ns, _job("g"))
+    assert job.metadata.generation == 1
 
 
 # ------------------------------------------------------------------ garbage collection
@@ -931,8 +1331,16 @@ def _job(name: str) -> dict[str, Any]:
     }
 
 
-def _pod(name: str, owner: dict[str, Any], finalizers: list[str] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "ownerReferences": [owner]}
+def _pod(
+    name: str,
+    owner: dict[str, Any],
+    finalizers: list[str] | None = None,
+    extra_owner: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "ownerReferences": [owner, *([extra_owner] if extra_owner else [])],
+    }
     if finalizers:
         meta["finalizers"] = finalizers
     return {"metadata": meta, "spec": {"containers": [{"name": "c", "image": "x"}]}}
@@ -1023,18 +1431,42 @@ def test_orphan_keeps_dependents(k8s_api: K8s, ns: str) -> None:
     assert _exists(k8s_api.core.read_namespaced_pod, "orph-pod", ns)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: propagationPolicy=Orphan leaves the deleted owner in the dependents' "
-    "ownerReferences; the garbage collector removes that reference before it deletes the "
-    "owner (orphan finalizer)",
-)
 def test_orphan_removes_owner_reference(k8s_api: K8s, ns: str) -> None:
     job = k8s_api.batch.create_namespaced_job(ns, _job("orph2"))
     k8s_api.core.create_namespaced_pod(ns, _pod("orph2-pod", _owner_ref("Job", "batch/v1", job)))
+    other = {"apiVersion": "v1", "kind": "ConfigMap", "name": "keep", "uid": "keep-uid"}
+    k8s_api.core.create_namespaced_pod(
+        ns, _pod("orph2-pod2", _owner_ref("Job", "batch/v1", job), extra_owner=other)
+    )
     k8s_api.batch.delete_namespaced_job("orph2", ns, propagation_policy="Orphan")
     pod = k8s_api.core.read_namespaced_pod("orph2-pod", ns)
     assert not pod.metadata.owner_references
+    # other owners stay
+    pod2 = k8s_api.core.read_namespaced_pod("orph2-pod2", ns)
+    assert [r.uid for r in pod2.metadata.owner_references] == ["keep-uid"]
+
+
+def test_job_deletion_defaults_to_orphan(k8s_api: K8s, ns: str) -> None:
+    """batch/v1 Jobs orphan their pods unless told otherwise (DefaultGarbageCollectionPolicy),
+    with a warning; kubectl and preshard pass propagationPolicy explicitly."""
+    job = k8s_api.batch.create_namespaced_job(ns, _job("dflt"))
+    k8s_api.core.create_namespaced_pod(ns, _pod("dflt-pod", _owner_ref("Job", "batch/v1", job)))
+    r = k8s_api.http.request(
+        "DELETE", f"{k8s_api.url}/apis/batch/v1/namespaces/{ns}/jobs/dflt", retries=False
+    )
+    assert r.status == 200
+    assert "child pods are preserved by default" in r.headers["Warning"]
+    assert not _exists(k8s_api.batch.read_namespaced_job, "dflt", ns)
+    assert not k8s_api.core.read_namespaced_pod("dflt-pod", ns).metadata.owner_references
+    # the deprecated orphanDependents=false means Background
+    job = k8s_api.batch.create_namespaced_job(ns, _job("dflt2"))
+    k8s_api.core.create_namespaced_pod(ns, _pod("dflt2-pod", _owner_ref("Job", "batch/v1", job)))
+    k8s_api.batch.delete_namespaced_job("dflt2", ns, orphan_dependents=False)
+    wait_for(
+        lambda: not _exists(k8s_api.core.read_namespaced_pod, "dflt2-pod", ns),
+        5,
+        what="pod garbage-collected",
+    )
 
 
 # ------------------------------------------------------------------------------ Table
