@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -187,7 +188,11 @@ def run(args: argparse.Namespace) -> int:
     _quiet_logging(base / "logs" / "demo.log")
     signal.signal(signal.SIGTERM, _sigterm)
 
-    stack = LocalStack(base, namespaces=(ns,))
+    runner_options: dict[str, Any] = {}
+    if os.environ.get("PRESHARD_DEMO_WORKER") == "standin":
+        # tests of the demo itself: the fast stand-in worker instead of vLLM
+        runner_options["command_map"] = {"preshard": [sys.executable, "-m", "preshard_dev.standin"]}
+    stack = LocalStack(base, namespaces=(ns,), runner_options=runner_options)
     t0 = time.monotonic()
     try:
         say(f"== starting on 127.0.0.1 (logs in {stack.log_dir})")
