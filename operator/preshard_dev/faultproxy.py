@@ -30,11 +30,10 @@ limit) gets a fault instead:
     inverted instead. Tests integrity checks on both sides (Content-MD5, sha256).
 
 Rules are checked in order and the first one that fires wins (every rule whose filter
-matches counts the request, so ``nth`` is the Nth match whatever other rules did).
-Every request is counted
-and recorded (:meth:`FaultProxy.stats`, :meth:`FaultProxy.records`), so tests can also
-assert what a client did or did not send (for example that a resumed upload sent no
-part of a file already present).
+matches counts the request, so ``nth`` is the Nth match whatever other rules did). Every
+request is recorded before its response goes out (:meth:`FaultProxy.stats`,
+:meth:`FaultProxy.records`), so tests can also assert what a client did or did not send,
+for example that a resumed upload sent no part of a file already present.
 
 S3 operations are recognised for path-style requests (what preshard and the dev servers
 use): ``PutObject``, ``UploadPart``, ``CreateMultipartUpload``, ``GetObject`` and so on.
@@ -555,6 +554,7 @@ async def _flip(chunks: AsyncIterator[bytes], offset: int) -> AsyncIterator[byte
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
     import argparse
+    import signal
     import time
 
     p = argparse.ArgumentParser(
@@ -584,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - manual use
         fraction=a.fraction,
         max_faults=a.max_faults,
     )
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # stop cleanly on SIGTERM too, with the stats
     with FaultProxy(a.upstream, rules=[rule], port=a.port, seed=a.seed) as proxy:
         print(proxy.endpoint, flush=True)
         try:
