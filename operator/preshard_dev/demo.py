@@ -147,26 +147,23 @@ def report(stack: LocalStack, ns: str, name: str, status: dict[str, Any]) -> Non
             say(f"  {k}: {v}")
 
 
-def keep_running(stack: LocalStack, ns: str) -> None:
+def keep_running(stack: LocalStack, ns: str, name: str) -> None:
     assert stack.s3 is not None
-    say()
-    say("== everything keeps running (Ctrl-C stops it)")
-    say(f"  kubectl --kubeconfig {stack.kubeconfig} get sckpt -n {ns}")
-    say(
-        f"  kubectl --kubeconfig {stack.kubeconfig} apply --validate=false -f examples/tiny-tp2.yaml"
-    )
-    say(f"  S3 endpoint: {stack.s3_endpoint} (buckets preshard-models, preshard-checkpoints)")
-    say(
-        f"  export AWS_ENDPOINT_URL_S3={stack.s3_endpoint} AWS_ACCESS_KEY_ID={stack.s3.access_key} "
-        "AWS_SECRET_ACCESS_KEY=...  # the local server's key is in "
-        f"{stack.base_dir / 'credentials.env'}"
-    )
-    say("  preshard verify s3://preshard-checkpoints/tiny-llama/tp2/")
-    (stack.base_dir / "credentials.env").write_text(
+    creds = stack.base_dir / "credentials.env"
+    creds.write_text(
         f"export AWS_ENDPOINT_URL_S3={stack.s3_endpoint}\n"
         f"export AWS_ACCESS_KEY_ID={stack.s3.access_key}\n"
         f"export AWS_SECRET_ACCESS_KEY={stack.s3.secret_key}\n"
     )
+    kc = f"kubectl --kubeconfig {stack.kubeconfig}"
+    say()
+    say("== everything keeps running; Ctrl-C stops it. In another terminal:")
+    say(f"  {kc} get sckpt -n {ns} -o wide")
+    say(f"  {kc} get jobs,pods,configmaps -n {ns}")
+    say(f"  {kc} delete sckpt -n {ns} {name}    # deletionPolicy: Delete purges the output")
+    say(f"  source {creds}    # S3 endpoint {stack.s3_endpoint} and the local server's keys")
+    say("  .venv/bin/preshard verify s3://preshard-checkpoints/tiny-llama/tp2/")
+    say("  (the emulator takes JSON only: kubectl apply --validate=false -f FILE)")
     while True:
         time.sleep(3600)
 
@@ -223,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
             f"{ns}/{name} is {'Ready' if ok else 'not Ready: ' + str(_ready(status).get('message'))}"
         )
         if args.keep:
-            keep_running(stack, ns)
+            keep_running(stack, ns, name)
         return 0 if ok else 1
     except KeyboardInterrupt:
         say("\n== interrupted: stopping everything")
