@@ -920,9 +920,8 @@ def _schema_error(e: Any) -> list[FieldError]:
             )
         ]
     if v == "type":
-        want = (
-            e.validator_value if isinstance(e.validator_value, str) else "/".join(e.validator_value)
-        )
+        types = [e.validator_value] if isinstance(e.validator_value, str) else e.validator_value
+        want = ",".join(t for t in types if t != "null")  # nullable is not a type to ask for
         got = _TYPE_NAMES.get(type(e.instance), "object")
         return [
             (
@@ -1769,7 +1768,17 @@ class Emulator:
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         name = meta.get("name")
         if not name:
-            raise invalid(rt, "", [("metadata.name", "FieldValueRequired", "Required value")])
+            raise invalid(
+                rt,
+                "",
+                [
+                    (
+                        "metadata.name",
+                        "FieldValueRequired",
+                        "Required value: name or generateName is required",
+                    )
+                ],
+            )
         if rt.namespaced:
             ns = namespace or meta.get("namespace") or "default"
             if meta.get("namespace") and namespace and meta["namespace"] != namespace:

@@ -984,6 +984,44 @@ def test_missing_required_field_names_the_field(k8s_api: K8s, ns: str) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            cr_spec(verify="yes"),
+            'spec.verify: Invalid value: "string": spec.verify in body must be of type '
+            'boolean: "string"',
+        ),
+        (
+            cr_spec(quantization="int3"),
+            'spec.quantization: Unsupported value: "int3": supported values: ',
+        ),
+        (
+            cr_spec(tp=0),
+            "spec.tensorParallelSize: Invalid value: 0: spec.tensorParallelSize in body should "
+            "be greater than or equal to 1",
+        ),
+    ],
+)
+def test_schema_error_wording(k8s_api: K8s, ns: str, spec: dict[str, Any], message: str) -> None:
+    """Worded as apiextensions' validator reports (field.Error)."""
+    _, body = api_error(
+        k8s_api.custom.create_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        ns,
+        PLURAL,
+        cr_body("words", spec),
+    )
+    assert body["message"].startswith(f'ShardedCheckpoint.{GROUP} "words" is invalid: {message}')
+    # a create without a name
+    status, body = raw(k8s_api, "POST", cm_path(ns), {"metadata": {}, "data": {}})
+    assert status == 422
+    assert body["message"] == (
+        'ConfigMap "" is invalid: metadata.name: Required value: name or generateName is required'
+    )
+
+
 def test_schema_defaults_pruning_and_strict_field_validation(k8s_api: K8s, ns: str) -> None:
     c = k8s_api.custom
     spec = cr_spec()
