@@ -12,6 +12,9 @@ from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError
 
 log = logging.getLogger(__name__)
+# kopf's thread pool for our (sync) handlers; the Kubernetes client keeps as many
+# connections, so concurrent handlers never open and discard one.
+HANDLER_THREADS = 32
 
 
 def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> OperatorConfig:
@@ -39,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint.configure(config)
     try:
-        api.configure()
+        api.configure(pool_size=HANDLER_THREADS)
     except Exception as exc:  # kubernetes.config.ConfigException and file errors
         raise PreshardError(
             f"no Kubernetes credentials: not running in a cluster and no usable kubeconfig ({exc}); "
@@ -66,10 +69,12 @@ def run(args: argparse.Namespace) -> int:
         settings.watching.client_timeout = 330
         settings.watching.connect_timeout = 30
         settings.networking.request_timeout = 60
-        settings.execution.max_workers = 32
-        settings.batching.worker_limit = 256
-        settings.batching.idle_timeout = 60
-        settings.batching.batch_window = 0.05
+        settings.execution.max_workers = HANDLER_THREADS
+        # One queue worker (an asyncio task) per resource with events to process, no cap: a
+        # cap makes every resource beyond it wait until another's worker idles out. Idle
+        # workers exit after kopf's default 5 s. (Handler concurrency is max_workers.)
+        settings.queueing.worker_limit = None
+        settings.queueing.idle_timeout = 5.0
 
     metrics.serve(config.metrics_port)
     scope = "all namespaces" if config.cluster_wide else ", ".join(config.namespaces)

@@ -21,20 +21,26 @@ _client: kubernetes.client.ApiClient | None = None
 LOG_TAIL_LINES = 50
 
 
-def configure(in_cluster: bool | None = None) -> None:
-    """Load in-cluster config, else KUBECONFIG / ~/.kube/config."""
+def configure(in_cluster: bool | None = None, pool_size: int | None = None) -> None:
+    """Load in-cluster config, else KUBECONFIG / ~/.kube/config. ``pool_size``: connections
+    kept open to the API server; as many as threads calling it (the client's default is
+    5 per CPU: more concurrent calls open and discard a connection each)."""
     global _client
     with _lock:
+        loaded = False
         if in_cluster is not False:
             try:
                 kubernetes.config.load_incluster_config()
-                _client = kubernetes.client.ApiClient()
-                return
+                loaded = True
             except kubernetes.config.ConfigException:
                 if in_cluster:
                     raise
-        kubernetes.config.load_kube_config()
-        _client = kubernetes.client.ApiClient()
+        if not loaded:
+            kubernetes.config.load_kube_config()
+        cfg = kubernetes.client.Configuration.get_default_copy()
+        if pool_size:
+            cfg.connection_pool_maxsize = max(pool_size, cfg.connection_pool_maxsize)
+        _client = kubernetes.client.ApiClient(cfg)
 
 
 def client() -> kubernetes.client.ApiClient:
@@ -177,16 +183,18 @@ def get_checkpoint(namespace: str, name: str) -> dict[str, Any] | None:
         raise
 
 
-def patch_checkpoint_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+def patch_checkpoint_status(namespace: str, name: str, patch: dict[str, Any]) -> bool:
+    """Merge-patch .status; False if the resource is gone."""
     if not patch:
-        return
+        return True
     try:
         custom().patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": patch}
         )
+        return True
     except ApiException as exc:
         if exc.status == 404:
-            return  # deleted meanwhile
+            return False  # deleted meanwhile
         raise
 
 
