@@ -12,11 +12,17 @@ from preshard.core.progress import ProgressRecord, Result
 from preshard.core.status import (
     CONDITION_ORDER,
     MAX_MESSAGE,
+    POD_WAITING_REASONS,
+    Event,
     JobOutcome,
+    PodProblem,
     derive_status,
     get_condition,
     job_outcome,
+    needs_polling,
+    pod_problem,
     set_condition,
+    status_events,
     status_for_conflict,
     status_for_error,
     status_for_spec_error,
@@ -574,3 +580,205 @@ def test_status_patch() -> None:
     }
     assert status_patch(None, {"phase": "Pending"}) == {"phase": "Pending"}
     assert status_patch(new, copy.deepcopy(new)) == {}
+
+
+# -------------------------------------------------------------------- pod_problem
+
+POD = "llama-0123456789-x7k2p"
+GPU_MSG = (
+    "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are "
+    "available: 3 No preemption victims found for incoming pod."
+)
+
+
+def pod(phase: str = "Pending", conditions: Any = (), **statuses: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": POD},
+        "status": {"phase": phase, "conditions": list(conditions), **statuses},
+    }
+
+
+def waiting(reason: str, message: str | None = None, name: str = "convert") -> dict[str, Any]:
+    w: dict[str, Any] = {"reason": reason}
+    if message is not None:
+        w["message"] = message
+    return {"name": name, "ready": False, "restartCount": 0, "state": {"waiting": w}}
+
+
+def test_pod_problem_unschedulable_quotes_the_scheduler() -> None:
+    p = pod(
+        conditions=[
+            cond("PodScheduled", "False", reason="Unschedulable", message=GPU_MSG),
+        ]
+    )
+    problem = pod_problem(p)
+    assert problem is not None
+    assert (problem.reason, problem.detail) == ("Unschedulable", "Unschedulable")
+    assert problem.message.startswith(
+        f"conversion pod {POD} cannot be scheduled: 0/3 nodes are available: "
+        "3 Insufficient nvidia.com/gpu."
+    )
+    assert "No preemption victims found for incoming pod;" in problem.message
+    assert "add GPU nodes" in problem.message
+
+
+def test_pod_problem_unschedulable_without_a_message() -> None:
+    p = pod(conditions=[cond("PodScheduled", "False", reason="Unschedulable")])
+    assert "cannot be scheduled: no node fits the pod;" in pod_problem(p).message  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("reason", sorted(POD_WAITING_REASONS))
+def test_pod_problem_waiting_container(reason: str) -> None:
+    p = pod(
+        conditions=[cond("PodScheduled", "True")],
+        containerStatuses=[waiting(reason, 'secret "s3" not found')],
+    )
+    problem = pod_problem(p)
+    assert problem is not None
+    assert (problem.reason, problem.detail) == ("PodWaiting", reason)
+    assert problem.message.startswith(
+        f'conversion pod {POD} cannot start: {reason}: secret "s3" not found; '
+    )
+
+
+def test_pod_problem_messages_say_what_to_do() -> None:
+    cfg = pod_problem(
+        pod(
+            containerStatuses=[
+                waiting("CreateContainerConfigError", 'secret "s3" not found'),
+            ]
+        )
+    )
+    assert cfg == PodProblem(
+        "PodWaiting",
+        "CreateContainerConfigError",
+        f'conversion pod {POD} cannot start: CreateContainerConfigError: secret "s3" not '
+        "found; create or fix the Secret/ConfigMap (or key) it names",
+    )
+    pull = pod_problem(pod(containerStatuses=[waiting("ImagePullBackOff")]))
+    assert pull is not None
+    assert pull.message.startswith(f"conversion pod {POD} cannot start: ImagePullBackOff; ")
+    assert "converter image" in pull.message and "imagePullSecrets" in pull.message
+
+
+def test_pod_problem_init_containers_count_too() -> None:
+    p = pod(
+        initContainerStatuses=[waiting("ErrImagePull", "not found", name="init")],
+        containerStatuses=[waiting("PodInitializing")],
+    )
+    assert pod_problem(p).detail == "ErrImagePull"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        None,
+        {"metadata": {"name": POD}},  # no status yet
+        pod(),  # not scheduled yet: the scheduler has not decided
+        pod(conditions=[cond("PodScheduled", "True")]),
+        pod(conditions=[cond("PodScheduled", "False", reason="SchedulingGated")]),
+        pod(containerStatuses=[waiting("ContainerCreating")]),  # normal start
+        pod(containerStatuses=[waiting("PodInitializing")]),
+        pod("Running", containerStatuses=[{"name": "convert", "state": {"running": {}}}]),
+        # the pod already ran: its termination message and the Job tell the rest
+        pod("Failed", containerStatuses=[waiting("ImagePullBackOff")]),
+        pod("Succeeded", conditions=[cond("PodScheduled", "False", reason="Unschedulable")]),
+    ],
+)
+def test_pod_problem_none(p: dict[str, Any] | None) -> None:
+    assert pod_problem(p) is None
+
+
+def test_derive_pod_problem_is_pending_not_converting() -> None:
+    problem = PodProblem("PodWaiting", "CreateContainerConfigError", "pod cannot start: x")
+    st = derive(job=job(start=T0, active=1), pod=problem)
+    assert st["phase"] == "Pending"
+    assert st["startTime"] == T0
+    assert st["conditions"] == [
+        _c("Ready", "False", "PodWaiting", "pod cannot start: x"),
+        SPEC_VALID,
+        JOB_CREATED,
+        _c("Converting", "False", "CreateContainerConfigError", "pod cannot start: x"),
+    ]
+    # once the pod runs, Converting again (transition times move: status changed)
+    running = derive(st, job=job(start=T0, active=1), now=T1)
+    assert running["phase"] == "Running"
+    assert get_condition(running, "Converting")["lastTransitionTime"] == T1  # type: ignore[index]
+    assert get_condition(running, "Ready")["lastTransitionTime"] == T0  # type: ignore[index]
+
+
+def test_derive_a_finished_job_wins_over_a_pod_problem() -> None:
+    problem = PodProblem("Unschedulable", "Unschedulable", "cannot be scheduled")
+    failed = derive(job=job(cond("Failed", reason="DeadlineExceeded"), start=T0), pod=problem)
+    assert failed["phase"] == "Failed"
+    assert get_condition(failed, "Ready")["reason"] == "DeadlineExceeded"  # type: ignore[index]
+
+
+# ------------------------------------------------------------------ needs_polling
+
+
+def _ready(reason: str, phase: str, job_name: str | None = JOB) -> dict[str, Any]:
+    st: dict[str, Any] = {"phase": phase, "conditions": [_c("Ready", "False", reason, "m")]}
+    if job_name:
+        st["jobName"] = job_name
+    return st
+
+
+@pytest.mark.parametrize(
+    ("status", "polled"),
+    [
+        (None, False),
+        ({}, False),
+        (_ready("Converting", "Running"), True),
+        (_ready("Converting", "Running", job_name=None), False),
+        (_ready("Unschedulable", "Pending"), True),
+        (_ready("PodWaiting", "Pending"), True),
+        # the Job itself changes when it starts: no polling (saves requests)
+        (_ready("JobPending", "Pending"), False),
+        (_ready("CredentialsSecretNotFound", "Pending"), False),  # the retry timer's
+        (_ready("Published", "Succeeded"), False),
+        (_ready("SourceNotFound", "Failed"), False),
+    ],
+)
+def test_needs_polling(status: dict[str, Any] | None, polled: bool) -> None:
+    assert needs_polling(status) is polled
+
+
+# ------------------------------------------------------------------ status_events
+
+PENDING_ST = _ready("JobPending", "Pending")
+RUNNING_ST = _ready("Converting", "Running")
+
+
+def test_status_events_on_a_change_of_reason_or_phase_only() -> None:
+    assert status_events(None, PENDING_ST) == [Event("Normal", "JobPending", "m")]
+    assert status_events(PENDING_ST, copy.deepcopy(PENDING_ST)) == []
+    assert status_events(PENDING_ST, RUNNING_ST) == [Event("Normal", "Converting", "m")]
+    failed = _ready("SourceNotFound", "Failed")
+    assert status_events(RUNNING_ST, failed) == [Event("Warning", "SourceNotFound", "m")]
+    published = {"phase": "Succeeded", "conditions": [_c("Ready", "True", "Published", "ok")]}
+    assert status_events(RUNNING_ST, published) == [Event("Normal", "Published", "ok")]
+
+
+def test_status_events_a_stuck_pod_is_a_warning() -> None:
+    for reason in ("Unschedulable", "PodWaiting"):
+        assert status_events(RUNNING_ST, _ready(reason, "Pending")) == [
+            Event("Warning", reason, "m")
+        ]
+
+
+def test_status_events_fold_the_job_creation_into_one_event() -> None:
+    created = "created conversion Job j (8 GPUs)"
+    assert status_events({}, PENDING_ST, created) == [
+        Event("Normal", "JobCreated", f"{created}; JobPending: m")
+    ]
+    # nothing changed (the Job event wrote it first): the creation still has its Event
+    assert status_events(PENDING_ST, PENDING_ST, created) == [
+        Event("Normal", "JobCreated", created)
+    ]
+    # a Warning is not hidden in a Normal event
+    stuck = _ready("PodWaiting", "Pending")
+    assert status_events({}, stuck, created) == [
+        Event("Normal", "JobCreated", created),
+        Event("Warning", "PodWaiting", "m"),
+    ]

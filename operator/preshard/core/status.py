@@ -33,6 +33,34 @@ PENDING, RUNNING, SUCCEEDED, FAILED, DELETING = (
 _PASCAL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 MAX_MESSAGE = 1024
 
+# Ready reasons of a conversion pod that exists but cannot start by itself, and the
+# kubelet's waiting reasons that mean so (the container stays waiting until someone fixes
+# the image, the Secret/ConfigMap it references, or the node).
+UNSCHEDULABLE, POD_WAITING = "Unschedulable", "PodWaiting"
+POD_BLOCKED_REASONS = frozenset({UNSCHEDULABLE, POD_WAITING})
+POD_WAITING_REASONS = frozenset(
+    {
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+    }
+)
+_IMAGE_HINT = (
+    "check the converter image (spec.converter.image or the operator's default) and the "
+    "registry credentials (imagePullSecrets of the Job's ServiceAccount)"
+)
+_WAITING_HINTS = {
+    "CreateContainerConfigError": "create or fix the Secret/ConfigMap (or key) it names",
+    "CreateContainerError": "see `kubectl describe pod` and the converter settings in spec.converter",
+    "ErrImagePull": _IMAGE_HINT,
+    "ImagePullBackOff": _IMAGE_HINT,
+    "InvalidImageName": _IMAGE_HINT,
+    "ErrImageNeverPull": _IMAGE_HINT,
+}
+
 
 def _check_reason(reason: str) -> str:
     if not _PASCAL.match(reason):
@@ -135,6 +163,104 @@ def job_outcome(job: dict[str, Any] | None) -> JobOutcome:
     )
 
 
+@dataclass(frozen=True)
+class PodProblem:
+    """Why the conversion pod cannot start: ``reason`` is Ready's (Unschedulable or
+    PodWaiting), ``detail`` the scheduler's or kubelet's own reason (Converting's)."""
+
+    reason: str
+    detail: str
+    message: str
+
+
+def pod_problem(pod: dict[str, Any] | None) -> PodProblem | None:
+    """What keeps the pod from starting, from what the scheduler (PodScheduled=False,
+    reason Unschedulable) and the kubelet (a container waiting with a reason in
+    POD_WAITING_REASONS) recorded; None if nothing does (or the pod already ran)."""
+    if pod is None:
+        return None
+    name = (pod.get("metadata") or {}).get("name") or "?"
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    for c in status.get("conditions") or []:
+        if (
+            c.get("type") == "PodScheduled"
+            and c.get("status") == "False"
+            and c.get("reason") == UNSCHEDULABLE
+        ):
+            why = str(c.get("message") or "no node fits the pod").strip().rstrip(".")
+            return PodProblem(
+                UNSCHEDULABLE,
+                UNSCHEDULABLE,
+                f"conversion pod {name} cannot be scheduled: {why}; it starts once a node fits "
+                "(add GPU nodes or free GPUs, or adjust spec.converter resources, nodeSelector "
+                "or tolerations)",
+            )
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for cs in status.get(key) or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in POD_WAITING_REASONS:
+                why = str(waiting.get("message") or "").strip()
+                return PodProblem(
+                    POD_WAITING,
+                    reason,
+                    f"conversion pod {name} cannot start: {reason}"
+                    + (f": {why}" if why else "")
+                    + f"; {_WAITING_HINTS[reason]}",
+                )
+    return None
+
+
+def needs_polling(status: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint can change state while its Job does not change: a running
+    worker reports progress in its pod log, and a pod that waits for the scheduler or the
+    kubelet changes only itself. A Job that has not started needs no polling: it changes
+    (an event) when it starts."""
+    status = status or {}
+    if not status.get("jobName"):
+        return False
+    if status.get("phase") == RUNNING:
+        return True
+    ready = get_condition(status, READY) or {}
+    return status.get("phase") == PENDING and ready.get("reason") in POD_BLOCKED_REASONS
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def status_events(
+    old: dict[str, Any] | None, new: dict[str, Any], job_created: str | None = None
+) -> list[Event]:
+    """The Events for a status change: one when Ready's reason or the phase changes
+    (Warning unless it is progress or success). ``job_created`` (the conversion Job was
+    just created) is folded into that one as a JobCreated Event naming the new reason,
+    unless the new state is a Warning (then both)."""
+    old_phase, new_phase = (old or {}).get("phase"), new.get("phase")
+    old_ready = get_condition(old, READY) or {}
+    ready = get_condition(new, READY) or {}
+    changed = old_ready.get("reason") != ready.get("reason") or old_phase != new_phase
+    reason = str(ready.get("reason") or new_phase)
+    message = str(ready.get("message") or "")
+    ok = ready.get("status") == "True" or (
+        new_phase in (PENDING, RUNNING) and reason not in POD_BLOCKED_REASONS
+    )
+    events: list[Event] = []
+    if job_created is not None:
+        if changed and ok:
+            detail = f"{reason}: {message}" if message else reason
+            return [Event("Normal", "JobCreated", f"{job_created}; {detail}")]
+        events.append(Event("Normal", "JobCreated", job_created))
+    if changed:
+        events.append(Event("Normal" if ok else "Warning", reason, message))
+    return events
+
+
 def _fmt_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -154,12 +280,15 @@ def derive_status(
     progress: ProgressRecord | None,
     now: str,
     serving: dict[str, Any] | None = None,
+    pod: PodProblem | None = None,
 ) -> dict[str, Any]:
     """The full new status for a checkpoint whose conversion Job is ``job``.
 
     ``serving`` is the status.serving object (built by the caller once the ConfigMap
     exists); ``result`` is the newest pod's termination message; ``progress`` the last
-    progress record from its log.
+    progress record from its log; ``pod`` what keeps that pod from starting
+    (:func:`pod_problem`): while the Job has not finished, the checkpoint is Pending with
+    that reason, not Converting.
     """
     st = copy.deepcopy(current or {})
     conds = st.get("conditions") or []
@@ -247,6 +376,10 @@ def derive_status(
             conds, PUBLISHED, "False", reason, "nothing was published", generation, now
         )
         conds = set_condition(conds, READY, "False", reason, message, generation, now)
+    elif pod is not None:
+        st["phase"] = PENDING
+        conds = set_condition(conds, CONVERTING, "False", pod.detail, pod.message, generation, now)
+        conds = set_condition(conds, READY, "False", pod.reason, pod.message, generation, now)
     elif outcome.phase == RUNNING:
         st["phase"] = RUNNING
         stage = progress.stage if progress is not None else "Starting"
