@@ -395,7 +395,13 @@ class JobRunner:
         with contextlib.suppress(kubernetes.client.ApiException):
             self._pod_status(track.namespace, a, "Succeeded" if rc == 0 else "Failed", state)
         with contextlib.suppress(kubernetes.client.ApiException):
-            self.core.patch_namespaced_pod(a.pod, track.namespace, {"metadata": {"finalizers": []}})
+            # strategic merge: remove only our finalizer ("finalizers": [] would be a no-op
+            # on a real API server: finalizers merge as a set)
+            self.core.patch_namespaced_pod(
+                a.pod,
+                track.namespace,
+                {"metadata": {"$deleteFromPrimitiveList/finalizers": [FINALIZER]}},
+            )
         track.attempt = None
         for d in a.scratch:
             shutil.rmtree(d, ignore_errors=True)
