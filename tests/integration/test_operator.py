@@ -6,6 +6,7 @@ the records the operator reads on a real cluster."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 import uuid
 from typing import Any
@@ -18,6 +19,7 @@ from preshard.k8s.rbac import REQUIRED_RBAC
 from .conftest import K8s, Operator, wait_for
 
 SECRET_VALUE = "s3cr3t-value-never-shown"
+FINALIZER = "preshard.io/finalizer"
 ARTIFACT = {
     "uri": "s3://out/llama/tp2/",
     "manifestUri": "s3://out/llama/tp2/preshard-manifest.json",
@@ -48,6 +50,46 @@ def ns(k8s_api: K8s) -> str:
         name, "s3", {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": SECRET_VALUE}
     )
     return name
+
+
+def handled(k8s: K8s, ns: str, name: str) -> bool:
+    """kopf stored what it handled (its last patch after the handlers)."""
+    meta = (k8s.checkpoint(ns, name) or {}).get("metadata") or {}
+    return "preshard.io/last-handled-configuration" in (meta.get("annotations") or {})
+
+
+def finalizers(k8s: K8s, ns: str, name: str) -> list[str]:
+    return list(((k8s.checkpoint(ns, name) or {}).get("metadata") or {}).get("finalizers") or [])
+
+
+def set_deletion_policy(k8s: K8s, ns: str, name: str, policy: str) -> None:
+    k8s.custom.patch_namespaced_custom_object(
+        "preshard.io",
+        "v1alpha1",
+        ns,
+        "shardedcheckpoints",
+        name,
+        {"spec": {"deletionPolicy": policy}},
+    )
+
+
+def active_jobs_gauge(operator: Operator) -> float:
+    url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("preshard_active_jobs ")]
+    return float(line.split()[-1])
+
+
+def start_job(k8s: K8s, ns: str, job: dict[str, Any]) -> None:
+    """Play the Job controller: it counts a pod that exists (even Pending) as active."""
+    k8s.set_job_status(
+        ns, job["metadata"]["name"], {"startTime": "2026-01-01T00:00:00Z", "active": 1}
+    )
+
+
+def set_pod_status(k8s: K8s, ns: str, pod: str, status: dict[str, Any]) -> None:
+    """Play the scheduler and the kubelet."""
+    k8s.core.patch_namespaced_pod_status(pod, ns, {"status": status})
 
 
 def converter_jobs(k8s: K8s, ns: str) -> list[dict[str, Any]]:
@@ -129,15 +171,34 @@ def test_create_makes_one_job_with_gpus_args_and_secret_refs(
     obj = k8s_api.checkpoint(ns, "llama")
     assert obj["status"]["jobName"] == job["metadata"]["name"]  # type: ignore[index]
     assert obj["status"]["phase"] == "Pending"  # type: ignore[index]
-    reasons = wait_for(
-        lambda: (
-            {e["reason"] for e in k8s_api.events(ns)} >= {"JobCreated"}
-            and {e["reason"] for e in k8s_api.events(ns)}
-        ),
-        what="JobCreated event",
+    # one Event for the creation, naming the state it left the resource in
+    (created,) = wait_for(lambda: k8s_api.events(ns), what="JobCreated event")
+    assert created["reason"] == "JobCreated" and created["type"] == "Normal"
+    assert created["message"].startswith(
+        f"created conversion Job {job['metadata']['name']} (8 GPUs); JobPending: "
     )
-    assert "JobCreated" in reasons
+    assert "waiting for the conversion pod to start" in created["message"]
+    # deletionPolicy Retain (the default): no finalizer, nothing to do on deletion
+    assert FINALIZER not in (obj["metadata"].get("finalizers") or [])  # type: ignore[index]
     assert SECRET_VALUE not in json.dumps(k8s_api.events(ns))
+
+
+def test_one_at_a_time_each_resource_gets_one_status_write_and_one_event(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    # The Job's ADDED event races with the handler that created it: both derive the same
+    # status, it must be written once and announced once.
+    names = [f"single-{i}" for i in range(5)]
+    for name in names:
+        k8s_api.create_checkpoint(ns, name, spec())
+        k8s_api.wait_condition(ns, name, "False", "JobPending")
+        wait_for(lambda n=name: handled(k8s_api, ns, n), what=f"kopf done with {name}")
+    versions = {n: k8s_api.checkpoint(ns, n)["metadata"]["resourceVersion"] for n in names}  # type: ignore[index]
+    time.sleep(2)  # any late duplicate write or Event would arrive by now
+    events = k8s_api.events(ns)
+    assert sorted(e["involvedObject"]["name"] for e in events) == names
+    assert {e["reason"] for e in events} == {"JobCreated"}
+    assert {n: k8s_api.checkpoint(ns, n)["metadata"]["resourceVersion"] for n in names} == versions  # type: ignore[index]
 
 
 def test_progress_then_complete_gives_ready_artifact_serving_and_configmap(
@@ -303,12 +364,171 @@ def test_operator_restart_adopts_the_job_and_continues(
     assert len(converter_jobs(k8s_api, ns)) == 1
 
 
+def test_a_pod_that_cannot_start_is_reported_not_converting(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(ns, "stuck", spec(output="s3://out/stuck/"))
+    (job,) = k8s_api.wait_jobs(ns)
+    pod = k8s_api.create_pod(ns, job, "p1")
+    gpus = (
+        "0/4 nodes are available: 4 Insufficient nvidia.com/gpu. preemption: 0/4 nodes are "
+        "available: 4 No preemption victims found for incoming pod."
+    )
+    set_pod_status(
+        k8s_api,
+        ns,
+        pod,
+        {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": gpus,
+                }
+            ],
+        },
+    )
+    start_job(k8s_api, ns, job)  # the Job is active while its pod waits
+    cond = k8s_api.wait_condition(ns, "stuck", "False", "Unschedulable")
+    assert cond["message"].startswith(
+        f"conversion pod {pod} cannot be scheduled: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    )
+    status = k8s_api.checkpoint(ns, "stuck")["status"]  # type: ignore[index]
+    assert status["phase"] == "Pending"
+    assert {c["type"]: c["reason"] for c in status["conditions"]}["Converting"] == "Unschedulable"
+
+    # scheduled, but the kubelet cannot create the container: only the pod changes (not the
+    # Job), the operator polls it
+    set_pod_status(
+        k8s_api,
+        ns,
+        pod,
+        {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [
+                {
+                    "name": "convert",
+                    "image": "x",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {
+                        "waiting": {
+                            "reason": "CreateContainerConfigError",
+                            "message": 'secret "s3" not found',
+                        }
+                    },
+                }
+            ],
+        },
+    )
+    cond = k8s_api.wait_condition(ns, "stuck", "False", "PodWaiting")
+    assert cond["message"].startswith(
+        f'conversion pod {pod} cannot start: CreateContainerConfigError: secret "s3" not found; '
+    )
+    status = k8s_api.checkpoint(ns, "stuck")["status"]  # type: ignore[index]
+    assert status["phase"] == "Pending"
+    assert {c["type"]: c["reason"] for c in status["conditions"]}[
+        "Converting"
+    ] == "CreateContainerConfigError"
+    warnings = wait_for(
+        lambda: (
+            {e["reason"] for e in k8s_api.events(ns) if e["type"] == "Warning"}
+            >= {"Unschedulable", "PodWaiting"}
+        ),
+        what="Warning events",
+    )
+    assert warnings
+
+    # the container runs: Converting, with progress from the log
+    set_pod_status(
+        k8s_api,
+        ns,
+        pod,
+        {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "convert",
+                    "image": "x",
+                    "imageID": "",
+                    "ready": True,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": "2026-01-01T00:01:00Z"}},
+                }
+            ],
+        },
+    )
+    k8s_api.append_log(ns, pod, ProgressRecord("Downloading", 5, 50, 1.0).to_line() + "\n")
+    k8s_api.wait_condition(ns, "stuck", "False", "Converting")
+    assert k8s_api.checkpoint(ns, "stuck")["status"]["phase"] == "Running"  # type: ignore[index]
+    finish_job(
+        k8s_api, ns, job, Result("Succeeded", artifact=ARTIFACT | {"uri": "s3://out/stuck/"}), "p2"
+    )
+    k8s_api.wait_condition(ns, "stuck", "True", "Published")
+    # kopf's timers need its finalizer while they poll a resource, whatever the policy; a
+    # finished Retain resource has none
+    wait_for(lambda: finalizers(k8s_api, ns, "stuck") == [], what="no finalizer once finished")
+
+
+def test_only_deletion_policy_delete_has_a_finalizer_and_switching_adds_or_removes_it(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(ns, "drop", spec(deletionPolicy="Delete"))
+    k8s_api.create_checkpoint(ns, "keep", spec(deletionPolicy="Retain"))
+    for name in ("drop", "keep"):
+        k8s_api.wait_condition(ns, name, "False", "JobPending")
+        wait_for(lambda n=name: handled(k8s_api, ns, n), what=f"kopf done with {name}")
+    assert finalizers(k8s_api, ns, "drop") == [FINALIZER]
+    assert finalizers(k8s_api, ns, "keep") == []
+    set_deletion_policy(k8s_api, ns, "keep", "Delete")
+    wait_for(lambda: finalizers(k8s_api, ns, "keep") == [FINALIZER], what="finalizer added")
+    set_deletion_policy(k8s_api, ns, "keep", "Retain")
+    wait_for(lambda: finalizers(k8s_api, ns, "keep") == [], what="finalizer removed")
+    set_deletion_policy(k8s_api, ns, "drop", "Retain")
+    wait_for(lambda: finalizers(k8s_api, ns, "drop") == [], what="finalizer removed")
+    assert len(converter_jobs(k8s_api, ns)) == 2  # a policy change re-creates nothing
+
+
+def test_retain_set_after_a_failed_purge_releases_the_resource(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.create_checkpoint(ns, "purge", spec(deletionPolicy="Delete"))
+    k8s_api.wait_jobs(ns)
+    wait_for(lambda: finalizers(k8s_api, ns, "purge") == [FINALIZER], what="finalizer")
+    k8s_api.delete_checkpoint(ns, "purge")
+    (purge,) = k8s_api.wait_jobs(ns, label_selector="app.kubernetes.io/component=purge")
+    k8s_api.set_job_status(
+        ns,
+        purge["metadata"]["name"],
+        {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]},
+    )
+    wait_for(
+        lambda: any(e["reason"] == "PurgeFailed" for e in k8s_api.events(ns)),
+        what="PurgeFailed event",
+    )
+    assert k8s_api.checkpoint(ns, "purge") is not None  # the finalizer waits for a purge
+    # the way out the PurgeFailed event names: keep the data, release the resource
+    set_deletion_policy(k8s_api, ns, "purge", "Retain")
+    wait_for(lambda: k8s_api.checkpoint(ns, "purge") is None, 30, what="resource released")
+
+
 def test_delete_with_retain_keeps_output_and_releases(
     k8s_api: K8s, operator: Operator, ns: str
 ) -> None:
     k8s_api.create_checkpoint(ns, "keep", spec(output="s3://out/keep/", deletionPolicy="Retain"))
     k8s_api.wait_jobs(ns)
+    k8s_api.wait_condition(ns, "keep", "False", "JobPending")
+    wait_for(lambda: handled(k8s_api, ns, "keep"), what="kopf done with keep")
+    assert finalizers(k8s_api, ns, "keep") == []
+    active = active_jobs_gauge(operator)
     k8s_api.delete_checkpoint(ns, "keep")
+    # no finalizer: gone at once; the operator forgets it from its DELETED event
+    assert k8s_api.checkpoint(ns, "keep") is None
+    wait_for(lambda: active_jobs_gauge(operator) == active - 1, what="active Jobs gauge drops")
     wait_for(lambda: k8s_api.checkpoint(ns, "keep") is None, what="resource gone")
     wait_for(
         lambda: converter_jobs(k8s_api, ns) == [],

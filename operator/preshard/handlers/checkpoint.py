@@ -4,10 +4,19 @@
   ownership, create-or-get the conversion Job, write status);
 * a timer retries resources that wait for something (a missing Secret, an output prefix
   owned by another resource) and polls the progress of running conversions;
-* Job events -> :func:`sync_from_job` derives status from the Job's conditions, the
-  newest pod's termination message and its progress lines;
-* delete -> Retain releases at once; Delete stops the Job, runs the purge Job and
-  releases the finalizer when it completed.
+* Job events -> :func:`_sync` derives status from the Job's conditions, the newest pod's
+  termination message, its progress lines and what keeps it from starting (scheduler,
+  kubelet);
+* delete -> only ``deletionPolicy: Delete`` has a deletion handler (and so kopf's
+  finalizer): it stops the Job, runs the purge Job and releases the finalizer when that
+  completed. ``Retain`` resources go at once (Job and ConfigMap are garbage-collected);
+  their DELETED event only drops in-memory state. kopf adds its finalizer also while a
+  timer matches a resource (progress polling, retries), whatever the policy.
+
+The operator is the only writer of ``.status``: what it wrote last (kept per uid) is what
+the API server has, fresher than kopf's body or a re-read that raced with another
+handler's write. Status computations of one resource run one at a time (a lock per uid),
+so a Job event and the handler that created the Job never write the same status twice.
 
 Permanent problems never raise out of a handler (no crash loop, no retry storm): they
 become a Ready=False condition with a PascalCase reason. Unexpected API errors raise
@@ -16,9 +25,11 @@ kopf.TemporaryError and are retried with backoff, for this resource only.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import os
+import threading
 from typing import Any, NamedTuple
 
 import kopf
@@ -78,30 +89,56 @@ def _ready_reason(status: dict[str, Any] | None) -> str | None:
     return cond.get("reason") if cond else None
 
 
-def _write_status(body: dict[str, Any], old: dict[str, Any] | None, new: dict[str, Any]) -> None:
+# ------------------------------------------------------------------------ written status
+
+_state_guard = threading.Lock()
+_written: dict[str, dict[str, Any]] = {}  # uid -> the status this operator last wrote
+_locks: dict[str, threading.Lock] = {}  # uid -> held while computing and writing status
+
+
+def _resource_lock(uid: str) -> threading.Lock:
+    with _state_guard:
+        return _locks.setdefault(uid, threading.Lock())
+
+
+def _known_status(body: dict[str, Any]) -> dict[str, Any]:
+    """The status as the API server has it: what we wrote last, else the body's."""
+    with _state_guard:
+        written = _written.get(body["metadata"]["uid"])
+    return copy.deepcopy(written) if written is not None else dict(body.get("status") or {})
+
+
+def _forget(uid: str) -> None:
+    with _state_guard:
+        _written.pop(uid, None)
+        _locks.pop(uid, None)
+    metrics.forget(uid)
+
+
+def _write_status(
+    body: dict[str, Any],
+    old: dict[str, Any] | None,
+    new: dict[str, Any],
+    job_created: str | None = None,
+) -> None:
+    """Patch what changed; post an Event when Ready's reason or the phase changed (and
+    ``job_created``, the message of the Job's creation, in the same Event)."""
     meta = body["metadata"]
     patch = st.status_patch(old, new)
-    if not patch:
-        return
-    api.patch_checkpoint_status(meta["namespace"], meta["name"], patch)
-    old_phase = (old or {}).get("phase")
-    new_phase = new.get("phase")
-    metrics.observe_phase(
-        meta["uid"],
-        str(new_phase),
-        old_phase,
-        _seconds_between(new.get("startTime"), new.get("completionTime")),
-    )
-    old_reason, new_reason = _ready_reason(old), _ready_reason(new)
-    if new_reason != old_reason or old_phase != new_phase:
-        cond = st.get_condition(new, st.READY) or {}
-        ok = cond.get("status") == "True" or new_phase in ("Pending", "Running")
-        kopf.event(
-            body,
-            type="Normal" if ok else "Warning",
-            reason=str(cond.get("reason") or new_phase),
-            message=str(cond.get("message") or ""),
+    if patch:
+        if not api.patch_checkpoint_status(meta["namespace"], meta["name"], patch):
+            return  # deleted meanwhile
+        with _state_guard:
+            _written[meta["uid"]] = copy.deepcopy(new)
+        old_phase = (old or {}).get("phase")
+        metrics.observe_phase(
+            meta["uid"],
+            str(new.get("phase")),
+            old_phase,
+            _seconds_between(new.get("startTime"), new.get("completionTime")),
         )
+    for ev in st.status_events(old, new, job_created):
+        kopf.event(body, type=ev.type, reason=ev.reason, message=ev.message)
 
 
 # ------------------------------------------------------------------------- output index
@@ -164,11 +201,16 @@ def output_owner(spec: CheckpointSpec, me: OutputClaim, index: Any) -> str | Non
 
 
 def reconcile(body: dict[str, Any], outputs_index: Any) -> None:
+    if body["metadata"].get("deletionTimestamp"):
+        return
+    with _resource_lock(body["metadata"]["uid"]):
+        _reconcile(body, outputs_index)
+
+
+def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
-    if meta.get("deletionTimestamp"):
-        return
-    old = dict(body.get("status") or {})
+    old = _known_status(body)
     try:
         spec = parse_spec(dict(body.get("spec") or {}))
     except SpecError as err:
@@ -226,14 +268,12 @@ def reconcile(body: dict[str, Any], outputs_index: Any) -> None:
                 ),
             )
             return
-        if created:
-            kopf.event(
-                body,
-                type="Normal",
-                reason="JobCreated",
-                message=f"created conversion Job {job_meta.get('name')} ({spec.world_size} GPUs)",
-            )
-        _sync(body, spec, job)
+        created_msg = (
+            f"created conversion Job {job_meta.get('name')} ({spec.world_size} GPUs)"
+            if created
+            else None
+        )
+        _sync(body, spec, job, job_created=created_msg)
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.inc()
         raise kopf.TemporaryError(
@@ -260,22 +300,26 @@ def retry_waiting(body: kopf.Body, outputs: kopf.Index[str, Any], **_: Any) -> N
     reconcile(dict(body), outputs)
 
 
-def _running(status: dict[str, Any], **_: Any) -> bool:
-    # Pending needs no polling: the Job changes (and we get its event) when it starts.
-    return status.get("phase") == "Running" and bool(status.get("jobName"))
+def _polled(status: dict[str, Any], **_: Any) -> bool:
+    return st.needs_polling(status)
 
 
 @kopf.timer(
-    GROUP, VERSION, PLURAL, interval=POLL_SECONDS, initial_delay=POLL_SECONDS / 2, when=_running
+    GROUP, VERSION, PLURAL, interval=POLL_SECONDS, initial_delay=POLL_SECONDS / 2, when=_polled
 )
 def poll_progress(body: kopf.Body, **_: Any) -> None:
-    """Progress lives in the pod log, which does not change the Job: poll it."""
+    """Progress lives in the pod log, and a pod waiting for the scheduler or the kubelet
+    changes only itself: neither changes the Job, so poll them."""
     b = dict(body)
+    if b["metadata"].get("deletionTimestamp"):
+        return
     try:
         spec = parse_spec(dict(b.get("spec") or {}))
-        job = api.get_job(b["metadata"]["namespace"], str((b.get("status") or {}).get("jobName")))
-        if job is not None:
-            _sync(b, spec, job)
+        with _resource_lock(b["metadata"]["uid"]):
+            job_name_ = _known_status(b).get("jobName")
+            job = api.get_job(b["metadata"]["namespace"], str(job_name_)) if job_name_ else None
+            if job is not None:
+                _sync(b, spec, job)
     except (SpecError, ApiException) as exc:
         log.debug("progress poll of %s failed: %s", b["metadata"]["name"], exc)
 
@@ -283,17 +327,25 @@ def poll_progress(body: kopf.Body, **_: Any) -> None:
 # ----------------------------------------------------------------------------- job sync
 
 
-def _sync(body: dict[str, Any], spec: CheckpointSpec, job: dict[str, Any]) -> None:
+def _sync(
+    body: dict[str, Any],
+    spec: CheckpointSpec,
+    job: dict[str, Any],
+    job_created: str | None = None,
+) -> None:
+    """Derive and write the status from the Job (callers hold the resource's lock)."""
     meta = body["metadata"]
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
-    old = dict(body.get("status") or {})
+    old = _known_status(body)
     jname = job["metadata"]["name"]
     outcome = st.job_outcome(job)
     # A Job that has not started has no pod worth reading (saves a request per resource).
     pod = api.newest_pod(ns, jname) if outcome.phase != st.PENDING else None
     result = api.termination_result(pod)
+    # an active Job's pod may wait for the scheduler or the kubelet (no log to read then)
+    problem = st.pod_problem(pod) if outcome.phase == st.RUNNING else None
     progress = None
-    if pod is not None and outcome.phase == st.RUNNING:
+    if pod is not None and outcome.phase == st.RUNNING and problem is None:
         progress = api.pod_progress(ns, pod["metadata"]["name"])
     serving = None
     if outcome.phase == st.SUCCEEDED and result is not None and result.artifact:
@@ -312,8 +364,9 @@ def _sync(body: dict[str, Any], spec: CheckpointSpec, job: dict[str, Any]) -> No
         progress=progress,
         now=now(),
         serving=serving,
+        pod=problem,
     )
-    _write_status(body, old, new)
+    _write_status(body, old, new, job_created)
 
 
 @kopf.on.event(
@@ -341,7 +394,8 @@ def on_job_event(event: dict[str, Any], **_: Any) -> None:
         spec = parse_spec(dict(body.get("spec") or {}))
         if job_name(owner, spec.conversion_hash()) != meta.get("name"):
             return
-        _sync(body, spec, job)
+        with _resource_lock(body["metadata"]["uid"]):
+            _sync(body, spec, job)
     except SpecError:
         return
     except ApiException as exc:
@@ -352,19 +406,35 @@ def on_job_event(event: dict[str, Any], **_: Any) -> None:
 # ----------------------------------------------------------------------------- deletion
 
 
-@kopf.on.delete(GROUP, VERSION, PLURAL)
+def _purges_output(spec: dict[str, Any], **_: Any) -> bool:
+    """Only ``deletionPolicy: Delete`` has work to do on deletion, so only it matches the
+    deletion handler and gets kopf's finalizer. kopf evaluates the filter on the current
+    body: switching to Delete adds the finalizer, back to Retain removes it (also during a
+    stuck purge: the documented way to release the resource and keep the data)."""
+    return (spec or {}).get("deletionPolicy") == "Delete"
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, when=lambda type, **_: type == "DELETED")
+def on_gone(body: kopf.Body, **_: Any) -> None:
+    """Every resource, with or without a finalizer (a Retain resource is deleted at once,
+    and kopf calls deletion handlers only for resources that carry its finalizer): drop
+    its in-memory state and metrics."""
+    _forget(str(body.get("metadata", {}).get("uid") or ""))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_purges_output)
 def on_delete(body: kopf.Body, **_: Any) -> None:
     b = dict(body)
     meta = b["metadata"]
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
-    metrics.forget(uid)
+    status = _known_status(b)
+    _forget(uid)
     try:
         spec = parse_spec(dict(b.get("spec") or {}))
     except SpecError:
         return  # nothing was ever created for an invalid spec
     if spec.deletion_policy == "Retain":
         return  # the Job and ConfigMap are garbage-collected through ownerReferences
-    status = dict(b.get("status") or {})
     if _ready_reason(status) in ("OutputConflict", "InvalidSpec"):
         return  # this resource never wrote to the output: never delete another's data
     try:
