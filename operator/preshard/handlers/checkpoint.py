@@ -197,6 +197,23 @@ def output_owner(spec: CheckpointSpec, me: OutputClaim, index: Any) -> str | Non
     return min(owners)[1] if owners else None
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def checkpoints(body: kopf.Body, **_: Any) -> Any:
+    """(namespace, name) -> what Job events need of a checkpoint (kept up to date by the
+    watch, so a Job event costs no read)."""
+    meta = body.get("metadata") or {}
+    slim = {
+        "metadata": {
+            k: meta.get(k)
+            for k in ("name", "namespace", "uid", "generation", "deletionTimestamp")
+            if meta.get(k) is not None
+        },
+        "spec": copy.deepcopy(dict(body.get("spec") or {})),
+        "status": copy.deepcopy(dict(body.get("status") or {})),
+    }
+    return {(meta.get("namespace"), meta.get("name")): slim}
+
+
 # ---------------------------------------------------------------------------- reconcile
 
 
@@ -372,7 +389,9 @@ def _sync(
 @kopf.on.event(
     "batch", "v1", "jobs", labels={LABEL_COMPONENT: "converter", LABEL_CHECKPOINT: kopf.PRESENT}
 )
-def on_job_event(event: dict[str, Any], **_: Any) -> None:
+def on_job_event(
+    event: dict[str, Any], checkpoints: kopf.Index[tuple[str, str], Any], **_: Any
+) -> None:
     if event.get("type") == "DELETED":
         return
     job = dict(event.get("object") or {})
@@ -385,12 +404,15 @@ def on_job_event(event: dict[str, Any], **_: Any) -> None:
     ).get(LABEL_CHECKPOINT)
     if not ns or not owner:
         return
+    owner_uid = (meta.get("annotations") or {}).get(ANNOTATION_OWNER_UID)
+    # the resource as the watch last saw it (no read per Job event); its status may predate
+    # our last write, which _known_status prefers
+    body = next(
+        (b for b in checkpoints.get((ns, owner), ()) if b["metadata"]["uid"] == owner_uid), None
+    )
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return  # gone, being deleted, or a Job of an earlier resource with the same name
     try:
-        body = api.get_checkpoint(ns, owner)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        if (meta.get("annotations") or {}).get(ANNOTATION_OWNER_UID) != body["metadata"]["uid"]:
-            return  # a Job of an earlier resource with the same name
         spec = parse_spec(dict(body.get("spec") or {}))
         if job_name(owner, spec.conversion_hash()) != meta.get("name"):
             return

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 import kubernetes
@@ -75,15 +76,31 @@ def is_status(exc: BaseException, code: int) -> bool:
 # ------------------------------------------------------------------------------- secrets
 
 
-def secret_exists(namespace: str, name: str) -> bool:
-    """Whether the Secret exists. Its data is never logged, returned or kept."""
+SECRET_SEEN_SECONDS = 10.0
+_secrets_seen: dict[tuple[str, str], float] = {}  # (namespace, name) -> monotonic time
+
+
+def secret_exists(namespace: str, name: str, max_age: float = SECRET_SEEN_SECONDS) -> bool:
+    """Whether the Secret exists. Its data is never logged, returned or kept.
+
+    A Secret found less than ``max_age`` seconds ago is not read again (resources created
+    together usually share one: one read, not one each); a missing one is read every time.
+    One deleted in between shows as the pod's CreateContainerConfigError (PodWaiting)."""
+    key = (namespace, name)
+    seen = _secrets_seen.get(key)
+    if seen is not None and time.monotonic() - seen < max_age:
+        return True
     try:
         core().read_namespaced_secret(name, namespace)  # result dropped at once
-        return True
     except ApiException as exc:
         if exc.status == 404:
+            _secrets_seen.pop(key, None)
             return False
         raise
+    if len(_secrets_seen) > 10_000:  # stale entries of many namespaces: start over
+        _secrets_seen.clear()
+    _secrets_seen[key] = time.monotonic()
+    return True
 
 
 # ---------------------------------------------------------------------------------- jobs
@@ -170,17 +187,6 @@ def pod_progress(namespace: str, pod_name: str) -> ProgressRecord | None:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def get_checkpoint(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        return to_dict(
-            custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
 
 
 def patch_checkpoint_status(namespace: str, name: str, patch: dict[str, Any]) -> bool:

@@ -15,9 +15,9 @@ class Rule(NamedTuple):
 
 
 REQUIRED_RBAC: tuple[Rule, ...] = (
-    # kopf: list/watch the resources and patch finalizers + its progress annotations;
-    # preshard: read a checkpoint when a Job changes.
-    Rule(("preshard.io",), ("shardedcheckpoints",), ("get", "list", "watch", "patch")),
+    # kopf: list/watch the resources and patch finalizers + its progress annotations
+    # (a Job event finds its checkpoint in kopf's index: no get).
+    Rule(("preshard.io",), ("shardedcheckpoints",), ("list", "watch", "patch")),
     Rule(("preshard.io",), ("shardedcheckpoints/status",), ("patch",)),
     # conversion and purge Jobs (create-or-get, track, delete on deletionPolicy: Delete)
     Rule(("batch",), ("jobs",), ("get", "list", "watch", "create", "delete")),
