@@ -1,0 +1,139 @@
+"""handlers.checkpoint status writes: one write and one Event per change, whatever the
+order in which the create handler and a Job event (with a stale body) get there; the
+Job's creation folded into that Event; kopf filters and the checkpoint index.
+
+The Kubernetes calls are replaced by recorders (no API server)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+import pytest
+
+from preshard.core.spec import parse_spec
+from preshard.handlers import checkpoint as h
+
+UID = "0b5c-uid"
+SPEC = {
+    "source": {"uri": "s3://models/llama/"},
+    "tensorParallelSize": 2,
+    "output": {"uri": "s3://out/llama/tp2/"},
+}
+JOB = {"metadata": {"name": "llama-0123456789"}, "status": {}}  # not started
+
+
+def body(status: dict[str, Any] | None = None, uid: str = UID) -> dict[str, Any]:
+    b: dict[str, Any] = {
+        "metadata": {"name": "llama", "namespace": "ml", "uid": uid, "generation": 1},
+        "spec": dict(SPEC),
+    }
+    if status is not None:
+        b["status"] = status
+    return b
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.patches: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.gone = False
+
+    def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        if self.gone:
+            return False
+        self.patches.append(patch)
+        return True
+
+    def event(self, obj: Any, *, type: str, reason: str, message: str) -> None:
+        self.events.append((type, reason, message))
+
+
+@pytest.fixture
+def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    r = Recorder()
+    monkeypatch.setattr(h.api, "patch_checkpoint_status", r.patch)
+    monkeypatch.setattr(kopf, "event", r.event)
+
+    def no_pod_reads(*a: Any, **k: Any) -> None:
+        raise AssertionError("a Job that has not started has no pod to read")
+
+    monkeypatch.setattr(h.api, "newest_pod", no_pod_reads)
+    monkeypatch.setattr(h.api, "pod_progress", no_pod_reads)
+    yield r
+    h._forget(UID)
+
+
+def test_the_create_handler_then_a_stale_job_event_write_once(rec: Recorder) -> None:
+    spec = parse_spec(SPEC)
+    created = "created conversion Job llama-0123456789 (2 GPUs)"
+    h._sync(body(), spec, JOB, job_created=created)
+    assert len(rec.patches) == 1 and rec.patches[0]["phase"] == "Pending"
+    ((type_, reason, message),) = rec.events
+    assert (type_, reason) == ("Normal", "JobCreated")
+    assert message.startswith(f"{created}; JobPending: conversion Job llama-0123456789: ")
+    # the Job's ADDED event with a body read before that write (no status yet)
+    h._sync(body(), spec, JOB)
+    assert len(rec.patches) == 1 and len(rec.events) == 1
+
+
+def test_a_job_event_first_then_the_create_handler(rec: Recorder) -> None:
+    spec = parse_spec(SPEC)
+    h._sync(body(), spec, JOB)  # the Job event won the race
+    h._sync(body(), spec, JOB, job_created="created conversion Job llama-0123456789 (2 GPUs)")
+    assert len(rec.patches) == 1
+    assert [r for _, r, _ in rec.events] == ["JobPending", "JobCreated"]
+    assert rec.events[1][2] == "created conversion Job llama-0123456789 (2 GPUs)"
+
+
+def test_known_status_prefers_what_was_written_until_forgotten(rec: Recorder) -> None:
+    h._sync(body(), parse_spec(SPEC), JOB)
+    written = h._known_status(body({"phase": "stale"}))
+    assert written["phase"] == "Pending" and written["jobName"] == "llama-0123456789"
+    h._forget(UID)
+    assert h._known_status(body({"phase": "stale"})) == {"phase": "stale"}
+
+
+def test_a_resource_deleted_meanwhile_gets_no_event_and_no_cache(rec: Recorder) -> None:
+    rec.gone = True
+    h._sync(body(), parse_spec(SPEC), JOB, job_created="created")
+    assert rec.events == []
+    assert h._known_status(body({"phase": "x"})) == {"phase": "x"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "purges"),
+    [
+        ({"deletionPolicy": "Delete"}, True),
+        ({"deletionPolicy": "Retain"}, False),
+        ({}, False),  # the CRD's default is Retain
+        (None, False),
+    ],
+)
+def test_only_delete_matches_the_deletion_handler(spec: Any, purges: bool) -> None:
+    assert h._purges_output(spec=spec) is purges
+
+
+def test_the_checkpoint_index_keeps_what_job_events_need() -> None:
+    b = body({"phase": "Running"})
+    b["metadata"].update(
+        {
+            "resourceVersion": "42",
+            "annotations": {"preshard.io/last-handled-configuration": "{...}"},
+            "managedFields": [{"manager": "kopf"}],
+            "deletionTimestamp": "2026-01-01T00:00:00Z",
+        }
+    )
+    ((key, slim),) = h.checkpoints(body=kopf.Body(b)).items()
+    assert key == ("ml", "llama")
+    assert slim == {
+        "metadata": {
+            "name": "llama",
+            "namespace": "ml",
+            "uid": UID,
+            "generation": 1,
+            "deletionTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": SPEC,
+        "status": {"phase": "Running"},
+    }
