@@ -1,6 +1,7 @@
 """Operator scale: N ShardedCheckpoints created at once against the real operator.
 
     python bench/operator_scale.py [--n 200] [--workers 16] [--interval S] [--no-phases]
+                                   [--deletion-policy Retain|Delete]
     BENCH_SCALE_N=500 python bench/operator_scale.py
 
 Starts the Kubernetes API emulator (``python -m preshard_dev.emulator``, its own process
@@ -14,7 +15,9 @@ reports:
   object is stored) to the arrival of the Job's ADDED event on a watch this script holds
   open; both timestamps are taken here (monotonic clock), so no 1-second
   creationTimestamp rounding. ``--no-phases`` drops the second watch that splits the
-  latency into kopf's finalizer patch, the handler and the status write;
+  latency into kopf's finalizer patch, the handler and the status write (only
+  ``--deletion-policy Delete`` resources get the finalizer, and with it one more patch
+  and event cycle before the handler runs; the default is Retain, the CRD's default);
 * the operator's peak RSS (psutil, the process and its children, sampled every 100 ms)
   and CPU time, and the emulator's CPU time (the three share the machine's cores);
 * API requests the operator made per resource, from the emulator's per-user-agent
@@ -337,7 +340,7 @@ def wait_quiet(
 # -------------------------------------------------------------------------------- run
 
 
-def checkpoint(name: str) -> dict[str, Any]:
+def checkpoint(name: str, deletion_policy: str = "Retain") -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "ShardedCheckpoint",
@@ -350,12 +353,19 @@ def checkpoint(name: str) -> dict[str, Any]:
                 "credentialsSecret": SECRET,
                 "endpoint": "http://minio.local:9000",
             },
+            "deletionPolicy": deletion_policy,
         },
     }
 
 
 def run(
-    n: int, workers: int, interval: float, settle: float, timeout: float, with_phases: bool
+    n: int,
+    workers: int,
+    interval: float,
+    settle: float,
+    timeout: float,
+    with_phases: bool,
+    deletion_policy: str = "Retain",
 ) -> int:
     http = urllib3.PoolManager()
     load = os.getloadavg()[0]
@@ -420,7 +430,7 @@ def run(
             def create(name: str) -> None:
                 try:
                     custom.create_namespaced_custom_object(
-                        GROUP, VERSION, NAMESPACE, PLURAL, checkpoint(name)
+                        GROUP, VERSION, NAMESPACE, PLURAL, checkpoint(name, deletion_policy)
                     )
                     tl.created[name] = time.monotonic()
                 except kubernetes.client.ApiException as exc:
@@ -470,7 +480,10 @@ def run(
 
             print(f"machine:          {os.cpu_count()} CPUs, load average {load:.2f} at start")
             how = f"one every {interval} s" if interval > 0 else f"by {workers} client threads"
-            print(f"resources:        {n} created {how} in {t_created - t_burst:.2f} s")
+            print(
+                f"resources:        {n} (deletionPolicy {deletion_policy}) created {how} in "
+                f"{t_created - t_burst:.2f} s"
+            )
             print(
                 f"operator start:   {startup_s:.2f} s to liveness, "
                 f"{sum(startup_counts.values())} start-up requests "
@@ -563,9 +576,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the Job watch (no checkpoint watch splitting the latency)",
     )
+    ap.add_argument(
+        "--deletion-policy",
+        choices=("Retain", "Delete"),
+        default="Retain",
+        help="spec.deletionPolicy of the resources (Delete ones carry kopf's finalizer)",
+    )
     a = ap.parse_args(argv)
     try:
-        return run(a.n, a.workers, a.interval, a.settle, a.timeout, not a.no_phases)
+        return run(
+            a.n, a.workers, a.interval, a.settle, a.timeout, not a.no_phases, a.deletion_policy
+        )
     except RuntimeError as exc:
         print(f"operator scale benchmark could not run: {exc}", file=sys.stderr)
         return 1
