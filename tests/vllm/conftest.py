@@ -47,7 +47,11 @@ class CliRun:
 
     @property
     def last_stderr_line(self) -> str:
-        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        """preshard's own last line (its summary or its one error line).
+
+        Python's multiprocessing resource tracker may print a leaked-semaphore warning
+        for vLLM's engine processes after it, when the process exits."""
+        lines = [line for line in self.stderr.splitlines() if line.startswith("preshard:")]
         return lines[-1] if lines else ""
 
 

@@ -90,6 +90,7 @@ def test_verify_catches_weights_dropped_by_the_cpu_backend(converted_without_plu
     run = converted_without_plugin
     assert run.rc == 3, run.stderr[-3000:]
     line = run.last_stderr_line
+    assert len([x for x in run.stderr.splitlines() if x.startswith("preshard: error:")]) == 1
     assert line.startswith(
         "preshard: error: reloading the shards with load_format=sharded_state failed: "
         "ValueError: Missing keys ('model.layers.0.self_attn.qkv_proj.weight'"
