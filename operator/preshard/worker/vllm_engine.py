@@ -357,6 +357,17 @@ def _stop_tree(proc: multiprocessing.process.BaseProcess, grace: float = 10.0) -
     proc.join(5)
 
 
+def _quiet_resource_tracker() -> None:
+    """vLLM's engine processes leave semaphores that multiprocessing's resource tracker
+    (a separate process, started with this environment) cleans up at exit, printing a
+    'leaked semaphore' UserWarning after preshard's own last line. The cleanup is what
+    matters; the warning is noise in a command's output."""
+    rule = "ignore:resource_tracker:UserWarning"
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if rule not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = f"{current},{rule}" if current else rule
+
+
 def run_engine(
     req: EngineRequest,
     *,
@@ -369,6 +380,7 @@ def run_engine(
     exercise the process handling without vLLM).
     """
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    _quiet_resource_tracker()
     ctx = multiprocessing.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=target, args=(req, child_conn), name="preshard-vllm", daemon=False)
