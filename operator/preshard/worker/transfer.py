@@ -349,6 +349,7 @@ class Downloader(_Transfer):
             with ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="s3-down"
             ) as pool:
+                _run_all(pool, [partial(self._check_remote, item) for item in todo])
                 tasks: list[Callable[[], Any]] = []
                 for item in todo:
                     item.dest.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +376,26 @@ class Downloader(_Transfer):
             return True
         return sha256_file(item.dest) == item.sha256
 
+    def _check_remote(self, item: DownloadItem) -> None:
+        """HEAD each object first: a missing or resized object fails here with its name,
+        before any byte moves. (It also lets servers that compute an ETag on first
+        access, like rclone, do it once instead of once per concurrent range.)"""
+        try:
+            head = with_retries(
+                lambda: self.client.head_object(Bucket=self.bucket, Key=item.key),
+                f"head {item.key}",
+            )
+        except botocore.exceptions.ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                raise IntegrityError(f"{item.key}: the object is missing from {self.uri}") from None
+            raise
+        size = int(head["ContentLength"])
+        if size != item.size:
+            raise IntegrityError(
+                f"{item.key}: the object in {self.uri} has {size} bytes, expected {item.size}; "
+                "it was changed or truncated after it was published"
+            )
+
     def _get_range(self, item: DownloadItem, tmp: Path, start: int, length: int) -> None:
         if item.size == 0:
             return
@@ -399,7 +420,12 @@ class Downloader(_Transfer):
             finally:
                 os.close(fd)
 
-        with_retries(fetch, f"range {start}-{end} of {item.key}")
+        try:
+            with_retries(fetch, f"range {start}-{end} of {item.key}")
+        except PreshardError:
+            raise
+        except Exception as exc:  # name the object, not only the prefix
+            raise translate(exc, f"s3://{self.bucket}/{item.key}", "download") from None
 
     def _finish(self, item: DownloadItem) -> None:
         tmp = item.dest.with_name(item.dest.name + ".part")
