@@ -86,6 +86,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _CHUNK = 256 * 1024
+_BUFFER_LIMIT = 64 * 1024 * 1024
 
 _MESSAGES = {
     "SlowDown": "Please reduce your request rate.",
@@ -481,14 +482,24 @@ class FaultProxy:
         headers: CIMultiDict[str] = CIMultiDict(
             (k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
         )
-        # Streamed with the client's Content-Length (or chunked, if the client chunked).
+        # A body up to _BUFFER_LIMIT is read first and sent in one piece, so a server that
+        # answers before reading it all (an error) and closes is heard, as by a direct
+        # client; a larger one is streamed (chunked if the client chunked).
         has_body = request.body_exists and request.content_length != 0
-        data: AsyncIterator[bytes] | None = None
-        corrupt_response = rule is not None and rule.action == "corrupt" and not has_body
-        if has_body:
+        data: bytes | AsyncIterator[bytes] | None = None
+        corrupt = rule is not None and rule.action == "corrupt"
+        length = request.content_length
+        if has_body and length is not None and length <= _BUFFER_LIMIT:
+            data = await request.read()
+            if rule is not None and corrupt:
+                i = _offset(rule, len(data))
+                if i < len(data):
+                    data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+        elif has_body:
             data = request.content.iter_chunked(_CHUNK)
-            if rule is not None and rule.action == "corrupt":
+            if rule is not None and corrupt:
                 data = _flip(data, _offset(rule, request.content_length))
+        corrupt_response = corrupt and not has_body
         url = self.upstream.with_path(
             self.upstream.raw_path.rstrip("/") + request.raw_path, encoded=True
         )
