@@ -161,6 +161,34 @@ def test_a_corrupted_object_fails_fetch_and_verify(
     assert proc.returncode == 0, proc.stderr
 
 
+def test_a_missing_or_truncated_object_fails_fetch_and_verify(
+    s3: RcloneS3, published: tuple[str, Checkpoint], tmp_path: Path
+) -> None:
+    uri, ckpt = published
+    bucket, prefix = uri[5:].split("/", 1)
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key=prefix + RANK0, Body=ckpt.files[RANK0][:-1000])
+    client.delete_object(Bucket=bucket, Key=prefix + RANK1)
+    dest = tmp_path / "model"
+
+    proc = run_cli("fetch", "--from", uri, "--to", str(dest), "--rank", "0", env=client_env(s3))
+    assert proc.returncode == 3
+    [line] = error_lines(proc)
+    size = len(ckpt.files[RANK0])
+    assert f"{RANK0}: the object in {uri} has {size - 1000} bytes, expected {size}" in line
+
+    proc = run_cli("fetch", "--from", uri, "--to", str(dest), "--rank", "1", env=client_env(s3))
+    assert proc.returncode == 3
+    [line] = error_lines(proc)
+    assert f"{RANK1}: the object is missing from {uri}" in line
+    assert not list(dest.glob("model-rank-*"))
+
+    proc = run_cli("verify", uri, "--json", env=client_env(s3))
+    assert proc.returncode == 1
+    problems = {p["key"]: p["problem"] for p in json.loads(proc.stdout)["problems"]}
+    assert problems == {RANK0: f"size {size - 1000} != manifest {size}", RANK1: "missing"}
+
+
 # ------------------------------------------------------------------------ bad input
 
 
