@@ -107,9 +107,9 @@ def timed(fn: Callable[[], Any], server: RcloneS3) -> Run:
 def warm(server: RcloneS3, prefix: str) -> None:
     """HEAD every object once, untimed. rclone computes an object's MD5 (its ETag) on the
     first request after the object is written, and once per concurrent request until
-    then: parallel ranged GETs of a cold object would measure that, not the transfer
-    (about 4x the server's CPU for preshard's 4 ranges per file). Real S3 has no such
-    first-read cost."""
+    then, so parallel ranged GETs of a cold object would measure that, not the transfer
+    (boto3 and preshard HEAD each object first; other tools may not). Real S3 has no
+    such first-read cost."""
     client = server.client()
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
         for obj in page.get("Contents", []):
