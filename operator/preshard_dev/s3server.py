@@ -138,8 +138,13 @@ class RcloneS3(S3Server):
         wait_for_port(self.port, proc=self.proc)
 
     def create_bucket(self, name: str) -> None:
-        # rclone maps buckets to top-level folders; creating the folder is the reliable way.
-        (self.root / name).mkdir(parents=True, exist_ok=True)
+        # Through the API: rclone maps buckets to top-level folders, but a folder made
+        # behind its back is invisible once its directory cache has listed the root.
+        try:
+            self.client().create_bucket(Bucket=name)
+        except Exception as exc:
+            if "BucketAlready" not in type(exc).__name__ + str(exc):
+                raise
 
     def object_path(self, bucket: str, key: str) -> Path:
         """The file behind an object (tests corrupt objects through it)."""
