@@ -10,6 +10,7 @@ from typing import Any
 
 import kopf
 import pytest
+import urllib3
 
 from preshard.core.spec import parse_spec
 from preshard.handlers import checkpoint as h
@@ -137,3 +138,26 @@ def test_the_checkpoint_index_keeps_what_job_events_need() -> None:
         "spec": SPEC,
         "status": {"phase": "Running"},
     }
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104)),
+        urllib3.exceptions.MaxRetryError(None, "/api", "refused"),  # type: ignore[arg-type]
+        ConnectionRefusedError(111, "refused"),
+    ],
+)
+def test_a_broken_connection_is_retried_soon(
+    rec: Recorder, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    # not after kopf's 60 s backoff for unexpected exceptions
+    def broken(*args: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(h.api, "secret_exists", broken)
+    monkeypatch.setattr(h.api, "create_or_get_job", broken)
+    with pytest.raises(kopf.TemporaryError) as err:
+        h.reconcile(body(), {})
+    assert err.value.delay == 2
+    assert rec.patches == [] and rec.events == []

@@ -33,6 +33,7 @@ import threading
 from typing import Any, NamedTuple
 
 import kopf
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from preshard import GROUP, PLURAL, VERSION, metrics
@@ -63,6 +64,9 @@ WAITING_REASONS = {"CredentialsSecretNotFound", "OutputConflict"}
 # Timer intervals are fixed when kopf registers the handlers (import time).
 POLL_SECONDS = float(os.environ.get("PRESHARD_PROGRESS_POLL_SECONDS") or 10)
 RETRY_SECONDS = float(os.environ.get("PRESHARD_RETRY_SECONDS") or 10)
+# A connection that breaks (reset, refused, timed out) raises urllib3's errors, not
+# ApiException: retry soon, not after kopf's 60 s backoff for unexpected exceptions.
+TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError)
 
 
 def configure(config: OperatorConfig) -> None:
@@ -296,6 +300,9 @@ def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
         raise kopf.TemporaryError(
             f"Kubernetes API error {exc.status} {exc.reason}", delay=10
         ) from None
+    except TRANSPORT_ERRORS as exc:
+        metrics.RECONCILE_ERRORS.inc()
+        raise kopf.TemporaryError(f"Kubernetes API unreachable: {exc!r}", delay=2) from None
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -337,7 +344,7 @@ def poll_progress(body: kopf.Body, **_: Any) -> None:
             job = api.get_job(b["metadata"]["namespace"], str(job_name_)) if job_name_ else None
             if job is not None:
                 _sync(b, spec, job)
-    except (SpecError, ApiException) as exc:
+    except (SpecError, ApiException, *TRANSPORT_ERRORS) as exc:
         log.debug("progress poll of %s failed: %s", b["metadata"]["name"], exc)
 
 
@@ -423,6 +430,9 @@ def on_job_event(
     except ApiException as exc:
         metrics.RECONCILE_ERRORS.inc()
         log.warning("could not update %s/%s from its Job: %s %s", ns, owner, exc.status, exc.reason)
+    except TRANSPORT_ERRORS as exc:
+        metrics.RECONCILE_ERRORS.inc()
+        log.warning("could not update %s/%s from its Job: %r", ns, owner, exc)
 
 
 # ----------------------------------------------------------------------------- deletion
@@ -504,3 +514,5 @@ def on_delete(body: kopf.Body, **_: Any) -> None:
         raise kopf.TemporaryError(
             f"Kubernetes API error {exc.status} {exc.reason}", delay=10
         ) from None
+    except TRANSPORT_ERRORS as exc:
+        raise kopf.TemporaryError(f"Kubernetes API unreachable: {exc!r}", delay=2) from None
