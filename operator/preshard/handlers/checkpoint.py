@@ -204,7 +204,8 @@ def output_owner(spec: CheckpointSpec, me: OutputClaim, index: Any) -> str | Non
 @kopf.index(GROUP, VERSION, PLURAL)
 def checkpoints(body: kopf.Body, **_: Any) -> Any:
     """(namespace, name) -> what Job events need of a checkpoint (kept up to date by the
-    watch, so a Job event costs no read)."""
+    watch, so a Job event costs no read). Spec and status are the event's own parsed
+    objects, not copies (every event brings new ones; readers never modify them)."""
     meta = body.get("metadata") or {}
     slim = {
         "metadata": {
@@ -212,8 +213,8 @@ def checkpoints(body: kopf.Body, **_: Any) -> Any:
             for k in ("name", "namespace", "uid", "generation", "deletionTimestamp")
             if meta.get(k) is not None
         },
-        "spec": copy.deepcopy(dict(body.get("spec") or {})),
-        "status": copy.deepcopy(dict(body.get("status") or {})),
+        "spec": body.get("spec") or {},
+        "status": body.get("status") or {},
     }
     return {(meta.get("namespace"), meta.get("name")): slim}
 
