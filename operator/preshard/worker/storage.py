@@ -148,6 +148,8 @@ def _fetch_s3(
             f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
         )
     wanted = {n: s for n, s in files.items() if not n.endswith(SKIPPED_SUFFIXES)}
+    # the same URI with the same object sizes may resume; anything else starts afresh
+    _claim_dest(dest, f"{uri} " + json.dumps(sorted(wanted.items())))
     dest.mkdir(parents=True, exist_ok=True)
     expected: dict[str, str] = {}
     if MANIFEST_NAME in files:  # a preshard checkpoint as source: verify hashes too
@@ -191,7 +193,7 @@ def _fetch_hf(u: StorageURI, uri: str, dest: Path, reporter: Reporter | None) ->
             raise PreshardError(
                 f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
             )
-        _claim_hf_dest(dest, u.authority, info.sha)
+        _claim_dest(dest, f"hf {u.authority}@{info.sha}")
         wanted = [s for s in info.siblings or [] if _hf_wanted(s.rfilename)]
         if reporter is not None:
             reporter.stage("Downloading", sum(s.size or 0 for s in wanted))
@@ -235,13 +237,13 @@ def _quiet_hf_client() -> None:
         pass
 
 
-def _claim_hf_dest(dest: Path, repo_id: str, sha: str) -> None:
-    """Empty ``dest`` unless it holds (part of) this very commit, so that neither a resumed
-    download nor huggingface_hub's fallbacks can mix in files of another source. The
-    marker lives next to dest: a dest that is not empty makes snapshot_download return it
-    as is when the Hub fails."""
-    marker = dest.parent / f".{dest.name}.hf-source"
-    want = f"{repo_id}@{sha}\n"
+def _claim_dest(dest: Path, identity: str) -> None:
+    """Empty ``dest`` unless it holds (part of) this very source, so that neither a resumed
+    download nor huggingface_hub's fallbacks can mix in files of another source (a reused
+    --work-dir). The marker lives next to dest: a dest that is not empty makes
+    snapshot_download return it as is when the Hub fails."""
+    marker = dest.parent / f".{dest.name}.preshard-source"
+    want = identity.rstrip("\n") + "\n"
     try:
         have = marker.read_text()
     except OSError:
