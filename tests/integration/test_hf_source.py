@@ -458,6 +458,7 @@ def test_convert_from_the_hub_with_vllm(tmp_path: Path, hub: Hub) -> None:
     out = tmp_path / "out"
     manifest = Manifest.from_json((out / MANIFEST_NAME).read_bytes())
     assert manifest.source_uri == "hf://org/tiny-llama@main"
+    assert manifest.source_revision == sha  # the commit converted, not the moving branch
     assert manifest.tensor_parallel_size == 1
     names = {f.key for f in manifest.files}
     assert "config.json" in names and "tokenizer.json" in names

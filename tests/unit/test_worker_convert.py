@@ -293,6 +293,9 @@ def test_manifest_fields(tmp_path: Path) -> None:
             str(tmp_path),
         )
     )
+    assert cv.manifest_fields(req, "0.32.0", source_revision="0123abc")["source_revision"] == (
+        "0123abc"
+    )
     assert cv.manifest_fields(req, "0.32.0") == {
         "source_uri": "hf://org/model@abc",
         "source_revision": "abc",

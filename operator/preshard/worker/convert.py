@@ -353,6 +353,10 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     )
     timer.add("download", time.monotonic() - t)
     log.info("source ready in %s (%.1f s)", src_dir, timer.timings["download"])
+    # hf://org/name@main: the manifest records the commit that was actually converted
+    commit = (
+        storage.resolved_revision(req.work_dir / SOURCE_DIR) if req.source.scheme == "hf" else None
+    )
 
     config = read_model_config(src_dir, str(req.source))
     check_parallelism(config, req.tensor_parallel_size, req.pipeline_parallel_size)
@@ -427,7 +431,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     artifact = storage.publish(
         shards,
         str(req.output),
-        manifest_fields=manifest_fields(req, conv.vllm_version),
+        manifest_fields=manifest_fields(req, conv.vllm_version, source_revision=commit),
         owner=req.owner,
         endpoint_url=req.endpoint_url,
         region=req.region,
@@ -448,10 +452,12 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     )
 
 
-def manifest_fields(req: ConvertRequest, vllm_version: str) -> dict[str, Any]:
+def manifest_fields(
+    req: ConvertRequest, vllm_version: str, source_revision: str | None = None
+) -> dict[str, Any]:
     return {
         "source_uri": str(req.source) if req.source.scheme != "file" else req.source.path,
-        "source_revision": req.source.revision,
+        "source_revision": source_revision or req.source.revision,
         "tensor_parallel_size": req.tensor_parallel_size,
         "pipeline_parallel_size": req.pipeline_parallel_size,
         "quantization": req.quantization,

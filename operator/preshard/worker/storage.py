@@ -255,6 +255,17 @@ def _claim_dest(dest: Path, identity: str) -> None:
     marker.write_text(want)
 
 
+def resolved_revision(dest: Path) -> str | None:
+    """The commit an ``hf://`` source in ``dest`` was downloaded at (its marker), if any."""
+    try:
+        identity = (dest.parent / f".{dest.name}.preshard-source").read_text().strip()
+    except OSError:
+        return None
+    if not identity.startswith("hf ") or "@" not in identity:
+        return None
+    return identity.rpartition("@")[2] or None
+
+
 class _DirProgress:
     """Reports the bytes growing under a directory (snapshot_download's own progress
     reporting is not a stable API)."""
