@@ -81,6 +81,7 @@ import contextlib
 import copy
 import datetime as dt
 import json
+import random
 import re
 import sys
 import threading
@@ -96,6 +97,9 @@ import yaml
 from aiohttp import web
 
 # ---------------------------------------------------------------------------- resources
+
+
+GENERATE_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
 @dataclass
@@ -1765,7 +1769,18 @@ class Emulator:
             raise ApiError(400, "BadRequest", "the body must be an object")
         meta = body.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            # 5 characters from Kubernetes' alphabet; like the API server (1.32+), retry a
+            # name that is taken instead of failing with AlreadyExists
+            ns_for_key = (
+                (namespace or meta.get("namespace") or "default") if rt.namespaced else None
+            )
+            for _ in range(8):
+                meta["name"] = meta["generateName"] + "".join(
+                    random.choice(GENERATE_NAME_ALPHABET)  # noqa: S311 - names, not secrets
+                    for _ in range(5)
+                )
+                if self._key(rt, ns_for_key, meta["name"]) not in self.store.objects[rt.key]:
+                    break
         name = meta.get("name")
         if not name:
             raise invalid(

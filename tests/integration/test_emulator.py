@@ -1824,3 +1824,23 @@ def _no_leftover_faults(k8s_api: K8s) -> Iterator[None]:
     for f in faults:  # never leak a fault into the next test
         f.count = 0
     assert not left, f"injected faults not used up: {left}"
+
+
+def test_generate_name_retries_a_taken_name(
+    k8s_api: K8s, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the API server since 1.32: a generated name that is taken is generated again
+    # (kopf posts Events with generateName; a 409 lost an Event under load).
+    import preshard_dev.emulator as emulator_module
+
+    calls = {"n": 0}
+
+    def choice(seq: str) -> str:
+        calls["n"] += 1
+        return seq[0] if calls["n"] <= 10 else seq[1]
+
+    monkeypatch.setattr(emulator_module.random, "choice", choice)
+    first = k8s_api.core.create_namespaced_config_map(ns, {"metadata": {"generateName": "g-"}})
+    second = k8s_api.core.create_namespaced_config_map(ns, {"metadata": {"generateName": "g-"}})
+    assert first.metadata.name == "g-bbbbb"
+    assert second.metadata.name == "g-ccccc"
