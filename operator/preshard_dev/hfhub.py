@@ -70,6 +70,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from preshard.worker.transfer import sha256_file
+
 LFS_SUFFIXES = (
     ".safetensors",
     ".bin",
@@ -92,14 +94,6 @@ _CHUNK = 2**20
 
 def git_blob_sha1(path: Path) -> str:
     h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 - git's object id
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
@@ -256,7 +250,7 @@ class FakeHub:
             size = p.stat().st_size
             lfs = p.name.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE
             files[rel.as_posix()] = HubFile(
-                rel.as_posix(), p, size, git_blob_sha1(p), sha256_of(p) if lfs else None
+                rel.as_posix(), p, size, git_blob_sha1(p), sha256_file(p) if lfs else None
             )
         with self._lock:
             self._serial += 1
