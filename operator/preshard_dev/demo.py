@@ -189,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("PRESHARD_DEMO_WORKER") == "standin":
         # tests of the demo itself: the fast stand-in worker instead of vLLM
         runner_options["command_map"] = {"preshard": [sys.executable, "-m", "preshard_dev.standin"]}
+        runner_options["base_env"] = {
+            k: v for k, v in os.environ.items() if k.startswith("PRESHARD_STANDIN_")
+        }
     stack = LocalStack(base, namespaces=(ns,), runner_options=runner_options)
     t0 = time.monotonic()
     try:
