@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,8 @@ def watch(stack: LocalStack, ns: str, name: str, timeout: float) -> dict[str, An
             obj.get("metadata") or {}
         ).get("generation"):
             return status
-        time.sleep(1)
+        if STOP.wait(1):
+            raise Interrupted
     raise TimeoutError(f"{ns}/{name} did not finish within {timeout / 60:.0f} minutes")
 
 
@@ -164,12 +166,22 @@ def keep_running(stack: LocalStack, ns: str, name: str) -> None:
     say(f"  source {creds}    # S3 endpoint {stack.s3_endpoint} and the local server's keys")
     say("  .venv/bin/preshard verify s3://preshard-checkpoints/tiny-llama/tp2/")
     say("  (the emulator takes JSON only: kubectl apply --validate=false -f FILE)")
-    while True:
-        time.sleep(3600)
+    STOP.wait()
+    raise Interrupted
 
 
-def _sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: stop everything."""
+
+
+# Ctrl-C and SIGTERM only set this flag; the main loop notices it within a second. An
+# exception raised at an arbitrary point (inside a client library holding a lock) could
+# leave the shutdown waiting on that lock.
+STOP = threading.Event()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    STOP.set()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(base / stale, ignore_errors=True)
     (base / "logs").mkdir(parents=True, exist_ok=True)
     _quiet_logging(base / "logs" / "demo.log")
-    signal.signal(signal.SIGTERM, _sigterm)
+    STOP.clear()
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
 
     runner_options: dict[str, Any] = {}
     if os.environ.get("PRESHARD_DEMO_WORKER") == "standin":
@@ -213,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
         say(
             f"== kubectl apply -f {example.relative_to(ROOT) if example.is_relative_to(ROOT) else example}"
         )
+        if STOP.is_set():
+            raise Interrupted
         stack.apply(doc, ns)
         status = watch(stack, ns, name, TIMEOUT_SECONDS)
         report(stack, ns, name, status)
@@ -225,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         if args.keep:
             keep_running(stack, ns, name)
         return 0 if ok else 1
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt):
         say("\n== interrupted: stopping everything")
         return 130
     except Exception as exc:

@@ -154,7 +154,7 @@ class JobRunner:
         """Stop the loop and every running process (the pods are left as they are)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=10)
             self._thread = None
         for track in self._tracks.values():
             a = track.attempt
