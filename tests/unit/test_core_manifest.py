@@ -33,7 +33,7 @@ SHA_C = "c" * 64
 def test_constants() -> None:
     assert MANIFEST_NAME == "preshard-manifest.json"
     assert FORMAT == "preshard.io/checkpoint-manifest"
-    assert FORMAT_VERSION == 1
+    assert FORMAT_VERSION == 2
     assert FILE_PATTERN == "model-rank-{rank}-part-{part}.safetensors"
     assert PP_FILE_PATTERN == "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
     assert LOAD_FORMAT == "sharded_state"
@@ -81,7 +81,7 @@ def _tp2() -> Manifest:
 
 EXPECTED_TP2_JSON = """{
   "format": "preshard.io/checkpoint-manifest",
-  "formatVersion": 1,
+  "formatVersion": 2,
   "createdAt": "2025-01-01T00:00:00Z",
   "owner": "ml/llama/uid-1",
   "source": {
@@ -116,7 +116,12 @@ EXPECTED_TP2_JSON = """{
       "rank": 1,
       "part": 0
     }
-  ]
+  ],
+  "stateFormat": "raw",
+  "convertedOn": {},
+  "sharding": null,
+  "identity": null,
+  "verification": null
 }
 """
 
@@ -219,6 +224,9 @@ def test_artifact_status(uri: str) -> None:
         "totalBytes": 510,
         "manifestSha256": hashlib.sha256(text.encode()).hexdigest(),
         "vllmVersion": "0.32.0",
+        "tensorParallelSize": 2,
+        "pipelineParallelSize": 1,
+        "stateFormat": "raw",
     }
 
 
@@ -263,16 +271,16 @@ R1 = "model-rank-1-part-0.safetensors"
         (_with(format="other"), "not a preshard manifest (format 'other')"),
         (_with(format=_DROP), "not a preshard manifest (format None)"),
         (
-            _with(formatVersion=2),
-            "unsupported manifest formatVersion 2 (this preshard reads 1)",
+            _with(formatVersion=3),
+            "unsupported manifest formatVersion 3 (this preshard reads 1, 2)",
         ),
         (
             _with(formatVersion=_DROP),
-            "unsupported manifest formatVersion None (this preshard reads 1)",
+            "unsupported manifest formatVersion None (this preshard reads 1, 2)",
         ),
         (
             _with(formatVersion="1"),
-            "unsupported manifest formatVersion '1' (this preshard reads 1)",
+            "unsupported manifest formatVersion '1' (this preshard reads 1, 2)",
         ),
         (
             _with(tensorParallelSize=_DROP),
@@ -353,6 +361,8 @@ def test_from_json_defaults_for_optional_fields() -> None:
         pipeline_parallel_size=1,
         vllm_version="0.32.0",
         files=(ManifestFile(R0, 5, SHA_A, 0, 0),),
+        format_version=1,
+        state_format="processed",  # formatVersion 1: save_sharded_state after processing
     )
 
 
@@ -386,7 +396,7 @@ def test_from_json_rejects_unknown_top_level_fields() -> None:
         Manifest.from_json(_with(bogus=1, tensorParalelSize=2))
     assert str(exc.value) == (
         "manifest has unknown field(s) 'bogus', 'tensorParalelSize' "
-        "(formatVersion 1; extensions belong in 'extra')"
+        "(formatVersion 2; extensions belong in 'extra')"
     )
 
 
@@ -473,3 +483,39 @@ def test_from_json_bad_numbers_raise_manifest_error(text: str, message: str) -> 
     with pytest.raises(ManifestError) as exc:
         Manifest.from_json(text)
     assert message in str(exc.value)
+
+
+def test_v1_manifest_reads_as_processed_state_and_rejects_v2_fields() -> None:
+    data = _raw()
+    data["formatVersion"] = 1
+    for k in ("stateFormat", "convertedOn", "sharding", "identity", "verification"):
+        data.pop(k)
+    m = Manifest.from_json(json.dumps(data))
+    assert (m.format_version, m.state_format) == (1, "processed")
+    data["stateFormat"] = "raw"
+    with pytest.raises(ManifestError, match="unknown field"):
+        Manifest.from_json(json.dumps(data))
+
+
+def test_v2_fields_round_trip_and_are_checked() -> None:
+    m = build_manifest(
+        [(R0, 5, SHA_A), ("preshard-sharding.json", 7, SHA_C)],
+        source_uri="s3://b/m/",
+        tensor_parallel_size=1,
+        pipeline_parallel_size=1,
+        vllm_version="0.32.0",
+        converted_on={"platform": "cpu"},
+        sharding_key="preshard-sharding.json",
+        identity="sha256:" + "d" * 64,
+        verification={"engineFree": {"tensors": 3, "matched": True}},
+    )
+    again = Manifest.from_json(m.to_json())
+    assert again == m
+    data = json.loads(m.to_json())
+    data["stateFormat"] = "prepacked"
+    with pytest.raises(ManifestError, match="stateFormat 'prepacked'"):
+        Manifest.from_json(json.dumps(data))
+    data = json.loads(m.to_json())
+    data["sharding"] = {"key": "missing.json"}
+    with pytest.raises(ManifestError, match="does not list"):
+        Manifest.from_json(json.dumps(data))

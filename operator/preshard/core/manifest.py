@@ -5,7 +5,7 @@ its size and sha256, so readers (``preshard fetch``/``verify``) check integrity
 themselves instead of trusting the object store.
 
 Compatibility: ``formatVersion`` is the contract. A reader accepts exactly the versions
-it knows, and within a version it is strict: an unknown top-level field (a typo such as
+it knows (1 and 2), and within a version it is strict: an unknown top-level field (a typo such as
 ``tensorParalelSize``) is an error, not silently ignored. Additions that older readers
 may skip go under the free-form ``extra`` object; anything else is a new formatVersion.
 """
@@ -20,7 +20,20 @@ from typing import Any
 
 MANIFEST_NAME = "preshard-manifest.json"
 FORMAT = "preshard.io/checkpoint-manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# stateFormat: what the rank files hold.
+#   "raw":       each rank's parameters as vLLM's weight loaders produced them, BEFORE
+#                process_weights_after_loading (platform independent; the serving
+#                hardware processes them when it loads). What preshard writes.
+#   "processed": vLLM's save_sharded_state after processing, i.e. the kernel layout of
+#                the converting hardware (formatVersion 1 checkpoints; only right where
+#                processing leaves the layout alone).
+STATE_RAW = "raw"
+STATE_PROCESSED = "processed"
+STATE_FORMATS = (STATE_RAW, STATE_PROCESSED)
+# The per-parameter sharding metadata file (listed in ``files`` with its sha256).
+SHARDING_NAME = "preshard-sharding.json"
 FILE_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 PP_FILE_PATTERN = "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
 LOAD_FORMAT = "sharded_state"
@@ -54,6 +67,8 @@ FIELDS = frozenset(
         "extra",
     }
 )
+# formatVersion 2 adds these.
+FIELDS_V2 = FIELDS | {"stateFormat", "convertedOn", "sharding", "identity", "verification"}
 
 
 def _int(value: Any, what: str) -> int:
@@ -146,6 +161,16 @@ class Manifest:
     created_at: str | None = None
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # formatVersion 2
+    state_format: str = STATE_RAW
+    # where it was converted: {"platform": "cpu"|"cuda"|..., "device": "..."}
+    converted_on: dict[str, Any] = field(default_factory=dict)
+    # key of the sharding metadata file (one of ``files``), or None
+    sharding_key: str | None = None
+    # the conversion identity (preshard.core), or None
+    identity: str | None = None
+    # what the conversion verified (summary), or None
+    verification: dict[str, Any] | None = None
 
     @property
     def world_size(self) -> int:
@@ -194,6 +219,12 @@ class Manifest:
             "totalBytes": self.total_bytes,
             "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.key)],
         }
+        if self.format_version >= 2:
+            data["stateFormat"] = self.state_format
+            data["convertedOn"] = self.converted_on
+            data["sharding"] = {"key": self.sharding_key} if self.sharding_key else None
+            data["identity"] = self.identity
+            data["verification"] = self.verification
         if self.extra:
             data["extra"] = self.extra
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
@@ -209,16 +240,19 @@ class Manifest:
         if data.get("format") != FORMAT:
             raise ManifestError(f"not a preshard manifest (format {data.get('format')!r})")
         version = data.get("formatVersion")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ManifestError(
-                f"unsupported manifest formatVersion {version!r} (this preshard reads {FORMAT_VERSION})"
+                f"unsupported manifest formatVersion {version!r} (this preshard reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
-        unknown = sorted(set(data) - FIELDS)
+        known = FIELDS_V2 if version >= 2 else FIELDS
+        unknown = sorted(set(data) - known)
         if unknown:
             raise ManifestError(
                 f"manifest has unknown field(s) {', '.join(map(repr, unknown))} "
-                f"(formatVersion {FORMAT_VERSION}; extensions belong in 'extra')"
+                f"(formatVersion {version}; extensions belong in 'extra')"
             )
+        v2 = _v2_fields(data) if version >= 2 else {"state_format": STATE_PROCESSED}
         try:
             tp = _int(data["tensorParallelSize"], "tensorParallelSize")
             pp = _int(data.get("pipelineParallelSize", 1), "pipelineParallelSize")
@@ -271,7 +305,13 @@ class Manifest:
             load_format=str(data.get("loadFormat", LOAD_FORMAT)),
             created_at=_opt_str(data, "createdAt"),
             extra=extra or {},
+            format_version=version,
+            **v2,
         )
+        if m.sharding_key is not None and m.file(m.sharding_key) is None:
+            raise ManifestError(
+                f"manifest names sharding metadata {m.sharding_key!r} that it does not list"
+            )
         if total is not None and total != m.total_bytes:
             raise ManifestError("manifest totalBytes does not equal the sum of file sizes")
         missing = m.missing_ranks()
@@ -281,6 +321,34 @@ class Manifest:
                 f"{m.world_size} (TP {tp} x PP {pp})"
             )
         return m
+
+
+def _v2_fields(data: dict[str, Any]) -> dict[str, Any]:
+    state = data.get("stateFormat")
+    if state not in STATE_FORMATS:
+        raise ManifestError(
+            f"manifest stateFormat {state!r} is not one of {', '.join(STATE_FORMATS)}"
+        )
+    converted_on = data.get("convertedOn") or {}
+    if not isinstance(converted_on, dict):
+        raise ManifestError("manifest field 'convertedOn' must be an object")
+    sharding = data.get("sharding")
+    sharding_key = None
+    if sharding is not None:
+        if not isinstance(sharding, dict) or not isinstance(sharding.get("key"), str):
+            raise ManifestError("manifest field 'sharding' must be an object with a 'key'")
+        sharding_key = sharding["key"]
+        _check_key(sharding_key)
+    verification = data.get("verification")
+    if verification is not None and not isinstance(verification, dict):
+        raise ManifestError("manifest field 'verification' must be an object or null")
+    return {
+        "state_format": state,
+        "converted_on": converted_on,
+        "sharding_key": sharding_key,
+        "identity": _opt_str(data, "identity"),
+        "verification": verification,
+    }
 
 
 def build_manifest(files: list[tuple[str, int, str]], **fields: Any) -> Manifest:
@@ -313,4 +381,7 @@ def artifact_status(manifest: Manifest, uri: str, manifest_text: str | bytes) ->
         "totalBytes": manifest.total_bytes,
         "manifestSha256": manifest_sha256(manifest_text),
         "vllmVersion": manifest.vllm_version,
+        "tensorParallelSize": manifest.tensor_parallel_size,
+        "pipelineParallelSize": manifest.pipeline_parallel_size,
+        "stateFormat": manifest.state_format,
     }
