@@ -187,12 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     # -- verify ---------------------------------------------------------------------------
     p = sub.add_parser(
         "verify",
-        help="check a published checkpoint's objects against its manifest",
+        help="check a published checkpoint against its manifest (and its source)",
         description="Download every object of a published checkpoint, compare sizes and "
-        "sha256 with preshard-manifest.json, print a summary; non-zero on any problem.",
+        "sha256 with preshard-manifest.json, print a summary; non-zero on any problem. "
+        "With --against SOURCE: the engine-free check instead: every tensor of every rank "
+        "rebuilt from the source checkpoint through preshard-sharding.json and compared bit "
+        "for bit (exit 3 naming the first tensor, rank and element that differ).",
     )
-    p.add_argument("uri", help="s3://bucket/prefix/ of a published checkpoint")
+    p.add_argument(
+        "uri", help="s3://bucket/prefix/ of a published checkpoint (with --against: or a directory)"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument(
+        "--against",
+        metavar="SOURCE",
+        default=None,
+        help="the source it was converted from: any source convert accepts "
+        "(s3://, pvc://, hf://org/name[@rev] or a directory)",
+    )
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="with --against: where remote files are downloaded (default: a temporary dir, removed)",
+    )
+    p.add_argument(
+        "--allow-derived",
+        action="store_true",
+        help="with --against: pass tensors vLLM's loaders computed rather than copied "
+        "(listed; only an engine can check them)",
+    )
     _s3_flags(p)
 
     # -- purge ----------------------------------------------------------------------------

@@ -39,14 +39,13 @@ def test_from_args_defaults(tmp_path: Path) -> None:
     assert req.tensor_parallel_size == 2 and req.pipeline_parallel_size == 1
     assert req.world_size == 2
     assert req.max_file_size == 5 * 2**30
-    assert req.verify is True and req.keep_cpu_weights is True
+    assert req.verify is True
     assert req.output.scheme == "s3" and req.output.prefix == "out/m/"
     assert req.source.scheme == "file"
     assert req.work_dir == (tmp_path / "work").resolve()
 
 
 def test_from_args_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PRESHARD_KEEP_CPU_WEIGHTS", "0")
     req = request(
         tmp_path,
         "--quantization",
@@ -67,7 +66,6 @@ def test_from_args_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert req.max_file_size == 512 * 2**20
     assert req.verify is False and req.world_size == 4
     assert req.max_model_len == 64 and req.gpu_memory_utilization == 0.5
-    assert req.keep_cpu_weights is False
 
 
 @pytest.mark.parametrize(
@@ -306,7 +304,14 @@ def test_manifest_fields(tmp_path: Path) -> None:
         "vllm_version": "0.32.0",
         "file_pattern": "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors",
         "load_format": "sharded_state",
+        "state_format": "raw",
+        "converted_on": {},
+        "sharding_key": "preshard-sharding.json",
+        "verification": None,
     }
+    fields = cv.manifest_fields(req, "0.32.0", platform="cpu", verification={"engine": {}})
+    assert fields["converted_on"] == {"platform": "cpu"}
+    assert fields["verification"] == {"engine": {}}
 
 
 def test_engine_error_classification() -> None:

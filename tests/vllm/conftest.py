@@ -8,8 +8,6 @@ Every conversion costs two engine loads (convert + verify, ~20-40 s each on the 
 * ``converted_tp2``: the pipeline in-process (to see the greedy tokens), TP=2, a model
   with ONE KV head (replicated across ranks), tied embeddings and no tokenizer, from a
   real S3 server on 127.0.0.1 to the same server (real fetch and publish).
-* ``converted_without_plugin``: the CLI at TP=1 with ``PRESHARD_KEEP_CPU_WEIGHTS=0``, so
-  vLLM's CPU backend drops the linear weights (the trap verification must catch).
 """
 
 from __future__ import annotations
@@ -120,23 +118,6 @@ def converted_tp1(tiny_tokenizer_model: Path, tmp_path_factory: pytest.TempPathF
         "ns/tiny-tp1/uid-1",
     )
     return run
-
-
-@pytest.fixture(scope="session")
-def converted_without_plugin(
-    tiny_tokenizer_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> CliRun:
-    base = tmp_path_factory.mktemp("convert-noplugin")
-    return run_convert_cli(
-        base,
-        "--source",
-        str(tiny_tokenizer_model),
-        "--tensor-parallel-size",
-        "1",
-        "--output",
-        str(base / "out"),
-        env={"PRESHARD_KEEP_CPU_WEIGHTS": "0"},
-    )
 
 
 def read_json(path: Path) -> dict:

@@ -27,11 +27,16 @@ def published_dir(run: Any) -> Path:
     return run.server.object_path("shards", "tiny-kv1-tp2")
 
 
-def test_tp2_round_trip_gives_the_same_greedy_tokens(converted_tp2: Any) -> None:
+def test_tp2_round_trip_gives_the_same_outputs(converted_tp2: Any) -> None:
     out = converted_tp2.outcome
     assert len(out.reference_tokens) == 3
-    assert all(len(t) == 8 for t in out.reference_tokens)
+    assert all(len(t) == 16 for t in out.reference_tokens)
     assert out.verified_tokens == out.reference_tokens
+    engine = out.verification["engine"]
+    assert (engine["matched"], engine["comparison"], engine["topK"]) == (True, "exact", 5)
+    assert engine["positions"] == 48 and engine["maxAbsDifference"] == 0.0
+    free = out.verification["engineFree"]
+    assert free["matched"] is True and free["sourceTensors"] > 0 and free["fills"] >= 2
     # Random weights: the answers are not degenerate (same token over and over).
     assert len({t for seq in out.reference_tokens for t in seq}) > 4
     assert out.vllm_version == "0.32.0"
@@ -69,7 +74,17 @@ def test_tp2_files(converted_tp2: Any) -> None:
         assert all(p.stat().st_size <= 128 * 1024 + 64 * 1024 for p in report.files[rank])
     assert (pub / "config.json").is_file()
     assert not (pub / "tokenizer.json").exists()
-    for key in ("download", "convert", "vllm_load", "vllm_save", "verify", "upload", "total"):
+    assert (pub / "preshard-sharding.json").is_file()
+    assert not list(pub.glob("preshard-trace-*"))
+    for key in (
+        "download",
+        "convert",
+        "vllm_load_and_save",
+        "verify_engine_free",
+        "verify_engine",
+        "upload",
+        "total",
+    ):
         assert converted_tp2.outcome.timings[key] >= 0
 
 

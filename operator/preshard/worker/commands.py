@@ -146,6 +146,10 @@ def _check_object(client: Any, u: StorageURI, key: str, size: int, sha: str) -> 
 
 
 def verify(args: argparse.Namespace) -> int:
+    if getattr(args, "against", None):
+        from preshard.worker import verify_against
+
+        return verify_against.run_cli(args)
     u = _s3_uri(args.uri)
     client, settings = _client(args)
     manifest, body = load_manifest(client, u)

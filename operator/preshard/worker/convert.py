@@ -3,14 +3,21 @@
 1. Downloading: ``storage.fetch_source`` brings the checkpoint into the work dir (a local
    directory or a mounted PVC is used in place; it is never modified or deleted).
 2. Converting: checks the model's config against the requested parallelism BEFORE any
-   engine starts, then loads the model in vLLM at TP x PP in a child process, records
-   greedy reference tokens for a few fixed prompts, and calls ``save_sharded_state``.
-   The source's non-weight files (config, tokenizer, generation config, ...) are copied
-   next to the shards.
-3. Verifying: file-level checks of the shards (always; cheap), then (``--verify``, the
-   default) ONE more engine loads the shards with ``load_format="sharded_state"`` at the
-   same TP/PP/quantization and must produce the same greedy tokens. A load error (for
-   example vLLM's "Missing keys") is a verification failure.
+   engine starts, then loads the model in vLLM at TP x PP in a child process with the
+   ``preshard_raw`` loader (``vllm_raw_loader``): every rank saves its weights as vLLM's
+   weight loaders produced them, BEFORE ``process_weights_after_loading`` (stateFormat
+   "raw": right on any serving hardware), and the trace of the loaders' writes. The
+   engine then processes the weights as usual and records reference outputs (greedy
+   tokens and top-k log-probabilities) for a few fixed prompts. The ranks' traces become
+   ``preshard-sharding.json``; the source's non-weight files (config, tokenizer, ...) are
+   copied next to the shards.
+3. Verifying: file-level checks of the shards; the engine-free check (always; bounded
+   memory): every saved tensor rebuilt from the source checkpoint bit for bit through the
+   sharding metadata (``verify_against``); then (``--verify``, the default) ONE more
+   engine loads the shards with ``load_format="sharded_state"`` at the same
+   TP/PP/quantization and must give the same tokens and log-probabilities (exactly on
+   the CPU backend). A load error (for example vLLM's "Missing keys") is a verification
+   failure.
 4. Uploading: ``storage.publish`` uploads the files and writes the manifest last.
 
 The result goes to the termination message (``worker.progress.write_result``); exit
@@ -24,7 +31,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -35,11 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.errors import PreshardError, SpecError
+from preshard.core.manifest import SHARDING_NAME, STATE_RAW
 from preshard.core.progress import Result
 from preshard.core.quantity import parse_bytes
 from preshard.core.spec import DTYPES, QUANTIZATIONS, CheckpointSpec, check_model_config
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
-from preshard.worker import verify_shards
+from preshard.worker import verify_against, verify_shards
 from preshard.worker.vllm_engine import (
     EngineError,
     EngineOutcome,
@@ -80,7 +87,6 @@ class ConvertRequest:
     source_endpoint_url: str | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
-    keep_cpu_weights: bool = True
 
     @property
     def world_size(self) -> int:
@@ -154,9 +160,6 @@ class ConvertRequest:
             source_endpoint_url=args.source_endpoint_url,
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_model_len=args.max_model_len,
-            # PRESHARD_KEEP_CPU_WEIGHTS=0 turns the CPU keep-weights plugin off (tests use
-            # it to prove that verification catches the weights vLLM's CPU backend drops).
-            keep_cpu_weights=os.environ.get("PRESHARD_KEEP_CPU_WEIGHTS", "1").strip() != "0",
         )
 
 
@@ -173,6 +176,7 @@ class ConvertOutcome:
     verified_tokens: list[list[int]] | None = None
     vllm_version: str = ""
     shard_summary: str = ""
+    verification: dict[str, Any] = field(default_factory=dict)
 
 
 class _Timer:
@@ -257,7 +261,7 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
     """Copy the source's top-level non-weight files (config, tokenizer, ...)."""
     copied = []
     for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
+        if not p.is_file() or p.name.startswith(".") or p.name.startswith("preshard-"):
             continue
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES:
             continue
@@ -295,7 +299,6 @@ def _engine_request(
         prompts=prompts,
         gpu_memory_utilization=req.gpu_memory_utilization,
         max_model_len=req.max_model_len,
-        keep_cpu_weights=req.keep_cpu_weights,
         skip_tokenizer_init=not has_tokenizer(model),
         **kw,
     )
@@ -381,17 +384,16 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     except EngineError as exc:
         raise _conversion_error(exc) from None
     timer.add("convert", time.monotonic() - t)
-    timer.add("vllm_load", conv.load_seconds)
-    timer.add("vllm_save", conv.save_seconds)
+    timer.add("vllm_load_and_save", conv.load_seconds)
     timer.add("reference_generate", conv.generate_seconds)
+    verify_against.write_sharding(shards)
     copied = copy_non_weight_files(src_dir, shards)
     reporter.advance(total)
     log.info(
-        "converted with vLLM %s on %s (load %.1f s, save %.1f s); copied %s",
+        "converted with vLLM %s on %s (load and raw save %.1f s); copied %s",
         conv.vllm_version,
         conv.platform,
         conv.load_seconds,
-        conv.save_seconds,
         ", ".join(copied) or "no other files",
     )
 
@@ -403,6 +405,11 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     )
     timer.add("check_files", time.monotonic() - t)
     log.info("shard files: %s", report.summary())
+    t = time.monotonic()
+    free = verify_against.verify_against(src_dir, shards, allow_derived=req.verify)
+    timer.add("verify_engine_free", time.monotonic() - t)
+    log.info("verified engine-free: %s", free.describe())
+    verification: dict[str, Any] = {"engineFree": free.summary()}
     verified: list[list[int]] | None = None
     if req.verify:
         t = time.monotonic()
@@ -410,20 +417,29 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
             again = run_engine(_engine_request(req, shards, prompts, load_format="sharded_state"))
         except EngineError as exc:
             raise _verification_error(exc) from None
-        timer.add("verify", time.monotonic() - t)
-        verify_shards.compare_tokens(
+        timer.add("verify_engine", time.monotonic() - t)
+        verification["engine"] = verify_shards.compare_outputs(
             [p.describe() for p in prompts],
             [list(x) for x in conv.tokens],
             [list(x) for x in again.tokens],
+            conv.logprobs,
+            again.logprobs,
+            exact=conv.platform == "cpu" and again.platform == "cpu",
         )
         verified = [list(x) for x in again.tokens]
         log.info(
-            "verified: the sharded checkpoint gives the same greedy tokens for %d prompts (%.1f s)",
+            "verified with an engine: the sharded checkpoint reloaded at TP %d x PP %d gives the "
+            "same tokens and top-%d log-probabilities (%s) at %d positions of %d prompts (%.1f s)",
+            req.tensor_parallel_size,
+            req.pipeline_parallel_size,
+            verification["engine"]["topK"],
+            verification["engine"]["comparison"],
+            verification["engine"]["positions"],
             len(prompts),
-            timer.timings["verify"],
+            timer.timings["verify_engine"],
         )
     else:
-        log.warning("--no-verify: the reload and token comparison were skipped")
+        log.warning("--no-verify: the engine reload and output comparison were skipped")
 
     # -- Uploading --------------------------------------------------------------------
     reporter.stage("Uploading", total_bytes=sum(p.stat().st_size for p in shards.iterdir()))
@@ -431,7 +447,13 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     artifact = storage.publish(
         shards,
         str(req.output),
-        manifest_fields=manifest_fields(req, conv.vllm_version, source_revision=commit),
+        manifest_fields=manifest_fields(
+            req,
+            conv.vllm_version,
+            source_revision=commit,
+            platform=conv.platform,
+            verification=verification,
+        ),
         owner=req.owner,
         endpoint_url=req.endpoint_url,
         region=req.region,
@@ -449,13 +471,23 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
         verified_tokens=verified,
         vllm_version=conv.vllm_version,
         shard_summary=report.summary(),
+        verification=verification,
     )
 
 
 def manifest_fields(
-    req: ConvertRequest, vllm_version: str, source_revision: str | None = None
+    req: ConvertRequest,
+    vllm_version: str,
+    source_revision: str | None = None,
+    *,
+    platform: str = "",
+    verification: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
+        "state_format": STATE_RAW,
+        "converted_on": {"platform": platform} if platform else {},
+        "sharding_key": SHARDING_NAME,
+        "verification": verification,
         "source_uri": str(req.source) if req.source.scheme != "file" else req.source.path,
         "source_revision": source_revision or req.source.revision,
         "tensor_parallel_size": req.tensor_parallel_size,

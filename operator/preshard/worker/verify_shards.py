@@ -30,6 +30,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import FILE_PATTERN, PP_FILE_PATTERN
@@ -256,3 +257,70 @@ def compare_tokens(
                 f"greedy tokens differ for prompt {prompt}: source model {list(ref)}, "
                 f"sharded checkpoint {list(got)}"
             )
+
+
+# Log-probabilities of the reload must equal the converting engine's exactly where the
+# kernels are bit-deterministic (vLLM's CPU backend: measured, see docs/verification.md);
+# elsewhere within this absolute tolerance per value.
+LOGPROB_TOLERANCE = 0.05
+
+
+def compare_outputs(
+    prompts: list[str],
+    reference: list[list[int]],
+    reloaded: list[list[int]],
+    reference_logprobs: Any,
+    reloaded_logprobs: Any,
+    *,
+    exact: bool,
+    tolerance: float = LOGPROB_TOLERANCE,
+) -> dict[str, Any]:
+    """Greedy tokens AND the top-k log-probabilities at every position must agree;
+    VerificationFailed names the prompt, the position and the values. Returns what was
+    compared (for the manifest's verification summary)."""
+    compare_tokens(prompts, reference, reloaded)
+    if len(reference_logprobs) != len(reloaded_logprobs):
+        raise VerificationFailed("the reloaded model returned log-probabilities for other prompts")
+    positions = 0
+    worst = 0.0
+    for prompt, ref_p, got_p in zip(prompts, reference_logprobs, reloaded_logprobs, strict=True):
+        if len(ref_p) != len(got_p):
+            raise VerificationFailed(
+                f"log-probabilities for prompt {prompt}: {len(ref_p)} positions from the source "
+                f"model, {len(got_p)} from the sharded checkpoint"
+            )
+        for pos, (ref_top, got_top) in enumerate(zip(ref_p, got_p, strict=True)):
+            positions += 1
+            ref_ids = [t for t, _ in ref_top]
+            got_ids = [t for t, _ in got_top]
+            if exact and ref_ids != got_ids:
+                raise VerificationFailed(
+                    f"top-{len(ref_ids)} tokens differ for prompt {prompt} at position {pos}: "
+                    f"source model {ref_ids}, sharded checkpoint {got_ids}"
+                )
+            got = dict(got_top)
+            for tok, lp in ref_top:
+                if tok not in got:
+                    if exact:
+                        raise VerificationFailed(
+                            f"token {tok} is in the source model's top-k at position {pos} for "
+                            f"prompt {prompt} but not in the sharded checkpoint's"
+                        )
+                    continue
+                delta = abs(got[tok] - lp)
+                worst = max(worst, delta)
+                if (exact and got[tok] != lp) or delta > tolerance:
+                    raise VerificationFailed(
+                        f"log-probability of token {tok} at position {pos} for prompt {prompt}: "
+                        f"source model {lp!r}, sharded checkpoint {got[tok]!r}"
+                        + ("" if exact else f" (tolerance {tolerance})")
+                    )
+    return {
+        "method": "engine",
+        "matched": True,
+        "prompts": len(prompts),
+        "positions": positions,
+        "topK": max((len(p[0]) for p in reference_logprobs if p), default=0),
+        "comparison": "exact" if exact else f"abs<={tolerance}",
+        "maxAbsDifference": worst,
+    }

@@ -1,4 +1,4 @@
-"""Run one vLLM engine in a child process: load, greedy-generate, optionally save shards.
+"""Run one vLLM engine in a child process: load (optionally saving raw shards), generate.
 
 Everything that imports vLLM or torch for the conversion lives here, and it is imported
 only inside the child process. Each engine runs in a fresh ``spawn``-ed process that is
@@ -45,7 +45,10 @@ TEXT_PROMPTS = (
     "def fibonacci(n):",
     "Hello, my name is",
 )
-MAX_TOKENS = 8
+# Tokens generated per prompt for the reference/verification comparison, and the
+# top-k log-probabilities recorded at every position.
+MAX_TOKENS = int(os.environ.get("PRESHARD_VERIFY_TOKENS", "16"))
+TOP_LOGPROBS = 5
 DEFAULT_TIMEOUT = float(os.environ.get("PRESHARD_ENGINE_TIMEOUT", str(3 * 3600)))
 # CPU-only defaults (vLLM's CPU backend on a small machine).
 CPU_GPU_MEMORY_UTILIZATION = 0.2
@@ -75,16 +78,21 @@ class EngineRequest:
     dtype: str = "auto"
     load_format: str = "auto"
     prompts: tuple[Prompt, ...] = ()
-    # save_sharded_state target; None: no save (verification engine)
+    # Save each rank's raw (unprocessed) weights here while loading (load_format
+    # preshard_raw, see vllm_raw_loader); None: no save (verification engine)
     save_dir: str | None = None
     pattern: str | None = None
     max_file_size: int | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
-    # PRESHARD_KEEP_CPU_WEIGHTS for the engine's processes (see vllm_plugin)
-    keep_cpu_weights: bool = True
     skip_tokenizer_init: bool = False
+    max_tokens: int = MAX_TOKENS
+    top_logprobs: int = TOP_LOGPROBS
     extra_env: dict[str, str] = field(default_factory=dict)
+
+
+# Per prompt, per generated position: the top-k (token id, log-probability), best first.
+Logprobs = tuple[tuple[tuple[tuple[int, float], ...], ...], ...]
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,7 @@ class EngineOutcome:
     vllm_version: str
     platform: str
     settings: dict[str, Any]
+    logprobs: Logprobs = ()
 
 
 class EngineError(PreshardError):
@@ -257,7 +266,13 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
     stage = "load"
     try:
         os.environ.update(req.extra_env)
-        os.environ["PRESHARD_KEEP_CPU_WEIGHTS"] = "1" if req.keep_cpu_weights else "0"
+        if req.save_dir is not None:
+            from preshard.worker import vllm_raw_loader as raw
+
+            # Inherited by vLLM's worker processes, where the loader runs.
+            os.environ[raw.ENV_SAVE_DIR] = req.save_dir
+            os.environ[raw.ENV_PATTERN] = req.pattern or ""
+            os.environ[raw.ENV_MAX_SIZE] = str(req.max_file_size or "")
         # vLLM logs to stderr: stdout carries the PRESHARD-PROGRESS records.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -274,30 +289,36 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
         from vllm import LLM, SamplingParams
 
         kwargs = _engine_kwargs(req, is_cpu=is_cpu)
+        if req.save_dir is not None:
+            from preshard.worker.vllm_raw_loader import LOAD_FORMAT, register
+
+            register()  # this process (vLLM's own processes run the plugin entry point)
+            kwargs["load_format"] = LOAD_FORMAT
         settings.update({k: v for k, v in kwargs.items() if k != "model"})
         t0 = time.monotonic()
         llm = LLM(**kwargs)
         t1 = time.monotonic()
 
         stage = "generate"
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=req.max_tokens,
+            ignore_eos=True,
+            logprobs=req.top_logprobs or None,
+        )
         inputs: list[Any] = [
             p.text if p.text is not None else {"prompt_token_ids": list(p.token_ids or ())}
             for p in req.prompts
         ]
         tokens: tuple[tuple[int, ...], ...] = ()
+        logprobs: Logprobs = ()
         if inputs:
             outputs = llm.generate(inputs, params, use_tqdm=False)
             tokens = tuple(tuple(int(t) for t in o.outputs[0].token_ids) for o in outputs)
+            logprobs = tuple(_top_logprobs(o.outputs[0].logprobs) for o in outputs)
         t2 = time.monotonic()
-
+        # The raw shards were written while loading (inside t1 - t0).
         save_seconds = 0.0
-        if req.save_dir is not None:
-            stage = "save"
-            llm.llm_engine.engine_core.save_sharded_state(
-                path=req.save_dir, pattern=req.pattern, max_size=req.max_file_size
-            )
-            save_seconds = time.monotonic() - t2
         conn.send(
             (
                 "ok",
@@ -309,6 +330,7 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
                     vllm_version=str(vllm.__version__),
                     platform=str(current_platform.device_type or "unknown"),
                     settings=settings,
+                    logprobs=logprobs,
                 ),
             )
         )
@@ -327,6 +349,16 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
     finally:
         with contextlib.suppress(Exception):
             conn.close()
+
+
+def _top_logprobs(positions: Any) -> tuple[tuple[tuple[int, float], ...], ...]:
+    """vLLM's per-position {token: Logprob} dicts as sorted (token, logprob) tuples."""
+    out = []
+    for pos in positions or ():
+        items = [(int(tok), float(lp.logprob)) for tok, lp in pos.items()]
+        items.sort(key=lambda x: (-x[1], x[0]))
+        out.append(tuple(items))
+    return tuple(out)
 
 
 def _one_line(exc: BaseException) -> str:
