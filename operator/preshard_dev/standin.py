@@ -79,6 +79,29 @@ def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
     (dest / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
 
 
+def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
+    """A well-formed preshard-sharding.json naming no tensors (the manifest lists it, as
+    a real conversion's does; nothing here is a real checkpoint to verify against)."""
+    import json
+
+    from preshard.core.manifest import SHARDING_NAME
+    from preshard.core.sharding import SHARDING_FORMAT, SHARDING_FORMAT_VERSION
+
+    doc = {
+        "format": SHARDING_FORMAT,
+        "formatVersion": SHARDING_FORMAT_VERSION,
+        "stateFormat": "raw",
+        "tensorParallelSize": tp,
+        "pipelineParallelSize": pp,
+        "sources": {},
+        "skippedSources": [],
+        "ranks": [
+            {"rank": r, "tpRank": r % tp, "ppRank": r // tp, "tensors": {}} for r in range(tp * pp)
+        ],
+    }
+    (shards / SHARDING_NAME).write_text(json.dumps(doc) + "\n")
+
+
 def convert(args: Any) -> int:
     from preshard.worker import s3, storage
     from preshard.worker.convert import ConvertRequest, manifest_fields
@@ -109,6 +132,7 @@ def convert(args: Any) -> int:
         shards = req.work_dir / "shards"
         pattern = shard_pattern(req.pipeline_parallel_size)
         _fake_shards(shards, req.tensor_parallel_size, req.pipeline_parallel_size, pattern)
+        _fake_sharding(shards, req.tensor_parallel_size, req.pipeline_parallel_size)
         reporter.stage("Verifying")
         reporter.stage("Uploading", total_bytes=sum(p.stat().st_size for p in shards.iterdir()))
         artifact = storage.publish(
