@@ -237,7 +237,7 @@ def test_parse_output_uri_rejects_bucket_roots(uri: str) -> None:
         parse_output_uri(uri)
     assert str(exc.value) == (
         f"output {uri!r} is a bucket root: give a prefix such as s3://out/models/name/ "
-        "(deletionPolicy: Delete removes everything under the output prefix)"
+        "(a checkpoint is the prefix that holds its manifest)"
     )
 
 

@@ -201,6 +201,6 @@ def parse_output_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
     if not u.prefix:
         raise URIError(
             f"output {uri!r} is a bucket root: give a prefix such as s3://{u.bucket}/models/name/ "
-            "(deletionPolicy: Delete removes everything under the output prefix)"
+            "(a checkpoint is the prefix that holds its manifest)"
         )
     return u
