@@ -354,3 +354,11 @@ def test_an_oversized_manifest_object_is_never_read_whole(
     assert got == body
     with pytest.raises(Exception, match="larger than 100 bytes"):
         read_bounded(s3.client(), bucket, "big/preshard-manifest.json", 100)
+
+
+def test_a_bad_region_is_a_permanent_error_without_traceback(s3: S3Server, tmp_path: Path) -> None:
+    env = client_env(s3) | {"AWS_REGION": "not a region!"}
+    proc = run_cli("verify", "s3://models/x/", env=env)
+    assert proc.returncode == 3, proc.stderr
+    [line] = error_lines(proc)
+    assert "cannot create an S3 client" in line

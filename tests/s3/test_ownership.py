@@ -193,3 +193,34 @@ def test_purge_withdraws_the_manifest_before_any_object(
     assert deletes[0].path.endswith("/m/" + MANIFEST_NAME)
     assert any(r.operation == "DeleteObjects" for r in deletes[1:])
     assert not object_keys(s3_env, bucket, "m/")
+
+
+def test_an_unfinished_publication_of_another_owner_below_the_prefix_blocks_it(
+    server: S3Server, any_bucket: str, tmp_path: Path
+) -> None:
+    """No manifest yet below, only the journal of B's publication in progress."""
+    b = any_bucket
+    server.client().put_object(
+        Bucket=b,
+        Key="models/b/" + JOURNAL_NAME,
+        Body=b'{"format": "preshard.io/publish-journal", "owner": "%s", "keys": ["x"]}'
+        % B.encode(),
+    )
+    with pytest.raises(PreshardError) as err:
+        publish(small(tmp_path, "a"), f"s3://{b}/models/", server.endpoint, owner=A)
+    assert err.value.reason == "OutputOwnedByOther" and "models/b/" in str(err.value)
+    assert object_keys(server, b) == {"models/b/" + JOURNAL_NAME}
+
+
+def test_the_owners_own_nested_checkpoint_is_allowed_and_kept(
+    server: S3Server, any_bucket: str, tmp_path: Path
+) -> None:
+    b = any_bucket
+    inner = small(tmp_path, "inner", seed=4)
+    publish(inner, f"s3://{b}/models/inner/", server.endpoint, owner=A)
+    publish(small(tmp_path, "outer", seed=5), f"s3://{b}/models/", server.endpoint, owner=A)
+    proc = run_cli("purge", "--output", f"s3://{b}/models/", "--owner", A, env=client_env(server))
+    assert proc.returncode == 0, proc.stderr
+    assert object_keys(server, b) == {"models/inner/" + k for k in inner.files} | {
+        "models/inner/" + MANIFEST_NAME
+    }

@@ -146,13 +146,20 @@ def make_client(settings: S3Settings) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    session = boto3.session.Session(
-        aws_access_key_id=settings.access_key,
-        aws_secret_access_key=settings.secret_key,
-        aws_session_token=settings.session_token,
-        region_name=settings.region or "us-east-1",
-    )
-    return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+    try:
+        session = boto3.session.Session(
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key,
+            aws_session_token=settings.session_token,
+            region_name=settings.region or "us-east-1",
+        )
+        return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+    except Exception as exc:  # a bad region or endpoint: permanent, scrubbed, no traceback
+        raise PreshardError(
+            scrub(f"cannot create an S3 client: {type(exc).__name__}: {exc}"),
+            reason="InvalidConfig",
+            permanent=True,
+        ) from None
 
 
 def error_code(exc: BaseException) -> str:

@@ -478,8 +478,10 @@ def _hf_error(
         )
     if isinstance(exc, (HfHubHTTPError, *_transport_errors())):
         return PreshardError(
-            f"cannot download {uri} from the Hugging Face Hub at {constants.ENDPOINT}: "
-            f"{_hf_cause(exc)}",
+            s3.scrub(
+                f"cannot download {uri} from the Hugging Face Hub at {constants.ENDPOINT}: "
+                f"{_hf_cause(exc)}"
+            ),
             reason="StorageUnavailable",
         )
     return None
