@@ -224,3 +224,30 @@ def test_the_owners_own_nested_checkpoint_is_allowed_and_kept(
     assert object_keys(server, b) == {"models/inner/" + k for k in inner.files} | {
         "models/inner/" + MANIFEST_NAME
     }
+
+
+def test_credentials_scoped_to_the_prefix_may_publish_without_reading_its_parents(
+    s3_env: S3Server, bucket: str, proxy: object, tmp_path: Path
+) -> None:
+    """A bucket policy that grants only models/x/*: the parents' manifests answer 403,
+    which must not fail the publication (nothing there is readable, so nothing to
+    respect), while a 403 on the prefix's own manifest still does."""
+    from preshard_dev.faultproxy import FaultProxy, FaultRule
+
+    assert isinstance(proxy, FaultProxy)
+    parents = rf"^/{bucket}/(models/)?preshard-(manifest|publish)\.json$"
+    rule = proxy.add_rule(FaultRule(path=parents, method="GET", status=403, code="AccessDenied"))
+    publish(small(tmp_path, "a"), f"s3://{bucket}/models/x/", proxy.endpoint, owner=A)
+    assert rule.injected == 4
+    assert f"models/x/{MANIFEST_NAME}" in object_keys(s3_env, bucket, "models/x/")
+    proxy.add_rule(
+        FaultRule(
+            path=rf"^/{bucket}/models/y/preshard-manifest\.json$",
+            method="GET",
+            status=403,
+            code="AccessDenied",
+        )
+    )
+    with pytest.raises(PreshardError) as err:
+        publish(small(tmp_path, "b"), f"s3://{bucket}/models/y/", proxy.endpoint, owner=A)
+    assert err.value.reason == "AccessDenied"

@@ -685,7 +685,15 @@ def check_neighbours(
     for anc in ancestors:
         for name in names:
             reader = read_manifest if name == MANIFEST_NAME else read_journal
-            record = reader(client, u.bucket, anc + name, uri)
+            try:
+                record = reader(client, u.bucket, anc + name, uri)
+            except PreshardError as exc:
+                if exc.reason != "AccessDenied":
+                    raise
+                # Credentials scoped to a prefix may not read its parents: what they
+                # cannot read is not a checkpoint they could be asked to respect.
+                log.debug("cannot read %s%s (access denied): not checked", anc, name)
+                continue
             if record is not None and not _same_owner(record, owner):
                 raise PreshardError(
                     f"refusing to {what} {uri}: it lies inside another owner's checkpoint at "
