@@ -221,15 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     # -- purge ----------------------------------------------------------------------------
     p = sub.add_parser(
         "purge",
-        help="delete a checkpoint prefix (manifest first), as deletionPolicy: Delete does",
-        description="Delete preshard-manifest.json first, then every object under the prefix, "
-        "and abort unfinished multipart uploads.",
+        help="delete a checkpoint (manifest first), as deletionPolicy: Delete does",
+        description="Delete preshard-manifest.json first, then the objects it lists (and those "
+        "an unfinished publication recorded in preshard-publish.json), and abort their "
+        "unfinished multipart uploads. Nothing else under the prefix is touched. Refuses when "
+        "the manifest names another owner than --owner or cannot be read, or when another "
+        "owner's checkpoint lies below the prefix; a prefix with nothing left succeeds.",
     )
     p.add_argument("--output", required=True, help="s3://bucket/prefix/ to delete")
     p.add_argument(
         "--owner",
         default=os.environ.get("PRESHARD_OWNER"),
-        help="refuse unless the manifest (if any) names this owner",
+        help="refuse unless the manifest (if any) names this owner (env PRESHARD_OWNER)",
     )
     _s3_flags(p)
 

@@ -21,7 +21,7 @@ import pytest
 from preshard.core.manifest import MANIFEST_NAME
 from preshard.worker import storage
 from preshard_dev.faultproxy import FaultProxy
-from preshard_dev.s3server import RcloneS3
+from preshard_dev.s3server import MotoS3, RcloneS3, S3Server
 
 MiB = 2**20
 PART = 5 * MiB  # S3's minimum part size: small files still give several parts
@@ -66,7 +66,7 @@ def s3_env(s3: RcloneS3, monkeypatch: pytest.MonkeyPatch) -> RcloneS3:
     return s3
 
 
-def client_env(s3: RcloneS3, endpoint: str | None = None) -> dict[str, str]:
+def client_env(s3: S3Server, endpoint: str | None = None) -> dict[str, str]:
     env = s3.env()
     if endpoint:
         env["AWS_ENDPOINT_URL_S3"] = endpoint
@@ -127,26 +127,26 @@ def publish(ckpt: Checkpoint, uri: str, endpoint: str, **kw: Any) -> dict[str, A
     """storage.publish (what ``preshard convert`` runs last) with small parts."""
     kw.setdefault("part_size", PART)
     kw.setdefault("concurrency", 4)
+    kw.setdefault("owner", "ns/test/uid-1")
     return storage.publish(
         ckpt.path,
         uri,
         manifest_fields=dict(MANIFEST_FIELDS),
-        owner="ns/test/uid-1",
         endpoint_url=endpoint,
         **kw,
     )
 
 
-def read_object(s3: RcloneS3, bucket: str, key: str) -> bytes:
+def read_object(s3: S3Server, bucket: str, key: str) -> bytes:
     return bytes(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def object_keys(s3: RcloneS3, bucket: str, prefix: str = "") -> set[str]:
+def object_keys(s3: S3Server, bucket: str, prefix: str = "") -> set[str]:
     resp = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
     return {o["Key"] for o in resp.get("Contents", [])}
 
 
-def manifest_of(s3: RcloneS3, bucket: str, prefix: str) -> dict[str, Any]:
+def manifest_of(s3: S3Server, bucket: str, prefix: str) -> dict[str, Any]:
     return dict(json.loads(read_object(s3, bucket, prefix + MANIFEST_NAME)))
 
 
@@ -180,3 +180,28 @@ def run_cli(
 def error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
     """The ``preshard: error:`` lines (log lines have timestamps and are not errors)."""
     return [line for line in proc.stderr.splitlines() if line.startswith("preshard: error:")]
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoS3]:
+    with MotoS3() as server:
+        yield server  # type: ignore[misc]
+
+
+@pytest.fixture(params=["rclone", "moto"])
+def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Each real S3 server in turn (rclone serve s3, moto), its credentials in this
+    process's environment."""
+    srv: S3Server = request.getfixturevalue("s3" if request.param == "rclone" else "moto")
+    for k, v in client_env(srv).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return srv
+
+
+@pytest.fixture
+def any_bucket(server: S3Server) -> str:
+    name = "t-" + uuid.uuid4().hex[:10]
+    server.client().create_bucket(Bucket=name)
+    return name

@@ -14,6 +14,7 @@ import pytest
 
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest
+from preshard.worker.storage import JOURNAL_NAME
 from preshard.worker.transfer import remote_sha256
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3
@@ -111,10 +112,11 @@ def test_interrupted_upload_leaves_no_manifest_and_resumes(
         publish(checkpoint, uri, proxy.endpoint, concurrency=1, fail_after_parts=crash_after)
     assert err.value.reason == "InjectedCrash"
 
-    # No manifest: the prefix is not a checkpoint. What was finished is complete.
+    # No manifest: the prefix is not a checkpoint. What was finished is complete, and
+    # the journal records what this owner was writing.
     present = object_keys(s3_env, bucket, prefix)
     assert prefix + MANIFEST_NAME not in present
-    assert present == {prefix + k for k in [*small, rank0]}
+    assert present == {prefix + k for k in [*small, rank0]} | {prefix + JOURNAL_NAME}
     client = s3_env.client()
     uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
     assert not uploads, "the unfinished multipart upload was not aborted"
@@ -123,7 +125,7 @@ def test_interrupted_upload_leaves_no_manifest_and_resumes(
     proxy.reset_stats()
     publish(checkpoint, uri, proxy.endpoint)
     writes = writes_by_key(proxy, prefix)
-    assert set(writes) == {rank1, MANIFEST_NAME}, writes
+    assert set(writes) == {rank1, MANIFEST_NAME, JOURNAL_NAME}, writes
     assert writes[rank1].count("UploadPart") == parts_of(len(checkpoint.files[rank1]))
     heads = [r for r in proxy.records() if r.operation == "HeadObject"]
     assert {r.path.rsplit("/", 1)[1] for r in heads} >= {*small, rank0}
@@ -133,17 +135,23 @@ def test_interrupted_upload_leaves_no_manifest_and_resumes(
     for key, data in checkpoint.files.items():
         assert read_object(s3_env, bucket, prefix + key) == data, key
 
-    # Publishing the same checkpoint again uploads nothing but the manifest.
+    assert prefix + JOURNAL_NAME not in object_keys(s3_env, bucket, prefix)
+
+    # Publishing the same checkpoint again uploads nothing but the manifest (and the
+    # journal, removed again once the manifest is there).
     proxy.reset_stats()
     publish(checkpoint, uri, proxy.endpoint)
-    assert set(writes_by_key(proxy, prefix)) == {MANIFEST_NAME}
+    assert set(writes_by_key(proxy, prefix)) == {MANIFEST_NAME, JOURNAL_NAME}
+    assert prefix + JOURNAL_NAME not in object_keys(s3_env, bucket, prefix)
 
 
 def test_resume_replaces_objects_that_do_not_match(
     s3_env: RcloneS3, bucket: str, proxy: FaultProxy, checkpoint: Checkpoint
 ) -> None:
-    """Same size but another sha256 (a different conversion at this prefix), and stale
-    objects from it: replaced and removed, not trusted."""
+    """Same size but another sha256 (objects left at this prefix without a manifest):
+    replaced, not trusted. An object no manifest of this owner listed is not this
+    owner's to delete: it is left in place (readers use only what the manifest lists;
+    test_ownership.py covers what a re-publish does delete)."""
     prefix = "stale/"
     client = s3_env.client()
     rank0 = "model-rank-0-part-0.safetensors"
@@ -157,7 +165,11 @@ def test_resume_replaces_objects_that_do_not_match(
     assert writes[rank0].count("UploadPart") == parts_of(len(wrong))
     assert read_object(s3_env, bucket, prefix + rank0) == checkpoint.files[rank0]
     assert object_keys(s3_env, bucket, prefix) == {prefix + k for k in checkpoint.files} | {
-        prefix + MANIFEST_NAME
+        prefix + MANIFEST_NAME,
+        prefix + "model-rank-2-part-0.safetensors",
+    }
+    assert "model-rank-2-part-0.safetensors" not in {
+        f["key"] for f in manifest_of(s3_env, bucket, prefix)["files"]
     }
 
 

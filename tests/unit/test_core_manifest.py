@@ -519,3 +519,71 @@ def test_v2_fields_round_trip_and_are_checked() -> None:
     data["sharding"] = {"key": "missing.json"}
     with pytest.raises(ManifestError, match="does not list"):
         Manifest.from_json(json.dumps(data))
+
+
+# ------------------------------------------------------------------ reader bounds (issue 11)
+
+
+@pytest.mark.parametrize("tp", [10**7, 10**12, 1025])
+def test_parallel_sizes_beyond_the_crds_maximum_fail_fast_with_a_short_message(tp: int) -> None:
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(ManifestError) as exc:
+        Manifest.from_json(_with(tensorParallelSize=tp, totalBytes=_DROP))
+    assert time.monotonic() - t < 0.5
+    assert "at most 1024" in str(exc.value) and len(str(exc.value)) < 200
+
+
+def test_many_missing_ranks_give_a_short_message() -> None:
+    with pytest.raises(ManifestError) as exc:
+        Manifest.from_json(_with(tensorParallelSize=1024, pipelineParallelSize=1024))
+    msg = str(exc.value)
+    assert "(1048574 in all)" in msg and len(msg) < 300  # ranks 0/1 are present
+
+
+def test_a_manifest_over_the_byte_limit_is_refused_before_parsing() -> None:
+    from preshard.core.manifest import MAX_MANIFEST_BYTES
+
+    body = _with().encode()
+    padded = b" " * (MAX_MANIFEST_BYTES - len(body) + 1) + body  # valid JSON, 1 byte over
+    with pytest.raises(ManifestError, match="larger than 32 MiB"):
+        Manifest.from_json(padded)
+    Manifest.from_json(padded[1:])  # exactly at the limit: read
+
+
+def test_too_many_files_are_refused() -> None:
+    from preshard.core.manifest import MAX_FILES
+
+    files = [{"key": f"f{i}", "size": 0, "sha256": SHA_A} for i in range(MAX_FILES + 1)]
+    with pytest.raises(ManifestError, match=f"at most {MAX_FILES}"):
+        Manifest.from_json(_with(files=files, totalBytes=_DROP))
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({"key": "k" * 2_000_000, "size": 1, "sha256": SHA_A}, "longer than 1024 bytes"),
+        ({"key": R1, "size": 1, "sha256": "x" * 2_000_000}, "not 64 lowercase hex digits"),
+        ({"key": R1, "size": 6 * 2**40, "sha256": SHA_A}, "over 5 TiB"),
+        ({"key": R1, "size": "9" * 100_000, "sha256": SHA_A}, "malformed"),
+    ],
+)
+def test_hostile_file_entries_give_short_messages(entry: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ManifestError) as exc:
+        Manifest.from_json(_with(files=[_f(R0), entry], totalBytes=_DROP))
+    assert needle in str(exc.value) and len(str(exc.value)) < 400
+
+
+def test_hostile_top_level_values_give_short_messages() -> None:
+    for text in (
+        _with(format="f" * 1_000_000),
+        _with(formatVersion="9" * 1_000_000),
+        _with(stateFormat="s" * 1_000_000),
+        _with(quantization=["q"] * 100_000),
+        _with(**{"x" * 1_000_000: 1}),
+        "[" * 100_000,
+    ):
+        with pytest.raises(ManifestError) as exc:
+            Manifest.from_json(text)
+        assert len(str(exc.value)) < 400, str(exc.value)[:100]

@@ -259,8 +259,7 @@ def test_parse_spec_errors_name_every_field(raw: dict[str, Any], message: str) -
         (
             spec_with(**{"output.uri": "s3://checkpoints/"}),
             "spec.output.uri: output 's3://checkpoints/' is a bucket root: give a prefix such as "
-            "s3://checkpoints/models/name/ (deletionPolicy: Delete removes everything under the "
-            "output prefix)",
+            "s3://checkpoints/models/name/ (a checkpoint is the prefix that holds its manifest)",
         ),
         (
             spec_with(**{"output.uri": "pvc://claim/x"}),

@@ -237,7 +237,7 @@ def test_parse_output_uri_rejects_bucket_roots(uri: str) -> None:
         parse_output_uri(uri)
     assert str(exc.value) == (
         f"output {uri!r} is a bucket root: give a prefix such as s3://out/models/name/ "
-        "(deletionPolicy: Delete removes everything under the output prefix)"
+        "(a checkpoint is the prefix that holds its manifest)"
     )
 
 
@@ -331,3 +331,100 @@ def test_output_pattern_agrees_with_parser(uri: str) -> None:
     except URIError:
         accepted = False
     assert bool(re.match(OUTPUT_URI_PATTERN, uri)) is accepted
+
+
+# ------------------------------------------------------------- issue 11: hostile input
+
+SECRET = "hunter2-s3cr3t"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://user:{SECRET}@minio:9000",
+        f"http://{SECRET}@minio:9000/path",
+        f"https://{SECRET}:@[bad",
+        f"http://{SECRET}@[bad",
+    ],
+)
+def test_endpoints_with_user_info_are_refused_without_echoing_it(url: str) -> None:
+    from preshard.core.uris import check_endpoint
+
+    with pytest.raises(URIError) as exc:
+        check_endpoint(url)
+    assert "user name or password" in str(exc.value)
+    assert SECRET not in str(exc.value) and "user:" not in str(exc.value)
+    assert exc.value.permanent
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("http://[bad", "malformed"),
+        ("http://minio:99999", "malformed"),
+        ("ftp://minio", "http:// or https://"),
+        ("minio:9000", "http:// or https://"),
+        ("http://", "no host"),
+        ("http://a b", "whitespace"),
+    ],
+)
+def test_malformed_endpoints_are_refused(url: str, needle: str) -> None:
+    from preshard.core.uris import check_endpoint
+
+    with pytest.raises(URIError, match=needle):
+        check_endpoint(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://minio.storage:9000", "https://s3.eu-west-1.amazonaws.com", "http://[::1]:9/x"]
+)
+def test_good_endpoints_pass(url: str) -> None:
+    from preshard.core.uris import check_endpoint
+
+    assert check_endpoint(url) == url
+
+
+def test_spec_and_operator_config_refuse_endpoints_with_user_info() -> None:
+    import re
+
+    from preshard.core.config import OperatorConfig
+    from preshard.core.errors import SpecError
+    from preshard.core.spec import ENDPOINT_PATTERN, parse_spec
+
+    url = f"http://admin:{SECRET}@minio:9000"
+    spec = {
+        "source": {"uri": "hf://org/model", "endpoint": url},
+        "tensorParallelSize": 1,
+        "output": {"uri": "s3://bucket/models/x/", "endpoint": url},
+    }
+    with pytest.raises(SpecError) as exc:
+        parse_spec(spec)
+    assert "user name or password" in str(exc.value) and SECRET not in str(exc.value)
+    assert "admin" not in str(exc.value)
+    # The CRD's pattern (admission) refuses it too, so it is never stored.
+    assert not re.match(ENDPOINT_PATTERN, url)
+    assert re.match(ENDPOINT_PATTERN, "http://minio.storage:9000/")
+    with pytest.raises(ValueError) as err:
+        OperatorConfig.from_env({"PRESHARD_S3_ENDPOINT": url})
+    assert SECRET not in str(err.value) and "admin" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", [".", "..", "", "a/b", "a\\b", "a\0b", "x" * 256])
+def test_object_names_that_are_not_file_names(name: str) -> None:
+    from preshard.core.uris import check_file_name
+
+    assert check_file_name(name) is not None
+
+
+def test_ordinary_object_names_are_file_names() -> None:
+    from preshard.core.uris import check_file_name
+
+    for name in ("config.json", ".gitattributes", "x" * 255, "tokenizer (1).json"):
+        assert check_file_name(name) is None
+
+
+def test_a_very_long_prefix_is_a_short_clear_error() -> None:
+    with pytest.raises(URIError) as exc:
+        parse_uri("s3://bucket/" + "a" * 5000 + "/")
+    assert "too long" in str(exc.value) and len(str(exc.value)) < 300
+    parse_uri("s3://bucket/" + "a" * 700 + "/")

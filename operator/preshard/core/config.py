@@ -12,8 +12,10 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from preshard import __version__
+from preshard.core.errors import URIError
 from preshard.core.quantity import QUANTITY_RE
 from preshard.core.spec import Toleration
+from preshard.core.uris import check_endpoint
 
 _TOLERATIONS = TypeAdapter(list[Toleration])
 
@@ -96,10 +98,20 @@ class OperatorConfig:
                 f"PRESHARD_CONVERTER_IMAGE_PULL_POLICY={policy!r} must be Always, IfNotPresent or Never"
             )
         endpoint = get("PRESHARD_S3_ENDPOINT")
-        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+        # (user info is never echoed: with an @, check_endpoint's message)
+        if (
+            endpoint is not None
+            and "@" not in endpoint
+            and not endpoint.startswith(("http://", "https://"))
+        ):
             raise ValueError(
                 f"PRESHARD_S3_ENDPOINT={endpoint!r} must start with http:// or https://"
             )
+        if endpoint is not None:
+            try:  # http(s)://host[:port], no user info
+                check_endpoint(endpoint, "PRESHARD_S3_ENDPOINT")
+            except URIError as exc:
+                raise ValueError(str(exc)) from None
         node_selector = json_value("PRESHARD_CONVERTER_NODE_SELECTOR", dict)
         for key, value in node_selector.items():
             if not isinstance(value, str):

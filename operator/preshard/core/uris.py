@@ -7,6 +7,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from preshard.core.errors import URIError
 
@@ -27,6 +28,16 @@ HF_RE = re.compile(rf"^hf://(?P<org>{_HF_PART})/(?P<name>{_HF_PART})(@(?P<rev>{_
 # schema and the operator cannot drift; a unit test compares them with the CRD).
 SOURCE_URI_PATTERN = rf"^(s3://{_BUCKET}(/[^\s]*)?|pvc://{_CLAIM}(/[^\s]*)?|hf://{_HF_PART}/{_HF_PART}(@{_HF_REV})?)$"
 OUTPUT_URI_PATTERN = rf"^s3://{_BUCKET}/[^\s]*[^\s/][^\s]*$"
+
+# S3 keys are at most 1024 bytes: a prefix leaves room for the file names under it.
+MAX_PREFIX_BYTES = 768
+# A file name (one path segment) on a local file system.
+MAX_NAME_BYTES = 255
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` for an error message: at most ``limit`` characters (repr'd)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
 
 
 @dataclass(frozen=True)
@@ -78,10 +89,62 @@ def _norm_prefix(key: str) -> str:
     key = key.strip("/")
     if not key:
         return ""
+    if len(key.encode()) > MAX_PREFIX_BYTES:
+        raise URIError(
+            f"S3 prefix {_short(key)} is too long: at most {MAX_PREFIX_BYTES} bytes "
+            "(S3 keys are at most 1024 bytes, and the file names go below the prefix)"
+        )
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise URIError(f"S3 prefix {key!r} has an empty, '.' or '..' segment")
+        raise URIError(f"S3 prefix {_short(key)} has an empty, '.' or '..' segment")
     return key + "/"
+
+
+def check_file_name(name: str) -> str | None:
+    """Why ``name`` (an object's name below a source prefix) cannot be a local file
+    name, or None when it can: never '.', '..', a path separator, NUL or too long."""
+    if name in ("", ".", ".."):
+        return "is '.' or '..' (it would name the directory itself or its parent)"
+    if "/" in name or "\\" in name or "\0" in name:
+        return "contains a path separator or NUL"
+    if len(name.encode()) > MAX_NAME_BYTES:
+        return f"is longer than {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def check_endpoint(url: str, what: str = "S3 endpoint") -> str:
+    """An ``http(s)://host[:port][/path]`` endpoint URL; URIError otherwise.
+
+    User info (``http://USER:PASS@host``) is refused: credentials come only from the
+    credentials Secret (the environment). No message echoes what the URL holds before
+    its host, and none echoes an URL that cannot be parsed.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise URIError(f"the {what} URL is empty; expected http(s)://host[:port]")
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0] if sep else ""
+    if "@" in authority:
+        raise URIError(
+            f"the {what} URL must not contain a user name or password (user info before "
+            "'@'): credentials come only from the credentials Secret (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY)"
+        )
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise URIError(f"the {what} URL must start with http:// or https://")
+    if any(c.isspace() for c in url) or len(url) > 1024:
+        raise URIError(f"the {what} URL has whitespace or is longer than 1024 characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535
+        host = parts.hostname
+    except ValueError:
+        raise URIError(
+            f"the {what} URL is malformed (bad host or port); expected http(s)://host[:port]"
+        ) from None
+    if not host:
+        raise URIError(f"the {what} URL has no host; expected http(s)://host[:port]")
+    return url
 
 
 def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
@@ -95,7 +158,7 @@ def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
         m = S3_RE.match(uri)
         if not m:
             raise URIError(
-                f"{uri!r} is not a valid S3 URI: expected s3://bucket/prefix/ with a bucket name of "
+                f"{_short(uri)} is not a valid S3 URI: expected s3://bucket/prefix/ with a bucket name of "
                 "3-63 lowercase letters, digits, dots or hyphens"
             )
         return StorageURI("s3", m["bucket"], _norm_prefix(m["key"] or ""))
@@ -103,18 +166,18 @@ def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
         m = PVC_RE.match(uri)
         if not m:
             raise URIError(
-                f"{uri!r} is not a valid PVC URI: expected pvc://claim-name/path/in/volume "
+                f"{_short(uri)} is not a valid PVC URI: expected pvc://claim-name/path/in/volume "
                 "(claim name: lowercase DNS-1123)"
             )
         path = posixpath.normpath("/" + (m["path"] or "")).lstrip("/")
         if ".." in path.split("/"):
-            raise URIError(f"{uri!r}: the path must stay inside the volume")
+            raise URIError(f"{_short(uri)}: the path must stay inside the volume")
         return StorageURI("pvc", m["claim"], "" if path == "." else path)
     if uri.startswith("hf://"):
         m = HF_RE.match(uri)
         if not m:
             raise URIError(
-                f"{uri!r} is not a valid Hugging Face URI: expected hf://org/name or hf://org/name@revision"
+                f"{_short(uri)} is not a valid Hugging Face URI: expected hf://org/name or hf://org/name@revision"
             )
         return StorageURI("hf", f"{m['org']}/{m['name']}", "", m["rev"])
     if allow_local:
@@ -123,7 +186,7 @@ def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
         if uri.startswith("/") or uri.startswith("."):
             return StorageURI("file", "", uri)
     raise URIError(
-        f"{uri!r} has an unsupported scheme: expected s3://bucket/prefix/, pvc://claim/path or hf://org/name[@rev]"
+        f"{_short(uri)} has an unsupported scheme: expected s3://bucket/prefix/, pvc://claim/path or hf://org/name[@rev]"
         + (" or a local path" if allow_local else "")
     )
 
@@ -138,6 +201,6 @@ def parse_output_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
     if not u.prefix:
         raise URIError(
             f"output {uri!r} is a bucket root: give a prefix such as s3://{u.bucket}/models/name/ "
-            "(deletionPolicy: Delete removes everything under the output prefix)"
+            "(a checkpoint is the prefix that holds its manifest)"
         )
     return u

@@ -18,13 +18,13 @@ from typing import Any
 import botocore.exceptions
 
 from preshard.core.errors import PreshardError
-from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
+from preshard.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from preshard.core.quantity import format_bytes
 from preshard.core.uris import StorageURI, parse_uri
-from preshard.worker import s3
+from preshard.worker import s3, storage
 from preshard.worker.progress import Reporter
 from preshard.worker.storage import _delete_keys
-from preshard.worker.transfer import Downloader, DownloadItem, read_object, with_retries
+from preshard.worker.transfer import Downloader, DownloadItem, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,11 @@ def _s3_uri(uri: str) -> StorageURI:
 def load_manifest(client: Any, u: StorageURI) -> tuple[Manifest, bytes]:
     uri = str(u)
     try:
-        body = read_object(client, u.bucket, u.key(MANIFEST_NAME))
+        body = storage.read_bounded(client, u.bucket, u.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
+    except ManifestError as exc:
+        raise PreshardError(
+            f"{uri}{MANIFEST_NAME} is invalid: {exc}", reason="InvalidManifest", permanent=True
+        ) from None
     except botocore.exceptions.ClientError as exc:
         if s3.is_not_found(exc):
             raise PreshardError(
@@ -207,45 +211,74 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
-    """Delete the manifest first, then every object, then pending multipart uploads."""
+    """Delete what ``owner``'s checkpoint at ``u`` consists of: the manifest first, then
+    every object it lists (and those an unfinished publication of the owner recorded in
+    its journal), then their unfinished multipart uploads. Nothing else under the prefix
+    is touched. Refuses (permanent, nothing deleted) when the manifest names another
+    owner (or cannot be read) or another owner's checkpoint lies below the prefix.
+    Idempotent: a prefix with nothing of the owner's left succeeds with 0 deleted."""
     uri = str(u)
     if not u.prefix:
         raise PreshardError(
             f"refusing to purge a bucket root ({uri})", reason="Usage", permanent=True
         )
-    key = u.key(MANIFEST_NAME)
-    try:
-        body = read_object(client, u.bucket, key)
-        existing: Manifest | None = Manifest.from_json(body)
-    except botocore.exceptions.ClientError as exc:
-        if not s3.is_not_found(exc):
-            raise s3.translate(exc, uri, "read the manifest of") from None
-        existing = None
-    except ManifestError:
-        existing = None
-    except Exception as exc:
-        raise s3.translate(exc, uri, "read the manifest of") from None
-    if existing is not None and owner and existing.owner and existing.owner != owner:
-        raise PreshardError(
-            f"refusing to purge {uri}: its manifest names owner {existing.owner}, not {owner}",
-            reason="OutputOwnedByOther",
-            permanent=True,
-        )
-    s3.with_translation(
-        lambda: with_retries(
-            lambda: client.delete_object(Bucket=u.bucket, Key=key), "delete manifest"
-        ),
+    existing = storage.read_manifest(client, u.bucket, u.key(MANIFEST_NAME), uri)
+    journal = storage.read_journal(client, u.bucket, u.key(storage.JOURNAL_NAME), uri)
+    for record in (existing, journal):
+        if isinstance(record, storage.Unreadable):
+            storage._check_own(record, owner, uri, "purge")
+        if record is not None and owner is not None and record.owner != owner:  # type: ignore[union-attr]
+            raise PreshardError(
+                f"refusing to purge {uri}: its manifest does not name owner {owner} (it is "
+                "another owner's checkpoint, or was published without an owner)",
+                reason="OutputOwnedByOther",
+                permanent=True,
+            )
+    listing = s3.with_translation(lambda: s3.list_objects(client, u.bucket, u.prefix), uri, "list")
+    storage.check_neighbours(client, u, listing, owner, "purge")
+    assert not isinstance(existing, storage.Unreadable)
+    assert not isinstance(journal, storage.Unreadable)
+    keys: set[str] = set()
+    if existing is not None:
+        keys |= {f.key for f in existing.files}
+    if journal is not None:
+        keys |= journal.keys
+    if existing is not None:
+        # Recorded first, so that a purge interrupted after the manifest is gone still
+        # knows (and a re-run deletes) what the checkpoint consisted of.
+        storage._put_journal(client, u, storage.Journal(existing.owner, frozenset(keys)))
+        storage._delete_one(client, u, MANIFEST_NAME, "delete manifest")
+    present = sorted(u.key(k) for k in keys if u.key(k) in listing)
+    deleted = _delete_keys(client, u.bucket, present, uri)
+    aborted = s3.with_translation(
+        lambda: _abort_uploads(client, u, {u.key(k) for k in keys}), uri, "abort uploads under"
+    )
+    if existing is not None or journal is not None:
+        storage._delete_one(client, u, storage.JOURNAL_NAME, "delete journal")
+    left = len(set(listing) - set(present) - {u.key(MANIFEST_NAME), u.key(storage.JOURNAL_NAME)})
+    log.info(
+        "purged %s: %d objects deleted, %d multipart uploads aborted%s",
         uri,
+        deleted,
+        aborted,
+        f"; {left} other object(s) under the prefix left in place (not this checkpoint's)"
+        if left
+        else "",
     )
-    keys = list(
-        s3.with_translation(lambda: s3.list_objects(client, u.bucket, u.prefix), uri, "list")
-    )
-    deleted = _delete_keys(client, u.bucket, keys, uri)
+    return deleted
+
+
+def _abort_uploads(client: Any, u: StorageURI, keys: set[str]) -> int:
+    """Abort the unfinished multipart uploads of ``keys`` (no others)."""
     aborted = 0
+    if not keys:
+        return 0
     paginator = client.get_paginator("list_multipart_uploads")
     try:
         for page in paginator.paginate(Bucket=u.bucket, Prefix=u.prefix):
             for up in page.get("Uploads", []) or []:
+                if up["Key"] not in keys:
+                    continue
                 try:
                     client.abort_multipart_upload(
                         Bucket=u.bucket, Key=up["Key"], UploadId=up["UploadId"]
@@ -260,9 +293,8 @@ def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
         # NotImplemented: the store has no listing; NoSuchUpload: rclone's answer when
         # there are no unfinished uploads. Neither leaves anything to abort.
         if s3.error_code(exc) not in ("NotImplemented", "501", "NoSuchUpload"):
-            raise s3.translate(exc, uri, "abort uploads under") from None
-    log.info("purged %s: %d objects deleted, %d multipart uploads aborted", uri, deleted, aborted)
-    return deleted
+            raise
+    return aborted
 
 
 def purge(args: argparse.Namespace) -> int:
@@ -270,5 +302,8 @@ def purge(args: argparse.Namespace) -> int:
     client, _ = _client(args)
     s3.check_bucket(client, u.bucket, str(u))
     deleted = purge_prefix(client, u, args.owner)
-    print(f"purged {u}: {deleted} objects deleted (manifest first)")
+    print(
+        f"purged {u}: {deleted} objects deleted (manifest first; only objects the owner's "
+        "manifest listed)"
+    )
     return 0

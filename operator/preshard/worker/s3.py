@@ -8,6 +8,7 @@ error message or log line ever contains a credential value.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,8 +18,54 @@ import botocore.exceptions
 from botocore.config import Config
 
 from preshard.core.errors import PreshardError
+from preshard.core.uris import check_endpoint
 
 SOURCE_PREFIX = "PRESHARD_SOURCE_"
+# Environment variables whose values are credentials (scrubbed from every message).
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    SOURCE_PREFIX + "AWS_ACCESS_KEY_ID",
+    SOURCE_PREFIX + "AWS_SECRET_ACCESS_KEY",
+    SOURCE_PREFIX + "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+)
+MAX_MESSAGE = 500
+_SCRUB = [
+    # user info in URLs: scheme://user:pass@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@"), r"\1***@"),
+    # presigned-URL and header credentials
+    (
+        re.compile(
+            r"(?i)\b(X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|"
+            r"Credential|x-amz-security-token|SessionToken|Token)([=:]\s*)[^\s&,;'\"]+"
+        ),
+        r"\1\2***",
+    ),
+    (re.compile(r"(?i)(Authorization:?\s*)[^\n]*"), r"\1***"),
+    # AWS access key ids (AKIA..., ASIA...)
+    (re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{12,}\b"), "***"),
+]
+
+
+def scrub(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` without credentials (URL user info, signatures, tokens, access key ids,
+    the values of the credential variables in the environment), cut to ``limit``."""
+    for value in {os.environ.get(name) for name in SECRET_ENV}:
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    for pattern, repl in _SCRUB:
+        text = pattern.sub(repl, text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _endpoint_setting(url: str | None, what: str) -> str | None:
+    """A validated endpoint (or None): PreshardError (permanent, secret-free) otherwise."""
+    if url is None or not url.strip():
+        return None
+    return check_endpoint(url, what)
 
 
 @dataclass(frozen=True)
@@ -39,10 +86,13 @@ def output_settings(
     endpoint_url: str | None = None, region: str | None = None, concurrency: int = 16
 ) -> S3Settings:
     return S3Settings(
-        endpoint_url=endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or None,
+        endpoint_url=_endpoint_setting(
+            endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None,
+            "S3 endpoint",
+        ),
         region=region
         or os.environ.get("AWS_REGION")
         or os.environ.get("AWS_DEFAULT_REGION")
@@ -56,6 +106,7 @@ def source_settings(
 ) -> S3Settings:
     """Source credentials: PRESHARD_SOURCE_* when set, else the output's (standard env)."""
     env = os.environ
+    _endpoint_setting(env.get(SOURCE_PREFIX + "ENDPOINT_URL"), "source S3 endpoint")
     base = output_settings(
         endpoint_url or env.get(SOURCE_PREFIX + "ENDPOINT_URL"),
         region or env.get(SOURCE_PREFIX + "REGION"),
@@ -95,13 +146,20 @@ def make_client(settings: S3Settings) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    session = boto3.session.Session(
-        aws_access_key_id=settings.access_key,
-        aws_secret_access_key=settings.secret_key,
-        aws_session_token=settings.session_token,
-        region_name=settings.region or "us-east-1",
-    )
-    return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+    try:
+        session = boto3.session.Session(
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key,
+            aws_session_token=settings.session_token,
+            region_name=settings.region or "us-east-1",
+        )
+        return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+    except Exception as exc:  # a bad region or endpoint: permanent, scrubbed, no traceback
+        raise PreshardError(
+            scrub(f"cannot create an S3 client: {type(exc).__name__}: {exc}"),
+            reason="InvalidConfig",
+            permanent=True,
+        ) from None
 
 
 def error_code(exc: BaseException) -> str:
@@ -137,7 +195,16 @@ def _endpoint_of(url: str) -> str:
 
 
 def translate(exc: BaseException, uri: str, action: str) -> PreshardError:
-    """A clear, secret-free error for a failed S3 call on ``uri``."""
+    """A clear, secret-free error for a failed S3 call on ``uri`` (scrubbed: no URL user
+    info, key, secret, signature or token, whatever the exception's text held)."""
+    err = _translate(exc, uri, action)
+    clean = scrub(err.message)
+    if clean != err.message:
+        return PreshardError(clean, reason=err.reason, permanent=err.permanent)
+    return err
+
+
+def _translate(exc: BaseException, uri: str, action: str) -> PreshardError:
     if isinstance(exc, PreshardError):
         return exc
     if isinstance(
@@ -180,6 +247,12 @@ def translate(exc: BaseException, uri: str, action: str) -> PreshardError:
             f"cannot {action} {uri}: {code or type(exc).__name__}",
             reason="StorageError",
             permanent=False,
+        )
+    if isinstance(exc, ValueError):  # botocore/urllib3 refusing the request (bad URL...)
+        return PreshardError(
+            f"cannot {action} {uri}: the request was refused ({type(exc).__name__}: {exc})",
+            reason="InvalidURI",
+            permanent=True,
         )
     return PreshardError(
         f"cannot {action} {uri}: {type(exc).__name__}: {exc}",

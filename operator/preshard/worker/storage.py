@@ -16,7 +16,9 @@ import os
 import shutil
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,13 @@ import botocore.exceptions
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     Manifest,
     ManifestError,
     artifact_status,
     build_manifest,
 )
-from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
+from preshard.core.uris import StorageURI, check_file_name, parse_output_uri, parse_uri
 from preshard.worker import s3
 from preshard.worker.progress import Reporter
 from preshard.worker.transfer import (
@@ -38,7 +41,6 @@ from preshard.worker.transfer import (
     DownloadItem,
     Uploader,
     UploadItem,
-    read_object,
     sha256_file,
     with_retries,
 )
@@ -46,6 +48,13 @@ from preshard.worker.transfer import (
 log = logging.getLogger(__name__)
 
 PVC_MOUNT_ROOT = "/mnt/source"
+# Written before a publication changes anything at a prefix and removed after its
+# manifest: the owner and every key the publication may leave behind (the previous
+# manifest's and its own), so that an interrupted run's objects are cleaned up by the
+# next one, and nothing else ever is.
+JOURNAL_NAME = "preshard-publish.json"
+JOURNAL_FORMAT = "preshard.io/publish-journal"
+MAX_JOURNAL_BYTES = MAX_MANIFEST_BYTES
 WEIGHT_SUFFIXES = (".safetensors",)
 SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
 # Top-level files only (as for s3:// sources): vLLM reads none in subfolders, and repos
@@ -86,6 +95,47 @@ def check_model_dir(path: Path, uri: str) -> None:
         )
 
 
+def check_links(path: Path, uri: str, root: Path | None = None) -> None:
+    """Refuse a local source that reaches outside itself through a symbolic link.
+
+    ``root`` (the volume's mount) must contain ``path`` once resolved. Inside ``path``,
+    links are resolved and checked (not followed blindly): a link whose target stays in
+    the source directory is fine (vLLM and the copy read the target); one that leaves it
+    (``NOTICE.txt -> /proc/self/environ``, ``../other``) or dangles is refused, so no file
+    outside the source can be read, copied or published.
+    """
+    real = path.resolve()
+    if root is not None and not real.is_relative_to(root.resolve()):
+        raise PreshardError(
+            f"source {uri} is a symbolic link to a directory outside its volume; preshard "
+            "never follows links out of a source",
+            reason="InvalidSource",
+            permanent=True,
+        )
+    if not real.is_dir():
+        return  # check_model_dir reports it
+    for p in sorted(real.iterdir()):
+        if not p.is_symlink():
+            continue
+        try:
+            target = p.resolve(strict=True)
+        except (OSError, RuntimeError):
+            target = None
+        if target is None or not target.is_relative_to(real):
+            log.warning(
+                "refusing source %s: %s is a symbolic link outside the source directory",
+                uri,
+                p.name,
+            )
+            raise PreshardError(
+                f"source {uri}: {p.name} is a symbolic link to a path outside the source "
+                "directory (or a dangling one); preshard never follows links out of a "
+                "source: replace it with the file itself",
+                reason="InvalidSource",
+                permanent=True,
+            )
+
+
 def fetch_source(
     uri: str,
     dest: Path,
@@ -99,10 +149,12 @@ def fetch_source(
     u = parse_uri(uri, allow_local=True)
     if u.scheme == "file":
         path = Path(u.path).resolve()
+        check_links(path, uri)
         check_model_dir(path, uri)
         return path
     if u.scheme == "pvc":
         path = pvc_mount_root() / u.authority / u.path
+        check_links(path, uri, root=pvc_mount_root() / u.authority)
         check_model_dir(path, uri)
         return path
     if u.scheme == "hf":
@@ -137,6 +189,17 @@ def _fetch_s3(
         for k, size in objects.items()
         if "/" not in k[len(u.prefix) :] and k != u.prefix
     }
+    for name in sorted(files):
+        why = check_file_name(name)
+        if why is not None:
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise PreshardError(
+                f"source {uri}: the object {u.prefix}{shown} {why}; it cannot be a model file "
+                "(rename or remove it)",
+                reason="InvalidSource",
+                permanent=True,
+            )
+    files.pop(JOURNAL_NAME, None)
     if not files:
         raise PreshardError(
             f"source {uri} does not exist or is empty (no objects under the prefix)",
@@ -154,10 +217,13 @@ def _fetch_s3(
     expected: dict[str, str] = {}
     if MANIFEST_NAME in files:  # a preshard checkpoint as source: verify hashes too
         try:
-            man = Manifest.from_json(read_object(client, u.bucket, u.key(MANIFEST_NAME)))
+            body = read_bounded(client, u.bucket, u.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
+            man = Manifest.from_json(body)
             expected = {f.key: f.sha256 for f in man.files}
         except ManifestError:
             expected = {}
+        except Exception as exc:
+            raise s3.translate(exc, uri, "read the manifest of") from None
     items = [
         DownloadItem(u.key(n), dest / n, s, expected.get(n)) for n, s in sorted(wanted.items())
     ]
@@ -412,8 +478,10 @@ def _hf_error(
         )
     if isinstance(exc, (HfHubHTTPError, *_transport_errors())):
         return PreshardError(
-            f"cannot download {uri} from the Hugging Face Hub at {constants.ENDPOINT}: "
-            f"{_hf_cause(exc)}",
+            s3.scrub(
+                f"cannot download {uri} from the Hugging Face Hub at {constants.ENDPOINT}: "
+                f"{_hf_cause(exc)}"
+            ),
             reason="StorageUnavailable",
         )
     return None
@@ -423,13 +491,30 @@ def _hf_error(
 
 
 def local_files(local_dir: Path) -> list[Path]:
-    """Files to publish: everything under local_dir except the manifest, dotfiles and partials."""
+    """Files to publish: everything under local_dir except the manifest, dotfiles and
+    partials. A symbolic link whose target leaves local_dir is refused (never read)."""
+    root = local_dir.resolve()
     out = []
     for p in sorted(local_dir.rglob("*")):
         rel = p.relative_to(local_dir)
-        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts):
             continue
-        if rel.as_posix() == MANIFEST_NAME or p.name.endswith(".part"):
+        if p.is_symlink():
+            try:
+                inside = p.resolve(strict=True).is_relative_to(root)
+            except (OSError, RuntimeError):
+                inside = False
+            if not inside:
+                raise PreshardError(
+                    f"{rel.as_posix()} in {local_dir} is a symbolic link to a path outside "
+                    "the directory (or a dangling one): preshard never publishes what a link "
+                    "out of the directory points at",
+                    reason="InvalidSource",
+                    permanent=True,
+                )
+        if not p.is_file():
+            continue
+        if rel.as_posix() in (MANIFEST_NAME, JOURNAL_NAME) or p.name.endswith(".part"):
             continue
         out.append(p)
     return out
@@ -449,6 +534,232 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# ------------------------------------------------------------------------ ownership
+
+
+class Unreadable:
+    """A manifest or journal that exists but cannot be read (its owner is unknown)."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+@dataclass(frozen=True)
+class Journal:
+    owner: str | None
+    keys: frozenset[str]  # relative to the prefix
+
+    def to_json(self) -> bytes:
+        return (
+            json.dumps(
+                {"format": JOURNAL_FORMAT, "owner": self.owner, "keys": sorted(self.keys)},
+                indent=1,
+            ).encode()
+            + b"\n"
+        )
+
+    @classmethod
+    def from_json(cls, body: bytes) -> Journal:
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise ManifestError("publish journal is not valid JSON") from None
+        if not isinstance(data, dict) or data.get("format") != JOURNAL_FORMAT:
+            raise ManifestError("not a preshard publish journal")
+        owner, keys = data.get("owner"), data.get("keys")
+        if owner is not None and not isinstance(owner, str):
+            raise ManifestError("publish journal owner is not a string")
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ManifestError("publish journal keys are not a list of strings")
+        return cls(owner, frozenset(keys))
+
+
+def read_bounded(client: Any, bucket: str, key: str, limit: int) -> bytes:
+    """A small object's bytes, reading at most ``limit`` + 1 of them (never a whole large
+    object); ManifestError when it is larger. ClientError (404...) propagates.
+
+    A body cut short or damaged on the way (its length, or the sha256 recorded in its
+    metadata, does not match) is read again."""
+    import hashlib
+
+    attempts = 4
+    for attempt in range(1, attempts + 1):
+        resp = client.get_object(Bucket=bucket, Key=key)
+        body = resp["Body"]
+        length = resp.get("ContentLength")
+        meta = {k.lower(): v for k, v in (resp.get("Metadata") or {}).items()}
+        try:
+            if isinstance(length, int) and length > limit:
+                raise ManifestError(f"{key} is larger than {limit} bytes")
+            # With a known length: read it whole (botocore checks the length); else at
+            # most limit + 1 bytes.
+            data: bytes = body.read() if isinstance(length, int) else body.read(limit + 1)
+            if len(data) > limit:
+                raise ManifestError(f"{key} is larger than {limit} bytes")
+            want = meta.get("sha256")
+            if want and hashlib.sha256(data).hexdigest() != want:
+                raise botocore.exceptions.IncompleteReadError(
+                    actual_bytes=len(data), expected_bytes=length or len(data)
+                )
+            return data
+        except (
+            botocore.exceptions.ResponseStreamingError,
+            botocore.exceptions.IncompleteReadError,
+            botocore.exceptions.ReadTimeoutError,
+            ConnectionError,
+        ) as exc:
+            if attempt == attempts:
+                raise
+            log.info("retrying get %s after %s", key, type(exc).__name__)
+            time.sleep(0.2 * attempt)
+        finally:
+            body.close()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _read_record(
+    client: Any, bucket: str, key: str, uri: str, parse: Any
+) -> Any | Unreadable | None:
+    """The parsed manifest/journal at ``key``; None when absent; Unreadable when it
+    exists but cannot be parsed (or is too large)."""
+    try:
+        body = read_bounded(client, bucket, key, MAX_MANIFEST_BYTES)
+    except ManifestError as exc:
+        return Unreadable(str(exc))
+    except botocore.exceptions.ClientError as exc:
+        if s3.is_not_found(exc):
+            return None
+        raise s3.translate(exc, uri, "read the manifest of") from None
+    except Exception as exc:
+        raise s3.translate(exc, uri, "read the manifest of") from None
+    try:
+        return parse(body)
+    except ManifestError as exc:
+        return Unreadable(str(exc)[:200])
+
+
+def read_manifest(client: Any, bucket: str, key: str, uri: str) -> Manifest | Unreadable | None:
+    result: Manifest | Unreadable | None = _read_record(
+        client, bucket, key, uri, Manifest.from_json
+    )
+    return result
+
+
+def read_journal(client: Any, bucket: str, key: str, uri: str) -> Journal | Unreadable | None:
+    result: Journal | Unreadable | None = _read_record(client, bucket, key, uri, Journal.from_json)
+    return result
+
+
+def _same_owner(record: Manifest | Journal | Unreadable, owner: str | None) -> bool:
+    """A record at another prefix is ours only when it names exactly our (set) owner."""
+    return not isinstance(record, Unreadable) and owner is not None and record.owner == owner
+
+
+def check_neighbours(
+    client: Any, u: StorageURI, listing: dict[str, int], owner: str | None, what: str
+) -> None:
+    """Refuse (permanent) when a checkpoint (or an unfinished publication) that is not
+    ``owner``'s lies below ``u``'s prefix (nested) or above it (``u`` would be inside it).
+
+    The message names the other prefix (in the same bucket, which the caller may use)
+    but never the other owner."""
+    uri = str(u)
+    names = (MANIFEST_NAME, JOURNAL_NAME)
+    own = {u.key(n) for n in names}
+    for key in sorted(listing):
+        if key in own or key.rsplit("/", 1)[-1] not in names:
+            continue
+        reader = read_manifest if key.endswith(MANIFEST_NAME) else read_journal
+        record = reader(client, u.bucket, key, uri)
+        if record is not None and not _same_owner(record, owner):
+            nested = f"s3://{u.bucket}/{key.rsplit('/', 1)[0]}/"
+            raise PreshardError(
+                f"refusing to {what} {uri}: another owner's checkpoint lies below it, at "
+                f"{nested}; preshard never touches another owner's checkpoint (choose a "
+                "prefix that contains no other checkpoint)",
+                reason="OutputOwnedByOther",
+                permanent=True,
+            )
+    parts = u.prefix.rstrip("/").split("/")[:-1] if u.prefix else []
+    ancestors = [""] + ["/".join(parts[: i + 1]) + "/" for i in range(len(parts))]
+    for anc in ancestors:
+        for name in names:
+            reader = read_manifest if name == MANIFEST_NAME else read_journal
+            try:
+                record = reader(client, u.bucket, anc + name, uri)
+            except PreshardError as exc:
+                if exc.reason != "AccessDenied":
+                    raise
+                # Credentials scoped to a prefix may not read its parents: what they
+                # cannot read is not a checkpoint they could be asked to respect.
+                log.debug("cannot read %s%s (access denied): not checked", anc, name)
+                continue
+            if record is not None and not _same_owner(record, owner):
+                raise PreshardError(
+                    f"refusing to {what} {uri}: it lies inside another owner's checkpoint at "
+                    f"s3://{u.bucket}/{anc}; choose a prefix outside it",
+                    reason="OutputOwnedByOther",
+                    permanent=True,
+                )
+
+
+def _check_own(
+    record: Manifest | Journal | Unreadable | None, owner: str | None, uri: str, what: str
+) -> None:
+    """The manifest/journal at the prefix itself: refuse when another owner's, or when it
+    cannot be read (its owner, and what it lists, are unknown)."""
+    if record is None:
+        return
+    if isinstance(record, Unreadable):
+        raise PreshardError(
+            f"refusing to {what} {uri}: its {MANIFEST_NAME} (or {JOURNAL_NAME}) cannot be "
+            f"read ({record.why}), so its owner and objects are unknown; remove it by hand "
+            "if it is yours",
+            reason="OutputOwnedByOther",
+            permanent=True,
+        )
+    if record.owner is not None and record.owner != owner:
+        raise PreshardError(
+            f"refusing to {what} {uri}: it holds a checkpoint published by another owner; "
+            "choose another output prefix (preshard never overwrites or deletes another "
+            "owner's checkpoint)",
+            reason="OutputOwnedByOther",
+            permanent=True,
+        )
+
+
+def _put_journal(client: Any, u: StorageURI, journal: Journal) -> None:
+    import base64
+    import hashlib
+
+    body = journal.to_json()
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 - Content-MD5
+    s3.with_translation(
+        lambda: with_retries(
+            lambda: client.put_object(
+                Bucket=u.bucket,
+                Key=u.key(JOURNAL_NAME),
+                Body=body,
+                ContentMD5=md5,
+                ContentType="application/json",
+                Metadata={"sha256": hashlib.sha256(body).hexdigest()},
+            ),
+            "put journal",
+        ),
+        str(u),
+    )
+
+
+def _delete_one(client: Any, u: StorageURI, name: str, what: str) -> None:
+    s3.with_translation(
+        lambda: with_retries(lambda: client.delete_object(Bucket=u.bucket, Key=u.key(name)), what),
+        str(u),
+    )
+
+
+# ------------------------------------------------------------------------------ publish
+
+
 def publish(
     local_dir: Path,
     output_uri: str,
@@ -462,7 +773,14 @@ def publish(
     part_size: int | None = None,
     fail_after_parts: int | None = None,
 ) -> dict[str, Any]:
-    """Upload ``local_dir`` to ``output_uri`` with the manifest last; return status.artifact."""
+    """Upload ``local_dir`` to ``output_uri`` with the manifest last; return status.artifact.
+
+    Ownership: refuses (permanent, nothing written or deleted) when the prefix holds
+    another owner's checkpoint, when one lies below it or when the prefix lies inside
+    one. The only objects ever deleted are keys that this owner's previous manifest at
+    the prefix listed, or that an unfinished publication of this owner (its journal)
+    was writing: never the result of listing the prefix.
+    """
     files = hash_files(local_dir, concurrency=min(4, max(1, concurrency)))
     if not files:
         raise PreshardError(
@@ -478,28 +796,33 @@ def publish(
     uri = str(out)
     s3.check_bucket(client, out.bucket, uri)
     manifest_key = out.key(MANIFEST_NAME)
-    existing = _read_manifest(client, out.bucket, manifest_key, uri)
-    if existing is not None and existing.owner and owner and existing.owner != owner:
-        raise PreshardError(
-            f"output {uri} already holds a checkpoint published by {existing.owner}; "
-            "choose another output prefix (preshard never overwrites another owner's checkpoint)",
-            reason="OutputOwnedByOther",
-            permanent=True,
-        )
-    if existing is not None and {(f.key, f.sha256) for f in existing.files} == {
-        (k, h) for k, _, h in files
-    }:
-        log.info("%s already holds this exact checkpoint; re-verifying objects", uri)
-    if existing is not None:
-        # Re-publishing: withdraw the old manifest first so the prefix never has a manifest
-        # that points at objects being replaced.
-        with_retries(
-            lambda: client.delete_object(Bucket=out.bucket, Key=manifest_key), "delete old manifest"
-        )
+    existing = read_manifest(client, out.bucket, manifest_key, uri)
+    journal = read_journal(client, out.bucket, out.key(JOURNAL_NAME), uri)
+    _check_own(existing, owner, uri, "publish to")
+    _check_own(journal, owner, uri, "publish to")
     try:
         remote = s3.list_objects(client, out.bucket, out.prefix)
     except Exception as exc:
         raise s3.translate(exc, uri, "list") from None
+    check_neighbours(client, out, remote, owner, "publish to")
+    assert not isinstance(existing, Unreadable) and not isinstance(journal, Unreadable)
+    new_keys = {k for k, _, _ in files}
+    previous: set[str] = set()
+    if existing is not None:
+        previous |= {f.key for f in existing.files}
+    if journal is not None:
+        previous |= journal.keys
+    if existing is not None and {(f.key, f.sha256) for f in existing.files} == {
+        (k, h) for k, _, h in files
+    }:
+        log.info("%s already holds this exact checkpoint; re-verifying objects", uri)
+    # The journal first: from here on, whatever this run or the previous checkpoint
+    # leaves behind is recorded as this owner's, for the next run or a purge.
+    _put_journal(client, out, Journal(owner, frozenset(previous | new_keys)))
+    if existing is not None:
+        # Re-publishing: withdraw the old manifest first so the prefix never has a manifest
+        # that points at objects being replaced.
+        _delete_one(client, out, MANIFEST_NAME, "delete old manifest")
     todo: list[UploadItem] = []
     skipped = 0
     for key, size, sha in files:
@@ -530,10 +853,19 @@ def publish(
     )
     up.fail_after_parts = fail_after_parts
     up.upload(todo)
-    # Stale objects from an earlier, different conversion at this prefix.
-    listed = {out.key(k) for k, _, _ in files}
-    stale = [k for k in remote if k not in listed and k != manifest_key]
+    # Stale objects: what this owner's previous checkpoint (or unfinished run) wrote and
+    # this one does not list. Nothing else, whatever else the prefix holds.
+    stale = sorted(out.key(k) for k in previous - new_keys if out.key(k) in remote)
     _delete_keys(client, out.bucket, stale, uri)
+    others = [k for k in remote if k[len(out.prefix) :] not in previous | new_keys]
+    others = [k for k in others if k not in (manifest_key, out.key(JOURNAL_NAME))]
+    if others:
+        log.warning(
+            "%s: %d object(s) under the prefix are not this checkpoint's and were left "
+            "in place (readers use only what the manifest lists)",
+            uri,
+            len(others),
+        )
     # The manifest, last.
     body = text.encode()
     import base64
@@ -554,6 +886,8 @@ def publish(
         ),
         uri,
     )
+    # The publication is complete: the manifest now lists everything of this owner here.
+    _delete_one(client, out, JOURNAL_NAME, "delete journal")
     if reporter is not None:
         reporter.done()
         reporter.stage("Published", manifest.total_bytes)
@@ -567,22 +901,6 @@ def _remote_sha(client: Any, bucket: str, key: str) -> str | None:
 
     got = remote_sha256(client, bucket, key)
     return got[1] if got else None
-
-
-def _read_manifest(client: Any, bucket: str, key: str, uri: str) -> Manifest | None:
-    try:
-        body = read_object(client, bucket, key)
-    except botocore.exceptions.ClientError as exc:
-        if s3.is_not_found(exc):
-            return None
-        raise s3.translate(exc, uri, "read the manifest of") from None
-    except Exception as exc:
-        raise s3.translate(exc, uri, "read the manifest of") from None
-    try:
-        return Manifest.from_json(body)
-    except ManifestError as exc:
-        log.warning("ignoring an unreadable manifest at %s: %s", uri, exc)
-        return None
 
 
 def _delete_keys(client: Any, bucket: str, keys: list[str], uri: str) -> int:
@@ -601,7 +919,8 @@ def _delete_keys(client: Any, bucket: str, keys: list[str], uri: str) -> int:
         errors = resp.get("Errors") or []
         if errors:
             raise PreshardError(
-                f"could not delete {len(errors)} object(s) under {uri}: {errors[0].get('Code')}",
+                f"could not delete {len(errors)} object(s) under {uri}: "
+                f"{s3.scrub(str(errors[0].get('Code')), 100)}",
                 reason="StorageError",
             )
         deleted += len(batch)
