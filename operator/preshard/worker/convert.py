@@ -260,8 +260,13 @@ def weight_bytes(model_dir: Path) -> int:
 def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
     """Copy the source's top-level non-weight files (config, tokenizer, ...)."""
     copied = []
+    root = src.resolve()
     for p in sorted(src.iterdir()):
         if not p.is_file() or p.name.startswith(".") or p.name.startswith("preshard-"):
+            continue
+        if p.is_symlink() and root not in p.resolve().parents:
+            # fetch_source refuses such links; a link swapped in since is skipped, never read
+            log.warning("not copying %s: a link out of the source directory", p.name)
             continue
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES:
             continue
@@ -544,7 +549,9 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # unexpected: a bug or an environment problem; the Job retries
         _safe_done(reporter)
         log.debug("unexpected error", exc_info=True)
-        msg = f"unexpected error: {type(exc).__name__}: {exc}"
+        from preshard.worker.s3 import scrub
+
+        msg = scrub(f"unexpected error: {type(exc).__name__}: {exc}")
         write_result(Result(result="Failed", reason="InternalError", message=msg))
         print(f"preshard: error: {msg} (run with -v for details)", file=sys.stderr)
         return EXIT_FAILED
