@@ -290,13 +290,10 @@ class StructuralSchema:
                 activation["oldSelf"] = celpy.json_to_cel(old_value)
             error: Exception | None = None
             try:
-                result = prog.evaluate(activation)
+                ok = bool(prog.evaluate(activation))
             except Exception as exc:  # evaluation error counts as a failed rule, like the API
-                error = exc
-            else:
-                if isinstance(result, Exception):  # cel-python may return the error
-                    error = result
-            if error is not None or not bool(result):
+                ok, error = False, exc
+            if not ok:
                 failed.append((path, rule, value, error))
         return failed
 
