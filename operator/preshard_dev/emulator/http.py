@@ -22,6 +22,8 @@ from preshard_dev.emulator.watch import watch
 
 
 class Emulator:
+    """The API server: an aiohttp application over one ``Store`` (``app``)."""
+
     def __init__(self) -> None:
         self.store = Store()
         self.objects = Objects(self.store)
