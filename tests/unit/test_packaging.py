@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tomllib
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,13 +33,13 @@ IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
 
 
 def build_wheel(project: Path, out: Path) -> Path:
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
          "--no-index", "-q", "-w", str(out), str(project)],
-        check=True,
         capture_output=True,
         text=True,
     )  # fmt: skip
+    assert built.returncode == 0, built.stderr
     (wheel,) = out.glob("*.whl")
     return wheel
 
@@ -62,7 +63,7 @@ def entry_points_of(wheel: zipfile.ZipFile, dist_info: str) -> dict[str, dict[st
 
 
 @pytest.fixture(scope="module")
-def product_wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+def product_wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
     src = tmp_path_factory.mktemp("src")
     shutil.copy(ROOT / "pyproject.toml", src)
     shutil.copy(ROOT / "README.md", src)
@@ -73,7 +74,7 @@ def product_wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
 
 
 @pytest.fixture(scope="module")
-def dev_wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+def dev_wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
     src = tmp_path_factory.mktemp("devsrc")
     shutil.copytree(ROOT / "dev", src / "dev", ignore=IGNORE)
     shutil.copytree(ROOT / "operator", src / "operator", ignore=IGNORE)
