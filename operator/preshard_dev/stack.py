@@ -76,7 +76,6 @@ class LocalStack:
         self.s3: RcloneS3 | None = None
         self.s3_endpoint = ""
         self.operator: subprocess.Popen[bytes] | None = None
-        self.operator_starts = 0
         self.runner: JobRunner | None = None
         self.health_port = free_port()
         self.metrics_port = free_port()
@@ -164,7 +163,6 @@ class LocalStack:
         return [sys.executable, "-m", "preshard.cli", "operator"]
 
     def start_operator(self) -> None:
-        self.operator_starts += 1
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),

@@ -1831,7 +1831,7 @@ def test_generate_name_retries_a_taken_name(
 ) -> None:
     # As the API server since 1.32: a generated name that is taken is generated again
     # (kopf posts Events with generateName; a 409 lost an Event under load).
-    import preshard_dev.emulator as emulator_module
+    import preshard_dev.emulator.objects as emulator_module
 
     calls = {"n": 0}
 

@@ -1,11 +1,12 @@
-"""The ShardedCheckpoint CRD: its openAPIV3Schema (validated with jsonschema), descriptions,
-printer columns, agreement with preshard.core, and its CEL transition rules (evaluated with
-cel-python against old/new object pairs).
+"""The ShardedCheckpoint CRD: its openAPIV3Schema, descriptions, printer columns,
+agreement with preshard.core, and its CEL transition rules against old/new object pairs.
 
-What jsonschema cannot judge is said where it matters: ``x-kubernetes-*`` keys are ignored
-by it, and unknown fields are not *rejected* by a structural schema but *pruned* by the API
-server (there is no ``additionalProperties: false`` and no
-``x-kubernetes-preserve-unknown-fields``); the pruning is emulated below.
+The schema is applied by the API emulator's structural-schema code
+(``preshard_dev.emulator.schema.StructuralSchema``), the one implementation of what the API
+server does with a body: pruning, defaulting, OpenAPI validation (jsonschema) and CEL
+(cel-python). What jsonschema alone cannot judge is said where it matters: unknown fields
+are not *rejected* by a structural schema but *pruned* by the API server (there is no
+``additionalProperties: false`` and no ``x-kubernetes-preserve-unknown-fields``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import celpy
 import jsonschema
 import pytest
 import yaml
@@ -53,6 +53,8 @@ from preshard.core.status import (
     status_for_spec_error,
 )
 from preshard.core.uris import OUTPUT_URI_PATTERN, SOURCE_URI_PATTERN
+from preshard_dev.emulator.errors import field_path
+from preshard_dev.emulator.schema import StructuralSchema
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "shardedcheckpoints.preshard.io.yaml"
@@ -87,9 +89,10 @@ def prop(*path: str) -> dict[str, Any]:
 
 
 @cache
-def validator() -> jsonschema.Draft202012Validator:
+def structural() -> StructuralSchema:
+    """The schema as the API server (here: the emulator) applies it to every write."""
     jsonschema.Draft202012Validator.check_schema(schema())
-    return jsonschema.Draft202012Validator(schema())
+    return StructuralSchema(schema())
 
 
 def walk_schema(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -197,7 +200,7 @@ DROP = object()
 
 
 def errors(obj: dict[str, Any]) -> list[jsonschema.ValidationError]:
-    return list(validator().iter_errors(obj))
+    return list(structural().validator.iter_errors(obj))
 
 
 # ------------------------------------------------------------------------- identity
@@ -644,23 +647,6 @@ def test_the_operator_rejects_what_the_schema_rejects(name: str) -> None:
 # ------------------------------------------------------------- unknown fields
 
 
-def prune(obj: Any, node: dict[str, Any]) -> Any:
-    """The API server's pruning of unknown fields for a structural schema."""
-    if isinstance(obj, dict) and node.get("type") == "object":
-        props = node.get("properties")
-        extra = node.get("additionalProperties")
-        out = {}
-        for k, v in obj.items():
-            if props is not None and k in props:
-                out[k] = prune(v, props[k])
-            elif isinstance(extra, dict):
-                out[k] = prune(v, extra)
-        return out
-    if isinstance(obj, list) and isinstance(node.get("items"), dict):
-        return [prune(v, node["items"]) for v in obj]
-    return obj
-
-
 def test_unknown_fields_are_pruned_not_rejected() -> None:
     spec = changed(
         FULL,
@@ -678,7 +664,17 @@ def test_unknown_fields_are_pruned_not_rejected() -> None:
     # jsonschema (like the API server's validation) does not reject unknown fields...
     assert errors(resource(spec)) == []
     # ...the API server prunes them before storing the object,
-    pruned = prune(spec, spec_schema())
+    obj = resource(copy.deepcopy(spec))
+    unknown = structural().prune(obj)
+    pruned = obj["spec"]
+    assert sorted(unknown) == [
+        ".spec.bogus",
+        ".spec.converter.env[0].valueFrom",
+        ".spec.converter.resources.claims",
+        ".spec.converter.tolerations[0].extra",
+        ".spec.output.maxFileSizee",
+        ".spec.source.typo",
+    ]
     assert "bogus" not in pruned
     assert "typo" not in pruned["source"]
     assert "maxFileSizee" not in pruned["output"]
@@ -698,62 +694,51 @@ def test_unknown_fields_are_pruned_not_rejected() -> None:
         parse_spec(spec)
 
 
+def test_the_api_server_fills_in_the_defaults_the_operator_assumes() -> None:
+    # defaulting runs before validation and CEL; what it fills in is what parse_spec
+    # assumes for an absent field (so a defaulted object means the same conversion)
+    spec = parse_spec(MINIMAL)
+    defaulted = structural().default(resource(copy.deepcopy(MINIMAL)))["spec"]
+    assert defaulted == {
+        **MINIMAL,
+        "pipelineParallelSize": spec.pipeline_parallel_size,
+        "dtype": spec.dtype,
+        "verify": spec.verify,
+        "deletionPolicy": spec.deletion_policy,
+    }
+    assert parse_spec(defaulted) == spec
+    # nested objects get theirs once present; set fields are kept
+    conv = structural().default(resource(changed(MINIMAL, converter={"backoffLimit": 0})))
+    assert conv["spec"]["converter"] == {
+        "backoffLimit": 0,
+        "activeDeadlineSeconds": spec.converter.active_deadline_seconds,
+    }
+
+
 # --------------------------------------------------------------------------- CEL
 
 
-def apply_defaults(obj: Any, node: dict[str, Any]) -> Any:
-    """The API server's defaulting (it runs before validation and CEL)."""
-    if isinstance(obj, dict) and node.get("type") == "object":
-        out = dict(obj)
-        for name, sub in (node.get("properties") or {}).items():
-            if name not in out and "default" in sub:
-                out[name] = copy.deepcopy(sub["default"])
-            if name in out:
-                out[name] = apply_defaults(out[name], sub)
-        return out
-    if isinstance(obj, list) and isinstance(node.get("items"), dict):
-        return [apply_defaults(v, node["items"]) for v in obj]
-    return obj
+def cel_rules() -> list[tuple[str, dict[str, Any]]]:
+    """(path, rule) for every x-kubernetes-validations rule in the schema."""
+    return [("." + field_path(path), rule) for path, rule in structural().rules]
 
 
-def cel_rules() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    """(path, rule, schema node) for every x-kubernetes-validations rule in the schema."""
+def cel_programs() -> list[tuple[str, str, Any]]:
     return [
-        (path, rule, node)
-        for path, node in walk_schema(schema())
-        for rule in node.get("x-kubernetes-validations") or []
+        (path, rule["message"], structural().program(rule["rule"])) for path, rule in cel_rules()
     ]
 
 
-@cache
-def cel_programs() -> list[tuple[str, str, Any]]:
-    env = celpy.Environment()
-    out = []
-    for path, rule, _ in cel_rules():
-        out.append((path, rule["message"], env.program(env.compile(rule["rule"]))))
-    return out
-
-
 def failing_rules(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> list[str]:
-    """Messages of the rules that reject this update (false or an evaluation error)."""
-    old = apply_defaults(old_spec, spec_schema())
-    new = apply_defaults(new_spec, spec_schema())
-    failed = []
-    for path, message, program in cel_programs():
+    """Messages of the rules that reject this update (false or an evaluation error), after
+    the API server's defaulting (it runs before validation and CEL)."""
+    for path, _ in cel_rules():
         assert path == ".spec", (
             path
         )  # every rule sits on spec (see test_cel_rules_are_where_expected)
-        try:
-            result = program.evaluate(
-                {"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)}
-            )
-        except celpy.CELEvalError:
-            result = None
-        if result is not True and not (
-            isinstance(result, celpy.celtypes.BoolType) and bool(result)
-        ):
-            failed.append(message)
-    return failed
+    old = structural().default(resource(copy.deepcopy(old_spec)))
+    new = structural().default(resource(copy.deepcopy(new_spec)))
+    return [rule["message"] for _, rule, _, _ in structural().failed_rules(new, old)]
 
 
 IMMUTABLE_FIELDS = [
@@ -774,9 +759,9 @@ def immutable_message(field: str) -> str:
 def test_cel_rules_are_where_expected() -> None:
     rules = cel_rules()
     assert rules
-    assert {path for path, _, _ in rules} == {".spec"}
-    assert [r["message"] for _, r, _ in rules] == [immutable_message(f) for f in IMMUTABLE_FIELDS]
-    for _, rule, _ in rules:
+    assert {path for path, _ in rules} == {".spec"}
+    assert [r["message"] for _, r in rules] == [immutable_message(f) for f in IMMUTABLE_FIELDS]
+    for _, rule in rules:
         assert "oldSelf" in rule["rule"]  # transition rules: checked on update only
         assert RESHARD in rule["message"]
         assert "&" not in rule["rule"].replace("&&", "")  # no bitwise operator in CEL
