@@ -19,7 +19,7 @@ pytestmark = pytest.mark.vllm
 def test_pp2_conversion_layout(converted_pp2: Any) -> None:
     run = converted_pp2
     assert run.rc == 0, run.stderr[-3000:]
-    assert "--no-verify: the reload and token comparison were skipped" in run.stderr
+    assert "--no-verify: the engine reload and output comparison were skipped" in run.stderr
     shards = sorted(p.name for p in run.output.glob("*.safetensors"))
     assert shards == ["model-pp-0-tp-0-part-0.safetensors", "model-pp-1-tp-0-part-0.safetensors"]
     report = check_shards(run.output, 1, 2)
