@@ -43,7 +43,10 @@ What is emulated:
   (410 Gone when it is too old), bookmarks, timeoutSeconds; boolean query parameters
   (``watch``, ``allowWatchBookmarks``) read as the API server reads them (anything but
   ``0``/``false``, so the Python client's ``watch=True`` works);
-* ``application/json;as=Table`` for kubectl (CRD printer columns);
+* ``application/json;as=Table`` for kubectl (CRD printer columns) and
+  ``application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`` (metadata only) on
+  GET and LIST; Secret objects served with their data are counted per user agent
+  (``GET /emulator/stats?by=secret-data``);
 * pod logs (``GET .../pods/NAME/log?tailLines=N``) fed through a non-standard
   ``POST /emulator/v1/namespaces/NS/pods/NAME/log``;
 * request counters (``GET /emulator/stats``) and fault injection
@@ -1229,6 +1232,9 @@ class Store:
         self.logs: dict[tuple[str, str], list[str]] = {}
         self.stats: Counter[str] = Counter()
         self.agent_stats: dict[str, Counter[str]] = {}
+        # user agent -> Secret objects served with their data (get, list, watch), for
+        # tests that prove a client never reads Secret data
+        self.secret_data_served: Counter[str] = Counter()
         self.faults: list[Fault] = []
         for rt in BUILTIN:
             self.add_type(rt)
@@ -1496,8 +1502,11 @@ class Emulator:
             if request.method == "DELETE":
                 self.store.stats.clear()
                 self.store.agent_stats.clear()
+                self.store.secret_data_served.clear()
             if request.query.get("by") == "agent":
                 return web.json_response({a: dict(c) for a, c in self.store.agent_stats.items()})
+            if request.query.get("by") == "secret-data":
+                return web.json_response(dict(self.store.secret_data_served))
             return web.json_response(dict(self.store.stats))
         if parts == ["faults"] and request.method == "POST":
             body = await request.json()
@@ -1617,8 +1626,35 @@ class Emulator:
         if "as=Table" in accept:
             objs = data["items"] if list_mode else [data]
             include = request.query.get("includeObject", "").lower() == "object"
+            if include and rt.key == ("", "secrets"):
+                self._count_secret_data(request, len(objs))
             return web.json_response(to_table(rt, objs, include, str(self.store.rv)))
+        if "as=PartialObjectMetadata" in accept:
+            # metadata only (what a real API server serves for this Accept header)
+            def partial(o: dict[str, Any]) -> dict[str, Any]:
+                return {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o["metadata"],
+                }
+
+            if list_mode:
+                return web.json_response(
+                    {
+                        "kind": "PartialObjectMetadataList",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": data["metadata"],
+                        "items": [partial(o) for o in data["items"]],
+                    }
+                )
+            return web.json_response(partial(data))
+        if rt.key == ("", "secrets"):
+            self._count_secret_data(request, len(data["items"]) if list_mode else 1)
         return web.json_response(data)
+
+    def _count_secret_data(self, request: web.Request, n: int) -> None:
+        agent = request.headers.get("User-Agent", "").split("/")[0] or "unknown"
+        self.store.secret_data_served[agent] += n
 
     def pod_log(self, namespace: str, name: str, q: Any) -> web.StreamResponse:
         if (namespace, name) not in self.store.objects[("", "pods")]:
@@ -1691,6 +1727,8 @@ class Emulator:
 
         async def send(type_: str, obj: dict[str, Any]) -> None:
             payload: dict[str, Any] = obj
+            if rt.key == ("", "secrets") and type_ != "BOOKMARK":
+                self._count_secret_data(request, 1)
             if table and type_ != "BOOKMARK":
                 payload = to_table(
                     rt,

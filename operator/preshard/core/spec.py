@@ -65,7 +65,37 @@ MAX_PARALLEL = 1024
 # names are DNS-1123 subdomains; endpoints are http(s) URLs; env names are C identifiers.
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 ENDPOINT_PATTERN = r"^https?://[^\s]+$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# spec.converter.env may set only these (an allowlist: every other name could redirect
+# credentials, endpoints, the Python path or preloaded libraries, e.g. AWS_*, HF_ENDPOINT,
+# LD_PRELOAD, PYTHONPATH, PRESHARD_*); README and the CRD description list them.
+ALLOWED_ENV_PREFIXES: tuple[str, ...] = (
+    "VLLM_",
+    "NCCL_",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "TORCH_",
+    "TORCHINDUCTOR_",
+    "PYTORCH_",
+    "CUDA_",
+)
+ALLOWED_ENV_NAMES: tuple[str, ...] = (
+    "HF_HUB_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "HF_HUB_ENABLE_HF_TRANSFER",
+    "HF_HUB_ETAG_TIMEOUT",
+    "HF_HUB_DOWNLOAD_TIMEOUT",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+)
+ENV_NAME_PATTERN = (
+    "^(("
+    + "|".join(p.rstrip("_") for p in ALLOWED_ENV_PREFIXES)
+    + ")_[A-Z0-9_]+|"
+    + "|".join(ALLOWED_ENV_NAMES)
+    + ")$"
+)
 _NAME_RE = re.compile(NAME_PATTERN)
 _ENDPOINT_RE = re.compile(ENDPOINT_PATTERN)
 _ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
@@ -133,15 +163,18 @@ def _resource_quantity(v: Any) -> int | str:
 
 
 def _env_name(v: str) -> str:
-    if not _ENV_NAME_RE.match(v):
-        raise ValueError(
-            f"{v!r} is not a valid variable name (letters, digits and '_', not starting "
-            "with a digit)"
-        )
     if v in RESERVED_ENV:
         raise ValueError(
             f"{v} is set by the operator and cannot be overridden (credentials come from "
             "credentialsSecret, endpoints and regions from spec.source and spec.output)"
+        )
+    if not _ENV_NAME_RE.match(v):
+        raise ValueError(
+            f"{v!r} may not be set: spec.converter.env allows only "
+            + ", ".join(p + "*" for p in ALLOWED_ENV_PREFIXES)
+            + " and "
+            + ", ".join(ALLOWED_ENV_NAMES)
+            + " (credentials, endpoints, paths and loader variables are the operator's)"
         )
     return v
 
