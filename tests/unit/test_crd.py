@@ -455,7 +455,7 @@ def operator_statuses() -> dict[str, dict[str, Any]]:
         ),
         "pending": derive_status(None, job=None, result=None, progress=None, **common),
         "spec-error": status_for_spec_error(None, "InvalidSpec", "bad", 1, T0),
-        "conflict": status_for_conflict(None, "ml/other", "s3://x/y/", 1, T0),
+        "conflict": status_for_conflict(None, "output s3://x/y/ overlaps another", 1, T0),
     }
 
 
