@@ -31,7 +31,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from preshard.core.errors import URIError
-from preshard.core.uris import parse_output_uri
+from preshard.core.uris import parse_output_uri, parse_uri
 
 Strength = Literal["strong", "weak"]
 
@@ -182,9 +182,9 @@ def prefix_allowed(
     if not policy:
         return True, ()
     prefixes = tuple(policy.get(namespace, policy.get("*", ())))
-    out = parse_output_uri(uri)
+    out = parse_uri(uri)
     for p in prefixes:
-        allowed = parse_output_uri(p)
+        allowed = parse_uri(p)
         if allowed.bucket == out.bucket and out.prefix.startswith(allowed.prefix):
             return True, prefixes
     return False, prefixes

@@ -79,7 +79,7 @@ def image_allowed(image: str, allowed: Sequence[str]) -> bool:
         if entry == "*":
             return True
         if entry.endswith("/"):
-            if (ref.repository + "/").startswith(_prefix_entry(entry)):
+            if ref.repository.startswith(_prefix_entry(entry)):
                 return True
             continue
         want = _IMAGE_RE.match(entry)

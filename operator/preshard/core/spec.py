@@ -88,6 +88,11 @@ ALLOWED_ENV_NAMES: tuple[str, ...] = (
     "HF_HUB_DOWNLOAD_TIMEOUT",
     "TRANSFORMERS_OFFLINE",
     "TOKENIZERS_PARALLELISM",
+    # worker tuning knobs (docs/architecture.md) and botocore's retries
+    "PRESHARD_S3_CONCURRENCY",
+    "PRESHARD_ENGINE_TIMEOUT",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
 )
 ENV_NAME_PATTERN = (
     "^(("
@@ -170,11 +175,10 @@ def _env_name(v: str) -> str:
         )
     if not _ENV_NAME_RE.match(v):
         raise ValueError(
-            f"{v!r} may not be set: spec.converter.env allows only "
+            f"{v!r} may not be set (allowed: "
             + ", ".join(p + "*" for p in ALLOWED_ENV_PREFIXES)
-            + " and "
-            + ", ".join(ALLOWED_ENV_NAMES)
-            + " (credentials, endpoints, paths and loader variables are the operator's)"
+            + " and a few exact names the CRD lists, such as HF_HUB_OFFLINE or "
+            "PRESHARD_S3_CONCURRENCY; credentials, endpoints and paths are the operator's)"
         )
     return v
 
