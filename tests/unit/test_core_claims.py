@@ -15,8 +15,8 @@ from preshard.core.claims import (
     claim_strength,
     conflict_message,
     normalize_endpoint,
-    prefix_allowed,
     preceding_claim,
+    prefix_allowed,
     purge_decision,
 )
 

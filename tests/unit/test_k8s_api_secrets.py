@@ -15,6 +15,10 @@ from preshard.k8s import api
 class FakeResponse:
     def __init__(self) -> None:
         self.released = False
+        self.drained = False
+
+    def drain_conn(self) -> None:
+        self.drained = True
 
     def release_conn(self) -> None:
         self.released = True

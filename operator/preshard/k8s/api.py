@@ -107,7 +107,10 @@ def secret_exists(namespace: str, name: str, max_age: float = SECRET_SEEN_SECOND
             _preload_content=False,
             _return_http_data_only=True,
         )
-        resp.release_conn()  # the body is never parsed
+        try:
+            resp.drain_conn()  # read off the wire and dropped: never parsed or kept
+        finally:
+            resp.release_conn()
     except ApiException as exc:
         if exc.status == 404:
             _secrets_seen.pop(key, None)
