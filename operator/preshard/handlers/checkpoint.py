@@ -173,7 +173,9 @@ def outputs(
     resource that failed without publishing, was refused or waits for its Secret holds
     none)."""
     claim = claim_of(namespace, name, spec, meta, status, CONFIG.default_s3_endpoint)
-    return None if claim is None else {claim.store: claim}
+    # {} (not None: kopf keeps an object's previous entries when the result is None)
+    # drops a claim the resource no longer holds, e.g. once it failed without publishing
+    return {} if claim is None else {claim.store: claim}
 
 
 def _claim(body: dict[str, Any], status: dict[str, Any] | None) -> OutputClaim | None:
