@@ -1,15 +1,17 @@
 """kopf handlers for ShardedCheckpoint: parse -> build -> I/O -> status.
 
-* create / resume / spec update -> :func:`reconcile` (validate, check Secrets and output
-  ownership, create-or-get the conversion Job, write status);
+* create / resume / spec update -> :func:`reconcile` (validate; the operator's pod policy,
+  preshard.core.policy; the output claim, preshard.core.claims; then the Secrets'
+  existence, metadata only; create-or-get the conversion Job, write status);
 * a timer retries resources that wait for something (a missing Secret, an output prefix
   owned by another resource) and polls the progress of running conversions;
 * Job events -> :func:`_sync` derives status from the Job's conditions, the newest pod's
   termination message, its progress lines and what keeps it from starting (scheduler,
   kubelet);
 * delete -> only ``deletionPolicy: Delete`` has a deletion handler (and so kopf's
-  finalizer): it stops the Job, runs the purge Job and releases the finalizer when that
-  completed. ``Retain`` resources go at once (Job and ConfigMap are garbage-collected);
+  finalizer): it stops the Job, decides again whether this resource may purge
+  (claims.purge_decision: it owns the prefix and did not fail before publishing), runs
+  the purge Job if so (else an Event PurgeSkipped) and releases the finalizer. ``Retain`` resources go at once (Job and ConfigMap are garbage-collected);
   their DELETED event only drops in-memory state. kopf adds its finalizer also while a
   timer matches a resource (progress polling, retries), whatever the policy.
 
