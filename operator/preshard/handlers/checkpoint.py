@@ -246,38 +246,42 @@ def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
     try:
         me = _claim(body, old)
         # A resource whose conversion failed without publishing holds no claim and only
-        # re-reads its Job; every other one checks the prefix first (before its Secrets:
-        # a resource in conflict never gets further, whatever else is missing).
-        if me is not None or not old.get("jobName"):
-            me = me or _claim(body, {})
-            assert me is not None  # the spec parsed, so its output URI did
-            owner = preceding_claim(me, outputs_index.get(me.store, []))
-            if owner is not None:
-                _write_status(
-                    body, old, st.status_for_conflict(old, conflict_message(me, owner), gen, now())
+        # re-reads its Job while that exists; every other one (and one whose failed Job is
+        # gone, which would start over) checks the prefix first, before its Secrets: a
+        # resource in conflict never gets further, whatever else is missing.
+        failed_job = None
+        if me is None and old.get("jobName"):
+            failed_job = api.get_job(ns, job_name(name, spec.conversion_hash()))
+        if failed_job is not None:
+            _sync(body, spec, failed_job)
+            return
+        me = me or _claim(body, {})
+        assert me is not None  # the spec parsed, so its output URI did
+        owner = preceding_claim(me, outputs_index.get(me.store, []))
+        if owner is not None:
+            _write_status(
+                body, old, st.status_for_conflict(old, conflict_message(me, owner), gen, now())
+            )
+            return
+        if CONFIG.check_secrets:
+            missing = [s for s in referenced_secrets(spec, CONFIG) if not api.secret_exists(ns, s)]
+            if missing:
+                msg = (
+                    f"credentials Secret {missing[0]!r} not found in namespace {ns!r}; create it "
+                    "with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (HF_TOKEN for hf:// "
+                    "sources)"
                 )
+                new = st.status_for_error(
+                    old,
+                    reason="CredentialsSecretNotFound",
+                    message=msg,
+                    generation=gen,
+                    now=now(),
+                    spec_valid=True,
+                    phase=st.PENDING,
+                )
+                _write_status(body, old, new)
                 return
-            if CONFIG.check_secrets:
-                missing = [
-                    s for s in referenced_secrets(spec, CONFIG) if not api.secret_exists(ns, s)
-                ]
-                if missing:
-                    msg = (
-                        f"credentials Secret {missing[0]!r} not found in namespace {ns!r}; create it "
-                        "with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (HF_TOKEN for hf:// "
-                        "sources)"
-                    )
-                    new = st.status_for_error(
-                        old,
-                        reason="CredentialsSecretNotFound",
-                        message=msg,
-                        generation=gen,
-                        now=now(),
-                        spec_valid=True,
-                        phase=st.PENDING,
-                    )
-                    _write_status(body, old, new)
-                    return
         manifest = build_conversion_job(name, ns, uid, spec, CONFIG)
         job, created = api.create_or_get_job(manifest)
         job_meta = job.get("metadata") or {}
