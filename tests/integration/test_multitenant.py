@@ -227,6 +227,39 @@ def test_a_smuggled_pod_setting_gets_a_policy_violation_and_no_job(
     )
 
 
+def test_a_published_resource_switched_to_another_tenants_identity_purges_nothing(
+    stack: LocalStack,
+) -> None:
+    stack.apply(doc("switch", f"s3://{BUCKET}/team-b/switch/", deletionPolicy="Delete"), B)
+    wait_ready(stack, B, "switch", "Published")
+    published = stack.list_prefix(BUCKET, "team-b/switch/")
+    # converter fields may change in place: team-b names team-a's cloud identity, then
+    # deletes, hoping the purge Job runs as team-a
+    stack.custom.patch_namespaced_custom_object(
+        "preshard.io",
+        "v1alpha1",
+        B,
+        "shardedcheckpoints",
+        "switch",
+        {"spec": {"converter": {"serviceAccountName": "team-a-converter"}}},
+    )
+    wait_ready(stack, B, "switch", "PolicyViolation")
+    stack.delete_checkpoint(B, "switch")
+    wait_for(lambda: stack.checkpoint(B, "switch") is None, 60, what="switch gone")
+    assert [
+        j
+        for j in all_jobs(stack, B)
+        if "switch" in j["metadata"]["name"] and "purge" in j["metadata"]["name"]
+    ] == []
+    skipped = wait_for(
+        lambda: [e for e in events(stack, B, "switch") if e["reason"] == "PurgeSkipped"],
+        30,
+        what="a PurgeSkipped event",
+    )
+    assert "serviceAccountName" in skipped[-1]["message"]
+    assert stack.list_prefix(BUCKET, "team-b/switch/") == published
+
+
 @pytest.mark.parametrize("var", ["AWS_CONTAINER_CREDENTIALS_FULL_URI", "LD_PRELOAD", "HF_ENDPOINT"])
 def test_env_outside_the_allowlist_is_refused_at_admission(stack: LocalStack, var: str) -> None:
     body = doc("env-" + var.lower().replace("_", "-"), f"s3://{BUCKET}/team-b/env/")
