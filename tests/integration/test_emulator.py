@@ -1684,6 +1684,48 @@ def test_stats_count_requests_per_user_agent(k8s_api: K8s, ns: str) -> None:
     assert k8s_api.stats(by_agent=True)["preshard-tests"]["create namespaces"] >= 1
 
 
+def test_metadata_only_reads_and_secret_data_counters(k8s_api: K8s, ns: str) -> None:
+    """``Accept: application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`` answers
+    metadata only (as a real API server does); Secret objects served with their data are
+    counted per user agent (GET /emulator/stats?by=secret-data)."""
+    cfg = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(str(k8s_api.kubeconfig_path), client_configuration=cfg)
+    client = kubernetes.client.ApiClient(cfg)
+    agent = f"secret-probe-{uuid.uuid4().hex[:6]}"
+    client.user_agent = f"{agent}/0.1"
+    k8s_api.secret(ns, "meta", {"AWS_SECRET_ACCESS_KEY": "do-not-show"})
+
+    def get(path: str) -> dict[str, Any]:
+        resp = client.call_api(
+            path,
+            "GET",
+            header_params={
+                "Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+            },
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
+        return dict(json.loads(resp.data))
+
+    one = get(f"/api/v1/namespaces/{ns}/secrets/meta")
+    assert one["kind"] == "PartialObjectMetadata" and one["apiVersion"] == "meta.k8s.io/v1"
+    assert one["metadata"]["name"] == "meta" and "data" not in one
+    listed = get(f"/api/v1/namespaces/{ns}/secrets")
+    assert listed["kind"] == "PartialObjectMetadataList"
+    assert [i["metadata"]["name"] for i in listed["items"]] == ["meta"]
+    assert "do-not-show" not in json.dumps(listed) and "data" not in listed["items"][0]
+
+    def served() -> int:
+        url = f"{k8s_api.url}/emulator/stats?by=secret-data"
+        return int(json.loads(k8s_api.http.request("GET", url).data).get(agent, 0))
+
+    assert served() == 0
+    kubernetes.client.CoreV1Api(client).read_namespaced_secret("meta", ns)
+    kubernetes.client.CoreV1Api(client).list_namespaced_secret(ns)
+    assert served() == 2  # one full read, one list of one Secret
+
+
 # ------------------------------------------------------------------------------ faults
 
 

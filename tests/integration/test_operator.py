@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from preshard.core.progress import ProgressRecord, Result
-from preshard.k8s.rbac import REQUIRED_RBAC
+from preshard.k8s.rbac import required_rbac
 
 from .conftest import K8s, Operator, wait_for
 
@@ -251,6 +251,46 @@ def test_progress_then_complete_gives_ready_artifact_serving_and_configmap(
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
 
 
+@pytest.mark.parametrize(
+    "artifact",
+    [
+        {k: v for k, v in ARTIFACT.items() if k not in ("uri", "manifestUri")},  # KeyError before
+        {**ARTIFACT, "uri": "s3://attacker/x/", "manifestUri": "s3://attacker/x/m.json"},
+    ],
+    ids=["no-uri", "forged-uri"],
+)
+def test_serving_hand_off_comes_from_the_spec_not_the_termination_message(
+    k8s_api: K8s, operator: Operator, ns: str, artifact: dict[str, Any]
+) -> None:
+    out = f"s3://out/handoff-{ns}/tp2/"  # claims span namespaces: one prefix per case
+    k8s_api.create_checkpoint(ns, "handoff", spec(output=out))
+    (job,) = k8s_api.wait_jobs(ns)
+    finish_job(k8s_api, ns, job, Result("Succeeded", artifact=artifact))
+    k8s_api.wait_condition(ns, "handoff", "True", "Published")
+    status = k8s_api.checkpoint(ns, "handoff")["status"]  # type: ignore[index]
+    assert status["artifact"]["uri"] == out
+    assert status["artifact"]["manifestUri"] == out + "preshard-manifest.json"
+    assert status["serving"]["args"][:2] == ["--model", out]
+    cm = k8s_api.core.read_namespaced_config_map("handoff-serving", ns)
+    assert cm.data["MODEL"] == out
+    assert "attacker" not in json.dumps(cm.data) + json.dumps(status)
+
+
+def test_a_serving_configmap_this_resource_does_not_own_is_left_alone(
+    k8s_api: K8s, operator: Operator, ns: str
+) -> None:
+    k8s_api.core.create_namespaced_config_map(
+        ns, {"metadata": {"name": "taken-serving"}, "data": {"MODEL": "theirs"}}
+    )
+    k8s_api.create_checkpoint(ns, "taken", spec(output="s3://out/taken/tp2/"))
+    (job,) = k8s_api.wait_jobs(ns)
+    finish_job(k8s_api, ns, job, Result("Succeeded", artifact=ARTIFACT))
+    cond = k8s_api.wait_condition(ns, "taken", "False", "ServingConfigMapConflict")
+    assert "taken-serving" in cond["message"]
+    cm = k8s_api.core.read_namespaced_config_map("taken-serving", ns)
+    assert cm.data == {"MODEL": "theirs"} and not cm.metadata.owner_references
+
+
 def test_a_name_longer_than_a_label_value_reaches_ready(
     k8s_api: K8s, operator: Operator, ns: str
 ) -> None:
@@ -331,7 +371,8 @@ def test_same_output_prefix_conflicts_until_the_owner_is_deleted(
         ns, "second", spec(output="s3://shared/model/tp2/")
     )  # overlapping prefix
     cond = k8s_api.wait_condition(ns, "second", "False", "OutputConflict")
-    assert f"{ns}/first" in cond["message"]
+    # the same namespace: the owner may be named (never one of another namespace)
+    assert "ShardedCheckpoint first in this namespace" in cond["message"]
     jobs = converter_jobs(k8s_api, ns)
     assert [j["metadata"]["labels"]["preshard.io/checkpoint"] for j in jobs] == ["first"]
     k8s_api.delete_checkpoint(ns, "first")
@@ -572,8 +613,9 @@ def test_metrics_and_rbac(k8s_api: K8s, operator: Operator) -> None:
     ]
     assert succeeded and float(succeeded[0].split()[-1]) >= 1
     # every request the operator made (kopf and the kubernetes client; the tests use their
-    # own user agent) is allowed by REQUIRED_RBAC, which the chart's RBAC equals
-    allowed = {(res, verb) for r in REQUIRED_RBAC for res in r.resources for verb in r.verbs}
+    # own user agent) is allowed by required_rbac (the metadata-only Secret check is on by
+    # default), which the chart's RBAC equals
+    allowed = {(res, verb) for r in required_rbac(True) for res in r.resources for verb in r.verbs}
     made = set()
     for agent, counts in k8s_api.stats(by_agent=True).items():
         if agent in ("preshard-tests", "urllib3", "unknown"):
@@ -582,5 +624,5 @@ def test_metrics_and_rbac(k8s_api: K8s, operator: Operator) -> None:
             verb, resource = key.split(" ", 1)
             made.add((resource, verb))
     assert ("jobs", "create") in made and ("shardedcheckpoints/status", "patch") in made
-    assert made <= allowed, f"calls not allowed by REQUIRED_RBAC: {made - allowed}"
+    assert made <= allowed, f"calls not allowed by required_rbac: {made - allowed}"
     assert SECRET_VALUE not in operator.logs()

@@ -101,7 +101,7 @@ def test_failures_and_waiting_for_a_person_are_degraded() -> None:
     assert status == "Degraded" and "SourceNotFound" in message
     invalid = st.status_for_spec_error(None, "InvalidSpec", "bad", 1, NOW)
     assert health(resource(invalid)) == ("Degraded", "InvalidSpec: bad")
-    conflict = st.status_for_conflict(None, "ns/other", "s3://b/m/", 1, NOW)
+    conflict = st.status_for_conflict(None, "output s3://b/m/ overlaps another", 1, NOW)
     assert health(resource(conflict))[0] == "Degraded"
     missing = st.status_for_error(
         None,

@@ -42,7 +42,25 @@ CUSTOM_VALUES: dict[str, Any] = {
         "progressPollSeconds": 5,
         "serviceAccount": {
             "name": "sharder",
-            "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/sharder"},
+            # one cloud identity per tenant (a shared role-arn is refused, see below)
+            "perNamespace": {
+                "team-a": {
+                    "name": "team-a-sharder",
+                    "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/team-a"},
+                },
+                "team-b": {
+                    "name": "team-b-sharder",
+                    "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/team-b"},
+                },
+            },
+        },
+        "policy": {
+            "allowedImages": ["registry.example.com/ml/", "docker.io/vllm/vllm-openai:v0.32.0"],
+            "allowedServiceAccounts": ["shared-reader"],
+            "allowedPriorityClasses": ["gpu-batch"],
+            "allowedTolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+            "allowedNodeSelector": {"gpu.example.com/class": ["h100", "a100"], "zone": ["*"]},
+            "outputPrefixes": {"team-a": ["s3://models/team-a/"], "*": ["s3://scratch/shared/"]},
         },
     },
     "s3": {"endpoint": "http://minio.storage:9000", "credentialsSecret": "s3-creds"},
@@ -157,14 +175,16 @@ def _triples(rules: Iterable[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
-def _required_rbac(namespaced: bool | None = None) -> set[tuple[str, str, str]]:
-    """REQUIRED_RBAC (every API call the operator makes) as (group, resource, verb);
-    ``namespaced`` selects the rules on namespaced or cluster-scoped resources."""
-    from preshard.k8s.rbac import REQUIRED_RBAC
+def _required_rbac(
+    namespaced: bool | None = None, secrets: bool = False
+) -> set[tuple[str, str, str]]:
+    """required_rbac(secrets) (every API call the operator makes) as (group, resource,
+    verb); ``namespaced`` selects the rules on namespaced or cluster-scoped resources."""
+    from preshard.k8s.rbac import required_rbac
 
     return _triples(
         {"apiGroups": r.api_groups, "resources": r.resources, "verbs": r.verbs}
-        for r in REQUIRED_RBAC
+        for r in required_rbac(secrets)
         if namespaced is None or r.namespaced == namespaced
     )
 
@@ -234,8 +254,8 @@ def test_rendered_kinds(default: Rendered, custom: Rendered) -> None:
         ("RoleBinding", "team-b", "preshard"),
         ("Service", NAMESPACE, "preshard-metrics"),
         ("ServiceAccount", NAMESPACE, "preshard"),
-        ("ServiceAccount", "team-a", "sharder"),
-        ("ServiceAccount", "team-b", "sharder"),
+        ("ServiceAccount", "team-a", "team-a-sharder"),
+        ("ServiceAccount", "team-b", "team-b-sharder"),
         ("ServiceMonitor", NAMESPACE, "preshard"),
     ]
 
@@ -267,7 +287,7 @@ def test_standard_labels_on_every_object(which: str, request: pytest.FixtureRequ
         assert labels["helm.sh/chart"] == "preshard-0.1.0"
         expected = (
             "converter"
-            if obj["metadata"]["name"] in ("preshard-converter", "sharder")
+            if obj["metadata"]["name"] in ("preshard-converter", "team-a-sharder", "team-b-sharder")
             else "operator"
         )
         assert labels["app.kubernetes.io/component"] == expected, obj["metadata"]["name"]
@@ -405,6 +425,15 @@ def test_default_env_is_what_operator_config_reads(default: Rendered) -> None:
     assert cfg.work_dir_size == "200Gi"
     assert cfg.default_node_selector == ()
     assert cfg.default_tolerations == ()
+    # restrictive policy by default: the chart's own converter image and ServiceAccount,
+    # no priority class, no extra toleration or node selector, no Secret permission
+    assert cfg.image_allowlist == ("ghcr.io/preshard/preshard-converter",)
+    assert cfg.allowed_service_accounts_for("any") == ("preshard-converter",)
+    assert cfg.allowed_priority_classes == ()
+    assert cfg.allowed_tolerations == ()
+    assert cfg.node_selector_allowlist == {}
+    assert cfg.output_prefix_policy == {}
+    assert cfg.check_secrets is False  # cluster-wide: no Secret RBAC, no check
 
 
 def test_chart_sets_exactly_the_variables_operator_config_reads(default: Rendered) -> None:
@@ -444,6 +473,23 @@ def test_custom_env_is_what_operator_config_reads(custom: Rendered) -> None:
     assert cfg.work_dir_size == "500Gi"
     assert cfg.default_node_selector == (("gpu.example.com/class", "h100"),)
     assert list(cfg.default_tolerations) == CUSTOM_VALUES["converter"]["tolerations"]
+    assert cfg.service_account_for("team-a") == "team-a-sharder"
+    assert cfg.service_account_for("team-b") == "team-b-sharder"
+    assert cfg.service_account_for("other") == "sharder"
+    policy = CUSTOM_VALUES["converter"]["policy"]
+    assert cfg.image_allowlist == tuple(policy["allowedImages"])
+    assert cfg.allowed_service_accounts_for("team-a") == ("team-a-sharder", "shared-reader")
+    assert cfg.allowed_priority_classes == ("gpu-batch",)
+    assert list(cfg.allowed_tolerations) == policy["allowedTolerations"]
+    assert cfg.node_selector_allowlist == {
+        "gpu.example.com/class": ("h100", "a100"),
+        "zone": ("*",),
+    }
+    assert cfg.output_prefix_policy == {
+        "*": ("s3://scratch/shared/",),
+        "team-a": ("s3://models/team-a/",),
+    }
+    assert cfg.check_secrets is True  # namespaced mode: the metadata-only check
 
 
 def test_operator_env_carries_no_secret_material(custom: Rendered) -> None:
@@ -468,6 +514,8 @@ def test_cluster_wide_rbac_equals_required_rbac(default: Rendered) -> None:
     role = default.one("ClusterRole")
     _assert_no_wildcards(role["rules"])
     assert _triples(role["rules"]) == _required_rbac()
+    # the operator needs no Secret data: cluster-wide it holds no Secret permission at all
+    assert not [t for t in _triples(role["rules"]) if t[1] == "secrets"]
     binding = default.one("ClusterRoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -491,8 +539,11 @@ def test_namespaced_rbac_equals_required_rbac(custom: Rendered) -> None:
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for ns, role in roles.items():
         _assert_no_wildcards(role["rules"])
-        assert _triples(role["rules"]) == _required_rbac(namespaced=True)
-        assert _triples(role["rules"]) | _triples(cluster_role["rules"]) == _required_rbac()
+        # namespaced mode keeps the metadata-only Secret existence check, per namespace
+        assert _triples(role["rules"]) == _required_rbac(namespaced=True, secrets=True)
+        assert _triples(role["rules"]) | _triples(cluster_role["rules"]) == _required_rbac(
+            secrets=True
+        )
         assert bindings[ns]["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
@@ -514,20 +565,78 @@ def test_converter_service_account_has_no_api_access(
     which: str, request: pytest.FixtureRequest
 ) -> None:
     rendered: Rendered = request.getfixturevalue(which)
-    name = "preshard-converter" if which == "default" else "sharder"
-    accounts = [o for o in rendered.of_kind("ServiceAccount") if o["metadata"]["name"] == name]
+    accounts = [
+        o
+        for o in rendered.of_kind("ServiceAccount")
+        if o["metadata"]["labels"]["app.kubernetes.io/component"] == "converter"
+    ]
     assert accounts
     for sa in accounts:
         assert sa["automountServiceAccountToken"] is False
-        assert sa["metadata"]["labels"]["app.kubernetes.io/component"] == "converter"
+    names = {sa["metadata"]["name"] for sa in accounts}
     for binding in rendered.of_kind("RoleBinding") + rendered.of_kind("ClusterRoleBinding"):
-        assert all(s["name"] != name for s in binding["subjects"])
-    expected_ns = [NAMESPACE] if which == "default" else ["team-a", "team-b"]
-    assert sorted(sa["metadata"]["namespace"] for sa in accounts) == expected_ns
-    if which == "custom":
-        assert accounts[0]["metadata"]["annotations"] == {
-            "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/sharder"
+        assert all(s["name"] not in names for s in binding["subjects"])
+    where = sorted((sa["metadata"]["namespace"], sa["metadata"]["name"]) for sa in accounts)
+    if which == "default":
+        assert where == [(NAMESPACE, "preshard-converter")]
+        assert "annotations" not in accounts[0]["metadata"]
+    else:
+        # one identity per tenant: its own ServiceAccount and its own cloud role
+        assert where == [("team-a", "team-a-sharder"), ("team-b", "team-b-sharder")]
+        roles = {
+            sa["metadata"]["namespace"]: sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+            for sa in accounts
         }
+        assert roles == {
+            "team-a": "arn:aws:iam::1:role/team-a",
+            "team-b": "arn:aws:iam::1:role/team-b",
+        }
+
+
+def test_one_cloud_role_shared_by_several_tenants_is_refused(chart: helm.Chart) -> None:
+    shared = {
+        "watchNamespaces": ["team-a", "team-b"],
+        "converter": {
+            "serviceAccount": {
+                "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/all"}
+            }
+        },
+    }
+    with pytest.raises(Exception, match="every tenant would act as one cloud role"):
+        _render(chart, shared)
+    # explicit opt-in, or one namespace only, renders
+    shared["converter"]["serviceAccount"]["sharedIdentity"] = True
+    assert len(_render(chart, shared).of_kind("ServiceAccount")) == 3
+    one = {**shared, "watchNamespaces": ["team-a"]}
+    one["converter"] = {"serviceAccount": {"annotations": {"iam.gke.io/gcp-service-account": "x"}}}
+    assert len(_render(chart, one).of_kind("ServiceAccount")) == 2
+
+
+@pytest.mark.parametrize(
+    ("values", "namespaced_secret_get", "cluster_secret_get", "env"),
+    [
+        ({}, False, False, "off"),
+        ({"rbac": {"secretCheck": "metadata"}}, False, True, "metadata"),
+        ({"watchNamespaces": ["a"]}, True, False, "metadata"),
+        ({"watchNamespaces": ["a"], "rbac": {"secretCheck": "off"}}, False, False, "off"),
+    ],
+)
+def test_secret_permission_follows_the_existence_check(
+    chart: helm.Chart,
+    values: dict[str, Any],
+    namespaced_secret_get: bool,
+    cluster_secret_get: bool,
+    env: str,
+) -> None:
+    rendered = _render(chart, values)
+    assert rendered.env["PRESHARD_SECRET_CHECK"] == env
+    cluster = _triples(rendered.one("ClusterRole")["rules"])
+    roles = [_triples(r["rules"]) for r in rendered.of_kind("Role")]
+    assert (("", "secrets", "get") in cluster) is cluster_secret_get
+    assert any(("", "secrets", "get") in r for r in roles) is namespaced_secret_get
+    # never more than get, never list/watch (which would return every Secret's data)
+    for rules in [cluster, *roles]:
+        assert {v for _, res, v in rules if res == "secrets"} <= {"get"}
 
 
 def test_converter_service_account_namespaces_override(chart: helm.Chart) -> None:

@@ -25,6 +25,14 @@ DEFAULTS = {
     "work_dir_size": "200Gi",
     "default_node_selector": (),
     "default_tolerations": (),
+    "allowed_images": (),
+    "allowed_service_accounts": (),
+    "namespace_service_accounts": (),
+    "allowed_priority_classes": (),
+    "allowed_tolerations": (),
+    "allowed_node_selector": (),
+    "output_prefixes": (),
+    "check_secrets": True,
 }
 
 
@@ -60,6 +68,14 @@ def test_blank_values_mean_default() -> None:
             "PRESHARD_WORK_DIR_SIZE",
             "PRESHARD_CONVERTER_NODE_SELECTOR",
             "PRESHARD_CONVERTER_TOLERATIONS",
+            "PRESHARD_ALLOWED_IMAGES",
+            "PRESHARD_ALLOWED_SERVICE_ACCOUNTS",
+            "PRESHARD_NAMESPACE_SERVICE_ACCOUNTS",
+            "PRESHARD_ALLOWED_PRIORITY_CLASSES",
+            "PRESHARD_ALLOWED_TOLERATIONS",
+            "PRESHARD_ALLOWED_NODE_SELECTOR",
+            "PRESHARD_OUTPUT_PREFIXES",
+            "PRESHARD_SECRET_CHECK",
         )
     }
     assert OperatorConfig.from_env(env) == OperatorConfig()
@@ -83,6 +99,14 @@ FULL_ENV = {
         '[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},'
         ' {"key": "x", "operator": "Equal", "value": "y"}]'
     ),
+    "PRESHARD_ALLOWED_IMAGES": '["registry.example.com/ml/"]',
+    "PRESHARD_ALLOWED_SERVICE_ACCOUNTS": '["shared"]',
+    "PRESHARD_NAMESPACE_SERVICE_ACCOUNTS": '{"team-b": "b-conv", "team-a": "a-conv"}',
+    "PRESHARD_ALLOWED_PRIORITY_CLASSES": '["gpu-batch"]',
+    "PRESHARD_ALLOWED_TOLERATIONS": '[{"key": "spot", "operator": "Exists"}]',
+    "PRESHARD_ALLOWED_NODE_SELECTOR": '{"zone": ["*"], "class": ["h100", "a100"]}',
+    "PRESHARD_OUTPUT_PREFIXES": '{"team-a": ["s3://models/team-a"]}',
+    "PRESHARD_SECRET_CHECK": "off",
 }
 
 
@@ -107,6 +131,14 @@ def test_from_env_reads_every_variable() -> None:
             {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},
             {"key": "x", "operator": "Equal", "value": "y"},
         ),
+        "allowed_images": ("registry.example.com/ml/",),
+        "allowed_service_accounts": ("shared",),
+        "namespace_service_accounts": (("team-a", "a-conv"), ("team-b", "b-conv")),
+        "allowed_priority_classes": ("gpu-batch",),
+        "allowed_tolerations": ({"key": "spot", "operator": "Exists"},),
+        "allowed_node_selector": (("class", ("h100", "a100")), ("zone", ("*",))),
+        "output_prefixes": (("team-a", ("s3://models/team-a/",)),),
+        "check_secrets": False,
     }
     assert cfg.cluster_wide is False
     # Frozen and hashable-by-value where it matters: same env, equal config.

@@ -97,7 +97,7 @@ PVC_TP8_PP2_FP8: dict[str, Any] = {
             "requests": {"cpu": "32", "memory": "800Gi", "nvidia.com/gpu": "1"},
             "limits": {"memory": "900Gi"},
         },
-        "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "EMPTY"}],
+        "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "VLLM_EMPTY"}],
         "priorityClassName": "gpu-batch",
         "ttlSecondsAfterFinished": 0,
         "activeDeadlineSeconds": 43200,
@@ -121,7 +121,7 @@ HF: dict[str, Any] = {
         "image": "registry.example.com/ml/preshard-converter:custom",
         "imagePullPolicy": "Never",
         "gpuResourceName": "amd.com/gpu",
-        "nodeSelector": {},  # explicitly none: the operator default does not apply
+        "nodeSelector": {},  # explicitly none: the operator's default still applies
         "tolerations": [],
         "serviceAccountName": "hf-sharder",
         "workDirSize": "100Gi",
@@ -427,12 +427,14 @@ def test_scheduling_precedence() -> None:
     assert pod["nodeSelector"] == {"gpu.example.com/class": "h100", "kubernetes.io/arch": "amd64"}
     assert pod["tolerations"] == [dict(t) for t in CLUSTER_CONFIG.default_tolerations]
     assert "priorityClassName" not in pod
-    # Explicitly empty in the spec: nothing, not the operator's default.
+    # Explicitly empty in the spec: no tolerations (fewer only narrows placement), but the
+    # admin's nodeSelector always applies (a spec adds to it, it cannot remove it).
     pod = build_conversion_job("m", NS, UID, parse_spec(HF), CLUSTER_CONFIG)["spec"]["template"][
         "spec"
     ]
-    assert "nodeSelector" not in pod and "tolerations" not in pod
-    # Set in the spec: the spec's, sorted.
+    assert "tolerations" not in pod
+    assert pod["nodeSelector"] == {"gpu.example.com/class": "h100", "kubernetes.io/arch": "amd64"}
+    # Set in the spec: the spec's on top of the default, sorted.
     spec = spec_of(
         S3_TP2,
         **{
@@ -442,7 +444,12 @@ def test_scheduling_precedence() -> None:
         },
     )
     pod = build_conversion_job("m", NS, UID, spec, CLUSTER_CONFIG)["spec"]["template"]["spec"]
-    assert list(pod["nodeSelector"].items()) == [("a", "2"), ("z", "1")]
+    assert list(pod["nodeSelector"].items()) == [
+        ("a", "2"),
+        ("gpu.example.com/class", "h100"),
+        ("kubernetes.io/arch", "amd64"),
+        ("z", "1"),
+    ]
     assert pod["tolerations"] == [{"key": "k", "operator": "Exists"}]
     assert pod["priorityClassName"] == "p"
     # No defaults anywhere: no keys.
@@ -587,9 +594,11 @@ def test_runtime_env_keeps_caches_on_the_work_volume() -> None:
 
 
 def test_user_env_is_plain_values_only() -> None:
-    spec = spec_of(S3_TP2, **{"converter.env": [{"name": "A", "value": "1"}, {"name": "B"}]})
+    spec = spec_of(
+        S3_TP2, **{"converter.env": [{"name": "VLLM_A", "value": "1"}, {"name": "NCCL_B"}]}
+    )
     env = container_of(build_conversion_job("m", NS, UID, spec, BASIC_CONFIG))["env"]
-    assert env[-2:] == [{"name": "A", "value": "1"}, {"name": "B", "value": ""}]
+    assert env[-2:] == [{"name": "VLLM_A", "value": "1"}, {"name": "NCCL_B", "value": ""}]
     # valueFrom is an unknown field (the CRD prunes it; without the CRD it is an error,
     # not a silently empty variable): Secrets come from credentialsSecret only
     with pytest.raises(SpecError, match=r"^spec.converter.env\[0\].valueFrom: unknown field$"):
@@ -597,7 +606,7 @@ def test_user_env_is_plain_values_only() -> None:
             S3_TP2,
             **{
                 "converter.env": [
-                    {"name": "C", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+                    {"name": "VLLM_C", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
                 ]
             },
         )
@@ -662,8 +671,10 @@ def test_user_env_cannot_override_credentials_or_runtime_variables() -> None:
         "credentialsSecret, endpoints and regions from spec.source and spec.output)"
     )
     assert "plain-text-secret" not in str(exc.value)
-    with pytest.raises(SpecError, match=r"^spec.converter.env: duplicate variable name\(s\) X$"):
-        spec_of(S3_TP2, **{"converter.env": [{"name": "X", "value": "1"}, {"name": "X"}]})
+    with pytest.raises(
+        SpecError, match=r"^spec.converter.env: duplicate variable name\(s\) VLLM_X$"
+    ):
+        spec_of(S3_TP2, **{"converter.env": [{"name": "VLLM_X", "value": "1"}, {"name": "VLLM_X"}]})
     # worker tuning knobs stay available
     spec = spec_of(
         S3_TP2,
@@ -746,7 +757,9 @@ def test_purge_job() -> None:
         "--owner",
         f"ml/llama-8b/{UID}",
     ]
-    assert c["image"] == "registry.example.com/ml/preshard-converter:custom"
+    # the operator's own image, never spec.converter.image: the user's image never runs
+    # with the output credentials on deletion
+    assert (c["image"], c["imagePullPolicy"]) == (CLUSTER_CONFIG.converter_image, "Always")
     env = {e["name"]: e for e in c["env"]}
     # Output credentials only: the source is never read.
     assert "HF_TOKEN" not in env
@@ -785,6 +798,20 @@ def test_serving_configmap() -> None:
     }
     info = serving_info("big", spec, ARTIFACT["uri"], "http://minio.storage:9000")
     assert cm["data"] == configmap_data(info, spec, ARTIFACT)
+
+
+def test_serving_configmap_locations_come_from_the_spec_not_the_pod() -> None:
+    # a termination message can say anything (or nothing): MODEL, the arguments and the
+    # manifest's location are the spec's output URI
+    spec = parse_spec(S3_TP2)
+    forged = {"uri": "s3://attacker-bucket/x/", "manifestUri": "s3://attacker-bucket/m.json"}
+    data = build_serving_configmap("m", NS, UID, forged, spec)["data"]
+    assert data["MODEL"] == "s3://preshard-checkpoints/tiny-llama/tp2/"
+    assert data["MANIFEST_URI"] == "s3://preshard-checkpoints/tiny-llama/tp2/preshard-manifest.json"
+    assert "attacker" not in json.dumps(data)
+    # an artifact without "uri" (KeyError before)
+    data = build_serving_configmap("m", NS, UID, {"files": 3}, spec)["data"]
+    assert data["MODEL"] == "s3://preshard-checkpoints/tiny-llama/tp2/"
 
 
 def test_serving_configmap_endpoint_precedence() -> None:

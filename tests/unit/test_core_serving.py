@@ -177,7 +177,8 @@ def test_configmap_data_minimal_artifact_and_no_quantization() -> None:
     data = configmap_data(info, spec, {"uri": "s3://checkpoints/llama/tp2/"})
     assert "QUANTIZATION" not in data
     assert "AWS_ENDPOINT_URL" not in data
-    assert data["MANIFEST_URI"] == ""
+    # the manifest's location is the output's, whatever the artifact says
+    assert data["MANIFEST_URI"] == "s3://checkpoints/llama/tp2/preshard-manifest.json"
     assert data["MANIFEST_SHA256"] == ""
     assert data["VLLM_VERSION"] == ""
     assert all(isinstance(v, str) for v in data.values())
@@ -201,3 +202,18 @@ def test_configmap_keys_are_valid() -> None:
     info = serving_info("m", spec, ARTIFACT["uri"], "http://e")
     for key in configmap_data(info, spec, ARTIFACT):
         assert re.fullmatch(r"[-._a-zA-Z0-9]+", key), key
+
+
+def test_trusted_artifact_takes_the_locations_from_the_spec() -> None:
+    from preshard.core.serving import trusted_artifact
+
+    spec = make_spec()
+    out = str(spec.output.parsed)
+    forged = {"uri": "s3://elsewhere/x/", "manifestUri": "s3://elsewhere/m", "files": 3}
+    assert trusted_artifact(forged, spec) == {
+        "uri": out,
+        "manifestUri": out + "preshard-manifest.json",
+        "files": 3,
+    }
+    # no uri at all (a KeyError in the handler before)
+    assert trusted_artifact({"files": 1}, spec)["uri"] == out

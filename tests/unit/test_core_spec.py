@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -297,6 +298,11 @@ RESERVED = (
     "is set by the operator and cannot be overridden (credentials come from "
     "credentialsSecret, endpoints and regions from spec.source and spec.output)"
 )
+NOT_ALLOWED = (
+    "may not be set (allowed: VLLM_*, NCCL_*, OMP_*, MKL_*, KMP_*, TORCH_*, TORCHINDUCTOR_*, "
+    "PYTORCH_*, CUDA_* and a few exact names the CRD lists, such as HF_HUB_OFFLINE or "
+    "PRESHARD_S3_CONCURRENCY; credentials, endpoints and paths are the operator's)"
+)
 
 
 @pytest.mark.parametrize(
@@ -387,11 +393,16 @@ RESERVED = (
         ),
         (
             spec_with(
-                **{"converter.env": [{"value": "x"}, {"name": "1X"}, {"name": "X", "value": 1}]}
+                **{
+                    "converter.env": [
+                        {"value": "x"},
+                        {"name": "1X"},
+                        {"name": "VLLM_X", "value": 1},
+                    ]
+                }
             ),
-            "spec.converter.env[0].name: Field required; spec.converter.env[1].name: '1X' is not "
-            "a valid variable name (letters, digits and '_', not starting with a digit); "
-            "spec.converter.env[2].value: Input should be a valid string",
+            f"spec.converter.env[0].name: Field required; spec.converter.env[1].name: '1X' "
+            f"{NOT_ALLOWED}; spec.converter.env[2].value: Input should be a valid string",
         ),
         (
             spec_with(**{"converter.env": [{"name": "HF_TOKEN", "value": "hf_secret"}]}),
@@ -402,7 +413,7 @@ RESERVED = (
             f"spec.converter.env[0].name: HOME {RESERVED}",
         ),
         (
-            spec_with(**{"converter.env": [{"name": "X", "value": "v" * 32769}]}),
+            spec_with(**{"converter.env": [{"name": "VLLM_X", "value": "v" * 32769}]}),
             "spec.converter.env[0].value: String should have at most 32768 characters",
         ),
         (
@@ -498,7 +509,7 @@ def test_conversion_hash_changes_with_conversion_fields(change: dict[str, Any]) 
         {"converter.image": "img:2"},
         {"converter.backoffLimit": 5},
         {"converter.nodeSelector": {"gpu": "a100"}},
-        {"converter.env": [{"name": "X", "value": "1"}]},
+        {"converter.env": [{"name": "VLLM_X", "value": "1"}]},
         # Equivalent spellings of the same conversion.
         {"pipelineParallelSize": 1},
         {"dtype": "auto"},
@@ -546,3 +557,77 @@ def test_check_model_config_pp_mismatch() -> None:
         check_model_config(spec, {"num_attention_heads": 4, "num_hidden_layers": 2})
     assert str(exc.value) == "pipelineParallelSize 4 exceeds the model's 2 layers"
     assert exc.value.reason == "PipelineParallelSizeMismatch"
+
+
+# ------------------------------------------------------------------- env allowlist
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        # accepted before (only exact reserved names were blocked): each redirects
+        # credentials, endpoints, code or loaded libraries
+        "AWS_ENDPOINT_URL",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_SHARED_CREDENTIALS_FILE",
+        "HF_ENDPOINT",
+        "LD_PRELOAD",
+        "PYTHONPATH",
+        "PYTHONSTARTUP",
+        "aws_secret_access_key",
+        "aws_access_key_id",
+        "vllm_plugins",
+        "PRESHARD_KEEP_CPU_WEIGHTS",
+        "PRESHARD_SOURCE_ENDPOINT_URL",
+        "NVIDIA_VISIBLE_DEVICES",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "VLLM_",
+    ],
+)
+def test_env_outside_the_allowlist_is_refused(name: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_spec(spec_with(**{"converter.env": [{"name": name, "value": "x"}]}))
+    assert str(exc.value).startswith(f"spec.converter.env[0].name: {name}") or str(
+        exc.value
+    ).startswith(f"spec.converter.env[0].name: '{name}'")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "VLLM_LOGGING_LEVEL",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "NCCL_DEBUG",
+        "OMP_NUM_THREADS",
+        "TORCH_CUDA_ARCH_LIST",
+        "PYTORCH_CUDA_ALLOC_CONF",
+        "CUDA_LAUNCH_BLOCKING",
+        "HF_HUB_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "PRESHARD_S3_CONCURRENCY",
+        "AWS_MAX_ATTEMPTS",
+    ],
+)
+def test_documented_tuning_variables_are_allowed(name: str) -> None:
+    spec = parse_spec(spec_with(**{"converter.env": [{"name": name, "value": "1"}]}))
+    assert spec.converter.env == [{"name": name, "value": "1"}]
+
+
+def test_env_allowlist_is_the_crds_pattern_and_documented() -> None:
+    import yaml
+
+    from preshard.core.spec import ALLOWED_ENV_NAMES, ALLOWED_ENV_PREFIXES, ENV_NAME_PATTERN
+
+    root = Path(__file__).resolve().parents[2]
+    crd = yaml.safe_load((root / "crds" / "shardedcheckpoints.preshard.io.yaml").read_text())
+    env = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "properties"
+    ]["converter"]["properties"]["env"]
+    assert env["items"]["properties"]["name"]["pattern"] == ENV_NAME_PATTERN
+    readme = (root / "README.md").read_text()
+    for p in ALLOWED_ENV_PREFIXES:
+        assert f"`{p}*`" in readme and f"{p}*" in env["description"], p
+    for n in ALLOWED_ENV_NAMES:
+        assert f"`{n}`" in readme and n in env["description"], n
+    assert re.match(ENV_NAME_PATTERN, "VLLM_X") and not re.match(ENV_NAME_PATTERN, "LD_PRELOAD")

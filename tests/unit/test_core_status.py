@@ -545,11 +545,8 @@ def test_status_for_error_rejects_non_pascal_reasons() -> None:
 
 
 def test_status_for_conflict() -> None:
-    msg = (
-        "output s3://out/m/ is already used by ShardedCheckpoint ml/other (same or overlapping "
-        "prefix); choose another spec.output.uri (this resource starts once that one is deleted)"
-    )
-    assert status_for_conflict({"jobName": "x"}, "ml/other", "s3://out/m/", 1, T0) == {
+    msg = "output s3://out/m/ overlaps an output prefix already used by another resource"
+    assert status_for_conflict({"jobName": "x"}, msg, 1, T0) == {
         "jobName": "x",
         "phase": "Pending",
         "observedGeneration": 1,

@@ -152,7 +152,7 @@ FULL: dict[str, Any] = {
         "serviceAccountName": "sharder",
         "priorityClassName": "gpu-batch",
         "workDirSize": "1Ti",
-        "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "EMPTY"}],
+        "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}, {"name": "VLLM_EMPTY"}],
     },
 }
 HF: dict[str, Any] = {
@@ -458,7 +458,7 @@ def operator_statuses() -> dict[str, dict[str, Any]]:
         ),
         "pending": derive_status(None, job=None, result=None, progress=None, **common),
         "spec-error": status_for_spec_error(None, "InvalidSpec", "bad", 1, T0),
-        "conflict": status_for_conflict(None, "ml/other", "s3://x/y/", 1, T0),
+        "conflict": status_for_conflict(None, "output s3://x/y/ overlaps another", 1, T0),
     }
 
 
@@ -593,7 +593,7 @@ INVALID: dict[str, tuple[dict[str, Any], list[Any]]] = {
         ["spec", "converter", "env", 0, "name"],
     ),
     "env value not a string": (
-        changed(MINIMAL, **{"converter.env": [{"name": "X", "value": 1}]}),
+        changed(MINIMAL, **{"converter.env": [{"name": "VLLM_X", "value": 1}]}),
         ["spec", "converter", "env", 0, "value"],
     ),
     "resources not a quantity": (
@@ -657,7 +657,7 @@ def test_unknown_fields_are_pruned_not_rejected() -> None:
             "converter.resources.claims": [{"name": "gpu"}],
             "converter.tolerations": [{"key": "k", "operator": "Exists", "extra": True}],
             "converter.env": [
-                {"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+                {"name": "VLLM_X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
             ],
         },
     )
@@ -680,12 +680,12 @@ def test_unknown_fields_are_pruned_not_rejected() -> None:
     assert "maxFileSizee" not in pruned["output"]
     assert "claims" not in pruned["converter"]["resources"]
     assert pruned["converter"]["tolerations"] == [{"key": "k", "operator": "Exists"}]
-    assert pruned["converter"]["env"] == [{"name": "X"}]
+    assert pruned["converter"]["env"] == [{"name": "VLLM_X"}]
     assert pruned == changed(
         FULL,
         **{
             "converter.tolerations": [{"key": "k", "operator": "Exists"}],
-            "converter.env": [{"name": "X"}],
+            "converter.env": [{"name": "VLLM_X"}],
         },
     )
     parse_spec(pruned)

@@ -1,5 +1,6 @@
-"""preshard.k8s.api.secret_exists: a Secret found recently is not read again; a missing
-one is read every time (so creating it heals at the next retry)."""
+"""preshard.k8s.api.secret_exists: a metadata-only read (the Accept header asks for
+PartialObjectMetadata, the body is never parsed); a Secret found recently is not read
+again; a missing one is read every time (so creating it heals at the next retry)."""
 
 from __future__ import annotations
 
@@ -11,53 +12,82 @@ from kubernetes.client.exceptions import ApiException
 from preshard.k8s import api
 
 
-class FakeCore:
+class FakeResponse:
+    def __init__(self) -> None:
+        self.released = False
+        self.drained = False
+
+    def drain_conn(self) -> None:
+        self.drained = True
+
+    def release_conn(self) -> None:
+        self.released = True
+
+
+class FakeClient:
+    """Records what the operator asks the API server for (the real request against the
+    API emulator is in tests/integration/test_multitenant.py)."""
+
     def __init__(self, existing: set[tuple[str, str]]) -> None:
         self.existing = existing
         self.reads: list[tuple[str, str]] = []
+        self.requests: list[dict[str, Any]] = []
 
-    def read_namespaced_secret(self, name: str, namespace: str) -> dict[str, Any]:
-        self.reads.append((namespace, name))
-        if (namespace, name) not in self.existing:
+    def call_api(self, path: str, method: str, **kw: Any) -> FakeResponse:
+        self.requests.append({"path": path, "method": method, **kw})
+        key = (kw["path_params"]["namespace"], kw["path_params"]["name"])
+        self.reads.append(key)
+        if key not in self.existing:
             raise ApiException(status=404, reason="Not Found")
-        return {"data": {"AWS_SECRET_ACCESS_KEY": "c2VjcmV0"}}
+        return FakeResponse()
 
 
 @pytest.fixture
-def core(monkeypatch: pytest.MonkeyPatch) -> FakeCore:
-    fake = FakeCore({("ml", "s3")})
-    monkeypatch.setattr(api, "core", lambda: fake)
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
+    fake = FakeClient({("ml", "s3")})
+    monkeypatch.setattr(api, "client", lambda: fake)
     monkeypatch.setattr(api, "_secrets_seen", {})
     return fake
 
 
-def test_a_found_secret_is_not_read_again_for_a_while(core: FakeCore) -> None:
+def test_the_check_asks_for_metadata_only_and_never_parses_a_body(fake: FakeClient) -> None:
+    assert api.secret_exists("ml", "s3")
+    (req,) = fake.requests
+    assert req["method"] == "GET"
+    assert req["path"] == "/api/v1/namespaces/{namespace}/secrets/{name}"
+    assert req["header_params"] == {
+        "Accept": "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+    }
+    assert req["_preload_content"] is False  # no deserialisation into a V1Secret
+
+
+def test_a_found_secret_is_not_read_again_for_a_while(fake: FakeClient) -> None:
     assert all(api.secret_exists("ml", "s3") for _ in range(5))
-    assert core.reads == [("ml", "s3")]
+    assert fake.reads == [("ml", "s3")]
     assert api.secret_exists("ml", "s3", max_age=0)  # expired: read again
-    assert len(core.reads) == 2
+    assert len(fake.reads) == 2
 
 
-def test_a_missing_secret_is_read_every_time_and_found_once_created(core: FakeCore) -> None:
+def test_a_missing_secret_is_read_every_time_and_found_once_created(fake: FakeClient) -> None:
     assert not api.secret_exists("ml", "other")
     assert not api.secret_exists("ml", "other")
-    assert core.reads == [("ml", "other")] * 2
-    core.existing.add(("ml", "other"))
+    assert fake.reads == [("ml", "other")] * 2
+    fake.existing.add(("ml", "other"))
     assert api.secret_exists("ml", "other")
 
 
-def test_a_deleted_secret_is_noticed_once_the_entry_expires(core: FakeCore) -> None:
+def test_a_deleted_secret_is_noticed_once_the_entry_expires(fake: FakeClient) -> None:
     assert api.secret_exists("ml", "s3")
-    core.existing.clear()
+    fake.existing.clear()
     assert api.secret_exists("ml", "s3")  # still within max_age
     assert not api.secret_exists("ml", "s3", max_age=0)
     assert not api.secret_exists("ml", "s3")  # and not cached as found any more
 
 
-def test_other_errors_are_raised(core: FakeCore, monkeypatch: pytest.MonkeyPatch) -> None:
-    def forbidden(name: str, namespace: str) -> None:
+def test_other_errors_are_raised(fake: FakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    def forbidden(path: str, method: str, **kw: Any) -> None:
         raise ApiException(status=403, reason="Forbidden")
 
-    monkeypatch.setattr(core, "read_namespaced_secret", forbidden)
+    monkeypatch.setattr(fake, "call_api", forbidden)
     with pytest.raises(ApiException):
         api.secret_exists("ml", "s3")

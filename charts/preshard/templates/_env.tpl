@@ -32,4 +32,20 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
   value: {{ .Values.converter.nodeSelector | toJson | quote }}
 - name: PRESHARD_CONVERTER_TOLERATIONS
   value: {{ .Values.converter.tolerations | toJson | quote }}
+- name: PRESHARD_NAMESPACE_SERVICE_ACCOUNTS
+  value: {{ include "preshard.namespaceServiceAccounts" . | quote }}
+- name: PRESHARD_ALLOWED_IMAGES
+  value: {{ include "preshard.allowedImages" . | quote }}
+- name: PRESHARD_ALLOWED_SERVICE_ACCOUNTS
+  value: {{ .Values.converter.policy.allowedServiceAccounts | toJson | quote }}
+- name: PRESHARD_ALLOWED_PRIORITY_CLASSES
+  value: {{ .Values.converter.policy.allowedPriorityClasses | toJson | quote }}
+- name: PRESHARD_ALLOWED_TOLERATIONS
+  value: {{ .Values.converter.policy.allowedTolerations | toJson | quote }}
+- name: PRESHARD_ALLOWED_NODE_SELECTOR
+  value: {{ .Values.converter.policy.allowedNodeSelector | toJson | quote }}
+- name: PRESHARD_OUTPUT_PREFIXES
+  value: {{ .Values.converter.policy.outputPrefixes | toJson | quote }}
+- name: PRESHARD_SECRET_CHECK
+  value: {{ include "preshard.secretCheck" . | quote }}
 {{- end }}

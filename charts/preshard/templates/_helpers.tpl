@@ -95,3 +95,40 @@ kopf's liveness endpoint, passed as --liveness and probed by the kubelet.
 {{- define "preshard.livenessURL" -}}
 {{- printf "http://0.0.0.0:%d/healthz" (int .Values.probes.port) }}
 {{- end }}
+
+{{/*
+The Secret existence check in effect: rbac.secretCheck, with "auto" meaning metadata when
+the operator watches listed namespaces and off when it watches all of them.
+*/}}
+{{- define "preshard.secretCheck" -}}
+{{- $mode := .Values.rbac.secretCheck | default "auto" }}
+{{- if eq $mode "auto" }}
+{{- if .Values.watchNamespaces }}metadata{{ else }}off{{ end }}
+{{- else }}
+{{- $mode }}
+{{- end }}
+{{- end }}
+
+{{/*
+Images a spec may name (converter.policy.allowedImages, default the converter image's
+repository), as a JSON list.
+*/}}
+{{- define "preshard.allowedImages" -}}
+{{- if .Values.converter.policy.allowedImages }}
+{{- toJson .Values.converter.policy.allowedImages }}
+{{- else }}
+{{- toJson (list .Values.converter.image.repository) }}
+{{- end }}
+{{- end }}
+
+{{/*
+namespace -> converter ServiceAccount name of converter.serviceAccount.perNamespace, as
+a JSON object.
+*/}}
+{{- define "preshard.namespaceServiceAccounts" -}}
+{{- $out := dict }}
+{{- range $ns, $id := .Values.converter.serviceAccount.perNamespace }}
+{{- $_ := set $out $ns $id.name }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}

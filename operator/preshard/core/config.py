@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,12 +15,14 @@ from pydantic import TypeAdapter, ValidationError
 from preshard import __version__
 from preshard.core.errors import URIError
 from preshard.core.quantity import QUANTITY_RE
-from preshard.core.spec import Toleration
-from preshard.core.uris import check_endpoint
+from preshard.core.spec import NAME_PATTERN, Toleration
+from preshard.core.uris import check_endpoint, parse_output_uri
 
 _TOLERATIONS = TypeAdapter(list[Toleration])
 
 DEFAULT_CONVERTER_IMAGE = f"ghcr.io/preshard/preshard-converter:{__version__}"
+SECRET_CHECKS = ("metadata", "off")
+_NAME_RE = re.compile(NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,57 @@ class OperatorConfig:
     work_dir_size: str = "200Gi"
     default_node_selector: tuple[tuple[str, str], ...] = ()
     default_tolerations: tuple[Mapping[str, Any], ...] = ()
+    # --- pod policy (preshard.core.policy; the chart's converter.policy values)
+    # images a spec may name; empty: the repository of converter_image only
+    allowed_images: tuple[str, ...] = ()
+    # ServiceAccounts a spec may name besides its namespace's converter ServiceAccount
+    allowed_service_accounts: tuple[str, ...] = ()
+    # namespace -> its converter ServiceAccount (per-namespace cloud identity); others use
+    # job_service_account
+    namespace_service_accounts: tuple[tuple[str, str], ...] = ()
+    allowed_priority_classes: tuple[str, ...] = ()
+    # tolerations a spec may add besides default_tolerations
+    allowed_tolerations: tuple[Mapping[str, Any], ...] = ()
+    # nodeSelector key -> values a spec may set ("*": any); default_node_selector always
+    allowed_node_selector: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # namespace (or "*") -> s3://bucket/prefix/ it may write; empty: no restriction
+    output_prefixes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # PRESHARD_SECRET_CHECK: "metadata" (True: a metadata-only GET of each referenced
+    # Secret, needs Secret get RBAC) or "off" (no check and no Secret RBAC: a missing
+    # Secret shows as the pod's CreateContainerConfigError, Ready reason PodWaiting)
+    check_secrets: bool = True
 
     @property
     def cluster_wide(self) -> bool:
         return not self.namespaces
+
+    @property
+    def image_allowlist(self) -> tuple[str, ...]:
+        if self.allowed_images:
+            return self.allowed_images
+        from preshard.core.policy import default_image_allowlist
+
+        return default_image_allowlist(self.converter_image)
+
+    def service_account_for(self, namespace: str) -> str:
+        """The converter ServiceAccount of a namespace (its own cloud identity)."""
+        return dict(self.namespace_service_accounts).get(namespace, self.job_service_account)
+
+    def allowed_service_accounts_for(self, namespace: str) -> tuple[str, ...]:
+        own = self.service_account_for(namespace)
+        return (own, *[s for s in self.allowed_service_accounts if s != own])
+
+    @property
+    def node_selector_allowlist(self) -> dict[str, tuple[str, ...]]:
+        out = {k: tuple(v) for k, v in self.allowed_node_selector}
+        for k, v in self.default_node_selector:
+            if v not in out.get(k, ()):
+                out[k] = (*out.get(k, ()), v)
+        return out
+
+    @property
+    def output_prefix_policy(self) -> dict[str, tuple[str, ...]]:
+        return {k: tuple(v) for k, v in self.output_prefixes}
 
     def with_overrides(self, **kw: object) -> OperatorConfig:
         return replace(self, **{k: v for k, v in kw.items() if v is not None})  # type: ignore[arg-type]
@@ -134,6 +184,55 @@ class OperatorConfig:
             n.strip() for n in (get("PRESHARD_NAMESPACES") or "").split(",") if n.strip()
         )
         liveness = get("PRESHARD_LIVENESS_ENDPOINT")
+
+        def strings(name: str) -> tuple[str, ...]:
+            value = json_value(name, list)
+            if not all(isinstance(v, str) and v.strip() for v in value):
+                raise ValueError(f"{name} must be a JSON list of non-empty strings")
+            return tuple(v.strip() for v in value)
+
+        def names(name: str) -> tuple[str, ...]:
+            value = strings(name)
+            for v in value:
+                if v != "*" and not _NAME_RE.match(v):
+                    raise ValueError(f"{name}: {v!r} is not a valid object name")
+            return value
+
+        ns_sas = json_value("PRESHARD_NAMESPACE_SERVICE_ACCOUNTS", dict)
+        for key, value in ns_sas.items():
+            if not isinstance(value, str) or not _NAME_RE.match(value):
+                raise ValueError(
+                    f"PRESHARD_NAMESPACE_SERVICE_ACCOUNTS[{key!r}]: {value!r} is not a valid "
+                    "ServiceAccount name"
+                )
+        allowed_tolerations = json_value("PRESHARD_ALLOWED_TOLERATIONS", list)
+        try:
+            allowed_tolerations = _TOLERATIONS.validate_python(allowed_tolerations)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            raise ValueError(f"PRESHARD_ALLOWED_TOLERATIONS{where}: {msg}") from None
+        allowed_ns = json_value("PRESHARD_ALLOWED_NODE_SELECTOR", dict)
+        for key, value in allowed_ns.items():
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(
+                    f"PRESHARD_ALLOWED_NODE_SELECTOR[{key!r}] must be a list of values ('*': any)"
+                )
+        prefixes = json_value("PRESHARD_OUTPUT_PREFIXES", dict)
+        for key, value in prefixes.items():
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(
+                    f"PRESHARD_OUTPUT_PREFIXES[{key!r}] must be a list of s3://bucket/prefix/"
+                )
+            for uri in value:
+                try:
+                    parse_output_uri(uri)
+                except URIError as exc:
+                    raise ValueError(f"PRESHARD_OUTPUT_PREFIXES[{key!r}]: {exc}") from None
+        lookup = get("PRESHARD_SECRET_CHECK") or SECRET_CHECKS[0]
+        if lookup not in SECRET_CHECKS:
+            raise ValueError(f"PRESHARD_SECRET_CHECK={lookup!r} must be metadata or off")
         return cls(
             converter_image=get("PRESHARD_CONVERTER_IMAGE") or DEFAULT_CONVERTER_IMAGE,
             image_pull_policy=policy,
@@ -149,4 +248,14 @@ class OperatorConfig:
             work_dir_size=work,
             default_node_selector=tuple(sorted(node_selector.items())),
             default_tolerations=tuple(tolerations),
+            allowed_images=strings("PRESHARD_ALLOWED_IMAGES"),
+            allowed_service_accounts=names("PRESHARD_ALLOWED_SERVICE_ACCOUNTS"),
+            namespace_service_accounts=tuple(sorted(ns_sas.items())),
+            allowed_priority_classes=strings("PRESHARD_ALLOWED_PRIORITY_CLASSES"),
+            allowed_tolerations=tuple(allowed_tolerations),
+            allowed_node_selector=tuple(sorted((k, tuple(v)) for k, v in allowed_ns.items())),
+            output_prefixes=tuple(
+                sorted((k, tuple(str(parse_output_uri(u)) for u in v)) for k, v in prefixes.items())
+            ),
+            check_secrets=lookup == SECRET_CHECKS[0],
         )

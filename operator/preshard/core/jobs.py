@@ -103,6 +103,12 @@ def output_endpoint(spec: CheckpointSpec, config: OperatorConfig) -> str | None:
     return spec.output.endpoint or config.default_s3_endpoint
 
 
+def job_service_account(namespace: str, spec: CheckpointSpec, config: OperatorConfig) -> str:
+    """The conversion (and purge) pod's ServiceAccount: the spec's (the policy checked it)
+    or the namespace's own converter ServiceAccount."""
+    return spec.converter.service_account_name or config.service_account_for(namespace)
+
+
 def referenced_secrets(spec: CheckpointSpec, config: OperatorConfig) -> list[str]:
     """Every Secret the conversion pod reads (the operator checks they exist)."""
     names = [s for s in (output_secret(spec, config), source_secret(spec, config)) if s]
@@ -239,16 +245,16 @@ def build_conversion_job(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": conv.service_account_name or config.job_service_account,
+        "serviceAccountName": job_service_account(namespace, spec, config),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
         "containers": [container],
         "volumes": volumes,
     }
-    node_selector = (
-        conv.node_selector if conv.node_selector is not None else dict(config.default_node_selector)
-    )
+    # The admin's default nodeSelector always applies; the spec adds (or, where the policy
+    # allows it, changes) entries on top of it.
+    node_selector = {**dict(config.default_node_selector), **(conv.node_selector or {})}
     if node_selector:
         pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
     tolerations = [
@@ -312,13 +318,18 @@ def build_purge_job(
     """The Job that deletes the output prefix (deletionPolicy: Delete), manifest first.
 
     It has no ownerReference: its owner is being deleted, and the finalizer waits for it.
+    It runs the operator's converter image and ``purge --owner NAMESPACE/NAME/UID``: the
+    purge deletes only what that owner published. The handler decides first whether this
+    resource may purge at all (preshard.core.claims.purge_decision).
     """
     spec_hash = spec.conversion_hash()
     lbl = labels(name, "purge", spec_hash)
     container: dict[str, Any] = {
         "name": "purge",
-        "image": spec.converter.image or config.converter_image,
-        "imagePullPolicy": spec.converter.image_pull_policy or config.image_pull_policy,
+        # The operator's own image, whatever spec.converter.image says: deleting needs no
+        # vLLM, and an image the user picked never runs with the output credentials here.
+        "image": config.converter_image,
+        "imagePullPolicy": config.image_pull_policy,
         "command": ["preshard"],
         "args": [
             "purge",
@@ -359,8 +370,7 @@ def build_purge_job(
                 "metadata": {"labels": lbl},
                 "spec": {
                     "restartPolicy": "Never",
-                    "serviceAccountName": spec.converter.service_account_name
-                    or config.job_service_account,
+                    "serviceAccountName": job_service_account(namespace, spec, config),
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                     "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
@@ -381,7 +391,9 @@ def build_serving_configmap(
     default_endpoint: str | None = None,
 ) -> dict[str, Any]:
     endpoint = spec.output.endpoint or default_endpoint
-    info = serving_info(name, spec, str(artifact["uri"]), endpoint)
+    # MODEL and the arguments come from the spec's output URI, never from the pod's
+    # termination message (the artifact supplies only the manifest digest and version).
+    info = serving_info(name, spec, str(spec.output.parsed), endpoint)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

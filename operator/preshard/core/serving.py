@@ -18,6 +18,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from preshard.core.manifest import MANIFEST_NAME
 from preshard.core.spec import CheckpointSpec
 
 STREAM_LOAD_FORMAT = "runai_streamer_sharded"
@@ -91,7 +92,7 @@ def configmap_data(
         "LOCAL_LOAD_FORMAT": LOCAL_LOAD_FORMAT,
         "LOCAL_VLLM_ARGS": shlex.join(info.local_args),
         "FETCH_COMMAND": shlex.join(info.fetch_command),
-        "MANIFEST_URI": str(artifact.get("manifestUri", "")),
+        "MANIFEST_URI": info.model + MANIFEST_NAME,
         "MANIFEST_SHA256": str(artifact.get("manifestSha256", "")),
         "VLLM_VERSION": str(artifact.get("vllmVersion", "")),
     }
@@ -100,3 +101,11 @@ def configmap_data(
     for k, v in info.env:
         data[k] = v
     return data
+
+
+def trusted_artifact(artifact: dict[str, Any], spec: CheckpointSpec) -> dict[str, Any]:
+    """The worker's artifact record with the locations the operator knows itself: ``uri``
+    and ``manifestUri`` come from the spec's output URI (a termination message can say
+    anything, and may lack them); the rest (counts, digest, versions) is the worker's."""
+    uri = str(spec.output.parsed)
+    return {**artifact, "uri": uri, "manifestUri": uri + MANIFEST_NAME}

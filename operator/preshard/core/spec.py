@@ -66,7 +66,42 @@ MAX_PARALLEL = 1024
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 # No user info (``http://USER:PASS@host``): credentials never go into a spec.
 ENDPOINT_PATTERN = r"^https?://[^\s/@?#]+([/?#][^\s]*)?$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# spec.converter.env may set only these (an allowlist: every other name could redirect
+# credentials, endpoints, the Python path or preloaded libraries, e.g. AWS_*, HF_ENDPOINT,
+# LD_PRELOAD, PYTHONPATH, PRESHARD_*); README and the CRD description list them.
+ALLOWED_ENV_PREFIXES: tuple[str, ...] = (
+    "VLLM_",
+    "NCCL_",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "TORCH_",
+    "TORCHINDUCTOR_",
+    "PYTORCH_",
+    "CUDA_",
+)
+ALLOWED_ENV_NAMES: tuple[str, ...] = (
+    "HF_HUB_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "HF_HUB_ENABLE_HF_TRANSFER",
+    "HF_HUB_ETAG_TIMEOUT",
+    "HF_HUB_DOWNLOAD_TIMEOUT",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    # worker tuning knobs (docs/architecture.md) and botocore's retries
+    "PRESHARD_S3_CONCURRENCY",
+    "PRESHARD_ENGINE_TIMEOUT",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
+)
+ENV_NAME_PATTERN = (
+    "^(("
+    + "|".join(p.rstrip("_") for p in ALLOWED_ENV_PREFIXES)
+    + ")_[A-Z0-9_]+|"
+    + "|".join(ALLOWED_ENV_NAMES)
+    + ")$"
+)
 _NAME_RE = re.compile(NAME_PATTERN)
 _ENDPOINT_RE = re.compile(ENDPOINT_PATTERN)
 _ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
@@ -141,15 +176,17 @@ def _resource_quantity(v: Any) -> int | str:
 
 
 def _env_name(v: str) -> str:
-    if not _ENV_NAME_RE.match(v):
-        raise ValueError(
-            f"{v!r} is not a valid variable name (letters, digits and '_', not starting "
-            "with a digit)"
-        )
     if v in RESERVED_ENV:
         raise ValueError(
             f"{v} is set by the operator and cannot be overridden (credentials come from "
             "credentialsSecret, endpoints and regions from spec.source and spec.output)"
+        )
+    if not _ENV_NAME_RE.match(v):
+        raise ValueError(
+            f"{v!r} may not be set (allowed: "
+            + ", ".join(p + "*" for p in ALLOWED_ENV_PREFIXES)
+            + " and a few exact names the CRD lists, such as HF_HUB_OFFLINE or "
+            "PRESHARD_S3_CONCURRENCY; credentials, endpoints and paths are the operator's)"
         )
     return v
 

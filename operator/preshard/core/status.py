@@ -281,8 +281,12 @@ def derive_status(
     now: str,
     serving: dict[str, Any] | None = None,
     pod: PodProblem | None = None,
+    serving_error: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """The full new status for a checkpoint whose conversion Job is ``job``.
+
+    ``serving_error`` (reason, message): the serving ConfigMap could not be written (one
+    of that name exists and belongs to something else); Ready stays False with it.
 
     ``serving`` is the status.serving object (built by the caller once the ConfigMap
     exists); ``result`` is the newest pod's termination message; ``progress`` the last
@@ -334,6 +338,16 @@ def derive_status(
                     "True",
                     "Published",
                     msg + f"; serve with ConfigMap {serving.get('configMapName')}",
+                    generation,
+                    now,
+                )
+            elif serving_error is not None:
+                conds = set_condition(
+                    conds,
+                    READY,
+                    "False",
+                    serving_error[0],
+                    msg + "; " + serving_error[1],
                     generation,
                     now,
                 )
@@ -443,12 +457,11 @@ def status_for_spec_error(
 
 
 def status_for_conflict(
-    current: dict[str, Any] | None, owner: str, output_uri: str, generation: int | None, now: str
+    current: dict[str, Any] | None, message: str, generation: int | None, now: str
 ) -> dict[str, Any]:
-    msg = (
-        f"output {output_uri} is already used by ShardedCheckpoint {owner} (same or overlapping prefix); "
-        "choose another spec.output.uri (this resource starts once that one is deleted)"
-    )
+    """Waiting for an output prefix another resource holds (``message`` from
+    preshard.core.claims.conflict_message: it names no other namespace's resource)."""
+    msg = message
     return status_for_error(
         current,
         reason="OutputConflict",

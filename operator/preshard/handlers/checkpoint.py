@@ -1,15 +1,17 @@
 """kopf handlers for ShardedCheckpoint: parse -> build -> I/O -> status.
 
-* create / resume / spec update -> :func:`reconcile` (validate, check Secrets and output
-  ownership, create-or-get the conversion Job, write status);
+* create / resume / spec update -> :func:`reconcile` (validate; the operator's pod policy,
+  preshard.core.policy; the output claim, preshard.core.claims; then the Secrets'
+  existence, metadata only; create-or-get the conversion Job, write status);
 * a timer retries resources that wait for something (a missing Secret, an output prefix
   owned by another resource) and polls the progress of running conversions;
 * Job events -> :func:`_sync` derives status from the Job's conditions, the newest pod's
   termination message, its progress lines and what keeps it from starting (scheduler,
   kubelet);
 * delete -> only ``deletionPolicy: Delete`` has a deletion handler (and so kopf's
-  finalizer): it stops the Job, runs the purge Job and releases the finalizer when that
-  completed. ``Retain`` resources go at once (Job and ConfigMap are garbage-collected);
+  finalizer): it stops the Job, decides again whether this resource may purge
+  (claims.purge_decision: it owns the prefix and did not fail before publishing), runs
+  the purge Job if so (else an Event PurgeSkipped) and releases the finalizer. ``Retain`` resources go at once (Job and ConfigMap are garbage-collected);
   their DELETED event only drops in-memory state. kopf adds its finalizer also while a
   timer matches a resource (progress polling, retries), whatever the policy.
 
@@ -26,11 +28,12 @@ kopf.TemporaryError and are retried with backoff, for this resource only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import logging
 import os
 import threading
-from typing import Any, NamedTuple
+from typing import Any
 
 import kopf
 import urllib3
@@ -38,6 +41,14 @@ from kubernetes.client.exceptions import ApiException
 
 from preshard import GROUP, PLURAL, VERSION, metrics
 from preshard.core import status as st
+from preshard.core.claims import (
+    OutputClaim,
+    claim_of,
+    conflict_message,
+    preceding_claim,
+    prefix_allowed,
+    purge_decision,
+)
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import SpecError
 from preshard.core.jobs import (
@@ -52,15 +63,18 @@ from preshard.core.jobs import (
     referenced_secrets,
 )
 from preshard.core.naming import job_name, serving_configmap_name
-from preshard.core.serving import serving_info
+from preshard.core.policy import POLICY_VIOLATION, check_policy, policy_message
+from preshard.core.serving import serving_info, trusted_artifact
 from preshard.core.spec import CheckpointSpec, parse_spec
-from preshard.core.uris import parse_output_uri
 from preshard.k8s import api
 
 log = logging.getLogger(__name__)
 
 CONFIG = OperatorConfig()
-WAITING_REASONS = {"CredentialsSecretNotFound", "OutputConflict"}
+SERVING_CONFLICT = "ServingConfigMapConflict"
+# Ready reasons the retry timer re-checks (a Secret created, a prefix or a ConfigMap name
+# released)
+WAITING_REASONS = {"CredentialsSecretNotFound", "OutputConflict", SERVING_CONFLICT}
 # Timer intervals are fixed when kopf registers the handlers (import time).
 POLL_SECONDS = float(os.environ.get("PRESHARD_PROGRESS_POLL_SECONDS") or 10)
 RETRY_SECONDS = float(os.environ.get("PRESHARD_RETRY_SECONDS") or 10)
@@ -157,48 +171,25 @@ def outputs(
     status: dict[str, Any],
     **_: Any,
 ) -> Any:
-    """bucket -> OutputClaim of every checkpoint."""
-    try:
-        out = parse_output_uri(str((spec.get("output") or {}).get("uri", "")))
-    except SpecError:
-        return None
-    return {
-        out.bucket: OutputClaim(
-            prefix=out.prefix,
-            claimed=bool((status or {}).get("jobName")),
-            created=meta.get("creationTimestamp") or "",
-            uid=meta.get("uid") or "",
-            ref=f"{namespace}/{name}",
-        )
-    }
+    """(endpoint, bucket) -> the OutputClaims on that store (preshard.core.claims: a
+    resource that failed without publishing, was refused or waits for its Secret holds
+    none)."""
+    claim = claim_of(namespace, name, spec, meta, status, CONFIG.default_s3_endpoint)
+    # {} (not None: kopf keeps an object's previous entries when the result is None)
+    # drops a claim the resource no longer holds, e.g. once it failed without publishing
+    return {} if claim is None else {claim.store: claim}
 
 
-class OutputClaim(NamedTuple):
-    """Who writes where. Precedence: a resource that already has a conversion Job, then the
-    older creationTimestamp; uid breaks ties (timestamps have one-second resolution)."""
-
-    prefix: str
-    claimed: bool
-    created: str
-    uid: str
-    ref: str
-
-    def rank(self) -> tuple[int, str, str]:
-        return (0 if self.claimed else 1, self.created, self.uid)
-
-
-def output_owner(spec: CheckpointSpec, me: OutputClaim, index: Any) -> str | None:
-    """The namespace/name of a checkpoint whose output overlaps ours and precedes us."""
-    out = spec.output.parsed
-    owners = []
-    for other in index.get(out.bucket, []):
-        if other.uid == me.uid:
-            continue
-        if not (other.prefix.startswith(out.prefix) or out.prefix.startswith(other.prefix)):
-            continue
-        if other.rank() < me.rank():
-            owners.append((other.rank(), other.ref))
-    return min(owners)[1] if owners else None
+def _claim(body: dict[str, Any], status: dict[str, Any] | None) -> OutputClaim | None:
+    meta = body["metadata"]
+    return claim_of(
+        meta["namespace"],
+        meta["name"],
+        body.get("spec") or {},
+        meta,
+        status,
+        CONFIG.default_s3_endpoint,
+    )
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -238,37 +229,59 @@ def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
     except SpecError as err:
         _write_status(body, old, st.status_for_spec_error(old, err.reason, err.message, gen, now()))
         return
-    try:
-        missing = [s for s in referenced_secrets(spec, CONFIG) if not api.secret_exists(ns, s)]
-        if missing:
-            msg = (
-                f"credentials Secret {missing[0]!r} not found in namespace {ns!r}; create it with keys "
-                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (HF_TOKEN for hf:// sources)"
-            )
-            new = st.status_for_error(
+    violations = check_policy(ns, spec, CONFIG)
+    if violations:
+        _write_status(
+            body,
+            old,
+            st.status_for_error(
                 old,
-                reason="CredentialsSecretNotFound",
-                message=msg,
+                reason=POLICY_VIOLATION,
+                message=policy_message(violations),
                 generation=gen,
                 now=now(),
-                spec_valid=True,
-                phase=st.PENDING,
-            )
-            _write_status(body, old, new)
-            return
-        me = OutputClaim(
-            prefix=spec.output.parsed.prefix,
-            claimed=bool(old.get("jobName")),
-            created=meta.get("creationTimestamp") or "",
-            uid=uid,
-            ref=f"{ns}/{name}",
+            ),
         )
-        owner = output_owner(spec, me, outputs_index)
+        return
+    try:
+        me = _claim(body, old)
+        # A resource whose conversion failed without publishing holds no claim and only
+        # re-reads its Job while that exists; every other one (and one whose failed Job is
+        # gone, which would start over) checks the prefix first, before its Secrets: a
+        # resource in conflict never gets further, whatever else is missing.
+        failed_job = None
+        if me is None and old.get("jobName"):
+            failed_job = api.get_job(ns, job_name(name, spec.conversion_hash()))
+        if failed_job is not None:
+            _sync(body, spec, failed_job)
+            return
+        me = me or _claim(body, {})
+        assert me is not None  # the spec parsed, so its output URI did
+        owner = preceding_claim(me, outputs_index.get(me.store, []))
         if owner is not None:
             _write_status(
-                body, old, st.status_for_conflict(old, owner, str(spec.output.parsed), gen, now())
+                body, old, st.status_for_conflict(old, conflict_message(me, owner), gen, now())
             )
             return
+        if CONFIG.check_secrets:
+            missing = [s for s in referenced_secrets(spec, CONFIG) if not api.secret_exists(ns, s)]
+            if missing:
+                msg = (
+                    f"credentials Secret {missing[0]!r} not found in namespace {ns!r}; create it "
+                    "with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (HF_TOKEN for hf:// "
+                    "sources)"
+                )
+                new = st.status_for_error(
+                    old,
+                    reason="CredentialsSecretNotFound",
+                    message=msg,
+                    generation=gen,
+                    now=now(),
+                    spec_valid=True,
+                    phase=st.PENDING,
+                )
+                _write_status(body, old, new)
+                return
         manifest = build_conversion_job(name, ns, uid, spec, CONFIG)
         job, created = api.create_or_get_job(manifest)
         job_meta = job.get("metadata") or {}
@@ -373,13 +386,26 @@ def _sync(
     if pod is not None and outcome.phase == st.RUNNING and problem is None:
         progress = api.pod_progress(ns, pod["metadata"]["name"])
     serving = None
+    serving_error = None
+    if result is not None and result.artifact:
+        # the locations come from the spec, not from what the pod wrote
+        result = dataclasses.replace(result, artifact=trusted_artifact(result.artifact, spec))
     if outcome.phase == st.SUCCEEDED and result is not None and result.artifact:
+        assert result.artifact is not None
         cm = build_serving_configmap(
             name, ns, uid, result.artifact, spec, CONFIG.default_s3_endpoint
         )
-        api.apply_configmap(cm)
-        info = serving_info(name, spec, str(result.artifact["uri"]), output_endpoint(spec, CONFIG))
-        serving = info.status(serving_configmap_name(name))
+        cm_name = serving_configmap_name(name)
+        if api.apply_configmap(cm, uid):
+            info = serving_info(name, spec, str(spec.output.parsed), output_endpoint(spec, CONFIG))
+            serving = info.status(cm_name)
+        else:
+            serving_error = (
+                SERVING_CONFLICT,
+                f"a ConfigMap named {cm_name} exists and does not belong to this "
+                "ShardedCheckpoint; nothing was written to it: delete or rename it (the "
+                "operator retries)",
+            )
     new = st.derive_status(
         old,
         generation=meta.get("generation"),
@@ -390,6 +416,7 @@ def _sync(
         now=now(),
         serving=serving,
         pod=problem,
+        serving_error=serving_error,
     )
     _write_status(body, old, new, job_created)
 
@@ -456,7 +483,7 @@ def on_gone(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_purges_output)
-def on_delete(body: kopf.Body, **_: Any) -> None:
+def on_delete(body: kopf.Body, outputs: kopf.Index[Any, Any], **_: Any) -> None:
     b = dict(body)
     meta = b["metadata"]
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
@@ -468,8 +495,19 @@ def on_delete(body: kopf.Body, **_: Any) -> None:
         return  # nothing was ever created for an invalid spec
     if spec.deletion_policy == "Retain":
         return  # the Job and ConfigMap are garbage-collected through ownerReferences
-    if _ready_reason(status) in ("OutputConflict", "InvalidSpec"):
-        return  # this resource never wrote to the output: never delete another's data
+    # Decided again now, from what this resource did and holds (never from a reason
+    # alone): only the owner of the prefix that did not fail before publishing purges.
+    me = _claim(b, status)
+    allowed, _prefixes = prefix_allowed(ns, str(spec.output.parsed), CONFIG.output_prefix_policy)
+    decision = purge_decision(me, status, outputs.get(me.store, []) if me else [], allowed)
+    if decision.purge:
+        sa_violations = [
+            v
+            for v in check_policy(ns, spec, CONFIG)
+            if v.field == "spec.converter.serviceAccountName"
+        ]
+        if sa_violations:
+            decision = decision._replace(purge=False, why=sa_violations[0].message)
     try:
         # 1. stop the conversion (foreground: wait until its pods are gone)
         conv = job_name(name, spec.conversion_hash())
@@ -485,7 +523,16 @@ def on_delete(body: kopf.Body, **_: Any) -> None:
                 )
             api.patch_checkpoint_status(ns, name, {"phase": "Deleting"})
             raise kopf.TemporaryError(f"waiting for Job {conv} to stop", delay=2)
-        # 2. purge the output prefix with a Job (same image and credentials as the worker)
+        if not decision.purge:
+            kopf.event(
+                b,
+                type="Normal",
+                reason="PurgeSkipped",
+                message=f"kept {spec.output.uri}, nothing deleted: {decision.why}",
+            )
+            return
+        # 2. purge what this owner published with a Job (the operator's converter image,
+        # the checkpoint's credentials)
         purge = build_purge_job(name, ns, uid, spec, CONFIG)
         pjob, created = api.create_or_get_job(purge)
         if created:

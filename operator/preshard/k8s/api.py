@@ -80,8 +80,15 @@ SECRET_SEEN_SECONDS = 10.0
 _secrets_seen: dict[tuple[str, str], float] = {}  # (namespace, name) -> monotonic time
 
 
+# A metadata-only read: the API server answers a PartialObjectMetadata (name, uid, labels,
+# ...) without the Secret's data (Kubernetes >= 1.15).
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
+
 def secret_exists(namespace: str, name: str, max_age: float = SECRET_SEEN_SECONDS) -> bool:
-    """Whether the Secret exists. Its data is never logged, returned or kept.
+    """Whether the Secret exists, from its metadata only: the operator never asks for a
+    Secret's data (the request's Accept header asks for PartialObjectMetadata), and drops
+    the answer at once whatever it holds.
 
     A Secret found less than ``max_age`` seconds ago is not read again (resources created
     together usually share one: one read, not one each); a missing one is read every time.
@@ -91,7 +98,19 @@ def secret_exists(namespace: str, name: str, max_age: float = SECRET_SEEN_SECOND
     if seen is not None and time.monotonic() - seen < max_age:
         return True
     try:
-        core().read_namespaced_secret(name, namespace)  # result dropped at once
+        resp = client().call_api(
+            "/api/v1/namespaces/{namespace}/secrets/{name}",
+            "GET",
+            path_params={"namespace": namespace, "name": name},
+            header_params={"Accept": METADATA_ONLY},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
+        try:
+            resp.drain_conn()  # read off the wire and dropped: never parsed or kept
+        finally:
+            resp.release_conn()
     except ApiException as exc:
         if exc.status == 404:
             _secrets_seen.pop(key, None)
@@ -207,7 +226,10 @@ def patch_checkpoint_status(namespace: str, name: str, patch: dict[str, Any]) ->
 # ---------------------------------------------------------------------------- configmaps
 
 
-def apply_configmap(manifest: dict[str, Any]) -> None:
+def apply_configmap(manifest: dict[str, Any], owner_uid: str) -> bool:
+    """Create the ConfigMap, or update it when it is ours (an ownerReference with
+    ``owner_uid``). False, and nothing written, when one of that name belongs to
+    something else: never overwrite a ConfigMap this resource does not own."""
     ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     try:
         current = to_dict(core().read_namespaced_config_map(name, ns))
@@ -216,11 +238,14 @@ def apply_configmap(manifest: dict[str, Any]) -> None:
             raise
         try:
             core().create_namespaced_config_map(ns, manifest)
-            return
+            return True
         except ApiException as exc2:
             if exc2.status != 409:
                 raise
             current = to_dict(core().read_namespaced_config_map(name, ns))
+    refs = (current.get("metadata") or {}).get("ownerReferences") or []
+    if not any(r.get("uid") == owner_uid for r in refs):
+        return False
     if (
         current.get("data") != manifest["data"]
         or (current["metadata"].get("labels") or {}) != manifest["metadata"]["labels"]
@@ -230,3 +255,4 @@ def apply_configmap(manifest: dict[str, Any]) -> None:
             ns,
             {"metadata": {"labels": manifest["metadata"]["labels"]}, "data": manifest["data"]},
         )
+    return True

@@ -1,6 +1,10 @@
 """Every Kubernetes API call the operator makes, as RBAC rules. The Helm chart's RBAC
 must equal this (tests/unit/test_chart.py); keep it in step with preshard.k8s.api and
-preshard.handlers (an integration test checks the emulator saw no other calls)."""
+preshard.handlers (an integration test checks the emulator saw no other calls).
+
+Secrets: only the metadata-only existence check (``PRESHARD_SECRET_CHECK=metadata``)
+needs ``get`` on Secrets (:data:`SECRET_CHECK_RULE`); with the check off the operator
+holds no Secret permission at all (the chart's default in cluster-wide mode)."""
 
 from __future__ import annotations
 
@@ -26,8 +30,6 @@ REQUIRED_RBAC: tuple[Rule, ...] = (
     Rule(("",), ("pods/log",), ("get",)),
     # the <name>-serving ConfigMap
     Rule(("",), ("configmaps",), ("get", "create", "patch")),
-    # existence of the referenced credentials Secrets (data is never read into status/logs)
-    Rule(("",), ("secrets",), ("get",)),
     # Events on ShardedCheckpoints (kopf posts core/v1 Events)
     Rule(("",), ("events",), ("create",)),
     # kopf's resource observer (discovers CRD changes)
@@ -38,3 +40,13 @@ REQUIRED_RBAC: tuple[Rule, ...] = (
         namespaced=False,
     ),
 )
+
+# The metadata-only existence check of referenced credentials Secrets (the request asks
+# for PartialObjectMetadata; RBAC cannot tell that from a full read, hence the option to
+# turn the check off and hold no Secret permission).
+SECRET_CHECK_RULE = Rule(("",), ("secrets",), ("get",))
+
+
+def required_rbac(check_secrets: bool) -> tuple[Rule, ...]:
+    """The rules for an operator configured with ``check_secrets``."""
+    return REQUIRED_RBAC + ((SECRET_CHECK_RULE,) if check_secrets else ())

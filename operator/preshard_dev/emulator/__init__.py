@@ -43,7 +43,10 @@ What is emulated:
   (410 Gone when it is too old), bookmarks, timeoutSeconds; boolean query parameters
   (``watch``, ``allowWatchBookmarks``) read as the API server reads them (anything but
   ``0``/``false``, so the Python client's ``watch=True`` works);
-* ``application/json;as=Table`` for kubectl (CRD printer columns);
+* ``application/json;as=Table`` for kubectl (CRD printer columns) and
+  ``application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`` (metadata only) on
+  GET and LIST; Secret objects served with their data are counted per user agent
+  (``GET /emulator/stats?by=secret-data``);
 * pod logs (``GET .../pods/NAME/log?tailLines=N``) fed through a non-standard
   ``POST /emulator/v1/namespaces/NS/pods/NAME/log``;
 * request counters (``GET /emulator/stats``) and fault injection

@@ -16,7 +16,7 @@ from preshard_dev.emulator.errors import ApiError
 from preshard_dev.emulator.objects import Objects
 from preshard_dev.emulator.resources import ResourceType
 from preshard_dev.emulator.selectors import query_bool
-from preshard_dev.emulator.store import Fault, Store
+from preshard_dev.emulator.store import Fault, Store, count_secret_data
 from preshard_dev.emulator.tables import to_table
 from preshard_dev.emulator.watch import watch
 
@@ -74,8 +74,11 @@ class Emulator:
             if request.method == "DELETE":
                 self.store.stats.clear()
                 self.store.agent_stats.clear()
+                self.store.secret_data_served.clear()
             if request.query.get("by") == "agent":
                 return web.json_response({a: dict(c) for a, c in self.store.agent_stats.items()})
+            if request.query.get("by") == "secret-data":
+                return web.json_response(dict(self.store.secret_data_served))
             return web.json_response(dict(self.store.stats))
         if parts == ["faults"] and request.method == "POST":
             body = await request.json()
@@ -197,7 +200,30 @@ class Emulator:
         if "as=Table" in accept:
             objs = data["items"] if list_mode else [data]
             include = request.query.get("includeObject", "").lower() == "object"
+            if include and rt.key == ("", "secrets"):
+                count_secret_data(self.store, request, len(objs))
             return web.json_response(to_table(rt, objs, include, str(self.store.rv)))
+        if "as=PartialObjectMetadata" in accept:
+            # metadata only (what a real API server serves for this Accept header)
+            def partial(o: dict[str, Any]) -> dict[str, Any]:
+                return {
+                    "kind": "PartialObjectMetadata",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": o["metadata"],
+                }
+
+            if list_mode:
+                return web.json_response(
+                    {
+                        "kind": "PartialObjectMetadataList",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": data["metadata"],
+                        "items": [partial(o) for o in data["items"]],
+                    }
+                )
+            return web.json_response(partial(data))
+        if rt.key == ("", "secrets"):
+            count_secret_data(self.store, request, len(data["items"]) if list_mode else 1)
         return web.json_response(data)
 
     def pod_log(self, namespace: str, name: str, q: Any) -> web.StreamResponse:

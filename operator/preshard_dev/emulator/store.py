@@ -52,6 +52,9 @@ class Store:
         self.logs: dict[tuple[str, str], list[str]] = {}
         self.stats: Counter[str] = Counter()
         self.agent_stats: dict[str, Counter[str]] = {}
+        # user agent -> Secret objects served with their data (get, list, watch), for
+        # tests that prove a client never reads Secret data
+        self.secret_data_served: Counter[str] = Counter()
         self.faults: list[Fault] = []
         for rt in BUILTIN:
             self.add_type(rt)
@@ -126,3 +129,9 @@ class Store:
                 continue
             out.append(obj)
         return out
+
+
+def count_secret_data(store: Store, request: Any, n: int) -> None:
+    """Count ``n`` Secret objects served with their data to the request's user agent."""
+    agent = request.headers.get("User-Agent", "").split("/")[0] or "unknown"
+    store.secret_data_served[agent] += n

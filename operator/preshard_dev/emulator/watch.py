@@ -21,7 +21,7 @@ from preshard_dev.emulator.selectors import (
     parse_label_selector,
     query_bool,
 )
-from preshard_dev.emulator.store import Store
+from preshard_dev.emulator.store import Store, count_secret_data
 from preshard_dev.emulator.tables import to_table
 
 
@@ -55,6 +55,8 @@ async def watch(
 
     async def send(type_: str, obj: dict[str, Any]) -> None:
         payload: dict[str, Any] = obj
+        if rt.key == ("", "secrets") and type_ != "BOOKMARK":
+            count_secret_data(store, request, 1)
         if table and type_ != "BOOKMARK":
             payload = to_table(
                 rt,

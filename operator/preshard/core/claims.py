@@ -1,0 +1,227 @@
+"""Output-prefix ownership between ShardedCheckpoints (pure policy, no I/O).
+
+Every checkpoint whose output is an S3 prefix may *claim* it. Claims are keyed by the
+store (the endpoint, normalised; ``""`` for AWS S3) and the bucket, so the same bucket
+name on two endpoints never conflicts and two spellings of one endpoint always do. Two
+claims conflict when one prefix contains the other (nested either way).
+
+Who holds a claim (:func:`claim_strength`):
+
+* a resource with a conversion Job (``status.jobName``) that has not failed without
+  publishing: a *strong* claim (it writes, or wrote, the prefix);
+* a resource without a Job that may still get one (no status yet, or waiting for the
+  prefix: ``OutputConflict``): a *weak* claim, ranked by creation time, so waiting
+  resources take turns instead of racing when the owner goes;
+* nobody else: a resource that failed without publishing (its ``Published`` condition is
+  False), one refused by the spec checks or the operator's policy, or one waiting for its
+  credentials Secret holds nothing, so it can never squat another tenant's prefix.
+
+Precedence: strong before weak, then the older creationTimestamp, then the uid (one
+second resolution). Messages about a conflict name the other resource only when it is in
+the same namespace (a tenant learns nothing about other namespaces).
+
+The namespace-to-prefix policy (:func:`prefix_allowed`) and the decision whether a
+deletion may run a purge Job (:func:`purge_decision`) live here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+from preshard.core.errors import URIError
+from preshard.core.uris import parse_output_uri, parse_uri
+
+Strength = Literal["strong", "weak"]
+
+# Ready reasons of a resource without a Job that holds no claim: refused for good until
+# its spec changes, or waiting for its own Secret (it may never get one).
+NO_CLAIM_REASONS = frozenset(
+    {"InvalidSpec", "InvalidURI", "PolicyViolation", "CredentialsSecretNotFound"}
+)
+
+
+def store_key(endpoint: str | None, bucket: str) -> tuple[str, str]:
+    """(normalised endpoint, bucket): ``HTTP://Minio:9000/`` and ``http://minio:9000``
+    are one store; no endpoint (AWS S3) is ``""``."""
+    return (normalize_endpoint(endpoint), bucket)
+
+
+def normalize_endpoint(endpoint: str | None) -> str:
+    if not endpoint:
+        return ""
+    try:
+        parts = urlsplit(endpoint.strip())
+        host = (parts.hostname or "").lower()
+        port = parts.port
+    except ValueError:
+        return endpoint.strip().rstrip("/").lower()
+    scheme = parts.scheme.lower()
+    default = {"http": 80, "https": 443}.get(scheme)
+    netloc = host if port in (None, default) else f"{host}:{port}"
+    path = parts.path.rstrip("/")
+    return f"{scheme}://{netloc}{path}"
+
+
+class OutputClaim(NamedTuple):
+    """One resource's claim on an output prefix."""
+
+    endpoint: str  # normalised (store_key)
+    bucket: str
+    prefix: str
+    strength: Strength
+    created: str
+    uid: str
+    namespace: str
+    name: str
+
+    @property
+    def store(self) -> tuple[str, str]:
+        return (self.endpoint, self.bucket)
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def rank(self) -> tuple[int, str, str]:
+        return (0 if self.strength == "strong" else 1, self.created, self.uid)
+
+    def overlaps(self, other: OutputClaim) -> bool:
+        return self.store == other.store and (
+            self.prefix.startswith(other.prefix) or other.prefix.startswith(self.prefix)
+        )
+
+
+def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
+    for c in status.get("conditions") or []:
+        if isinstance(c, Mapping) and c.get("type") == type_:
+            return c
+    return {}
+
+
+def failed_without_publishing(status: Mapping[str, Any] | None) -> bool:
+    """The conversion finished without a checkpoint (Published=False)."""
+    return _condition(status or {}, "Published").get("status") == "False"
+
+
+def claim_strength(status: Mapping[str, Any] | None) -> Strength | None:
+    """Whether (and how strongly) a resource in this state holds its output prefix."""
+    status = status or {}
+    if status.get("jobName"):
+        return None if failed_without_publishing(status) else "strong"
+    if _condition(status, "Ready").get("reason") in NO_CLAIM_REASONS:
+        return None
+    if status.get("phase") == "Failed":
+        return None
+    return "weak"
+
+
+def claim_of(
+    namespace: str,
+    name: str,
+    spec: Mapping[str, Any] | None,
+    meta: Mapping[str, Any] | None,
+    status: Mapping[str, Any] | None,
+    default_endpoint: str | None,
+) -> OutputClaim | None:
+    """The claim of a resource as the watch shows it (None: it holds none)."""
+    out_spec = (spec or {}).get("output") or {}
+    if not isinstance(out_spec, Mapping):
+        return None
+    try:
+        out = parse_output_uri(str(out_spec.get("uri", "")))
+    except URIError:
+        return None
+    strength = claim_strength(status)
+    if strength is None:
+        return None
+    endpoint = out_spec.get("endpoint") or default_endpoint
+    meta = meta or {}
+    return OutputClaim(
+        endpoint=normalize_endpoint(str(endpoint) if endpoint else None),
+        bucket=out.bucket,
+        prefix=out.prefix,
+        strength=strength,
+        created=str(meta.get("creationTimestamp") or ""),
+        uid=str(meta.get("uid") or ""),
+        namespace=namespace,
+        name=name,
+    )
+
+
+def preceding_claim(me: OutputClaim, claims: Iterable[OutputClaim]) -> OutputClaim | None:
+    """The claim that overlaps ours and precedes it (the owner), if any."""
+    owners = [c for c in claims if c.uid != me.uid and c.overlaps(me) and c.rank() < me.rank()]
+    return min(owners, key=OutputClaim.rank) if owners else None
+
+
+def conflict_message(me: OutputClaim, owner: OutputClaim) -> str:
+    """What a user may learn about the owner: its name only within the same namespace."""
+    who = (
+        f"ShardedCheckpoint {owner.name} in this namespace"
+        if owner.namespace == me.namespace
+        else "a ShardedCheckpoint in another namespace"
+    )
+    return (
+        f"output {me.uri} overlaps an output prefix already used by {who} (the same prefix, "
+        "or one containing or inside it); choose another spec.output.uri (this resource "
+        "starts once that prefix is released)"
+    )
+
+
+# ------------------------------------------------------------- namespace prefix policy
+
+
+def prefix_allowed(
+    namespace: str, uri: str, policy: Mapping[str, Sequence[str]]
+) -> tuple[bool, tuple[str, ...]]:
+    """Whether ``namespace`` may write ``uri`` under the namespace-to-prefix policy
+    (namespace, or ``*`` for every other namespace, to a list of ``s3://bucket/prefix/``).
+    An empty policy allows everything. Returns (allowed, the prefixes that apply)."""
+    if not policy:
+        return True, ()
+    prefixes = tuple(policy.get(namespace, policy.get("*", ())))
+    out = parse_uri(uri)
+    for p in prefixes:
+        allowed = parse_uri(p)
+        if allowed.bucket == out.bucket and out.prefix.startswith(allowed.prefix):
+            return True, prefixes
+    return False, prefixes
+
+
+# -------------------------------------------------------------------------- deletion
+
+
+class PurgeDecision(NamedTuple):
+    purge: bool
+    why: str
+
+
+def purge_decision(
+    me: OutputClaim | None,
+    status: Mapping[str, Any] | None,
+    claims: Iterable[OutputClaim],
+    namespace_allowed: bool,
+) -> PurgeDecision:
+    """Whether deleting a ``deletionPolicy: Delete`` resource may run a purge Job, decided
+    again at deletion time from what the resource did and what it holds now:
+
+    * it must hold a strong claim on its prefix (it had a conversion Job and did not fail
+      without publishing: a failed resource's prefix may already be another's),
+    * no other claim may precede it (it did not lose the prefix to another resource),
+    * its namespace must still be allowed to write the prefix.
+
+    The purge Job itself (``preshard purge --owner``) deletes only what this owner
+    published; this check keeps it from even starting for a resource that never owned
+    the prefix."""
+    if not namespace_allowed:
+        return PurgeDecision(False, "the namespace may not write this output prefix")
+    if me is None or me.strength != "strong":
+        if failed_without_publishing(status):
+            return PurgeDecision(False, "the conversion failed before publishing anything")
+        return PurgeDecision(False, "this resource never wrote to its output prefix")
+    owner = preceding_claim(me, claims)
+    if owner is not None:
+        return PurgeDecision(False, "another resource owns the output prefix")
+    return PurgeDecision(True, "")
