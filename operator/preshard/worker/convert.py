@@ -81,6 +81,7 @@ class ConvertRequest:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     keep_cpu_weights: bool = True
+    identity: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -157,6 +158,7 @@ class ConvertRequest:
             # PRESHARD_KEEP_CPU_WEIGHTS=0 turns the CPU keep-weights plugin off (tests use
             # it to prove that verification catches the weights vLLM's CPU backend drops).
             keep_cpu_weights=os.environ.get("PRESHARD_KEEP_CPU_WEIGHTS", "1").strip() != "0",
+            identity=getattr(args, "identity", None),
         )
 
 
@@ -465,6 +467,7 @@ def manifest_fields(
         "vllm_version": vllm_version,
         "file_pattern": verify_shards.shard_pattern(req.pipeline_parallel_size),
         "load_format": "sharded_state",
+        "identity": req.identity,
     }
 
 
