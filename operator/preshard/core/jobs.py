@@ -543,9 +543,15 @@ def _owner_arg(name: str, namespace: str, uid: str) -> str:
 
 
 def build_preflight_job(
-    name: str, namespace: str, uid: str, spec: CheckpointSpec, config: OperatorConfig
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: CheckpointSpec,
+    config: OperatorConfig,
+    attempt: int = 0,
 ) -> dict[str, Any]:
-    """Reads the source (its own credentials) and the output prefix; writes nothing."""
+    """Reads the source (its own credentials) and the output prefix; writes nothing.
+    ``attempt`` > 0: a new preflight after the prefix changed under a step."""
     args = [
         "preflight",
         "--source",
@@ -555,7 +561,10 @@ def build_preflight_job(
         "--owner",
         _owner_arg(name, namespace, uid),
     ]
-    return _reuse_job(name, namespace, uid, spec, config, "preflight", args, source_access=True)
+    extra = (str(attempt),) if attempt else ()
+    return _reuse_job(
+        name, namespace, uid, spec, config, "preflight", args, *extra, source_access=True
+    )
 
 
 def build_adopt_job(
