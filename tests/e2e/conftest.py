@@ -28,6 +28,8 @@ STANDIN = {"preshard": [sys.executable, "-m", "preshard_dev.standin"]}
 def standin_stack(base: Path, **kw: Any) -> LocalStack:
     opts = dict(kw.pop("runner_options", {}))
     opts.setdefault("command_map", STANDIN)
+    if os.environ.get("PYTHONPATH"):  # a worktree's code, also in the pods
+        opts["base_env"] = {"PYTHONPATH": os.environ["PYTHONPATH"], **opts.get("base_env", {})}
     return LocalStack(base, runner_options=opts, **kw)
 
 
@@ -92,9 +94,13 @@ def checkpoint_doc(name: str, tp: int = 2, **spec: Any) -> dict[str, Any]:
 
 
 def seed_fake_source(stack: LocalStack) -> None:
-    """A source prefix for the stand-in (it only checks that the source exists)."""
+    """A source prefix for the stand-in (it only checks that the source exists; the
+    preflight also wants a config.json and *.safetensors weights)."""
     client = stack.s3_client()
     client.put_object(Bucket="preshard-models", Key="tiny-llama/config.json", Body=b"{}")
+    client.put_object(
+        Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=b"stand-in weights"
+    )
 
 
 def cli(

@@ -102,6 +102,12 @@ def identities(
 # --------------------------------------------------------------------------- the flow
 
 
+def _write(body: dict[str, Any], new: dict[str, Any], job_created: str | None = None) -> None:
+    """Write ``new`` against what the API server has (the callers pass statuses with
+    overlays, such as the identity just computed, as their ``old``)."""
+    ck._write_status(body, ck._known_status(body), new, job_created)
+
+
 def _alive(owner: str) -> bool:
     parts = owner.split("/")
     if len(parts) != 3 or not all(parts):
@@ -159,9 +165,7 @@ def _preflight(
             "(CPU only, no accelerator)"
         )
         new = ps.status_for_step(old, decision=d, message=msg, generation=gen, now=ck.now())
-        ck._write_status(
-            body, old, new, f"created preflight Job {jname} (CPU only)" if created else None
-        )
+        _write(body, new, f"created preflight Job {jname} (CPU only)" if created else None)
         return False, None
     result = api.termination_result(api.newest_pod(ns, jname))
     if outcome.phase == st.FAILED:
@@ -203,7 +207,7 @@ def _fail(
         phase=st.FAILED,
     )
     new.pop("decision", None)  # refused or failed: this resource does not claim the prefix
-    ck._write_status(body, old, new)
+    _write(body, new)
 
 
 def _act(
@@ -223,7 +227,7 @@ def _act(
         return False, None
     if d.path == "Convert" and not d.withdraw:
         new = {**old, "identity": d.identity, "decision": {**base, "step": "Convert"}}
-        ck._write_status(body, old, new)
+        _write(body, new)
         return True, d.identity
     if d.path == "Adopt":
         assert d.identity and d.expect_manifest_sha256
@@ -288,15 +292,13 @@ def _follow(
     if outcome.phase in (st.PENDING, st.RUNNING):
         msg = _STEP_MESSAGES[step].format(job=jname, out=out, src=decision.get("from"))
         new = ps.status_for_step(old, decision=decision, message=msg, generation=gen, now=ck.now())
-        ck._write_status(
-            body, old, new, f"created {step.lower()} Job {jname}: {why}" if created else None
-        )
+        _write(body, new, f"created {step.lower()} Job {jname}: {why}" if created else None)
         return False, None
     result = api.termination_result(api.newest_pod(ns, jname))
     ok = outcome.phase == st.SUCCEEDED and result is not None and result.result == "Succeeded"
     if ok and step == "Withdraw":
         new = {**old, "decision": {**_base(decision), "step": "Convert"}}
-        ck._write_status(body, old, new)
+        _write(body, new)
         return True, identity
     if ok and result is not None and result.artifact and result.artifact.get("uri"):
         artifact = dict(result.artifact)
@@ -315,7 +317,7 @@ def _follow(
             generation=gen,
             now=ck.now(),
         )
-        ck._write_status(body, old, new)
+        _write(body, new)
         return False, None
     # failed (or succeeded without a result)
     reason = (result.reason if result and result.reason else None) or outcome.reason or "JobFailed"
