@@ -25,12 +25,17 @@ from preshard_dev.stack import LocalStack
 STANDIN = {"preshard": [sys.executable, "-m", "preshard_dev.standin"]}
 
 
+def _pod_pythonpath(opts: dict[str, Any]) -> dict[str, Any]:
+    """A worktree's code (PYTHONPATH) also in the pods the runner starts."""
+    if os.environ.get("PYTHONPATH"):
+        opts["base_env"] = {"PYTHONPATH": os.environ["PYTHONPATH"], **opts.get("base_env", {})}
+    return opts
+
+
 def standin_stack(base: Path, **kw: Any) -> LocalStack:
     opts = dict(kw.pop("runner_options", {}))
     opts.setdefault("command_map", STANDIN)
-    if os.environ.get("PYTHONPATH"):  # a worktree's code, also in the pods
-        opts["base_env"] = {"PYTHONPATH": os.environ["PYTHONPATH"], **opts.get("base_env", {})}
-    return LocalStack(base, runner_options=opts, **kw)
+    return LocalStack(base, runner_options=_pod_pythonpath(opts), **kw)
 
 
 @pytest.fixture
@@ -41,6 +46,8 @@ def stack_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[An
     def make(**kw: Any) -> LocalStack:
         real = kw.pop("real_worker", False)
         base = tmp_path / f"stack{len(started)}"
+        if real:
+            kw["runner_options"] = _pod_pythonpath(dict(kw.get("runner_options", {})))
         st = LocalStack(base, **kw) if real else standin_stack(base, **kw)
         started.append(st)
         return st.start()
@@ -72,6 +79,20 @@ def wait_phase(
             f"{exc}\n--- operator log tail ---\n{stack.operator_log()[-4000:]}\n"
             f"--- runner history ---\n{stack.runner.history if stack.runner else None}"
         ) from None
+
+
+STEP_JOB_MARKERS = ("-preflight-", "-adopt-", "-copy-", "-withdraw-", "-purge-")
+
+
+def is_conversion_pod(job_or_pod_name: str) -> bool:
+    """A pod (or Job) of a conversion Job, not of a CPU step (preflight, adopt, copy,
+    withdraw) or a purge."""
+    return not any(m in job_or_pod_name for m in STEP_JOB_MARKERS)
+
+
+def conversion_history(stack: LocalStack) -> list[dict[str, Any]]:
+    assert stack.runner is not None
+    return [h for h in stack.runner.history if is_conversion_pod(h["job"])]
 
 
 def checkpoint_doc(name: str, tp: int = 2, **spec: Any) -> dict[str, Any]:

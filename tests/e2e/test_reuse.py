@@ -19,7 +19,13 @@ import pytest
 from preshard.core.manifest import MANIFEST_NAME
 from preshard_dev.stack import LocalStack
 
-from .conftest import checkpoint_doc, ready_condition, seed_fake_source, status_of, wait_phase
+from .conftest import (
+    checkpoint_doc,
+    conversion_history,
+    ready_condition,
+    seed_fake_source,
+    wait_phase,
+)
 
 pytestmark = pytest.mark.e2e
 NS = "default"
@@ -33,11 +39,8 @@ def pods_of(stack: LocalStack, component: str) -> list[dict[str, Any]]:
 
 
 def conversion_pods(stack: LocalStack) -> list[str]:
-    """Every pod of a conversion Job the runner ever ran (history by Job name)."""
-    assert stack.runner is not None
-    return [h["job"] for h in stack.runner.history if "-preflight-" not in h["job"]
-            and "-adopt-" not in h["job"] and "-copy-" not in h["job"]
-            and "-withdraw-" not in h["job"] and "-purge-" not in h["job"]]  # fmt: skip
+    """Every pod of a conversion Job the runner ever ran."""
+    return [h["job"] for h in conversion_history(stack)]
 
 
 def manifest(stack: LocalStack, prefix: str) -> tuple[dict[str, Any], bytes]:
@@ -142,14 +145,26 @@ def test_living_foreign_owner_is_refused_before_any_conversion_job(stack_factory
     c = stack.s3_client()
     for key in stack.list_prefix(BUCKET, "alive/"):
         c.copy_object(
-            Bucket=BUCKET, Key="taken/" + key[len("alive/") :], CopySource={"Bucket": BUCKET, "Key": key}
+            Bucket=BUCKET,
+            Key="taken/" + key[len("alive/") :],
+            CopySource={"Bucket": BUCKET, "Key": key},
         )
-    stack.apply(checkpoint_doc("taker", output={"uri": "s3://preshard-checkpoints/taken/", "credentialsSecret": "preshard-s3"}), NS)
+    stack.apply(
+        checkpoint_doc(
+            "taker",
+            output={"uri": "s3://preshard-checkpoints/taken/", "credentialsSecret": "preshard-s3"},
+        ),
+        NS,
+    )
     st = wait_phase(stack, NS, "taker", ("Failed",), 30)
     ready = ready_condition(st)
     assert ready["reason"] == "OutputOwnedByOther", st
     assert "default/alive" in ready["message"]  # same namespace: named
-    assert not [j for j in stack.jobs(NS, "converter") if j["metadata"]["labels"]["preshard.io/checkpoint"] == "taker"]
+    assert not [
+        j
+        for j in stack.jobs(NS, "converter")
+        if j["metadata"]["labels"]["preshard.io/checkpoint"] == "taker"
+    ]
     assert not stack.jobs(NS, "adopt") and not stack.jobs(NS, "copy")
     man, _ = manifest(stack, "taken/")
     assert man["owner"].startswith(f"{NS}/alive/")  # untouched
