@@ -249,6 +249,7 @@ def test_multipart_copy_on_a_server_with_upload_part_copy(
         "--multipart-threshold", str(6 * 2**20), "--part-size", str(5 * 2**20),
     )  # fmt: skip
     assert rc == 0, out
+    assert res is not None and res.result == "Succeeded"
     c = moto.client()
     for name, data in checkpoint.files.items():
         assert c.get_object(Bucket=moto_bucket, Key="twin/" + name)["Body"].read() == data

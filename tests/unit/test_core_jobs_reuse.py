@@ -7,17 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from preshard.core.jobs import (
-    REUSE_COMPONENTS,
-    RESTRICTED_CONTAINER_SECURITY,
-    RESTRICTED_POD_SECURITY,
-    build_conversion_job,
-    build_preflight_job,
-    reuse_job_name,
-)
-from preshard.core.spec import parse_spec
-
 from test_core_jobs import (  # tests/unit is on sys.path (no package)
     BASIC_CONFIG,
     CLUSTER_CONFIG,
@@ -29,6 +18,16 @@ from test_core_jobs import (  # tests/unit is on sys.path (no package)
     S3_TP2,
     UID,
 )
+
+from preshard.core.jobs import (
+    RESTRICTED_CONTAINER_SECURITY,
+    RESTRICTED_POD_SECURITY,
+    REUSE_COMPONENTS,
+    build_conversion_job,
+    build_preflight_job,
+    reuse_job_name,
+)
+from preshard.core.spec import parse_spec
 
 STEP_CASES = sorted(n for n in GOLDEN_CASES if n.split("_")[0] in REUSE_COMPONENTS)
 
