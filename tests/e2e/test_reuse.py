@@ -188,3 +188,38 @@ def test_other_identity_of_a_gone_owner_is_replaced_by_a_conversion(stack_factor
     new, _ = manifest(stack, "old/")
     assert new["identity"] == st["identity"] and new["tensorParallelSize"] == 1
     assert sorted(f["key"] for f in new["files"]) == sorted(objects(stack, "old/"))  # no stale
+
+
+def test_the_operator_stays_within_its_rbac(stack_factory: Any) -> None:
+    """Every call the operator made on the adopt and copy paths (owner lookups, step Job
+    events) is allowed by REQUIRED_RBAC, which the chart renders."""
+    import urllib.request
+
+    from preshard.k8s.rbac import REQUIRED_RBAC
+
+    stack: LocalStack = stack_factory()
+    seed_fake_source(stack)
+    converted(stack, "rbac-a")
+    stack.delete_checkpoint(NS, "rbac-a")
+    stack.wait_for(lambda: stack.checkpoint(NS, "rbac-a") is None, 30, "deletion")
+    stack.apply(checkpoint_doc("rbac-a"), NS)
+    stack.apply(checkpoint_doc("rbac-b"), NS)
+    for n in ("rbac-a", "rbac-b"):
+        assert (
+            ready_condition(wait_phase(stack, NS, n, ("Succeeded", "Failed"), 60))["status"]
+            == "True"
+        )
+    assert stack.emulator is not None
+    with urllib.request.urlopen(f"{stack.emulator.url}/emulator/stats?by=agent", timeout=5) as r:
+        stats = json.loads(r.read())
+    allowed = {
+        (res, verb) for rule in REQUIRED_RBAC for res in rule.resources for verb in rule.verbs
+    }
+    made = {
+        (key.split(" ", 1)[1], key.split(" ", 1)[0])
+        for agent, counts in stats.items()
+        if agent in ("kopf", "OpenAPI-Generator")  # the operator (the stack is preshard-demo)
+        for key in counts
+    }  # fmt: skip
+    assert ("shardedcheckpoints", "get") in made, stats.keys()
+    assert made <= allowed, f"calls not allowed by REQUIRED_RBAC: {made - allowed} ({list(stats)})"
