@@ -89,6 +89,7 @@ def test_delete_and_reapply_adopts_without_a_conversion_pod(stack_factory: Any) 
     stack.apply(checkpoint_doc("gitops"), NS)
     st = wait_phase(stack, NS, "gitops", ("Succeeded", "Failed"), 30)
     took = time.monotonic() - t0
+    print(f"re-applied resource Ready by adoption in {took:.1f} s")
     assert ready_condition(st)["status"] == "True", st
     assert ready_condition(st)["reason"] == "Adopted"
     assert st["path"] == "Adopted" and st["identity"] == first["identity"]
@@ -110,9 +111,13 @@ def test_delete_and_reapply_adopts_without_a_conversion_pod(stack_factory: Any) 
 def test_same_identity_elsewhere_is_copied_not_converted(stack_factory: Any) -> None:
     stack: LocalStack = stack_factory()
     seed_fake_source(stack)
+    t0 = time.monotonic()
     first = converted(stack, "orig")
+    print(f"first resource Ready by (stand-in) conversion in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
     stack.apply(checkpoint_doc("twin"), NS)
     st = wait_phase(stack, NS, "twin", ("Succeeded", "Failed"), 60)
+    print(f"second resource Ready by copy in {time.monotonic() - t0:.1f} s")
     assert ready_condition(st)["status"] == "True", st
     assert ready_condition(st)["reason"] == "Copied"
     assert st["path"] == "Copied" and st["identity"] == first["identity"]

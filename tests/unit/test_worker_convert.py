@@ -306,7 +306,16 @@ def test_manifest_fields(tmp_path: Path) -> None:
         "vllm_version": "0.32.0",
         "file_pattern": "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors",
         "load_format": "sharded_state",
+        "identity": None,
     }
+    ident = "sha256:" + "ab" * 32
+    req2 = cv.ConvertRequest.from_args(
+        parse(
+            "--source", "hf://org/model@abc", "-tp", "2", "--output", "s3://bucket-a/x/",
+            "--work-dir", str(tmp_path), "--identity", ident,
+        )
+    )  # fmt: skip
+    assert cv.manifest_fields(req2, "0.32.0")["identity"] == ident  # recorded in the manifest
 
 
 def test_engine_error_classification() -> None:
