@@ -269,3 +269,19 @@ def test_a_conversion_becomes_converted_with_its_duration(monkeypatch: pytest.Mo
     assert [(r, m) for _, r, m in fake.events] == [
         ("Converted", "converted at s3://out/llama/ in 65 s")
     ]
+
+
+def test_a_new_generation_of_an_adopted_resource_is_acknowledged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = install(monkeypatch, Fake({}))
+    cond = {"type": "Ready", "status": "True", "reason": "Adopted", "message": "m",
+            "observedGeneration": 1, "lastTransitionTime": "2026-12-01T00:00:00Z"}  # fmt: skip
+    b = body({"path": "Adopted", "observedGeneration": 1, "conditions": [cond]})
+    b["metadata"]["generation"] = 2  # e.g. spec.verify changed
+    h.reconcile(b, {}, {})
+    assert fake.jobs == {}  # nothing runs again
+    assert fake.status["observedGeneration"] == 2
+    (ready,) = fake.status["conditions"]
+    assert ready["observedGeneration"] == 2
+    assert ready["lastTransitionTime"] == "2026-12-01T00:00:00Z" and ready["reason"] == "Adopted"

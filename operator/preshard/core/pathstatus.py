@@ -160,3 +160,24 @@ def is_done(status: dict[str, Any] | None) -> bool:
     """Adopted or copied and Ready: nothing left to do."""
     ready = st.get_condition(status, st.READY) or {}
     return (status or {}).get("path") in (ADOPTED, COPIED) and ready.get("status") == "True"
+
+
+def regenerate(current: dict[str, Any], generation: int | None, now: str) -> dict[str, Any]:
+    """The same status acknowledged for a new generation (a mutable field such as
+    ``verify`` changed on a resource that is already done): observedGeneration moves,
+    nothing else (lastTransitionTime stays: no status changes)."""
+    out = copy.deepcopy(current)
+    conds = out.get("conditions") or []
+    for c in list(conds):
+        conds = st.set_condition(
+            conds,
+            str(c["type"]),
+            str(c["status"]),
+            str(c.get("reason") or "Unknown"),
+            str(c.get("message") or ""),
+            generation,
+            now,
+        )
+    out["conditions"] = conds
+    out["observedGeneration"] = generation
+    return out

@@ -127,6 +127,9 @@ def prepare(
     """Run the steps before a conversion. (True, identity): create the conversion Job
     now; (False, None): handled (status written), nothing more to do in this pass."""
     if ps.is_done(old):
+        gen = body["metadata"].get("generation")
+        if old.get("observedGeneration") != gen:
+            _write(body, ps.regenerate(old, gen, ck.now()))
         return False, None
     decision = dict(old.get("decision") or {})
     step = decision.get("step")
