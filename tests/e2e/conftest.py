@@ -25,17 +25,10 @@ from preshard_dev.stack import LocalStack
 STANDIN = {"preshard": [sys.executable, "-m", "preshard_dev.standin"]}
 
 
-def _pod_pythonpath(opts: dict[str, Any]) -> dict[str, Any]:
-    """A worktree's code (PYTHONPATH) also in the pods the runner starts."""
-    if os.environ.get("PYTHONPATH"):
-        opts["base_env"] = {"PYTHONPATH": os.environ["PYTHONPATH"], **opts.get("base_env", {})}
-    return opts
-
-
 def standin_stack(base: Path, **kw: Any) -> LocalStack:
     opts = dict(kw.pop("runner_options", {}))
     opts.setdefault("command_map", STANDIN)
-    return LocalStack(base, runner_options=_pod_pythonpath(opts), **kw)
+    return LocalStack(base, runner_options=opts, **kw)
 
 
 @pytest.fixture
@@ -46,8 +39,6 @@ def stack_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[An
     def make(**kw: Any) -> LocalStack:
         real = kw.pop("real_worker", False)
         base = tmp_path / f"stack{len(started)}"
-        if real:
-            kw["runner_options"] = _pod_pythonpath(dict(kw.get("runner_options", {})))
         st = LocalStack(base, **kw) if real else standin_stack(base, **kw)
         started.append(st)
         return st.start()
