@@ -30,6 +30,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -261,7 +262,9 @@ def _hf_source(u: StorageURI) -> tuple[dict[str, Any], dict[str, Any]]:
             raise PreshardError(
                 f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
             )
-        work = Path(os.environ.get("PRESHARD_WORK_DIR") or "/tmp") / "preflight"
+        # a fresh folder: never a config.json an earlier download left (another repo)
+        work = Path(os.environ.get("PRESHARD_WORK_DIR") or "/tmp") / "preflight" / info.sha
+        shutil.rmtree(work, ignore_errors=True)
         path = hf_hub_download(
             u.authority, "config.json", revision=info.sha, token=token, local_dir=str(work)
         )
