@@ -52,6 +52,7 @@ from preshard.core.jobs import (
     referenced_secrets,
 )
 from preshard.core.naming import job_name, serving_configmap_name
+from preshard.core.pathstatus import STEP_REASONS
 from preshard.core.serving import serving_info
 from preshard.core.spec import CheckpointSpec, parse_spec
 from preshard.core.uris import parse_output_uri
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 
 CONFIG = OperatorConfig()
 WAITING_REASONS = {"CredentialsSecretNotFound", "OutputConflict"}
+# A CPU step (preflight, adopt, copy, withdraw) advances on its Job's events; the retry
+# timer re-checks it too, so a missed event never leaves a resource stuck.
+WAITING_REASONS |= set(STEP_REASONS.values())
 # Timer intervals are fixed when kopf registers the handlers (import time).
 POLL_SECONDS = float(os.environ.get("PRESHARD_PROGRESS_POLL_SECONDS") or 10)
 RETRY_SECONDS = float(os.environ.get("PRESHARD_RETRY_SECONDS") or 10)
