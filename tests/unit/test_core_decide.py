@@ -121,6 +121,13 @@ def test_a_ready_twin_is_copied() -> None:
     assert d.path == "Copy" and d.copy_from == ready()
 
 
+def test_copy_names_only_a_prefix_of_the_same_namespace() -> None:
+    here = decide(SPEC, ME, pre(), frozenset(), [ready(ref="ml/z", uri="s3://out/z/")])
+    assert "s3://out/z/" in here.message
+    there = decide(SPEC, ME, pre(), frozenset(), [ready(ref="team-b/x", uri="s3://out/b/")])
+    assert there.path == "Copy" and "s3://out/b/" not in there.message
+
+
 def test_copy_prefers_the_same_namespace() -> None:
     there = ready(ref="team-b/x", uri="s3://out/b/")
     here = ready(ref="ml/z", uri="s3://out/z/")

@@ -220,6 +220,8 @@ def test_a_copy_that_is_denied_falls_back_to_a_conversion(monkeypatch: pytest.Mo
     warnings = [(r, m) for t, r, m in fake.events if t == "Warning"]
     assert [r for r, _ in warnings] == ["CopyFailed"]
     assert "team-b" not in warnings[0][1] and "AccessDenied" in warnings[0][1]
+    assert not any("team-b" in m for _, _, m in fake.events)  # no message names it
+    assert "team-b" not in repr(fake.status)  # nor the status
     assert fake.status["decision"]["noCopy"] is True
 
 

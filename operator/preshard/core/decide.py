@@ -266,11 +266,14 @@ def decide(
         )
         if candidates and man is None:
             src = candidates[0]
+            # another namespace's prefix is not named before the copy proved that this
+            # resource's credentials read it
+            where = f" at {src.uri}" if src.namespace == me.split("/", 1)[0] else ""
             return Decision(
                 "Copy",
                 identity,
                 "Copying",
-                f"a Ready checkpoint with this identity exists at {src.uri}; copying it "
+                f"a Ready checkpoint with this identity exists{where}; copying it "
                 f"server-side to {out} with this resource's credentials",
                 copy_from=src,
             )

@@ -254,7 +254,9 @@ def _act(
             source_uri=d.copy_from.uri,
             source_manifest_sha256=d.copy_from.manifest_sha256,
         )  # fmt: skip
-        step = {"step": "Copy", "from": d.copy_from.uri}
+        step = {"step": "Copy"}
+        if d.copy_from.namespace == ns:  # another tenant's prefix is not shown before
+            step["from"] = d.copy_from.uri  # the copy proved access to it
     else:  # Convert over a gone owner's checkpoint: withdraw its manifest first
         assert d.expect_manifest_sha256
         job = build_withdraw_job(
@@ -272,8 +274,8 @@ def _act(
 _STEP_MESSAGES = {
     "Adopt": "adopt Job {job} verifies every object of {out} against its manifest (no "
     "accelerator), then takes the checkpoint over",
-    "Copy": "copy Job {job} copies the checkpoint at {src} to {out} server-side with this "
-    "resource's credentials",
+    "Copy": "copy Job {job} copies a Ready checkpoint with this identity{src} to {out} "
+    "server-side with this resource's credentials",
     "Withdraw": "withdraw Job {job} withdraws the manifest of a deleted resource's "
     "checkpoint at {out} before converting",
 }
@@ -298,7 +300,8 @@ def _follow(
     identity = old.get("identity")
     outcome = st.job_outcome(job)
     if outcome.phase in (st.PENDING, st.RUNNING):
-        msg = _STEP_MESSAGES[step].format(job=jname, out=out, src=decision.get("from"))
+        src = f" ({decision['from']})" if decision.get("from") else ""
+        msg = _STEP_MESSAGES[step].format(job=jname, out=out, src=src)
         new = ps.status_for_step(old, decision=decision, message=msg, generation=gen, now=ck.now())
         _write(body, new, f"created {step.lower()} Job {jname}: {why}" if created else None)
         return False, None
