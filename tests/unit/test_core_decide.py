@@ -235,3 +235,8 @@ def test_complete_must_be_literally_true() -> None:
         )
     )
     assert p.manifest is not None and not p.manifest.complete
+
+
+def test_an_unreadable_manifest_is_never_touched() -> None:
+    d = decide(SPEC, ME, pre(state="invalid"), frozenset(), [ready()])
+    assert d.path == "OutputOwnedByOther" and d.reason == "OutputHasUnreadableManifest"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from preshard.core.identity import SourcePin, conversion_identity, is_identity
+from preshard.core.manifest import MANIFEST_NAME
 from preshard.core.spec import CheckpointSpec
 
 PREFLIGHT_KIND = "preflight"
@@ -229,6 +230,15 @@ def decide(
             f"a checkpoint of a deleted resource lies {where} output {out} ({o.key}); "
             "converting here would delete or shadow it: delete it or choose another "
             "spec.output.uri",
+        )
+    if preflight.state == INVALID:
+        return Decision(
+            "OutputOwnedByOther",
+            identity,
+            "OutputHasUnreadableManifest",
+            f"output {out} holds a {MANIFEST_NAME} this operator cannot read (written by another "
+            "preshard version, or damaged); its owner cannot be known, so it is not touched: "
+            "choose another spec.output.uri, or remove it if it is nobody's",
         )
     man = preflight.manifest
     if man is not None:

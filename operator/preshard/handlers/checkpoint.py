@@ -509,6 +509,7 @@ def on_delete(body: kopf.Body, **_: Any) -> None:
         "InvalidSpec",
         "OutputOwnedByOther",
         "OutputOverlapsCheckpoint",
+        "OutputHasUnreadableManifest",
     ):
         return  # this resource never wrote to the output: never delete another's data
     step = (status.get("decision") or {}).get("step")
