@@ -32,6 +32,10 @@ COMMANDS = {
     "fetch": "preshard.worker.commands",
     "verify": "preshard.worker.commands",
     "purge": "preshard.worker.commands",
+    "preflight": "preshard.worker.adopt",
+    "adopt": "preshard.worker.adopt",
+    "copy": "preshard.worker.adopt",
+    "withdraw": "preshard.worker.adopt",
 }
 
 # Subcommands other installed distributions contribute: each entry point in this group is
@@ -167,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="S3 endpoint of the source, if different (env PRESHARD_SOURCE_ENDPOINT_URL)",
     )
     p.add_argument(
+        "--identity",
+        default=None,
+        help="conversion identity recorded in the manifest (sha256:..., computed by the "
+        "operator from the preflight; lets a re-applied resource adopt the checkpoint)",
+    )
+    p.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=None,
@@ -258,8 +268,85 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _s3_flags(p)
 
+    _reuse_parsers(sub)
     _plugin_commands(sub)
     return parser
+
+
+def _owner_flag(p: argparse.ArgumentParser, help_: str) -> None:
+    p.add_argument("--owner", required=True, help=help_)
+
+
+def _reuse_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """preflight, adopt, copy, withdraw: the CPU-only Jobs that run before (or instead
+    of) a conversion. Findings and results go to the termination message."""
+    p = sub.add_parser(
+        "preflight",
+        help="report what a conversion would start from, before any accelerator",
+        description="Pin the source (S3: names, sizes, ETags; PVC/local: sha256; hf://: the "
+        "commit), read config.json's size fields, report the vLLM version installed here and "
+        "what the output prefix holds (its manifest's owner, identity and sha256; other "
+        "checkpoints above or below it). Prints the findings as JSON; reads only.",
+    )
+    p.add_argument("--source", required=True, help="s3://, pvc://, hf:// or a local directory")
+    p.add_argument("--output", required=True, help="s3://bucket/prefix/ to convert into")
+    _owner_flag(p, "the resource asking (namespace/name/uid); recorded nowhere")
+    p.add_argument(
+        "--source-endpoint-url",
+        default=os.environ.get("PRESHARD_SOURCE_ENDPOINT_URL"),
+        help="S3 endpoint of the source, if different (env PRESHARD_SOURCE_ENDPOINT_URL)",
+    )
+    _s3_flags(p)
+
+    p = sub.add_parser(
+        "adopt",
+        help="verify a published checkpoint and take over its ownership",
+        description="Check every object's size and sha256 against the manifest, then rewrite "
+        "the manifest's owner, last and conditionally (If-Match, and a re-read right before "
+        "the write). Refuses when the manifest names another owner or identity than expected.",
+    )
+    p.add_argument("--output", required=True, help="s3://bucket/prefix/ of the checkpoint")
+    _owner_flag(p, "the new owner (namespace/name/uid)")
+    p.add_argument("--expect-owner", default=None, help="the owner the manifest must name now")
+    p.add_argument("--expect-identity", required=True, help="the identity it must record")
+    p.add_argument("--expect-manifest-sha256", default=None, help="the manifest's sha256")
+    _s3_flags(p)
+
+    p = sub.add_parser(
+        "copy",
+        help="server-side copy of a published checkpoint to another prefix",
+        description="Copy every object listed in the source manifest with S3 CopyObject "
+        "(UploadPartCopy above --multipart-threshold), verify sizes and sha256 against the "
+        "source manifest, and write a new manifest naming --owner last. Uses this process's "
+        "credentials for both prefixes.",
+    )
+    p.add_argument("--from", dest="source", required=True, help="s3:// prefix of the original")
+    p.add_argument("--to", dest="dest", required=True, help="s3:// prefix to create")
+    _owner_flag(p, "the owner of the copy (namespace/name/uid)")
+    p.add_argument("--expect-identity", required=True, help="the identity the original records")
+    p.add_argument("--expect-manifest-sha256", default=None, help="the original manifest's sha256")
+    p.add_argument(
+        "--multipart-threshold",
+        type=int,
+        default=5 * 2**30,
+        help="objects larger than this many bytes are copied in parts (default 5 GiB)",
+    )
+    p.add_argument(
+        "--part-size", type=int, default=512 * 2**20, help="part size of a multipart copy"
+    )
+    _s3_flags(p)
+
+    p = sub.add_parser(
+        "withdraw",
+        help="delete a gone owner's manifest so a conversion can replace its checkpoint",
+        description="Delete preshard-manifest.json when it still is exactly what the "
+        "preflight saw (sha256); the objects stay until the conversion replaces them.",
+    )
+    p.add_argument("--output", required=True, help="s3://bucket/prefix/")
+    _owner_flag(p, "the resource taking the prefix over (namespace/name/uid)")
+    p.add_argument("--expect-owner", default=None, help="the gone owner the manifest names")
+    p.add_argument("--expect-manifest-sha256", required=True, help="the manifest's sha256")
+    _s3_flags(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

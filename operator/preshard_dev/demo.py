@@ -123,7 +123,10 @@ def watch(stack: LocalStack, ns: str, name: str, timeout: float) -> dict[str, An
 def report(stack: LocalStack, ns: str, name: str, status: dict[str, Any]) -> None:
     say()
     say(f"== status of shardedcheckpoint {ns}/{name}")
-    say(f"phase: {status.get('phase')}    job: {status.get('jobName')}")
+    say(
+        f"phase: {status.get('phase')}    path: {status.get('path')}    "
+        f"job: {status.get('jobName')}    identity: {status.get('identity')}"
+    )
     for c in status.get("conditions") or []:
         say(f"  {c['type']:<11} {c['status']:<6} {c.get('reason', ''):<22} {c.get('message', '')}")
     artifact = status.get("artifact") or {}
@@ -163,6 +166,11 @@ def keep_running(stack: LocalStack, ns: str, name: str) -> None:
     say(f"  {kc} get sckpt -n {ns} -o wide")
     say(f"  {kc} get jobs,pods,configmaps -n {ns}")
     say(f"  {kc} delete sckpt -n {ns} {name}    # deletionPolicy: Delete purges the output")
+    say(
+        f"  {kc} patch sckpt -n {ns} {name} --type=merge "
+        """-p '{"spec":{"deletionPolicy":"Retain"}}'; then delete it and apply it again: """
+        "Ready by adoption, no conversion (-o wide: PATH Adopted)"
+    )
     say(f"  source {creds}    # S3 endpoint {stack.s3_endpoint} and the local server's keys")
     say("  .venv/bin/preshard verify s3://preshard-checkpoints/tiny-llama/tp2/")
     say("  (the emulator takes JSON only: kubectl apply --validate=false -f FILE)")

@@ -212,6 +212,9 @@ class LocalStack:
 
     def _start_runner(self) -> None:
         opts = {"retry_delay": 1.0, "grace_seconds": 10.0, "max_parallel": 2, **self.runner_options}
+        if os.environ.get("PYTHONPATH"):
+            # the pods run the code the operator runs (a git worktree's, in development)
+            opts["base_env"] = {"PYTHONPATH": os.environ["PYTHONPATH"], **opts.get("base_env", {})}
         self.runner = JobRunner.from_kubeconfig(self.kubeconfig, self.base_dir / "jobs", **opts)
         self.runner.start()
 

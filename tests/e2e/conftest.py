@@ -72,6 +72,20 @@ def wait_phase(
         ) from None
 
 
+STEP_JOB_MARKERS = ("-preflight-", "-adopt-", "-copy-", "-withdraw-", "-purge-")
+
+
+def is_conversion_pod(job_or_pod_name: str) -> bool:
+    """A pod (or Job) of a conversion Job, not of a CPU step (preflight, adopt, copy,
+    withdraw) or a purge."""
+    return not any(m in job_or_pod_name for m in STEP_JOB_MARKERS)
+
+
+def conversion_history(stack: LocalStack) -> list[dict[str, Any]]:
+    assert stack.runner is not None
+    return [h for h in stack.runner.history if is_conversion_pod(h["job"])]
+
+
 def checkpoint_doc(name: str, tp: int = 2, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "source": {"uri": "s3://preshard-models/tiny-llama/"},
@@ -92,9 +106,13 @@ def checkpoint_doc(name: str, tp: int = 2, **spec: Any) -> dict[str, Any]:
 
 
 def seed_fake_source(stack: LocalStack) -> None:
-    """A source prefix for the stand-in (it only checks that the source exists)."""
+    """A source prefix for the stand-in (it only checks that the source exists; the
+    preflight also wants a config.json and *.safetensors weights)."""
     client = stack.s3_client()
     client.put_object(Bucket="preshard-models", Key="tiny-llama/config.json", Body=b"{}")
+    client.put_object(
+        Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=b"stand-in weights"
+    )
 
 
 def cli(

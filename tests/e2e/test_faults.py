@@ -23,6 +23,8 @@ from preshard_dev.stack import LocalStack
 from .conftest import (
     checkpoint_doc,
     cli,
+    conversion_history,
+    is_conversion_pod,
     ready_condition,
     seed_fake_source,
     status_of,
@@ -59,7 +61,7 @@ def running_pod(stack: LocalStack) -> tuple[str, int]:
     assert stack.runner is not None
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        running = stack.runner.running_pids()
+        running = {p: pid for p, pid in stack.runner.running_pids().items() if is_conversion_pod(p)}
         if running:
             return next(iter(running.items()))
         time.sleep(0.2)
@@ -119,7 +121,7 @@ def test_operator_restarted_while_the_job_runs(stack_factory: Any) -> None:
     stack.stop_operator(kill=True)
     assert stack.runner is not None
     # the conversion finishes while no operator runs
-    stack.wait_for(lambda: stack.runner.history, 60, "the conversion to finish")
+    stack.wait_for(lambda: conversion_history(stack), 60, "the conversion to finish")
     assert status_of(stack, NS, "restart")["phase"] == "Running"  # nobody updated it
     stack.start_operator()
     status = wait_phase(stack, NS, "restart", ("Succeeded", "Failed"), 60)
@@ -178,7 +180,7 @@ def test_transient_s3_errors_lose_nothing(stack_factory: Any) -> None:
 
 
 def test_missing_source_fails_once_with_a_reason_naming_the_uri(stack_factory: Any) -> None:
-    # the real worker: it fails while fetching, before vLLM starts
+    # the real worker: the CPU-only preflight finds it, before any conversion Job
     stack: LocalStack = stack_factory(real_worker=True)
     doc = checkpoint_doc("nosource")
     doc["spec"]["source"]["uri"] = "s3://preshard-models/does-not-exist/"
@@ -187,9 +189,10 @@ def test_missing_source_fails_once_with_a_reason_naming_the_uri(stack_factory: A
     ready = ready_condition(status)
     assert ready["status"] == "False"
     assert "s3://preshard-models/does-not-exist/" in ready["message"]
-    assert ready["reason"] in ("SourceNotFound", "ConversionFailed"), ready
+    assert ready["reason"] == "SourceNotFound", ready
     time.sleep(3)  # no retry storm: still one Job with one pod
-    jobs = converter_jobs(stack)
+    assert converter_jobs(stack) == []  # no accelerator was ever requested
+    jobs = stack.jobs(NS, "preflight")
     assert len(jobs) == 1
     assert stack.runner is not None
     assert len(stack.runner.attempts_of(jobs[0]["metadata"]["name"])) == 1

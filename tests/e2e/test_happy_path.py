@@ -77,6 +77,9 @@ def test_tiny_tp2_resource_to_verified_shards_and_back(stack_factory: Any, tmp_p
         stack.s3_client().get_object(Bucket=bucket, Key=prefix + MANIFEST_NAME)["Body"].read()
     )
     assert manifest["tensorParallelSize"] == 2
+    # the identity the operator computed from the preflight, recorded by the real worker
+    assert status["path"] == "Converted"
+    assert manifest["identity"] == status["identity"] and status["identity"].startswith("sha256:")
     files = {f["key"]: f["size"] for f in manifest["files"]}
     assert {k for k in files if k.startswith("model-rank-")} == {
         "model-rank-0-part-0.safetensors",

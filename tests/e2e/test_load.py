@@ -10,7 +10,13 @@ import pytest
 
 from preshard_dev.stack import LocalStack
 
-from .conftest import checkpoint_doc, ready_condition, seed_fake_source, status_of
+from .conftest import (
+    checkpoint_doc,
+    conversion_history,
+    ready_condition,
+    seed_fake_source,
+    status_of,
+)
 
 pytestmark = pytest.mark.e2e
 COUNT = 20
@@ -22,8 +28,12 @@ def test_twenty_resources_at_once_all_ready_with_one_job_each(stack_factory: Any
     )
     seed_fake_source(stack)
     names = [f"load-{i:02d}" for i in range(COUNT)]
-    for n in names:
-        stack.apply(checkpoint_doc(n, tp=1 + len(n) % 2), "default")
+    for i, n in enumerate(names):
+        doc = checkpoint_doc(n, tp=1 + len(n) % 2)
+        # a conversion identity each (maxFileSize is part of it): with one identity, all
+        # but the first few would be Ready by server-side copy instead (test_reuse)
+        doc["spec"]["output"]["maxFileSize"] = f"{100 + i}Mi"
+        stack.apply(doc, "default")
 
     def all_done() -> bool:
         return all(
@@ -42,7 +52,10 @@ def test_twenty_resources_at_once_all_ready_with_one_job_each(stack_factory: Any
     per_resource = Counter(j["metadata"]["labels"]["preshard.io/checkpoint"] for j in jobs)
     assert per_resource == Counter({n: 1 for n in names})
     assert stack.runner is not None
-    assert len(stack.runner.history) == COUNT  # one pod each, no retries
+    assert len(conversion_history(stack)) == COUNT  # one conversion pod each, no retries
+    # and one CPU-only preflight pod each, before it
+    assert len(stack.runner.history) == 2 * COUNT
     for n, s in statuses.items():
+        assert s["path"] == "Converted"
         assert s["artifact"]["uri"] == f"s3://preshard-checkpoints/{n}/"
         assert stack.configmap("default", f"{n}-serving") is not None

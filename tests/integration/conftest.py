@@ -224,6 +224,9 @@ class Operator:
             "PRESHARD_PROGRESS_POLL_SECONDS": "1",
             "PRESHARD_RETRY_SECONDS": "1",
             "PRESHARD_CONVERTER_IMAGE": "registry.example/preshard-converter:test",
+            # These tests play the Job controller for conversion Jobs; the CPU-only steps
+            # before them (preflight, adopt, copy) run for real in tests/e2e/test_reuse.py.
+            "PRESHARD_PREFLIGHT": "0",
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1559,6 +1559,8 @@ def test_table_output_has_crd_printer_columns(k8s_api: K8s, ns: str) -> None:
         "Stage",
         "Job",
         "Reason",
+        "Path",
+        "Took",
     ]
     prio = {col["name"]: col["priority"] for col in table["columnDefinitions"]}
     assert prio["Phase"] == 0 and prio["PP"] == 1 and prio["Reason"] == 1
@@ -1577,6 +1579,8 @@ def test_table_output_has_crd_printer_columns(k8s_api: K8s, ns: str) -> None:
         "Stage": "Converting",
         "Job": "tbl-abc",
         "Reason": "Converting",
+        "Path": None,
+        "Took": None,
     }
     assert rows["tbl"]["Age"].endswith("s")
     assert rows["tbl2"]["Phase"] is None and rows["tbl2"]["TP"] == 1
@@ -1623,7 +1627,7 @@ def test_kubectl_get_prints_printer_columns(k8s_api: K8s, ns: str) -> None:
     # Phase and Ready are unset (null cells, printed blank)
     assert out[1].split()[:4] == ["kc", "8", "fp8", "s3://out/kc/tp8/"]
     wide = kubectl("get", "sckpt", "-o", "wide").splitlines()
-    assert wide[0].split()[-4:] == ["PP", "STAGE", "JOB", "REASON"]
+    assert wide[0].split()[-6:] == ["PP", "STAGE", "JOB", "REASON", "PATH", "TOOK"]
 
 
 # ------------------------------------------------------------------------------ pod logs

@@ -26,6 +26,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -467,3 +468,50 @@ def test_convert_from_the_hub_with_vllm(tmp_path: Path, hub: Hub) -> None:
     resolves = [r for r in hub.server.requests if r.kind == "resolve"]
     assert resolves and all(f"/resolve/{sha}/" in r.path for r in resolves)
     assert TOKEN not in run.stdout + run.stderr
+
+
+# ---------------------------------------------------------------- preflight (issue 10)
+
+
+def hf_pin(tmp_path: Path, hub: Hub, source: str, token: str | None = None) -> dict[str, Any]:
+    """The preflight's source findings for an hf:// source (worker.adopt._hf_source in a
+    subprocess: huggingface_hub reads HF_ENDPOINT when it is imported)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    env.update(hub.server.env(token=token, hf_home=tmp_path / "hf-home"))
+    env["PRESHARD_WORK_DIR"] = str(tmp_path / "work")
+    code = (
+        "import json, sys\n"
+        "from preshard.core.errors import PreshardError\n"
+        "from preshard.core.uris import parse_uri\n"
+        "from preshard.worker.adopt import _hf_source\n"
+        "try:\n"
+        "    rec, config = _hf_source(parse_uri(sys.argv[1]))\n"
+        "    print(json.dumps({'source': rec, 'config': config}))\n"
+        "except PreshardError as e:\n"
+        "    print(json.dumps({'reason': e.reason, 'message': e.message}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, source], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_preflight_pins_a_branch_to_its_commit_and_reads_the_config(
+    tmp_path: Path, hub: Hub
+) -> None:
+    main = hf_pin(tmp_path, hub, "hf://org/tiny@main")
+    assert main["source"]["revision"] == hub.sha_v2 and main["source"]["digest"] == hub.sha_v2
+    assert main["config"] == {"model_type": "llama", "num_attention_heads": 2}
+    tag = hf_pin(tmp_path, hub, "hf://org/tiny@v1")
+    assert tag["source"]["revision"] == hub.sha_v1  # another commit: another identity
+    pinned = hf_pin(tmp_path, hub, f"hf://org/tiny@{hub.sha_v2}")
+    assert pinned["source"]["digest"] == main["source"]["digest"]
+
+
+def test_preflight_of_hf_errors_are_the_converts(tmp_path: Path, hub: Hub) -> None:
+    assert hf_pin(tmp_path, hub, "hf://org/missing")["reason"] == "SourceNotFound"
+    assert hf_pin(tmp_path, hub, "hf://org/bin-only")["reason"] == "InvalidSource"
+    gated = hf_pin(tmp_path, hub, "hf://org/gated")
+    assert gated["reason"] == "AccessDenied"
+    assert "config" in hf_pin(tmp_path, hub, "hf://org/gated", token=TOKEN)

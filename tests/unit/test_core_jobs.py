@@ -34,9 +34,13 @@ from preshard.core.jobs import (
     RESTRICTED_POD_SECURITY,
     TERMINATION_LOG,
     WORK_DIR,
+    build_adopt_job,
     build_conversion_job,
+    build_copy_job,
+    build_preflight_job,
     build_purge_job,
     build_serving_configmap,
+    build_withdraw_job,
     conversion_args,
     labels,
     output_endpoint,
@@ -177,6 +181,7 @@ def check_golden(name: str, obj: Any) -> None:
         )
 
 
+IDENTITY = "sha256:" + "d" * 64
 GOLDEN_CASES: dict[str, Any] = {
     "conversion_job_s3_tp2": lambda: build_conversion_job(
         "tiny-tp2", NS, UID, parse_spec(S3_TP2), BASIC_CONFIG
@@ -195,6 +200,41 @@ GOLDEN_CASES: dict[str, Any] = {
         ARTIFACT,
         parse_spec(PVC_TP8_PP2_FP8),
         CLUSTER_CONFIG.default_s3_endpoint,
+    ),
+    "preflight_job_pvc": lambda: build_preflight_job(
+        "llama-70b-tp8-pp2", NS, UID, parse_spec(PVC_TP8_PP2_FP8), CLUSTER_CONFIG
+    ),
+    "preflight_job_hf": lambda: build_preflight_job(
+        "llama-8b", NS, UID, parse_spec(HF), CLUSTER_CONFIG
+    ),
+    "adopt_job": lambda: build_adopt_job(
+        "tiny-tp2",
+        NS,
+        UID,
+        parse_spec(S3_TP2),
+        BASIC_CONFIG,
+        identity=IDENTITY,
+        expect_owner="ml/tiny-tp2/0ld-uid",
+        expect_manifest_sha256="a" * 64,
+    ),
+    "copy_job": lambda: build_copy_job(
+        "tiny-tp2",
+        NS,
+        UID,
+        parse_spec(S3_TP2),
+        BASIC_CONFIG,
+        identity=IDENTITY,
+        source_uri="s3://preshard-checkpoints/tiny-llama/orig/",
+        source_manifest_sha256="b" * 64,
+    ),
+    "withdraw_job": lambda: build_withdraw_job(
+        "tiny-tp2",
+        NS,
+        UID,
+        parse_spec(S3_TP2),
+        BASIC_CONFIG,
+        expect_owner="ml/tiny-tp2/0ld-uid",
+        expect_manifest_sha256="c" * 64,
     ),
     "serving_configmap_aws": lambda: build_serving_configmap(
         "tiny-tp2",

@@ -250,6 +250,8 @@ def test_printer_columns() -> None:
         ("Stage", 1, ".status.progress.stage"),
         ("Job", 1, ".status.jobName"),
         ("Reason", 1, '.status.conditions[?(@.type=="Ready")].reason'),
+        ("Path", 1, ".status.path"),
+        ("Took", 1, ".status.durationSeconds"),
     ]
     for c in cols:
         if c["name"] != "Age":  # Age is the conventional, self-explanatory column

@@ -308,10 +308,19 @@ def test_manifest_fields(tmp_path: Path) -> None:
         "converted_on": {},
         "sharding_key": "preshard-sharding.json",
         "verification": None,
+        "identity": None,
     }
     fields = cv.manifest_fields(req, "0.32.0", platform="cpu", verification={"engine": {}})
     assert fields["converted_on"] == {"platform": "cpu"}
     assert fields["verification"] == {"engine": {}}
+    ident = "sha256:" + "ab" * 32
+    req2 = cv.ConvertRequest.from_args(
+        parse(
+            "--source", "hf://org/model@abc", "-tp", "2", "--output", "s3://bucket-a/x/",
+            "--work-dir", str(tmp_path), "--identity", ident,
+        )
+    )  # fmt: skip
+    assert cv.manifest_fields(req2, "0.32.0")["identity"] == ident  # recorded in the manifest
 
 
 def test_engine_error_classification() -> None:

@@ -38,7 +38,16 @@ Strength = Literal["strong", "weak"]
 # Ready reasons of a resource without a Job that holds no claim: refused for good until
 # its spec changes, or waiting for its own Secret (it may never get one).
 NO_CLAIM_REASONS = frozenset(
-    {"InvalidSpec", "InvalidURI", "PolicyViolation", "CredentialsSecretNotFound"}
+    {
+        "InvalidSpec",
+        "InvalidURI",
+        "PolicyViolation",
+        "CredentialsSecretNotFound",
+        # the preflight found the prefix is not this resource's to write
+        "OutputOwnedByOther",
+        "OutputOverlapsCheckpoint",
+        "OutputHasUnreadableManifest",
+    }
 )
 
 
@@ -112,6 +121,9 @@ def claim_strength(status: Mapping[str, Any] | None) -> Strength | None:
         return None if failed_without_publishing(status) else "strong"
     if _condition(status, "Ready").get("reason") in NO_CLAIM_REASONS:
         return None
+    if status.get("decision") or status.get("path"):
+        # a preflight/adopt/copy step has acted on the prefix, or the checkpoint is there
+        return None if failed_without_publishing(status) else "strong"
     if status.get("phase") == "Failed":
         return None
     return "weak"

@@ -13,6 +13,7 @@ from typing import Any
 from preshard import GROUP, KIND, VERSION
 from preshard.core.config import OperatorConfig
 from preshard.core.naming import (
+    bounded_name,
     checkpoint_label_value,
     cleanup_job_name,
     job_name,
@@ -172,7 +173,9 @@ def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:
     return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
 
 
-def conversion_args(name: str, namespace: str, uid: str, spec: CheckpointSpec) -> list[str]:
+def conversion_args(
+    name: str, namespace: str, uid: str, spec: CheckpointSpec, identity: str | None = None
+) -> list[str]:
     args = [
         "convert",
         "--source",
@@ -199,11 +202,18 @@ def conversion_args(name: str, namespace: str, uid: str, spec: CheckpointSpec) -
         "--progress",
         "lines",
     ]
+    if identity:
+        args += ["--identity", identity]
     return args
 
 
 def build_conversion_job(
-    name: str, namespace: str, uid: str, spec: CheckpointSpec, config: OperatorConfig
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: CheckpointSpec,
+    config: OperatorConfig,
+    identity: str | None = None,
 ) -> dict[str, Any]:
     spec_hash = spec.conversion_hash()
     conv = spec.converter
@@ -235,7 +245,7 @@ def build_conversion_job(
         "image": conv.image or config.converter_image,
         "imagePullPolicy": conv.image_pull_policy or config.image_pull_policy,
         "command": ["preshard"],
-        "args": conversion_args(name, namespace, uid, spec),
+        "args": conversion_args(name, namespace, uid, spec, identity),
         "env": env,
         "resources": _resources(spec, config),
         "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
@@ -405,3 +415,246 @@ def build_serving_configmap(
         },
         "data": configmap_data(info, spec, artifact),
     }
+
+
+# ------------------------------------------------------------- CPU-only reuse Jobs
+# preflight / adopt / copy / withdraw (core.decide): no accelerator, small requests, the
+# resource's own credentials Secrets, restricted pod security, no Kubernetes API access.
+
+REUSE_COMPONENTS = ("preflight", "adopt", "copy", "withdraw")
+REUSE_RESOURCES = {
+    "requests": {"cpu": "250m", "memory": "256Mi"},
+    "limits": {"memory": "1Gi"},
+}
+REUSE_DEADLINE_SECONDS = 3600
+REUSE_TTL_SECONDS = 3600
+
+
+def reuse_job_name(name: str, uid: str, component: str, spec_hash: str, *extra: str) -> str:
+    """``<name>-<component>-<hash10>``: one per resource incarnation (uid), spec and the
+    state it acts on (a new uid with the same name never meets an old Job)."""
+    import hashlib
+
+    digest = hashlib.sha256("\0".join((uid, spec_hash, *extra)).encode()).hexdigest()
+    return bounded_name(name, f"{component}-{digest[:10]}")
+
+
+def _reuse_job(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: CheckpointSpec,
+    config: OperatorConfig,
+    component: str,
+    args: list[str],
+    *extra: str,
+    source_access: bool = False,
+) -> dict[str, Any]:
+    spec_hash = spec.conversion_hash()
+    lbl = labels(name, component, spec_hash)
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "work", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "work", "mountPath": WORK_DIR},
+    ]
+    env = _output_env(spec, config)
+    if source_access:
+        env += _source_env(spec)
+        src = spec.source.parsed
+        if src.scheme == "pvc":
+            volumes.append(
+                {
+                    "name": "source",
+                    "persistentVolumeClaim": {"claimName": src.authority, "readOnly": True},
+                }
+            )
+            mounts.append(
+                {
+                    "name": "source",
+                    "mountPath": f"{PVC_MOUNT_ROOT}/{src.authority}",
+                    "readOnly": True,
+                }
+            )
+    env += [
+        {"name": "PRESHARD_TERMINATION_LOG", "value": TERMINATION_LOG},
+        {"name": "PRESHARD_WORK_DIR", "value": WORK_DIR},
+        {"name": "PRESHARD_PVC_MOUNT_ROOT", "value": PVC_MOUNT_ROOT},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": f"{WORK_DIR}/cache/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    container: dict[str, Any] = {
+        "name": component,
+        "image": spec.converter.image or config.converter_image,
+        "imagePullPolicy": spec.converter.image_pull_policy or config.image_pull_policy,
+        "command": ["preshard"],
+        "args": args,
+        "env": env,
+        "resources": copy.deepcopy(REUSE_RESOURCES),
+        "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": reuse_job_name(name, uid, component, spec_hash, *extra),
+            "namespace": namespace,
+            "labels": lbl,
+            "annotations": {
+                ANNOTATION_SPEC_HASH: spec_hash,
+                ANNOTATION_OWNER_UID: uid,
+                ANNOTATION_CHECKPOINT_NAME: name,
+            },
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": REUSE_DEADLINE_SECONDS,
+            "ttlSecondsAfterFinished": REUSE_TTL_SECONDS,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": component,
+                            "operator": "In",
+                            "values": [EXIT_PERMANENT],
+                        },
+                    },
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                ]
+            },
+            "template": {
+                "metadata": {"labels": lbl},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": spec.converter.service_account_name
+                    or config.job_service_account,
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def _owner_arg(name: str, namespace: str, uid: str) -> str:
+    return f"{namespace}/{name}/{uid}"
+
+
+def build_preflight_job(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: CheckpointSpec,
+    config: OperatorConfig,
+    attempt: int = 0,
+) -> dict[str, Any]:
+    """Reads the source (its own credentials) and the output prefix; writes nothing.
+    ``attempt`` > 0: a new preflight after the prefix changed under a step."""
+    args = [
+        "preflight",
+        "--source",
+        spec.source.uri,
+        "--output",
+        str(spec.output.parsed),
+        "--owner",
+        _owner_arg(name, namespace, uid),
+    ]
+    extra = (str(attempt),) if attempt else ()
+    return _reuse_job(
+        name, namespace, uid, spec, config, "preflight", args, *extra, source_access=True
+    )
+
+
+def build_adopt_job(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: CheckpointSpec,
+    config: OperatorConfig,
+    *,
+    identity: str,
+    expect_owner: str | None,
+    expect_manifest_sha256: str,
+) -> dict[str, Any]:
+    args = [
+        "adopt",
+        "--output",
+        str(spec.output.parsed),
+        "--owner",
+        _owner_arg(name, namespace, uid),
+    ]
+    if expect_owner:
+        args += ["--expect-owner", expect_owner]
+    args += ["--expect-identity", identity, "--expect-manifest-sha256", expect_manifest_sha256]
+    return _reuse_job(
+        name, namespace, uid, spec, config, "adopt", args, identity, expect_manifest_sha256
+    )
+
+
+def build_copy_job(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: CheckpointSpec,
+    config: OperatorConfig,
+    *,
+    identity: str,
+    source_uri: str,
+    source_manifest_sha256: str,
+) -> dict[str, Any]:
+    """Copies with the NEW resource's output credentials only: a prefix they cannot read
+    fails with AccessDenied (the operator then converts)."""
+    args = [
+        "copy",
+        "--from",
+        source_uri,
+        "--to",
+        str(spec.output.parsed),
+        "--owner",
+        _owner_arg(name, namespace, uid),
+        "--expect-identity",
+        identity,
+        "--expect-manifest-sha256",
+        source_manifest_sha256,
+    ]
+    return _reuse_job(
+        name, namespace, uid, spec, config, "copy", args, identity, source_uri,
+        source_manifest_sha256,
+    )  # fmt: skip
+
+
+def build_withdraw_job(
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: CheckpointSpec,
+    config: OperatorConfig,
+    *,
+    expect_owner: str | None,
+    expect_manifest_sha256: str,
+) -> dict[str, Any]:
+    args = [
+        "withdraw",
+        "--output",
+        str(spec.output.parsed),
+        "--owner",
+        _owner_arg(name, namespace, uid),
+    ]
+    if expect_owner:
+        args += ["--expect-owner", expect_owner]
+    args += ["--expect-manifest-sha256", expect_manifest_sha256]
+    return _reuse_job(name, namespace, uid, spec, config, "withdraw", args, expect_manifest_sha256)

@@ -63,6 +63,7 @@ from preshard.core.jobs import (
     referenced_secrets,
 )
 from preshard.core.naming import job_name, serving_configmap_name
+from preshard.core.pathstatus import STEP_REASONS
 from preshard.core.policy import POLICY_VIOLATION, check_policy, policy_message
 from preshard.core.serving import serving_info, trusted_artifact
 from preshard.core.spec import CheckpointSpec, parse_spec
@@ -75,9 +76,15 @@ SERVING_CONFLICT = "ServingConfigMapConflict"
 # Ready reasons the retry timer re-checks (a Secret created, a prefix or a ConfigMap name
 # released)
 WAITING_REASONS = {"CredentialsSecretNotFound", "OutputConflict", SERVING_CONFLICT}
+# A CPU step (preflight, adopt, copy, withdraw) advances on its Job's events; the retry
+# timer re-checks it too, so a missed event never leaves a resource stuck.
+WAITING_REASONS |= set(STEP_REASONS.values())
 # Timer intervals are fixed when kopf registers the handlers (import time).
 POLL_SECONDS = float(os.environ.get("PRESHARD_PROGRESS_POLL_SECONDS") or 10)
 RETRY_SECONDS = float(os.environ.get("PRESHARD_RETRY_SECONDS") or 10)
+# Preflight before converting (adopt, copy, refuse early; handlers.reuse). 0 turns it off:
+# the operator then converts at once, as before issue 10 (tests of the conversion path).
+PREFLIGHT = (os.environ.get("PRESHARD_PREFLIGHT") or "1").strip() != "0"
 # A connection that breaks (reset, refused, timed out) raises urllib3's errors, not
 # ApiException: retry soon, not after kopf's 60 s backoff for unexpected exceptions.
 TRANSPORT_ERRORS = (urllib3.exceptions.HTTPError, ConnectionError)
@@ -213,14 +220,14 @@ def checkpoints(body: kopf.Body, **_: Any) -> Any:
 # ---------------------------------------------------------------------------- reconcile
 
 
-def reconcile(body: dict[str, Any], outputs_index: Any) -> None:
+def reconcile(body: dict[str, Any], outputs_index: Any, identities_index: Any = None) -> None:
     if body["metadata"].get("deletionTimestamp"):
         return
     with _resource_lock(body["metadata"]["uid"]):
-        _reconcile(body, outputs_index)
+        _reconcile(body, outputs_index, identities_index)
 
 
-def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
+def _reconcile(body: dict[str, Any], outputs_index: Any, identities_index: Any = None) -> None:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     old = _known_status(body)
@@ -282,7 +289,16 @@ def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
                 )
                 _write_status(body, old, new)
                 return
-        manifest = build_conversion_job(name, ns, uid, spec, CONFIG)
+        identity = old.get("identity")
+        if PREFLIGHT and not old.get("jobName"):
+            # preflight -> adopt | copy | refuse | convert (handlers.reuse), before any
+            # Job requests an accelerator
+            from preshard.handlers.reuse import prepare
+
+            go, identity = prepare(body, spec, old, identities_index)
+            if not go:
+                return
+        manifest = build_conversion_job(name, ns, uid, spec, CONFIG, identity=identity)
         job, created = api.create_or_get_job(manifest)
         job_meta = job.get("metadata") or {}
         owned = any(r.get("uid") == uid for r in job_meta.get("ownerReferences") or []) or (
@@ -322,8 +338,13 @@ def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def on_change(body: kopf.Body, outputs: kopf.Index[str, Any], **_: Any) -> None:
-    reconcile(dict(body), outputs)
+def on_change(
+    body: kopf.Body,
+    outputs: kopf.Index[str, Any],
+    identities: kopf.Index[str, Any] | None = None,
+    **_: Any,
+) -> None:
+    reconcile(dict(body), outputs, identities)
 
 
 def _waiting(status: dict[str, Any], **_: Any) -> bool:
@@ -333,9 +354,14 @@ def _waiting(status: dict[str, Any], **_: Any) -> bool:
 @kopf.timer(
     GROUP, VERSION, PLURAL, interval=RETRY_SECONDS, initial_delay=RETRY_SECONDS / 2, when=_waiting
 )
-def retry_waiting(body: kopf.Body, outputs: kopf.Index[str, Any], **_: Any) -> None:
+def retry_waiting(
+    body: kopf.Body,
+    outputs: kopf.Index[str, Any],
+    identities: kopf.Index[str, Any] | None = None,
+    **_: Any,
+) -> None:
     """Heal resources waiting for a Secret or for an output prefix to be released."""
-    reconcile(dict(body), outputs)
+    reconcile(dict(body), outputs, identities)
 
 
 def _polled(status: dict[str, Any], **_: Any) -> bool:
@@ -418,6 +444,10 @@ def _sync(
         pod=problem,
         serving_error=serving_error,
     )
+    if PREFLIGHT:
+        from preshard.handlers.reuse import after_sync
+
+        new = after_sync(body, old, new)
     _write_status(body, old, new, job_created)
 
 
@@ -508,6 +538,20 @@ def on_delete(body: kopf.Body, outputs: kopf.Index[Any, Any], **_: Any) -> None:
         ]
         if sa_violations:
             decision = decision._replace(purge=False, why=sa_violations[0].message)
+    step = (status.get("decision") or {}).get("step")
+    step_job = (status.get("decision") or {}).get("jobName")
+    if step in ("Preflight", "Adopt", "Copy", "Withdraw") and step_job:
+        # a CPU step is running: stop it first (a copy may still write)
+        try:
+            sj = api.get_job(ns, str(step_job))
+        except ApiException as exc:
+            raise kopf.TemporaryError(f"Kubernetes API error {exc.status}", delay=10) from None
+        if sj is not None:
+            if not sj["metadata"].get("deletionTimestamp"):
+                api.delete_job(ns, str(step_job), "Foreground")
+            raise kopf.TemporaryError(f"waiting for Job {step_job} to stop", delay=2)
+        if step != "Copy":
+            return  # preflight, adopt and withdraw wrote nothing of ours at the prefix
     try:
         # 1. stop the conversion (foreground: wait until its pods are gone)
         conv = job_name(name, spec.conversion_hash())
@@ -564,3 +608,8 @@ def on_delete(body: kopf.Body, outputs: kopf.Index[Any, Any], **_: Any) -> None:
         ) from None
     except TRANSPORT_ERRORS as exc:
         raise kopf.TemporaryError(f"Kubernetes API unreachable: {exc!r}", delay=2) from None
+
+
+# The steps before a conversion (preflight, adopt, copy, withdraw) register their own
+# handlers (an index by identity, their Jobs' events).
+from preshard.handlers import reuse as _reuse  # noqa: E402,F401

@@ -223,6 +223,17 @@ def patch_checkpoint_status(namespace: str, name: str, patch: dict[str, Any]) ->
         raise
 
 
+def get_checkpoint(namespace: str, name: str) -> dict[str, Any] | None:
+    """The ShardedCheckpoint (None if it does not exist)."""
+    try:
+        obj = custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    return dict(obj)
+
+
 # ---------------------------------------------------------------------------- configmaps
 
 

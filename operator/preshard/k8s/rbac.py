@@ -20,8 +20,10 @@ class Rule(NamedTuple):
 
 REQUIRED_RBAC: tuple[Rule, ...] = (
     # kopf: list/watch the resources and patch finalizers + its progress annotations
-    # (a Job event finds its checkpoint in kopf's index: no get).
-    Rule(("preshard.io",), ("shardedcheckpoints",), ("list", "watch", "patch")),
+    # (a conversion Job event finds its checkpoint in kopf's index); get: whether the owner
+    # a manifest records still exists (adopt only from a gone owner), and the resource of
+    # a preflight/adopt/copy Job's event.
+    Rule(("preshard.io",), ("shardedcheckpoints",), ("get", "list", "watch", "patch")),
     Rule(("preshard.io",), ("shardedcheckpoints/status",), ("patch",)),
     # conversion and purge Jobs (create-or-get, track, delete on deletionPolicy: Delete)
     Rule(("batch",), ("jobs",), ("get", "list", "watch", "create", "delete")),

@@ -87,6 +87,7 @@ class ConvertRequest:
     source_endpoint_url: str | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
+    identity: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -160,6 +161,7 @@ class ConvertRequest:
             source_endpoint_url=args.source_endpoint_url,
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_model_len=args.max_model_len,
+            identity=getattr(args, "identity", None),
         )
 
 
@@ -502,6 +504,7 @@ def manifest_fields(
         "vllm_version": vllm_version,
         "file_pattern": verify_shards.shard_pattern(req.pipeline_parallel_size),
         "load_format": "sharded_state",
+        "identity": req.identity,
     }
 
 

