@@ -96,7 +96,7 @@ def test_pipeline_parallel_changes_the_file_pattern_too() -> None:
         ("converter.imagePullPolicy", "Always"),
         ("converter.nodeSelector", {"gpu": "h100"}),
         ("converter.tolerations", [{"key": "gpu", "operator": "Exists"}]),
-        ("converter.env", [{"name": "X", "value": "1"}]),
+        ("converter.env", [{"name": "VLLM_X", "value": "1"}]),
         ("converter.backoffLimit", 5),
         ("converter.serviceAccountName", "other"),
         ("converter.priorityClassName", "high"),
