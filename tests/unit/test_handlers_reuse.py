@@ -116,7 +116,9 @@ def install(monkeypatch: pytest.MonkeyPatch, fake: Fake) -> Fake:
     monkeypatch.setattr(h.api, "patch_checkpoint_status", fake.patch)
     monkeypatch.setattr(h.api, "get_checkpoint", fake.get_checkpoint)
     monkeypatch.setattr(
-        h.api, "apply_configmap", lambda cm, uid: fake.configmaps.append(cm["metadata"]["name"]) or True
+        h.api,
+        "apply_configmap",
+        lambda cm, uid: fake.configmaps.append(cm["metadata"]["name"]) or True,
     )
     monkeypatch.setattr(h.api, "pod_progress", lambda ns, pod: None)
     monkeypatch.setattr(kopf, "event", fake.event)
