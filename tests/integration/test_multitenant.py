@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import urllib.request
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,7 +48,13 @@ def doc(name: str, output: str, **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "source": {"uri": "s3://preshard-models/tiny-llama/"},
         "tensorParallelSize": 2,
-        "output": {"uri": output, "credentialsSecret": "preshard-s3"},
+        # a file size of its own gives every resource its own conversion identity, so each
+        # one converts (this module is about tenancy; reuse by copy is tests/e2e/test_reuse)
+        "output": {
+            "uri": output,
+            "credentialsSecret": "preshard-s3",
+            "maxFileSize": f"{1 + zlib.crc32(name.encode()) % 4096}Mi",
+        },
         "converter": {"backoffLimit": 0, "activeDeadlineSeconds": 600},
     }
     body.update(spec)
@@ -72,6 +79,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         # a source for the stand-in (it only checks that the source exists)
         st.s3_client().put_object(
             Bucket="preshard-models", Key="tiny-llama/config.json", Body=b"{}"
+        )
+        # the preflight Job (issue 10) wants a config.json and *.safetensors weights
+        st.s3_client().put_object(
+            Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=b"stand-in weights"
         )
         yield st
     finally:
@@ -129,7 +140,12 @@ def team_a_published(stack: LocalStack) -> dict[str, int]:
 def test_the_conversion_pod_runs_as_the_namespaces_own_identity(
     stack: LocalStack, team_a_published: dict[str, int]
 ) -> None:
-    (job,) = [j for j in all_jobs(stack, A) if "llama" in j["metadata"]["name"]]
+    (job,) = [
+        j
+        for j in all_jobs(stack, A)
+        if "llama" in j["metadata"]["name"]
+        and j["metadata"]["labels"]["app.kubernetes.io/component"] == "converter"
+    ]
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "team-a-converter"
     assert pod["containers"][0]["image"] == OPERATOR_ENV["PRESHARD_CONVERTER_IMAGE"]
