@@ -28,6 +28,7 @@ FEATURE_TENSOR = {
     "mixtral": "model.layers.0.block_sparse_moe.experts.3.w3.weight",
     "qwen3-moe": "model.layers.0.mlp.experts.3.up_proj.weight",
     "qwen2-moe": "model.layers.0.mlp.shared_expert.gate_proj.weight",
+    "deepseek-v2": "model.layers.1.mlp.shared_experts.gate_proj.weight",
 }
 
 
@@ -48,7 +49,10 @@ def test_family_checkpoint(models: dict[str, Path], name: str) -> None:
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["architectures"] == [fam.architecture]
     assert cfg["head_dim"] == 64  # vLLM's CPU attention
-    assert cfg["hidden_size"] == cfg["num_attention_heads"] * 64
+    if fam.mla:  # vLLM's CPU MLA: latent 512 + rope 64
+        assert (cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]) == (512, 64)
+    else:
+        assert cfg["hidden_size"] == cfg["num_attention_heads"] * 64
     t = load_file(str(d / "model.safetensors"))
     assert FEATURE_TENSOR[name] in t
     assert {v.dtype for v in t.values()} == {torch.bfloat16}

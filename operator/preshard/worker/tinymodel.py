@@ -133,6 +133,8 @@ class Family:
     seed: int
     config: dict[str, Any] = field(default_factory=dict)
     moe: bool = False
+    # multi-head latent attention: head sizes are not hidden_size / heads
+    mla: bool = False
 
 
 # Shared by every family: head_dim 64 (vLLM's CPU attention), 2 layers, a well-separated
@@ -244,6 +246,39 @@ FAMILIES: dict[str, Family] = {
             },
             moe=True,
         ),
+        Family(
+            "deepseek-v2",
+            "DeepseekV2ForCausalLM",
+            "DeepseekV2Config",
+            "MLA attention (latent KV, kv_lora_rank 512 + rope 64 as vLLM's CPU MLA needs) "
+            "and MoE with a shared expert after one dense layer, DeepSeek-V2-Lite style",
+            seed=19,
+            config={
+                "hidden_size": 256,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "intermediate_size": 256,
+                "q_lora_rank": None,
+                "kv_lora_rank": 512,
+                "qk_rope_head_dim": 64,
+                "qk_nope_head_dim": 64,
+                "v_head_dim": 64,
+                "head_dim": 64,
+                "n_routed_experts": 4,
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 128,
+                "num_experts_per_tok": 2,
+                "first_k_dense_replace": 1,
+                "moe_layer_freq": 1,
+                "topk_method": "greedy",
+                "n_group": 1,
+                "topk_group": 1,
+                "norm_topk_prob": False,
+                "routed_scaling_factor": 1.0,
+            },
+            moe=True,
+            mla=True,
+        ),
     )
 }
 
@@ -268,7 +303,8 @@ def make_tiny_model(
 
     fam = FAMILIES[family] if isinstance(family, str) else family
     settings = {**_BASE, **fam.config, **(overrides or {})}
-    if settings["hidden_size"] != settings["num_attention_heads"] * settings["head_dim"]:
+    heads, head_dim = settings["num_attention_heads"], settings["head_dim"]
+    if not fam.mla and settings["hidden_size"] != heads * head_dim:
         raise ValueError(f"{fam.name}: hidden_size must be num_attention_heads * head_dim")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
