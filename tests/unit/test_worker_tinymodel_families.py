@@ -76,7 +76,10 @@ def test_family_features(models: dict[str, Path]) -> None:
     assert "lm_head.weight" not in load_file(str(models["llama-tied"] / "model.safetensors"))
     # Not a multiple of 64 * TP: vLLM pads the vocabulary.
     assert cfg["llama-padded-vocab"]["vocab_size"] == 500
-    assert cfg["llama-padded-vocab"]["vocab_size"] % 128
+    assert cfg["llama-tied"]["vocab_size"] == 500
+    assert cfg["llama-gqa"]["attention_bias"] is True
+    gqa = load_file(str(models["llama-gqa"] / "model.safetensors"))
+    assert gqa["model.layers.0.self_attn.v_proj.bias"].shape == (128,)
     phi = load_file(str(models["phi3"] / "model.safetensors"))
     assert phi["model.layers.0.self_attn.qkv_proj.weight"].shape == (3 * 128, 128)
     assert phi["model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 256, 128)

@@ -162,17 +162,24 @@ FAMILIES: dict[str, Family] = {
             "llama-gqa",
             "LlamaForCausalLM",
             "LlamaConfig",
-            "dense GQA: 4 query heads share 2 KV heads (one KV head per rank at TP=2)",
+            "dense GQA (4 query heads share 2 KV heads: one per rank at TP=2) with "
+            "attention biases (q/k/v fused into qkv_proj.bias; o_proj.bias replicated)",
             seed=10,
-            config={"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 512},
+            config={
+                "hidden_size": 256,
+                "num_attention_heads": 4,
+                "intermediate_size": 512,
+                "attention_bias": True,
+            },
         ),
         Family(
             "llama-tied",
             "LlamaForCausalLM",
             "LlamaConfig",
-            "tied embeddings (lm_head is embed_tokens) and one KV head, replicated at TP=2",
+            "tied embeddings (lm_head is embed_tokens) over a padded vocabulary of 500, "
+            "and one KV head, replicated at TP=2",
             seed=11,
-            config={"tie_word_embeddings": True, "num_key_value_heads": 1},
+            config={"tie_word_embeddings": True, "num_key_value_heads": 1, "vocab_size": 500},
         ),
         Family(
             "llama-padded-vocab",
