@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from preshard.worker.tinymodel import (
     FAMILIES,
+    dequantize_gptq,
     gptq_pack,
     gptq_unpack,
     make_tiny_model,
@@ -169,3 +170,20 @@ def test_quantize_gptq_checkpoint(tmp_path: Path, models: dict[str, Path]) -> No
     w = s[p + "weight"].float()
     deq = gptq_unpack({k: t[p + k] for k in ("qweight", "scales", "g_idx")})
     assert (deq - w).abs().max() < 0.1 * w.abs().max()
+
+
+def test_dequantize_gptq_gives_the_dense_weights_back(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    src = models["llama-gqa"]
+    q = quantize_gptq(src, tmp_path / "gptq")
+    d = dequantize_gptq(q, tmp_path / "dense")
+    assert "quantization_config" not in json.loads((d / "config.json").read_text())
+    s, t = load_file(str(src / "model.safetensors")), load_file(str(d / "model.safetensors"))
+    assert set(t) == set(s)
+    for k, v in s.items():
+        assert t[k].dtype == v.dtype and t[k].shape == v.shape, k
+        if k.endswith("_proj.weight"):
+            assert (t[k].float() - v.float()).abs().max() < 0.1 * v.float().abs().max(), k
+        else:
+            assert torch.equal(t[k], v), k

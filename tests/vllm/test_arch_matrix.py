@@ -44,12 +44,14 @@ from typing import Any
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker.tinymodel import FAMILIES, make_tiny_model, quantize_gptq
+from preshard.worker.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
 
 pytestmark = pytest.mark.vllm
 
 PROBE = Path(__file__).with_name("logprob_probe.py")
 GPTQ = "gptq-llama"
+# The dense model GPTQ's weights stand for (only run as a reference, never converted).
+GPTQ_DENSE = "gptq-llama-dequantized"
 # The default set and what each covers (the others: see the module docstring).
 DEFAULT_MATRIX = (
     "llama-gqa",  # dense GQA (1 KV head per rank), q/k/v/o biases, HF-separate q/k/v
@@ -151,6 +153,8 @@ class Matrix:
 
     def model(self, family: str) -> Path:
         def make() -> Path:
+            if family == GPTQ_DENSE:
+                return dequantize_gptq(self.model(GPTQ), self.base / "models" / GPTQ_DENSE)
             if family == GPTQ:
                 dense = make_tiny_model("llama-gqa", self.base / "models" / "gptq-dense")
                 return quantize_gptq(dense, self.base / "models" / GPTQ, group_size=32)
@@ -205,6 +209,8 @@ class Matrix:
         """The source loaded normally at TP=2. The first call runs every family's."""
         if (family, "reference") not in self._cache:
             todo = [f for f in MATRIX if (f, "reference") not in self._cache]
+            if GPTQ in MATRIX and (GPTQ_DENSE, "reference") not in self._cache:
+                todo.append(GPTQ_DENSE)
             if family not in todo:
                 todo.append(family)
             self._probe_all("reference", {f: (self.model(f), "auto") for f in todo})
@@ -292,6 +298,23 @@ def test_family_reload_gives_the_source_outputs_exactly(matrix: Matrix, family: 
         assert b["tokens"] == a["tokens"], f"prompt {i}: tokens differ"
         for pos, (pa, pb) in enumerate(zip(a["logprobs"], b["logprobs"], strict=True)):
             assert pb == pa, f"prompt {i} position {pos}: top-5 logprobs differ"
+
+
+def test_gptq_checkpoint_computes_its_dequantized_weights(matrix: Matrix) -> None:
+    """The hand-written GPTQ checkpoint is what it claims: stock vLLM's CPU WNA16 kernels
+    on it follow the dense model of its dequantized weights (same first token for every
+    prompt, long common prefixes; 4-bit kernels round differently, so not exactly). A
+    wrong packing order would give unrelated tokens from the first one on."""
+    if GPTQ not in MATRIX:
+        pytest.skip(f"{GPTQ} is not in PRESHARD_ARCH_MATRIX")
+    q, dense = matrix.reference(GPTQ), matrix.reference(GPTQ_DENSE)
+    prefixes = []
+    for a, b in zip(q["sequences"], dense["sequences"], strict=True):
+        n = 0
+        while n < len(a["tokens"]) and a["tokens"][n] == b["tokens"][n]:
+            n += 1
+        prefixes.append(n)
+    assert min(prefixes) >= 1 and sum(prefixes) >= 3 * len(prefixes), prefixes
 
 
 def test_cpu_reference_is_bit_deterministic(matrix: Matrix) -> None:

@@ -467,6 +467,36 @@ def quantize_gptq(
     return dest
 
 
+def dequantize_gptq(src: str | Path, dest: str | Path) -> Path:
+    """Write the dense checkpoint a GPTQ checkpoint from quantize_gptq stands for (each
+    linear's dequantized weight in the model dtype, no quantization_config): what the
+    quantized model must approximately compute, so a wrong packing order shows."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dest = Path(src), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg: dict[str, Any] = json.loads((src / "config.json").read_text())
+    qc = cfg.pop("quantization_config")
+    tensors = load_file(str(src / "model.safetensors"))
+    out: dict[str, Any] = {}
+    for name, t in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind == "qweight":
+            parts = {k: tensors[f"{module}.{k}"] for k in ("qweight", "scales", "g_idx")}
+            dtype = parts["scales"].dtype
+            out[f"{module}.weight"] = gptq_unpack(parts, bits=qc["bits"]).to(dtype)
+        elif kind not in ("qzeros", "scales", "g_idx"):
+            out[name] = t
+    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    for p in src.iterdir():
+        if p.name not in ("model.safetensors", "config.json") and p.is_file():
+            shutil.copy2(p, dest / p.name)
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write a tiny random Llama checkpoint.")
     p.add_argument("dest")
