@@ -21,8 +21,8 @@ so that it fits its time budget (about 12 minutes on the 2-core test machine);
 ``PRESHARD_ARCH_MATRIX=all`` adds one model per feature (Qwen2 qkv bias, Qwen3 q/k norm,
 untied padded vocabulary) and two more MoE families (Qwen2-MoE with a shared expert,
 DeepSeek-V2-Lite style MLA + MoE), or a comma-separated list picks families. Per family
-the source model is generated once and converted once; the reference runs of all
-families share one vLLM process, the reloads another.
+the source model is generated once and converted once; the reference runs and the
+reloads of all families share one vLLM process (one engine after another).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ DEFAULT_MATRIX = (
     GPTQ,  # 4-bit GPTQ of llama-gqa (CPU WNA16 kernels repack the weights)
 )
 ALL = (*FAMILIES, GPTQ)
+# The family whose source runs twice, in two processes (the determinism check).
 DETERMINISM_FAMILY = "qwen3-moe"
 
 
@@ -197,48 +198,45 @@ class Matrix:
         assert proc.rc == 0, f"convert {family} failed (rc {proc.rc}):\n{proc.stderr[-4000:]}"
         return out
 
-    def _probe_all(self, kind: str, jobs: dict[str, tuple[Path, str]]) -> None:
-        """Run the probe jobs {family: (model, load_format)} in one process and cache
-        each family's result (or the failure) under ``kind``."""
-        outs = {f: self.base / f"{kind}-{f}.json" for f in jobs}
-        proc = probe([(outs[f], m, lf) for f, (m, lf) in jobs.items()])
-        for f in jobs:
-            self._cache[(f, kind)] = (outs[f], proc)
+    def _probe(self, jobs: list[tuple[str, str, Path, str]]) -> None:
+        """Run the probe jobs [(family, kind, model, load_format)] in one process and
+        cache each result file (or the failure) under (family, kind)."""
+        outs = [self.base / f"{kind}-{f}.json" for f, kind, _, _ in jobs]
+        proc = probe([(o, m, lf) for o, (_, _, m, lf) in zip(outs, jobs, strict=True)])
+        for o, (f, kind, _, _) in zip(outs, jobs, strict=True):
+            self._cache[(f, kind)] = (o, proc)
+
+    def _run_engines(self) -> None:
+        """On first use, in ONE vLLM process (one engine after another): every family's
+        source loaded normally at TP=2 ("reference"; plus the dequantized GPTQ model) and
+        every converted family's shards loaded with sharded_state ("reload")."""
+        if self._cache.get(("*", "engines")):
+            return
+        self._cache[("*", "engines")] = True
+        jobs = [(f, "reference", self.model(f), "auto") for f in MATRIX]
+        if GPTQ in MATRIX:
+            jobs.append((GPTQ_DENSE, "reference", self.model(GPTQ_DENSE), "auto"))
+        for f in MATRIX:
+            proc, out = self.converted(f)
+            if proc.rc == 0:
+                jobs.append((f, "reload", out, "sharded_state"))
+        self._probe(jobs)
 
     def reference(self, family: str) -> dict[str, Any]:
-        """The source loaded normally at TP=2. The first call runs every family's."""
-        if (family, "reference") not in self._cache:
-            todo = [f for f in MATRIX if (f, "reference") not in self._cache]
-            if GPTQ in MATRIX and (GPTQ_DENSE, "reference") not in self._cache:
-                todo.append(GPTQ_DENSE)
-            if family not in todo:
-                todo.append(family)
-            self._probe_all("reference", {f: (self.model(f), "auto") for f in todo})
+        """The source loaded normally at TP=2 by stock vLLM."""
+        self._run_engines()
         return probe_result(*self._cache[(family, "reference")])
 
     def reloaded(self, family: str) -> dict[str, Any]:
-        """The published shards loaded with sharded_state at TP=2 (every converted
-        family's in one process, on the first call), plus a second run of the source of
-        ``DETERMINISM_FAMILY`` in that other process (test_cpu_reference_is_deterministic)."""
-        if (family, "reload") not in self._cache:
-            todo = [f for f in MATRIX if (f, "reload") not in self._cache]
-            if family not in todo:
-                todo.append(family)
-            ready = {f: self.converted(f)[1] for f in todo if self.converted(f)[0].rc == 0}
-            jobs = {f: (out, "sharded_state") for f, out in ready.items()}
-            self._probe_all("reload", jobs)
-            if DETERMINISM_FAMILY in MATRIX and (DETERMINISM_FAMILY, "rerun") not in self._cache:
-                self._probe_all(
-                    "rerun", {DETERMINISM_FAMILY: (self.model(DETERMINISM_FAMILY), "auto")}
-                )
+        """The published shards loaded with ``sharded_state`` at TP=2 by stock vLLM."""
+        self._run_engines()
         self.published(family)  # a clear message when the conversion itself failed
         return probe_result(*self._cache[(family, "reload")])
 
     def rerun(self, family: str) -> dict[str, Any]:
+        """The source of ``family`` once more, in another process."""
         if (family, "rerun") not in self._cache:
-            self.reloaded(family)
-        if (family, "rerun") not in self._cache:
-            self._probe_all("rerun", {family: (self.model(family), "auto")})
+            self._probe([(family, "rerun", self.model(family), "auto")])
         return probe_result(*self._cache[(family, "rerun")])
 
 
@@ -473,17 +471,15 @@ def test_tampered_shard_fails_verify_against(matrix: Matrix, case: str, tmp_path
     for f in man["files"]:
         assert hashlib.sha256((copy / f["key"]).read_bytes()).hexdigest() == f["sha256"]
     # ... but the bitwise comparison with the source does not.
-    proc = preshard("verify", "--against", str(matrix.model(family)), str(copy))
+    proc = preshard("verify", "--against", str(matrix.model(family)), str(copy), "--json")
     text = proc.stdout + proc.stderr
     assert proc.rc == 3, f"rc {proc.rc}\n{text[-3000:]}"
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False
+    # The report names the checkpoint tensor, the rank and the element.
     assert ckpt in text, text[-3000:]
     assert re.search(rf"rank\W*{rank}\b", text), text[-3000:]
     assert _names_element(text, ckpt_index, ckpt_shape), text[-3000:]
-    # --json says the same, machine-readably.
-    proc = preshard("verify", "--against", str(matrix.model(family)), str(copy), "--json")
-    assert proc.rc == 3
-    report = json.loads(proc.stdout)
-    assert report["ok"] is False and ckpt in json.dumps(report)
 
 
 # ------------------------------------------------------------------ pipeline parallel
