@@ -163,7 +163,10 @@ def test_operator_publishes_and_vllm_streams_it_from_s3_as_the_configmap_says(
         f"{ns}/{name} finished",
         interval=1,
     )
-    assert status["phase"] == "Succeeded", (status, stack.operator_log()[-3000:])
+    if status["phase"] != "Succeeded":
+        logs = sorted(stack.base_dir.glob("jobs/**/container.log"))
+        tail = "\n".join(p.read_text(errors="replace")[-4000:] for p in logs)
+        raise AssertionError(f"{ready_condition(status).get('message')}\n--- job logs ---\n{tail}")
     assert ready_condition(status)["reason"] == "Published"
 
     cm = stack.configmap(ns, f"{name}-serving")
