@@ -15,6 +15,7 @@ BENCHES = [
     ("operator scale: 200 resources at once", "operator_scale.py"),
     ("S3 transfer: preshard vs naive boto3 vs s5cmd", "s3_transfer.py"),
     ("conversion wall time by stage (tiny model, TP=2)", "convert_stages.py"),
+    ("vLLM start-up: original vs preshard shards (local, S3 streaming), TP=2", "serving.py"),
 ]
 
 
