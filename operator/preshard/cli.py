@@ -333,6 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "fetch" and (args.node_rank is None) != (args.nodes is None):
+        parser.error("fetch: --node-rank and --nodes go together")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -138,6 +138,8 @@ def test_usage_errors_exit_2(s3: RcloneS3, published: tuple[str, str, str]) -> N
         ["check", "--from", uri, "--manifest-sha256", "a" * 64],  # no TP
         ["fetch", "--from", uri, "--to", "/tmp/x", "--rank", "0", "--node-rank", "0"],
         ["fetch", "--from", uri, "--to", "/tmp/x", "--nodes", "0", "--node-rank", "0"],
+        ["fetch", "--from", uri, "--to", "/tmp/x", "--node-rank", "1"],  # no --nodes
+        ["fetch", "--from", uri, "--to", "/tmp/x", "--nodes", "2"],  # no --node-rank
     ):
         proc = run_cli(*args, env=env)
         assert proc.returncode == 2, (args, proc.stderr)
