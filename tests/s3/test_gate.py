@@ -12,9 +12,18 @@ from pathlib import Path
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
+from preshard.worker import storage
 from preshard_dev.s3server import RcloneS3
 
-from .conftest import Checkpoint, client_env, error_lines, publish, read_object, run_cli
+from .conftest import (
+    MANIFEST_FIELDS,
+    Checkpoint,
+    client_env,
+    error_lines,
+    publish,
+    read_object,
+    run_cli,
+)
 
 RANK0 = "model-rank-0-part-0.safetensors"
 RANK1 = "model-rank-1-part-0.safetensors"
@@ -177,3 +186,37 @@ def test_fetch_gate_and_node_ranks(
     )
     assert proc.returncode == 3
     assert "--nodes 3 does not divide this checkpoint's 2 ranks" in error_lines(proc)[0]
+
+
+@pytest.mark.parametrize(
+    ("converted_on", "ok"),
+    [({"platform": "cpu"}, True), ({"platform": "cuda", "device": "NVIDIA H100 80GB HBM3"}, False)],
+)
+def test_processed_state_loads_only_on_the_platform_it_was_converted_on(
+    s3_env: RcloneS3, bucket: str, checkpoint: Checkpoint, converted_on: dict[str, str], ok: bool
+) -> None:
+    """The platform comes from the vLLM installed here (CPU build): a processed checkpoint
+    converted on CPU passes, one converted on a GPU is refused with what to do."""
+    uri = f"s3://{bucket}/processed/"
+    storage.publish(
+        checkpoint.path,
+        uri,
+        manifest_fields={
+            **MANIFEST_FIELDS,
+            "state_format": "processed",
+            "converted_on": converted_on,
+        },
+        owner="ns/test/uid-1",
+        endpoint_url=s3_env.endpoint,
+    )
+    proc = check(s3_env, uri, pin_of(s3_env, bucket, "processed/"))
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+        assert "stateFormat processed" in proc.stdout
+    else:
+        assert proc.returncode == 3
+        [line] = error_lines(proc)
+        assert (
+            "kernel layout of cuda (NVIDIA H100 80GB HBM3)" in line and "this node is cpu" in line
+        )
+        assert "re-convert" in line
