@@ -220,3 +220,20 @@ def test_processed_state_loads_only_on_the_platform_it_was_converted_on(
             "kernel layout of cuda (NVIDIA H100 80GB HBM3)" in line and "this node is cpu" in line
         )
         assert "re-convert" in line
+
+
+def test_check_refuses_a_foreign_shard_that_vllm_would_stream_too(
+    s3: RcloneS3, published: tuple[str, str, str]
+) -> None:
+    uri, bucket, prefix = published
+    pin = pin_of(s3, bucket, prefix)
+    s3.client().put_object(
+        Bucket=bucket, Key=prefix + "old/model-rank-1-part-0.safetensors", Body=b"x"
+    )
+    proc = check(s3, uri, pin)
+    assert proc.returncode == 3
+    [line] = error_lines(proc)
+    assert "vLLM would not stream" in line and "old/model-rank-1-part-0.safetensors" in line
+    # the local copy reads only what the manifest lists: not affected
+    proc = check(s3, uri, pin, "--load-format", "sharded_state")
+    assert proc.returncode == 0, proc.stderr

@@ -207,3 +207,16 @@ def test_node_ranks_refuse_bad_splits() -> None:
     assert refused(gate.node_ranks, m, 3, 0).reason == "Usage"  # 4 ranks on 3 nodes
     assert refused(gate.node_ranks, m, 2, 2).reason == "Usage"
     assert gate.node_ranks(m, 4, 3) == [3]
+
+
+def test_streamer_listing_catches_shards_beyond_the_first_page_and_foreign_shards() -> None:
+    m = manifest(tp=2)
+    keys = sorted(f.key for f in m.files)
+    assert gate.streamer_listing_problems(m, keys) == []
+    # 1000 objects that sort before the shards: vLLM's one listing never reaches them
+    crowded = sorted([f"a-{i:04d}.bin" for i in range(998)] + keys)[:1000]
+    [problem] = gate.streamer_listing_problems(m, crowded)
+    assert "not among the first 1000 objects" in problem and "does not paginate" in problem
+    # another checkpoint nested below the prefix: vLLM's *model-rank-0-part-* matches it
+    [problem] = gate.streamer_listing_problems(m, [*keys, "old/model-rank-0-part-0.safetensors"])
+    assert "old/model-rank-0-part-0.safetensors" in problem and "would load them" in problem

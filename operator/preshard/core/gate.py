@@ -28,6 +28,11 @@ configuration and what it found about the serving vLLM. Each refusal is a perman
      does not record them (every formatVersion 1 manifest) is refused: re-convert.
 4. **Objects** (:func:`object_problems`): every listed object exists with its size
    (the caller HEADs them; no download).
+5. **What the streamer will see** (:func:`streamer_listing_problems`): vLLM finds S3
+   shards with ONE ``ListObjectsV2`` call (no pagination: the first 1000 keys under the
+   prefix) and a ``*model-rank-{rank}-part-*.safetensors`` match, which also matches
+   keys in nested prefixes; so every shard of the manifest must be in that first page,
+   and no other shard-named object may be under the prefix.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from preshard.core.manifest import (
     Manifest,
     ManifestFile,
     manifest_sha256,
+    parse_shard_filename,
 )
 
 LOAD_FORMAT_LOCAL = "sharded_state"
@@ -247,6 +253,32 @@ def object_problems(files: list[ManifestFile], sizes: Mapping[str, int | None]) 
         elif got != f.size:
             out.append(f"{f.key}: size {got} != manifest {f.size}")
     return out
+
+
+def streamer_listing_problems(manifest: Manifest, first_page: list[str]) -> list[str]:
+    """Problems with what ``runai_streamer_sharded`` will list: ``first_page`` is the
+    keys (relative to the prefix) of one ListObjectsV2 call, as vLLM makes it."""
+    listed = set(first_page)
+    problems = []
+    beyond = [f.key for f in manifest.shard_files() if f.key not in listed]
+    if beyond:
+        problems.append(
+            f"{len(beyond)} shard file(s) (e.g. {beyond[0]}) are not among the first "
+            f"{len(first_page)} objects of the prefix, the only ones vLLM lists (it does not "
+            "paginate): stream a prefix with fewer objects, or use the local copy "
+            "(preshard fetch + sharded_state)"
+        )
+    known = {f.key for f in manifest.files}
+    extra = sorted(
+        k for k in first_page if k not in known and parse_shard_filename(k.rsplit("/", 1)[-1])
+    )
+    if extra:
+        problems.append(
+            f"shard-named objects that are not part of this checkpoint are under the prefix "
+            f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}): vLLM would load them "
+            "too; remove them or publish the checkpoint under its own prefix"
+        )
+    return problems
 
 
 # --------------------------------------------------------------------- multi-node ranks

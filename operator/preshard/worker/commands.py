@@ -238,6 +238,19 @@ def check(args: argparse.Namespace) -> int:
             reason="ObjectsMismatch",
             permanent=True,
         )
+    if args.load_format == gate.LOAD_FORMAT_STREAM:
+        # One ListObjectsV2 call, exactly as vLLM's S3 glob makes it.
+        page = s3.with_translation(
+            lambda: client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix), str(u), "list"
+        )
+        keys = [o["Key"].removeprefix(u.prefix) for o in page.get("Contents") or []]
+        listing = gate.streamer_listing_problems(manifest, keys)
+        if listing:
+            raise PreshardError(
+                f"vLLM would not stream {u} as published: {'; '.join(listing)}",
+                reason="StreamerListingMismatch",
+                permanent=True,
+            )
     print(
         f"checkpoint {u} ok for vLLM {serving.version} with {args.load_format}: manifest "
         f"matches the pin, TP {manifest.tensor_parallel_size} x PP "
