@@ -215,26 +215,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--no-eager-baseline", action="store_true", help="skip (a')")
+    ap.add_argument(
+        "--model-dir",
+        default=None,
+        help="generate the model here, or reuse it if it is there (default: a temp dir)",
+    )
     a = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="preshard-bench-serving-") as tmp:
         base = Path(tmp)
         t = time.monotonic()
-        model = make_tiny_llama(
-            base / "model",
-            layers=a.layers,
-            hidden=a.hidden,
-            heads=a.hidden // 64,
-            num_kv_heads=max(1, a.hidden // 256),
-            intermediate=int(a.hidden * 2.75),
-            vocab=a.vocab,
-            max_positions=512,
-            seed=0,
+        model_dir = Path(a.model_dir) if a.model_dir else base / "model"
+        model = (
+            model_dir
+            if (model_dir / "model.safetensors").exists()
+            else make_tiny_llama(
+                model_dir,
+                layers=a.layers,
+                hidden=a.hidden,
+                heads=a.hidden // 64,
+                num_kv_heads=max(1, a.hidden // 256),
+                intermediate=int(a.hidden * 2.75),
+                vocab=a.vocab,
+                max_positions=512,
+                seed=0,
+            )
         )
         weights = sum(p.stat().st_size for p in model.glob("*.safetensors"))
         print(
             f"model: random Llama, hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, bf16: "
-            f"{format_bytes(weights)} of safetensors ({time.monotonic() - t:.0f} s to generate)",
+            f"{format_bytes(weights)} of safetensors ({time.monotonic() - t:.0f} s to generate "
+            "or find)",
             flush=True,
         )
         server = RcloneS3(base / "s3")
