@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             # The streaming environment exactly as the operator's ConfigMap gives it.
             spec = parse_spec(
                 {
-                    "source": {"uri": "s3://x/y/"},
+                    "source": {"uri": "s3://bench-source/llama/"},
                     "tensorParallelSize": TP,
                     "output": {"uri": uri, "credentialsSecret": "s"},
                 }
