@@ -16,6 +16,7 @@ BENCHES = [
     ("S3 transfer: preshard vs naive boto3 vs s5cmd", "s3_transfer.py"),
     ("conversion wall time by stage (1.1 GiB model, TP=2)", "convert_stages.py"),
     ("verify --against: time and peak memory per GiB (1.1 GiB model)", "verify_against.py"),
+    ("vLLM start-up: original vs preshard shards (local, S3 streaming), TP=2", "serving.py"),
 ]
 
 

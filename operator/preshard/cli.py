@@ -30,6 +30,7 @@ COMMANDS = {
     "operator": "preshard.runner",
     "convert": "preshard.worker.convert",
     "fetch": "preshard.worker.commands",
+    "check": "preshard.worker.commands",
     "verify": "preshard.worker.commands",
     "purge": "preshard.worker.commands",
     "preflight": "preshard.worker.adopt",
@@ -76,6 +77,62 @@ def _s3_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=int(os.environ.get("PRESHARD_S3_CONCURRENCY", "16")),
         help="parallel part transfers (default 16, env PRESHARD_S3_CONCURRENCY)",
+    )
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return n
+
+
+def _non_negative(value: str) -> int:
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+    return n
+
+
+def _sha256_pin(value: str) -> str:
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError(
+            "must be 64 lowercase hex digits (status.artifact.manifestSha256)"
+        )
+    return value
+
+
+def _gate_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("serving gate (refuse before vLLM starts)")
+    g.add_argument(
+        "--manifest-sha256",
+        type=_sha256_pin,
+        required=required,
+        default=None,
+        help="refuse unless the manifest's sha256 is this (the serving ConfigMap's "
+        "MANIFEST_SHA256): a replaced shard with a rewritten manifest is caught",
+    )
+    g.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=_positive,
+        required=required,
+        default=None,
+        help="the serving TP size: refuse unless it equals the checkpoint's"
+        + ("" if required else "; also checks the state format (as 'preshard check')"),
+    )
+    g.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=_positive,
+        default=1 if required else None,
+        help="the serving PP size: refuse unless it equals the checkpoint's (default 1)",
+    )
+    g.add_argument(
+        "--serving-vllm-version",
+        default=None,
+        help="the serving container's vLLM version, when this runs in another image "
+        "(default: the vLLM installed here, from package metadata)",
     )
 
 
@@ -201,19 +258,55 @@ def build_parser() -> argparse.ArgumentParser:
         "fetch",
         help="download a published checkpoint and verify every file against its manifest",
         description="Download a published checkpoint (refuses a prefix with no manifest) and "
-        "check every file's sha256. Serving pods run this as an init container.",
+        "check every file's sha256. Serving pods run this as an init container; with "
+        "--manifest-sha256 and --tensor-parallel-size it is also the serving gate (see "
+        "'preshard check'), run before anything is downloaded.",
     )
     p.add_argument(
         "--from", dest="source", required=True, help="s3://bucket/prefix/ of a published checkpoint"
     )
     p.add_argument("--to", dest="dest", required=True, help="local directory")
-    p.add_argument(
+    ranks = p.add_mutually_exclusive_group()
+    ranks.add_argument(
         "--rank",
-        type=int,
+        type=_non_negative,
         default=None,
-        help="only this rank's shard files (plus config and tokenizer files)",
+        help="only this global rank's shard files (plus config and tokenizer files)",
     )
+    ranks.add_argument(
+        "--node-rank",
+        type=_non_negative,
+        default=None,
+        help="multi-node serving: only the ranks vLLM runs on node K of --nodes M "
+        "(vLLM's --node-rank; ranks K*W/M .. (K+1)*W/M-1 of W = TP x PP)",
+    )
+    p.add_argument(
+        "--nodes", type=_positive, default=None, help="number of nodes (vLLM's --nnodes)"
+    )
+    _gate_flags(p, required=False)
     p.add_argument("--progress", choices=["auto", "bar", "lines"], default="auto")
+    _s3_flags(p)
+
+    # -- check ----------------------------------------------------------------------------
+    p = sub.add_parser(
+        "check",
+        help="the serving gate before streaming: may this vLLM load this checkpoint? (no download)",
+        description="Check a published checkpoint before vLLM streams it "
+        "(runai_streamer_sharded): the manifest's sha256 equals the pin, the serving "
+        "TP/PP equal the checkpoint's, the vLLM installed here (or --serving-vllm-version) "
+        "can load its state format, and every listed object exists with its size (HEAD "
+        "requests; contents are not read). Exit 0 ok, 2 usage, 3 refused, 1 transient.",
+    )
+    p.add_argument(
+        "--from", dest="source", required=True, help="s3://bucket/prefix/ of a published checkpoint"
+    )
+    _gate_flags(p, required=True)
+    p.add_argument(
+        "--load-format",
+        choices=["runai_streamer_sharded", "sharded_state"],
+        default="runai_streamer_sharded",
+        help="how vLLM will load it (default runai_streamer_sharded)",
+    )
     _s3_flags(p)
 
     # -- verify ---------------------------------------------------------------------------
@@ -355,6 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "fetch" and (args.node_rank is None) != (args.nodes is None):
+        parser.error("fetch: --node-rank and --nodes go together")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

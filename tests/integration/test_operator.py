@@ -243,7 +243,11 @@ def test_progress_then_complete_gives_ready_artifact_serving_and_configmap(
     cm = k8s_api.core.read_namespaced_config_map("tiny-serving", ns)
     assert cm.data["MODEL"] == "s3://out/llama/tp2/"
     assert cm.data["TENSOR_PARALLEL_SIZE"] == "2"
-    assert cm.data["FETCH_COMMAND"] == "preshard fetch --from s3://out/llama/tp2/ --to /models/tiny"
+    assert cm.data["FETCH_COMMAND"] == (
+        "preshard fetch --from s3://out/llama/tp2/ --to /models/tiny --manifest-sha256 "
+        + "ab" * 32
+        + " --tensor-parallel-size 2 --pipeline-parallel-size 1"
+    )
     assert cm.metadata.owner_references[0].name == "tiny"
     assert SECRET_VALUE not in json.dumps(cm.data)
     types = {c["type"]: c for c in status["conditions"]}

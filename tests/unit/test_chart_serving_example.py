@@ -1,15 +1,20 @@
-"""examples/serving-deployment.yaml: valid Kubernetes (strict OpenAPI schemas), wired to the
-serving ConfigMap the operator really builds (preshard.core.jobs.build_serving_configmap).
+"""examples/serving-deployment.yaml and examples/serving-leaderworkerset.yaml: valid
+Kubernetes (strict OpenAPI schemas; the LeaderWorkerSet's pod templates as Pods), wired to
+the serving ConfigMap the operator really builds (preshard.core.jobs.build_serving_configmap).
 The vLLM containers' command runs in the real /bin/sh with that ConfigMap's values (a
-stand-in `vllm` executable on PATH records its argv, because no vLLM server can start
-here), and the argv is parsed by vLLM's own `vllm serve` argument parser; the init
-container's args (after Kubernetes' $(VAR) expansion) by `preshard fetch`'s parser.
+stand-in `vllm` executable on PATH records its argv; real vLLM serving runs in
+tests/e2e/test_streaming.py), and the argv is parsed by vLLM's own `vllm serve` argument
+parser; the init containers' args (after Kubernetes' $(VAR) expansion) by preshard's
+parser, and, against a checkpoint published to a real S3 server (rclone on loopback),
+run as the real `preshard check` / `preshard fetch` commands.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -24,6 +29,9 @@ from preshard.core.naming import serving_configmap_name
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "serving-deployment.yaml"
+LWS_EXAMPLE = ROOT / "examples" / "serving-leaderworkerset.yaml"
+LWS_CHECKPOINT = "llama-405b-tp8-pp2"
+WORKER_INDEX = "leaderworkerset.sigs.k8s.io/worker-index"
 CHECKPOINT = "llama-70b-tp8"
 TP = 8
 OUTPUT = "s3://models/sharded/llama-3-70b-tp8/"
@@ -31,8 +39,8 @@ ENDPOINT = "http://minio.storage:9000"
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-def _docs() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+def _docs(path: Path = EXAMPLE) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def _deployment(name: str) -> dict[str, Any]:
@@ -47,13 +55,19 @@ def _container(dep: dict[str, Any], name: str, init: bool = False) -> dict[str, 
 
 
 def _serving_configmap(
-    endpoint: str | None, tp: int = TP, pp: int = 1, **extra: Any
+    endpoint: str | None,
+    tp: int = TP,
+    pp: int = 1,
+    name: str = CHECKPOINT,
+    artifact: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """The ConfigMap the operator publishes for a Ready checkpoint (real builder)."""
     from preshard.core.jobs import build_serving_configmap
     from preshard.core.spec import parse_spec
 
-    output: dict[str, Any] = {"uri": OUTPUT, "credentialsSecret": "s3-credentials"}
+    out_uri = artifact["uri"] if artifact else OUTPUT
+    output: dict[str, Any] = {"uri": out_uri, "credentialsSecret": "s3-credentials"}
     if endpoint:
         output["endpoint"] = endpoint
     spec = parse_spec(
@@ -65,7 +79,7 @@ def _serving_configmap(
             **extra,
         }
     )
-    artifact = {
+    artifact = artifact or {
         "uri": OUTPUT,
         "manifestUri": OUTPUT + "preshard-manifest.json",
         "files": 10,
@@ -73,17 +87,38 @@ def _serving_configmap(
         "manifestSha256": "0" * 64,
         "vllmVersion": "0.32.0",
     }
-    cm: dict[str, Any] = build_serving_configmap(CHECKPOINT, "ml", "uid-1", artifact, spec)
+    cm: dict[str, Any] = build_serving_configmap(name, "ml", "uid-1", artifact, spec)
     return cm
 
 
-def _env(container: dict[str, Any], cm: dict[str, Any]) -> dict[str, str]:
-    """The container's environment from values and the ConfigMap (Secrets left out;
-    optional keys that are absent stay unset, as in Kubernetes)."""
+_LABEL_REF = re.compile(r"^metadata\.labels\['([^']+)'\]$")
+
+
+def _env(
+    container: dict[str, Any],
+    cm: dict[str, Any],
+    labels: dict[str, str] | None = None,
+    secret: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The container's environment from values, the ConfigMap, the pod's labels (downward
+    API) and, if given, the Secret (optional keys that are absent stay unset, as in
+    Kubernetes)."""
     env: dict[str, str] = {}
     for e in container.get("env", []):
         if "value" in e:
             env[e["name"]] = e["value"]
+            continue
+        field_ref = e["valueFrom"].get("fieldRef")
+        if field_ref is not None:
+            m = _LABEL_REF.match(field_ref["fieldPath"])
+            assert m, field_ref
+            if labels is not None:
+                env[e["name"]] = labels[m.group(1)]
+            continue
+        secret_ref = e["valueFrom"].get("secretKeyRef")
+        if secret_ref is not None:
+            if secret is not None:
+                env[e["name"]] = secret[secret_ref["key"]]
             continue
         ref = e["valueFrom"].get("configMapKeyRef")
         if ref is None:
@@ -96,7 +131,13 @@ def _env(container: dict[str, Any], cm: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def _vllm_argv(container: dict[str, Any], cm: dict[str, Any], tmp_path: Path) -> list[str]:
+def _vllm_argv(
+    container: dict[str, Any],
+    cm: dict[str, Any],
+    tmp_path: Path,
+    labels: dict[str, str] | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> list[str]:
     """Run the container's command + args in the real /bin/sh with its environment; a
     stand-in `vllm` on PATH prints the argv it was exec'ed with."""
     assert "$(" not in " ".join(container["args"]), "no Kubernetes $(VAR) expansion expected"
@@ -104,7 +145,11 @@ def _vllm_argv(container: dict[str, Any], cm: dict[str, Any], tmp_path: Path) ->
     fake.parent.mkdir(exist_ok=True)
     fake.write_text('#!/bin/sh\nfor a in "$@"; do printf \'%s\\0\' "$a"; done\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {"PATH": f"{fake.parent}{os.pathsep}/usr/bin:/bin", **_env(container, cm)}
+    env = {
+        "PATH": f"{fake.parent}{os.pathsep}/usr/bin:/bin",
+        **_env(container, cm, labels),
+        **(extra_env or {}),
+    }
     out = subprocess.run(
         container["command"] + container["args"], env=env, capture_output=True, check=True
     )
@@ -113,9 +158,11 @@ def _vllm_argv(container: dict[str, Any], cm: dict[str, Any], tmp_path: Path) ->
     return argv[1:]
 
 
-def _resolve(container: dict[str, Any], cm: dict[str, Any]) -> list[str]:
+def _resolve(
+    container: dict[str, Any], cm: dict[str, Any], labels: dict[str, str] | None = None
+) -> list[str]:
     """Kubernetes' $(VAR) expansion of a container's args from its environment."""
-    env = _env(container, cm)
+    env = _env(container, cm, labels)
     resolved = []
     for arg in container["args"]:
         for var in VAR.findall(arg):
@@ -269,7 +316,8 @@ def test_local_variant_fetches_then_loads_sharded_state(
     # the same command the ConfigMap publishes as FETCH_COMMAND
     import shlex
 
-    assert ["preshard", *fetch_args[:5]] == shlex.split(cm["data"]["FETCH_COMMAND"])
+    published = shlex.split(cm["data"]["FETCH_COMMAND"])
+    assert ["preshard", *fetch_args[: len(published) - 1]] == published
 
     vllm = _container(dep, "vllm")
     argv = _vllm_argv(vllm, cm, tmp_path)
@@ -303,3 +351,305 @@ def test_fetch_container_is_restricted() -> None:
     for dep_name in ("llama-70b-tp8-stream", "llama-70b-tp8-local"):
         pod = _deployment(dep_name)["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is False
+
+
+# ------------------------------------------------------------------ the serving gate
+
+
+def _image_tag_version(container: dict[str, Any]) -> str:
+    return str(container["image"].rsplit(":v", 1)[1])
+
+
+@pytest.mark.parametrize(
+    ("variant", "init", "command"),
+    [("llama-70b-tp8-stream", "check", "check"), ("llama-70b-tp8-local", "fetch", "fetch")],
+)
+def test_init_container_runs_the_gate_with_the_configmaps_pin_and_sizes(
+    variant: str, init: str, command: str
+) -> None:
+    cm = _serving_configmap(ENDPOINT, tp=4, pp=2)
+    dep = _deployment(variant)
+    container = _container(dep, init, init=True)
+    args = build_parser().parse_args(_resolve(container, cm))
+    assert args.command == command
+    assert args.source == cm["data"]["MODEL"]
+    assert args.manifest_sha256 == cm["data"]["MANIFEST_SHA256"]
+    assert args.tensor_parallel_size == 4 and args.pipeline_parallel_size == 2
+    # the version the gate checks is the serving container's vLLM
+    assert args.serving_vllm_version == _image_tag_version(_container(dep, "vllm"))
+    if command == "check":
+        assert args.load_format == cm["data"]["LOAD_FORMAT"]
+        published = shlex.split(cm["data"]["CHECK_COMMAND"])
+        assert ["preshard", *_resolve(container, cm)[: len(published) - 1]] == published
+
+
+# -------------------------------------------------------------- the LeaderWorkerSet
+
+
+def _lws() -> dict[str, Any]:
+    (lws,) = [d for d in _docs(LWS_EXAMPLE) if d["kind"] == "LeaderWorkerSet"]
+    return lws
+
+
+def _lws_pod(role: str) -> dict[str, Any]:
+    template: dict[str, Any] = _lws()["spec"]["leaderWorkerTemplate"][f"{role}Template"]
+    return template
+
+
+def _lws_cm(
+    artifact: dict[str, Any] | None = None, tp: int = 8, pp: int = 2, endpoint: str = ENDPOINT
+) -> dict[str, Any]:
+    return _serving_configmap(endpoint, tp=tp, pp=pp, name=LWS_CHECKPOINT, artifact=artifact)
+
+
+@pytest.mark.parametrize("kube_version", ["1.29", "1.33"])
+def test_lws_example_pods_are_valid_kubernetes(kube_version: str) -> None:
+    docs = _docs(LWS_EXAMPLE)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == [
+        ("LeaderWorkerSet", "llama-405b"),
+        ("Service", "llama-405b"),
+    ]
+    lws = _lws()
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    pods = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"p-{role}", **t["metadata"]},
+            "spec": t["spec"],
+        }
+        for role in ("leader", "worker")
+        for t in [_lws_pod(role)]
+    ]
+    service = next(d for d in docs if d["kind"] == "Service")
+    for doc in [*pods, service]:
+        try:
+            kubernetes_validate.validate(doc, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {path}: {exc.message}")
+    # the Service reaches the leader (the API server) only
+    assert service["spec"]["selector"]["role"] == "leader"
+    assert _lws_pod("leader")["metadata"]["labels"]["role"] == "leader"
+
+
+@pytest.mark.parametrize(("role", "index"), [("leader", 0), ("worker", 1)])
+def test_lws_nodes_run_the_ranks_they_fetch(
+    role: str, index: int, vllm_serve_parser: Any, tmp_path: Path
+) -> None:
+    """Each node's fetch downloads exactly the ranks vLLM (its own ParallelConfig) runs
+    on that node: PP across nodes, so node K = pipeline stage K."""
+    from vllm.config import ParallelConfig
+
+    from preshard.core import gate
+    from preshard.core.manifest import build_manifest
+
+    lws = _lws()
+    size = lws["spec"]["leaderWorkerTemplate"]["size"]
+    cm = _lws_cm()
+    tp, pp = int(cm["data"]["TENSOR_PARALLEL_SIZE"]), int(cm["data"]["PIPELINE_PARALLEL_SIZE"])
+    assert size == pp == 2  # one pipeline stage per node
+    pod = _lws_pod(role)["spec"]
+    labels = {WORKER_INDEX: str(index)}
+    fetch = _container({"spec": {"template": {"spec": pod}}}, "fetch", init=True)
+    args = build_parser().parse_args(_resolve(fetch, cm, labels))
+    assert (args.node_rank, args.nodes) == (index, size)
+    assert args.manifest_sha256 == cm["data"]["MANIFEST_SHA256"]
+    assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (tp, pp)
+
+    vllm = _container({"spec": {"template": {"spec": pod}}}, "vllm")
+    assert args.serving_vllm_version == _image_tag_version(vllm)
+    leader = "llama-405b-0.llama-405b.ml"
+    argv = _vllm_argv(vllm, cm, tmp_path, labels, {"LWS_LEADER_ADDRESS": leader})
+    assert argv[: len(_published(cm, "LOCAL_VLLM_ARGS"))] == _published(cm, "LOCAL_VLLM_ARGS")
+    parsed = vllm_serve_parser.parse_args(argv)
+    assert parsed.tensor_parallel_size == tp and parsed.pipeline_parallel_size == pp
+    assert (parsed.nnodes, parsed.node_rank, parsed.master_addr) == (size, index, leader)
+    assert parsed.distributed_executor_backend == "mp"
+    assert bool(parsed.headless) is (role == "worker")
+    gpus = vllm["resources"]["limits"]["nvidia.com/gpu"]
+    assert gpus == vllm["resources"]["requests"]["nvidia.com/gpu"] == tp * pp // size == tp
+
+    config = ParallelConfig(
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        nnodes=size,
+        node_rank=index,
+        distributed_executor_backend="mp",
+    )
+    start = config.local_world_size * config.node_rank_within_dp
+    vllm_ranks = list(range(start, start + config.local_world_size))
+    shards = [f"model-pp-{p}-tp-{t}-part-0.safetensors" for p in range(pp) for t in range(tp)]
+    manifest = build_manifest(
+        [(k, 1, "0" * 64) for k in [*shards, "config.json"]],
+        source_uri="s3://m/",
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=pp,
+        vllm_version="0.32.0",
+    )
+    assert gate.node_ranks(manifest, args.nodes, args.node_rank) == vllm_ranks
+    fetched = {f.key for f in gate.files_for_ranks(manifest, vllm_ranks) if f.rank is not None}
+    assert fetched == {f"model-pp-{index}-tp-{t}-part-0.safetensors" for t in range(tp)}
+
+
+def test_lws_leader_and_worker_share_the_fetch_container_and_volumes() -> None:
+    leader, worker = _lws_pod("leader")["spec"], _lws_pod("worker")["spec"]
+    assert leader["initContainers"] == worker["initContainers"]
+    assert leader["volumes"] == worker["volumes"]
+    assert leader["automountServiceAccountToken"] is worker["automountServiceAccountToken"] is False
+
+
+# ------------------------------------------- the examples' commands against real S3
+
+
+MODEL_FILES = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}"}
+
+
+@pytest.fixture(scope="module")
+def s3() -> Any:
+    from preshard_dev.s3server import RcloneS3
+
+    with RcloneS3() as server:
+        server.create_bucket("models")
+        yield server
+
+
+def _publish(s3: Any, tmp: Path, uri: str, tp: int, pp: int, monkeypatch: Any) -> dict[str, Any]:
+    """A checkpoint of random bytes shaped like a TP x PP conversion, published by
+    preshard's own storage.publish (manifest last); returns status.artifact."""
+    import random
+
+    from preshard.worker import storage
+
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    rng = random.Random(tp * 10 + pp)
+    files = dict(MODEL_FILES)
+    for p in range(pp):
+        for t in range(tp):
+            name = (
+                f"model-pp-{p}-tp-{t}-part-0.safetensors"
+                if pp > 1
+                else f"model-rank-{t}-part-0.safetensors"
+            )
+            files[name] = rng.randbytes(1000 + 10 * (p * tp + t))
+    src = tmp / "shards"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    fields = {
+        "source_uri": "s3://models/llama/",
+        "tensor_parallel_size": tp,
+        "pipeline_parallel_size": pp,
+        "vllm_version": "0.32.0",
+    }
+    artifact: dict[str, Any] = storage.publish(
+        src, uri, manifest_fields=fields, owner="ml/x/uid-1", endpoint_url=s3.endpoint
+    )
+    return artifact
+
+
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PRESHARD_"))}
+    base |= {"AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "preshard.cli", *args],
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _at_mount(args: list[str], models: Path) -> list[str]:
+    """The pod's /models volume is this directory here."""
+    return [
+        str(models) + a.removeprefix("/models") if a.startswith("/models/") else a for a in args
+    ]
+
+
+def _forge(s3: Any, uri: str) -> None:
+    """Replace a shard (same size) and rewrite the manifest so every file matches it."""
+    import hashlib
+    import json
+
+    bucket, prefix = uri.removeprefix("s3://").split("/", 1)
+    client = s3.client()
+    manifest = json.loads(
+        client.get_object(Bucket=bucket, Key=prefix + "preshard-manifest.json")["Body"].read()
+    )
+    shard = next(f for f in manifest["files"] if f["key"].startswith("model-"))
+    new = b"\0" * shard["size"]
+    client.put_object(Bucket=bucket, Key=prefix + shard["key"], Body=new)
+    shard["sha256"] = hashlib.sha256(new).hexdigest()
+    client.put_object(
+        Bucket=bucket, Key=prefix + "preshard-manifest.json", Body=json.dumps(manifest).encode()
+    )
+
+
+def test_serving_example_commands_against_a_published_checkpoint(
+    s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = "s3://models/sharded/llama-tp2/"
+    artifact = _publish(s3, tmp_path, uri, 2, 1, monkeypatch)
+    cm = _serving_configmap(s3.endpoint, tp=2, artifact=artifact)
+    secret = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
+    check = _container(_deployment("llama-70b-tp8-stream"), "check", init=True)
+    fetch = _container(_deployment("llama-70b-tp8-local"), "fetch", init=True)
+    models = tmp_path / "models"
+
+    def run_both() -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+        shutil.rmtree(models, ignore_errors=True)
+        r1 = _run(_resolve(check, cm), _env(check, cm, secret=secret))
+        r2 = _run(_at_mount(_resolve(fetch, cm), models), _env(fetch, cm, secret=secret))
+        return r1, r2
+
+    checked, fetched = run_both()
+    assert checked.returncode == 0, checked.stderr
+    assert "manifest matches the pin" in checked.stdout
+    assert fetched.returncode == 0, fetched.stderr
+    local = models / CHECKPOINT
+    assert sorted(p.name for p in local.iterdir()) == sorted(
+        [
+            *MODEL_FILES,
+            "model-rank-0-part-0.safetensors",
+            "model-rank-1-part-0.safetensors",
+            "preshard-manifest.json",
+        ]
+    )
+
+    # a replaced shard with a rewritten manifest: both init containers refuse (exit 3)
+    _forge(s3, uri)
+    checked, fetched = run_both()
+    for r in (checked, fetched):
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "not the pinned " + artifact["manifestSha256"] in r.stderr
+    assert not local.exists()
+
+
+@pytest.mark.parametrize("role", ["leader", "worker"])
+def test_lws_fetch_commands_against_a_published_pp2_checkpoint(
+    s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, role: str
+) -> None:
+    uri = f"s3://models/sharded/llama-tp2-pp2-{role}/"
+    artifact = _publish(s3, tmp_path, uri, 2, 2, monkeypatch)
+    cm = _lws_cm(artifact, tp=2, pp=2, endpoint=s3.endpoint)
+    secret = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
+    index = 0 if role == "leader" else 1
+    labels = {WORKER_INDEX: str(index)}
+    fetch = _container({"spec": {"template": {"spec": _lws_pod(role)["spec"]}}}, "fetch", init=True)
+    models = tmp_path / "models"
+    r = _run(_at_mount(_resolve(fetch, cm, labels), models), _env(fetch, cm, labels, secret))
+    assert r.returncode == 0, r.stderr
+    assert f"node {index} of 2: ranks {2 * index}..{2 * index + 1} of 4" in r.stdout
+    got = sorted(p.name for p in (models / LWS_CHECKPOINT).iterdir())
+    assert got == sorted(
+        [
+            *MODEL_FILES,
+            f"model-pp-{index}-tp-0-part-0.safetensors",
+            f"model-pp-{index}-tp-1-part-0.safetensors",
+            "preshard-manifest.json",
+        ]
+    )

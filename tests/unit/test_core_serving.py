@@ -118,6 +118,7 @@ def test_serving_info_adds_a_trailing_slash_and_endpoint_env() -> None:
     assert info.env == (
         ("AWS_ENDPOINT_URL", "http://minio:9000"),
         ("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
     )
 
 
@@ -142,6 +143,7 @@ def test_status() -> None:
         "env": [
             {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"},
             {"name": "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "value": "0"},
+            {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
         ],
         "configMapName": "m-serving",
     }
@@ -151,6 +153,7 @@ def test_configmap_data_exact() -> None:
     spec = make_spec(pipelineParallelSize=2, quantization="fp8", dtype="bfloat16")
     info = serving_info("llama", spec, ARTIFACT["uri"], "http://minio:9000")
     par = "--tensor-parallel-size 2 --pipeline-parallel-size 2 --quantization fp8 --dtype bfloat16"
+    gate = f"--manifest-sha256 {'f' * 64} --tensor-parallel-size 2 --pipeline-parallel-size 2"
     assert configmap_data(info, spec, ARTIFACT) == {
         "MODEL": "s3://checkpoints/llama/tp2/",
         "LOAD_FORMAT": "runai_streamer_sharded",
@@ -161,13 +164,16 @@ def test_configmap_data_exact() -> None:
         "LOCAL_MODEL_PATH": "/models/llama",
         "LOCAL_LOAD_FORMAT": "sharded_state",
         "LOCAL_VLLM_ARGS": f"--model /models/llama --load-format sharded_state {par}",
-        "FETCH_COMMAND": "preshard fetch --from s3://checkpoints/llama/tp2/ --to /models/llama",
+        "FETCH_COMMAND": "preshard fetch --from s3://checkpoints/llama/tp2/ --to /models/llama "
+        + gate,
+        "CHECK_COMMAND": "preshard check --from s3://checkpoints/llama/tp2/ " + gate,
         "MANIFEST_URI": "s3://checkpoints/llama/tp2/preshard-manifest.json",
         "MANIFEST_SHA256": "f" * 64,
         "VLLM_VERSION": "0.32.0",
         "QUANTIZATION": "fp8",
         "AWS_ENDPOINT_URL": "http://minio:9000",
         "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+        "AWS_EC2_METADATA_DISABLED": "true",
     }
 
 
@@ -179,6 +185,11 @@ def test_configmap_data_minimal_artifact_and_no_quantization() -> None:
     assert "AWS_ENDPOINT_URL" not in data
     # the manifest's location is the output's, whatever the artifact says
     assert data["MANIFEST_URI"] == "s3://checkpoints/llama/tp2/preshard-manifest.json"
+    # no pin known: the published fetch command has no gate flags, and there is no check
+    assert (
+        data["FETCH_COMMAND"] == "preshard fetch --from s3://checkpoints/llama/tp2/ --to /models/m"
+    )
+    assert "CHECK_COMMAND" not in data
     assert data["MANIFEST_SHA256"] == ""
     assert data["VLLM_VERSION"] == ""
     assert all(isinstance(v, str) for v in data.values())
@@ -192,7 +203,10 @@ def test_shell_and_json_forms_round_trip_for_awkward_uris() -> None:
     data = configmap_data(info, spec, ARTIFACT)
     assert shlex.split(data["VLLM_ARGS"]) == list(info.args)
     assert shlex.split(data["LOCAL_VLLM_ARGS"]) == list(info.local_args)
-    assert shlex.split(data["FETCH_COMMAND"]) == list(info.fetch_command)
+    gate = ["--manifest-sha256", ARTIFACT["manifestSha256"], "--tensor-parallel-size", "2"]
+    gate += ["--pipeline-parallel-size", "1"]
+    assert shlex.split(data["FETCH_COMMAND"]) == [*info.fetch_command, *gate]
+    assert shlex.split(data["CHECK_COMMAND"]) == ["preshard", "check", "--from", uri, *gate]
     assert json.loads(data["vllm-args.json"]) == list(info.args)
     assert info.args[1] == uri
 

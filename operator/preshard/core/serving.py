@@ -7,6 +7,10 @@ Two ways, both published in ``status.serving`` and the ``<name>-serving`` Config
 * local copy: an init container runs ``preshard fetch --from URI --to /models/<name>``
   (sha256-verified), then ``--load-format sharded_state`` on that directory.
 
+Either way the serving gate runs first (``preshard check`` before streaming, the same
+flags on ``preshard fetch``): the manifest pinned by its sha256, the serving TP/PP, the
+state format (``preshard.core.gate``). ``FETCH_COMMAND`` and ``CHECK_COMMAND`` carry it.
+
 No concurrency/memory_limit model-loader-extra-config is passed with
 runai_streamer_sharded: vLLM rejects it for that loader (vLLM issue #30100).
 """
@@ -65,6 +69,10 @@ def serving_info(
         env.append(("AWS_ENDPOINT_URL", endpoint))
         # Path-style addressing for S3-compatible stores (MinIO etc.).
         env.append(("RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING", "0"))
+        # Credentials for an S3-compatible store come from the Secret; without this the
+        # AWS SDKs (boto3 and the streamer's) also probe the EC2 instance metadata
+        # service, which off AWS only costs start-up time (connect timeouts).
+        env.append(("AWS_EC2_METADATA_DISABLED", "true"))
     local = f"{LOCAL_MODEL_ROOT}/{name}"
     par = parallel_args(spec)
     return ServingInfo(
@@ -78,9 +86,26 @@ def serving_info(
     )
 
 
+def gate_args(spec: CheckpointSpec, artifact: dict[str, Any]) -> list[str]:
+    """The serving gate's flags for ``preshard fetch``/``preshard check``: the manifest
+    pin and the parallelism the checkpoint was sharded for."""
+    sha = str(artifact.get("manifestSha256") or "")
+    if not sha:
+        return []
+    return [
+        "--manifest-sha256",
+        sha,
+        "--tensor-parallel-size",
+        str(spec.tensor_parallel_size),
+        "--pipeline-parallel-size",
+        str(spec.pipeline_parallel_size),
+    ]
+
+
 def configmap_data(
     info: ServingInfo, spec: CheckpointSpec, artifact: dict[str, Any]
 ) -> dict[str, str]:
+    gate = gate_args(spec, artifact)
     data = {
         "MODEL": info.model,
         "LOAD_FORMAT": info.load_format,
@@ -91,11 +116,13 @@ def configmap_data(
         "LOCAL_MODEL_PATH": info.local_model_path,
         "LOCAL_LOAD_FORMAT": LOCAL_LOAD_FORMAT,
         "LOCAL_VLLM_ARGS": shlex.join(info.local_args),
-        "FETCH_COMMAND": shlex.join(info.fetch_command),
+        "FETCH_COMMAND": shlex.join([*info.fetch_command, *gate]),
         "MANIFEST_URI": info.model + MANIFEST_NAME,
         "MANIFEST_SHA256": str(artifact.get("manifestSha256", "")),
         "VLLM_VERSION": str(artifact.get("vllmVersion", "")),
     }
+    if gate:
+        data["CHECK_COMMAND"] = shlex.join(["preshard", "check", "--from", info.model, *gate])
     if spec.quantization:
         data["QUANTIZATION"] = spec.quantization
     for k, v in info.env:

