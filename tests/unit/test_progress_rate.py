@@ -366,9 +366,7 @@ def test_reporter_lines_and_records_show_rate_eta_and_durations(
     assert rec.stage_seconds == {"Converting": 30.0, "Uploading": 10.0}
     lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("Uploading:")]
     assert lines[-1] == "Uploading:  50.0% 500.0 MiB/1000.0 MiB 50.0 MiB/s ETA 10s 10s"
-    assert json.loads(out.getvalue().splitlines()[-1][len(PROGRESS_PREFIX) :])[
-        "etaSeconds"
-    ] == 10
+    assert json.loads(out.getvalue().splitlines()[-1][len(PROGRESS_PREFIX) :])["etaSeconds"] == 10
     rep.done()
     clock.t += 100  # time after done() does not count to the stage
     assert rep.stage_seconds() == {"Converting": 30.0, "Uploading": 10.0}

@@ -158,7 +158,9 @@ class Reporter:
         pct = f" {100 * self._done / self._total:5.1f}%" if self._total else ""
         total = f"/{format_bytes(self._total)}" if self._total else ""
         speed = f" {format_rate(rate)}" if rate is not None else ""
-        left = f" ETA {format_duration(eta)}" if eta is not None and self._done < self._total else ""
+        left = (
+            f" ETA {format_duration(eta)}" if eta is not None and self._done < self._total else ""
+        )
         return (
             f"{self._stage}:{pct} {format_bytes(self._done)}{total}{speed}{left} "
             f"{format_duration(elapsed)}"
