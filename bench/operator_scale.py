@@ -544,13 +544,13 @@ def run(
                     hist.append(f"{label}: {k}")
                     lo = hi
                 print(f"                  {', '.join(hist)}")
+                print_curve(names, tl, t_burst)
             for label, values in tl.phases() if with_phases else []:
                 if values:
                     print(
                         f"  {label:<46} p50 {percentile(values, 50):.3f} s  "
                         f"p99 {percentile(values, 99):.3f} s"
                     )
-                print_curve(names, tl, t_burst)
             print(
                 f"operator RSS:     idle {idle_rss / MIB:.0f} MiB, peak {sampler.peak / MIB:.0f} MiB"
                 f"; target < {TARGET_RSS_MIB:.0f} MiB: "
