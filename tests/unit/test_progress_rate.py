@@ -373,3 +373,20 @@ def test_reporter_lines_and_records_show_rate_eta_and_durations(
     rep.stage("Uploading", 10)  # a stage that runs again adds up
     clock.t += 2
     assert rep.stage_seconds() == {"Converting": 30.0, "Uploading": 12.0}
+
+
+def test_status_patch_nulls_what_progress_lost() -> None:
+    """A merge patch merges objects: the finished stage's rate and ETA must be sent as
+    null, or status.progress of a published checkpoint would keep them."""
+    from preshard.core.status import status_patch
+
+    old = {
+        "phase": "Running",
+        "progress": {"stage": "Uploading", "bytesDone": 1, "rate": "1 B/s", "eta": "3s"},
+    }
+    new = {"phase": "Succeeded", "progress": {"stage": "Published", "bytesDone": 5}}
+    assert status_patch(old, new) == {
+        "phase": "Succeeded",
+        "progress": {"stage": "Published", "bytesDone": 5, "rate": None, "eta": None},
+    }
+    assert status_patch(new, new) == {}

@@ -486,6 +486,14 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
     """Top-level status fields that changed (a merge patch; removed keys become None)."""
     old = old or {}
     patch = {k: v for k, v in new.items() if old.get(k) != v}
+    for k, v in list(patch.items()):
+        # A merge patch merges objects: keys an object lost (a finished stage's rate and
+        # ETA in status.progress) must be sent as null, or they would stay.
+        was = old.get(k)
+        if isinstance(v, dict) and isinstance(was, dict):
+            gone = {sub: None for sub in was if sub not in v}
+            if gone:
+                patch[k] = {**v, **gone}
     for k in old:
         if k not in new:
             patch[k] = None
