@@ -6,6 +6,7 @@ arrives and a damaged byte is caught."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME
 from preshard.worker import s3 as s3mod
+from preshard.worker.progress import Reporter
 from preshard.worker.transfer import (
     Downloader,
     DownloadItem,
@@ -47,7 +49,12 @@ def test_wait_returns_the_hashes_and_writes_no_manifest(
         concurrency=4,
         part_size=PART,
     )
+    # Progress goes to a Reporter attached at any time (bytes done before are added).
+    rep = Reporter("lines", stream=io.StringIO(), machine_stream=io.StringIO())
+    rep.stage("Uploading", handle.bytes_total)
+    handle.attach(rep)
     got = handle.wait(timeout=60)
+    assert rep.bytes_done == checkpoint.total_bytes
     assert got == sorted((k, len(v), checkpoint.shas[k]) for k, v in checkpoint.files.items())
     assert handle.bytes_done == handle.bytes_total == checkpoint.total_bytes
     # Every object is there, byte for byte, with its sha256 recorded; no manifest.
