@@ -102,7 +102,7 @@ def test_abort_leaves_no_object_and_no_multipart_upload(
     deadline = threading.Event()
     while not object_keys(s3_env, bucket, prefix) and not deadline.wait(0.05):
         pass  # until the first (small) object is complete
-    assert multipart_uploads(s3_env, bucket, prefix) or handle.running()
+    assert handle.running()  # the abort comes mid-upload
     deleted = handle.abort()
     assert deleted, "the objects it completed were not deleted"
     assert object_keys(s3_env, bucket, prefix) == set()
