@@ -1722,6 +1722,11 @@ class Emulator:
             last = start
             last_bookmark = time.monotonic()
             while time.monotonic() < deadline:
+                # The store swaps in a new Event on every change: take this one BEFORE
+                # scanning, so a change made while this watch awaits its writes below
+                # wakes it at once (waiting on the Event current after the scan missed
+                # such changes and slept up to 1 s each: seconds of delay in a burst).
+                changed = self.store.changed
                 for rv, key, type_, obj in list(self.store.events):
                     if rv <= last:
                         continue
@@ -1740,7 +1745,7 @@ class Emulator:
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        self.store.changed.wait(),
+                        changed.wait(),
                         timeout=min(1.0, max(0.01, deadline - time.monotonic())),
                     )
         except (ConnectionResetError, asyncio.CancelledError):
