@@ -12,7 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = [
-    ("operator scale: 200 resources at once", "operator_scale.py"),
+    ("operator scale: 200 and 1000 resources at once", "operator_scale.py"),
     ("S3 transfer: preshard vs naive boto3 vs s5cmd", "s3_transfer.py"),
     ("conversion wall time by stage (1.1 GiB model, TP=2)", "convert_stages.py"),
     ("verify --against: time and peak memory per GiB (1.1 GiB model)", "verify_against.py"),

@@ -13,9 +13,10 @@ Besides MiB/s it prints CPU seconds per GiB of client and server (steadier than 
 time on a busy machine).
 
 * preshard: ``storage.publish`` (sha256 of every file, parallel multipart upload with
-  Content-MD5 per part, manifest last) and the ``Downloader`` (parallel ranged GETs,
-  sha256 of every file checked against the manifest), as ``preshard convert`` and
-  ``preshard fetch`` run them; so preshard's figures include its integrity work;
+  Content-MD5 per part, which rclone checks, manifest last) and the ``Downloader``
+  (parallel ranged GETs written in place, every file's sha256 computed as its bytes
+  arrive and checked against the manifest), as ``preshard convert`` and ``preshard
+  fetch`` run them; so preshard's figures include its integrity work;
 * naive boto3: ``upload_file``/``download_file`` one file at a time, default settings;
 * s5cmd: ``s5cmd cp`` of the whole directory / prefix (its default parallelism).
 
@@ -280,8 +281,9 @@ def main() -> int:
             print(f"{label:<32}{ours[0] / up:>12.2f}x{ours[1] / down:>15.2f}x")
     print(
         f"\npreshard's figures include its integrity work: sha256 of every file before the "
-        f"upload ({size_mib / hash_s:.0f} MiB/s alone on this machine) and after the download, "
-        "Content-MD5 per part; the baselines verify nothing beyond what the server checks."
+        f"upload ({size_mib / hash_s:.0f} MiB/s alone on this machine) and during the "
+        "download, Content-MD5 per part; the baselines verify nothing beyond what the server "
+        "checks."
     )
     return 0
 

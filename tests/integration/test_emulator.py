@@ -1530,7 +1530,13 @@ def test_table_output_has_crd_printer_columns(k8s_api: K8s, ns: str) -> None:
             "status": {
                 "phase": "Running",
                 "jobName": "tbl-abc",
-                "progress": {"stage": "Converting", "bytesDone": 1, "bytesTotal": 2},
+                "progress": {
+                    "stage": "Uploading",
+                    "bytesDone": 1,
+                    "bytesTotal": 2,
+                    "rate": "210.3 MiB/s",
+                    "eta": "3m12s",
+                },
                 "conditions": [
                     {"type": "SpecValid", "status": "True", "reason": "Valid"},
                     {"type": "Ready", "status": "False", "reason": "Converting"},
@@ -1557,6 +1563,8 @@ def test_table_output_has_crd_printer_columns(k8s_api: K8s, ns: str) -> None:
         "Age",
         "PP",
         "Stage",
+        "Rate",
+        "ETA",
         "Job",
         "Reason",
         "Path",
@@ -1576,7 +1584,9 @@ def test_table_output_has_crd_printer_columns(k8s_api: K8s, ns: str) -> None:
         "Output": "s3://out/tbl/tp4/",
         "Age": None,
         "PP": 1,
-        "Stage": "Converting",
+        "Stage": "Uploading",
+        "Rate": "210.3 MiB/s",
+        "ETA": "3m12s",
         "Job": "tbl-abc",
         "Reason": "Converting",
         "Path": None,
@@ -1627,7 +1637,7 @@ def test_kubectl_get_prints_printer_columns(k8s_api: K8s, ns: str) -> None:
     # Phase and Ready are unset (null cells, printed blank)
     assert out[1].split()[:4] == ["kc", "8", "fp8", "s3://out/kc/tp8/"]
     wide = kubectl("get", "sckpt", "-o", "wide").splitlines()
-    assert wide[0].split()[-6:] == ["PP", "STAGE", "JOB", "REASON", "PATH", "TOOK"]
+    assert wide[0].split()[-8:] == ["PP", "STAGE", "RATE", "ETA", "JOB", "REASON", "PATH", "TOOK"]
 
 
 # ------------------------------------------------------------------------------ pod logs

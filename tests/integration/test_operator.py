@@ -211,7 +211,19 @@ def test_progress_then_complete_gives_ready_artifact_serving_and_configmap(
         ns, job["metadata"]["name"], {"startTime": "2026-01-01T00:00:00Z", "active": 1}
     )
     k8s_api.append_log(
-        ns, pod, "loading model...\n" + ProgressRecord("Uploading", 300, 1000, 1.0).to_line() + "\n"
+        ns,
+        pod,
+        "loading model...\n"
+        + ProgressRecord(
+            "Uploading",
+            300,
+            1000,
+            1.0,
+            rate=100.0,
+            eta=7.0,
+            stage_seconds={"Converting": 61.2, "Verifying": 4.0, "Uploading": 3.0},
+        ).to_line()
+        + "\n",
     )
     k8s_api.wait_condition(ns, "tiny", "False", "Converting")
 
@@ -219,19 +231,49 @@ def test_progress_then_complete_gives_ready_artifact_serving_and_configmap(
         p = ((k8s_api.checkpoint(ns, "tiny") or {}).get("status") or {}).get("progress")
         return p if p and p.get("bytesDone") == 300 else None
 
+    # Rate, ETA and durations reach status (and the CRD's schema keeps them).
     assert wait_for(progress, 20, what="progress from the pod log") == {
         "stage": "Uploading",
         "bytesDone": 300,
         "bytesTotal": 1000,
+        "bytesPerSecond": 100,
+        "rate": "100 B/s",
+        "etaSeconds": 7,
+        "eta": "7s",
+        "stageSeconds": {"Converting": 61, "Verifying": 4, "Uploading": 3},
     }
+    ready = next(
+        c
+        for c in k8s_api.checkpoint(ns, "tiny")["status"]["conditions"]  # type: ignore[index]
+        if c["type"] == "Ready"
+    )
+    assert "(Uploading: 300 B of 1000 B, 100 B/s, ETA 7s)" in ready["message"]
     assert k8s_api.checkpoint(ns, "tiny")["status"]["phase"] == "Running"  # type: ignore[index]
 
-    finish_job(k8s_api, ns, job, Result("Succeeded", artifact=ARTIFACT), "p2")
+    verification = {
+        "passed": True,
+        "summary": "reloaded at TP=2: 3 prompts x 8 tokens equal the source's",
+        "checks": [{"name": "reload-tokens", "passed": True, "detail": "3 prompts x 8 tokens"}],
+    }
+    done = Result(
+        "Succeeded",
+        artifact=ARTIFACT,
+        stages={"Converting": 61.2, "Verifying": 4.0, "Uploading": 9.6},
+        verification=verification,
+    )
+    finish_job(k8s_api, ns, job, done, "p2")
     cond = k8s_api.wait_condition(ns, "tiny", "True", "Published")
     assert "s3://out/llama/tp2/" in cond["message"]
     status = k8s_api.checkpoint(ns, "tiny")["status"]  # type: ignore[index]
     assert status["phase"] == "Succeeded"
     assert status["artifact"] == ARTIFACT
+    assert status["progress"] == {
+        "stage": "Published",
+        "bytesDone": ARTIFACT["totalBytes"],
+        "bytesTotal": ARTIFACT["totalBytes"],
+        "stageSeconds": {"Converting": 61, "Verifying": 4, "Uploading": 10},
+        "verification": verification,
+    }
     assert status["completionTime"] == "2026-01-01T00:05:00Z"
     assert status["serving"]["loadFormat"] == "runai_streamer_sharded"
     assert status["serving"]["configMapName"] == "tiny-serving"

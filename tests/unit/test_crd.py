@@ -248,6 +248,8 @@ def test_printer_columns() -> None:
     assert wide == [
         ("PP", 1, ".spec.pipelineParallelSize"),
         ("Stage", 1, ".status.progress.stage"),
+        ("Rate", 1, ".status.progress.rate"),
+        ("ETA", 1, ".status.progress.eta"),
         ("Job", 1, ".status.jobName"),
         ("Reason", 1, '.status.conditions[?(@.type=="Ready")].reason'),
         ("Path", 1, ".status.path"),

@@ -14,7 +14,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from preshard.core.progress import ProgressRecord, Result
+from preshard.core.progress import (
+    ProgressRecord,
+    Result,
+    status_stage_seconds,
+    verification_status,
+)
 
 READY = "Ready"
 SPEC_VALID = "SpecValid"
@@ -270,6 +275,24 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def published_progress(
+    total: int, result: Result | None, last: dict[str, Any] | None
+) -> dict[str, Any]:
+    """status.progress of a published checkpoint: all bytes done, the seconds each stage
+    took (the result's, else the last progress record's) and the conversion's
+    verification summary (what was compared and that it matched), when it sent one."""
+    out: dict[str, Any] = {"stage": "Published", "bytesDone": total, "bytesTotal": total}
+    stages = status_stage_seconds(
+        (result.stages if result is not None else None) or (last or {}).get("stageSeconds")
+    )
+    if stages:
+        out["stageSeconds"] = stages
+    verification = verification_status(result.verification if result is not None else None)
+    if verification:
+        out["verification"] = verification
+    return out
+
+
 def derive_status(
     current: dict[str, Any] | None,
     *,
@@ -327,7 +350,7 @@ def derive_status(
             st["phase"] = SUCCEEDED
             st["artifact"] = artifact
             total = int(artifact.get("totalBytes", 0))
-            st["progress"] = {"stage": "Published", "bytesDone": total, "bytesTotal": total}
+            st["progress"] = published_progress(total, result, st.get("progress"))
             msg = f"checkpoint published at {artifact.get('uri')} ({artifact.get('files')} files, {_fmt_bytes(total)})"
             conds = set_condition(conds, PUBLISHED, "True", "Published", msg, generation, now)
             if serving is not None:
@@ -397,9 +420,8 @@ def derive_status(
     elif outcome.phase == RUNNING:
         st["phase"] = RUNNING
         stage = progress.stage if progress is not None else "Starting"
-        detail = ""
-        if progress is not None and progress.bytes_total:
-            detail = f": {_fmt_bytes(progress.bytes_done)} of {_fmt_bytes(progress.bytes_total)}"
+        summary = progress.summary() if progress is not None else ""
+        detail = f": {summary}" if summary else ""
         msg = f"conversion Job {job_name} is running ({stage}{detail})"
         conds = set_condition(
             conds,
@@ -477,6 +499,14 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
     """Top-level status fields that changed (a merge patch; removed keys become None)."""
     old = old or {}
     patch = {k: v for k, v in new.items() if old.get(k) != v}
+    for k, v in list(patch.items()):
+        # A merge patch merges objects: keys an object lost (a finished stage's rate and
+        # ETA in status.progress) must be sent as null, or they would stay.
+        was = old.get(k)
+        if isinstance(v, dict) and isinstance(was, dict):
+            gone = {sub: None for sub in was if sub not in v}
+            if gone:
+                patch[k] = {**v, **gone}
     for k in old:
         if k not in new:
             patch[k] = None

@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from preshard.core.progress import ProgressRecord, Result
+from preshard.core.progress import (
+    ProgressRecord,
+    RateMeter,
+    Result,
+    eta_seconds,
+    format_duration,
+    format_rate,
+)
 from preshard.core.quantity import format_bytes
 
 log = logging.getLogger(__name__)
@@ -46,16 +53,26 @@ class Reporter:
         self._total = 0
         self._done = 0
         self._stage_start = 0.0
+        self._stage_base = 0.0
+        self._stage_closed = False  # done() was called: its duration is final
         self._last_line = 0.0
         self._last_record = 0.0
+        self._meter = RateMeter()
+        # Seconds per stage, in the order the stages ran (a repeated stage adds up).
+        self._stage_seconds: dict[str, float] = {}
         self.records: list[ProgressRecord] = []  # kept for tests and summaries
 
     # -- public API ---------------------------------------------------------------------
     def stage(self, name: str, total_bytes: int = 0) -> None:
         with self._lock:
             self._finish_bar()
+            now = time.monotonic()
+            self._close_stage(now)
             self._stage, self._total, self._done = name, max(0, int(total_bytes)), 0
-            self._stage_start = self._last_line = time.monotonic()
+            self._stage_start = self._last_line = now
+            self._stage_base = self._stage_seconds.get(name, 0.0)
+            self._stage_closed = False
+            self._meter.reset(now)
             self._emit_record(force=True)
             total = f" ({format_bytes(self._total)})" if self._total else ""
             self._write(f"{name}{total}\n")
@@ -70,6 +87,7 @@ class Reporter:
         with self._lock:
             self._done += n
             now = time.monotonic()
+            self._meter.update(now, self._done)
             self._emit_record(force=False, now=now)
             if self.mode == "bar":
                 self._draw_bar(now)
@@ -87,6 +105,7 @@ class Reporter:
                 self._draw_bar(now)
                 self._finish_bar()
             self._write(f"done: {self._line(now)}\n")
+            self._close_stage(now)
 
     def message(self, text: str) -> None:
         with self._lock:
@@ -97,7 +116,35 @@ class Reporter:
     def bytes_done(self) -> int:
         return self._done
 
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds spent in each stage so far (the current one until now), for the
+        result's ``stages`` (status.progress.stageSeconds on success)."""
+        with self._lock:
+            return self._durations(time.monotonic())
+
     # -- internals (lock held) ------------------------------------------------------------
+    def _durations(self, now: float) -> dict[str, float]:
+        out = dict(self._stage_seconds)
+        if self._stage is not None and not self._stage_closed:
+            out[self._stage] = self._stage_base + (now - self._stage_start)
+        return {k: round(v, 1) for k, v in out.items()}
+
+    def _close_stage(self, now: float) -> None:
+        if self._stage is not None and not self._stage_closed:
+            self._stage_seconds[self._stage] = self._stage_base + (now - self._stage_start)
+            self._stage_closed = True
+
+    def _rate_eta(self, now: float) -> tuple[float | None, float | None]:
+        """The smoothed rate, or the stage's average while there is no smoothed one yet
+        (and, once the stage is done, its average), and the ETA at that rate."""
+        rate = self._meter.rate
+        elapsed = now - self._stage_start
+        if (rate is None or self._done >= self._total > 0) and elapsed > 0 and self._done:
+            rate = self._done / elapsed
+        if not self._total:
+            return (rate if self._done else None), None
+        return rate, eta_seconds(self._done, self._total, rate)
+
     def _write(self, text: str) -> None:
         try:
             self.stream.write(text)
@@ -107,12 +154,16 @@ class Reporter:
 
     def _line(self, now: float) -> str:
         elapsed = max(now - self._stage_start, 1e-6)
-        rate = self._done / elapsed
+        rate, eta = self._rate_eta(now)
         pct = f" {100 * self._done / self._total:5.1f}%" if self._total else ""
         total = f"/{format_bytes(self._total)}" if self._total else ""
+        speed = f" {format_rate(rate)}" if rate is not None else ""
+        left = (
+            f" ETA {format_duration(eta)}" if eta is not None and self._done < self._total else ""
+        )
         return (
-            f"{self._stage}:{pct} {format_bytes(self._done)}{total} "
-            f"{format_bytes(int(rate))}/s {elapsed:.0f}s"
+            f"{self._stage}:{pct} {format_bytes(self._done)}{total}{speed}{left} "
+            f"{format_duration(elapsed)}"
         )
 
     def _draw_bar(self, now: float) -> None:
@@ -132,7 +183,16 @@ class Reporter:
         if not force and now - self._last_record < self.record_interval:
             return
         self._last_record = now
-        rec = ProgressRecord(self._stage, self._done, self._total, time.time())
+        rate, eta = self._rate_eta(now)
+        rec = ProgressRecord(
+            self._stage,
+            self._done,
+            self._total,
+            time.time(),
+            rate=rate,
+            eta=eta,
+            stage_seconds=self._durations(now),
+        )
         self.records.append(rec)
         try:
             self.machine.write(rec.to_line() + "\n")

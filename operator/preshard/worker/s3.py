@@ -141,7 +141,11 @@ def make_client(settings: S3Settings) -> Any:
         connect_timeout=10,
         read_timeout=120,
         tcp_keepalive=True,
-        s3={"addressing_style": "path"} if settings.endpoint_url else None,
+        s3=({"addressing_style": "path"} if settings.endpoint_url else {})
+        # No SigV4 sha256 of every body (botocore's default over plain http; over https
+        # with Content-MD5 it skips it already): each part carries Content-MD5, which the
+        # server checks, and the file's sha256 is checked end to end on download.
+        | {"payload_signing_enabled": False},
         # Checksums: we send Content-MD5 ourselves and verify sha256 end to end.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",

@@ -3,14 +3,24 @@
 Every part of every file goes into one shared thread pool (no nested waiting, so no
 deadlock and full parallelism across small and large files). Uploads send Content-MD5
 per part (servers that check it reject corrupted parts) and record the file's sha256 in
-the object metadata ``x-amz-meta-sha256``, which is what resumption compares. Downloads
-write ranges into a ``.part`` file, check the sha256 against the manifest, and rename it
-into place atomically, so a file with its final name is always complete and verified.
+the object metadata ``x-amz-meta-sha256``, which is what resumption compares; a file
+whose sha256 is not known yet is hashed in a small side pool just before its parts are
+queued, so hashing overlaps the transfer of the files before it. Each part is read once
+into a reused per-thread buffer that feeds both its MD5 and the request body. Downloads
+write ranges straight into a preallocated ``.part`` file (``os.pwrite``) and hash it as
+the bytes arrive (:class:`SequentialHasher`: in order, the contiguous prefix), check the
+sha256 against the manifest, and rename it into place atomically, so a file with its
+final name is always complete and verified.
+
+:func:`start_upload` runs an upload in the background (``wait``/``abort``) so that a
+conversion can upload rank files while it still verifies them; it never writes the
+manifest.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,7 +29,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -88,15 +99,21 @@ def _retryable(exc: BaseException) -> bool:
     )
 
 
-def with_retries(fn: Callable[[], Any], what: str, attempts: int = PART_ATTEMPTS) -> Any:
+def with_retries(
+    fn: Callable[[], Any],
+    what: str,
+    attempts: int = PART_ATTEMPTS,
+    stop: threading.Event | None = None,
+) -> Any:
     """Retry transient failures (5xx, SlowDown, resets) with jittered exponential backoff,
-    on top of botocore's own retries."""
+    on top of botocore's own retries. Once ``stop`` is set, no further attempt is made
+    (the last failure is raised)."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not _retryable(exc):
+            if attempt == attempts or not _retryable(exc) or (stop is not None and stop.is_set()):
                 raise
             log.info(
                 "retrying %s after %s (attempt %d/%d)",
@@ -105,7 +122,12 @@ def with_retries(fn: Callable[[], Any], what: str, attempts: int = PART_ATTEMPTS
                 attempt,
                 attempts,
             )
-            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 - jitter, not crypto
+            pause = delay * (0.5 + random.random())  # noqa: S311 - jitter, not crypto
+            if stop is not None:
+                if stop.wait(pause):
+                    raise
+            else:
+                time.sleep(pause)
             delay = min(delay * 2, 10.0)
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -115,11 +137,22 @@ class UploadItem:
     path: Path
     key: str
     size: int
-    sha256: str
+    sha256: str | None = None  # None: hashed by the Uploader just before its upload
 
 
-def _run_all(pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], Any]]) -> list[Any]:
-    futures: list[Future[Any]] = [pool.submit(t) for t in tasks]
+class UploadCancelled(PreshardError):
+    reason = "UploadAborted"
+    permanent = True
+
+
+def failed_before_cancel(exc: BaseException) -> bool:
+    """Whether a failure seen after an abort is a failure of its own (not a transient
+    error whose retry the abort stopped)."""
+    return not _retryable(exc)
+
+
+def _wait_all(futures: list[Future[Any]]) -> None:
+    """Wait for every future; raise the first failure (after cancelling the rest)."""
     done, pending = wait(futures, return_when=FIRST_EXCEPTION)
     for f in done:
         exc = f.exception()
@@ -128,6 +161,11 @@ def _run_all(pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], Any]]) -> li
                 p.cancel()
             wait(pending)
             raise exc
+
+
+def _run_all(pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], Any]]) -> list[Any]:
+    futures: list[Future[Any]] = [pool.submit(t) for t in tasks]
+    _wait_all(futures)
     return [f.result() for f in futures]
 
 
@@ -150,6 +188,20 @@ class _Transfer:
         self.part_size = part_size
         self.reporter = reporter
         self.uri = uri or f"s3://{bucket}/"
+        self._buffers = threading.local()
+
+    def _advance(self, n: int) -> None:
+        if self.reporter is not None:
+            self.reporter.advance(n)
+
+    def _buffer(self, size: int) -> memoryview:
+        """This thread's reusable buffer of at least ``size`` bytes (no allocation and no
+        page faults per part)."""
+        buf: bytearray | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < size:
+            buf = bytearray(size)
+            self._buffers.buf = buf
+        return memoryview(buf)[:size]
 
 
 @dataclass
@@ -163,19 +215,44 @@ class _Multipart:
     completed: bool = False
 
 
+def _read_exact(path: Path, offset: int, buf: memoryview) -> None:
+    """Fill ``buf`` from ``path`` at ``offset`` (readinto: no intermediate bytes)."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        got = 0
+        while got < len(buf):
+            n = f.readinto(buf[got:])
+            if not n:
+                raise PreshardError(
+                    f"{path} changed while uploading (shorter than when it was listed)",
+                    reason="LocalFileChanged",
+                )
+            got += n
+
+
+def _md5_b64(data: memoryview | bytes) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()  # noqa: S324 - Content-MD5 is MD5
+
+
 class Uploader(_Transfer):
     def __init__(self, client: Any, bucket: str, **kw: Any) -> None:
         super().__init__(client, bucket, **kw)
         # Test hook: raise after this many parts (simulates a crash mid-upload).
         self.fail_after_parts: int | None = None
+        # Set to stop: queued parts fail with UploadCancelled, unfinished uploads are aborted.
+        self.cancel = threading.Event()
+        # Resumption: called with a hashed item; True skips it (already in place).
+        self.skip: Callable[[UploadItem], bool] | None = None
+        # What this uploader did: the items (sha256 filled in), and the keys it completed.
+        self.results: list[UploadItem] = []
+        self.uploaded_keys: list[str] = []
+        self.hash_concurrency = 2
         self._parts_done = 0
         self._lock = threading.Lock()
 
-    def _advance(self, n: int) -> None:
-        if self.reporter is not None:
-            self.reporter.advance(n)
-
     def _count_part(self) -> None:
+        if self.cancel.is_set():
+            raise UploadCancelled("the upload was aborted")
         with self._lock:
             self._parts_done += 1
             if self.fail_after_parts is not None and self._parts_done > self.fail_after_parts:
@@ -183,34 +260,76 @@ class Uploader(_Transfer):
                     "injected crash (test hook)", reason="InjectedCrash", permanent=True
                 )
 
-    def upload(self, items: list[UploadItem]) -> None:
-        """Upload all items in parallel. Raises the first failure (translated).
+    def upload(self, items: list[UploadItem]) -> list[UploadItem]:
+        """Upload all items in parallel; return them with their sha256. Raises the first
+        failure (translated).
 
         Each multipart upload is completed as soon as its own last part is stored, so a
         crash or failure mid-batch leaves every finished file complete (and skipped by
         the next, resumed run); only unfinished uploads are aborted.
         """
+        uploads: list[_Multipart] = []
+        # Small files first (one request each), then the multipart ones, each in order.
+        items = [i for i in items if i.size <= self.part_size] + [
+            i for i in items if i.size > self.part_size
+        ]
         try:
-            with ThreadPoolExecutor(
-                max_workers=self.concurrency, thread_name_prefix="s3-up"
-            ) as pool:
-                small = [i for i in items if i.size <= self.part_size]
-                large = [i for i in items if i.size > self.part_size]
-                tasks: list[Callable[[], Any]] = [partial(self._put_small, i) for i in small]
-                uploads: list[_Multipart] = []
-                for item in large:
-                    ps = part_size_for(item.size, self.part_size)
-                    upload_id = with_retries(
-                        partial(self._create_multipart, item), f"create multipart {item.key}"
-                    )
-                    nparts = (item.size + ps - 1) // ps
-                    mp = _Multipart(item, upload_id, [None] * nparts, nparts)
-                    uploads.append(mp)
-                    for n in range(nparts):
-                        tasks.append(partial(self._put_part, mp, ps, n))
+            with (
+                ThreadPoolExecutor(
+                    max_workers=self.concurrency, thread_name_prefix="s3-up"
+                ) as pool,
+                ThreadPoolExecutor(
+                    max_workers=max(1, self.hash_concurrency), thread_name_prefix="s3-hash"
+                ) as hashers,
+            ):
+                futures: list[Future[Any]] = []
+                failed = threading.Event()
+
+                def note(f: Future[Any]) -> None:
+                    if f.exception() is not None:
+                        failed.set()
+
+                def submit(fn: Callable[[], Any]) -> None:
+                    f = pool.submit(fn)
+                    f.add_done_callback(note)
+                    futures.append(f)
+
+                # Files without a sha256 are hashed ahead, in order, while earlier ones upload.
+                hashes = {
+                    n: hashers.submit(sha256_file, i.path)
+                    for n, i in enumerate(items)
+                    if i.sha256 is None
+                }
                 try:
-                    _run_all(pool, tasks)
+                    for n, item in enumerate(items):
+                        if n in hashes:
+                            item = replace(item, sha256=self._result(hashes[n], failed))
+                        if failed.is_set() or self.cancel.is_set():
+                            break
+                        self.results.append(item)
+                        if self.skip is not None and self.skip(item):
+                            self._advance(item.size)
+                            continue
+                        if item.size <= self.part_size:
+                            submit(partial(self._put_small, item))
+                            continue
+                        ps = part_size_for(item.size, self.part_size)
+                        upload_id = with_retries(
+                            partial(self._create_multipart, item), f"create multipart {item.key}"
+                        )
+                        nparts = (item.size + ps - 1) // ps
+                        mp = _Multipart(item, upload_id, [None] * nparts, nparts)
+                        uploads.append(mp)
+                        for k in range(nparts):
+                            submit(partial(self._put_part, mp, ps, k))
+                    if self.cancel.is_set():
+                        raise UploadCancelled("the upload was aborted")
+                    _wait_all(futures)
                 except BaseException:
+                    for h in hashes.values():
+                        h.cancel()
+                    self.cancel.set()  # queued parts stop instead of uploading
+                    wait(futures)
                     for mp in uploads:
                         if not mp.completed:
                             self._abort(mp.item.key, mp.upload_id)
@@ -218,7 +337,19 @@ class Uploader(_Transfer):
         except PreshardError:
             raise
         except Exception as exc:
+            if self.cancel.is_set() and not failed_before_cancel(exc):
+                raise UploadCancelled("the upload was aborted") from None
             raise translate(exc, self.uri, "upload to") from None
+        return list(self.results)
+
+    def _result(self, fut: Future[str], failed: threading.Event) -> str:
+        """A hash, without waiting for it forever when the batch failed or was aborted."""
+        while True:
+            try:
+                return fut.result(timeout=0.2)
+            except FuturesTimeout:
+                if failed.is_set() or self.cancel.is_set():
+                    raise UploadCancelled("the upload was aborted") from None
 
     def _complete(self, mp: _Multipart) -> None:
         parts = [{"PartNumber": n + 1, "ETag": e} for n, e in enumerate(mp.etags)]
@@ -233,10 +364,12 @@ class Uploader(_Transfer):
             f"complete {mp.item.key}",
         )
         mp.completed = True
+        with self._lock:
+            self.uploaded_keys.append(mp.item.key)
 
     def _create_multipart(self, item: UploadItem) -> str:
         resp = self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=item.key, Metadata={"sha256": item.sha256}
+            Bucket=self.bucket, Key=item.key, Metadata={"sha256": str(item.sha256)}
         )
         return str(resp["UploadId"])
 
@@ -246,31 +379,42 @@ class Uploader(_Transfer):
         except Exception as exc:  # best effort; purge also aborts leftovers
             log.debug("abort multipart %s failed: %s", key, exc)
 
+    def _body(self, path: Path, offset: int, size: int) -> tuple[bytes | bytearray, str]:
+        """The bytes of one part (read once, into this thread's buffer) and their MD5.
+        botocore takes bytes or a bytearray as a body (not a memoryview): a full-size
+        part is sent from the reused buffer itself, a shorter one as a copy."""
+        view = self._buffer(size)
+        _read_exact(path, offset, view)
+        md5 = _md5_b64(view)
+        buf = view.obj
+        assert isinstance(buf, bytearray)
+        return (buf if len(buf) == size else view.tobytes()), md5
+
     def _put_small(self, item: UploadItem) -> None:
-        data = item.path.read_bytes()
-        if len(data) != item.size:
-            raise PreshardError(f"{item.path} changed while uploading", reason="LocalFileChanged")
-        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()  # noqa: S324 - Content-MD5 is MD5
         self._count_part()
+        if item.path.stat().st_size != item.size:
+            raise PreshardError(f"{item.path} changed while uploading", reason="LocalFileChanged")
+        data, md5 = self._body(item.path, 0, item.size)
         with_retries(
             lambda: self.client.put_object(
                 Bucket=self.bucket,
                 Key=item.key,
                 Body=data,
                 ContentMD5=md5,
-                Metadata={"sha256": item.sha256},
+                Metadata={"sha256": str(item.sha256)},
             ),
             f"put {item.key}",
+            stop=self.cancel,
         )
+        with self._lock:
+            self.uploaded_keys.append(item.key)
         self._advance(item.size)
 
     def _put_part(self, mp: _Multipart, part_size: int, n: int) -> None:
         item = mp.item
-        with open(item.path, "rb") as f:
-            f.seek(n * part_size)
-            data = f.read(part_size)
-        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()  # noqa: S324
         self._count_part()
+        length = min(part_size, item.size - n * part_size)
+        data, md5 = self._body(item.path, n * part_size, length)
         resp = with_retries(
             lambda: self.client.upload_part(
                 Bucket=self.bucket,
@@ -281,9 +425,10 @@ class Uploader(_Transfer):
                 ContentMD5=md5,
             ),
             f"part {n + 1} of {item.key}",
+            stop=self.cancel,
         )
         mp.etags[n] = resp["ETag"]
-        self._advance(len(data))
+        self._advance(length)
         with self._lock:
             mp.remaining -= 1
             last = mp.remaining == 0
@@ -337,7 +482,99 @@ class IntegrityError(PreshardError):
     permanent = True
 
 
+class SequentialHasher:
+    """sha256 of a file whose byte ranges are written out of order by several threads.
+
+    Writers report each range once its bytes are in the file (:meth:`written`); the
+    contiguous prefix from offset 0 is hashed as it grows: a range that continues the
+    prefix is hashed from the caller's bytes, ranges beyond a gap are read back from the
+    file (page cache) once the gap is filled. One thread hashes at a time; the others
+    only record their range and go on transferring.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._size = size
+        self._h = hashlib.sha256()
+        self._pos = 0  # bytes hashed
+        self._ranges: dict[int, int] = {}  # written, not hashed yet: start -> end
+        self._lock = threading.Lock()
+        self._busy = False
+
+    def written(self, start: int, data: bytes | memoryview) -> None:
+        end = start + len(data)
+        if end == start:
+            return
+        with self._lock:
+            if self._busy or start != self._pos:
+                self._ranges[start] = end
+                return
+            self._busy = True
+        try:
+            self._h.update(data)
+        except BaseException:
+            with self._lock:
+                self._busy = False
+            raise
+        with self._lock:
+            self._pos = end
+        self._drain()
+
+    def _drain(self) -> None:
+        """Hash the recorded ranges that continue the prefix (caller holds ``_busy``)."""
+        try:
+            while True:
+                with self._lock:
+                    end = self._ranges.pop(self._pos, None)
+                    if end is None:
+                        self._busy = False
+                        return
+                    start = self._pos
+                self._hash_from_file(start, end)
+                with self._lock:
+                    self._pos = end
+        except BaseException:
+            with self._lock:
+                self._busy = False
+            raise
+
+    def _hash_from_file(self, start: int, end: int) -> None:
+        buf = memoryview(bytearray(min(HASH_CHUNK, end - start)))
+        pos = start
+        while pos < end:
+            n = os.preadv(self._fd, [buf[: min(len(buf), end - pos)]], pos)
+            if n <= 0:
+                raise OSError(f"short read while hashing at offset {pos}")
+            self._h.update(buf[:n])
+            pos += n
+
+    @property
+    def hashed(self) -> int:
+        return self._pos
+
+    def hexdigest(self) -> str:
+        """The file's sha256; every byte must have been reported."""
+        with self._lock:
+            if self._pos != self._size or self._busy:
+                raise RuntimeError(
+                    f"hashed {self._pos} of {self._size} bytes (ranges missing: {sorted(self._ranges)[:3]})"
+                )
+        return self._h.hexdigest()
+
+
+@dataclass
+class _Dest:
+    """A download in flight: its ``.part`` file, open for positional writes."""
+
+    item: DownloadItem
+    tmp: Path
+    fd: int
+    hasher: SequentialHasher | None
+
+
 class Downloader(_Transfer):
+    chunk_size = 1 * MiB
+
     def download(self, items: list[DownloadItem]) -> list[DownloadItem]:
         """Download items not already present and verified; returns the ones transferred."""
         todo = [i for i in items if not self._present(i)]
@@ -345,6 +582,7 @@ class Downloader(_Transfer):
             skipped = sum(i.size for i in items if i not in todo)
             if skipped:
                 self.reporter.advance(skipped)
+        dests: list[_Dest] = []
         try:
             with ThreadPoolExecutor(
                 max_workers=self.concurrency, thread_name_prefix="s3-down"
@@ -354,19 +592,34 @@ class Downloader(_Transfer):
                 for item in todo:
                     item.dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = item.dest.with_name(item.dest.name + ".part")
-                    with open(tmp, "wb") as f:
-                        f.truncate(item.size)
+                    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                    dest = _Dest(item, tmp, fd, None)
+                    dests.append(dest)
+                    os.ftruncate(fd, item.size)  # preallocated: ranges land in place
+                    if item.sha256 is not None:
+                        dest.hasher = SequentialHasher(fd, item.size)
                     ps = part_size_for(item.size, self.part_size)
                     n = max(1, (item.size + ps - 1) // ps)
                     for k in range(n):
-                        tasks.append(partial(self._get_range, item, tmp, k * ps, ps))
+                        tasks.append(partial(self._get_range, dest, k * ps, ps))
                 _run_all(pool, tasks)
-                # Verify and publish each file (hashing in parallel).
-                _run_all(pool, [partial(self._finish, item) for item in todo])
+            # Every file that verifies goes into place, even when another one fails.
+            first: BaseException | None = None
+            for dest in dests:
+                try:
+                    self._finish(dest)
+                except Exception as exc:
+                    first = first or exc
+            if first is not None:
+                raise first
         except PreshardError:
             raise
         except Exception as exc:
             raise translate(exc, self.uri, "download from") from None
+        finally:
+            for dest in dests:
+                with contextlib.suppress(OSError):
+                    os.close(dest.fd)
         return todo
 
     def _present(self, item: DownloadItem) -> bool:
@@ -396,29 +649,32 @@ class Downloader(_Transfer):
                 "it was changed or truncated after it was published"
             )
 
-    def _get_range(self, item: DownloadItem, tmp: Path, start: int, length: int) -> None:
+    def _get_range(self, dest: _Dest, start: int, length: int) -> None:
+        item = dest.item
         if item.size == 0:
             return
         end = min(start + length, item.size) - 1
+        done = start  # bytes before this offset are in the file and reported (kept on retry)
 
         def fetch() -> None:
+            nonlocal done
             body = self.client.get_object(
-                Bucket=self.bucket, Key=item.key, Range=f"bytes={start}-{end}"
+                Bucket=self.bucket, Key=item.key, Range=f"bytes={done}-{end}"
             )["Body"]
-            fd = os.open(tmp, os.O_WRONLY)
-            try:
-                pos = start
-                for chunk in body.iter_chunks(chunk_size=1 * MiB):
-                    os.pwrite(fd, chunk, pos)
-                    pos += len(chunk)
-                    if self.reporter is not None:
-                        self.reporter.advance(len(chunk))
-                if pos != end + 1:
-                    raise botocore.exceptions.IncompleteReadError(
-                        actual_bytes=pos - start, expected_bytes=end + 1 - start
-                    )
-            finally:
-                os.close(fd)
+            pos = done
+            for chunk in body.iter_chunks(chunk_size=self.chunk_size):
+                if pos + len(chunk) > end + 1:
+                    raise IntegrityError(f"{item.key}: the server sent more bytes than asked for")
+                os.pwrite(dest.fd, chunk, pos)
+                if dest.hasher is not None:
+                    dest.hasher.written(pos, chunk)
+                pos += len(chunk)
+                done = pos
+                self._advance(len(chunk))
+            if pos != end + 1:
+                raise botocore.exceptions.IncompleteReadError(
+                    actual_bytes=pos - start, expected_bytes=end + 1 - start
+                )
 
         try:
             with_retries(fetch, f"range {start}-{end} of {item.key}")
@@ -427,14 +683,288 @@ class Downloader(_Transfer):
         except Exception as exc:  # name the object, not only the prefix
             raise translate(exc, f"s3://{self.bucket}/{item.key}", "download") from None
 
-    def _finish(self, item: DownloadItem) -> None:
-        tmp = item.dest.with_name(item.dest.name + ".part")
-        if item.sha256 is not None:
-            got = sha256_file(tmp)
+    def _finish(self, dest: _Dest) -> None:
+        item = dest.item
+        if dest.hasher is not None:
+            got = dest.hasher.hexdigest()
             if got != item.sha256:
-                tmp.unlink(missing_ok=True)
+                dest.tmp.unlink(missing_ok=True)
                 raise IntegrityError(
                     f"{item.key}: sha256 mismatch (expected {item.sha256}, got {got}); the object in "
                     f"{self.uri} is corrupted or was changed after publishing"
                 )
-        os.replace(tmp, item.dest)
+        os.close(dest.fd)
+        dest.fd = -1
+        os.replace(dest.tmp, item.dest)
+
+
+# ------------------------------------------------------------------ background upload
+
+
+class _Progress:
+    """Counts an upload's bytes; forwards them to a Reporter once one is attached."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.done = 0
+        self.total = 0
+        self._reporter: Reporter | None = None
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            reporter = self._reporter
+        if reporter is not None:
+            reporter.advance(n)
+
+    def attach(self, reporter: Reporter) -> None:
+        with self._lock:
+            self._reporter = reporter
+            done = self.done
+        if done:
+            reporter.advance(done)
+
+
+class UploadHandle:
+    """An upload running in background threads (see :func:`start_upload`).
+
+    ``wait()`` returns ``[(key, size, sha256)]`` (keys relative to the output prefix, in
+    the order of the files given: what ``storage.hash_files`` returns) or raises the
+    upload's error; ``abort()`` stops it, aborts its unfinished multipart uploads and
+    deletes the objects it completed (see there). The manifest is never written here.
+    """
+
+    def __init__(
+        self,
+        files: list[tuple[str, Path, int]],
+        run: Callable[[UploadHandle], list[UploadItem]],
+        cleanup: Callable[[UploadHandle], list[str]],
+    ) -> None:
+        self.files = files
+        self.progress = _Progress()
+        self.progress.total = sum(size for _, _, size in files)
+        self.cancel = threading.Event()
+        self.uploader: Uploader | None = None
+        self._cleanup = cleanup
+        self._result: list[tuple[str, int, str]] | None = None
+        self._error: BaseException | None = None
+        self._aborted: list[str] | None = None
+        self._run = run
+        self._thread = threading.Thread(target=self._main, name="s3-upload", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            done = {i.key: i for i in self._run(self)}
+            self._result = [
+                (rel, size, str(done[rel].sha256)) for rel, _, size in self.files if rel in done
+            ]
+            if len(self._result) != len(self.files):
+                raise PreshardError("the upload stopped before every file", reason="UploadAborted")
+        except BaseException as exc:
+            self._error = exc
+
+    @property
+    def bytes_total(self) -> int:
+        return self.progress.total
+
+    @property
+    def bytes_done(self) -> int:
+        """Bytes uploaded so far (and bytes found already in place)."""
+        return self.progress.done
+
+    def attach(self, reporter: Reporter) -> None:
+        """Report the rest of this upload to ``reporter`` (call ``reporter.stage(
+        "Uploading", handle.bytes_total)`` first; what is done already is added)."""
+        self.progress.attach(reporter)
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> list[tuple[str, int, str]]:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError("the upload is still running")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return list(self._result)
+
+    def abort(self) -> list[str]:
+        """Stop the upload and remove what it started: unfinished multipart uploads are
+        aborted, objects it completed are deleted unless a manifest of another owner at
+        the output refers to them. Returns the deleted keys. Idempotent."""
+        if self._aborted is not None:
+            return list(self._aborted)
+        self.cancel.set()
+        if self.uploader is not None:
+            self.uploader.cancel.set()
+        self._thread.join()
+        self._aborted = self._cleanup(self)
+        return list(self._aborted)
+
+
+def _manifest_at(client: Any, bucket: str, key: str) -> Any:
+    """The manifest at ``key`` (preshard.core.manifest.Manifest), None when there is none
+    or it cannot be read as one."""
+    from preshard.core.manifest import Manifest, ManifestError
+
+    try:
+        return Manifest.from_json(read_object(client, bucket, key))
+    except botocore.exceptions.ClientError as exc:
+        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+    except ManifestError:
+        return None
+
+
+def start_upload(
+    local_dir: Path,
+    output_uri: str,
+    files: list[str] | None = None,
+    *,
+    owner: str | None = None,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    concurrency: int = 16,
+    part_size: int | None = None,
+) -> UploadHandle:
+    """Start uploading ``files`` (paths relative to ``local_dir``; default: every file
+    ``storage.publish`` would publish) to ``output_uri`` in background threads, and
+    return at once. Each file is hashed (sha256) right before its parts are queued, so
+    hashing overlaps the upload of the files before it.
+
+    The same rules as ``storage.publish``, except that the manifest is never written:
+    an output holding another owner's checkpoint is refused (OutputOwnedByOther, from
+    ``wait()``); files already there with the same size and sha256 are not sent again;
+    a manifest of this owner that refers to a key about to be replaced by other bytes
+    is withdrawn first (the prefix never has a manifest pointing at objects being
+    replaced). A later ``publish`` of the same directory finds every object in place
+    and only writes the manifest. A ``file://`` output uploads nothing (``wait()``
+    returns the hashes; ``publish`` copies).
+    """
+    from preshard.core.manifest import MANIFEST_NAME
+    from preshard.core.uris import parse_output_uri
+    from preshard.worker import s3 as s3mod
+
+    if files is None:
+        from preshard.worker.storage import local_files
+
+        files = [p.relative_to(local_dir).as_posix() for p in local_files(local_dir)]
+    rels = sorted(f for f in files if f != MANIFEST_NAME)
+    listing = [(rel, local_dir / rel, (local_dir / rel).stat().st_size) for rel in rels]
+    out = parse_output_uri(output_uri, allow_local=True)
+    uri = str(out)
+    state: dict[str, Any] = {}
+
+    def run(handle: UploadHandle) -> list[UploadItem]:
+        if out.scheme == "file":
+            results = []
+            for rel, path, size in listing:
+                if handle.cancel.is_set():
+                    raise UploadCancelled("the upload was aborted")
+                results.append(UploadItem(path, rel, size, sha256_file(path)))
+            return results
+        settings = s3mod.output_settings(endpoint_url, region, concurrency)
+        client = s3mod.make_client(settings)
+        state["client"] = client
+        s3mod.check_bucket(client, out.bucket, uri)
+        manifest_key = out.key(MANIFEST_NAME)
+        try:
+            existing = _manifest_at(client, out.bucket, manifest_key)
+            remote = s3mod.list_objects(client, out.bucket, out.prefix)
+        except Exception as exc:
+            raise translate(exc, uri, "read") from None
+        if existing is not None and existing.owner and owner and existing.owner != owner:
+            raise PreshardError(
+                f"output {uri} already holds a checkpoint published by {existing.owner}; "
+                "choose another output prefix (preshard never overwrites another owner's "
+                "checkpoint)",
+                reason="OutputOwnedByOther",
+                permanent=True,
+            )
+        referenced = (
+            {out.key(f.key): f.sha256 for f in existing.files} if existing is not None else {}
+        )
+        withdrawn = False
+
+        def skip(item: UploadItem) -> bool:
+            nonlocal withdrawn
+            if remote.get(item.key) == item.size:
+                got = remote_sha256(client, out.bucket, item.key)
+                if got is not None and got[1] == item.sha256:
+                    return True
+            if item.key in referenced and referenced[item.key] != item.sha256 and not withdrawn:
+                log.info("withdrawing the manifest of %s: its objects are being replaced", uri)
+                with_retries(
+                    lambda: client.delete_object(Bucket=out.bucket, Key=manifest_key),
+                    "delete old manifest",
+                )
+                withdrawn = True
+            return False
+
+        up = Uploader(
+            client,
+            out.bucket,
+            concurrency=settings.concurrency,
+            reporter=handle.progress,  # type: ignore[arg-type]
+            uri=uri,
+            **({"part_size": part_size} if part_size else {}),
+        )
+        up.cancel = handle.cancel
+        up.skip = skip
+        handle.uploader = up
+        items = [UploadItem(path, out.key(rel), size) for rel, path, size in listing]
+        done = up.upload(items)
+        prefix_len = len(out.key(""))
+        return [replace(i, key=i.key[prefix_len:]) for i in done]
+
+    def cleanup(handle: UploadHandle) -> list[str]:
+        try:
+            return remove_uploaded(handle)
+        except PreshardError:
+            raise
+        except Exception as exc:
+            raise translate(exc, uri, "clean up the aborted upload to") from None
+
+    def remove_uploaded(handle: UploadHandle) -> list[str]:
+        up, client = handle.uploader, state.get("client")
+        if up is None or client is None or not up.uploaded_keys:
+            return []
+        # Keys another owner's manifest refers to stay (it may have been written at this
+        # prefix since we started; its objects are not ours to delete).
+        current = _manifest_at(client, out.bucket, out.key(MANIFEST_NAME))
+        keep: set[str] = set()
+        if current is not None and current.owner != owner:
+            keep = {out.key(f.key) for f in current.files}
+        doomed = [k for k in up.uploaded_keys if k not in keep]
+        for i in range(0, len(doomed), 1000):
+            batch = doomed[i : i + 1000]
+            resp = with_retries(
+                partial(
+                    client.delete_objects,
+                    Bucket=out.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                ),
+                "delete uploaded objects",
+            )
+            errors = resp.get("Errors") or []
+            if errors:
+                raise PreshardError(
+                    f"could not delete {len(errors)} uploaded object(s) under {uri}: "
+                    f"{errors[0].get('Code')}",
+                    reason="StorageError",
+                )
+        if keep & set(up.uploaded_keys):
+            log.warning(
+                "left %d object(s) under %s that another owner's manifest refers to",
+                len(keep & set(up.uploaded_keys)),
+                uri,
+            )
+        log.info(
+            "aborted the upload to %s: deleted %d object(s) it had completed", uri, len(doomed)
+        )
+        return doomed
+
+    return UploadHandle(listing, run, cleanup)

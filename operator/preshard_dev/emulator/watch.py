@@ -86,6 +86,11 @@ async def watch(
         last = start
         last_bookmark = time.monotonic()
         while time.monotonic() < deadline:
+            # The store swaps in a new Event on every change: take this one BEFORE scanning,
+            # so a change made while this watch awaits its writes below wakes it at once
+            # (waiting on the Event current after the scan missed such changes and slept up
+            # to 1 s each: seconds of delay in a burst).
+            changed = store.changed
             for rv, key, type_, obj in list(store.events):
                 if rv <= last:
                     continue
@@ -104,7 +109,7 @@ async def watch(
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    store.changed.wait(),
+                    changed.wait(),
                     timeout=min(1.0, max(0.01, deadline - time.monotonic())),
                 )
     except (ConnectionResetError, asyncio.CancelledError):
