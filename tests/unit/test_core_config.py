@@ -12,6 +12,8 @@ from preshard.core.config import DEFAULT_CONVERTER_IMAGE, OperatorConfig
 
 DEFAULTS = {
     "converter_image": f"ghcr.io/preshard/preshard-converter:{__version__}",
+    "converter_cpu_image": f"ghcr.io/preshard/preshard-converter-cpu:{__version__}",
+    "default_accelerator": "gpu",
     "image_pull_policy": "IfNotPresent",
     "gpu_resource_name": "nvidia.com/gpu",
     "job_service_account": "preshard-converter",
@@ -47,6 +49,8 @@ def test_blank_values_mean_default() -> None:
         name: "  "
         for name in (
             "PRESHARD_CONVERTER_IMAGE",
+            "PRESHARD_CONVERTER_CPU_IMAGE",
+            "PRESHARD_DEFAULT_ACCELERATOR",
             "PRESHARD_CONVERTER_IMAGE_PULL_POLICY",
             "PRESHARD_GPU_RESOURCE_NAME",
             "PRESHARD_JOB_SERVICE_ACCOUNT",
@@ -67,6 +71,8 @@ def test_blank_values_mean_default() -> None:
 
 FULL_ENV = {
     "PRESHARD_CONVERTER_IMAGE": " registry.example.com/conv@sha256:" + "ab" * 32 + " ",
+    "PRESHARD_CONVERTER_CPU_IMAGE": "registry.example.com/conv-cpu:1.0",
+    "PRESHARD_DEFAULT_ACCELERATOR": "cpu",
     "PRESHARD_CONVERTER_IMAGE_PULL_POLICY": "Always",
     "PRESHARD_GPU_RESOURCE_NAME": "amd.com/gpu",
     "PRESHARD_JOB_SERVICE_ACCOUNT": "sharder",
@@ -90,6 +96,8 @@ def test_from_env_reads_every_variable() -> None:
     cfg = OperatorConfig.from_env(FULL_ENV)
     assert dataclasses.asdict(cfg) == {
         "converter_image": "registry.example.com/conv@sha256:" + "ab" * 32,
+        "converter_cpu_image": "registry.example.com/conv-cpu:1.0",
+        "default_accelerator": "cpu",
         "image_pull_policy": "Always",
         "gpu_resource_name": "amd.com/gpu",
         "job_service_account": "sharder",
@@ -186,6 +194,10 @@ def test_integer_bounds(port: str) -> None:
         (
             {"PRESHARD_CONVERTER_TOLERATIONS": '{"key": "gpu"}'},
             "PRESHARD_CONVERTER_TOLERATIONS must be a JSON list",
+        ),
+        (
+            {"PRESHARD_DEFAULT_ACCELERATOR": "tpu"},
+            "PRESHARD_DEFAULT_ACCELERATOR='tpu' must be gpu or cpu",
         ),
         (
             {"PRESHARD_WORK_DIR_SIZE": "lots"},

