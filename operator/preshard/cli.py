@@ -29,6 +29,7 @@ COMMANDS = {
     "fetch": "preshard.worker.commands",
     "verify": "preshard.worker.commands",
     "purge": "preshard.worker.commands",
+    "render": "preshard.render",
     "demo": "preshard_dev.demo",
 }
 
@@ -209,6 +210,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse unless the manifest (if any) names this owner",
     )
     _s3_flags(p)
+
+    # -- render ---------------------------------------------------------------------------
+    p = sub.add_parser(
+        "render",
+        help="print the Jobs the operator would create for a ShardedCheckpoint (no cluster)",
+        description="Print, as YAML, the conversion Job (and for deletionPolicy: Delete the "
+        "purge Job) that the operator creates for each ShardedCheckpoint in FILE, from the "
+        "operator's own builders and its configuration (PRESHARD_* variables, the same "
+        "defaults). A spec the operator would refuse fails with its message (exit 3).",
+    )
+    p.add_argument("-f", "--filename", dest="file", required=True, help="YAML file, or - for stdin")
+    p.add_argument(
+        "--namespace",
+        "-n",
+        default="default",
+        help="namespace of resources without metadata.namespace (default: default)",
+    )
+    p.add_argument(
+        "--uid",
+        default="00000000-0000-0000-0000-000000000000",
+        help="the resource's uid (assigned by the API server at creation; default a placeholder)",
+    )
 
     # -- demo -----------------------------------------------------------------------------
     p = sub.add_parser(

@@ -40,7 +40,7 @@ CPU_RANK_OVERHEAD = 2 * GiB  # one vLLM CPU worker process (torch, oneDNN, vLLM)
 FRONTEND_OVERHEAD = 2 * GiB  # the preshard worker + vLLM's engine core process
 # GPU: a CUDA context and vLLM's GPU worker on the host (not measured here: no GPU).
 GPU_RANK_OVERHEAD = 4 * GiB
-SAFETY_FACTOR = 1.1
+SAFETY_DIVISOR = 10  # a 10 % margin on top (allocator fragmentation, page cache, Python)
 # The verification prompts need little KV cache: 8 sequences of at most 512 tokens
 # (the CPU defaults of preshard.worker.vllm_engine).
 KV_MAX_MODEL_LEN = 512
@@ -228,8 +228,12 @@ def linear_bytes_per_parameter(config: dict[str, Any], model_bytes: int) -> floa
     return float(model_bytes)
 
 
-def kv_cache_gib(config: dict[str, Any], tensor_parallel_size: int, pipeline_parallel_size: int,
-                 dtype: str = "auto") -> int:
+def kv_cache_gib(
+    config: dict[str, Any],
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    dtype: str = "auto",
+) -> int:
     """``VLLM_CPU_KVCACHE_SPACE`` (GiB per rank) the verification prompts need: K and V of
     the rank's layers and KV heads for KV_MAX_NUM_SEQS x KV_MAX_MODEL_LEN tokens, rounded
     up to whole GiB, at least MIN_KV_CACHE_GIB."""
@@ -245,8 +249,13 @@ def kv_cache_gib(config: dict[str, Any], tensor_parallel_size: int, pipeline_par
     per_rank_layers = math.ceil(layers / max(1, pipeline_parallel_size))
     per_rank_kv = max(1, math.ceil(kv / max(1, tensor_parallel_size)))
     need = (
-        2 * per_rank_layers * per_rank_kv * head_dim * dtype_bytes(config, dtype)
-        * KV_MAX_MODEL_LEN * KV_MAX_NUM_SEQS
+        2
+        * per_rank_layers
+        * per_rank_kv
+        * head_dim
+        * dtype_bytes(config, dtype)
+        * KV_MAX_MODEL_LEN
+        * KV_MAX_NUM_SEQS
     )
     return max(MIN_KV_CACHE_GIB, math.ceil(need / GiB))
 
@@ -310,7 +319,7 @@ def estimate_memory(
             f"KV cache are in GPU memory; W = {params} parameters x {bpp} bytes"
         )
     subtotal = sum(breakdown.values())
-    breakdown["margin"] = math.ceil(subtotal * SAFETY_FACTOR) - subtotal
+    breakdown["margin"] = -(-subtotal // SAFETY_DIVISOR)  # 10 %, rounded up
     return MemoryEstimate(
         total_bytes=subtotal + breakdown["margin"],
         parameters=params,

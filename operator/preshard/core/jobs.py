@@ -163,7 +163,9 @@ def accelerator(spec: CheckpointSpec, config: OperatorConfig) -> str:
 def converter_image(spec: CheckpointSpec, config: OperatorConfig) -> str:
     if spec.converter.image:
         return spec.converter.image
-    return config.converter_cpu_image if accelerator(spec, config) == "cpu" else config.converter_image
+    return (
+        config.converter_cpu_image if accelerator(spec, config) == "cpu" else config.converter_image
+    )
 
 
 def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:

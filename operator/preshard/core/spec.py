@@ -341,7 +341,6 @@ class CheckpointSpec(_Model):
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-
     def conversion_fields(self) -> dict[str, Any]:
         """The fields that define the conversion's result (immutable in the CRD)."""
         return {

@@ -45,6 +45,7 @@ from preshard.core.jobs import (
     ANNOTATION_OWNER_UID,
     LABEL_CHECKPOINT,
     LABEL_COMPONENT,
+    accelerator,
     build_conversion_job,
     build_purge_job,
     build_serving_configmap,
@@ -53,7 +54,7 @@ from preshard.core.jobs import (
 )
 from preshard.core.naming import job_name, serving_configmap_name
 from preshard.core.serving import serving_info
-from preshard.core.spec import CheckpointSpec, parse_spec
+from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 from preshard.core.uris import parse_output_uri
 from preshard.k8s import api
 
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 CONFIG = OperatorConfig()
 WAITING_REASONS = {"CredentialsSecretNotFound", "OutputConflict"}
+# refused before a Job was created (check_accelerator): nothing was written to purge
+ACCELERATOR_REASONS = ("UnsupportedQuantization", "InsufficientCPU")
 # Timer intervals are fixed when kopf registers the handlers (import time).
 POLL_SECONDS = float(os.environ.get("PRESHARD_PROGRESS_POLL_SECONDS") or 10)
 RETRY_SECONDS = float(os.environ.get("PRESHARD_RETRY_SECONDS") or 10)
@@ -222,6 +225,12 @@ def checkpoints(body: kopf.Body, **_: Any) -> Any:
 # ---------------------------------------------------------------------------- reconcile
 
 
+def _requested(spec: CheckpointSpec) -> str:
+    if accelerator(spec, CONFIG) == "cpu":
+        return f"{spec.world_size} CPU ranks, no GPU"
+    return f"{spec.world_size} GPUs"
+
+
 def reconcile(body: dict[str, Any], outputs_index: Any) -> None:
     if body["metadata"].get("deletionTimestamp"):
         return
@@ -235,6 +244,7 @@ def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
     old = _known_status(body)
     try:
         spec = parse_spec(dict(body.get("spec") or {}))
+        check_accelerator(spec, accelerator(spec, CONFIG))  # CPU: quantization, cores
     except SpecError as err:
         _write_status(body, old, st.status_for_spec_error(old, err.reason, err.message, gen, now()))
         return
@@ -291,7 +301,7 @@ def _reconcile(body: dict[str, Any], outputs_index: Any) -> None:
             )
             return
         created_msg = (
-            f"created conversion Job {job_meta.get('name')} ({spec.world_size} GPUs)"
+            f"created conversion Job {job_meta.get('name')} ({_requested(spec)})"
             if created
             else None
         )
@@ -468,7 +478,7 @@ def on_delete(body: kopf.Body, **_: Any) -> None:
         return  # nothing was ever created for an invalid spec
     if spec.deletion_policy == "Retain":
         return  # the Job and ConfigMap are garbage-collected through ownerReferences
-    if _ready_reason(status) in ("OutputConflict", "InvalidSpec"):
+    if _ready_reason(status) in ("OutputConflict", "InvalidSpec", *ACCELERATOR_REASONS):
         return  # this resource never wrote to the output: never delete another's data
     try:
         # 1. stop the conversion (foreground: wait until its pods are gone)
