@@ -158,31 +158,33 @@ def test_llama_70b_by_hand() -> None:
         accelerator="cpu",
     )
     # W = 2 bytes x P                                = 141_107_412_992
+    # L = 2 bytes x 68_451_041_280 linear weights    = 136_902_082_560 (prepacked copy)
     # S = W / 8                                      =  17_638_426_624 per rank
     # B = 8 x min(5 GiB = 5_368_709_120, S)          =  42_949_672_960
     # KV per rank: 2 x 80 layers x 1 KV head x 128 x 2 bytes x 512 tokens x 8 seqs
     #   = 167_772_160 bytes -> 1 GiB (the minimum);  x 8 = 8_589_934_592
-    # E = 8 x 2 GiB + 2 GiB = 18 GiB                 =  19_327_352_832
-    # subtotal = 211_974_373_376; margin 10 % rounded up = 21_197_437_338
-    # total = 233_171_810_714 bytes (217.2Gi)
+    # E = 8 x 1.5 GiB + 1.5 GiB = 13.5 GiB           =  14_495_514_624
+    # subtotal = 344_044_617_728; margin 10 % rounded up = 34_404_461_773
+    # total = 378_449_079_501 bytes = 352.46 GiB -> "352.5Gi"
     assert e.breakdown == {
         "weights": 141_107_412_992,
+        "prepackedWeights": 136_902_082_560,
         "saveBuffers": 42_949_672_960,
         "kvCache": 8_589_934_592,
-        "engineOverhead": 19_327_352_832,
-        "margin": 21_197_437_338,
+        "engineOverhead": 14_495_514_624,
+        "margin": 34_404_461_773,
     }
     assert e.per_rank_shard_bytes == 17_638_426_624
-    assert e.total_bytes == 233_171_810_714
-    assert e.to_status()["quantity"] == "217.2Gi"
+    assert e.total_bytes == 378_449_079_501
+    assert e.to_status()["quantity"] == "352.5Gi"
     assert e.bytes_per_parameter == 2.0
 
     # On GPUs the weights and KV cache are in GPU memory; the host holds the save
-    # buffers and the engine processes: 42_949_672_960 + (8 x 4 GiB + 2 GiB =
-    # 36_507_222_016) = 79_456_894_976; + 10 % rounded up (7_945_689_498)
-    # = 87_402_584_474 bytes
+    # buffers and the engine processes: 42_949_672_960 + (8 x 4 GiB + 1.5 GiB =
+    # 35_970_351_104) = 78_920_024_064; + 10 % rounded up (7_892_002_407)
+    # = 86_812_026_471 bytes
     g = estimate_memory(LLAMA_70B, tensor_parallel_size=8, accelerator="gpu")
-    assert g.total_bytes == 87_402_584_474
+    assert g.total_bytes == 86_812_026_471
     assert "weights" not in g.breakdown
 
 
@@ -235,9 +237,9 @@ def test_memory_shortfall_message() -> None:
     assert memory_shortfall(e.total_bytes, e) is None  # exactly enough
     msg = memory_shortfall(e.total_bytes - 1, e)
     assert msg is not None
-    assert "217.2Gi" in msg and str(e.total_bytes) in msg and str(e.total_bytes - 1) in msg
-    assert "spec.converter.resources.limits.memory" in msg and "at least 217.2Gi" in msg
-    assert "8 CPU rank(s) hold the whole model" in msg
+    assert "352.5Gi" in msg and str(e.total_bytes) in msg and str(e.total_bytes - 1) in msg
+    assert "spec.converter.resources.limits.memory" in msg and "at least 352.5Gi" in msg
+    assert "8 CPU ranks hold the model's 131.5Gi of weights" in msg
 
 
 def test_format_gib() -> None:
@@ -255,6 +257,7 @@ def test_status_fields_match_the_crd() -> None:
     assert set(status) == set(schema)
     assert set(status["breakdown"]) == {
         "weights",
+        "prepackedWeights",
         "saveBuffers",
         "kvCache",
         "engineOverhead",
@@ -265,9 +268,30 @@ def test_status_fields_match_the_crd() -> None:
 def test_the_constants_are_the_documented_ones() -> None:
     # docs/cpu-conversion.md states these numbers; change both together
     assert (est.CPU_RANK_OVERHEAD, est.FRONTEND_OVERHEAD, est.GPU_RANK_OVERHEAD) == (
-        2 * GiB,
-        2 * GiB,
+        3 * GiB // 2,
+        3 * GiB // 2,
         4 * GiB,
     )
     doc = (Path(__file__).resolve().parents[2] / "docs" / "cpu-conversion.md").read_text()
-    assert "2Gi per rank" in doc and "4Gi per rank" in doc
+    assert "1.5Gi per rank" in doc and "4Gi per rank" in doc and "1.5Gi frontend" in doc
+
+
+def test_the_demo_example_fits_its_own_memory_limit(tmp_path: Path) -> None:
+    import yaml
+
+    from preshard.core.quantity import parse_bytes
+    from preshard.core.spec import parse_spec
+
+    root = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((root / "examples" / "tiny-tp2.yaml").read_text())
+    spec = parse_spec(doc["spec"])
+    d = make_tiny_llama(tmp_path / "m", num_kv_heads=1)  # the demo model (preshard_dev.stack)
+    e = estimate_memory(
+        json.loads((d / "config.json").read_text()),
+        tensor_parallel_size=spec.tensor_parallel_size,
+        pipeline_parallel_size=spec.pipeline_parallel_size,
+        max_file_size=spec.output.max_file_size_bytes,
+        accelerator=spec.converter.accelerator or "gpu",
+    )
+    limit = parse_bytes(str(doc["spec"]["converter"]["resources"]["limits"]["memory"]))
+    assert e.accelerator == "cpu" and memory_shortfall(limit, e) is None

@@ -661,6 +661,11 @@ def test_secrets_only_as_secret_key_refs(name: str) -> None:
         if isinstance(value, str) and value in SECRET_NAMES:
             assert path[-3:-1] == ("valueFrom", "secretKeyRef") and path[-1] == "name", path
         if isinstance(value, dict) and "valueFrom" in value:
+            if value.get("name") == "PRESHARD_MEMORY_LIMIT":  # the Downward API, no secret
+                assert value["valueFrom"] == {
+                    "resourceFieldRef": {"containerName": "convert", "resource": "limits.memory"}
+                }, path
+                continue
             assert set(value["valueFrom"]) == {"secretKeyRef"}, path
     if obj["kind"] == "ConfigMap":
         assert not CREDENTIAL_KEYS & set(obj["data"])

@@ -169,3 +169,16 @@ def test_check_memory_never_blocks_an_architecture_it_cannot_count() -> None:
         )
         is None
     )
+
+
+def test_memory_limit_from_the_downward_api_and_the_cgroup(tmp_path: Path) -> None:
+    none = tmp_path / "none"
+    env = {"PRESHARD_MEMORY_LIMIT": str(10 * GiB)}
+    assert resources.memory_limit(none, env) == 10 * GiB
+    # both known: the smaller one binds
+    root = _cgroup(tmp_path / "v2", {"memory.max": str(8 * GiB)})
+    assert resources.memory_limit(root, env) == 8 * GiB
+    assert resources.memory_limit(root, {"PRESHARD_MEMORY_LIMIT": str(4 * GiB)}) == 4 * GiB
+    # empty or garbage: ignored, never a crash
+    assert resources.memory_limit(none, {"PRESHARD_MEMORY_LIMIT": ""}) is None
+    assert resources.memory_limit(none, {"PRESHARD_MEMORY_LIMIT": "lots"}) is None

@@ -15,7 +15,10 @@ The formula (docs/cpu-conversion.md shows it with measured figures)::
     S        W / (TP x PP)                                (one rank's shard)
     B        TP x PP x min(maxFileSize, S)                (each rank serialises one file
                                                            part in memory while saving)
-    cpu:  total = 1.1 x (W + B + TP x PP x (KV + E_rank) + E_frontend)
+    L        P_linear x b_linear                          (on CPU the Linear weights are
+                                                           held twice: as loaded, and
+                                                           prepacked for oneDNN)
+    cpu:  total = 1.1 x (W + L + B + TP x PP x (KV + E_rank) + E_frontend)
     gpu:  total = 1.1 x (B + TP x PP x E_rank_gpu + E_frontend)   (host memory; the
                                                            weights and KV cache are on GPUs)
 
@@ -36,8 +39,10 @@ MiB = 2**20
 
 # Engine overheads (resident memory of processes apart from the weights), vLLM 0.32.
 # CPU: measured on the tiny models here (docs/cpu-conversion.md), rounded up.
-CPU_RANK_OVERHEAD = 2 * GiB  # one vLLM CPU worker process (torch, oneDNN, vLLM)
-FRONTEND_OVERHEAD = 2 * GiB  # the preshard worker + vLLM's engine core process
+# Measured at TP=2 (docs/cpu-conversion.md): a worker process 1.43 GiB with its 1 GiB KV
+# cache, the front end (preshard, the engine's process, EngineCore) 0.97 GiB together.
+CPU_RANK_OVERHEAD = 3 * GiB // 2  # one vLLM CPU worker process (torch, oneDNN, vLLM)
+FRONTEND_OVERHEAD = 3 * GiB // 2  # the preshard worker + vLLM's engine processes
 # GPU: a CUDA context and vLLM's GPU worker on the host (not measured here: no GPU).
 GPU_RANK_OVERHEAD = 4 * GiB
 SAFETY_DIVISOR = 10  # a 10 % margin on top (allocator fragmentation, page cache, Python)
@@ -299,13 +304,15 @@ def estimate_memory(
         kv = kv_cache_gib(config, tp, pp, dtype) * GiB
         breakdown = {
             "weights": weights,
+            "prepackedWeights": math.ceil(count.linear * b_linear),
             "saveBuffers": buffers,
             "kvCache": world * kv,
             "engineOverhead": world * CPU_RANK_OVERHEAD + FRONTEND_OVERHEAD,
         }
         formula = (
-            "1.1 x (weights W + save buffers TPxPP x min(maxFileSize, W/(TPxPP)) + "
-            "TPxPP x (KV cache VLLM_CPU_KVCACHE_SPACE + 2Gi per rank) + 2Gi frontend); "
+            "1.1 x (weights W + prepacked Linear weights + save buffers TPxPP x "
+            "min(maxFileSize, W/(TPxPP)) + TPxPP x (KV cache VLLM_CPU_KVCACHE_SPACE + "
+            "1.5Gi per rank) + 1.5Gi frontend); "
             f"W = {params} parameters x {bpp} bytes"
         )
     else:
@@ -315,7 +322,7 @@ def estimate_memory(
         }
         formula = (
             "host memory: 1.1 x (save buffers TPxPP x min(maxFileSize, W/(TPxPP)) + "
-            "TPxPP x 4Gi per rank + 2Gi frontend); the weights (W/(TPxPP) per GPU) and the "
+            "TPxPP x 4Gi per rank + 1.5Gi frontend); the weights (W/(TPxPP) per GPU) and the "
             f"KV cache are in GPU memory; W = {params} parameters x {bpp} bytes"
         )
     subtotal = sum(breakdown.values())
@@ -339,10 +346,11 @@ def memory_shortfall(memory_limit_bytes: int | None, estimate: MemoryEstimate) -
         return None
     need = format_gib(estimate.total_bytes)
     have = format_gib(memory_limit_bytes)
+    weights = format_gib(estimate.breakdown.get("weights", 0))
     where = (
-        f"{estimate.world_size} CPU rank(s) hold the whole model ({format_gib(estimate.breakdown.get('weights', 0))})"
+        f"{estimate.world_size} CPU ranks hold the model's {weights} of weights in the pod"
         if estimate.accelerator == "cpu"
-        else f"{estimate.world_size} GPU rank(s) on the host"
+        else f"host memory of {estimate.world_size} GPU ranks"
     )
     return (
         f"the conversion needs about {need} of memory ({estimate.total_bytes} bytes: {where}) "

@@ -189,10 +189,20 @@ def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:
 
 
 def _accelerator_env(spec: CheckpointSpec, config: OperatorConfig) -> list[dict[str, Any]]:
-    # The worker's memory preflight and CPU settings (preshard.worker.resources).
+    # The worker's memory preflight and CPU settings (preshard.worker.resources): the
+    # container's memory limit through the Downward API (the node's allocatable memory
+    # when the container has no limit), whatever the cgroup version of the node.
+    env: list[dict[str, Any]] = [
+        {
+            "name": "PRESHARD_MEMORY_LIMIT",
+            "valueFrom": {
+                "resourceFieldRef": {"containerName": CONTAINER, "resource": "limits.memory"}
+            },
+        }
+    ]
     if accelerator(spec, config) == "cpu":
-        return [{"name": "PRESHARD_ACCELERATOR", "value": "cpu"}]
-    return []
+        env.append({"name": "PRESHARD_ACCELERATOR", "value": "cpu"})
+    return env
 
 
 def conversion_args(name: str, namespace: str, uid: str, spec: CheckpointSpec) -> list[str]:

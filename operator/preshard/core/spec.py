@@ -125,6 +125,7 @@ RESERVED_ENV: frozenset[str] = frozenset(
         "TRITON_CACHE_DIR",
         "PYTHONUNBUFFERED",
         "PRESHARD_ACCELERATOR",
+        "PRESHARD_MEMORY_LIMIT",
     }
 )
 

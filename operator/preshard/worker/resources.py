@@ -37,9 +37,21 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def memory_limit(root: Path = CGROUP_ROOT) -> int | None:
-    """The pod's memory limit in bytes (cgroup v2 memory.max, else v1
-    memory/memory.limit_in_bytes); None when unlimited or unknown."""
+def memory_limit(root: Path = CGROUP_ROOT, environ: Any = None) -> int | None:
+    """The pod's memory limit in bytes: the smaller of the cgroup's (v2 memory.max, else
+    v1 memory/memory.limit_in_bytes) and ``PRESHARD_MEMORY_LIMIT`` (the Job sets it from
+    the container's limits.memory through the Downward API); None when neither says."""
+    environ = os.environ if environ is None else environ
+    found = [v for v in (_cgroup_memory_limit(root), _env_bytes(environ)) if v is not None]
+    return min(found) if found else None
+
+
+def _env_bytes(environ: Any) -> int | None:
+    raw = str(environ.get("PRESHARD_MEMORY_LIMIT") or "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None
+
+
+def _cgroup_memory_limit(root: Path) -> int | None:
     v2 = _read(root / "memory.max")
     if v2 is not None:
         return None if v2 == "max" or not v2.isdigit() else int(v2)
