@@ -158,25 +158,23 @@ def test_llama_70b_by_hand() -> None:
         accelerator="cpu",
     )
     # W = 2 bytes x P                                = 141_107_412_992
-    # L = 2 bytes x 68_451_041_280 linear weights    = 136_902_082_560 (prepacked copy)
     # S = W / 8                                      =  17_638_426_624 per rank
     # B = 8 x min(5 GiB = 5_368_709_120, S)          =  42_949_672_960
     # KV per rank: 2 x 80 layers x 1 KV head x 128 x 2 bytes x 512 tokens x 8 seqs
     #   = 167_772_160 bytes -> 1 GiB (the minimum);  x 8 = 8_589_934_592
     # E = 8 x 1.5 GiB + 1.5 GiB = 13.5 GiB           =  14_495_514_624
-    # subtotal = 344_044_617_728; margin 10 % rounded up = 34_404_461_773
-    # total = 378_449_079_501 bytes = 352.46 GiB -> "352.5Gi"
+    # subtotal = 207_142_535_168; margin 10 % rounded up = 20_714_253_517
+    # total = 227_856_788_685 bytes = 212.21 GiB -> "212.3Gi" (rounded up)
     assert e.breakdown == {
         "weights": 141_107_412_992,
-        "prepackedWeights": 136_902_082_560,
         "saveBuffers": 42_949_672_960,
         "kvCache": 8_589_934_592,
         "engineOverhead": 14_495_514_624,
-        "margin": 34_404_461_773,
+        "margin": 20_714_253_517,
     }
     assert e.per_rank_shard_bytes == 17_638_426_624
-    assert e.total_bytes == 378_449_079_501
-    assert e.to_status()["quantity"] == "352.5Gi"
+    assert e.total_bytes == 227_856_788_685
+    assert e.to_status()["quantity"] == "212.3Gi"
     assert e.bytes_per_parameter == 2.0
 
     # On GPUs the weights and KV cache are in GPU memory; the host holds the save
@@ -237,8 +235,8 @@ def test_memory_shortfall_message() -> None:
     assert memory_shortfall(e.total_bytes, e) is None  # exactly enough
     msg = memory_shortfall(e.total_bytes - 1, e)
     assert msg is not None
-    assert "352.5Gi" in msg and str(e.total_bytes) in msg and str(e.total_bytes - 1) in msg
-    assert "spec.converter.resources.limits.memory" in msg and "at least 352.5Gi" in msg
+    assert "212.3Gi" in msg and str(e.total_bytes) in msg and str(e.total_bytes - 1) in msg
+    assert "spec.converter.resources.limits.memory" in msg and "at least 212.3Gi" in msg
     assert "8 CPU ranks hold the model's 131.5Gi of weights" in msg
 
 
@@ -257,7 +255,6 @@ def test_status_fields_match_the_crd() -> None:
     assert set(status) == set(schema)
     assert set(status["breakdown"]) == {
         "weights",
-        "prepackedWeights",
         "saveBuffers",
         "kvCache",
         "engineOverhead",

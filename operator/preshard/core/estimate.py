@@ -15,14 +15,15 @@ The formula (docs/cpu-conversion.md shows it with measured figures)::
     S        W / (TP x PP)                                (one rank's shard)
     B        TP x PP x min(maxFileSize, S)                (each rank serialises one file
                                                            part in memory while saving)
-    L        P_linear x b_linear                          (on CPU the Linear weights are
-                                                           held twice: as loaded, and
-                                                           prepacked for oneDNN)
-    cpu:  total = 1.1 x (W + L + B + TP x PP x (KV + E_rank) + E_frontend)
+    cpu:  total = 1.1 x (W + B + TP x PP x (KV + E_rank) + E_frontend)
     gpu:  total = 1.1 x (B + TP x PP x E_rank_gpu + E_frontend)   (host memory; the
                                                            weights and KV cache are on GPUs)
 
-``KV`` is the KV cache the CPU backend reserves per rank (``VLLM_CPU_KVCACHE_SPACE``,
+The raw shards are saved (``preshard_raw`` loader, vLLM's ``ShardedStateLoader``) from the
+loaded parameters one file part at a time, before ``process_weights_after_loading``; on
+CPU that processing then prepacks each Linear layer for oneDNN and drops the plain
+weight, one layer at a time (a transient the margin covers), so the weights are held
+once. ``KV`` is the KV cache the CPU backend reserves per rank (``VLLM_CPU_KVCACHE_SPACE``,
 :func:`kv_cache_gib`); ``E`` are the engine process overheads measured with vLLM 0.32
 (constants below). The conversion engine and the verification engine never run at the
 same time, and the conversion engine (which also saves) is the larger of the two.
@@ -304,15 +305,13 @@ def estimate_memory(
         kv = kv_cache_gib(config, tp, pp, dtype) * GiB
         breakdown = {
             "weights": weights,
-            "prepackedWeights": math.ceil(count.linear * b_linear),
             "saveBuffers": buffers,
             "kvCache": world * kv,
             "engineOverhead": world * CPU_RANK_OVERHEAD + FRONTEND_OVERHEAD,
         }
         formula = (
-            "1.1 x (weights W + prepacked Linear weights + save buffers TPxPP x "
-            "min(maxFileSize, W/(TPxPP)) + TPxPP x (KV cache VLLM_CPU_KVCACHE_SPACE + "
-            "1.5Gi per rank) + 1.5Gi frontend); "
+            "1.1 x (weights W + save buffers TPxPP x min(maxFileSize, W/(TPxPP)) + "
+            "TPxPP x (KV cache VLLM_CPU_KVCACHE_SPACE + 1.5Gi per rank) + 1.5Gi frontend); "
             f"W = {params} parameters x {bpp} bytes"
         )
     else:
