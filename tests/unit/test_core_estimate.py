@@ -292,3 +292,28 @@ def test_the_demo_example_fits_its_own_memory_limit(tmp_path: Path) -> None:
     )
     limit = parse_bytes(str(doc["spec"]["converter"]["resources"]["limits"]["memory"]))
     assert e.accelerator == "cpu" and memory_shortfall(limit, e) is None
+
+
+def test_preflight_reads_the_spec_limit_and_its_status_is_valid_for_the_crd() -> None:
+    from tests.unit.test_crd import MINIMAL, errors, resource
+
+    from preshard.core.estimate import preflight
+
+    args: dict[str, Any] = {
+        "tensor_parallel_size": 8,
+        "pipeline_parallel_size": 1,
+        "dtype": "auto",
+        "quantization": None,
+        "max_file_size": 5 * GiB,
+        "accelerator": "cpu",
+    }
+    est, problem = preflight(LLAMA_70B, resources={"limits": {"memory": "200Gi"}}, **args)
+    assert est is not None and est.total_bytes == 227_856_788_685
+    assert problem is not None and "memory limit is 200Gi" in problem
+    assert preflight(LLAMA_70B, resources={"limits": {"memory": "213Gi"}}, **args)[1] is None
+    assert preflight(LLAMA_70B, resources=None, **args)[1] is None  # no limit: no verdict
+    assert preflight({"model_type": "x"}, resources=None, **args) == (None, None)
+    obj = resource(MINIMAL, {"memoryEstimate": est.to_status()})
+    assert [f"{list(e.absolute_path)}: {e.message}" for e in errors(obj)] == []
+    bad = resource(MINIMAL, {"memoryEstimate": {**est.to_status(), "bytes": "lots"}})
+    assert errors(bad)  # the schema really checks it

@@ -357,3 +357,42 @@ def memory_shortfall(memory_limit_bytes: int | None, estimate: MemoryEstimate) -
         f"spec.converter.resources.limits.memory (and requests.memory) to at least {need}, "
         "or lower output.maxFileSize to shrink the save buffers"
     )
+
+
+def spec_memory_limit(resources: dict[str, Any] | None) -> int | None:
+    """The memory limit a conversion container gets from ``spec.converter.resources``
+    (limits.memory; None without one: the pod may use what the node has)."""
+    from preshard.core.quantity import parse_bytes
+
+    value = ((resources or {}).get("limits") or {}).get("memory")
+    return parse_bytes(str(value)) if value is not None else None
+
+
+def preflight(
+    config: dict[str, Any],
+    *,
+    tensor_parallel_size: int,
+    pipeline_parallel_size: int,
+    dtype: str,
+    quantization: str | None,
+    max_file_size: int,
+    accelerator: str,
+    resources: dict[str, Any] | None,
+) -> tuple[MemoryEstimate | None, str | None]:
+    """What the operator's preflight does with config.json before the conversion Job:
+    the estimate for ``status.memoryEstimate`` (None when config.json cannot be counted)
+    and the InsufficientMemory message when spec.converter.resources' memory limit is
+    below it (None: it fits, or no limit is set)."""
+    try:
+        est = estimate_memory(
+            config,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            dtype=dtype,
+            quantization=quantization,
+            max_file_size=max_file_size,
+            accelerator=accelerator,
+        )
+    except EstimateUnavailable:
+        return None, None
+    return est, memory_shortfall(spec_memory_limit(resources), est)
