@@ -37,6 +37,8 @@ CUSTOM_VALUES: dict[str, Any] = {
         },
         "cpuImage": {"repository": "registry.example.com/ml/preshard-converter-cpu", "tag": "7.1"},
         "accelerator": "cpu",
+        "cpuNodeSelector": {"pool": "highmem"},
+        "cpuTolerations": [{"key": "highmem", "operator": "Exists", "effect": "NoSchedule"}],
         "gpuResourceName": "amd.com/gpu",
         "nodeSelector": {"gpu.example.com/class": "h100"},
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -438,6 +440,8 @@ def test_custom_env_is_what_operator_config_reads(custom: Rendered) -> None:
     assert cfg.image_pull_policy == "Always"
     assert cfg.converter_cpu_image == "registry.example.com/ml/preshard-converter-cpu:7.1"
     assert cfg.default_accelerator == "cpu"
+    assert cfg.default_cpu_node_selector == (("pool", "highmem"),)
+    assert list(cfg.default_cpu_tolerations) == CUSTOM_VALUES["converter"]["cpuTolerations"]
     assert cfg.gpu_resource_name == "amd.com/gpu"
     assert cfg.job_service_account == "sharder"
     assert cfg.default_s3_endpoint == "http://minio.storage:9000"

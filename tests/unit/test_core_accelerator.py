@@ -177,3 +177,22 @@ def test_the_cpu_list_follows_the_installed_vllm_kernel_tables() -> None:
     # not loadable: MXFP8 (mxfp8) and NVFP4 (modelopt_fp4) have no CPU kernel
     assert not linear._POSSIBLE_MXFP8_KERNELS.get(cpu)
     assert not linear._POSSIBLE_NVFP4_KERNELS.get(cpu)
+
+
+def test_cpu_jobs_get_the_cpu_placement_defaults_not_the_gpu_ones() -> None:
+    config = OperatorConfig(
+        default_node_selector=(("gpu.example.com/class", "h100"),),
+        default_tolerations=({"key": "nvidia.com/gpu", "operator": "Exists"},),
+        default_cpu_node_selector=(("pool", "highmem"),),
+        default_cpu_tolerations=({"key": "highmem", "operator": "Exists"},),
+    )
+    cpu = build_conversion_job("m", NS, UID, spec(accelerator="cpu"), config)["spec"]["template"]
+    assert cpu["spec"]["nodeSelector"] == {"pool": "highmem"}
+    assert cpu["spec"]["tolerations"] == [{"key": "highmem", "operator": "Exists"}]
+    gpu = build_conversion_job("m", NS, UID, spec(accelerator="gpu"), config)["spec"]["template"]
+    assert gpu["spec"]["nodeSelector"] == {"gpu.example.com/class": "h100"}
+    assert gpu["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    # the spec's own placement wins, for either accelerator
+    own = spec(accelerator="cpu", nodeSelector={"zone": "a"}, tolerations=[])
+    pod = build_conversion_job("m", NS, UID, own, config)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"zone": "a"} and "tolerations" not in pod

@@ -27,6 +27,8 @@ DEFAULTS = {
     "work_dir_size": "200Gi",
     "default_node_selector": (),
     "default_tolerations": (),
+    "default_cpu_node_selector": (),
+    "default_cpu_tolerations": (),
 }
 
 
@@ -64,6 +66,8 @@ def test_blank_values_mean_default() -> None:
             "PRESHARD_WORK_DIR_SIZE",
             "PRESHARD_CONVERTER_NODE_SELECTOR",
             "PRESHARD_CONVERTER_TOLERATIONS",
+            "PRESHARD_CONVERTER_CPU_NODE_SELECTOR",
+            "PRESHARD_CONVERTER_CPU_TOLERATIONS",
         )
     }
     assert OperatorConfig.from_env(env) == OperatorConfig()
@@ -89,6 +93,8 @@ FULL_ENV = {
         '[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},'
         ' {"key": "x", "operator": "Equal", "value": "y"}]'
     ),
+    "PRESHARD_CONVERTER_CPU_NODE_SELECTOR": '{"pool": "highmem"}',
+    "PRESHARD_CONVERTER_CPU_TOLERATIONS": '[{"key": "highmem", "operator": "Exists"}]',
 }
 
 
@@ -115,6 +121,8 @@ def test_from_env_reads_every_variable() -> None:
             {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},
             {"key": "x", "operator": "Equal", "value": "y"},
         ),
+        "default_cpu_node_selector": (("pool", "highmem"),),
+        "default_cpu_tolerations": ({"key": "highmem", "operator": "Exists"},),
     }
     assert cfg.cluster_wide is False
     # Frozen and hashable-by-value where it matters: same env, equal config.
@@ -194,6 +202,14 @@ def test_integer_bounds(port: str) -> None:
         (
             {"PRESHARD_CONVERTER_TOLERATIONS": '{"key": "gpu"}'},
             "PRESHARD_CONVERTER_TOLERATIONS must be a JSON list",
+        ),
+        (
+            {"PRESHARD_CONVERTER_CPU_TOLERATIONS": '[{"operator": "Sometimes"}]'},
+            "PRESHARD_CONVERTER_CPU_TOLERATIONS[0].operator: Input should be 'Exists' or 'Equal'",
+        ),
+        (
+            {"PRESHARD_CONVERTER_CPU_NODE_SELECTOR": '{"a": 1}'},
+            "PRESHARD_CONVERTER_CPU_NODE_SELECTOR values must be strings ('a': 1)",
         ),
         (
             {"PRESHARD_DEFAULT_ACCELERATOR": "tpu"},

@@ -36,4 +36,8 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
   value: {{ .Values.converter.nodeSelector | toJson | quote }}
 - name: PRESHARD_CONVERTER_TOLERATIONS
   value: {{ .Values.converter.tolerations | toJson | quote }}
+- name: PRESHARD_CONVERTER_CPU_NODE_SELECTOR
+  value: {{ .Values.converter.cpuNodeSelector | toJson | quote }}
+- name: PRESHARD_CONVERTER_CPU_TOLERATIONS
+  value: {{ .Values.converter.cpuTolerations | toJson | quote }}
 {{- end }}

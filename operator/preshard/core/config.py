@@ -41,6 +41,9 @@ class OperatorConfig:
     work_dir_size: str = "200Gi"
     default_node_selector: tuple[tuple[str, str], ...] = ()
     default_tolerations: tuple[Mapping[str, Any], ...] = ()
+    # placement of accelerator: cpu Jobs (the defaults above usually point at GPU nodes)
+    default_cpu_node_selector: tuple[tuple[str, str], ...] = ()
+    default_cpu_tolerations: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def cluster_wide(self) -> bool:
@@ -105,21 +108,29 @@ class OperatorConfig:
             raise ValueError(
                 f"PRESHARD_S3_ENDPOINT={endpoint!r} must start with http:// or https://"
             )
-        node_selector = json_value("PRESHARD_CONVERTER_NODE_SELECTOR", dict)
-        for key, value in node_selector.items():
-            if not isinstance(value, str):
-                raise ValueError(
-                    f"PRESHARD_CONVERTER_NODE_SELECTOR values must be strings ({key!r}: {value!r})"
-                )
-        tolerations = json_value("PRESHARD_CONVERTER_TOLERATIONS", list)
-        try:
-            # The same rules as spec.converter.tolerations (objects, known fields, enums).
-            tolerations = _TOLERATIONS.validate_python(tolerations)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ValueError(f"PRESHARD_CONVERTER_TOLERATIONS{where}: {msg}") from None
+
+        def placement(selector_var: str, tolerations_var: str) -> tuple[dict[str, str], list[Any]]:
+            node_selector = json_value(selector_var, dict)
+            for key, value in node_selector.items():
+                if not isinstance(value, str):
+                    raise ValueError(f"{selector_var} values must be strings ({key!r}: {value!r})")
+            tolerations = json_value(tolerations_var, list)
+            try:
+                # The same rules as spec.converter.tolerations (objects, known fields, enums).
+                tolerations = _TOLERATIONS.validate_python(tolerations)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+                msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+                raise ValueError(f"{tolerations_var}{where}: {msg}") from None
+            return node_selector, tolerations
+
+        node_selector, tolerations = placement(
+            "PRESHARD_CONVERTER_NODE_SELECTOR", "PRESHARD_CONVERTER_TOLERATIONS"
+        )
+        cpu_node_selector, cpu_tolerations = placement(
+            "PRESHARD_CONVERTER_CPU_NODE_SELECTOR", "PRESHARD_CONVERTER_CPU_TOLERATIONS"
+        )
         accelerator = get("PRESHARD_DEFAULT_ACCELERATOR") or "gpu"
         if accelerator not in ("gpu", "cpu"):
             raise ValueError(f"PRESHARD_DEFAULT_ACCELERATOR={accelerator!r} must be gpu or cpu")
@@ -147,4 +158,6 @@ class OperatorConfig:
             work_dir_size=work,
             default_node_selector=tuple(sorted(node_selector.items())),
             default_tolerations=tuple(tolerations),
+            default_cpu_node_selector=tuple(sorted(cpu_node_selector.items())),
+            default_cpu_tolerations=tuple(cpu_tolerations),
         )

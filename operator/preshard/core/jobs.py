@@ -287,14 +287,16 @@ def build_conversion_job(
         "containers": [container],
         "volumes": volumes,
     }
-    node_selector = (
-        conv.node_selector if conv.node_selector is not None else dict(config.default_node_selector)
-    )
+    on_cpu = accelerator(spec, config) == "cpu"
+    # the operator's default placement for the accelerator (the chart's converter.cpu*)
+    default_selector = config.default_cpu_node_selector if on_cpu else config.default_node_selector
+    default_tolerations = config.default_cpu_tolerations if on_cpu else config.default_tolerations
+    node_selector = conv.node_selector if conv.node_selector is not None else dict(default_selector)
     if node_selector:
         pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
     tolerations = [
         copy.deepcopy(dict(t))
-        for t in (conv.tolerations if conv.tolerations is not None else config.default_tolerations)
+        for t in (conv.tolerations if conv.tolerations is not None else default_tolerations)
     ]
     if tolerations:
         pod_spec["tolerations"] = tolerations
