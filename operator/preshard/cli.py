@@ -37,6 +37,7 @@ COMMANDS = {
     "adopt": "preshard.worker.adopt",
     "copy": "preshard.worker.adopt",
     "withdraw": "preshard.worker.adopt",
+    "render": "preshard.render",
 }
 
 # Subcommands other installed distributions contribute: each entry point in this group is
@@ -360,6 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse unless the manifest (if any) names this owner (env PRESHARD_OWNER)",
     )
     _s3_flags(p)
+
+    # -- render ---------------------------------------------------------------------------
+    p = sub.add_parser(
+        "render",
+        help="print the Jobs the operator would create for a ShardedCheckpoint (no cluster)",
+        description="Print, as YAML, the conversion Job (and for deletionPolicy: Delete the "
+        "purge Job) that the operator creates for each ShardedCheckpoint in FILE, from the "
+        "operator's own builders and its configuration (PRESHARD_* variables, the same "
+        "defaults). A spec the operator would refuse fails with its message (exit 3).",
+    )
+    p.add_argument("-f", "--filename", dest="file", required=True, help="YAML file, or - for stdin")
+    p.add_argument(
+        "--namespace",
+        "-n",
+        default="default",
+        help="namespace of resources without metadata.namespace (default: default)",
+    )
+    p.add_argument(
+        "--uid",
+        default="00000000-0000-0000-0000-000000000000",
+        help="the resource's uid (assigned by the API server at creation; default a placeholder)",
+    )
 
     _reuse_parsers(sub)
     _plugin_commands(sub)

@@ -120,6 +120,26 @@ def watch(stack: LocalStack, ns: str, name: str, timeout: float) -> dict[str, An
     raise TimeoutError(f"{ns}/{name} did not finish within {timeout / 60:.0f} minutes")
 
 
+EXTENDED_NON_GPU = ("cpu", "memory", "ephemeral-storage")
+
+
+def job_resources(job: dict[str, Any]) -> str:
+    """What the conversion Job asked Kubernetes for, read from the Job itself."""
+    containers = ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers")
+    res = (containers or [{}])[0].get("resources") or {}
+    asked = {**(res.get("requests") or {}), **(res.get("limits") or {})}
+    extended = {
+        k: v
+        for k, v in asked.items()
+        if k not in EXTENDED_NON_GPU and not k.startswith("hugepages-")
+    }
+    plain = ", ".join(f"{k}: {asked[k]}" for k in EXTENDED_NON_GPU if k in asked) or "nothing"
+    if extended:
+        gpus = ", ".join(f"{v} {k}" for k, v in sorted(extended.items()))
+        return f"requests {plain}; accelerators: {gpus}"
+    return f"requests {plain}; no GPU requested"
+
+
 def report(stack: LocalStack, ns: str, name: str, status: dict[str, Any]) -> None:
     say()
     say(f"== status of shardedcheckpoint {ns}/{name}")
@@ -127,6 +147,9 @@ def report(stack: LocalStack, ns: str, name: str, status: dict[str, Any]) -> Non
         f"phase: {status.get('phase')}    path: {status.get('path')}    "
         f"job: {status.get('jobName')}    identity: {status.get('identity')}"
     )
+    for job in stack.jobs(ns):
+        if job["metadata"]["name"] == status.get("jobName"):
+            say(f"conversion Job {job['metadata']['name']}: {job_resources(job)}")
     for c in status.get("conditions") or []:
         say(f"  {c['type']:<11} {c['status']:<6} {c.get('reason', ''):<22} {c.get('message', '')}")
     artifact = status.get("artifact") or {}

@@ -40,6 +40,7 @@ import base64
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -76,6 +77,34 @@ def parse_time(value: str | None) -> float | None:
         return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
     except ValueError:
         return None
+
+
+def _resource_field(ref: dict[str, Any], container: dict[str, Any]) -> str:
+    """The Downward API's resourceFieldRef as the kubelet resolves it: the container's
+    limit (its request for requests.*), else this machine's capacity ("node allocatable"),
+    divided by ``divisor`` and rounded up. Only cpu and memory, the resources used here."""
+    from preshard.core.quantity import parse_bytes
+    from preshard.core.spec import parse_cpu
+
+    part, _, resource = str(ref["resource"]).partition(".")
+    res = container.get("resources") or {}
+    value = (res.get(part) or {}).get(resource)
+    if value is None and part == "requests":
+        value = (res.get("limits") or {}).get(resource)
+    divisor = ref.get("divisor") or "1"
+    if resource == "memory":
+        amount = (
+            parse_bytes(str(value))
+            if value is not None
+            else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        )
+        return str(-(-amount // parse_bytes(str(divisor))))
+    if resource == "cpu":
+        cores = parse_cpu(value) if value is not None else float(os.cpu_count() or 1)
+        return str(math.ceil(cores / parse_cpu(divisor)))
+    raise ConfigError(
+        f"resourceFieldRef {ref['resource']} is not supported by the local Job runner"
+    )
 
 
 class ConfigError(Exception):
@@ -602,14 +631,16 @@ class JobRunner:
                 env[name] = self._rewrite(str(item["value"]), mapping)
                 continue
             src = item.get("valueFrom") or {}
-            value = self._value_from(ns, a, src)
+            value = self._value_from(ns, a, src, container)
             if value is not None:
                 env[name] = value
         if "/tmp" in mapping:
             env.setdefault("TMPDIR", mapping["/tmp"])
         return env
 
-    def _value_from(self, ns: str, a: Attempt, src: dict[str, Any]) -> str | None:
+    def _value_from(
+        self, ns: str, a: Attempt, src: dict[str, Any], container: dict[str, Any]
+    ) -> str | None:
         if "secretKeyRef" in src or "configMapKeyRef" in src:
             is_secret = "secretKeyRef" in src
             ref = src["secretKeyRef" if is_secret else "configMapKeyRef"]
@@ -633,6 +664,8 @@ class JobRunner:
                 raise ConfigError(f"couldn't find key {ref['key']} in {kind} {ns}/{ref['name']}")
             value = data[ref["key"]]
             return base64.b64decode(value).decode() if is_secret else str(value)
+        if "resourceFieldRef" in src:
+            return _resource_field(src["resourceFieldRef"], container)
         if "fieldRef" in src:
             path = src["fieldRef"]["fieldPath"]
             return {

@@ -168,6 +168,7 @@ class LocalStack:
             "KUBECONFIG": str(self.kubeconfig),
             "PRESHARD_S3_ENDPOINT": self.s3_endpoint,
             "PRESHARD_CONVERTER_IMAGE": "vllm/vllm-openai:v0.32.0 (run locally by the job runner)",
+            "PRESHARD_CONVERTER_CPU_IMAGE": "preshard-converter-cpu (run locally by the job runner)",
             "PRESHARD_METRICS_PORT": str(self.metrics_port),
             "PRESHARD_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.health_port}/healthz",
             "PRESHARD_PROGRESS_POLL_SECONDS": "1",

@@ -7,6 +7,7 @@ the real-vLLM path of the same components is test_happy_path.py.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,10 @@ def test_demo_runs_to_ready_prints_the_result_and_stops_everything(tmp_path: Pat
     assert proc.returncode == 0, out
     assert "== kubectl apply -f examples/tiny-tp2.yaml" in out
     assert "tiny-tp2        Succeeded" in out and "Published" in out
+    # the example converts on CPU: read back from the Job the operator created
+    assert re.search(
+        r"conversion Job tiny-tp2-[0-9a-f]{10}: requests cpu: 2.*; no GPU requested", out
+    )
     assert "== objects under s3://preshard-checkpoints/tiny-llama/tp2/" in out
     assert "model-rank-0-part-0.safetensors" in out and "model-rank-1-part-0.safetensors" in out
     assert "preshard-manifest.json" in out

@@ -46,6 +46,10 @@ def test_tiny_tp2_resource_to_verified_shards_and_back(stack_factory: Any, tmp_p
             break
         time.sleep(1)
     assert status.get("phase") == "Succeeded", (status, stack.operator_log()[-3000:])
+    # the example converts on CPU (accelerator: cpu): its Job requested no GPU
+    (job,) = stack.jobs(ns, "converter")
+    resources = job["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "gpu" not in str(resources) and resources["requests"]["cpu"] == "2"
 
     # status: Ready, the artifact and the serving hand-off
     ready = ready_condition(status)

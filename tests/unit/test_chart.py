@@ -35,6 +35,10 @@ CUSTOM_VALUES: dict[str, Any] = {
             "digest": "sha256:" + "ab" * 32,
             "pullPolicy": "Always",
         },
+        "cpuImage": {"repository": "registry.example.com/ml/preshard-converter-cpu", "tag": "7.1"},
+        "accelerator": "cpu",
+        "cpuNodeSelector": {"pool": "highmem"},
+        "cpuTolerations": [{"key": "highmem", "operator": "Exists", "effect": "NoSchedule"}],
         "gpuResourceName": "amd.com/gpu",
         "nodeSelector": {"gpu.example.com/class": "h100"},
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -412,6 +416,8 @@ def test_default_env_is_what_operator_config_reads(default: Rendered) -> None:
 
     cfg = OperatorConfig.from_env(default.env)
     assert cfg.converter_image == "ghcr.io/preshard/preshard-converter:0.1.0"
+    assert cfg.converter_cpu_image == "ghcr.io/preshard/preshard-converter-cpu:0.1.0"
+    assert cfg.default_accelerator == "gpu"
     assert cfg.image_pull_policy == "IfNotPresent"
     assert cfg.gpu_resource_name == "nvidia.com/gpu"
     assert cfg.job_service_account == "preshard-converter"
@@ -461,6 +467,10 @@ def test_custom_env_is_what_operator_config_reads(custom: Rendered) -> None:
     cfg = OperatorConfig.from_env(custom.env)
     assert cfg.converter_image == "registry.example.com/ml/preshard-converter@sha256:" + "ab" * 32
     assert cfg.image_pull_policy == "Always"
+    assert cfg.converter_cpu_image == "registry.example.com/ml/preshard-converter-cpu:7.1"
+    assert cfg.default_accelerator == "cpu"
+    assert cfg.default_cpu_node_selector == (("pool", "highmem"),)
+    assert list(cfg.default_cpu_tolerations) == CUSTOM_VALUES["converter"]["cpuTolerations"]
     assert cfg.gpu_resource_name == "amd.com/gpu"
     assert cfg.job_service_account == "sharder"
     assert cfg.default_s3_endpoint == "http://minio.storage:9000"

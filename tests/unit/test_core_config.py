@@ -12,6 +12,8 @@ from preshard.core.config import DEFAULT_CONVERTER_IMAGE, OperatorConfig
 
 DEFAULTS = {
     "converter_image": f"ghcr.io/preshard/preshard-converter:{__version__}",
+    "converter_cpu_image": f"ghcr.io/preshard/preshard-converter-cpu:{__version__}",
+    "default_accelerator": "gpu",
     "image_pull_policy": "IfNotPresent",
     "gpu_resource_name": "nvidia.com/gpu",
     "job_service_account": "preshard-converter",
@@ -33,6 +35,8 @@ DEFAULTS = {
     "allowed_node_selector": (),
     "output_prefixes": (),
     "check_secrets": True,
+    "default_cpu_node_selector": (),
+    "default_cpu_tolerations": (),
 }
 
 
@@ -55,6 +59,8 @@ def test_blank_values_mean_default() -> None:
         name: "  "
         for name in (
             "PRESHARD_CONVERTER_IMAGE",
+            "PRESHARD_CONVERTER_CPU_IMAGE",
+            "PRESHARD_DEFAULT_ACCELERATOR",
             "PRESHARD_CONVERTER_IMAGE_PULL_POLICY",
             "PRESHARD_GPU_RESOURCE_NAME",
             "PRESHARD_JOB_SERVICE_ACCOUNT",
@@ -76,6 +82,8 @@ def test_blank_values_mean_default() -> None:
             "PRESHARD_ALLOWED_NODE_SELECTOR",
             "PRESHARD_OUTPUT_PREFIXES",
             "PRESHARD_SECRET_CHECK",
+            "PRESHARD_CONVERTER_CPU_NODE_SELECTOR",
+            "PRESHARD_CONVERTER_CPU_TOLERATIONS",
         )
     }
     assert OperatorConfig.from_env(env) == OperatorConfig()
@@ -83,6 +91,8 @@ def test_blank_values_mean_default() -> None:
 
 FULL_ENV = {
     "PRESHARD_CONVERTER_IMAGE": " registry.example.com/conv@sha256:" + "ab" * 32 + " ",
+    "PRESHARD_CONVERTER_CPU_IMAGE": "registry.example.com/conv-cpu:1.0",
+    "PRESHARD_DEFAULT_ACCELERATOR": "cpu",
     "PRESHARD_CONVERTER_IMAGE_PULL_POLICY": "Always",
     "PRESHARD_GPU_RESOURCE_NAME": "amd.com/gpu",
     "PRESHARD_JOB_SERVICE_ACCOUNT": "sharder",
@@ -107,6 +117,8 @@ FULL_ENV = {
     "PRESHARD_ALLOWED_NODE_SELECTOR": '{"zone": ["*"], "class": ["h100", "a100"]}',
     "PRESHARD_OUTPUT_PREFIXES": '{"team-a": ["s3://models/team-a"]}',
     "PRESHARD_SECRET_CHECK": "off",
+    "PRESHARD_CONVERTER_CPU_NODE_SELECTOR": '{"pool": "highmem"}',
+    "PRESHARD_CONVERTER_CPU_TOLERATIONS": '[{"key": "highmem", "operator": "Exists"}]',
 }
 
 
@@ -114,6 +126,8 @@ def test_from_env_reads_every_variable() -> None:
     cfg = OperatorConfig.from_env(FULL_ENV)
     assert dataclasses.asdict(cfg) == {
         "converter_image": "registry.example.com/conv@sha256:" + "ab" * 32,
+        "converter_cpu_image": "registry.example.com/conv-cpu:1.0",
+        "default_accelerator": "cpu",
         "image_pull_policy": "Always",
         "gpu_resource_name": "amd.com/gpu",
         "job_service_account": "sharder",
@@ -139,6 +153,8 @@ def test_from_env_reads_every_variable() -> None:
         "allowed_node_selector": (("class", ("h100", "a100")), ("zone", ("*",))),
         "output_prefixes": (("team-a", ("s3://models/team-a/",)),),
         "check_secrets": False,
+        "default_cpu_node_selector": (("pool", "highmem"),),
+        "default_cpu_tolerations": ({"key": "highmem", "operator": "Exists"},),
     }
     assert cfg.cluster_wide is False
     # Frozen and hashable-by-value where it matters: same env, equal config.
@@ -218,6 +234,18 @@ def test_integer_bounds(port: str) -> None:
         (
             {"PRESHARD_CONVERTER_TOLERATIONS": '{"key": "gpu"}'},
             "PRESHARD_CONVERTER_TOLERATIONS must be a JSON list",
+        ),
+        (
+            {"PRESHARD_CONVERTER_CPU_TOLERATIONS": '[{"operator": "Sometimes"}]'},
+            "PRESHARD_CONVERTER_CPU_TOLERATIONS[0].operator: Input should be 'Exists' or 'Equal'",
+        ),
+        (
+            {"PRESHARD_CONVERTER_CPU_NODE_SELECTOR": '{"a": 1}'},
+            "PRESHARD_CONVERTER_CPU_NODE_SELECTOR values must be strings ('a': 1)",
+        ),
+        (
+            {"PRESHARD_DEFAULT_ACCELERATOR": "tpu"},
+            "PRESHARD_DEFAULT_ACCELERATOR='tpu' must be gpu or cpu",
         ),
         (
             {"PRESHARD_WORK_DIR_SIZE": "lots"},

@@ -131,6 +131,32 @@ HF: dict[str, Any] = {
         "workDirSize": "100Gi",
     },
 }
+# The same resource converted on CPU and on GPUs (the goldens show what accelerator changes).
+CPU_TP2: dict[str, Any] = {
+    **S3_TP2,
+    "verify": False,
+    "converter": {
+        "accelerator": "cpu",
+        "resources": {
+            "requests": {"cpu": "8", "memory": "24Gi"},
+            "limits": {"memory": "24Gi"},
+        },
+    },
+}
+GPU_TP2: dict[str, Any] = {
+    **S3_TP2,
+    "converter": {
+        "accelerator": "gpu",
+        "resources": {
+            "requests": {"cpu": "8", "memory": "24Gi"},
+            "limits": {"memory": "24Gi"},
+        },
+    },
+}
+CPU_CONFIG = OperatorConfig(
+    converter_image="registry.example.com/ml/preshard-converter:1.2.3",
+    converter_cpu_image="registry.example.com/ml/preshard-converter-cpu:1.2.3",
+)
 ARTIFACT: dict[str, Any] = {
     "uri": "s3://models/llama-70b/tp8-pp2-fp8/",
     "manifestUri": "s3://models/llama-70b/tp8-pp2-fp8/preshard-manifest.json",
@@ -193,6 +219,12 @@ GOLDEN_CASES: dict[str, Any] = {
         "llama-8b", NS, UID, parse_spec(HF), CLUSTER_CONFIG
     ),
     "purge_job": lambda: build_purge_job("llama-8b", NS, UID, parse_spec(HF), CLUSTER_CONFIG),
+    "conversion_job_cpu_tp2": lambda: build_conversion_job(
+        "tiny-tp2", NS, UID, parse_spec(CPU_TP2), CPU_CONFIG
+    ),
+    "conversion_job_gpu_tp2": lambda: build_conversion_job(
+        "tiny-tp2", NS, UID, parse_spec(GPU_TP2), CPU_CONFIG
+    ),
     "serving_configmap": lambda: build_serving_configmap(
         "llama-70b-tp8-pp2",
         NS,
@@ -678,6 +710,11 @@ def test_secrets_only_as_secret_key_refs(name: str) -> None:
         if isinstance(value, str) and value in SECRET_NAMES:
             assert path[-3:-1] == ("valueFrom", "secretKeyRef") and path[-1] == "name", path
         if isinstance(value, dict) and "valueFrom" in value:
+            if value.get("name") == "PRESHARD_MEMORY_LIMIT":  # the Downward API, no secret
+                assert value["valueFrom"] == {
+                    "resourceFieldRef": {"containerName": "convert", "resource": "limits.memory"}
+                }, path
+                continue
             assert set(value["valueFrom"]) == {"secretKeyRef"}, path
     if obj["kind"] == "ConfigMap":
         assert not CREDENTIAL_KEYS & set(obj["data"])
@@ -745,8 +782,9 @@ def test_every_variable_any_spec_makes_the_builder_set_is_reserved() -> None:
         },
     )
     hf = spec_of(HF, **{"source.credentialsSecret": "hf"})
+    cpu = spec_of(S3_TP2, **{"converter.accelerator": "cpu"})
     names = set()
-    for s in (spec, hf):
+    for s in (spec, hf, cpu):
         for build in (build_conversion_job, build_purge_job):
             names |= {
                 e["name"] for e in container_of(build("m", NS, UID, s, CLUSTER_CONFIG))["env"]

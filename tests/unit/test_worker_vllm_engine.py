@@ -49,7 +49,8 @@ def test_engine_kwargs_cpu_vs_other(tmp_path: Path) -> None:
     req = EngineRequest(model=str(tmp_path), tensor_parallel_size=2, quantization="fp8")
     cpu = ve._engine_kwargs(req, is_cpu=True)
     assert cpu["enforce_eager"] is True
-    assert cpu["gpu_memory_utilization"] == ve.CPU_GPU_MEMORY_UTILIZATION
+    # derived from the pod's memory (tests/unit/test_worker_resources.py)
+    assert cpu["gpu_memory_utilization"] == ve.cpu_memory_utilization(2)
     assert cpu["max_model_len"] == ve.CPU_MAX_MODEL_LEN
     assert cpu["quantization"] == "fp8" and cpu["tensor_parallel_size"] == 2
     gpu = ve._engine_kwargs(req, is_cpu=False)

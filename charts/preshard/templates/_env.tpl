@@ -6,6 +6,10 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
 {{- define "preshard.env" -}}
 - name: PRESHARD_CONVERTER_IMAGE
   value: {{ include "preshard.image" (dict "image" .Values.converter.image "ctx" $) | quote }}
+- name: PRESHARD_CONVERTER_CPU_IMAGE
+  value: {{ include "preshard.image" (dict "image" .Values.converter.cpuImage "ctx" $) | quote }}
+- name: PRESHARD_DEFAULT_ACCELERATOR
+  value: {{ .Values.converter.accelerator | quote }}
 - name: PRESHARD_CONVERTER_IMAGE_PULL_POLICY
   value: {{ .Values.converter.image.pullPolicy | quote }}
 - name: PRESHARD_GPU_RESOURCE_NAME
@@ -48,4 +52,8 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
   value: {{ .Values.converter.policy.outputPrefixes | toJson | quote }}
 - name: PRESHARD_SECRET_CHECK
   value: {{ include "preshard.secretCheck" . | quote }}
+- name: PRESHARD_CONVERTER_CPU_NODE_SELECTOR
+  value: {{ .Values.converter.cpuNodeSelector | toJson | quote }}
+- name: PRESHARD_CONVERTER_CPU_TOLERATIONS
+  value: {{ .Values.converter.cpuTolerations | toJson | quote }}
 {{- end }}

@@ -47,6 +47,10 @@ NO_CLAIM_REASONS = frozenset(
         "OutputOwnedByOther",
         "OutputOverlapsCheckpoint",
         "OutputHasUnreadableManifest",
+        # refused before any Job (accelerator and memory preflight checks)
+        "UnsupportedQuantization",
+        "InsufficientCPU",
+        "InsufficientMemory",
     }
 )
 

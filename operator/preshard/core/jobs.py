@@ -162,15 +162,54 @@ def _runtime_env() -> list[dict[str, Any]]:
     ]
 
 
+def accelerator(spec: CheckpointSpec, config: OperatorConfig) -> str:
+    """The effective accelerator: the spec's, else the operator default."""
+    return spec.converter.accelerator or config.default_accelerator
+
+
+def converter_image(spec: CheckpointSpec, config: OperatorConfig) -> str:
+    if spec.converter.image:
+        return spec.converter.image
+    return (
+        config.converter_cpu_image if accelerator(spec, config) == "cpu" else config.converter_image
+    )
+
+
 def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:
-    gpu = spec.converter.gpu_resource_name or config.gpu_resource_name
     user = spec.converter.resources or {}
     requests = dict(user.get("requests") or {})
     limits = dict(user.get("limits") or {})
-    # Quantities are strings in the API (the kubernetes client returns them as such).
-    requests[gpu] = str(spec.world_size)
-    limits[gpu] = str(spec.world_size)
-    return {"requests": dict(sorted(requests.items())), "limits": dict(sorted(limits.items()))}
+    if accelerator(spec, config) == "cpu":
+        # No GPU. One core per rank at least (vLLM binds each CPU rank's OpenMP threads
+        # to its own cores); check_accelerator refused fewer before the Job.
+        if "cpu" not in requests and "cpu" not in limits:
+            requests["cpu"] = str(spec.world_size)
+    else:
+        gpu = spec.converter.gpu_resource_name or config.gpu_resource_name
+        # Quantities are strings in the API (the kubernetes client returns them as such).
+        requests[gpu] = str(spec.world_size)
+        limits[gpu] = str(spec.world_size)
+    out: dict[str, Any] = {"requests": dict(sorted(requests.items()))}
+    if limits:
+        out["limits"] = dict(sorted(limits.items()))
+    return out
+
+
+def _accelerator_env(spec: CheckpointSpec, config: OperatorConfig) -> list[dict[str, Any]]:
+    # The worker's memory preflight and CPU settings (preshard.worker.resources): the
+    # container's memory limit through the Downward API (the node's allocatable memory
+    # when the container has no limit), whatever the cgroup version of the node.
+    env: list[dict[str, Any]] = [
+        {
+            "name": "PRESHARD_MEMORY_LIMIT",
+            "valueFrom": {
+                "resourceFieldRef": {"containerName": CONTAINER, "resource": "limits.memory"}
+            },
+        }
+    ]
+    if accelerator(spec, config) == "cpu":
+        env.append({"name": "PRESHARD_ACCELERATOR", "value": "cpu"})
+    return env
 
 
 def conversion_args(
@@ -194,6 +233,7 @@ def conversion_args(
         str(spec.output.parsed),
         "--max-file-size",
         str(spec.output.max_file_size_bytes),
+        # false: only the engine-free file check (it always runs), no engine reload
         "--verify" if spec.verify else "--no-verify",
         "--work-dir",
         WORK_DIR,
@@ -239,10 +279,11 @@ def build_conversion_job(
             {"name": "source", "mountPath": f"{PVC_MOUNT_ROOT}/{src.authority}", "readOnly": True}
         )
     env = _output_env(spec, config) + _source_env(spec) + _runtime_env()
+    env += _accelerator_env(spec, config)
     env += [{"name": e["name"], "value": str(e.get("value", ""))} for e in (conv.env or [])]
     container: dict[str, Any] = {
         "name": CONTAINER,
-        "image": conv.image or config.converter_image,
+        "image": converter_image(spec, config),
         "imagePullPolicy": conv.image_pull_policy or config.image_pull_policy,
         "command": ["preshard"],
         "args": conversion_args(name, namespace, uid, spec, identity),
@@ -262,14 +303,18 @@ def build_conversion_job(
         "containers": [container],
         "volumes": volumes,
     }
-    # The admin's default nodeSelector always applies; the spec adds (or, where the policy
+    on_cpu = accelerator(spec, config) == "cpu"
+    # the operator's default placement for the accelerator (the chart's converter.cpu*);
+    # the admin's default nodeSelector always applies; the spec adds (or, where the policy
     # allows it, changes) entries on top of it.
-    node_selector = {**dict(config.default_node_selector), **(conv.node_selector or {})}
+    default_selector = config.default_cpu_node_selector if on_cpu else config.default_node_selector
+    default_tolerations = config.default_cpu_tolerations if on_cpu else config.default_tolerations
+    node_selector = {**dict(default_selector), **(conv.node_selector or {})}
     if node_selector:
         pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
     tolerations = [
         copy.deepcopy(dict(t))
-        for t in (conv.tolerations if conv.tolerations is not None else config.default_tolerations)
+        for t in (conv.tolerations if conv.tolerations is not None else default_tolerations)
     ]
     if tolerations:
         pod_spec["tolerations"] = tolerations
@@ -338,7 +383,11 @@ def build_purge_job(
         "name": "purge",
         # The operator's own image, whatever spec.converter.image says: deleting needs no
         # vLLM, and an image the user picked never runs with the output credentials here.
-        "image": config.converter_image,
+        "image": (
+            config.converter_cpu_image
+            if accelerator(spec, config) == "cpu"
+            else config.converter_image
+        ),
         "imagePullPolicy": config.image_pull_policy,
         "command": ["preshard"],
         "args": [

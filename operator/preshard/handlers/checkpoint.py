@@ -56,6 +56,7 @@ from preshard.core.jobs import (
     ANNOTATION_OWNER_UID,
     LABEL_CHECKPOINT,
     LABEL_COMPONENT,
+    accelerator,
     build_conversion_job,
     build_purge_job,
     build_serving_configmap,
@@ -66,7 +67,7 @@ from preshard.core.naming import job_name, serving_configmap_name
 from preshard.core.pathstatus import STEP_REASONS
 from preshard.core.policy import POLICY_VIOLATION, check_policy, policy_message
 from preshard.core.serving import serving_info, trusted_artifact
-from preshard.core.spec import CheckpointSpec, parse_spec
+from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 from preshard.k8s import api
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ WAITING_REASONS = {"CredentialsSecretNotFound", "OutputConflict", SERVING_CONFLI
 # A CPU step (preflight, adopt, copy, withdraw) advances on its Job's events; the retry
 # timer re-checks it too, so a missed event never leaves a resource stuck.
 WAITING_REASONS |= set(STEP_REASONS.values())
+# refused before a Job was created (check_accelerator): nothing was written to purge
+ACCELERATOR_REASONS = ("UnsupportedQuantization", "InsufficientCPU")
 # Timer intervals are fixed when kopf registers the handlers (import time).
 POLL_SECONDS = float(os.environ.get("PRESHARD_PROGRESS_POLL_SECONDS") or 10)
 RETRY_SECONDS = float(os.environ.get("PRESHARD_RETRY_SECONDS") or 10)
@@ -220,6 +223,12 @@ def checkpoints(body: kopf.Body, **_: Any) -> Any:
 # ---------------------------------------------------------------------------- reconcile
 
 
+def _requested(spec: CheckpointSpec) -> str:
+    if accelerator(spec, CONFIG) == "cpu":
+        return f"{spec.world_size} CPU ranks, no GPU"
+    return f"{spec.world_size} GPUs"
+
+
 def reconcile(body: dict[str, Any], outputs_index: Any, identities_index: Any = None) -> None:
     if body["metadata"].get("deletionTimestamp"):
         return
@@ -233,6 +242,7 @@ def _reconcile(body: dict[str, Any], outputs_index: Any, identities_index: Any =
     old = _known_status(body)
     try:
         spec = parse_spec(dict(body.get("spec") or {}))
+        check_accelerator(spec, accelerator(spec, CONFIG))  # CPU: quantization, cores
     except SpecError as err:
         _write_status(body, old, st.status_for_spec_error(old, err.reason, err.message, gen, now()))
         return
@@ -320,7 +330,7 @@ def _reconcile(body: dict[str, Any], outputs_index: Any, identities_index: Any =
             )
             return
         created_msg = (
-            f"created conversion Job {job_meta.get('name')} ({spec.world_size} GPUs)"
+            f"created conversion Job {job_meta.get('name')} ({_requested(spec)})"
             if created
             else None
         )

@@ -343,7 +343,7 @@ def _verification_error(exc: EngineError) -> PreshardError:
 
 def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     """The whole pipeline; raises PreshardError on any failure."""
-    from preshard.worker import storage
+    from preshard.worker import resources, storage
 
     timer = _Timer()
     shards = prepare_work_dir(req.work_dir)
@@ -370,6 +370,15 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
 
     config = read_model_config(src_dir, str(req.source))
     check_parallelism(config, req.tensor_parallel_size, req.pipeline_parallel_size)
+    # issue 9: refuse a pod whose memory limit is below the estimate (InsufficientMemory)
+    resources.check_memory(
+        config,
+        tensor_parallel_size=req.tensor_parallel_size,
+        pipeline_parallel_size=req.pipeline_parallel_size,
+        dtype=req.dtype,
+        quantization=req.quantization,
+        max_file_size=req.max_file_size,
+    )
     # Reference tokens are only needed to compare against the reload.
     prompts = default_prompts(config, tokenizer=has_tokenizer(src_dir)) if req.verify else ()
 

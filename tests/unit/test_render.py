@@ -1,0 +1,72 @@
+"""`preshard render`: its input handling and output form (the equality with what the
+operator creates is tests/integration/test_render.py)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preshard.cli import main
+from preshard.core.config import OperatorConfig
+from preshard.core.errors import SpecError
+from preshard.core.jobs import build_conversion_job, build_purge_job
+from preshard.core.spec import parse_spec
+from preshard.render import PLACEHOLDER_UID, render
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "tiny-tp2.yaml"
+
+
+def test_the_example_renders_its_conversion_and_purge_jobs() -> None:
+    out = io.StringIO()
+    config = OperatorConfig()
+    render(EXAMPLE.read_text(), config, out=out)
+    docs = list(yaml.safe_load_all(out.getvalue()))
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    spec = parse_spec(doc["spec"])
+    name, ns = doc["metadata"]["name"], doc["metadata"]["namespace"]
+    assert docs == [
+        build_conversion_job(name, ns, PLACEHOLDER_UID, spec, config),
+        build_purge_job(name, ns, PLACEHOLDER_UID, spec, config),  # deletionPolicy: Delete
+    ]
+    assert "&id" not in out.getvalue() and "*id" not in out.getvalue()  # plain YAML
+    res = docs[0]["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in str(res)  # the example converts on CPU
+
+
+def test_cli_reads_the_operator_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PRESHARD_CONVERTER_CPU_IMAGE", "reg.example.com/cpu:9")
+    assert main(["render", "-f", str(EXAMPLE), "--uid", "u-1"]) == 0
+    out = capsys.readouterr().out
+    assert "image: reg.example.com/cpu:9" in out and "uid: u-1" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("kind: ConfigMap\napiVersion: v1\n", "has no ShardedCheckpoint"),
+        ("a: [1, 2\n", "is not valid YAML"),
+        (
+            "apiVersion: preshard.io/v1alpha1\nkind: ShardedCheckpoint\nmetadata: {}\nspec: {}\n",
+            "metadata.name is required",
+        ),
+    ],
+)
+def test_bad_input(text: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        render(text, OperatorConfig(), out=io.StringIO())
+
+
+def test_missing_file_and_bad_operator_config_exit_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["render", "-f", str(tmp_path / "nope.yaml")]) == 3
+    assert "cannot read" in capsys.readouterr().err
+    monkeypatch.setenv("PRESHARD_DEFAULT_ACCELERATOR", "tpu")
+    assert main(["render", "-f", str(EXAMPLE)]) == 3
+    assert "PRESHARD_DEFAULT_ACCELERATOR" in capsys.readouterr().err
