@@ -192,7 +192,8 @@ def test_cpu_jobs_get_the_cpu_placement_defaults_not_the_gpu_ones() -> None:
     gpu = build_conversion_job("m", NS, UID, spec(accelerator="gpu"), config)["spec"]["template"]
     assert gpu["spec"]["nodeSelector"] == {"gpu.example.com/class": "h100"}
     assert gpu["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
-    # the spec's own placement wins, for either accelerator
+    # the spec adds to the admin's default nodeSelector (a floor, issue 11); its own
+    # tolerations replace the defaults
     own = spec(accelerator="cpu", nodeSelector={"zone": "a"}, tolerations=[])
     pod = build_conversion_job("m", NS, UID, own, config)["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {"zone": "a"} and "tolerations" not in pod
+    assert pod["nodeSelector"] == {"pool": "highmem", "zone": "a"} and "tolerations" not in pod

@@ -39,7 +39,9 @@ def container(job: dict[str, Any]) -> dict[str, Any]:
 
 def secrets_of(job: dict[str, Any]) -> set[str]:
     return {
-        e["valueFrom"]["secretKeyRef"]["name"] for e in container(job)["env"] if "valueFrom" in e
+        e["valueFrom"]["secretKeyRef"]["name"]
+        for e in container(job)["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
     }
 
 
