@@ -8,7 +8,6 @@ import pytest
 
 from preshard.core import decide as dc
 from preshard.core.decide import (
-    Gate,
     OutputManifest,
     Overlap,
     Preflight,
@@ -181,11 +180,54 @@ def test_refusal_comes_before_adoption() -> None:
     assert d.path == "OutputOwnedByOther" and "team-b" not in d.message
 
 
-def test_the_gate_stops_a_conversion_but_not_an_adoption(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dc, "gate", lambda spec, p: Gate("InsufficientMemory", "too big"))
-    d = decide(SPEC, ME, pre(), frozenset(), [])
-    assert (d.path, d.reason, d.message) == ("Gated", "InsufficientMemory", "too big")
-    assert decide(SPEC, ME, pre(man(OLD)), frozenset(), []).path == "Adopt"
+# A Llama 3.1 70B config.json (the fields the preflight reports).
+LLAMA_70B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "torch_dtype": "bfloat16",
+    "tie_word_embeddings": False,
+}
+
+
+def _spec_with_memory(limit: str | None) -> Any:
+    raw: dict[str, Any] = {
+        "source": {"uri": "s3://models/llama/"},
+        "tensorParallelSize": 8,
+        "output": {"uri": "s3://out/llama/"},
+        "converter": {"accelerator": "cpu"},
+    }
+    if limit:
+        raw["converter"]["resources"] = {"limits": {"memory": limit}, "requests": {"cpu": "8"}}
+    return parse_spec(raw)
+
+
+def test_the_gate_stops_a_conversion_whose_pod_memory_is_below_the_estimate() -> None:
+    """The real estimate (core/estimate.py) on a 70B config: a 64Gi CPU pod is refused
+    with both numbers before any conversion pod; 1Ti passes; no limit is not judged."""
+    p = Preflight(source=PIN, vllm_version="0.32.0", state="empty", config=LLAMA_70B)
+    small = _spec_with_memory("64Gi")
+    d = decide(small, ME, p, frozenset(), [], accelerator="cpu")
+    assert (d.path, d.reason) == ("Gated", "InsufficientMemory")
+    assert "64Gi" in d.message or str(64 * 2**30) in d.message
+    est = dc.memory_estimate_status(small, p, "cpu")
+    assert est is not None and est["bytes"] > 64 * 2**30
+    assert decide(_spec_with_memory("1Ti"), ME, p, frozenset(), [], accelerator="cpu").path == (
+        "Convert"
+    )
+    assert decide(_spec_with_memory(None), ME, p, frozenset(), [], accelerator="cpu").path == (
+        "Convert"
+    )
+    # the gate never stands between a resource and its own published checkpoint
+    adopt = Preflight(
+        source=PIN, vllm_version="0.32.0", state="manifest", manifest=man(OLD,
+        identity=conversion_identity(small, PIN, "0.32.0")), config=LLAMA_70B
+    )  # fmt: skip
+    assert decide(small, ME, adopt, frozenset(), [], accelerator="cpu").path == "Adopt"
 
 
 def findings(**output: Any) -> dict[str, Any]:

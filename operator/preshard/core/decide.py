@@ -160,11 +160,48 @@ class Decision:
     copy_from: ReadyCheckpoint | None = None
 
 
-def gate(spec: CheckpointSpec, preflight: Preflight) -> Gate | None:
+def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -> Gate | None:
     """GATE: the one place for checks that may stop a conversion before it requests
-    accelerators (the memory estimate of core/estimate.py goes here: return a Gate to
-    leave the resource Ready=False with that reason). None: go ahead."""
-    return None
+    accelerators. The memory estimate (core/estimate.py) from the source's config.json
+    as the preflight read it: a pod whose memory limit is below it is refused with
+    InsufficientMemory and both numbers, before any pod of the conversion starts.
+    None: go ahead."""
+    from preshard.core.estimate import preflight as estimate
+
+    if not preflight.config:
+        return None
+    _, problem = estimate(
+        preflight.config,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        pipeline_parallel_size=spec.pipeline_parallel_size,
+        dtype=spec.dtype,
+        quantization=spec.quantization,
+        max_file_size=spec.output.max_file_size_bytes,
+        accelerator=accelerator,
+        resources=dict(spec.converter.resources or {}),
+    )
+    return Gate("InsufficientMemory", problem) if problem else None
+
+
+def memory_estimate_status(
+    spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu"
+) -> dict[str, Any] | None:
+    """``status.memoryEstimate`` from the preflight's config.json (None: not countable)."""
+    from preshard.core.estimate import preflight as estimate
+
+    if not preflight.config:
+        return None
+    est, _ = estimate(
+        preflight.config,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        pipeline_parallel_size=spec.pipeline_parallel_size,
+        dtype=spec.dtype,
+        quantization=spec.quantization,
+        max_file_size=spec.output.max_file_size_bytes,
+        accelerator=accelerator,
+        resources=dict(spec.converter.resources or {}),
+    )
+    return est.to_status() if est is not None else None
 
 
 def _parse_owner(owner: str) -> tuple[str, str, str] | None:
@@ -203,6 +240,7 @@ def decide(
     output_endpoint: str | None = None,
     copy_allowed: bool = True,
     adopt_allowed: bool = True,
+    accelerator: str = "gpu",
 ) -> Decision:
     """``me`` is this resource's owner string (namespace/name/uid); ``living_owners`` the
     owner strings of :meth:`Preflight.owners` that the operator found alive; ``ready``
@@ -287,7 +325,7 @@ def decide(
                 f"server-side to {out} with this resource's credentials",
                 copy_from=src,
             )
-    g = gate(spec, preflight)  # GATE: Ready=False before any accelerator
+    g = gate(spec, preflight, accelerator)  # GATE: Ready=False before any accelerator
     if g is not None:
         return Decision("Gated", identity, g.reason, g.message)
     withdraw = man is not None and man.owner != me and bool(man.owner)

@@ -25,6 +25,7 @@ from preshard.core.decide import (
     PreflightError,
     ReadyCheckpoint,
     decide,
+    memory_estimate_status,
     parse_preflight,
 )
 from preshard.core.identity import conversion_identity
@@ -34,6 +35,7 @@ from preshard.core.jobs import (
     LABEL_CHECKPOINT,
     LABEL_COMPONENT,
     REUSE_COMPONENTS,
+    accelerator,
     build_adopt_job,
     build_copy_job,
     build_preflight_job,
@@ -198,7 +200,11 @@ def _preflight(
         output_endpoint=output_endpoint(spec, ck.CONFIG),
         adopt_allowed=not base.get("noAdopt"),
         copy_allowed=not base.get("noCopy"),
+        accelerator=accelerator(spec, ck.CONFIG),
     )
+    estimate = memory_estimate_status(spec, pre, accelerator(spec, ck.CONFIG))
+    if estimate is not None:
+        old = {**old, "memoryEstimate": estimate}
     return _act(body, spec, old, base, choice, index)
 
 
