@@ -342,3 +342,23 @@ def test_engine_error_classification() -> None:
 
 def test_format_timings() -> None:
     assert cv.format_timings({"download": 1.234, "total": 10}) == "download 1.2 s, total 10.0 s"
+
+
+def test_a_pre_quantized_checkpoint_records_its_method(tmp_path: Path) -> None:
+    req = cv.ConvertRequest.from_args(
+        parse(
+            "--source",
+            "s3://m/x/",
+            "-tp",
+            "2",
+            "--output",
+            "s3://o/x/",
+            "--work-dir",
+            str(tmp_path),
+        )
+    )
+    assert cv.checkpoint_quantization({"quantization_config": {"quant_method": "gptq"}}) == "gptq"
+    assert cv.checkpoint_quantization({"quantization_config": "x"}) is None
+    assert cv.checkpoint_quantization({}) is None
+    fields = cv.manifest_fields(req, "0.32.0", detected_quantization="gptq")
+    assert fields["quantization"] == "gptq"

@@ -469,6 +469,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
             source_revision=commit,
             platform=conv.platform,
             verification=verification,
+            detected_quantization=checkpoint_quantization(config),
         ),
         owner=req.owner,
         endpoint_url=req.endpoint_url,
@@ -498,6 +499,7 @@ def manifest_fields(
     *,
     platform: str = "",
     verification: dict[str, Any] | None = None,
+    detected_quantization: str | None = None,
 ) -> dict[str, Any]:
     return {
         "state_format": STATE_RAW,
@@ -508,13 +510,22 @@ def manifest_fields(
         "source_revision": source_revision or req.source.revision,
         "tensor_parallel_size": req.tensor_parallel_size,
         "pipeline_parallel_size": req.pipeline_parallel_size,
-        "quantization": req.quantization,
+        # the method asked for, else the one a pre-quantized checkpoint declares (vLLM
+        # reads quantization_config from config.json by itself)
+        "quantization": req.quantization or detected_quantization,
         "dtype": req.dtype,
         "vllm_version": vllm_version,
         "file_pattern": verify_shards.shard_pattern(req.pipeline_parallel_size),
         "load_format": "sharded_state",
         "identity": req.identity,
     }
+
+
+def checkpoint_quantization(config: dict[str, Any]) -> str | None:
+    """The quantization method a pre-quantized checkpoint's config.json declares."""
+    qc = config.get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return str(method) if isinstance(method, str) and method else None
 
 
 def format_timings(timings: dict[str, float]) -> str:
