@@ -348,11 +348,11 @@ def test_a_pre_quantized_checkpoint_records_its_method(tmp_path: Path) -> None:
     req = cv.ConvertRequest.from_args(
         parse(
             "--source",
-            "s3://m/x/",
+            "s3://models/x/",
             "-tp",
             "2",
             "--output",
-            "s3://o/x/",
+            "s3://out-b/x/",
             "--work-dir",
             str(tmp_path),
         )
