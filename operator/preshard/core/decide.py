@@ -160,17 +160,16 @@ class Decision:
     copy_from: ReadyCheckpoint | None = None
 
 
-def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -> Gate | None:
-    """GATE: the one place for checks that may stop a conversion before it requests
-    accelerators. The memory estimate (core/estimate.py) from the source's config.json
-    as the preflight read it: a pod whose memory limit is below it is refused with
-    InsufficientMemory and both numbers, before any pod of the conversion starts.
-    None: go ahead."""
+def _estimate(
+    spec: CheckpointSpec, preflight: Preflight, accelerator: str
+) -> tuple[Any, str | None]:
+    """(MemoryEstimate or None, InsufficientMemory message or None) from the source's
+    config.json as the preflight read it (core/estimate.py)."""
     from preshard.core.estimate import preflight as estimate
 
     if not preflight.config:
-        return None
-    _, problem = estimate(
+        return None, None
+    return estimate(
         preflight.config,
         tensor_parallel_size=spec.tensor_parallel_size,
         pipeline_parallel_size=spec.pipeline_parallel_size,
@@ -180,6 +179,14 @@ def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -
         accelerator=accelerator,
         resources=dict(spec.converter.resources or {}),
     )
+
+
+def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -> Gate | None:
+    """GATE: the one place for checks that may stop a conversion before it requests
+    accelerators. The memory estimate: a pod whose memory limit is below it is refused
+    with InsufficientMemory and both numbers, before any pod of the conversion starts.
+    None: go ahead."""
+    _, problem = _estimate(spec, preflight, accelerator)
     return Gate("InsufficientMemory", problem) if problem else None
 
 
@@ -187,20 +194,7 @@ def memory_estimate_status(
     spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu"
 ) -> dict[str, Any] | None:
     """``status.memoryEstimate`` from the preflight's config.json (None: not countable)."""
-    from preshard.core.estimate import preflight as estimate
-
-    if not preflight.config:
-        return None
-    est, _ = estimate(
-        preflight.config,
-        tensor_parallel_size=spec.tensor_parallel_size,
-        pipeline_parallel_size=spec.pipeline_parallel_size,
-        dtype=spec.dtype,
-        quantization=spec.quantization,
-        max_file_size=spec.output.max_file_size_bytes,
-        accelerator=accelerator,
-        resources=dict(spec.converter.resources or {}),
-    )
+    est, _ = _estimate(spec, preflight, accelerator)
     return est.to_status() if est is not None else None
 
 
