@@ -200,7 +200,10 @@ def test_the_operator_stays_within_its_rbac(stack_factory: Any) -> None:
     events) is allowed by REQUIRED_RBAC, which the chart renders."""
     import urllib.request
 
-    from preshard.k8s.rbac import REQUIRED_RBAC
+    from preshard.k8s.rbac import required_rbac
+
+    # the stack's operator runs the metadata-only Secret existence check (the default)
+    REQUIRED_RBAC = required_rbac(check_secrets=True)
 
     stack: LocalStack = stack_factory()
     seed_fake_source(stack)

@@ -179,7 +179,8 @@ def test_a_failed_squatter_on_the_parent_prefix_blocks_nobody_and_purges_nothing
         30,
         what="a PurgeSkipped event",
     )
-    assert "failed before publishing" in skipped[-1]["message"]
+    # it failed in its preflight (the source does not exist): it never wrote there
+    assert "nothing deleted" in skipped[-1]["message"]
     assert stack.list_prefix(BUCKET, "models/team-a-nested/") == nested  # every object kept
 
 

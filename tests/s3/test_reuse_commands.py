@@ -292,6 +292,7 @@ def test_withdraw_only_the_manifest_it_was_told_about(
     s3: RcloneS3, bucket: str, checkpoint: Checkpoint, tmp_path: Path
 ) -> None:
     body = published(s3, bucket, checkpoint)
+    s3.client().put_object(Bucket=bucket, Key="ck/unlisted.bin", Body=b"not the checkpoint's")
     rc, res, _ = run(
         s3, tmp_path, "withdraw", "--output", f"s3://{bucket}/ck/", "--owner", NEW,
         "--expect-manifest-sha256", "0" * 64,
@@ -304,7 +305,10 @@ def test_withdraw_only_the_manifest_it_was_told_about(
     )  # fmt: skip
     assert rc == 0
     keys = object_keys(s3, bucket, "ck/")
-    assert "ck/" + MANIFEST_NAME not in keys and "ck/config.json" in keys
+    # the gone owner's manifest and the objects it listed are gone (a replacing conversion
+    # leaves no stale shard of another layout); anything it did not list stays
+    assert "ck/" + MANIFEST_NAME not in keys and "ck/config.json" not in keys
+    assert keys == {"ck/unlisted.bin"}
 
 
 # -------------------------------------------------------------------------- preflight

@@ -81,7 +81,12 @@ def test_wait_returns_the_hashes_and_writes_no_manifest(
         for r in proxy.records()
         if r.operation in ("PutObject", "UploadPart", "CreateMultipartUpload")
     }
-    assert puts == {MANIFEST_NAME}
+    # no file again: the manifest, and the publication record that publish writes first
+    # and removes last (the keys it may clean up, issue 11)
+    assert puts == {MANIFEST_NAME, "preshard-publish.json"}
+    assert object_keys(s3_env, bucket, prefix) == {prefix + k for k in checkpoint.files} | {
+        prefix + MANIFEST_NAME
+    }
     assert {f["key"]: f["sha256"] for f in manifest_of(s3_env, bucket, prefix)["files"]} == (
         checkpoint.shas
     )

@@ -632,9 +632,9 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
     # stale objects of an earlier, incomplete run at the destination
     listed = {dst.key(f.key) for f in man.files}
     remote = s3.with_translation(lambda: s3.list_objects(client, dst.bucket, dst.prefix), dst_uri)
-    from preshard.worker.storage import _delete_keys
+    from preshard.worker.storage import delete_keys
 
-    _delete_keys(client, dst.bucket, [k for k in remote if k not in listed], dst_uri)
+    delete_keys(client, dst.bucket, [k for k in remote if k not in listed], dst_uri)
     origin = {"uri": str(src), "manifestSha256": hashlib.sha256(body).hexdigest()}
     new = dataclasses.replace(
         man, owner=args.owner, created_at=_now(), extra={**man.extra, "copiedFrom": origin}
@@ -669,5 +669,19 @@ def withdraw(args: argparse.Namespace) -> dict[str, Any]:
         ),
         uri,
     )
-    print(f"withdrew the manifest of {uri} (owner {args.expect_owner})", file=sys.stderr)
-    return {"uri": uri, "withdrawn": True}
+    # The gone owner's checkpoint is dead without its manifest: remove the objects that
+    # manifest listed (only those: nothing else under the prefix is touched), so that the
+    # conversion replacing it leaves no stale shard of another layout behind.
+    from preshard.worker.storage import delete_keys
+
+    try:
+        listed = [u.key(f.key) for f in Manifest.from_json(body).files]
+    except ManifestError:
+        listed = []
+    removed = delete_keys(client, u.bucket, listed, uri) if listed else 0
+    print(
+        f"withdrew the manifest of {uri} (owner {args.expect_owner}) and the {removed} "
+        "objects it listed",
+        file=sys.stderr,
+    )
+    return {"uri": uri, "withdrawn": True, "removed": removed}

@@ -26,7 +26,7 @@ from preshard.core.quantity import format_bytes
 from preshard.core.uris import StorageURI, parse_uri
 from preshard.worker import s3, storage
 from preshard.worker.progress import Reporter
-from preshard.worker.storage import _delete_keys
+from preshard.worker.storage import delete_keys
 from preshard.worker.transfer import Downloader, DownloadItem, with_retries
 
 log = logging.getLogger(__name__)
@@ -399,7 +399,7 @@ def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
         storage._put_journal(client, u, storage.Journal(existing.owner, frozenset(keys)))
         storage._delete_one(client, u, MANIFEST_NAME, "delete manifest")
     present = sorted(u.key(k) for k in keys if u.key(k) in listing)
-    deleted = _delete_keys(client, u.bucket, present, uri)
+    deleted = delete_keys(client, u.bucket, present, uri)
     aborted = s3.with_translation(
         lambda: _abort_uploads(client, u, {u.key(k) for k in keys}), uri, "abort uploads under"
     )

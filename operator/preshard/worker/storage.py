@@ -856,7 +856,7 @@ def publish(
     # Stale objects: what this owner's previous checkpoint (or unfinished run) wrote and
     # this one does not list. Nothing else, whatever else the prefix holds.
     stale = sorted(out.key(k) for k in previous - new_keys if out.key(k) in remote)
-    _delete_keys(client, out.bucket, stale, uri)
+    delete_keys(client, out.bucket, stale, uri)
     others = [k for k in remote if k[len(out.prefix) :] not in previous | new_keys]
     others = [k for k in others if k not in (manifest_key, out.key(JOURNAL_NAME))]
     if others:
@@ -903,7 +903,7 @@ def _remote_sha(client: Any, bucket: str, key: str) -> str | None:
     return got[1] if got else None
 
 
-def _delete_keys(client: Any, bucket: str, keys: list[str], uri: str) -> int:
+def delete_keys(client: Any, bucket: str, keys: list[str], uri: str) -> int:
     deleted = 0
     for i in range(0, len(keys), 1000):
         batch = keys[i : i + 1000]
