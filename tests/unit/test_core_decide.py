@@ -282,3 +282,21 @@ def test_complete_must_be_literally_true() -> None:
 def test_an_unreadable_manifest_is_never_touched() -> None:
     d = decide(SPEC, ME, pre(state="invalid"), frozenset(), [ready()])
     assert d.path == "OutputOwnedByOther" and d.reason == "OutputHasUnreadableManifest"
+
+
+def test_a_gptq_checkpoint_is_refused_on_cpu_before_any_job_but_not_on_gpu() -> None:
+    from preshard.core.estimate import cpu_raw_reload_refusal, prequantized_method
+
+    gptq = {**LLAMA_70B, "quantization_config": {"quant_method": "GPTQ", "bits": 4}}
+    assert prequantized_method(gptq) == "gptq"
+    assert prequantized_method(LLAMA_70B) is None
+    assert cpu_raw_reload_refusal(LLAMA_70B, None) is None
+    assert cpu_raw_reload_refusal(LLAMA_70B, "fp8") is None
+    assert "quantized with awq" in (cpu_raw_reload_refusal(LLAMA_70B, "awq") or "")
+    p = Preflight(source=PIN, vllm_version="0.32.0", state="empty", config=gptq)
+    d = decide(_spec_with_memory("1Ti"), ME, p, frozenset(), [], accelerator="cpu")
+    assert (d.path, d.reason) == ("Gated", "UnsupportedQuantization")
+    assert "quantized with gptq" in d.message and "CPU backend" in d.message
+    assert decide(_spec_with_memory("1Ti"), ME, p, frozenset(), [], accelerator="gpu").path == (
+        "Convert"
+    )

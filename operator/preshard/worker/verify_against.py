@@ -462,12 +462,33 @@ def run_cli(args: Any) -> int:
                 concurrency=args.concurrency,
             )
         )
-        report = verify_against(source_dir, ckpt, allow_derived=args.allow_derived)
+        try:
+            report = verify_against(source_dir, ckpt, allow_derived=args.allow_derived)
+        except VerificationFailed as exc:
+            if args.json:  # the report too, then the error (exit 3) as every command
+                print(
+                    json.dumps(
+                        {
+                            "uri": args.uri,
+                            "against": args.against,
+                            "ok": False,
+                            "reason": exc.reason,
+                            "error": exc.message,
+                        },
+                        indent=2,
+                    )
+                )
+            raise
     finally:
         if not args.work_dir:
             shutil.rmtree(work_root, ignore_errors=True)
     if args.json:
-        print(json.dumps({"uri": args.uri, "against": args.against, **report.summary()}, indent=2))
+        print(
+            json.dumps(
+                {"uri": args.uri, "against": args.against, "ok": True, **report.summary()},
+                indent=2,
+            )
+        )
     else:
         print(f"checkpoint {args.uri} against {args.against}: OK")
         print(f"  {report.describe()} in {report.seconds:.1f} s")
