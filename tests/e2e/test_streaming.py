@@ -39,6 +39,9 @@ import pytest
 import yaml
 
 from preshard.worker.vllm_engine import (
+    MAX_TOKENS as ENGINE_MAX_TOKENS,
+)
+from preshard.worker.vllm_engine import (
     EngineRequest,
     cpu_env,
     default_prompts,
@@ -52,7 +55,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 CHECKPOINT_EXAMPLE = ROOT / "examples" / "tiny-tp2.yaml"
 SERVING_EXAMPLE = ROOT / "examples" / "serving-deployment.yaml"
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-MAX_TOKENS = 8
+# the reference engine's token count (preshard.worker.vllm_engine, 16 by default)
+MAX_TOKENS = ENGINE_MAX_TOKENS
 
 
 def _stream_pod() -> dict[str, Any]:

@@ -456,7 +456,7 @@ TAMPER_CASES = {
     # row 64 + 3 is w3 row 64 + 3 = 67.
     "moe-w13": (
         "mixtral",
-        "model.layers.0.block_sparse_moe.experts.w13_weight",
+        "model.layers.0.block_sparse_moe.experts.routed_experts.w13_weight",
         1,
         (2, 64 + 3, 9),
         "model.layers.0.block_sparse_moe.experts.2.w3.weight",
