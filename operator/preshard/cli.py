@@ -18,12 +18,9 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from preshard import __version__
+from preshard.core import plan
+from preshard.core.contract import EXIT_FAILED, EXIT_PERMANENT, EXIT_USAGE
 from preshard.core.errors import PreshardError
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_PERMANENT = 3
 
 # subcommand -> module with ``run(args: argparse.Namespace) -> int``
 COMMANDS = {
@@ -182,57 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fetch a model, save it with vLLM's save_sharded_state at the given "
         "parallelism, verify it, and upload it with preshard-manifest.json written last.",
     )
-    p.add_argument(
-        "--source",
-        required=True,
-        help="s3://bucket/prefix/, pvc://claim/path, hf://org/name[@rev] or a local directory",
-    )
-    p.add_argument(
-        "--tensor-parallel-size", "-tp", type=int, required=True, help="tensor-parallel size (>= 1)"
-    )
-    p.add_argument(
-        "--pipeline-parallel-size",
-        "-pp",
-        type=int,
-        default=1,
-        help="pipeline-parallel size (default 1)",
-    )
-    p.add_argument("--quantization", default=None, help="vLLM quantization method, e.g. fp8")
-    p.add_argument(
-        "--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default auto)"
-    )
-    p.add_argument("--output", required=True, help="s3://bucket/prefix/ (or a local directory)")
-    p.add_argument(
-        "--max-file-size",
-        default="5Gi",
-        help="largest safetensors file per rank, bytes or a quantity like 5Gi (default 5Gi)",
-    )
-    p.add_argument(
-        "--verify",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="reload the shards and compare greedy tokens (default on)",
-    )
+    # what to produce: the conversion plan's flags (preshard.core.plan, one definition)
+    plan.add_arguments(p)
+    p.set_defaults(owner=os.environ.get("PRESHARD_OWNER"))
     p.add_argument(
         "--work-dir",
         default=os.environ.get("PRESHARD_WORK_DIR", "./preshard-work"),
         help="local scratch directory (env PRESHARD_WORK_DIR)",
     )
     p.add_argument(
-        "--owner",
-        default=os.environ.get("PRESHARD_OWNER"),
-        help="owner recorded in the manifest (namespace/name/uid); a prefix owned by another owner is never overwritten",
-    )
-    p.add_argument(
         "--source-endpoint-url",
         default=os.environ.get("PRESHARD_SOURCE_ENDPOINT_URL"),
         help="S3 endpoint of the source, if different (env PRESHARD_SOURCE_ENDPOINT_URL)",
-    )
-    p.add_argument(
-        "--identity",
-        default=None,
-        help="conversion identity recorded in the manifest (sha256:..., computed by the "
-        "operator from the preflight; lets a re-applied resource adopt the checkpoint)",
     )
     p.add_argument(
         "--gpu-memory-utilization",

@@ -11,9 +11,9 @@ import pytest
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import SpecError
 from preshard.core.jobs import accelerator, build_conversion_job, build_purge_job
+from preshard.core.plan import QUANTIZATIONS
 from preshard.core.spec import (
     CPU_QUANTIZATIONS,
-    QUANTIZATIONS,
     check_accelerator,
     parse_cpu,
     parse_spec,

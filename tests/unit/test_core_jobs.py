@@ -334,8 +334,8 @@ def test_secret_and_endpoint_resolution() -> None:
     assert output_endpoint(pvc, BASIC_CONFIG) is None
     hf = parse_spec(HF)
     assert output_endpoint(hf, CLUSTER_CONFIG) == "https://s3.eu.example.com"
-    assert source_secret(hf, CLUSTER_CONFIG) == "hf-token"
-    assert source_secret(s3, CLUSTER_CONFIG) is None
+    assert source_secret(hf) == "hf-token"
+    assert source_secret(s3) is None
     assert referenced_secrets(hf, CLUSTER_CONFIG) == ["hf-token", "s3-credentials"]
     assert referenced_secrets(pvc, CLUSTER_CONFIG) == ["s3-default"]
     assert referenced_secrets(pvc, BASIC_CONFIG) == []
@@ -359,10 +359,10 @@ def test_conversion_args_minimal() -> None:
         "--max-file-size",
         str(5 * 2**30),
         "--verify",
-        "--work-dir",
-        "/work",
         "--owner",
         f"ml/tiny-tp2/{UID}",
+        "--work-dir",
+        "/work",
         "--progress",
         "lines",
     ]

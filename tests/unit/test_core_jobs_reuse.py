@@ -116,6 +116,6 @@ def test_conversion_job_passes_the_identity() -> None:
     args = container(build_conversion_job("m", NS, UID, spec, BASIC_CONFIG, identity=IDENTITY))[
         "args"
     ]
-    assert args[-2:] == ["--identity", IDENTITY]
+    assert args[args.index("--identity") : args.index("--identity") + 2] == ["--identity", IDENTITY]
     plain = container(build_conversion_job("m", NS, UID, spec, BASIC_CONFIG))["args"]
     assert "--identity" not in plain

@@ -13,15 +13,8 @@ import pydantic
 import pytest
 
 from preshard.core.errors import SpecError, URIError
-from preshard.core.spec import (
-    DEFAULT_MAX_FILE_SIZE,
-    DTYPES,
-    MAX_PARALLEL,
-    QUANTIZATIONS,
-    CheckpointSpec,
-    check_model_config,
-    parse_spec,
-)
+from preshard.core.plan import DEFAULT_MAX_FILE_SIZE, DTYPES, MAX_PARALLEL, QUANTIZATIONS
+from preshard.core.spec import CheckpointSpec, parse_spec
 
 MINIMAL: dict[str, Any] = {
     "source": {"uri": "s3://models/llama/"},
@@ -57,7 +50,7 @@ def test_minimal_spec_defaults() -> None:
     assert s.source.endpoint is None and s.source.region is None
     assert s.tensor_parallel_size == 2
     assert s.pipeline_parallel_size == 1
-    assert s.world_size == 2
+    assert s.layout.world_size == 2
     assert s.quantization is None
     assert s.dtype == "auto"
     assert s.output.uri == "s3://checkpoints/llama/tp2/"
@@ -112,7 +105,7 @@ def test_full_spec() -> None:
         },
     }
     s = parse_spec(raw)
-    assert s.world_size == 16
+    assert s.layout.world_size == 16
     assert s.source.parsed.authority == "meta-llama/Llama-3.1-70B-Instruct"
     assert str(s.output.parsed) == "s3://models/llama-70b/tp8-fp8/"
     assert s.output.max_file_size_bytes == 2 * 2**30
@@ -528,15 +521,15 @@ def test_conversion_hash_ignores_non_conversion_fields(change: dict[str, Any]) -
 
 def test_check_model_config_accepts_divisible_sizes() -> None:
     spec = parse_spec(spec_with(tensorParallelSize=8, pipelineParallelSize=4))
-    check_model_config(spec, {"num_attention_heads": 64, "num_hidden_layers": 80})
-    check_model_config(spec, {"text_config": {"num_attention_heads": 32}})
-    check_model_config(spec, {})  # unknown shapes are left to vLLM
+    spec.layout.check_model({"num_attention_heads": 64, "num_hidden_layers": 80})
+    spec.layout.check_model({"text_config": {"num_attention_heads": 32}})
+    spec.layout.check_model({})  # unknown shapes are left to vLLM
 
 
 def test_check_model_config_tp_mismatch() -> None:
     spec = parse_spec(spec_with(tensorParallelSize=8))
     with pytest.raises(SpecError) as exc:
-        check_model_config(spec, {"num_attention_heads": 12})
+        spec.layout.check_model({"num_attention_heads": 12})
     assert str(exc.value) == (
         "tensorParallelSize 8 does not divide the model's 12 attention heads; "
         "use one of [1, 2, 3, 4, 6, 12]"
@@ -548,13 +541,13 @@ def test_check_model_config_tp_mismatch() -> None:
 def test_check_model_config_reads_text_config() -> None:
     spec = parse_spec(spec_with(tensorParallelSize=3))
     with pytest.raises(SpecError, match="does not divide the model's 8 attention heads"):
-        check_model_config(spec, {"text_config": {"num_attention_heads": 8}})
+        spec.layout.check_model({"text_config": {"num_attention_heads": 8}})
 
 
 def test_check_model_config_pp_mismatch() -> None:
     spec = parse_spec(spec_with(tensorParallelSize=1, pipelineParallelSize=4))
     with pytest.raises(SpecError) as exc:
-        check_model_config(spec, {"num_attention_heads": 4, "num_hidden_layers": 2})
+        spec.layout.check_model({"num_attention_heads": 4, "num_hidden_layers": 2})
     assert str(exc.value) == "pipelineParallelSize 4 exceeds the model's 2 layers"
     assert exc.value.reason == "PipelineParallelSizeMismatch"
 

@@ -25,17 +25,15 @@ import yaml
 
 from preshard import GROUP, KIND, PLURAL, VERSION
 from preshard.core.errors import SpecError
+from preshard.core.plan import DTYPES, MAX_PARALLEL, QUANTIZATIONS
 from preshard.core.progress import STAGES, ProgressRecord, Result
 from preshard.core.quantity import QUANTITY_PATTERN
 from preshard.core.spec import (
-    DTYPES,
     ENDPOINT_PATTERN,
     ENV_NAME_PATTERN,
     MAX_LIST,
-    MAX_PARALLEL,
     MAX_URI,
     NAME_PATTERN,
-    QUANTIZATIONS,
     CheckpointSpec,
     EnvVar,
     Resources,

@@ -10,6 +10,7 @@ import pytest
 
 from preshard.cli import build_parser
 from preshard.core.errors import PreshardError, SpecError
+from preshard.core.plan import Layout
 from preshard.worker import convert as cv
 
 
@@ -36,12 +37,13 @@ def request(tmp_path: Path, *extra: str) -> cv.ConvertRequest:
 
 def test_from_args_defaults(tmp_path: Path) -> None:
     req = request(tmp_path)
-    assert req.tensor_parallel_size == 2 and req.pipeline_parallel_size == 1
-    assert req.world_size == 2
-    assert req.max_file_size == 5 * 2**30
-    assert req.verify is True
-    assert req.output.scheme == "s3" and req.output.prefix == "out/m/"
-    assert req.source.scheme == "file"
+    plan = req.plan
+    assert plan.tensor_parallel_size == 2 and plan.pipeline_parallel_size == 1
+    assert plan.world_size == 2
+    assert plan.max_file_size == 5 * 2**30
+    assert plan.verify is True
+    assert plan.output.scheme == "s3" and plan.output.prefix == "out/m/"
+    assert plan.source.scheme == "file"
     assert req.work_dir == (tmp_path / "work").resolve()
 
 
@@ -62,9 +64,9 @@ def test_from_args_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         "--gpu-memory-utilization",
         "0.5",
     )
-    assert req.quantization == "fp8" and req.dtype == "bfloat16"
-    assert req.max_file_size == 512 * 2**20
-    assert req.verify is False and req.world_size == 4
+    assert req.plan.quantization == "fp8" and req.plan.dtype == "bfloat16"
+    assert req.plan.max_file_size == 512 * 2**20
+    assert req.plan.verify is False and req.plan.world_size == 4
     assert req.max_model_len == 64 and req.gpu_memory_utilization == 0.5
 
 
@@ -78,8 +80,9 @@ def test_from_args_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         ),
         (("--dtype", "float8"), "InvalidSpec", "unknown dtype 'float8'"),
         (("--max-file-size", "5GB"), "InvalidSpec", "--max-file-size: '5GB' is not a quantity"),
-        (("--max-file-size", "0"), "InvalidSpec", "--max-file-size must be positive"),
-        (("-tp", "0"), "InvalidSpec", "must be >= 1 (got 0 and 1)"),
+        (("--max-file-size", "0"), "InvalidSpec", "--max-file-size must be a positive number"),
+        (("-tp", "0"), "InvalidSpec", "--tensor-parallel-size must be an integer from 1 to 1024"),
+        (("-pp", "1025"), "InvalidSpec", "--pipeline-parallel-size must be an integer from 1 to"),
         (("--gpu-memory-utilization", "1.5"), "InvalidSpec", "must be in (0, 1]"),
     ],
 )
@@ -119,7 +122,7 @@ def test_from_args_uris(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"output .* and --work-dir .* must not contain each other"):
         convert_args("hf://org/model", str(tmp_path / "w" / "out"))
     req = convert_args("hf://org/model@v1", str(tmp_path / "out"))
-    assert req.source.revision == "v1" and req.output.scheme == "file"
+    assert req.plan.source.revision == "v1" and req.plan.output.scheme == "file"
 
 
 def write_model(d: Path, **cfg) -> Path:
@@ -197,7 +200,7 @@ def test_read_model_config_rejects(tmp_path: Path, setup: str, reason: str, mess
 )
 def test_check_parallelism_rejects(cfg, tp: int, pp: int, message: str) -> None:
     with pytest.raises(SpecError) as ei:
-        cv.check_parallelism(cfg, tp, pp)
+        Layout(tp, pp).check_model(cfg)
     assert message in ei.value.message
     assert ei.value.permanent
 
@@ -212,7 +215,7 @@ def test_check_parallelism_rejects(cfg, tp: int, pp: int, message: str) -> None:
     ],
 )
 def test_check_parallelism_accepts(cfg, tp: int) -> None:
-    cv.check_parallelism(cfg, tp, 1)
+    Layout(tp, 1).check_model(cfg)
 
 
 def test_copy_non_weight_files(tmp_path: Path) -> None:

@@ -106,7 +106,9 @@ class OperatorConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OperatorConfig:
-        """Read PRESHARD_* variables; raise ValueError naming the variable on bad input."""
+        """Read PRESHARD_* variables; raise ValueError naming the variable on bad input.
+        An unset (or empty) variable keeps the field's default above."""
+        base = cls()
 
         def get(name: str) -> str | None:
             v = env.get(name)
@@ -150,7 +152,7 @@ class OperatorConfig:
                 raise ValueError(f"{name} must be a JSON {kind.__name__}")
             return value
 
-        policy = get("PRESHARD_CONVERTER_IMAGE_PULL_POLICY") or "IfNotPresent"
+        policy = get("PRESHARD_CONVERTER_IMAGE_PULL_POLICY") or base.image_pull_policy
         if policy not in ("Always", "IfNotPresent", "Never"):
             raise ValueError(
                 f"PRESHARD_CONVERTER_IMAGE_PULL_POLICY={policy!r} must be Always, IfNotPresent or Never"
@@ -176,16 +178,17 @@ class OperatorConfig:
             for key, value in node_selector.items():
                 if not isinstance(value, str):
                     raise ValueError(f"{selector_var} values must be strings ({key!r}: {value!r})")
-            tolerations = json_value(tolerations_var, list)
+            return node_selector, tolerations_of(tolerations_var)
+
+        def tolerations_of(name: str) -> list[Any]:
             try:
                 # The same rules as spec.converter.tolerations (objects, known fields, enums).
-                tolerations = _TOLERATIONS.validate_python(tolerations)
+                return list(_TOLERATIONS.validate_python(json_value(name, list)))
             except ValidationError as exc:
                 err = exc.errors()[0]
                 where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
                 msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-                raise ValueError(f"{tolerations_var}{where}: {msg}") from None
-            return node_selector, tolerations
+                raise ValueError(f"{name}{where}: {msg}") from None
 
         node_selector, tolerations = placement(
             "PRESHARD_CONVERTER_NODE_SELECTOR", "PRESHARD_CONVERTER_TOLERATIONS"
@@ -193,10 +196,10 @@ class OperatorConfig:
         cpu_node_selector, cpu_tolerations = placement(
             "PRESHARD_CONVERTER_CPU_NODE_SELECTOR", "PRESHARD_CONVERTER_CPU_TOLERATIONS"
         )
-        accelerator = get("PRESHARD_DEFAULT_ACCELERATOR") or "gpu"
+        accelerator = get("PRESHARD_DEFAULT_ACCELERATOR") or base.default_accelerator
         if accelerator not in ("gpu", "cpu"):
             raise ValueError(f"PRESHARD_DEFAULT_ACCELERATOR={accelerator!r} must be gpu or cpu")
-        work = get("PRESHARD_WORK_DIR_SIZE") or "200Gi"
+        work = get("PRESHARD_WORK_DIR_SIZE") or base.work_dir_size
         if not QUANTITY_RE.match(work):
             raise ValueError(f"PRESHARD_WORK_DIR_SIZE={work!r} is not a quantity such as 200Gi")
         namespaces = tuple(
@@ -224,14 +227,7 @@ class OperatorConfig:
                     f"PRESHARD_NAMESPACE_SERVICE_ACCOUNTS[{key!r}]: {value!r} is not a valid "
                     "ServiceAccount name"
                 )
-        allowed_tolerations = json_value("PRESHARD_ALLOWED_TOLERATIONS", list)
-        try:
-            allowed_tolerations = _TOLERATIONS.validate_python(allowed_tolerations)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-            raise ValueError(f"PRESHARD_ALLOWED_TOLERATIONS{where}: {msg}") from None
+        allowed_tolerations = tolerations_of("PRESHARD_ALLOWED_TOLERATIONS")
         allowed_ns = json_value("PRESHARD_ALLOWED_NODE_SELECTOR", dict)
         for key, value in allowed_ns.items():
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -253,19 +249,21 @@ class OperatorConfig:
         if lookup not in SECRET_CHECKS:
             raise ValueError(f"PRESHARD_SECRET_CHECK={lookup!r} must be metadata or off")
         return cls(
-            converter_image=get("PRESHARD_CONVERTER_IMAGE") or DEFAULT_CONVERTER_IMAGE,
-            converter_cpu_image=get("PRESHARD_CONVERTER_CPU_IMAGE") or DEFAULT_CONVERTER_CPU_IMAGE,
+            converter_image=get("PRESHARD_CONVERTER_IMAGE") or base.converter_image,
+            converter_cpu_image=get("PRESHARD_CONVERTER_CPU_IMAGE") or base.converter_cpu_image,
             default_accelerator=accelerator,
             image_pull_policy=policy,
-            gpu_resource_name=get("PRESHARD_GPU_RESOURCE_NAME") or "nvidia.com/gpu",
-            job_service_account=get("PRESHARD_JOB_SERVICE_ACCOUNT") or "preshard-converter",
+            gpu_resource_name=get("PRESHARD_GPU_RESOURCE_NAME") or base.gpu_resource_name,
+            job_service_account=get("PRESHARD_JOB_SERVICE_ACCOUNT") or base.job_service_account,
             default_s3_endpoint=endpoint,
             default_credentials_secret=get("PRESHARD_CREDENTIALS_SECRET"),
-            job_ttl_seconds=integer("PRESHARD_JOB_TTL_SECONDS", 86400),
+            job_ttl_seconds=integer("PRESHARD_JOB_TTL_SECONDS", base.job_ttl_seconds),
             namespaces=namespaces,
-            metrics_port=integer("PRESHARD_METRICS_PORT", 8080),
-            liveness_endpoint=liveness if liveness is not None else "http://0.0.0.0:8081/healthz",
-            progress_poll_seconds=number("PRESHARD_PROGRESS_POLL_SECONDS", 10.0),
+            metrics_port=integer("PRESHARD_METRICS_PORT", base.metrics_port),
+            liveness_endpoint=liveness if liveness is not None else base.liveness_endpoint,
+            progress_poll_seconds=number(
+                "PRESHARD_PROGRESS_POLL_SECONDS", base.progress_poll_seconds
+            ),
             work_dir_size=work,
             default_node_selector=tuple(sorted(node_selector.items())),
             default_tolerations=tuple(tolerations),

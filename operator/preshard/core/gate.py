@@ -41,6 +41,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from preshard.core.contract import LOAD_FORMAT_LOCAL, LOAD_FORMAT_STREAM
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
     STATE_PROCESSED,
@@ -51,8 +52,6 @@ from preshard.core.manifest import (
     parse_shard_filename,
 )
 
-LOAD_FORMAT_LOCAL = "sharded_state"
-LOAD_FORMAT_STREAM = "runai_streamer_sharded"
 LOAD_FORMATS = (LOAD_FORMAT_LOCAL, LOAD_FORMAT_STREAM)
 
 # Oldest vLLM versions the gate accepts, per what needs them. 0.32.0 is the version the

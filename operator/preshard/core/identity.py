@@ -28,9 +28,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from preshard.core.manifest import FILE_PATTERN, PP_FILE_PATTERN, STATE_RAW
+from preshard.core.contract import STATE_RAW
 from preshard.core.spec import CheckpointSpec
-from preshard.core.uris import parse_uri
 
 IDENTITY_VERSION = 1
 PREFIX = "sha256:"
@@ -44,16 +43,13 @@ class SourcePin:
     digest: str  # "sha256:<hex>" of the file list, or the commit for hf://
 
 
-def file_pattern(pipeline_parallel_size: int) -> str:
-    """vLLM's sharded_state file pattern preshard writes (worker.verify_shards' choice)."""
-    return PP_FILE_PATTERN if pipeline_parallel_size > 1 else FILE_PATTERN
-
-
 def identity_document(
     spec: CheckpointSpec, source: SourcePin, vllm_version: str, state_format: str = STATE_RAW
 ) -> dict[str, Any]:
-    """The canonical document the identity hashes (also useful to explain a mismatch)."""
-    src = parse_uri(spec.source.uri)
+    """The canonical document the identity hashes (also useful to explain a mismatch):
+    the spec's conversion plan (preshard.core.plan) and what pins its inputs."""
+    plan = spec.plan()
+    src = plan.source
     return {
         "identityVersion": IDENTITY_VERSION,
         "source": {
@@ -63,14 +59,13 @@ def identity_document(
             "revision": source.revision,
             "digest": source.digest,
         },
-        "tensorParallelSize": spec.tensor_parallel_size,
-        "pipelineParallelSize": spec.pipeline_parallel_size,
-        "quantization": spec.quantization,
-        "dtype": spec.dtype,
+        **plan.layout.status(),
+        "quantization": plan.quantization,
+        "dtype": plan.dtype,
         "stateFormat": state_format,
         "vllmVersion": vllm_version,
-        "filePattern": file_pattern(spec.pipeline_parallel_size),
-        "maxFileSize": spec.output.max_file_size_bytes,
+        "filePattern": plan.layout.file_pattern,
+        "maxFileSize": plan.max_file_size,
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from preshard import GROUP, KIND, VERSION
 from preshard.core.config import OperatorConfig
+from preshard.core.contract import EXIT_PERMANENT, PVC_MOUNT_ROOT, TERMINATION_LOG, WORK_DIR
 from preshard.core.naming import (
     bounded_name,
     checkpoint_label_value,
@@ -23,10 +24,6 @@ from preshard.core.serving import configmap_data, serving_info
 from preshard.core.spec import CheckpointSpec
 
 CONTAINER = "convert"
-WORK_DIR = "/work"
-PVC_MOUNT_ROOT = "/mnt/source"
-TERMINATION_LOG = "/dev/termination-log"
-EXIT_PERMANENT = 3
 MANAGED_BY = "preshard"
 LABEL_CHECKPOINT = "preshard.io/checkpoint"
 LABEL_SPEC_HASH = "preshard.io/spec-hash"
@@ -95,7 +92,7 @@ def output_secret(spec: CheckpointSpec, config: OperatorConfig) -> str | None:
     return spec.output.credentials_secret or config.default_credentials_secret
 
 
-def source_secret(spec: CheckpointSpec, config: OperatorConfig) -> str | None:
+def source_secret(spec: CheckpointSpec) -> str | None:
     """The Secret the source is read with (None: the output's credentials or none)."""
     return spec.source.credentials_secret
 
@@ -112,7 +109,7 @@ def job_service_account(namespace: str, spec: CheckpointSpec, config: OperatorCo
 
 def referenced_secrets(spec: CheckpointSpec, config: OperatorConfig) -> list[str]:
     """Every Secret the conversion pod reads (the operator checks they exist)."""
-    names = [s for s in (output_secret(spec, config), source_secret(spec, config)) if s]
+    names = [s for s in (output_secret(spec, config), source_secret(spec)) if s]
     return sorted(set(names))
 
 
@@ -183,12 +180,11 @@ def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:
         # No GPU. One core per rank at least (vLLM binds each CPU rank's OpenMP threads
         # to its own cores); check_accelerator refused fewer before the Job.
         if "cpu" not in requests and "cpu" not in limits:
-            requests["cpu"] = str(spec.world_size)
+            requests["cpu"] = str(spec.layout.world_size)
     else:
         gpu = spec.converter.gpu_resource_name or config.gpu_resource_name
         # Quantities are strings in the API (the kubernetes client returns them as such).
-        requests[gpu] = str(spec.world_size)
-        limits[gpu] = str(spec.world_size)
+        requests[gpu] = limits[gpu] = str(spec.layout.world_size)
     out: dict[str, Any] = {"requests": dict(sorted(requests.items()))}
     if limits:
         out["limits"] = dict(sorted(limits.items()))
@@ -215,36 +211,101 @@ def _accelerator_env(spec: CheckpointSpec, config: OperatorConfig) -> list[dict[
 def conversion_args(
     name: str, namespace: str, uid: str, spec: CheckpointSpec, identity: str | None = None
 ) -> list[str]:
-    args = [
-        "convert",
-        "--source",
-        spec.source.uri,
-        "--tensor-parallel-size",
-        str(spec.tensor_parallel_size),
-        "--pipeline-parallel-size",
-        str(spec.pipeline_parallel_size),
-    ]
-    if spec.quantization:
-        args += ["--quantization", spec.quantization]
-    args += [
-        "--dtype",
-        spec.dtype,
-        "--output",
-        str(spec.output.parsed),
-        "--max-file-size",
-        str(spec.output.max_file_size_bytes),
-        # false: only the engine-free file check (it always runs), no engine reload
-        "--verify" if spec.verify else "--no-verify",
-        "--work-dir",
-        WORK_DIR,
-        "--owner",
-        f"{namespace}/{name}/{uid}",
-        "--progress",
-        "lines",
-    ]
-    if identity:
-        args += ["--identity", identity]
-    return args
+    """``preshard convert`` with the resource's conversion plan (core.plan), then the pod's
+    own flags (scratch directory, progress lines)."""
+    plan = spec.plan(owner=owner_arg(name, namespace, uid), identity=identity)
+    return ["convert", *plan.to_argv(), "--work-dir", WORK_DIR, "--progress", "lines"]
+
+
+def owner_arg(name: str, namespace: str, uid: str) -> str:
+    """The owner a manifest records: ``namespace/name/uid``."""
+    return f"{namespace}/{name}/{uid}"
+
+
+def _source_volume(spec: CheckpointSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A pvc:// source's claim, mounted read-only under PVC_MOUNT_ROOT (else nothing)."""
+    src = spec.source.parsed
+    if src.scheme != "pvc":
+        return [], []
+    volume = {
+        "name": "source",
+        "persistentVolumeClaim": {"claimName": src.authority, "readOnly": True},
+    }
+    mount = {"name": "source", "mountPath": f"{PVC_MOUNT_ROOT}/{src.authority}", "readOnly": True}
+    return [volume], [mount]
+
+
+def _metadata(
+    name: str, namespace: str, uid: str, job: str, lbl: dict[str, str], spec_hash: str, *,
+    owned: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    meta: dict[str, Any] = {
+        "name": job,
+        "namespace": namespace,
+        "labels": lbl,
+        "annotations": {
+            ANNOTATION_SPEC_HASH: spec_hash,
+            ANNOTATION_OWNER_UID: uid,
+            ANNOTATION_CHECKPOINT_NAME: name,
+        },
+    }
+    if owned:
+        meta["ownerReferences"] = [owner_reference(name, uid)]
+    return meta
+
+
+def _fail_fast(container: str) -> dict[str, Any]:
+    """podFailurePolicy: a permanent failure (exit code 3) fails the Job at once; a pod
+    evicted by a disruption does not count against backoffLimit."""
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": container,
+                    "operator": "In",
+                    "values": [EXIT_PERMANENT],
+                },
+            },
+            {
+                "action": "Ignore",
+                "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+            },
+        ]
+    }
+
+
+def _container(
+    name: str, image: str, pull: str, args: list[str], env: list[dict[str, Any]],
+    resources: dict[str, Any], mounts: list[dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": pull,
+        "command": ["preshard"],
+        "args": args,
+        "env": env,
+        "resources": resources,
+        "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": mounts,
+    }
+
+
+def _pod_spec(
+    service_account: str, container: dict[str, Any], volumes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
+        "containers": [container],
+        "volumes": volumes,
+    }
 
 
 def build_conversion_job(
@@ -267,42 +328,22 @@ def build_conversion_job(
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    src = spec.source.parsed
-    if src.scheme == "pvc":
-        volumes.append(
-            {
-                "name": "source",
-                "persistentVolumeClaim": {"claimName": src.authority, "readOnly": True},
-            }
-        )
-        mounts.append(
-            {"name": "source", "mountPath": f"{PVC_MOUNT_ROOT}/{src.authority}", "readOnly": True}
-        )
+    src_volumes, src_mounts = _source_volume(spec)
+    volumes += src_volumes
+    mounts += src_mounts
     env = _output_env(spec, config) + _source_env(spec) + _runtime_env()
     env += _accelerator_env(spec, config)
     env += [{"name": e["name"], "value": str(e.get("value", ""))} for e in (conv.env or [])]
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": converter_image(spec, config),
-        "imagePullPolicy": conv.image_pull_policy or config.image_pull_policy,
-        "command": ["preshard"],
-        "args": conversion_args(name, namespace, uid, spec, identity),
-        "env": env,
-        "resources": _resources(spec, config),
-        "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": mounts,
-    }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "serviceAccountName": job_service_account(namespace, spec, config),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
-        "containers": [container],
-        "volumes": volumes,
-    }
+    container = _container(
+        CONTAINER,
+        converter_image(spec, config),
+        conv.image_pull_policy or config.image_pull_policy,
+        conversion_args(name, namespace, uid, spec, identity),
+        env,
+        _resources(spec, config),
+        mounts,
+    )
+    pod_spec = _pod_spec(job_service_account(namespace, spec, config), container, volumes)
     on_cpu = accelerator(spec, config) == "cpu"
     # the operator's default placement for the accelerator (the chart's converter.cpu*);
     # the admin's default nodeSelector always applies; the spec adds (or, where the policy
@@ -324,17 +365,7 @@ def build_conversion_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": job_name(name, spec_hash),
-            "namespace": namespace,
-            "labels": lbl,
-            "annotations": {
-                ANNOTATION_SPEC_HASH: spec_hash,
-                ANNOTATION_OWNER_UID: uid,
-                ANNOTATION_CHECKPOINT_NAME: name,
-            },
-            "ownerReferences": [owner_reference(name, uid)],
-        },
+        "metadata": _metadata(name, namespace, uid, job_name(name, spec_hash), lbl, spec_hash),
         "spec": {
             "backoffLimit": conv.backoff_limit,
             "activeDeadlineSeconds": conv.active_deadline_seconds,
@@ -343,22 +374,7 @@ def build_conversion_job(
                 if conv.ttl_seconds_after_finished is not None
                 else config.job_ttl_seconds
             ),
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": CONTAINER,
-                            "operator": "In",
-                            "values": [EXIT_PERMANENT],
-                        },
-                    },
-                    {
-                        "action": "Ignore",
-                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                    },
-                ]
-            },
+            "podFailurePolicy": _fail_fast(CONTAINER),
             "template": {
                 "metadata": {"labels": lbl, "annotations": {ANNOTATION_SPEC_HASH: spec_hash}},
                 "spec": pod_spec,
@@ -379,63 +395,37 @@ def build_purge_job(
     """
     spec_hash = spec.conversion_hash()
     lbl = labels(name, "purge", spec_hash)
-    container: dict[str, Any] = {
-        "name": "purge",
+    container = _container(
+        "purge",
         # The operator's own image, whatever spec.converter.image says: deleting needs no
         # vLLM, and an image the user picked never runs with the output credentials here.
-        "image": (
-            config.converter_cpu_image
-            if accelerator(spec, config) == "cpu"
-            else config.converter_image
-        ),
-        "imagePullPolicy": config.image_pull_policy,
-        "command": ["preshard"],
-        "args": [
-            "purge",
-            "--output",
-            str(spec.output.parsed),
-            "--owner",
-            f"{namespace}/{name}/{uid}",
-        ],
-        "env": [
+        config.converter_cpu_image
+        if accelerator(spec, config) == "cpu"
+        else config.converter_image,
+        config.image_pull_policy,
+        ["purge", "--output", str(spec.output.parsed), "--owner", owner_arg(name, namespace, uid)],
+        [
             *_output_env(spec, config),
             {"name": "PRESHARD_TERMINATION_LOG", "value": TERMINATION_LOG},
             {"name": "HOME", "value": "/tmp"},
         ],
-        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-        "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-    }
+        {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        [{"name": "tmp", "mountPath": "/tmp"}],
+    )
+    volumes = [{"name": "tmp", "emptyDir": {}}]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": cleanup_job_name(name, spec_hash),
-            "namespace": namespace,
-            "labels": lbl,
-            "annotations": {
-                ANNOTATION_SPEC_HASH: spec_hash,
-                ANNOTATION_OWNER_UID: uid,
-                ANNOTATION_CHECKPOINT_NAME: name,
-            },
-        },
+        "metadata": _metadata(
+            name, namespace, uid, cleanup_job_name(name, spec_hash), lbl, spec_hash, owned=False
+        ),
         "spec": {
             "backoffLimit": 3,
             "activeDeadlineSeconds": 3600,
             "ttlSecondsAfterFinished": 600,
             "template": {
                 "metadata": {"labels": lbl},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": job_service_account(namespace, spec, config),
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
-                    "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
-                },
+                "spec": _pod_spec(job_service_account(namespace, spec, config), container, volumes),
             },
         },
     }
@@ -512,21 +502,9 @@ def _reuse_job(
     env = _output_env(spec, config)
     if source_access:
         env += _source_env(spec)
-        src = spec.source.parsed
-        if src.scheme == "pvc":
-            volumes.append(
-                {
-                    "name": "source",
-                    "persistentVolumeClaim": {"claimName": src.authority, "readOnly": True},
-                }
-            )
-            mounts.append(
-                {
-                    "name": "source",
-                    "mountPath": f"{PVC_MOUNT_ROOT}/{src.authority}",
-                    "readOnly": True,
-                }
-            )
+        src_volumes, src_mounts = _source_volume(spec)
+        volumes += src_volumes
+        mounts += src_mounts
     env += [
         {"name": "PRESHARD_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "PRESHARD_WORK_DIR", "value": WORK_DIR},
@@ -535,72 +513,49 @@ def _reuse_job(
         {"name": "HF_HOME", "value": f"{WORK_DIR}/cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    container: dict[str, Any] = {
-        "name": component,
-        "image": spec.converter.image or config.converter_image,
-        "imagePullPolicy": spec.converter.image_pull_policy or config.image_pull_policy,
-        "command": ["preshard"],
-        "args": args,
-        "env": env,
-        "resources": copy.deepcopy(REUSE_RESOURCES),
-        "securityContext": copy.deepcopy(RESTRICTED_CONTAINER_SECURITY),
-        "terminationMessagePath": TERMINATION_LOG,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": mounts,
-    }
+    container = _container(
+        component,
+        spec.converter.image or config.converter_image,
+        spec.converter.image_pull_policy or config.image_pull_policy,
+        args,
+        env,
+        copy.deepcopy(REUSE_RESOURCES),
+        mounts,
+    )
+    job = reuse_job_name(name, uid, component, spec_hash, *extra)
+    service_account = spec.converter.service_account_name or config.job_service_account
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": reuse_job_name(name, uid, component, spec_hash, *extra),
-            "namespace": namespace,
-            "labels": lbl,
-            "annotations": {
-                ANNOTATION_SPEC_HASH: spec_hash,
-                ANNOTATION_OWNER_UID: uid,
-                ANNOTATION_CHECKPOINT_NAME: name,
-            },
-            "ownerReferences": [owner_reference(name, uid)],
-        },
+        "metadata": _metadata(name, namespace, uid, job, lbl, spec_hash),
         "spec": {
             "backoffLimit": 2,
             "activeDeadlineSeconds": REUSE_DEADLINE_SECONDS,
             "ttlSecondsAfterFinished": REUSE_TTL_SECONDS,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {
-                            "containerName": component,
-                            "operator": "In",
-                            "values": [EXIT_PERMANENT],
-                        },
-                    },
-                    {
-                        "action": "Ignore",
-                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-                    },
-                ]
-            },
+            "podFailurePolicy": _fail_fast(component),
             "template": {
                 "metadata": {"labels": lbl},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": spec.converter.service_account_name
-                    or config.job_service_account,
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": copy.deepcopy(RESTRICTED_POD_SECURITY),
-                    "containers": [container],
-                    "volumes": volumes,
-                },
+                "spec": _pod_spec(service_account, container, volumes),
             },
         },
     }
 
 
-def _owner_arg(name: str, namespace: str, uid: str) -> str:
-    return f"{namespace}/{name}/{uid}"
+def _step_args(
+    command: str, name: str, namespace: str, uid: str, spec: CheckpointSpec,
+    expect_owner: str | None,
+) -> list[str]:  # fmt: skip
+    """``COMMAND --output URI --owner NS/NAME/UID [--expect-owner OWNER]``."""
+    args = [
+        command,
+        "--output",
+        str(spec.output.parsed),
+        "--owner",
+        owner_arg(name, namespace, uid),
+    ]
+    if expect_owner:
+        args += ["--expect-owner", expect_owner]
+    return args
 
 
 def build_preflight_job(
@@ -620,7 +575,7 @@ def build_preflight_job(
         "--output",
         str(spec.output.parsed),
         "--owner",
-        _owner_arg(name, namespace, uid),
+        owner_arg(name, namespace, uid),
     ]
     extra = (str(attempt),) if attempt else ()
     return _reuse_job(
@@ -639,15 +594,7 @@ def build_adopt_job(
     expect_owner: str | None,
     expect_manifest_sha256: str,
 ) -> dict[str, Any]:
-    args = [
-        "adopt",
-        "--output",
-        str(spec.output.parsed),
-        "--owner",
-        _owner_arg(name, namespace, uid),
-    ]
-    if expect_owner:
-        args += ["--expect-owner", expect_owner]
+    args = _step_args("adopt", name, namespace, uid, spec, expect_owner)
     args += ["--expect-identity", identity, "--expect-manifest-sha256", expect_manifest_sha256]
     return _reuse_job(
         name, namespace, uid, spec, config, "adopt", args, identity, expect_manifest_sha256
@@ -674,7 +621,7 @@ def build_copy_job(
         "--to",
         str(spec.output.parsed),
         "--owner",
-        _owner_arg(name, namespace, uid),
+        owner_arg(name, namespace, uid),
         "--expect-identity",
         identity,
         "--expect-manifest-sha256",
@@ -696,14 +643,6 @@ def build_withdraw_job(
     expect_owner: str | None,
     expect_manifest_sha256: str,
 ) -> dict[str, Any]:
-    args = [
-        "withdraw",
-        "--output",
-        str(spec.output.parsed),
-        "--owner",
-        _owner_arg(name, namespace, uid),
-    ]
-    if expect_owner:
-        args += ["--expect-owner", expect_owner]
+    args = _step_args("withdraw", name, namespace, uid, spec, expect_owner)
     args += ["--expect-manifest-sha256", expect_manifest_sha256]
     return _reuse_job(name, namespace, uid, spec, config, "withdraw", args, expect_manifest_sha256)

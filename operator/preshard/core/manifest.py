@@ -16,41 +16,61 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-MANIFEST_NAME = "preshard-manifest.json"
+from preshard.core.contract import (
+    FILE_PATTERN,
+    LOAD_FORMAT_LOCAL,
+    MANIFEST_NAME,
+    PP_FILE_PATTERN,
+    PP_FILE_RE,
+    RANK_FILE_RE,
+    SHARDING_NAME,
+    STATE_FORMATS,
+    STATE_PROCESSED,
+    STATE_RAW,
+)
+from preshard.core.plan import MAX_PARALLEL
+
+if TYPE_CHECKING:
+    from preshard.core.plan import ConversionPlan
+
+__all__ = [
+    "FILE_PATTERN",
+    "MANIFEST_NAME",
+    "PP_FILE_PATTERN",
+    "SHARDING_NAME",
+    "STATE_FORMATS",
+    "STATE_PROCESSED",
+    "STATE_RAW",
+    "ConversionFacts",
+    "Manifest",
+    "ManifestError",
+    "ManifestFile",
+    "artifact_status",
+    "build_manifest",
+    "manifest_for",
+    "manifest_sha256",
+    "parse_shard_filename",
+]
+
 FORMAT = "preshard.io/checkpoint-manifest"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-# stateFormat: what the rank files hold.
-#   "raw":       each rank's parameters as vLLM's weight loaders produced them, BEFORE
-#                process_weights_after_loading (platform independent; the serving
-#                hardware processes them when it loads). What preshard writes.
-#   "processed": vLLM's save_sharded_state after processing, i.e. the kernel layout of
-#                the converting hardware (formatVersion 1 checkpoints; only right where
-#                processing leaves the layout alone).
-STATE_RAW = "raw"
-STATE_PROCESSED = "processed"
-STATE_FORMATS = (STATE_RAW, STATE_PROCESSED)
-# The per-parameter sharding metadata file (listed in ``files`` with its sha256).
-SHARDING_NAME = "preshard-sharding.json"
-FILE_PATTERN = "model-rank-{rank}-part-{part}.safetensors"
-PP_FILE_PATTERN = "model-pp-{pp_rank}-tp-{tp_rank}-part-{part}.safetensors"
-LOAD_FORMAT = "sharded_state"
+# stateFormat values (STATE_RAW: what preshard writes) and the file names: see
+# preshard.core.contract, re-exported here for the readers.
+LOAD_FORMAT = LOAD_FORMAT_LOCAL
 
 # Reader bounds: a manifest is read (at most MAX_MANIFEST_BYTES + 1 bytes) and checked
 # against these before anything is allocated per rank or file, so a hostile manifest
 # costs neither memory nor time, and errors stay short.
 MAX_MANIFEST_BYTES = 32 * 2**20
 MAX_FILES = 200_000
-MAX_PARALLEL = 1024  # the CRD's maximum tensorParallelSize / pipelineParallelSize
 MAX_FILE_BYTES = 5 * 2**40  # S3's largest object
 MAX_KEY_BYTES = 1024
 MAX_ERROR_VALUE = 80
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_RANK_FILE = re.compile(r"^model-rank-(?P<rank>\d+)-part-(?P<part>\d+)\.safetensors$")
-_PP_FILE = re.compile(r"^model-pp-(?P<pp>\d+)-tp-(?P<tp>\d+)-part-(?P<part>\d+)\.safetensors$")
 
 
 class ManifestError(ValueError):
@@ -118,10 +138,10 @@ def parse_shard_filename(name: str, tensor_parallel_size: int = 1) -> tuple[int,
 
     The PP form's global rank is ``pp_rank * tensor_parallel_size + tp_rank``.
     """
-    m = _RANK_FILE.match(name)
+    m = RANK_FILE_RE.match(name)
     if m:
         return int(m["rank"]), int(m["part"])
-    m = _PP_FILE.match(name)
+    m = PP_FILE_RE.match(name)
     if m:
         return int(m["pp"]) * tensor_parallel_size + int(m["tp"]), int(m["part"])
     return None
@@ -134,7 +154,7 @@ def _shard_of(key: str, tp: int, pp: int) -> tuple[int, int] | None:
     parsed = parse_shard_filename(name, tp)
     if parsed is None:
         return None
-    m = _PP_FILE.match(name)
+    m = PP_FILE_RE.match(name)
     if m and (int(m["pp"]) >= pp or int(m["tp"]) >= tp):
         raise ManifestError(
             f"{key}: shard of PP rank {int(m['pp'])}, TP rank {int(m['tp'])} is outside "
@@ -411,6 +431,48 @@ def build_manifest(files: list[tuple[str, int, str]], **fields: Any) -> Manifest
             )
         )
     return Manifest(files=tuple(sorted(entries, key=lambda f: f.key)), **fields)
+
+
+@dataclass(frozen=True)
+class ConversionFacts:
+    """What a conversion found out (the plan says what was asked)."""
+
+    vllm_version: str
+    platform: str = ""  # where it ran: "cpu", "cuda", ...
+    source_revision: str | None = None  # the commit an hf:// revision resolved to
+    detected_quantization: str | None = None  # a pre-quantized checkpoint's method
+    verification: dict[str, Any] | None = None  # what was checked (docs/verification.md)
+
+
+def manifest_for(
+    plan: ConversionPlan,
+    files: list[tuple[str, int, str]],
+    facts: ConversionFacts,
+    *,
+    created_at: str | None = None,
+) -> Manifest:
+    """The manifest of a conversion: every field from the plan or the facts."""
+    return build_manifest(
+        files,
+        source_uri=plan.source_label,
+        source_revision=facts.source_revision or plan.source.revision,
+        tensor_parallel_size=plan.tensor_parallel_size,
+        pipeline_parallel_size=plan.pipeline_parallel_size,
+        # the method asked for, else the one a pre-quantized checkpoint declares (vLLM
+        # reads quantization_config from config.json by itself)
+        quantization=plan.quantization or facts.detected_quantization,
+        dtype=plan.dtype,
+        vllm_version=facts.vllm_version,
+        file_pattern=plan.layout.file_pattern,
+        load_format=LOAD_FORMAT_LOCAL,
+        owner=plan.owner,
+        created_at=created_at,
+        state_format=plan.state_format,
+        converted_on={"platform": facts.platform} if facts.platform else {},
+        sharding_key=SHARDING_NAME,
+        identity=plan.identity,
+        verification=facts.verification,
+    )
 
 
 def manifest_sha256(text: str | bytes) -> str:

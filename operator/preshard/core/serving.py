@@ -22,12 +22,10 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from preshard.core.manifest import MANIFEST_NAME
+from preshard.core.contract import LOAD_FORMAT_LOCAL as LOCAL_LOAD_FORMAT
+from preshard.core.contract import LOAD_FORMAT_STREAM as STREAM_LOAD_FORMAT
+from preshard.core.contract import LOCAL_MODEL_ROOT, MANIFEST_NAME
 from preshard.core.spec import CheckpointSpec
-
-STREAM_LOAD_FORMAT = "runai_streamer_sharded"
-LOCAL_LOAD_FORMAT = "sharded_state"
-LOCAL_MODEL_ROOT = "/models"
 
 
 @dataclass(frozen=True)
@@ -50,14 +48,8 @@ class ServingInfo:
 
 
 def parallel_args(spec: CheckpointSpec) -> list[str]:
-    args = ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
-    if spec.pipeline_parallel_size > 1:
-        args += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
-    if spec.quantization:
-        args += ["--quantization", spec.quantization]
-    if spec.dtype != "auto":
-        args += ["--dtype", spec.dtype]
-    return args
+    """vLLM's flags that must match the conversion plan (core.plan) when serving it."""
+    return spec.plan().serving_args()
 
 
 def serving_info(

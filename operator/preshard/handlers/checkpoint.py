@@ -225,8 +225,8 @@ def checkpoints(body: kopf.Body, **_: Any) -> Any:
 
 def _requested(spec: CheckpointSpec) -> str:
     if accelerator(spec, CONFIG) == "cpu":
-        return f"{spec.world_size} CPU ranks, no GPU"
-    return f"{spec.world_size} GPUs"
+        return f"{spec.layout.world_size} CPU ranks, no GPU"
+    return f"{spec.layout.world_size} GPUs"
 
 
 def reconcile(body: dict[str, Any], outputs_index: Any, identities_index: Any = None) -> None:

@@ -41,13 +41,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preshard.core.contract import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_PERMANENT,
+    LOAD_FORMAT_LOCAL,
+    MANIFEST_NAME,
+    SHARDING_NAME,
+    STATE_RAW,
+    WEIGHT_INDEXES,
+    WEIGHT_SUFFIXES,
+)
 from preshard.core.errors import PreshardError, SpecError
 from preshard.core.estimate import cpu_raw_reload_refusal
-from preshard.core.manifest import SHARDING_NAME, STATE_RAW
+from preshard.core.plan import ConversionPlan
 from preshard.core.progress import Result
-from preshard.core.quantity import parse_bytes
-from preshard.core.spec import DTYPES, QUANTIZATIONS, CheckpointSpec, check_model_config
-from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
 from preshard.worker import verify_against, verify_shards
 from preshard.worker.vllm_engine import (
     EngineError,
@@ -61,71 +69,46 @@ from preshard.worker.vllm_engine import (
 
 log = logging.getLogger("preshard.convert")
 
-EXIT_OK, EXIT_FAILED, EXIT_PERMANENT = 0, 1, 3
 SHARDS_DIR = "shards"
 SOURCE_DIR = "source"
-# Files of the source that are weights (vLLM writes its own) and are not copied.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Exceptions vLLM raises for a model/configuration it cannot load: retrying cannot help.
 PERMANENT_ENGINE_ERRORS = frozenset({"ValueError", "NotImplementedError", "ValidationError"})
 
 
 @dataclass(frozen=True)
 class ConvertRequest:
-    source: StorageURI
-    output: StorageURI
-    tensor_parallel_size: int
-    pipeline_parallel_size: int = 1
-    quantization: str | None = None
-    dtype: str = "auto"
-    max_file_size: int = 5 * 2**30
-    verify: bool = True
+    """The conversion plan (preshard.core.plan: what to produce) and how this pod runs it."""
+
+    plan: ConversionPlan
     work_dir: Path = Path("preshard-work")
-    owner: str | None = None
     endpoint_url: str | None = None
     region: str | None = None
     concurrency: int = 16
     source_endpoint_url: str | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
-    identity: str | None = None
 
-    @property
-    def world_size(self) -> int:
-        return self.tensor_parallel_size * self.pipeline_parallel_size
+    # The plan's fields, read throughout this module.
+    source = property(lambda self: self.plan.source)
+    output = property(lambda self: self.plan.output)
+    tensor_parallel_size = property(lambda self: self.plan.tensor_parallel_size)
+    pipeline_parallel_size = property(lambda self: self.plan.pipeline_parallel_size)
+    quantization = property(lambda self: self.plan.quantization)
+    dtype = property(lambda self: self.plan.dtype)
+    max_file_size = property(lambda self: self.plan.max_file_size)
+    verify = property(lambda self: self.plan.verify)
+    owner = property(lambda self: self.plan.owner)
+    identity = property(lambda self: self.plan.identity)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConvertRequest:
         """Validate the command line; SpecError (permanent) with one clear line."""
-        tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
-        if tp < 1 or pp < 1:
-            raise SpecError(
-                f"--tensor-parallel-size and --pipeline-parallel-size must be >= 1 "
-                f"(got {tp} and {pp})"
-            )
-        if args.quantization is not None and args.quantization not in QUANTIZATIONS:
-            raise SpecError(
-                f"unknown quantization {args.quantization!r}; supported: "
-                f"{', '.join(QUANTIZATIONS)}",
-                reason="UnknownQuantization",
-            )
-        if args.dtype not in DTYPES:
-            raise SpecError(f"unknown dtype {args.dtype!r}; supported: {', '.join(DTYPES)}")
-        try:
-            max_file_size = parse_bytes(args.max_file_size)
-        except ValueError as exc:
-            raise SpecError(f"--max-file-size: {exc}") from None
-        if max_file_size < 1:
-            raise SpecError("--max-file-size must be positive")
+        plan = ConversionPlan.from_namespace(args)
         if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
             raise SpecError("--gpu-memory-utilization must be in (0, 1]")
         if args.max_model_len is not None and args.max_model_len < 1:
             raise SpecError("--max-model-len must be positive")
-        source = parse_uri(args.source, allow_local=True)
-        output = parse_output_uri(args.output, allow_local=True)
-        if source.scheme == "s3" and source.overlaps(output):
-            raise SpecError(f"output {output} overlaps the source {source}")
+        source, output = plan.source, plan.output
         work_dir = Path(args.work_dir).resolve()
         if source.scheme == "file":
             src = Path(source.path).resolve()
@@ -147,23 +130,14 @@ class ConvertRequest:
             ):
                 raise SpecError(f"output {out} and the source must not contain each other")
         return cls(
-            source=source,
-            output=output,
-            tensor_parallel_size=tp,
-            pipeline_parallel_size=pp,
-            quantization=args.quantization,
-            dtype=args.dtype,
-            max_file_size=max_file_size,
-            verify=bool(args.verify),
+            plan=plan,
             work_dir=work_dir,
-            owner=args.owner,
             endpoint_url=args.endpoint_url,
             region=args.region,
             concurrency=max(1, int(args.concurrency)),
             source_endpoint_url=args.source_endpoint_url,
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_model_len=args.max_model_len,
-            identity=getattr(args, "identity", None),
         )
 
 
@@ -235,28 +209,6 @@ def read_model_config(model_dir: Path, label: str) -> dict[str, Any]:
     return config
 
 
-def check_parallelism(config: dict[str, Any], tp: int, pp: int) -> None:
-    """The parallel layout must fit the model; checked before any engine starts."""
-    spec = CheckpointSpec.model_construct(tensor_parallel_size=tp, pipeline_parallel_size=pp)
-    check_model_config(spec, config)
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    assert isinstance(text, dict)
-    kv = text.get("num_key_value_heads")
-    # vLLM splits KV heads across ranks when there are at least TP of them, otherwise it
-    # replicates them: either way one count must divide the other.
-    if isinstance(kv, int) and kv > 0:
-        if kv >= tp and kv % tp:
-            raise SpecError(
-                f"tensorParallelSize {tp} does not divide the model's {kv} key/value heads",
-                reason="TensorParallelSizeMismatch",
-            )
-        if kv < tp and tp % kv:
-            raise SpecError(
-                f"tensorParallelSize {tp} is not a multiple of the model's {kv} key/value heads",
-                reason="TensorParallelSizeMismatch",
-            )
-
-
 def weight_bytes(model_dir: Path) -> int:
     return sum(p.stat().st_size for p in model_dir.glob("*.safetensors") if p.is_file())
 
@@ -274,7 +226,7 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
             continue
         if p.name.endswith(WEIGHT_SUFFIXES) or p.name in WEIGHT_INDEXES:
             continue
-        if verify_shards.is_shard_file(p.name) or p.name == "preshard-manifest.json":
+        if verify_shards.is_shard_file(p.name) or p.name == MANIFEST_NAME:
             continue
         shutil.copy2(p, dst / p.name)
         copied.append(p.name)
@@ -371,7 +323,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     )
 
     config = read_model_config(src_dir, str(req.source))
-    check_parallelism(config, req.tensor_parallel_size, req.pipeline_parallel_size)
+    req.plan.layout.check_model(config)
     if on_cpu_backend():
         refusal = cpu_raw_reload_refusal(config, req.quantization)
         if refusal:
@@ -436,7 +388,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     if req.verify:
         t = time.monotonic()
         try:
-            again = run_engine(_engine_request(req, shards, prompts, load_format="sharded_state"))
+            again = run_engine(_engine_request(req, shards, prompts, load_format=LOAD_FORMAT_LOCAL))
         except EngineError as exc:
             raise _verification_error(exc) from None
         timer.add("verify_engine", time.monotonic() - t)
@@ -522,7 +474,7 @@ def manifest_fields(
         "dtype": req.dtype,
         "vllm_version": vllm_version,
         "file_pattern": verify_shards.shard_pattern(req.pipeline_parallel_size),
-        "load_format": "sharded_state",
+        "load_format": LOAD_FORMAT_LOCAL,
         "identity": req.identity,
     }
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from preshard.core.contract import TERMINATION_LOG
 from preshard.core.progress import (
     ProgressRecord,
     RateMeter,
@@ -23,8 +24,6 @@ from preshard.core.progress import (
 from preshard.core.quantity import format_bytes
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 
 class Reporter:
@@ -76,10 +75,6 @@ class Reporter:
             self._emit_record(force=True)
             total = f" ({format_bytes(self._total)})" if self._total else ""
             self._write(f"{name}{total}\n")
-
-    def set_total(self, total_bytes: int) -> None:
-        with self._lock:
-            self._total = max(0, int(total_bytes))
 
     def advance(self, n: int) -> None:
         if n <= 0:
@@ -207,7 +202,7 @@ def termination_log_path() -> Path | None:
     env = os.environ.get("PRESHARD_TERMINATION_LOG")
     if env:
         return Path(env)
-    default = Path(DEFAULT_TERMINATION_LOG)
+    default = Path(TERMINATION_LOG)
     return default if default.exists() else None
 
 

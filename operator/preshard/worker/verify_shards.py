@@ -25,21 +25,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preshard.core.contract import FILE_PATTERN, PP_FILE_PATTERN, PP_FILE_RE, RANK_FILE_RE
+from preshard.core.contract import shard_pattern as shard_pattern
 from preshard.core.errors import PreshardError
-from preshard.core.manifest import FILE_PATTERN, PP_FILE_PATTERN
 
 # vLLM's ShardedStateLoader.TP_ONLY_PATTERN / PP_AND_TP_PATTERN (a vLLM test compares).
 TP_ONLY_PATTERN = FILE_PATTERN
 PP_AND_TP_PATTERN = PP_FILE_PATTERN
-TP_ONLY_RE = re.compile(r"^model-rank-(?P<rank>\d+)-part-(?P<part>\d+)\.safetensors$")
-PP_AND_TP_RE = re.compile(r"^model-pp-(?P<pp>\d+)-tp-(?P<tp>\d+)-part-(?P<part>\d+)\.safetensors$")
+TP_ONLY_RE = RANK_FILE_RE
+PP_AND_TP_RE = PP_FILE_RE
 MAX_HEADER = 100 * 2**20  # safetensors' own limit
 _MAX_LISTED = 5
 
@@ -47,11 +47,6 @@ _MAX_LISTED = 5
 class VerificationFailed(PreshardError):
     reason = "VerificationFailed"
     permanent = True
-
-
-def shard_pattern(pipeline_parallel_size: int) -> str:
-    """The file pattern vLLM's sharded_state loader expects by default for this layout."""
-    return PP_AND_TP_PATTERN if pipeline_parallel_size > 1 else TP_ONLY_PATTERN
 
 
 def is_shard_file(name: str) -> bool:

