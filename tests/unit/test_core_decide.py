@@ -230,6 +230,29 @@ def test_the_gate_stops_a_conversion_whose_pod_memory_is_below_the_estimate() ->
     assert decide(small, ME, adopt, frozenset(), [], accelerator="cpu").path == "Adopt"
 
 
+def test_the_gate_refuses_a_layout_the_model_cannot_take_before_any_accelerator() -> None:
+    """TP 3 of a 64-head model: refused by the operator from the preflight's config.json
+    with the worker's own rule and wording (core.plan.Layout), not after a GPU Job."""
+    p = Preflight(source=PIN, vllm_version="0.32.0", state="empty", config=LLAMA_70B)
+    for tp, pp, reason, words in [
+        (3, 1, "TensorParallelSizeMismatch", "does not divide the model's 64 attention heads"),
+        (1, 81, "PipelineParallelSizeMismatch", "exceeds the model's 80 layers"),
+    ]:
+        spec = parse_spec(
+            {
+                "source": {"uri": "s3://models/llama/"},
+                "tensorParallelSize": tp,
+                "pipelineParallelSize": pp,
+                "output": {"uri": "s3://out/llama/"},
+            }
+        )
+        d = decide(spec, ME, p, frozenset(), [])
+        assert (d.path, d.reason) == ("Gated", reason)
+        assert words in d.message
+    ok = parse_spec({**SPEC.model_dump(by_alias=True, exclude_none=True), "tensorParallelSize": 8})
+    assert decide(ok, ME, p, frozenset(), []).path == "Convert"
+
+
 def findings(**output: Any) -> dict[str, Any]:
     return {
         "kind": "preflight",

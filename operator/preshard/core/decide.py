@@ -183,11 +183,20 @@ def _estimate(
 
 def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -> Gate | None:
     """GATE: the one place for checks that may stop a conversion before it requests
-    accelerators. The memory estimate: a pod whose memory limit is below it is refused
+    accelerators. The layout against the model's config.json (TensorParallelSizeMismatch,
+    PipelineParallelSizeMismatch); on CPU, a quantization the CPU backend cannot reload;
+    the memory estimate: a pod whose memory limit is below it is refused
     with InsufficientMemory and both numbers, before any pod of the conversion starts.
     None: go ahead."""
+    from preshard.core.errors import SpecError
     from preshard.core.estimate import cpu_raw_reload_refusal
 
+    if preflight.config:
+        # the same check the worker repeats before its engine (core.plan.Layout)
+        try:
+            spec.layout.check_model(preflight.config)
+        except SpecError as exc:
+            return Gate(exc.reason, exc.message)
     if accelerator == "cpu" and preflight.config:
         refusal = cpu_raw_reload_refusal(preflight.config, spec.quantization)
         if refusal:

@@ -1,4 +1,4 @@
-"""Child object manifests (plain dicts) built from a ShardedCheckpoint: the conversion
+"""Child object bodies (plain dicts) built from a ShardedCheckpoint: the conversion
 Job, the purge Job (deletionPolicy: Delete) and the serving ConfigMap.
 
 Pure functions: same inputs, same manifest (pinned by golden files in tests/golden).
@@ -317,9 +317,12 @@ def build_conversion_job(
     identity: str | None = None,
 ) -> dict[str, Any]:
     spec_hash = spec.conversion_hash()
-    conv = spec.converter
+    converter = spec.converter
     volumes: list[dict[str, Any]] = [
-        {"name": "work", "emptyDir": {"sizeLimit": conv.work_dir_size or config.work_dir_size}},
+        {
+            "name": "work",
+            "emptyDir": {"sizeLimit": converter.work_dir_size or config.work_dir_size},
+        },
         {"name": "tmp", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
@@ -333,11 +336,11 @@ def build_conversion_job(
     mounts += src_mounts
     env = _output_env(spec, config) + _source_env(spec) + _runtime_env()
     env += _accelerator_env(spec, config)
-    env += [{"name": e["name"], "value": str(e.get("value", ""))} for e in (conv.env or [])]
+    env += [{"name": e["name"], "value": str(e.get("value", ""))} for e in (converter.env or [])]
     container = _container(
         CONTAINER,
         converter_image(spec, config),
-        conv.image_pull_policy or config.image_pull_policy,
+        converter.image_pull_policy or config.image_pull_policy,
         conversion_args(name, namespace, uid, spec, identity),
         env,
         _resources(spec, config),
@@ -350,28 +353,30 @@ def build_conversion_job(
     # allows it, changes) entries on top of it.
     default_selector = config.default_cpu_node_selector if on_cpu else config.default_node_selector
     default_tolerations = config.default_cpu_tolerations if on_cpu else config.default_tolerations
-    node_selector = {**dict(default_selector), **(conv.node_selector or {})}
+    node_selector = {**dict(default_selector), **(converter.node_selector or {})}
     if node_selector:
         pod_spec["nodeSelector"] = dict(sorted(node_selector.items()))
     tolerations = [
         copy.deepcopy(dict(t))
-        for t in (conv.tolerations if conv.tolerations is not None else default_tolerations)
+        for t in (
+            converter.tolerations if converter.tolerations is not None else default_tolerations
+        )
     ]
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    if conv.priority_class_name:
-        pod_spec["priorityClassName"] = conv.priority_class_name
+    if converter.priority_class_name:
+        pod_spec["priorityClassName"] = converter.priority_class_name
     lbl = labels(name, "converter", spec_hash)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": _metadata(name, namespace, uid, job_name(name, spec_hash), lbl, spec_hash),
         "spec": {
-            "backoffLimit": conv.backoff_limit,
-            "activeDeadlineSeconds": conv.active_deadline_seconds,
+            "backoffLimit": converter.backoff_limit,
+            "activeDeadlineSeconds": converter.active_deadline_seconds,
             "ttlSecondsAfterFinished": (
-                conv.ttl_seconds_after_finished
-                if conv.ttl_seconds_after_finished is not None
+                converter.ttl_seconds_after_finished
+                if converter.ttl_seconds_after_finished is not None
                 else config.job_ttl_seconds
             ),
             "podFailurePolicy": _fail_fast(CONTAINER),
