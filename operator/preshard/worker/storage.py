@@ -24,6 +24,12 @@ from typing import Any
 
 import botocore.exceptions
 
+from preshard.core.contract import (
+    JOURNAL_NAME,
+    OTHER_WEIGHT_SUFFIXES,
+    PVC_MOUNT_ROOT,
+    SAFETENSORS_SUFFIX,
+)
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
     MANIFEST_NAME,
@@ -47,16 +53,15 @@ from preshard.worker.transfer import (
 
 log = logging.getLogger(__name__)
 
-PVC_MOUNT_ROOT = "/mnt/source"
-# Written before a publication changes anything at a prefix and removed after its
-# manifest: the owner and every key the publication may leave behind (the previous
-# manifest's and its own), so that an interrupted run's objects are cleaned up by the
-# next one, and nothing else ever is.
-JOURNAL_NAME = "preshard-publish.json"
+# JOURNAL_NAME (core.contract) is written before a publication changes anything at a
+# prefix and removed after its manifest: the owner and every key the publication may
+# leave behind (the previous manifest's and its own), so that an interrupted run's
+# objects are cleaned up by the next one, and nothing else ever is.
 JOURNAL_FORMAT = "preshard.io/publish-journal"
 MAX_JOURNAL_BYTES = MAX_MANIFEST_BYTES
-WEIGHT_SUFFIXES = (".safetensors",)
-SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
+# A source needs safetensors weights; weights in other formats are never downloaded.
+WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX,)
+SKIPPED_SUFFIXES = OTHER_WEIGHT_SUFFIXES
 # Top-level files only (as for s3:// sources): vLLM reads none in subfolders, and repos
 # keep whole copies of the weights there (checkpoint-*/, original/).
 HF_IGNORE_PATTERNS = ["*/*"]
