@@ -5,7 +5,6 @@ what the worker recorded (termination message, progress lines in the pod log).""
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from typing import Any
@@ -16,27 +15,20 @@ from kubernetes.client.exceptions import ApiException
 from preshard import GROUP, PLURAL, VERSION
 from preshard.core.progress import ProgressRecord, Result, last_progress
 
-log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _client: kubernetes.client.ApiClient | None = None
 LOG_TAIL_LINES = 50
 
 
-def configure(in_cluster: bool | None = None, pool_size: int | None = None) -> None:
+def configure(pool_size: int | None = None) -> None:
     """Load in-cluster config, else KUBECONFIG / ~/.kube/config. ``pool_size``: connections
     kept open to the API server; as many as threads calling it (the client's default is
     5 per CPU: more concurrent calls open and discard a connection each)."""
     global _client
     with _lock:
-        loaded = False
-        if in_cluster is not False:
-            try:
-                kubernetes.config.load_incluster_config()
-                loaded = True
-            except kubernetes.config.ConfigException:
-                if in_cluster:
-                    raise
-        if not loaded:
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
         cfg = kubernetes.client.Configuration.get_default_copy()
         if pool_size:
@@ -67,10 +59,6 @@ def to_dict(obj: Any) -> dict[str, Any]:
     if isinstance(obj, dict):
         return obj
     return dict(client().sanitize_for_serialization(obj))
-
-
-def is_status(exc: BaseException, code: int) -> bool:
-    return isinstance(exc, ApiException) and exc.status == code
 
 
 # ------------------------------------------------------------------------------- secrets
