@@ -53,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from preshard import handlers, metrics
-    from preshard.k8s import api
+    from preshard.k8s.api import KubeApi
     from preshard.service import Service
 
     try:
-        api.configure(pool_size=HANDLER_THREADS)
+        api = KubeApi.connect(pool_size=HANDLER_THREADS)
     except Exception as exc:  # kubernetes.config.ConfigException and file errors
         raise PreshardError(
             f"no Kubernetes credentials: not running in a cluster and no usable kubeconfig ({exc}); "

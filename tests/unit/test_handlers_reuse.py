@@ -14,7 +14,6 @@ from preshard.core.decide import ReadyCheckpoint
 from preshard.core.identity import SourcePin, conversion_identity
 from preshard.core.progress import Result
 from preshard.core.spec import parse_spec
-from preshard.k8s import api
 from preshard.service import Options, Service, reconcile, reuse
 
 UID = "uid-new"
@@ -57,7 +56,7 @@ class Fake:
     """Jobs by name; each component finishes with (job status, Result) when created."""
 
     def __init__(self, outcomes: dict[str, tuple[dict[str, Any], Result | None]]) -> None:
-        self.svc = Service(options=Options(preflight=True))
+        self.svc = Service(api=self, options=Options(preflight=True))  # type: ignore[arg-type]
         self.outcomes = outcomes
         self.jobs: dict[str, dict[str, Any]] = {}
         self.status: dict[str, Any] = {}
@@ -88,7 +87,17 @@ class Fake:
             return None
         return self.outcomes.get(self.component(self.jobs[pod["job"]]), ({}, None))[1]
 
-    def patch(self, ns: str, name: str, patch: dict[str, Any]) -> bool:
+    def secret_exists(self, ns: str, name: str) -> bool:
+        return True
+
+    def apply_configmap(self, cm: dict[str, Any], uid: str) -> bool:
+        self.configmaps.append(cm["metadata"]["name"])
+        return True
+
+    def pod_progress(self, ns: str, pod: str) -> None:
+        return None
+
+    def patch_checkpoint_status(self, ns: str, name: str, patch: dict[str, Any]) -> bool:
         for k, v in patch.items():
             if v is None:
                 self.status.pop(k, None)
@@ -108,19 +117,7 @@ class Fake:
 
 
 def install(monkeypatch: pytest.MonkeyPatch, fake: Fake) -> Fake:
-    monkeypatch.setattr(api, "secret_exists", lambda ns, s: True)
-    monkeypatch.setattr(api, "create_or_get_job", fake.create_or_get_job)
-    monkeypatch.setattr(api, "get_job", fake.get_job)
-    monkeypatch.setattr(api, "newest_pod", fake.newest_pod)
-    monkeypatch.setattr(api, "termination_result", fake.termination_result)
-    monkeypatch.setattr(api, "patch_checkpoint_status", fake.patch)
-    monkeypatch.setattr(api, "get_checkpoint", fake.get_checkpoint)
-    monkeypatch.setattr(
-        api,
-        "apply_configmap",
-        lambda cm, uid: fake.configmaps.append(cm["metadata"]["name"]) or True,
-    )
-    monkeypatch.setattr(api, "pod_progress", lambda ns, pod: None)
+    """The fake is the Service's Kubernetes API (fake.svc); Events are recorded too."""
     monkeypatch.setattr(kopf, "event", fake.event)
     fake.svc.status.forget(UID)
     return fake
@@ -197,7 +194,7 @@ def test_an_owner_in_a_namespace_we_may_not_read_counts_as_living(
     def forbidden(ns: str, name: str) -> Any:
         raise ApiException(status=403)
 
-    monkeypatch.setattr(api, "get_checkpoint", forbidden)
+    monkeypatch.setattr(fake, "get_checkpoint", forbidden)
     reconcile.reconcile(fake.svc, body(), {}, {})
     assert ready_of(fake)["reason"] == "OutputOwnedByOther"
     assert "team-b" not in ready_of(fake)["message"]

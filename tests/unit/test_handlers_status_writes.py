@@ -7,6 +7,7 @@ The Kubernetes calls are replaced by recorders (no API server)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import kopf
@@ -15,7 +16,7 @@ import urllib3
 
 from preshard.core.spec import parse_spec
 from preshard.handlers import checkpoint as h
-from preshard.k8s import api
+from preshard.k8s.api import termination_result
 from preshard.service import Service, reconcile
 
 UID = "0b5c-uid"
@@ -39,10 +40,11 @@ def body(status: dict[str, Any] | None = None, uid: str = UID) -> dict[str, Any]
 
 class Recorder:
     def __init__(self) -> None:
-        self.svc = Service()
         self.patches: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.gone = False
+        self.api: Any = None
+        self.svc: Service
 
     def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         if self.gone:
@@ -57,14 +59,18 @@ class Recorder:
 @pytest.fixture
 def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     r = Recorder()
-    monkeypatch.setattr(api, "patch_checkpoint_status", r.patch)
     monkeypatch.setattr(kopf, "event", r.event)
 
     def no_pod_reads(*a: Any, **k: Any) -> None:
         raise AssertionError("a Job that has not started has no pod to read")
 
-    monkeypatch.setattr(api, "newest_pod", no_pod_reads)
-    monkeypatch.setattr(api, "pod_progress", no_pod_reads)
+    r.api = SimpleNamespace(
+        patch_checkpoint_status=r.patch,
+        newest_pod=no_pod_reads,
+        pod_progress=no_pod_reads,
+        termination_result=termination_result,
+    )
+    r.svc = Service(api=r.api)  # type: ignore[arg-type]
     yield r
     r.svc.status.forget(UID)
 
@@ -161,8 +167,8 @@ def test_a_broken_connection_is_retried_soon(
     def broken(*args: Any) -> Any:
         raise error
 
-    monkeypatch.setattr(api, "secret_exists", broken)
-    monkeypatch.setattr(api, "create_or_get_job", broken)
+    monkeypatch.setattr(rec.api, "secret_exists", broken, raising=False)
+    monkeypatch.setattr(rec.api, "create_or_get_job", broken, raising=False)
     with pytest.raises(kopf.TemporaryError) as err:
         reconcile.reconcile(rec.svc, body(), {})
     assert err.value.delay == 2

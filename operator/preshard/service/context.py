@@ -11,12 +11,11 @@ from typing import Any, Protocol
 
 from preshard.core.config import OperatorConfig
 from preshard.core.progress import ProgressRecord, Result
-from preshard.k8s import api as k8s_api
 from preshard.service.status import StatusWriter
 
 
-class KubeApi(Protocol):
-    """The Kubernetes calls the service makes (:mod:`preshard.k8s.api`)."""
+class KubeCalls(Protocol):
+    """The Kubernetes calls the service makes (:class:`preshard.k8s.api.KubeApi`)."""
 
     def secret_exists(self, namespace: str, name: str) -> bool: ...
     def create_or_get_job(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]: ...
@@ -60,6 +59,13 @@ class Options:
         )
 
 
+class _NoApi:
+    """The API of a Service built without one (pure uses such as the indexes)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"no Kubernetes API in this Service (called {name})")
+
+
 @dataclass
 class Service:
     """What every service function gets: ``config`` (the operator's configuration),
@@ -67,7 +73,7 @@ class Service:
     with its per-resource cache and locks)."""
 
     config: OperatorConfig = field(default_factory=OperatorConfig)
-    api: KubeApi = field(default=k8s_api)  # type: ignore[assignment]
+    api: KubeCalls = field(default_factory=_NoApi)  # type: ignore[assignment]
     options: Options = field(default_factory=Options)
     status: StatusWriter = field(init=False)
 
