@@ -22,7 +22,13 @@ import logging
 from typing import Any
 
 from preshard.core import status as st
-from preshard.core.claims import claim_of, conflict_message, job_owned_by, preceding_claim
+from preshard.core.claims import (
+    OutputClaim,
+    claim_of,
+    conflict_message,
+    job_owned_by,
+    preceding_claim,
+)
 from preshard.core.errors import SpecError
 from preshard.core.jobs import (
     ANNOTATION_CHECKPOINT_NAME,
@@ -47,7 +53,7 @@ log = logging.getLogger(__name__)
 SERVING_CONFLICT = "ServingConfigMapConflict"
 
 
-def claim(svc: Service, body: dict[str, Any], status: dict[str, Any] | None) -> Any:
+def claim(svc: Service, body: dict[str, Any], status: dict[str, Any] | None) -> OutputClaim | None:
     """This resource's OutputClaim in the state ``status`` (None: it holds none)."""
     meta = body["metadata"]
     return claim_of(
