@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError
+
+if TYPE_CHECKING:
+    from preshard.service import Options
 
 log = logging.getLogger(__name__)
 # kopf's thread pool for our (sync) handlers; the Kubernetes client keeps as many
@@ -32,17 +35,29 @@ def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     )
 
 
+def load_options(env: dict[str, str] | None = None) -> Options:
+    """The switches not in OperatorConfig (:class:`preshard.service.Options`)."""
+    from preshard.service import Options
+
+    try:
+        return Options.from_env(dict(os.environ if env is None else env))
+    except ValueError as exc:
+        raise PreshardError(
+            f"invalid operator configuration: {exc}", reason="InvalidConfig", permanent=True
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
+    options = load_options()
     import kopf
 
-    from preshard import metrics
-    from preshard.handlers import checkpoint
-    from preshard.k8s import api
+    from preshard import handlers, metrics
+    from preshard.k8s.api import KubeApi
+    from preshard.service import Service
 
-    checkpoint.configure(config)
     try:
-        api.configure(pool_size=HANDLER_THREADS)
+        api = KubeApi.connect(pool_size=HANDLER_THREADS)
     except Exception as exc:  # kubernetes.config.ConfigException and file errors
         raise PreshardError(
             f"no Kubernetes credentials: not running in a cluster and no usable kubeconfig ({exc}); "
@@ -51,8 +66,19 @@ def run(args: argparse.Namespace) -> int:
             permanent=True,
         ) from None
 
-    @kopf.on.startup()
-    def settings(settings: kopf.OperatorSettings, **_: Any) -> None:
+    registry = kopf.OperatorRegistry()
+    # kopf logs in as the Kubernetes client does (kubeconfig or in-cluster config); its
+    # default registry adds this itself, an explicit registry needs it said.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    handlers.register(
+        registry, poll_seconds=config.progress_poll_seconds, retry_seconds=options.retry_seconds
+    )
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        # The service (configuration, API helpers, the status writer) for every handler:
+        # kopf hands each one this memo (handlers.checkpoint.service).
+        memo.service = Service(config=config, api=api, options=options)
         # Progress and diff-base in annotations under our own prefix (no status clutter).
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
             prefix="preshard.io"
@@ -61,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
             prefix="preshard.io", key="last-handled-configuration"
         )
         settings.persistence.finalizer = "preshard.io/finalizer"
-        # Our Events are explicit (kopf.event); kopf's own "Handler succeeded" events would
-        # double the API calls, so only its warnings and errors become Events.
+        # Our Events are explicit (service.events); kopf's own "Handler succeeded" events
+        # would double the API calls, so only its warnings and errors become Events.
         settings.posting.enabled = True
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
@@ -86,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     )
     asyncio.run(
         kopf.operator(
+            registry=registry,
+            memo=kopf.Memo(),
             clusterwide=config.cluster_wide,
             namespaces=list(config.namespaces),
             standalone=True,

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import kopf
+
 from preshard.core.claims import OutputClaim
 from preshard.handlers import checkpoint as h
+from preshard.service import Service
 
 SPEC = {"output": {"uri": "s3://shared/models/", "endpoint": "http://MinIO:9000/"}}
 META = {"uid": "u1", "creationTimestamp": "2026-01-01T00:00:00Z"}
 
 
 def index(status: dict[str, Any]) -> Any:
-    return h.outputs(name="squat", namespace="team-b", spec=SPEC, meta=META, status=status)
+    memo = kopf.Memo(service=Service())  # as the operator's startup handler sets it
+    return h.outputs(
+        name="squat", namespace="team-b", spec=SPEC, meta=META, status=status, memo=memo
+    )
 
 
 def test_a_running_resource_is_indexed_by_endpoint_and_bucket() -> None:

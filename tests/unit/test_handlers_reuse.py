@@ -1,4 +1,4 @@
-"""handlers.reuse: the flow preflight -> decide -> adopt | copy | withdraw -> convert, with
+"""service.reuse (through service.reconcile): the flow preflight -> decide -> adopt | copy | withdraw -> convert, with
 the Kubernetes calls replaced by an in-memory fake (no API server; the e2e tests in
 tests/e2e/test_reuse.py run the same flow for real). Jobs finish as each test says."""
 
@@ -14,8 +14,7 @@ from preshard.core.decide import ReadyCheckpoint
 from preshard.core.identity import SourcePin, conversion_identity
 from preshard.core.progress import Result
 from preshard.core.spec import parse_spec
-from preshard.handlers import checkpoint as h
-from preshard.handlers import reuse
+from preshard.service import Options, Service, reconcile, reuse
 
 UID = "uid-new"
 SPEC = {
@@ -57,6 +56,7 @@ class Fake:
     """Jobs by name; each component finishes with (job status, Result) when created."""
 
     def __init__(self, outcomes: dict[str, tuple[dict[str, Any], Result | None]]) -> None:
+        self.svc = Service(api=self, options=Options(preflight=True))  # type: ignore[arg-type]
         self.outcomes = outcomes
         self.jobs: dict[str, dict[str, Any]] = {}
         self.status: dict[str, Any] = {}
@@ -87,7 +87,17 @@ class Fake:
             return None
         return self.outcomes.get(self.component(self.jobs[pod["job"]]), ({}, None))[1]
 
-    def patch(self, ns: str, name: str, patch: dict[str, Any]) -> bool:
+    def secret_exists(self, ns: str, name: str) -> bool:
+        return True
+
+    def apply_configmap(self, cm: dict[str, Any], uid: str) -> bool:
+        self.configmaps.append(cm["metadata"]["name"])
+        return True
+
+    def pod_progress(self, ns: str, pod: str) -> None:
+        return None
+
+    def patch_checkpoint_status(self, ns: str, name: str, patch: dict[str, Any]) -> bool:
         for k, v in patch.items():
             if v is None:
                 self.status.pop(k, None)
@@ -107,22 +117,9 @@ class Fake:
 
 
 def install(monkeypatch: pytest.MonkeyPatch, fake: Fake) -> Fake:
-    monkeypatch.setattr(h, "PREFLIGHT", True)
-    monkeypatch.setattr(h.api, "secret_exists", lambda ns, s: True)
-    monkeypatch.setattr(h.api, "create_or_get_job", fake.create_or_get_job)
-    monkeypatch.setattr(h.api, "get_job", fake.get_job)
-    monkeypatch.setattr(h.api, "newest_pod", fake.newest_pod)
-    monkeypatch.setattr(h.api, "termination_result", fake.termination_result)
-    monkeypatch.setattr(h.api, "patch_checkpoint_status", fake.patch)
-    monkeypatch.setattr(h.api, "get_checkpoint", fake.get_checkpoint)
-    monkeypatch.setattr(
-        h.api,
-        "apply_configmap",
-        lambda cm, uid: fake.configmaps.append(cm["metadata"]["name"]) or True,
-    )
-    monkeypatch.setattr(h.api, "pod_progress", lambda ns, pod: None)
+    """The fake is the Service's Kubernetes API (fake.svc); Events are recorded too."""
     monkeypatch.setattr(kopf, "event", fake.event)
-    h._forget(UID)
+    fake.svc.status.forget(UID)
     return fake
 
 
@@ -143,7 +140,7 @@ def test_a_pending_preflight_is_all_there_is_before_it_reports(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake = install(monkeypatch, Fake({}))
-    h.reconcile(body(), {}, {})
+    reconcile.reconcile(fake.svc, body(), {}, {})
     assert [fake.component(j) for j in fake.jobs.values()] == ["preflight"]
     assert ready_of(fake)["reason"] == "Preflight" and fake.status["phase"] == "Pending"
     assert fake.status["decision"]["step"] == "Preflight"
@@ -161,7 +158,7 @@ def test_gone_owner_same_identity_is_adopted_without_a_conversion_job(
             "adopt": (COMPLETE, Result("Succeeded", artifact=ARTIFACT)),
         }),
     )  # fmt: skip
-    h.reconcile(body(), {}, {})
+    reconcile.reconcile(fake.svc, body(), {}, {})
     assert not fake.by_component("converter")
     (adopt,) = fake.by_component("adopt")
     args = adopt["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -180,7 +177,7 @@ def test_a_living_owner_is_refused_before_any_job_but_the_preflight(
     fake = Fake({"preflight": (COMPLETE, Result("Succeeded", artifact=findings(man)))})
     fake.living[("ml", "other")] = "uid-o"
     install(monkeypatch, fake)
-    h.reconcile(body(), {}, {})
+    reconcile.reconcile(fake.svc, body(), {}, {})
     assert [fake.component(j) for j in fake.jobs.values()] == ["preflight"]
     assert ready_of(fake)["reason"] == "OutputOwnedByOther"
     assert "decision" not in fake.status  # a refused resource claims nothing
@@ -197,8 +194,8 @@ def test_an_owner_in_a_namespace_we_may_not_read_counts_as_living(
     def forbidden(ns: str, name: str) -> Any:
         raise ApiException(status=403)
 
-    monkeypatch.setattr(h.api, "get_checkpoint", forbidden)
-    h.reconcile(body(), {}, {})
+    monkeypatch.setattr(fake, "get_checkpoint", forbidden)
+    reconcile.reconcile(fake.svc, body(), {}, {})
     assert ready_of(fake)["reason"] == "OutputOwnedByOther"
     assert "team-b" not in ready_of(fake)["message"]
 
@@ -212,7 +209,7 @@ def test_a_copy_that_is_denied_falls_back_to_a_conversion(monkeypatch: pytest.Mo
         }),
     )  # fmt: skip
     twin = ReadyCheckpoint("team-b/secret", "uid-t", "s3://out/team-b-secret/", "e" * 64, None)
-    h.reconcile(body(), {}, {IDENTITY: [twin]})
+    reconcile.reconcile(fake.svc, body(), {}, {IDENTITY: [twin]})
     (copy_job,) = fake.by_component("copy")
     env = copy_job["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "valueFrom" in e} == {"s3"}
@@ -237,7 +234,7 @@ def test_a_failed_adopt_withdraws_and_converts(monkeypatch: pytest.MonkeyPatch) 
             "withdraw": (COMPLETE, Result("Succeeded", artifact={"uri": "s3://out/llama/"})),
         }),
     )  # fmt: skip
-    h.reconcile(body(), {}, {})
+    reconcile.reconcile(fake.svc, body(), {}, {})
     assert len(fake.by_component("withdraw")) == 1
     assert len(fake.by_component("converter")) == 1
     assert ("Warning", "AdoptFailed") in [(t, r) for t, r, _ in fake.events]
@@ -254,7 +251,7 @@ def test_an_output_that_changed_under_a_step_gets_a_new_preflight(
             "adopt": (FAILED, Result("Failed", "OutputChanged", "the manifest changed")),
         }),
     )  # fmt: skip
-    h.reconcile(body(), {}, {})
+    reconcile.reconcile(fake.svc, body(), {}, {})
     preflights = fake.by_component("preflight")
     assert len(preflights) == 3  # MAX_ROUNDS, then the adopt failure counts as such
     assert len({j["metadata"]["name"] for j in preflights}) == 3
@@ -283,7 +280,7 @@ def test_a_new_generation_of_an_adopted_resource_is_acknowledged(
             "observedGeneration": 1, "lastTransitionTime": "2026-12-01T00:00:00Z"}  # fmt: skip
     b = body({"path": "Adopted", "observedGeneration": 1, "conditions": [cond]})
     b["metadata"]["generation"] = 2  # e.g. spec.verify changed
-    h.reconcile(b, {}, {})
+    reconcile.reconcile(fake.svc, b, {}, {})
     assert fake.jobs == {}  # nothing runs again
     assert fake.status["observedGeneration"] == 2
     (ready,) = fake.status["conditions"]

@@ -1,11 +1,13 @@
-"""handlers.checkpoint status writes: one write and one Event per change, whatever the
-order in which the create handler and a Job event (with a stale body) get there; the
-Job's creation folded into that Event; kopf filters and the checkpoint index.
+"""Status writes (service.status, through service.reconcile): one write and one Event per
+change, whatever the order in which the create handler and a Job event (with a stale
+body) get there; the Job's creation folded into that Event; kopf filters and the
+checkpoint index (handlers.checkpoint).
 
 The Kubernetes calls are replaced by recorders (no API server)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import kopf
@@ -14,6 +16,8 @@ import urllib3
 
 from preshard.core.spec import parse_spec
 from preshard.handlers import checkpoint as h
+from preshard.k8s.api import termination_result
+from preshard.service import Service, reconcile
 
 UID = "0b5c-uid"
 SPEC = {
@@ -39,6 +43,8 @@ class Recorder:
         self.patches: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
         self.gone = False
+        self.api: Any = None
+        self.svc: Service
 
     def patch(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         if self.gone:
@@ -53,53 +59,59 @@ class Recorder:
 @pytest.fixture
 def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     r = Recorder()
-    monkeypatch.setattr(h.api, "patch_checkpoint_status", r.patch)
     monkeypatch.setattr(kopf, "event", r.event)
 
     def no_pod_reads(*a: Any, **k: Any) -> None:
         raise AssertionError("a Job that has not started has no pod to read")
 
-    monkeypatch.setattr(h.api, "newest_pod", no_pod_reads)
-    monkeypatch.setattr(h.api, "pod_progress", no_pod_reads)
+    r.api = SimpleNamespace(
+        patch_checkpoint_status=r.patch,
+        newest_pod=no_pod_reads,
+        pod_progress=no_pod_reads,
+        termination_result=termination_result,
+    )
+    r.svc = Service(api=r.api)  # type: ignore[arg-type]
     yield r
-    h._forget(UID)
+    r.svc.status.forget(UID)
 
 
 def test_the_create_handler_then_a_stale_job_event_write_once(rec: Recorder) -> None:
     spec = parse_spec(SPEC)
     created = "created conversion Job llama-0123456789 (2 GPUs)"
-    h._sync(body(), spec, JOB, job_created=created)
+    reconcile.sync(rec.svc, body(), spec, JOB, job_created=created)
     assert len(rec.patches) == 1 and rec.patches[0]["phase"] == "Pending"
     ((type_, reason, message),) = rec.events
     assert (type_, reason) == ("Normal", "JobCreated")
     assert message.startswith(f"{created}; JobPending: conversion Job llama-0123456789: ")
     # the Job's ADDED event with a body read before that write (no status yet)
-    h._sync(body(), spec, JOB)
+    reconcile.sync(rec.svc, body(), spec, JOB)
     assert len(rec.patches) == 1 and len(rec.events) == 1
 
 
 def test_a_job_event_first_then_the_create_handler(rec: Recorder) -> None:
     spec = parse_spec(SPEC)
-    h._sync(body(), spec, JOB)  # the Job event won the race
-    h._sync(body(), spec, JOB, job_created="created conversion Job llama-0123456789 (2 GPUs)")
+    reconcile.sync(rec.svc, body(), spec, JOB)  # the Job event won the race
+    reconcile.sync(
+        rec.svc, body(), spec, JOB, job_created="created conversion Job llama-0123456789 (2 GPUs)"
+    )
     assert len(rec.patches) == 1
     assert [r for _, r, _ in rec.events] == ["JobPending", "JobCreated"]
     assert rec.events[1][2] == "created conversion Job llama-0123456789 (2 GPUs)"
 
 
 def test_known_status_prefers_what_was_written_until_forgotten(rec: Recorder) -> None:
-    h._sync(body(), parse_spec(SPEC), JOB)
-    written = h._known_status(body({"phase": "stale"}))
+    reconcile.sync(rec.svc, body(), parse_spec(SPEC), JOB)
+    written = rec.svc.status.known(body({"phase": "stale"}))
     assert written["phase"] == "Pending" and written["jobName"] == "llama-0123456789"
-    h._forget(UID)
-    assert h._known_status(body({"phase": "stale"})) == {"phase": "stale"}
+    rec.svc.status.forget(UID)
+    assert rec.svc.status.known(body({"phase": "stale"})) == {"phase": "stale"}
 
 
 def test_a_resource_deleted_meanwhile_gets_no_event_and_no_cache(rec: Recorder) -> None:
     rec.gone = True
-    h._sync(body(), parse_spec(SPEC), JOB, job_created="created")
+    reconcile.sync(rec.svc, body(), parse_spec(SPEC), JOB, job_created="created")
     assert rec.events == []
-    assert h._known_status(body({"phase": "x"})) == {"phase": "x"}
+    assert rec.svc.status.known(body({"phase": "x"})) == {"phase": "x"}
 
 
 @pytest.mark.parametrize(
@@ -155,9 +167,9 @@ def test_a_broken_connection_is_retried_soon(
     def broken(*args: Any) -> Any:
         raise error
 
-    monkeypatch.setattr(h.api, "secret_exists", broken)
-    monkeypatch.setattr(h.api, "create_or_get_job", broken)
+    monkeypatch.setattr(rec.api, "secret_exists", broken, raising=False)
+    monkeypatch.setattr(rec.api, "create_or_get_job", broken, raising=False)
     with pytest.raises(kopf.TemporaryError) as err:
-        h.reconcile(body(), {})
+        reconcile.reconcile(rec.svc, body(), {})
     assert err.value.delay == 2
     assert rec.patches == [] and rec.events == []

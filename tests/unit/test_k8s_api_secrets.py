@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from preshard.k8s import api
+from preshard.k8s.api import KubeApi
 
 
 class FakeResponse:
@@ -32,6 +32,7 @@ class FakeClient:
         self.existing = existing
         self.reads: list[tuple[str, str]] = []
         self.requests: list[dict[str, Any]] = []
+        self.api: KubeApi
 
     def call_api(self, path: str, method: str, **kw: Any) -> FakeResponse:
         self.requests.append({"path": path, "method": method, **kw})
@@ -43,15 +44,14 @@ class FakeClient:
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
+def fake() -> FakeClient:
     fake = FakeClient({("ml", "s3")})
-    monkeypatch.setattr(api, "client", lambda: fake)
-    monkeypatch.setattr(api, "_secrets_seen", {})
+    fake.api = KubeApi(fake)  # the operator's calls on this client
     return fake
 
 
 def test_the_check_asks_for_metadata_only_and_never_parses_a_body(fake: FakeClient) -> None:
-    assert api.secret_exists("ml", "s3")
+    assert fake.api.secret_exists("ml", "s3")
     (req,) = fake.requests
     assert req["method"] == "GET"
     assert req["path"] == "/api/v1/namespaces/{namespace}/secrets/{name}"
@@ -62,26 +62,26 @@ def test_the_check_asks_for_metadata_only_and_never_parses_a_body(fake: FakeClie
 
 
 def test_a_found_secret_is_not_read_again_for_a_while(fake: FakeClient) -> None:
-    assert all(api.secret_exists("ml", "s3") for _ in range(5))
+    assert all(fake.api.secret_exists("ml", "s3") for _ in range(5))
     assert fake.reads == [("ml", "s3")]
-    assert api.secret_exists("ml", "s3", max_age=0)  # expired: read again
+    assert fake.api.secret_exists("ml", "s3", max_age=0)  # expired: read again
     assert len(fake.reads) == 2
 
 
 def test_a_missing_secret_is_read_every_time_and_found_once_created(fake: FakeClient) -> None:
-    assert not api.secret_exists("ml", "other")
-    assert not api.secret_exists("ml", "other")
+    assert not fake.api.secret_exists("ml", "other")
+    assert not fake.api.secret_exists("ml", "other")
     assert fake.reads == [("ml", "other")] * 2
     fake.existing.add(("ml", "other"))
-    assert api.secret_exists("ml", "other")
+    assert fake.api.secret_exists("ml", "other")
 
 
 def test_a_deleted_secret_is_noticed_once_the_entry_expires(fake: FakeClient) -> None:
-    assert api.secret_exists("ml", "s3")
+    assert fake.api.secret_exists("ml", "s3")
     fake.existing.clear()
-    assert api.secret_exists("ml", "s3")  # still within max_age
-    assert not api.secret_exists("ml", "s3", max_age=0)
-    assert not api.secret_exists("ml", "s3")  # and not cached as found any more
+    assert fake.api.secret_exists("ml", "s3")  # still within max_age
+    assert not fake.api.secret_exists("ml", "s3", max_age=0)
+    assert not fake.api.secret_exists("ml", "s3")  # and not cached as found any more
 
 
 def test_other_errors_are_raised(fake: FakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -90,4 +90,4 @@ def test_other_errors_are_raised(fake: FakeClient, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(fake, "call_api", forbidden)
     with pytest.raises(ApiException):
-        api.secret_exists("ml", "s3")
+        fake.api.secret_exists("ml", "s3")

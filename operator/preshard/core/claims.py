@@ -20,8 +20,9 @@ Precedence: strong before weak, then the older creationTimestamp, then the uid (
 second resolution). Messages about a conflict name the other resource only when it is in
 the same namespace (a tenant learns nothing about other namespaces).
 
-The namespace-to-prefix policy (:func:`prefix_allowed`) and the decision whether a
-deletion may run a purge Job (:func:`purge_decision`) live here too.
+The namespace-to-prefix policy (:func:`prefix_allowed`), the decision whether a
+deletion may run a purge Job (:func:`purge_decision`) and whether a Job of this
+resource's name is this resource's (:func:`job_owned_by`) live here too.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from preshard.core.errors import URIError
+from preshard.core.jobs import ANNOTATION_OWNER_UID
 from preshard.core.uris import parse_output_uri, parse_uri
 
 Strength = Literal["strong", "weak"]
@@ -241,3 +243,16 @@ def purge_decision(
     if owner is not None:
         return PurgeDecision(False, "another resource owns the output prefix")
     return PurgeDecision(True, "")
+
+
+# ------------------------------------------------------------------------------ jobs
+
+
+def job_owned_by(job: Mapping[str, Any], uid: str) -> bool:
+    """Whether a Job found under this resource's Job name belongs to the resource of
+    ``uid`` (an ownerReference, or the owner annotation preshard writes); a Job of
+    another resource or another tool under that name is never adopted."""
+    meta = job.get("metadata") or {}
+    return any(r.get("uid") == uid for r in meta.get("ownerReferences") or []) or (
+        (meta.get("annotations") or {}).get(ANNOTATION_OWNER_UID) == uid
+    )

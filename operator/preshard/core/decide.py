@@ -28,6 +28,7 @@ from typing import Any, Literal
 from preshard.core.identity import SourcePin, conversion_identity, is_identity
 from preshard.core.manifest import MANIFEST_NAME
 from preshard.core.spec import CheckpointSpec
+from preshard.core.status import READY, get_condition
 
 PREFLIGHT_KIND = "preflight"
 Path = Literal[
@@ -135,6 +136,40 @@ class ReadyCheckpoint:
     @property
     def namespace(self) -> str:
         return self.ref.split("/", 1)[0]
+
+
+def ready_checkpoint(
+    namespace: str,
+    name: str,
+    spec: dict[str, Any] | None,
+    meta: dict[str, Any] | None,
+    status: dict[str, Any] | None,
+    default_endpoint: str | None,
+) -> tuple[str, ReadyCheckpoint] | None:
+    """(identity, entry) of the operator's index by identity for a resource as the watch
+    shows it: a Ready checkpoint, not being deleted, that records its identity, URI and
+    manifest digest (None: not a candidate to copy from)."""
+    status, meta = status or {}, meta or {}
+    ident = status.get("identity")
+    art = status.get("artifact") or {}
+    ready = get_condition(status, READY) or {}
+    if (
+        not ident
+        or ready.get("status") != "True"
+        or not art.get("uri")
+        or not art.get("manifestSha256")
+        or meta.get("deletionTimestamp")
+    ):
+        return None
+    endpoint = ((spec or {}).get("output") or {}).get("endpoint") or default_endpoint
+    entry = ReadyCheckpoint(
+        ref=f"{namespace}/{name}",
+        uid=str(meta.get("uid") or ""),
+        uri=str(art["uri"]),
+        manifest_sha256=str(art["manifestSha256"]),
+        endpoint=endpoint,
+    )
+    return str(ident), entry
 
 
 @dataclass(frozen=True)

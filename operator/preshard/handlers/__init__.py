@@ -1,1 +1,13 @@
-"""kopf handlers. Importing :mod:`preshard.handlers.checkpoint` registers them."""
+"""kopf handlers: decorators, filters and indexes that call :mod:`preshard.service`.
+:func:`register` registers them all (``preshard.runner``)."""
+
+from __future__ import annotations
+
+import kopf
+
+from preshard.handlers import checkpoint, reuse
+
+
+def register(registry: kopf.OperatorRegistry, *, poll_seconds: float, retry_seconds: float) -> None:
+    checkpoint.register(registry, poll_seconds=poll_seconds, retry_seconds=retry_seconds)
+    reuse.register(registry)

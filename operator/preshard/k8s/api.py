@@ -1,12 +1,14 @@
 """Kubernetes I/O for the operator (kubernetes Python client, called from kopf's sync
 handlers in its thread pool). Thin wrappers: create-or-get, minimal patches, reads of
-what the worker recorded (termination message, progress lines in the pod log)."""
+what the worker recorded (termination message, progress lines in the pod log).
+
+:class:`KubeApi` holds the client (one per operator, built by :meth:`KubeApi.connect`
+at start and kept in the service, :class:`preshard.service.Service`, in kopf's memo);
+tests give it a fake client."""
 
 from __future__ import annotations
 
 import json
-import logging
-import threading
 import time
 from typing import Any
 
@@ -16,162 +18,11 @@ from kubernetes.client.exceptions import ApiException
 from preshard import GROUP, PLURAL, VERSION
 from preshard.core.progress import ProgressRecord, Result, last_progress
 
-log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_client: kubernetes.client.ApiClient | None = None
 LOG_TAIL_LINES = 50
-
-
-def configure(in_cluster: bool | None = None, pool_size: int | None = None) -> None:
-    """Load in-cluster config, else KUBECONFIG / ~/.kube/config. ``pool_size``: connections
-    kept open to the API server; as many as threads calling it (the client's default is
-    5 per CPU: more concurrent calls open and discard a connection each)."""
-    global _client
-    with _lock:
-        loaded = False
-        if in_cluster is not False:
-            try:
-                kubernetes.config.load_incluster_config()
-                loaded = True
-            except kubernetes.config.ConfigException:
-                if in_cluster:
-                    raise
-        if not loaded:
-            kubernetes.config.load_kube_config()
-        cfg = kubernetes.client.Configuration.get_default_copy()
-        if pool_size:
-            cfg.connection_pool_maxsize = max(pool_size, cfg.connection_pool_maxsize)
-        _client = kubernetes.client.ApiClient(cfg)
-
-
-def client() -> kubernetes.client.ApiClient:
-    if _client is None:
-        configure()
-    assert _client is not None
-    return _client
-
-
-def core() -> kubernetes.client.CoreV1Api:
-    return kubernetes.client.CoreV1Api(client())
-
-
-def batch() -> kubernetes.client.BatchV1Api:
-    return kubernetes.client.BatchV1Api(client())
-
-
-def custom() -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(client())
-
-
-def to_dict(obj: Any) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        return obj
-    return dict(client().sanitize_for_serialization(obj))
-
-
-def is_status(exc: BaseException, code: int) -> bool:
-    return isinstance(exc, ApiException) and exc.status == code
-
-
-# ------------------------------------------------------------------------------- secrets
-
-
 SECRET_SEEN_SECONDS = 10.0
-_secrets_seen: dict[tuple[str, str], float] = {}  # (namespace, name) -> monotonic time
-
-
 # A metadata-only read: the API server answers a PartialObjectMetadata (name, uid, labels,
 # ...) without the Secret's data (Kubernetes >= 1.15).
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
-
-
-def secret_exists(namespace: str, name: str, max_age: float = SECRET_SEEN_SECONDS) -> bool:
-    """Whether the Secret exists, from its metadata only: the operator never asks for a
-    Secret's data (the request's Accept header asks for PartialObjectMetadata), and drops
-    the answer at once whatever it holds.
-
-    A Secret found less than ``max_age`` seconds ago is not read again (resources created
-    together usually share one: one read, not one each); a missing one is read every time.
-    One deleted in between shows as the pod's CreateContainerConfigError (PodWaiting)."""
-    key = (namespace, name)
-    seen = _secrets_seen.get(key)
-    if seen is not None and time.monotonic() - seen < max_age:
-        return True
-    try:
-        resp = client().call_api(
-            "/api/v1/namespaces/{namespace}/secrets/{name}",
-            "GET",
-            path_params={"namespace": namespace, "name": name},
-            header_params={"Accept": METADATA_ONLY},
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _return_http_data_only=True,
-        )
-        try:
-            resp.drain_conn()  # read off the wire and dropped: never parsed or kept
-        finally:
-            resp.release_conn()
-    except ApiException as exc:
-        if exc.status == 404:
-            _secrets_seen.pop(key, None)
-            return False
-        raise
-    if len(_secrets_seen) > 10_000:  # stale entries of many namespaces: start over
-        _secrets_seen.clear()
-    _secrets_seen[key] = time.monotonic()
-    return True
-
-
-# ---------------------------------------------------------------------------------- jobs
-
-
-def create_or_get_job(manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """Create the Job, or return the existing one of that name. (job, created)."""
-    ns = manifest["metadata"]["namespace"]
-    try:
-        return to_dict(batch().create_namespaced_job(ns, manifest)), True
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    return to_dict(batch().read_namespaced_job(manifest["metadata"]["name"], ns)), False
-
-
-def get_job(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        return to_dict(batch().read_namespaced_job(name, namespace))
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-def delete_job(namespace: str, name: str, propagation: str = "Foreground") -> bool:
-    """Delete a Job and its pods; False if it was already gone."""
-    try:
-        batch().delete_namespaced_job(name, namespace, propagation_policy=propagation)
-        return True
-    except ApiException as exc:
-        if exc.status == 404:
-            return False
-        raise
-
-
-# ---------------------------------------------------------------------------------- pods
-
-
-def newest_pod(namespace: str, job_name: str) -> dict[str, Any] | None:
-    # Raw JSON: only the fields we read, no client-side model validation.
-    resp = core().list_namespaced_pod(
-        namespace, label_selector=f"job-name={job_name}", _preload_content=False
-    )
-    try:
-        pods_d = [dict(p) for p in json.loads(resp.data).get("items") or []]
-    finally:
-        resp.release_conn()
-    if not pods_d:
-        return None
-    pods_d.sort(key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
-    return pods_d[-1]
 
 
 def termination_result(pod: dict[str, Any] | None) -> Result | None:
@@ -188,82 +39,200 @@ def termination_result(pod: dict[str, Any] | None) -> Result | None:
     return None
 
 
-def pod_progress(namespace: str, pod_name: str) -> ProgressRecord | None:
-    try:
-        # Raw bytes: the client's str deserialization of text/plain is not reliable.
-        resp = core().read_namespaced_pod_log(
-            pod_name, namespace, tail_lines=LOG_TAIL_LINES, _preload_content=False
+class KubeApi:
+    """The operator's Kubernetes calls, on one ``kubernetes.client.ApiClient``."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        # (namespace, name) -> monotonic time a Secret was last found
+        self._secrets_seen: dict[tuple[str, str], float] = {}
+
+    @classmethod
+    def connect(cls, pool_size: int | None = None) -> KubeApi:
+        """Load in-cluster config, else KUBECONFIG / ~/.kube/config. ``pool_size``:
+        connections kept open to the API server; as many as threads calling it (the
+        client's default is 5 per CPU: more concurrent calls open and discard a
+        connection each)."""
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        cfg = kubernetes.client.Configuration.get_default_copy()
+        if pool_size:
+            cfg.connection_pool_maxsize = max(pool_size, cfg.connection_pool_maxsize)
+        return cls(kubernetes.client.ApiClient(cfg))
+
+    def to_dict(self, obj: Any) -> dict[str, Any]:
+        if isinstance(obj, dict):
+            return obj
+        return dict(self.client.sanitize_for_serialization(obj))
+
+    @staticmethod
+    def termination_result(pod: dict[str, Any] | None) -> Result | None:
+        return termination_result(pod)
+
+    # secrets
+
+    def secret_exists(
+        self, namespace: str, name: str, max_age: float = SECRET_SEEN_SECONDS
+    ) -> bool:
+        """Whether the Secret exists, from its metadata only: the operator never asks for a
+        Secret's data (the request's Accept header asks for PartialObjectMetadata), and drops
+        the answer at once whatever it holds.
+
+        A Secret found less than ``max_age`` seconds ago is not read again (resources created
+        together usually share one: one read, not one each); a missing one is read every time.
+        One deleted in between shows as the pod's CreateContainerConfigError (PodWaiting)."""
+        key = (namespace, name)
+        seen = self._secrets_seen.get(key)
+        if seen is not None and time.monotonic() - seen < max_age:
+            return True
+        try:
+            resp = self.client.call_api(
+                "/api/v1/namespaces/{namespace}/secrets/{name}",
+                "GET",
+                path_params={"namespace": namespace, "name": name},
+                header_params={"Accept": METADATA_ONLY},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+            )
+            try:
+                resp.drain_conn()  # read off the wire and dropped: never parsed or kept
+            finally:
+                resp.release_conn()
+        except ApiException as exc:
+            if exc.status == 404:
+                self._secrets_seen.pop(key, None)
+                return False
+            raise
+        if len(self._secrets_seen) > 10_000:  # stale entries of many namespaces: start over
+            self._secrets_seen.clear()
+        self._secrets_seen[key] = time.monotonic()
+        return True
+
+    # jobs
+
+    def create_or_get_job(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create the Job, or return the existing one of that name. (job, created)."""
+        ns = manifest["metadata"]["namespace"]
+        try:
+            return self.to_dict(self.batch.create_namespaced_job(ns, manifest)), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        return self.to_dict(self.batch.read_namespaced_job(manifest["metadata"]["name"], ns)), False
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.to_dict(self.batch.read_namespaced_job(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete_job(self, namespace: str, name: str, propagation: str = "Foreground") -> bool:
+        """Delete a Job and its pods; False if it was already gone."""
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy=propagation)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    # pods
+
+    def newest_pod(self, namespace: str, job_name: str) -> dict[str, Any] | None:
+        # Raw JSON: only the fields we read, no client-side model validation.
+        resp = self.core.list_namespaced_pod(
+            namespace, label_selector=f"job-name={job_name}", _preload_content=False
         )
         try:
-            text = resp.data.decode("utf-8", errors="replace")
+            pods_d = [dict(p) for p in json.loads(resp.data).get("items") or []]
         finally:
             resp.release_conn()
-    except ApiException as exc:
-        if exc.status in (400, 404):  # container not started yet / pod gone
+        if not pods_d:
             return None
-        raise
-    return last_progress(text)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def patch_checkpoint_status(namespace: str, name: str, patch: dict[str, Any]) -> bool:
-    """Merge-patch .status; False if the resource is gone."""
-    if not patch:
-        return True
-    try:
-        custom().patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": patch}
+        pods_d.sort(
+            key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"])
         )
-        return True
-    except ApiException as exc:
-        if exc.status == 404:
-            return False  # deleted meanwhile
-        raise
+        return pods_d[-1]
 
-
-def get_checkpoint(namespace: str, name: str) -> dict[str, Any] | None:
-    """The ShardedCheckpoint (None if it does not exist)."""
-    try:
-        obj = custom().get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return dict(obj)
-
-
-# ---------------------------------------------------------------------------- configmaps
-
-
-def apply_configmap(manifest: dict[str, Any], owner_uid: str) -> bool:
-    """Create the ConfigMap, or update it when it is ours (an ownerReference with
-    ``owner_uid``). False, and nothing written, when one of that name belongs to
-    something else: never overwrite a ConfigMap this resource does not own."""
-    ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-    try:
-        current = to_dict(core().read_namespaced_config_map(name, ns))
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
+    def pod_progress(self, namespace: str, pod_name: str) -> ProgressRecord | None:
         try:
-            core().create_namespaced_config_map(ns, manifest)
+            # Raw bytes: the client's str deserialization of text/plain is not reliable.
+            resp = self.core.read_namespaced_pod_log(
+                pod_name, namespace, tail_lines=LOG_TAIL_LINES, _preload_content=False
+            )
+            try:
+                text = resp.data.decode("utf-8", errors="replace")
+            finally:
+                resp.release_conn()
+        except ApiException as exc:
+            if exc.status in (400, 404):  # container not started yet / pod gone
+                return None
+            raise
+        return last_progress(text)
+
+    # checkpoints
+
+    def patch_checkpoint_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch .status; False if the resource is gone."""
+        if not patch:
             return True
-        except ApiException as exc2:
-            if exc2.status != 409:
+        try:
+            self.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, PLURAL, name, {"status": patch}
+            )
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False  # deleted meanwhile
+            raise
+
+    def get_checkpoint(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The ShardedCheckpoint (None if it does not exist)."""
+        try:
+            obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(obj)
+
+    # configmaps
+
+    def apply_configmap(self, manifest: dict[str, Any], owner_uid: str) -> bool:
+        """Create the ConfigMap, or update it when it is ours (an ownerReference with
+        ``owner_uid``). False, and nothing written, when one of that name belongs to
+        something else: never overwrite a ConfigMap this resource does not own."""
+        ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
+        except ApiException as exc:
+            if exc.status != 404:
                 raise
-            current = to_dict(core().read_namespaced_config_map(name, ns))
-    refs = (current.get("metadata") or {}).get("ownerReferences") or []
-    if not any(r.get("uid") == owner_uid for r in refs):
-        return False
-    if (
-        current.get("data") != manifest["data"]
-        or (current["metadata"].get("labels") or {}) != manifest["metadata"]["labels"]
-    ):
-        core().patch_namespaced_config_map(
-            name,
-            ns,
-            {"metadata": {"labels": manifest["metadata"]["labels"]}, "data": manifest["data"]},
-        )
-    return True
+            try:
+                self.core.create_namespaced_config_map(ns, manifest)
+                return True
+            except ApiException as exc2:
+                if exc2.status != 409:
+                    raise
+                current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
+        refs = (current.get("metadata") or {}).get("ownerReferences") or []
+        if not any(r.get("uid") == owner_uid for r in refs):
+            return False
+        if (
+            current.get("data") != manifest["data"]
+            or (current["metadata"].get("labels") or {}) != manifest["metadata"]["labels"]
+        ):
+            self.core.patch_namespaced_config_map(
+                name,
+                ns,
+                {"metadata": {"labels": manifest["metadata"]["labels"]}, "data": manifest["data"]},
+            )
+        return True

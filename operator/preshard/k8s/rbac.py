@@ -1,6 +1,7 @@
 """Every Kubernetes API call the operator makes, as RBAC rules. The Helm chart's RBAC
-must equal this (tests/unit/test_chart.py); keep it in step with preshard.k8s.api and
-preshard.handlers (an integration test checks the emulator saw no other calls).
+must equal this (tests/unit/test_chart.py); keep it in step with preshard.k8s.api,
+preshard.service and preshard.handlers (an integration test checks the emulator saw no
+other calls).
 
 Secrets: only the metadata-only existence check (``PRESHARD_SECRET_CHECK=metadata``)
 needs ``get`` on Secrets (:data:`SECRET_CHECK_RULE`); with the check off the operator

@@ -1,0 +1,345 @@
+"""The steps before a conversion: preflight -> decide -> adopt | copy | (withdraw ->)
+convert | refuse. The decision is :func:`preshard.core.decide.decide`, the Jobs come from
+:mod:`preshard.core.jobs`, the status from :mod:`preshard.core.pathstatus`.
+
+Every step is a small CPU-only Job in the resource's namespace with the resource's own
+credentials Secrets (the operator reads no Secret data and no object store). Its
+result is the pod's termination message; Job events of these Jobs re-run the reconcile
+(:func:`preshard.service.reconcile.step_job_event`). ``status.decision`` records the
+step in progress, so a restarted operator resumes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from preshard.core import pathstatus as ps
+from preshard.core import status as st
+from preshard.core.decide import (
+    REFUSALS,
+    Decision,
+    PreflightError,
+    ReadyCheckpoint,
+    decide,
+    memory_estimate_status,
+    parse_preflight,
+)
+from preshard.core.identity import conversion_identity
+from preshard.core.jobs import (
+    accelerator,
+    build_adopt_job,
+    build_copy_job,
+    build_preflight_job,
+    build_serving_configmap,
+    build_withdraw_job,
+    output_endpoint,
+)
+from preshard.core.naming import serving_configmap_name
+from preshard.core.serving import serving_info, trusted_artifact
+from preshard.core.spec import CheckpointSpec
+from preshard.service import events
+from preshard.service.context import Service
+from preshard.service.status import now
+
+log = logging.getLogger(__name__)
+
+# Reasons after which a step is retried from a new preflight (the prefix changed under
+# us), at most this many times.
+RESTART_REASONS = frozenset({"OutputChanged"})
+MAX_ROUNDS = 3
+
+
+def _alive(svc: Service, owner: str) -> bool:
+    parts = owner.split("/")
+    if len(parts) != 3 or not all(parts):
+        return True  # never provably gone (decide keeps such owners anyway)
+    try:
+        obj = svc.api.get_checkpoint(parts[0], parts[1])
+    except ApiException as exc:
+        if exc.status == 403:  # a namespace this operator may not read: never provably gone
+            return True
+        raise
+    return obj is not None and (obj.get("metadata") or {}).get("uid") == parts[2]
+
+
+def prepare(
+    svc: Service, body: dict[str, Any], spec: CheckpointSpec, old: dict[str, Any], index: Any
+) -> tuple[bool, str | None]:
+    """Run the steps before a conversion. (True, identity): create the conversion Job
+    now; (False, None): handled (status written), nothing more to do in this pass."""
+    if ps.is_done(old):
+        gen = body["metadata"].get("generation")
+        if old.get("observedGeneration") != gen:
+            svc.status.write_known(body, ps.regenerate(old, gen, now()))
+        return False, None
+    decision = dict(old.get("decision") or {})
+    step = decision.get("step")
+    if step == "Convert":
+        return True, old.get("identity")
+    ns = body["metadata"]["namespace"]
+    if step in ("Adopt", "Copy", "Withdraw") and decision.get("jobName"):
+        job = svc.api.get_job(ns, str(decision["jobName"]))
+        if job is not None:
+            return _follow(svc, body, spec, old, decision, job, index)
+    return _preflight(svc, body, spec, old, decision, index)
+
+
+def _base(decision: dict[str, Any]) -> dict[str, Any]:
+    keep = ("startedAt", "noAdopt", "noCopy", "round")
+    out = {k: decision[k] for k in keep if decision.get(k)}
+    out.setdefault("startedAt", now())
+    return out
+
+
+def _preflight(
+    svc: Service,
+    body: dict[str, Any],
+    spec: CheckpointSpec,
+    old: dict[str, Any],
+    decision: dict[str, Any],
+    index: Any,
+) -> tuple[bool, str | None]:
+    meta = body["metadata"]
+    ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
+    base = _base(decision)
+    manifest = build_preflight_job(
+        name, ns, uid, spec, svc.config, attempt=int(base.get("round") or 0)
+    )
+    jname = manifest["metadata"]["name"]
+    job, created = svc.api.create_or_get_job(manifest)
+    outcome = st.job_outcome(job)
+    if outcome.phase in (st.PENDING, st.RUNNING):
+        d = {**base, "step": "Preflight", "jobName": jname}
+        msg = (
+            f"preflight Job {jname} checks the source and the output prefix "
+            "(CPU only, no accelerator)"
+        )
+        new = ps.status_for_step(old, decision=d, message=msg, generation=gen, now=now())
+        svc.status.write_known(
+            body, new, f"created preflight Job {jname} (CPU only)" if created else None
+        )
+        return False, None
+    result = svc.api.termination_result(svc.api.newest_pod(ns, jname))
+    if outcome.phase == st.FAILED:
+        reason = result.reason if result and result.reason else (outcome.reason or "JobFailed")
+        message = (result.message if result and result.message else outcome.message) or ""
+        _fail(svc, body, old, reason, f"preflight Job {jname} failed: {message}", gen)
+        return False, None
+    try:
+        pre = parse_preflight(result.artifact if result else None)
+    except PreflightError as exc:
+        _fail(svc, body, old, "PreflightFailed", f"preflight Job {jname}: {exc}", gen)
+        return False, None
+    identity = conversion_identity(spec, pre.source, pre.vllm_version)
+    living = frozenset(o for o in pre.owners() if _alive(svc, o))
+    ready = [r for r in (index or {}).get(identity, []) if isinstance(r, ReadyCheckpoint)]
+    choice = decide(
+        spec,
+        f"{ns}/{name}/{uid}",
+        pre,
+        living,
+        ready,
+        output_endpoint=output_endpoint(spec, svc.config),
+        adopt_allowed=not base.get("noAdopt"),
+        copy_allowed=not base.get("noCopy"),
+        accelerator=accelerator(spec, svc.config),
+    )
+    estimate = memory_estimate_status(spec, pre, accelerator(spec, svc.config))
+    if estimate is not None:
+        old = {**old, "memoryEstimate": estimate}
+    return _act(svc, body, spec, old, base, choice, index)
+
+
+def _fail(
+    svc: Service,
+    body: dict[str, Any],
+    old: dict[str, Any],
+    reason: str,
+    message: str,
+    gen: int | None,
+) -> None:
+    new = st.status_for_error(
+        old,
+        reason=reason if st._PASCAL.match(reason) else "PreflightFailed",
+        message=message,
+        generation=gen,
+        now=now(),
+        spec_valid=True,
+        phase=st.FAILED,
+    )
+    new.pop("decision", None)  # refused or failed: this resource does not claim the prefix
+    svc.status.write_known(body, new)
+
+
+def _act(
+    svc: Service,
+    body: dict[str, Any],
+    spec: CheckpointSpec,
+    old: dict[str, Any],
+    base: dict[str, Any],
+    d: Decision,
+    index: Any,
+) -> tuple[bool, str | None]:
+    meta = body["metadata"]
+    ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
+    if d.path in REFUSALS or d.path == "Gated":
+        # GATE: a Gated decision (core.decide.gate) lands here as Ready=False.
+        old = {**old, "identity": d.identity} if d.identity else old
+        _fail(svc, body, old, d.reason, d.message, gen)
+        return False, None
+    if d.path == "Convert" and not d.withdraw:
+        new = {**old, "identity": d.identity, "decision": {**base, "step": "Convert"}}
+        svc.status.write_known(body, new)
+        return True, d.identity
+    if d.path == "Adopt":
+        assert d.identity and d.expect_manifest_sha256
+        job = build_adopt_job(
+            name, ns, uid, spec, svc.config,
+            identity=d.identity,
+            expect_owner=d.expect_owner,
+            expect_manifest_sha256=d.expect_manifest_sha256,
+        )  # fmt: skip
+        step: dict[str, Any] = {"step": "Adopt"}
+    elif d.path == "Copy":
+        assert d.identity and d.copy_from
+        job = build_copy_job(
+            name, ns, uid, spec, svc.config,
+            identity=d.identity,
+            source_uri=d.copy_from.uri,
+            source_manifest_sha256=d.copy_from.manifest_sha256,
+        )  # fmt: skip
+        step = {"step": "Copy"}
+        if d.copy_from.namespace == ns:  # another tenant's prefix is not shown before
+            step["from"] = d.copy_from.uri  # the copy proved access to it
+    else:  # Convert over a gone owner's checkpoint: withdraw its manifest first
+        assert d.expect_manifest_sha256
+        job = build_withdraw_job(
+            name, ns, uid, spec, svc.config,
+            expect_owner=d.expect_owner,
+            expect_manifest_sha256=d.expect_manifest_sha256,
+        )  # fmt: skip
+        step = {"step": "Withdraw"}
+    created_job, created = svc.api.create_or_get_job(job)
+    decision = {**base, **step, "jobName": job["metadata"]["name"]}
+    old2 = {**old, "identity": d.identity}
+    return _follow(
+        svc, body, spec, old2, decision, created_job, index, created=created, why=d.message
+    )
+
+
+_STEP_MESSAGES = {
+    "Adopt": "adopt Job {job} verifies every object of {out} against its manifest (no "
+    "accelerator), then takes the checkpoint over",
+    "Copy": "copy Job {job} copies a Ready checkpoint with this identity{src} to {out} "
+    "server-side with this resource's credentials",
+    "Withdraw": "withdraw Job {job} withdraws the manifest of a deleted resource's "
+    "checkpoint at {out} before converting",
+}
+
+
+def _follow(
+    svc: Service,
+    body: dict[str, Any],
+    spec: CheckpointSpec,
+    old: dict[str, Any],
+    decision: dict[str, Any],
+    job: dict[str, Any],
+    index: Any,
+    *,
+    created: bool = False,
+    why: str | None = None,
+) -> tuple[bool, str | None]:
+    meta = body["metadata"]
+    ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
+    step = str(decision["step"])
+    jname = job["metadata"]["name"]
+    out = str(spec.output.parsed)
+    identity = old.get("identity")
+    outcome = st.job_outcome(job)
+    if outcome.phase in (st.PENDING, st.RUNNING):
+        src = f" ({decision['from']})" if decision.get("from") else ""
+        msg = _STEP_MESSAGES[step].format(job=jname, out=out, src=src)
+        new = ps.status_for_step(old, decision=decision, message=msg, generation=gen, now=now())
+        svc.status.write_known(
+            body, new, f"created {step.lower()} Job {jname}: {why}" if created else None
+        )
+        return False, None
+    result = svc.api.termination_result(svc.api.newest_pod(ns, jname))
+    ok = outcome.phase == st.SUCCEEDED and result is not None and result.result == "Succeeded"
+    if ok and step == "Withdraw":
+        new = {**old, "decision": {**_base(decision), "step": "Convert"}}
+        svc.status.write_known(body, new)
+        return True, identity
+    if ok and result is not None and result.artifact:
+        artifact = dict(result.artifact)
+        origin = artifact.pop("origin", None) if step == "Copy" else None
+        # the locations come from the spec, not from what the pod wrote
+        artifact = trusted_artifact(artifact, spec)
+        cm = build_serving_configmap(name, ns, uid, artifact, spec, svc.config.default_s3_endpoint)
+        if not svc.api.apply_configmap(cm, uid):
+            log.warning(
+                "%s/%s: ConfigMap %s belongs to something else; not written",
+                ns,
+                name,
+                serving_configmap_name(name),
+            )
+        info = serving_info(name, spec, str(spec.output.parsed), output_endpoint(spec, svc.config))
+        new = ps.status_for_reused(
+            old,
+            path=ps.ADOPTED if step == "Adopt" else ps.COPIED,
+            artifact=artifact,
+            serving=info.status(serving_configmap_name(name)),
+            identity=str(identity),
+            origin=origin if isinstance(origin, dict) else None,
+            started=decision.get("startedAt"),
+            generation=gen,
+            now=now(),
+        )
+        svc.status.write_known(body, new)
+        return False, None
+    # failed (or succeeded without a result)
+    reason = (result.reason if result and result.reason else None) or outcome.reason or "JobFailed"
+    message = (result.message if result and result.message else None) or outcome.message or ""
+    base = _base(decision)
+    if reason in RESTART_REASONS and int(base.get("round") or 0) + 1 < MAX_ROUNDS:
+        base["round"] = int(base.get("round") or 0) + 1
+        events.post(
+            body,
+            "Normal",
+            "OutputChanged",
+            f"the output prefix changed during the {step.lower()} step; checking again",
+        )
+        return _preflight(svc, body, spec, {**old, "decision": base}, base, index)
+    if step == "Withdraw":
+        _fail(svc, body, old, reason, f"withdraw Job {jname} failed: {message}", gen)
+        return False, None
+    flag = "noAdopt" if step == "Adopt" else "noCopy"
+    base[flag] = True
+    # A copy's message may name a prefix of another tenant: only the reason is told.
+    detail = f"{reason}: {message}" if step == "Adopt" else reason
+    events.post(
+        body,
+        "Warning",
+        f"{step}Failed",
+        f"{step.lower()} Job {jname} failed ({detail}); converting instead",
+    )
+    return _preflight(svc, body, spec, {**old, "decision": base}, base, index)
+
+
+def after_sync(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A conversion's status: record the Converted path when it becomes Ready (and an
+    Event with how long it took)."""
+    marked = ps.mark_converted(old, new, now())
+    if marked is not new and old.get("path") != ps.CONVERTED:
+        took = marked.get("durationSeconds")
+        events.post(
+            body,
+            "Normal",
+            ps.CONVERTED,
+            f"converted at {(marked.get('artifact') or {}).get('uri')}"
+            + (f" in {took} s" if took is not None else ""),
+        )
+    return marked
