@@ -6,13 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError
-
-if TYPE_CHECKING:
-    from preshard.service import Options
 
 log = logging.getLogger(__name__)
 # kopf's thread pool for our (sync) handlers; the Kubernetes client keeps as many
@@ -35,21 +32,8 @@ def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     )
 
 
-def load_options(env: dict[str, str] | None = None) -> Options:
-    """The switches not in OperatorConfig (:class:`preshard.service.Options`)."""
-    from preshard.service import Options
-
-    try:
-        return Options.from_env(dict(os.environ if env is None else env))
-    except ValueError as exc:
-        raise PreshardError(
-            f"invalid operator configuration: {exc}", reason="InvalidConfig", permanent=True
-        ) from None
-
-
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
-    options = load_options()
     import kopf
 
     from preshard import handlers, metrics
@@ -71,14 +55,14 @@ def run(args: argparse.Namespace) -> int:
     # default registry adds this itself, an explicit registry needs it said.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     handlers.register(
-        registry, poll_seconds=config.progress_poll_seconds, retry_seconds=options.retry_seconds
+        registry, poll_seconds=config.progress_poll_seconds, retry_seconds=config.retry_seconds
     )
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         # The service (configuration, API helpers, the status writer) for every handler:
         # kopf hands each one this memo (handlers.checkpoint.service).
-        memo.service = Service(config=config, api=api, options=options)
+        memo.service = Service(config=config, api=api)
         # Progress and diff-base in annotations under our own prefix (no status clutter).
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
             prefix="preshard.io"

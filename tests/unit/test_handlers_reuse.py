@@ -10,11 +10,12 @@ import kopf
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from preshard.core.config import OperatorConfig
 from preshard.core.decide import ReadyCheckpoint
 from preshard.core.identity import SourcePin, conversion_identity
 from preshard.core.progress import Result
 from preshard.core.spec import parse_spec
-from preshard.service import Options, Service, reconcile, reuse
+from preshard.service import Service, reconcile, reuse
 
 UID = "uid-new"
 SPEC = {
@@ -56,7 +57,7 @@ class Fake:
     """Jobs by name; each component finishes with (job status, Result) when created."""
 
     def __init__(self, outcomes: dict[str, tuple[dict[str, Any], Result | None]]) -> None:
-        self.svc = Service(api=self, options=Options(preflight=True))  # type: ignore[arg-type]
+        self.svc = Service(api=self, config=OperatorConfig(preflight=True))  # type: ignore[arg-type]
         self.outcomes = outcomes
         self.jobs: dict[str, dict[str, Any]] = {}
         self.status: dict[str, Any] = {}

@@ -1,10 +1,11 @@
 """How the operator is wired: the one API error mapping (service.errors), the switches
-outside OperatorConfig (service.Options), the handlers registered with the configured
+in OperatorConfig (PRESHARD_PREFLIGHT, PRESHARD_RETRY_SECONDS), the handlers registered with the configured
 timer intervals and stable ids (handlers.register), the Service in kopf's memo (the
 runner's startup handler), and one status writer (service.status)."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import logging
 from pathlib import Path
@@ -18,8 +19,8 @@ from kubernetes.client.exceptions import ApiException
 from preshard import handlers, metrics
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError
-from preshard.runner import load_options
-from preshard.service import Options, Service, errors
+from preshard.runner import load_config
+from preshard.service import Service, errors
 
 SERVICE = Path(__file__).resolve().parents[2] / "operator" / "preshard" / "service"
 
@@ -75,16 +76,18 @@ def test_logged_turns_api_failures_and_retries_into_one_line(
         raise ValueError("not swallowed")
 
 
-def test_options_from_the_environment() -> None:
-    assert Options.from_env({}) == Options(preflight=True, retry_seconds=10.0)
-    assert Options.from_env({"PRESHARD_PREFLIGHT": " 0 ", "PRESHARD_RETRY_SECONDS": "2.5"}) == (
-        Options(preflight=False, retry_seconds=2.5)
-    )
-    for raw, why in (("often", "is not a number"), ("0", "> 0"), ("inf", "> 0"), ("-1", "> 0")):
+def test_preflight_and_retry_switches_from_the_environment() -> None:
+    default = OperatorConfig.from_env({})
+    assert (default.preflight, default.retry_seconds) == (True, 10.0)
+    off = OperatorConfig.from_env({"PRESHARD_PREFLIGHT": " 0 ", "PRESHARD_RETRY_SECONDS": "2.5"})
+    assert (off.preflight, off.retry_seconds) == (False, 2.5)
+    assert Service(config=off).preflight is False
+    args = argparse.Namespace(namespace=None, all_namespaces=True, metrics_port=None, liveness=None)
+    for raw, why in (("often", "is not a number"), ("0", "> 0"), ("inf", "finite"), ("-1", "> 0")):
         with pytest.raises(PreshardError) as exc:
-            load_options({"PRESHARD_RETRY_SECONDS": raw})
+            load_config(args, {"PRESHARD_RETRY_SECONDS": raw})
         assert exc.value.reason == "InvalidConfig" and why in str(exc.value)
-        assert f"PRESHARD_RETRY_SECONDS={raw!r}" in str(exc.value)
+        assert "PRESHARD_RETRY_SECONDS=" in str(exc.value)
 
 
 def registered(registry: kopf.OperatorRegistry) -> dict[str, Any]:

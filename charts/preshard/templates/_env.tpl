@@ -30,6 +30,10 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
   value: {{ include "preshard.livenessURL" . | quote }}
 - name: PRESHARD_PROGRESS_POLL_SECONDS
   value: {{ .Values.converter.progressPollSeconds | int | toString | quote }}
+- name: PRESHARD_RETRY_SECONDS
+  value: {{ .Values.converter.retrySeconds | int | toString | quote }}
+- name: PRESHARD_PREFLIGHT
+  value: {{ ternary "1" "0" .Values.converter.preflight | quote }}
 - name: PRESHARD_WORK_DIR_SIZE
   value: {{ .Values.converter.workDirSize | quote }}
 - name: PRESHARD_CONVERTER_NODE_SELECTOR

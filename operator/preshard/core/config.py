@@ -43,6 +43,10 @@ class OperatorConfig:
     metrics_port: int = 8080
     liveness_endpoint: str | None = "http://0.0.0.0:8081/healthz"
     progress_poll_seconds: float = 10.0
+    # how often resources that wait (a busy prefix, a missing Secret) are re-checked
+    retry_seconds: float = 10.0
+    # PRESHARD_PREFLIGHT=0: convert at once, without the preflight/adopt/copy steps
+    preflight: bool = True
     work_dir_size: str = "200Gi"
     default_node_selector: tuple[tuple[str, str], ...] = ()
     default_tolerations: tuple[Mapping[str, Any], ...] = ()
@@ -264,6 +268,8 @@ class OperatorConfig:
             progress_poll_seconds=number(
                 "PRESHARD_PROGRESS_POLL_SECONDS", base.progress_poll_seconds
             ),
+            retry_seconds=number("PRESHARD_RETRY_SECONDS", base.retry_seconds),
+            preflight=(get("PRESHARD_PREFLIGHT") or ("1" if base.preflight else "0")) != "0",
             work_dir_size=work,
             default_node_selector=tuple(sorted(node_selector.items())),
             default_tolerations=tuple(tolerations),

@@ -20,7 +20,7 @@ from preshard.core.naming import (
     job_name,
     serving_configmap_name,
 )
-from preshard.core.serving import configmap_data, serving_info
+from preshard.core.serving import ServingInfo, configmap_data, serving_info
 from preshard.core.spec import CheckpointSpec
 
 CONTAINER = "convert"
@@ -448,6 +448,30 @@ def build_serving_configmap(
     # MODEL and the arguments come from the spec's output URI, never from the pod's
     # termination message (the artifact supplies only the manifest digest and version).
     info = serving_info(name, spec, str(spec.output.parsed), endpoint)
+    return _serving_configmap(name, namespace, uid, info, spec, artifact)
+
+
+def build_serving(
+    name: str,
+    namespace: str,
+    uid: str,
+    artifact: dict[str, Any],
+    spec: CheckpointSpec,
+    config: OperatorConfig,
+) -> tuple[ServingInfo, dict[str, Any]]:
+    """The serving hand-off, built once: ``status.serving``'s source and the ConfigMap."""
+    info = serving_info(name, spec, str(spec.output.parsed), output_endpoint(spec, config))
+    return info, _serving_configmap(name, namespace, uid, info, spec, artifact)
+
+
+def _serving_configmap(
+    name: str,
+    namespace: str,
+    uid: str,
+    info: ServingInfo,
+    spec: CheckpointSpec,
+    artifact: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -17,6 +17,6 @@ poster; an import-linter contract forbids kopf elsewhere in the service). Pure
 decisions live in :mod:`preshard.core`.
 """
 
-from preshard.service.context import Options, Service
+from preshard.service.context import Service
 
-__all__ = ["Options", "Service"]
+__all__ = ["Service"]

@@ -4,8 +4,6 @@ kopf's ``memo`` (``memo.service``); tests build their own with fakes."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,36 +27,6 @@ class KubeCalls(Protocol):
     def apply_configmap(self, manifest: dict[str, Any], owner_uid: str) -> bool: ...
 
 
-def _positive(env: Mapping[str, str], key: str, default: float) -> float:
-    raw = (env.get(key) or "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{key}={raw!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{key}={raw!r} must be a finite number > 0")
-    return value
-
-
-@dataclass(frozen=True)
-class Options:
-    """Operator switches not (yet) in :class:`OperatorConfig`: ``PRESHARD_PREFLIGHT``
-    (1, the default: preflight, adopt, copy before converting; 0: convert at once) and
-    ``PRESHARD_RETRY_SECONDS`` (how often resources that wait are re-checked)."""
-
-    preflight: bool = True
-    retry_seconds: float = 10.0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Options:
-        return cls(
-            preflight=(env.get("PRESHARD_PREFLIGHT") or "1").strip() != "0",
-            retry_seconds=_positive(env, "PRESHARD_RETRY_SECONDS", 10.0),
-        )
-
-
 class _NoApi:
     """The API of a Service built without one (pure uses such as the indexes)."""
 
@@ -69,12 +37,11 @@ class _NoApi:
 @dataclass
 class Service:
     """What every service function gets: ``config`` (the operator's configuration),
-    ``api`` (the Kubernetes calls), ``options`` and ``status`` (the one status writer,
-    with its per-resource cache and locks)."""
+    ``api`` (the Kubernetes calls) and ``status`` (the one status writer, with its
+    per-resource cache and locks)."""
 
     config: OperatorConfig = field(default_factory=OperatorConfig)
     api: KubeCalls = field(default_factory=_NoApi)  # type: ignore[assignment]
-    options: Options = field(default_factory=Options)
     status: StatusWriter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -82,4 +49,4 @@ class Service:
 
     @property
     def preflight(self) -> bool:
-        return self.options.preflight
+        return self.config.preflight

@@ -36,16 +36,15 @@ from preshard.core.jobs import (
     LABEL_CHECKPOINT,
     accelerator,
     build_conversion_job,
-    build_serving_configmap,
-    output_endpoint,
     referenced_secrets,
 )
 from preshard.core.naming import job_name, serving_configmap_name
 from preshard.core.policy import POLICY_VIOLATION, check_policy, policy_message
-from preshard.core.serving import serving_info, trusted_artifact
+from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 from preshard.service import errors, reuse
 from preshard.service.context import Service
+from preshard.service.serving import apply_serving
 from preshard.service.status import now
 
 log = logging.getLogger(__name__)
@@ -216,14 +215,9 @@ def sync(
         result = dataclasses.replace(result, artifact=trusted_artifact(result.artifact, spec))
     if outcome.phase == st.SUCCEEDED and result is not None and result.artifact:
         assert result.artifact is not None
-        cm = build_serving_configmap(
-            name, ns, uid, result.artifact, spec, svc.config.default_s3_endpoint
-        )
-        cm_name = serving_configmap_name(name)
-        if api.apply_configmap(cm, uid):
-            endpoint = output_endpoint(spec, svc.config)
-            serving = serving_info(name, spec, str(spec.output.parsed), endpoint).status(cm_name)
-        else:
+        serving = apply_serving(svc, name, ns, uid, spec, result.artifact)
+        if serving is None:
+            cm_name = serving_configmap_name(name)
             serving_error = (
                 SERVING_CONFLICT,
                 f"a ConfigMap named {cm_name} exists and does not belong to this "

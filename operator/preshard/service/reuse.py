@@ -33,15 +33,15 @@ from preshard.core.jobs import (
     build_adopt_job,
     build_copy_job,
     build_preflight_job,
-    build_serving_configmap,
     build_withdraw_job,
     output_endpoint,
 )
 from preshard.core.naming import serving_configmap_name
-from preshard.core.serving import serving_info, trusted_artifact
+from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec
 from preshard.service import events
 from preshard.service.context import Service
+from preshard.service.serving import apply_serving
 from preshard.service.status import now
 
 log = logging.getLogger(__name__)
@@ -278,20 +278,19 @@ def _follow(
         origin = artifact.pop("origin", None) if step == "Copy" else None
         # the locations come from the spec, not from what the pod wrote
         artifact = trusted_artifact(artifact, spec)
-        cm = build_serving_configmap(name, ns, uid, artifact, spec, svc.config.default_s3_endpoint)
-        if not svc.api.apply_configmap(cm, uid):
+        serving = apply_serving(svc, name, ns, uid, spec, artifact)
+        if serving is None:
             log.warning(
                 "%s/%s: ConfigMap %s belongs to something else; not written",
                 ns,
                 name,
                 serving_configmap_name(name),
             )
-        info = serving_info(name, spec, str(spec.output.parsed), output_endpoint(spec, svc.config))
         new = ps.status_for_reused(
             old,
             path=ps.ADOPTED if step == "Adopt" else ps.COPIED,
             artifact=artifact,
-            serving=info.status(serving_configmap_name(name)),
+            serving=serving,
             identity=str(identity),
             origin=origin if isinstance(origin, dict) else None,
             started=decision.get("startedAt"),
