@@ -395,8 +395,8 @@ def build_purge_job(
 
     It has no ownerReference: its owner is being deleted, and the finalizer waits for it.
     It runs the operator's converter image and ``purge --owner NAMESPACE/NAME/UID``: the
-    purge deletes only what that owner published. The handler decides first whether this
-    resource may purge at all (preshard.core.claims.purge_decision).
+    purge deletes only what that owner published. The service decides first whether this
+    resource may purge at all (preshard.core.deletion.purge_decision_at_deletion).
     """
     spec_hash = spec.conversion_hash()
     lbl = labels(name, "purge", spec_hash)
