@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import signal
@@ -54,6 +53,7 @@ from preshard.core.spec import parse_spec
 from preshard.worker.tinymodel import make_tiny_llama
 from preshard.worker.vllm_engine import cpu_env
 from preshard_dev.s3server import RcloneS3, free_port
+from preshard_dev.vllmcli import complete
 
 TP = 2
 PROMPT = "The capital of France is"
@@ -171,22 +171,7 @@ def serve(
         text = log.read_text(errors="replace")
         run.weights_s = [float(x) for x in WEIGHTS_LINE.findall(text)]
         run.model_loading_s = [float(s) for _, s in MODEL_LOADING_LINE.findall(text)]
-        body = json.dumps(
-            {
-                "model": model,
-                "prompt": PROMPT,
-                "max_tokens": 8,
-                "temperature": 0,
-                "return_token_ids": True,
-            }
-        ).encode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=300) as r:
-            run.tokens = list(json.loads(r.read())["choices"][0]["token_ids"])
+        run.tokens = list(complete(port, model, PROMPT, max_tokens=8)["token_ids"])
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

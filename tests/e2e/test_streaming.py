@@ -48,6 +48,7 @@ from preshard.worker.vllm_engine import (
     run_engine,
 )
 from preshard_dev.stack import ROOT, LocalStack, free_port
+from preshard_dev.vllmcli import complete
 
 from .conftest import ready_condition, status_of
 
@@ -130,24 +131,7 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: 
 
 
 def _complete(port: int, model: str, prompt: str) -> tuple[list[int], list[float]]:
-    body = json.dumps(
-        {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": MAX_TOKENS,
-            "temperature": 0,
-            "logprobs": 1,
-            "return_token_ids": True,
-        }
-    ).encode()
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=120) as r:
-        out = json.loads(r.read())
-    choice = out["choices"][0]
+    choice = complete(port, model, prompt, max_tokens=MAX_TOKENS, logprobs=1, timeout=120)
     return list(choice["token_ids"]), list(choice["logprobs"]["token_logprobs"])
 
 
