@@ -7,10 +7,11 @@ the object metadata ``x-amz-meta-sha256``, which is what resumption compares; a 
 whose sha256 is not known yet is hashed in a small side pool just before its parts are
 queued, so hashing overlaps the transfer of the files before it. Each part is read once
 into a reused per-thread buffer that feeds both its MD5 and the request body. Downloads
-write ranges straight into a preallocated ``.part`` file (``os.pwrite``) and hash it as
-the bytes arrive (:class:`SequentialHasher`: in order, the contiguous prefix), check the
-sha256 against the manifest, and rename it into place atomically, so a file with its
-final name is always complete and verified.
+receive each range straight into a reused per-thread buffer (``readinto``: no bytes
+object per read), write it into a preallocated ``.part`` file (``os.pwrite``) and hash
+it as the bytes arrive (:class:`SequentialHasher`: in order, the contiguous prefix),
+check the sha256 against the manifest, and rename it into place atomically, so a file
+with its final name is always complete and verified.
 
 :func:`start_upload` runs an upload in the background (``wait``/``abort``) so that a
 conversion can upload rank files while it still verifies them; it never writes the
@@ -50,6 +51,7 @@ DEFAULT_PART_SIZE = 32 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for all parts but the last
 MAX_PARTS = 10_000
 HASH_CHUNK = 4 * MiB
+READBACK_CHUNK = 1 * MiB
 RETRYABLE_CODES = {
     "SlowDown",
     "InternalError",
@@ -502,6 +504,8 @@ class SequentialHasher:
         self._ranges: dict[int, int] = {}  # written, not hashed yet: start -> end
         self._lock = threading.Lock()
         self._busy = False
+        self._readback: memoryview | None = None
+        self.read_back = 0  # bytes hashed from the file (arrived ahead of the hash)
 
     def written(self, start: int, data: bytes | memoryview) -> None:
         end = start + len(data)
@@ -541,7 +545,12 @@ class SequentialHasher:
             raise
 
     def _hash_from_file(self, start: int, end: int) -> None:
-        buf = memoryview(bytearray(min(HASH_CHUNK, end - start)))
+        # One small buffer per file, reused (only the thread holding _busy reads back):
+        # no allocation per range, and the bytes are still in the CPU cache when hashed.
+        if self._readback is None:
+            self._readback = memoryview(bytearray(READBACK_CHUNK))
+        buf = self._readback
+        self.read_back += end - start
         pos = start
         while pos < end:
             n = os.preadv(self._fd, [buf[: min(len(buf), end - pos)]], pos)
