@@ -83,11 +83,18 @@ def test_the_zero_copy_path_is_the_one_in_use(
         DownloadItem(published + k, tmp_path / k, len(v), checkpoint.shas[k])
         for k, v in checkpoint.files.items()
     ]
-    assert len(downloader(s3_env.endpoint, bucket, True).download(items)) == len(items)
+    dl = downloader(s3_env.endpoint, bucket, True)
+    assert len(dl.download(items)) == len(items)
     for k, v in checkpoint.files.items():
         assert (tmp_path / k).read_bytes() == v
     ranges = sum(max(1, -(-len(v) // PART)) for v in checkpoint.files.values())
     assert used == {"into": ranges, "public": 0}
+    # Each connection went back to urllib3's pool once its response had ended: no more
+    # connections than threads for all the HEADs and ranges (botocore internals, read only).
+    manager = dl.client._endpoint.http_session._manager
+    [pool] = [manager.pools[k] for k in manager.pools.keys()]
+    assert pool.num_requests == len(items) + ranges
+    assert pool.num_connections <= 4
 
 
 @pytest.mark.parametrize("zero_copy", [True, False], ids=["zero-copy", "public"])
