@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
 import botocore.exceptions
+import botocore.session
 from botocore.config import Config
 
 from preshard.core.errors import PreshardError
@@ -134,6 +135,24 @@ def max_attempts() -> int:
         return 10
 
 
+_LOADER_LOCK = threading.Lock()
+_LOADER: Any = None
+
+
+def _session() -> botocore.session.Session:
+    """A new botocore session (credentials resolved afresh: the environment, a profile,
+    a web identity) sharing one data loader per process, so the S3 service model is
+    parsed once, not once per client (about 70 ms of CPU each)."""
+    global _LOADER
+    session = botocore.session.Session()
+    with _LOADER_LOCK:
+        if _LOADER is None:
+            _LOADER = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _LOADER)
+    return session
+
+
 def make_client(settings: S3Settings) -> Any:
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts()},
@@ -151,13 +170,15 @@ def make_client(settings: S3Settings) -> Any:
         response_checksum_validation="when_required",
     )
     try:
-        session = boto3.session.Session(
+        return _session().create_client(
+            "s3",
+            region_name=settings.region or "us-east-1",
+            endpoint_url=settings.endpoint_url,
             aws_access_key_id=settings.access_key,
             aws_secret_access_key=settings.secret_key,
             aws_session_token=settings.session_token,
-            region_name=settings.region or "us-east-1",
+            config=config,
         )
-        return session.client("s3", endpoint_url=settings.endpoint_url, config=config)
     except Exception as exc:  # a bad region or endpoint: permanent, scrubbed, no traceback
         raise PreshardError(
             scrub(f"cannot create an S3 client: {type(exc).__name__}: {exc}"),

@@ -7,10 +7,11 @@ the object metadata ``x-amz-meta-sha256``, which is what resumption compares; a 
 whose sha256 is not known yet is hashed in a small side pool just before its parts are
 queued, so hashing overlaps the transfer of the files before it. Each part is read once
 into a reused per-thread buffer that feeds both its MD5 and the request body. Downloads
-write ranges straight into a preallocated ``.part`` file (``os.pwrite``) and hash it as
-the bytes arrive (:class:`SequentialHasher`: in order, the contiguous prefix), check the
-sha256 against the manifest, and rename it into place atomically, so a file with its
-final name is always complete and verified.
+receive each range straight into a reused per-thread buffer (``readinto``: no bytes
+object per read), write it into a preallocated ``.part`` file (``os.pwrite``) and hash
+it as the bytes arrive (:class:`SequentialHasher`: in order, the contiguous prefix),
+check the sha256 against the manifest, and rename it into place atomically, so a file
+with its final name is always complete and verified.
 
 :func:`start_upload` runs an upload in the background (``wait``/``abort``) so that a
 conversion can upload rank files while it still verifies them; it never writes the
@@ -22,12 +23,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
+import itertools
 import logging
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, replace
@@ -48,6 +51,7 @@ DEFAULT_PART_SIZE = 32 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for all parts but the last
 MAX_PARTS = 10_000
 HASH_CHUNK = 4 * MiB
+READBACK_CHUNK = 1 * MiB
 RETRYABLE_CODES = {
     "SlowDown",
     "InternalError",
@@ -500,6 +504,8 @@ class SequentialHasher:
         self._ranges: dict[int, int] = {}  # written, not hashed yet: start -> end
         self._lock = threading.Lock()
         self._busy = False
+        self._readback: memoryview | None = None
+        self.read_back = 0  # bytes hashed from the file (arrived ahead of the hash)
 
     def written(self, start: int, data: bytes | memoryview) -> None:
         end = start + len(data)
@@ -539,7 +545,12 @@ class SequentialHasher:
             raise
 
     def _hash_from_file(self, start: int, end: int) -> None:
-        buf = memoryview(bytearray(min(HASH_CHUNK, end - start)))
+        # One small buffer per file, reused (only the thread holding _busy reads back):
+        # no allocation per range, and the bytes are still in the CPU cache when hashed.
+        if self._readback is None:
+            self._readback = memoryview(bytearray(READBACK_CHUNK))
+        buf = self._readback
+        self.read_back += end - start
         pos = start
         while pos < end:
             n = os.preadv(self._fd, [buf[: min(len(buf), end - pos)]], pos)
@@ -572,8 +583,31 @@ class _Dest:
     hasher: SequentialHasher | None
 
 
+def _raw_response(body: Any) -> Any | None:
+    """The urllib3 response under botocore's StreamingBody when its http.client response
+    can receive straight into a buffer (``readinto``: one copy, from the socket into a
+    reused buffer, instead of a new bytes object per read, copied again by http.client).
+    botocore asks urllib3 for the raw body (no content decoding), so both paths see the
+    same bytes. None when these libraries do not have that shape (then the public
+    ``read`` path is used)."""
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    if (
+        fp is None
+        or not callable(getattr(fp, "readinto", None))
+        or not callable(getattr(raw, "release_conn", None))
+        or getattr(raw, "_fp_bytes_read", None) != 0  # nothing read through urllib3 yet
+    ):
+        return None
+    return raw
+
+
 class Downloader(_Transfer):
-    chunk_size = 1 * MiB
+    """Parallel ranged GETs (``part_size`` each) written in place, each file hashed as
+    its bytes arrive."""
+
+    chunk_size = 1 * MiB  # bytes per read, into one reused buffer per thread
+    zero_copy = True  # receive into that buffer (readinto) where the libraries allow it
 
     def download(self, items: list[DownloadItem]) -> list[DownloadItem]:
         """Download items not already present and verified; returns the ones transferred."""
@@ -588,7 +622,7 @@ class Downloader(_Transfer):
                 max_workers=self.concurrency, thread_name_prefix="s3-down"
             ) as pool:
                 _run_all(pool, [partial(self._check_remote, item) for item in todo])
-                tasks: list[Callable[[], Any]] = []
+                per_file: list[list[Callable[[], Any]]] = []
                 for item in todo:
                     item.dest.parent.mkdir(parents=True, exist_ok=True)
                     tmp = item.dest.with_name(item.dest.name + ".part")
@@ -599,9 +633,13 @@ class Downloader(_Transfer):
                     if item.sha256 is not None:
                         dest.hasher = SequentialHasher(fd, item.size)
                     ps = part_size_for(item.size, self.part_size)
-                    n = max(1, (item.size + ps - 1) // ps)
-                    for k in range(n):
-                        tasks.append(partial(self._get_range, dest, k * ps, ps))
+                    n = max(1, -(-item.size // ps))
+                    per_file.append([partial(self._get_range, dest, k * ps, ps) for k in range(n)])
+                # Rank by rank (every file's first range, then every second one...): a range
+                # that starts where its file's sha256 has got to is hashed from the receive
+                # buffer as it arrives; one that arrives ahead of it is read back from the
+                # page cache later. In this order most ranges are of the first kind.
+                tasks = [t for rank in itertools.zip_longest(*per_file) for t in rank if t]
                 _run_all(pool, tasks)
             # Every file that verifies goes into place, even when another one fails.
             first: BaseException | None = None
@@ -658,22 +696,29 @@ class Downloader(_Transfer):
 
         def fetch() -> None:
             nonlocal done
-            body = self.client.get_object(
+            resp = self.client.get_object(
                 Bucket=self.bucket, Key=item.key, Range=f"bytes={done}-{end}"
-            )["Body"]
-            pos = done
-            for chunk in body.iter_chunks(chunk_size=self.chunk_size):
-                if pos + len(chunk) > end + 1:
-                    raise IntegrityError(f"{item.key}: the server sent more bytes than asked for")
-                os.pwrite(dest.fd, chunk, pos)
-                if dest.hasher is not None:
-                    dest.hasher.written(pos, chunk)
-                pos += len(chunk)
-                done = pos
-                self._advance(len(chunk))
-            if pos != end + 1:
+            )
+            body = resp["Body"]
+            want = end + 1 - done
+            sent = resp.get("ContentLength")
+            if sent is not None and int(sent) > want:
+                body.close()
+                raise IntegrityError(
+                    f"{item.key}: the server answered bytes {done}-{end} with {sent} bytes "
+                    "(more than asked for)"
+                )
+            raw = _raw_response(body) if self.zero_copy else None
+            for n in (
+                self._receive_into(raw, dest, done, want)
+                if raw is not None
+                else self._receive(body, dest, done, want)
+            ):
+                done += n
+                self._advance(n)
+            if done != end + 1:
                 raise botocore.exceptions.IncompleteReadError(
-                    actual_bytes=pos - start, expected_bytes=end + 1 - start
+                    actual_bytes=done - start, expected_bytes=end + 1 - start
                 )
 
         try:
@@ -682,6 +727,59 @@ class Downloader(_Transfer):
             raise
         except Exception as exc:  # name the object, not only the prefix
             raise translate(exc, f"s3://{self.bucket}/{item.key}", "download") from None
+
+    def _store(self, dest: _Dest, pos: int, data: memoryview | bytes) -> None:
+        """Write bytes at their offset, then report them to the file's hasher."""
+        view = memoryview(data)
+        off = 0
+        while off < len(view):
+            off += os.pwrite(dest.fd, view[off:], pos + off)
+        if dest.hasher is not None:
+            dest.hasher.written(pos, view)
+
+    def _receive_into(self, raw: Any, dest: _Dest, pos: int, want: int) -> Iterator[int]:
+        """Receive up to ``want`` bytes into this thread's buffer and store them; yields the
+        bytes stored per read. The connection goes back to the pool only when the response
+        ended exactly (any failure or surplus closes it)."""
+        fp = raw._fp  # see _raw_response
+        buf = self._buffer(min(self.chunk_size, want))
+        left = want
+        ok = False
+        try:
+            while left:
+                view = buf[: min(len(buf), left)]
+                try:
+                    n = fp.readinto(view)
+                except (OSError, http.client.HTTPException) as exc:  # the socket, not the disk
+                    raise botocore.exceptions.ResponseStreamingError(error=exc) from exc
+                if not n:
+                    return
+                self._store(dest, pos, view[:n])
+                pos += n
+                left -= n
+                yield n
+            ok = fp.isclosed()  # http.client closes it once Content-Length bytes came
+        finally:
+            if ok:
+                raw.release_conn()
+            else:
+                raw.close()
+
+    def _receive(self, body: Any, dest: _Dest, pos: int, want: int) -> Iterator[int]:
+        """The public path: botocore's reads (a new bytes object per read)."""
+        left = want
+        try:
+            for chunk in body.iter_chunks(chunk_size=self.chunk_size):
+                if len(chunk) > left:
+                    raise IntegrityError(
+                        f"{dest.item.key}: the server sent more bytes than asked for"
+                    )
+                self._store(dest, pos, chunk)
+                pos += len(chunk)
+                left -= len(chunk)
+                yield len(chunk)
+        finally:
+            body.close()
 
     def _finish(self, dest: _Dest) -> None:
         item = dest.item
