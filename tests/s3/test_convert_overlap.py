@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -39,7 +38,7 @@ from preshard.worker.vllm_engine import EngineError, EngineOutcome, EngineReques
 from preshard_dev.faultproxy import FaultProxy
 from preshard_dev.s3server import RcloneS3
 
-from .conftest import MANIFEST_FIELDS, object_keys, read_object
+from .conftest import MANIFEST_FIELDS, multipart_uploads, object_keys, read_object
 
 OWNER = "ns/overlap/uid-1"
 RANKS = ("model-rank-0-part-0.safetensors", "model-rank-1-part-0.safetensors")
@@ -172,17 +171,6 @@ def uploads(proxy: FaultProxy) -> list[str]:
         for r in proxy.records()
         if r.operation in ("PutObject", "UploadPart", "CreateMultipartUpload")
     ]
-
-
-def multipart_uploads(s3: RcloneS3, bucket: str, prefix: str) -> list[str]:
-    try:
-        resp = s3.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
-    except botocore.exceptions.ClientError as exc:
-        # rclone's answer for a bucket that never had a multipart upload
-        if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
-            return []
-        raise
-    return [u["Key"] for u in resp.get("Uploads", [])]
 
 
 def local_names() -> set[str]:

@@ -10,7 +10,6 @@ import io
 import os
 import time
 
-import botocore.exceptions
 import pytest
 
 from preshard.core.errors import PreshardError
@@ -27,6 +26,7 @@ from .conftest import (
     PART,
     Checkpoint,
     manifest_of,
+    multipart_uploads,
     object_keys,
     publish,
     read_object,
@@ -34,17 +34,6 @@ from .conftest import (
 )
 
 OWNER = "ns/test/uid-1"  # the owner conftest.publish writes
-
-
-def multipart_uploads(s3: RcloneS3, bucket: str, prefix: str) -> list[str]:
-    try:
-        resp = s3.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
-    except botocore.exceptions.ClientError as exc:
-        # rclone's answer for a bucket that never had a multipart upload
-        if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
-            return []
-        raise
-    return [u["Key"] for u in resp.get("Uploads", [])]
 
 
 def publication(ckpt: Checkpoint, uri: str, endpoint: str, **kw: object) -> Publication:

@@ -621,23 +621,29 @@ def read_bounded_tagged(client: Any, bucket: str, key: str, limit: int) -> tuple
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _read_record(
-    client: Any, bucket: str, key: str, uri: str, parse: Any
-) -> Any | Unreadable | None:
-    """The parsed manifest/journal at ``key``; None when absent; Unreadable when it
-    exists but cannot be parsed (or is too large)."""
+def _get_record(client: Any, bucket: str, key: str, uri: str) -> tuple[bytes, str | None] | None:
+    """A manifest's or record's (bytes, ETag), bounded; None when absent; ManifestError
+    when too large; any other failure translated."""
     try:
-        body = read_bounded(client, bucket, key, MAX_MANIFEST_BYTES)
-    except ManifestError as exc:
-        return Unreadable(str(exc))
+        return read_bounded_tagged(client, bucket, key, MAX_MANIFEST_BYTES)
+    except ManifestError:
+        raise
     except botocore.exceptions.ClientError as exc:
         if s3.is_not_found(exc):
             return None
         raise s3.translate(exc, uri, "read the manifest of") from None
     except Exception as exc:
         raise s3.translate(exc, uri, "read the manifest of") from None
+
+
+def _read_record(
+    client: Any, bucket: str, key: str, uri: str, parse: Any
+) -> Any | Unreadable | None:
+    """The parsed manifest/journal at ``key``; None when absent; Unreadable when it
+    exists but cannot be parsed (or is too large)."""
     try:
-        return parse(body)
+        got = _get_record(client, bucket, key, uri)
+        return None if got is None else parse(got[0])
     except ManifestError as exc:
         return Unreadable(str(exc)[:200])
 
@@ -654,18 +660,12 @@ def read_manifest_tagged(
 ) -> tuple[Manifest | None, bytes, str | None] | None:
     """(the manifest, None when it cannot be parsed or is too large; its bytes; its
     ETag); None when there is none (what adopt, copy and withdraw compare and replace)."""
+    body, etag = b"", None
     try:
-        body, etag = read_bounded_tagged(client, bucket, key, MAX_MANIFEST_BYTES)
-    except ManifestError as exc:
-        log.warning("unreadable manifest %s: %s", key, exc)
-        return None, b"", None
-    except botocore.exceptions.ClientError as exc:
-        if s3.is_not_found(exc):
+        got = _get_record(client, bucket, key, uri)
+        if got is None:
             return None
-        raise s3.translate(exc, uri, "read the manifest of") from None
-    except Exception as exc:
-        raise s3.translate(exc, uri, "read the manifest of") from None
-    try:
+        body, etag = got
         return Manifest.from_json(body), body, etag
     except ManifestError as exc:
         log.warning("unreadable manifest %s: %s", key, exc)
