@@ -450,3 +450,19 @@ def test_verification_result_reports_a_failed_check_and_a_skipped_engine() -> No
     assert [c["passed"] for c in got["checks"]] == [False]
     assert got["summary"].endswith("; engine check skipped (--no-verify)")
     assert verification_status(got) == got
+
+
+def test_an_unexpected_error_removes_the_upload_and_says_so(
+    s3_env: RcloneS3, bucket: str, proxy: FaultProxy, tmp_path: Path, pipeline: Any
+) -> None:
+    prefix = "bug/"
+
+    def bug(req: EngineRequest) -> EngineOutcome:
+        wait_for(lambda: prefix + RANKS[1] in object_keys(s3_env, bucket, prefix), "the upload")
+        raise RuntimeError("a bug")
+
+    pipeline(bug)
+    with pytest.raises(RuntimeError) as err:
+        cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter())
+    assert any(n.startswith("nothing was published: removed the ") for n in err.value.__notes__)
+    assert object_keys(s3_env, bucket, prefix) == set()

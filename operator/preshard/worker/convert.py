@@ -566,6 +566,8 @@ def _abort_publication(publication: Any, exc: BaseException) -> None:
         exc.args = (exc.message,)
     elif isinstance(exc, Terminated):
         exc.note = note
+    else:  # an unexpected error or an interrupt: run() adds the note to its message
+        exc.add_note(f"nothing was published: {note}")
 
 
 def verification_result(verification: dict[str, Any]) -> dict[str, Any]:
@@ -690,9 +692,10 @@ def run(args: argparse.Namespace) -> int:
         write_result(Result(result="Failed", reason=exc.reason, message=exc.message))
         print(f"preshard: error: {exc.message}", file=sys.stderr)
         return EXIT_PERMANENT if exc.permanent else EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _safe_done(reporter)
-        write_result(Result(result="Failed", reason="Interrupted", message="interrupted"))
+        notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
+        write_result(Result(result="Failed", reason="Interrupted", message="interrupted" + notes))
         print("preshard: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # unexpected: a bug or an environment problem; the Job retries
@@ -700,7 +703,8 @@ def run(args: argparse.Namespace) -> int:
         log.debug("unexpected error", exc_info=True)
         from preshard.worker.s3 import scrub
 
-        msg = scrub(f"unexpected error: {type(exc).__name__}: {exc}")
+        notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
+        msg = scrub(f"unexpected error: {type(exc).__name__}: {exc}{notes}")
         write_result(Result(result="Failed", reason="InternalError", message=msg))
         print(f"preshard: error: {msg} (run with -v for details)", file=sys.stderr)
         return EXIT_FAILED
