@@ -21,7 +21,9 @@ verification, the upload that ran meanwhile and what was left of it afterwards) 
 overlap's saving, measured in the same run: after the overlapped conversion, the same
 shards are verified by one more engine alone and published alone to another prefix
 (what preshard did before it overlapped them), and the sum is compared with the
-overlapped verify + remaining upload.
+overlapped verify + remaining upload. The S3 server stands for a remote store: it runs
+at the lowest CPU priority (nice 19), so it takes only CPU time the conversion leaves
+idle; the worker's background upload runs at nice 19 too (what preshard does).
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def _s3_setup(model: Path, root: Path):
 
     server = RcloneS3(root)
     server.start()
+    # The store is remote in a cluster: its CPU is not the conversion pod's. Here it
+    # shares the two cores, so it runs at the lowest priority (every thread of it)
+    # and takes only the CPU time the conversion leaves idle.
+    assert server.proc is not None
+    for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+        os.setpriority(os.PRIO_PROCESS, int(task.name), 19)
     server.create_bucket("models")
     server.create_bucket("shards")
     client = server.client()
@@ -54,7 +62,7 @@ def _s3_setup(model: Path, root: Path):
 
 
 def _sequential_baseline(
-    req: convert.ConvertRequest, shards: Path, output: str
+    req: convert.ConvertRequest, shards: Path, output: str, vllm_version: str
 ) -> dict[str, float]:
     """The same run's verification and upload one after the other, as preshard did before
     the overlap: one more engine check of the same shards, alone, then a publish of the
@@ -73,7 +81,7 @@ def _sequential_baseline(
     storage.publish(
         shards,
         output,
-        manifest_fields={"tensor_parallel_size": req.tensor_parallel_size},
+        manifest_fields=convert.manifest_fields(req, vllm_version),
         owner="bench/sequential/uid",
         endpoint_url=req.endpoint_url,
         concurrency=req.concurrency,
@@ -140,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             req = convert.ConvertRequest.from_args(args)
             outcome = convert.convert(req, Reporter(mode="lines"))
             if not a.no_verify and not a.no_baseline:
-                baseline = _sequential_baseline(req, outcome.shards_dir, baseline_output)
+                baseline = _sequential_baseline(
+                    req, outcome.shards_dir, baseline_output, outcome.vllm_version
+                )
         finally:
             if server is not None:
                 server.stop()

@@ -226,3 +226,35 @@ def test_a_resumed_publication_reuses_the_objects_already_uploaded(
     assert {k.rsplit("/", 1)[1] for k in pub.reused} == {k.rsplit("/", 1)[1] for k in there}
     for key, data in checkpoint.files.items():
         assert read_object(s3_env, bucket, "resume/" + key) == data
+
+
+def test_a_background_upload_runs_at_the_lowest_cpu_priority(
+    s3_env: RcloneS3, bucket: str, checkpoint: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the engine verifies on the same cores, the upload's threads (the handle's
+    and every transfer thread) run at niceness +19; a plain publish does not."""
+    import threading
+
+    from preshard.worker import transfer
+
+    seen: dict[str, int] = {}
+    real = transfer.lower_priority
+
+    def spy(nice: int) -> None:
+        real(nice)
+        tid = threading.get_native_id()
+        seen[threading.current_thread().name] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    monkeypatch.setattr(transfer, "lower_priority", spy)
+    monkeypatch.setattr(storage, "lower_priority", spy)
+    pub = publication(checkpoint, f"s3://{bucket}/nice/", s3_env.endpoint).begin()
+    pub.start(background=True).wait(timeout=60)
+    assert seen.get("s3-upload") == 19
+    assert any(n.startswith("s3-up_") and v == 19 for n, v in seen.items()), seen
+    assert any(n.startswith("s3-hash") and v == 19 for n, v in seen.items()), seen
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # not this one
+    pub.commit(dict(MANIFEST_FIELDS))
+
+    seen.clear()
+    publish(checkpoint, f"s3://{bucket}/plain/", s3_env.endpoint)
+    assert seen and set(seen.values()) == {0}

@@ -451,7 +451,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
         # follows only once that check passed too.
         publication.begin()
         # (without an engine check the upload is the Uploading stage from its start)
-        handle = publication.start(None if req.verify else reporter)
+        handle = publication.start(None if req.verify else reporter, background=req.verify)
         verified: list[list[int]] | None = None
         if req.verify:
             log.info(

@@ -48,6 +48,7 @@ from preshard.worker.transfer import (
     UploadCancelled,
     Uploader,
     UploadItem,
+    lower_priority,
     remote_sha256,
     sha256_file,
     with_retries,
@@ -63,6 +64,8 @@ PVC_MOUNT_ROOT = "/mnt/source"
 JOURNAL_NAME = "preshard-publish.json"
 JOURNAL_FORMAT = "preshard.io/publish-journal"
 MAX_JOURNAL_BYTES = MAX_MANIFEST_BYTES
+# Niceness of a background upload's threads (Publication.start(background=True)).
+BACKGROUND_NICE = 19
 WEIGHT_SUFFIXES = (".safetensors",)
 SKIPPED_SUFFIXES = (".bin", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".gguf")
 # Top-level files only (as for s3:// sources): vLLM reads none in subfolders, and repos
@@ -867,8 +870,10 @@ class UploadHandle:
         files: list[LocalFile],
         run: Callable[[UploadHandle], list[tuple[str, int, str]]],
         reporter: Reporter | None = None,
+        nice: int = 0,
     ) -> None:
         self.files = files
+        self.nice = nice
         self.progress = _Progress(sum(f.size for f in files))
         if reporter is not None:  # the whole upload as a stage, from its first byte
             self.progress.attach(reporter, "Uploading")
@@ -884,6 +889,7 @@ class UploadHandle:
         self._thread.start()
 
     def _main(self, run: Callable[[UploadHandle], list[tuple[str, int, str]]]) -> None:
+        lower_priority(self.nice)
         try:
             self._result = run(self)
         except BaseException as exc:
@@ -1058,13 +1064,17 @@ class Publication:
             _delete_one(client, out, MANIFEST_NAME, "delete old manifest")
 
     # -- start --------------------------------------------------------------------------
-    def start(self, reporter: Reporter | None = None) -> UploadHandle:
+    def start(self, reporter: Reporter | None = None, *, background: bool = False) -> UploadHandle:
         """Start the upload; with ``reporter``, report it as the Uploading stage now
-        (else later, from :meth:`UploadHandle.attach`, or not at all)."""
+        (else later, from :meth:`UploadHandle.attach`, or not at all). ``background``:
+        its threads run at the lowest CPU priority (niceness +19), so that while an
+        engine verifies on the same cores (vLLM's CPU backend binds one OpenMP thread to
+        each and stalls when one is preempted) the upload only takes idle CPU time."""
         if self.state != "begun":
             raise RuntimeError(f"start() on a publication that is {self.state}")
         run = self._copy_local if self.local else self._upload_s3
-        self.handle = UploadHandle(self.files, run, reporter)
+        nice = BACKGROUND_NICE if background else 0
+        self.handle = UploadHandle(self.files, run, reporter, nice)
         self.state = "started"
         return self.handle
 
@@ -1093,6 +1103,7 @@ class Publication:
         up.cancel = handle.cancel
         up.skip = skip
         up.fail_after_parts = self.fail_after_parts
+        up.nice = handle.nice
         handle.uploader = up
         done = {
             i.key: i

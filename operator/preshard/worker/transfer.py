@@ -79,6 +79,19 @@ def part_size_for(size: int, preferred: int = DEFAULT_PART_SIZE) -> int:
     return ps
 
 
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to the calling THREAD's niceness (Linux schedules threads, so only
+    this thread yields; 0: nothing). Best effort: never raises. An unprivileged process
+    cannot raise it back, so it is for threads that end with their work."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # pragma: no cover - a kernel or sandbox without it
+        log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, PreshardError):
         return not exc.permanent
@@ -246,8 +259,14 @@ class Uploader(_Transfer):
         self.results: list[UploadItem] = []
         self.uploaded_keys: list[str] = []
         self.hash_concurrency = 2
+        # Niceness added to every thread of this upload (see lower_priority): a
+        # background upload yields the CPU to the verification engine.
+        self.nice = 0
         self._parts_done = 0
         self._lock = threading.Lock()
+
+    def _init_thread(self) -> None:
+        lower_priority(self.nice)
 
     def _count_part(self) -> None:
         if self.cancel.is_set():
@@ -275,10 +294,14 @@ class Uploader(_Transfer):
         try:
             with (
                 ThreadPoolExecutor(
-                    max_workers=self.concurrency, thread_name_prefix="s3-up"
+                    max_workers=self.concurrency,
+                    thread_name_prefix="s3-up",
+                    initializer=self._init_thread,
                 ) as pool,
                 ThreadPoolExecutor(
-                    max_workers=max(1, self.hash_concurrency), thread_name_prefix="s3-hash"
+                    max_workers=max(1, self.hash_concurrency),
+                    thread_name_prefix="s3-hash",
+                    initializer=self._init_thread,
                 ) as hashers,
             ):
                 futures: list[Future[Any]] = []
