@@ -1,7 +1,13 @@
 """Conversion wall time by stage: a random Llama of at least 1 GiB at TP=2 through the
 real pipeline.
 
-    python bench/convert_stages.py [--tp 2] [--no-verify] [--local] [--tiny] [--no-baseline]
+    python bench/convert_stages.py [--tp 2] [--engine-cpus 0] [--no-verify] [--local] [--tiny]
+                                   [--no-baseline]
+
+Without arguments (``bench/run.py convert_stages``) it runs two scenarios: TP=2 with the
+engines on both cores (a CPU conversion, where the engine check and the upload compete
+for the same cores), and TP=1 with the engines bound to core 0 (the other core stands for
+the host CPU that a GPU node leaves free while the accelerator verifies).
 
 The model (preshard.worker.tinymodel.make_tiny_llama, bf16, hidden 2048, 32 heads of 64,
 8 KV heads, intermediate 5632, vocabulary 32000, ``BENCH_CONVERT_LAYERS`` layers, default
@@ -89,9 +95,39 @@ def _sequential_baseline(
     return {"verify_engine": engine, "upload": time.monotonic() - t}
 
 
+SCENARIOS = [
+    (
+        "TP=2, the engines on both cores (a CPU conversion: engine and upload share them)",
+        ["--tp", "2"],
+    ),
+    (
+        "TP=1, the engines on core 0 only (core 1 stands for the host CPU a GPU node "
+        "leaves free while its accelerator verifies)",
+        ["--tp", "1", "--engine-cpus", "0"],
+    ),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """With arguments: one run. Without (``bench/run.py convert_stages``): each scenario."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        return run_one(argv)
+    for title, args in SCENARIOS:
+        print(f"\n--- {title}", flush=True)
+        rc = run_one(args)
+        if rc:
+            return rc
+    return 0
+
+
+def run_one(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument(
+        "--engine-cpus",
+        help="VLLM_CPU_OMP_THREADS_BIND for the engines (default: the worker's, every core)",
+    )
     ap.add_argument("--no-verify", action="store_true")
     ap.add_argument("--local", action="store_true", help="local source and output, no S3")
     ap.add_argument("--tiny", action="store_true", help="the tiny 2-layer model (start-up only)")
@@ -102,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = ap.parse_args(argv)
     layers = int(os.environ.get("BENCH_CONVERT_LAYERS", "10"))
+    if a.engine_cpus:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = a.engine_cpus
+    else:
+        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
 
     with tempfile.TemporaryDirectory(prefix="preshard-bench-") as tmp:
         base = Path(tmp)
