@@ -189,6 +189,10 @@ def test_the_upload_runs_while_the_engine_verifies_and_the_manifest_comes_last(
         want = {prefix + n for n in local_names()}
         wait_for(lambda: want <= object_keys(s3_env, bucket, prefix), "the upload")
         seen["keys"] = object_keys(s3_env, bucket, prefix)
+        # ... and until the upload's thread has finished (its progress counted)
+        wait_for(
+            lambda: not any(t.name == "s3-upload" for t in threading.enumerate()), "the thread"
+        )
         seen["journal"] = Journal.from_json(read_object(s3_env, bucket, prefix + JOURNAL_NAME))
         return outcome()
 
