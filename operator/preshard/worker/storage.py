@@ -37,7 +37,6 @@ from preshard.core.manifest import (
     artifact_status,
     build_manifest,
 )
-from preshard.core.quantity import format_bytes
 from preshard.core.uris import StorageURI, check_file_name, parse_output_uri, parse_uri
 from preshard.worker import s3
 from preshard.worker.progress import Reporter
@@ -1110,12 +1109,12 @@ class Publication:
             for i in up.upload([UploadItem(f.path, out.key(f.rel), f.size) for f in self.files])
         }
         log.info(
-            "uploaded %d of %d files to %s (%s; %s already there and verified)",
+            "uploaded %d of %d files to %s (%d bytes; %d bytes already present and verified)",
             len(self.files) - len(self.reused),
             len(self.files),
             self.uri,
-            format_bytes(handle.bytes_total - sum(remote.get(k, 0) for k in self.reused)),
-            format_bytes(sum(remote.get(k, 0) for k in self.reused)),
+            handle.bytes_total - sum(remote.get(k, 0) for k in self.reused),
+            sum(remote.get(k, 0) for k in self.reused),
         )
         return [(f.rel, f.size, str(done[out.key(f.rel)].sha256)) for f in self.files]
 
