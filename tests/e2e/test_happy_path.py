@@ -56,6 +56,15 @@ def test_tiny_tp2_resource_to_verified_shards_and_back(stack_factory: Any, tmp_p
     assert ready["status"] == "True" and ready["reason"] == "Published"
     assert ready["observedGeneration"] == 1
     assert {"Downloading", "Converting"} & set(stages) and stages[-1] == "Published", stages
+    # the worker's result: what each stage took and what was verified (both checks)
+    progress = status["progress"]
+    assert {"Converting", "Verifying", "Uploading"} <= set(progress["stageSeconds"]), progress
+    verification = progress["verification"]
+    assert verification["passed"] is True
+    assert [c["name"] for c in verification["checks"]] == ["engine-free", "engine"]
+    assert all(c["passed"] for c in verification["checks"])
+    assert " bit for bit " in verification["checks"][0]["detail"]
+    assert "(exact) at 48 positions of 3 prompts" in verification["checks"][1]["detail"]
     out_uri = doc["spec"]["output"]["uri"]
     artifact = status["artifact"]
     assert artifact["uri"] == out_uri and artifact["vllmVersion"] == "0.32.0"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
@@ -139,6 +140,18 @@ def publish(ckpt: Checkpoint, uri: str, endpoint: str, **kw: Any) -> dict[str, A
 
 def read_object(s3: S3Server, bucket: str, key: str) -> bytes:
     return bytes(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def multipart_uploads(s3: S3Server, bucket: str, prefix: str) -> list[str]:
+    """Keys of the unfinished multipart uploads under ``prefix``."""
+    try:
+        resp = s3.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    except botocore.exceptions.ClientError as exc:
+        # rclone's answer for a bucket that never had a multipart upload
+        if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+            return []
+        raise
+    return [u["Key"] for u in resp.get("Uploads", [])]
 
 
 def object_keys(s3: S3Server, bucket: str, prefix: str = "") -> set[str]:

@@ -41,12 +41,18 @@ import botocore.exceptions
 from preshard.core.decide import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
 from preshard.core.errors import PreshardError
 from preshard.core.identity import files_digest
-from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError, artifact_status
+from preshard.core.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ManifestError,
+    artifact_status,
+)
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
-from preshard.worker import s3
+from preshard.worker import s3, storage
 from preshard.worker.progress import write_result
-from preshard.worker.transfer import read_object, sha256_file, with_retries
+from preshard.worker.transfer import sha256_file, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +236,13 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
             permanent=True,
         )
     try:
-        raw = read_object(client, u.bucket, u.key("config.json"))
+        raw = storage.read_bounded(client, u.bucket, u.key("config.json"), MAX_MANIFEST_BYTES)
+    except ManifestError as exc:
+        raise PreshardError(
+            f"source {uri}: config.json is too large ({exc})",
+            reason="InvalidSource",
+            permanent=True,
+        ) from None
     except botocore.exceptions.ClientError as exc:
         if s3.is_not_found(exc):
             raise PreshardError(
@@ -343,25 +355,8 @@ def _exists(client: Any, bucket: str, key: str, uri: str) -> bool:
         raise s3.translate(exc, uri, "read") from None
 
 
-def _manifest_at(
-    client: Any, bucket: str, key: str, uri: str
-) -> tuple[Manifest | None, bytes, str | None] | None:
-    """(parsed manifest or None if unreadable, bytes, ETag); None when absent."""
-    try:
-        resp = client.get_object(Bucket=bucket, Key=key)
-        body = resp["Body"].read()
-        etag = resp.get("ETag")
-    except botocore.exceptions.ClientError as exc:
-        if s3.is_not_found(exc):
-            return None
-        raise s3.translate(exc, uri, "read the manifest of") from None
-    except Exception as exc:
-        raise s3.translate(exc, uri, "read the manifest of") from None
-    try:
-        return Manifest.from_json(body), body, etag
-    except ManifestError as exc:
-        log.warning("unreadable manifest %s: %s", key, exc)
-        return None, body, etag
+# The one manifest reader (bounded, retried): storage's.
+_manifest_at = storage.read_manifest_tagged
 
 
 def preflight(args: argparse.Namespace) -> dict[str, Any]:
@@ -672,13 +667,11 @@ def withdraw(args: argparse.Namespace) -> dict[str, Any]:
     # The gone owner's checkpoint is dead without its manifest: remove the objects that
     # manifest listed (only those: nothing else under the prefix is touched), so that the
     # conversion replacing it leaves no stale shard of another layout behind.
-    from preshard.worker.storage import delete_keys
-
     try:
         listed = [u.key(f.key) for f in Manifest.from_json(body).files]
     except ManifestError:
         listed = []
-    removed = delete_keys(client, u.bucket, listed, uri) if listed else 0
+    removed = storage.delete_keys(client, u.bucket, listed, uri) if listed else 0
     print(
         f"withdrew the manifest of {uri} (owner {args.expect_owner}) and the {removed} "
         "objects it listed",

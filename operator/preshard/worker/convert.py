@@ -17,8 +17,13 @@
    engine loads the shards with ``load_format="sharded_state"`` at the same
    TP/PP/quantization and must give the same tokens and log-probabilities (exactly on
    the CPU backend). A load error (for example vLLM's "Missing keys") is a verification
-   failure.
-4. Uploading: ``storage.publish`` uploads the files and writes the manifest last.
+   failure. Once the engine-free check passed, a ``storage.Publication`` begins (the
+   output's ownership checks, its publication record) and the files upload in the
+   background WHILE the engine check runs.
+4. Uploading: what is left of the upload (its own rate and ETA), then the manifest,
+   last, only when every check passed. Any failure after the upload started aborts it:
+   the uploaded objects are removed (a transient failure leaves them, unreferenced and
+   recorded, for the retry to re-use) and the error message says which.
 
 The result goes to the termination message (``worker.progress.write_result``); exit
 codes follow docs/architecture.md: 0 ok, 1 transient, 3 permanent (bad input, missing
@@ -55,7 +60,8 @@ from preshard.core.contract import (
 from preshard.core.errors import PreshardError, SpecError
 from preshard.core.estimate import cpu_raw_reload_refusal
 from preshard.core.plan import ConversionPlan
-from preshard.core.progress import Result
+from preshard.core.progress import Result, format_rate
+from preshard.core.quantity import format_bytes
 from preshard.worker import verify_against, verify_shards
 from preshard.worker.vllm_engine import (
     EngineError,
@@ -384,58 +390,83 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     timer.add("verify_engine_free", time.monotonic() - t)
     log.info("verified engine-free: %s", free.describe())
     verification: dict[str, Any] = {"engineFree": free.summary()}
-    verified: list[list[int]] | None = None
-    if req.verify:
-        t = time.monotonic()
-        try:
-            again = run_engine(_engine_request(req, shards, prompts, load_format=LOAD_FORMAT_LOCAL))
-        except EngineError as exc:
-            raise _verification_error(exc) from None
-        timer.add("verify_engine", time.monotonic() - t)
-        verification["engine"] = verify_shards.compare_outputs(
-            [p.describe() for p in prompts],
-            [list(x) for x in conv.tokens],
-            [list(x) for x in again.tokens],
-            conv.logprobs,
-            again.logprobs,
-            exact=conv.platform == "cpu" and again.platform == "cpu",
-        )
-        verified = [list(x) for x in again.tokens]
-        log.info(
-            "verified with an engine: the sharded checkpoint reloaded at TP %d x PP %d gives the "
-            "same tokens and top-%d log-probabilities (%s) at %d positions of %d prompts (%.1f s)",
-            req.tensor_parallel_size,
-            req.pipeline_parallel_size,
-            verification["engine"]["topK"],
-            verification["engine"]["comparison"],
-            verification["engine"]["positions"],
-            len(prompts),
-            timer.timings["verify_engine"],
-        )
-    else:
-        log.warning("--no-verify: the engine reload and output comparison were skipped")
-
-    # -- Uploading --------------------------------------------------------------------
-    reporter.stage("Uploading", total_bytes=sum(p.stat().st_size for p in shards.iterdir()))
-    t = time.monotonic()
-    artifact = storage.publish(
+    publication = storage.Publication(
         shards,
         str(req.output),
-        manifest_fields=manifest_fields(
-            req,
-            conv.vllm_version,
-            source_revision=commit,
-            platform=conv.platform,
-            verification=verification,
-            detected_quantization=checkpoint_quantization(config),
-        ),
         owner=req.owner,
         endpoint_url=req.endpoint_url,
         region=req.region,
         concurrency=req.concurrency,
-        reporter=reporter,
     )
-    timer.add("upload", time.monotonic() - t)
+    try:
+        # Every check so far passed: the files start going up now, while the engine
+        # check below reloads them (Verifying stays the reported stage); the manifest
+        # follows only once that check passed too.
+        publication.begin()
+        # (without an engine check the upload is the Uploading stage from its start)
+        handle = publication.start(None if req.verify else reporter, background=req.verify)
+        verified: list[list[int]] | None = None
+        if req.verify:
+            log.info(
+                "uploading %s to %s while an engine verifies the shards (the manifest is "
+                "written only if it passes)",
+                format_bytes(handle.bytes_total),
+                req.output,
+            )
+            t = time.monotonic()
+            verification["engine"], verified = _engine_check(req, shards, prompts, conv)
+            timer.add("verify_engine", time.monotonic() - t)
+            log.info(
+                "verified with an engine: the sharded checkpoint reloaded at TP %d x PP %d "
+                "gives the same tokens and top-%d log-probabilities (%s) at %d positions of "
+                "%d prompts (%.1f s)",
+                req.tensor_parallel_size,
+                req.pipeline_parallel_size,
+                verification["engine"]["topK"],
+                verification["engine"]["comparison"],
+                verification["engine"]["positions"],
+                len(prompts),
+                timer.timings["verify_engine"],
+            )
+        else:
+            log.warning("--no-verify: the engine reload and output comparison were skipped")
+
+        # -- Uploading: what is left of the upload, then the manifest, last ------------
+        t = time.monotonic()
+        if req.verify:
+            left = handle.attach(reporter, "Uploading")
+            during = handle.bytes_total - left
+            timer.add("upload_during_verify", (handle.finished or t) - handle.started)
+            log.info(
+                "uploading: %s of %s went up during the verification, %s left",
+                format_bytes(during),
+                format_bytes(handle.bytes_total),
+                format_bytes(left),
+            )
+        artifact = publication.commit(
+            manifest_fields(
+                req,
+                conv.vllm_version,
+                source_revision=commit,
+                platform=conv.platform,
+                verification=verification,
+                detected_quantization=checkpoint_quantization(config),
+            ),
+            reporter=reporter,
+        )
+        timer.add("upload", time.monotonic() - t)
+        if handle.finished is not None:
+            seconds = max(handle.finished - handle.started, 1e-6)
+            log.info(
+                "upload: %s in %.1f s (%s, %.1f s of it after the verification)",
+                format_bytes(handle.bytes_total),
+                seconds,
+                format_rate(handle.bytes_total / seconds),
+                timer.timings["upload"],
+            )
+    except BaseException as exc:
+        _abort_publication(publication, exc)
+        raise
     timer.timings["total"] = timer.total()
     log.info("stage timings: %s", format_timings(timer.timings))
     return ConvertOutcome(
@@ -448,6 +479,79 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
         shard_summary=report.summary(),
         verification=verification,
     )
+
+
+def _engine_check(
+    req: ConvertRequest, shards: Path, prompts: tuple[Prompt, ...], conv: EngineOutcome
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """ONE more engine loads the shards (load_format=sharded_state) and must give the
+    conversion engine's tokens and log-probabilities; VerificationFailed otherwise."""
+    try:
+        again = run_engine(_engine_request(req, shards, prompts, load_format=LOAD_FORMAT_LOCAL))
+    except EngineError as exc:
+        raise _verification_error(exc) from None
+    summary = verify_shards.compare_outputs(
+        [p.describe() for p in prompts],
+        [list(x) for x in conv.tokens],
+        [list(x) for x in again.tokens],
+        conv.logprobs,
+        again.logprobs,
+        exact=conv.platform == "cpu" and again.platform == "cpu",
+    )
+    return summary, [list(x) for x in again.tokens]
+
+
+def _abort_publication(publication: Any, exc: BaseException) -> None:
+    """A check failed, or anything else did, after the upload started: stop it. On a
+    permanent failure, a termination or an unexpected error the uploaded objects are
+    removed; a transient failure (the Job retries) leaves them, unreferenced, for the
+    retry to re-use. The error message says which."""
+    transient = isinstance(exc, PreshardError) and not exc.permanent
+    try:
+        note = publication.abort(remove=not transient)
+    except BaseException as again:  # a second SIGTERM: the first outcome still counts
+        log.warning("the publication could not be stopped cleanly: %r", again)
+        return
+    if not note:
+        return
+    if isinstance(exc, PreshardError):
+        exc.message = f"{exc.message}; nothing was published: {note}"
+        exc.args = (exc.message,)
+    elif isinstance(exc, Terminated):
+        exc.note = note
+    else:  # an unexpected error or an interrupt: run() adds the note to its message
+        exc.add_note(f"nothing was published: {note}")
+
+
+def verification_result(verification: dict[str, Any]) -> dict[str, Any]:
+    """The result's ``verification`` in the shape the operator reads
+    (``preshard.core.progress.verification_status``: ``passed``, ``summary``,
+    ``checks[] {name, passed, detail}``), from the manifest's verification record."""
+    checks: list[dict[str, Any]] = []
+    free = verification.get("engineFree")
+    if isinstance(free, dict):
+        detail = (
+            f"{free.get('savedTensors')} saved tensors rebuilt from "
+            f"{free.get('sourceTensors')} source tensors bit for bit ({free.get('copies')} "
+            f"copies, {free.get('fills')} fills, "
+            f"{format_bytes(int(free.get('bytesCompared') or 0))} compared)"
+        )
+        checks.append(
+            {"name": "engine-free", "passed": free.get("matched") is True, "detail": detail}
+        )
+    engine = verification.get("engine")
+    if isinstance(engine, dict):
+        detail = (
+            f"the shards reloaded with load_format=sharded_state give the same tokens and "
+            f"top-{engine.get('topK')} log-probabilities ({engine.get('comparison')}) at "
+            f"{engine.get('positions')} positions of {engine.get('prompts')} prompts"
+        )
+        checks.append({"name": "engine", "passed": engine.get("matched") is True, "detail": detail})
+    passed = bool(checks) and all(c["passed"] for c in checks)
+    summary = "; ".join(f"{c['name']}: {c['detail']}" for c in checks)
+    if not isinstance(engine, dict):
+        summary += "; engine check skipped (--no-verify)"
+    return {"passed": passed, "summary": summary, "checks": checks}
 
 
 def manifest_fields(
@@ -510,6 +614,8 @@ def format_timings(timings: dict[str, float]) -> str:
 class Terminated(BaseException):
     """SIGTERM arrived (pod deletion, Job deadline, a user): stop engines and exit."""
 
+    note = ""  # what became of an upload in progress (convert sets it)
+
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
@@ -526,9 +632,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         req = ConvertRequest.from_args(args)
         outcome = convert(req, reporter)
-    except Terminated:
+    except Terminated as exc:
         _safe_done(reporter)
-        write_result(Result(result="Failed", reason="Terminated", message="terminated (SIGTERM)"))
+        message = "terminated (SIGTERM)" + (
+            f"; nothing was published: {exc.note}" if exc.note else ""
+        )
+        write_result(Result(result="Failed", reason="Terminated", message=message))
         print("preshard: terminated", file=sys.stderr)
         return 143
     except PreshardError as exc:
@@ -536,9 +645,10 @@ def run(args: argparse.Namespace) -> int:
         write_result(Result(result="Failed", reason=exc.reason, message=exc.message))
         print(f"preshard: error: {exc.message}", file=sys.stderr)
         return EXIT_PERMANENT if exc.permanent else EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _safe_done(reporter)
-        write_result(Result(result="Failed", reason="Interrupted", message="interrupted"))
+        notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
+        write_result(Result(result="Failed", reason="Interrupted", message="interrupted" + notes))
         print("preshard: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # unexpected: a bug or an environment problem; the Job retries
@@ -546,12 +656,20 @@ def run(args: argparse.Namespace) -> int:
         log.debug("unexpected error", exc_info=True)
         from preshard.worker.s3 import scrub
 
-        msg = scrub(f"unexpected error: {type(exc).__name__}: {exc}")
+        notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
+        msg = scrub(f"unexpected error: {type(exc).__name__}: {exc}{notes}")
         write_result(Result(result="Failed", reason="InternalError", message=msg))
         print(f"preshard: error: {msg} (run with -v for details)", file=sys.stderr)
         return EXIT_FAILED
     _safe_done(reporter)
-    write_result(Result(result="Succeeded", artifact=outcome.artifact))
+    write_result(
+        Result(
+            result="Succeeded",
+            artifact=outcome.artifact,
+            stages=reporter.stage_seconds(),
+            verification=verification_result(outcome.verification),
+        )
+    )
     print(
         f"preshard: published {outcome.artifact.get('uri', req.output)} "
         f"({outcome.shard_summary}; {format_timings(outcome.timings)})",

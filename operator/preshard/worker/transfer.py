@@ -13,9 +13,8 @@ it as the bytes arrive (:class:`SequentialHasher`: in order, the contiguous pref
 check the sha256 against the manifest, and rename it into place atomically, so a file
 with its final name is always complete and verified.
 
-:func:`start_upload` runs an upload in the background (``wait``/``abort``) so that a
-conversion can upload rank files while it still verifies them; it never writes the
-manifest.
+The background upload, the ownership rules and the manifest are
+``preshard.worker.storage.Publication``'s.
 """
 
 from __future__ import annotations
@@ -82,6 +81,19 @@ def part_size_for(size: int, preferred: int = DEFAULT_PART_SIZE) -> int:
     while size > ps * MAX_PARTS:
         ps *= 2
     return ps
+
+
+def lower_priority(nice: int) -> None:
+    """Add ``nice`` to the calling THREAD's niceness (Linux schedules threads, so only
+    this thread yields; 0: nothing). Best effort: never raises. An unprivileged process
+    cannot raise it back, so it is for threads that end with their work."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # pragma: no cover - a kernel or sandbox without it
+        log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, exc)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -251,8 +263,14 @@ class Uploader(_Transfer):
         self.results: list[UploadItem] = []
         self.uploaded_keys: list[str] = []
         self.hash_concurrency = 2
+        # Niceness added to every thread of this upload (see lower_priority): a
+        # background upload yields the CPU to the verification engine.
+        self.nice = 0
         self._parts_done = 0
         self._lock = threading.Lock()
+
+    def _init_thread(self) -> None:
+        lower_priority(self.nice)
 
     def _count_part(self) -> None:
         if self.cancel.is_set():
@@ -280,10 +298,14 @@ class Uploader(_Transfer):
         try:
             with (
                 ThreadPoolExecutor(
-                    max_workers=self.concurrency, thread_name_prefix="s3-up"
+                    max_workers=self.concurrency,
+                    thread_name_prefix="s3-up",
+                    initializer=self._init_thread,
                 ) as pool,
                 ThreadPoolExecutor(
-                    max_workers=max(1, self.hash_concurrency), thread_name_prefix="s3-hash"
+                    max_workers=max(1, self.hash_concurrency),
+                    thread_name_prefix="s3-hash",
+                    initializer=self._init_thread,
                 ) as hashers,
             ):
                 futures: list[Future[Any]] = []
@@ -438,27 +460,6 @@ class Uploader(_Transfer):
             last = mp.remaining == 0
         if last:
             self._complete(mp)
-
-
-def read_object(client: Any, bucket: str, key: str, attempts: int = PART_ATTEMPTS) -> bytes:
-    """A small object's bytes (a manifest). botocore retries the request itself; this also
-    retries a connection that breaks while the body is read, which botocore does not."""
-    for attempt in range(1, attempts + 1):
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
-        try:
-            data: bytes = body.read()
-            return data
-        except (
-            botocore.exceptions.ResponseStreamingError,
-            botocore.exceptions.IncompleteReadError,
-            botocore.exceptions.ReadTimeoutError,
-            ConnectionError,
-        ) as exc:
-            if attempt == attempts:
-                raise
-            log.info("retrying get %s after %s", key, type(exc).__name__)
-            time.sleep(0.2 * attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def remote_sha256(client: Any, bucket: str, key: str) -> tuple[int, str | None] | None:
@@ -794,275 +795,3 @@ class Downloader(_Transfer):
         os.close(dest.fd)
         dest.fd = -1
         os.replace(dest.tmp, item.dest)
-
-
-# ------------------------------------------------------------------ background upload
-
-
-class _Progress:
-    """Counts an upload's bytes; forwards them to a Reporter once one is attached."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.done = 0
-        self.total = 0
-        self._reporter: Reporter | None = None
-
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-            reporter = self._reporter
-        if reporter is not None:
-            reporter.advance(n)
-
-    def attach(self, reporter: Reporter) -> None:
-        with self._lock:
-            self._reporter = reporter
-            done = self.done
-        if done:
-            reporter.advance(done)
-
-
-class UploadHandle:
-    """An upload running in background threads (see :func:`start_upload`).
-
-    ``wait()`` returns ``[(key, size, sha256)]`` (keys relative to the output prefix, in
-    the order of the files given: what ``storage.hash_files`` returns) or raises the
-    upload's error; ``abort()`` stops it, aborts its unfinished multipart uploads and
-    deletes the objects it completed (see there). The manifest is never written here.
-    """
-
-    def __init__(
-        self,
-        files: list[tuple[str, Path, int]],
-        run: Callable[[UploadHandle], list[UploadItem]],
-        cleanup: Callable[[UploadHandle], list[str]],
-    ) -> None:
-        self.files = files
-        self.progress = _Progress()
-        self.progress.total = sum(size for _, _, size in files)
-        self.cancel = threading.Event()
-        self.uploader: Uploader | None = None
-        self._cleanup = cleanup
-        self._result: list[tuple[str, int, str]] | None = None
-        self._error: BaseException | None = None
-        self._aborted: list[str] | None = None
-        self._run = run
-        self._thread = threading.Thread(target=self._main, name="s3-upload", daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        try:
-            done = {i.key: i for i in self._run(self)}
-            self._result = [
-                (rel, size, str(done[rel].sha256)) for rel, _, size in self.files if rel in done
-            ]
-            if len(self._result) != len(self.files):
-                raise PreshardError("the upload stopped before every file", reason="UploadAborted")
-        except BaseException as exc:
-            self._error = exc
-
-    @property
-    def bytes_total(self) -> int:
-        return self.progress.total
-
-    @property
-    def bytes_done(self) -> int:
-        """Bytes uploaded so far (and bytes found already in place)."""
-        return self.progress.done
-
-    def attach(self, reporter: Reporter) -> None:
-        """Report the rest of this upload to ``reporter`` (call ``reporter.stage(
-        "Uploading", handle.bytes_total)`` first; what is done already is added)."""
-        self.progress.attach(reporter)
-
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def wait(self, timeout: float | None = None) -> list[tuple[str, int, str]]:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise TimeoutError("the upload is still running")
-        if self._error is not None:
-            raise self._error
-        assert self._result is not None
-        return list(self._result)
-
-    def abort(self) -> list[str]:
-        """Stop the upload and remove what it started: unfinished multipart uploads are
-        aborted, objects it completed are deleted unless a manifest of another owner at
-        the output refers to them. Returns the deleted keys. Idempotent."""
-        if self._aborted is not None:
-            return list(self._aborted)
-        self.cancel.set()
-        if self.uploader is not None:
-            self.uploader.cancel.set()
-        self._thread.join()
-        self._aborted = self._cleanup(self)
-        return list(self._aborted)
-
-
-def _manifest_at(client: Any, bucket: str, key: str) -> Any:
-    """The manifest at ``key`` (preshard.core.manifest.Manifest), None when there is none
-    or it cannot be read as one."""
-    from preshard.core.manifest import Manifest, ManifestError
-
-    try:
-        return Manifest.from_json(read_object(client, bucket, key))
-    except botocore.exceptions.ClientError as exc:
-        if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-    except ManifestError:
-        return None
-
-
-def start_upload(
-    local_dir: Path,
-    output_uri: str,
-    files: list[str] | None = None,
-    *,
-    owner: str | None = None,
-    endpoint_url: str | None = None,
-    region: str | None = None,
-    concurrency: int = 16,
-    part_size: int | None = None,
-) -> UploadHandle:
-    """Start uploading ``files`` (paths relative to ``local_dir``; default: every file
-    ``storage.publish`` would publish) to ``output_uri`` in background threads, and
-    return at once. Each file is hashed (sha256) right before its parts are queued, so
-    hashing overlaps the upload of the files before it.
-
-    The same rules as ``storage.publish``, except that the manifest is never written:
-    an output holding another owner's checkpoint is refused (OutputOwnedByOther, from
-    ``wait()``); files already there with the same size and sha256 are not sent again;
-    a manifest of this owner that refers to a key about to be replaced by other bytes
-    is withdrawn first (the prefix never has a manifest pointing at objects being
-    replaced). A later ``publish`` of the same directory finds every object in place
-    and only writes the manifest. A ``file://`` output uploads nothing (``wait()``
-    returns the hashes; ``publish`` copies).
-    """
-    from preshard.core.manifest import MANIFEST_NAME
-    from preshard.core.uris import parse_output_uri
-    from preshard.worker import s3 as s3mod
-
-    if files is None:
-        from preshard.worker.storage import local_files
-
-        files = [p.relative_to(local_dir).as_posix() for p in local_files(local_dir)]
-    rels = sorted(f for f in files if f != MANIFEST_NAME)
-    listing = [(rel, local_dir / rel, (local_dir / rel).stat().st_size) for rel in rels]
-    out = parse_output_uri(output_uri, allow_local=True)
-    uri = str(out)
-    state: dict[str, Any] = {}
-
-    def run(handle: UploadHandle) -> list[UploadItem]:
-        if out.scheme == "file":
-            results = []
-            for rel, path, size in listing:
-                if handle.cancel.is_set():
-                    raise UploadCancelled("the upload was aborted")
-                results.append(UploadItem(path, rel, size, sha256_file(path)))
-            return results
-        settings = s3mod.output_settings(endpoint_url, region, concurrency)
-        client = s3mod.make_client(settings)
-        state["client"] = client
-        s3mod.check_bucket(client, out.bucket, uri)
-        manifest_key = out.key(MANIFEST_NAME)
-        try:
-            existing = _manifest_at(client, out.bucket, manifest_key)
-            remote = s3mod.list_objects(client, out.bucket, out.prefix)
-        except Exception as exc:
-            raise translate(exc, uri, "read") from None
-        if existing is not None and existing.owner and owner and existing.owner != owner:
-            raise PreshardError(
-                f"output {uri} already holds a checkpoint published by {existing.owner}; "
-                "choose another output prefix (preshard never overwrites another owner's "
-                "checkpoint)",
-                reason="OutputOwnedByOther",
-                permanent=True,
-            )
-        referenced = (
-            {out.key(f.key): f.sha256 for f in existing.files} if existing is not None else {}
-        )
-        withdrawn = False
-
-        def skip(item: UploadItem) -> bool:
-            nonlocal withdrawn
-            if remote.get(item.key) == item.size:
-                got = remote_sha256(client, out.bucket, item.key)
-                if got is not None and got[1] == item.sha256:
-                    return True
-            if item.key in referenced and referenced[item.key] != item.sha256 and not withdrawn:
-                log.info("withdrawing the manifest of %s: its objects are being replaced", uri)
-                with_retries(
-                    lambda: client.delete_object(Bucket=out.bucket, Key=manifest_key),
-                    "delete old manifest",
-                )
-                withdrawn = True
-            return False
-
-        up = Uploader(
-            client,
-            out.bucket,
-            concurrency=settings.concurrency,
-            reporter=handle.progress,  # type: ignore[arg-type]
-            uri=uri,
-            **({"part_size": part_size} if part_size else {}),
-        )
-        up.cancel = handle.cancel
-        up.skip = skip
-        handle.uploader = up
-        items = [UploadItem(path, out.key(rel), size) for rel, path, size in listing]
-        done = up.upload(items)
-        prefix_len = len(out.key(""))
-        return [replace(i, key=i.key[prefix_len:]) for i in done]
-
-    def cleanup(handle: UploadHandle) -> list[str]:
-        try:
-            return remove_uploaded(handle)
-        except PreshardError:
-            raise
-        except Exception as exc:
-            raise translate(exc, uri, "clean up the aborted upload to") from None
-
-    def remove_uploaded(handle: UploadHandle) -> list[str]:
-        up, client = handle.uploader, state.get("client")
-        if up is None or client is None or not up.uploaded_keys:
-            return []
-        # Keys another owner's manifest refers to stay (it may have been written at this
-        # prefix since we started; its objects are not ours to delete).
-        current = _manifest_at(client, out.bucket, out.key(MANIFEST_NAME))
-        keep: set[str] = set()
-        if current is not None and current.owner != owner:
-            keep = {out.key(f.key) for f in current.files}
-        doomed = [k for k in up.uploaded_keys if k not in keep]
-        for i in range(0, len(doomed), 1000):
-            batch = doomed[i : i + 1000]
-            resp = with_retries(
-                partial(
-                    client.delete_objects,
-                    Bucket=out.bucket,
-                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
-                ),
-                "delete uploaded objects",
-            )
-            errors = resp.get("Errors") or []
-            if errors:
-                raise PreshardError(
-                    f"could not delete {len(errors)} uploaded object(s) under {uri}: "
-                    f"{errors[0].get('Code')}",
-                    reason="StorageError",
-                )
-        if keep & set(up.uploaded_keys):
-            log.warning(
-                "left %d object(s) under %s that another owner's manifest refers to",
-                len(keep & set(up.uploaded_keys)),
-                uri,
-            )
-        log.info(
-            "aborted the upload to %s: deleted %d object(s) it had completed", uri, len(doomed)
-        )
-        return doomed
-
-    return UploadHandle(listing, run, cleanup)
