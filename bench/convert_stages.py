@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 
 from preshard.cli import build_parser
+from preshard.core.contract import LOAD_FORMAT_LOCAL
+from preshard.core.manifest import ConversionFacts, conversion_fields
 from preshard.worker import convert
 from preshard.worker.progress import Reporter
 from preshard.worker.tinymodel import make_tiny_llama
@@ -81,13 +83,13 @@ def _sequential_baseline(
     config = json.loads((shards / "config.json").read_text())
     prompts = default_prompts(config, tokenizer=has_tokenizer(shards))
     t = time.monotonic()
-    run_engine(convert._engine_request(req, shards, prompts, load_format="sharded_state"))
+    run_engine(convert._engine_request(req, shards, prompts, load_format=LOAD_FORMAT_LOCAL))
     engine = time.monotonic() - t
     t = time.monotonic()
     storage.publish(
         shards,
         output,
-        manifest_fields=convert.manifest_fields(req, vllm_version),
+        manifest_fields=conversion_fields(req.plan, ConversionFacts(vllm_version)),
         owner="bench/sequential/uid",
         endpoint_url=req.endpoint_url,
         concurrency=req.concurrency,

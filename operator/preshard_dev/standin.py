@@ -103,8 +103,9 @@ def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
 
 
 def convert(args: Any) -> int:
+    from preshard.core.manifest import ConversionFacts, conversion_fields
     from preshard.worker import s3, storage
-    from preshard.worker.convert import ConvertRequest, manifest_fields
+    from preshard.worker.convert import ConvertRequest
     from preshard.worker.progress import write_result
     from preshard.worker.verify_shards import shard_pattern
 
@@ -112,17 +113,17 @@ def convert(args: Any) -> int:
     try:
         req = ConvertRequest.from_args(args)
         reporter.stage("Downloading")
-        if req.source.scheme == "s3":
+        if req.plan.source.scheme == "s3":
             settings = s3.source_settings(req.source_endpoint_url, None, 4)
             client = s3.make_client(settings)
             listing = s3.with_translation(
-                lambda: s3.list_objects(client, req.source.bucket, req.source.prefix),
-                str(req.source),
+                lambda: s3.list_objects(client, req.plan.source.bucket, req.plan.source.prefix),
+                str(req.plan.source),
                 "list",
             )
             if not listing:
                 raise PreshardError(
-                    f"source {req.source} is empty or does not exist",
+                    f"source {req.plan.source} is empty or does not exist",
                     reason="SourceNotFound",
                     permanent=True,
                 )
@@ -130,16 +131,18 @@ def convert(args: Any) -> int:
         reporter.stage("Converting")
         time.sleep(delay)
         shards = req.work_dir / "shards"
-        pattern = shard_pattern(req.pipeline_parallel_size)
-        _fake_shards(shards, req.tensor_parallel_size, req.pipeline_parallel_size, pattern)
-        _fake_sharding(shards, req.tensor_parallel_size, req.pipeline_parallel_size)
+        pattern = shard_pattern(req.plan.pipeline_parallel_size)
+        _fake_shards(
+            shards, req.plan.tensor_parallel_size, req.plan.pipeline_parallel_size, pattern
+        )
+        _fake_sharding(shards, req.plan.tensor_parallel_size, req.plan.pipeline_parallel_size)
         reporter.stage("Verifying")
         reporter.stage("Uploading", total_bytes=sum(p.stat().st_size for p in shards.iterdir()))
         artifact = storage.publish(
             shards,
-            str(req.output),
-            manifest_fields=manifest_fields(req, STANDIN_VERSION),
-            owner=req.owner,
+            str(req.plan.output),
+            manifest_fields=conversion_fields(req.plan, ConversionFacts(STANDIN_VERSION)),
+            owner=req.plan.owner,
             endpoint_url=req.endpoint_url,
             region=req.region,
             concurrency=4,

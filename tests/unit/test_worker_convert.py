@@ -10,6 +10,7 @@ import pytest
 
 from preshard.cli import build_parser
 from preshard.core.errors import PreshardError, SpecError
+from preshard.core.manifest import ConversionFacts, conversion_fields
 from preshard.core.plan import Layout
 from preshard.worker import convert as cv
 
@@ -294,10 +295,10 @@ def test_manifest_fields(tmp_path: Path) -> None:
             str(tmp_path),
         )
     )
-    assert cv.manifest_fields(req, "0.32.0", source_revision="0123abc")["source_revision"] == (
-        "0123abc"
-    )
-    assert cv.manifest_fields(req, "0.32.0") == {
+    assert conversion_fields(req.plan, ConversionFacts("0.32.0", source_revision="0123abc"))[
+        "source_revision"
+    ] == ("0123abc")
+    assert conversion_fields(req.plan, ConversionFacts("0.32.0")) == {
         "source_uri": "hf://org/model@abc",
         "source_revision": "abc",
         "tensor_parallel_size": 2,
@@ -313,7 +314,9 @@ def test_manifest_fields(tmp_path: Path) -> None:
         "verification": None,
         "identity": None,
     }
-    fields = cv.manifest_fields(req, "0.32.0", platform="cpu", verification={"engine": {}})
+    fields = conversion_fields(
+        req.plan, ConversionFacts("0.32.0", platform="cpu", verification={"engine": {}})
+    )
     assert fields["converted_on"] == {"platform": "cpu"}
     assert fields["verification"] == {"engine": {}}
     ident = "sha256:" + "ab" * 32
@@ -323,7 +326,9 @@ def test_manifest_fields(tmp_path: Path) -> None:
             "--work-dir", str(tmp_path), "--identity", ident,
         )
     )  # fmt: skip
-    assert cv.manifest_fields(req2, "0.32.0")["identity"] == ident  # recorded in the manifest
+    assert (
+        conversion_fields(req2.plan, ConversionFacts("0.32.0"))["identity"] == ident
+    )  # recorded in the manifest
 
 
 def test_engine_error_classification() -> None:
@@ -363,5 +368,5 @@ def test_a_pre_quantized_checkpoint_records_its_method(tmp_path: Path) -> None:
     assert cv.checkpoint_quantization({"quantization_config": {"quant_method": "gptq"}}) == "gptq"
     assert cv.checkpoint_quantization({"quantization_config": "x"}) is None
     assert cv.checkpoint_quantization({}) is None
-    fields = cv.manifest_fields(req, "0.32.0", detected_quantization="gptq")
+    fields = conversion_fields(req.plan, ConversionFacts("0.32.0", detected_quantization="gptq"))
     assert fields["quantization"] == "gptq"

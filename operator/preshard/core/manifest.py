@@ -49,6 +49,7 @@ __all__ = [
     "ManifestFile",
     "artifact_status",
     "build_manifest",
+    "conversion_fields",
     "manifest_for",
     "manifest_sha256",
     "parse_shard_filename",
@@ -453,7 +454,14 @@ def manifest_for(
 ) -> Manifest:
     """The manifest of a conversion: every field from the plan or the facts."""
     return build_manifest(
-        files,
+        files, owner=plan.owner, created_at=created_at, **conversion_fields(plan, facts)
+    )
+
+
+def conversion_fields(plan: ConversionPlan, facts: ConversionFacts) -> dict[str, Any]:
+    """The manifest fields of a conversion except its files, owner and creation time
+    (what ``worker.storage.Publication.commit`` adds): from the plan or the facts."""
+    return dict(
         source_uri=plan.source_label,
         source_revision=facts.source_revision or plan.source.revision,
         tensor_parallel_size=plan.tensor_parallel_size,
@@ -465,8 +473,6 @@ def manifest_for(
         vllm_version=facts.vllm_version,
         file_pattern=plan.layout.file_pattern,
         load_format=LOAD_FORMAT_LOCAL,
-        owner=plan.owner,
-        created_at=created_at,
         state_format=plan.state_format,
         converted_on={"platform": facts.platform} if facts.platform else {},
         sharding_key=SHARDING_NAME,

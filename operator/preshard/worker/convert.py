@@ -52,13 +52,12 @@ from preshard.core.contract import (
     EXIT_PERMANENT,
     LOAD_FORMAT_LOCAL,
     MANIFEST_NAME,
-    SHARDING_NAME,
-    STATE_RAW,
     WEIGHT_INDEXES,
     WEIGHT_SUFFIXES,
 )
 from preshard.core.errors import PreshardError, SpecError
 from preshard.core.estimate import cpu_raw_reload_refusal
+from preshard.core.manifest import ConversionFacts, conversion_fields
 from preshard.core.plan import ConversionPlan
 from preshard.core.progress import Result, format_rate
 from preshard.core.quantity import format_bytes
@@ -93,18 +92,6 @@ class ConvertRequest:
     source_endpoint_url: str | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
-
-    # The plan's fields, read throughout this module.
-    source = property(lambda self: self.plan.source)
-    output = property(lambda self: self.plan.output)
-    tensor_parallel_size = property(lambda self: self.plan.tensor_parallel_size)
-    pipeline_parallel_size = property(lambda self: self.plan.pipeline_parallel_size)
-    quantization = property(lambda self: self.plan.quantization)
-    dtype = property(lambda self: self.plan.dtype)
-    max_file_size = property(lambda self: self.plan.max_file_size)
-    verify = property(lambda self: self.plan.verify)
-    owner = property(lambda self: self.plan.owner)
-    identity = property(lambda self: self.plan.identity)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConvertRequest:
@@ -259,10 +246,10 @@ def _engine_request(
 ) -> EngineRequest:
     return EngineRequest(
         model=str(model),
-        tensor_parallel_size=req.tensor_parallel_size,
-        pipeline_parallel_size=req.pipeline_parallel_size,
-        quantization=req.quantization,
-        dtype=req.dtype,
+        tensor_parallel_size=req.plan.tensor_parallel_size,
+        pipeline_parallel_size=req.plan.pipeline_parallel_size,
+        quantization=req.plan.quantization,
+        dtype=req.plan.dtype,
         prompts=prompts,
         gpu_memory_utilization=req.gpu_memory_utilization,
         max_model_len=req.max_model_len,
@@ -313,7 +300,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     reporter.stage("Downloading")
     src_dir = Path(
         storage.fetch_source(
-            str(req.source),
+            str(req.plan.source),
             req.work_dir / SOURCE_DIR,
             endpoint_url=req.source_endpoint_url or req.endpoint_url,
             region=req.region,
@@ -325,55 +312,57 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     log.info("source ready in %s (%.1f s)", src_dir, timer.timings["download"])
     # hf://org/name@main: the manifest records the commit that was actually converted
     commit = (
-        storage.resolved_revision(req.work_dir / SOURCE_DIR) if req.source.scheme == "hf" else None
+        storage.resolved_revision(req.work_dir / SOURCE_DIR)
+        if req.plan.source.scheme == "hf"
+        else None
     )
 
-    config = read_model_config(src_dir, str(req.source))
+    config = read_model_config(src_dir, str(req.plan.source))
     req.plan.layout.check_model(config)
     if on_cpu_backend():
-        refusal = cpu_raw_reload_refusal(config, req.quantization)
+        refusal = cpu_raw_reload_refusal(config, req.plan.quantization)
         if refusal:
             raise PreshardError(refusal, reason="UnsupportedQuantization", permanent=True)
     # issue 9: refuse a pod whose memory limit is below the estimate (InsufficientMemory)
     resources.check_memory(
         config,
-        tensor_parallel_size=req.tensor_parallel_size,
-        pipeline_parallel_size=req.pipeline_parallel_size,
-        dtype=req.dtype,
-        quantization=req.quantization,
-        max_file_size=req.max_file_size,
+        tensor_parallel_size=req.plan.tensor_parallel_size,
+        pipeline_parallel_size=req.plan.pipeline_parallel_size,
+        dtype=req.plan.dtype,
+        quantization=req.plan.quantization,
+        max_file_size=req.plan.max_file_size,
     )
     # Reference tokens are only needed to compare against the reload.
-    prompts = default_prompts(config, tokenizer=has_tokenizer(src_dir)) if req.verify else ()
+    prompts = default_prompts(config, tokenizer=has_tokenizer(src_dir)) if req.plan.verify else ()
 
     # -- Converting -------------------------------------------------------------------
     total = weight_bytes(src_dir)
     reporter.stage("Converting", total_bytes=total)
     t = time.monotonic()
     try:
-        conv: EngineOutcome = run_engine(
+        saved: EngineOutcome = run_engine(
             _engine_request(
                 req,
                 src_dir,
                 prompts,
                 save_dir=str(shards),
-                pattern=verify_shards.shard_pattern(req.pipeline_parallel_size),
-                max_file_size=req.max_file_size,
+                pattern=verify_shards.shard_pattern(req.plan.pipeline_parallel_size),
+                max_file_size=req.plan.max_file_size,
             )
         )
     except EngineError as exc:
         raise _conversion_error(exc) from None
     timer.add("convert", time.monotonic() - t)
-    timer.add("vllm_load_and_save", conv.load_seconds)
-    timer.add("reference_generate", conv.generate_seconds)
+    timer.add("vllm_load_and_save", saved.load_seconds)
+    timer.add("reference_generate", saved.generate_seconds)
     verify_against.write_sharding(shards)
     copied = copy_non_weight_files(src_dir, shards)
     reporter.advance(total)
     log.info(
         "converted with vLLM %s on %s (load and raw save %.1f s); copied %s",
-        conv.vllm_version,
-        conv.platform,
-        conv.load_seconds,
+        saved.vllm_version,
+        saved.platform,
+        saved.load_seconds,
         ", ".join(copied) or "no other files",
     )
 
@@ -381,19 +370,19 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     reporter.stage("Verifying")
     t = time.monotonic()
     report = verify_shards.check_shards(
-        shards, req.tensor_parallel_size, req.pipeline_parallel_size
+        shards, req.plan.tensor_parallel_size, req.plan.pipeline_parallel_size
     )
     timer.add("check_files", time.monotonic() - t)
     log.info("shard files: %s", report.summary())
     t = time.monotonic()
-    free = verify_against.verify_against(src_dir, shards, allow_derived=req.verify)
+    free = verify_against.verify_against(src_dir, shards, allow_derived=req.plan.verify)
     timer.add("verify_engine_free", time.monotonic() - t)
     log.info("verified engine-free: %s", free.describe())
     verification: dict[str, Any] = {"engineFree": free.summary()}
     publication = storage.Publication(
         shards,
-        str(req.output),
-        owner=req.owner,
+        str(req.plan.output),
+        owner=req.plan.owner,
         endpoint_url=req.endpoint_url,
         region=req.region,
         concurrency=req.concurrency,
@@ -404,24 +393,26 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
         # follows only once that check passed too.
         publication.begin()
         # (without an engine check the upload is the Uploading stage from its start)
-        handle = publication.start(None if req.verify else reporter, background=req.verify)
+        handle = publication.start(
+            None if req.plan.verify else reporter, background=req.plan.verify
+        )
         verified: list[list[int]] | None = None
-        if req.verify:
+        if req.plan.verify:
             log.info(
                 "uploading %s to %s while an engine verifies the shards (the manifest is "
                 "written only if it passes)",
                 format_bytes(handle.bytes_total),
-                req.output,
+                req.plan.output,
             )
             t = time.monotonic()
-            verification["engine"], verified = _engine_check(req, shards, prompts, conv)
+            verification["engine"], verified = _engine_check(req, shards, prompts, saved)
             timer.add("verify_engine", time.monotonic() - t)
             log.info(
                 "verified with an engine: the sharded checkpoint reloaded at TP %d x PP %d "
                 "gives the same tokens and top-%d log-probabilities (%s) at %d positions of "
                 "%d prompts (%.1f s)",
-                req.tensor_parallel_size,
-                req.pipeline_parallel_size,
+                req.plan.tensor_parallel_size,
+                req.plan.pipeline_parallel_size,
                 verification["engine"]["topK"],
                 verification["engine"]["comparison"],
                 verification["engine"]["positions"],
@@ -433,7 +424,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
 
         # -- Uploading: what is left of the upload, then the manifest, last ------------
         t = time.monotonic()
-        if req.verify:
+        if req.plan.verify:
             left = handle.attach(reporter, "Uploading")
             during = handle.bytes_total - left
             timer.add("upload_during_verify", (handle.finished or t) - handle.started)
@@ -443,17 +434,14 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
                 format_bytes(handle.bytes_total),
                 format_bytes(left),
             )
-        artifact = publication.commit(
-            manifest_fields(
-                req,
-                conv.vllm_version,
-                source_revision=commit,
-                platform=conv.platform,
-                verification=verification,
-                detected_quantization=checkpoint_quantization(config),
-            ),
-            reporter=reporter,
+        facts = ConversionFacts(
+            vllm_version=saved.vllm_version,
+            platform=saved.platform,
+            source_revision=commit,
+            detected_quantization=checkpoint_quantization(config),
+            verification=verification,
         )
+        artifact = publication.commit(conversion_fields(req.plan, facts), reporter=reporter)
         timer.add("upload", time.monotonic() - t)
         if handle.finished is not None:
             seconds = max(handle.finished - handle.started, 1e-6)
@@ -473,16 +461,16 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
         artifact=artifact,
         shards_dir=shards,
         timings=timer.timings,
-        reference_tokens=[list(x) for x in conv.tokens],
+        reference_tokens=[list(x) for x in saved.tokens],
         verified_tokens=verified,
-        vllm_version=conv.vllm_version,
+        vllm_version=saved.vllm_version,
         shard_summary=report.summary(),
         verification=verification,
     )
 
 
 def _engine_check(
-    req: ConvertRequest, shards: Path, prompts: tuple[Prompt, ...], conv: EngineOutcome
+    req: ConvertRequest, shards: Path, prompts: tuple[Prompt, ...], saved: EngineOutcome
 ) -> tuple[dict[str, Any], list[list[int]]]:
     """ONE more engine loads the shards (load_format=sharded_state) and must give the
     conversion engine's tokens and log-probabilities; VerificationFailed otherwise."""
@@ -492,11 +480,11 @@ def _engine_check(
         raise _verification_error(exc) from None
     summary = verify_shards.compare_outputs(
         [p.describe() for p in prompts],
-        [list(x) for x in conv.tokens],
+        [list(x) for x in saved.tokens],
         [list(x) for x in again.tokens],
-        conv.logprobs,
+        saved.logprobs,
         again.logprobs,
-        exact=conv.platform == "cpu" and again.platform == "cpu",
+        exact=saved.platform == "cpu" and again.platform == "cpu",
     )
     return summary, [list(x) for x in again.tokens]
 
@@ -552,35 +540,6 @@ def verification_result(verification: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(engine, dict):
         summary += "; engine check skipped (--no-verify)"
     return {"passed": passed, "summary": summary, "checks": checks}
-
-
-def manifest_fields(
-    req: ConvertRequest,
-    vllm_version: str,
-    source_revision: str | None = None,
-    *,
-    platform: str = "",
-    verification: dict[str, Any] | None = None,
-    detected_quantization: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "state_format": STATE_RAW,
-        "converted_on": {"platform": platform} if platform else {},
-        "sharding_key": SHARDING_NAME,
-        "verification": verification,
-        "source_uri": str(req.source) if req.source.scheme != "file" else req.source.path,
-        "source_revision": source_revision or req.source.revision,
-        "tensor_parallel_size": req.tensor_parallel_size,
-        "pipeline_parallel_size": req.pipeline_parallel_size,
-        # the method asked for, else the one a pre-quantized checkpoint declares (vLLM
-        # reads quantization_config from config.json by itself)
-        "quantization": req.quantization or detected_quantization,
-        "dtype": req.dtype,
-        "vllm_version": vllm_version,
-        "file_pattern": verify_shards.shard_pattern(req.pipeline_parallel_size),
-        "load_format": LOAD_FORMAT_LOCAL,
-        "identity": req.identity,
-    }
 
 
 def on_cpu_backend() -> bool:
@@ -671,7 +630,7 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     print(
-        f"preshard: published {outcome.artifact.get('uri', req.output)} "
+        f"preshard: published {outcome.artifact.get('uri', req.plan.output)} "
         f"({outcome.shard_summary}; {format_timings(outcome.timings)})",
         file=sys.stderr,
     )
