@@ -12,12 +12,12 @@ here: :meth:`StatusWriter.write` (a change, its Event and the phase metrics) and
 from __future__ import annotations
 
 import copy
-import datetime as dt
 import threading
 from typing import Any, Protocol
 
 from preshard import metrics
 from preshard.core import status as st
+from preshard.core.contract import utc_timestamp
 from preshard.core.pathstatus import seconds_between
 from preshard.service import events
 
@@ -27,7 +27,7 @@ class _Patcher(Protocol):
 
 
 def now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc_timestamp()
 
 
 class StatusWriter:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
-import datetime as dt
 import hashlib
 import importlib.metadata
 import json
@@ -38,6 +37,7 @@ from typing import Any
 
 import botocore.exceptions
 
+from preshard.core.contract import utc_timestamp
 from preshard.core.decide import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
 from preshard.core.errors import PreshardError
 from preshard.core.identity import files_digest
@@ -78,10 +78,6 @@ CONFIG_FIELDS = (
 MAX_OVERLAPS = 3
 COPY_MULTIPART_THRESHOLD = 5 * 2**30  # S3's CopyObject limit
 COPY_PART_SIZE = 512 * 2**20
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -632,7 +628,7 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
     delete_keys(client, dst.bucket, [k for k in remote if k not in listed], dst_uri)
     origin = {"uri": str(src), "manifestSha256": hashlib.sha256(body).hexdigest()}
     new = dataclasses.replace(
-        man, owner=args.owner, created_at=_now(), extra={**man.extra, "copiedFrom": origin}
+        man, owner=args.owner, created_at=utc_timestamp(), extra={**man.extra, "copiedFrom": origin}
     )
     text = new.to_json()
     put_manifest(client, dst, text, expect_body=None, expect_etag=None)
