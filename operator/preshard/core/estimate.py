@@ -13,8 +13,12 @@ The formula (docs/cpu-conversion.md shows it with measured figures)::
     W        P_linear x b_linear + P_other x b_dtype      (bytes of one copy of the model;
              b_linear = bits/8 + scale bytes for a quantized checkpoint, else b_dtype)
     S        W / (TP x PP)                                (one rank's shard)
-    B        TP x PP x min(maxFileSize, S)                (each rank serialises one file
-                                                           part in memory while saving)
+    B        max(TP x PP x min(maxFileSize, S), U)        (each rank serialises one file
+                                                           part in memory while saving;
+                                                           the verification engine runs
+                                                           while the upload holds U)
+    U        16 x 32Mi                                    (the upload's part buffers:
+                                                           default concurrency x part size)
     cpu:  total = 1.1 x (W + B + TP x PP x (KV + E_rank) + E_frontend)
     gpu:  total = 1.1 x (B + TP x PP x E_rank_gpu + E_frontend)   (host memory; the
                                                            weights and KV cache are on GPUs)
@@ -26,7 +30,9 @@ weight, one layer at a time (a transient the margin covers), so the weights are 
 once. ``KV`` is the KV cache the CPU backend reserves per rank (``VLLM_CPU_KVCACHE_SPACE``,
 :func:`kv_cache_gib`); ``E`` are the engine process overheads measured with vLLM 0.32
 (constants below). The conversion engine and the verification engine never run at the
-same time, and the conversion engine (which also saves) is the larger of the two.
+same time; the upload starts after the conversion engine is gone and overlaps the
+verification engine, which holds no save buffers: so the larger of the two buffer sets
+counts.
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ CPU_RANK_OVERHEAD = 3 * GiB // 2  # one vLLM CPU worker process (torch, oneDNN, 
 FRONTEND_OVERHEAD = 3 * GiB // 2  # the preshard worker + vLLM's engine processes
 # GPU: a CUDA context and vLLM's GPU worker on the host (not measured here: no GPU).
 GPU_RANK_OVERHEAD = 4 * GiB
+# The upload's part buffers (worker.transfer: concurrency 16 x 32 MiB parts), alive while
+# the verification engine runs.
+UPLOAD_BUFFERS = 16 * 32 * MiB
 SAFETY_DIVISOR = 10  # a 10 % margin on top (allocator fragmentation, page cache, Python)
 # The verification prompts need little KV cache: 8 sequences of at most 512 tokens
 # (the CPU defaults of preshard.worker.vllm_engine).
@@ -298,7 +307,7 @@ def estimate_memory(
     b_linear = linear_bytes_per_parameter(config, b_model)
     weights = math.ceil(count.linear * b_linear + (count.other + count.replicated_kv) * b_model)
     shard = math.ceil(weights / world)
-    buffers = world * min(max_file_size, shard)
+    buffers = max(world * min(max_file_size, shard), UPLOAD_BUFFERS)
     params = count.total
     bpp = round(weights / params, 4) if params else 0.0
     if accelerator == "cpu":
@@ -310,7 +319,7 @@ def estimate_memory(
             "engineOverhead": world * CPU_RANK_OVERHEAD + FRONTEND_OVERHEAD,
         }
         formula = (
-            "1.1 x (weights W + save buffers TPxPP x min(maxFileSize, W/(TPxPP)) + "
+            "1.1 x (weights W + buffers max(TPxPP x min(maxFileSize, W/(TPxPP)), upload 512Mi) + "
             "TPxPP x (KV cache VLLM_CPU_KVCACHE_SPACE + 1.5Gi per rank) + 1.5Gi frontend); "
             f"W = {params} parameters x {bpp} bytes"
         )
@@ -320,7 +329,7 @@ def estimate_memory(
             "engineOverhead": world * GPU_RANK_OVERHEAD + FRONTEND_OVERHEAD,
         }
         formula = (
-            "host memory: 1.1 x (save buffers TPxPP x min(maxFileSize, W/(TPxPP)) + "
+            "host memory: 1.1 x (buffers max(TPxPP x min(maxFileSize, W/(TPxPP)), upload 512Mi) + "
             "TPxPP x 4Gi per rank + 1.5Gi frontend); the weights (W/(TPxPP) per GPU) and the "
             f"KV cache are in GPU memory; W = {params} parameters x {bpp} bytes"
         )
