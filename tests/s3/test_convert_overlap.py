@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest, build_manifest
+from preshard.core.plan import ConversionPlan, Layout
 from preshard.core.progress import Result, verification_status
 from preshard.core.uris import parse_output_uri, parse_uri
 from preshard.worker import convert as cv
@@ -141,15 +142,15 @@ def request(tmp_path: Path, output: str, endpoint: str | None, **kw: Any) -> cv.
     src = tmp_path / "src"
     if not src.exists():
         fake_source(src)
-    return cv.ConvertRequest(
+    plan = ConversionPlan(
         source=parse_uri(str(src), allow_local=True),
         output=parse_output_uri(output, allow_local=True),
-        tensor_parallel_size=2,
-        work_dir=tmp_path / "work",
+        layout=Layout(2),
         owner=OWNER,
-        endpoint_url=endpoint,
-        concurrency=4,
         **kw,
+    )
+    return cv.ConvertRequest(
+        plan=plan, work_dir=tmp_path / "work", endpoint_url=endpoint, concurrency=4
     )
 
 
