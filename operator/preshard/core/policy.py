@@ -138,41 +138,41 @@ def _fmt(values: Sequence[str]) -> str:
 def check_policy(namespace: str, spec: CheckpointSpec, config: OperatorConfig) -> list[Violation]:
     """Every way ``spec`` asks for more than the operator's policy allows (empty: none)."""
     out: list[Violation] = []
-    conv = spec.converter
-    if conv.image is not None and conv.image != config.converter_image:
+    converter = spec.converter
+    if converter.image is not None and converter.image != config.converter_image:
         allowed = config.image_allowlist
-        if not image_allowed(conv.image, allowed):
+        if not image_allowed(converter.image, allowed):
             out.append(
                 Violation(
                     "spec.converter.image",
-                    f"spec.converter.image {conv.image!r} is not allowed by the operator's "
+                    f"spec.converter.image {converter.image!r} is not allowed by the operator's "
                     f"policy (allowed: {_fmt(allowed)}); leave it unset for the default image",
                 )
             )
-    if conv.service_account_name is not None:
+    if converter.service_account_name is not None:
         allowed_sa = config.allowed_service_accounts_for(namespace)
-        if "*" not in allowed_sa and conv.service_account_name not in allowed_sa:
+        if "*" not in allowed_sa and converter.service_account_name not in allowed_sa:
             out.append(
                 Violation(
                     "spec.converter.serviceAccountName",
-                    f"spec.converter.serviceAccountName {conv.service_account_name!r} is not "
+                    f"spec.converter.serviceAccountName {converter.service_account_name!r} is not "
                     f"allowed by the operator's policy in this namespace (allowed: "
                     f"{_fmt(allowed_sa)}); leave it unset for the namespace's converter "
                     "ServiceAccount",
                 )
             )
-    if conv.priority_class_name is not None:
+    if converter.priority_class_name is not None:
         allowed_pc = config.allowed_priority_classes
-        if conv.priority_class_name not in allowed_pc:
+        if converter.priority_class_name not in allowed_pc:
             out.append(
                 Violation(
                     "spec.converter.priorityClassName",
-                    f"spec.converter.priorityClassName {conv.priority_class_name!r} is not "
+                    f"spec.converter.priorityClassName {converter.priority_class_name!r} is not "
                     f"allowed by the operator's policy (allowed: {_fmt(allowed_pc)})",
                 )
             )
     allowed_tol = [*config.default_tolerations, *config.allowed_tolerations]
-    for i, tol in enumerate(conv.tolerations or []):
+    for i, tol in enumerate(converter.tolerations or []):
         if not any(toleration_covered(tol, a) for a in allowed_tol):
             out.append(
                 Violation(
@@ -183,7 +183,7 @@ def check_policy(namespace: str, spec: CheckpointSpec, config: OperatorConfig) -
                 )
             )
     allowed_ns = config.node_selector_allowlist
-    for key, value in sorted((conv.node_selector or {}).items()):
+    for key, value in sorted((converter.node_selector or {}).items()):
         values = allowed_ns.get(key, ())
         if "*" not in values and value not in values:
             out.append(

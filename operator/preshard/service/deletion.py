@@ -63,19 +63,19 @@ def delete(svc: Service, body: dict[str, Any], outputs_index: Any) -> None:
             if not step_wrote_output(step_name):
                 return  # preflight, adopt and withdraw wrote nothing of ours at the prefix
         # 1. stop the conversion (foreground: wait until its pods are gone)
-        conv = job_name(name, spec.conversion_hash())
-        job = api.get_job(ns, conv)
+        conversion = job_name(name, spec.conversion_hash())
+        job = api.get_job(ns, conversion)
         if job is not None:
             if not job["metadata"].get("deletionTimestamp"):
-                api.delete_job(ns, conv, "Foreground")
+                api.delete_job(ns, conversion, "Foreground")
                 events.post(
                     body,
                     "Normal",
                     "Deleting",
-                    f"stopping conversion Job {conv} before deleting {spec.output.uri}",
+                    f"stopping conversion Job {conversion} before deleting {spec.output.uri}",
                 )
             svc.status.mark_deleting(body, status)
-            raise errors.retry_later(f"waiting for Job {conv} to stop", delay=2)
+            raise errors.retry_later(f"waiting for Job {conversion} to stop", delay=2)
         if not decision.purge:
             events.post(
                 body,

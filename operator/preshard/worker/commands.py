@@ -20,6 +20,7 @@ from typing import Any
 import botocore.exceptions
 
 from preshard.core import gate
+from preshard.core.contract import EXIT_FAILED, EXIT_OK
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from preshard.core.quantity import format_bytes
@@ -353,8 +354,8 @@ def verify(args: argparse.Namespace) -> int:
             f"preshard: error: {len(problems)} of {len(checks)} files in {u} do not match the manifest",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------- purge
