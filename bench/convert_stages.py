@@ -75,7 +75,7 @@ def _sequential_baseline(
     same files to a fresh prefix, alone."""
     import json
 
-    from preshard.worker import storage
+    from preshard.worker import publication
     from preshard.worker.vllm_engine import default_prompts, has_tokenizer, run_engine
 
     config = json.loads((shards / "config.json").read_text())
@@ -84,7 +84,7 @@ def _sequential_baseline(
     run_engine(convert._engine_request(req, shards, prompts, load_format="sharded_state"))
     engine = time.monotonic() - t
     t = time.monotonic()
-    storage.publish(
+    publication.publish(
         shards,
         output,
         manifest_fields=convert.manifest_fields(req, vllm_version),
