@@ -77,7 +77,7 @@ def _sequential_baseline(
     same files to a fresh prefix, alone."""
     import json
 
-    from preshard.worker import storage
+    from preshard.worker import publication
     from preshard.worker.vllm_engine import default_prompts, has_tokenizer, run_engine
 
     config = json.loads((shards / "config.json").read_text())
@@ -86,7 +86,7 @@ def _sequential_baseline(
     run_engine(convert._engine_request(req, shards, prompts, load_format=LOAD_FORMAT_LOCAL))
     engine = time.monotonic() - t
     t = time.monotonic()
-    storage.publish(
+    publication.publish(
         shards,
         output,
         manifest_fields=conversion_fields(req.plan, ConversionFacts(vllm_version)),

@@ -12,7 +12,7 @@ with another tool); the best round of each tool counts. ``BENCH_TMPDIR`` picks t
 Besides MiB/s it prints CPU seconds per GiB of client and server (steadier than wall
 time on a busy machine).
 
-* preshard: ``storage.publish`` (sha256 of every file, parallel multipart upload with
+* preshard: ``publication.publish`` (sha256 of every file, parallel multipart upload with
   Content-MD5 per part, which rclone checks, manifest last) and the ``Downloader``
   (parallel ranged GETs written in place, every file's sha256 computed as its bytes
   arrive and checked against the manifest), as ``preshard convert`` and ``preshard
@@ -47,9 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.manifest import MANIFEST_NAME
+from preshard.worker import publication
 from preshard.worker import s3 as s3mod
-from preshard.worker import storage
-from preshard.worker.transfer import Downloader, DownloadItem, sha256_file
+from preshard.worker.download import Downloader, DownloadItem
+from preshard.worker.transfer import sha256_file
 from preshard_dev.s3server import RcloneS3, tool_path
 
 MiB = 2**20
@@ -141,7 +142,7 @@ def fresh(path: Path) -> Path:
 
 
 def preshard_up(src: Path, server: RcloneS3, prefix: str) -> None:
-    storage.publish(
+    publication.publish(
         src,
         f"s3://{BUCKET}/{prefix}",
         manifest_fields=dict(MANIFEST_FIELDS),

@@ -4,7 +4,7 @@
 arguments (the same parser) and does everything the real worker does except running vLLM:
 it checks the S3 source exists, writes one small safetensors file per rank in vLLM's file
 pattern, reports progress through the real reporter, publishes with the real
-``storage.publish`` (parallel upload, manifest last) and writes the real termination
+``publication.publish`` (parallel upload, manifest last) and writes the real termination
 message. Any other subcommand (``purge``, ``fetch``, ``verify``) runs the real CLI.
 
 It exists so that tests can run many conversions at once on a 2-core machine; the e2e
@@ -104,7 +104,7 @@ def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
 
 def convert(args: Any) -> int:
     from preshard.core.manifest import ConversionFacts, conversion_fields
-    from preshard.worker import s3, storage
+    from preshard.worker import publication, s3
     from preshard.worker.convert import ConvertRequest
     from preshard.worker.progress import write_result
     from preshard.worker.verify_shards import shard_pattern
@@ -138,7 +138,7 @@ def convert(args: Any) -> int:
         _fake_sharding(shards, req.plan.tensor_parallel_size, req.plan.pipeline_parallel_size)
         reporter.stage("Verifying")
         reporter.stage("Uploading", total_bytes=sum(p.stat().st_size for p in shards.iterdir()))
-        artifact = storage.publish(
+        artifact = publication.publish(
             shards,
             str(req.plan.output),
             manifest_fields=conversion_fields(req.plan, ConversionFacts(STANDIN_VERSION)),

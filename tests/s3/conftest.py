@@ -20,7 +20,7 @@ import botocore.exceptions
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker import storage
+from preshard.worker import publication
 from preshard_dev.faultproxy import FaultProxy
 from preshard_dev.s3server import MotoS3, RcloneS3, S3Server
 
@@ -125,11 +125,11 @@ def checkpoint(tmp_path: Path) -> Checkpoint:
 
 
 def publish(ckpt: Checkpoint, uri: str, endpoint: str, **kw: Any) -> dict[str, Any]:
-    """storage.publish (what ``preshard convert`` runs last) with small parts."""
+    """publication.publish (what ``preshard convert`` runs last) with small parts."""
     kw.setdefault("part_size", PART)
     kw.setdefault("concurrency", 4)
     kw.setdefault("owner", "ns/test/uid-1")
-    return storage.publish(
+    return publication.publish(
         ckpt.path,
         uri,
         manifest_fields=dict(MANIFEST_FIELDS),

@@ -2,7 +2,7 @@
 manifest only when every check passed; a failed check (or any error) aborts the upload.
 
 Real parts: the conversion pipeline (``preshard.worker.convert.convert``), the real
-``storage.Publication`` against a real S3 server on 127.0.0.1 (``rclone serve s3``, through
+``publication.Publication`` against a real S3 server on 127.0.0.1 (``rclone serve s3``, through
 the fault proxy, which records every request), the real file-level shard checks and the
 real progress reporter. Stood in (no vLLM here; a real-vLLM run of the whole path is
 tests/vllm/test_convert_tp2.py): the two vLLM engine runs (``convert.run_engine``: the
@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from preshard.core.contract import JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest, build_manifest
 from preshard.core.plan import ConversionPlan, Layout
@@ -34,7 +35,7 @@ from preshard.core.uris import parse_output_uri, parse_uri
 from preshard.worker import convert as cv
 from preshard.worker import verify_against
 from preshard.worker.progress import Reporter
-from preshard.worker.storage import JOURNAL_NAME, Journal
+from preshard.worker.records import Journal
 from preshard.worker.vllm_engine import EngineError, EngineOutcome, EngineRequest
 from preshard_dev.faultproxy import FaultProxy
 from preshard_dev.s3server import RcloneS3

@@ -16,7 +16,7 @@ import pytest
 
 from preshard.core.errors import PreshardError
 from preshard.worker import s3 as s3mod
-from preshard.worker.transfer import Downloader, DownloadItem, IntegrityError, SequentialHasher
+from preshard.worker.download import Downloader, DownloadItem, IntegrityError, SequentialHasher
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3
 

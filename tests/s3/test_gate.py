@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker import storage
+from preshard.worker import publication
 from preshard_dev.s3server import RcloneS3
 
 from .conftest import (
@@ -198,7 +198,7 @@ def test_processed_state_loads_only_on_the_platform_it_was_converted_on(
     """The platform comes from the vLLM installed here (CPU build): a processed checkpoint
     converted on CPU passes, one converted on a GPU is refused with what to do."""
     uri = f"s3://{bucket}/processed/"
-    storage.publish(
+    publication.publish(
         checkpoint.path,
         uri,
         manifest_fields={

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from preshard.core.errors import PreshardError
-from preshard.worker import storage
+from preshard.worker import publication, storage
 from preshard_dev.s3server import MotoS3, S3Server
 
 from .conftest import client_env, error_lines, run_cli
@@ -79,7 +79,7 @@ def test_publish_never_follows_a_link_out_of_the_directory(
     d = model_dir(tmp_path / "shards")
     (d / "NOTICE.txt").symlink_to("/proc/self/environ")
     with pytest.raises(PreshardError) as err:
-        storage.publish(
+        publication.publish(
             d,
             f"s3://{bucket}/x/",
             manifest_fields={
@@ -337,7 +337,7 @@ def test_an_oversized_manifest_object_is_never_read_whole(
     s3: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     from preshard.core.manifest import MAX_MANIFEST_BYTES
-    from preshard.worker.storage import read_bounded
+    from preshard.worker.records import read_bounded
 
     body = b" " * (MAX_MANIFEST_BYTES + 10 * 2**20) + _manifest(2)
     s3.client().put_object(Bucket=bucket, Key="big/preshard-manifest.json", Body=body)

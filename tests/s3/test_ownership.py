@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from preshard.core.contract import JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker.storage import JOURNAL_NAME
 from preshard_dev.s3server import S3Server
 
 from .conftest import (

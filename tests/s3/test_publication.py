@@ -1,4 +1,4 @@
-"""``storage.Publication`` step by step (begin, start, commit, abort) against a real S3
+"""``publication.Publication`` step by step (begin, start, commit, abort) against a real S3
 server (rclone serve s3 on 127.0.0.1, which verifies Content-MD5, through the fault
 proxy, which records every request). These replace the tests of the former
 ``transfer.start_upload``, which uploaded in the background without the publication
@@ -12,11 +12,13 @@ import time
 
 import pytest
 
+from preshard.core.contract import JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, build_manifest
-from preshard.worker import storage
+from preshard.worker import publication as pubmod
 from preshard.worker.progress import Reporter
-from preshard.worker.storage import JOURNAL_NAME, Journal, Publication
+from preshard.worker.publication import Publication
+from preshard.worker.records import Journal
 from preshard.worker.transfer import remote_sha256
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3
@@ -201,7 +203,7 @@ def test_a_resumed_publication_reuses_the_objects_already_uploaded(
     # A first run crashes after 2 parts (a stand-in for a killed pod): objects it
     # completed stay, recorded.
     with pytest.raises(PreshardError):
-        storage.publish(
+        pubmod.publish(
             checkpoint.path,
             uri,
             manifest_fields=dict(MANIFEST_FIELDS),
@@ -246,7 +248,7 @@ def test_a_background_upload_runs_at_the_lowest_cpu_priority(
         seen[threading.current_thread().name] = os.getpriority(os.PRIO_PROCESS, tid)
 
     monkeypatch.setattr(transfer, "lower_priority", spy)
-    monkeypatch.setattr(storage, "lower_priority", spy)
+    monkeypatch.setattr(pubmod, "lower_priority", spy)
     pub = publication(checkpoint, f"s3://{bucket}/nice/", s3_env.endpoint).begin()
     pub.start(background=True).wait(timeout=60)
     assert seen.get("s3-upload") == 19

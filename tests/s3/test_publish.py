@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from preshard.core.contract import JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest
-from preshard.worker.storage import JOURNAL_NAME
 from preshard.worker.transfer import remote_sha256
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3

@@ -1,6 +1,6 @@
 """The download integrity paths against a real S3 server (rclone serve s3 on 127.0.0.1): a
 download is hashed as it arrives and a damaged byte is caught. (The background upload,
-formerly ``transfer.start_upload`` here, is ``storage.Publication``: tests/s3/test_publication.py.)"""
+formerly ``transfer.start_upload`` here, is ``publication.Publication``: tests/s3/test_publication.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from preshard.core.errors import PreshardError
 from preshard.worker import s3 as s3mod
-from preshard.worker.transfer import (
+from preshard.worker.download import (
     Downloader,
     DownloadItem,
     SequentialHasher,

@@ -516,10 +516,10 @@ def s3() -> Any:
 
 def _publish(s3: Any, tmp: Path, uri: str, tp: int, pp: int, monkeypatch: Any) -> dict[str, Any]:
     """A checkpoint of random bytes shaped like a TP x PP conversion, published by
-    preshard's own storage.publish (manifest last); returns status.artifact."""
+    preshard's own publication.publish (manifest last); returns status.artifact."""
     import random
 
-    from preshard.worker import storage
+    from preshard.worker import publication
 
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)
@@ -543,7 +543,7 @@ def _publish(s3: Any, tmp: Path, uri: str, tp: int, pp: int, monkeypatch: Any) -
         "pipeline_parallel_size": pp,
         "vllm_version": "0.32.0",
     }
-    artifact: dict[str, Any] = storage.publish(
+    artifact: dict[str, Any] = publication.publish(
         src, uri, manifest_fields=fields, owner="ml/x/uid-1", endpoint_url=s3.endpoint
     )
     return artifact

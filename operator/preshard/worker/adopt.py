@@ -50,7 +50,7 @@ from preshard.core.manifest import (
 )
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
-from preshard.worker import s3, storage
+from preshard.worker import records, s3
 from preshard.worker.progress import write_result
 from preshard.worker.transfer import sha256_file, with_retries
 
@@ -232,7 +232,7 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
             permanent=True,
         )
     try:
-        raw = storage.read_bounded(client, u.bucket, u.key("config.json"), MAX_MANIFEST_BYTES)
+        raw = records.read_bounded(client, u.bucket, u.key("config.json"), MAX_MANIFEST_BYTES)
     except ManifestError as exc:
         raise PreshardError(
             f"source {uri}: config.json is too large ({exc})",
@@ -259,9 +259,9 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
 def _hf_source(u: StorageURI) -> tuple[dict[str, Any], dict[str, Any]]:
     from huggingface_hub import HfApi, hf_hub_download
 
-    from preshard.worker.storage import _hf_error, _quiet_hf_client
+    from preshard.worker.storage import hf_error, quiet_hf_client
 
-    _quiet_hf_client()
+    quiet_hf_client()
     token = os.environ.get("HF_TOKEN") or None
     uri = str(u)
     try:
@@ -279,7 +279,7 @@ def _hf_source(u: StorageURI) -> tuple[dict[str, Any], dict[str, Any]]:
     except PreshardError:
         raise
     except Exception as exc:
-        err = _hf_error(exc, uri, u.revision, has_token=token is not None)
+        err = hf_error(exc, uri, u.revision, has_token=token is not None)
         if err is None:
             raise
         raise err from None
@@ -351,8 +351,8 @@ def _exists(client: Any, bucket: str, key: str, uri: str) -> bool:
         raise s3.translate(exc, uri, "read") from None
 
 
-# The one manifest reader (bounded, retried): storage's.
-_manifest_at = storage.read_manifest_tagged
+# The one manifest reader (bounded, retried): records'.
+_manifest_at = records.read_manifest_tagged
 
 
 def preflight(args: argparse.Namespace) -> dict[str, Any]:
@@ -437,11 +437,11 @@ def _read_expected(
 
 def verify_objects(client: Any, u: StorageURI, man: Manifest, concurrency: int = 8) -> list[str]:
     """Every listed object's size and sha256 (read back in full); the problems."""
-    from preshard.worker.commands import _check_object
+    from preshard.worker.commands import check_object
 
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, 8))) as pool:
         checks = list(
-            pool.map(lambda f: _check_object(client, u, f.key, f.size, f.sha256), man.files)
+            pool.map(lambda f: check_object(client, u, f.key, f.size, f.sha256), man.files)
         )
     return [f"{c.key}: {c.problem}" for c in checks if not c.ok]
 
@@ -623,9 +623,7 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
     # stale objects of an earlier, incomplete run at the destination
     listed = {dst.key(f.key) for f in man.files}
     remote = s3.with_translation(lambda: s3.list_objects(client, dst.bucket, dst.prefix), dst_uri)
-    from preshard.worker.storage import delete_keys
-
-    delete_keys(client, dst.bucket, [k for k in remote if k not in listed], dst_uri)
+    records.delete_keys(client, dst.bucket, [k for k in remote if k not in listed], dst_uri)
     origin = {"uri": str(src), "manifestSha256": hashlib.sha256(body).hexdigest()}
     new = dataclasses.replace(
         man, owner=args.owner, created_at=utc_timestamp(), extra={**man.extra, "copiedFrom": origin}
@@ -667,7 +665,7 @@ def withdraw(args: argparse.Namespace) -> dict[str, Any]:
         listed = [u.key(f.key) for f in Manifest.from_json(body).files]
     except ManifestError:
         listed = []
-    removed = storage.delete_keys(client, u.bucket, listed, uri) if listed else 0
+    removed = records.delete_keys(client, u.bucket, listed, uri) if listed else 0
     print(
         f"withdrew the manifest of {uri} (owner {args.expect_owner}) and the {removed} "
         "objects it listed",

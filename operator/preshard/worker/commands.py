@@ -20,15 +20,15 @@ from typing import Any
 import botocore.exceptions
 
 from preshard.core import gate
-from preshard.core.contract import EXIT_FAILED, EXIT_OK
+from preshard.core.contract import EXIT_FAILED, EXIT_OK, JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from preshard.core.quantity import format_bytes
 from preshard.core.uris import StorageURI, parse_uri
-from preshard.worker import s3, storage
+from preshard.worker import records, s3
+from preshard.worker.download import Downloader, DownloadItem
 from preshard.worker.progress import Reporter
-from preshard.worker.storage import delete_keys
-from preshard.worker.transfer import Downloader, DownloadItem, with_retries
+from preshard.worker.transfer import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _s3_uri(uri: str) -> StorageURI:
 def load_manifest(client: Any, u: StorageURI) -> tuple[Manifest, bytes]:
     uri = str(u)
     try:
-        body = storage.read_bounded(client, u.bucket, u.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
+        body = records.read_bounded(client, u.bucket, u.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
     except ManifestError as exc:
         raise PreshardError(
             f"{uri}{MANIFEST_NAME} is invalid: {exc}", reason="InvalidManifest", permanent=True
@@ -277,7 +277,7 @@ class FileCheck:
     problem: str = ""
 
 
-def _check_object(client: Any, u: StorageURI, key: str, size: int, sha: str) -> FileCheck:
+def check_object(client: Any, u: StorageURI, key: str, size: int, sha: str) -> FileCheck:
     def run_once() -> FileCheck:
         try:
             resp = client.get_object(Bucket=u.bucket, Key=u.key(key))
@@ -311,9 +311,7 @@ def verify(args: argparse.Namespace) -> int:
     try:
         with ThreadPoolExecutor(max_workers=min(settings.concurrency, 8)) as pool:
             checks = list(
-                pool.map(
-                    lambda f: _check_object(client, u, f.key, f.size, f.sha256), manifest.files
-                )
+                pool.map(lambda f: check_object(client, u, f.key, f.size, f.sha256), manifest.files)
             )
     except PreshardError:
         raise
@@ -373,11 +371,11 @@ def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
         raise PreshardError(
             f"refusing to purge a bucket root ({uri})", reason="Usage", permanent=True
         )
-    existing = storage.read_manifest(client, u.bucket, u.key(MANIFEST_NAME), uri)
-    journal = storage.read_journal(client, u.bucket, u.key(storage.JOURNAL_NAME), uri)
+    existing = records.read_manifest(client, u.bucket, u.key(MANIFEST_NAME), uri)
+    journal = records.read_journal(client, u.bucket, u.key(JOURNAL_NAME), uri)
     for record in (existing, journal):
-        if isinstance(record, storage.Unreadable):
-            storage._check_own(record, owner, uri, "purge")
+        if isinstance(record, records.Unreadable):
+            records.check_own(record, owner, uri, "purge")
         if record is not None and owner is not None and record.owner != owner:  # type: ignore[union-attr]
             raise PreshardError(
                 f"refusing to purge {uri}: its manifest does not name owner {owner} (it is "
@@ -386,9 +384,9 @@ def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
                 permanent=True,
             )
     listing = s3.with_translation(lambda: s3.list_objects(client, u.bucket, u.prefix), uri, "list")
-    storage.check_neighbours(client, u, listing, owner, "purge")
-    assert not isinstance(existing, storage.Unreadable)
-    assert not isinstance(journal, storage.Unreadable)
+    records.check_neighbours(client, u, listing, owner, "purge")
+    assert not isinstance(existing, records.Unreadable)
+    assert not isinstance(journal, records.Unreadable)
     keys: set[str] = set()
     if existing is not None:
         keys |= {f.key for f in existing.files}
@@ -397,16 +395,16 @@ def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
     if existing is not None:
         # Recorded first, so that a purge interrupted after the manifest is gone still
         # knows (and a re-run deletes) what the checkpoint consisted of.
-        storage._put_journal(client, u, storage.Journal(existing.owner, frozenset(keys)))
-        storage._delete_one(client, u, MANIFEST_NAME, "delete manifest")
+        records.put_journal(client, u, records.Journal(existing.owner, frozenset(keys)))
+        records.delete_one(client, u, MANIFEST_NAME, "delete manifest")
     present = sorted(u.key(k) for k in keys if u.key(k) in listing)
-    deleted = delete_keys(client, u.bucket, present, uri)
+    deleted = records.delete_keys(client, u.bucket, present, uri)
     aborted = s3.with_translation(
         lambda: _abort_uploads(client, u, {u.key(k) for k in keys}), uri, "abort uploads under"
     )
     if existing is not None or journal is not None:
-        storage._delete_one(client, u, storage.JOURNAL_NAME, "delete journal")
-    left = len(set(listing) - set(present) - {u.key(MANIFEST_NAME), u.key(storage.JOURNAL_NAME)})
+        records.delete_one(client, u, JOURNAL_NAME, "delete journal")
+    left = len(set(listing) - set(present) - {u.key(MANIFEST_NAME), u.key(JOURNAL_NAME)})
     log.info(
         "purged %s: %d objects deleted, %d multipart uploads aborted%s",
         uri,

@@ -17,7 +17,7 @@
    engine loads the shards with ``load_format="sharded_state"`` at the same
    TP/PP/quantization and must give the same tokens and log-probabilities (exactly on
    the CPU backend). A load error (for example vLLM's "Missing keys") is a verification
-   failure. Once the engine-free check passed, a ``storage.Publication`` begins (the
+   failure. Once the engine-free check passed, a ``publication.Publication`` begins (the
    output's ownership checks, its publication record) and the files upload in the
    background WHILE the engine check runs.
 4. Uploading: what is left of the upload (its own rate and ETA), then the manifest,
@@ -291,6 +291,7 @@ def _verification_error(exc: EngineError) -> PreshardError:
 def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     """The whole pipeline; raises PreshardError on any failure."""
     from preshard.worker import resources, storage
+    from preshard.worker.publication import Publication
 
     timer = _Timer()
     shards = prepare_work_dir(req.work_dir)
@@ -379,7 +380,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     timer.add("verify_engine_free", time.monotonic() - t)
     log.info("verified engine-free: %s", free.describe())
     verification: dict[str, Any] = {"engineFree": free.summary()}
-    publication = storage.Publication(
+    publication = Publication(
         shards,
         str(req.plan.output),
         owner=req.plan.owner,
