@@ -16,6 +16,7 @@ import datetime as dt
 from typing import Any
 
 from preshard.core import status as st
+from preshard.core.quantity import format_bytes
 
 ADOPTED, COPIED, CONVERTED = "Adopted", "Copied", "Converted"
 PATHS = (ADOPTED, COPIED, CONVERTED)
@@ -97,7 +98,7 @@ def status_for_reused(
     total = int(artifact.get("totalBytes", 0))
     msg = (
         f"checkpoint {verb} at {artifact.get('uri')} ({artifact.get('files')} files, "
-        f"{st._fmt_bytes(total)}, every object verified, no conversion)"
+        f"{format_bytes(total)}, every object verified, no conversion)"
         + (f" in {took} s" if took is not None else "")
     )
     conds = st.set_condition(conds, st.PUBLISHED, "True", path, msg, generation, now)

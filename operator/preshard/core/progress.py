@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from preshard.core.quantity import format_bytes
+
 PROGRESS_PREFIX = "PRESHARD-PROGRESS "
 STAGES = ("Downloading", "Converting", "Verifying", "Uploading", "Published")
 Stage = Literal["Downloading", "Converting", "Verifying", "Uploading", "Published"]
@@ -195,21 +197,12 @@ class ProgressRecord:
         """``512.0 MiB of 2.0 GiB, 210.4 MiB/s, ETA 7s`` (what is known of it)."""
         parts = []
         if self.bytes_total:
-            parts.append(f"{_fmt_bytes(self.bytes_done)} of {_fmt_bytes(self.bytes_total)}")
+            parts.append(f"{format_bytes(self.bytes_done)} of {format_bytes(self.bytes_total)}")
         if self.rate is not None:
             parts.append(format_rate(self.rate))
         if self.eta is not None:
             parts.append(f"ETA {format_duration(self.eta)}")
         return ", ".join(parts)
-
-
-def _fmt_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def _opt_nonneg(data: dict[str, Any], key: str) -> float | None:

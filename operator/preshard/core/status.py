@@ -20,6 +20,7 @@ from preshard.core.progress import (
     status_stage_seconds,
     verification_status,
 )
+from preshard.core.quantity import format_bytes
 
 READY = "Ready"
 SPEC_VALID = "SpecValid"
@@ -36,6 +37,13 @@ PENDING, RUNNING, SUCCEEDED, FAILED, DELETING = (
     "Deleting",
 )
 _PASCAL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+
+
+def is_reason(value: str) -> bool:
+    """A Kubernetes condition reason: PascalCase letters and digits."""
+    return bool(_PASCAL.match(value))
+
+
 MAX_MESSAGE = 1024
 
 # Ready reasons of a conversion pod that exists but cannot start by itself, and the
@@ -266,15 +274,6 @@ def status_events(
     return events
 
 
-def _fmt_bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
 def published_progress(
     total: int, result: Result | None, last: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -351,7 +350,7 @@ def derive_status(
             st["artifact"] = artifact
             total = int(artifact.get("totalBytes", 0))
             st["progress"] = published_progress(total, result, st.get("progress"))
-            msg = f"checkpoint published at {artifact.get('uri')} ({artifact.get('files')} files, {_fmt_bytes(total)})"
+            msg = f"checkpoint published at {artifact.get('uri')} ({artifact.get('files')} files, {format_bytes(total)})"
             conds = set_condition(conds, PUBLISHED, "True", "Published", msg, generation, now)
             if serving is not None:
                 st["serving"] = serving

@@ -163,7 +163,7 @@ def _fail(
 ) -> None:
     new = st.status_for_error(
         old,
-        reason=reason if st._PASCAL.match(reason) else "PreflightFailed",
+        reason=reason if st.is_reason(reason) else "PreflightFailed",
         message=message,
         generation=gen,
         now=now(),

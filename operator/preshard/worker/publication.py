@@ -10,7 +10,6 @@ verified objects.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 from preshard.core.contract import (
     JOURNAL_NAME,
+    utc_timestamp,
 )
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
@@ -90,10 +90,6 @@ def local_files(local_dir: Path) -> list[Path]:
             continue
         out.append(p)
     return out
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -413,7 +409,9 @@ class Publication:
         if self.state != "started" or self.handle is None:
             raise RuntimeError(f"commit() on a publication that is {self.state}")
         files = self.handle.wait()
-        manifest = build_manifest(files, owner=self.owner, created_at=_now(), **manifest_fields)
+        manifest = build_manifest(
+            files, owner=self.owner, created_at=utc_timestamp(), **manifest_fields
+        )
         text = manifest.to_json()
         if self.local:
             dest = Path(self.out.path)

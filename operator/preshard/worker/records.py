@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 # leave behind (the previous manifest's and its own), so that an interrupted run's
 # objects are cleaned up by the next one, and nothing else ever is.
 JOURNAL_FORMAT = "preshard.io/publish-journal"
-MAX_JOURNAL_BYTES = MAX_MANIFEST_BYTES
 
 
 class Unreadable:
