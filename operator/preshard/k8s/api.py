@@ -116,15 +116,15 @@ class KubeApi:
 
     # jobs
 
-    def create_or_get_job(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def create_or_get_job(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create the Job, or return the existing one of that name. (job, created)."""
-        ns = manifest["metadata"]["namespace"]
+        ns = body["metadata"]["namespace"]
         try:
-            return self.to_dict(self.batch.create_namespaced_job(ns, manifest)), True
+            return self.to_dict(self.batch.create_namespaced_job(ns, body)), True
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        return self.to_dict(self.batch.read_namespaced_job(manifest["metadata"]["name"], ns)), False
+        return self.to_dict(self.batch.read_namespaced_job(body["metadata"]["name"], ns)), False
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -206,18 +206,18 @@ class KubeApi:
 
     # configmaps
 
-    def apply_configmap(self, manifest: dict[str, Any], owner_uid: str) -> bool:
+    def apply_configmap(self, body: dict[str, Any], owner_uid: str) -> bool:
         """Create the ConfigMap, or update it when it is ours (an ownerReference with
         ``owner_uid``). False, and nothing written, when one of that name belongs to
         something else: never overwrite a ConfigMap this resource does not own."""
-        ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         try:
             current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
         except ApiException as exc:
             if exc.status != 404:
                 raise
             try:
-                self.core.create_namespaced_config_map(ns, manifest)
+                self.core.create_namespaced_config_map(ns, body)
                 return True
             except ApiException as exc2:
                 if exc2.status != 409:
@@ -227,12 +227,12 @@ class KubeApi:
         if not any(r.get("uid") == owner_uid for r in refs):
             return False
         if (
-            current.get("data") != manifest["data"]
-            or (current["metadata"].get("labels") or {}) != manifest["metadata"]["labels"]
+            current.get("data") != body["data"]
+            or (current["metadata"].get("labels") or {}) != body["metadata"]["labels"]
         ):
             self.core.patch_namespaced_config_map(
                 name,
                 ns,
-                {"metadata": {"labels": manifest["metadata"]["labels"]}, "data": manifest["data"]},
+                {"metadata": {"labels": body["metadata"]["labels"]}, "data": body["data"]},
             )
         return True

@@ -148,8 +148,8 @@ def _reconcile(
             go, identity = reuse.prepare(svc, body, spec, old, identities_index)
             if not go:
                 return
-        manifest = build_conversion_job(name, ns, uid, spec, config, identity=identity)
-        job, created = api.create_or_get_job(manifest)
+        wanted = build_conversion_job(name, ns, uid, spec, config, identity=identity)
+        job, created = api.create_or_get_job(wanted)
         if not job_owned_by(job, uid):
             jname = (job.get("metadata") or {}).get("name")
             msg = f"a Job named {jname} exists but does not belong to this ShardedCheckpoint; delete it or rename this resource"

@@ -105,11 +105,11 @@ def _preflight(
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     base = _base(decision)
-    manifest = build_preflight_job(
+    wanted = build_preflight_job(
         name, ns, uid, spec, svc.config, attempt=int(base.get("round") or 0)
     )
-    jname = manifest["metadata"]["name"]
-    job, created = svc.api.create_or_get_job(manifest)
+    jname = wanted["metadata"]["name"]
+    job, created = svc.api.create_or_get_job(wanted)
     outcome = st.job_outcome(job)
     if outcome.phase in (st.PENDING, st.RUNNING):
         d = {**base, "step": "Preflight", "jobName": jname}

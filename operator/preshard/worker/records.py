@@ -267,22 +267,7 @@ def check_own(
 
 
 def put_journal(client: Any, u: StorageURI, journal: Journal) -> None:
-    body = journal.to_json()
-    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 - Content-MD5
-    s3.with_translation(
-        lambda: with_retries(
-            lambda: client.put_object(
-                Bucket=u.bucket,
-                Key=u.key(JOURNAL_NAME),
-                Body=body,
-                ContentMD5=md5,
-                ContentType="application/json",
-                Metadata={"sha256": hashlib.sha256(body).hexdigest()},
-            ),
-            "put journal",
-        ),
-        str(u),
-    )
+    _put_record(client, u, JOURNAL_NAME, journal.to_json(), "put journal")
 
 
 def delete_one(client: Any, u: StorageURI, name: str, what: str) -> None:
@@ -293,19 +278,24 @@ def delete_one(client: Any, u: StorageURI, name: str, what: str) -> None:
 
 
 def put_manifest(client: Any, u: StorageURI, text: str) -> None:
-    body = text.encode()
+    _put_record(client, u, MANIFEST_NAME, text.encode(), "put manifest")
+
+
+def _put_record(client: Any, u: StorageURI, name: str, body: bytes, what: str) -> None:
+    """A small JSON object at the prefix, with its Content-MD5 (checked by the server)
+    and its sha256 in the object's metadata."""
     md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 - Content-MD5
     s3.with_translation(
         lambda: with_retries(
             lambda: client.put_object(
                 Bucket=u.bucket,
-                Key=u.key(MANIFEST_NAME),
+                Key=u.key(name),
                 Body=body,
                 ContentMD5=md5,
                 ContentType="application/json",
                 Metadata={"sha256": hashlib.sha256(body).hexdigest()},
             ),
-            "put manifest",
+            what,
         ),
         str(u),
     )
