@@ -37,7 +37,9 @@ import os
 import time
 from typing import Any
 
-LOAD_FORMAT = "preshard_raw"
+from preshard.core.contract import LOAD_FORMAT_RAW_SAVE
+
+LOAD_FORMAT = LOAD_FORMAT_RAW_SAVE
 ENV_SAVE_DIR = "PRESHARD_RAW_SAVE_DIR"
 ENV_PATTERN = "PRESHARD_RAW_PATTERN"
 ENV_MAX_SIZE = "PRESHARD_RAW_MAX_FILE_SIZE"
