@@ -53,7 +53,7 @@ from preshard.core.spec import parse_spec
 from preshard.worker.tinymodel import make_tiny_llama
 from preshard.worker.vllm_engine import cpu_env
 from preshard_dev.s3server import RcloneS3, free_port
-from preshard_dev.vllmcli import complete
+from preshard_dev.vllmclient import complete
 
 TP = 2
 PROMPT = "The capital of France is"

@@ -11,10 +11,7 @@ on this machine: the serving image's ``vllm`` (a ``vllm`` distribution) needs no
 from __future__ import annotations
 
 import importlib.metadata as metadata
-import json
 import sys
-import urllib.request
-from typing import Any
 
 _version = metadata.version
 
@@ -30,30 +27,6 @@ def _vllm_version(distribution_name: str) -> str:
 
 
 metadata.version = _vllm_version
-
-
-def complete(
-    port: int, model: str, prompt: str, *, max_tokens: int, logprobs: int | None = None,
-    timeout: float = 300,
-) -> dict[str, Any]:  # fmt: skip
-    """One greedy completion from a local ``vllm serve`` (its first choice: ``token_ids``,
-    and ``logprobs`` when asked)."""
-    request: dict[str, Any] = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "return_token_ids": True,
-    }
-    if logprobs is not None:
-        request["logprobs"] = logprobs
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions",
-        data=json.dumps(request).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - http://127.0.0.1
-        return dict(json.loads(r.read())["choices"][0])
 
 
 def main() -> int:

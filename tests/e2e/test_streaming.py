@@ -48,7 +48,7 @@ from preshard.worker.vllm_engine import (
     run_engine,
 )
 from preshard_dev.stack import ROOT, LocalStack, free_port
-from preshard_dev.vllmcli import complete
+from preshard_dev.vllmclient import complete
 
 from .conftest import ready_condition, status_of
 
