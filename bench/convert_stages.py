@@ -83,7 +83,7 @@ def _sequential_baseline(
     config = json.loads((shards / "config.json").read_text())
     prompts = default_prompts(config, tokenizer=has_tokenizer(shards))
     t = time.monotonic()
-    run_engine(convert._engine_request(req, shards, prompts, load_format=LOAD_FORMAT_LOCAL))
+    run_engine(req.engine_request(shards, prompts, load_format=LOAD_FORMAT_LOCAL))
     engine = time.monotonic() - t
     t = time.monotonic()
     publication.publish(

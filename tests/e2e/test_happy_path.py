@@ -7,6 +7,7 @@ serving status and ConfigMap; then ``preshard fetch`` of the result and a vLLM l
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,12 @@ def test_tiny_tp2_resource_to_verified_shards_and_back(stack_factory: Any, tmp_p
     assert [c["name"] for c in verification["checks"]] == ["engine-free", "engine"]
     assert all(c["passed"] for c in verification["checks"])
     assert " bit for bit " in verification["checks"][0]["detail"]
-    assert "(exact) at 48 positions of 3 prompts" in verification["checks"][1]["detail"]
+    # Within the tolerance; bit-identical or not depends on the CPU's kernels.
+    assert re.search(
+        r"top-5 log-probabilities \(abs<=0\.05, (bit-identical|max difference [-+.e0-9]+)\) "
+        r"at 48 positions of 3 prompts",
+        verification["checks"][1]["detail"],
+    ), verification["checks"][1]["detail"]
     out_uri = doc["spec"]["output"]["uri"]
     artifact = status["artifact"]
     assert artifact["uri"] == out_uri and artifact["vllmVersion"] == "0.32.0"

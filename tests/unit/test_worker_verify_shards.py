@@ -196,3 +196,82 @@ def test_compare_tokens() -> None:
     )
     with pytest.raises(VerificationFailed, match="answered 1 of 2 prompts"):
         compare_tokens(["'a'", "'b'"], [[1], [2]], [[1]])
+
+
+# ------------------------------------------------------------------- compare_outputs
+
+PROMPTS = ["'a'", "'b'"]
+TOKENS = [[7, 9], [3, 3]]
+# Per prompt, per position: (token, log-probability) pairs, highest first (what
+# vllm_engine._top_logprobs returns), top-3.
+LOGPROBS = (
+    (((7, -0.5), (8, -1.25), (2, -3.0)), ((9, -0.75), (1, -1.5), (4, -2.0))),
+    (((3, -0.1), (5, -2.5), (6, -4.0)), ((3, -0.2), (6, -2.25), (5, -2.3))),
+)
+
+
+def _with(prompt: int, pos: int, top: tuple[tuple[int, float], ...]) -> tuple:
+    rows = [list(p) for p in LOGPROBS]
+    rows[prompt][pos] = top
+    return tuple(tuple(p) for p in rows)
+
+
+def test_compare_outputs_bit_identical() -> None:
+    summary = vs.compare_outputs(PROMPTS, TOKENS, TOKENS, LOGPROBS, LOGPROBS)
+    assert summary == {
+        "method": "engine",
+        "matched": True,
+        "prompts": 2,
+        "positions": 4,
+        "topK": 3,
+        "comparison": f"abs<={vs.LOGPROB_TOLERANCE}",
+        "bitIdentical": True,
+        "maxAbsDifference": 0.0,
+    }
+
+
+def test_compare_outputs_accepts_rounding_noise_and_records_it() -> None:
+    # What two CPU engines over the same bits gave on the CI machine: every log-probability
+    # of one position shifted by about 1.1e-5 (the normaliser moved by one logit's ulp).
+    noisy = _with(1, 1, ((3, -0.2000113), (6, -2.2500113), (5, -2.3000113)))
+    summary = vs.compare_outputs(PROMPTS, TOKENS, TOKENS, LOGPROBS, noisy)
+    assert summary["bitIdentical"] is False
+    assert summary["maxAbsDifference"] == pytest.approx(1.13e-5, abs=1e-7)
+    # A near-tie at the top-k boundary may swap places with the next token.
+    swapped = _with(1, 1, ((3, -0.2), (6, -2.25), (11, -2.29)))
+    assert vs.compare_outputs(PROMPTS, TOKENS, TOKENS, LOGPROBS, swapped)["matched"] is True
+
+
+def test_compare_outputs_catches_one_changed_value() -> None:
+    off = _with(0, 1, ((9, -0.75), (1, -1.5 - 0.06), (4, -2.0)))
+    with pytest.raises(VerificationFailed) as ei:
+        vs.compare_outputs(PROMPTS, TOKENS, TOKENS, LOGPROBS, off)
+    assert str(ei.value) == (
+        "log-probability of token 1 at position 1 for prompt 'a': source model -1.5, sharded "
+        f"checkpoint -1.56 (tolerance {vs.LOGPROB_TOLERANCE})"
+    )
+
+
+@pytest.mark.parametrize(
+    ("top", "missing", "who"),
+    [
+        # The source's second-best token is not in the reload's top-3 at all.
+        (((7, -0.5), (2, -3.0), (12, -3.1)), 8, "source model"),
+        # The reload has a token the source ranks far lower (not a near-tie).
+        (((7, -0.5), (8, -1.25), (13, -1.3)), 13, "sharded checkpoint"),
+    ],
+)
+def test_compare_outputs_catches_another_top_k(top: tuple, missing: int, who: str) -> None:
+    with pytest.raises(VerificationFailed) as ei:
+        vs.compare_outputs(PROMPTS, TOKENS, TOKENS, LOGPROBS, _with(0, 0, top))
+    assert str(ei.value).startswith(f"token {missing} is in the {who}'s top-3 at position 0 for")
+
+
+def test_compare_outputs_catches_other_tokens_and_shapes() -> None:
+    with pytest.raises(VerificationFailed, match="greedy tokens differ for prompt 'a'"):
+        vs.compare_outputs(PROMPTS, TOKENS, [[7, 8], [3, 3]], LOGPROBS, LOGPROBS)
+    short = (LOGPROBS[0][:1], LOGPROBS[1])
+    with pytest.raises(VerificationFailed, match="prompt 'a': 2 positions from the source"):
+        vs.compare_outputs(PROMPTS, TOKENS, TOKENS, LOGPROBS, short)
+    with pytest.raises(VerificationFailed, match="log-probabilities for other prompts"):
+        vs.compare_outputs(PROMPTS, TOKENS, TOKENS, LOGPROBS, LOGPROBS[:1])

@@ -4,10 +4,12 @@ real ``preshard convert`` CLI and real vLLM (CPU build), must
 * publish (the convert runs the engine-free and the engine verification itself),
 * pass ``preshard verify --against SOURCE URI`` (every checkpoint tensor rebuilt from the
   rank files and compared bit for bit with the source),
-* reload with ``load_format=sharded_state`` at TP=2 giving exactly the source model's
-  outputs (greedy tokens AND the top-5 logprobs at each of 16 positions, 4 prompts),
-  compared with the source loaded normally at TP=2 by stock vLLM, through
-  tests/vllm/logprob_probe.py (plain ``vllm.LLM``, none of preshard's engine code).
+* reload with ``load_format=sharded_state`` at TP=2 giving the source model's outputs
+  (the same greedy tokens, and the top-5 logprobs at each of 16 positions of 4 prompts
+  within preshard's tolerance: two engines over the same bits are not bit-identical on
+  every CPU, see docs/verification.md), compared with the source loaded normally at TP=2
+  by stock vLLM, through tests/vllm/logprob_probe.py (plain ``vllm.LLM``, none of
+  preshard's engine code; the comparison is this file's own).
 
 And a tampered shard (one element changed by its lowest bit, the manifest's sha256
 recomputed so the file checks pass) must fail ``verify --against`` (exit 3) naming the
@@ -45,6 +47,7 @@ import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
 from preshard.worker.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
+from preshard.worker.verify_shards import LOGPROB_TOLERANCE
 
 pytestmark = pytest.mark.vllm
 
@@ -65,8 +68,9 @@ ALL = (*FAMILIES, GPTQ)
 # GPTQ on vLLM's CPU backend: convert refuses it before any engine (sharded_state cannot
 # reload its raw shards there; preshard.core.estimate.cpu_raw_reload_refusal), so the
 # published-checkpoint tests run over the others.
-# The family whose source runs twice, in two processes (the determinism check).
-DETERMINISM_FAMILY = "qwen3-moe"
+# Per log-probability, the reload may differ from the source by at most preshard's own
+# tolerance (verify_shards.LOGPROB_TOLERANCE); the comparison below is this file's.
+TOLERANCE = LOGPROB_TOLERANCE
 
 
 def _selected() -> tuple[str, ...]:
@@ -236,12 +240,6 @@ class Matrix:
         self.published(family)  # a clear message when the conversion itself failed
         return probe_result(*self._cache[(family, "reload")])
 
-    def rerun(self, family: str) -> dict[str, Any]:
-        """The source of ``family`` once more, in another process."""
-        if (family, "rerun") not in self._cache:
-            self._probe([(family, "rerun", self.model(family), "auto")])
-        return probe_result(*self._cache[(family, "rerun")])
-
 
 @pytest.fixture(scope="session")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> Matrix:
@@ -299,8 +297,38 @@ def test_family_passes_verify_against_source(matrix: Matrix, family: str) -> Non
     assert report["ok"] is True
 
 
+def _differences(a: list[list[Any]], b: list[list[Any]]) -> list[str]:
+    """Where top-k lists [[token, logprob], ...] of one position disagree: a value off by
+    more than TOLERANCE, or a token in one top-k only that is not a near-tie with the
+    other's lowest entry."""
+    da, db = {int(t): lp for t, lp in a}, {int(t): lp for t, lp in b}
+    out = [
+        f"token {t}: {da[t]!r} vs {db[t]!r}"
+        for t in da.keys() & db.keys()
+        if abs(da[t] - db[t]) > TOLERANCE
+    ]
+    for mine, theirs in ((da, db), (db, da)):
+        floor = min(theirs.values())
+        out += [
+            f"token {t} ({lp!r}) in one top-k only"
+            for t, lp in mine.items()
+            if t not in theirs and lp > floor + TOLERANCE
+        ]
+    return out
+
+
+def test_differences_catches_what_it_must() -> None:
+    top = [[1, -0.5], [2, -1.0], [3, -2.0]]
+    assert _differences(top, [[1, -0.50001], [2, -1.0], [3, -2.0]]) == []
+    assert _differences(top, [[1, -0.5], [2, -1.06], [3, -2.0]]) == ["token 2: -1.0 vs -1.06"]
+    assert _differences(top, [[1, -0.5], [2, -1.0], [4, -1.99]]) == []  # near-tie
+    assert _differences(top, [[1, -0.5], [3, -2.0], [4, -2.1]]) == [
+        "token 2 (-1.0) in one top-k only"
+    ]
+
+
 @pytest.mark.parametrize("family", _converted_families())
-def test_family_reload_gives_the_source_outputs_exactly(matrix: Matrix, family: str) -> None:
+def test_family_reload_gives_the_source_outputs(matrix: Matrix, family: str) -> None:
     ref = matrix.reference(family)
     got = matrix.reloaded(family)
     assert (ref["load_format"], got["load_format"]) == ("auto", "sharded_state")
@@ -314,7 +342,7 @@ def test_family_reload_gives_the_source_outputs_exactly(matrix: Matrix, family: 
     for i, (a, b) in enumerate(zip(ref["sequences"], got["sequences"], strict=True)):
         assert b["tokens"] == a["tokens"], f"prompt {i}: tokens differ"
         for pos, (pa, pb) in enumerate(zip(a["logprobs"], b["logprobs"], strict=True)):
-            assert pb == pa, f"prompt {i} position {pos}: top-5 logprobs differ"
+            assert not _differences(pa, pb), f"prompt {i} position {pos}: {_differences(pa, pb)}"
 
 
 def test_gptq_checkpoint_computes_its_dequantized_weights(matrix: Matrix) -> None:
@@ -332,16 +360,6 @@ def test_gptq_checkpoint_computes_its_dequantized_weights(matrix: Matrix) -> Non
             n += 1
         prefixes.append(n)
     assert min(prefixes) >= 1 and sum(prefixes) >= 3 * len(prefixes), prefixes
-
-
-def test_cpu_reference_is_bit_deterministic(matrix: Matrix) -> None:
-    """What the exact engine comparison rests on: two runs of the same model in two
-    processes give the same tokens and bit-identical logprobs on vLLM's CPU backend (an
-    MoE family, whose routing is the most sensitive to rounding)."""
-    family = DETERMINISM_FAMILY if DETERMINISM_FAMILY in MATRIX else MATRIX[0]
-    first = matrix.reference(family)
-    second = matrix.rerun(family)
-    assert second["sequences"] == first["sequences"]
 
 
 # ------------------------------------------------------------------------ tampering

@@ -4,6 +4,7 @@ Fixtures (``CliRun`` results) come from tests/vllm/conftest.py."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,12 @@ def test_tp1_progress_and_timings(converted_tp1: Any) -> None:
         assert stage in order
     assert order.index("Downloading") < order.index("Converting") < order.index("Verifying")
     assert order.index("Verifying") < order.index("Uploading")
-    assert (
-        "verified with an engine: the sharded checkpoint reloaded at TP 1 x PP 1 gives the "
-        "same tokens and top-5 log-probabilities (exact) at 48 positions of 3 prompts"
-        in converted_tp1.stderr
+    # Within the tolerance; bit-identical or not depends on the CPU's kernels.
+    assert re.search(
+        r"verified with an engine: the sharded checkpoint reloaded at TP 1 x PP 1 gives the "
+        r"same tokens and top-5 log-probabilities \(abs<=0\.05, (bit-identical|max "
+        r"difference [-+.e0-9]+)\) at 48 positions of 3 prompts",
+        converted_tp1.stderr,
     )
     assert "verified engine-free: " in converted_tp1.stderr
     assert " bit for bit (" in converted_tp1.stderr
@@ -104,7 +107,8 @@ def test_tp1_manifest(converted_tp1: Any, tiny_tokenizer_model: Path) -> None:
     assert man.sharding_key == "preshard-sharding.json" and man.file("preshard-sharding.json")
     assert man.verification is not None
     assert man.verification["engineFree"]["matched"] is True
-    assert man.verification["engine"]["comparison"] == "exact"
+    assert man.verification["engine"]["comparison"] == "abs<=0.05"
+    assert man.verification["engine"]["maxAbsDifference"] <= 0.05
     assert man.verification["engine"]["positions"] == 48
     assert man.source_uri == str(tiny_tokenizer_model)
     assert [f.key for f in man.shard_files()] == ["model-rank-0-part-0.safetensors"]

@@ -33,8 +33,9 @@ def test_tp2_round_trip_gives_the_same_outputs(converted_tp2: Any) -> None:
     assert all(len(t) == 16 for t in out.reference_tokens)
     assert out.verified_tokens == out.reference_tokens
     engine = out.verification["engine"]
-    assert (engine["matched"], engine["comparison"], engine["topK"]) == (True, "exact", 5)
-    assert engine["positions"] == 48 and engine["maxAbsDifference"] == 0.0
+    assert (engine["matched"], engine["comparison"], engine["topK"]) == (True, "abs<=0.05", 5)
+    assert engine["positions"] == 48 and engine["maxAbsDifference"] <= 0.05
+    assert isinstance(engine["bitIdentical"], bool)
     free = out.verification["engineFree"]
     assert free["matched"] is True and free["sourceTensors"] > 0 and free["fills"] >= 2
     # Random weights: the answers are not degenerate (same token over and over).

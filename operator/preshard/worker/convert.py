@@ -15,9 +15,9 @@
    memory): every saved tensor rebuilt from the source checkpoint bit for bit through the
    sharding metadata (``verify_against``); then (``--verify``, the default) ONE more
    engine loads the shards with ``load_format="sharded_state"`` at the same
-   TP/PP/quantization and must give the same tokens and log-probabilities (exactly on
-   the CPU backend). A load error (for example vLLM's "Missing keys") is a verification
-   failure. Once the engine-free check passed, a ``publication.Publication`` begins (the
+   TP/PP/quantization and must give the same tokens and log-probabilities (within
+   ``verify_shards.LOGPROB_TOLERANCE``; whether they were bit-identical is recorded). A
+   load error (for example vLLM's "Missing keys") is a verification failure. Once the engine-free check passed, a ``publication.Publication`` begins (the
    output's ownership checks, its publication record) and the files upload in the
    background WHILE the engine check runs.
 4. Uploading: what is left of the upload (its own rate and ETA), then the manifest,
@@ -133,6 +133,22 @@ class ConvertRequest:
             max_model_len=args.max_model_len,
         )
 
+    def engine_request(self, model: Path, prompts: tuple[Prompt, ...], **kw: Any) -> EngineRequest:
+        """The vLLM engine for ``model`` at this plan's layout, quantization and dtype,
+        with this pod's runtime settings (``kw``: what the stage adds, e.g. save_dir)."""
+        return EngineRequest(
+            model=str(model),
+            tensor_parallel_size=self.plan.tensor_parallel_size,
+            pipeline_parallel_size=self.plan.pipeline_parallel_size,
+            quantization=self.plan.quantization,
+            dtype=self.plan.dtype,
+            prompts=prompts,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_len,
+            skip_tokenizer_init=not has_tokenizer(model),
+            **kw,
+        )
+
 
 def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
@@ -241,23 +257,6 @@ def prepare_work_dir(work_dir: Path) -> Path:
 # -------------------------------------------------------------------------------- engine
 
 
-def _engine_request(
-    req: ConvertRequest, model: Path, prompts: tuple[Prompt, ...], **kw: Any
-) -> EngineRequest:
-    return EngineRequest(
-        model=str(model),
-        tensor_parallel_size=req.plan.tensor_parallel_size,
-        pipeline_parallel_size=req.plan.pipeline_parallel_size,
-        quantization=req.plan.quantization,
-        dtype=req.plan.dtype,
-        prompts=prompts,
-        gpu_memory_utilization=req.gpu_memory_utilization,
-        max_model_len=req.max_model_len,
-        skip_tokenizer_init=not has_tokenizer(model),
-        **kw,
-    )
-
-
 def _conversion_error(exc: EngineError) -> PreshardError:
     if exc.stage == "load" and exc.kind in PERMANENT_ENGINE_ERRORS:
         return PreshardError(
@@ -342,8 +341,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     t = time.monotonic()
     try:
         saved: EngineOutcome = run_engine(
-            _engine_request(
-                req,
+            req.engine_request(
                 src_dir,
                 prompts,
                 save_dir=str(shards),
@@ -415,7 +413,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
                 req.plan.tensor_parallel_size,
                 req.plan.pipeline_parallel_size,
                 verification["engine"]["topK"],
-                verification["engine"]["comparison"],
+                _agreement(verification["engine"]),
                 verification["engine"]["positions"],
                 len(prompts),
                 timer.timings["verify_engine"],
@@ -476,7 +474,7 @@ def _engine_check(
     """ONE more engine loads the shards (load_format=sharded_state) and must give the
     conversion engine's tokens and log-probabilities; VerificationFailed otherwise."""
     try:
-        again = run_engine(_engine_request(req, shards, prompts, load_format=LOAD_FORMAT_LOCAL))
+        again = run_engine(req.engine_request(shards, prompts, load_format=LOAD_FORMAT_LOCAL))
     except EngineError as exc:
         raise _verification_error(exc) from None
     summary = verify_shards.compare_outputs(
@@ -485,9 +483,18 @@ def _engine_check(
         [list(x) for x in again.tokens],
         saved.logprobs,
         again.logprobs,
-        exact=saved.platform == "cpu" and again.platform == "cpu",
     )
     return summary, [list(x) for x in again.tokens]
+
+
+def _agreement(engine: dict[str, Any]) -> str:
+    """How the engine check's log-probabilities agreed, e.g. "abs<=0.05, bit-identical"."""
+    how = (
+        "bit-identical"
+        if engine.get("bitIdentical")
+        else f"max difference {float(engine.get('maxAbsDifference') or 0.0):.3g}"
+    )
+    return f"{engine.get('comparison')}, {how}"
 
 
 def _abort_publication(publication: Any, exc: BaseException) -> None:
@@ -532,7 +539,7 @@ def verification_result(verification: dict[str, Any]) -> dict[str, Any]:
     if isinstance(engine, dict):
         detail = (
             f"the shards reloaded with load_format=sharded_state give the same tokens and "
-            f"top-{engine.get('topK')} log-probabilities ({engine.get('comparison')}) at "
+            f"top-{engine.get('topK')} log-probabilities ({_agreement(engine)}) at "
             f"{engine.get('positions')} positions of {engine.get('prompts')} prompts"
         )
         checks.append({"name": "engine", "passed": engine.get("matched") is True, "detail": detail})

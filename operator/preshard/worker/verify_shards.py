@@ -254,9 +254,13 @@ def compare_tokens(
             )
 
 
-# Log-probabilities of the reload must equal the converting engine's exactly where the
-# kernels are bit-deterministic (vLLM's CPU backend: measured, see docs/verification.md);
-# elsewhere within this absolute tolerance per value.
+# The reload's log-probabilities must be within this absolute tolerance of the converting
+# engine's, per value, with the same greedy tokens. Two engines over the same weights are
+# not bit-identical in general, not even on vLLM's CPU backend: identical on one CPU, they
+# differed by 1.1e-5 (one logit's last bf16 bit, through the normaliser) on another, for
+# shards proven bit for bit. What catches a wrong bit is the engine-free check; this one
+# proves the shards load and compute the model. Whether the outputs were bit-identical is
+# recorded as well (``bitIdentical``).
 LOGPROB_TOLERANCE = 0.05
 
 
@@ -267,17 +271,19 @@ def compare_outputs(
     reference_logprobs: Any,
     reloaded_logprobs: Any,
     *,
-    exact: bool,
     tolerance: float = LOGPROB_TOLERANCE,
 ) -> dict[str, Any]:
-    """Greedy tokens AND the top-k log-probabilities at every position must agree;
-    VerificationFailed names the prompt, the position and the values. Returns what was
-    compared (for the manifest's verification summary)."""
+    """Greedy tokens must be equal and the top-k log-probabilities at every position
+    within ``tolerance``; a token may be in one side's top-k and not the other's only as
+    a near-tie at the boundary (its log-probability within ``tolerance`` of the other
+    side's lowest). VerificationFailed names the prompt, the position and the values.
+    Returns what was compared (for the manifest's verification summary)."""
     compare_tokens(prompts, reference, reloaded)
     if len(reference_logprobs) != len(reloaded_logprobs):
         raise VerificationFailed("the reloaded model returned log-probabilities for other prompts")
     positions = 0
     worst = 0.0
+    identical = True
     for prompt, ref_p, got_p in zip(prompts, reference_logprobs, reloaded_logprobs, strict=True):
         if len(ref_p) != len(got_p):
             raise VerificationFailed(
@@ -286,36 +292,37 @@ def compare_outputs(
             )
         for pos, (ref_top, got_top) in enumerate(zip(ref_p, got_p, strict=True)):
             positions += 1
-            ref_ids = [t for t, _ in ref_top]
-            got_ids = [t for t, _ in got_top]
-            if exact and ref_ids != got_ids:
-                raise VerificationFailed(
-                    f"top-{len(ref_ids)} tokens differ for prompt {prompt} at position {pos}: "
-                    f"source model {ref_ids}, sharded checkpoint {got_ids}"
-                )
-            got = dict(got_top)
-            for tok, lp in ref_top:
-                if tok not in got:
-                    if exact:
+            ref, got = dict(ref_top), dict(got_top)
+            identical = identical and ref == got
+            for tok, lp in ref.items():
+                if tok in got:
+                    delta = abs(got[tok] - lp)
+                    worst = max(worst, delta)
+                    if delta > tolerance:
                         raise VerificationFailed(
-                            f"token {tok} is in the source model's top-k at position {pos} for "
-                            f"prompt {prompt} but not in the sharded checkpoint's"
+                            f"log-probability of token {tok} at position {pos} for prompt "
+                            f"{prompt}: source model {lp!r}, sharded checkpoint {got[tok]!r} "
+                            f"(tolerance {tolerance})"
                         )
-                    continue
-                delta = abs(got[tok] - lp)
-                worst = max(worst, delta)
-                if (exact and got[tok] != lp) or delta > tolerance:
-                    raise VerificationFailed(
-                        f"log-probability of token {tok} at position {pos} for prompt {prompt}: "
-                        f"source model {lp!r}, sharded checkpoint {got[tok]!r}"
-                        + ("" if exact else f" (tolerance {tolerance})")
-                    )
+            for mine, theirs, who, other in (
+                (ref, got, "source model", "sharded checkpoint"),
+                (got, ref, "sharded checkpoint", "source model"),
+            ):
+                floor = min(theirs.values(), default=float("-inf"))
+                for tok, lp in mine.items():
+                    if tok not in theirs and lp > floor + tolerance:
+                        raise VerificationFailed(
+                            f"token {tok} is in the {who}'s top-{len(mine)} at position {pos} "
+                            f"for prompt {prompt} (log-probability {lp!r}) but not in the "
+                            f"{other}'s, whose lowest is {floor!r} (tolerance {tolerance})"
+                        )
     return {
         "method": "engine",
         "matched": True,
         "prompts": len(prompts),
         "positions": positions,
         "topK": max((len(p[0]) for p in reference_logprobs if p), default=0),
-        "comparison": "exact" if exact else f"abs<={tolerance}",
+        "comparison": f"abs<={tolerance}",
+        "bitIdentical": identical,
         "maxAbsDifference": worst,
     }
