@@ -131,5 +131,8 @@ def test_tiny_tp2_resource_to_verified_shards_and_back(stack_factory: Any, tmp_p
         timeout=600,
     )
     assert reloaded.settings["load_format"] == "sharded_state"
+    # Both engines ran vLLM's engine core inside their own process (the same batches).
+    assert reference.settings["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert reloaded.settings["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert len(reference.tokens) == len(prompts) and all(reference.tokens)
     assert reloaded.tokens == reference.tokens

@@ -240,6 +240,10 @@ def cpu_env(
 
 # ----------------------------------------------------------------------------- child side
 
+# vLLM's switch between an engine core in its own process (1, its default) and in the
+# caller's (0).
+ENV_V1_MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
 # An exception line in vLLM's logs, e.g.
 # "(Worker pid=7) ERROR 11-22 23:57:58 [multiproc_executor.py:953] ValueError: Missing keys"
 _EXC_LINE = re.compile(
@@ -351,10 +355,17 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
         # vLLM logs to stderr: stdout carries the PRESHARD-PROGRESS records.
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # vLLM's engine core in this process: LLM.generate then queues every prompt before
+        # the first step, so the conversion engine and the verification engine run the
+        # same batches. With the engine core in a process of its own the first step starts
+        # with whichever prompts have arrived over its socket (a timing race), and kernels
+        # whose rounding depends on the batch (GPU GEMMs, some CPUs) then give the two
+        # engines other log-probabilities over the same weights.
+        os.environ.setdefault(ENV_V1_MULTIPROCESSING, "0")
         from vllm.platforms import current_platform
 
         is_cpu = bool(current_platform.is_cpu())
-        settings: dict[str, Any] = {}
+        settings: dict[str, Any] = {ENV_V1_MULTIPROCESSING: os.environ[ENV_V1_MULTIPROCESSING]}
         if is_cpu:
             extra = cpu_env(req.tensor_parallel_size * req.pipeline_parallel_size, os.environ)
             os.environ.update(extra)
