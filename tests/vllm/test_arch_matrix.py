@@ -69,8 +69,7 @@ ALL = (*FAMILIES, GPTQ)
 # reload its raw shards there; preshard.core.estimate.cpu_raw_reload_refusal), so the
 # published-checkpoint tests run over the others.
 # Per log-probability, the reload may differ from the source by at most preshard's own
-# tolerance (verify_shards.LOGPROB_TOLERANCE); the comparison below is this file's.
-TOLERANCE = LOGPROB_TOLERANCE
+# tolerance (LOGPROB_TOLERANCE); the comparison below (_differences) is this file's.
 
 
 def _selected() -> tuple[str, ...]:
@@ -299,20 +298,20 @@ def test_family_passes_verify_against_source(matrix: Matrix, family: str) -> Non
 
 def _differences(a: list[list[Any]], b: list[list[Any]]) -> list[str]:
     """Where top-k lists [[token, logprob], ...] of one position disagree: a value off by
-    more than TOLERANCE, or a token in one top-k only that is not a near-tie with the
+    more than LOGPROB_TOLERANCE, or a token in one top-k only that is not a near-tie with the
     other's lowest entry."""
     da, db = {int(t): lp for t, lp in a}, {int(t): lp for t, lp in b}
     out = [
         f"token {t}: {da[t]!r} vs {db[t]!r}"
         for t in da.keys() & db.keys()
-        if abs(da[t] - db[t]) > TOLERANCE
+        if abs(da[t] - db[t]) > LOGPROB_TOLERANCE
     ]
     for mine, theirs in ((da, db), (db, da)):
         floor = min(theirs.values())
         out += [
             f"token {t} ({lp!r}) in one top-k only"
             for t, lp in mine.items()
-            if t not in theirs and lp > floor + TOLERANCE
+            if t not in theirs and lp > floor + LOGPROB_TOLERANCE
         ]
     return out
 

@@ -17,9 +17,10 @@
    engine loads the shards with ``load_format="sharded_state"`` at the same
    TP/PP/quantization and must give the same tokens and log-probabilities (within
    ``verify_shards.LOGPROB_TOLERANCE``; whether they were bit-identical is recorded). A
-   load error (for example vLLM's "Missing keys") is a verification failure. Once the engine-free check passed, a ``publication.Publication`` begins (the
-   output's ownership checks, its publication record) and the files upload in the
-   background WHILE the engine check runs.
+   load error (for example vLLM's "Missing keys") is a verification failure. Once the
+   engine-free check passed, a ``publication.Publication`` begins (the output's
+   ownership checks, its publication record) and the files upload in the background
+   WHILE the engine check runs.
 4. Uploading: what is left of the upload (its own rate and ETA), then the manifest,
    last, only when every check passed. Any failure after the upload started aborts it:
    the uploaded objects are removed (a transient failure leaves them, unreferenced and
