@@ -1,0 +1,71 @@
+"""Tensor sources: what the engine-free converter reads checkpoint tensors from.
+
+This module is the contract between the parts of the engine-free path
+(``preshard.worker.planner`` plans each rank's tensors from vLLM's own weight loaders;
+``preshard.worker.shardwriter`` streams each rank's files from a ``TensorSource``):
+
+* a ``TensorSource`` presents a checkpoint as named tensors without holding it: their
+  dtypes and shapes (from the safetensors headers, read by range), the checkpoint's
+  non-weight files in a local directory (config.json, tokenizer, generation config), and
+  each tensor's values on request, read by range (local and PVC files, S3 ranged GETs,
+  ``hf://`` file by file, or a published preshard checkpoint's rank files through its
+  sharding metadata for a re-shard);
+* the planner gives, per rank, the same trace document the engine's ``preshard_raw``
+  loader writes (``preshard-trace-rank-{rank}.json``: ``writes``, ``sources``,
+  ``skippedSources``, ``aliases``, ``rank``, ``tpRank``, ``ppRank``,
+  ``tensorParallelSize``, ``pipelineParallelSize``, ``saved`` in file order), so the
+  writer and the verifier treat both paths alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One checkpoint tensor, as its safetensors header describes it."""
+
+    name: str
+    dtype: str  # safetensors dtype: "BF16", "F16", "F32", "F8_E4M3", "I32", "U8", ...
+    shape: tuple[int, ...]
+    file: str  # the file (relative to the checkpoint) that holds it
+
+    @property
+    def nbytes(self) -> int:
+        from preshard.core.sharding import numel
+
+        return numel(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F8_E8M0": 1, "F4": 1,
+}  # fmt: skip
+
+
+class TensorSource(Protocol):
+    """A checkpoint read tensor by tensor, never held whole."""
+
+    uri: str
+
+    def prepare(self, work_dir: Path) -> Path:
+        """Copy the non-weight files (config.json, tokenizer, ...) into a local directory
+        under ``work_dir`` and return it (the planner builds the model from it)."""
+        ...
+
+    def tensors(self) -> list[TensorInfo]:
+        """Every checkpoint tensor, in the order vLLM's weights iterator yields them."""
+        ...
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor's values on the CPU, in its own dtype and shape."""
+        ...
+
+    def close(self) -> None: ...
