@@ -52,6 +52,11 @@ QUANTIZATIONS: tuple[str, ...] = (
     "inc",
 )
 DTYPES: tuple[str, ...] = ("auto", "float16", "bfloat16", "float32")
+# How the rank files are made: "none" plans them from vLLM's weight loaders on the meta
+# device and streams them from the source (no engine, no accelerator); "vllm" runs a vLLM
+# engine at the target parallelism; "auto" is "none" whenever the planner supports the
+# model, else "vllm". Both write the same bytes (stateFormat raw).
+ENGINES: tuple[str, ...] = ("auto", "none", "vllm")
 MAX_PARALLEL = 1024  # the CRD's maximum tensorParallelSize / pipelineParallelSize
 DEFAULT_MAX_FILE_SIZE = 5 * 2**30
 
@@ -78,6 +83,12 @@ def check_quantization(value: str | None) -> str | None:
 def check_dtype(value: str) -> str:
     if value not in DTYPES:
         raise SpecError(f"unknown dtype {value!r}; supported: {', '.join(DTYPES)}")
+    return value
+
+
+def check_engine(value: str) -> str:
+    if value not in ENGINES:
+        raise SpecError(f"unknown engine {value!r}; supported: {', '.join(ENGINES)}")
     return value
 
 
@@ -185,9 +196,11 @@ class ConversionPlan:
     owner: str | None = None  # namespace/name/uid recorded in the manifest
     identity: str | None = None  # preshard.core.identity, recorded in the manifest
     state_format: str = STATE_RAW
+    engine: str = "auto"  # ENGINES
 
     def __post_init__(self) -> None:
         check_quantization(self.quantization)
+        check_engine(self.engine)
         check_dtype(self.dtype)
         check_max_file_size(self.max_file_size)
         if self.state_format not in STATE_FORMATS:
@@ -258,6 +271,8 @@ class ConversionPlan:
             argv += ["--owner", self.owner]
         if self.identity:
             argv += ["--identity", self.identity]
+        if self.engine != "auto":
+            argv += ["--engine", self.engine]
         return argv
 
     @classmethod
@@ -292,6 +307,7 @@ class ConversionPlan:
             verify=bool(ns.verify),
             owner=ns.owner or None,
             identity=ns.identity or None,
+            engine=check_engine(getattr(ns, "engine", None) or "auto"),
         )
 
     # -- what a published checkpoint says about itself
@@ -373,4 +389,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="conversion identity recorded in the manifest (sha256:..., computed by the "
         "operator from the preflight; lets a re-applied resource adopt the checkpoint)",
+    )
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=ENGINES,
+        help="none: plan the rank files from vLLM's weight loaders and stream them from the "
+        "source (no engine, no accelerator); vllm: run a vLLM engine at the target "
+        "parallelism; auto (default): none whenever the planner supports the model",
     )
