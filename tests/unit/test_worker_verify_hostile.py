@@ -179,10 +179,10 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str, str]] = {
         "ranks[0].tensors[w].writes[0].dst",
         "lies outside the tensor",
     ),
-    "huge-stride-single-element": (
-        lambda d: _w(d, "w").update(src=[0, [10**15, 1], [1, 16]], dst=[0, [10**15, 1], [1, 16]]),
+    "huge-stride": (
+        lambda d: _w(d, "w").update(src=[0, [10**15, 1], [2, 8]], dst=[0, [10**15, 1], [2, 8]]),
         "ranks[0].tensors[w].writes[0].dst",
-        "stride is larger than the tensor",
+        "lies outside the tensor",
     ),
     "int-beyond-int64": (
         lambda d: _w(d, "w").update(dst=[2**64, [4, 1], [4, 4]]),
@@ -313,6 +313,7 @@ def test_region_and_fill_bounds() -> None:
     check_region([0, [1, 4], [4, 4]], 16, "f", "outside")  # transposed
     check_region([1, [8, 2], [2, 4]], 16, "f", "outside")  # every other column
     check_region([99, [1], [0]], 16, "f", "outside")  # empty: nothing read or written
+    check_region([0, [10**15, 1], [1, 16]], 16, "f", "outside")  # a length-1 dim's stride
     for bad in ([0, [2, 1], [4, 4]], [0, [4, 0], [4, 2]], [13, [4, 1], [1, 4]]):
         with pytest.raises(ShardingError) as exc:
             check_region(bad, 16, "f", "outside")

@@ -299,8 +299,10 @@ def _region(value: Any, field: str) -> list[Any]:
 def check_region(
     region: list[Any], size: int, field: str, what: str, *, overlapping: bool = False
 ) -> None:
-    """Every element of a region lies inside a tensor of ``size`` elements: the offset,
-    every stride and the last element (``offset + sum((n-1)*stride)``) below ``size``.
+    """Every element of a region lies inside a tensor of ``size`` elements: the offset
+    and the last element (``offset + sum((n-1)*stride)``) below ``size`` (so is every
+    stride of a dimension longer than 1; the stride of a dimension of length 1 is never
+    used, and parsing bounds it below 2**62).
     Unless ``overlapping`` (a source region may broadcast one element, stride 0), two
     elements of the region never share a location, so the region holds at most ``size``
     elements: the verifier's buffers stay as small as the tensors themselves."""
@@ -309,8 +311,6 @@ def check_region(
         return
     if offset >= size or region_last(offset, strides, shape) >= size:
         raise _bad(field, f"{what} (tensor of {size} elements)")
-    if any(s > size for s in strides):
-        raise _bad(field, f"a stride is larger than the tensor ({size} elements)")
     if overlapping:
         return
     extent = 0  # the last element reached by the dimensions taken so far
