@@ -53,6 +53,7 @@ NO_CLAIM_REASONS = frozenset(
         "UnsupportedQuantization",
         "InsufficientCPU",
         "InsufficientMemory",
+        "InvalidModelConfig",
     }
 )
 
