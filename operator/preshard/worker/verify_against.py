@@ -162,10 +162,11 @@ def rank_files(checkpoint: Path, rank: int, tp: int, pp: int) -> list[Path]:
 def _bits(t: Any) -> Any:
     import torch
 
-    t = t.contiguous()
     if t.dtype == torch.bool:
-        return t.view(torch.uint8)
-    return t.view(getattr(torch, _INT_VIEW[t.element_size()]))
+        return t.contiguous().view(torch.uint8)
+    if t.element_size() not in _INT_VIEW:
+        raise VerificationFailed(f"tensors of dtype {t.dtype} cannot be compared bit for bit")
+    return t.contiguous().view(getattr(torch, _INT_VIEW[t.element_size()]))
 
 
 def _first_difference(a: Any, b: Any) -> int:
@@ -365,8 +366,9 @@ def invalid_metadata(exc: ShardingError) -> VerificationFailed:
     """The permanent error for sharding metadata that is malformed or out of bounds
     (reason InvalidShardingMetadata), naming the field that is wrong."""
     field = f" (field {exc.field})" if exc.field else ""
+    problem = str(exc).removeprefix(f"{exc.field}: ") if exc.field else str(exc)
     return VerificationFailed(
-        f"InvalidShardingMetadata: {SHARDING_NAME}{field}: {exc}",
+        f"InvalidShardingMetadata: {SHARDING_NAME}{field}: {problem}",
         reason="InvalidShardingMetadata",
     )
 
