@@ -51,13 +51,17 @@ def operator_pf(k8s_api: K8s, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def findings(config: str = "{}") -> str:
-    """A genuine preflight result: source pinned, output prefix empty."""
-    digest = "sha256:" + "1" * 64
-    return (
-        '{"result":"Succeeded","artifact":{"kind":"preflight","source":{"uri":'
-        '"s3://models/llama/","digest":"%s"},"vllmVersion":"0.32.0","config":%s,'
-        '"output":{"state":"empty","objects":0,"overlapping":[]}}}' % (digest, config)
-    )
+    """A genuine preflight result: source pinned, output prefix empty; ``config`` is
+    spliced in as raw JSON text (numbers no Python json would write)."""
+    artifact = {
+        "kind": "preflight",
+        "source": {"uri": "s3://models/llama/", "digest": "sha256:" + "1" * 64},
+        "vllmVersion": "0.32.0",
+        "config": "CONFIG",
+        "output": {"state": "empty", "objects": 0, "overlapping": []},
+    }
+    text = json.dumps({"result": "Succeeded", "artifact": artifact})
+    return text.replace('"CONFIG"', config)
 
 
 def spec(name: str) -> dict[str, Any]:
@@ -130,7 +134,7 @@ def test_a_forged_pod_never_decides_the_step(
             "nests deeper",
             id="nested-3.8KiB",
         ),
-        pytest.param(findings('{"hidden_size":%s}' % ("9" * 300)), "300 digits", id="huge-int"),
+        pytest.param(findings('{"hidden_size":' + "9" * 300 + "}"), "300 digits", id="huge-int"),
         pytest.param(findings('{"rope_theta":1e400}'), "not finite", id="huge-float"),
         pytest.param(
             json.dumps({"result": "Failed", "reason": "X", "message": "m" * 5000}),
