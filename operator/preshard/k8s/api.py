@@ -223,18 +223,14 @@ class KubeApi:
         ``owner_uid``). False, and nothing written, when one of that name belongs to
         something else: never overwrite a ConfigMap this resource does not own."""
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        # create first: a new resource's ConfigMap costs one request (a 409 reads it)
         try:
-            current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
+            self.core.create_namespaced_config_map(ns, body)
+            return True
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status != 409:
                 raise
-            try:
-                self.core.create_namespaced_config_map(ns, body)
-                return True
-            except ApiException as exc2:
-                if exc2.status != 409:
-                    raise
-                current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
+        current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
         refs = (current.get("metadata") or {}).get("ownerReferences") or []
         if not any(r.get("uid") == owner_uid for r in refs):
             return False
