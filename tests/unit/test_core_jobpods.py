@@ -219,11 +219,28 @@ def test_an_oversized_message_is_an_invalid_result() -> None:
         ({"manifestSha256": "a" * 63}, "artifact.manifestSha256"),
         ({"vllmVersion": {"x": 1}}, "artifact.vllmVersion"),
         ({"uri": "u" * 1025}, "artifact.uri"),
+        ({"origin": "s3://x/"}, "artifact.origin"),
+        ({"origin": {"uri": "s3://x/", "manifestSha256": "a" * 64, "x": 1}}, "artifact.origin"),
+        ({"origin": {"uri": 7, "manifestSha256": "a" * 64}}, "artifact.origin.uri"),
+        ({"origin": {"uri": "s3://x/", "manifestSha256": "z"}}, "artifact.origin.manifestSha256"),
     ],
 )
 def test_a_mistyped_artifact_is_an_invalid_result(artifact: Any, field: str) -> None:
     text = json.dumps({"result": "Succeeded", "artifact": artifact})
     assert field in _invalid(text)
+
+
+def test_a_well_typed_copy_artifact_is_kept() -> None:
+    artifact = {
+        "uri": "s3://out/x/",
+        "files": 3,
+        "totalBytes": 300,
+        "manifestSha256": "a" * 64,
+        "origin": {"uri": "s3://out/y/", "manifestSha256": "b" * 64},
+        "config": {"anything": [1, 2.5, "x"]},
+    }
+    res = Result.from_message(json.dumps({"result": "Succeeded", "artifact": artifact}))
+    assert res is not None and res.artifact == artifact
 
 
 def test_a_log_tail_is_no_result() -> None:

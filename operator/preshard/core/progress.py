@@ -470,4 +470,13 @@ def artifact_problem(artifact: dict[str, Any]) -> str | None:
         v = artifact.get(k)
         if v is not None and not (isinstance(v, str) and len(v) <= 1024):
             return f"artifact.{k} is not a string of at most 1024 characters"
+    origin = artifact.get("origin")  # a copy's: becomes status.origin
+    if origin is not None:
+        if not isinstance(origin, dict) or set(origin) - {"uri", "manifestSha256"}:
+            return "artifact.origin is not an object of uri and manifestSha256"
+        uri, sha = origin.get("uri"), origin.get("manifestSha256")
+        if not (isinstance(uri, str) and len(uri) <= 1024):
+            return "artifact.origin.uri is not a string of at most 1024 characters"
+        if not (isinstance(sha, str) and _SHA256.match(sha)):
+            return "artifact.origin.manifestSha256 is not 64 lowercase hex digits"
     return None
