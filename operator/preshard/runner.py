@@ -55,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     # default registry adds this itself, an explicit registry needs it said.
     kopf.on.login(registry=registry)(kopf.login_via_client)
     handlers.register(
-        registry, poll_seconds=config.progress_poll_seconds, retry_seconds=config.retry_seconds
+        registry,
+        poll_seconds=config.progress_poll_seconds,
+        retry_seconds=config.retry_seconds,
+        step_retry_seconds=config.step_retry_seconds,
     )
 
     @kopf.on.startup(registry=registry)

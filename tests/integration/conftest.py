@@ -136,8 +136,12 @@ class K8s:
         self.batch.patch_namespaced_job_status(name, ns, {"status": status})
 
     def create_pod(self, ns: str, job: dict[str, Any], suffix: str = "a") -> str:
+        """A pod as the Job controller creates it: the Job's labels, its controller
+        ownerReference and the template's container."""
         jname = job["metadata"]["name"]
         name = f"{jname}-{suffix}"
+        tmpl = job["spec"]["template"]["spec"]["containers"][0]
+        container = {k: tmpl[k] for k in ("name", "image", "command", "args") if k in tmpl}
         pod = {
             "metadata": {
                 "name": name,
@@ -148,15 +152,39 @@ class K8s:
                         "kind": "Job",
                         "name": jname,
                         "uid": job["metadata"]["uid"],
+                        "controller": True,
+                        "blockOwnerDeletion": True,
                     }
                 ],
             },
-            "spec": {"containers": [{"name": "convert", "image": "x"}]},
+            "spec": {"containers": [container]},
         }
         self.core.create_namespaced_pod(ns, pod)
         return name
 
+    def create_forged_pod(
+        self, ns: str, job: dict[str, Any], name: str, owner_uid: str | None = None
+    ) -> str:
+        """What a tenant who may create pods can do: a pod with the Job's labels (and,
+        with ``owner_uid``, an ownerReference to that uid) running its own image."""
+        jname = job["metadata"]["name"]
+        meta: dict[str, Any] = {
+            "name": name,
+            "labels": {"job-name": jname, "batch.kubernetes.io/job-name": jname,
+                       "controller-uid": job["metadata"]["uid"]},
+        }  # fmt: skip
+        if owner_uid is not None:
+            meta["ownerReferences"] = [
+                {"apiVersion": "batch/v1", "kind": "Job", "name": jname, "uid": owner_uid,
+                 "controller": True},
+            ]  # fmt: skip
+        container = job["spec"]["template"]["spec"]["containers"][0]["name"]
+        body = {"metadata": meta, "spec": {"containers": [{"name": container, "image": "evil"}]}}
+        self.core.create_namespaced_pod(ns, body)
+        return name
+
     def set_pod_terminated(self, ns: str, pod: str, exit_code: int, message: str) -> None:
+        container = self.core.read_namespaced_pod(pod, ns).spec.containers[0].name
         self.core.patch_namespaced_pod_status(
             pod,
             ns,
@@ -165,7 +193,7 @@ class K8s:
                     "phase": "Succeeded" if exit_code == 0 else "Failed",
                     "containerStatuses": [
                         {
-                            "name": "convert",
+                            "name": container,
                             "image": "x",
                             "imageID": "",
                             "ready": False,

@@ -672,3 +672,41 @@ def test_metrics_and_rbac(k8s_api: K8s, operator: Operator) -> None:
     assert ("jobs", "create") in made and ("shardedcheckpoints/status", "patch") in made
     assert made <= allowed, f"calls not allowed by required_rbac: {made - allowed}"
     assert SECRET_VALUE not in operator.logs()
+
+
+@pytest.mark.parametrize("forgery", ["label-only", "other-uid"])
+def test_a_forged_pod_never_sets_the_artifact_or_the_serving_pin(
+    k8s_api: K8s, operator: Operator, ns: str, forgery: str
+) -> None:
+    """Issue 18, the conversion: the genuine pod published manifest A; a newer pod a
+    tenant created with the Job's labels (and, in the second case, a controller
+    ownerReference to another uid) claims manifest F. status.artifact and the serving
+    ConfigMap's pin (MANIFEST_SHA256) are A's."""
+    name = f"pin-{forgery}"
+    k8s_api.create_checkpoint(ns, name, spec())
+    (job,) = k8s_api.wait_jobs(ns, label_selector=f"preshard.io/checkpoint={name}")
+    genuine = k8s_api.create_pod(ns, job, "genuine")
+    k8s_api.set_pod_terminated(ns, genuine, 0, Result("Succeeded", artifact=ARTIFACT).to_message())
+    time.sleep(1.1)  # creationTimestamp has 1 s resolution: the forgery is the newest pod
+    forged_sha = "f" * 64
+    forged = k8s_api.create_forged_pod(
+        ns, job, "zz-forged", owner_uid=None if forgery == "label-only" else "other-uid"
+    )
+    message = Result("Succeeded", artifact={**ARTIFACT, "manifestSha256": forged_sha})
+    k8s_api.set_pod_terminated(ns, forged, 0, message.to_message())
+    finish = {
+        "startTime": "2026-01-01T00:00:00Z",
+        "completionTime": "2026-01-01T00:05:00Z",
+        "succeeded": 1,
+        "conditions": [
+            {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
+            {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
+        ],
+    }
+    k8s_api.set_job_status(ns, job["metadata"]["name"], finish)
+    k8s_api.wait_condition(ns, name, "True", "Published")
+    status = (k8s_api.checkpoint(ns, name) or {})["status"]
+    assert status["artifact"]["manifestSha256"] == ARTIFACT["manifestSha256"]
+    cm = k8s_api.core.read_namespaced_config_map(f"{name}-serving", ns).data
+    assert cm["MANIFEST_SHA256"] == ARTIFACT["manifestSha256"]
+    assert forged_sha not in json.dumps(status) and forged_sha not in json.dumps(cm)

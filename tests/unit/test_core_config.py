@@ -25,6 +25,7 @@ DEFAULTS = {
     "liveness_endpoint": "http://0.0.0.0:8081/healthz",
     "progress_poll_seconds": 10.0,
     "retry_seconds": 10.0,
+    "step_retry_seconds": 300.0,
     "preflight": True,
     "work_dir_size": "200Gi",
     "default_node_selector": (),
@@ -108,6 +109,7 @@ FULL_ENV = {
     "PRESHARD_LIVENESS_ENDPOINT": "http://0.0.0.0:9091/healthz",
     "PRESHARD_PROGRESS_POLL_SECONDS": "2.5",
     "PRESHARD_RETRY_SECONDS": "4",
+    "PRESHARD_STEP_RETRY_SECONDS": "120",
     "PRESHARD_PREFLIGHT": "0",
     "PRESHARD_WORK_DIR_SIZE": "500Gi",
     "PRESHARD_CONVERTER_NODE_SELECTOR": '{"gpu.example.com/class": "h100", "a": "b", "n": "1"}',
@@ -145,6 +147,7 @@ def test_from_env_reads_every_variable() -> None:
         "liveness_endpoint": "http://0.0.0.0:9091/healthz",
         "progress_poll_seconds": 2.5,
         "retry_seconds": 4.0,
+        "step_retry_seconds": 120.0,
         "preflight": False,
         "work_dir_size": "500Gi",
         # sorted by key

@@ -205,12 +205,20 @@ def test_result_short_messages_are_not_truncated() -> None:
     assert Result.from_message(res.to_message()) == res
 
 
-@pytest.mark.parametrize(
-    "text",
-    [None, "", "not json", "[]", '"Succeeded"', '{"result":"Maybe"}', '{"reason":"X"}', "null"],
-)
-def test_result_from_message_rejects_garbage(text: str | None) -> None:
+@pytest.mark.parametrize("text", [None, "", "not json", '"Succeeded"', "null", "Traceback (most"])
+def test_result_from_message_no_result(text: str | None) -> None:
+    """No message, or one that is not JSON at all (the log tail the kubelet records with
+    FallbackToLogsOnError): no result, the Job's own outcome stands."""
     assert Result.from_message(text) is None
+
+
+@pytest.mark.parametrize("text", ["[]", '{"result":"Maybe"}', '{"reason":"X"}', "{not json"])
+def test_result_from_message_rejects_garbage(text: str) -> None:
+    """JSON that is not a Result: a failure with reason InvalidResult (issue 18: tenant
+    input is never trusted, and never silently taken for a missing result)."""
+    res = Result.from_message(text)
+    assert res is not None and res.result == "Failed" and res.reason == "InvalidResult"
+    assert res.artifact is None
 
 
 def test_result_from_message_normalises_fields() -> None:

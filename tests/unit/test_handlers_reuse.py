@@ -80,10 +80,11 @@ class Fake:
     def get_job(self, ns: str, name: str) -> dict[str, Any] | None:
         return self.jobs.get(name)
 
-    def newest_pod(self, ns: str, job: str) -> dict[str, Any] | None:
-        return {"job": job} if job in self.jobs else None
+    def job_pod(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        name = job["metadata"]["name"]
+        return {"job": name} if name in self.jobs else None
 
-    def termination_result(self, pod: dict[str, Any] | None) -> Result | None:
+    def termination_result(self, pod: dict[str, Any] | None, job: dict[str, Any]) -> Result | None:
         if pod is None:
             return None
         return self.outcomes.get(self.component(self.jobs[pod["job"]]), ({}, None))[1]

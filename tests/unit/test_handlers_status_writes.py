@@ -66,7 +66,7 @@ def rec(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
     r.api = SimpleNamespace(
         patch_checkpoint_status=r.patch,
-        newest_pod=no_pod_reads,
+        job_pod=no_pod_reads,
         pod_progress=no_pod_reads,
         termination_result=termination_result,
     )

@@ -101,16 +101,20 @@ def registered(registry: kopf.OperatorRegistry) -> dict[str, Any]:
 def test_handlers_are_registered_with_the_configured_intervals_and_stable_ids() -> None:
     registry = kopf.OperatorRegistry()
     config = OperatorConfig.from_env({"PRESHARD_PROGRESS_POLL_SECONDS": "2.5"})
-    handlers.register(registry, poll_seconds=config.progress_poll_seconds, retry_seconds=7)
+    handlers.register(
+        registry, poll_seconds=config.progress_poll_seconds, retry_seconds=7, step_retry_seconds=240
+    )
     found = registered(registry)
     # kopf keeps handler ids in its progress annotations: a renamed handler would re-run
     assert set(found) == {
         "outputs", "checkpoints", "identities", "on_change", "on_change/spec",
         "retry_waiting", "poll_progress", "on_job_event", "on_gone", "on_delete",
-        "on_step_job_event",
+        "on_step_job_event", "jobs", "retry_steps",
     }  # fmt: skip
     assert (found["poll_progress"].interval, found["poll_progress"].initial_delay) == (2.5, 1.25)
     assert (found["retry_waiting"].interval, found["retry_waiting"].initial_delay) == (7, 3.5)
+    # a step's Job is followed by its watch events; the timer is a safety net of minutes
+    assert (found["retry_steps"].interval, found["retry_steps"].initial_delay) == (240, 240)
     assert kopf.get_default_registry() is not registry
     assert "on_change" not in registered(kopf.get_default_registry())  # nothing at import
 

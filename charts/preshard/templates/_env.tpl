@@ -32,6 +32,8 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
   value: {{ .Values.converter.progressPollSeconds | int | toString | quote }}
 - name: PRESHARD_RETRY_SECONDS
   value: {{ .Values.converter.retrySeconds | int | toString | quote }}
+- name: PRESHARD_STEP_RETRY_SECONDS
+  value: {{ .Values.converter.stepRetrySeconds | int | toString | quote }}
 - name: PRESHARD_PREFLIGHT
   value: {{ ternary "1" "0" .Values.converter.preflight | quote }}
 - name: PRESHARD_WORK_DIR_SIZE

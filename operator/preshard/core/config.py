@@ -45,6 +45,9 @@ class OperatorConfig:
     progress_poll_seconds: float = 10.0
     # how often resources that wait (a busy prefix, a missing Secret) are re-checked
     retry_seconds: float = 10.0
+    # how often a resource whose step Job (preflight, adopt, copy, withdraw) has not
+    # finished is re-checked: a safety net only, the steps advance on their Jobs' events
+    step_retry_seconds: float = 300.0
     # PRESHARD_PREFLIGHT=0: convert at once, without the preflight/adopt/copy steps
     preflight: bool = True
     work_dir_size: str = "200Gi"
@@ -269,6 +272,7 @@ class OperatorConfig:
                 "PRESHARD_PROGRESS_POLL_SECONDS", base.progress_poll_seconds
             ),
             retry_seconds=number("PRESHARD_RETRY_SECONDS", base.retry_seconds),
+            step_retry_seconds=number("PRESHARD_STEP_RETRY_SECONDS", base.step_retry_seconds),
             preflight=(get("PRESHARD_PREFLIGHT") or ("1" if base.preflight else "0")) != "0",
             work_dir_size=work,
             default_node_selector=tuple(sorted(node_selector.items())),

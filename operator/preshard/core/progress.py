@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -220,7 +221,9 @@ def parse_progress_line(line: str) -> ProgressRecord | None:
     if idx < 0:
         return None
     try:
-        data = json.loads(line[idx + len(PROGRESS_PREFIX) :])
+        data = bounded_json(line[idx + len(PROGRESS_PREFIX) :], MAX_LINE_BYTES, finite=False)
+        if not isinstance(data, dict):
+            return None
         stage = data["stage"]
         if stage not in STAGES:
             return None
@@ -304,21 +307,176 @@ class Result:
 
     @classmethod
     def from_message(cls, text: str | None) -> Result | None:
-        if not text:
+        """The Result in a termination message, parsed as tenant input (:func:`bounded_json`,
+        :func:`artifact_problem`): None when there is no message (or one that is not JSON
+        at all: a log tail); a malformed one (too
+        large, too deep, a huge number, not a Result) becomes a Failed Result with reason
+        ``InvalidResult`` and what was wrong, never an exception."""
+        if not text or text.lstrip()[:1] not in ("{", "["):
+            # nothing, or the log tail the kubelet records for a container that wrote no
+            # message (FallbackToLogsOnError): no result, the Job's own outcome stands
             return None
         try:
-            data = json.loads(text)
-        except ValueError:
-            return None
+            data = bounded_json(text, MAX_RESULT_BYTES)
+        except UntrustedJsonError as exc:
+            return invalid_result(str(exc))
         if not isinstance(data, dict) or data.get("result") not in ("Succeeded", "Failed"):
-            return None
+            return invalid_result('it is not an object with "result": "Succeeded" or "Failed"')
         artifact = data.get("artifact")
+        if not isinstance(artifact, dict):
+            if data["result"] == "Succeeded" and artifact is not None:
+                return invalid_result('"artifact" is not an object')
+            artifact = None  # a failure's artifact is not read
+        problem = artifact_problem(artifact) if artifact else None
+        if problem is not None:
+            return invalid_result(problem)
         verification = data.get("verification")
         return cls(
             result=data["result"],
-            reason=str(data["reason"]) if data.get("reason") else None,
-            message=str(data["message"]) if data.get("message") else None,
-            artifact=artifact if isinstance(artifact, dict) else None,
+            reason=_scalar(data.get("reason")),
+            message=_scalar(data.get("message")),
+            artifact=artifact or None,
             stages=_clean_stage_seconds(data.get("stages")) or None,
             verification=verification if isinstance(verification, dict) else None,
         )
+
+
+# ------------------------------------------------------------ untrusted JSON (tenant input)
+
+INVALID_RESULT = "InvalidResult"
+# A termination message larger than the kubelet's own cap (4096 bytes per container)
+# cannot come from a kubelet.
+MAX_RESULT_BYTES = TERMINATION_MESSAGE_LIMIT
+# The deepest a preshard record nests is 4 (result > artifact > output > manifest);
+# config.json's quantization_config one or two more.
+MAX_JSON_DEPTH = 12
+# Integers preshard reports are sizes, counts and config values: all fit an int64.
+MAX_INT = 2**63 - 1
+MAX_LINE_BYTES = 8192  # one progress line
+
+
+class UntrustedJsonError(ValueError):
+    """JSON from a pod refused before or while parsing (the message says why)."""
+
+
+def _depth_exceeds(text: str, limit: int) -> bool:
+    """Whether arrays/objects in ``text`` nest deeper than ``limit`` (a scan outside
+    strings, before any parser recurses)."""
+    depth, in_str, esc = 0, False, False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _parse_int(s: str) -> int:
+    if len(s) > 20:  # before int(): never convert a long digit string
+        raise UntrustedJsonError(f"a number has {len(s)} digits (at most 19)")
+    v = int(s)
+    if abs(v) > MAX_INT:
+        raise UntrustedJsonError("a number exceeds the int64 range")
+    return v
+
+
+def _parse_float(s: str) -> float:
+    if len(s) > 64:
+        raise UntrustedJsonError(f"a number is {len(s)} characters long (at most 64)")
+    v = float(s)
+    if not math.isfinite(v) or abs(v) > MAX_INT:
+        raise UntrustedJsonError("a number is not finite or exceeds the int64 range")
+    return v
+
+
+def _refuse_constant(s: str) -> Any:
+    raise UntrustedJsonError(f"{s} is not a JSON number")
+
+
+def _lenient_float(s: str) -> float:
+    if len(s) > 64:
+        raise UntrustedJsonError(f"a number is {len(s)} characters long (at most 64)")
+    return float(s)
+
+
+def bounded_json(
+    text: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH, *, finite: bool = True
+) -> Any:
+    """``json.loads`` for text a pod wrote: at most ``max_bytes`` (UTF-8), nesting at
+    most ``max_depth``, integers within int64, and (``finite``) finite floats within
+    int64's range and no NaN/Infinity (else the caller drops non-finite values itself).
+    Raises UntrustedJsonError (and only that) with what was wrong."""
+    if len(text) > max_bytes or len(text.encode("utf-8", errors="replace")) > max_bytes:
+        raise UntrustedJsonError(f"it is larger than {max_bytes} bytes")
+    if _depth_exceeds(text, max_depth):
+        raise UntrustedJsonError(f"it nests deeper than {max_depth} levels")
+    try:
+        return json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float if finite else _lenient_float,
+            parse_constant=_refuse_constant if finite else float,
+        )
+    except UntrustedJsonError:
+        raise
+    except (ValueError, RecursionError, MemoryError, OverflowError, TypeError) as exc:
+        raise UntrustedJsonError(f"it is not valid JSON ({type(exc).__name__})") from None
+
+
+def _scalar(v: Any) -> str | None:
+    """A reason or message: a non-empty string (numbers as text), else None."""
+    if isinstance(v, bool) or not isinstance(v, str | int | float) or v == "":
+        return None
+    return str(v)
+
+
+def invalid_result(why: str) -> Result:
+    return Result(
+        result="Failed",
+        reason=INVALID_RESULT,
+        message=f"the Job's pod wrote a termination message that is not a valid result: {why}",
+    )
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_ARTIFACT_INTS = ("files", "totalBytes", "tensorParallelSize", "pipelineParallelSize")
+_ARTIFACT_TEXTS = ("uri", "manifestUri", "vllmVersion", "stateFormat", "kind")
+
+
+def artifact_problem(artifact: dict[str, Any]) -> str | None:
+    """What is wrong with the typed fields of a result's artifact (None: nothing). Fields
+    the operator copies into status or serving must have their types: counts and sizes
+    non-negative integers, the manifest digest 64 lowercase hex digits, names short
+    strings; others are the step's own to check (core.decide.parse_preflight)."""
+    for k in _ARTIFACT_INTS:
+        v = artifact.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            return f"artifact.{k} is not a non-negative integer"
+    sha = artifact.get("manifestSha256")
+    if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
+        return "artifact.manifestSha256 is not 64 lowercase hex digits"
+    for k in _ARTIFACT_TEXTS:
+        v = artifact.get(k)
+        if v is not None and not (isinstance(v, str) and len(v) <= 1024):
+            return f"artifact.{k} is not a string of at most 1024 characters"
+    origin = artifact.get("origin")  # a copy's: becomes status.origin
+    if origin is not None:
+        if not isinstance(origin, dict) or set(origin) - {"uri", "manifestSha256"}:
+            return "artifact.origin is not an object of uri and manifestSha256"
+        uri, sha = origin.get("uri"), origin.get("manifestSha256")
+        if not (isinstance(uri, str) and len(uri) <= 1024):
+            return "artifact.origin.uri is not a string of at most 1024 characters"
+        if not (isinstance(sha, str) and _SHA256.match(sha)):
+            return "artifact.origin.manifestSha256 is not 64 lowercase hex digits"
+    return None

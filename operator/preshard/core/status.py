@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from preshard.core.progress import (
+    INVALID_RESULT,
     ProgressRecord,
     Result,
     status_stage_seconds,
@@ -383,6 +384,12 @@ def derive_status(
                     generation,
                     now,
                 )
+        elif result is not None and result.reason == INVALID_RESULT:
+            # the pod's message is malformed (core.progress.Result.from_message): failed
+            st["phase"] = FAILED
+            msg = f"{result.message} (Job {job_name}); nothing of it was used"
+            conds = set_condition(conds, PUBLISHED, "Unknown", INVALID_RESULT, msg, generation, now)
+            conds = set_condition(conds, READY, "False", INVALID_RESULT, msg, generation, now)
         else:
             st["phase"] = FAILED
             msg = (

@@ -8,6 +8,17 @@ import kopf
 from preshard.handlers import checkpoint, reuse
 
 
-def register(registry: kopf.OperatorRegistry, *, poll_seconds: float, retry_seconds: float) -> None:
-    checkpoint.register(registry, poll_seconds=poll_seconds, retry_seconds=retry_seconds)
+def register(
+    registry: kopf.OperatorRegistry,
+    *,
+    poll_seconds: float,
+    retry_seconds: float,
+    step_retry_seconds: float = 300.0,
+) -> None:
+    checkpoint.register(
+        registry,
+        poll_seconds=poll_seconds,
+        retry_seconds=retry_seconds,
+        step_retry_seconds=step_retry_seconds,
+    )
     reuse.register(registry)

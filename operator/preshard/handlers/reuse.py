@@ -38,10 +38,12 @@ def on_step_job_event(
     event: dict[str, Any],
     outputs: kopf.Index[Any, Any],
     identities: kopf.Index[str, Any],
+    checkpoints: kopf.Index[tuple[str, str], Any],
+    jobs: kopf.Index[tuple[str, str], Any],
     memo: Any,
     **_: Any,
 ) -> None:
-    reconcile.step_job_event(service(memo), event, outputs, identities)
+    reconcile.step_job_event(service(memo), event, outputs, identities, checkpoints, jobs)
 
 
 def register(registry: kopf.OperatorRegistry) -> None:

@@ -16,23 +16,28 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from preshard import GROUP, PLURAL, VERSION
+from preshard.core.jobpods import newest_owned_pod, owned_by_job, result_container_statuses
 from preshard.core.progress import ProgressRecord, Result, last_progress
 
 LOG_TAIL_LINES = 50
+LOG_LIMIT_BYTES = 64 * 1024  # the pod writes the log: never read more than this of it
 SECRET_SEEN_SECONDS = 10.0
 # A metadata-only read: the API server answers a PartialObjectMetadata (name, uid, labels,
 # ...) without the Secret's data (Kubernetes >= 1.15).
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
-def termination_result(pod: dict[str, Any] | None) -> Result | None:
-    """The worker's Result from the pod's termination message (current or last state)."""
-    if pod is None:
+def termination_result(pod: dict[str, Any] | None, job: dict[str, Any]) -> Result | None:
+    """The worker's Result from the termination message of the Job's container in
+    ``pod`` (current or last state), parsed as tenant input (a malformed message is a
+    Failed Result with reason InvalidResult, never an exception). Callers pass only a
+    pod of ``job``'s own (:meth:`KubeApi.job_pod`); any other pod gives None."""
+    if pod is None or not owned_by_job(pod, job):
         return None
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+    for cs in result_container_statuses(pod, job):
         for state_key in ("state", "lastState"):
             term = ((cs.get(state_key) or {}).get("terminated")) or None
-            if term and term.get("message"):
+            if isinstance(term, dict) and isinstance(term.get("message"), str) and term["message"]:
                 res = Result.from_message(term["message"])
                 if res is not None:
                     return res
@@ -71,8 +76,8 @@ class KubeApi:
         return dict(self.client.sanitize_for_serialization(obj))
 
     @staticmethod
-    def termination_result(pod: dict[str, Any] | None) -> Result | None:
-        return termination_result(pod)
+    def termination_result(pod: dict[str, Any] | None, job: dict[str, Any]) -> Result | None:
+        return termination_result(pod, job)
 
     # secrets
 
@@ -146,27 +151,34 @@ class KubeApi:
 
     # pods
 
-    def newest_pod(self, namespace: str, job_name: str) -> dict[str, Any] | None:
+    def job_pod(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The newest of the Job's OWN pods (:func:`preshard.core.jobpods.owned_by_job`:
+        its controller ownerReference is this Job, by uid, and it runs the Job's
+        container). The label selector only narrows the list: a pod that merely carries
+        the Job's labels is ignored."""
+        meta = job.get("metadata") or {}
+        ns, name = meta.get("namespace"), meta.get("name")
+        if not ns or not name:
+            return None
         # Raw JSON: only the fields we read, no client-side model validation.
         resp = self.core.list_namespaced_pod(
-            namespace, label_selector=f"job-name={job_name}", _preload_content=False
+            ns, label_selector=f"job-name={name}", _preload_content=False
         )
         try:
-            pods_d = [dict(p) for p in json.loads(resp.data).get("items") or []]
+            items = json.loads(resp.data).get("items") or []
         finally:
             resp.release_conn()
-        if not pods_d:
-            return None
-        pods_d.sort(
-            key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"])
-        )
-        return pods_d[-1]
+        return newest_owned_pod(items, job)
 
     def pod_progress(self, namespace: str, pod_name: str) -> ProgressRecord | None:
         try:
             # Raw bytes: the client's str deserialization of text/plain is not reliable.
             resp = self.core.read_namespaced_pod_log(
-                pod_name, namespace, tail_lines=LOG_TAIL_LINES, _preload_content=False
+                pod_name,
+                namespace,
+                tail_lines=LOG_TAIL_LINES,
+                limit_bytes=LOG_LIMIT_BYTES,
+                _preload_content=False,
             )
             try:
                 text = resp.data.decode("utf-8", errors="replace")
@@ -211,18 +223,14 @@ class KubeApi:
         ``owner_uid``). False, and nothing written, when one of that name belongs to
         something else: never overwrite a ConfigMap this resource does not own."""
         ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        # create first: a new resource's ConfigMap costs one request (a 409 reads it)
         try:
-            current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
+            self.core.create_namespaced_config_map(ns, body)
+            return True
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status != 409:
                 raise
-            try:
-                self.core.create_namespaced_config_map(ns, body)
-                return True
-            except ApiException as exc2:
-                if exc2.status != 409:
-                    raise
-                current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
+        current = self.to_dict(self.core.read_namespaced_config_map(name, ns))
         refs = (current.get("metadata") or {}).get("ownerReferences") or []
         if not any(r.get("uid") == owner_uid for r in refs):
             return False

@@ -44,6 +44,7 @@ from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 from preshard.service import errors, reuse
 from preshard.service.context import Service
+from preshard.service.jobs import ensure_job, find_job
 from preshard.service.serving import apply_serving
 from preshard.service.status import now
 
@@ -72,16 +73,26 @@ def _requested(svc: Service, spec: CheckpointSpec) -> str:
 
 
 def reconcile(
-    svc: Service, body: dict[str, Any], outputs_index: Any, identities_index: Any = None
+    svc: Service,
+    body: dict[str, Any],
+    outputs_index: Any,
+    identities_index: Any = None,
+    jobs_index: Any = None,
 ) -> None:
+    """``jobs_index``: the operator's Jobs by (namespace, name) (service.jobs); None asks
+    the API instead."""
     if body["metadata"].get("deletionTimestamp"):
         return
     with svc.status.lock(body["metadata"]["uid"]):
-        _reconcile(svc, body, outputs_index, identities_index)
+        _reconcile(svc, body, outputs_index, identities_index, jobs_index)
 
 
 def _reconcile(
-    svc: Service, body: dict[str, Any], outputs_index: Any, identities_index: Any = None
+    svc: Service,
+    body: dict[str, Any],
+    outputs_index: Any,
+    identities_index: Any = None,
+    jobs_index: Any = None,
 ) -> None:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
@@ -112,7 +123,7 @@ def _reconcile(
         # resource in conflict never gets further, whatever else is missing.
         failed_job = None
         if me is None and old.get("jobName"):
-            failed_job = api.get_job(ns, job_name(name, spec.conversion_hash()))
+            failed_job = find_job(svc, jobs_index, ns, job_name(name, spec.conversion_hash()))
         if failed_job is not None:
             sync(svc, body, spec, failed_job)
             return
@@ -145,11 +156,11 @@ def _reconcile(
         if svc.preflight and not old.get("jobName"):
             # preflight -> adopt | copy | refuse | convert, before any Job requests an
             # accelerator
-            go, identity = reuse.prepare(svc, body, spec, old, identities_index)
+            go, identity = reuse.prepare(svc, body, spec, old, identities_index, jobs=jobs_index)
             if not go:
                 return
         wanted = build_conversion_job(name, ns, uid, spec, config, identity=identity)
-        job, created = api.create_or_get_job(wanted)
+        job, created = ensure_job(svc, jobs_index, wanted)
         if not job_owned_by(job, uid):
             jname = (job.get("metadata") or {}).get("name")
             msg = f"a Job named {jname} exists but does not belong to this ShardedCheckpoint; delete it or rename this resource"
@@ -171,9 +182,10 @@ def _reconcile(
         sync(svc, body, spec, job, job_created=created_msg)
 
 
-def poll(svc: Service, body: dict[str, Any]) -> None:
+def poll(svc: Service, body: dict[str, Any], jobs_index: Any = None) -> None:
     """Progress lives in the pod log, and a pod waiting for the scheduler or the kubelet
-    changes only itself: neither changes the Job, so the timer polls them."""
+    changes only itself: neither changes the Job, so the timer polls them (the Job
+    itself from the index)."""
     if body["metadata"].get("deletionTimestamp"):
         return
     what = f"poll the progress of {body['metadata']['name']}"
@@ -181,7 +193,8 @@ def poll(svc: Service, body: dict[str, Any]) -> None:
         spec = parse_spec(dict(body.get("spec") or {}))
         with svc.status.lock(body["metadata"]["uid"]):
             jname = svc.status.known(body).get("jobName")
-            job = svc.api.get_job(body["metadata"]["namespace"], str(jname)) if jname else None
+            ns = body["metadata"]["namespace"]
+            job = find_job(svc, jobs_index, ns, str(jname)) if jname else None
             if job is not None:
                 sync(svc, body, spec, job)
 
@@ -201,8 +214,9 @@ def sync(
     jname = job["metadata"]["name"]
     outcome = st.job_outcome(job)
     # A Job that has not started has no pod worth reading (saves a request per resource).
-    pod = api.newest_pod(ns, jname) if outcome.phase != st.PENDING else None
-    result = api.termination_result(pod)
+    # Only the Job's own pods speak for it (core.jobpods.owned_by_job).
+    pod = api.job_pod(job) if outcome.phase != st.PENDING else None
+    result = api.termination_result(pod, job)
     # an active Job's pod may wait for the scheduler or the kubelet (no log to read then)
     problem = st.pod_problem(pod) if outcome.phase == st.RUNNING else None
     progress = None
@@ -283,10 +297,17 @@ def job_event(svc: Service, event: dict[str, Any], checkpoints_index: Any) -> No
 
 
 def step_job_event(
-    svc: Service, event: dict[str, Any], outputs_index: Any, identities_index: Any
+    svc: Service,
+    event: dict[str, Any],
+    outputs_index: Any,
+    identities_index: Any,
+    checkpoints_index: Any = None,
+    jobs_index: Any = None,
 ) -> None:
-    """A preflight/adopt/copy/withdraw Job changed: reconcile its resource (read again:
-    the step's result decides what comes next)."""
+    """A preflight/adopt/copy/withdraw Job changed: reconcile its resource (the step's
+    result decides what comes next). The resource comes from the checkpoints index (no
+    read per Job event; its status may predate our last write, which the status writer
+    prefers), the Job from the event and the Jobs index."""
     if event.get("type") == "DELETED":
         return
     meta = (event.get("object") or {}).get("metadata") or {}
@@ -296,9 +317,19 @@ def step_job_event(
     if not ns or not owner:
         return
     with errors.logged(f"update {ns}/{owner} from its Job", count=False):
-        body = svc.api.get_checkpoint(ns, owner)
+        if checkpoints_index is not None:
+            body = next(
+                (
+                    dict(b)
+                    for b in checkpoints_index.get((ns, owner), ())
+                    if b["metadata"]["uid"] == annotations.get(ANNOTATION_OWNER_UID)
+                ),
+                None,
+            )
+        else:
+            body = svc.api.get_checkpoint(ns, owner)
         if body is None or (body.get("metadata") or {}).get("uid") != annotations.get(
             ANNOTATION_OWNER_UID
         ):
             return
-        reconcile(svc, body, outputs_index, identities_index)
+        reconcile(svc, body, outputs_index, identities_index, jobs_index)

@@ -37,10 +37,12 @@ from preshard.core.jobs import (
     output_endpoint,
 )
 from preshard.core.naming import serving_configmap_name
+from preshard.core.progress import INVALID_RESULT
 from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec
 from preshard.service import events
 from preshard.service.context import Service
+from preshard.service.jobs import ensure_job, find_job
 from preshard.service.serving import apply_serving
 from preshard.service.status import now
 
@@ -66,10 +68,19 @@ def _alive(svc: Service, owner: str) -> bool:
 
 
 def prepare(
-    svc: Service, body: dict[str, Any], spec: CheckpointSpec, old: dict[str, Any], index: Any
+    svc: Service,
+    body: dict[str, Any],
+    spec: CheckpointSpec,
+    old: dict[str, Any],
+    index: Any,
+    *,
+    jobs: Any = None,
 ) -> tuple[bool, str | None]:
     """Run the steps before a conversion. (True, identity): create the conversion Job
-    now; (False, None): handled (status written), nothing more to do in this pass."""
+    now; (False, None): handled (status written), nothing more to do in this pass.
+
+    ``jobs``: the operator's Jobs index (service.jobs): a step's Job is read there and
+    never created twice; None asks the API."""
     if ps.is_done(old):
         gen = body["metadata"].get("generation")
         if old.get("observedGeneration") != gen:
@@ -81,10 +92,10 @@ def prepare(
         return True, old.get("identity")
     ns = body["metadata"]["namespace"]
     if step in ("Adopt", "Copy", "Withdraw") and decision.get("jobName"):
-        job = svc.api.get_job(ns, str(decision["jobName"]))
+        job = find_job(svc, jobs, ns, str(decision["jobName"]))
         if job is not None:
-            return _follow(svc, body, spec, old, decision, job, index)
-    return _preflight(svc, body, spec, old, decision, index)
+            return _follow(svc, body, spec, old, decision, job, index, jobs=jobs)
+    return _preflight(svc, body, spec, old, decision, index, jobs=jobs)
 
 
 def _base(decision: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +112,8 @@ def _preflight(
     old: dict[str, Any],
     decision: dict[str, Any],
     index: Any,
+    *,
+    jobs: Any = None,
 ) -> tuple[bool, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
@@ -109,7 +122,7 @@ def _preflight(
         name, ns, uid, spec, svc.config, attempt=int(base.get("round") or 0)
     )
     jname = wanted["metadata"]["name"]
-    job, created = svc.api.create_or_get_job(wanted)
+    job, created = ensure_job(svc, jobs, wanted)
     outcome = st.job_outcome(job)
     if outcome.phase in (st.PENDING, st.RUNNING):
         d = {**base, "step": "Preflight", "jobName": jname}
@@ -122,11 +135,14 @@ def _preflight(
             body, new, f"created preflight Job {jname} (CPU only)" if created else None
         )
         return False, None
-    result = svc.api.termination_result(svc.api.newest_pod(ns, jname))
+    result = svc.api.termination_result(svc.api.job_pod(job), job)
     if outcome.phase == st.FAILED:
         reason = result.reason if result and result.reason else (outcome.reason or "JobFailed")
         message = (result.message if result and result.message else outcome.message) or ""
         _fail(svc, body, old, reason, f"preflight Job {jname} failed: {message}", gen)
+        return False, None
+    if result is not None and result.reason == INVALID_RESULT:  # malformed findings
+        _fail(svc, body, old, INVALID_RESULT, f"preflight Job {jname}: {result.message}", gen)
         return False, None
     try:
         pre = parse_preflight(result.artifact if result else None)
@@ -150,7 +166,7 @@ def _preflight(
     estimate = memory_estimate_status(spec, pre, accelerator(spec, svc.config))
     if estimate is not None:
         old = {**old, "memoryEstimate": estimate}
-    return _act(svc, body, spec, old, base, choice, index)
+    return _act(svc, body, spec, old, base, choice, index, jobs=jobs)
 
 
 def _fail(
@@ -182,6 +198,8 @@ def _act(
     base: dict[str, Any],
     d: Decision,
     index: Any,
+    *,
+    jobs: Any = None,
 ) -> tuple[bool, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
@@ -222,12 +240,13 @@ def _act(
             expect_manifest_sha256=d.expect_manifest_sha256,
         )  # fmt: skip
         step = {"step": "Withdraw"}
-    created_job, created = svc.api.create_or_get_job(job)
+    created_job, created = ensure_job(svc, jobs, job)
     decision = {**base, **step, "jobName": job["metadata"]["name"]}
     old2 = {**old, "identity": d.identity}
     return _follow(
-        svc, body, spec, old2, decision, created_job, index, created=created, why=d.message
-    )
+        svc, body, spec, old2, decision, created_job, index,
+        created=created, why=d.message, jobs=jobs,
+    )  # fmt: skip
 
 
 _STEP_MESSAGES = {
@@ -251,6 +270,7 @@ def _follow(
     *,
     created: bool = False,
     why: str | None = None,
+    jobs: Any = None,
 ) -> tuple[bool, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
@@ -267,7 +287,7 @@ def _follow(
             body, new, f"created {step.lower()} Job {jname}: {why}" if created else None
         )
         return False, None
-    result = svc.api.termination_result(svc.api.newest_pod(ns, jname))
+    result = svc.api.termination_result(svc.api.job_pod(job), job)
     ok = outcome.phase == st.SUCCEEDED and result is not None and result.result == "Succeeded"
     if ok and step == "Withdraw":
         new = {**old, "decision": {**_base(decision), "step": "Convert"}}
@@ -311,7 +331,7 @@ def _follow(
             "OutputChanged",
             f"the output prefix changed during the {step.lower()} step; checking again",
         )
-        return _preflight(svc, body, spec, {**old, "decision": base}, base, index)
+        return _preflight(svc, body, spec, {**old, "decision": base}, base, index, jobs=jobs)
     if step == "Withdraw":
         _fail(svc, body, old, reason, f"withdraw Job {jname} failed: {message}", gen)
         return False, None
@@ -325,7 +345,7 @@ def _follow(
         f"{step}Failed",
         f"{step.lower()} Job {jname} failed ({detail}); converting instead",
     )
-    return _preflight(svc, body, spec, {**old, "decision": base}, base, index)
+    return _preflight(svc, body, spec, {**old, "decision": base}, base, index, jobs=jobs)
 
 
 def after_sync(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
