@@ -52,7 +52,7 @@ from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
 from preshard.worker import records, s3
 from preshard.worker.progress import write_result
-from preshard.worker.transfer import sha256_file, with_retries
+from preshard.worker.transfer import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,11 @@ def _source_pin(uri: str, args: argparse.Namespace) -> tuple[dict[str, Any], dic
             reason="SourceNotFound",
             permanent=True,
         )
-    entries = []
-    for p in sorted(path.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            entries.append((p.name, p.stat().st_size, sha256_file(p)))
+    from preshard.worker.storage import check_links, local_entries
+
+    # the reader's rules: no link out of the source directory (never read)
+    check_links(path, uri, root=None if u.scheme == "file" else pvc_mount_root() / u.authority)
+    entries = local_entries(path)
     config = _json_file(path / "config.json", uri)
     return _source_record(uri, None, entries), config
 
@@ -203,19 +204,10 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
     settings = s3.source_settings(args.source_endpoint_url, None, 4)
     client = s3.make_client(settings)
     uri = str(u)
-    entries: list[tuple[str, int, str]] = []
-
-    def listing() -> None:
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=u.bucket, Prefix=u.prefix
-        ):
-            for obj in page.get("Contents", []) or []:
-                name = obj["Key"][len(u.prefix) :]
-                if name and "/" not in name:
-                    entries.append((name, int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
+    from preshard.worker.storage import s3_entries
 
     try:
-        listing()
+        entries = s3_entries(client, u)
     except Exception as exc:
         err = s3.translate(exc, uri, "read the source")
         if err.reason == "BucketNotFound":
