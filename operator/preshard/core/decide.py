@@ -328,10 +328,12 @@ def decide(
             # another owner's unfinished publication below: its objects are not listed by
             # any manifest yet, and a step here must never delete or shadow them
             return Decision(
-                "OutputOwnedByOther" if not _owner_gone(o.owner, me, living_owners)
+                "OutputOwnedByOther"
+                if not _owner_gone(o.owner, me, living_owners)
                 else "OutputOverlapsCheckpoint",
                 identity,
-                "OutputOwnedByOther" if not _owner_gone(o.owner, me, living_owners)
+                "OutputOwnedByOther"
+                if not _owner_gone(o.owner, me, living_owners)
                 else "OutputOverlapsCheckpoint",
                 f"an unfinished publication lies below output {out} ({o.key}); preshard never "
                 "writes over another owner's objects: choose another spec.output.uri",
@@ -396,8 +398,11 @@ def decide(
                 r
                 for r in ready
                 if r.endpoint == output_endpoint
-                and (r.namespace == my_ns or "*" in copy_from_namespaces
-                     or r.namespace in copy_from_namespaces)
+                and (
+                    r.namespace == my_ns
+                    or "*" in copy_from_namespaces
+                    or r.namespace in copy_from_namespaces
+                )
                 and r.uid != _uid(me)
                 and not _overlap(r.uri, out)
                 and r.manifest_sha256

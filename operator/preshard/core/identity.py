@@ -72,7 +72,9 @@ def normalise_endpoint(url: str | None) -> str:
     return f"{scheme}://{host}{path}"
 
 
-def source_location(spec: CheckpointSpec, namespace: str, source_endpoint: str | None) -> dict[str, Any]:
+def source_location(
+    spec: CheckpointSpec, namespace: str, source_endpoint: str | None
+) -> dict[str, Any]:
     """Where the source lives, beyond its URI: the store of an ``s3://`` source, the
     namespace of a ``pvc://`` claim (nothing more for ``hf://``: the commit pins it)."""
     src = spec.source.parsed
@@ -128,7 +130,12 @@ def conversion_identity(
     source_endpoint: str | None = None,
 ) -> str:
     doc = identity_document(
-        spec, source, vllm_version, state_format, namespace=namespace, source_endpoint=source_endpoint
+        spec,
+        source,
+        vllm_version,
+        state_format,
+        namespace=namespace,
+        source_endpoint=source_endpoint,
     )
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return PREFIX + hashlib.sha256(blob.encode()).hexdigest()

@@ -539,9 +539,7 @@ def _reuse_job(
     a few tensors in memory (the spec's converter memory request and limit apply)."""
     spec_hash = spec.conversion_hash()
     lbl = labels(name, component, spec_hash)
-    work_size = (
-        (spec.converter.work_dir_size or config.work_dir_size) if verifies else "1Gi"
-    )
+    work_size = (spec.converter.work_dir_size or config.work_dir_size) if verifies else "1Gi"
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "work", "emptyDir": {"sizeLimit": work_size}},
