@@ -267,7 +267,10 @@ class OperatorConfig:
                     parse_output_uri(uri)
                 except URIError as exc:
                     raise ValueError(f"PRESHARD_OUTPUT_PREFIXES[{key!r}]: {exc}") from None
-        trust = json_value("PRESHARD_COPY_TRUST", list)
+        try:
+            trust = json_value("PRESHARD_COPY_TRUST", list)
+        except ValueError as exc:
+            raise ValueError(f"PRESHARD_COPY_TRUST: {exc}") from None
         for group in trust:
             if (
                 not isinstance(group, list)

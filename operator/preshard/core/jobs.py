@@ -509,6 +509,8 @@ REUSE_RESOURCES = {
     "requests": {"cpu": "250m", "memory": "256Mi"},
     "limits": {"memory": "1Gi"},
 }
+# adopt and copy check the checkpoint against the source (verify --against)
+VERIFY_MEMORY = {"requests": "1Gi", "limits": "8Gi"}
 REUSE_DEADLINE_SECONDS = 3600
 REUSE_TTL_SECONDS = 3600
 
@@ -592,17 +594,18 @@ def _reuse_job(
 
 def _verify_resources(spec: CheckpointSpec) -> dict[str, Any]:
     """A verifying step's resources: no accelerator; the memory the spec gives its
-    converter (verify --against holds a few of the largest tensors), else the reuse
-    request and no limit."""
+    converter (verify --against holds about four of the largest tensors), else
+    VERIFY_MEMORY (a pod killed for memory fails the step: the resource converts)."""
     user = spec.converter.resources or {}
     req_mem = (user.get("requests") or {}).get("memory")
     lim_mem = (user.get("limits") or {}).get("memory")
-    out: dict[str, Any] = {
-        "requests": {"cpu": REUSE_RESOURCES["requests"]["cpu"], "memory": str(req_mem or "256Mi")}
+    return {
+        "requests": {
+            "cpu": REUSE_RESOURCES["requests"]["cpu"],
+            "memory": str(req_mem or VERIFY_MEMORY["requests"]),
+        },
+        "limits": {"memory": str(lim_mem or VERIFY_MEMORY["limits"])},
     }
-    if lim_mem:
-        out["limits"] = {"memory": str(lim_mem)}
-    return out
 
 
 def _against_args(spec: CheckpointSpec, source_digest: str | None) -> list[str]:
