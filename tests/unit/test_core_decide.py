@@ -97,6 +97,7 @@ def test_the_identity_pins_where_the_source_lives() -> None:
     # the namespace is not part of an s3:// source's identity (same store, same objects)
     assert conversion_identity(SPEC, PIN, "0.32.0", namespace="b") == ID
 
+
 def test_same_identity_living_owner_is_refused_and_never_adopted() -> None:
     d = decide(SPEC, ME, pre(man(OLD)), frozenset({OLD}), [ready()])
     assert d.path == "OutputOwnedByOther" and d.reason == "OutputOwnedByOther"

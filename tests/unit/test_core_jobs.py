@@ -214,9 +214,14 @@ GOLDEN_CASES: dict[str, Any] = {
     ),
     # the conversion identity and the source content the preflight pinned (issue 18)
     "conversion_job_pvc_tp8_pp2_fp8": lambda: build_conversion_job(
-        "llama-70b-tp8-pp2", NS, UID, parse_spec(PVC_TP8_PP2_FP8), CLUSTER_CONFIG,
-        identity=IDENTITY, source_digest="sha256:" + "d" * 64,
-    ),  # fmt: skip
+        "llama-70b-tp8-pp2",
+        NS,
+        UID,
+        parse_spec(PVC_TP8_PP2_FP8),
+        CLUSTER_CONFIG,
+        identity=IDENTITY,
+        source_digest="sha256:" + "d" * 64,
+    ),
     "conversion_job_hf": lambda: build_conversion_job(
         "llama-8b", NS, UID, parse_spec(HF), CLUSTER_CONFIG
     ),
