@@ -223,7 +223,7 @@ def test_withdraw_of_an_unproven_manifest_deletes_the_manifest_alone(
     }  # fmt: skip
     body = json.dumps(planted).encode()
     c.put_object(Bucket=bucket, Key="ck/" + MANIFEST_NAME, Body=body)
-    rc, res, out = run(
+    rc, _, out = run(
         s3, tmp_path, "withdraw", "--output", f"s3://{bucket}/ck/", "--owner", C,
         "--expect-owner", "ns/gone/uid-0",
         "--expect-manifest-sha256", hashlib.sha256(body).hexdigest(),
