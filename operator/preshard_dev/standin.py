@@ -30,6 +30,15 @@ from preshard.worker.progress import Reporter
 STANDIN_VERSION = "standin"
 
 
+def standin_weights() -> bytes:
+    """A tiny, valid safetensors file: a source the stand-in "converts" and that the
+    real ``verify --against`` of the adopt and copy steps can open."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    return bytes(save({"model.embed_tokens.weight": np.zeros((4, 4), dtype=np.float32)}))
+
+
 class StallingReporter(Reporter):
     """Stalls every transfer thread after ``after`` progress steps of the upload: the
     process then hangs mid-upload until something kills it (fault tests). With
@@ -80,8 +89,9 @@ def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
 
 
 def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
-    """A well-formed preshard-sharding.json naming no tensors (the manifest lists it, as
-    a real conversion's does; nothing here is a real checkpoint to verify against)."""
+    """A well-formed preshard-sharding.json for the fake shards: each rank's one tensor is
+    filled with rank + 1 by a ``fill`` write, so the real ``verify --against`` (the adopt
+    and copy steps' check) passes against any source and catches a changed element."""
     import json
 
     from preshard.core.manifest import SHARDING_NAME
@@ -96,7 +106,19 @@ def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
         "sources": {},
         "skippedSources": [],
         "ranks": [
-            {"rank": r, "tpRank": r % tp, "ppRank": r // tp, "tensors": {}} for r in range(tp * pp)
+            {
+                "rank": r,
+                "tpRank": r % tp,
+                "ppRank": r // tp,
+                "tensors": {
+                    f"model.layers.{r}.weight": {
+                        "shape": [64, 64],
+                        "dtype": "float32",
+                        "writes": [{"op": "fill", "value": r + 1, "dst": [0, [64, 1], [64, 64]]}],
+                    }
+                },
+            }
+            for r in range(tp * pp)
         ],
     }
     (shards / SHARDING_NAME).write_text(json.dumps(doc) + "\n")
@@ -127,6 +149,13 @@ def convert(args: Any) -> int:
                     reason="SourceNotFound",
                     permanent=True,
                 )
+            if req.plan.source_digest:  # the real worker's pin check (storage.fetch_source)
+                from preshard.worker import storage
+
+                entries = s3.with_translation(
+                    lambda: storage.s3_entries(client, req.plan.source), str(req.plan.source)
+                )
+                storage.check_pin(str(req.plan.source), entries, req.plan.source_digest)
         delay = float(os.environ.get("PRESHARD_STANDIN_SECONDS", "0.5"))
         reporter.stage("Converting")
         time.sleep(delay)
