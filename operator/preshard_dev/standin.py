@@ -74,7 +74,9 @@ def _reporter() -> Reporter:
     return StallingReporter(int(after), os.environ.get("PRESHARD_STANDIN_STALL_ONCE"), **kw)
 
 
-def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
+def _fake_shards(dest: Path, tp: int, pp: int, pattern: str, swapped: bool = False) -> None:
+    """``swapped``: rank 0 holds other values than the metadata says (a conversion that
+    published bytes other than its source's, e.g. weights swapped after the preflight)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -82,7 +84,8 @@ def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
     for p in range(pp):
         for r in range(tp):
             rank = p * tp + r
-            tensors = {f"model.layers.{rank}.weight": np.full((64, 64), rank + 1, dtype=np.float32)}
+            value = 99 if swapped and rank == 0 else rank + 1
+            tensors = {f"model.layers.{rank}.weight": np.full((64, 64), value, dtype=np.float32)}
             name = pattern.format(rank=rank, part=0, pp_rank=p, tp_rank=r)
             save_file(tensors, str(dest / name))
     (dest / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
@@ -161,8 +164,15 @@ def convert(args: Any) -> int:
         time.sleep(delay)
         shards = req.work_dir / "shards"
         pattern = shard_pattern(req.plan.pipeline_parallel_size)
+        # attack tests: the resources of this namespace publish swapped weights
+        swap_ns = os.environ.get("PRESHARD_STANDIN_SWAP_NAMESPACE")
+        swapped = bool(swap_ns) and (req.plan.owner or "").split("/", 1)[0] == swap_ns
         _fake_shards(
-            shards, req.plan.tensor_parallel_size, req.plan.pipeline_parallel_size, pattern
+            shards,
+            req.plan.tensor_parallel_size,
+            req.plan.pipeline_parallel_size,
+            pattern,
+            swapped,
         )
         _fake_sharding(shards, req.plan.tensor_parallel_size, req.plan.pipeline_parallel_size)
         reporter.stage("Verifying")
