@@ -61,6 +61,7 @@ def crd_path() -> Path:
 # where the operator runs (its ledger ConfigMap: preshard.service.ledger)
 OPERATOR_NAMESPACE = "preshard-system"
 
+
 @dataclass
 class LocalStack:
     """Emulator + S3 + operator + Job runner; use as a context manager."""

@@ -147,9 +147,11 @@ def rank0_value(stack: LocalStack, prefix: str) -> float:
 
     from safetensors.numpy import load
 
-    data = stack.s3_client().get_object(
-        Bucket=BUCKET, Key=prefix + "model-rank-0-part-0.safetensors"
-    )["Body"].read()
+    data = (
+        stack.s3_client()
+        .get_object(Bucket=BUCKET, Key=prefix + "model-rank-0-part-0.safetensors")["Body"]
+        .read()
+    )
     (tensor,) = load(io.BytesIO(data).read()).values()
     return float(tensor.reshape(-1)[0])
 

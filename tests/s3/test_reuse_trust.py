@@ -13,7 +13,6 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 
 from preshard.core.contract import JOURNAL_NAME
 from preshard.core.identity import files_digest
-from preshard.core.manifest import MANIFEST_NAME
+from preshard.core.manifest import MANIFEST_NAME, Manifest
 from preshard.core.uris import parse_uri
 from preshard.worker import adopt as ad
 from preshard.worker import publication, storage
@@ -212,17 +211,28 @@ def test_the_preflight_counts_a_nested_publication_record_as_an_overlap(
 # ---------------------------------------------------------- finding 4: planted manifests
 
 
+def planted_manifest(s3: RcloneS3, bucket: str, tmp: Path, prefix: str, owner: str | None) -> bytes:
+    """A valid manifest at ``prefix`` claiming the identity, naming ``owner`` and listing
+    ``victim.bin``: someone else's object under the prefix."""
+    _, ckpt = genuine(tmp)
+    publish_dir(s3, bucket, ckpt, "template/", X)
+    man = json.loads(read_object(s3, bucket, "template/" + MANIFEST_NAME))
+    man["owner"] = owner
+    man["files"] = [*man["files"], {"key": "victim.bin", "size": 16, "sha256": "0" * 64}]
+    if "totalBytes" in man:
+        man["totalBytes"] += 16
+    body = json.dumps(man).encode()
+    Manifest.from_json(body)  # a well-formed manifest: only its provenance is missing
+    c = s3.client()
+    c.put_object(Bucket=bucket, Key=prefix + "victim.bin", Body=b"someone's object")
+    c.put_object(Bucket=bucket, Key=prefix + MANIFEST_NAME, Body=body)
+    return body
+
+
 def test_withdraw_of_an_unproven_manifest_deletes_the_manifest_alone(
     s3: RcloneS3, bucket: str, tmp_path: Path
 ) -> None:
-    c = s3.client()
-    c.put_object(Bucket=bucket, Key="ck/victim.bin", Body=b"someone's object")
-    planted: dict[str, Any] = {
-        "formatVersion": 2, "owner": "ns/gone/uid-0", "identity": ID,
-        "files": [{"key": "victim.bin", "size": 16, "sha256": "0" * 64}],
-    }  # fmt: skip
-    body = json.dumps(planted).encode()
-    c.put_object(Bucket=bucket, Key="ck/" + MANIFEST_NAME, Body=body)
+    body = planted_manifest(s3, bucket, tmp_path, "ck/", "ns/gone/uid-0")
     rc, _, out = run(
         s3, tmp_path, "withdraw", "--output", f"s3://{bucket}/ck/", "--owner", C,
         "--expect-owner", "ns/gone/uid-0",
@@ -230,6 +240,16 @@ def test_withdraw_of_an_unproven_manifest_deletes_the_manifest_alone(
     )  # fmt: skip
     assert rc == 0, out
     assert object_keys(s3, bucket, "ck/") == {"ck/victim.bin"}
+
+
+def test_publishing_over_an_ownerless_manifest_never_deletes_what_it_lists(
+    s3: RcloneS3, bucket: str, tmp_path: Path
+) -> None:
+    planted_manifest(s3, bucket, tmp_path, "ck/", None)
+    _, ckpt = genuine(tmp_path / "c")
+    publish_dir(s3, bucket, ckpt, "ck/", C)
+    assert read_object(s3, bucket, "ck/victim.bin") == b"someone's object"
+    assert json.loads(read_object(s3, bucket, "ck/" + MANIFEST_NAME))["owner"] == C
 
 
 # ------------------------------------------------------------ the pin in fetch_source
