@@ -285,3 +285,34 @@ def test_fetch_source_refuses_an_s3_source_that_changed(
         storage.fetch_source(str(u), tmp_path / "w2", endpoint_url=s3.endpoint, pin=pin)
     assert getattr(exc.value, "reason", None) == "SourceChanged"
     assert not (tmp_path / "w2" / "model.safetensors").exists()  # refused before reading
+
+
+def test_convert_refuses_weights_swapped_after_the_preflight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 1: the preflight pinned the genuine files; the tenant swaps the weights
+    before the conversion runs: ``convert --source-digest`` fails permanently
+    (SourceChanged) before any engine, and publishes nothing."""
+    from preshard.core.errors import PreshardError
+    from preshard.worker import convert as cv
+
+    from .test_convert_overlap import fake_source, reporter, request
+
+    src = tmp_path / "src"
+    fake_source(src)
+    pin = files_digest(storage.local_entries(src))
+    weights = next(src.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the swap: same names and sizes, other bytes
+    weights.write_bytes(bytes(data))
+
+    def no_engine(*a: object, **k: object) -> None:
+        raise AssertionError("the engine must not run")
+
+    monkeypatch.setattr(cv, "run_engine", no_engine)
+    out = tmp_path / "out"
+    req = request(tmp_path, str(out), None, source_digest=pin)
+    with pytest.raises(PreshardError) as exc:
+        cv.convert(req, reporter())
+    assert exc.value.reason == "SourceChanged" and exc.value.permanent
+    assert not out.exists() or not any(out.iterdir())
