@@ -203,6 +203,50 @@ def test_swapped_weights_of_a_trusted_namespace_are_not_copied(stack_factory: An
     assert "copiedFrom" not in (man.get("extra") or {})
 
 
+def test_a_planted_checkpoint_is_neither_adopted_nor_trusted_for_deletion(
+    stack_factory: Any,
+) -> None:
+    """Issue 18, finding 4: someone who could write a prefix before the resource existed
+    planted a complete manifest claiming its identity (swapped weights, a gone owner,
+    listing an unrelated object). The operator never saw it published: no Adopt; the
+    Withdraw deletes the manifest alone; the resource converts and serves its own bytes."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    stack: LocalStack = stack_factory()
+    seed_fake_source(stack)
+    first = converted(stack, "genuine")
+    man, _ = manifest(stack, "genuine/")
+    c = stack.s3_client()
+    for f in man["files"]:
+        c.copy_object(Bucket=BUCKET, Key="planted/" + f["key"],
+                      CopySource={"Bucket": BUCKET, "Key": "genuine/" + f["key"]})  # fmt: skip
+    swapped = bytes(save({"model.layers.0.weight": np.full((64, 64), 99, dtype=np.float32)}))
+    c.put_object(Bucket=BUCKET, Key="planted/model-rank-0-part-0.safetensors", Body=swapped)
+    c.put_object(Bucket=BUCKET, Key="planted/victim.bin", Body=b"someone else's object")
+    for f in man["files"]:
+        if f["key"] == "model-rank-0-part-0.safetensors":
+            f["size"], f["sha256"] = len(swapped), hashlib.sha256(swapped).hexdigest()
+    man["files"].append({"key": "victim.bin", "size": 21,
+                         "sha256": hashlib.sha256(b"someone else's object").hexdigest()})  # fmt: skip
+    man["totalBytes"] = sum(f["size"] for f in man["files"])
+    man["owner"] = f"{NS}/planted/00000000-dead-beef-0000-000000000000"  # gone
+    c.put_object(Bucket=BUCKET, Key="planted/" + MANIFEST_NAME, Body=json.dumps(man).encode())
+    assert rank0_value(stack, "planted/") == 99.0
+
+    st = converted(stack, "planted")
+    assert st["identity"] == first["identity"]  # the plant claimed the right identity
+    assert not stack.jobs(NS, "adopt")
+    (withdraw,) = stack.jobs(NS, "withdraw")
+    assert "--delete-listed" not in withdraw["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert rank0_value(stack, "planted/") == 1.0  # its own conversion's values
+    assert c.get_object(Bucket=BUCKET, Key="planted/victim.bin")["Body"].read() == (
+        b"someone else's object"
+    )
+    uid = stack.checkpoint(NS, "planted")["metadata"]["uid"]
+    assert manifest(stack, "planted/")[0]["owner"] == f"{NS}/planted/{uid}"
+
+
 def test_living_foreign_owner_is_refused_before_any_conversion_job(stack_factory: Any) -> None:
     stack: LocalStack = stack_factory()
     seed_fake_source(stack)
