@@ -351,6 +351,28 @@ def _owner_flag(p: argparse.ArgumentParser, help_: str) -> None:
     p.add_argument("--owner", required=True, help=help_)
 
 
+def _against_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("check against the requester's own source (verify --against)")
+    g.add_argument(
+        "--against",
+        default=None,
+        help="the requester's source (s3://, pvc://, hf:// or a directory): every tensor of "
+        "the checkpoint must be rebuilt from it bit for bit before the manifest is written "
+        "(read with this process's PRESHARD_SOURCE_* / HF_TOKEN credentials)",
+    )
+    g.add_argument(
+        "--source-digest",
+        default=None,
+        help="the source content the preflight pinned (sha256:... or the hf:// commit): a "
+        "source that differs fails with SourceChanged",
+    )
+    g.add_argument(
+        "--source-endpoint-url",
+        default=os.environ.get("PRESHARD_SOURCE_ENDPOINT_URL"),
+        help="S3 endpoint of the source, if different (env PRESHARD_SOURCE_ENDPOINT_URL)",
+    )
+
+
 def _reuse_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """preflight, adopt, copy, withdraw: the CPU-only Jobs that run before (or instead
     of) a conversion. Findings and results go to the termination message."""
@@ -375,7 +397,8 @@ def _reuse_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = sub.add_parser(
         "adopt",
         help="verify a published checkpoint and take over its ownership",
-        description="Check every object's size and sha256 against the manifest, then rewrite "
+        description="Check every object's size and sha256 against the manifest (and with "
+        "--against, every tensor against the requester's own source), then rewrite "
         "the manifest's owner, last and conditionally (If-Match, and a re-read right before "
         "the write). Refuses when the manifest names another owner or identity than expected.",
     )
@@ -384,15 +407,20 @@ def _reuse_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--expect-owner", default=None, help="the owner the manifest must name now")
     p.add_argument("--expect-identity", required=True, help="the identity it must record")
     p.add_argument("--expect-manifest-sha256", default=None, help="the manifest's sha256")
+    _against_flags(p)
     _s3_flags(p)
 
     p = sub.add_parser(
         "copy",
         help="server-side copy of a published checkpoint to another prefix",
-        description="Copy every object listed in the source manifest with S3 CopyObject "
-        "(UploadPartCopy above --multipart-threshold), verify sizes and sha256 against the "
-        "source manifest, and write a new manifest naming --owner last. Uses this process's "
-        "credentials for both prefixes.",
+        description="Refuse another owner's checkpoint or unfinished publication at, below or "
+        "above --to; write this owner's preshard-publish.json first; copy every object listed "
+        "in the source manifest with S3 CopyObject (UploadPartCopy above "
+        "--multipart-threshold), verify sizes and sha256 against the source manifest (and "
+        "with --against, every tensor against the requester's own source: on a difference "
+        "what the copy wrote is removed), and write a new manifest naming --owner last. "
+        "Deletes only keys this owner's record lists. Uses this process's credentials for "
+        "both prefixes.",
     )
     p.add_argument("--from", dest="source", required=True, help="s3:// prefix of the original")
     p.add_argument("--to", dest="dest", required=True, help="s3:// prefix to create")
@@ -408,18 +436,26 @@ def _reuse_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument(
         "--part-size", type=int, default=512 * 2**20, help="part size of a multipart copy"
     )
+    _against_flags(p)
     _s3_flags(p)
 
     p = sub.add_parser(
         "withdraw",
         help="delete a gone owner's manifest so a conversion can replace its checkpoint",
         description="Delete preshard-manifest.json when it still is exactly what the "
-        "preflight saw (sha256); the objects stay until the conversion replaces them.",
+        "preflight saw (sha256); with --delete-listed also the objects it lists, else "
+        "nothing else is touched.",
     )
     p.add_argument("--output", required=True, help="s3://bucket/prefix/")
     _owner_flag(p, "the resource taking the prefix over (namespace/name/uid)")
     p.add_argument("--expect-owner", default=None, help="the gone owner the manifest names")
     p.add_argument("--expect-manifest-sha256", required=True, help="the manifest's sha256")
+    p.add_argument(
+        "--delete-listed",
+        action="store_true",
+        help="also delete the objects the manifest lists (the operator passes it only for a "
+        "manifest it saw published; else the manifest alone is deleted)",
+    )
     _s3_flags(p)
 
 

@@ -58,6 +58,10 @@ def crd_path() -> Path:
     raise FileNotFoundError(f"{CRD.name} not found; run from a preshard checkout")
 
 
+# where the operator runs (its ledger ConfigMap: preshard.service.ledger)
+OPERATOR_NAMESPACE = "preshard-system"
+
+
 @dataclass
 class LocalStack:
     """Emulator + S3 + operator + Job runner; use as a context manager."""
@@ -131,6 +135,8 @@ class LocalStack:
         self.custom = kubernetes.client.CustomObjectsApi(self.api)
         for ns in self.namespaces:
             self.ensure_namespace(ns)
+        # the operator's own namespace: its ledger of published manifests lives there
+        self.ensure_namespace(OPERATOR_NAMESPACE)
 
     def ensure_namespace(self, ns: str) -> None:
         with contextlib.suppress(kubernetes.client.ApiException):
@@ -173,6 +179,7 @@ class LocalStack:
             "PRESHARD_LIVENESS_ENDPOINT": f"http://127.0.0.1:{self.health_port}/healthz",
             "PRESHARD_PROGRESS_POLL_SECONDS": "1",
             "PRESHARD_RETRY_SECONDS": "2",
+            "PRESHARD_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE,
             **self.operator_env,
         }
         log = open(self.log_dir / "operator.log", "ab")  # noqa: SIM115 - owned by the process

@@ -30,6 +30,15 @@ from preshard.worker.progress import Reporter
 STANDIN_VERSION = "standin"
 
 
+def standin_weights() -> bytes:
+    """A tiny, valid safetensors file: a source the stand-in "converts" and that the
+    real ``verify --against`` of the adopt and copy steps can open."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    return bytes(save({"model.embed_tokens.weight": np.zeros((4, 4), dtype=np.float32)}))
+
+
 class StallingReporter(Reporter):
     """Stalls every transfer thread after ``after`` progress steps of the upload: the
     process then hangs mid-upload until something kills it (fault tests). With
@@ -65,7 +74,9 @@ def _reporter() -> Reporter:
     return StallingReporter(int(after), os.environ.get("PRESHARD_STANDIN_STALL_ONCE"), **kw)
 
 
-def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
+def _fake_shards(dest: Path, tp: int, pp: int, pattern: str, swapped: bool = False) -> None:
+    """``swapped``: rank 0 holds other values than the metadata says (a conversion that
+    published bytes other than its source's, e.g. weights swapped after the preflight)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -73,15 +84,17 @@ def _fake_shards(dest: Path, tp: int, pp: int, pattern: str) -> None:
     for p in range(pp):
         for r in range(tp):
             rank = p * tp + r
-            tensors = {f"model.layers.{rank}.weight": np.full((64, 64), rank + 1, dtype=np.float32)}
+            value = 99 if swapped and rank == 0 else rank + 1
+            tensors = {f"model.layers.{rank}.weight": np.full((64, 64), value, dtype=np.float32)}
             name = pattern.format(rank=rank, part=0, pp_rank=p, tp_rank=r)
             save_file(tensors, str(dest / name))
     (dest / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
 
 
 def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
-    """A well-formed preshard-sharding.json naming no tensors (the manifest lists it, as
-    a real conversion's does; nothing here is a real checkpoint to verify against)."""
+    """A well-formed preshard-sharding.json for the fake shards: each rank's one tensor is
+    filled with rank + 1 by a ``fill`` write, so the real ``verify --against`` (the adopt
+    and copy steps' check) passes against any source and catches a changed element."""
     import json
 
     from preshard.core.manifest import SHARDING_NAME
@@ -96,7 +109,19 @@ def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
         "sources": {},
         "skippedSources": [],
         "ranks": [
-            {"rank": r, "tpRank": r % tp, "ppRank": r // tp, "tensors": {}} for r in range(tp * pp)
+            {
+                "rank": r,
+                "tpRank": r % tp,
+                "ppRank": r // tp,
+                "tensors": {
+                    f"model.layers.{r}.weight": {
+                        "shape": [64, 64],
+                        "dtype": "float32",
+                        "writes": [{"op": "fill", "value": r + 1, "dst": [0, [64, 1], [64, 64]]}],
+                    }
+                },
+            }
+            for r in range(tp * pp)
         ],
     }
     (shards / SHARDING_NAME).write_text(json.dumps(doc) + "\n")
@@ -127,13 +152,27 @@ def convert(args: Any) -> int:
                     reason="SourceNotFound",
                     permanent=True,
                 )
+            if req.plan.source_digest:  # the real worker's pin check (storage.fetch_source)
+                from preshard.worker import storage
+
+                entries = s3.with_translation(
+                    lambda: storage.s3_entries(client, req.plan.source), str(req.plan.source)
+                )
+                storage.check_pin(str(req.plan.source), entries, req.plan.source_digest)
         delay = float(os.environ.get("PRESHARD_STANDIN_SECONDS", "0.5"))
         reporter.stage("Converting")
         time.sleep(delay)
         shards = req.work_dir / "shards"
         pattern = shard_pattern(req.plan.pipeline_parallel_size)
+        # attack tests: the resources of this namespace publish swapped weights
+        swap_ns = os.environ.get("PRESHARD_STANDIN_SWAP_NAMESPACE")
+        swapped = bool(swap_ns) and (req.plan.owner or "").split("/", 1)[0] == swap_ns
         _fake_shards(
-            shards, req.plan.tensor_parallel_size, req.plan.pipeline_parallel_size, pattern
+            shards,
+            req.plan.tensor_parallel_size,
+            req.plan.pipeline_parallel_size,
+            pattern,
+            swapped,
         )
         _fake_sharding(shards, req.plan.tensor_parallel_size, req.plan.pipeline_parallel_size)
         reporter.stage("Verifying")

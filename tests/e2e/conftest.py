@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from preshard_dev.stack import LocalStack
+from preshard_dev.standin import standin_weights
 
 STANDIN = {"preshard": [sys.executable, "-m", "preshard_dev.standin"]}
 
@@ -111,7 +112,7 @@ def seed_fake_source(stack: LocalStack) -> None:
     client = stack.s3_client()
     client.put_object(Bucket="preshard-models", Key="tiny-llama/config.json", Body=b"{}")
     client.put_object(
-        Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=b"stand-in weights"
+        Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=standin_weights()
     )
 
 

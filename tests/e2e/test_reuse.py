@@ -142,6 +142,111 @@ def test_same_identity_elsewhere_is_copied_not_converted(stack_factory: Any) -> 
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def rank0_value(stack: LocalStack, prefix: str) -> float:
+    import io
+
+    from safetensors.numpy import load
+
+    data = (
+        stack.s3_client()
+        .get_object(Bucket=BUCKET, Key=prefix + "model-rank-0-part-0.safetensors")["Body"]
+        .read()
+    )
+    (tensor,) = load(io.BytesIO(data).read()).values()
+    return float(tensor.reshape(-1)[0])
+
+
+def test_a_ready_twin_of_another_namespace_is_never_offered_by_default(
+    stack_factory: Any,
+) -> None:
+    """Issue 18, finding 1: the copy policy's default is the own namespace only; nothing
+    C sees names team-x's prefix, or that team-x holds this identity at all."""
+    stack: LocalStack = stack_factory(namespaces=(NS, "team-x"))
+    seed_fake_source(stack)
+    doc = checkpoint_doc("x-llama")
+    doc["spec"]["output"]["uri"] = f"s3://{BUCKET}/team-x-private/"
+    stack.apply(doc, "team-x")
+    x = wait_phase(stack, "team-x", "x-llama", ("Succeeded", "Failed"), 120)
+    assert x["path"] == "Converted"
+    c = converted(stack, "c-llama")  # Converted, not Copied
+    assert c["identity"] == x["identity"]  # same store, same objects: one identity
+    assert not stack.jobs(NS, "copy")
+    seen = json.dumps([c, events_of(stack, "c-llama"), stack.jobs(NS, "converter")])
+    assert "team-x" not in seen
+
+
+def test_swapped_weights_of_a_trusted_namespace_are_not_copied(stack_factory: Any) -> None:
+    """Issue 18, finding 1, with a copy policy that trusts team-x: team-x's conversion
+    published swapped weights under the genuine identity; C's copy is checked against C's
+    own source (verify --against) and fails, so C converts: its rank-0 tensor holds C's
+    values, and nothing of team-x's bytes stays at C's prefix."""
+    stack: LocalStack = stack_factory(
+        namespaces=(NS, "team-x"),
+        operator_env={"PRESHARD_COPY_TRUST": json.dumps([[NS, "team-x"]])},
+        runner_options={"base_env": {"PRESHARD_STANDIN_SWAP_NAMESPACE": "team-x"}},
+    )
+    seed_fake_source(stack)
+    doc = checkpoint_doc("x-llama")
+    doc["spec"]["output"]["uri"] = f"s3://{BUCKET}/team-x-swapped/"
+    stack.apply(doc, "team-x")
+    x = wait_phase(stack, "team-x", "x-llama", ("Succeeded", "Failed"), 120)
+    assert x["path"] == "Converted" and rank0_value(stack, "team-x-swapped/") == 99.0
+    c = converted(stack, "c-llama")
+    assert c["identity"] == x["identity"]
+    (copy_job,) = stack.jobs(NS, "copy")  # the copy was tried, with the check
+    args = copy_job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--against") + 1] == "s3://preshard-models/tiny-llama/"
+    warnings = [m for r, m in events_of(stack, "c-llama") if r == "CopyFailed"]
+    assert len(warnings) == 1 and "VerificationFailed" in warnings[0]
+    assert rank0_value(stack, "c-llama/") == 1.0  # C's own conversion, not X's bytes
+    man, _ = manifest(stack, "c-llama/")
+    assert "copiedFrom" not in (man.get("extra") or {})
+
+
+def test_a_planted_checkpoint_is_neither_adopted_nor_trusted_for_deletion(
+    stack_factory: Any,
+) -> None:
+    """Issue 18, finding 4: someone who could write a prefix before the resource existed
+    planted a complete manifest claiming its identity (swapped weights, a gone owner,
+    listing an unrelated object). The operator never saw it published: no Adopt; the
+    Withdraw deletes the manifest alone; the resource converts and serves its own bytes."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    stack: LocalStack = stack_factory()
+    seed_fake_source(stack)
+    first = converted(stack, "genuine")
+    man, _ = manifest(stack, "genuine/")
+    c = stack.s3_client()
+    for f in man["files"]:
+        c.copy_object(Bucket=BUCKET, Key="planted/" + f["key"],
+                      CopySource={"Bucket": BUCKET, "Key": "genuine/" + f["key"]})  # fmt: skip
+    swapped = bytes(save({"model.layers.0.weight": np.full((64, 64), 99, dtype=np.float32)}))
+    c.put_object(Bucket=BUCKET, Key="planted/model-rank-0-part-0.safetensors", Body=swapped)
+    c.put_object(Bucket=BUCKET, Key="planted/victim.bin", Body=b"someone else's object")
+    for f in man["files"]:
+        if f["key"] == "model-rank-0-part-0.safetensors":
+            f["size"], f["sha256"] = len(swapped), hashlib.sha256(swapped).hexdigest()
+    man["files"].append({"key": "victim.bin", "size": 21,
+                         "sha256": hashlib.sha256(b"someone else's object").hexdigest()})  # fmt: skip
+    man["totalBytes"] = sum(f["size"] for f in man["files"])
+    man["owner"] = f"{NS}/planted/00000000-dead-beef-0000-000000000000"  # gone
+    c.put_object(Bucket=BUCKET, Key="planted/" + MANIFEST_NAME, Body=json.dumps(man).encode())
+    assert rank0_value(stack, "planted/") == 99.0
+
+    st = converted(stack, "planted")
+    assert st["identity"] == first["identity"]  # the plant claimed the right identity
+    assert not stack.jobs(NS, "adopt")
+    (withdraw,) = stack.jobs(NS, "withdraw")
+    assert "--delete-listed" not in withdraw["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert rank0_value(stack, "planted/") == 1.0  # its own conversion's values
+    assert c.get_object(Bucket=BUCKET, Key="planted/victim.bin")["Body"].read() == (
+        b"someone else's object"
+    )
+    uid = stack.checkpoint(NS, "planted")["metadata"]["uid"]
+    assert manifest(stack, "planted/")[0]["owner"] == f"{NS}/planted/{uid}"
+
+
 def test_living_foreign_owner_is_refused_before_any_conversion_job(stack_factory: Any) -> None:
     stack: LocalStack = stack_factory()
     seed_fake_source(stack)

@@ -180,6 +180,7 @@ def convert(
     tp: str = "3",
     verbose: bool = False,
     timeout: float = 60,
+    extra: tuple[str, ...] = (),
 ) -> Run:
     """``preshard convert`` in a subprocess, huggingface_hub pointed at the stand-in."""
     work = work or tmp_path / "work"
@@ -192,7 +193,7 @@ def convert(
     env["PRESHARD_TERMINATION_LOG"] = str(term)
     cmd = [sys.executable, "-m", "preshard.cli", *(["-v"] if verbose else []), "convert"]
     cmd += ["--source", source, "-tp", tp, "--output", str(tmp_path / "out")]
-    cmd += ["--work-dir", str(work), "--progress", "lines"]
+    cmd += ["--work-dir", str(work), "--progress", "lines", *extra]
     t0 = time.monotonic()
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
@@ -251,6 +252,15 @@ def test_a_commit_or_ref_revision(tmp_path: Path, hub: Hub, rev: str) -> None:
     run = convert(tmp_path, hub, f"hf://org/tiny@{rev}")
     assert_fetched(run, hub.repo_v1)
     assert json.loads((run.source / "config.json").read_text())["test_revision"] == 1
+    resolves = [r for r in hub.server.requests if r.kind == "resolve"]
+    assert resolves and all(f"/resolve/{hub.sha_v1}/" in r.path for r in resolves)
+
+
+def test_the_pinned_commit_is_downloaded_after_the_branch_moved(tmp_path: Path, hub: Hub) -> None:
+    """Issue 18: the preflight pinned v1; main has moved on to v2 since. The conversion
+    (``--source-digest``: the pinned commit) downloads exactly v1, never the branch's tip."""
+    run = convert(tmp_path, hub, "hf://org/tiny", extra=("--source-digest", hub.sha_v1))
+    assert_fetched(run, hub.repo_v1)
     resolves = [r for r in hub.server.requests if r.kind == "resolve"]
     assert resolves and all(f"/resolve/{hub.sha_v1}/" in r.path for r in resolves)
 

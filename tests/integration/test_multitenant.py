@@ -26,6 +26,7 @@ import kubernetes
 import pytest
 
 from preshard_dev.stack import LocalStack
+from preshard_dev.standin import standin_weights
 
 from .conftest import wait_for
 
@@ -82,7 +83,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         )
         # the preflight Job (issue 10) wants a config.json and *.safetensors weights
         st.s3_client().put_object(
-            Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=b"stand-in weights"
+            Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=standin_weights()
         )
         yield st
     finally:

@@ -302,6 +302,7 @@ def test_withdraw_only_the_manifest_it_was_told_about(
     rc, res, _ = run(
         s3, tmp_path, "withdraw", "--output", f"s3://{bucket}/ck/", "--owner", NEW,
         "--expect-owner", OWNER, "--expect-manifest-sha256", hashlib.sha256(body).hexdigest(),
+        "--delete-listed",  # the operator saw this manifest published (its ledger)
     )  # fmt: skip
     assert rc == 0
     keys = object_keys(s3, bucket, "ck/")

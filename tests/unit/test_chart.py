@@ -229,7 +229,7 @@ def test_every_object_is_valid_kubernetes(
             path = ".".join(str(p) for p in exc.path)
             pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {exc.message}")
         validated += 1
-    expected = {"default": 6, "custom": 11}[which]
+    expected = {"default": 6, "custom": 13}[which]  # custom: + the ledger's Role/RoleBinding
     assert validated == expected
 
 
@@ -252,8 +252,10 @@ def test_rendered_kinds(default: Rendered, custom: Rendered) -> None:
         ("ClusterRole", "", "preshard"),
         ("ClusterRoleBinding", "", "preshard"),
         ("Deployment", NAMESPACE, "preshard"),
+        ("Role", NAMESPACE, "preshard-ledger"),
         ("Role", "team-a", "preshard"),
         ("Role", "team-b", "preshard"),
+        ("RoleBinding", NAMESPACE, "preshard-ledger"),
         ("RoleBinding", "team-a", "preshard"),
         ("RoleBinding", "team-b", "preshard"),
         ("Service", NAMESPACE, "preshard-metrics"),
@@ -544,9 +546,22 @@ def test_namespaced_rbac_equals_required_rbac(custom: Rendered) -> None:
     # only the rules on cluster-scoped resources stay cluster-wide, and they only read
     assert _triples(cluster_role["rules"]) == _required_rbac(namespaced=False)
     assert all(v in ("get", "list", "watch") for _, _, v in _triples(cluster_role["rules"]))
-    roles = {r["metadata"]["namespace"]: r for r in custom.of_kind("Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in custom.of_kind("RoleBinding")}
+    ledger = [r for r in custom.of_kind("Role") if r["metadata"]["name"].endswith("-ledger")]
+    roles = {r["metadata"]["namespace"]: r for r in custom.of_kind("Role") if r not in ledger}
+    bindings = {
+        b["metadata"]["namespace"]: b
+        for b in custom.of_kind("RoleBinding")
+        if not b["metadata"]["name"].endswith("-ledger")
+    }
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    # the ledger (service.ledger): one ConfigMap in the operator's own namespace
+    (led,) = ledger
+    assert led["metadata"]["namespace"] == NAMESPACE
+    assert led["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["preshard-ledger"],
+         "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+    ]  # fmt: skip
     for ns, role in roles.items():
         _assert_no_wildcards(role["rules"])
         # namespaced mode keeps the metadata-only Secret existence check, per namespace

@@ -40,6 +40,8 @@ DEFAULTS = {
     "check_secrets": True,
     "default_cpu_node_selector": (),
     "default_cpu_tolerations": (),
+    "copy_trust": (),
+    "operator_namespace": None,
 }
 
 
@@ -127,6 +129,8 @@ FULL_ENV = {
     "PRESHARD_SECRET_CHECK": "off",
     "PRESHARD_CONVERTER_CPU_NODE_SELECTOR": '{"pool": "highmem"}',
     "PRESHARD_CONVERTER_CPU_TOLERATIONS": '[{"key": "highmem", "operator": "Exists"}]',
+    "PRESHARD_COPY_TRUST": '[["team-b", "team-a", "team-b"], ["team-c", "team-d"]]',
+    "PRESHARD_OPERATOR_NAMESPACE": "preshard-system",
 }
 
 
@@ -166,6 +170,8 @@ def test_from_env_reads_every_variable() -> None:
         "check_secrets": False,
         "default_cpu_node_selector": (("pool", "highmem"),),
         "default_cpu_tolerations": ({"key": "highmem", "operator": "Exists"},),
+        "copy_trust": (("team-a", "team-b"), ("team-c", "team-d")),
+        "operator_namespace": "preshard-system",
     }
     assert cfg.cluster_wide is False
     # Frozen and hashable-by-value where it matters: same env, equal config.
@@ -335,3 +341,20 @@ def test_with_overrides_skips_none() -> None:
 def test_with_overrides_rejects_unknown_fields() -> None:
     with pytest.raises(TypeError):
         OperatorConfig().with_overrides(bogus=1)
+
+
+def test_copy_trust_groups() -> None:
+    cfg = OperatorConfig.from_env({"PRESHARD_COPY_TRUST": '[["a", "b"], ["b", "c"], ["d"]]'})
+    assert cfg.copy_sources_for("a") == {"b"}
+    assert cfg.copy_sources_for("b") == {"a", "c"}  # trust is per group, not transitive
+    assert cfg.copy_sources_for("c") == {"b"}
+    assert cfg.copy_sources_for("d") == frozenset() and cfg.copy_sources_for("x") == frozenset()
+    assert OperatorConfig().copy_sources_for("a") == frozenset()  # default: own namespace only
+    every = OperatorConfig.from_env({"PRESHARD_COPY_TRUST": '[["*"]]'})
+    assert every.copy_sources_for("a") == {"*"}
+
+
+@pytest.mark.parametrize("raw", ['{"a": "b"}', '["a"]', '[["Bad_Name"]]', "[[1]]", "x"])
+def test_copy_trust_refuses_malformed_values(raw: str) -> None:
+    with pytest.raises(ValueError, match="PRESHARD_COPY_TRUST"):
+        OperatorConfig.from_env({"PRESHARD_COPY_TRUST": raw})

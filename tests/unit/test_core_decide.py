@@ -30,7 +30,7 @@ PIN = SourcePin(None, "sha256:" + "1" * 64)
 ME = "ml/llama/uid-new"
 OLD = "ml/llama/uid-old"
 OTHER_NS = "team-b/secret-project/uid-b"
-ID = conversion_identity(SPEC, PIN, "0.32.0")
+ID = conversion_identity(SPEC, PIN, "0.32.0", namespace="ml")
 SHA = "f" * 64
 
 
@@ -44,8 +44,13 @@ def pre(manifest: OutputManifest | None = None, *overlaps: Overlap, state: str =
     )
 
 
-def man(owner: str | None, identity: str | None = ID, complete: bool = True) -> OutputManifest:
-    return OutputManifest(owner=owner, identity=identity, sha256=SHA, complete=complete)
+def man(
+    owner: str | None, identity: str | None = ID, complete: bool = True, proven: bool = False
+) -> OutputManifest:
+    """``proven``: the operator's ledger records this manifest as its owner's."""
+    return OutputManifest(
+        owner=owner, identity=identity, sha256=SHA, complete=complete, proven=proven
+    )
 
 
 def ready(
@@ -62,9 +67,35 @@ def test_empty_prefix_converts() -> None:
 
 
 def test_same_identity_gone_owner_adopts_with_expectations() -> None:
-    d = decide(SPEC, ME, pre(man(OLD)), frozenset(), [])
+    d = decide(SPEC, ME, pre(man(OLD, proven=True)), frozenset(), [])
     assert d.path == "Adopt"
     assert d.expect_owner == OLD and d.expect_manifest_sha256 == SHA
+
+
+def test_a_manifest_the_operator_never_saw_published_is_not_adopted() -> None:
+    # finding 4: a planted manifest claiming this identity with a gone owner converts
+    # instead, after a withdraw of the manifest alone (never the objects it lists)
+    d = decide(SPEC, ME, pre(man(OLD)), frozenset(), [])
+    assert d.path == "Convert" and d.withdraw and not d.withdraw_listed
+    assert d.expect_manifest_sha256 == SHA
+    proven = decide(SPEC, ME, pre(man(OLD, identity="sha256:" + "0" * 64, proven=True)),
+                    frozenset(), [])  # fmt: skip
+    assert proven.path == "Convert" and proven.withdraw and proven.withdraw_listed
+
+
+def test_the_identity_pins_where_the_source_lives() -> None:
+    # finding 1: pvc://models/llama is another claim in each namespace
+    pvc = parse_spec({"source": {"uri": "pvc://models/llama"}, "tensorParallelSize": 2,
+                      "output": {"uri": "s3://out/llama/"}})  # fmt: skip
+    a = conversion_identity(pvc, PIN, "0.32.0", namespace="team-x")
+    assert a != conversion_identity(pvc, PIN, "0.32.0", namespace="team-c")
+    # one s3:// prefix on two stores is two sources; the AWS endpoints are one store
+    on = lambda ep: conversion_identity(SPEC, PIN, "0.32.0", namespace="a", source_endpoint=ep)  # noqa: E731
+    assert on("http://minio:9000") != on(None)
+    assert on("https://s3.us-east-1.amazonaws.com") == on(None) == on("https://s3.amazonaws.com/")
+    assert on("http://MinIO:9000/") == on("http://minio:9000")
+    # the namespace is not part of an s3:// source's identity (same store, same objects)
+    assert conversion_identity(SPEC, PIN, "0.32.0", namespace="b") == ID
 
 
 def test_same_identity_living_owner_is_refused_and_never_adopted() -> None:
@@ -84,13 +115,13 @@ def test_an_owner_that_is_not_a_resource_is_never_proven_gone() -> None:
     assert d.path == "OutputOwnedByOther"
 
 
-def test_our_own_checkpoint_is_adopted() -> None:
+def test_our_own_checkpoint_is_adopted_without_a_ledger_entry() -> None:
     d = decide(SPEC, ME, pre(man(ME)), frozenset(), [])
     assert d.path == "Adopt" and d.expect_owner == ME
 
 
 def test_an_incomplete_checkpoint_is_not_adopted() -> None:
-    d = decide(SPEC, ME, pre(man(OLD, complete=False)), frozenset(), [])
+    d = decide(SPEC, ME, pre(man(OLD, complete=False, proven=True)), frozenset(), [])
     assert d.path == "Convert" and d.withdraw
 
 
@@ -112,7 +143,9 @@ def test_another_identity_of_ours_is_converted_without_a_withdraw_job() -> None:
 
 
 def test_an_ownerless_manifest_is_nobodys() -> None:
-    assert decide(SPEC, ME, pre(man(None)), frozenset(), []).path == "Adopt"
+    # nobody's, so nobody vouches for its bytes: converted over (finding 4), never adopted
+    d = decide(SPEC, ME, pre(man(None)), frozenset(), [])
+    assert d.path == "Convert" and not d.withdraw_listed
 
 
 def test_a_ready_twin_is_copied() -> None:
@@ -123,14 +156,38 @@ def test_a_ready_twin_is_copied() -> None:
 def test_copy_names_only_a_prefix_of_the_same_namespace() -> None:
     here = decide(SPEC, ME, pre(), frozenset(), [ready(ref="ml/z", uri="s3://out/z/")])
     assert "s3://out/z/" in here.message
-    there = decide(SPEC, ME, pre(), frozenset(), [ready(ref="team-b/x", uri="s3://out/b/")])
+    trust = frozenset({"team-b"})
+    there = decide(SPEC, ME, pre(), frozenset(), [ready(ref="team-b/x", uri="s3://out/b/")],
+                   copy_from_namespaces=trust)  # fmt: skip
     assert there.path == "Copy" and "s3://out/b/" not in there.message
+
+
+def test_copy_from_another_namespace_only_where_the_policy_trusts_it() -> None:
+    other = [ready(ref="team-b/x", uri="s3://out/b/")]
+    assert decide(SPEC, ME, pre(), frozenset(), other).path == "Convert"  # default
+    assert decide(SPEC, ME, pre(), frozenset(), other,
+                  copy_from_namespaces=frozenset({"team-c"})).path == "Convert"  # fmt: skip
+    assert decide(SPEC, ME, pre(), frozenset(), other,
+                  copy_from_namespaces=frozenset({"*"})).path == "Copy"  # fmt: skip
+
+
+def test_a_nested_unfinished_publication_is_an_overlap() -> None:
+    # finding 3: another owner's preshard-publish.json below the prefix
+    rec = Overlap("llama/sub/preshard-publish.json", OTHER_NS, "nested", "publication")
+    d = decide(SPEC, ME, pre(None, rec), frozenset({OTHER_NS}), [ready()])
+    assert d.path == "OutputOwnedByOther" and "team-b" not in d.message
+    d = decide(SPEC, ME, pre(None, rec), frozenset(), [ready()])
+    assert d.path == "OutputOverlapsCheckpoint"
+    parsed = parse_preflight({"kind": "preflight", "source": {"digest": PIN.digest},
+        "output": {"state": "incomplete", "overlapping": [{"key": "a/preshard-publish.json",
+        "relation": "nested", "kind": "publication", "owner": OLD}]}})  # fmt: skip
+    assert parsed.overlaps[0].kind == "publication"
 
 
 def test_copy_prefers_the_same_namespace() -> None:
     there = ready(ref="team-b/x", uri="s3://out/b/")
     here = ready(ref="ml/z", uri="s3://out/z/")
-    d = decide(SPEC, ME, pre(), frozenset(), [there, here])
+    d = decide(SPEC, ME, pre(), frozenset(), [there, here], copy_from_namespaces=frozenset({"*"}))
     assert d.copy_from == here
 
 
@@ -155,7 +212,7 @@ def test_copy_not_over_a_manifest_and_not_after_a_failed_copy() -> None:
 
 
 def test_a_failed_adopt_falls_back_to_a_replacing_conversion() -> None:
-    d = decide(SPEC, ME, pre(man(OLD)), frozenset(), [], adopt_allowed=False)
+    d = decide(SPEC, ME, pre(man(OLD, proven=True)), frozenset(), [], adopt_allowed=False)
     assert d.path == "Convert" and d.withdraw
 
 
@@ -225,7 +282,8 @@ def test_the_gate_stops_a_conversion_whose_pod_memory_is_below_the_estimate() ->
     # the gate never stands between a resource and its own published checkpoint
     adopt = Preflight(
         source=PIN, vllm_version="0.32.0", state="manifest", manifest=man(OLD,
-        identity=conversion_identity(small, PIN, "0.32.0")), config=LLAMA_70B
+        identity=conversion_identity(small, PIN, "0.32.0", namespace="ml"), proven=True),
+        config=LLAMA_70B
     )  # fmt: skip
     assert decide(small, ME, adopt, frozenset(), [], accelerator="cpu").path == "Adopt"
 

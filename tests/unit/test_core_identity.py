@@ -14,6 +14,7 @@ from preshard.core.identity import (
     files_digest,
     identity_document,
     is_identity,
+    normalise_endpoint,
 )
 from preshard.core.spec import parse_spec
 
@@ -26,8 +27,17 @@ PIN = SourcePin(None, "sha256:" + "1" * 64)
 VLLM = "0.32.0"
 
 
-def ident(spec: dict[str, Any], pin: SourcePin = PIN, vllm: str = VLLM, state: str = "raw") -> str:
-    return conversion_identity(parse_spec(spec), pin, vllm, state)
+def ident(
+    spec: dict[str, Any],
+    pin: SourcePin = PIN,
+    vllm: str = VLLM,
+    state: str = "raw",
+    namespace: str = "ml",
+) -> str:
+    s = parse_spec(spec)
+    return conversion_identity(
+        s, pin, vllm, state, namespace=namespace, source_endpoint=s.source.endpoint
+    )
 
 
 def with_(path: str, value: Any) -> dict[str, Any]:
@@ -44,8 +54,8 @@ def test_it_is_a_sha256_value_and_stable() -> None:
     a = ident(BASE)
     assert is_identity(a) and a == ident(copy.deepcopy(BASE))
     # pinned: a change of the canonical document is a change of every identity
-    assert a == conversion_identity(parse_spec(BASE), PIN, VLLM)
-    assert identity_document(parse_spec(BASE), PIN, VLLM)["identityVersion"] == 1
+    assert a == conversion_identity(parse_spec(BASE), PIN, VLLM, namespace="ml")
+    assert identity_document(parse_spec(BASE), PIN, VLLM, namespace="ml")["identityVersion"] == 2
 
 
 @pytest.mark.parametrize(
@@ -57,6 +67,8 @@ def test_it_is_a_sha256_value_and_stable() -> None:
         ("quantization", "fp8"),
         ("dtype", "bfloat16"),
         ("output.maxFileSize", "1Gi"),
+        # another store: the same bucket/prefix there is another source (issue 18)
+        ("source.endpoint", "http://other:9000"),
     ],
 )
 def test_conversion_fields_change_it(path: str, value: Any) -> None:
@@ -74,9 +86,10 @@ def test_vllm_version_and_state_format_change_it() -> None:
 
 
 def test_pipeline_parallel_changes_the_file_pattern_too() -> None:
-    doc = identity_document(parse_spec(with_("pipelineParallelSize", 2)), PIN, VLLM)
+    doc = identity_document(parse_spec(with_("pipelineParallelSize", 2)), PIN, VLLM, namespace="n")
     assert doc["filePattern"].startswith("model-pp-")
-    assert identity_document(parse_spec(BASE), PIN, VLLM)["filePattern"].startswith("model-rank-")
+    base = identity_document(parse_spec(BASE), PIN, VLLM, namespace="n")
+    assert base["filePattern"].startswith("model-rank-")
 
 
 @pytest.mark.parametrize(
@@ -87,7 +100,6 @@ def test_pipeline_parallel_changes_the_file_pattern_too() -> None:
         ("output.endpoint", "http://minio:9000"),
         ("output.region", "eu-west-1"),
         ("source.credentialsSecret", "src"),
-        ("source.endpoint", "http://other:9000"),
         ("source.region", "us-east-2"),
         ("verify", False),
         ("deletionPolicy", "Delete"),
@@ -107,10 +119,15 @@ def test_what_must_not_change_it(path: str, value: Any) -> None:
     assert ident(with_(path, value)) == ident(BASE)
 
 
-def test_owner_name_and_namespace_are_not_inputs() -> None:
-    # the function takes no owner, name, namespace or credentials at all; the same spec in
-    # two namespaces under two names gives one identity
-    assert ident(BASE) == ident(copy.deepcopy(BASE))
+def test_owner_and_name_are_not_inputs_and_the_namespace_only_for_pvc() -> None:
+    # the function takes no owner, name or credentials at all; an s3:// or hf:// source in
+    # two namespaces gives one identity (one store, the same objects) ...
+    assert ident(BASE, namespace="a") == ident(copy.deepcopy(BASE), namespace="b")
+    hf = with_("source.uri", "hf://org/model")
+    assert ident(hf, namespace="a") == ident(hf, namespace="b")
+    # ... a pvc:// claim name means another claim in each namespace (issue 18, finding 1)
+    pvc = with_("source.uri", "pvc://models/llama")
+    assert ident(pvc, namespace="a") != ident(pvc, namespace="b")
 
 
 def test_hf_branch_and_commit_pin_to_the_commit() -> None:
@@ -133,6 +150,27 @@ def test_files_digest_is_order_independent_and_sensitive() -> None:
     assert files_digest(a) != files_digest([("a.safetensors", 10, "e3"), ("config.json", 2, "e2")])
     assert files_digest(a) != files_digest([("b.safetensors", 10, "e1"), ("config.json", 2, "e2")])
     assert files_digest(a) != files_digest(a[:1])
+
+
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        (None, "https://s3.amazonaws.com"),
+        (None, "https://s3.eu-west-1.amazonaws.com/"),
+        ("https://s3.us-east-1.amazonaws.com", "https://s3.dualstack.us-east-1.amazonaws.com"),
+        ("http://MINIO:9000/", "http://minio:9000"),
+        ("https://minio.example:443", "https://minio.example"),
+        ("http://u:p@minio:9000", "http://minio:9000"),
+    ],
+)
+def test_endpoints_are_normalised(a: str | None, b: str) -> None:
+    assert normalise_endpoint(a) == normalise_endpoint(b)
+
+
+def test_different_stores_stay_different() -> None:
+    assert normalise_endpoint("http://minio:9000") != normalise_endpoint("http://minio:9001")
+    assert normalise_endpoint("http://minio:9000") != normalise_endpoint(None)
+    assert normalise_endpoint("http://a.example") != normalise_endpoint("https://a.example")
 
 
 def test_is_identity() -> None:

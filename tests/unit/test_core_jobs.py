@@ -212,8 +212,15 @@ GOLDEN_CASES: dict[str, Any] = {
     "conversion_job_s3_tp2": lambda: build_conversion_job(
         "tiny-tp2", NS, UID, parse_spec(S3_TP2), BASIC_CONFIG
     ),
+    # the conversion identity and the source content the preflight pinned (issue 18)
     "conversion_job_pvc_tp8_pp2_fp8": lambda: build_conversion_job(
-        "llama-70b-tp8-pp2", NS, UID, parse_spec(PVC_TP8_PP2_FP8), CLUSTER_CONFIG
+        "llama-70b-tp8-pp2",
+        NS,
+        UID,
+        parse_spec(PVC_TP8_PP2_FP8),
+        CLUSTER_CONFIG,
+        identity=IDENTITY,
+        source_digest="sha256:" + "d" * 64,
     ),
     "conversion_job_hf": lambda: build_conversion_job(
         "llama-8b", NS, UID, parse_spec(HF), CLUSTER_CONFIG
@@ -248,6 +255,7 @@ GOLDEN_CASES: dict[str, Any] = {
         identity=IDENTITY,
         expect_owner="ml/tiny-tp2/0ld-uid",
         expect_manifest_sha256="a" * 64,
+        source_digest="sha256:" + "d" * 64,
     ),
     "copy_job": lambda: build_copy_job(
         "tiny-tp2",
@@ -258,6 +266,7 @@ GOLDEN_CASES: dict[str, Any] = {
         identity=IDENTITY,
         source_uri="s3://preshard-checkpoints/tiny-llama/orig/",
         source_manifest_sha256="b" * 64,
+        source_digest="sha256:" + "d" * 64,
     ),
     "withdraw_job": lambda: build_withdraw_job(
         "tiny-tp2",

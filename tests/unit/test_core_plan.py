@@ -198,3 +198,25 @@ def test_manifest_from_the_plan() -> None:
     asked = manifest_for(parse_spec({**SPECS["hf"], "quantization": "fp8"}).plan(), files, facts)
     assert asked.quantization == "fp8"  # what was asked wins over what was detected
     assert manifest_for(plan, files, ConversionFacts("0.32.0")).source_revision == "v1.0"
+
+
+@pytest.mark.parametrize("pin", ["sha256:" + "ab" * 32, "c" * 40])
+def test_the_source_pin_travels_from_the_job_to_the_worker(pin: str) -> None:
+    spec = parse_spec(
+        {"source": {"uri": "hf://org/m@main"}, "tensorParallelSize": 2,
+         "output": {"uri": "s3://out/m/"}}
+    )  # fmt: skip
+    args = conversion_args("m", "ns", "uid", spec, "sha256:" + "1" * 64, pin)
+    assert args[args.index("--source-digest") + 1] == pin
+    ns = build_parser().parse_args(args)
+    assert ConvertRequest.from_args(ns).plan.source_digest == pin
+    plan = ConversionPlan.from_argv(args[1 : args.index("--work-dir")])
+    assert plan.source_digest == pin and plan.to_argv() == args[1 : args.index("--work-dir")]
+    assert "--source-digest" not in conversion_args("m", "ns", "uid", spec)
+
+
+@pytest.mark.parametrize("bad", ["main", "sha256:xyz", "sha256:" + "A" * 64, "c" * 39])
+def test_a_malformed_source_pin_is_refused(bad: str) -> None:
+    argv = ["--source", "hf://o/m", "-tp", "1", "--output", "s3://out/p/", "--source-digest", bad]
+    with pytest.raises(SpecError, match="--source-digest"):
+        ConversionPlan.from_argv(argv)

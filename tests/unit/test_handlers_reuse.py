@@ -24,7 +24,8 @@ SPEC = {
     "output": {"uri": "s3://out/llama/", "credentialsSecret": "s3"},
 }
 DIGEST = "sha256:" + "1" * 64
-IDENTITY = conversion_identity(parse_spec(SPEC), SourcePin(None, DIGEST), "0.32.0")
+IDENTITY = conversion_identity(parse_spec(SPEC), SourcePin(None, DIGEST), "0.32.0", namespace="ml")
+OLD_SHA = "a" * 64
 ARTIFACT = {
     "uri": "s3://out/llama/",
     "manifestUri": "s3://out/llama/preshard-manifest.json",
@@ -56,8 +57,15 @@ FAILED = {"conditions": [{"type": "Failed", "status": "True", "reason": "PodFail
 class Fake:
     """Jobs by name; each component finishes with (job status, Result) when created."""
 
-    def __init__(self, outcomes: dict[str, tuple[dict[str, Any], Result | None]]) -> None:
-        self.svc = Service(api=self, config=OperatorConfig(preflight=True))  # type: ignore[arg-type]
+    def __init__(
+        self,
+        outcomes: dict[str, tuple[dict[str, Any], Result | None]],
+        config: OperatorConfig | None = None,
+    ) -> None:
+        config = config or OperatorConfig(preflight=True, operator_namespace="preshard-system")
+        self.svc = Service(api=self, config=config)  # type: ignore[arg-type]
+        # the operator's ledger (ConfigMap preshard-system/preshard-ledger): sha -> owner
+        self.ledger: dict[str, str] = {}
         self.outcomes = outcomes
         self.jobs: dict[str, dict[str, Any]] = {}
         self.status: dict[str, Any] = {}
@@ -95,6 +103,14 @@ class Fake:
     def apply_configmap(self, cm: dict[str, Any], uid: str) -> bool:
         self.configmaps.append(cm["metadata"]["name"])
         return True
+
+    def read_configmap_data(self, ns: str, name: str) -> dict[str, str] | None:
+        assert (ns, name) == ("preshard-system", "preshard-ledger")
+        return dict(self.ledger)
+
+    def merge_configmap_data(self, ns: str, name: str, data: dict[str, str]) -> None:
+        assert (ns, name) == ("preshard-system", "preshard-ledger")
+        self.ledger.update(data)
 
     def pod_progress(self, ns: str, pod: str) -> None:
         return None
@@ -160,12 +176,18 @@ def test_gone_owner_same_identity_is_adopted_without_a_conversion_job(
             "adopt": (COMPLETE, Result("Succeeded", artifact=ARTIFACT)),
         }),
     )  # fmt: skip
+    fake.ledger[OLD_SHA] = "ml/llama/uid-old"  # the operator saw it published
     reconcile.reconcile(fake.svc, body(), {}, {})
     assert not fake.by_component("converter")
     (adopt,) = fake.by_component("adopt")
     args = adopt["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--expect-owner") + 1] == "ml/llama/uid-old"
     assert args[args.index("--expect-identity") + 1] == IDENTITY
+    # checked against this resource's own source, exactly the pinned content
+    assert args[args.index("--against") + 1] == "s3://models/llama/"
+    assert args[args.index("--source-digest") + 1] == DIGEST
+    # and the adopted manifest is now recorded as this resource's
+    assert fake.ledger[ARTIFACT["manifestSha256"]] == f"ml/llama/{UID}"
     assert fake.status["path"] == "Adopted" and ready_of(fake)["reason"] == "Adopted"
     assert fake.status["identity"] == IDENTITY and "decision" not in fake.status
     assert fake.configmaps == ["llama-serving"]
@@ -202,13 +224,73 @@ def test_an_owner_in_a_namespace_we_may_not_read_counts_as_living(
     assert "team-b" not in ready_of(fake)["message"]
 
 
+def test_a_planted_manifest_is_not_adopted_and_its_objects_are_not_withdrawn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # finding 4: a manifest claiming this identity, with a gone owner, that the operator
+    # never saw published (no ledger entry): withdraw the manifest alone, then convert
+    man = {"owner": "ml/llama/uid-old", "identity": IDENTITY, "sha256": OLD_SHA, "complete": True}
+    fake = install(
+        monkeypatch,
+        Fake({
+            "preflight": (COMPLETE, Result("Succeeded", artifact=findings(man))),
+            "withdraw": (COMPLETE, Result("Succeeded", artifact={"uri": "s3://out/llama/"})),
+        }),
+    )  # fmt: skip
+    fake.ledger[OLD_SHA] = "ml/someone-else/uid-x"  # another owner: proves nothing here
+    reconcile.reconcile(fake.svc, body(), {}, {})
+    assert not fake.by_component("adopt")
+    (withdraw,) = fake.by_component("withdraw")
+    wargs = withdraw["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--delete-listed" not in wargs
+    (conv,) = fake.by_component("converter")
+    args = conv["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--source-digest") + 1] == DIGEST
+
+
+def test_a_proven_manifest_of_another_identity_is_withdrawn_with_its_objects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    man = {"owner": "ml/llama/uid-old", "identity": "sha256:" + "0" * 64, "sha256": OLD_SHA,
+           "complete": True}  # fmt: skip
+    fake = install(
+        monkeypatch,
+        Fake({
+            "preflight": (COMPLETE, Result("Succeeded", artifact=findings(man))),
+            "withdraw": (COMPLETE, Result("Succeeded", artifact={"uri": "s3://out/llama/"})),
+        }),
+    )  # fmt: skip
+    fake.ledger[OLD_SHA] = "ml/llama/uid-old"
+    reconcile.reconcile(fake.svc, body(), {}, {})
+    (withdraw,) = fake.by_component("withdraw")
+    assert "--delete-listed" in withdraw["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert len(fake.by_component("converter")) == 1
+
+
+def test_no_copy_from_another_namespace_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # finding 1: a Ready twin of another namespace is never offered (nor named) unless the
+    # admin's copy policy says the two namespaces trust each other
+    fake = install(
+        monkeypatch, Fake({"preflight": (COMPLETE, Result("Succeeded", artifact=findings()))})
+    )
+    twin = ReadyCheckpoint("team-b/secret", "uid-t", "s3://out/team-b-secret/", "e" * 64, None)
+    reconcile.reconcile(fake.svc, body(), {}, {IDENTITY: [twin]})
+    assert not fake.by_component("copy")
+    (conv,) = fake.by_component("converter")
+    assert "team-b" not in repr(conv) and "team-b" not in repr(fake.status)
+    assert not any("team-b" in m for _, _, m in fake.events)
+
+
 def test_a_copy_that_is_denied_falls_back_to_a_conversion(monkeypatch: pytest.MonkeyPatch) -> None:
+    trust = OperatorConfig(
+        preflight=True, operator_namespace="preshard-system", copy_trust=(("ml", "team-b"),)
+    )
     fake = install(
         monkeypatch,
         Fake({
             "preflight": (COMPLETE, Result("Succeeded", artifact=findings())),
             "copy": (FAILED, Result("Failed", "AccessDenied", "cannot read s3://out/team-b-secret/")),
-        }),
+        }, trust),
     )  # fmt: skip
     twin = ReadyCheckpoint("team-b/secret", "uid-t", "s3://out/team-b-secret/", "e" * 64, None)
     reconcile.reconcile(fake.svc, body(), {}, {IDENTITY: [twin]})
@@ -236,6 +318,7 @@ def test_a_failed_adopt_withdraws_and_converts(monkeypatch: pytest.MonkeyPatch) 
             "withdraw": (COMPLETE, Result("Succeeded", artifact={"uri": "s3://out/llama/"})),
         }),
     )  # fmt: skip
+    fake.ledger[OLD_SHA] = "ml/llama/uid-old"
     reconcile.reconcile(fake.svc, body(), {}, {})
     assert len(fake.by_component("withdraw")) == 1
     assert len(fake.by_component("converter")) == 1
@@ -253,6 +336,7 @@ def test_an_output_that_changed_under_a_step_gets_a_new_preflight(
             "adopt": (FAILED, Result("Failed", "OutputChanged", "the manifest changed")),
         }),
     )  # fmt: skip
+    fake.ledger[OLD_SHA] = "ml/llama/uid-old"
     reconcile.reconcile(fake.svc, body(), {}, {})
     preflights = fake.by_component("preflight")
     assert len(preflights) == 3  # MAX_ROUNDS, then the adopt failure counts as such
@@ -266,8 +350,9 @@ def test_a_conversion_becomes_converted_with_its_duration(monkeypatch: pytest.Mo
     new = {**old, "artifact": ARTIFACT,
            "conditions": [{"type": "Ready", "status": "True", "reason": "Published"}]}  # fmt: skip
     fake = install(monkeypatch, Fake({}))
-    marked = reuse.after_sync(body(), old, new)
+    marked = reuse.after_sync(body(), old, new, fake.svc)
     assert marked["path"] == "Converted" and marked["durationSeconds"] == 65
+    assert fake.ledger == {ARTIFACT["manifestSha256"]: f"ml/llama/{UID}"}
     assert "decision" not in marked
     assert [(r, m) for _, r, m in fake.events] == [
         ("Converted", "converted at s3://out/llama/ in 65 s")

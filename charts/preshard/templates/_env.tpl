@@ -62,4 +62,8 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
   value: {{ .Values.converter.cpuNodeSelector | toJson | quote }}
 - name: PRESHARD_CONVERTER_CPU_TOLERATIONS
   value: {{ .Values.converter.cpuTolerations | toJson | quote }}
+- name: PRESHARD_COPY_TRUST
+  value: {{ .Values.converter.policy.copyTrust | toJson | quote }}
+- name: PRESHARD_OPERATOR_NAMESPACE
+  value: {{ .Release.Namespace | quote }}
 {{- end }}

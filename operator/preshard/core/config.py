@@ -75,6 +75,24 @@ class OperatorConfig:
     # placement of accelerator: cpu Jobs (the defaults above usually point at GPU nodes)
     default_cpu_node_selector: tuple[tuple[str, str], ...] = ()
     default_cpu_tolerations: tuple[Mapping[str, Any], ...] = ()
+    # groups of namespaces that trust each other with Copy (PRESHARD_COPY_TRUST, the
+    # chart's converter.policy.copyTrust): a resource may copy a Ready checkpoint of its
+    # own namespace, and of a namespace that shares a group with it ("*": every
+    # namespace). Empty (the default): its own namespace only.
+    copy_trust: tuple[tuple[str, ...], ...] = ()
+    # the operator's own namespace (PRESHARD_OPERATOR_NAMESPACE, the chart sets it from
+    # the Downward API): where its ledger of published manifests lives
+    # (preshard.service.ledger); None: no ledger, nothing is adopted
+    operator_namespace: str | None = None
+
+    def copy_sources_for(self, namespace: str) -> frozenset[str]:
+        """The other namespaces ``namespace`` may copy from ("*": any)."""
+        out: set[str] = set()
+        for group in self.copy_trust:
+            if namespace in group or "*" in group:
+                out |= set(group)
+        out.discard(namespace)
+        return frozenset(out)
 
     @property
     def cluster_wide(self) -> bool:
@@ -252,6 +270,20 @@ class OperatorConfig:
                     parse_output_uri(uri)
                 except URIError as exc:
                     raise ValueError(f"PRESHARD_OUTPUT_PREFIXES[{key!r}]: {exc}") from None
+        try:
+            trust = json_value("PRESHARD_COPY_TRUST", list)
+        except ValueError as exc:
+            raise ValueError(f"PRESHARD_COPY_TRUST: {exc}") from None
+        for group in trust:
+            if (
+                not isinstance(group, list)
+                or not all(isinstance(n, str) for n in group)
+                or not all(n == "*" or _NAME_RE.fullmatch(n) for n in group)
+            ):
+                raise ValueError(
+                    "PRESHARD_COPY_TRUST must be a list of lists of namespace names (or '*'), "
+                    f"not {group!r}"
+                )
         lookup = get("PRESHARD_SECRET_CHECK") or SECRET_CHECKS[0]
         if lookup not in SECRET_CHECKS:
             raise ValueError(f"PRESHARD_SECRET_CHECK={lookup!r} must be metadata or off")
@@ -289,4 +321,6 @@ class OperatorConfig:
             check_secrets=lookup == SECRET_CHECKS[0],
             default_cpu_node_selector=tuple(sorted(cpu_node_selector.items())),
             default_cpu_tolerations=tuple(cpu_tolerations),
+            copy_trust=tuple(tuple(sorted(set(g))) for g in trust if g),
+            operator_namespace=get("PRESHARD_OPERATOR_NAMESPACE"),
         )

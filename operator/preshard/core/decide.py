@@ -11,13 +11,19 @@ living owners the operator found in the API and the Ready checkpoints of the clu
    ``OutputOverlapsCheckpoint``: a checkpoint of another, gone owner lies above or below
    the prefix (converting would delete or shadow it): refused too, the user chooses.
 2. ``Adopt``: the prefix holds a complete checkpoint with this identity, recorded by a
-   gone owner (or by this resource): verify it without accelerators, then take it over.
-3. ``Copy``: another Ready checkpoint in the cluster (same endpoint) has this identity:
-   server-side copy with this resource's own credentials.
+   gone owner that the operator saw publish exactly that manifest (its ledger,
+   :mod:`preshard.service.ledger`), or by this resource: verify it against the manifest
+   and against this resource's own source (``verify --against``, no accelerator), then
+   take it over. A manifest the operator cannot prove (planted) is never adopted.
+3. ``Copy``: another Ready checkpoint with this identity in this namespace, or in a
+   namespace the admin's copy policy trusts (``converter.policy.copyTrust``), on the same
+   endpoint: server-side copy with this resource's own credentials, checked against this
+   resource's own source before its manifest is written.
 4. *gate* (one marked place, see :func:`gate`): a check that can stop a conversion with
    a Ready=False condition before any accelerator is requested.
 5. ``Convert``: convert; a checkpoint of another identity whose owner is gone (or is this
-   resource) is replaced safely: its manifest is withdrawn first.
+   resource) is replaced safely: its manifest is withdrawn first (with the objects it
+   lists only when the operator saw that manifest published; else the manifest alone).
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ class OutputManifest:
     sha256: str
     etag: str | None = None
     complete: bool = False  # every listed object exists with its size
+    # the operator's ledger records this manifest (sha256) as published by this owner
+    # (set by the service, never from the preflight's report)
+    proven: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class Overlap:
     key: str  # the other manifest's key (relative names only: same bucket)
     owner: str | None
     relation: Literal["nested", "parent"]
+    kind: Literal["manifest", "publication"] = "manifest"  # an unfinished publication
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,11 @@ def parse_preflight(data: dict[str, Any] | None) -> Preflight:
     overlaps = []
     for o in out.get("overlapping") or []:
         if isinstance(o, dict) and o.get("relation") in ("nested", "parent"):
-            overlaps.append(Overlap(str(o.get("key", "")), _opt(o, "owner"), o["relation"]))
+            key, owner = str(o.get("key", ""))[:1024], _opt(o, "owner")
+            if o.get("kind") == "publication":
+                overlaps.append(Overlap(key, owner, o["relation"], "publication"))
+            else:
+                overlaps.append(Overlap(key, owner, o["relation"]))
     from preshard.core.estimate import model_config
 
     # tenant input: typed and bounded before anything counts with it (issue 18)
@@ -197,6 +211,9 @@ class Decision:
     expect_manifest_sha256: str | None = None
     # Convert over a gone owner's checkpoint of another identity: withdraw it first
     withdraw: bool = False
+    # the withdraw also deletes the objects the manifest lists (only a manifest the
+    # operator saw published: a planted one could list anybody's objects)
+    withdraw_listed: bool = False
     # Copy
     copy_from: ReadyCheckpoint | None = None
 
@@ -290,20 +307,45 @@ def decide(
     ready: list[ReadyCheckpoint],
     *,
     output_endpoint: str | None = None,
+    source_endpoint: str | None = None,
+    copy_from_namespaces: frozenset[str] = frozenset(),
     copy_allowed: bool = True,
     adopt_allowed: bool = True,
     accelerator: str = "gpu",
 ) -> Decision:
     """``me`` is this resource's owner string (namespace/name/uid); ``living_owners`` the
     owner strings of :meth:`Preflight.owners` that the operator found alive; ``ready``
-    the Ready checkpoints with this identity; ``copy_allowed``/``adopt_allowed`` False
-    after that path failed once (falls through to Convert)."""
-    identity = conversion_identity(spec, preflight.source, preflight.vllm_version)
+    the Ready checkpoints with this identity; ``copy_from_namespaces`` the OTHER
+    namespaces the copy policy lets this one copy from (``*``: any; its own always);
+    ``copy_allowed``/``adopt_allowed`` False after that path failed once (falls through
+    to Convert)."""
+    my_ns = me.split("/", 1)[0]
+    identity = conversion_identity(
+        spec,
+        preflight.source,
+        preflight.vllm_version,
+        namespace=my_ns,
+        source_endpoint=source_endpoint,
+    )
     out = str(spec.output.parsed)
     for o in preflight.overlaps:
         if o.owner == me:
             continue
         where = "below" if o.relation == "nested" else "above"
+        if o.kind == "publication" and o.relation == "nested":
+            # another owner's unfinished publication below: its objects are not listed by
+            # any manifest yet, and a step here must never delete or shadow them
+            return Decision(
+                "OutputOwnedByOther"
+                if not _owner_gone(o.owner, me, living_owners)
+                else "OutputOverlapsCheckpoint",
+                identity,
+                "OutputOwnedByOther"
+                if not _owner_gone(o.owner, me, living_owners)
+                else "OutputOverlapsCheckpoint",
+                f"an unfinished publication lies below output {out} ({o.key}); preshard never "
+                "writes over another owner's objects: choose another spec.output.uri",
+            )
         if not _owner_gone(o.owner, me, living_owners):
             return Decision(
                 "OutputOwnedByOther",
@@ -342,7 +384,13 @@ def decide(
                 f"{_describe(man.owner or '', me)}, which still exists; choose another "
                 "spec.output.uri (preshard never overwrites another owner's checkpoint)",
             )
-        if adopt_allowed and man.complete and man.identity == identity and is_identity(identity):
+        if (
+            adopt_allowed
+            and man.complete
+            and man.identity == identity
+            and is_identity(identity)
+            and (man.proven or man.owner == me)
+        ):
             return Decision(
                 "Adopt",
                 identity,
@@ -358,17 +406,22 @@ def decide(
                 r
                 for r in ready
                 if r.endpoint == output_endpoint
+                and (
+                    r.namespace == my_ns
+                    or "*" in copy_from_namespaces
+                    or r.namespace in copy_from_namespaces
+                )
                 and r.uid != _uid(me)
                 and not _overlap(r.uri, out)
                 and r.manifest_sha256
             ),
-            key=lambda r: (r.namespace != me.split("/", 1)[0], r.ref, r.uid),
+            key=lambda r: (r.namespace != my_ns, r.ref, r.uid),
         )
         if candidates and man is None:
             src = candidates[0]
             # another namespace's prefix is not named before the copy proved that this
             # resource's credentials read it
-            where = f" at {src.uri}" if src.namespace == me.split("/", 1)[0] else ""
+            where = f" at {src.uri}" if src.namespace == my_ns else ""
             return Decision(
                 "Copy",
                 identity,
@@ -395,6 +448,7 @@ def decide(
         expect_owner=man.owner if withdraw and man else None,
         expect_manifest_sha256=man.sha256 if withdraw and man else None,
         withdraw=withdraw,
+        withdraw_listed=withdraw and man is not None and man.proven,
     )
 
 

@@ -3,19 +3,24 @@ checkpoint.
 
 ``sha256:<hex>`` over a canonical JSON of exactly what determines the published bytes:
 
-* the source: its URI (normalised) and what pins its content: the resolved revision
-  (``hf://`` commit) and the digest of the source files (names, sizes and ETags for S3;
-  sha256 of every file for PVC and local sources), as the preflight Job reported them;
+* the source: its URI (normalised), where it lives and what pins its content: the S3
+  endpoint of an ``s3://`` source (normalised: the AWS endpoints are one store), the
+  namespace of a ``pvc://`` source (a claim name means another claim in each namespace),
+  the resolved revision (``hf://`` commit) and the digest of the source files (names,
+  sizes and ETags for S3; sha256 of every file for PVC and local sources), as the
+  preflight Job reported them (``preshard convert --source-digest`` then refuses a source
+  that differs: SourceChanged);
 * tensor- and pipeline-parallel size, quantization, dtype;
 * the state format (``raw``: weights before ``process_weights_after_loading``);
 * the vLLM version of the converter image (shards are written by that vLLM's model code);
 * the file pattern and ``maxFileSize`` (they decide the file names and splits).
 
 Not part of it, by design (tests pin each): the owner, the resource's name and namespace,
-the output prefix, credentials, endpoints and regions, ``verify``, ``deletionPolicy`` and
-the converter's resources, image pull policy, node placement and environment. Two
-resources that differ only in those get the same checkpoint, so one may adopt or copy the
-other's.
+the output prefix, credentials, the output's endpoint and the regions, ``verify``,
+``deletionPolicy`` and the converter's resources, image pull policy, node placement and
+environment. Two resources that differ only in those get the same checkpoint, so one may
+adopt or copy the other's (where the operator's copy policy allows it, and only after the
+copy was checked against the requester's own source: docs/security.md).
 
 A ``formatVersion`` field inside the hashed document lets a future preshard change what
 counts without two different meanings sharing one value.
@@ -25,14 +30,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from preshard.core.contract import STATE_RAW
 from preshard.core.spec import CheckpointSpec
 
-IDENTITY_VERSION = 1
+IDENTITY_VERSION = 2
 PREFIX = "sha256:"
+AWS = "aws"  # every AWS S3 endpoint (and no endpoint at all) reaches one bucket namespace
+_AWS_HOST = re.compile(r"^s3([.-](dualstack\.)?[a-z0-9-]+)?\.amazonaws\.com(\.cn)?$")
 
 
 @dataclass(frozen=True)
@@ -43,11 +52,52 @@ class SourcePin:
     digest: str  # "sha256:<hex>" of the file list, or the commit for hf://
 
 
+def normalise_endpoint(url: str | None) -> str:
+    """One spelling per S3 store: lower-case scheme and host, no credentials, no default
+    port, no trailing slash; every AWS S3 endpoint (and none) is ``aws``."""
+    if not url:
+        return AWS
+    parts = urlsplit(url.strip())
+    host = (parts.hostname or "").lower()
+    if _AWS_HOST.match(host):
+        return AWS
+    scheme = (parts.scheme or "https").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None and (scheme, port) not in (("http", 80), ("https", 443)):
+        host = f"{host}:{port}"
+    path = parts.path.rstrip("/")
+    return f"{scheme}://{host}{path}"
+
+
+def source_location(
+    spec: CheckpointSpec, namespace: str, source_endpoint: str | None
+) -> dict[str, Any]:
+    """Where the source lives, beyond its URI: the store of an ``s3://`` source, the
+    namespace of a ``pvc://`` claim (nothing more for ``hf://``: the commit pins it)."""
+    src = spec.source.parsed
+    if src.scheme == "s3":
+        return {"endpoint": normalise_endpoint(source_endpoint)}
+    if src.scheme == "pvc":
+        return {"namespace": namespace}
+    return {}
+
+
 def identity_document(
-    spec: CheckpointSpec, source: SourcePin, vllm_version: str, state_format: str = STATE_RAW
+    spec: CheckpointSpec,
+    source: SourcePin,
+    vllm_version: str,
+    state_format: str = STATE_RAW,
+    *,
+    namespace: str,
+    source_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """The canonical document the identity hashes (also useful to explain a mismatch):
-    the spec's conversion plan (preshard.core.plan) and what pins its inputs."""
+    the spec's conversion plan (preshard.core.plan) and what pins its inputs.
+    ``namespace``: the resource's; ``source_endpoint``: the S3 endpoint the source is
+    read from (the spec's source endpoint, else the output's, else the default)."""
     plan = spec.plan()
     src = plan.source
     return {
@@ -56,6 +106,7 @@ def identity_document(
             # hf://org/name@branch and @commit resolve to one commit: the URI without the
             # revision plus the commit is what pins it.
             "uri": f"hf://{src.authority}" if src.scheme == "hf" else str(src),
+            **source_location(spec, namespace, source_endpoint),
             "revision": source.revision,
             "digest": source.digest,
         },
@@ -70,9 +121,22 @@ def identity_document(
 
 
 def conversion_identity(
-    spec: CheckpointSpec, source: SourcePin, vllm_version: str, state_format: str = STATE_RAW
+    spec: CheckpointSpec,
+    source: SourcePin,
+    vllm_version: str,
+    state_format: str = STATE_RAW,
+    *,
+    namespace: str,
+    source_endpoint: str | None = None,
 ) -> str:
-    doc = identity_document(spec, source, vllm_version, state_format)
+    doc = identity_document(
+        spec,
+        source,
+        vllm_version,
+        state_format,
+        namespace=namespace,
+        source_endpoint=source_endpoint,
+    )
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return PREFIX + hashlib.sha256(blob.encode()).hexdigest()
 

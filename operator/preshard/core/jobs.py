@@ -101,6 +101,12 @@ def output_endpoint(spec: CheckpointSpec, config: OperatorConfig) -> str | None:
     return spec.output.endpoint or config.default_s3_endpoint
 
 
+def source_endpoint(spec: CheckpointSpec, config: OperatorConfig) -> str | None:
+    """The S3 endpoint an ``s3://`` source is read from: its own, else the output's (the
+    worker falls back to AWS_ENDPOINT_URL_S3), else the default (None: AWS)."""
+    return spec.source.endpoint or output_endpoint(spec, config)
+
+
 def job_service_account(namespace: str, spec: CheckpointSpec, config: OperatorConfig) -> str:
     """The conversion (and purge) pod's ServiceAccount: the spec's (the policy checked it)
     or the namespace's own converter ServiceAccount."""
@@ -209,11 +215,19 @@ def _accelerator_env(spec: CheckpointSpec, config: OperatorConfig) -> list[dict[
 
 
 def conversion_args(
-    name: str, namespace: str, uid: str, spec: CheckpointSpec, identity: str | None = None
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: CheckpointSpec,
+    identity: str | None = None,
+    source_digest: str | None = None,
 ) -> list[str]:
     """``preshard convert`` with the resource's conversion plan (core.plan), then the pod's
-    own flags (scratch directory, progress lines)."""
-    plan = spec.plan(owner=owner_arg(name, namespace, uid), identity=identity)
+    own flags (scratch directory, progress lines). ``source_digest``: the source content
+    the preflight pinned (the conversion refuses a source that differs)."""
+    plan = spec.plan(
+        owner=owner_arg(name, namespace, uid), identity=identity, source_digest=source_digest
+    )
     return ["convert", *plan.to_argv(), "--work-dir", WORK_DIR, "--progress", "lines"]
 
 
@@ -315,6 +329,7 @@ def build_conversion_job(
     spec: CheckpointSpec,
     config: OperatorConfig,
     identity: str | None = None,
+    source_digest: str | None = None,
 ) -> dict[str, Any]:
     spec_hash = spec.conversion_hash()
     converter = spec.converter
@@ -341,7 +356,7 @@ def build_conversion_job(
         CONTAINER,
         converter_image(spec, config),
         converter.image_pull_policy or config.image_pull_policy,
-        conversion_args(name, namespace, uid, spec, identity),
+        conversion_args(name, namespace, uid, spec, identity, source_digest),
         env,
         _resources(spec, config),
         mounts,
@@ -494,6 +509,8 @@ REUSE_RESOURCES = {
     "requests": {"cpu": "250m", "memory": "256Mi"},
     "limits": {"memory": "1Gi"},
 }
+# adopt and copy check the checkpoint against the source (verify --against)
+VERIFY_MEMORY = {"requests": "1Gi", "limits": "8Gi"}
 REUSE_DEADLINE_SECONDS = 3600
 REUSE_TTL_SECONDS = 3600
 
@@ -517,12 +534,17 @@ def _reuse_job(
     args: list[str],
     *extra: str,
     source_access: bool = False,
+    verifies: bool = False,
 ) -> dict[str, Any]:
+    """``verifies``: the step checks a checkpoint against the source (``verify
+    --against``): it downloads both into its work dir (the conversion's size) and holds
+    a few tensors in memory (the spec's converter memory request and limit apply)."""
     spec_hash = spec.conversion_hash()
     lbl = labels(name, component, spec_hash)
+    work_size = (spec.converter.work_dir_size or config.work_dir_size) if verifies else "1Gi"
     volumes: list[dict[str, Any]] = [
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-        {"name": "work", "emptyDir": {"sizeLimit": "1Gi"}},
+        {"name": "work", "emptyDir": {"sizeLimit": work_size}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "tmp", "mountPath": "/tmp"},
@@ -548,7 +570,7 @@ def _reuse_job(
         spec.converter.image_pull_policy or config.image_pull_policy,
         args,
         env,
-        copy.deepcopy(REUSE_RESOURCES),
+        _verify_resources(spec) if verifies else copy.deepcopy(REUSE_RESOURCES),
         mounts,
     )
     job = reuse_job_name(name, uid, component, spec_hash, *extra)
@@ -568,6 +590,31 @@ def _reuse_job(
             },
         },
     }
+
+
+def _verify_resources(spec: CheckpointSpec) -> dict[str, Any]:
+    """A verifying step's resources: no accelerator; the memory the spec gives its
+    converter (verify --against holds about four of the largest tensors), else
+    VERIFY_MEMORY (a pod killed for memory fails the step: the resource converts)."""
+    user = spec.converter.resources or {}
+    req_mem = (user.get("requests") or {}).get("memory")
+    lim_mem = (user.get("limits") or {}).get("memory")
+    return {
+        "requests": {
+            "cpu": REUSE_RESOURCES["requests"]["cpu"],
+            "memory": str(req_mem or VERIFY_MEMORY["requests"]),
+        },
+        "limits": {"memory": str(lim_mem or VERIFY_MEMORY["limits"])},
+    }
+
+
+def _against_args(spec: CheckpointSpec, source_digest: str | None) -> list[str]:
+    """The requester's own source, and the content the preflight pinned, for the step's
+    ``verify --against`` check (read with this resource's source credentials)."""
+    args = ["--against", spec.source.uri]
+    if source_digest:
+        args += ["--source-digest", source_digest]
+    return args
 
 
 def _step_args(
@@ -622,12 +669,17 @@ def build_adopt_job(
     identity: str,
     expect_owner: str | None,
     expect_manifest_sha256: str,
+    source_digest: str | None = None,
 ) -> dict[str, Any]:
+    """Verifies the checkpoint against its manifest and against this resource's own
+    source (source credentials and PVC mount, as the preflight) before taking it over."""
     args = _step_args("adopt", name, namespace, uid, spec, expect_owner)
     args += ["--expect-identity", identity, "--expect-manifest-sha256", expect_manifest_sha256]
+    args += _against_args(spec, source_digest)
     return _reuse_job(
-        name, namespace, uid, spec, config, "adopt", args, identity, expect_manifest_sha256
-    )
+        name, namespace, uid, spec, config, "adopt", args, identity, expect_manifest_sha256,
+        source_access=True, verifies=True,
+    )  # fmt: skip
 
 
 def build_copy_job(
@@ -640,9 +692,13 @@ def build_copy_job(
     identity: str,
     source_uri: str,
     source_manifest_sha256: str,
+    source_digest: str | None = None,
 ) -> dict[str, Any]:
     """Copies with the NEW resource's output credentials only: a prefix they cannot read
-    fails with AccessDenied (the operator then converts)."""
+    fails with AccessDenied (the operator then converts). The copy is checked against
+    this resource's own source (``--against``) before its manifest is written.
+    ``source_uri`` is another resource's prefix only where the copy policy lets the two
+    namespaces trust each other (core.config.OperatorConfig.copy_trust)."""
     args = [
         "copy",
         "--from",
@@ -655,10 +711,11 @@ def build_copy_job(
         identity,
         "--expect-manifest-sha256",
         source_manifest_sha256,
+        *_against_args(spec, source_digest),
     ]
     return _reuse_job(
         name, namespace, uid, spec, config, "copy", args, identity, source_uri,
-        source_manifest_sha256,
+        source_manifest_sha256, source_access=True, verifies=True,
     )  # fmt: skip
 
 
@@ -671,7 +728,15 @@ def build_withdraw_job(
     *,
     expect_owner: str | None,
     expect_manifest_sha256: str,
+    delete_listed: bool = False,
 ) -> dict[str, Any]:
+    """``delete_listed``: also delete the objects the manifest lists (only for a manifest
+    the operator's ledger proves; a planted one could list anybody's objects)."""
     args = _step_args("withdraw", name, namespace, uid, spec, expect_owner)
     args += ["--expect-manifest-sha256", expect_manifest_sha256]
-    return _reuse_job(name, namespace, uid, spec, config, "withdraw", args, expect_manifest_sha256)
+    if delete_listed:
+        args.append("--delete-listed")
+    return _reuse_job(
+        name, namespace, uid, spec, config, "withdraw", args, expect_manifest_sha256,
+        *(("listed",) if delete_listed else ()),
+    )  # fmt: skip

@@ -92,6 +92,20 @@ def check_engine(value: str) -> str:
     return value
 
 
+def check_source_digest(value: str | None) -> str | None:
+    """``sha256:<64 hex>`` (a files digest) or a 40-hex commit (an hf:// source)."""
+    if value is None:
+        return value
+    hexdigits = "0123456789abcdef"
+    body = value[len("sha256:") :] if value.startswith("sha256:") else value
+    want = 64 if value.startswith("sha256:") else 40
+    if len(body) != want or any(c not in hexdigits for c in body):
+        raise SpecError(
+            f"--source-digest must be sha256:<64 hex digits> or a 40-digit commit (got {value!r})"
+        )
+    return value
+
+
 def check_max_file_size(value: int, what: str = "maxFileSize") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise SpecError(f"{what} must be a positive number of bytes (got {value!r})")
@@ -197,12 +211,16 @@ class ConversionPlan:
     identity: str | None = None  # preshard.core.identity, recorded in the manifest
     state_format: str = STATE_RAW
     engine: str = "auto"  # ENGINES
+    # the source content the operator's preflight pinned (core.identity: files digest, or
+    # the hf:// commit): the conversion refuses a source that differs (SourceChanged)
+    source_digest: str | None = None
 
     def __post_init__(self) -> None:
         check_quantization(self.quantization)
         check_engine(self.engine)
         check_dtype(self.dtype)
         check_max_file_size(self.max_file_size)
+        check_source_digest(self.source_digest)
         if self.state_format not in STATE_FORMATS:
             raise SpecError(f"unknown state format {self.state_format!r}")
         if self.output.scheme not in ("s3", "file"):
@@ -231,7 +249,12 @@ class ConversionPlan:
     # -- from the resource
     @classmethod
     def from_spec(
-        cls, spec: CheckpointSpec, *, owner: str | None = None, identity: str | None = None
+        cls,
+        spec: CheckpointSpec,
+        *,
+        owner: str | None = None,
+        identity: str | None = None,
+        source_digest: str | None = None,
     ) -> ConversionPlan:
         return cls(
             source=spec.source.parsed,
@@ -243,6 +266,7 @@ class ConversionPlan:
             verify=spec.verify,
             owner=owner,
             identity=identity,
+            source_digest=source_digest,
         )
 
     # -- to and from the worker's command line
@@ -271,6 +295,8 @@ class ConversionPlan:
             argv += ["--owner", self.owner]
         if self.identity:
             argv += ["--identity", self.identity]
+        if self.source_digest:
+            argv += ["--source-digest", self.source_digest]
         if self.engine != "auto":
             argv += ["--engine", self.engine]
         return argv
@@ -308,6 +334,7 @@ class ConversionPlan:
             owner=ns.owner or None,
             identity=ns.identity or None,
             engine=check_engine(getattr(ns, "engine", None) or "auto"),
+            source_digest=check_source_digest(getattr(ns, "source_digest", None) or None),
         )
 
     # -- what a published checkpoint says about itself
@@ -389,6 +416,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="conversion identity recorded in the manifest (sha256:..., computed by the "
         "operator from the preflight; lets a re-applied resource adopt the checkpoint)",
+    )
+    parser.add_argument(
+        "--source-digest",
+        default=None,
+        help="the source content to convert (sha256:... of the files' names, sizes and "
+        "ETags for S3, of their sha256 for PVC and local sources; the commit for hf://), as "
+        "the operator's preflight pinned it: a source that differs fails permanently "
+        "(SourceChanged), and hf:// downloads exactly that commit",
     )
     parser.add_argument(
         "--engine",

@@ -474,9 +474,17 @@ class CheckpointSpec(_Model):
     def layout(self) -> Layout:
         return Layout(self.tensor_parallel_size, self.pipeline_parallel_size)
 
-    def plan(self, *, owner: str | None = None, identity: str | None = None) -> ConversionPlan:
+    def plan(
+        self,
+        *,
+        owner: str | None = None,
+        identity: str | None = None,
+        source_digest: str | None = None,
+    ) -> ConversionPlan:
         """The conversion this spec asks for (preshard.core.plan)."""
-        return ConversionPlan.from_spec(self, owner=owner, identity=identity)
+        return ConversionPlan.from_spec(
+            self, owner=owner, identity=identity, source_digest=source_digest
+        )
 
     def conversion_fields(self) -> dict[str, Any]:
         """The fields that define the conversion's result (immutable in the CRD)."""

@@ -218,6 +218,37 @@ class KubeApi:
 
     # configmaps
 
+    def read_configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A ConfigMap's data (None if it does not exist)."""
+        try:
+            obj = self.to_dict(self.core.read_namespaced_config_map(name, namespace))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(obj.get("data") or {})
+
+    def merge_configmap_data(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Add ``data`` to a ConfigMap's (created when absent); other keys are kept."""
+        try:
+            self.core.patch_namespaced_config_map(name, namespace, {"data": data})
+            return
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        body = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": data,
+        }
+        try:
+            self.core.create_namespaced_config_map(namespace, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.patch_namespaced_config_map(name, namespace, {"data": data})
+
     def apply_configmap(self, body: dict[str, Any], owner_uid: str) -> bool:
         """Create the ConfigMap, or update it when it is ours (an ownerReference with
         ``owner_uid``). False, and nothing written, when one of that name belongs to

@@ -153,13 +153,18 @@ def _reconcile(
                 write(body, old, new)
                 return
         identity = old.get("identity")
+        source_digest = (old.get("decision") or {}).get("sourceDigest")
         if svc.preflight and not old.get("jobName"):
             # preflight -> adopt | copy | refuse | convert, before any Job requests an
             # accelerator
-            go, identity = reuse.prepare(svc, body, spec, old, identities_index, jobs=jobs_index)
+            go, identity, source_digest = reuse.prepare(
+                svc, body, spec, old, identities_index, jobs=jobs_index
+            )
             if not go:
                 return
-        wanted = build_conversion_job(name, ns, uid, spec, config, identity=identity)
+        wanted = build_conversion_job(
+            name, ns, uid, spec, config, identity=identity, source_digest=source_digest
+        )
         job, created = ensure_job(svc, jobs_index, wanted)
         if not job_owned_by(job, uid):
             jname = (job.get("metadata") or {}).get("name")
@@ -251,7 +256,7 @@ def sync(
         serving_error=serving_error,
     )
     if svc.preflight:
-        new = reuse.after_sync(body, old, new)
+        new = reuse.after_sync(body, old, new, svc)
     svc.status.write(body, old, new, job_created)
 
 

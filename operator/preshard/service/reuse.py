@@ -11,6 +11,7 @@ step in progress, so a restarted operator resumes it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -21,13 +22,14 @@ from preshard.core import status as st
 from preshard.core.decide import (
     REFUSALS,
     Decision,
+    Preflight,
     PreflightError,
     ReadyCheckpoint,
     decide,
     memory_estimate_status,
     parse_preflight,
 )
-from preshard.core.identity import conversion_identity
+from preshard.core.identity import SourcePin, conversion_identity
 from preshard.core.jobs import (
     accelerator,
     build_adopt_job,
@@ -35,12 +37,13 @@ from preshard.core.jobs import (
     build_preflight_job,
     build_withdraw_job,
     output_endpoint,
+    source_endpoint,
 )
 from preshard.core.naming import serving_configmap_name
 from preshard.core.progress import INVALID_RESULT
 from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec
-from preshard.service import events
+from preshard.service import events, ledger
 from preshard.service.context import Service
 from preshard.service.jobs import ensure_job, find_job
 from preshard.service.serving import apply_serving
@@ -75,9 +78,10 @@ def prepare(
     index: Any,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None]:
-    """Run the steps before a conversion. (True, identity): create the conversion Job
-    now; (False, None): handled (status written), nothing more to do in this pass.
+) -> tuple[bool, str | None, str | None]:
+    """Run the steps before a conversion. (True, identity, source digest): create the
+    conversion Job now, pinned to the source content the preflight saw; (False, None,
+    None): handled (status written), nothing more to do in this pass.
 
     ``jobs``: the operator's Jobs index (service.jobs): a step's Job is read there and
     never created twice; None asks the API."""
@@ -85,11 +89,11 @@ def prepare(
         gen = body["metadata"].get("generation")
         if old.get("observedGeneration") != gen:
             svc.status.write_known(body, ps.regenerate(old, gen, now()))
-        return False, None
+        return False, None, None
     decision = dict(old.get("decision") or {})
     step = decision.get("step")
     if step == "Convert":
-        return True, old.get("identity")
+        return True, old.get("identity"), decision.get("sourceDigest")
     ns = body["metadata"]["namespace"]
     if step in ("Adopt", "Copy", "Withdraw") and decision.get("jobName"):
         job = find_job(svc, jobs, ns, str(decision["jobName"]))
@@ -99,7 +103,7 @@ def prepare(
 
 
 def _base(decision: dict[str, Any]) -> dict[str, Any]:
-    keep = ("startedAt", "noAdopt", "noCopy", "round")
+    keep = ("startedAt", "noAdopt", "noCopy", "round", "sourceDigest")
     out = {k: decision[k] for k in keep if decision.get(k)}
     out.setdefault("startedAt", now())
     return out
@@ -114,7 +118,7 @@ def _preflight(
     index: Any,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None]:
+) -> tuple[bool, str | None, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     base = _base(decision)
@@ -134,39 +138,67 @@ def _preflight(
         svc.status.write_known(
             body, new, f"created preflight Job {jname} (CPU only)" if created else None
         )
-        return False, None
+        return False, None, None
     result = svc.api.termination_result(svc.api.job_pod(job), job)
     if outcome.phase == st.FAILED:
         reason = result.reason if result and result.reason else (outcome.reason or "JobFailed")
         message = (result.message if result and result.message else outcome.message) or ""
         _fail(svc, body, old, reason, f"preflight Job {jname} failed: {message}", gen)
-        return False, None
+        return False, None, None
     if result is not None and result.reason == INVALID_RESULT:  # malformed findings
         _fail(svc, body, old, INVALID_RESULT, f"preflight Job {jname}: {result.message}", gen)
-        return False, None
+        return False, None, None
     try:
         pre = parse_preflight(result.artifact if result else None)
     except PreflightError as exc:
         _fail(svc, body, old, "PreflightFailed", f"preflight Job {jname}: {exc}", gen)
-        return False, None
-    identity = conversion_identity(spec, pre.source, pre.vllm_version)
-    living = frozenset(o for o in pre.owners() if _alive(svc, o))
-    ready = [r for r in (index or {}).get(identity, []) if isinstance(r, ReadyCheckpoint)]
-    choice = decide(
+        return False, None, None
+    pre = _with_proof(svc, ns, pre)
+    trusted = svc.config.copy_sources_for(ns)
+    args: dict[str, Any] = {
+        "output_endpoint": output_endpoint(spec, svc.config),
+        "source_endpoint": source_endpoint(spec, svc.config),
+        "copy_from_namespaces": trusted,
+        "adopt_allowed": not base.get("noAdopt"),
+        "copy_allowed": not base.get("noCopy"),
+        "accelerator": accelerator(spec, svc.config),
+    }
+    identity = conversion_identity(
         spec,
-        f"{ns}/{name}/{uid}",
-        pre,
-        living,
-        ready,
-        output_endpoint=output_endpoint(spec, svc.config),
-        adopt_allowed=not base.get("noAdopt"),
-        copy_allowed=not base.get("noCopy"),
-        accelerator=accelerator(spec, svc.config),
+        pre.source,
+        pre.vllm_version,
+        namespace=ns,
+        source_endpoint=args["source_endpoint"],
     )
+    living = frozenset(o for o in pre.owners() if _alive(svc, o))
+    # only the Ready checkpoints a Copy may come from: this namespace's, and those of the
+    # namespaces the admin's copy policy trusts (nothing else enters the decision)
+    ready = [
+        r
+        for r in (index or {}).get(identity, [])
+        if isinstance(r, ReadyCheckpoint)
+        and (r.namespace == ns or "*" in trusted or r.namespace in trusted)
+    ]
+    choice = decide(spec, f"{ns}/{name}/{uid}", pre, living, ready, **args)
     estimate = memory_estimate_status(spec, pre, accelerator(spec, svc.config))
     if estimate is not None:
         old = {**old, "memoryEstimate": estimate}
-    return _act(svc, body, spec, old, base, choice, index, jobs=jobs)
+    return _act(svc, body, spec, old, base, choice, index, pre.source, jobs=jobs)
+
+
+def _with_proof(svc: Service, ns: str, pre: Preflight) -> Preflight:
+    """The preflight with ``manifest.proven`` set from the operator's own ledger (never
+    from what the pod reported): the operator saw exactly this manifest published by its
+    owner, a resource of this namespace or of one the copy policy trusts."""
+    man = pre.manifest
+    if man is None or not man.owner:
+        return pre
+    owner_ns = man.owner.split("/", 1)[0]
+    trusted = svc.config.copy_sources_for(ns)
+    if owner_ns != ns and "*" not in trusted and owner_ns not in trusted:
+        return pre
+    proven = ledger.published_by(svc, man.sha256) == man.owner
+    return dataclasses.replace(pre, manifest=dataclasses.replace(man, proven=proven))
 
 
 def _fail(
@@ -198,20 +230,24 @@ def _act(
     base: dict[str, Any],
     d: Decision,
     index: Any,
+    source: SourcePin,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None]:
+) -> tuple[bool, str | None, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     if d.path in REFUSALS or d.path == "Gated":
         # GATE: a Gated decision (core.decide.gate) lands here as Ready=False.
         old = {**old, "identity": d.identity} if d.identity else old
         _fail(svc, body, old, d.reason, d.message, gen)
-        return False, None
+        return False, None, None
+    # the conversion reads exactly the content the preflight pinned (convert
+    # --source-digest: SourceChanged otherwise); the adopt/copy check reads it too
+    base = {**base, "sourceDigest": source.digest}
     if d.path == "Convert" and not d.withdraw:
         new = {**old, "identity": d.identity, "decision": {**base, "step": "Convert"}}
         svc.status.write_known(body, new)
-        return True, d.identity
+        return True, d.identity, source.digest
     if d.path == "Adopt":
         assert d.identity and d.expect_manifest_sha256
         job = build_adopt_job(
@@ -219,6 +255,7 @@ def _act(
             identity=d.identity,
             expect_owner=d.expect_owner,
             expect_manifest_sha256=d.expect_manifest_sha256,
+            source_digest=source.digest,
         )  # fmt: skip
         step: dict[str, Any] = {"step": "Adopt"}
     elif d.path == "Copy":
@@ -228,6 +265,7 @@ def _act(
             identity=d.identity,
             source_uri=d.copy_from.uri,
             source_manifest_sha256=d.copy_from.manifest_sha256,
+            source_digest=source.digest,
         )  # fmt: skip
         step = {"step": "Copy"}
         if d.copy_from.namespace == ns:  # another tenant's prefix is not shown before
@@ -238,6 +276,7 @@ def _act(
             name, ns, uid, spec, svc.config,
             expect_owner=d.expect_owner,
             expect_manifest_sha256=d.expect_manifest_sha256,
+            delete_listed=d.withdraw_listed,
         )  # fmt: skip
         step = {"step": "Withdraw"}
     created_job, created = ensure_job(svc, jobs, job)
@@ -271,7 +310,7 @@ def _follow(
     created: bool = False,
     why: str | None = None,
     jobs: Any = None,
-) -> tuple[bool, str | None]:
+) -> tuple[bool, str | None, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     step = str(decision["step"])
@@ -286,13 +325,13 @@ def _follow(
         svc.status.write_known(
             body, new, f"created {step.lower()} Job {jname}: {why}" if created else None
         )
-        return False, None
+        return False, None, None
     result = svc.api.termination_result(svc.api.job_pod(job), job)
     ok = outcome.phase == st.SUCCEEDED and result is not None and result.result == "Succeeded"
     if ok and step == "Withdraw":
         new = {**old, "decision": {**_base(decision), "step": "Convert"}}
         svc.status.write_known(body, new)
-        return True, identity
+        return True, identity, decision.get("sourceDigest")
     if ok and result is not None and result.artifact:
         artifact = dict(result.artifact)
         origin = artifact.pop("origin", None) if step == "Copy" else None
@@ -318,7 +357,8 @@ def _follow(
             now=now(),
         )
         svc.status.write_known(body, new)
-        return False, None
+        ledger.record(svc, artifact.get("manifestSha256"), f"{ns}/{name}/{uid}")
+        return False, None, None
     # failed (or succeeded without a result)
     reason = (result.reason if result and result.reason else None) or outcome.reason or "JobFailed"
     message = (result.message if result and result.message else None) or outcome.message or ""
@@ -334,7 +374,7 @@ def _follow(
         return _preflight(svc, body, spec, {**old, "decision": base}, base, index, jobs=jobs)
     if step == "Withdraw":
         _fail(svc, body, old, reason, f"withdraw Job {jname} failed: {message}", gen)
-        return False, None
+        return False, None, None
     flag = "noAdopt" if step == "Adopt" else "noCopy"
     base[flag] = True
     # A copy's message may name a prefix of another tenant: only the reason is told.
@@ -348,10 +388,16 @@ def _follow(
     return _preflight(svc, body, spec, {**old, "decision": base}, base, index, jobs=jobs)
 
 
-def after_sync(body: dict[str, Any], old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def after_sync(
+    body: dict[str, Any], old: dict[str, Any], new: dict[str, Any], svc: Service | None = None
+) -> dict[str, Any]:
     """A conversion's status: record the Converted path when it becomes Ready (and an
     Event with how long it took)."""
     marked = ps.mark_converted(old, new, now())
+    if marked is not new and old.get("path") != ps.CONVERTED and svc is not None:
+        meta = body.get("metadata") or {}
+        owner = f"{meta.get('namespace')}/{meta.get('name')}/{meta.get('uid')}"
+        ledger.record(svc, (marked.get("artifact") or {}).get("manifestSha256"), owner)
     if marked is not new and old.get("path") != ps.CONVERTED:
         took = marked.get("durationSeconds")
         events.post(

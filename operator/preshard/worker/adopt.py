@@ -37,7 +37,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from preshard.core.contract import utc_timestamp
+from preshard.core.contract import JOURNAL_NAME, utc_timestamp
 from preshard.core.decide import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
 from preshard.core.errors import PreshardError
 from preshard.core.identity import files_digest
@@ -52,7 +52,7 @@ from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
 from preshard.worker import records, s3
 from preshard.worker.progress import write_result
-from preshard.worker.transfer import sha256_file, with_retries
+from preshard.worker.transfer import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +161,9 @@ def _source_pin(uri: str, args: argparse.Namespace) -> tuple[dict[str, Any], dic
             reason="SourceNotFound",
             permanent=True,
         )
-    entries = []
-    for p in sorted(path.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            entries.append((p.name, p.stat().st_size, sha256_file(p)))
+    from preshard.worker.storage import local_entries
+
+    entries = local_entries(path)
     config = _json_file(path / "config.json", uri)
     return _source_record(uri, None, entries), config
 
@@ -204,19 +203,10 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
     settings = s3.source_settings(args.source_endpoint_url, None, 4)
     client = s3.make_client(settings)
     uri = str(u)
-    entries: list[tuple[str, int, str]] = []
-
-    def listing() -> None:
-        for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=u.bucket, Prefix=u.prefix
-        ):
-            for obj in page.get("Contents", []) or []:
-                name = obj["Key"][len(u.prefix) :]
-                if name and "/" not in name:
-                    entries.append((name, int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
+    from preshard.worker.storage import s3_entries
 
     try:
-        listing()
+        entries = s3_entries(client, u)
     except Exception as exc:
         err = s3.translate(exc, uri, "read the source")
         if err.reason == "BucketNotFound":
@@ -303,16 +293,31 @@ def output_state(client: Any, out: StorageURI) -> dict[str, Any]:
         lambda: s3.list_objects(client, out.bucket, out.prefix), uri, "list"
     )
     manifest_key = out.key(MANIFEST_NAME)
+    own = {manifest_key, out.key(JOURNAL_NAME)}
     overlaps: list[dict[str, Any]] = []
+    # another checkpoint, or another owner's unfinished publication (its record), below
+    # or above the prefix: a step here could delete or shadow its objects
     for key in sorted(objects):
-        if key != manifest_key and key.endswith("/" + MANIFEST_NAME):
+        if key in own:
+            continue
+        if key.endswith("/" + MANIFEST_NAME):
             overlaps.append({"key": key, "relation": "nested"})
+        elif key.endswith("/" + JOURNAL_NAME):
+            overlaps.append({"key": key, "relation": "nested", "kind": "publication"})
     parts = out.prefix.rstrip("/").split("/")
     for i in range(len(parts) - 1, -1, -1):
-        key = "/".join([*parts[:i], MANIFEST_NAME])
-        if _exists(client, out.bucket, key, uri):
-            overlaps.append({"key": key, "relation": "parent"})
+        for name in (MANIFEST_NAME, JOURNAL_NAME):
+            key = "/".join([*parts[:i], name])
+            if _exists(client, out.bucket, key, uri):
+                o: dict[str, Any] = {"key": key, "relation": "parent"}
+                if name == JOURNAL_NAME:
+                    o["kind"] = "publication"
+                overlaps.append(o)
     for o in overlaps[:MAX_OVERLAPS]:
+        if o.get("kind") == "publication":
+            rec = records.read_journal(client, out.bucket, o["key"], uri)
+            o["owner"] = rec.owner if isinstance(rec, records.Journal) else None
+            continue
         got = _manifest_at(client, out.bucket, o["key"], uri)
         o["owner"] = got[0].owner if got and got[0] else None
     state: dict[str, Any] = {
@@ -497,6 +502,50 @@ def put_manifest(
             raise s3.translate(exc, uri, "write the manifest of") from None
 
 
+def check_against_source(
+    client: Any, u: StorageURI, man: Manifest, args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """The checkpoint at ``u`` (its manifest's objects, sha256-checked on the way down)
+    against the REQUESTER's own source (``--against``, read with this pod's source
+    credentials, exactly the ``--source-digest`` content): every tensor of every rank
+    rebuilt from that source bit for bit (``verify --against``, no engine). Raises
+    VerificationFailed (permanent) on the first difference; None without --against."""
+    against = getattr(args, "against", None)
+    if not against:
+        return None
+    from preshard.worker import storage
+    from preshard.worker.download import Downloader, DownloadItem
+    from preshard.worker.verify_against import verify_against
+
+    work = Path(os.environ.get("PRESHARD_WORK_DIR") or "/tmp") / "check"
+    shutil.rmtree(work, ignore_errors=True)
+    ckpt = work / "checkpoint"
+    ckpt.mkdir(parents=True)
+    items = [DownloadItem(u.key(f.key), ckpt / f.key, f.size, f.sha256) for f in man.files]
+    s3.with_translation(
+        lambda: Downloader(
+            client, u.bucket, concurrency=max(1, args.concurrency), uri=str(u)
+        ).download(items),
+        str(u),
+        "download",
+    )
+    (ckpt / MANIFEST_NAME).write_text(man.to_json())
+    try:
+        source_dir = storage.fetch_source(
+            against,
+            work / "source",
+            endpoint_url=getattr(args, "source_endpoint_url", None),
+            concurrency=max(1, args.concurrency),
+            pin=getattr(args, "source_digest", None),
+        )
+        report = verify_against(Path(source_dir), ckpt)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"checked against this resource's own source: {report.describe()}", file=sys.stderr)
+    summary: dict[str, Any] = report.summary()
+    return summary
+
+
 def adopt(args: argparse.Namespace) -> dict[str, Any]:
     u = _s3(args.output, "--output")
     client = _client(args)
@@ -512,6 +561,9 @@ def adopt(args: argparse.Namespace) -> dict[str, Any]:
             reason="VerificationFailed",
             permanent=True,
         )
+    # the bytes must also be what THIS resource's source converts to (a checkpoint
+    # published from other content under this identity is never taken over)
+    check_against_source(client, u, man, args)
     new = dataclasses.replace(man, owner=args.owner)
     text = new.to_json()
     if new.owner != man.owner:
@@ -582,6 +634,12 @@ def _copy_object(
 
 
 def copy(args: argparse.Namespace) -> dict[str, Any]:
+    """Copy a Ready checkpoint to ``--to`` under the publication rules
+    (:mod:`preshard.worker.records`): refuse another owner's manifest or unfinished
+    publication at, below or above the destination; write this owner's publication record
+    first (every key the copy may leave behind); check the copy against the manifest and
+    against this resource's own source (``--against``) BEFORE the manifest; delete only
+    keys this owner wrote (never a listing of the prefix); the manifest last."""
     src = _s3(args.source, "--from")
     dst = _s3(args.dest, "--to")
     if src.bucket == dst.bucket and (
@@ -601,6 +659,16 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
             reason="OutputChanged",
             permanent=True,
         )
+    journal = records.read_journal(client, dst.bucket, dst.key(JOURNAL_NAME), dst_uri)
+    records.check_own(journal, args.owner, dst_uri, "copy to")
+    listing = s3.with_translation(
+        lambda: s3.list_objects(client, dst.bucket, dst.prefix), dst_uri, "list"
+    )
+    records.check_neighbours(client, dst, listing, args.owner, "copy to")
+    previous = set(journal.keys) if isinstance(journal, records.Journal) else set()
+    new_keys = {f.key for f in man.files}
+    # the record first: whatever this copy leaves behind is recorded as this owner's
+    records.put_journal(client, dst, records.Journal(args.owner, frozenset(previous | new_keys)))
     threshold = int(args.multipart_threshold)
     part = max(5 * 2**20, int(args.part_size))
 
@@ -621,18 +689,29 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
             reason="VerificationFailed",
             permanent=False,
         )
-    # stale objects of an earlier, incomplete run at the destination
-    listed = {dst.key(f.key) for f in man.files}
-    remote = s3.with_translation(lambda: s3.list_objects(client, dst.bucket, dst.prefix), dst_uri)
-    records.delete_keys(client, dst.bucket, [k for k in remote if k not in listed], dst_uri)
+    try:
+        checked = check_against_source(client, dst, man, args)
+    except PreshardError:
+        # not this resource's content: remove what this copy wrote (its record lists it)
+        mine = sorted(dst.key(k) for k in previous | new_keys)
+        records.delete_keys(client, dst.bucket, mine, dst_uri)
+        records.delete_one(client, dst, JOURNAL_NAME, "delete journal")
+        raise
+    # stale objects of this owner's earlier, incomplete copy (its record): nothing else
+    stale = sorted(dst.key(k) for k in previous - new_keys if dst.key(k) in listing)
+    records.delete_keys(client, dst.bucket, stale, dst_uri)
     origin = {"uri": str(src), "manifestSha256": hashlib.sha256(body).hexdigest()}
     new = dataclasses.replace(
         man, owner=args.owner, created_at=utc_timestamp(), extra={**man.extra, "copiedFrom": origin}
     )
     text = new.to_json()
     put_manifest(client, dst, text, expect_body=None, expect_etag=None)
+    records.delete_one(client, dst, JOURNAL_NAME, "delete journal")
     print(f"copied {len(man.files)} objects from {src} to {dst_uri}, verified", file=sys.stderr)
-    return artifact_status(new, dst_uri, text) | {"origin": origin}
+    out = artifact_status(new, dst_uri, text) | {"origin": origin}
+    if checked is not None:
+        out["checkedAgainstSource"] = True
+    return out
 
 
 # --------------------------------------------------------------------------- withdraw
@@ -659,17 +738,21 @@ def withdraw(args: argparse.Namespace) -> dict[str, Any]:
         ),
         uri,
     )
-    # The gone owner's checkpoint is dead without its manifest: remove the objects that
-    # manifest listed (only those: nothing else under the prefix is touched), so that the
-    # conversion replacing it leaves no stale shard of another layout behind.
-    try:
-        listed = [u.key(f.key) for f in Manifest.from_json(body).files]
-    except ManifestError:
-        listed = []
+    # --delete-listed (the operator saw exactly this manifest published by its owner:
+    # its ledger): the gone owner's checkpoint is dead without its manifest, remove the
+    # objects it listed (only those), so that the conversion replacing it leaves no stale
+    # shard of another layout behind. Without it (a manifest nobody can vouch for, which
+    # could list anybody's objects): the manifest alone.
+    listed: list[str] = []
+    if getattr(args, "delete_listed", False):
+        try:
+            listed = [u.key(f.key) for f in Manifest.from_json(body).files]
+        except ManifestError:
+            listed = []
     removed = records.delete_keys(client, u.bucket, listed, uri) if listed else 0
     print(
-        f"withdrew the manifest of {uri} (owner {args.expect_owner}) and the {removed} "
-        "objects it listed",
+        f"withdrew the manifest of {uri} (owner {args.expect_owner})"
+        + (f" and the {removed} objects it listed" if listed else "; no other object touched"),
         file=sys.stderr,
     )
     return {"uri": uri, "withdrawn": True, "removed": removed}

@@ -307,6 +307,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
             region=req.region,
             concurrency=req.concurrency,
             reporter=reporter,
+            pin=req.plan.source_digest,  # SourceChanged unless the preflight's content
         )
     )
     timer.add("download", time.monotonic() - t)

@@ -311,7 +311,11 @@ class Publication:
             raise s3.translate(exc, uri, "list") from None
         check_neighbours(client, out, self._remote, self.owner, "publish to")
         assert not isinstance(existing, Unreadable) and not isinstance(journal, Unreadable)
-        if existing is not None:
+        if existing is not None and existing.owner == self.owner:
+            # only this owner's previous checkpoint: a manifest of nobody (an empty owner,
+            # which check_own lets us replace) proves nothing about the objects it lists,
+            # so they are never deleted (issue 18: a planted manifest listing another
+            # object); the manifest itself is still withdrawn below
             self._previous |= {f.key for f in existing.files}
         if journal is not None:
             self._previous |= journal.keys

@@ -137,6 +137,57 @@ def local_source_dir(u: StorageURI, uri: str) -> Path:
     return path
 
 
+# ------------------------------------------------------------------ the source's pin
+# One digest of a source's content, computed by the preflight (which reports it) and by
+# every reader that must read exactly that content (convert, the adopt/copy check):
+# core.identity.files_digest over (name, size, ETag) of the top-level objects of an s3://
+# prefix, over (name, size, sha256) of the top-level files of a PVC or local directory.
+
+
+def local_entries(path: Path) -> list[tuple[str, int, str]]:
+    """(name, size, sha256) of a directory's top-level files (dotfiles aside)."""
+    from preshard.worker.transfer import sha256_file
+
+    return [
+        (p.name, p.stat().st_size, sha256_file(p))
+        for p in sorted(path.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    ]
+
+
+def s3_entries(client: object, u: StorageURI) -> list[tuple[str, int, str]]:
+    """(name, size, ETag) of an s3:// prefix's top-level objects (raises the client's
+    errors: the caller translates them)."""
+    entries: list[tuple[str, int, str]] = []
+    pages = client.get_paginator("list_objects_v2").paginate(  # type: ignore[attr-defined]
+        Bucket=u.bucket, Prefix=u.prefix
+    )
+    for page in pages:
+        for obj in page.get("Contents", []) or []:
+            name = obj["Key"][len(u.prefix) :]
+            if name and "/" not in name:
+                entries.append((name, int(obj["Size"]), str(obj.get("ETag", "")).strip('"')))
+    return entries
+
+
+def source_changed(uri: str, pin: str) -> PreshardError:
+    return PreshardError(
+        f"the source {uri} changed since the operator's preflight pinned it ({pin[:19]}...): "
+        "preshard converts (and checks against) exactly the content it pinned; apply the "
+        "resource again to convert the new content",
+        reason="SourceChanged",
+        permanent=True,
+    )
+
+
+def check_pin(uri: str, entries: list[tuple[str, int, str]], pin: str | None) -> None:
+    """SourceChanged (permanent) when the source's files do not have the pinned digest."""
+    from preshard.core.identity import files_digest
+
+    if pin is not None and files_digest(entries) != pin:
+        raise source_changed(uri, pin)
+
+
 def fetch_source(
     uri: str,
     dest: Path,
@@ -145,16 +196,21 @@ def fetch_source(
     region: str | None = None,
     concurrency: int = 16,
     reporter: Reporter | None = None,
+    pin: str | None = None,
 ) -> Path:
-    """Return a local directory holding the model at ``uri``."""
+    """Return a local directory holding the model at ``uri``. ``pin``: the content the
+    preflight saw (a files digest; the commit for hf://): a source that differs fails
+    with SourceChanged (permanent), and hf:// downloads exactly that commit."""
     u = parse_uri(uri, allow_local=True)
     if u.scheme in ("file", "pvc"):
         path = local_source_dir(u, uri)
         check_model_dir(path, uri)
+        if pin is not None:
+            check_pin(uri, local_entries(path), pin)
         return path
     if u.scheme == "hf":
-        return _fetch_hf(u, uri, dest, reporter)
-    return _fetch_s3(u, uri, dest, endpoint_url, region, concurrency, reporter)
+        return _fetch_hf(u, uri, dest, reporter, pin)
+    return _fetch_s3(u, uri, dest, endpoint_url, region, concurrency, reporter, pin)
 
 
 def _fetch_s3(
@@ -165,9 +221,16 @@ def _fetch_s3(
     region: str | None,
     concurrency: int,
     reporter: Reporter | None,
+    pin: str | None = None,
 ) -> Path:
     settings = s3.source_settings(endpoint_url, region, concurrency)
     client = s3.make_client(settings)
+
+    def pinned() -> None:
+        if pin is not None:
+            check_pin(uri, s3.with_translation(lambda: s3_entries(client, u), uri), pin)
+
+    pinned()  # before anything is downloaded
     try:
         objects = s3.list_objects(client, u.bucket, u.prefix)
     except Exception as exc:
@@ -229,11 +292,14 @@ def _fetch_s3(
     ).download(items)
     if reporter is not None:
         reporter.done()
+    pinned()  # and after: an object replaced while it was downloaded changed its ETag
     check_model_dir(dest, uri)
     return dest
 
 
-def _fetch_hf(u: StorageURI, uri: str, dest: Path, reporter: Reporter | None) -> Path:
+def _fetch_hf(
+    u: StorageURI, uri: str, dest: Path, reporter: Reporter | None, pin: str | None = None
+) -> Path:
     try:
         from huggingface_hub import HfApi, snapshot_download
     except ImportError as exc:  # pragma: no cover - dependency of the package
@@ -247,13 +313,16 @@ def _fetch_hf(u: StorageURI, uri: str, dest: Path, reporter: Reporter | None) ->
         # commit, and a missing repository or revision or an unreachable Hub fails here.
         # (Given a branch, snapshot_download falls back to whatever an earlier run left
         # in dest when it cannot ask the Hub: even another repository's files.)
+        # pinned: exactly the commit the preflight resolved, never the branch's tip now
         info = HfApi().model_info(
-            u.authority, revision=u.revision, token=token, files_metadata=True
+            u.authority, revision=pin or u.revision, token=token, files_metadata=True
         )
         if not info.sha:
             raise PreshardError(
                 f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
             )
+        if pin is not None and info.sha != pin:
+            raise source_changed(uri, pin)
         _claim_dest(dest, f"hf {u.authority}@{info.sha}")
         wanted = [s for s in info.siblings or [] if _hf_wanted(s.rfilename)]
         if reporter is not None:
