@@ -77,6 +77,10 @@ log = logging.getLogger("preshard.convert")
 
 SHARDS_DIR = "shards"
 SOURCE_DIR = "source"
+# The engine's per-rank traces (preshard-trace-rank-N.json, file order included), kept
+# in the work dir: the sharding metadata sorts the tensors, the streaming writer needs
+# the engine's order to reproduce its files (tests compare the two paths).
+TRACES_DIR = "traces"
 # Exceptions vLLM raises for a model/configuration it cannot load: retrying cannot help.
 PERMANENT_ENGINE_ERRORS = frozenset({"ValueError", "NotImplementedError", "ValidationError"})
 
@@ -255,6 +259,15 @@ def prepare_work_dir(work_dir: Path) -> Path:
     return shards
 
 
+def keep_traces(shards: Path, dest: Path) -> None:
+    """Copy the ranks' traces out of the shards dir before they are merged and removed."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for p in verify_against.iter_traces(shards):
+        shutil.copy2(p, dest / p.name)
+
+
 # -------------------------------------------------------------------------------- engine
 
 
@@ -355,6 +368,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     timer.add("convert", time.monotonic() - t)
     timer.add("vllm_load_and_save", saved.load_seconds)
     timer.add("reference_generate", saved.generate_seconds)
+    keep_traces(shards, req.work_dir / TRACES_DIR)
     verify_against.write_sharding(shards)
     copied = copy_non_weight_files(src_dir, shards)
     reporter.advance(total)
