@@ -245,7 +245,7 @@ def _fetch_hf(u: StorageURI, uri: str, dest: Path, reporter: Reporter | None) ->
                 f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
             )
         _claim_dest(dest, f"hf {u.authority}@{info.sha}")
-        wanted = [s for s in info.siblings or [] if _hf_wanted(s.rfilename)]
+        wanted = [s for s in info.siblings or [] if hf_wanted(s.rfilename)]
         if reporter is not None:
             reporter.stage("Downloading", sum(s.size or 0 for s in wanted))
         with _DirProgress(dest, reporter):
@@ -271,7 +271,7 @@ def _fetch_hf(u: StorageURI, uri: str, dest: Path, reporter: Reporter | None) ->
     return out
 
 
-def _hf_wanted(name: str) -> bool:
+def hf_wanted(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatchcase(name, p) for p in HF_PATTERNS)
 
 
