@@ -205,4 +205,8 @@ def converted_pp2(tiny_tokenizer_model: Path, tmp_path_factory: pytest.TempPathF
         "--no-verify",
         "--output",
         str(base / "out"),
+        # the engine's conversion (its traces, kept in <work>/traces, are what the
+        # engine-free writer is held to at PP=2)
+        "--engine",
+        "vllm",
     )
