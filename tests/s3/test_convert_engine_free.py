@@ -83,3 +83,48 @@ def test_engine_none_s3_to_s3(
     assert max(len(s) for s in local_when_ready) < len(info["files"])
     result = json.loads((tmp_path / "term").read_text())
     assert result["artifact"]["engine"] == "none"
+
+
+def test_engine_none_upload_failure_stops_the_writer(
+    s3: Any, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload refused for good (403 on a rank file) ends the conversion at once:
+    exit 3, no manifest, what was uploaded removed, and the writer stopped (it did not
+    go on writing every file to disk)."""
+    from preshard.worker import shardwriter
+    from preshard_dev.faultproxy import FaultProxy, FaultRule
+
+    traces = [json.loads(p.read_text()) for p in sorted(GOLDEN.glob("preshard-trace-rank-*.json"))]
+    mod = types.ModuleType("preshard.worker.planner")
+    mod.plan_ranks = lambda *a, **k: traces  # type: ignore[attr-defined]
+    mod.supports = lambda *a, **k: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "preshard.worker.planner", mod)
+    model = make_tiny_model("mixtral", tmp_path / "model")
+    written: list[str] = []
+    real_finish = shardwriter._FileWriter.finish
+
+    def finish(self: Any) -> Any:
+        done = real_finish(self)
+        written.append(done.name)
+        return done
+
+    monkeypatch.setattr(shardwriter._FileWriter, "finish", finish)
+    with FaultProxy(s3.endpoint, seed=5) as proxy:
+        for k, v in client_env(s3, proxy.endpoint).items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+        monkeypatch.setenv("PRESHARD_TERMINATION_LOG", str(tmp_path / "term"))
+        proxy.add_rule(
+            FaultRule(
+                operation="PutObject", path=r"model-rank-0-part-0", status=403, code="AccessDenied"
+            )
+        )
+        args = build_parser().parse_args(
+            ["convert", "--source", str(model), "-tp", "2", "--output", f"s3://{bucket}/bad/",
+             "--work-dir", str(tmp_path / "w"), "--max-file-size", "256Ki", "--engine", "none"]
+        )  # fmt: skip
+        assert cv.run(args) == 3
+    result = json.loads((tmp_path / "term").read_text())
+    assert result["reason"] == "AccessDenied" and "nothing was published" in result["message"]
+    assert MANIFEST_NAME not in {k.removeprefix("bad/") for k in object_keys(s3, bucket, "bad/")}
+    assert len(written) < 8  # 8 rank files in all: the writer stopped early

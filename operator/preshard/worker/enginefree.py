@@ -92,14 +92,21 @@ def choose_engine(req: Any, source: Any, model_dir: Path) -> tuple[str, str]:
     except ImportError as exc:
         why = f"the engine-free planner is not available ({exc})"
     else:
-        why = planner.supports(
-            model_dir,
-            source.tensors(),
-            tp=req.plan.tensor_parallel_size,
-            pp=req.plan.pipeline_parallel_size,
-            dtype=req.plan.dtype,
-            quantization=req.plan.quantization,
-        )
+        try:
+            why = planner.supports(
+                model_dir,
+                source.tensors(),
+                tp=req.plan.tensor_parallel_size,
+                pp=req.plan.pipeline_parallel_size,
+                dtype=req.plan.dtype,
+                quantization=req.plan.quantization,
+            )
+        except PreshardError:
+            raise
+        except Exception as exc:  # the planner failing is no reason to fail an auto run
+            if asked == ENGINE_NONE:
+                raise
+            why = f"the planner failed ({type(exc).__name__}: {exc})"
         if why is None:
             return ENGINE_NONE, f"--engine {asked}: the planner supports the model"
     if asked == ENGINE_NONE:

@@ -79,17 +79,21 @@ class StreamingPublication(Publication):
         self._ready.put((rel, sha256))
 
     def wait_room(self) -> None:
-        """Block while more than ``max_pending`` bytes wait for the upload (the upload's
-        failure ends the wait: the writer learns of it from ``commit``)."""
-        if self.max_pending is None:
-            return
+        """Block while more than ``max_pending`` bytes wait for the upload; the upload's
+        failure is raised here (the writer stops at once instead of filling the disk)."""
         with self._room:
-            while (
-                self._pending > self.max_pending
-                and self.handle is not None
-                and self.handle.running()
-            ):
+            while True:
+                if self.handle is not None and not self.handle.running():
+                    break
+                if self.max_pending is None or self._pending <= self.max_pending:
+                    return
                 self._room.wait(0.5)
+        # the upload thread ended before the writer finished: only a failure does that
+        assert self.handle is not None
+        self.handle.wait()
+        raise PreshardError(
+            "the upload ended before every file was written", reason="InternalError"
+        )
 
     def finish_writing(self) -> None:
         self._ready.put(_STOP)
