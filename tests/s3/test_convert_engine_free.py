@@ -42,7 +42,6 @@ def test_engine_none_s3_to_s3(
     info = json.loads((GOLDEN / "engine-files.json").read_text())
     mod = types.ModuleType("preshard.worker.planner")
     mod.plan_ranks = lambda *a, **k: traces  # type: ignore[attr-defined]
-    mod.supports = lambda *a, **k: None  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "preshard.worker.planner", mod)
     for k, v in client_env(s3).items():
         monkeypatch.setenv(k, v)
@@ -97,7 +96,6 @@ def test_engine_none_upload_failure_stops_the_writer(
     traces = [json.loads(p.read_text()) for p in sorted(GOLDEN.glob("preshard-trace-rank-*.json"))]
     mod = types.ModuleType("preshard.worker.planner")
     mod.plan_ranks = lambda *a, **k: traces  # type: ignore[attr-defined]
-    mod.supports = lambda *a, **k: None  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "preshard.worker.planner", mod)
     model = make_tiny_model("mixtral", tmp_path / "model")
     written: list[str] = []

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from preshard.cli import build_parser
+from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, SHARDING_NAME, Manifest
 from preshard.worker import convert as cv
 from preshard.worker import shardwriter as sw
@@ -115,13 +116,11 @@ def planner_stand_in(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         model_dir: Path, tensors: Any, *, tp: int, pp: int, dtype: str, quantization: Any
     ) -> Any:
         calls["args"].append((Path(model_dir), len(list(tensors)), tp, pp, dtype, quantization))
+        if calls["supports"] is not None:  # the planner declines (as PlannerUnsupported does)
+            raise PreshardError(calls["supports"], reason="PlannerUnsupported", permanent=True)
         return calls["traces"]
 
-    def supports(model_dir: Path, tensors: Any, **kw: Any) -> str | None:
-        return calls["supports"]
-
     mod.plan_ranks = plan_ranks  # type: ignore[attr-defined]
-    mod.supports = supports  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "preshard.worker.planner", mod)
     return calls
 
@@ -215,9 +214,17 @@ def test_convert_auto_falls_back_to_the_engine_when_the_planner_declines(
         )
     )
     source = open_source(str(models["llama-tied"]))
-    assert enginefree.choose_engine(req, source, models["llama-tied"])[0] == "vllm"
+    assert enginefree.choose_engine(req, source, models["llama-tied"])[:2] == (
+        "vllm",
+        "--engine auto: a derived write in model.layers.0.mlp (family X)",
+    )
     planner_stand_in["supports"] = None
-    assert enginefree.choose_engine(req, source, models["llama-tied"])[0] == "none"
+    planner_stand_in["traces"] = [{"rank": 0}]
+    assert enginefree.choose_engine(req, source, models["llama-tied"]) == (
+        "none",
+        "--engine auto: the planner plans the model",
+        [{"rank": 0}],
+    )
     none = cv.ConvertRequest.from_args(
         build_parser().parse_args(
             [
@@ -236,11 +243,10 @@ def test_convert_auto_falls_back_to_the_engine_when_the_planner_declines(
         )
     )
     planner_stand_in["supports"] = "MLA is not planned yet"
-    from preshard.core.errors import PreshardError
 
     with pytest.raises(PreshardError, match="MLA is not planned yet") as e:
         enginefree.choose_engine(none, source, models["llama-tied"])
-    assert e.value.permanent and e.value.reason == "UnsupportedModel"
+    assert e.value.permanent and e.value.reason == "PlannerUnsupported"
 
 
 def test_temporary_work_dir_is_removed_after_a_failure_too(

@@ -534,11 +534,14 @@ def _engine_free(req: ConvertRequest, reporter: Any) -> ConvertOutcome | None:
         return None
     try:
         model_dir = source.prepare(req.work_dir)
-        engine, why = enginefree.choose_engine(req, source, model_dir)
+        req.plan.layout.check_model(read_config_json(model_dir, str(req.plan.source)))
+        engine, why, traces = enginefree.choose_engine(req, source, model_dir)
         log.info("engine: %s (%s)", engine, why)
         if engine != enginefree.ENGINE_NONE:
             return None
-        outcome: ConvertOutcome = enginefree.convert_engine_free(req, reporter, source, model_dir)
+        outcome: ConvertOutcome = enginefree.convert_engine_free(
+            req, reporter, source, model_dir, traces
+        )
         return outcome
     finally:
         source.close()

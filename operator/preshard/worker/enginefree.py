@@ -80,42 +80,33 @@ def open_request_source(req: Any) -> Any:
     )
 
 
-def choose_engine(req: Any, source: Any, model_dir: Path) -> tuple[str, str]:
-    """(engine, why) for the plan's ``engine``: ``vllm`` as asked; ``none`` as asked
-    (permanent UnsupportedModel when the planner refuses the model); ``auto``: ``none``
-    whenever ``planner.supports`` has no objection, else ``vllm``."""
+def choose_engine(
+    req: Any, source: Any, model_dir: Path
+) -> tuple[str, str, list[dict[str, Any]] | None]:
+    """(engine, why, traces) for the plan's ``engine``: ``vllm`` as asked; ``none`` as
+    asked (the planner's refusal, e.g. ``PlannerUnsupported``, is permanent); ``auto``:
+    ``none`` whenever the planner plans the model (its traces are returned, so the model
+    is planned once: planning IS the planner's ``supports`` test), else ``vllm``."""
     asked = req.plan.engine
     if asked == ENGINE_VLLM:
-        return ENGINE_VLLM, "--engine vllm"
+        return ENGINE_VLLM, "--engine vllm", None
     try:
-        from preshard.worker import planner  # type: ignore[attr-defined]
-    except ImportError as exc:
-        why = f"the engine-free planner is not available ({exc})"
-    else:
-        try:
-            why = planner.supports(
-                model_dir,
-                source.tensors(),
-                tp=req.plan.tensor_parallel_size,
-                pp=req.plan.pipeline_parallel_size,
-                dtype=req.plan.dtype,
-                quantization=req.plan.quantization,
-            )
-        except PreshardError:
+        traces = plan_ranks(req, source, model_dir)
+    except PreshardError as exc:
+        if asked == ENGINE_NONE:
             raise
-        except Exception as exc:  # the planner failing is no reason to fail an auto run
-            if asked == ENGINE_NONE:
-                raise
-            why = f"the planner failed ({type(exc).__name__}: {exc})"
-        if why is None:
-            return ENGINE_NONE, f"--engine {asked}: the planner supports the model"
-    if asked == ENGINE_NONE:
-        raise PreshardError(
-            f"--engine none: {why} (--engine vllm converts it with an engine)",
-            reason="UnsupportedModel",
-            permanent=True,
-        )
-    return ENGINE_VLLM, f"--engine auto: {why}"
+        return ENGINE_VLLM, f"--engine auto: {exc.message}", None
+    except Exception as exc:  # the planner failing is no reason to fail an auto run
+        if asked == ENGINE_NONE:
+            if isinstance(exc, ImportError):
+                raise PreshardError(
+                    f"--engine none: the engine-free planner is not available ({exc})",
+                    reason="UnsupportedModel",
+                    permanent=True,
+                ) from None
+            raise
+        return ENGINE_VLLM, f"--engine auto: the planner failed ({type(exc).__name__}: {exc})", None
+    return ENGINE_NONE, f"--engine {asked}: the planner plans the model", traces
 
 
 def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
@@ -152,9 +143,16 @@ def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) ->
         )
 
 
-def convert_engine_free(req: Any, reporter: Any, source: Any, model_dir: Path) -> Any:
+def convert_engine_free(
+    req: Any,
+    reporter: Any,
+    source: Any,
+    model_dir: Path,
+    traces: list[dict[str, Any]] | None = None,
+) -> Any:
     """The engine-free pipeline from an open source whose non-weight files are in
-    ``model_dir``; returns convert.ConvertOutcome; raises PreshardError."""
+    ``model_dir`` (``traces``: the planner's, when already planned); returns
+    convert.ConvertOutcome; raises PreshardError."""
     from preshard.core.contract import shard_pattern
     from preshard.core.sharding import ShardingError, build_document
     from preshard.worker import convert as cv
@@ -167,7 +165,8 @@ def convert_engine_free(req: Any, reporter: Any, source: Any, model_dir: Path) -
     config = cv.read_config_json(model_dir, str(plan.source))
     plan.layout.check_model(config)
     t = time.monotonic()
-    traces = plan_ranks(req, source, model_dir)
+    if traces is None:
+        traces = plan_ranks(req, source, model_dir)
     timings["plan"] = time.monotonic() - t
     pattern = shard_pattern(plan.pipeline_parallel_size)
     ranks = shardwriter.plan_files(traces, pattern=pattern, max_size=plan.max_file_size)
