@@ -270,3 +270,43 @@ def test_temporary_work_dir_is_removed_after_a_failure_too(
     assert rc == 3
     assert list((tmp_path / "tmp").iterdir()) == []
     assert not (tmp_path / "preshard-work").exists()  # nothing left in the current directory
+
+
+def test_a_published_checkpoint_source_is_a_reshard(
+    planner_stand_in: dict[str, Any],
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TEST-ONLY STAND-IN for the re-shard source (``preshard.worker.sources.checkpoint``,
+    merged separately): ``open_source`` asks it first for file/pvc/s3 URIs, and the
+    conversion records its ``resharded_from`` in the manifest's ``extra``."""
+    from preshard.worker.sources.local import LocalSource
+
+    traces, info = recorded("llama-tied")
+    planner_stand_in["traces"] = traces
+    mod = types.ModuleType("preshard.worker.sources.checkpoint")
+
+    class CheckpointSource(LocalSource):
+        pass
+
+    def open_checkpoint(uri: str, **kw: Any) -> Any:
+        return CheckpointSource(models["llama-tied"], uri) if uri.endswith("published") else None
+
+    mod.CheckpointSource = CheckpointSource  # type: ignore[attr-defined]
+    mod.open_checkpoint = open_checkpoint  # type: ignore[attr-defined]
+    mod.resharded_from = lambda s: {"uri": s.uri, "tensorParallelSize": 4}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "preshard.worker.sources.checkpoint", mod)
+    assert type(open_source(str(models["llama-tied"]))) is LocalSource
+    published = tmp_path / "published"
+    published.mkdir()
+    assert isinstance(open_source(str(published)), CheckpointSource)
+    monkeypatch.setenv("PRESHARD_TERMINATION_LOG", str(tmp_path / "t"))
+    out = tmp_path / "out"
+    rc = _run("--source", str(published), "-tp", "2", "--output", str(out), "--max-file-size", "256Ki", "--engine", "none", "--work-dir", str(tmp_path / "w"))  # fmt: skip
+    assert rc == 0
+    man = Manifest.from_json((out / MANIFEST_NAME).read_bytes())
+    assert man.extra == {"reshardedFrom": {"uri": str(published), "tensorParallelSize": 4}}
+    assert {f.key: f.sha256 for f in man.files if f.key.startswith("model-")} == {
+        k: v["sha256"] for k, v in info["files"].items()
+    }

@@ -251,7 +251,11 @@ def convert_engine_free(
             verification=verification,
             engine=ENGINE_NONE,
         )
-        artifact = publication.commit(conversion_fields(plan, facts), reporter=reporter)
+        fields = conversion_fields(plan, facts)
+        origin = _resharded_from(source)
+        if origin is not None:  # a re-shard: the manifest records the origin
+            fields["extra"] = {"reshardedFrom": origin}
+        artifact = publication.commit(fields, reporter=reporter)
         timings["upload"] = time.monotonic() - t
     except BaseException as exc:
         cv._abort_publication(publication, exc)
@@ -274,6 +278,25 @@ def convert_engine_free(
         verification=verification,
         engine=ENGINE_NONE,
     )
+
+
+def _resharded_from(source: Any) -> dict[str, Any] | None:
+    """``extra.reshardedFrom`` when the source is a published checkpoint (the re-shard
+    source's own record of the origin), else None."""
+    import importlib
+
+    from preshard.worker.sources import CHECKPOINT_MODULE
+
+    try:
+        checkpoint = importlib.import_module(CHECKPOINT_MODULE)
+    except ImportError:
+        return None
+    cls = getattr(checkpoint, "CheckpointSource", None)
+    fn = getattr(checkpoint, "resharded_from", None)
+    if cls is None or fn is None or not isinstance(source, cls):
+        return None
+    origin: dict[str, Any] = fn(source)
+    return origin
 
 
 def _sha256(path: Path) -> str:

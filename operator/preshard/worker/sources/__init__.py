@@ -84,6 +84,9 @@ SOURCE_MODULES = {
     "s3": "preshard.worker.sources.s3",
     "hf": "preshard.worker.sources.hf",
 }
+# a published checkpoint at a local, PVC or S3 location is a re-shard source
+CHECKPOINT_MODULE = "preshard.worker.sources.checkpoint"
+CHECKPOINT_SCHEMES = ("file", "pvc", "s3")
 SourceOpener = Callable[..., TensorSource]
 _REGISTRY: dict[str, SourceOpener] = {}
 
@@ -106,6 +109,20 @@ def open_source(uri: str, **settings: Any) -> TensorSource:
     from preshard.core.uris import parse_uri
 
     u = parse_uri(uri, allow_local=True)
+    if u.scheme in CHECKPOINT_SCHEMES:
+        # A published preshard checkpoint (a manifest at the prefix or in the directory)
+        # is read back as the original tensors: the re-shard source, when installed.
+        try:
+            checkpoint = importlib.import_module(CHECKPOINT_MODULE)
+        except ImportError:
+            checkpoint = None
+        opener = getattr(checkpoint, "open_checkpoint", None)
+        if opener is not None:
+            found = opener(
+                uri, endpoint_url=settings.get("endpoint_url"), region=settings.get("region")
+            )
+            if found is not None:
+                return found  # type: ignore[no-any-return]
     if u.scheme not in _REGISTRY and u.scheme in SOURCE_MODULES:
         importlib.import_module(SOURCE_MODULES[u.scheme])
     opener = _REGISTRY.get(u.scheme)
