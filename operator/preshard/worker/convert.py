@@ -535,12 +535,13 @@ def _engine_free(req: ConvertRequest, reporter: Any) -> ConvertOutcome | None:
     try:
         model_dir = source.prepare(req.work_dir)
         req.plan.layout.check_model(read_config_json(model_dir, str(req.plan.source)))
+        t = time.monotonic()
         engine, why, traces = enginefree.choose_engine(req, source, model_dir)
-        log.info("engine: %s (%s)", engine, why)
+        log.info("engine: %s (%s; %.1f s)", engine, why, time.monotonic() - t)
         if engine != enginefree.ENGINE_NONE:
             return None
         outcome: ConvertOutcome = enginefree.convert_engine_free(
-            req, reporter, source, model_dir, traces
+            req, reporter, source, model_dir, traces, plan_seconds=time.monotonic() - t
         )
         return outcome
     finally:

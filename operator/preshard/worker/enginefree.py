@@ -149,6 +149,8 @@ def convert_engine_free(
     source: Any,
     model_dir: Path,
     traces: list[dict[str, Any]] | None = None,
+    *,
+    plan_seconds: float = 0.0,
 ) -> Any:
     """The engine-free pipeline from an open source whose non-weight files are in
     ``model_dir`` (``traces``: the planner's, when already planned); returns
@@ -167,7 +169,7 @@ def convert_engine_free(
     t = time.monotonic()
     if traces is None:
         traces = plan_ranks(req, source, model_dir)
-    timings["plan"] = time.monotonic() - t
+    timings["plan"] = plan_seconds + time.monotonic() - t
     pattern = shard_pattern(plan.pipeline_parallel_size)
     ranks = shardwriter.plan_files(traces, pattern=pattern, max_size=plan.max_file_size)
     layouts = {layout.name: layout for _, ls in ranks for layout in ls}
