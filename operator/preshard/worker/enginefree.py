@@ -160,7 +160,7 @@ def convert_engine_free(
     from preshard.worker import convert as cv
     from preshard.worker.shardpublish import StreamingPublication
 
-    t_start = time.monotonic()
+    t_start = time.monotonic() - plan_seconds
     timings: dict[str, float] = {}
     plan = req.plan
     shards = cv.prepare_work_dir(req.work_dir)
