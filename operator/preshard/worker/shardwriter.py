@@ -31,13 +31,15 @@ of the model's size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import string
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,7 +83,10 @@ ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
 # scale buffers: vllm/model_executor/layers/attention/attention.py registers them as
 # torch.tensor(1.0, dtype=float32)). Matched on the last component of the key.
 INITIALIZED_DEFAULTS = {"_k_scale": 1.0, "_v_scale": 1.0, "_q_scale": 1.0, "_prob_scale": 1.0}
-DEFAULT_CACHE_BYTES = 512 * 2**20
+# The source cache: at least what one step needs (every source tensor one saved tensor
+# is copied from: the tensor-parallel ranks use them at the same step), and this much
+# more for neighbours (a source shared by consecutive saved tensors).
+DEFAULT_CACHE_BYTES = 64 * 2**20
 _WRITE_CHUNK = 16 * 2**20
 
 
@@ -286,7 +291,8 @@ def build_tensor(plan: RankPlan, saved: Saved, cache: SourceCache) -> torch.Tens
 
     dtype = _torch_dtype(saved.dtype)
     size = numel(saved.shape)
-    flat = torch.zeros(size, dtype=dtype)
+    # (uninitialized: every element is written below, or the tensor is refused)
+    flat = torch.empty(size, dtype=dtype)
     writes = plan.writes.get(saved.key) or []
     if not writes:
         value = plan.initialized.get(saved.key)
@@ -302,7 +308,7 @@ def build_tensor(plan: RankPlan, saved: Saved, cache: SourceCache) -> torch.Tens
             )
         flat.fill_(value)
         return flat
-    covered = torch.zeros(size, dtype=torch.bool)
+    runs: list[tuple[int, int]] | None = []
     for w in writes:
         d_off, d_strides, shape = w["dst"]
         dst = torch.as_strided(flat, shape, d_strides, d_off)
@@ -322,15 +328,51 @@ def build_tensor(plan: RankPlan, saved: Saved, cache: SourceCache) -> torch.Tens
                 reason="UnsupportedModel",
                 permanent=True,
             )
-        torch.as_strided(covered, shape, d_strides, d_off).fill_(True)
-    if not bool(covered.all()):
+        run = _dense_run(d_off, d_strides, shape)
+        if run is None or runs is None:
+            runs = None
+        else:
+            runs.append(run)
+    missing = _uncovered(plan, saved, size, runs)
+    if missing:
         raise PreshardError(
-            f"rank {plan.rank}: {int((~covered).sum())} of {size} elements of {saved.key} are "
+            f"rank {plan.rank}: {missing} of {size} elements of {saved.key} are "
             "written by no weight loader; they cannot be produced without an engine",
             reason="UnsupportedModel",
             permanent=True,
         )
     return flat
+
+
+def _dense_run(offset: int, strides: list[int], shape: list[int]) -> tuple[int, int] | None:
+    """``(start, end)`` when the region is one consecutive run of elements, else None."""
+    n, expect = 1, 1
+    for size, stride in zip(reversed(shape), reversed(strides), strict=True):
+        if size > 1 and stride != expect:
+            return None
+        expect *= size
+        n *= size
+    return (int(offset), int(offset) + n)
+
+
+def _uncovered(plan: RankPlan, saved: Saved, size: int, runs: list[tuple[int, int]] | None) -> int:
+    """How many elements no write covers: from the runs when every write is one run of
+    elements (the usual case: rows, fused row blocks, whole tensors), else from a mask."""
+    import torch
+
+    if runs is not None:
+        covered, reach = 0, 0
+        for a, b in sorted(runs):
+            a = max(a, reach)
+            if b > a:
+                covered += b - a
+                reach = b
+        return size - covered
+    mask = torch.zeros(size, dtype=torch.bool)
+    for w in plan.writes.get(saved.key) or ():
+        d_off, d_strides, shape = w["dst"]
+        torch.as_strided(mask, shape, d_strides, d_off).fill_(True)
+    return int((~mask).sum())
 
 
 # ----------------------------------------------------------------------------- writing
@@ -345,32 +387,62 @@ class WrittenFile:
     rank: int
 
 
+class _IO:
+    """One background thread that writes and hashes (both release the GIL) while the
+    main thread builds the next tensor; at most ``depth`` buffers in flight."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-write")
+        self._pending: deque[Future[None]] = deque()
+        self._depth = depth
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn))
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 class _FileWriter:
-    def __init__(self, path: Path, layout: PartLayout, rank: int) -> None:
-        self.path, self.layout, self.rank = path, layout, rank
+    def __init__(self, path: Path, layout: PartLayout, rank: int, io: _IO) -> None:
+        self.path, self.layout, self.rank, self.io = path, layout, rank, io
         self.tmp = path.with_name(path.name + ".partial")
         self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
         self._h = hashlib.sha256()
         self._n = 0
         self._put(layout.header)
 
-    def _put(self, data: Any) -> None:
+    def _put(self, data: Any, keep: Any = None) -> None:
         mv = memoryview(data).cast("B")
-        for i in range(0, len(mv), _WRITE_CHUNK):
-            chunk = mv[i : i + _WRITE_CHUNK]
-            self._f.write(chunk)
-            self._h.update(chunk)
         self._n += len(mv)
+
+        def job() -> None:
+            _ = keep  # the tensor stays alive until its bytes are out
+            for i in range(0, len(mv), _WRITE_CHUNK):
+                chunk = mv[i : i + _WRITE_CHUNK]
+                self._f.write(chunk)
+                self._h.update(chunk)
+
+        self.io.submit(job)
 
     def put_tensor(self, t: torch.Tensor) -> None:
         import torch
 
         if t.numel():
-            self._put(t.contiguous().view(torch.uint8).numpy())
+            t = t.contiguous()
+            self._put(t.view(torch.uint8).numpy(), keep=t)
 
     def finish(self) -> WrittenFile:
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self.io.drain()
         self._f.close()
         if self._n != self.layout.size:
             raise PreshardError(
@@ -381,6 +453,8 @@ class _FileWriter:
         return WrittenFile(self.path.name, self.path, self._n, self._h.hexdigest(), self.rank)
 
     def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.io.drain()
         self._f.close()
         self.tmp.unlink(missing_ok=True)
 
@@ -399,6 +473,18 @@ class WriteReport:
     source_reads: int = 0
     source_bytes_read: int = 0
     bytes_written: int = 0
+
+
+def step_bytes(ranks: list[tuple[RankPlan, list[PartLayout]]], source: TensorSource) -> int:
+    """The most source bytes one saved tensor is copied from (what the cache must hold
+    for the ranks of one step to share their reads)."""
+    sizes = {t.name: t.nbytes for t in source.tensors()}
+    most = 0
+    for plan, _ in ranks:
+        for saved in plan.saved:
+            names = {w["source"] for w in plan.writes.get(saved.key) or () if w.get("op") == "copy"}
+            most = max(most, sum(sizes.get(n, 0) for n in names))
+    return most
 
 
 def plan_files(
@@ -428,9 +514,10 @@ def write_shards(
     it is complete (in the order files complete), ``on_bytes`` the bytes written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = plan_files(traces, pattern=pattern, max_size=max_size)
-    cache = SourceCache(source, cache_bytes)
+    cache = SourceCache(source, max(cache_bytes, step_bytes(ranks, source)))
     report = WriteReport()
     open_files: dict[int, _FileWriter] = {}
+    io = _IO()
     iters = [(plan, layouts, _steps(plan, layouts)) for plan, layouts in ranks]
     try:
         while iters:
@@ -443,7 +530,7 @@ def write_shards(
                 part, saved = step
                 fw = open_files.get(plan.rank)
                 if fw is None:
-                    fw = _FileWriter(out_dir / layouts[part].name, layouts[part], plan.rank)
+                    fw = _FileWriter(out_dir / layouts[part].name, layouts[part], plan.rank, io)
                     open_files[plan.rank] = fw
                 if saved is None:
                     del open_files[plan.rank]
@@ -463,6 +550,9 @@ def write_shards(
         for fw in open_files.values():
             fw.abort()
         raise
+    finally:
+        with contextlib.suppress(BaseException):  # each file's finish drained its writes
+            io.close()
     report.source_reads, report.source_bytes_read = cache.reads, cache.bytes_read
     log.info(
         "wrote %d files (%d bytes) for %d ranks; read %d source tensors (%d bytes)",
