@@ -1,5 +1,11 @@
 """``preshard convert``: Downloading -> Converting -> Verifying -> Uploading.
 
+This is the engine path (``--engine vllm``, or ``auto`` when the planner does not plan
+the model); ``--engine none`` (and ``auto`` when the planner plans it) is
+``preshard.worker.enginefree``: Planning -> Converting (streamed from the source) ->
+Uploading, no engine. Without ``--work-dir`` the work dir is a temporary directory,
+removed after the run.
+
 1. Downloading: ``storage.fetch_source`` brings the checkpoint into the work dir (a local
    directory or a mounted PVC is used in place; it is never modified or deleted).
 2. Converting: checks the model's config against the requested parallelism BEFORE any
@@ -98,7 +104,7 @@ class ConvertRequest:
     source_endpoint_url: str | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
-    # no --work-dir (nor PRESHARD_WORK_DIR): a temporary directory, removed on success
+    # no --work-dir (nor PRESHARD_WORK_DIR): a temporary directory, removed after the run
     temporary_work_dir: bool = False
 
     @classmethod
