@@ -310,3 +310,43 @@ def test_a_published_checkpoint_source_is_a_reshard(
     assert {f.key: f.sha256 for f in man.files if f.key.startswith("model-")} == {
         k: v["sha256"] for k, v in info["files"].items()
     }
+
+
+def test_read_back_check_catches_a_changed_byte_and_a_wrong_header(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The engine-free conversion reads every completed file back before uploading it:
+    one byte changed in a tensor's data, or a header that leads a name to another
+    tensor's bytes, is refused (VerificationFailed, permanent)."""
+    from preshard.worker import enginefree
+
+    traces, info = recorded("llama-tied")
+    ranks = sw.plan_files(traces, max_size=info["maxFileSize"])
+    layouts = {layout.name: layout for _, ls in ranks for layout in ls}
+    report = sw.write_shards(
+        traces, open_source(str(models["llama-tied"])), tmp_path, max_size=info["maxFileSize"]
+    )
+    f = report.files[0]
+    enginefree.check_written(f, layouts[f.name])  # as written: passes
+    data = bytearray(f.path.read_bytes())
+    data[len(layouts[f.name].header) + 3] ^= 0x01  # one bit of the first tensor's data
+    f.path.write_bytes(bytes(data))
+    with pytest.raises(PreshardError, match="read back through the file's header") as e:
+        enginefree.check_written(f, layouts[f.name])
+    assert e.value.reason == "VerificationFailed" and e.value.permanent
+    # a header whose offsets swap two tensors of one size
+    layout = layouts[f.name]
+    a, b = [t for t in layout.tensors if t.dtype == "bfloat16" and t.shape == (128,)][:2]
+    body = bytearray(f.path.read_bytes())
+    body[len(layout.header) + 3] ^= 0x01  # undo the flip
+    n = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8 : 8 + n])
+    header[a.key]["data_offsets"], header[b.key]["data_offsets"] = (
+        header[b.key]["data_offsets"],
+        header[a.key]["data_offsets"],
+    )
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))
+    f.path.write_bytes(bytes(body[:8]) + text + bytes(body[8 + n :]))
+    with pytest.raises(PreshardError, match=r"read back through the file's header"):
+        enginefree.check_written(f, layout)

@@ -10,9 +10,10 @@
    built from the traces exactly as for the engine's.
 2. Converting: ``shardwriter.write_shards`` streams every rank's files from the source
    (ranks in lockstep over a byte-bounded cache: the source is read about once), each
-   hashed while written; each completed file is checked (its safetensors header parsed
-   back: the tensors, shapes and dtypes the plan lists, the size the layout says) and
-   handed to the upload at once.
+   hashed while written; each completed file is read back with safetensors (the tensors,
+   shapes and dtypes the plan lists, the size the layout says, and every tensor's bytes,
+   through the header, equal to what was built for that name: CRC-32) and handed to the
+   upload at once.
 3. Uploading: ``shardpublish.StreamingPublication`` uploads each file as it completes
    and deletes it; the manifest (``convertedOn.engine: "none"``) goes last, when every
    file is stored.
@@ -124,23 +125,38 @@ def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
 
 
 def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) -> None:
-    """A completed rank file read back: its header lists exactly the layout's tensors
-    (shapes, dtypes) and its size is the layout's."""
+    """A completed rank file read back with safetensors: its header lists exactly the
+    layout's tensors (shapes, dtypes), its size is the layout's, and every tensor read
+    through the header has the bytes (CRC-32) the writer built for that name."""
+    import zlib
+
+    import torch
     from safetensors import safe_open
 
     size = f.path.stat().st_size
+    want = {t.key: (t.shape, shardwriter.st_dtype(t.dtype)) for t in layout.tensors}
     with safe_open(str(f.path), framework="pt") as st:
         got = {
             k: (tuple(st.get_slice(k).get_shape()), str(st.get_slice(k).get_dtype()))
             for k in st.keys()  # noqa: SIM118
         }
-    want = {t.key: (t.shape, shardwriter.st_dtype(t.dtype)) for t in layout.tensors}
-    if got != want or size != layout.size:
-        raise PreshardError(
-            f"{f.name} does not hold what its plan lists (tensors or size differ)",
-            reason="VerificationFailed",
-            permanent=True,
-        )
+        if got != want or size != layout.size:
+            raise PreshardError(
+                f"{f.name} does not hold what its plan lists (tensors or size differ)",
+                reason="VerificationFailed",
+                permanent=True,
+            )
+        for key in want:
+            t = st.get_tensor(key)
+            data = t.reshape(-1).contiguous().view(torch.uint8).numpy() if t.numel() else b""
+            if zlib.crc32(memoryview(data).cast("B")) != f.crc32.get(key):
+                raise PreshardError(
+                    f"{f.name}: {key} read back through the file's header is not what was "
+                    "written for it",
+                    reason="VerificationFailed",
+                    permanent=True,
+                )
+            del t
 
 
 def convert_engine_free(

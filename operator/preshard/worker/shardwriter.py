@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import string
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -385,6 +386,9 @@ class WrittenFile:
     size: int
     sha256: str
     rank: int
+    # CRC-32 of each tensor's bytes as built (a read-back check: the file's header must
+    # lead every name to exactly these bytes)
+    crc32: dict[str, int] = field(default_factory=dict)
 
 
 class _IO:
@@ -419,27 +423,35 @@ class _FileWriter:
         self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
         self._h = hashlib.sha256()
         self._n = 0
+        self.crc32: dict[str, int] = {}
         self._put(layout.header)
 
-    def _put(self, data: Any, keep: Any = None) -> None:
+    def _put(self, data: Any, keep: Any = None, key: str | None = None) -> None:
         mv = memoryview(data).cast("B")
         self._n += len(mv)
 
         def job() -> None:
             _ = keep  # the tensor stays alive until its bytes are out
+            crc = 0
             for i in range(0, len(mv), _WRITE_CHUNK):
                 chunk = mv[i : i + _WRITE_CHUNK]
                 self._f.write(chunk)
                 self._h.update(chunk)
+                if key is not None:
+                    crc = zlib.crc32(chunk, crc)
+            if key is not None:
+                self.crc32[key] = crc
 
         self.io.submit(job)
 
-    def put_tensor(self, t: torch.Tensor) -> None:
+    def put_tensor(self, key: str, t: torch.Tensor) -> None:
         import torch
 
         if t.numel():
             t = t.contiguous()
-            self._put(t.view(torch.uint8).numpy(), keep=t)
+            self._put(t.view(torch.uint8).numpy(), keep=t, key=key)
+        else:
+            self.crc32[key] = 0
 
     def finish(self) -> WrittenFile:
         self.io.drain()
@@ -450,7 +462,9 @@ class _FileWriter:
                 reason="InternalError",
             )
         os.replace(self.tmp, self.path)
-        return WrittenFile(self.path.name, self.path, self._n, self._h.hexdigest(), self.rank)
+        return WrittenFile(
+            self.path.name, self.path, self._n, self._h.hexdigest(), self.rank, dict(self.crc32)
+        )
 
     def abort(self) -> None:
         with contextlib.suppress(BaseException):
@@ -541,7 +555,7 @@ def write_shards(
                         on_file(done)
                     continue
                 t = build_tensor(plan, saved, cache)
-                fw.put_tensor(t)
+                fw.put_tensor(saved.key, t)
                 if on_bytes is not None:
                     on_bytes(saved.nbytes)
                 del t
