@@ -125,13 +125,16 @@ def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
 
 
 def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) -> None:
-    """A completed rank file read back with safetensors: its header lists exactly the
-    layout's tensors (shapes, dtypes), its size is the layout's, and every tensor read
-    through the header has the bytes (CRC-32) the writer built for that name."""
+    """A completed rank file read back: safetensors must list exactly the layout's
+    tensors (shapes, dtypes) at the layout's size, and every tensor's bytes, found through
+    the file's own header, must be the bytes (CRC-32) the writer built for that name.
+    The data is read with ``pread`` in chunks (no memory map: bounded memory)."""
+    import os
     import zlib
 
-    import torch
     from safetensors import safe_open
+
+    from preshard.worker.sources.header import header_length, parse_header
 
     size = f.path.stat().st_size
     want = {t.key: (t.shape, shardwriter.st_dtype(t.dtype)) for t in layout.tensors}
@@ -140,23 +143,35 @@ def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) ->
             k: (tuple(st.get_slice(k).get_shape()), str(st.get_slice(k).get_dtype()))
             for k in st.keys()  # noqa: SIM118
         }
-        if got != want or size != layout.size:
-            raise PreshardError(
-                f"{f.name} does not hold what its plan lists (tensors or size differ)",
-                reason="VerificationFailed",
-                permanent=True,
-            )
-        for key in want:
-            t = st.get_tensor(key)
-            data = t.reshape(-1).contiguous().view(torch.uint8).numpy() if t.numel() else b""
-            if zlib.crc32(memoryview(data).cast("B")) != f.crc32.get(key):
+    if got != want or size != layout.size:
+        raise PreshardError(
+            f"{f.name} does not hold what its plan lists (tensors or size differ)",
+            reason="VerificationFailed",
+            permanent=True,
+        )
+    fd = os.open(f.path, os.O_RDONLY)
+    try:
+        n = header_length(os.pread(fd, 8, 0), f.name, size)
+        for info, begin, end in parse_header(os.pread(fd, n, 8), f.name, size):
+            crc, pos = 0, begin
+            while pos < end:
+                chunk = os.pread(fd, min(_READ_CHUNK, end - pos), pos)
+                if not chunk:
+                    break
+                crc = zlib.crc32(chunk, crc)
+                pos += len(chunk)
+            if pos != end or crc != f.crc32.get(info.name):
                 raise PreshardError(
-                    f"{f.name}: {key} read back through the file's header is not what was "
-                    "written for it",
+                    f"{f.name}: {info.name} read back through the file's header is not "
+                    "what was written for it",
                     reason="VerificationFailed",
                     permanent=True,
                 )
-            del t
+    finally:
+        os.close(fd)
+
+
+_READ_CHUNK = 8 * 2**20
 
 
 def convert_engine_free(
