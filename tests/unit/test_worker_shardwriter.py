@@ -366,3 +366,21 @@ def test_same_files_as_vllm_save_model(
     want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ref.iterdir()}
     assert len(want) >= 2
     assert {f.name: f.sha256 for f in report.files} == want
+
+
+def test_pvc_source_stays_inside_its_volume(
+    checkpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pvc://claim/path is read under the volume's mount (PRESHARD_PVC_MOUNT_ROOT), with
+    the same containment checks as the download path."""
+    import shutil
+
+    model_dir, src = checkpoint
+    root = tmp_path / "mnt"
+    shutil.copytree(model_dir, root / "claim" / "models" / "m")
+    monkeypatch.setenv("PRESHARD_PVC_MOUNT_ROOT", str(root))
+    source = open_source("pvc://claim/models/m")
+    assert torch.equal(source.read("q.weight"), src["q.weight"])
+    (root / "claim" / "escape").symlink_to(model_dir)  # a link out of the volume
+    with pytest.raises(PreshardError, match="outside its volume"):
+        open_source("pvc://claim/escape")
