@@ -116,6 +116,9 @@ def converted_tp1(tiny_tokenizer_model: Path, tmp_path_factory: pytest.TempPathF
         str(base / "out"),
         "--owner",
         "ns/tiny-tp1/uid-1",
+        # the engine path (the tests here check its engine verification)
+        "--engine",
+        "vllm",
     )
     return run
 
@@ -181,6 +184,9 @@ def converted_tp2(
                 "128Ki",
                 "--owner",
                 "ns/tiny-tp2/uid-2",
+                # the engine path (the tests here check its reference and reload tokens)
+                "--engine",
+                "vllm",
             ]
         )
         t0 = time.monotonic()
