@@ -62,6 +62,52 @@ def test_a_pvc_path_that_is_itself_a_link_out_of_the_volume_is_refused(
     assert err.value.reason == "InvalidSource" and "outside" in str(err.value)
 
 
+@pytest.mark.parametrize("uri", ["pvc://claim/llama", "LOCAL"])
+def test_the_preflight_digest_never_follows_a_link_out_of_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, uri: str
+) -> None:
+    """Issue 18: the preflight hashed (and so read) whatever a link in a PVC source
+    pointed at; it now refuses it as convert does (one shared function)."""
+    from preshard.worker import adopt
+
+    monkeypatch.setenv("PRESHARD_PVC_MOUNT_ROOT", str(tmp_path / "mnt"))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environ-secret-value-1234")
+    src = model_dir(tmp_path / "mnt" / "claim" / "llama")
+    uri = str(src) if uri == "LOCAL" else uri
+    args = type("A", (), {"source_endpoint_url": None})()
+    rec, _ = adopt._source_pin(uri, args)  # type: ignore[arg-type]
+    assert rec["files"] == 2
+    (tmp_path / "mnt" / "claim" / "secret.txt").write_text("other data")
+    for link, target in (("NOTICE.txt", "/proc/self/environ"), ("tokenizer.json", "../secret.txt")):
+        (src / link).symlink_to(target)
+        with pytest.raises(PreshardError) as err:
+            adopt._source_pin(uri, args)  # type: ignore[arg-type]
+        assert err.value.reason == "InvalidSource" and err.value.permanent
+        assert link in str(err.value) and "outside the source directory" in str(err.value)
+        (src / link).unlink()
+    # config.json itself as the link: refused before it is read
+    (tmp_path / "mnt" / "claim" / "config.json").write_text('{"hidden_size": 1}')
+    (src / "config.json").unlink()
+    (src / "config.json").symlink_to("../config.json")
+    with pytest.raises(PreshardError, match=r"config\.json is a symbolic link"):
+        adopt._source_pin(uri, args)  # type: ignore[arg-type]
+    assert "environ-secret" not in caplog.text
+    (src / "config.json").unlink()
+    (src / "config.json").write_bytes(CONFIG)
+    # the PVC path itself leading out of its volume
+    if uri.startswith("pvc://"):
+        elsewhere = model_dir(tmp_path / "elsewhere")
+        (tmp_path / "mnt" / "claim" / "other").symlink_to(elsewhere)
+        with pytest.raises(PreshardError, match="outside its volume"):
+            adopt._source_pin("pvc://claim/other", args)  # type: ignore[arg-type]
+    # links that stay inside are used (and hashed as the files they point at)
+    (src / "blobs").mkdir()
+    (src / "blobs" / "tok").write_text("{}")
+    (src / "tokenizer.json").symlink_to("blobs/tok")
+    rec, _ = adopt._source_pin(uri, args)  # type: ignore[arg-type]
+    assert rec["files"] == 3
+
+
 def test_symlinks_inside_the_source_directory_are_resolved_and_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from preshard.core.claims import (
     claim_of,
     claim_strength,
     conflict_message,
+    is_aws_s3_endpoint,
     normalize_endpoint,
     preceding_claim,
     prefix_allowed,
@@ -124,6 +125,56 @@ def test_one_endpoint_spelled_two_ways_is_one_store(a: str, b: str) -> None:
     assert normalize_endpoint(a) == normalize_endpoint(b)
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://s3.us-east-1.amazonaws.com",
+        "https://s3.amazonaws.com",
+        "s3.amazonaws.com",
+        "https://s3.amazonaws.com:443/",
+        "http://s3.eu-west-1.amazonaws.com/",
+        "https://S3.EU-CENTRAL-1.AMAZONAWS.COM.",
+        "https://s3-us-west-2.amazonaws.com",
+        "https://s3.dualstack.ap-south-1.amazonaws.com",
+        "https://s3-fips.us-east-2.amazonaws.com",
+        "https://s3-fips.dualstack.us-east-1.amazonaws.com",
+        "https://s3-accelerate.amazonaws.com",
+        "https://bucket.vpce-0a1b2c3d-4e5f.s3.us-east-1.vpce.amazonaws.com",
+        "https://s3.cn-north-1.amazonaws.com.cn",
+    ],
+)
+def test_every_aws_s3_endpoint_is_the_default_store(endpoint: str) -> None:
+    """Issue 18: ``https://s3.us-east-1.amazonaws.com`` and no endpoint were two stores,
+    so two resources could claim one bucket prefix. S3 bucket names are global: every
+    endpoint of S3 itself is one store with the default (more conflicts can only be the
+    safe side)."""
+    assert is_aws_s3_endpoint(endpoint.split("://")[-1].split(":")[0].rstrip("/"))
+    assert normalize_endpoint(endpoint) == normalize_endpoint(None) == ""
+    aws = must(claim("a", "x", "s3://models/m/", RUNNING))
+    regional = must(claim("b", "y", "s3://models/m/tp2/", None, endpoint=endpoint, created=T1))
+    assert regional.store == aws.store
+    assert preceding_claim(regional, [aws, regional]) == aws
+    # and the operator's default endpoint spelled as a regional one
+    dflt = must(claim("c", "z", "s3://models/m/", None, created=T1, default_endpoint=endpoint))
+    assert dflt.store == aws.store
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://s3x.amazonaws.com",  # not a label of S3's
+        "https://ec2.us-east-1.amazonaws.com",
+        "https://s3.amazonaws.com.evil.example",
+        "https://amazonaws.com",
+        "https://s3.example.com",
+        "http://minio:9000",
+        "https://storage.googleapis.com",
+    ],
+)
+def test_hosts_that_only_look_like_s3_are_other_stores(endpoint: str) -> None:
+    assert normalize_endpoint(endpoint) != ""
+
+
 def test_other_endpoints_are_other_stores() -> None:
     assert normalize_endpoint("http://minio:9000") != normalize_endpoint("http://minio:9001")
     assert normalize_endpoint("http://minio:9000") != normalize_endpoint("https://minio:9000")
@@ -196,3 +247,82 @@ def test_purge_only_by_the_owner_that_did_not_fail_before_publishing() -> None:
     assert not d.purge and "another resource owns" in d.why
     # the namespace may no longer write there
     assert not purge_decision(owner, PUBLISHED, [owner], False).purge
+
+
+# --------------------------------------------- a Job left Pending holds no prefix (issue 18)
+
+H0, H_HALF, H2 = "2026-01-01T00:00:00Z", "2026-01-01T00:30:00Z", "2026-01-01T02:00:00Z"
+
+
+def pending_job(reason: str = "JobPending", phase: str = "Pending", **extra: Any) -> dict[str, Any]:
+    return {
+        "jobName": "j",
+        "phase": phase,
+        "conditions": [
+            {**cond("Ready", "False", reason), "lastTransitionTime": H0},
+            {**cond("JobCreated", "True", "JobCreated"), "lastTransitionTime": H0},
+            {**cond("Converting", "False", reason), "lastTransitionTime": H0},
+        ],
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        pending_job(),
+        pending_job("Unschedulable"),
+        pending_job("PodWaiting"),
+        # a ResourceQuota that admits no pod: the Job controller still sets startTime, so
+        # the Job looks Running; no pod ever logged progress
+        pending_job("Converting", phase="Running", startTime=H0),
+        # a step (the preflight, an adopt or copy) whose Job never ran
+        {
+            "phase": "Pending",
+            "decision": {"startedAt": H0, "step": "Preflight", "jobName": "p"},
+            "conditions": [cond("Ready", "False", "Preflight")],
+        },
+    ],
+)
+def test_a_job_never_seen_running_holds_a_strong_claim_only_for_a_while(status: dict) -> None:
+    squatter = must(claim("b", "squat", "s3://shared/models/", status, created=T0))
+    assert squatter.strength == "strong" and squatter.pending_since == H0
+    newer = must(claim("a", "llama", "s3://shared/models/llama/", None, created=T1))
+    # within the grace it holds the prefix (its pod may start any moment) ...
+    assert preceding_claim(newer, [squatter, newer], now=H_HALF) == squatter
+    assert preceding_claim(squatter, [squatter, newer], now=H_HALF) is None
+    # ... after PENDING_CLAIM_SECONDS it ranks after every claim that has not lapsed,
+    # so it keeps nobody out; in its own view it still holds (it follows its own Job)
+    assert squatter.lapsed(H2) and not squatter.lapsed(H_HALF)
+    assert preceding_claim(newer, [squatter, newer], now=H2) is None
+    assert preceding_claim(squatter, [squatter, newer], now=H2) is None
+    # without a clock: the old ranking (strong first)
+    assert preceding_claim(newer, [squatter, newer]) == squatter
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        pending_job("Converting", phase="Running", progress={"stage": "Downloading"}),
+        {**PUBLISHED, "conditions": [*PUBLISHED["conditions"], pending_job()["conditions"][1]]},
+        {**pending_job(), "path": "Copied"},
+    ],
+)
+def test_a_claim_seen_writing_never_lapses(status: dict) -> None:
+    holder = must(claim("b", "holder", "s3://shared/models/", status, created=T0))
+    assert holder.strength == "strong" and holder.pending_since == ""
+    newer = must(claim("a", "llama", "s3://shared/models/llama/", None, created=T1))
+    assert not holder.lapsed("2030-01-01T00:00:00Z")
+    assert preceding_claim(newer, [holder, newer], now="2030-01-01T00:00:00Z") == holder
+
+
+def test_a_lapsed_claim_blocks_no_newcomer_but_a_fresh_one_does() -> None:
+    a = must(claim("x", "a", "s3://bkt/p/", pending_job(), created=T0))
+    fresh = {**pending_job(), "conditions": [
+        {**c, "lastTransitionTime": "2026-01-01T01:45:00Z"} for c in pending_job()["conditions"]
+    ]}  # fmt: skip
+    b = must(claim("y", "b", "s3://bkt/p/q/", fresh, created=T1))
+    c = must(claim("z", "c", "s3://bkt/p/q/r/", None, created=T1))
+    assert preceding_claim(c, [a, b, c], now=H2) == b  # b's Job is 15 minutes old
+    assert preceding_claim(b, [a, b, c], now=H2) is None  # a lapsed
+    assert a.rank("not a time") == a.rank()  # an unreadable clock never lapses a claim

@@ -735,9 +735,9 @@ def failing_rules(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> list[st
     """Messages of the rules that reject this update (false or an evaluation error), after
     the API server's defaulting (it runs before validation and CEL)."""
     for path, _ in cel_rules():
-        assert path == ".spec", (
+        assert path in (".spec", ENV_RULE_PATH), (
             path
-        )  # every rule sits on spec (see test_cel_rules_are_where_expected)
+        )  # every rule sits on spec or env (see test_cel_rules_are_where_expected)
     old = structural().default(resource(copy.deepcopy(old_spec)))
     new = structural().default(resource(copy.deepcopy(new_spec)))
     return [rule["message"] for _, rule, _, _ in structural().failed_rules(new, old)]
@@ -758,8 +758,17 @@ def immutable_message(field: str) -> str:
     return f"spec.{field} is immutable: {RESHARD}"
 
 
+ENV_RULE_PATH = ".spec.converter.env"
+
+
 def test_cel_rules_are_where_expected() -> None:
-    rules = cel_rules()
+    """The immutability (transition) rules on spec, and the env denylist (issue 18) on
+    spec.converter.env, the same rule core.spec applies."""
+    from preshard.core.spec import ENV_DENY_MESSAGE, ENV_DENY_RULE
+
+    [env_rule] = [r for path, r in cel_rules() if path == ENV_RULE_PATH]
+    assert env_rule == {"rule": ENV_DENY_RULE, "message": ENV_DENY_MESSAGE}
+    rules = [(path, r) for path, r in cel_rules() if path != ENV_RULE_PATH]
     assert rules
     assert {path for path, _ in rules} == {".spec"}
     assert [r["message"] for _, r in rules] == [immutable_message(f) for f in IMMUTABLE_FIELDS]
@@ -783,7 +792,7 @@ def test_immutable_fields_are_the_conversion_fields() -> None:
 
 
 def test_every_rule_compiles() -> None:
-    assert len(cel_programs()) == len(IMMUTABLE_FIELDS)
+    assert len(cel_programs()) == len(IMMUTABLE_FIELDS) + 1  # and the env rule
 
 
 @pytest.mark.parametrize("name", sorted(VALID_SPECS))
@@ -879,3 +888,99 @@ def test_cel_rules_and_conversion_hash_agree() -> None:
             new = changed(base, **change)
             assert failing_rules(base, new) == []
             assert parse_spec(new).conversion_hash() == parse_spec(base).conversion_hash()
+
+
+# ------------------------------------------------------------- env that loads code (issue 18)
+
+REFUSED_ENV = [
+    "VLLM_LOGGING_CONFIG_PATH",  # logging.config.dictConfig can run code
+    "VLLM_LOGGING_STREAM",  # ext://module.attr: an import
+    "VLLM_PLUGINS",
+    "VLLM_NCCL_SO_PATH",
+    "VLLM_CUDART_SO_PATH",
+    "VLLM_RPC_BASE_PATH",
+    "VLLM_CONFIG_ROOT",
+    "VLLM_USE_MODELSCOPE",
+    "VLLM_TEST_FORCE_LOAD_FORMAT",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION",
+    "VLLM_HUMMING_INPUT_QUANT_CONFIG",
+    "VLLM_USAGE_STATS_SERVER",
+    "VLLM_HOST_IP",
+    "NCCL_NET_PLUGIN",
+    "NCCL_TUNER_PLUGIN",
+    "NCCL_PROFILER_PLUGIN",
+    "NCCL_ENV_PLUGIN",
+    "NCCL_CONF_FILE",
+    "NCCL_DEBUG_FILE",
+    "NCCL_COMM_ID",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE",
+    "TORCHINDUCTOR_REDIS_HOST",
+    "TORCH_EXTENSIONS_DIR",
+    "TORCH_HOME",
+    "TORCH_HUB",
+    "TORCH_COMPILE_DEBUG_DIR",
+    "TORCH_CUSTOM_PYTHONPATH",
+    "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
+    "TORCH_LOGS_OUT",
+    "PYTORCH_KERNEL_CACHE_PATH",
+    "PYTORCH_NVCC",
+    "CUDA_CACHE_PATH",
+    "CUDA_HOME",
+    "CUDA_INJECTION64_PATH",
+    "OMP_TOOL_LIBRARIES",
+    "KMP_DUPLICATE_LIB_OK",
+]
+ALLOWED_ENV = [
+    "VLLM_LOGGING_LEVEL",
+    "VLLM_CONFIGURE_LOGGING",
+    "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND",
+    "VLLM_KV_CACHE_LAYOUT",
+    "NCCL_DEBUG",
+    "NCCL_SOCKET_IFNAME",
+    "NCCL_IB_HCA",
+    "OMP_NUM_THREADS",
+    "TORCH_CUDA_ARCH_LIST",
+    "TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "CUDA_LAUNCH_BLOCKING",
+    "CUDA_MODULE_LOADING",
+    "HF_HUB_OFFLINE",
+]
+
+
+@pytest.mark.parametrize("name", REFUSED_ENV)
+def test_env_that_loads_code_is_refused_at_apply_time(name: str) -> None:
+    from preshard.core.spec import ENV_DENY_MESSAGE
+
+    spec = changed(
+        MINIMAL,
+        **{
+            "converter.env": [
+                {"name": "OMP_NUM_THREADS", "value": "1"},
+                {"name": name, "value": "/x"},
+            ]
+        },
+    )
+    assert errors(resource(spec)) == []  # the pattern (families) lets it through ...
+    new = structural().default(resource(copy.deepcopy(spec)))
+    failed = [rule["message"] for _, rule, _, _ in structural().failed_rules(new, None)]
+    assert failed == [ENV_DENY_MESSAGE]  # ... the CEL rule refuses it on create
+    with pytest.raises(SpecError, match=f"{name} may not be set"):  # and so does core (InvalidSpec)
+        parse_spec(spec)
+
+
+@pytest.mark.parametrize("name", ALLOWED_ENV)
+def test_tuning_env_passes_the_rule(name: str) -> None:
+    spec = changed(MINIMAL, **{"converter.env": [{"name": name, "value": "1"}]})
+    new = structural().default(resource(copy.deepcopy(spec)))
+    assert errors(resource(spec)) == []
+    assert structural().failed_rules(new, None) == []
+    assert parse_spec(spec).converter.env == [{"name": name, "value": "1"}]
+
+
+def test_every_exact_allowed_name_passes_the_denylist() -> None:
+    from preshard.core.spec import ALLOWED_ENV_NAMES, env_refusal
+
+    assert [n for n in ALLOWED_ENV_NAMES if env_refusal(n)] == []

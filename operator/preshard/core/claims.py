@@ -28,6 +28,7 @@ resource's name is this resource's (:func:`job_owned_by`) live here too.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
@@ -53,6 +54,7 @@ NO_CLAIM_REASONS = frozenset(
         "UnsupportedQuantization",
         "InsufficientCPU",
         "InsufficientMemory",
+        "InvalidModelConfig",
     }
 )
 
@@ -63,20 +65,53 @@ def store_key(endpoint: str | None, bucket: str) -> tuple[str, str]:
     return (normalize_endpoint(endpoint), bucket)
 
 
+def is_aws_s3_endpoint(host: str) -> bool:
+    """A host of Amazon S3 itself: under ``amazonaws.com`` (or ``amazonaws.com.cn``), with
+    a label ``s3`` or one starting with ``s3-`` (regional, legacy dash-regional,
+    dualstack, FIPS, accelerate, access points, VPC endpoints)."""
+    labels = host.lower().rstrip(".").split(".")
+    if labels[-1] == "cn":
+        labels = labels[:-1]
+    if len(labels) < 3 or labels[-2:] != ["amazonaws", "com"]:
+        return False
+    return any(label == "s3" or label.startswith("s3-") for label in labels[:-2])
+
+
 def normalize_endpoint(endpoint: str | None) -> str:
+    """One key per store. Any endpoint of Amazon S3 itself (``s3.amazonaws.com``,
+    ``s3.us-east-1.amazonaws.com``, ``s3-us-west-2.amazonaws.com``,
+    ``s3.dualstack.eu-west-1.amazonaws.com``, FIPS, with or without a scheme, port or
+    trailing slash) is the default store ``""``: S3 bucket names are one namespace for
+    every region, so those are one store (``.cn`` and GovCloud are separate namespaces;
+    counting them as the same store can only add a conflict, never hide one). Other
+    endpoints: scheme, lowercase host, port unless the scheme's default, path without a
+    trailing slash."""
     if not endpoint:
         return ""
+    text = endpoint.strip()
+    if "://" not in text:
+        text = "https://" + text  # a bare host (botocore needs a scheme; AWS hosts may come bare)
     try:
-        parts = urlsplit(endpoint.strip())
-        host = (parts.hostname or "").lower()
+        parts = urlsplit(text)
+        host = (parts.hostname or "").lower().rstrip(".")
         port = parts.port
     except ValueError:
         return endpoint.strip().rstrip("/").lower()
+    if is_aws_s3_endpoint(host):
+        return ""
     scheme = parts.scheme.lower()
     default = {"http": 80, "https": 443}.get(scheme)
     netloc = host if port in (None, default) else f"{host}:{port}"
     path = parts.path.rstrip("/")
     return f"{scheme}://{netloc}{path}"
+
+
+# How long a strong claim may rest on a step or Job of this resource that the operator
+# has not seen write anything (a Job whose pod never started: JobPending, Unschedulable,
+# PodWaiting, a ResourceQuota that admits no pod). After that it ranks below every
+# claim that has not lapsed, so a Job left Pending on purpose cannot hold a prefix
+# (docs/security.md, "Output claims").
+PENDING_CLAIM_SECONDS = 3600
 
 
 class OutputClaim(NamedTuple):
@@ -90,6 +125,9 @@ class OutputClaim(NamedTuple):
     uid: str
     namespace: str
     name: str
+    # a strong claim the operator has not yet seen write (its step or conversion Job has
+    # not run): since when ("" when it has been seen writing, or for a weak claim)
+    pending_since: str = ""
 
     @property
     def store(self) -> tuple[str, str]:
@@ -99,8 +137,20 @@ class OutputClaim(NamedTuple):
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
 
-    def rank(self) -> tuple[int, str, str]:
-        return (0 if self.strength == "strong" else 1, self.created, self.uid)
+    def lapsed(self, now: str | None) -> bool:
+        """A strong claim whose step has not been seen writing for PENDING_CLAIM_SECONDS."""
+        if now is None or self.strength != "strong" or not self.pending_since:
+            return False
+        since, at = _parse_time(self.pending_since), _parse_time(now)
+        if since is None or at is None:
+            return False
+        return (at - since).total_seconds() > PENDING_CLAIM_SECONDS
+
+    def rank(self, now: str | None = None) -> tuple[int, str, str]:
+        """Strong before weak, then older, then uid; with ``now``, a lapsed strong claim
+        after both."""
+        level = 2 if self.lapsed(now) else 0 if self.strength == "strong" else 1
+        return (level, self.created, self.uid)
 
     def overlaps(self, other: OutputClaim) -> bool:
         return self.store == other.store and (
@@ -118,6 +168,44 @@ def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
 def failed_without_publishing(status: Mapping[str, Any] | None) -> bool:
     """The conversion finished without a checkpoint (Published=False)."""
     return _condition(status or {}, "Published").get("status") == "False"
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, TypeError):
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def seen_writing(status: Mapping[str, Any] | None) -> bool:
+    """Whether the operator has observed this resource's own work reach its prefix: a
+    published or reused checkpoint (Published=True, ``status.path``, an artifact), or a
+    conversion pod that ran the worker (a progress record from its log). A Job that
+    exists but whose pod never started is not, nor is the Job's ``Running`` phase (the
+    Job controller sets startTime and counts a pod as active before it is scheduled or
+    while a ResourceQuota admits none)."""
+    status = status or {}
+    if status.get("path") or status.get("artifact") or status.get("progress"):
+        return True
+    return _condition(status, "Published").get("status") == "True"
+
+
+def pending_since(status: Mapping[str, Any] | None) -> str:
+    """Since when a strong claim has rested on work not yet seen writing: the conversion
+    Job's creation (its JobCreated condition) or the start of the step decision
+    (``status.decision.startedAt``); "" when it was seen writing or no time is known."""
+    status = status or {}
+    if seen_writing(status):
+        return ""
+    if status.get("jobName"):
+        since = _condition(status, "JobCreated").get("lastTransitionTime")
+        if isinstance(since, str) and since:
+            return since
+    decision = status.get("decision")
+    if isinstance(decision, Mapping) and isinstance(decision.get("startedAt"), str):
+        return str(decision["startedAt"])
+    return ""
 
 
 def claim_strength(status: Mapping[str, Any] | None) -> Strength | None:
@@ -165,13 +253,22 @@ def claim_of(
         uid=str(meta.get("uid") or ""),
         namespace=namespace,
         name=name,
+        pending_since=pending_since(status) if strength == "strong" else "",
     )
 
 
-def preceding_claim(me: OutputClaim, claims: Iterable[OutputClaim]) -> OutputClaim | None:
-    """The claim that overlaps ours and precedes it (the owner), if any."""
-    owners = [c for c in claims if c.uid != me.uid and c.overlaps(me) and c.rank() < me.rank()]
-    return min(owners, key=OutputClaim.rank) if owners else None
+def preceding_claim(
+    me: OutputClaim, claims: Iterable[OutputClaim], now: str | None = None
+) -> OutputClaim | None:
+    """The claim that overlaps ours and precedes it (the owner), if any. With ``now``,
+    other resources' strong claims that lapsed (their step or Job not seen writing for
+    PENDING_CLAIM_SECONDS) rank after every claim that has not: they no longer keep
+    anyone from the prefix. Our own claim never lapses in our own view, so a resource
+    whose Job waits long keeps following it (if two Jobs end up writing overlapping
+    prefixes, the publication rules let only one publish: docs/security.md)."""
+    mine = me.rank()
+    owners = [c for c in claims if c.uid != me.uid and c.overlaps(me) and c.rank(now) < mine]
+    return min(owners, key=lambda c: c.rank(now)) if owners else None
 
 
 def conflict_message(me: OutputClaim, owner: OutputClaim) -> str:

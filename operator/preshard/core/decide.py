@@ -65,6 +65,8 @@ class Preflight:
     manifest: OutputManifest | None = None
     overlaps: tuple[Overlap, ...] = ()
     config: dict[str, Any] = field(default_factory=dict)
+    # why config.json's numbers cannot be used (InvalidModelConfig), or None
+    config_error: str | None = None
 
     def owners(self) -> list[str]:
         """Every owner the operator must look up (living or gone)."""
@@ -112,14 +114,18 @@ def parse_preflight(data: dict[str, Any] | None) -> Preflight:
     for o in out.get("overlapping") or []:
         if isinstance(o, dict) and o.get("relation") in ("nested", "parent"):
             overlaps.append(Overlap(str(o.get("key", "")), _opt(o, "owner"), o["relation"]))
-    config = data.get("config")
+    from preshard.core.estimate import model_config
+
+    # tenant input: typed and bounded before anything counts with it (issue 18)
+    config, config_error = model_config(data.get("config"))
     return Preflight(
         source=SourcePin(_opt(src, "revision"), digest),
         vllm_version=str(data.get("vllmVersion") or "unknown"),
         state=state,
         manifest=man,
         overlaps=tuple(overlaps),
-        config=config if isinstance(config, dict) else {},
+        config=config,
+        config_error=config_error,
     )
 
 
@@ -226,6 +232,8 @@ def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -
     from preshard.core.errors import SpecError
     from preshard.core.estimate import cpu_raw_reload_refusal
 
+    if preflight.config_error:
+        return Gate("InvalidModelConfig", preflight.config_error)
     if preflight.config:
         # the same check the worker repeats before its engine (core.plan.Layout)
         try:

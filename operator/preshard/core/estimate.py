@@ -107,6 +107,79 @@ def format_gib(n: int) -> str:
     return f"{tenths // 10}Gi" if tenths % 10 == 0 else f"{tenths / 10:.1f}Gi"
 
 
+# The config.json numbers the operator reads from the preflight's findings (tenant input:
+# a pod of the tenant's namespace wrote them), each with its largest sane value. Far
+# above any real model, low enough that nothing downstream overflows a float or loops
+# over a range for long (core.plan's divisor list, the estimate's products).
+CONFIG_NUMBER_BOUNDS: dict[str, int] = {
+    "hidden_size": 2**24,
+    "num_hidden_layers": 2**16,
+    "intermediate_size": 2**26,
+    "num_attention_heads": 2**16,
+    "num_key_value_heads": 2**16,
+    "head_dim": 2**20,
+    "vocab_size": 2**26,
+    "max_position_embeddings": 2**34,
+    "num_local_experts": 2**16,
+    "num_experts": 2**16,
+    "num_experts_per_tok": 2**16,
+    "moe_intermediate_size": 2**26,
+}
+_CONFIG_STRINGS = ("model_type", "torch_dtype")
+MAX_CONFIG_STRING = 64
+
+
+class InvalidModelConfig(ValueError):
+    """A config.json number the operator reads is not a non-negative integer within
+    CONFIG_NUMBER_BOUNDS (reason InvalidModelConfig)."""
+
+
+def model_config(raw: Any) -> tuple[dict[str, Any], str | None]:
+    """The config.json fields the operator uses, typed and bounded, from the preflight's
+    findings: (fields, problem). Numbers must be non-negative integers within
+    CONFIG_NUMBER_BOUNDS (an integral float such as 4096.0 counts); a number that is not
+    one is the problem (InvalidModelConfig, naming the field) and is left out. Strings,
+    booleans and the architectures list are optional: a value of another type or size
+    is ignored. Everything else is dropped. Never raises."""
+    if not isinstance(raw, dict):
+        return {}, None
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, bound in CONFIG_NUMBER_BOUNDS.items():
+        if name not in raw or raw[name] is None:
+            continue
+        v = raw[name]
+        if isinstance(v, float) and math.isfinite(v) and v.is_integer() and 0 <= v <= bound:
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= bound:
+            out[name] = v
+        else:
+            if isinstance(v, int | float | bool) and len(repr(v)) <= 24:
+                what = repr(v)
+            elif isinstance(v, int):
+                what = f"an integer of {len(str(abs(v)))} digits"
+            else:
+                what = f"a {type(v).__name__}"
+            problems.append(f"{name} is {what}, not an integer from 0 to {bound}")
+    for name in _CONFIG_STRINGS:
+        v = raw.get(name)
+        if isinstance(v, str) and len(v) <= MAX_CONFIG_STRING:
+            out[name] = v
+    arch = raw.get("architectures")
+    if isinstance(arch, list) and all(isinstance(x, str) for x in arch[:4]):
+        out["architectures"] = [x[:MAX_CONFIG_STRING] for x in arch[:4]]
+    if isinstance(raw.get("tie_word_embeddings"), bool):
+        out["tie_word_embeddings"] = raw["tie_word_embeddings"]
+    qc = raw.get("quantization_config")
+    if isinstance(qc, dict):
+        method = qc.get("quant_method")
+        if isinstance(method, str) and len(method) <= MAX_CONFIG_STRING:
+            out["quantization_config"] = {"quant_method": method}
+    if not problems:
+        return out, None
+    return out, "the model's config.json: " + "; ".join(problems[:3])
+
+
 def _text_config(config: dict[str, Any]) -> dict[str, Any]:
     text = config.get("text_config")
     return text if isinstance(text, dict) else config

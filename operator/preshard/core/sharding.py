@@ -26,6 +26,8 @@ bounds, and the geometry helpers the verifier uses.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +39,12 @@ MAX_DIMS = 8
 
 
 class ShardingError(ValueError):
-    """The sharding metadata is malformed or inconsistent."""
+    """The sharding metadata is malformed or inconsistent; ``field`` names the part of
+    the document that is wrong (``ranks[0].tensors[w].writes[1].dst``)."""
+
+    def __init__(self, message: str, *, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -206,7 +213,70 @@ class Sharding:
         return out
 
 
-def _region(value: Any, where: str) -> list[Any]:
+# Largest finite value of the float dtypes a fill may target; the integer dtypes' ranges.
+_FLOAT_MAX = {
+    "float64": 1.7976931348623157e308,
+    "float32": 3.4028234663852886e38,
+    "bfloat16": 3.3895313892515355e38,
+    "float16": 65504.0,
+    "float8_e4m3fn": 448.0,
+    "float8_e4m3fnuz": 240.0,
+    "float8_e5m2": 57344.0,
+    "float8_e5m2fnuz": 57344.0,
+}
+_INT_RANGE = {
+    "int8": (-(2**7), 2**7 - 1),
+    "uint8": (0, 2**8 - 1),
+    "int16": (-(2**15), 2**15 - 1),
+    "uint16": (0, 2**16 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "uint32": (0, 2**32 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint64": (0, 2**64 - 1),
+    "bool": (0, 1),
+}
+_DTYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_NAME = 1024  # characters of a tensor name
+MAX_WRITES = 10_000_000  # writes in one document
+MAX_INDEX = 2**62  # any offset, stride or dimension (torch indexes with int64)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _bad(field: str, problem: str) -> ShardingError:
+    return ShardingError(f"{field}: {problem}", field=field)
+
+
+def _name(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME:
+        raise _bad(field, f"a tensor name must be a string of 1 to {MAX_NAME} characters")
+    return value
+
+
+def _dtype(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not _DTYPE_RE.fullmatch(value):
+        raise _bad(field, "a dtype must be a torch dtype name such as 'bfloat16'")
+    return value
+
+
+def _shape(value: Any, field: str) -> list[int]:
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_DIMS
+        or not all(_is_int(x) and 0 <= x < MAX_INDEX for x in value)
+    ):
+        raise _bad(field, f"bad shape (at most {MAX_DIMS} non-negative integers)")
+    return value
+
+
+def _region(value: Any, field: str) -> list[Any]:
+    """``[offset, strides, shape]`` of plain non-negative integers (no bounds yet)."""
     if (
         not isinstance(value, list)
         or len(value) != 3
@@ -215,87 +285,165 @@ def _region(value: Any, where: str) -> list[Any]:
         or not isinstance(value[2], list)
         or len(value[1]) != len(value[2])
         or len(value[2]) > MAX_DIMS
-        or not all(_is_int(x) and x >= 0 for x in value[1] + value[2])
-        or value[0] < 0
+        or not all(_is_int(x) and 0 <= x < MAX_INDEX for x in value[1] + value[2])
+        or not 0 <= value[0] < MAX_INDEX
     ):
-        raise ShardingError(f"{where}: a region must be [offset, strides, shape]")
+        raise _bad(
+            field,
+            f"a region must be [offset, strides, shape] of non-negative integers "
+            f"(at most {MAX_DIMS} dimensions)",
+        )
     return value
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def check_region(
+    region: list[Any], size: int, field: str, what: str, *, overlapping: bool = False
+) -> None:
+    """Every element of a region lies inside a tensor of ``size`` elements: the offset
+    and the last element (``offset + sum((n-1)*stride)``) below ``size`` (so is every
+    stride of a dimension longer than 1; the stride of a dimension of length 1 is never
+    used, and parsing bounds it below 2**62).
+    Unless ``overlapping`` (a source region may broadcast one element, stride 0), two
+    elements of the region never share a location, so the region holds at most ``size``
+    elements: the verifier's buffers stay as small as the tensors themselves."""
+    offset, strides, shape = region
+    if numel(shape) == 0:
+        return
+    if offset >= size or region_last(offset, strides, shape) >= size:
+        raise _bad(field, f"{what} (tensor of {size} elements)")
+    if overlapping:
+        return
+    extent = 0  # the last element reached by the dimensions taken so far
+    for s, n in sorted((s, n) for s, n in zip(strides, shape, strict=True) if n > 1):
+        if s <= extent:
+            raise _bad(field, "the region writes an element twice (zero or overlapping strides)")
+        extent += (n - 1) * s
 
 
-def _shape(value: Any, where: str) -> list[int]:
-    if (
-        not isinstance(value, list)
-        or len(value) > MAX_DIMS
-        or not all(_is_int(x) and x >= 0 for x in value)
-    ):
-        raise ShardingError(f"{where}: bad shape")
-    return value
+def check_fill(value: Any, dtype: str, field: str) -> None:
+    """A fill value is a number or bool the tensor's dtype can hold exactly or, for a
+    float dtype, a finite value within its range."""
+    if isinstance(value, bool):
+        return
+    if _is_int(value):
+        lo, hi = _INT_RANGE.get(dtype, (-(2**63), 2**63 - 1))
+        if dtype in _FLOAT_MAX:
+            lo, hi = -_FLOAT_MAX[dtype], _FLOAT_MAX[dtype]  # type: ignore[assignment]
+        if not lo <= value <= hi:
+            raise _bad(field, f"fill value {_short(str(value))} does not fit {dtype}")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _bad(field, "a fill value must be finite")
+        if dtype in _INT_RANGE:
+            raise _bad(field, f"fill value {value!r} is not an integer ({dtype} tensor)")
+        if abs(value) > _FLOAT_MAX.get(dtype, _FLOAT_MAX["float64"]):
+            raise _bad(field, f"fill value {value!r} does not fit {dtype}")
+        return
+    raise _bad(field, "a fill value must be a number or a bool")
+
+
+def _no_constant(name: str) -> Any:
+    raise ShardingError(f"sharding metadata holds {name}: not allowed", field="(document)")
 
 
 def parse_document(text: str | bytes) -> Sharding:
-    """Strict parse with bounds; every region must lie inside its tensor."""
+    """Strict parse with bounds, before anything is allocated from it: typed values,
+    every region inside its tensor (and every write region free of overlaps), fill
+    values the tensor's dtype can hold, at most MAX_WRITES writes. ShardingError names
+    the field that is wrong (``ranks[0].tensors[w].writes[1].dst``)."""
     if len(text) > MAX_DOCUMENT_BYTES:
-        raise ShardingError(f"sharding metadata is larger than {MAX_DOCUMENT_BYTES} bytes")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise ShardingError(f"sharding metadata is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(data, dict) or data.get("format") != SHARDING_FORMAT:
-        raise ShardingError("not preshard sharding metadata")
-    if data.get("formatVersion") != SHARDING_FORMAT_VERSION:
         raise ShardingError(
-            f"unsupported sharding metadata formatVersion {str(data.get('formatVersion'))[:20]}"
+            f"sharding metadata is larger than {MAX_DOCUMENT_BYTES} bytes", field="(document)"
+        )
+    try:
+        data = json.loads(text, parse_constant=_no_constant)
+    except ShardingError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise ShardingError(
+            f"sharding metadata is not valid JSON: {str(exc)[:200]}", field="(document)"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != SHARDING_FORMAT:
+        raise _bad("format", "not preshard sharding metadata")
+    if data.get("formatVersion") != SHARDING_FORMAT_VERSION:
+        raise _bad(
+            "formatVersion",
+            f"unsupported sharding metadata formatVersion {str(data.get('formatVersion'))[:20]}",
         )
     tp: Any = data.get("tensorParallelSize")
     pp: Any = data.get("pipelineParallelSize")
     if not (_is_int(tp) and _is_int(pp) and 1 <= tp <= 1024 and 1 <= pp <= 1024):
-        raise ShardingError("sharding metadata has bad parallel sizes")
+        raise _bad("tensorParallelSize", "sharding metadata has bad parallel sizes")
     sources: Any = data.get("sources")
     if not isinstance(sources, dict):
-        raise ShardingError("sharding metadata has no sources")
+        raise _bad("sources", "sharding metadata has no sources")
     for name, info in sources.items():
+        field = f"sources[{_short(name)}]"
+        _name(name, field)
         if not isinstance(info, dict):
-            raise ShardingError(f"source {name[:200]}: bad entry")
-        _shape(info.get("shape"), f"source {name[:200]}")
+            raise _bad(field, "bad entry")
+        _shape(info.get("shape"), field + ".shape")
+        _dtype(info.get("dtype"), field + ".dtype")
     raw_ranks = data.get("ranks")
     if not isinstance(raw_ranks, list) or len(raw_ranks) != tp * pp:
-        raise ShardingError(f"sharding metadata must list {tp * pp} ranks")
+        raise _bad("ranks", f"sharding metadata must list {tp * pp} ranks")
     ranks: dict[int, dict[str, dict[str, Any]]] = {}
-    for entry in raw_ranks:
+    writes_seen = 0
+    for i, entry in enumerate(raw_ranks):
         r: Any = entry.get("rank") if isinstance(entry, dict) else None
         if not _is_int(r) or not 0 <= r < tp * pp or r in ranks:
-            raise ShardingError("sharding metadata has a bad or repeated rank")
+            raise _bad(f"ranks[{i}].rank", "sharding metadata has a bad or repeated rank")
         tensors: Any = entry.get("tensors")
         if not isinstance(tensors, dict):
-            raise ShardingError(f"rank {r}: no tensors")
+            raise _bad(f"ranks[{i}].tensors", f"rank {r}: no tensors")
         for key, t in tensors.items():
-            where = f"rank {r} tensor {key[:200]}"
+            tfield = f"ranks[{i}].tensors[{_short(key)}]"
+            where = f"rank {r} tensor {_short(key)}"
+            _name(key, tfield)
             if not isinstance(t, dict) or not isinstance(t.get("writes"), list):
-                raise ShardingError(f"{where}: bad entry")
-            shape = _shape(t.get("shape"), where)
-            size = numel(shape)
-            for w in t["writes"]:
+                raise _bad(tfield, f"{where}: bad entry")
+            size = numel(_shape(t.get("shape"), tfield + ".shape"))
+            dtype = _dtype(t.get("dtype"), tfield + ".dtype")
+            writes_seen += len(t["writes"])
+            if writes_seen > MAX_WRITES:
+                raise _bad(tfield + ".writes", f"more than {MAX_WRITES} writes in the document")
+            for j, w in enumerate(t["writes"]):
+                wfield = f"{tfield}.writes[{j}]"
                 if not isinstance(w, dict) or w.get("op") not in ("copy", "fill", "derived"):
-                    raise ShardingError(f"{where}: bad write")
-                dst = _region(w.get("dst"), where)
-                if size and numel(dst[2]) and region_last(*dst) >= size:
-                    raise ShardingError(f"{where}: a write lies outside the tensor")
-                if w["op"] == "copy":
-                    src_name = w.get("source")
+                    raise _bad(wfield + ".op", f"{where}: bad write")
+                dst = _region(w.get("dst"), wfield + ".dst")
+                check_region(
+                    dst, size, wfield + ".dst", f"{where}: a write lies outside the tensor"
+                )
+                if w["op"] == "fill":
+                    check_fill(w.get("value"), dtype, wfield + ".value")
+                elif w["op"] == "derived":
+                    names = w.get("sources", [])
+                    if not isinstance(names, list) or len(names) > 4096:
+                        raise _bad(wfield + ".sources", "must be a list of tensor names")
+                    for k, n in enumerate(names):
+                        _name(n, f"{wfield}.sources[{k}]")
+                else:
+                    src_name = _name(w.get("source"), wfield + ".source")
                     if src_name not in sources:
-                        raise ShardingError(f"{where}: copies from an unlisted source")
-                    src = _region(w.get("src"), where)
+                        raise _bad(wfield + ".source", f"{where}: copies from an unlisted source")
+                    src = _region(w.get("src"), wfield + ".src")
                     if src[2] != dst[2]:
-                        raise ShardingError(f"{where}: source and destination shapes differ")
-                    src_size = numel(sources[str(src_name)]["shape"])
-                    if src_size and numel(src[2]) and region_last(*src) >= src_size:
-                        raise ShardingError(f"{where}: a copy reads outside {str(src_name)[:200]}")
+                        raise _bad(
+                            wfield + ".src", f"{where}: source and destination shapes differ"
+                        )
+                    check_region(
+                        src,
+                        numel(sources[src_name]["shape"]),
+                        wfield + ".src",
+                        f"{where}: a copy reads outside {_short(src_name)}",
+                        overlapping=True,
+                    )
         ranks[r] = tensors
     skipped = data.get("skippedSources", [])
     if not isinstance(skipped, list):
-        raise ShardingError("skippedSources must be a list")
+        raise _bad("skippedSources", "skippedSources must be a list")
+    for k, n in enumerate(skipped):
+        _name(n, f"skippedSources[{k}]")
     return Sharding(tp, pp, sources, tuple(skipped), ranks)

@@ -97,6 +97,105 @@ ENV_NAME_PATTERN = (
     + "|".join(ALLOWED_ENV_NAMES)
     + ")$"
 )
+# Within those families, names that load code or redirect where code, data or logs come
+# from are refused (docs/security.md, "Environment"): a conversion pod that ran code of
+# the tenant's choosing could forge its result. A name is refused when one of its
+# ``_``-separated words is in DENIED_ENV_WORDS (paths, directories, files, caches,
+# plugins, libraries, hooks, endpoints: e.g. VLLM_LOGGING_CONFIG_PATH, VLLM_PLUGINS,
+# NCCL_NET_PLUGIN, TORCHINDUCTOR_CACHE_DIR, TORCH_HOME, OMP_TOOL_LIBRARIES,
+# TORCHINDUCTOR_REDIS_HOST), or it is one of DENIED_ENV_NAMES (switches that load
+# code or change what is loaded without such a word), unless it is one of
+# ENV_DENY_EXCEPTIONS. Reviewed against vllm/envs.py (0.32) and torch 2.13's sources.
+DENIED_ENV_WORDS: tuple[str, ...] = (
+    # a location: what is read from there can be code (caches of compiled kernels,
+    # extensions, hub code, logging configs) or what is written there can be a result
+    "PATH",
+    "PATHS",
+    "LOGPATH",
+    "PYTHONPATH",
+    "DIR",
+    "DIRS",
+    "DIRECTORY",
+    "FOLDER",
+    "FILE",
+    "FILES",
+    "FILENAME",
+    "ROOT",
+    "HOME",
+    "CACHE",
+    "ZOO",
+    "OUT",
+    "OUTPUT",
+    "TRACE",
+    # code: plugins, shared libraries, modules, compilers, hooks, callables
+    "PLUGIN",
+    "PLUGINS",
+    "LIB",
+    "LIBS",
+    "LIBRARY",
+    "LIBRARIES",
+    "SO",
+    "INCLUDE",
+    "MODULE",
+    "MODULES",
+    "BINARY",
+    "NVCC",
+    "INSTALL",
+    "AUTOLOAD",
+    "HOOK",
+    "FN",
+    "TOOL",
+    "CMD",
+    "COMMAND",
+    "SCRIPT",
+    "CONFIG",
+    "OVERRIDE",
+    "PGO",
+    # elsewhere on the network: compiled code from a remote cache, rendezvous, usage data
+    "URL",
+    "URI",
+    "HOST",
+    "IP",
+    "ADDR",
+    "ADDRESS",
+    "ENDPOINT",
+    "SERVER",
+    "REDIS",
+    "REMOTE",
+    "REPO",
+)
+DENIED_ENV_NAMES: tuple[str, ...] = (
+    "VLLM_LOGGING_STREAM",  # an ext://module.attribute that logging.config imports
+    "VLLM_ALLOW_INSECURE_SERIALIZATION",  # pickle between vLLM's processes
+    "VLLM_USE_MODELSCOPE",  # downloads the model from ModelScope instead
+    "VLLM_TEST_FORCE_LOAD_FORMAT",  # another load format (e.g. random "dummy" weights)
+    "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",  # torch.load unpickles arbitrary objects
+    "TORCH_USE_RTLD_GLOBAL",  # how torch's shared libraries are loaded
+    "TORCH_COMPILE_BACKEND",  # another torch.compile backend
+    "NCCL_COMM_ID",  # NCCL's bootstrap address (another host)
+    "TORCH_HUB",  # torch.hub's directory (hubconf.py is code); HF_HUB_* names are fine
+)
+# Names with a refused word that neither load code nor name a location.
+ENV_DENY_EXCEPTIONS: tuple[str, ...] = (
+    "CUDA_MODULE_LOADING",
+    "CUDA_MODULE_DATA_LOADING",
+    "VLLM_KV_CACHE_LAYOUT",
+)
+ENV_DENY_PATTERN = (
+    "^(" + "|".join(DENIED_ENV_NAMES) + ")$|(^|_)(" + "|".join(DENIED_ENV_WORDS) + ")(_|$)"
+)
+# The CRD's CEL rule on spec.converter.env (a unit test compares it with crds/).
+ENV_DENY_RULE = (
+    f"self.all(e, !e.name.matches('{ENV_DENY_PATTERN}') || e.name in ["
+    + ", ".join(f"'{n}'" for n in ENV_DENY_EXCEPTIONS)
+    + "])"
+)
+ENV_DENY_MESSAGE = (
+    "spec.converter.env may not set a variable that loads code or names a path, cache, "
+    "plugin, library, hook or endpoint (e.g. VLLM_LOGGING_CONFIG_PATH, VLLM_PLUGINS, "
+    "NCCL_NET_PLUGIN, TORCHINDUCTOR_CACHE_DIR): see docs/security.md"
+)
+_ENV_DENY_RE = re.compile(ENV_DENY_PATTERN)
 _NAME_RE = re.compile(NAME_PATTERN)
 _ENDPOINT_RE = re.compile(ENDPOINT_PATTERN)
 _ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
@@ -185,7 +284,24 @@ def _env_name(v: str) -> str:
             + " and a few exact names the CRD lists, such as HF_HUB_OFFLINE or "
             "PRESHARD_S3_CONCURRENCY; credentials, endpoints and paths are the operator's)"
         )
+    refused = env_refusal(v)
+    if refused:
+        raise ValueError(f"{v} may not be set: {refused} (see docs/security.md, Environment)")
     return v
+
+
+def env_refusal(name: str) -> str | None:
+    """Why an otherwise allowed env name is refused (it loads code or redirects where
+    code, data or logs come from), or None."""
+    if name in ENV_DENY_EXCEPTIONS or not _ENV_DENY_RE.search(name):
+        return None
+    if name in DENIED_ENV_NAMES:
+        return "it changes what the converter loads or runs"
+    words = [w for w in name.split("_") if w in DENIED_ENV_WORDS]
+    return (
+        f"its word {words[0]} marks a variable that loads code or names a path, cache, "
+        "plugin, library, hook or endpoint"
+    )
 
 
 def _uri_error(exc: URIError) -> PydanticCustomError:

@@ -118,7 +118,7 @@ def _reconcile(
             return
         me = me or claim(svc, body, {})
         assert me is not None  # the spec parsed, so its output URI did
-        owner = preceding_claim(me, outputs_index.get(me.store, []))
+        owner = preceding_claim(me, outputs_index.get(me.store, []), now=now())
         if owner is not None:
             write(body, old, st.status_for_conflict(old, conflict_message(me, owner), gen, now()))
             return

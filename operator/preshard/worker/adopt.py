@@ -151,9 +151,10 @@ def _source_pin(uri: str, args: argparse.Namespace) -> tuple[dict[str, Any], dic
         return _s3_source(u, args)
     if u.scheme == "hf":
         return _hf_source(u)
-    from preshard.worker.storage import pvc_mount_root
+    from preshard.worker.storage import local_source_dir
 
-    path = Path(u.path).resolve() if u.scheme == "file" else pvc_mount_root() / u.authority / u.path
+    # The same link check as convert and publish: never a file outside the source.
+    path = local_source_dir(u, uri)
     if not path.is_dir():
         raise PreshardError(
             f"source {uri} does not exist (no directory {path})",

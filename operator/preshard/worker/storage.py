@@ -121,6 +121,22 @@ def check_links(path: Path, uri: str, root: Path | None = None) -> None:
             )
 
 
+def local_source_dir(u: StorageURI, uri: str) -> Path:
+    """The directory of a ``file://`` (local path) or ``pvc://`` source, after
+    ``check_links``: refused (InvalidSource) when it, or a link in it, leads outside the
+    volume or the directory. Every reader of a local source (convert, verify --against,
+    the preflight's digest) goes through this one function."""
+    if u.scheme == "file":
+        path = Path(u.path).resolve()
+        check_links(path, uri)
+        return path
+    if u.scheme != "pvc":
+        raise ValueError(f"not a local source: {u.scheme}")
+    path = pvc_mount_root() / u.authority / u.path
+    check_links(path, uri, root=pvc_mount_root() / u.authority)
+    return path
+
+
 def fetch_source(
     uri: str,
     dest: Path,
@@ -132,14 +148,8 @@ def fetch_source(
 ) -> Path:
     """Return a local directory holding the model at ``uri``."""
     u = parse_uri(uri, allow_local=True)
-    if u.scheme == "file":
-        path = Path(u.path).resolve()
-        check_links(path, uri)
-        check_model_dir(path, uri)
-        return path
-    if u.scheme == "pvc":
-        path = pvc_mount_root() / u.authority / u.path
-        check_links(path, uri, root=pvc_mount_root() / u.authority)
+    if u.scheme in ("file", "pvc"):
+        path = local_source_dir(u, uri)
         check_model_dir(path, uri)
         return path
     if u.scheme == "hf":

@@ -41,7 +41,14 @@ from typing import Any
 
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import SHARDING_NAME
-from preshard.core.sharding import Sharding, ShardingError, numel, parse_document, unravel
+from preshard.core.sharding import (
+    MAX_DOCUMENT_BYTES,
+    Sharding,
+    ShardingError,
+    numel,
+    parse_document,
+    unravel,
+)
 from preshard.worker.verify_shards import VerificationFailed
 
 log = logging.getLogger("preshard.verify")
@@ -155,10 +162,11 @@ def rank_files(checkpoint: Path, rank: int, tp: int, pp: int) -> list[Path]:
 def _bits(t: Any) -> Any:
     import torch
 
-    t = t.contiguous()
     if t.dtype == torch.bool:
-        return t.view(torch.uint8)
-    return t.view(getattr(torch, _INT_VIEW[t.element_size()]))
+        return t.contiguous().view(torch.uint8)
+    if t.element_size() not in _INT_VIEW:
+        raise VerificationFailed(f"tensors of dtype {t.dtype} cannot be compared bit for bit")
+    return t.contiguous().view(getattr(torch, _INT_VIEW[t.element_size()]))
 
 
 def _first_difference(a: Any, b: Any) -> int:
@@ -228,9 +236,14 @@ class _Verifier:
             for key, entry in listed.items():
                 shape, dtype = files.meta[key]
                 if shape != entry["shape"] or dtype != _st_dtype(entry["dtype"]):
-                    raise VerificationFailed(
-                        f"{self.where(r, key)} is {dtype}{shape} in the file but "
-                        f"{entry['dtype']}{entry['shape']} in the sharding metadata"
+                    # Before anything is allocated: the metadata's shapes (which bound
+                    # every region and buffer) must be the file headers' own.
+                    raise invalid_metadata(
+                        ShardingError(
+                            f"{self.where(r, key)} is {dtype}{shape} in the file but "
+                            f"{entry['dtype']}{entry['shape']} in the sharding metadata",
+                            field=f"ranks[rank {r}].tensors[{key[:120]}].shape",
+                        )
                     )
         for name, info in self.sharding.sources.items():
             if name not in self.source.meta:
@@ -339,10 +352,25 @@ def load_sharding(checkpoint: Path) -> Sharding:
             f"{checkpoint} has no {SHARDING_NAME}: not a raw preshard checkpoint "
             "(formatVersion 1 checkpoints carry no sharding metadata; convert again)"
         )
+    if path.stat().st_size > MAX_DOCUMENT_BYTES:  # never read a hostile size whole
+        raise invalid_metadata(
+            ShardingError(f"larger than {MAX_DOCUMENT_BYTES} bytes", field="(document)")
+        )
     try:
         return parse_document(path.read_bytes())
     except ShardingError as exc:
-        raise VerificationFailed(f"{SHARDING_NAME}: {exc}") from None
+        raise invalid_metadata(exc) from None
+
+
+def invalid_metadata(exc: ShardingError) -> VerificationFailed:
+    """The permanent error for sharding metadata that is malformed or out of bounds
+    (reason InvalidShardingMetadata), naming the field that is wrong."""
+    field = f" (field {exc.field})" if exc.field else ""
+    problem = str(exc).removeprefix(f"{exc.field}: ") if exc.field else str(exc)
+    return VerificationFailed(
+        f"InvalidShardingMetadata: {SHARDING_NAME}{field}: {problem}",
+        reason="InvalidShardingMetadata",
+    )
 
 
 def verify_against(
