@@ -1,9 +1,9 @@
 """Local directories and mounted PVCs: headers parsed from the files, tensors read by
 offset (``os.pread`` into one buffer per tensor; nothing memory-mapped, nothing copied).
 
-The same checks as ``storage.fetch_source``: a ``pvc://`` path must stay inside its
-volume's mount and no file may be a symbolic link out of the directory
-(``storage.check_links``); it must be a model directory (``storage.check_model_dir``).
+The same checks as ``storage.fetch_source`` (``storage.local_source_dir``): a ``pvc://``
+path must stay inside its volume's mount and no file may be a symbolic link out of the
+directory; it must be a model directory (``storage.check_model_dir``).
 """
 
 from __future__ import annotations
@@ -86,11 +86,6 @@ class LocalSource:
 def open_local(u: StorageURI, uri: str, **_: Any) -> LocalSource:
     from preshard.worker import storage
 
-    if u.scheme == "pvc":
-        path = storage.pvc_mount_root() / u.authority / u.path
-        storage.check_links(path, uri, root=storage.pvc_mount_root() / u.authority)
-    else:
-        path = Path(u.path).resolve()
-        storage.check_links(path, uri)
+    path = storage.local_source_dir(u, uri)  # the one reader of local sources' checks
     storage.check_model_dir(path, uri)
     return LocalSource(path.resolve(), uri)
