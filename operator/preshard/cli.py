@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(owner=os.environ.get("PRESHARD_OWNER"))
     p.add_argument(
         "--work-dir",
-        default=os.environ.get("PRESHARD_WORK_DIR", "./preshard-work"),
-        help="local scratch directory (env PRESHARD_WORK_DIR)",
+        default=os.environ.get("PRESHARD_WORK_DIR") or None,
+        help="local scratch directory, kept for a resumed run (env PRESHARD_WORK_DIR; "
+        "default: a temporary directory, removed after a successful run)",
     )
     p.add_argument(
         "--source-endpoint-url",

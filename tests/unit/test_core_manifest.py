@@ -227,7 +227,24 @@ def test_artifact_status(uri: str) -> None:
         "tensorParallelSize": 2,
         "pipelineParallelSize": 1,
         "stateFormat": "raw",
+        # no convertedOn.engine: written by an engine (before the engine-free path)
+        "engine": "vllm",
     }
+
+
+def test_converted_on_engine() -> None:
+    """convertedOn.engine records which produced the files; old manifests read as vllm;
+    anything else is refused."""
+    m = _tp2()
+    assert m.engine == "vllm"
+    data = json.loads(m.to_json())
+    data["convertedOn"] = {"platform": "cpu", "engine": "none"}
+    back = Manifest.from_json(json.dumps(data))
+    assert back.engine == "none"
+    assert artifact_status(back, "s3://out/m/", json.dumps(data))["engine"] == "none"
+    data["convertedOn"]["engine"] = "magic"
+    with pytest.raises(ManifestError, match=r"convertedOn\.engine"):
+        Manifest.from_json(json.dumps(data))
 
 
 # ------------------------------------------------------------------- strict parsing

@@ -319,6 +319,8 @@ def test_manifest_fields(tmp_path: Path) -> None:
     )
     assert fields["converted_on"] == {"platform": "cpu"}
     assert fields["verification"] == {"engine": {}}
+    fields = conversion_fields(req.plan, ConversionFacts("0.32.0", platform="cpu", engine="none"))
+    assert fields["converted_on"] == {"platform": "cpu", "engine": "none"}
     ident = "sha256:" + "ab" * 32
     req2 = cv.ConvertRequest.from_args(
         parse(

@@ -116,6 +116,9 @@ def converted_tp1(tiny_tokenizer_model: Path, tmp_path_factory: pytest.TempPathF
         str(base / "out"),
         "--owner",
         "ns/tiny-tp1/uid-1",
+        # the engine path (the tests here check its engine verification)
+        "--engine",
+        "vllm",
     )
     return run
 
@@ -181,6 +184,9 @@ def converted_tp2(
                 "128Ki",
                 "--owner",
                 "ns/tiny-tp2/uid-2",
+                # the engine path (the tests here check its reference and reload tokens)
+                "--engine",
+                "vllm",
             ]
         )
         t0 = time.monotonic()
@@ -205,4 +211,8 @@ def converted_pp2(tiny_tokenizer_model: Path, tmp_path_factory: pytest.TempPathF
         "--no-verify",
         "--output",
         str(base / "out"),
+        # the engine's conversion (its traces, kept in <work>/traces, are what the
+        # engine-free writer is held to at PP=2)
+        "--engine",
+        "vllm",
     )

@@ -192,12 +192,25 @@ class Matrix:
                 f"matrix/{family}/uid",
                 "--progress",
                 "lines",
+                # the engine's conversion, whatever auto would choose: its rank files and
+                # traces (kept in <work>/traces) are what the engine-free path is held to
+                "--engine",
+                "vllm",
                 cwd=base,
             )
             return proc, out
 
         result: tuple[Proc, Path] = self._once((family, "convert"), run)
         return result
+
+    def engine_traces(self, family: str) -> list[dict[str, Any]]:
+        """The per-rank traces the engine's preshard_raw loader wrote in the conversion
+        (``preshard-trace-rank-N.json``, kept by convert in ``<work-dir>/traces``)."""
+        self.published(family)
+        traces = self.base / "convert" / family / "work" / "traces"
+        return [
+            json.loads(p.read_text()) for p in sorted(traces.glob("preshard-trace-rank-*.json"))
+        ]
 
     def published(self, family: str) -> Path:
         proc, out = self.converted(family)
@@ -294,6 +307,35 @@ def test_family_passes_verify_against_source(matrix: Matrix, family: str) -> Non
     assert proc.rc == 0, f"rc {proc.rc}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(proc.stdout)
     assert report["ok"] is True
+
+
+@pytest.mark.parametrize("family", _converted_families())
+def test_streaming_writer_reproduces_the_engine_files(
+    matrix: Matrix, family: str, tmp_path: Path
+) -> None:
+    """The engine-free writer, given the ENGINE's traces and the source, writes the same
+    rank files as the engine's raw save: the same names and the same sha256 (the planner's
+    traces are compared with the engine's next to this, so together: planner + writer ==
+    engine)."""
+    from preshard.worker.shardwriter import write_shards
+    from preshard.worker.sources import open_source
+
+    out = matrix.published(family)
+    traces = matrix.engine_traces(family)
+    assert sorted(t["rank"] for t in traces) == [0, 1]
+    source = open_source(str(matrix.model(family)))
+    report = write_shards(traces, source, tmp_path, max_size=256 * 1024)
+    want = {f["key"]: f["sha256"] for f in _manifest(out)["files"] if f["key"].startswith("model-")}
+    assert {f.name: f.sha256 for f in report.files} == want
+    # both ranks from one read of each source tensor they use
+    used = {
+        w["source"]
+        for t in traces
+        for key in t["saved"]
+        for w in t["writes"].get(key, [])
+        if w["op"] == "copy"
+    }
+    assert report.source_reads == len(used)
 
 
 def _differences(a: list[list[Any]], b: list[list[Any]]) -> list[str]:

@@ -6,6 +6,8 @@ The ``converted_pp2`` fixture (tests/vllm/conftest.py) runs the conversion once.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,3 +49,23 @@ def test_pp2_shards_reload_at_the_same_layout(converted_pp2: Any) -> None:
     assert out.tokens == ()  # loaded without generating (see the fixture's docstring)
     assert out.settings["pipeline_parallel_size"] == 2
     assert out.settings["load_format"] == "sharded_state"
+
+
+def test_pp2_streaming_writer_reproduces_the_engine_files(
+    converted_pp2: Any, tiny_tokenizer_model: Path, tmp_path: Path
+) -> None:
+    """At PP=2 too, the engine-free writer given the ENGINE's traces writes the engine's
+    files: the same names (model-pp-*-tp-*), the same sha256."""
+    from preshard.core.manifest import MANIFEST_NAME
+    from preshard.worker.shardwriter import load_traces, write_shards
+    from preshard.worker.sources import open_source
+
+    assert converted_pp2.rc == 0, converted_pp2.stderr[-3000:]
+    traces = load_traces(converted_pp2.work_dir / "traces")
+    assert sorted((t["ppRank"], t["tpRank"]) for t in traces) == [(0, 0), (1, 0)]
+    report = write_shards(
+        traces, open_source(str(tiny_tokenizer_model)), tmp_path, max_size=5 * 2**30
+    )
+    man = json.loads((converted_pp2.output / MANIFEST_NAME).read_text())
+    want = {f["key"]: f["sha256"] for f in man["files"] if f["key"].startswith("model-")}
+    assert {f.name: f.sha256 for f in report.files} == want

@@ -32,6 +32,11 @@ from preshard.core.contract import (
 )
 from preshard.core.plan import MAX_PARALLEL
 
+# convertedOn.engine: which produced the rank files (core.plan's engines minus "auto",
+# which a conversion resolves before it runs)
+CONVERSION_ENGINES = ("none", "vllm")
+CONVERTED_BY_ENGINE = "vllm"  # manifests without convertedOn.engine
+
 if TYPE_CHECKING:
     from preshard.core.plan import ConversionPlan
 
@@ -214,7 +219,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     # formatVersion 2
     state_format: str = STATE_RAW
-    # where it was converted: {"platform": "cpu"|"cuda"|..., "device": "..."}
+    # where and how it was converted: {"platform": "cpu"|"cuda"|..., "device": "...",
+    # "engine": "none"|"vllm"} (no "engine": written before the engine-free path, i.e.
+    # by a vLLM engine)
     converted_on: dict[str, Any] = field(default_factory=dict)
     # key of the sharding metadata file (one of ``files``), or None
     sharding_key: str | None = None
@@ -226,6 +233,13 @@ class Manifest:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def engine(self) -> str:
+        """Which engine produced the rank files: "none" (planned from vLLM's weight
+        loaders and streamed from the source) or "vllm" (a vLLM engine loaded the model;
+        every manifest written before convertedOn.engine existed)."""
+        return str(self.converted_on.get("engine") or CONVERTED_BY_ENGINE)
 
     @property
     def total_bytes(self) -> int:
@@ -400,6 +414,12 @@ def _v2_fields(data: dict[str, Any]) -> dict[str, Any]:
     converted_on = data.get("convertedOn") or {}
     if not isinstance(converted_on, dict):
         raise ManifestError("manifest field 'convertedOn' must be an object")
+    engine = converted_on.get("engine")
+    if engine is not None and engine not in CONVERSION_ENGINES:
+        raise ManifestError(
+            f"manifest convertedOn.engine {_short(engine)} is not one of "
+            f"{', '.join(CONVERSION_ENGINES)}"
+        )
     sharding = data.get("sharding")
     sharding_key = None
     if sharding is not None:
@@ -443,6 +463,7 @@ class ConversionFacts:
     source_revision: str | None = None  # the commit an hf:// revision resolved to
     detected_quantization: str | None = None  # a pre-quantized checkpoint's method
     verification: dict[str, Any] | None = None  # what was checked (docs/verification.md)
+    engine: str = ""  # which produced the files: "none" (engine-free) or "vllm"
 
 
 def manifest_for(
@@ -474,7 +495,8 @@ def conversion_fields(plan: ConversionPlan, facts: ConversionFacts) -> dict[str,
         file_pattern=plan.layout.file_pattern,
         load_format=LOAD_FORMAT_LOCAL,
         state_format=plan.state_format,
-        converted_on={"platform": facts.platform} if facts.platform else {},
+        converted_on=({"platform": facts.platform} if facts.platform else {})
+        | ({"engine": facts.engine} if facts.engine else {}),
         sharding_key=SHARDING_NAME,
         identity=plan.identity,
         verification=facts.verification,
@@ -499,4 +521,5 @@ def artifact_status(manifest: Manifest, uri: str, manifest_text: str | bytes) ->
         "tensorParallelSize": manifest.tensor_parallel_size,
         "pipelineParallelSize": manifest.pipeline_parallel_size,
         "stateFormat": manifest.state_format,
+        "engine": manifest.engine,
     }

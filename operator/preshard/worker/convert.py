@@ -1,5 +1,11 @@
 """``preshard convert``: Downloading -> Converting -> Verifying -> Uploading.
 
+This is the engine path (``--engine vllm``, or ``auto`` when the planner does not plan
+the model); ``--engine none`` (and ``auto`` when the planner plans it) is
+``preshard.worker.enginefree``: Planning -> Converting (streamed from the source) ->
+Uploading, no engine. Without ``--work-dir`` the work dir is a temporary directory,
+removed after the run.
+
 1. Downloading: ``storage.fetch_source`` brings the checkpoint into the work dir (a local
    directory or a mounted PVC is used in place; it is never modified or deleted).
 2. Converting: checks the model's config against the requested parallelism BEFORE any
@@ -41,6 +47,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -77,6 +84,10 @@ log = logging.getLogger("preshard.convert")
 
 SHARDS_DIR = "shards"
 SOURCE_DIR = "source"
+# The engine's per-rank traces (preshard-trace-rank-N.json, file order included), kept
+# in the work dir: the sharding metadata sorts the tensors, the streaming writer needs
+# the engine's order to reproduce its files (tests compare the two paths).
+TRACES_DIR = "traces"
 # Exceptions vLLM raises for a model/configuration it cannot load: retrying cannot help.
 PERMANENT_ENGINE_ERRORS = frozenset({"ValueError", "NotImplementedError", "ValidationError"})
 
@@ -93,6 +104,8 @@ class ConvertRequest:
     source_endpoint_url: str | None = None
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
+    # no --work-dir (nor PRESHARD_WORK_DIR): a temporary directory, removed after the run
+    temporary_work_dir: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ConvertRequest:
@@ -102,8 +115,33 @@ class ConvertRequest:
             raise SpecError("--gpu-memory-utilization must be in (0, 1]")
         if args.max_model_len is not None and args.max_model_len < 1:
             raise SpecError("--max-model-len must be positive")
+        temporary = not args.work_dir
+        work_dir = (
+            Path(tempfile.mkdtemp(prefix="preshard-work-")).resolve()
+            if temporary
+            else Path(args.work_dir).resolve()
+        )
+        try:
+            cls._check_paths(plan, work_dir)
+        except SpecError:
+            if temporary:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        return cls(
+            plan=plan,
+            work_dir=work_dir,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+            concurrency=max(1, int(args.concurrency)),
+            source_endpoint_url=args.source_endpoint_url,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            temporary_work_dir=temporary,
+        )
+
+    @staticmethod
+    def _check_paths(plan: ConversionPlan, work_dir: Path) -> None:
         source, output = plan.source, plan.output
-        work_dir = Path(args.work_dir).resolve()
         if source.scheme == "file":
             src = Path(source.path).resolve()
             if _inside(work_dir, src) or _inside(src, work_dir):
@@ -123,16 +161,6 @@ class ConvertRequest:
                 or _inside(Path(source.path).resolve(), out)
             ):
                 raise SpecError(f"output {out} and the source must not contain each other")
-        return cls(
-            plan=plan,
-            work_dir=work_dir,
-            endpoint_url=args.endpoint_url,
-            region=args.region,
-            concurrency=max(1, int(args.concurrency)),
-            source_endpoint_url=args.source_endpoint_url,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_model_len=args.max_model_len,
-        )
 
     def engine_request(self, model: Path, prompts: tuple[Prompt, ...], **kw: Any) -> EngineRequest:
         """The vLLM engine for ``model`` at this plan's layout, quantization and dtype,
@@ -165,6 +193,7 @@ class ConvertOutcome:
     vllm_version: str = ""
     shard_summary: str = ""
     verification: dict[str, Any] = field(default_factory=dict)
+    engine: str = "vllm"  # which produced the files: "none" (engine-free) or "vllm"
 
 
 class _Timer:
@@ -187,6 +216,19 @@ class _Timer:
 def read_model_config(model_dir: Path, label: str) -> dict[str, Any]:
     """The checkpoint's config.json; InvalidSource if it is missing or unreadable, or
     if there are no safetensors weights."""
+    config = read_config_json(model_dir, label)
+    if not any(p.is_file() for p in model_dir.glob("*.safetensors")):
+        raise PreshardError(
+            f"the source {label} has no *.safetensors weights (other formats are not supported)",
+            reason="InvalidSource",
+            permanent=True,
+        )
+    return config
+
+
+def read_config_json(model_dir: Path, label: str) -> dict[str, Any]:
+    """The checkpoint's config.json (``model_dir`` may hold only the non-weight files, as
+    a tensor source prepares them); InvalidSource if it is missing or unreadable."""
     if not model_dir.is_dir():
         raise PreshardError(
             f"the source {label} does not exist", reason="SourceNotFound", permanent=True
@@ -209,12 +251,6 @@ def read_model_config(model_dir: Path, label: str) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise PreshardError(
             "the source's config.json is not a JSON object", reason="InvalidSource", permanent=True
-        )
-    if not any(p.is_file() for p in model_dir.glob("*.safetensors")):
-        raise PreshardError(
-            f"the source {label} has no *.safetensors weights (other formats are not supported)",
-            reason="InvalidSource",
-            permanent=True,
         )
     return config
 
@@ -255,6 +291,15 @@ def prepare_work_dir(work_dir: Path) -> Path:
     return shards
 
 
+def keep_traces(shards: Path, dest: Path) -> None:
+    """Copy the ranks' traces out of the shards dir before they are merged and removed."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for p in verify_against.iter_traces(shards):
+        shutil.copy2(p, dest / p.name)
+
+
 # -------------------------------------------------------------------------------- engine
 
 
@@ -293,6 +338,9 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     from preshard.worker import resources, storage
     from preshard.worker.publication import Publication
 
+    engine_free = _engine_free(req, reporter)
+    if engine_free is not None:
+        return engine_free
     timer = _Timer()
     shards = prepare_work_dir(req.work_dir)
 
@@ -356,6 +404,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     timer.add("convert", time.monotonic() - t)
     timer.add("vllm_load_and_save", saved.load_seconds)
     timer.add("reference_generate", saved.generate_seconds)
+    keep_traces(shards, req.work_dir / TRACES_DIR)
     verify_against.write_sharding(shards)
     copied = copy_non_weight_files(src_dir, shards)
     reporter.advance(total)
@@ -441,6 +490,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
             source_revision=commit,
             detected_quantization=checkpoint_quantization(config),
             verification=verification,
+            engine="vllm",
         )
         artifact = publication.commit(conversion_fields(req.plan, facts), reporter=reporter)
         timer.add("upload", time.monotonic() - t)
@@ -468,6 +518,41 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
         shard_summary=report.summary(),
         verification=verification,
     )
+
+
+def _engine_free(req: ConvertRequest, reporter: Any) -> ConvertOutcome | None:
+    """``--engine none``, or ``auto`` when the planner supports the model: the whole
+    engine-free conversion (``worker.enginefree``); None: the engine path runs."""
+    from preshard.worker import enginefree
+
+    if req.plan.engine == enginefree.ENGINE_VLLM:
+        return None
+    if req.plan.engine != enginefree.ENGINE_NONE and not enginefree.planner_available():
+        log.info("engine: vllm (--engine auto: the engine-free planner is not installed)")
+        return None
+    reporter.stage("Planning")
+    try:
+        source = enginefree.open_request_source(req)
+    except PreshardError as exc:
+        if req.plan.engine == enginefree.ENGINE_NONE:
+            raise
+        # auto: the engine path fetches the source and reports its own errors
+        log.info("engine: vllm (--engine auto: the source cannot be streamed: %s)", exc)
+        return None
+    try:
+        model_dir = source.prepare(req.work_dir)
+        req.plan.layout.check_model(read_config_json(model_dir, str(req.plan.source)))
+        t = time.monotonic()
+        engine, why, traces = enginefree.choose_engine(req, source, model_dir)
+        log.info("engine: %s (%s; %.1f s)", engine, why, time.monotonic() - t)
+        if engine != enginefree.ENGINE_NONE:
+            return None
+        outcome: ConvertOutcome = enginefree.convert_engine_free(
+            req, reporter, source, model_dir, traces, plan_seconds=time.monotonic() - t
+        )
+        return outcome
+    finally:
+        source.close()
 
 
 def _engine_check(
@@ -527,7 +612,19 @@ def verification_result(verification: dict[str, Any]) -> dict[str, Any]:
     ``checks[] {name, passed, detail}``), from the manifest's verification record."""
     checks: list[dict[str, Any]] = []
     free = verification.get("engineFree")
-    if isinstance(free, dict):
+    planned = isinstance(free, dict) and free.get("method") == "planned"
+    if planned:
+        assert isinstance(free, dict)
+        detail = (
+            f"{free.get('files')} rank files streamed from the source as vLLM's weight loaders "
+            f"plan them ({free.get('savedTensors')} tensors, "
+            f"{format_bytes(int(free.get('bytesWritten') or 0))}), each read back against "
+            "its plan; no engine ran (--engine none)"
+        )
+        checks.append(
+            {"name": "engine-free", "passed": free.get("matched") is True, "detail": detail}
+        )
+    elif isinstance(free, dict):
         detail = (
             f"{free.get('savedTensors')} saved tensors rebuilt from "
             f"{free.get('sourceTensors')} source tensors bit for bit ({free.get('copies')} "
@@ -547,7 +644,7 @@ def verification_result(verification: dict[str, Any]) -> dict[str, Any]:
         checks.append({"name": "engine", "passed": engine.get("matched") is True, "detail": detail})
     passed = bool(checks) and all(c["passed"] for c in checks)
     summary = "; ".join(f"{c['name']}: {c['detail']}" for c in checks)
-    if not isinstance(engine, dict):
+    if not isinstance(engine, dict) and not planned:
         summary += "; engine check skipped (--no-verify)"
     return {"passed": passed, "summary": summary, "checks": checks}
 
@@ -598,6 +695,7 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     reporter = Reporter(mode=getattr(args, "progress", "auto"))
+    req: ConvertRequest | None = None
     try:
         req = ConvertRequest.from_args(args)
         outcome = convert(req, reporter)
@@ -630,6 +728,11 @@ def run(args: argparse.Namespace) -> int:
         write_result(Result(result="Failed", reason="InternalError", message=msg))
         print(f"preshard: error: {msg} (run with -v for details)", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        # A temporary work dir (no --work-dir) cannot be resumed from (each run makes a
+        # new one): removed whatever the outcome.
+        if req is not None and req.temporary_work_dir:
+            shutil.rmtree(req.work_dir, ignore_errors=True)
     _safe_done(reporter)
     write_result(
         Result(
@@ -639,9 +742,10 @@ def run(args: argparse.Namespace) -> int:
             verification=verification_result(outcome.verification),
         )
     )
+    assert req is not None
     print(
         f"preshard: published {outcome.artifact.get('uri', req.plan.output)} "
-        f"({outcome.shard_summary}; {format_timings(outcome.timings)})",
+        f"(engine {outcome.engine}; {outcome.shard_summary}; {format_timings(outcome.timings)})",
         file=sys.stderr,
     )
     return EXIT_OK

@@ -324,7 +324,7 @@ def _fetch_hf(
         if pin is not None and info.sha != pin:
             raise source_changed(uri, pin)
         _claim_dest(dest, f"hf {u.authority}@{info.sha}")
-        wanted = [s for s in info.siblings or [] if _hf_wanted(s.rfilename)]
+        wanted = [s for s in info.siblings or [] if hf_wanted(s.rfilename)]
         if reporter is not None:
             reporter.stage("Downloading", sum(s.size or 0 for s in wanted))
         with _DirProgress(dest, reporter):
@@ -350,7 +350,7 @@ def _fetch_hf(
     return out
 
 
-def _hf_wanted(name: str) -> bool:
+def hf_wanted(name: str) -> bool:
     return "/" not in name and any(fnmatch.fnmatchcase(name, p) for p in HF_PATTERNS)
 
 

@@ -19,9 +19,11 @@ This module is the contract between the parts of the engine-free path
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -69,3 +71,63 @@ class TensorSource(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------ registry
+# One module per URI scheme, imported when first used (as vLLM's model-loader registry
+# maps a load format to its loader class): ``file``/``pvc`` read local files by offset,
+# ``s3`` by ranged GETs, ``hf`` one weight file at a time. A module registers its opener
+# with ``register_source``; ``open_source`` picks it by the URI's scheme.
+SOURCE_MODULES = {
+    "file": "preshard.worker.sources.local",
+    "pvc": "preshard.worker.sources.local",
+    "s3": "preshard.worker.sources.s3",
+    "hf": "preshard.worker.sources.hf",
+}
+# a published checkpoint at a local, PVC or S3 location is a re-shard source
+CHECKPOINT_MODULE = "preshard.worker.sources.checkpoint"
+CHECKPOINT_SCHEMES = ("file", "pvc", "s3")
+SourceOpener = Callable[..., TensorSource]
+_REGISTRY: dict[str, SourceOpener] = {}
+
+
+def register_source(*schemes: str) -> Callable[[SourceOpener], SourceOpener]:
+    """Register ``opener(uri: StorageURI, text: str, **settings) -> TensorSource``."""
+
+    def deco(opener: SourceOpener) -> SourceOpener:
+        for scheme in schemes:
+            _REGISTRY[scheme] = opener
+        return opener
+
+    return deco
+
+
+def open_source(uri: str, **settings: Any) -> TensorSource:
+    """The TensorSource for ``uri`` (``settings``: endpoint_url, region, concurrency,
+    work_dir, as the scheme needs them)."""
+    from preshard.core.errors import PreshardError
+    from preshard.core.uris import parse_uri
+
+    u = parse_uri(uri, allow_local=True)
+    if u.scheme in CHECKPOINT_SCHEMES:
+        # A published preshard checkpoint (a manifest at the prefix or in the directory)
+        # is read back as the original tensors: the re-shard source, when installed.
+        try:
+            checkpoint = importlib.import_module(CHECKPOINT_MODULE)
+        except ImportError:
+            checkpoint = None
+        opener = getattr(checkpoint, "open_checkpoint", None)
+        if opener is not None:
+            found = opener(
+                uri, endpoint_url=settings.get("endpoint_url"), region=settings.get("region")
+            )
+            if found is not None:
+                return found  # type: ignore[no-any-return]
+    if u.scheme not in _REGISTRY and u.scheme in SOURCE_MODULES:
+        importlib.import_module(SOURCE_MODULES[u.scheme])
+    opener = _REGISTRY.get(u.scheme)
+    if opener is None:
+        raise PreshardError(
+            f"no tensor source for {u.scheme}:// URIs", reason="InvalidSource", permanent=True
+        )
+    return opener(u, uri, **settings)

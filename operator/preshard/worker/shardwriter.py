@@ -1,0 +1,587 @@
+"""The streaming shard writer: each rank's files from the per-rank traces and a source.
+
+Given the per-rank trace documents (what the engine's ``preshard_raw`` loader writes as
+``preshard-trace-rank-{rank}.json``, or what ``preshard.worker.planner`` plans without an
+engine) and a ``TensorSource``, write every rank's safetensors files **byte-identical**
+to vLLM's ``ShardedStateLoader.save_model`` over the same raw state:
+
+* the same tensors (``saved``, in the state dict's order, already de-duplicated by
+  vLLM's ``_filter_subtensors``), split into parts exactly as ``save_model`` splits them
+  by ``max_size`` (a tensor larger than ``max_size`` at the start gives an empty part 0,
+  as vLLM's loop does), named from the same pattern;
+* the same safetensors bytes: the header ``safetensors`` itself writes (tensors ordered
+  by dtype, largest first in safetensors' dtype order, then by name; compact JSON;
+  padded with spaces to a multiple of 8) followed by the data in header order;
+* the same values: each saved tensor is built as the model held it after
+  ``load_weights``: every ``copy`` write is ``Tensor.copy_`` of the source region into the
+  destination region (the same dtype conversion), every ``fill`` is ``fill_``; a tensor
+  the loaders never write (vLLM's attention scale buffers) takes the value the model
+  initialized it with, from the trace's ``initialized`` map or from vLLM's own defaults
+  (``INITIALIZED_DEFAULTS``); anything else not covered is refused, never guessed.
+
+Ranks run in lockstep (tensor i of every rank before tensor i+1): tensor-parallel ranks
+read the same source tensors at the same step, so a small byte-bounded cache makes the
+source read about once rather than TP times. Each file is written sequentially (its
+header is known before its data: shapes and dtypes are in the trace) and hashed
+(sha256) while written; ``on_file`` is called as soon as a file is complete (the
+conversion uploads it and deletes it). Memory: the source cache (``cache_bytes``, at
+least the largest source tensor) plus one saved tensor per rank in flight, independent
+of the model's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import string
+import zlib
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from preshard.core.errors import PreshardError
+from preshard.core.sharding import numel
+
+if TYPE_CHECKING:
+    import torch
+
+    from preshard.worker.sources import TensorSource
+
+log = logging.getLogger("preshard.shardwriter")
+
+# safetensors' dtype order (its Rust ``Dtype`` enum); the header lists the tensors by
+# this order, largest first, then by name.
+ST_DTYPE_ORDER = (
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
+)  # fmt: skip
+_TORCH_TO_ST = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e8m0fnu": "F8_E8M0",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "float64": "F64",
+    "int64": "I64",
+    "uint64": "U64",
+}
+ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
+# Tensors vLLM's models create with a value and no weight loader writes (attention
+# scale buffers: vllm/model_executor/layers/attention/attention.py registers them as
+# torch.tensor(1.0, dtype=float32)). Matched on the last component of the key.
+INITIALIZED_DEFAULTS = {"_k_scale": 1.0, "_v_scale": 1.0, "_q_scale": 1.0, "_prob_scale": 1.0}
+# The source cache: at least what one step needs (every source tensor one saved tensor
+# is copied from: the tensor-parallel ranks use them at the same step), and this much
+# more for neighbours (a source shared by consecutive saved tensors).
+DEFAULT_CACHE_BYTES = 64 * 2**20
+_WRITE_CHUNK = 16 * 2**20
+
+
+def st_dtype(torch_name: str) -> str:
+    try:
+        return _TORCH_TO_ST[torch_name.removeprefix("torch.")]
+    except KeyError:
+        raise PreshardError(
+            f"dtype {torch_name} has no safetensors equivalent",
+            reason="UnsupportedDtype",
+            permanent=True,
+        ) from None
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    dt = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype):
+        raise PreshardError(f"unknown dtype {name}", reason="UnsupportedDtype", permanent=True)
+    return dt
+
+
+# --------------------------------------------------------------------- file layout (pure)
+
+
+@dataclass(frozen=True)
+class Saved:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str  # torch name, as the trace records it
+
+    @property
+    def nbytes(self) -> int:
+        from preshard.worker.sources import DTYPE_SIZES
+
+        return numel(self.shape) * DTYPE_SIZES[st_dtype(self.dtype)]
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """One rank file: its name, its header bytes and its tensors in data order."""
+
+    name: str
+    header: bytes  # the 8-byte length, the JSON and its padding
+    tensors: tuple[Saved, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.nbytes for t in self.tensors)
+
+
+def split_parts(saved: list[Saved], max_size: int | None) -> list[list[Saved]]:
+    """``ShardedStateLoader.save_model``'s split, including its empty first part when
+    the first tensor alone exceeds ``max_size``."""
+    parts: list[list[Saved]] = []
+    part: list[Saved] = []
+    total = 0
+    for t in saved:
+        if max_size is not None and total + t.nbytes > max_size:
+            parts.append(part)
+            part, total = [], 0
+        part.append(t)
+        total += t.nbytes
+    if part:
+        parts.append(part)
+    return parts
+
+
+def header_bytes(tensors: list[Saved]) -> tuple[bytes, tuple[Saved, ...]]:
+    """The safetensors header ``safetensors.torch.save_file`` writes for these tensors
+    (no metadata) and the tensors in the order their data follows it."""
+    order = sorted(tensors, key=lambda t: (-ST_DTYPE_ORDER.index(st_dtype(t.dtype)), t.key))
+    entries: dict[str, Any] = {}
+    offset = 0
+    for t in order:
+        end = offset + t.nbytes
+        entries[t.key] = {
+            "dtype": st_dtype(t.dtype),
+            "shape": list(t.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, tuple(order)
+
+
+def render_name(
+    pattern: str | None, *, tp_rank: int, pp_rank: int, tp_size: int, pp_size: int, part: int
+) -> str:
+    """``ShardedStateLoader._render_default_pattern`` for one rank."""
+    from preshard.core.contract import shard_pattern
+
+    pattern = pattern or shard_pattern(pp_size)
+    fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
+    unsupported = fields - {"pp_rank", "tp_rank", "rank", "part"}
+    has_tp = "tp_rank" in fields or "rank" in fields
+    if (
+        unsupported
+        or (pp_size > 1 and "pp_rank" not in fields)
+        or (pp_size == 1 and "pp_rank" in fields)
+        or (tp_size > 1 and not has_tp)
+    ):
+        raise PreshardError(
+            f"file name pattern {pattern!r} does not fit TP {tp_size} x PP {pp_size}",
+            reason="InvalidSpec",
+            permanent=True,
+        )
+    if pp_size > 1:
+        return pattern.format(pp_rank=pp_rank, tp_rank=tp_rank, rank=tp_rank, part=part)
+    return pattern.format(tp_rank=tp_rank, rank=tp_rank, part=part)
+
+
+@dataclass
+class RankPlan:
+    """One rank's trace, parsed: what its files hold and how each tensor is written."""
+
+    rank: int
+    tp_rank: int
+    pp_rank: int
+    tp_size: int
+    pp_size: int
+    saved: list[Saved]
+    writes: dict[str, list[dict[str, Any]]]
+    initialized: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_trace(cls, trace: dict[str, Any]) -> RankPlan:
+        try:
+            return cls(
+                rank=int(trace["rank"]),
+                tp_rank=int(trace["tpRank"]),
+                pp_rank=int(trace["ppRank"]),
+                tp_size=int(trace["tensorParallelSize"]),
+                pp_size=int(trace["pipelineParallelSize"]),
+                saved=[
+                    Saved(k, tuple(int(n) for n in v["shape"]), str(v["dtype"]))
+                    for k, v in trace["saved"].items()
+                ],
+                writes=dict(trace.get("writes") or {}),
+                initialized=dict(trace.get("initialized") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PreshardError(
+                f"malformed rank trace: {type(exc).__name__}: {exc}",
+                reason="ConversionFailed",
+                permanent=True,
+            ) from None
+
+    def layout(self, pattern: str | None, max_size: int | None) -> list[PartLayout]:
+        out = []
+        for i, part in enumerate(split_parts(self.saved, max_size)):
+            header, order = header_bytes(part)
+            name = render_name(
+                pattern,
+                tp_rank=self.tp_rank,
+                pp_rank=self.pp_rank,
+                tp_size=self.tp_size,
+                pp_size=self.pp_size,
+                part=i,
+            )
+            out.append(PartLayout(name, header, order))
+        return out
+
+
+# ---------------------------------------------------------------------------- building
+
+
+class SourceCache:
+    """Source tensors (flattened) kept while ranks in lockstep still need them, bounded by
+    bytes (the tensor being used always stays)."""
+
+    def __init__(self, source: TensorSource, limit: int = DEFAULT_CACHE_BYTES) -> None:
+        self.source = source
+        self.limit = limit
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.reads = 0
+        self.bytes_read = 0
+
+    def get(self, name: str) -> torch.Tensor:
+        t = self._items.get(name)
+        if t is not None:
+            self._items.move_to_end(name)
+            return t
+        t = self.source.read(name).reshape(-1)
+        size = t.numel() * t.element_size()
+        self.reads += 1
+        self.bytes_read += size
+        self._items[name] = t
+        self._bytes += size
+        while self._bytes > self.limit and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.numel() * old.element_size()
+        return t
+
+
+def build_tensor(plan: RankPlan, saved: Saved, cache: SourceCache) -> torch.Tensor:
+    """The saved tensor's values as the model held them after ``load_weights``."""
+    import torch
+
+    dtype = _torch_dtype(saved.dtype)
+    size = numel(saved.shape)
+    # (uninitialized: every element is written below, or the tensor is refused)
+    flat = torch.empty(size, dtype=dtype)
+    writes = plan.writes.get(saved.key) or []
+    if not writes:
+        value = plan.initialized.get(saved.key)
+        if value is None:
+            value = INITIALIZED_DEFAULTS.get(saved.key.rpartition(".")[2])
+        if value is None:
+            raise PreshardError(
+                f"rank {plan.rank}: {saved.key} is written by no weight loader and its "
+                "initial value is unknown; it cannot be produced without an engine "
+                "(--engine vllm)",
+                reason="UnsupportedModel",
+                permanent=True,
+            )
+        flat.fill_(value)
+        return flat
+    runs: list[tuple[int, int]] | None = []
+    for w in writes:
+        d_off, d_strides, shape = w["dst"]
+        dst = torch.as_strided(flat, shape, d_strides, d_off)
+        if w["op"] == "copy":
+            src_flat = cache.get(w["source"])
+            s_off, s_strides, s_shape = w["src"]
+            dst.copy_(torch.as_strided(src_flat, s_shape, s_strides, s_off))
+        elif w["op"] == "fill":
+            dst.fill_(w["value"])
+        elif w["op"] == "derived" and "values" in w:
+            dst.copy_(torch.tensor(w["values"], dtype=dtype).reshape(shape))
+        else:
+            raise PreshardError(
+                f"rank {plan.rank}: vLLM's weight loader computes {saved.key} from "
+                f"{', '.join(w.get('sources') or ()) or 'the checkpoint'} (not a copy): it "
+                "cannot be streamed without an engine (--engine vllm)",
+                reason="UnsupportedModel",
+                permanent=True,
+            )
+        run = _dense_run(d_off, d_strides, shape)
+        if run is None or runs is None:
+            runs = None
+        else:
+            runs.append(run)
+    missing = _uncovered(plan, saved, size, runs)
+    if missing:
+        raise PreshardError(
+            f"rank {plan.rank}: {missing} of {size} elements of {saved.key} are "
+            "written by no weight loader; they cannot be produced without an engine",
+            reason="UnsupportedModel",
+            permanent=True,
+        )
+    return flat
+
+
+def _dense_run(offset: int, strides: list[int], shape: list[int]) -> tuple[int, int] | None:
+    """``(start, end)`` when the region is one consecutive run of elements, else None."""
+    n, expect = 1, 1
+    for size, stride in zip(reversed(shape), reversed(strides), strict=True):
+        if size > 1 and stride != expect:
+            return None
+        expect *= size
+        n *= size
+    return (int(offset), int(offset) + n)
+
+
+def _uncovered(plan: RankPlan, saved: Saved, size: int, runs: list[tuple[int, int]] | None) -> int:
+    """How many elements no write covers: from the runs when every write is one run of
+    elements (the usual case: rows, fused row blocks, whole tensors), else from a mask."""
+    import torch
+
+    if runs is not None:
+        covered, reach = 0, 0
+        for a, b in sorted(runs):
+            a = max(a, reach)
+            if b > a:
+                covered += b - a
+                reach = b
+        return size - covered
+    mask = torch.zeros(size, dtype=torch.bool)
+    for w in plan.writes.get(saved.key) or ():
+        d_off, d_strides, shape = w["dst"]
+        torch.as_strided(mask, shape, d_strides, d_off).fill_(True)
+    return int((~mask).sum())
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    name: str
+    path: Path
+    size: int
+    sha256: str
+    rank: int
+    # CRC-32 of each tensor's bytes as built (a read-back check: the file's header must
+    # lead every name to exactly these bytes)
+    crc32: dict[str, int] = field(default_factory=dict)
+
+
+class _IO:
+    """One background thread that writes and hashes (both release the GIL) while the
+    main thread builds the next tensor; at most ``depth`` buffers in flight."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-write")
+        self._pending: deque[Future[None]] = deque()
+        self._depth = depth
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn))
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+class _FileWriter:
+    def __init__(self, path: Path, layout: PartLayout, rank: int, io: _IO) -> None:
+        self.path, self.layout, self.rank, self.io = path, layout, rank, io
+        self.tmp = path.with_name(path.name + ".partial")
+        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._h = hashlib.sha256()
+        self._n = 0
+        self.crc32: dict[str, int] = {}
+        self._put(layout.header)
+
+    def _put(self, data: Any, keep: Any = None, key: str | None = None) -> None:
+        mv = memoryview(data).cast("B")
+        self._n += len(mv)
+
+        def job() -> None:
+            _ = keep  # the tensor stays alive until its bytes are out
+            crc = 0
+            for i in range(0, len(mv), _WRITE_CHUNK):
+                chunk = mv[i : i + _WRITE_CHUNK]
+                self._f.write(chunk)
+                self._h.update(chunk)
+                if key is not None:
+                    crc = zlib.crc32(chunk, crc)
+            if key is not None:
+                self.crc32[key] = crc
+
+        self.io.submit(job)
+
+    def put_tensor(self, key: str, t: torch.Tensor) -> None:
+        import torch
+
+        if t.numel():
+            t = t.contiguous()
+            self._put(t.view(torch.uint8).numpy(), keep=t, key=key)
+        else:
+            self.crc32[key] = 0
+
+    def finish(self) -> WrittenFile:
+        self.io.drain()
+        self._f.close()
+        if self._n != self.layout.size:
+            raise PreshardError(
+                f"{self.path.name}: wrote {self._n} bytes, expected {self.layout.size}",
+                reason="InternalError",
+            )
+        os.replace(self.tmp, self.path)
+        return WrittenFile(
+            self.path.name, self.path, self._n, self._h.hexdigest(), self.rank, dict(self.crc32)
+        )
+
+    def abort(self) -> None:
+        with contextlib.suppress(BaseException):
+            self.io.drain()
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _steps(plan: RankPlan, layouts: list[PartLayout]) -> Iterator[tuple[int, Saved | None]]:
+    """(part index, tensor) in file order; (i, None) closes part i."""
+    for i, layout in enumerate(layouts):
+        for t in layout.tensors:
+            yield i, t
+        yield i, None
+
+
+@dataclass
+class WriteReport:
+    files: list[WrittenFile] = field(default_factory=list)
+    source_reads: int = 0
+    source_bytes_read: int = 0
+    bytes_written: int = 0
+
+
+def step_bytes(ranks: list[tuple[RankPlan, list[PartLayout]]], source: TensorSource) -> int:
+    """The most source bytes one saved tensor is copied from (what the cache must hold
+    for the ranks of one step to share their reads)."""
+    sizes = {t.name: t.nbytes for t in source.tensors()}
+    most = 0
+    for plan, _ in ranks:
+        for saved in plan.saved:
+            names = {w["source"] for w in plan.writes.get(saved.key) or () if w.get("op") == "copy"}
+            most = max(most, sum(sizes.get(n, 0) for n in names))
+    return most
+
+
+def plan_files(
+    traces: list[dict[str, Any]], *, pattern: str | None = None, max_size: int | None = None
+) -> list[tuple[RankPlan, list[PartLayout]]]:
+    """Every rank's plan and file layouts (names, headers, sizes), before any data."""
+    plans = sorted((RankPlan.from_trace(t) for t in traces), key=lambda p: p.rank)
+    return [(p, p.layout(pattern, max_size)) for p in plans]
+
+
+def total_bytes(files: list[tuple[RankPlan, list[PartLayout]]]) -> int:
+    return sum(layout.size for _, layouts in files for layout in layouts)
+
+
+def write_shards(
+    traces: list[dict[str, Any]],
+    source: TensorSource,
+    out_dir: Path,
+    *,
+    pattern: str | None = None,
+    max_size: int | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    on_file: Callable[[WrittenFile], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> WriteReport:
+    """Write every rank's files into ``out_dir``; ``on_file`` gets each file as soon as
+    it is complete (in the order files complete), ``on_bytes`` the bytes written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = plan_files(traces, pattern=pattern, max_size=max_size)
+    cache = SourceCache(source, max(cache_bytes, step_bytes(ranks, source)))
+    report = WriteReport()
+    open_files: dict[int, _FileWriter] = {}
+    io = _IO()
+    iters = [(plan, layouts, _steps(plan, layouts)) for plan, layouts in ranks]
+    try:
+        while iters:
+            alive = []
+            for plan, layouts, it in iters:
+                step = next(it, None)
+                if step is None:
+                    continue
+                alive.append((plan, layouts, it))
+                part, saved = step
+                fw = open_files.get(plan.rank)
+                if fw is None:
+                    fw = _FileWriter(out_dir / layouts[part].name, layouts[part], plan.rank, io)
+                    open_files[plan.rank] = fw
+                if saved is None:
+                    del open_files[plan.rank]
+                    done = fw.finish()
+                    report.files.append(done)
+                    report.bytes_written += done.size
+                    if on_file is not None:
+                        on_file(done)
+                    continue
+                t = build_tensor(plan, saved, cache)
+                fw.put_tensor(saved.key, t)
+                if on_bytes is not None:
+                    on_bytes(saved.nbytes)
+                del t
+            iters = alive
+    except BaseException:
+        for fw in open_files.values():
+            fw.abort()
+        raise
+    finally:
+        with contextlib.suppress(BaseException):  # each file's finish drained its writes
+            io.close()
+    report.source_reads, report.source_bytes_read = cache.reads, cache.bytes_read
+    log.info(
+        "wrote %d files (%d bytes) for %d ranks; read %d source tensors (%d bytes)",
+        len(report.files),
+        report.bytes_written,
+        len(ranks),
+        cache.reads,
+        cache.bytes_read,
+    )
+    return report
+
+
+def load_traces(directory: Path) -> list[dict[str, Any]]:
+    """The ``preshard-trace-rank-*.json`` documents in ``directory``."""
+    out = []
+    for p in sorted(directory.glob("preshard-trace-rank-*.json")):
+        out.append(json.loads(p.read_text()))
+    return out

@@ -1,0 +1,352 @@
+"""The engine-free conversion against recorded real engine runs.
+
+``tests/golden/engine-traces/<family>/`` holds, for three families of
+``preshard.worker.tinymodel`` (tied embeddings over a padded vocabulary with one KV head
+replicated; Mixtral-style MoE; Phi-3 with HF-fused qkv/gate_up from a float32 checkpoint
+converted to bfloat16), the per-rank traces the engine's ``preshard_raw`` loader wrote
+in a real ``preshard convert --engine vllm`` at TP=2 with ``--max-file-size 256Ki``, and
+the names, sizes and sha256 of the rank files that engine run wrote
+(``engine-files.json``). The tiny models are regenerated here (seeded: the same bytes),
+so these tests prove, without an engine, that the streaming writer reproduces the
+engine's files byte for byte from its traces (the architecture matrix re-proves it
+against a fresh engine run: tests/vllm/test_arch_matrix.py).
+
+The ``--engine none`` conversion is tested with a TEST-ONLY PLANNER STAND-IN: until the
+planner (``preshard.worker.planner.plan_ranks``) is merged, a module installed as
+``preshard.worker.planner`` returns the recorded engine traces, so the pipeline around
+it (sources, writer, per-file checks, streaming publication, manifest, cleanup) runs
+for real.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from preshard.cli import build_parser
+from preshard.core.errors import PreshardError
+from preshard.core.manifest import MANIFEST_NAME, SHARDING_NAME, Manifest
+from preshard.worker import convert as cv
+from preshard.worker import shardwriter as sw
+from preshard.worker.sources import open_source
+from preshard.worker.tinymodel import make_tiny_model
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "engine-traces"
+FAMILIES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
+
+
+def recorded(name: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    d = GOLDEN / name
+    traces = [json.loads(p.read_text()) for p in sorted(d.glob("preshard-trace-rank-*.json"))]
+    return traces, json.loads((d / "engine-files.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name in FAMILIES:
+        info = recorded(name)[1]
+        out[name] = make_tiny_model(
+            info["family"],
+            tmp_path_factory.mktemp(name) / "model",
+            dtype=info.get("source_dtype", "bfloat16"),
+        )
+    return out
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_writer_reproduces_the_engine_files(
+    name: str, models: dict[str, Path], tmp_path: Path
+) -> None:
+    traces, info = recorded(name)
+    source = open_source(str(models[name]))
+    report = sw.write_shards(traces, source, tmp_path, max_size=info["maxFileSize"])
+    got = {f.name: {"size": f.size, "sha256": f.sha256} for f in report.files}
+    assert got == info["files"]
+    # the source read once for both ranks
+    assert report.source_reads == len(
+        {
+            w["source"]
+            for t in traces
+            for key in t["saved"]
+            for w in t["writes"].get(key, [])
+            if w["op"] == "copy"
+        }
+    )
+
+
+def test_one_changed_source_element_changes_the_files(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The identity above can fail: the same traces over a source with one element
+    changed give different bytes in the file that holds it."""
+    from safetensors.torch import load_file, save_file
+
+    traces, info = recorded("llama-tied")
+    d = tmp_path / "m"
+    d.mkdir()
+    for p in models["llama-tied"].iterdir():
+        (d / p.name).write_bytes(p.read_bytes())
+    t = load_file(str(d / "model.safetensors"))
+    w = t["model.layers.1.mlp.down_proj.weight"]
+    w.view(-1)[5] = w.view(-1)[5] * 2 + 1
+    save_file(t, str(d / "model.safetensors"))
+    report = sw.write_shards(
+        traces, open_source(str(d)), tmp_path / "o", max_size=info["maxFileSize"]
+    )
+    differ = [f.name for f in report.files if f.sha256 != info["files"][f.name]["sha256"]]
+    assert differ == ["model-rank-0-part-1.safetensors"]
+
+
+# ----------------------------------------------------------------- convert --engine none
+
+
+@pytest.fixture
+def planner_stand_in(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """TEST-ONLY: ``preshard.worker.planner`` returning recorded engine traces."""
+    calls: dict[str, Any] = {"traces": None, "supports": None, "args": []}
+    mod = types.ModuleType("preshard.worker.planner")
+
+    def plan_ranks(
+        model_dir: Path, tensors: Any, *, tp: int, pp: int, dtype: str, quantization: Any
+    ) -> Any:
+        calls["args"].append((Path(model_dir), len(list(tensors)), tp, pp, dtype, quantization))
+        if calls["supports"] is not None:  # the planner declines (as PlannerUnsupported does)
+            raise PreshardError(calls["supports"], reason="PlannerUnsupported", permanent=True)
+        return calls["traces"]
+
+    mod.plan_ranks = plan_ranks  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "preshard.worker.planner", mod)
+    return calls
+
+
+def _run(*argv: str) -> int:
+    return cv.run(build_parser().parse_args(["convert", *argv]))
+
+
+def test_convert_engine_none_publishes_the_engine_files(
+    planner_stand_in: dict[str, Any],
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    traces, info = recorded("mixtral")
+    planner_stand_in["traces"] = traces
+    term = tmp_path / "termination-log"
+    monkeypatch.setenv("PRESHARD_TERMINATION_LOG", str(term))
+    monkeypatch.delenv("PRESHARD_WORK_DIR", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    uploaded_while_writing: list[int] = []
+    real_ready = None
+
+    from preshard.worker import shardpublish
+
+    real_ready = shardpublish.StreamingPublication.ready
+
+    def ready(self: Any, rel: str, sha: str) -> None:
+        uploaded_while_writing.append(len(list((tmp_path / "out").glob("model-*"))))
+        real_ready(self, rel, sha)
+
+    monkeypatch.setattr(shardpublish.StreamingPublication, "ready", ready)
+    out = tmp_path / "out"
+    rc = _run(
+        "--source", str(models["mixtral"]), "-tp", "2", "--output", str(out),
+        "--max-file-size", "256Ki", "--engine", "none", "--owner", "ns/m/uid", "--progress", "lines",
+    )  # fmt: skip
+    assert rc == 0
+    man = Manifest.from_json((out / MANIFEST_NAME).read_bytes())
+    assert man.engine == "none" and man.converted_on == {"engine": "none"}
+    files = {
+        f.key: {"size": f.size, "sha256": f.sha256} for f in man.files if f.key.startswith("model-")
+    }
+    assert files == info["files"]
+    for key, want in info["files"].items():  # the published bytes themselves
+        import hashlib
+
+        assert hashlib.sha256((out / key).read_bytes()).hexdigest() == want["sha256"]
+    assert {f.key for f in man.files} >= {SHARDING_NAME, "config.json"}
+    sharding = json.loads((out / SHARDING_NAME).read_text())
+    assert sharding["tensorParallelSize"] == 2 and len(sharding["ranks"]) == 2
+    # files went out while later ones were still being written
+    assert any(n > 0 for n in uploaded_while_writing[:-1])
+    # the planner was given the prepared model dir and every source tensor
+    (model_dir, n_tensors, tp, pp, dtype, quant) = planner_stand_in["args"][0]
+    assert (model_dir / "config.json").is_file() and n_tensors == len(
+        open_source(str(models["mixtral"])).tensors()
+    )
+    assert (tp, pp, dtype, quant) == (2, 1, "auto", None)
+    result = json.loads(term.read_text())
+    assert result["artifact"]["engine"] == "none"
+    assert result["verification"]["passed"] is True
+    assert "no engine ran" in result["verification"]["summary"]
+    # no --work-dir: the temporary work dir is gone after the run
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_convert_auto_falls_back_to_the_engine_when_the_planner_declines(
+    planner_stand_in: dict[str, Any],
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from preshard.worker import enginefree
+
+    planner_stand_in["supports"] = "a derived write in model.layers.0.mlp (family X)"
+    req = cv.ConvertRequest.from_args(
+        build_parser().parse_args(
+            [
+                "convert",
+                "--source",
+                str(models["llama-tied"]),
+                "-tp",
+                "2",
+                "--output",
+                str(tmp_path / "o"),
+                "--work-dir",
+                str(tmp_path / "w"),
+            ]
+        )
+    )
+    source = open_source(str(models["llama-tied"]))
+    assert enginefree.choose_engine(req, source, models["llama-tied"])[:2] == (
+        "vllm",
+        "--engine auto: a derived write in model.layers.0.mlp (family X)",
+    )
+    planner_stand_in["supports"] = None
+    planner_stand_in["traces"] = [{"rank": 0}]
+    assert enginefree.choose_engine(req, source, models["llama-tied"]) == (
+        "none",
+        "--engine auto: the planner plans the model",
+        [{"rank": 0}],
+    )
+    none = cv.ConvertRequest.from_args(
+        build_parser().parse_args(
+            [
+                "convert",
+                "--source",
+                str(models["llama-tied"]),
+                "-tp",
+                "2",
+                "--output",
+                str(tmp_path / "o"),
+                "--work-dir",
+                str(tmp_path / "w"),
+                "--engine",
+                "none",
+            ]
+        )
+    )
+    planner_stand_in["supports"] = "MLA is not planned yet"
+
+    with pytest.raises(PreshardError, match="MLA is not planned yet") as e:
+        enginefree.choose_engine(none, source, models["llama-tied"])
+    assert e.value.permanent and e.value.reason == "PlannerUnsupported"
+
+
+def test_temporary_work_dir_is_removed_after_a_failure_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PRESHARD_WORK_DIR", raising=False)
+    monkeypatch.setenv("PRESHARD_TERMINATION_LOG", str(tmp_path / "t"))
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rc = _run(
+        "--source",
+        str(tmp_path / "missing"),
+        "-tp",
+        "1",
+        "--output",
+        str(tmp_path / "o"),
+        "--engine",
+        "vllm",
+    )
+    assert rc == 3
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not (tmp_path / "preshard-work").exists()  # nothing left in the current directory
+
+
+def test_a_published_checkpoint_source_is_a_reshard(
+    planner_stand_in: dict[str, Any],
+    models: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TEST-ONLY STAND-IN for the re-shard source (``preshard.worker.sources.checkpoint``,
+    merged separately): ``open_source`` asks it first for file/pvc/s3 URIs, and the
+    conversion records its ``resharded_from`` in the manifest's ``extra``."""
+    from preshard.worker.sources.local import LocalSource
+
+    traces, info = recorded("llama-tied")
+    planner_stand_in["traces"] = traces
+    mod = types.ModuleType("preshard.worker.sources.checkpoint")
+
+    class CheckpointSource(LocalSource):
+        pass
+
+    def open_checkpoint(uri: str, **kw: Any) -> Any:
+        return CheckpointSource(models["llama-tied"], uri) if uri.endswith("published") else None
+
+    mod.CheckpointSource = CheckpointSource  # type: ignore[attr-defined]
+    mod.open_checkpoint = open_checkpoint  # type: ignore[attr-defined]
+    mod.resharded_from = lambda s: {"uri": s.uri, "tensorParallelSize": 4}  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "preshard.worker.sources.checkpoint", mod)
+    assert type(open_source(str(models["llama-tied"]))) is LocalSource
+    published = tmp_path / "published"
+    published.mkdir()
+    assert isinstance(open_source(str(published)), CheckpointSource)
+    monkeypatch.setenv("PRESHARD_TERMINATION_LOG", str(tmp_path / "t"))
+    out = tmp_path / "out"
+    rc = _run("--source", str(published), "-tp", "2", "--output", str(out), "--max-file-size", "256Ki", "--engine", "none", "--work-dir", str(tmp_path / "w"))  # fmt: skip
+    assert rc == 0
+    man = Manifest.from_json((out / MANIFEST_NAME).read_bytes())
+    assert man.extra == {"reshardedFrom": {"uri": str(published), "tensorParallelSize": 4}}
+    assert {f.key: f.sha256 for f in man.files if f.key.startswith("model-")} == {
+        k: v["sha256"] for k, v in info["files"].items()
+    }
+
+
+def test_read_back_check_catches_a_changed_byte_and_a_wrong_header(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    """The engine-free conversion reads every completed file back before uploading it:
+    one byte changed in a tensor's data, or a header that leads a name to another
+    tensor's bytes, is refused (VerificationFailed, permanent)."""
+    from preshard.worker import enginefree
+
+    traces, info = recorded("llama-tied")
+    ranks = sw.plan_files(traces, max_size=info["maxFileSize"])
+    layouts = {layout.name: layout for _, ls in ranks for layout in ls}
+    report = sw.write_shards(
+        traces, open_source(str(models["llama-tied"])), tmp_path, max_size=info["maxFileSize"]
+    )
+    f = report.files[0]
+    enginefree.check_written(f, layouts[f.name])  # as written: passes
+    data = bytearray(f.path.read_bytes())
+    data[len(layouts[f.name].header) + 3] ^= 0x01  # one bit of the first tensor's data
+    f.path.write_bytes(bytes(data))
+    with pytest.raises(PreshardError, match="read back through the file's header") as e:
+        enginefree.check_written(f, layouts[f.name])
+    assert e.value.reason == "VerificationFailed" and e.value.permanent
+    # a header whose offsets swap two tensors of one size
+    layout = layouts[f.name]
+    a, b = [t for t in layout.tensors if t.dtype == "bfloat16" and t.shape == (128,)][:2]
+    body = bytearray(f.path.read_bytes())
+    body[len(layout.header) + 3] ^= 0x01  # undo the flip
+    n = int.from_bytes(body[:8], "little")
+    header = json.loads(body[8 : 8 + n])
+    header[a.key]["data_offsets"], header[b.key]["data_offsets"] = (
+        header[b.key]["data_offsets"],
+        header[a.key]["data_offsets"],
+    )
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (n - len(text))
+    f.path.write_bytes(bytes(body[:8]) + text + bytes(body[8 + n :]))
+    with pytest.raises(PreshardError, match=r"read back through the file's header"):
+        enginefree.check_written(f, layout)
