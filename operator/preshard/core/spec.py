@@ -8,6 +8,7 @@ PascalCase reason and a message a user can act on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -299,6 +300,10 @@ class ConverterSpec(_Model):
     gpu_resource_name: str | None = Field(default=None, alias="gpuResourceName", max_length=253)
     # None: the operator's default (PRESHARD_DEFAULT_ACCELERATOR, chart converter.accelerator)
     accelerator: Literal["gpu", "cpu"] | None = None
+    # None: the operator's default (PRESHARD_DEFAULT_ENGINE, chart converter.engine).
+    # none: no engine and no accelerator (preshard.core.plan.ENGINES); not part of the
+    # conversion identity: both ways write the same bytes.
+    engine: Literal["auto", "none", "vllm"] | None = None
     node_selector: dict[str, str] | None = Field(default=None, alias="nodeSelector")
     tolerations: list[Toleration] | None = Field(default=None, max_length=MAX_LIST)
     backoff_limit: int = Field(default=2, alias="backoffLimit", ge=0, le=20)
@@ -358,9 +363,14 @@ class CheckpointSpec(_Model):
     def layout(self) -> Layout:
         return Layout(self.tensor_parallel_size, self.pipeline_parallel_size)
 
-    def plan(self, *, owner: str | None = None, identity: str | None = None) -> ConversionPlan:
-        """The conversion this spec asks for (preshard.core.plan)."""
-        return ConversionPlan.from_spec(self, owner=owner, identity=identity)
+    def plan(
+        self, *, owner: str | None = None, identity: str | None = None, engine: str | None = None
+    ) -> ConversionPlan:
+        """The conversion this spec asks for (preshard.core.plan); ``engine`` is the
+        effective one (the spec's, else the operator default: preshard.core.jobs.engine)."""
+        plan = ConversionPlan.from_spec(self, owner=owner, identity=identity)
+        chosen = engine or self.converter.engine or "auto"
+        return dataclasses.replace(plan, engine=chosen) if chosen != plan.engine else plan
 
     def conversion_fields(self) -> dict[str, Any]:
         """The fields that define the conversion's result (immutable in the CRD)."""

@@ -66,7 +66,10 @@ def claim(svc: Service, body: dict[str, Any], status: dict[str, Any] | None) -> 
 
 
 def _requested(svc: Service, spec: CheckpointSpec) -> str:
-    if accelerator(spec, svc.config) == "cpu":
+    acc = accelerator(spec, svc.config)
+    if acc == "none":
+        return f"no engine, no accelerator: {spec.layout.world_size} ranks planned"
+    if acc == "cpu":
         return f"{spec.layout.world_size} CPU ranks, no GPU"
     return f"{spec.layout.world_size} GPUs"
 
@@ -148,7 +151,15 @@ def _reconcile(
             go, identity = reuse.prepare(svc, body, spec, old, identities_index)
             if not go:
                 return
-        wanted = build_conversion_job(name, ns, uid, spec, config, identity=identity)
+        wanted = build_conversion_job(
+            name,
+            ns,
+            uid,
+            spec,
+            config,
+            identity=identity,
+            memory_estimate=svc.status.known(body).get("memoryEstimate"),
+        )
         job, created = api.create_or_get_job(wanted)
         if not job_owned_by(job, uid):
             jname = (job.get("metadata") or {}).get("name")
