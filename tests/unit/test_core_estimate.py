@@ -394,7 +394,9 @@ def test_engine_free_is_flat_in_the_model_size_and_the_engine_is_not() -> None:
     assert figures["405B"]["cpu"] > 4 * figures["70B"]["cpu"]
     assert figures["405B"]["none"] - figures["70B"]["none"] == 2 * 2_101_346_304 * 11 // 10 + 1
     # the engine-free path ignores maxFileSize (the writer streams parts)
-    small = estimate_memory(LLAMA_405B, tensor_parallel_size=8, max_file_size=GiB, accelerator="none")
+    small = estimate_memory(
+        LLAMA_405B, tensor_parallel_size=8, max_file_size=GiB, accelerator="none"
+    )
     assert small.total_bytes == figures["405B"]["none"]
 
 

@@ -42,8 +42,8 @@ from preshard.core.jobs import (
     build_serving_configmap,
     build_withdraw_job,
     conversion_args,
-    memory_request,
     labels,
+    memory_request,
     output_endpoint,
     output_secret,
     owner_reference,
@@ -244,7 +244,11 @@ GOLDEN_CASES: dict[str, Any] = {
         "tiny-tp2", NS, UID, parse_spec(GPU_TP2), CPU_CONFIG
     ),
     "conversion_job_engine_none_tp8": lambda: build_conversion_job(
-        "llama-70b-tp8", NS, UID, parse_spec(ENGINE_NONE_TP8), CLUSTER_CONFIG,
+        "llama-70b-tp8",
+        NS,
+        UID,
+        parse_spec(ENGINE_NONE_TP8),
+        CLUSTER_CONFIG,
         memory_estimate=ESTIMATE_NONE,
     ),
     "conversion_job_cpu_estimate": lambda: build_conversion_job(
@@ -968,7 +972,9 @@ def test_engine_default_comes_from_the_operator_and_auto_is_sized_for_the_engine
         assert resources_of(job)["requests"]["nvidia.com/gpu"] == "2"  # sized for the engine
     # the engine is not part of the conversion identity: same Job name, same spec hash
     a = build_conversion_job("m", NS, UID, parse_spec(S3_TP2), CPU_CONFIG)
-    b = build_conversion_job("m", NS, UID, spec_of(S3_TP2, **{"converter.engine": "none"}), CPU_CONFIG)
+    b = build_conversion_job(
+        "m", NS, UID, spec_of(S3_TP2, **{"converter.engine": "none"}), CPU_CONFIG
+    )
     assert a["metadata"]["name"] == b["metadata"]["name"]
 
 

@@ -111,9 +111,7 @@ def test_render_with_the_model_config_requests_the_estimate(
     argv = ["render", "-f", str(tmp_path / "r.yaml")]
     assert main([*argv, "--model-config", str(tmp_path / "config.json")]) == 0
     job = yaml.safe_load(capsys.readouterr().out)
-    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
-        "requests": requests
-    }
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": requests}
     # without the config.json: no memory request, and a comment says where it comes from
     assert main(argv) == 0
     out = capsys.readouterr().out

@@ -213,9 +213,7 @@ def _resources(
         # Job); without one, a few cores whatever TP x PP (the planner builds one rank's
         # model at a time on the meta device; the transfer needs the rest).
         if "cpu" not in requests and "cpu" not in limits:
-            requests["cpu"] = (
-                ENGINE_FREE_CPUS if acc == "none" else str(spec.layout.world_size)
-            )
+            requests["cpu"] = ENGINE_FREE_CPUS if acc == "none" else str(spec.layout.world_size)
         # memory from the preflight's estimate, so the scheduler places the pod on a
         # node that holds it (the user's own request or limit wins)
         memory = memory_request(acc, estimate)
