@@ -154,7 +154,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 def test_every_original_tensor_comes_back_bit_for_bit(
     published: tuple[Path, dict[str, torch.Tensor], dict[str, Any]], tmp_path: Path
 ) -> None:
-    path, src, doc = published
+    path, src, _ = published
     source = open_checkpoint(str(path))
     assert isinstance(source, CheckpointSource)
     _: TensorSource = source  # the contract the planner and the writer read
@@ -211,7 +211,9 @@ def test_one_changed_element_in_a_rank_file_is_refused(
     w[3, 1] = w[3, 1] + 1  # one element; the manifest is not updated
     save_file(tensors, str(f))
     source = CheckpointSource(str(path), _reader(path))
-    with pytest.raises(VerificationFailed, match="model-rank-1-part-0.safetensors does not match"):
+    with pytest.raises(
+        VerificationFailed, match=r"model-rank-1-part-0\.safetensors does not match"
+    ):
         source.read("model.layers.0.self_attn.o_proj.weight")
     # a tensor whose regions lie only in the untouched file still reads
     assert source.read("model.norm.weight").shape == (HIDDEN,)
