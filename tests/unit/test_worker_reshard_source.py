@@ -268,3 +268,29 @@ def test_a_changed_sharding_file_or_a_checkpoint_without_one_is_refused(
     (path / MANIFEST_NAME).write_text(json.dumps(man))
     with pytest.raises(ReshardNotPossible, match="without sharding metadata"):
         CheckpointSource(str(path), _reader(path))
+
+
+def test_listing_the_tensors_reads_headers_only_and_a_file_is_hashed_once(
+    published: tuple[Path, dict[str, torch.Tensor], dict[str, Any]],
+) -> None:
+    from preshard.worker.sources.checkpoint import LocalReader
+
+    path, src, _ = published
+
+    class Counting(LocalReader):
+        hashed: list[str] = []
+
+        def sha256(self, key: str) -> tuple[int, str]:
+            self.hashed.append(key)
+            return super().sha256(key)
+
+    source = CheckpointSource(str(path), Counting(path))
+    assert len(source.tensors()) == len(src)
+    assert Counting.hashed == []  # planning needs names and shapes, no file is read whole
+    for name in src:
+        if name != "lm_head.weight":
+            source.read(name)
+    assert sorted(Counting.hashed) == [
+        "model-rank-0-part-0.safetensors",
+        "model-rank-1-part-0.safetensors",
+    ]

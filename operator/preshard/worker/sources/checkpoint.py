@@ -325,7 +325,7 @@ class CheckpointSource:
             file = ""
             if writes:
                 rank, key, _ = writes[0]
-                file = self._saved(rank, key).file.key
+                file = self._header(rank, key).file.key  # headers only: no file is hashed
             out.append(
                 TensorInfo(name, st_dtype(str(info.get("dtype"))), tuple(info["shape"]), file)
             )
@@ -387,12 +387,19 @@ class CheckpointSource:
 
     # -- rank files -------------------------------------------------------------------
 
-    def _saved(self, rank: int, key: str) -> _Saved:
+    def _header(self, rank: int, key: str) -> _Saved:
         if self._index is None:
             self._index = self._read_headers()
         saved = self._index.get(rank, {}).get(key)
         if saved is None:
             raise VerificationFailed(f"rank {rank}: {key} is in the sharding metadata, no file")
+        return saved
+
+    def _saved(self, rank: int, key: str) -> _Saved:
+        """The saved tensor's place, once its file matched the manifest (hashed whole
+        before its first use: on S3 a rank file is read twice, once to hash it and once by
+        ranges; the price of never using a byte the manifest does not vouch for)."""
+        saved = self._header(rank, key)
         if saved.file.key not in self._checked:
             size, digest = self.reader.sha256(saved.file.key)
             if size != saved.file.size or digest != saved.file.sha256:
