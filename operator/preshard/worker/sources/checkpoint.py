@@ -451,7 +451,9 @@ class CheckpointSource:
                     or 8 + n + end > f.size
                 ):
                     raise VerificationFailed(f"{f.key}: {key} lies outside the file")
-                index.setdefault(f.rank, {})[key] = _Saved(f, t["dtype"], shape, 8 + n + begin)
+                if key in index.setdefault(f.rank, {}):
+                    raise VerificationFailed(f"rank {f.rank}: {key} is in two files")
+                index[f.rank][key] = _Saved(f, t["dtype"], shape, 8 + n + begin)
         return index
 
     def _region(self, saved: _Saved, dst: list[Any]) -> torch.Tensor:
