@@ -173,7 +173,7 @@ def memory_status(accelerator: str, total: int) -> dict[str, Any]:
     return {"bytes": total, "quantity": "x", "accelerator": accelerator}
 
 
-ESTIMATE_NONE = memory_status("none", 8_166_309_888)  # 7.7Gi (test_core_estimate)
+ESTIMATE_NONE = memory_status("none", 10_477_790_823)  # 9.8Gi (test_core_estimate)
 ESTIMATE_CPU = memory_status("cpu", 7_730_941_000)  # 7.2Gi: the tiny TP=2 conversion
 ARTIFACT: dict[str, Any] = {
     "uri": "s3://models/llama-70b/tp8-pp2-fp8/",
@@ -943,7 +943,7 @@ def test_engine_none_requests_no_accelerator_two_cores_and_its_estimate() -> Non
         "m", NS, UID, parse_spec(ENGINE_NONE_TP8), CLUSTER_CONFIG, memory_estimate=ESTIMATE_NONE
     )
     res = resources_of(job)
-    assert res == {"requests": {"cpu": "2", "memory": "7.7Gi"}}  # no GPU, no core per rank
+    assert res == {"requests": {"cpu": "2", "memory": "9.8Gi"}}  # no GPU, no core per rank
     args = container_of(job)["args"]
     assert args[args.index("--engine") + 1] == "none"
     assert env_of(job)["PRESHARD_ACCELERATOR"]["value"] == "none"

@@ -292,7 +292,7 @@ def test_a_new_generation_of_an_adopted_resource_is_acknowledged(
 @pytest.mark.parametrize(
     ("converter", "requests"),
     [
-        ({"engine": "none"}, {"cpu": "2", "memory": "7.7Gi"}),  # no engine: its own estimate
+        ({"engine": "none"}, {"cpu": "2", "memory": "9.8Gi"}),  # no engine: its own estimate
         ({"accelerator": "cpu"}, {"cpu": "8", "memory": "212.3Gi"}),  # the engine on CPU
     ],
 )

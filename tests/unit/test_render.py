@@ -98,7 +98,7 @@ spec:
     ("extra", "requests"),
     [
         ("", {"cpu": "8", "memory": "212.3Gi"}),  # the engine on CPU: the whole model
-        (", engine: none", {"cpu": "2", "memory": "7.7Gi"}),  # no engine
+        (", engine: none", {"cpu": "2", "memory": "9.8Gi"}),  # no engine
     ],
 )
 def test_render_with_the_model_config_requests_the_estimate(

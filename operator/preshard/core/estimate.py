@@ -22,7 +22,7 @@ The formula (docs/cpu-conversion.md shows it with measured figures)::
     cpu:  total = 1.1 x (W + B + TP x PP x (KV + E_rank) + E_frontend)
     gpu:  total = 1.1 x (B + TP x PP x E_rank_gpu + E_frontend)   (host memory; the
                                                            weights and KV cache are on GPUs)
-    none: total = 1.1 x (2 x T + TP x PP x R + U + E_free)  (no engine: ``--engine none``)
+    none: total = 1.1 x (3 x T + TP x PP x R + U + E_free)  (no engine: ``--engine none``)
     T        the largest source tensor (config.json: embeddings, lm_head, the largest
              Linear weight, fused qkv/gate_up counted as one)
     R        64Mi: one rank's open file part in the streaming writer
@@ -31,8 +31,10 @@ The formula (docs/cpu-conversion.md shows it with measured figures)::
 
 Without an engine nothing holds the model: the planner builds one rank's model at a
 time on the meta device (no weights), and the writer reads each source tensor (or the
-slice a rank needs) once, converts it to the saved dtype (the second copy) and streams
-it into the ranks' files, part by part, uploading parts as they complete.
+slice a rank needs) once, converts it to the saved dtype (a second copy) and streams
+it into the ranks' files, part by part, uploading parts as they complete. The third T
+covers a re-shard source (``worker.sources.checkpoint``): the rebuilt tensor, its
+coverage mask (one byte per element) and one saved span read back.
 
 The raw shards are saved (``preshard_raw`` loader, vLLM's ``ShardedStateLoader``) from the
 loaded parameters one file part at a time, before ``process_weights_after_loading``; on
@@ -80,8 +82,9 @@ ONE_BYTE_METHODS = frozenset({"fp8", "fbgemm_fp8", "experts_int8", "int8", "w8a8
 # "none": the engine-free path (``--engine none``: no engine, no accelerator).
 ACCELERATORS = ("gpu", "cpu", "none")
 # Engine-free (accelerator "none"): copies of the largest source tensor alive at once (as
-# read, converted to the saved dtype), one open file part per rank, the process itself.
-ENGINE_FREE_TENSOR_COPIES = 2
+# read and converted to the saved dtype; a re-shard source's rebuilt tensor, coverage mask
+# and saved span), one open file part per rank, the process itself.
+ENGINE_FREE_TENSOR_COPIES = 3
 ENGINE_FREE_RANK_BUFFER = 64 * MiB
 ENGINE_FREE_OVERHEAD = 2 * GiB
 
@@ -383,7 +386,7 @@ def estimate_memory(
             "processOverhead": ENGINE_FREE_OVERHEAD,
         }
         formula = (
-            "no engine: 1.1 x (2 x the largest source tensor T + TPxPP x 64Mi write buffers + "
+            "no engine: 1.1 x (3 x the largest source tensor T + TPxPP x 64Mi write buffers + "
             f"upload 512Mi + 2Gi process); T = {format_gib(largest)}, independent of the "
             f"model's size (W = {params} parameters x {bpp} bytes is streamed, never held)"
         )
