@@ -294,3 +294,18 @@ def test_listing_the_tensors_reads_headers_only_and_a_file_is_hashed_once(
         "model-rank-0-part-0.safetensors",
         "model-rank-1-part-0.safetensors",
     ]
+
+
+def test_a_recorded_iterator_position_orders_the_tensors(
+    published: tuple[Path, dict[str, torch.Tensor], dict[str, Any]],
+) -> None:
+    """Without it the order is the document's (sorted by name); with an integer
+    ``index`` per source (the position in vLLM's weights iterator) that order wins."""
+    path, src, doc = published
+    names = sorted(src)
+    assert [t.name for t in CheckpointSource(str(path), _reader(path)).tensors()] == names
+    for i, name in enumerate(reversed(names)):
+        doc["sources"][name]["index"] = i
+    publish(path, doc)
+    got = [t.name for t in CheckpointSource(str(path), _reader(path)).tensors()]
+    assert got == list(reversed(names))
