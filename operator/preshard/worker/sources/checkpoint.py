@@ -44,6 +44,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,6 +293,7 @@ class CheckpointSource:
                             self._derived.setdefault(str(src), []).append(f"{key}@{rank}")
         self._index: dict[int, dict[str, _Saved]] | None = None
         self._checked: set[str] = set()
+        self._lock = threading.Lock()  # readers may run in threads: one header pass, one hash
 
     # -- the TensorSource protocol ----------------------------------------------------
 
@@ -389,8 +391,9 @@ class CheckpointSource:
     # -- rank files -------------------------------------------------------------------
 
     def _header(self, rank: int, key: str) -> _Saved:
-        if self._index is None:
-            self._index = self._read_headers()
+        with self._lock:
+            if self._index is None:
+                self._index = self._read_headers()
         saved = self._index.get(rank, {}).get(key)
         if saved is None:
             raise VerificationFailed(f"rank {rank}: {key} is in the sharding metadata, no file")
@@ -401,15 +404,16 @@ class CheckpointSource:
         before its first use: on S3 a rank file is read twice, once to hash it and once by
         ranges; the price of never using a byte the manifest does not vouch for)."""
         saved = self._header(rank, key)
-        if saved.file.key not in self._checked:
-            size, digest = self.reader.sha256(saved.file.key)
-            if size != saved.file.size or digest != saved.file.sha256:
-                raise VerificationFailed(
-                    f"{saved.file.key} does not match the manifest (size {size} vs "
-                    f"{saved.file.size}, or its sha256 differs): the checkpoint was changed "
-                    "after it was published"
-                )
-            self._checked.add(saved.file.key)
+        with self._lock:
+            if saved.file.key not in self._checked:
+                size, digest = self.reader.sha256(saved.file.key)
+                if size != saved.file.size or digest != saved.file.sha256:
+                    raise VerificationFailed(
+                        f"{saved.file.key} does not match the manifest (size {size} vs "
+                        f"{saved.file.size}, or its sha256 differs): the checkpoint was "
+                        "changed after it was published"
+                    )
+                self._checked.add(saved.file.key)
         return saved
 
     def _read_headers(self) -> dict[int, dict[str, _Saved]]:
