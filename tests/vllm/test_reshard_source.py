@@ -132,3 +132,58 @@ def test_a_changed_rank_file_and_a_lying_sharding_file_are_refused(
     source = CheckpointSource(str(ckpt), LocalReader(ckpt))
     with pytest.raises(ReshardNotPossible, match="is in no rank file"):
         source.read(name)
+
+
+def _engine_free_missing() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("preshard.worker.planner") is None:
+        return "the engine-free planner (preshard.worker.planner) is not installed"
+    return None
+
+
+def _convert_engine_free(src: Path, out: Path, tp: int, pp: int = 1) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "preshard.cli", "convert", "--source", str(src),
+            "-tp", str(tp), "-pp", str(pp), "--output", str(out),
+            "--work-dir", str(out.parent / f"work-{out.name}"), "--engine", "none", "--no-verify",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _files(d: Path) -> dict[str, str]:
+    names = [
+        p for p in sorted(d.iterdir()) if p.name.startswith("model-") or p.name == SHARDING_NAME
+    ]
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in names}
+
+
+@pytest.mark.skipif(_engine_free_missing() is not None, reason=str(_engine_free_missing()))
+def test_reshard_tp2_to_tp4_and_tp2_pp2_equals_planning_from_the_original(tmp_path: Path) -> None:
+    """Issue 20 item 6: re-sharding a published TP=2 checkpoint (no original, no engine)
+    gives the same rank files and sharding metadata (same names, same sha256) as planning
+    TP=4 (and TP=2 x PP=2) from the original; the manifest records the origin."""
+    from preshard.worker.tinymodel import make_tiny_llama
+
+    model = make_tiny_llama(
+        tmp_path / "model", hidden=256, heads=4, num_kv_heads=2, layers=2, tokenizer=False, seed=3
+    )
+    _convert_engine_free(model, tmp_path / "tp2", 2)
+    for tp, pp in ((4, 1), (2, 2)):
+        orig, resharded = tmp_path / f"orig-{tp}x{pp}", tmp_path / f"reshard-{tp}x{pp}"
+        _convert_engine_free(model, orig, tp, pp)
+        _convert_engine_free(tmp_path / "tp2", resharded, tp, pp)
+        want = _files(orig)
+        assert len(want) > tp * pp  # every rank's files and the sharding metadata
+        assert _files(resharded) == want
+        man = json.loads((resharded / MANIFEST_NAME).read_text())
+        origin = man["extra"]["reshardedFrom"]
+        published = (tmp_path / "tp2" / MANIFEST_NAME).read_bytes()
+        assert origin["manifestSha256"] == hashlib.sha256(published).hexdigest()
+        assert origin["tensorParallelSize"] == 2 and origin["source"]["uri"] == str(model)
