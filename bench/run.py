@@ -17,6 +17,10 @@ BENCHES = [
     ("conversion wall time by stage (1.1 GiB model, TP=2)", "convert_stages.py"),
     ("verify --against: time and peak memory per GiB (1.1 GiB model)", "verify_against.py"),
     ("vLLM start-up: original vs preshard shards (local, S3 streaming), TP=2", "serving.py"),
+    (
+        "engine-free conversion vs the engine, cp and s5cmd (1.5 and 4 GiB models, TP=2)",
+        "engine_free.py",
+    ),
 ]
 
 

@@ -342,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="00000000-0000-0000-0000-000000000000",
         help="the resource's uid (assigned by the API server at creation; default a placeholder)",
     )
+    p.add_argument(
+        "--model-config",
+        default=None,
+        help="the model's config.json: a Job without an accelerator (accelerator: cpu, "
+        "engine: none) then requests the memory of the operator's estimate, as it does "
+        "after its preflight (without it, no requests.memory is shown)",
+    )
 
     _reuse_parsers(sub)
     _plugin_commands(sub)

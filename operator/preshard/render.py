@@ -7,6 +7,12 @@ spec validation (``parse_spec`` and ``check_accelerator``) and the same builders
 (``preshard.core.jobs``): the conversion Job and, for ``deletionPolicy: Delete``, the
 purge Job that runs when the resource is deleted. The API server assigns the resource's
 uid when it is created; until then the manifests carry ``--uid`` (default a placeholder).
+
+A conversion without an accelerator (``accelerator: cpu`` or ``engine: none``) requests
+the memory of the preflight's estimate, which the operator computes from the model's
+config.json: ``--model-config config.json`` computes it the same way
+(``preshard.core.estimate``); without it the Job is shown without ``requests.memory``
+and a comment says so.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from preshard import GROUP, KIND
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError, SpecError
 from preshard.core.jobs import accelerator, build_conversion_job, build_purge_job
-from preshard.core.spec import check_accelerator, parse_spec
+from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 
@@ -35,9 +41,16 @@ class _Dumper(yaml.SafeDumper):
 
 
 def render_resource(
-    resource: dict[str, Any], config: OperatorConfig, *, uid: str, namespace: str
+    resource: dict[str, Any],
+    config: OperatorConfig,
+    *,
+    uid: str,
+    namespace: str,
+    model_config: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The Jobs of one ShardedCheckpoint (raises SpecError as the operator would report)."""
+    """The Jobs of one ShardedCheckpoint (raises SpecError as the operator would report).
+    ``model_config``: the model's config.json, for the memory estimate the preflight
+    would make (``status.memoryEstimate``)."""
     meta = resource.get("metadata") or {}
     name = meta.get("name")
     if not isinstance(name, str) or not name:
@@ -45,10 +58,32 @@ def render_resource(
     ns = meta.get("namespace") or namespace
     spec = parse_spec(dict(resource.get("spec") or {}))
     check_accelerator(spec, accelerator(spec, config))
-    jobs = [build_conversion_job(name, ns, uid, spec, config)]
+    estimate = memory_estimate(spec, config, model_config) if model_config else None
+    jobs = [build_conversion_job(name, ns, uid, spec, config, memory_estimate=estimate)]
     if spec.deletion_policy == "Delete":
         jobs.append(build_purge_job(name, ns, uid, spec, config))
     return jobs
+
+
+def memory_estimate(
+    spec: CheckpointSpec, config: OperatorConfig, model_config: dict[str, Any]
+) -> dict[str, Any] | None:
+    """``status.memoryEstimate`` as the operator's preflight computes it (core.decide)."""
+    from preshard.core.estimate import EstimateUnavailable, estimate_memory
+
+    try:
+        est = estimate_memory(
+            model_config,
+            tensor_parallel_size=spec.tensor_parallel_size,
+            pipeline_parallel_size=spec.pipeline_parallel_size,
+            dtype=spec.dtype,
+            quantization=spec.quantization,
+            max_file_size=spec.output.max_file_size_bytes,
+            accelerator=accelerator(spec, config),
+        )
+    except EstimateUnavailable as exc:
+        raise SpecError(f"--model-config: no memory estimate: {exc}") from None
+    return est.to_status()
 
 
 def load_resources(text: str, label: str) -> list[dict[str, Any]]:
@@ -76,14 +111,32 @@ def render(
     uid: str = PLACEHOLDER_UID,
     namespace: str = "default",
     out: TextIO | None = None,
+    model_config: dict[str, Any] | None = None,
 ) -> None:
     out = out if out is not None else sys.stdout
     first = True
     for resource in load_resources(text, label):
-        for job in render_resource(resource, config, uid=uid, namespace=namespace):
+        jobs = render_resource(
+            resource, config, uid=uid, namespace=namespace, model_config=model_config
+        )
+        for job in jobs:
             if not first:
                 out.write("---\n")
             first = False
+            container = job["spec"]["template"]["spec"]["containers"][0]
+            resources = container["resources"]
+            if (
+                job is jobs[0]
+                and not model_config
+                and any(e["name"] == "PRESHARD_ACCELERATOR" for e in container["env"])
+                and "memory" not in resources.get("requests", {})
+                and "memory" not in resources.get("limits", {})
+            ):
+                out.write(
+                    "# requests.memory: the operator adds the preflight's estimate from the "
+                    "model's config.json\n# (status.memoryEstimate); pass --model-config "
+                    "config.json to see it here\n"
+                )
             out.write(yaml.dump(job, Dumper=_Dumper, sort_keys=False, default_flow_style=False))
 
 
@@ -103,5 +156,34 @@ def run(args: argparse.Namespace) -> int:
             raise PreshardError(
                 f"cannot read {args.file}: {exc.strerror}", reason="InvalidInput", permanent=True
             ) from None
-    render(text, config, label=label, uid=args.uid, namespace=args.namespace)
+    model_config = None
+    if getattr(args, "model_config", None):
+        import json
+
+        try:
+            model_config = json.loads(Path(args.model_config).read_text())
+        except OSError as exc:
+            raise PreshardError(
+                f"cannot read {args.model_config}: {exc.strerror}",
+                reason="InvalidInput",
+                permanent=True,
+            ) from None
+        except ValueError:
+            raise PreshardError(
+                f"{args.model_config} is not valid JSON", reason="InvalidInput", permanent=True
+            ) from None
+        if not isinstance(model_config, dict):
+            raise PreshardError(
+                f"{args.model_config} is not a config.json object",
+                reason="InvalidInput",
+                permanent=True,
+            )
+    render(
+        text,
+        config,
+        label=label,
+        uid=args.uid,
+        namespace=args.namespace,
+        model_config=model_config,
+    )
     return 0

@@ -37,6 +37,7 @@ CUSTOM_VALUES: dict[str, Any] = {
         },
         "cpuImage": {"repository": "registry.example.com/ml/preshard-converter-cpu", "tag": "7.1"},
         "accelerator": "cpu",
+        "engine": "none",
         "cpuNodeSelector": {"pool": "highmem"},
         "cpuTolerations": [{"key": "highmem", "operator": "Exists", "effect": "NoSchedule"}],
         "gpuResourceName": "amd.com/gpu",
@@ -420,6 +421,7 @@ def test_default_env_is_what_operator_config_reads(default: Rendered) -> None:
     assert cfg.converter_image == "ghcr.io/preshard/preshard-converter:0.1.0"
     assert cfg.converter_cpu_image == "ghcr.io/preshard/preshard-converter-cpu:0.1.0"
     assert cfg.default_accelerator == "gpu"
+    assert cfg.default_engine == "auto"
     assert cfg.image_pull_policy == "IfNotPresent"
     assert cfg.gpu_resource_name == "nvidia.com/gpu"
     assert cfg.job_service_account == "preshard-converter"
@@ -471,6 +473,7 @@ def test_custom_env_is_what_operator_config_reads(custom: Rendered) -> None:
     assert cfg.image_pull_policy == "Always"
     assert cfg.converter_cpu_image == "registry.example.com/ml/preshard-converter-cpu:7.1"
     assert cfg.default_accelerator == "cpu"
+    assert cfg.default_engine == "none"
     assert cfg.default_cpu_node_selector == (("pool", "highmem"),)
     assert list(cfg.default_cpu_tolerations) == CUSTOM_VALUES["converter"]["cpuTolerations"]
     assert cfg.gpu_resource_name == "amd.com/gpu"

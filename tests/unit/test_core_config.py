@@ -14,6 +14,7 @@ DEFAULTS = {
     "converter_image": f"ghcr.io/preshard/preshard-converter:{__version__}",
     "converter_cpu_image": f"ghcr.io/preshard/preshard-converter-cpu:{__version__}",
     "default_accelerator": "gpu",
+    "default_engine": "auto",
     "image_pull_policy": "IfNotPresent",
     "gpu_resource_name": "nvidia.com/gpu",
     "job_service_account": "preshard-converter",
@@ -66,6 +67,7 @@ def test_blank_values_mean_default() -> None:
             "PRESHARD_CONVERTER_IMAGE",
             "PRESHARD_CONVERTER_CPU_IMAGE",
             "PRESHARD_DEFAULT_ACCELERATOR",
+            "PRESHARD_DEFAULT_ENGINE",
             "PRESHARD_CONVERTER_IMAGE_PULL_POLICY",
             "PRESHARD_GPU_RESOURCE_NAME",
             "PRESHARD_JOB_SERVICE_ACCOUNT",
@@ -100,6 +102,7 @@ FULL_ENV = {
     "PRESHARD_CONVERTER_IMAGE": " registry.example.com/conv@sha256:" + "ab" * 32 + " ",
     "PRESHARD_CONVERTER_CPU_IMAGE": "registry.example.com/conv-cpu:1.0",
     "PRESHARD_DEFAULT_ACCELERATOR": "cpu",
+    "PRESHARD_DEFAULT_ENGINE": "none",
     "PRESHARD_CONVERTER_IMAGE_PULL_POLICY": "Always",
     "PRESHARD_GPU_RESOURCE_NAME": "amd.com/gpu",
     "PRESHARD_JOB_SERVICE_ACCOUNT": "sharder",
@@ -140,6 +143,7 @@ def test_from_env_reads_every_variable() -> None:
         "converter_image": "registry.example.com/conv@sha256:" + "ab" * 32,
         "converter_cpu_image": "registry.example.com/conv-cpu:1.0",
         "default_accelerator": "cpu",
+        "default_engine": "none",
         "image_pull_policy": "Always",
         "gpu_resource_name": "amd.com/gpu",
         "job_service_account": "sharder",
@@ -263,6 +267,10 @@ def test_integer_bounds(port: str) -> None:
         (
             {"PRESHARD_DEFAULT_ACCELERATOR": "tpu"},
             "PRESHARD_DEFAULT_ACCELERATOR='tpu' must be gpu or cpu",
+        ),
+        (
+            {"PRESHARD_DEFAULT_ENGINE": "engine"},
+            "PRESHARD_DEFAULT_ENGINE='engine' must be auto, none or vllm",
         ),
         (
             {"PRESHARD_WORK_DIR_SIZE": "lots"},

@@ -381,3 +381,23 @@ def test_a_gptq_checkpoint_is_refused_on_cpu_before_any_job_but_not_on_gpu() -> 
     assert decide(_spec_with_memory("1Ti"), ME, p, frozenset(), [], accelerator="gpu").path == (
         "Convert"
     )
+
+
+def test_an_engine_free_conversion_is_gated_by_its_own_estimate_only() -> None:
+    """accelerator "none" (spec.converter.engine: none, core.jobs.accelerator): the
+    engine-free estimate (a few GiB for 70B) decides; the CPU backend's reload refusal
+    (GPTQ) does not apply, since no engine runs."""
+    p = Preflight(source=PIN, vllm_version="0.32.0", state="empty", config=LLAMA_70B)
+    est = dc.memory_estimate_status(_spec_with_memory("64Gi"), p, "none")
+    assert est is not None and est["accelerator"] == "none" and est["bytes"] < 10 * 2**30
+    assert decide(_spec_with_memory("64Gi"), ME, p, frozenset(), [], accelerator="none").path == (
+        "Convert"
+    )
+    d = decide(_spec_with_memory("4Gi"), ME, p, frozenset(), [], accelerator="none")
+    assert (d.path, d.reason) == ("Gated", "InsufficientMemory")
+    assert "no engine" in d.message
+    gptq = {**LLAMA_70B, "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    p = Preflight(source=PIN, vllm_version="0.32.0", state="empty", config=gptq)
+    assert decide(_spec_with_memory("64Gi"), ME, p, frozenset(), [], accelerator="none").path == (
+        "Convert"
+    )

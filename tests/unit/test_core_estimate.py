@@ -317,3 +317,112 @@ def test_preflight_reads_the_spec_limit_and_its_status_is_valid_for_the_crd() ->
     assert [f"{list(e.absolute_path)}: {e.message}" for e in errors(obj)] == []
     bad = resource(MINIMAL, {"memoryEstimate": {**est.to_status(), "bytes": "lots"}})
     assert errors(bad)  # the schema really checks it
+
+
+# Llama 3.1 405B and DeepSeek-V3 (block-FP8 checkpoint) config.json fields, as published:
+# docs/cpu-conversion.md states their estimates at TP=8 both ways.
+LLAMA_405B: dict[str, Any] = {
+    **LLAMA_70B,
+    "hidden_size": 16384,
+    "intermediate_size": 53248,
+    "num_hidden_layers": 126,
+    "num_attention_heads": 128,
+}
+DEEPSEEK_V3: dict[str, Any] = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "first_k_dense_replace": 3,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "vocab_size": 129280,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    },
+}
+
+
+def test_engine_free_llama_70b_by_hand() -> None:
+    # The largest tensor: embed_tokens (= lm_head) 128256 x 8192 x 2 bytes = 2_101_346_304
+    # (gate_up fused would be 2 x 28672 x 8192 x 2 = 939_524_096: smaller)
+    assert est.largest_tensor_bytes(LLAMA_70B) == 2_101_346_304
+    e = estimate_memory(LLAMA_70B, tensor_parallel_size=8, accelerator="none")
+    # 3 x T = 6_304_038_912; 8 ranks x 64 MiB = 536_870_912; upload 536_870_912;
+    # process 2 GiB = 2_147_483_648; subtotal 9_525_264_384; margin 952_526_439
+    assert e.breakdown == {
+        "largestTensor": 6_304_038_912,
+        "writeBuffers": 536_870_912,
+        "uploadBuffers": 536_870_912,
+        "processOverhead": 2_147_483_648,
+        "margin": 952_526_439,
+    }
+    assert e.total_bytes == 10_477_790_823
+    assert e.to_status()["quantity"] == "9.8Gi"
+    assert e.to_status()["accelerator"] == "none"
+    assert "largest source tensor" in e.formula
+
+
+def test_engine_free_is_flat_in_the_model_size_and_the_engine_is_not() -> None:
+    figures = {}
+    for name, config in (("70B", LLAMA_70B), ("405B", LLAMA_405B), ("V3", DEEPSEEK_V3)):
+        figures[name] = {
+            acc: estimate_memory(config, tensor_parallel_size=8, accelerator=acc).total_bytes
+            for acc in ("cpu", "none")
+        }
+    # the figures docs/cpu-conversion.md states (and issue 20 measured for the engine)
+    assert format_gib(figures["405B"]["cpu"]) == "899.3Gi"
+    assert format_gib(figures["V3"]["cpu"]) == "758.3Gi"
+    assert format_gib(figures["405B"]["none"]) == "16.3Gi"
+    assert format_gib(figures["V3"]["none"]) == "9Gi"
+    # 405B is 5.8x the 70B's weights; without an engine only its largest tensor
+    # (the embeddings, 2x as wide) moves the estimate
+    assert figures["405B"]["cpu"] > 4 * figures["70B"]["cpu"]
+    grew = figures["405B"]["none"] - figures["70B"]["none"]
+    assert abs(grew - 3 * 2_101_346_304 * 1.1) <= 1  # 3 x (T_405B - T_70B) + 10 %
+    # the engine-free path ignores maxFileSize (the writer streams parts)
+    small = estimate_memory(
+        LLAMA_405B, tensor_parallel_size=8, max_file_size=GiB, accelerator="none"
+    )
+    assert small.total_bytes == figures["405B"]["none"]
+
+
+def test_engine_free_largest_tensor_counts_the_checkpoint_format() -> None:
+    # DeepSeek-V3: the embeddings stay bf16 (129280 x 7168 x 2 = 1_853_358_080); the
+    # fp8 linears (1 byte) are smaller (dense gate_up 2 x 18432 x 7168 = 264_241_152)
+    assert est.largest_tensor_bytes(DEEPSEEK_V3) == 1_853_358_080
+    wide_mlp = {**LLAMA_70B, "intermediate_size": 200_000, "vocab_size": 1000}
+    assert est.largest_tensor_bytes(wide_mlp) == 2 * 200_000 * 8192 * 2  # gate_up fused
+    with pytest.raises(EstimateUnavailable):
+        est.largest_tensor_bytes({"model_type": "mystery"})
+
+
+def test_engine_free_shortfall_and_status_breakdown_in_the_crd() -> None:
+    from tests.unit.test_crd import prop
+
+    e = estimate_memory(LLAMA_70B, tensor_parallel_size=8, accelerator="none")
+    msg = memory_shortfall(4 * GiB, e)
+    assert msg is not None and "9.8Gi" in msg and "no engine" in msg
+    assert memory_shortfall(10 * GiB, e) is None
+    crd = prop("status", "memoryEstimate")
+    assert "none" in crd["properties"]["accelerator"]["enum"]
+    described = crd["properties"]["breakdown"]["description"]
+    assert all(k in described for k in e.breakdown)
+    assert (est.ENGINE_FREE_TENSOR_COPIES, est.ENGINE_FREE_RANK_BUFFER) == (3, 64 * 2**20)
+    assert est.ENGINE_FREE_OVERHEAD == 2 * GiB
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "cpu-conversion.md").read_text()
+    assert "3 x T + TP x PP x 64Mi + 512Mi + 2Gi" in doc

@@ -43,6 +43,7 @@ from preshard.core.jobs import (
     build_withdraw_job,
     conversion_args,
     labels,
+    memory_request,
     output_endpoint,
     output_secret,
     owner_reference,
@@ -157,6 +158,23 @@ CPU_CONFIG = OperatorConfig(
     converter_image="registry.example.com/ml/preshard-converter:1.2.3",
     converter_cpu_image="registry.example.com/ml/preshard-converter-cpu:1.2.3",
 )
+# Llama-3.1-70B-sized, engine-free at TP=8 on a GPU-default operator: no GPU, 2 cores,
+# the memory of the preflight's estimate (status.memoryEstimate).
+ENGINE_NONE_TP8: dict[str, Any] = {
+    **PVC_TP8_PP2_FP8,
+    "pipelineParallelSize": 1,
+    "converter": {"engine": "none"},
+}
+CPU_NO_MEMORY: dict[str, Any] = {**S3_TP2, "converter": {"accelerator": "cpu"}}
+
+
+def memory_status(accelerator: str, total: int) -> dict[str, Any]:
+    """A status.memoryEstimate as core.estimate.MemoryEstimate.to_status writes it."""
+    return {"bytes": total, "quantity": "x", "accelerator": accelerator}
+
+
+ESTIMATE_NONE = memory_status("none", 10_477_790_823)  # 9.8Gi (test_core_estimate)
+ESTIMATE_CPU = memory_status("cpu", 7_730_941_000)  # 7.2Gi: the tiny TP=2 conversion
 ARTIFACT: dict[str, Any] = {
     "uri": "s3://models/llama-70b/tp8-pp2-fp8/",
     "manifestUri": "s3://models/llama-70b/tp8-pp2-fp8/preshard-manifest.json",
@@ -231,6 +249,17 @@ GOLDEN_CASES: dict[str, Any] = {
     ),
     "conversion_job_gpu_tp2": lambda: build_conversion_job(
         "tiny-tp2", NS, UID, parse_spec(GPU_TP2), CPU_CONFIG
+    ),
+    "conversion_job_engine_none_tp8": lambda: build_conversion_job(
+        "llama-70b-tp8",
+        NS,
+        UID,
+        parse_spec(ENGINE_NONE_TP8),
+        CLUSTER_CONFIG,
+        memory_estimate=ESTIMATE_NONE,
+    ),
+    "conversion_job_cpu_estimate": lambda: build_conversion_job(
+        "tiny-tp2", NS, UID, parse_spec(CPU_NO_MEMORY), CPU_CONFIG, memory_estimate=ESTIMATE_CPU
     ),
     "serving_configmap": lambda: build_serving_configmap(
         "llama-70b-tp8-pp2",
@@ -909,3 +938,90 @@ def test_serving_configmap_endpoint_precedence() -> None:
     assert cm["data"]["AWS_ENDPOINT_URL"] == "http://default:9000"
     cm = build_serving_configmap("m", NS, UID, ARTIFACT, parse_spec(S3_TP2))
     assert "AWS_ENDPOINT_URL" not in cm["data"]
+
+
+# ------------------------------------------------------------------ engine and memory
+
+
+def resources_of(job: dict[str, Any]) -> dict[str, Any]:
+    return dict(container_of(job)["resources"])
+
+
+def test_engine_none_requests_no_accelerator_two_cores_and_its_estimate() -> None:
+    job = build_conversion_job(
+        "m", NS, UID, parse_spec(ENGINE_NONE_TP8), CLUSTER_CONFIG, memory_estimate=ESTIMATE_NONE
+    )
+    res = resources_of(job)
+    assert res == {"requests": {"cpu": "2", "memory": "9.8Gi"}}  # no GPU, no core per rank
+    args = container_of(job)["args"]
+    assert args[args.index("--engine") + 1] == "none"
+    assert env_of(job)["PRESHARD_ACCELERATOR"]["value"] == "none"
+    assert container_of(job)["image"] == CLUSTER_CONFIG.converter_cpu_image
+    # placement: the CPU defaults, not the GPU nodes' (CLUSTER_CONFIG has GPU defaults)
+    pod = job["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    # even where the spec says gpu: engine none wins (no accelerator is used)
+    gpu_spec = spec_of(ENGINE_NONE_TP8, **{"converter.accelerator": "gpu"})
+    res = resources_of(build_conversion_job("m", NS, UID, gpu_spec, CLUSTER_CONFIG))
+    assert res == {"requests": {"cpu": "2"}}
+
+
+def test_engine_default_comes_from_the_operator_and_auto_is_sized_for_the_engine() -> None:
+    import dataclasses
+
+    none_default = dataclasses.replace(CPU_CONFIG, default_engine="none")
+    job = build_conversion_job("m", NS, UID, parse_spec(S3_TP2), none_default)
+    assert "--engine" in container_of(job)["args"]
+    assert "nvidia.com/gpu" not in str(resources_of(job))
+    for engine in ("auto", "vllm"):
+        spec = spec_of(S3_TP2, **{"converter.engine": engine})
+        job = build_conversion_job("m", NS, UID, spec, none_default)
+        args = container_of(job)["args"]
+        assert ("--engine" in args) == (engine == "vllm")  # auto is the worker's default
+        assert resources_of(job)["requests"]["nvidia.com/gpu"] == "2"  # sized for the engine
+    # the engine is not part of the conversion identity: same Job name, same spec hash
+    a = build_conversion_job("m", NS, UID, parse_spec(S3_TP2), CPU_CONFIG)
+    b = build_conversion_job(
+        "m", NS, UID, spec_of(S3_TP2, **{"converter.engine": "none"}), CPU_CONFIG
+    )
+    assert a["metadata"]["name"] == b["metadata"]["name"]
+
+
+def test_cpu_jobs_request_the_estimate_and_the_user_wins() -> None:
+    job = build_conversion_job(
+        "m", NS, UID, parse_spec(CPU_NO_MEMORY), CPU_CONFIG, memory_estimate=ESTIMATE_CPU
+    )
+    assert resources_of(job) == {"requests": {"cpu": "2", "memory": "7.2Gi"}}
+    # the user's request or limit wins (CPU_TP2 sets both)
+    job = build_conversion_job(
+        "m", NS, UID, parse_spec(CPU_TP2), CPU_CONFIG, memory_estimate=ESTIMATE_CPU
+    )
+    assert resources_of(job)["requests"]["memory"] == "24Gi"
+    only_limit = spec_of(CPU_NO_MEMORY, **{"converter.resources": {"limits": {"memory": "9Gi"}}})
+    job = build_conversion_job("m", NS, UID, only_limit, CPU_CONFIG, memory_estimate=ESTIMATE_CPU)
+    assert "memory" not in resources_of(job)["requests"]  # Kubernetes defaults it to the limit
+    # an estimate made for another path is not used; GPUs get none (host memory)
+    job = build_conversion_job(
+        "m", NS, UID, parse_spec(CPU_NO_MEMORY), CPU_CONFIG, memory_estimate=ESTIMATE_NONE
+    )
+    assert "memory" not in resources_of(job)["requests"]
+    job = build_conversion_job(
+        "m", NS, UID, parse_spec(GPU_TP2), CPU_CONFIG, memory_estimate=memory_status("gpu", 10**11)
+    )
+    assert resources_of(job)["requests"]["memory"] == "24Gi"  # the user's, untouched
+
+
+@pytest.mark.parametrize(
+    ("acc", "estimate", "want"),
+    [
+        ("cpu", memory_status("cpu", 2**30 + 1), "1.1Gi"),  # rounded up, never under
+        ("none", memory_status("none", 300 * 2**20), "300Mi"),
+        ("gpu", memory_status("gpu", 2**30), None),
+        ("cpu", None, None),
+        ("cpu", {"bytes": "7Gi", "accelerator": "cpu"}, None),
+        ("cpu", {"bytes": True, "accelerator": "cpu"}, None),
+        ("cpu", {"bytes": 0, "accelerator": "cpu"}, None),
+    ],
+)
+def test_memory_request(acc: str, estimate: Any, want: str | None) -> None:
+    assert memory_request(acc, estimate) == want

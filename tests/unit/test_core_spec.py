@@ -222,6 +222,10 @@ QUANT_LIST = ", ".join(QUANTIZATIONS)
             "spec.converter.imagePullPolicy: Input should be 'Always', 'IfNotPresent' or 'Never'",
         ),
         (
+            spec_with(**{"converter.engine": "vLLM"}),
+            "spec.converter.engine: Input should be 'auto', 'none' or 'vllm'",
+        ),
+        (
             spec_with(**{"converter.ttlSecondsAfterFinished": -1}),
             "spec.converter.ttlSecondsAfterFinished: Input should be greater than or equal to 0",
         ),
@@ -624,3 +628,15 @@ def test_env_allowlist_is_the_crds_pattern_and_documented() -> None:
     for n in ALLOWED_ENV_NAMES:
         assert f"`{n}`" in readme and n in env["description"], n
     assert re.match(ENV_NAME_PATTERN, "VLLM_X") and not re.match(ENV_NAME_PATTERN, "LD_PRELOAD")
+
+
+def test_engine_reaches_the_plan_and_stays_out_of_the_identity_fields() -> None:
+    base = parse_spec(spec_with())
+    assert base.converter.engine is None and base.plan().engine == "auto"
+    none = parse_spec(spec_with(**{"converter.engine": "none"}))
+    assert none.plan().engine == "none"
+    assert none.plan(engine="vllm").engine == "vllm"  # the caller's effective engine wins
+    assert "--engine" in none.plan().to_argv()
+    # both engines write the same bytes: changing it converts nothing new
+    assert none.conversion_fields() == base.conversion_fields()
+    assert none.conversion_hash() == base.conversion_hash()

@@ -252,6 +252,7 @@ def test_printer_columns() -> None:
         ("Reason", 1, '.status.conditions[?(@.type=="Ready")].reason'),
         ("Path", 1, ".status.path"),
         ("Took", 1, ".status.durationSeconds"),
+        ("Engine", 1, ".status.artifact.engine"),
     ]
     for c in cols:
         if c["name"] != "Age":  # Age is the conventional, self-explanatory column

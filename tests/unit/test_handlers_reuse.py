@@ -373,3 +373,33 @@ def test_a_new_generation_of_an_adopted_resource_is_acknowledged(
     (ready,) = fake.status["conditions"]
     assert ready["observedGeneration"] == 2
     assert ready["lastTransitionTime"] == "2026-12-01T00:00:00Z" and ready["reason"] == "Adopted"
+
+
+@pytest.mark.parametrize(
+    ("converter", "requests"),
+    [
+        ({"engine": "none"}, {"cpu": "2", "memory": "9.8Gi"}),  # no engine: its own estimate
+        ({"accelerator": "cpu"}, {"cpu": "8", "memory": "212.3Gi"}),  # the engine on CPU
+    ],
+)
+def test_the_conversion_job_requests_the_preflights_memory_estimate(
+    monkeypatch: pytest.MonkeyPatch, converter: dict[str, Any], requests: dict[str, str]
+) -> None:
+    """The preflight read a 70B config.json: the conversion Job that follows requests the
+    memory of status.memoryEstimate (core.estimate, for its own path)."""
+    config = {
+        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "vocab_size": 128256, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }  # fmt: skip
+    found = {**findings(), "config": config}
+    fake = install(
+        monkeypatch, Fake({"preflight": (COMPLETE, Result("Succeeded", artifact=found))})
+    )
+    b = body()
+    b["spec"] = {**SPEC, "tensorParallelSize": 8, "converter": converter}
+    reconcile.reconcile(fake.svc, b, {}, {})
+    (job,) = fake.by_component("converter")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"] == {"requests": requests}
+    assert fake.status["memoryEstimate"]["quantity"] == requests["memory"]

@@ -70,3 +70,64 @@ def test_missing_file_and_bad_operator_config_exit_3(
     monkeypatch.setenv("PRESHARD_DEFAULT_ACCELERATOR", "tpu")
     assert main(["render", "-f", str(EXAMPLE)]) == 3
     assert "PRESHARD_DEFAULT_ACCELERATOR" in capsys.readouterr().err
+
+
+LLAMA_70B_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+TP8 = """apiVersion: preshard.io/v1alpha1
+kind: ShardedCheckpoint
+metadata: {name: llama-70b-tp8}
+spec:
+  source: {uri: "s3://models/llama-70b/"}
+  tensorParallelSize: 8
+  output: {uri: "s3://ckpt/llama-70b/tp8/"}
+  converter: {accelerator: cpu%s}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "requests"),
+    [
+        ("", {"cpu": "8", "memory": "212.3Gi"}),  # the engine on CPU: the whole model
+        (", engine: none", {"cpu": "2", "memory": "9.8Gi"}),  # no engine
+    ],
+)
+def test_render_with_the_model_config_requests_the_estimate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: str, requests: dict[str, str]
+) -> None:
+    import json
+
+    (tmp_path / "r.yaml").write_text(TP8 % extra)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B_CONFIG))
+    argv = ["render", "-f", str(tmp_path / "r.yaml")]
+    assert main([*argv, "--model-config", str(tmp_path / "config.json")]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {"requests": requests}
+    # without the config.json: no memory request, and a comment says where it comes from
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# requests.memory: the operator adds the preflight's estimate")
+    job = yaml.safe_load(out)
+    assert "memory" not in job["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+
+
+def test_render_model_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "r.yaml").write_text(TP8 % "")
+    (tmp_path / "bad.json").write_text("[1")
+    (tmp_path / "odd.json").write_text('{"model_type": "mystery"}')
+    base = ["render", "-f", str(tmp_path / "r.yaml"), "--model-config"]
+    assert main([*base, str(tmp_path / "bad.json")]) == 3
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "odd.json")]) == 3
+    assert "no memory estimate" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "missing.json")]) == 3
+    assert "cannot read" in capsys.readouterr().err

@@ -155,6 +155,28 @@ def test_check_memory_reads_the_accelerator_and_limit_of_the_pod(
         )
 
 
+def test_an_engine_free_job_is_checked_with_the_engine_free_formula(
+    tiny_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PRESHARD_ACCELERATOR=none (a Job of spec.converter.engine: none): the engine-free
+    estimate (about 3 GiB for a tiny model: mostly the fixed 2Gi) fits a 4 GiB pod that
+    the CPU engine's estimate would refuse."""
+    monkeypatch.setenv("PRESHARD_ACCELERATOR", "none")
+    assert resources.accelerator_from_env() == "none"
+    root = _cgroup(tmp_path, {"memory.max": str(4 * GiB)})
+    args = dict(
+        tensor_parallel_size=8, pipeline_parallel_size=1, dtype="auto", quantization=None,
+        max_file_size=5 * GiB, root=root,
+    )  # fmt: skip
+    est = resources.check_memory(tiny_config, **args)  # type: ignore[arg-type]
+    assert est is not None and est.accelerator == "none" and est.total_bytes < 4 * GiB
+    monkeypatch.setenv("PRESHARD_ACCELERATOR", "cpu")
+    with pytest.raises(resources.InsufficientMemory):
+        resources.check_memory(tiny_config, **args)  # type: ignore[arg-type]
+    monkeypatch.setenv("PRESHARD_ACCELERATOR", "tpu")
+    assert resources.accelerator_from_env() == "gpu"
+
+
 def test_check_memory_never_blocks_an_architecture_it_cannot_count() -> None:
     assert (
         resources.check_memory(

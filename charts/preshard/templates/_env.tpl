@@ -10,6 +10,8 @@ operator never receives S3 keys (conversion pods read them from the Secret thems
   value: {{ include "preshard.image" (dict "image" .Values.converter.cpuImage "ctx" $) | quote }}
 - name: PRESHARD_DEFAULT_ACCELERATOR
   value: {{ .Values.converter.accelerator | quote }}
+- name: PRESHARD_DEFAULT_ENGINE
+  value: {{ .Values.converter.engine | quote }}
 - name: PRESHARD_CONVERTER_IMAGE_PULL_POLICY
   value: {{ .Values.converter.image.pullPolicy | quote }}
 - name: PRESHARD_GPU_RESOURCE_NAME

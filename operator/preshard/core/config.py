@@ -33,6 +33,8 @@ class OperatorConfig:
     converter_cpu_image: str = DEFAULT_CONVERTER_CPU_IMAGE
     # spec.converter.accelerator when a resource does not set it
     default_accelerator: str = "gpu"
+    # spec.converter.engine when a resource does not set it (auto, none or vllm)
+    default_engine: str = "auto"
     image_pull_policy: str = "IfNotPresent"
     gpu_resource_name: str = "nvidia.com/gpu"
     job_service_account: str = "preshard-converter"
@@ -224,6 +226,9 @@ class OperatorConfig:
         accelerator = get("PRESHARD_DEFAULT_ACCELERATOR") or base.default_accelerator
         if accelerator not in ("gpu", "cpu"):
             raise ValueError(f"PRESHARD_DEFAULT_ACCELERATOR={accelerator!r} must be gpu or cpu")
+        engine = get("PRESHARD_DEFAULT_ENGINE") or base.default_engine
+        if engine not in ("auto", "none", "vllm"):
+            raise ValueError(f"PRESHARD_DEFAULT_ENGINE={engine!r} must be auto, none or vllm")
         work = get("PRESHARD_WORK_DIR_SIZE") or base.work_dir_size
         if not QUANTITY_RE.match(work):
             raise ValueError(f"PRESHARD_WORK_DIR_SIZE={work!r} is not a quantity such as 200Gi")
@@ -291,6 +296,7 @@ class OperatorConfig:
             converter_image=get("PRESHARD_CONVERTER_IMAGE") or base.converter_image,
             converter_cpu_image=get("PRESHARD_CONVERTER_CPU_IMAGE") or base.converter_cpu_image,
             default_accelerator=accelerator,
+            default_engine=engine,
             image_pull_policy=policy,
             gpu_resource_name=get("PRESHARD_GPU_RESOURCE_NAME") or base.gpu_resource_name,
             job_service_account=get("PRESHARD_JOB_SERVICE_ACCOUNT") or base.job_service_account,

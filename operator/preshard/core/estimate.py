@@ -22,6 +22,19 @@ The formula (docs/cpu-conversion.md shows it with measured figures)::
     cpu:  total = 1.1 x (W + B + TP x PP x (KV + E_rank) + E_frontend)
     gpu:  total = 1.1 x (B + TP x PP x E_rank_gpu + E_frontend)   (host memory; the
                                                            weights and KV cache are on GPUs)
+    none: total = 1.1 x (3 x T + TP x PP x R + U + E_free)  (no engine: ``--engine none``)
+    T        the largest source tensor (config.json: embeddings, lm_head, the largest
+             Linear weight, fused qkv/gate_up counted as one)
+    R        64Mi: one rank's open file part in the streaming writer
+    E_free   2Gi: the process (Python, torch, vLLM's model classes on the meta device,
+             the ranks' traces and the sharding metadata)
+
+Without an engine nothing holds the model: the planner builds one rank's model at a
+time on the meta device (no weights), and the writer reads each source tensor (or the
+slice a rank needs) once, converts it to the saved dtype (a second copy) and streams
+it into the ranks' files, part by part, uploading parts as they complete. The third T
+covers a re-shard source (``worker.sources.checkpoint``): the rebuilt tensor, its
+coverage mask (one byte per element) and one saved span read back.
 
 The raw shards are saved (``preshard_raw`` loader, vLLM's ``ShardedStateLoader``) from the
 loaded parameters one file part at a time, before ``process_weights_after_loading``; on
@@ -66,7 +79,14 @@ DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
 # Checkpoint formats whose linear weights are stored in one byte (scales are negligible).
 ONE_BYTE_METHODS = frozenset({"fp8", "fbgemm_fp8", "experts_int8", "int8", "w8a8"})
 
-ACCELERATORS = ("gpu", "cpu")
+# "none": the engine-free path (``--engine none``: no engine, no accelerator).
+ACCELERATORS = ("gpu", "cpu", "none")
+# Engine-free (accelerator "none"): copies of the largest source tensor alive at once (as
+# read and converted to the saved dtype; a re-shard source's rebuilt tensor, coverage mask
+# and saved span), one open file part per rank, the process itself.
+ENGINE_FREE_TENSOR_COPIES = 3
+ENGINE_FREE_RANK_BUFFER = 64 * MiB
+ENGINE_FREE_OVERHEAD = 2 * GiB
 
 
 class EstimateUnavailable(ValueError):
@@ -348,6 +368,30 @@ def kv_cache_gib(
     return max(MIN_KV_CACHE_GIB, math.ceil(need / GiB))
 
 
+def largest_tensor_bytes(config: dict[str, Any], dtype: str = "auto") -> int:
+    """Bytes of the largest checkpoint tensor, from config.json: the embeddings (or an
+    untied lm_head) in the model dtype, or the largest Linear weight in the checkpoint's
+    format (an HF-fused gate_up or qkv counted whole). Raises EstimateUnavailable."""
+    cfg = _text_config(config)
+    count_parameters(config)  # the same required fields, the same error
+    hidden = _int(cfg, "hidden_size", "n_embd", "d_model") or 0
+    heads = _int(cfg, "num_attention_heads", "n_head") or 1
+    vocab = _int(cfg, "vocab_size") or 0
+    kv = _int(cfg, "num_key_value_heads", default=heads) or heads
+    head_dim = _int(cfg, "head_dim", default=hidden // heads) or 1
+    inter = _int(cfg, "intermediate_size", "n_inner", default=4 * hidden) or 0
+    moe_inter = _int(cfg, "moe_intermediate_size", default=0) or 0
+    shared_inter = _int(cfg, "shared_expert_intermediate_size", default=0) or 0
+    b_model = dtype_bytes(config, dtype)
+    b_linear = linear_bytes_per_parameter(config, b_model)
+    linear = max(
+        2 * inter * hidden,  # gate_up (fused in some checkpoints)
+        2 * max(moe_inter, shared_inter) * hidden,
+        (heads + 2 * kv) * head_dim * hidden,  # qkv (fused in some checkpoints)
+    )
+    return max(vocab * hidden * b_model, math.ceil(linear * b_linear))
+
+
 def estimate_memory(
     config: dict[str, Any],
     *,
@@ -396,7 +440,7 @@ def estimate_memory(
             "TPxPP x (KV cache VLLM_CPU_KVCACHE_SPACE + 1.5Gi per rank) + 1.5Gi frontend); "
             f"W = {params} parameters x {bpp} bytes"
         )
-    else:
+    elif accelerator == "gpu":
         breakdown = {
             "saveBuffers": buffers,
             "engineOverhead": world * GPU_RANK_OVERHEAD + FRONTEND_OVERHEAD,
@@ -405,6 +449,19 @@ def estimate_memory(
             "host memory: 1.1 x (buffers max(TPxPP x min(maxFileSize, W/(TPxPP)), upload 512Mi) + "
             "TPxPP x 4Gi per rank + 1.5Gi frontend); the weights (W/(TPxPP) per GPU) and the "
             f"KV cache are in GPU memory; W = {params} parameters x {bpp} bytes"
+        )
+    else:  # "none"
+        largest = largest_tensor_bytes(config, dtype)
+        breakdown = {
+            "largestTensor": ENGINE_FREE_TENSOR_COPIES * largest,
+            "writeBuffers": world * ENGINE_FREE_RANK_BUFFER,
+            "uploadBuffers": UPLOAD_BUFFERS,
+            "processOverhead": ENGINE_FREE_OVERHEAD,
+        }
+        formula = (
+            "no engine: 1.1 x (3 x the largest source tensor T + TPxPP x 64Mi write buffers + "
+            f"upload 512Mi + 2Gi process); T = {format_gib(largest)}, independent of the "
+            f"model's size (W = {params} parameters x {bpp} bytes is streamed, never held)"
         )
     subtotal = sum(breakdown.values())
     breakdown["margin"] = -(-subtotal // SAFETY_DIVISOR)  # 10 %, rounded up
@@ -428,11 +485,12 @@ def memory_shortfall(memory_limit_bytes: int | None, estimate: MemoryEstimate) -
     need = format_gib(estimate.total_bytes)
     have = format_gib(memory_limit_bytes)
     weights = format_gib(estimate.breakdown.get("weights", 0))
-    where = (
-        f"{estimate.world_size} CPU ranks hold the model's {weights} of weights in the pod"
-        if estimate.accelerator == "cpu"
-        else f"host memory of {estimate.world_size} GPU ranks"
-    )
+    if estimate.accelerator == "cpu":
+        where = f"{estimate.world_size} CPU ranks hold the model's {weights} of weights in the pod"
+    elif estimate.accelerator == "none":
+        where = "no engine: about twice the largest source tensor plus buffers"
+    else:
+        where = f"host memory of {estimate.world_size} GPU ranks"
     return (
         f"the conversion needs about {need} of memory ({estimate.total_bytes} bytes: {where}) "
         f"but the pod's memory limit is {have} ({memory_limit_bytes} bytes); set "

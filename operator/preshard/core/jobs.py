@@ -13,6 +13,7 @@ from typing import Any
 from preshard import GROUP, KIND, VERSION
 from preshard.core.config import OperatorConfig
 from preshard.core.contract import EXIT_PERMANENT, PVC_MOUNT_ROOT, TERMINATION_LOG, WORK_DIR
+from preshard.core.estimate import format_gib
 from preshard.core.naming import (
     bounded_name,
     checkpoint_label_value,
@@ -32,6 +33,10 @@ ANNOTATION_SPEC_HASH = "preshard.io/spec-hash"
 ANNOTATION_OWNER_UID = "preshard.io/owner-uid"
 # The owner's full name: the checkpoint label holds a cut name + hash for names over 63.
 ANNOTATION_CHECKPOINT_NAME = "preshard.io/checkpoint-name"
+
+# requests.cpu of an engine-free conversion (engine: none) whatever TP x PP: the planner
+# builds one rank's model at a time on the meta device, the transfer uses the other core.
+ENGINE_FREE_CPUS = "2"
 
 RESTRICTED_CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
@@ -165,8 +170,18 @@ def _runtime_env() -> list[dict[str, Any]]:
     ]
 
 
+def engine(spec: CheckpointSpec, config: OperatorConfig) -> str:
+    """The effective engine (core.plan.ENGINES): the spec's, else the operator default."""
+    return spec.converter.engine or config.default_engine
+
+
 def accelerator(spec: CheckpointSpec, config: OperatorConfig) -> str:
-    """The effective accelerator: the spec's, else the operator default."""
+    """The effective accelerator: ``none`` for an engine-free conversion (engine: none:
+    no GPU, no core per rank), else the spec's, else the operator default. ``auto`` is
+    sized for the engine: the worker falls back to it when the planner does not support
+    the model (docs/cpu-conversion.md, "Without an engine")."""
+    if engine(spec, config) == "none":
+        return "none"
     return spec.converter.accelerator or config.default_accelerator
 
 
@@ -174,19 +189,42 @@ def converter_image(spec: CheckpointSpec, config: OperatorConfig) -> str:
     if spec.converter.image:
         return spec.converter.image
     return (
-        config.converter_cpu_image if accelerator(spec, config) == "cpu" else config.converter_image
+        config.converter_image if accelerator(spec, config) == "gpu" else config.converter_cpu_image
     )
 
 
-def _resources(spec: CheckpointSpec, config: OperatorConfig) -> dict[str, Any]:
+def memory_request(acc: str, estimate: dict[str, Any] | None) -> str | None:
+    """``requests.memory`` of a conversion container without an accelerator (cpu, none):
+    the preflight's estimate (``status.memoryEstimate``, core.estimate) when it was made
+    for this accelerator; None for GPUs (host memory is not what limits them) and when
+    there is no estimate (config.json not countable, or PRESHARD_PREFLIGHT=0)."""
+    if acc == "gpu" or not isinstance(estimate, dict) or estimate.get("accelerator") != acc:
+        return None
+    total = estimate.get("bytes")
+    if isinstance(total, bool) or not isinstance(total, int) or total <= 0:
+        return None
+    return format_gib(total)
+
+
+def _resources(
+    spec: CheckpointSpec, config: OperatorConfig, estimate: dict[str, Any] | None = None
+) -> dict[str, Any]:
     user = spec.converter.resources or {}
     requests = dict(user.get("requests") or {})
     limits = dict(user.get("limits") or {})
-    if accelerator(spec, config) == "cpu":
-        # No GPU. One core per rank at least (vLLM binds each CPU rank's OpenMP threads
-        # to its own cores); check_accelerator refused fewer before the Job.
+    acc = accelerator(spec, config)
+    if acc != "gpu":
+        # No GPU. With an engine, one core per rank at least (vLLM binds each CPU rank's
+        # OpenMP threads to its own cores; check_accelerator refused fewer before the
+        # Job); without one, a few cores whatever TP x PP (the planner builds one rank's
+        # model at a time on the meta device; the transfer needs the rest).
         if "cpu" not in requests and "cpu" not in limits:
-            requests["cpu"] = str(spec.layout.world_size)
+            requests["cpu"] = ENGINE_FREE_CPUS if acc == "none" else str(spec.layout.world_size)
+        # memory from the preflight's estimate, so the scheduler places the pod on a
+        # node that holds it (the user's own request or limit wins)
+        memory = memory_request(acc, estimate)
+        if memory and "memory" not in requests and "memory" not in limits:
+            requests["memory"] = memory
     else:
         gpu = spec.converter.gpu_resource_name or config.gpu_resource_name
         # Quantities are strings in the API (the kubernetes client returns them as such).
@@ -209,8 +247,9 @@ def _accelerator_env(spec: CheckpointSpec, config: OperatorConfig) -> list[dict[
             },
         }
     ]
-    if accelerator(spec, config) == "cpu":
-        env.append({"name": "PRESHARD_ACCELERATOR", "value": "cpu"})
+    acc = accelerator(spec, config)
+    if acc != "gpu":
+        env.append({"name": "PRESHARD_ACCELERATOR", "value": acc})
     return env
 
 
@@ -221,12 +260,17 @@ def conversion_args(
     spec: CheckpointSpec,
     identity: str | None = None,
     source_digest: str | None = None,
+    engine: str | None = None,
 ) -> list[str]:
-    """``preshard convert`` with the resource's conversion plan (core.plan), then the pod's
-    own flags (scratch directory, progress lines). ``source_digest``: the source content
-    the preflight pinned (the conversion refuses a source that differs)."""
+    """``preshard convert`` with the resource's conversion plan (core.plan; ``engine`` the
+    effective one, ``--engine`` when not auto), then the pod's own flags (scratch
+    directory, progress lines). ``source_digest``: the source content the preflight
+    pinned (the conversion refuses a source that differs)."""
     plan = spec.plan(
-        owner=owner_arg(name, namespace, uid), identity=identity, source_digest=source_digest
+        owner=owner_arg(name, namespace, uid),
+        identity=identity,
+        source_digest=source_digest,
+        engine=engine,
     )
     return ["convert", *plan.to_argv(), "--work-dir", WORK_DIR, "--progress", "lines"]
 
@@ -330,7 +374,10 @@ def build_conversion_job(
     config: OperatorConfig,
     identity: str | None = None,
     source_digest: str | None = None,
+    memory_estimate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The conversion Job. ``memory_estimate`` is ``status.memoryEstimate`` (the
+    preflight's, core.estimate): a Job without an accelerator requests that memory."""
     spec_hash = spec.conversion_hash()
     converter = spec.converter
     volumes: list[dict[str, Any]] = [
@@ -356,13 +403,13 @@ def build_conversion_job(
         CONTAINER,
         converter_image(spec, config),
         converter.image_pull_policy or config.image_pull_policy,
-        conversion_args(name, namespace, uid, spec, identity, source_digest),
+        conversion_args(name, namespace, uid, spec, identity, source_digest, engine(spec, config)),
         env,
-        _resources(spec, config),
+        _resources(spec, config, memory_estimate),
         mounts,
     )
     pod_spec = _pod_spec(job_service_account(namespace, spec, config), container, volumes)
-    on_cpu = accelerator(spec, config) == "cpu"
+    on_cpu = accelerator(spec, config) != "gpu"
     # the operator's default placement for the accelerator (the chart's converter.cpu*);
     # the admin's default nodeSelector always applies; the spec adds (or, where the policy
     # allows it, changes) entries on top of it.
@@ -419,9 +466,9 @@ def build_purge_job(
         "purge",
         # The operator's own image, whatever spec.converter.image says: deleting needs no
         # vLLM, and an image the user picked never runs with the output credentials here.
-        config.converter_cpu_image
-        if accelerator(spec, config) == "cpu"
-        else config.converter_image,
+        config.converter_image
+        if accelerator(spec, config) == "gpu"
+        else config.converter_cpu_image,
         config.image_pull_policy,
         ["purge", "--output", str(spec.output.parsed), "--owner", owner_arg(name, namespace, uid)],
         [

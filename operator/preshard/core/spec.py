@@ -8,6 +8,7 @@ PascalCase reason and a message a user can act on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -415,6 +416,10 @@ class ConverterSpec(_Model):
     gpu_resource_name: str | None = Field(default=None, alias="gpuResourceName", max_length=253)
     # None: the operator's default (PRESHARD_DEFAULT_ACCELERATOR, chart converter.accelerator)
     accelerator: Literal["gpu", "cpu"] | None = None
+    # None: the operator's default (PRESHARD_DEFAULT_ENGINE, chart converter.engine).
+    # none: no engine and no accelerator (preshard.core.plan.ENGINES); not part of the
+    # conversion identity: both ways write the same bytes.
+    engine: Literal["auto", "none", "vllm"] | None = None
     node_selector: dict[str, str] | None = Field(default=None, alias="nodeSelector")
     tolerations: list[Toleration] | None = Field(default=None, max_length=MAX_LIST)
     backoff_limit: int = Field(default=2, alias="backoffLimit", ge=0, le=20)
@@ -480,11 +485,15 @@ class CheckpointSpec(_Model):
         owner: str | None = None,
         identity: str | None = None,
         source_digest: str | None = None,
+        engine: str | None = None,
     ) -> ConversionPlan:
-        """The conversion this spec asks for (preshard.core.plan)."""
-        return ConversionPlan.from_spec(
+        """The conversion this spec asks for (preshard.core.plan); ``engine`` is the
+        effective one (the spec's, else the operator default: preshard.core.jobs.engine)."""
+        plan = ConversionPlan.from_spec(
             self, owner=owner, identity=identity, source_digest=source_digest
         )
+        chosen = engine or self.converter.engine or "auto"
+        return dataclasses.replace(plan, engine=chosen) if chosen != plan.engine else plan
 
     def conversion_fields(self) -> dict[str, Any]:
         """The fields that define the conversion's result (immutable in the CRD)."""

@@ -67,7 +67,10 @@ def claim(svc: Service, body: dict[str, Any], status: dict[str, Any] | None) -> 
 
 
 def _requested(svc: Service, spec: CheckpointSpec) -> str:
-    if accelerator(spec, svc.config) == "cpu":
+    acc = accelerator(spec, svc.config)
+    if acc == "none":
+        return f"no engine, no accelerator: {spec.layout.world_size} ranks planned"
+    if acc == "cpu":
         return f"{spec.layout.world_size} CPU ranks, no GPU"
     return f"{spec.layout.world_size} GPUs"
 
@@ -163,7 +166,14 @@ def _reconcile(
             if not go:
                 return
         wanted = build_conversion_job(
-            name, ns, uid, spec, config, identity=identity, source_digest=source_digest
+            name,
+            ns,
+            uid,
+            spec,
+            config,
+            identity=identity,
+            source_digest=source_digest,
+            memory_estimate=svc.status.known(body).get("memoryEstimate"),
         )
         job, created = ensure_job(svc, jobs_index, wanted)
         if not job_owned_by(job, uid):

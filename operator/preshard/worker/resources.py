@@ -115,9 +115,10 @@ def node_memory() -> int | None:
 
 
 def accelerator_from_env(environ: Any = os.environ) -> str:
-    """PRESHARD_ACCELERATOR set by the Job (cpu); gpu when absent."""
+    """PRESHARD_ACCELERATOR set by the Job (cpu, or none for an engine-free conversion:
+    the estimate's engine-free formula); gpu when absent."""
     value = str(environ.get("PRESHARD_ACCELERATOR") or "gpu").strip().lower()
-    return value if value in ("gpu", "cpu") else "gpu"
+    return value if value in ("gpu", "cpu", "none") else "gpu"
 
 
 class InsufficientMemory(PreshardError):
