@@ -100,3 +100,54 @@ def test_s3_source_errors(s3: object, bucket: str, monkeypatch: pytest.MonkeyPat
     with pytest.raises(PreshardError, match="header length") as e:
         open_source(f"s3://{bucket}/bad/")
     assert e.value.reason == "InvalidSource"
+
+
+def test_pinned_s3_source_reads_exactly_the_pinned_objects(
+    s3: object, bucket: str, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18, finding 1 on the engine-free path: the source is read at the content the
+    preflight pinned. Another pin is SourceChanged before any tensor is read; an object
+    swapped after the source was opened (same name and size, other bytes) is refused on
+    its next read, whatever the server does with If-Match."""
+    from preshard.core.identity import files_digest
+    from preshard.core.uris import parse_uri
+    from preshard.worker import s3 as s3_client
+    from preshard.worker import storage
+
+    _env(monkeypatch, s3)
+    uri = _upload(s3, bucket, model, prefix="pinned/")
+    client = s3_client.make_client(s3_client.source_settings())
+    pin = files_digest(storage.s3_entries(client, parse_uri(uri)))
+    with pytest.raises(PreshardError) as err:
+        open_source(uri, pin="sha256:" + "0" * 64)
+    assert err.value.reason == "SourceChanged" and err.value.permanent
+    src = open_source(uri, pin=pin)
+    first = src.tensors()[0]
+    src.read(first.name)  # the pinned bytes read fine
+    weights = next(p for p in sorted(model.iterdir()) if p.suffix == ".safetensors")
+    swapped = bytearray(weights.read_bytes())
+    swapped[-1] ^= 0xFF  # one byte of the last tensor
+    s3.client().put_object(Bucket=bucket, Key="pinned/" + weights.name, Body=bytes(swapped))  # type: ignore[attr-defined]
+    with pytest.raises(PreshardError) as err:
+        src.read(src.tensors()[-1].name)
+    assert err.value.reason == "SourceChanged"
+    src.close()
+
+
+def test_pinned_local_source(model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from preshard.core.identity import files_digest
+    from preshard.worker import storage
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    pin = files_digest(storage.local_entries(copy))
+    open_source(str(copy), pin=pin).close()
+    weights = next(p for p in sorted(copy.iterdir()) if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PreshardError) as err:
+        open_source(str(copy), pin=pin)
+    assert err.value.reason == "SourceChanged"

@@ -78,6 +78,7 @@ def open_request_source(req: Any) -> Any:
         endpoint_url=req.source_endpoint_url or req.endpoint_url,
         region=req.region,
         concurrency=req.concurrency,
+        pin=req.plan.source_digest,
     )
 
 
@@ -238,6 +239,7 @@ def convert_engine_free(
         endpoint_url=req.endpoint_url,
         region=req.region,
         concurrency=req.concurrency,
+        pin=req.plan.source_digest,
     )
     try:
         publication.begin()

@@ -122,6 +122,9 @@ def open_source(uri: str, **settings: Any) -> TensorSource:
                 uri, endpoint_url=settings.get("endpoint_url"), region=settings.get("region")
             )
             if found is not None:
+                pin = settings.get("pin")
+                if pin is not None:
+                    _check_checkpoint_pin(u, uri, pin, settings)
                 return found  # type: ignore[no-any-return]
     if u.scheme not in _REGISTRY and u.scheme in SOURCE_MODULES:
         importlib.import_module(SOURCE_MODULES[u.scheme])
@@ -131,3 +134,18 @@ def open_source(uri: str, **settings: Any) -> TensorSource:
             f"no tensor source for {u.scheme}:// URIs", reason="InvalidSource", permanent=True
         )
     return opener(u, uri, **settings)
+
+
+def _check_checkpoint_pin(u: Any, uri: str, pin: str, settings: dict[str, Any]) -> None:
+    """A published checkpoint read as a source is pinned as any source is (the
+    preflight's digest of its top-level objects); its rank files are then held to its
+    manifest, and on S3 each range to the hashed object's ETag."""
+    from preshard.worker import s3, storage
+
+    if u.scheme == "s3":
+        client = s3.make_client(
+            s3.source_settings(settings.get("endpoint_url"), settings.get("region"), 1)
+        )
+        storage.check_pin(uri, storage.s3_entries(client, u), pin)
+    else:
+        storage.check_pin(uri, storage.local_entries(storage.local_source_dir(u, uri)), pin)

@@ -47,7 +47,7 @@ _CHUNK = 2**20
 
 
 class HfSource:
-    def __init__(self, u: StorageURI, uri: str) -> None:
+    def __init__(self, u: StorageURI, uri: str, pin: str | None = None) -> None:
         from huggingface_hub import HfApi
 
         from preshard.worker import storage
@@ -56,11 +56,14 @@ class HfSource:
         self.uri, self._u = uri, u
         self._token = os.environ.get("HF_TOKEN") or None
         try:
+            # pinned: exactly the commit the preflight resolved, never the branch's tip now
             info = HfApi().model_info(
-                u.authority, revision=u.revision, token=self._token, files_metadata=True
+                u.authority, revision=pin or u.revision, token=self._token, files_metadata=True
             )
         except Exception as exc:
             raise self._error(exc) from None
+        if pin is not None and info.sha != pin:
+            raise storage.source_changed(uri, pin)
         if not info.sha:
             raise PreshardError(
                 f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
@@ -203,5 +206,5 @@ class HfSource:
 
 
 @register_source("hf")
-def open_hf(u: StorageURI, uri: str, **_: Any) -> HfSource:
-    return HfSource(u, uri)
+def open_hf(u: StorageURI, uri: str, *, pin: str | None = None, **_: Any) -> HfSource:
+    return HfSource(u, uri, pin)

@@ -83,9 +83,11 @@ class LocalSource:
 
 
 @register_source("file", "pvc")
-def open_local(u: StorageURI, uri: str, **_: Any) -> LocalSource:
+def open_local(u: StorageURI, uri: str, *, pin: str | None = None, **_: Any) -> LocalSource:
     from preshard.worker import storage
 
     path = storage.local_source_dir(u, uri)  # the one reader of local sources' checks
     storage.check_model_dir(path, uri)
+    if pin is not None:  # the content the preflight pinned (sha256 of every file)
+        storage.check_pin(uri, storage.local_entries(path), pin)
     return LocalSource(path.resolve(), uri)

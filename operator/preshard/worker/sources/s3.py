@@ -54,13 +54,28 @@ _BODY_ERRORS = (
 
 
 class S3Source:
-    def __init__(self, u: StorageURI, uri: str, client: Any, concurrency: int) -> None:
+    def __init__(
+        self, u: StorageURI, uri: str, client: Any, concurrency: int, pin: str | None = None
+    ) -> None:
         self.uri, self._u, self._client = uri, u, client
+        # With a pin (the preflight's digest over names, sizes and ETags), every object is
+        # read at exactly the ETag that was pinned: If-Match, and the answer's ETag checked
+        # too (some servers ignore If-Match), so a swapped object is SourceChanged.
+        self._pin = pin
+        self._etags: dict[str, str] = {}
         self._concurrency = max(1, concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         try:
             objects = s3.list_objects(client, u.bucket, u.prefix)
+            if pin is not None:
+                from preshard.worker import storage
+
+                entries = storage.s3_entries(client, u)
+                storage.check_pin(uri, entries, pin)
+                self._etags = {u.key(name): etag for name, _, etag in entries}
+        except PreshardError:
+            raise
         except Exception as exc:
             err = s3.translate(exc, uri, "read the source")
             if err.reason == "BucketNotFound":
@@ -125,9 +140,15 @@ class S3Source:
         want = end - begin
         for attempt in range(1, _BODY_ATTEMPTS + 1):
             try:
+                etag = self._etags.get(key)
+                pinned = {"IfMatch": f'"{etag}"'} if etag else {}
                 resp = self._client.get_object(
-                    Bucket=self._u.bucket, Key=key, Range=f"bytes={begin}-{end - 1}"
+                    Bucket=self._u.bucket, Key=key, Range=f"bytes={begin}-{end - 1}", **pinned
                 )
+                if self._pin is not None and str(resp.get("ETag", "")).strip('"') != etag:
+                    from preshard.worker import storage
+
+                    raise storage.source_changed(self.uri, self._pin)
                 body = resp["Body"]
                 if into is None:
                     data = body.read()
@@ -221,7 +242,8 @@ def open_s3(
     endpoint_url: str | None = None,
     region: str | None = None,
     concurrency: int = 16,
+    pin: str | None = None,
     **_: Any,
 ) -> S3Source:
     settings = s3.source_settings(endpoint_url, region, concurrency)
-    return S3Source(u, uri, s3.make_client(settings), settings.concurrency)
+    return S3Source(u, uri, s3.make_client(settings), settings.concurrency, pin)
