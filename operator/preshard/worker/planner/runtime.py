@@ -76,11 +76,12 @@ def parallel_state(vllm_config: Any) -> None:
     from vllm.config import set_current_vllm_config
     from vllm.distributed import parallel_state as ps
 
-    if _initialised or ps.model_parallel_is_initialized():
-        _initialised = True
+    if _initialised and ps.model_parallel_is_initialized():
         return
     import torch.distributed as dist
 
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()  # made by someone else, perhaps without an EP group
     with set_current_vllm_config(_world_one(vllm_config)):
         if not dist.is_initialized():
             init = f"file://{tempfile.mkdtemp(prefix='preshard-plan-')}/store"
@@ -104,6 +105,8 @@ def _world_one(vllm_config: Any) -> Any:
     par.pipeline_parallel_size = 1
     par.distributed_executor_backend = None
     cfg.parallel_config = par
+    # no model: the expert-parallel group is created too (dense and MoE alike)
+    cfg.model_config = None
     return cfg
 
 
