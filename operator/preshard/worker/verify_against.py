@@ -20,6 +20,13 @@ Memory stays at about one source tensor, a few saved tensors and one boolean mas
 sources are read one at a time (safetensors memory-maps the files), saved tensors are
 read on demand with a small cache, and coverage is tracked per tensor.
 
+``preshard verify --against`` (``run_cli``) does not take the checkpoint's word for its
+sharding: it re-plans it from the source with vLLM's own weight loaders
+(``preshard.worker.planner``, no engine), refuses a stored ``preshard-sharding.json``
+that differs from the plan (``compare_with_plan``: a source tensor left out, a saved
+tensor given fewer writes), then replays the PLANNED writes. Without an importable vLLM
+it refuses (``PlannerUnavailable``) rather than trust the file.
+
 A ``derived`` write (the loader computed the values, e.g. a quantization repack inside
 a weight loader) cannot be checked without an engine: it is reported, and it fails the
 verification unless the caller allows it (the conversion then relies on the engine
@@ -61,6 +68,8 @@ class VerifyReport:
     model_initialized: list[str] = field(default_factory=list)
     derived: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # the sharding replayed was re-planned from the source (not the checkpoint's own)
+    replanned: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -74,6 +83,7 @@ class VerifyReport:
             "skippedSources": self.skipped_sources[:50],
             "modelInitialized": len(self.model_initialized),
             "derived": self.derived[:50],
+            "sharding": "re-planned" if self.replanned else "stored",
             "seconds": round(self.seconds, 2),
         }
 
@@ -346,18 +356,124 @@ def load_sharding(checkpoint: Path) -> Sharding:
 
 
 def verify_against(
-    source_dir: Path, checkpoint: Path, *, allow_derived: bool = False
+    source_dir: Path,
+    checkpoint: Path,
+    *,
+    allow_derived: bool = False,
+    planned: Sharding | None = None,
 ) -> VerifyReport:
-    """Raise VerificationFailed (permanent) naming the first difference."""
+    """Raise VerificationFailed (permanent) naming the first difference.
+
+    With ``planned`` (the sharding re-planned from the source by vLLM's own loaders,
+    ``planned_sharding``), the checkpoint's stored metadata must equal the plan, and the
+    planned writes are replayed: the checkpoint is not trusted to describe itself."""
     t0 = time.monotonic()
     sharding = load_sharding(checkpoint)
+    if planned is not None:
+        compare_with_plan(sharding, planned)
+        sharding = planned
     v = _Verifier(Path(source_dir), Path(checkpoint), sharding)
+    v.report.replanned = planned is not None
     v.check_structure()
     v.check_tensors(allow_derived)
     v.check_sources()
     v.report.skipped_sources = list(sharding.skipped_sources)
     v.report.seconds = time.monotonic() - t0
     return v.report
+
+
+# ---------------------------------------------------------------------------- re-plan
+
+
+def planned_sharding(
+    source_dir: Path, *, tp: int, pp: int, dtype: str, quantization: str | None
+) -> Sharding:
+    """The sharding metadata vLLM's own weight loaders give for this source at TP x PP
+    (``preshard.worker.planner``, no engine, no kernel). Refuses (permanent) when vLLM is
+    not importable here or the planner cannot plan the model: never falls back to
+    trusting the checkpoint."""
+    from preshard.core.sharding import build_document
+    from preshard.worker.planner.checkpoint import local_tensors, vllm_missing
+
+    missing = vllm_missing()
+    if missing:
+        raise PreshardError(
+            f"verify --against re-plans the checkpoint from the source with vLLM's weight "
+            f"loaders and does not trust its {SHARDING_NAME}, but {missing} here",
+            reason="PlannerUnavailable",
+            permanent=True,
+        )
+    from preshard.worker.planner import plan_ranks
+
+    docs = plan_ranks(
+        Path(source_dir),
+        local_tensors(Path(source_dir)),
+        tp=tp,
+        pp=pp,
+        dtype=dtype,
+        quantization=quantization,
+    )
+    try:
+        return parse_document(json.dumps(build_document(docs)))
+    except ShardingError as exc:  # pragma: no cover - the planner's own output
+        raise VerificationFailed(f"the re-planned sharding metadata is invalid: {exc}") from None
+
+
+def _canonical(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """A saved tensor's entry with its writes as a set (their order carries no meaning)."""
+    writes = sorted(json.dumps(w, sort_keys=True) for w in entry.get("writes", []))
+    return (entry.get("shape"), entry.get("dtype"), writes)
+
+
+def compare_with_plan(stored: Sharding, planned: Sharding) -> None:
+    """VerificationFailed naming the first tensor where the checkpoint's own sharding
+    metadata differs from the plan (parallel sizes, source tensors, saved tensors and
+    every write)."""
+    where = f"the stored {SHARDING_NAME} differs from vLLM's plan for this source"
+    if (stored.tensor_parallel_size, stored.pipeline_parallel_size) != (
+        planned.tensor_parallel_size,
+        planned.pipeline_parallel_size,
+    ):
+        raise VerificationFailed(
+            f"{where}: it describes TP {stored.tensor_parallel_size} x PP "
+            f"{stored.pipeline_parallel_size}, the manifest TP {planned.tensor_parallel_size} "
+            f"x PP {planned.pipeline_parallel_size}"
+        )
+    for name in sorted(set(planned.sources) | set(stored.sources)):
+        a, b = planned.sources.get(name), stored.sources.get(name)
+        if b is None:
+            raise VerificationFailed(f"{where}: source tensor {name} is left out of it")
+        if a is None:
+            raise VerificationFailed(f"{where}: source tensor {name} is not one vLLM loads")
+        if (a.get("shape"), a.get("dtype")) != (b.get("shape"), b.get("dtype")):
+            raise VerificationFailed(
+                f"{where}: source tensor {name} is {b.get('dtype')}{b.get('shape')} in it, "
+                f"{a.get('dtype')}{a.get('shape')} in the source"
+            )
+    if sorted(planned.skipped_sources) != sorted(stored.skipped_sources):
+        extra = sorted(set(stored.skipped_sources) ^ set(planned.skipped_sources))
+        raise VerificationFailed(f"{where}: skipped source tensors differ ({extra[:5]})")
+    for rank in sorted(planned.ranks):
+        mine, theirs = planned.ranks[rank], stored.ranks.get(rank, {})
+        for key in sorted(set(mine) | set(theirs)):
+            if key not in theirs:
+                raise VerificationFailed(f"{where}: tensor {key} of rank {rank} is left out")
+            if key not in mine:
+                raise VerificationFailed(
+                    f"{where}: tensor {key} of rank {rank} is not one vLLM's model holds"
+                )
+            a, b = _canonical(mine[key]), _canonical(theirs[key])
+            if a[:2] != b[:2]:
+                raise VerificationFailed(
+                    f"{where}: tensor {key} of rank {rank} is {b[1]}{b[0]} in it, "
+                    f"{a[1]}{a[0]} in the plan"
+                )
+            if a[2] != b[2]:
+                raise VerificationFailed(
+                    f"{where}: tensor {key} of rank {rank} has {len(b[2])} write(s) in it, "
+                    f"the plan {len(a[2])} (first planned write: "
+                    f"{json.loads(a[2][0]) if a[2] else None})"
+                )
 
 
 def iter_traces(shards: Path) -> Iterator[Path]:
@@ -418,11 +534,23 @@ def _local_checkpoint(path: Path) -> Path:
     return path
 
 
+def _read_manifest(path: Path) -> Any:
+    from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
+
+    try:
+        return Manifest.from_json((path / MANIFEST_NAME).read_bytes())
+    except (OSError, ManifestError) as exc:
+        raise VerificationFailed(f"{MANIFEST_NAME}: {exc}") from None
+
+
 def run_cli(args: Any) -> int:
     """``preshard verify --against SOURCE URI``: the engine-free check of a published
     checkpoint (s3:// prefix or local directory) against any source ``convert`` accepts.
     Remote files are downloaded (and sha256-checked) into ``--work-dir``; memory stays
-    bounded by the largest tensor."""
+    bounded by the largest tensor. The checkpoint's own ``preshard-sharding.json`` is not
+    trusted: the sharding is re-planned from the source at the manifest's TP x PP, dtype
+    and quantization with the installed vLLM's weight loaders (``planned_sharding``), the
+    stored metadata must equal it, and the planned writes are replayed."""
     import argparse
     import shutil
     import tempfile
@@ -463,8 +591,20 @@ def run_cli(args: Any) -> int:
             )
         )
         try:
-            report = verify_against(source_dir, ckpt, allow_derived=args.allow_derived)
-        except VerificationFailed as exc:
+            t0 = time.monotonic()
+            manifest = _read_manifest(ckpt)
+            planned = planned_sharding(
+                source_dir,
+                tp=manifest.tensor_parallel_size,
+                pp=manifest.pipeline_parallel_size,
+                dtype=manifest.dtype,
+                quantization=manifest.quantization,
+            )
+            report = verify_against(
+                source_dir, ckpt, allow_derived=args.allow_derived, planned=planned
+            )
+            report.seconds = time.monotonic() - t0
+        except PreshardError as exc:
             if args.json:  # the report too, then the error (exit 3) as every command
                 print(
                     json.dumps(
@@ -490,6 +630,6 @@ def run_cli(args: Any) -> int:
             )
         )
     else:
-        print(f"checkpoint {args.uri} against {args.against}: OK")
+        print(f"checkpoint {args.uri} against {args.against}: OK (sharding re-planned by vLLM)")
         print(f"  {report.describe()} in {report.seconds:.1f} s")
     return 0
