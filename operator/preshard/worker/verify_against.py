@@ -462,17 +462,17 @@ def compare_with_plan(stored: Sharding, planned: Sharding) -> None:
                 raise VerificationFailed(
                     f"{where}: tensor {key} of rank {rank} is not one vLLM's model holds"
                 )
-            a, b = _canonical(mine[key]), _canonical(theirs[key])
-            if a[:2] != b[:2]:
+            pa, sa = _canonical(mine[key]), _canonical(theirs[key])
+            if pa[:2] != sa[:2]:
                 raise VerificationFailed(
-                    f"{where}: tensor {key} of rank {rank} is {b[1]}{b[0]} in it, "
-                    f"{a[1]}{a[0]} in the plan"
+                    f"{where}: tensor {key} of rank {rank} is {sa[1]}{sa[0]} in it, "
+                    f"{pa[1]}{pa[0]} in the plan"
                 )
-            if a[2] != b[2]:
+            if pa[2] != sa[2]:
                 raise VerificationFailed(
-                    f"{where}: tensor {key} of rank {rank} has {len(b[2])} write(s) in it, "
-                    f"the plan {len(a[2])} (first planned write: "
-                    f"{json.loads(a[2][0]) if a[2] else None})"
+                    f"{where}: tensor {key} of rank {rank} has {len(sa[2])} write(s) in it, "
+                    f"the plan {len(pa[2])} (first planned write: "
+                    f"{json.loads(pa[2][0]) if pa[2] else None})"
                 )
 
 

@@ -20,6 +20,7 @@ parameter and the architecture.
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,7 +96,7 @@ def plan_ranks(
             Path(model_dir), tp=tp, pp=pp, dtype=dtype, quantization=quantization
         )
     except (ValueError, TypeError, NotImplementedError) as exc:
-        raise PlannerUnsupported(f"vLLM cannot configure this model: {exc}") from None
+        raise PlannerUnsupported(f"vLLM cannot configure this model: {_first_error(exc)}") from None
     arch = architecture(vllm_config)
     runtime.parallel_state(vllm_config)
     if timing is not None:
@@ -117,6 +118,15 @@ def plan_ranks(
                 )
                 out.append(_ordered(doc))
     return out
+
+
+def _first_error(exc: Exception) -> str:
+    """One line for a pydantic validation error (vLLM's config), the text otherwise."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        with contextlib.suppress(Exception):
+            return str(errors()[0].get("msg", exc)).removeprefix("Value error, ")
+    return str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
 
 
 def architecture(vllm_config: Any) -> str:
@@ -166,9 +176,12 @@ def _plan_rank(
     loader = _loader(vllm_config.load_config, tensors, tracer)
     model_config = vllm_config.model_config
     try:
-        with set_current_vllm_config(vllm_config), set_default_torch_dtype(model_config.dtype):
-            with tracer:
-                loader.load_weights(model, model_config)
+        with (
+            set_current_vllm_config(vllm_config),
+            set_default_torch_dtype(model_config.dtype),
+            tracer,
+        ):
+            loader.load_weights(model, model_config)
     except PreshardError:
         raise
     except Exception as exc:
@@ -194,7 +207,9 @@ def _loader(load_config: Any, tensors: list[TensorInfo], tracer: Any) -> Any:
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
     class _MetaLoader(DefaultModelLoader):  # type: ignore[misc]
-        def get_all_weights(self, model_config: Any, model: Any) -> Iterator[tuple[str, Any]]:
+        def get_all_weights(  # type: ignore[override]
+            self, model_config: Any, model: Any
+        ) -> Iterator[tuple[str, Any]]:
             for info in tensors:
                 t = meta_tensor(info)
                 tracer.source(info.name, t)

@@ -48,7 +48,7 @@ def planning_config(
         model=str(model_dir),
         tensor_parallel_size=tp,
         pipeline_parallel_size=pp,
-        dtype=dtype,
+        dtype=dtype,  # type: ignore[arg-type]
         quantization=quantization,
         load_format="safetensors",
         skip_tokenizer_init=True,
