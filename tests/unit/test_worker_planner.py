@@ -236,3 +236,76 @@ def test_local_tensors_follow_vllms_order(tmp_path: Path) -> None:
         ("model-10.safetensors", "a", "F32", (2, 3)),
         ("model-10.safetensors", "z", "F32", (2, 3)),
     ]
+
+
+def _checkpoint(tmp: Path) -> tuple[Path, Path, list[dict]]:
+    """A source checkpoint, its TP=2 rank files loaded by the miniature loaders (real
+    tensors), their sharding metadata written as convert writes it, and the meta plan."""
+    from safetensors.torch import load_file
+
+    from preshard.worker import verify_against as va
+
+    g = torch.Generator().manual_seed(0)
+    src_dir, ckpt = tmp / "src", tmp / "ckpt"
+    src_dir.mkdir()
+    ckpt.mkdir()
+    save_file(
+        {n: torch.randn(shape, generator=g).to(dt) for n, (shape, dt) in SOURCE.items()},
+        str(src_dir / "model.safetensors"),
+    )
+    for rank in range(TP):
+        params = _params("cpu")
+        tracer = LoadTracer(params)
+        with tracer:
+            for name, w in load_file(str(src_dir / "model.safetensors")).items():
+                tracer.source(name, w)
+                _load(rank, name, w, params)
+        doc = tracer.finish(params).to_json()
+        saved = filter_subtensors(dict(params))
+        doc.update(
+            {
+                "rank": rank,
+                "tpRank": rank,
+                "ppRank": 0,
+                "tensorParallelSize": TP,
+                "pipelineParallelSize": 1,
+                "saved": {
+                    k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                    for k, t in saved.items()
+                },
+            }
+        )
+        save_file(
+            {k: t.detach() for k, t in saved.items()},
+            str(ckpt / f"model-rank-{rank}-part-0.safetensors"),
+        )
+        (ckpt / f"preshard-trace-rank-{rank}.json").write_text(json.dumps(doc))
+    va.write_sharding(ckpt)
+    return src_dir, ckpt, [_trace("meta", r) for r in range(TP)]
+
+
+def test_verify_against_a_plan_refuses_what_the_stored_file_lets_through(tmp_path: Path) -> None:
+    """The issue's case end to end on real files: the stored metadata leaves
+    ``down.weight``'s source out and gives the saved tensor no writes, and rank 1's
+    ``down.weight`` holds other values: trusting the file passes, the plan refuses."""
+    from safetensors.torch import load_file
+
+    from preshard.core.manifest import SHARDING_NAME
+    from preshard.worker import verify_against as va
+
+    src, ckpt, plan = _checkpoint(tmp_path)
+    planned = _sharding(plan)
+    assert va.verify_against(src, ckpt, planned=planned).replanned  # the honest one passes
+    path = ckpt / SHARDING_NAME
+    doc = json.loads(path.read_text())
+    del doc["sources"]["down.weight"]
+    for r in doc["ranks"]:
+        r["tensors"]["down.weight"]["writes"] = []
+    path.write_text(json.dumps(doc))
+    f = ckpt / "model-rank-1-part-0.safetensors"
+    tensors = load_file(str(f))
+    tensors["down.weight"] = tensors["down.weight"] + 1
+    save_file(tensors, str(f))
+    assert va.verify_against(src, ckpt).model_initialized  # trusted: passes
+    with pytest.raises(VerificationFailed, match=r"source tensor down\.weight is left out"):
+        va.verify_against(src, ckpt, planned=planned)

@@ -3,7 +3,7 @@ process): plan each job with the engine-free planner and write the result as JSO
 
     python planner_probe.py JOBS.json OUT_DIR
 
-Each job: {"name", "model", "tp", "pp", "quantization"?, "mode"?} where mode is
+Each job: {"name", "model", "tp", "pp", "dtype"?, "quantization"?, "mode"?}; mode is
 * "plan" (default): the rank traces, or {"error", "reason"} when refused;
 * "no-amx": the same with ``torch.cpu._is_amx_tile_supported`` reporting False, as on a
   CPU without AMX tiles (vLLM's CPU block-FP8 kernels then refuse);
@@ -102,6 +102,7 @@ def main() -> int:
                     local_tensors(model),
                     tp=job["tp"],
                     pp=job["pp"],
+                    dtype=job.get("dtype", "auto"),
                     quantization=job.get("quantization"),
                 )
         except PreshardError as exc:

@@ -54,13 +54,17 @@ class Plans:
         jobs += [
             {"name": "fp8-no-amx", "model": fp8, "tp": 2, "mode": "no-amx"},
             {"name": "fp8-no-amx-raw", "model": fp8, "tp": 2, "mode": "no-amx-raw"},
-            {"name": "computing", "model": str(models["llama-gqa"]), "tp": 2},
+            {
+                "name": "computing",
+                "model": str(models["llama-gqa"]),
+                "tp": 2,
+                "mode": "computing-loader",
+            },
             {"name": "tp4-2heads", "model": str(models["qwen3"]), "tp": 4},
-            {"name": "filter-tied", "model": str(models["llama-tied"]), "tp": 2},
-            {"name": "filter-mla", "model": str(models["deepseek-v2"]), "tp": 2},
+            {"name": "llama-f32", "model": str(models["llama-gqa"]), "tp": 2, "dtype": "float32"},
+            {"name": "filter-tied", "model": str(models["llama-tied"]), "tp": 2, "mode": "filter"},
+            {"name": "filter-mla", "model": str(models["deepseek-v2"]), "tp": 2, "mode": "filter"},
         ]
-        jobs[-4]["mode"] = "computing-loader"
-        jobs[-2]["mode"] = jobs[-1]["mode"] = "filter"
         for j in jobs:
             j.setdefault("pp", 1)
         self.jobs = {j["name"]: j for j in jobs}
@@ -220,3 +224,14 @@ def test_subtensor_filter_is_vllms(plans: Plans, name: str) -> None:
     r = plans.results[name]
     assert r["mine"] == r["vllm"]
     assert len(r["mine"]) < len(r["stateDict"])  # something shared was dropped
+
+
+def test_dtype_decides_the_parameters_dtype(plans: Plans) -> None:
+    """--dtype float32 on a bfloat16 checkpoint: vLLM's parameters (and so the rank files)
+    are float32, the copies convert; auto keeps the config's torch_dtype."""
+    for d32, dauto in zip(plans.plan("llama-f32"), plans.plan("llama-gqa-tp2"), strict=True):
+        assert set(d32["saved"]) == set(dauto["saved"])
+        key = "model.layers.0.self_attn.qkv_proj.weight"
+        assert d32["saved"][key]["dtype"] == "float32"
+        assert dauto["saved"][key]["dtype"] == "bfloat16"
+        assert d32["writes"][key] == dauto["writes"][key]
