@@ -309,3 +309,19 @@ def test_verify_against_a_plan_refuses_what_the_stored_file_lets_through(tmp_pat
     assert va.verify_against(src, ckpt).model_initialized  # trusted: passes
     with pytest.raises(VerificationFailed, match=r"source tensor down\.weight is left out"):
         va.verify_against(src, ckpt, planned=planned)
+
+
+def test_without_vllm_verify_refuses_rather_than_trust(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    from preshard.worker import verify_against as va
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    with pytest.raises(va.PreshardError, match="vLLM is not installed") as exc:
+        va.planned_sharding(tmp_path, tp=2, pp=1, dtype="auto", quantization=None)
+    assert exc.value.reason == "PlannerUnavailable" and exc.value.permanent
