@@ -188,6 +188,9 @@ class Matrix:
                 # Several parts per rank: tensors of one rank are spread over files.
                 "--max-file-size",
                 "256Ki",
+                # the engine's raw save: what the planner's plans are compared with
+                "--engine",
+                "vllm",
                 "--owner",
                 f"matrix/{family}/uid",
                 "--progress",
@@ -548,6 +551,8 @@ def test_pp2_moe_shards_pass_verify_against(matrix: Matrix, tmp_path: Path) -> N
         "1",
         "-pp",
         "2",
+        "--engine",
+        "vllm",
         "--no-verify",
         "--output",
         str(out),
