@@ -670,7 +670,7 @@ def test_planner_plans_gptq_that_the_cpu_engine_refuses(matrix: Matrix) -> None:
             "shape": [32, 256],
             "dtype": "int32",
         }
-        assert saved["model.layers.0.mlp.down_proj.g_idx"]["shape"] == [256]
+        assert saved["model.layers.0.mlp.down_proj.scales"]["shape"] == [8, 256]
         # gate_up is column-parallel: rank r holds gate's and up's output columns r*256..
         assert saved["model.layers.0.mlp.gate_up_proj.qweight"]["shape"] == [32, 512]
         writes = doc["writes"]["model.layers.0.mlp.down_proj.qweight"]
