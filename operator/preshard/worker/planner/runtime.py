@@ -155,3 +155,4 @@ def build_model(vllm_config: Any) -> Any:
 def quiet_vllm() -> None:
     """vLLM's INFO logging is noise for a planner that builds many models."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")

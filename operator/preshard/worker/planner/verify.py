@@ -4,7 +4,11 @@ source with vLLM's own weight loaders, and the stored metadata compared with it
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +38,35 @@ def planned_sharding(
         )
     from preshard.worker.planner import plan_ranks
 
-    docs = plan_ranks(
-        Path(source_dir),
-        local_tensors(Path(source_dir)),
-        tp=tp,
-        pp=pp,
-        dtype=dtype,
-        quantization=quantization,
-    )
+    with stdout_to_stderr():  # vLLM logs to stdout: keep --json output clean
+        docs = plan_ranks(
+            Path(source_dir),
+            local_tensors(Path(source_dir)),
+            tp=tp,
+            pp=pp,
+            dtype=dtype,
+            quantization=quantization,
+        )
     try:
         return parse_document(json.dumps(build_document(docs)))
     except ShardingError as exc:  # pragma: no cover - the planner's own output
         raise VerificationFailed(f"the re-planned sharding metadata is invalid: {exc}") from None
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """File descriptor 1 (and ``sys.stdout``) go to stderr within: vLLM's logging and
+    anything it prints stay out of a command's stdout (``--json``)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _canonical(entry: dict[str, Any]) -> tuple[Any, ...]:
