@@ -275,9 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a published checkpoint against its manifest (and its source)",
         description="Download every object of a published checkpoint, compare sizes and "
         "sha256 with preshard-manifest.json, print a summary; non-zero on any problem. "
-        "With --against SOURCE: the engine-free check instead: every tensor of every rank "
-        "rebuilt from the source checkpoint through preshard-sharding.json and compared bit "
-        "for bit (exit 3 naming the first tensor, rank and element that differ).",
+        "With --against SOURCE: the engine-free check instead: the sharding is re-planned "
+        "from the source with the installed vLLM's weight loaders (no engine), a stored "
+        "preshard-sharding.json that differs is refused, and every tensor of every rank is "
+        "rebuilt from the source and compared bit for bit (exit 3 naming the first tensor, "
+        "rank and element that differ).",
     )
     p.add_argument(
         "uri", help="s3://bucket/prefix/ of a published checkpoint (with --against: or a directory)"

@@ -188,6 +188,9 @@ class Matrix:
                 # Several parts per rank: tensors of one rank are spread over files.
                 "--max-file-size",
                 "256Ki",
+                # the engine's raw save: what the planner's plans are compared with
+                "--engine",
+                "vllm",
                 "--owner",
                 f"matrix/{family}/uid",
                 "--progress",
@@ -216,6 +219,27 @@ class Matrix:
         proc, out = self.converted(family)
         assert proc.rc == 0, f"convert {family} failed (rc {proc.rc}):\n{proc.stderr[-4000:]}"
         return out
+
+    def plans(self) -> dict[tuple[str, int, int], Any]:
+        """The engine-free planner's rank traces (``python -m preshard.worker.planner``,
+        one process, no engine) for every family of the matrix at TP=2 and for mixtral
+        at TP=1 x PP=2; each value is the list of rank traces or {"error", "reason"}."""
+
+        def run() -> dict[tuple[str, int, int], Any]:
+            want = [(f, 2, 1) for f in MATRIX]
+            if "mixtral" in MATRIX:
+                want.append(("mixtral", 1, 2))
+            outs = {w: self.base / "plans" / f"{w[0]}-tp{w[1]}-pp{w[2]}.json" for w in want}
+            outs[want[0]].parent.mkdir(parents=True, exist_ok=True)
+            jobs = [f"{self.model(f)}:{tp}:{pp}:{outs[(f, tp, pp)]}" for f, tp, pp in want]
+            proc = _run([sys.executable, "-m", "preshard.worker.planner", *jobs], timeout=900)
+            assert proc.rc == 0, proc.stderr[-4000:]
+            for line in proc.stdout.splitlines():  # the planning time per family, in -s runs
+                print("planner:", line)
+            return {w: json.loads(o.read_text()) for w, o in outs.items()}
+
+        result: dict[tuple[str, int, int], Any] = self._once(("*", "plans"), run)
+        return result
 
     def _probe(self, jobs: list[tuple[str, str, Path, str]]) -> None:
         """Run the probe jobs [(family, kind, model, load_format)] in one process and
@@ -569,6 +593,8 @@ def test_pp2_moe_shards_pass_verify_against(matrix: Matrix, tmp_path: Path) -> N
         "1",
         "-pp",
         "2",
+        "--engine",
+        "vllm",
         "--no-verify",
         "--output",
         str(out),
@@ -585,3 +611,144 @@ def test_pp2_moe_shards_pass_verify_against(matrix: Matrix, tmp_path: Path) -> N
     proc = preshard("verify", "--against", str(matrix.model(family)), str(out), "--json")
     assert proc.rc == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads(proc.stdout)["ok"] is True
+    # The planner's PP=2 plan is this conversion's, rank for rank, file for file.
+    assert_plan_is_the_engines(matrix.plans()[(family, 1, 2)], out, None)
+
+
+# ------------------------------------------------------------ engine-free planner
+
+
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8,
+             "float8_e4m3fn": 1, "uint8": 1, "int8": 1, "bool": 1}  # fmt: skip
+
+
+def _planned_parts(saved: dict[str, Any], max_size: int | None) -> list[list[str]]:
+    """The rank's files as vLLM's ``ShardedStateLoader.save_model`` splits them: the
+    saved tensors in order, a new part when the next one would exceed ``max_size``."""
+    parts: list[list[str]] = []
+    part: list[str] = []
+    total = 0
+    for key, info in saved.items():
+        size = _ITEMSIZE[info["dtype"]]
+        for n in info["shape"]:
+            size *= n
+        if max_size is not None and total + size > max_size:
+            parts.append(part)  # (vLLM writes this part even when it is empty)
+            part, total = [], 0
+        part.append(key)
+        total += size
+    if part:
+        parts.append(part)
+    return parts
+
+
+def _engine_parts(out: Path, rank: int, tp: int, pp: int) -> list[dict[str, Any]]:
+    """Each part file's safetensors header of ``rank``, in part order."""
+    from preshard.worker.verify_against import rank_files
+
+    files = sorted(
+        rank_files(out, rank, tp, pp), key=lambda p: int(p.name.rsplit("-", 1)[1].split(".")[0])
+    )
+    return [_safetensors_header(p)[1] for p in files]
+
+
+def assert_plan_is_the_engines(plan: list[dict[str, Any]], out: Path, max_size: int | None) -> None:
+    """The planner's traces give the engine's sharding metadata exactly, and the rank
+    files the writer would make from them (names, tensors per part, shapes, dtypes) are
+    the engine's."""
+    from preshard.core.sharding import build_document
+
+    assert isinstance(plan, list), f"the planner refused: {plan}"
+    stored = json.loads((out / _manifest(out)["sharding"]["key"]).read_text())
+    mine = build_document(plan)
+    for key in ("tensorParallelSize", "pipelineParallelSize", "sources", "skippedSources"):
+        assert mine[key] == stored[key], key
+    for a, b in zip(mine["ranks"], stored["ranks"], strict=True):
+        assert a["rank"] == b["rank"]
+        assert list(a["tensors"]) == list(b["tensors"]), f"rank {a['rank']}: tensors differ"
+        for key, entry in b["tensors"].items():
+            assert a["tensors"][key] == entry, f"rank {a['rank']} {key}"
+    tp, pp = stored["tensorParallelSize"], stored["pipelineParallelSize"]
+    for doc in plan:
+        headers = _engine_parts(out, doc["rank"], tp, pp)
+        parts = _planned_parts(doc["saved"], max_size)
+        assert [sorted(p) for p in parts] == [
+            sorted(k for k in h if k != "__metadata__") for h in headers
+        ], f"rank {doc['rank']}: the part split differs"
+        for h in headers:
+            for key, info in h.items():
+                if key == "__metadata__":
+                    continue
+                assert info["shape"] == doc["saved"][key]["shape"], key
+                st = _ST_DTYPE[doc["saved"][key]["dtype"]]
+                assert info["dtype"] == st, key
+
+
+_ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "int32": "I32",
+             "int64": "I64", "float8_e4m3fn": "F8_E4M3", "uint8": "U8", "int8": "I8",
+             "bool": "BOOL"}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", _converted_families())
+def test_planner_gives_the_engines_sharding_and_files(matrix: Matrix, family: str) -> None:
+    """The engine-free planner (vLLM's model for each rank built on the meta device, its
+    weight loaders run over shape-only tensors) records exactly the writes the engine's
+    loaders recorded, the same saved tensors in the same order (the same part files)."""
+    out = matrix.published(family)
+    assert_plan_is_the_engines(matrix.plans()[(family, 2, 1)], out, 256 * 1024)
+
+
+def test_planner_plans_gptq_that_the_cpu_engine_refuses(matrix: Matrix) -> None:
+    """4-bit GPTQ cannot convert with the CPU engine here; the planner plans it: every
+    packed tensor of every rank copied from its checkpoint tensor's slice."""
+    if GPTQ not in MATRIX:
+        pytest.skip(f"{GPTQ} is not in PRESHARD_ARCH_MATRIX")
+    plan = matrix.plans()[(GPTQ, 2, 1)]
+    assert isinstance(plan, list), plan
+    for doc in plan:
+        saved = doc["saved"]
+        # down_proj is row-parallel: the input dim (packed 8 per int32) is split
+        assert saved["model.layers.0.mlp.down_proj.qweight"] == {
+            "shape": [32, 256],
+            "dtype": "int32",
+        }
+        assert saved["model.layers.0.mlp.down_proj.scales"]["shape"] == [8, 256]
+        # gate_up is column-parallel: rank r holds gate's and up's output columns r*256..
+        assert saved["model.layers.0.mlp.gate_up_proj.qweight"]["shape"] == [32, 512]
+        writes = doc["writes"]["model.layers.0.mlp.down_proj.qweight"]
+        assert [w["op"] for w in writes] == ["copy"]
+        assert writes[0]["src"][0] == doc["tpRank"] * 32 * 256  # rows 32r.. of [64, 256]
+
+
+def test_lying_sharding_file_is_refused(matrix: Matrix, tmp_path: Path) -> None:
+    """A sharding file that leaves a source tensor out and gives a saved tensor no
+    writes (its sha256 in the manifest made to match) passed verify --against while it
+    trusted the file; re-planned from the source, it is refused naming the tensor."""
+    family = "llama-gqa"
+    if family not in MATRIX:
+        pytest.skip(f"{family} is not in PRESHARD_ARCH_MATRIX")
+    copy = tmp_path / "out"
+    shutil.copytree(matrix.published(family), copy)
+    victim = "model.layers.1.mlp.down_proj.weight"
+    path = copy / "preshard-sharding.json"
+    doc = json.loads(path.read_text())
+    del doc["sources"][victim]
+    for r in doc["ranks"]:
+        r["tensors"][victim]["writes"] = []
+        r["tensors"][victim]["placement"] = []
+    # ... and the rank files changed to match (another model's values would pass too)
+    data = (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+    path.write_bytes(data)
+    man = _manifest(copy)
+    for f in man["files"]:
+        if f["key"] == path.name:
+            f["sha256"], f["size"] = hashlib.sha256(data).hexdigest(), len(data)
+    man["totalBytes"] = sum(f["size"] for f in man["files"])
+    (copy / MANIFEST_NAME).write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+    tamper(copy, 1, victim, (17, 3))
+    proc = preshard("verify", "--against", str(matrix.model(family)), str(copy), "--json")
+    text = proc.stdout + proc.stderr
+    assert proc.rc == 3, text[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and victim in report["error"], report
+    assert "differs from vLLM's plan" in report["error"]

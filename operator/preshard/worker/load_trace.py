@@ -134,7 +134,17 @@ def _ints(values: Any) -> tuple[int, ...]:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
+    return storage_key(t)
+
+
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """Which storage ``t`` is a view of: its device and data pointer; on the meta device
+    (the engine-free planner), where every data pointer is 0, the storage's own identity
+    (the address of its ``StorageImpl``, shared by every view and Parameter of it)."""
+    storage = t.untyped_storage()
+    if t.device.type == "meta":
+        return ("meta", int(storage._cdata))
+    return (str(t.device), storage.data_ptr())
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -250,7 +260,7 @@ class LoadTracer(TorchFunctionMode):
                 ref, sregion = resolved
                 self.trace.read.add(ref.name)
                 self._add(p, Write("copy", region, source=ref.name, src=sregion))
-            elif src.numel() == 1 and not self._origins(src):
+            elif src.numel() == 1 and not self._origins(src) and src.device.type != "meta":
                 self._add(p, Write("fill", region, value=_scalar(src)))
             else:
                 origins = self._origins(src)

@@ -497,6 +497,74 @@ def dequantize_gptq(src: str | Path, dest: str | Path) -> Path:
     return dest
 
 
+# -------------------------------------------------------------------------- block FP8
+
+FP8_BLOCK = (128, 128)
+
+
+def fp8_block_pack(weight: Any, *, block: tuple[int, int] = FP8_BLOCK) -> dict[str, Any]:
+    """Quantize one ``[out, in]`` weight to block-scaled FP8 as DeepSeek-V3 style
+    checkpoints store it: ``weight`` float8_e4m3fn ``[out, in]`` and ``weight_scale_inv``
+    float32 ``[ceil(out / bn), ceil(in / bk)]`` (the dequantized weight is each block times
+    its scale)."""
+    import torch
+
+    bn, bk = block
+    out_f, in_f = weight.shape
+    rows, cols = -(-out_f // bn), -(-in_f // bk)
+    w = torch.zeros(rows * bn, cols * bk, dtype=torch.float32)
+    w[:out_f, :in_f] = weight.float()
+    blocks = w.view(rows, bn, cols, bk)
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    scale = (blocks.abs().amax(dim=(1, 3)) / fmax).clamp(min=1e-12)  # [rows, cols]
+    q = (blocks / scale.view(rows, 1, cols, 1)).clamp(-fmax, fmax).to(torch.float8_e4m3fn)
+    q = q.view(rows * bn, cols * bk)[:out_f, :in_f].contiguous()
+    return {"weight": q, "weight_scale_inv": scale.contiguous()}
+
+
+def make_tiny_fp8_block(dest: str | Path, *, seed: int = 5) -> Path:
+    """A block-FP8 Llama (``quant_method: fp8``, ``weight_block_size: [128, 128]``, the
+    format of DeepSeek-V3/R1, Kimi K2 and Qwen3 FP8 checkpoints): every decoder linear is
+    float8_e4m3fn with a float32 ``weight_scale_inv`` per 128x128 block; embeddings, norms
+    and ``lm_head`` stay bfloat16. Its dimensions keep every linear a whole number of
+    blocks per rank at TP=2 (hidden 256, 4 heads and 4 KV heads of 64, intermediate 512).
+    vLLM's CPU block-FP8 kernels need AMX, so only the planner can shard it on machines
+    without."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dest = Path(dest)
+    dense = dest.with_name(dest.name + "-dense")
+    make_tiny_llama(
+        dense, num_kv_heads=4, heads=4, hidden=256, intermediate=512, seed=seed, tokenizer=False
+    )
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(dense / "model.safetensors"))
+    out: dict[str, Any] = {}
+    for name, t in tensors.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module.split(".", 3)[-1] in GPTQ_MODULES:
+            for k, v in fp8_block_pack(t).items():
+                out[f"{module}.{k}"] = v
+        else:
+            out[name] = t
+    save_file(out, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    for p in dense.iterdir():
+        if p.name not in ("model.safetensors", "config.json") and p.is_file():
+            shutil.copy2(p, dest / p.name)
+    cfg: dict[str, Any] = json.loads((dense / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": list(FP8_BLOCK),
+    }
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    shutil.rmtree(dense)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Write a tiny random Llama checkpoint.")
     p.add_argument("dest")

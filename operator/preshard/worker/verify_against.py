@@ -20,6 +20,13 @@ Memory stays at about one source tensor, a few saved tensors and one boolean mas
 sources are read one at a time (safetensors memory-maps the files), saved tensors are
 read on demand with a small cache, and coverage is tracked per tensor.
 
+``preshard verify --against`` (``run_cli``) does not take the checkpoint's word for its
+sharding: it re-plans it from the source with vLLM's own weight loaders
+(``preshard.worker.planner``, no engine), refuses a stored ``preshard-sharding.json``
+that differs from the plan (``compare_with_plan``: a source tensor left out, a saved
+tensor given fewer writes), then replays the PLANNED writes. Without an importable vLLM
+it refuses (``PlannerUnavailable``) rather than trust the file.
+
 A ``derived`` write (the loader computed the values, e.g. a quantization repack inside
 a weight loader) cannot be checked without an engine: it is reported, and it fails the
 verification unless the caller allows it (the conversion then relies on the engine
@@ -49,7 +56,10 @@ from preshard.core.sharding import (
     parse_document,
     unravel,
 )
+from preshard.worker.planner.verify import compare_with_plan, planned_sharding
 from preshard.worker.verify_shards import VerificationFailed
+
+__all__ = ["compare_with_plan", "planned_sharding", "verify_against"]
 
 log = logging.getLogger("preshard.verify")
 
@@ -68,6 +78,8 @@ class VerifyReport:
     model_initialized: list[str] = field(default_factory=list)
     derived: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    # the sharding replayed was re-planned from the source (not the checkpoint's own)
+    replanned: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -81,6 +93,7 @@ class VerifyReport:
             "skippedSources": self.skipped_sources[:50],
             "modelInitialized": len(self.model_initialized),
             "derived": self.derived[:50],
+            "sharding": "re-planned" if self.replanned else "stored",
             "seconds": round(self.seconds, 2),
         }
 
@@ -374,12 +387,24 @@ def invalid_metadata(exc: ShardingError) -> VerificationFailed:
 
 
 def verify_against(
-    source_dir: Path, checkpoint: Path, *, allow_derived: bool = False
+    source_dir: Path,
+    checkpoint: Path,
+    *,
+    allow_derived: bool = False,
+    planned: Sharding | None = None,
 ) -> VerifyReport:
-    """Raise VerificationFailed (permanent) naming the first difference."""
+    """Raise VerificationFailed (permanent) naming the first difference.
+
+    With ``planned`` (the sharding re-planned from the source by vLLM's own loaders,
+    ``planned_sharding``), the checkpoint's stored metadata must equal the plan, and the
+    planned writes are replayed: the checkpoint is not trusted to describe itself."""
     t0 = time.monotonic()
     sharding = load_sharding(checkpoint)
+    if planned is not None:
+        compare_with_plan(sharding, planned)
+        sharding = planned
     v = _Verifier(Path(source_dir), Path(checkpoint), sharding)
+    v.report.replanned = planned is not None
     v.check_structure()
     v.check_tensors(allow_derived)
     v.check_sources()
@@ -446,11 +471,23 @@ def _local_checkpoint(path: Path) -> Path:
     return path
 
 
+def _read_manifest(path: Path) -> Any:
+    from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
+
+    try:
+        return Manifest.from_json((path / MANIFEST_NAME).read_bytes())
+    except (OSError, ManifestError) as exc:
+        raise VerificationFailed(f"{MANIFEST_NAME}: {exc}") from None
+
+
 def run_cli(args: Any) -> int:
     """``preshard verify --against SOURCE URI``: the engine-free check of a published
     checkpoint (s3:// prefix or local directory) against any source ``convert`` accepts.
     Remote files are downloaded (and sha256-checked) into ``--work-dir``; memory stays
-    bounded by the largest tensor."""
+    bounded by the largest tensor. The checkpoint's own ``preshard-sharding.json`` is not
+    trusted: the sharding is re-planned from the source at the manifest's TP x PP, dtype
+    and quantization with the installed vLLM's weight loaders (``planned_sharding``), the
+    stored metadata must equal it, and the planned writes are replayed."""
     import argparse
     import shutil
     import tempfile
@@ -491,8 +528,20 @@ def run_cli(args: Any) -> int:
             )
         )
         try:
-            report = verify_against(source_dir, ckpt, allow_derived=args.allow_derived)
-        except VerificationFailed as exc:
+            t0 = time.monotonic()
+            manifest = _read_manifest(ckpt)
+            planned = planned_sharding(
+                source_dir,
+                tp=manifest.tensor_parallel_size,
+                pp=manifest.pipeline_parallel_size,
+                dtype=manifest.dtype,
+                quantization=manifest.quantization,
+            )
+            report = verify_against(
+                source_dir, ckpt, allow_derived=args.allow_derived, planned=planned
+            )
+            report.seconds = time.monotonic() - t0
+        except PreshardError as exc:
             if args.json:  # the report too, then the error (exit 3) as every command
                 print(
                     json.dumps(
@@ -518,6 +567,6 @@ def run_cli(args: Any) -> int:
             )
         )
     else:
-        print(f"checkpoint {args.uri} against {args.against}: OK")
+        print(f"checkpoint {args.uri} against {args.against}: OK (sharding re-planned by vLLM)")
         print(f"  {report.describe()} in {report.seconds:.1f} s")
     return 0
