@@ -239,7 +239,6 @@ def convert_engine_free(
         endpoint_url=req.endpoint_url,
         region=req.region,
         concurrency=req.concurrency,
-        pin=req.plan.source_digest,
     )
     try:
         publication.begin()
