@@ -213,24 +213,10 @@ def fetch_source(
     return _fetch_s3(u, uri, dest, endpoint_url, region, concurrency, reporter, pin)
 
 
-def _fetch_s3(
-    u: StorageURI,
-    uri: str,
-    dest: Path,
-    endpoint_url: str | None,
-    region: str | None,
-    concurrency: int,
-    reporter: Reporter | None,
-    pin: str | None = None,
-) -> Path:
-    settings = s3.source_settings(endpoint_url, region, concurrency)
-    client = s3.make_client(settings)
-
-    def pinned() -> None:
-        if pin is not None:
-            check_pin(uri, s3.with_translation(lambda: s3_entries(client, u), uri), pin)
-
-    pinned()  # before anything is downloaded
+def list_source_files(client: object, u: StorageURI, uri: str) -> dict[str, int]:
+    """name -> size of the top-level objects of an ``s3://`` source (its publication
+    record aside): SourceNotFound for a missing bucket or an empty prefix, InvalidSource
+    for a name no model file can have. Every reader of an S3 source lists it here."""
     try:
         objects = s3.list_objects(client, u.bucket, u.prefix)
     except Exception as exc:
@@ -264,6 +250,28 @@ def _fetch_s3(
             reason="SourceNotFound",
             permanent=True,
         )
+    return files
+
+
+def _fetch_s3(
+    u: StorageURI,
+    uri: str,
+    dest: Path,
+    endpoint_url: str | None,
+    region: str | None,
+    concurrency: int,
+    reporter: Reporter | None,
+    pin: str | None = None,
+) -> Path:
+    settings = s3.source_settings(endpoint_url, region, concurrency)
+    client = s3.make_client(settings)
+
+    def pinned() -> None:
+        if pin is not None:
+            check_pin(uri, s3.with_translation(lambda: s3_entries(client, u), uri), pin)
+
+    pinned()  # before anything is downloaded
+    files = list_source_files(client, u, uri)
     if not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
         raise PreshardError(
             f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True

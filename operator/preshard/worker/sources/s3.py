@@ -24,9 +24,9 @@ from typing import Any
 
 import botocore.exceptions
 
-from preshard.core.contract import JOURNAL_NAME, OTHER_WEIGHT_SUFFIXES, SAFETENSORS_SUFFIX
+from preshard.core.contract import OTHER_WEIGHT_SUFFIXES, SAFETENSORS_SUFFIX
 from preshard.core.errors import PreshardError
-from preshard.core.uris import StorageURI, check_file_name
+from preshard.core.uris import StorageURI
 from preshard.worker import s3
 from preshard.worker.sources import TensorInfo, register_source
 from preshard.worker.sources.header import (
@@ -66,46 +66,13 @@ class S3Source:
         self._concurrency = max(1, concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        try:
-            objects = s3.list_objects(client, u.bucket, u.prefix)
-            if pin is not None:
-                from preshard.worker import storage
+        from preshard.worker import storage
 
-                entries = storage.s3_entries(client, u)
-                storage.check_pin(uri, entries, pin)
-                self._etags = {u.key(name): etag for name, _, etag in entries}
-        except PreshardError:
-            raise
-        except Exception as exc:
-            err = s3.translate(exc, uri, "read the source")
-            if err.reason == "BucketNotFound":
-                err = PreshardError(
-                    f"source {uri} does not exist (no bucket {u.bucket!r})",
-                    reason="SourceNotFound",
-                    permanent=True,
-                )
-            raise err from None
-        files = {
-            k[len(u.prefix) :]: size
-            for k, size in objects.items()
-            if "/" not in k[len(u.prefix) :] and k != u.prefix
-        }
-        for name in sorted(files):
-            why = check_file_name(name)
-            if why is not None:
-                raise PreshardError(
-                    f"source {uri}: the object {u.prefix}{name[:60]} {why}; it cannot be a "
-                    "model file (rename or remove it)",
-                    reason="InvalidSource",
-                    permanent=True,
-                )
-        files.pop(JOURNAL_NAME, None)
-        if not files:
-            raise PreshardError(
-                f"source {uri} does not exist or is empty (no objects under the prefix)",
-                reason="SourceNotFound",
-                permanent=True,
-            )
+        files = storage.list_source_files(client, u, uri)
+        if pin is not None:
+            entries = s3.with_translation(lambda: storage.s3_entries(client, u), uri)
+            storage.check_pin(uri, entries, pin)
+            self._etags = {u.key(name): etag for name, _, etag in entries}
         if "config.json" not in files:
             raise PreshardError(
                 f"source {uri} has no config.json: not a Hugging Face-format model directory",
