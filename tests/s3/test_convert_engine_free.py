@@ -4,17 +4,15 @@ it is written and deleted locally, the manifest last with ``convertedOn.engine: 
 and the published rank files byte-identical to a recorded real engine run
 (tests/golden/engine-traces/mixtral: the engine's traces and its files' sha256).
 
-TEST-ONLY PLANNER STAND-IN: until ``preshard.worker.planner`` is merged, a module
-installed under that name returns the recorded engine traces; everything else (sources,
-writer, checks, streaming publication, manifest) is the real code.
+TEST-ONLY PLANNER STAND-IN: the planner's ``plan_ranks`` returns the recorded engine
+traces (the real planner is proven against the engine in tests/vllm); everything else
+(sources, writer, checks, streaming publication, manifest) is the real code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +38,9 @@ def test_engine_none_s3_to_s3(
 ) -> None:
     traces = [json.loads(p.read_text()) for p in sorted(GOLDEN.glob("preshard-trace-rank-*.json"))]
     info = json.loads((GOLDEN / "engine-files.json").read_text())
-    mod = types.ModuleType("preshard.worker.planner")
-    mod.plan_ranks = lambda *a, **k: traces  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "preshard.worker.planner", mod)
+    from preshard.worker import planner
+
+    monkeypatch.setattr(planner, "plan_ranks", lambda *a, **k: traces)
     for k, v in client_env(s3).items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
@@ -94,9 +92,9 @@ def test_engine_none_upload_failure_stops_the_writer(
     from preshard_dev.faultproxy import FaultProxy, FaultRule
 
     traces = [json.loads(p.read_text()) for p in sorted(GOLDEN.glob("preshard-trace-rank-*.json"))]
-    mod = types.ModuleType("preshard.worker.planner")
-    mod.plan_ranks = lambda *a, **k: traces  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "preshard.worker.planner", mod)
+    from preshard.worker import planner
+
+    monkeypatch.setattr(planner, "plan_ranks", lambda *a, **k: traces)
     model = make_tiny_model("mixtral", tmp_path / "model")
     written: list[str] = []
     real_finish = shardwriter._FileWriter.finish

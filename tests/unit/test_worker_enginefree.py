@@ -11,11 +11,11 @@ so these tests prove, without an engine, that the streaming writer reproduces th
 engine's files byte for byte from its traces (the architecture matrix re-proves it
 against a fresh engine run: tests/vllm/test_arch_matrix.py).
 
-The ``--engine none`` conversion is tested with a TEST-ONLY PLANNER STAND-IN: until the
-planner (``preshard.worker.planner.plan_ranks``) is merged, a module installed as
-``preshard.worker.planner`` returns the recorded engine traces, so the pipeline around
-it (sources, writer, per-file checks, streaming publication, manifest, cleanup) runs
-for real.
+The ``--engine none`` conversion is tested here with a TEST-ONLY PLANNER STAND-IN: the
+real planner's ``plan_ranks`` is replaced by one that returns the recorded engine traces
+(or declines), so the pipeline around it (sources, writer, per-file checks, streaming
+publication, manifest, cleanup) runs for real without vLLM; the real planner is proven
+against the engine in tests/vllm/test_planner.py and the architecture matrix.
 """
 
 from __future__ import annotations
@@ -108,9 +108,10 @@ def test_one_changed_source_element_changes_the_files(
 
 @pytest.fixture
 def planner_stand_in(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """TEST-ONLY: ``preshard.worker.planner`` returning recorded engine traces."""
+    """TEST-ONLY: ``preshard.worker.planner.plan_ranks`` returning recorded engine traces."""
+    from preshard.worker import planner
+
     calls: dict[str, Any] = {"traces": None, "supports": None, "args": []}
-    mod = types.ModuleType("preshard.worker.planner")
 
     def plan_ranks(
         model_dir: Path, tensors: Any, *, tp: int, pp: int, dtype: str, quantization: Any
@@ -120,8 +121,7 @@ def planner_stand_in(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             raise PreshardError(calls["supports"], reason="PlannerUnsupported", permanent=True)
         return calls["traces"]
 
-    mod.plan_ranks = plan_ranks  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "preshard.worker.planner", mod)
+    monkeypatch.setattr(planner, "plan_ranks", plan_ranks)
     return calls
 
 

@@ -88,6 +88,29 @@ def parse_header(
     return out
 
 
+Located = tuple[TensorInfo, int, int]  # the tensor, its first and last+1 byte in its file
+
+
+def index_tensors(uri: str, files: Any) -> tuple[dict[str, Located], list[TensorInfo]]:
+    """Every source reader's index: ``files`` yields (file name, its parsed header's
+    entries) in vLLM's file order; returns name -> where, and the tensors in vLLM's
+    iterator order. A tensor in two files is InvalidSource (vLLM would load it twice)."""
+    where: dict[str, Located] = {}
+    order: list[TensorInfo] = []
+    for name, entries in files:
+        for info, begin, end in entries:
+            if info.name in where:
+                raise PreshardError(
+                    f"source {uri}: tensor {info.name} is in both "
+                    f"{where[info.name][0].file} and {name}",
+                    reason="InvalidSource",
+                    permanent=True,
+                )
+            where[info.name] = (info, begin, end)
+            order.append(info)
+    return where, order
+
+
 def _invalid(message: str) -> PreshardError:
     return PreshardError(message, reason="InvalidSource", permanent=True)
 

@@ -33,6 +33,7 @@ from preshard.worker.sources import TensorInfo, register_source
 from preshard.worker.sources.header import (
     INDEX_NAME,
     header_length,
+    index_tensors,
     parse_header,
     to_tensor,
     weight_files,
@@ -88,25 +89,17 @@ class HfSource:
             raise PreshardError(
                 f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
             )
-        self._where: dict[str, tuple[TensorInfo, int, int]] = {}
-        self._order: list[TensorInfo] = []
-        for name in weights:
+
+        def headers(name: str) -> Any:
             size = self._sizes[name]
             head = self._get(name, 0, min(size, 8 + FIRST_READ))
             n = header_length(head[:8], name, size)
             data = head[8 : 8 + n]
             if len(data) < n:
                 data += self._get(name, 8 + len(data), 8 + n)
-            for t, begin, end in parse_header(data, name, size):
-                if t.name in self._where:
-                    raise PreshardError(
-                        f"source {uri}: tensor {t.name} is in both "
-                        f"{self._where[t.name][0].file} and {name}",
-                        reason="InvalidSource",
-                        permanent=True,
-                    )
-                self._where[t.name] = (t, begin, end)
-                self._order.append(t)
+            return parse_header(data, name, size)
+
+        self._where, self._order = index_tensors(uri, ((name, headers(name)) for name in weights))
 
     def _error(self, exc: BaseException) -> BaseException:
         from preshard.worker import storage

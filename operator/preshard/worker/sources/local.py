@@ -18,6 +18,7 @@ from preshard.worker.sources import TensorInfo, register_source
 from preshard.worker.sources.header import (
     INDEX_NAME,
     header_length,
+    index_tensors,
     parse_header,
     to_tensor,
     weight_files,
@@ -32,23 +33,16 @@ class LocalSource:
         self.path = path
         names = sorted(p.name for p in path.iterdir() if p.is_file())
         index = (path / INDEX_NAME).read_bytes() if INDEX_NAME in names else None
-        self._where: dict[str, tuple[TensorInfo, int, int]] = {}
-        self._order: list[TensorInfo] = []
-        for name in weight_files(names, index):
+
+        def headers(name: str) -> Any:
             size = (path / name).stat().st_size
             with open(path / name, "rb") as f:
                 n = header_length(f.read(8), name, size)
-                entries = parse_header(f.read(n), name, size)
-            for info, begin, end in entries:
-                if info.name in self._where:
-                    raise PreshardError(
-                        f"source {uri}: tensor {info.name} is in both "
-                        f"{self._where[info.name][0].file} and {name}",
-                        reason="InvalidSource",
-                        permanent=True,
-                    )
-                self._where[info.name] = (info, begin, end)
-                self._order.append(info)
+                return parse_header(f.read(n), name, size)
+
+        self._where, self._order = index_tensors(
+            uri, ((name, headers(name)) for name in weight_files(names, index))
+        )
         self._fds: dict[str, int] = {}
 
     def prepare(self, work_dir: Path) -> Path:

@@ -32,6 +32,7 @@ from preshard.worker.sources import TensorInfo, register_source
 from preshard.worker.sources.header import (
     INDEX_NAME,
     header_length,
+    index_tensors,
     parse_header,
     to_tensor,
     weight_files,
@@ -86,19 +87,9 @@ class S3Source:
             raise PreshardError(
                 f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
             )
-        self._where: dict[str, tuple[TensorInfo, int, int]] = {}
-        self._order: list[TensorInfo] = []
-        for name in weights:
-            for info, begin, end in self._header(name, files[name]):
-                if info.name in self._where:
-                    raise PreshardError(
-                        f"source {uri}: tensor {info.name} is in both "
-                        f"{self._where[info.name][0].file} and {name}",
-                        reason="InvalidSource",
-                        permanent=True,
-                    )
-                self._where[info.name] = (info, begin, end)
-                self._order.append(info)
+        self._where, self._order = index_tensors(
+            uri, ((name, self._header(name, files[name])) for name in weights)
+        )
 
     # -------------------------------------------------------------------------- reading
 
