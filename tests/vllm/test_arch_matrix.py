@@ -752,3 +752,21 @@ def test_lying_sharding_file_is_refused(matrix: Matrix, tmp_path: Path) -> None:
     report = json.loads(proc.stdout)
     assert report["ok"] is False and victim in report["error"], report
     assert "differs from vLLM's plan" in report["error"]
+
+
+@pytest.mark.parametrize("family", _converted_families())
+def test_engine_free_files_are_the_engines(matrix: Matrix, family: str, tmp_path: Path) -> None:
+    """Issue 20, the proof in one step: the PLANNER's traces (no engine) given to the
+    streaming writer with the source give the engine's raw save, file for file: the same
+    names and the same sha256."""
+    from preshard.worker.shardwriter import write_shards
+    from preshard.worker.sources import open_source
+
+    plan = matrix.plans()[(family, 2, 1)]
+    assert isinstance(plan, list), f"the planner refused: {plan}"
+    report = write_shards(
+        plan, open_source(str(matrix.model(family))), tmp_path, max_size=256 * 1024
+    )
+    out = matrix.published(family)
+    want = {f["key"]: f["sha256"] for f in _manifest(out)["files"] if f["key"].startswith("model-")}
+    assert {f.name: f.sha256 for f in report.files} == want

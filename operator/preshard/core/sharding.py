@@ -159,6 +159,10 @@ def build_document(traces: list[dict[str, Any]]) -> dict[str, Any]:
             writes = t["writes"].get(key, [])
             entry: dict[str, Any] = {"shape": info["shape"], "dtype": info["dtype"]}
             entry["writes"] = writes
+            initial = (t.get("initialized") or {}).get(key)
+            if not writes and initial is not None:
+                # no loader writes it: the value the model created it with (planner)
+                entry["initial"] = initial
             placements = []
             for w in writes:
                 if w["op"] == "copy":
@@ -405,6 +409,10 @@ def parse_document(text: str | bytes) -> Sharding:
                 raise _bad(tfield, f"{where}: bad entry")
             size = numel(_shape(t.get("shape"), tfield + ".shape"))
             dtype = _dtype(t.get("dtype"), tfield + ".dtype")
+            if "initial" in t:
+                if t["writes"]:
+                    raise _bad(tfield + ".initial", f"{where}: an initial value besides writes")
+                check_fill(t["initial"], dtype, tfield + ".initial")
             writes_seen += len(t["writes"])
             if writes_seen > MAX_WRITES:
                 raise _bad(tfield + ".writes", f"more than {MAX_WRITES} writes in the document")

@@ -325,6 +325,16 @@ class _Verifier:
                 self.report.checked_tensors += 1
                 if not writes:
                     self.report.model_initialized.append(f"{key}@{rank}")
+                    if "initial" in entry:  # the value the model creates it with
+                        saved = self.saved(rank, key).reshape(-1)
+                        want = torch.full_like(saved, entry["initial"])
+                        if not torch.equal(_bits(want), _bits(saved)):
+                            i = _first_difference(want, saved)
+                            raise VerificationFailed(
+                                f"{self.where(rank, key)}: element "
+                                f"{unravel(i, entry['shape'])} is {_fmt(saved[i])}, the model "
+                                f"initialises it to {entry['initial']!r}"
+                            )
                     continue
                 covered = torch.zeros(size, dtype=torch.bool)
                 for w in writes:

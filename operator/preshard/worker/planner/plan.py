@@ -149,7 +149,10 @@ _KEY_ORDER = (
 
 
 def _ordered(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: doc[k] for k in _KEY_ORDER}
+    out = {k: doc[k] for k in _KEY_ORDER}
+    if "initialized" in doc:  # only the planner knows these (the engine reads its memory)
+        out["initialized"] = doc["initialized"]
+    return out
 
 
 def _plan_rank(
@@ -160,10 +163,13 @@ def _plan_rank(
 
     from preshard.worker.load_trace import LoadTracer
     from preshard.worker.planner import runtime
+    from preshard.worker.planner.initial import InitRecorder
 
     t0 = time.monotonic()
+    init = InitRecorder()
     try:
-        model = runtime.build_model(vllm_config)
+        with init:
+            model = runtime.build_model(vllm_config)
     except PreshardError:
         raise
     except Exception as exc:
@@ -196,6 +202,15 @@ def _plan_rank(
         k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
         for k, t in saved.items()
     }
+    # what the model initialised the tensors no loader writes with (the writer needs
+    # the value: on the meta device there is none to read)
+    initialized = {
+        k: v
+        for k, t in saved.items()
+        if not doc["writes"].get(k) and (v := init.value(t)) is not None
+    }
+    if initialized:
+        doc["initialized"] = initialized
     check_complete(doc, arch)
     if timing is not None:
         timing.ranks.append((t1 - t0, time.monotonic() - t1))
