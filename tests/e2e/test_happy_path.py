@@ -1,13 +1,15 @@
 """The product end to end with real vLLM: examples/tiny-tp2.yaml applied to the API
 emulator -> the operator's Job -> the local Job runner runs the real ``preshard convert``
-(vLLM CPU build, TP=2) -> shards and manifest in a real S3 server -> Ready with artifact,
-serving status and ConfigMap; then ``preshard fetch`` of the result and a vLLM load with
-``load_format="sharded_state"`` that generates the source model's greedy tokens."""
+(vLLM CPU build, TP=2; the default engine ``auto``, which the planner supports for this
+model: the rank files are planned from vLLM's weight loaders and streamed from S3, no
+engine) -> shards and manifest in a real S3 server -> Ready with artifact, serving status
+and ConfigMap; then ``preshard fetch`` of the result and a vLLM load with
+``load_format="sharded_state"`` that generates the source model's greedy tokens: the
+engine-free shards serve exactly what the source serves."""
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -56,21 +58,15 @@ def test_tiny_tp2_resource_to_verified_shards_and_back(stack_factory: Any, tmp_p
     ready = ready_condition(status)
     assert ready["status"] == "True" and ready["reason"] == "Published"
     assert ready["observedGeneration"] == 1
-    assert {"Downloading", "Converting"} & set(stages) and stages[-1] == "Published", stages
-    # the worker's result: what each stage took and what was verified (both checks)
+    assert {"Planning", "Converting"} & set(stages) and stages[-1] == "Published", stages
+    # the worker's result: what each stage took and what was verified (without an engine:
+    # each file read back against the plan as written; docs/verification.md)
     progress = status["progress"]
-    assert {"Converting", "Verifying", "Uploading"} <= set(progress["stageSeconds"]), progress
+    assert {"Planning", "Converting", "Uploading"} <= set(progress["stageSeconds"]), progress
     verification = progress["verification"]
     assert verification["passed"] is True
-    assert [c["name"] for c in verification["checks"]] == ["engine-free", "engine"]
+    assert [c["name"] for c in verification["checks"]] == ["engine-free"]
     assert all(c["passed"] for c in verification["checks"])
-    assert " bit for bit " in verification["checks"][0]["detail"]
-    # Within the tolerance; bit-identical or not depends on the CPU's kernels.
-    assert re.search(
-        r"top-5 log-probabilities \(abs<=0\.05, (bit-identical|max difference [-+.e0-9]+)\) "
-        r"at 48 positions of 3 prompts",
-        verification["checks"][1]["detail"],
-    ), verification["checks"][1]["detail"]
     out_uri = doc["spec"]["output"]["uri"]
     artifact = status["artifact"]
     assert artifact["uri"] == out_uri and artifact["vllmVersion"] == "0.32.0"
@@ -96,6 +92,7 @@ def test_tiny_tp2_resource_to_verified_shards_and_back(stack_factory: Any, tmp_p
         stack.s3_client().get_object(Bucket=bucket, Key=prefix + MANIFEST_NAME)["Body"].read()
     )
     assert manifest["tensorParallelSize"] == 2
+    assert manifest["convertedOn"]["engine"] == "none" and artifact["engine"] == "none"
     # the identity the operator computed from the preflight, recorded by the real worker
     assert status["path"] == "Converted"
     assert manifest["identity"] == status["identity"] and status["identity"].startswith("sha256:")

@@ -15,7 +15,9 @@ from typing import Any, Literal
 from preshard.core.quantity import format_bytes
 
 PROGRESS_PREFIX = "PRESHARD-PROGRESS "
-STAGES = ("Downloading", "Converting", "Verifying", "Uploading", "Published")
+# Planning: the engine-free path (convert --engine none) plans every rank's files from
+# vLLM's weight loaders; Downloading: the engine path brings the source into the work dir.
+STAGES = ("Planning", "Downloading", "Converting", "Verifying", "Uploading", "Published")
 Stage = Literal["Downloading", "Converting", "Verifying", "Uploading", "Published"]
 TERMINATION_MESSAGE_LIMIT = 4096
 TRUNCATED = " [truncated]"
