@@ -19,7 +19,14 @@ from preshard.core.progress import (
 
 def test_constants() -> None:
     assert PROGRESS_PREFIX == "PRESHARD-PROGRESS "
-    assert STAGES == ("Planning", "Downloading", "Converting", "Verifying", "Uploading", "Published")
+    assert STAGES == (
+        "Planning",
+        "Downloading",
+        "Converting",
+        "Verifying",
+        "Uploading",
+        "Published",
+    )
     assert TERMINATION_MESSAGE_LIMIT == 4096
 
 
