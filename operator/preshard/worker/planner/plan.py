@@ -87,9 +87,24 @@ def plan_ranks(
 ) -> list[dict[str, Any]]:
     """Every rank's trace document, rank 0 first (see the module docstring). Raises
     ``PlannerUnsupported`` when a loader computes a value or leaves an element unset."""
-    from preshard.worker.planner import neutral, runtime
+    from preshard.worker.planner import runtime
 
     runtime.quiet_vllm()
+    with runtime.inspect_in_process():
+        return _plan_all(model_dir, tensors, tp, pp, dtype, quantization, timing)
+
+
+def _plan_all(
+    model_dir: Path,
+    tensors: list[TensorInfo],
+    tp: int,
+    pp: int,
+    dtype: str,
+    quantization: str | None,
+    timing: PlanTiming | None,
+) -> list[dict[str, Any]]:
+    from preshard.worker.planner import neutral, runtime
+
     t0 = time.monotonic()
     try:
         vllm_config = runtime.planning_config(

@@ -156,3 +156,21 @@ def quiet_vllm() -> None:
     """vLLM's INFO logging is noise for a planner that builds many models."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+@contextlib.contextmanager
+def inspect_in_process() -> Iterator[None]:
+    """vLLM inspects a model class in a fresh Python process (``registry.
+    _run_in_subprocess``, to keep CUDA out of the caller) unless its cache under
+    ``VLLM_CACHE_ROOT`` holds the answer: a second vLLM import per architecture, 7-25 s
+    on 2 cores, in every conversion pod (whose cache is new). The planner never starts
+    an engine, or CUDA, so it inspects in its own process, where the class is imported
+    anyway."""
+    from vllm.model_executor.models import registry
+
+    real = registry._run_in_subprocess
+    registry._run_in_subprocess = lambda fn: fn()
+    try:
+        yield
+    finally:
+        registry._run_in_subprocess = real
