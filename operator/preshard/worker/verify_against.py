@@ -41,7 +41,7 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -315,6 +315,22 @@ class _Verifier:
                 )
             del src, flat, read
 
+    def check_initial(self, rank: int, key: str, entry: dict[str, Any]) -> None:
+        """A tensor no loader writes holds the value the model creates it with, when the
+        metadata (the planner's) records it as ``initial``."""
+        import torch
+
+        if "initial" not in entry:
+            return
+        saved = self.saved(rank, key).reshape(-1)
+        want = torch.full_like(saved, entry["initial"])
+        if not torch.equal(_bits(want), _bits(saved)):
+            i = _first_difference(want, saved)
+            raise VerificationFailed(
+                f"{self.where(rank, key)}: element {unravel(i, entry['shape'])} is "
+                f"{_fmt(saved[i])}, the model initialises it to {entry['initial']!r}"
+            )
+
     def check_tensors(self, allow_derived: bool) -> None:
         import torch
 
@@ -325,16 +341,7 @@ class _Verifier:
                 self.report.checked_tensors += 1
                 if not writes:
                     self.report.model_initialized.append(f"{key}@{rank}")
-                    if "initial" in entry:  # the value the model creates it with
-                        saved = self.saved(rank, key).reshape(-1)
-                        want = torch.full_like(saved, entry["initial"])
-                        if not torch.equal(_bits(want), _bits(saved)):
-                            i = _first_difference(want, saved)
-                            raise VerificationFailed(
-                                f"{self.where(rank, key)}: element "
-                                f"{unravel(i, entry['shape'])} is {_fmt(saved[i])}, the model "
-                                f"initialises it to {entry['initial']!r}"
-                            )
+                    self.check_initial(rank, key, entry)
                     continue
                 covered = torch.zeros(size, dtype=torch.bool)
                 for w in writes:
@@ -402,12 +409,17 @@ def verify_against(
     *,
     allow_derived: bool = False,
     planned: Sharding | None = None,
+    plan: Callable[[], Sharding] | None = None,
 ) -> VerifyReport:
     """Raise VerificationFailed (permanent) naming the first difference.
 
     With ``planned`` (the sharding re-planned from the source by vLLM's own loaders,
     ``planned_sharding``), the checkpoint's stored metadata must equal the plan, and the
-    planned writes are replayed: the checkpoint is not trusted to describe itself."""
+    planned writes are replayed: the checkpoint is not trusted to describe itself.
+    With ``plan`` (a function giving that), the stored metadata, tenant input, is first
+    bounded and replayed against the files in bounded memory (hostile fields refused
+    before anything costly), and only then must it equal the plan: the same writes, so
+    the replay was the plan's; the values of tensors no loader writes are the plan's."""
     t0 = time.monotonic()
     sharding = load_sharding(checkpoint)
     if planned is not None:
@@ -418,6 +430,14 @@ def verify_against(
     v.check_structure()
     v.check_tensors(allow_derived)
     v.check_sources()
+    if plan is not None:
+        planned = plan()
+        compare_with_plan(sharding, planned)
+        for rank, tensors in planned.ranks.items():
+            for key, entry in tensors.items():
+                if not entry["writes"]:
+                    v.check_initial(rank, key, entry)
+        v.report.replanned = True
     v.report.skipped_sources = list(sharding.skipped_sources)
     v.report.seconds = time.monotonic() - t0
     return v.report
@@ -540,15 +560,17 @@ def run_cli(args: Any) -> int:
         try:
             t0 = time.monotonic()
             manifest = _read_manifest(ckpt)
-            planned = planned_sharding(
-                source_dir,
-                tp=manifest.tensor_parallel_size,
-                pp=manifest.pipeline_parallel_size,
-                dtype=manifest.dtype,
-                quantization=manifest.quantization,
-            )
             report = verify_against(
-                source_dir, ckpt, allow_derived=args.allow_derived, planned=planned
+                source_dir,
+                ckpt,
+                allow_derived=args.allow_derived,
+                plan=lambda: planned_sharding(
+                    source_dir,
+                    tp=manifest.tensor_parallel_size,
+                    pp=manifest.pipeline_parallel_size,
+                    dtype=manifest.dtype,
+                    quantization=manifest.quantization,
+                ),
             )
             report.seconds = time.monotonic() - t0
         except PreshardError as exc:
