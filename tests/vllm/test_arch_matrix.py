@@ -667,7 +667,13 @@ def assert_plan_is_the_engines(plan: list[dict[str, Any]], out: Path, max_size: 
         assert a["rank"] == b["rank"]
         assert list(a["tensors"]) == list(b["tensors"]), f"rank {a['rank']}: tensors differ"
         for key, entry in b["tensors"].items():
-            assert a["tensors"][key] == entry, f"rank {a['rank']} {key}"
+            # The planner also records the value the model initialises a tensor no loader
+            # writes with ("initial": on the meta device there is no memory to save it
+            # from); the engine's file simply holds it. Every other field is the same.
+            mine_entry = {k: v for k, v in a["tensors"][key].items() if k != "initial"}
+            assert mine_entry == entry, f"rank {a['rank']} {key}"
+            if "initial" in a["tensors"][key]:
+                assert not entry["writes"], f"rank {a['rank']} {key}: initial besides writes"
     tp, pp = stored["tensorParallelSize"], stored["pipelineParallelSize"]
     for doc in plan:
         headers = _engine_parts(out, doc["rank"], tp, pp)

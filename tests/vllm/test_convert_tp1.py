@@ -103,7 +103,7 @@ def test_tp1_manifest(converted_tp1: Any, tiny_tokenizer_model: Path) -> None:
     assert man.file_pattern == "model-rank-{rank}-part-{part}.safetensors"
     assert man.load_format == "sharded_state"
     assert (man.format_version, man.state_format) == (2, "raw")
-    assert man.converted_on == {"platform": "cpu"}
+    assert man.converted_on == {"platform": "cpu", "engine": "vllm"}
     assert man.sharding_key == "preshard-sharding.json" and man.file("preshard-sharding.json")
     assert man.verification is not None
     assert man.verification["engineFree"]["matched"] is True
