@@ -85,9 +85,7 @@ def permanent_kernel_error(message: str) -> bool:
     return any(marker in text for marker in _PERMANENT_KERNEL_MARKERS)
 
 
-def kernel_refusal(
-    quantization: str | None, kernels: dict[str, str | None] | None
-) -> str | None:
+def kernel_refusal(quantization: str | None, kernels: dict[str, str | None] | None) -> str | None:
     """The preflight probe's reason why ``quantization`` has no kernel on the node type
     that converts (None: it has one, or the probe did not cover it)."""
     if not quantization or not kernels:
