@@ -11,7 +11,7 @@ manifest and the serving arguments carry the method, and serving quantizes on it
 hardware. Both the engine path (``worker.convert``) and the engine-free planner path
 plan/convert with ``raw_plan_quantization(q)``.
 
-``mxfp8`` (and ``mxfp4``) are also checkpoint methods: vLLM treats ``--quantization
+``mxfp8`` and ``mxfp4`` are also checkpoint methods: vLLM treats ``--quantization
 mxfp8`` as online only when the checkpoint declares no quantization
 (``_DEFERRED_ONLINE_SHORTHANDS``); ``online_method`` takes the checkpoint's method into
 account the same way.
@@ -22,10 +22,17 @@ from __future__ import annotations
 # vLLM 0.32's _ONLINE_SHORTHANDS that preshard accepts (core.plan.QUANTIZATIONS); a unit
 # test compares this set with the installed vLLM's table.
 ONLINE_METHODS = frozenset(
-    {"fp8_per_tensor", "fp8_per_channel", "fp8_per_block", "mxfp8", "int8_per_channel_weight_only"}
+    {
+        "fp8_per_tensor",
+        "fp8_per_channel",
+        "fp8_per_block",
+        "mxfp8",
+        "mxfp4",
+        "int8_per_channel_weight_only",
+    }
 )
 # Shorthands that are checkpoint methods too: online only over an unquantized checkpoint.
-DEFERRED_ONLINE_METHODS = frozenset({"mxfp8"})
+DEFERRED_ONLINE_METHODS = frozenset({"mxfp8", "mxfp4"})
 # Online shorthands with only a MoE part (no ``linear`` spec): dense linear layers stay
 # unquantized, only MoE experts are quantized.
 MOE_ONLY_ONLINE_METHODS = frozenset({"int8_per_channel_weight_only"})
