@@ -605,9 +605,12 @@ def quantization_for_engine(
         )
         if reason:
             raise PreshardError(
-                f"quantization {q!r} has no kernel on this machine, and the conversion "
-                f"engine needs one to load the checkpoint: {reason}. Convert on a node type "
-                "whose probe finds the kernel (accelerator: gpu, or a CPU with it)",
+                f"quantization {q!r} cannot run on this machine (vLLM's own kernel selection "
+                "on one probe layer, before any engine), and the conversion engine needs it "
+                f"to load the checkpoint: {reason}. Convert on a node type where the probe "
+                "passes (accelerator: gpu, or a CPU with the kernel), or use an online "
+                "method (fp8_per_tensor, fp8_per_channel, fp8_per_block) over an "
+                "unquantized checkpoint",
                 reason="UnsupportedQuantization",
                 permanent=True,
             )
