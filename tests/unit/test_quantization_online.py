@@ -191,3 +191,22 @@ def test_summary_says_the_quantized_engine_check_was_skipped_and_why() -> None:
     # a checkpoint method (not online) adds nothing
     plain = {**copy.deepcopy(base), "quantization": {"method": "fp8", "online": False}}
     assert cv.verification_result(plain)["summary"] == cv.verification_result(base)["summary"]
+
+
+def test_the_raw_loader_refuses_to_save_under_an_online_method() -> None:
+    """The loader's own guard (the worker never passes an online method to it): a layer
+    whose quant method creates its weights on the meta device and quantizes during
+    load_weights would have its processed tensors saved. Plain modules stand in for
+    vLLM's layers here (only ``quant_method.uses_meta_device`` is read)."""
+    import types
+
+    import torch
+
+    from preshard.worker.vllm_raw_loader import _refuse_online_quantization
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[0].quant_method = types.SimpleNamespace(uses_meta_device=False)  # type: ignore[assignment]
+    _refuse_online_quantization(model)  # unquantized / checkpoint methods: saved as always
+    model[1].quant_method = types.SimpleNamespace(uses_meta_device=True)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="online quantization method"):
+        _refuse_online_quantization(model)
