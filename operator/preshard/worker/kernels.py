@@ -11,9 +11,11 @@ kernel's own reason. It runs in a child process (vLLM's single-rank process grou
 CPU-only import; ~20 s) so the caller keeps no vLLM state.
 
 Covered: the linear kernels of the online shorthands and of checkpoint methods whose
-``from_config`` takes the checkpoint's ``quantization_config``. Not covered: MoE
-experts kernels (a dense probe layer); an online method with no linear part
-(``int8_per_channel_weight_only``) probes the unquantized linear path.
+``from_config`` takes the checkpoint's ``quantization_config`` (its errors too: vLLM
+would raise them in the engine). Not covered: MoE experts kernels (a dense probe layer);
+an online method with no linear part (``int8_per_channel_weight_only``) probes the
+unquantized linear path, and a checkpoint method that gives a linear layer no method at
+all is reported as supported (nothing to ask).
 
 ``preshard probe-quantization METHOD`` prints ``{"method": ..., "reason": null|"..."}``.
 """
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT = 300.0
 _SIZE = 256
+# LinearBase's error when the method returns no quant method for a linear layer
+_NO_LINEAR_METHOD = "All linear layers should support quant method"
 
 
 def probe_quantization(
@@ -130,6 +134,10 @@ def _probe_in_process(method: str, quantization_config: dict[str, Any] | None) -
             x = torch.randn(4, _SIZE, generator=gen).to(torch.bfloat16)
             layer.quant_method.apply(layer, x)
         except Exception as exc:
+            if _NO_LINEAR_METHOD in str(exc):
+                # the method has no linear part (an MoE-only checkpoint method): nothing
+                # this dense probe layer can ask; not a refusal
+                return None
             text = " ".join(str(exc).split())[:500] or type(exc).__name__
             return f"{type(exc).__name__}: {text}"
     return None
