@@ -17,7 +17,8 @@ an online method with no linear part (``int8_per_channel_weight_only``) probes t
 unquantized linear path, and a checkpoint method that gives a linear layer no method at
 all is reported as supported (nothing to ask).
 
-``preshard probe-quantization METHOD`` prints ``{"method": ..., "reason": null|"..."}``.
+``python -m preshard.worker.kernels METHOD [QUANTIZATION_CONFIG_JSON]`` prints
+``{"method": ..., "reason": null|"..."}`` (what ``probe_quantization`` runs).
 """
 
 from __future__ import annotations
