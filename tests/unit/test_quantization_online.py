@@ -210,3 +210,45 @@ def test_the_raw_loader_refuses_to_save_under_an_online_method() -> None:
     model[1].quant_method = types.SimpleNamespace(uses_meta_device=True)  # type: ignore[assignment]
     with pytest.raises(ValueError, match="online quantization method"):
         _refuse_online_quantization(model)
+
+
+def test_the_engine_converts_online_methods_without_them_and_refuses_missing_kernels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """quantization_for_engine: what the conversion engine gets. TEST-ONLY stand-in for the
+    probe (the real one runs in tests/vllm/test_quantization_online.py)."""
+    from preshard.core.errors import PreshardError
+    from preshard.core.plan import ConversionPlan
+    from preshard.worker import kernels
+
+    asked: list[tuple[str | None, Any]] = []
+
+    def probe(method: str | None, qc: Any = None, **_: Any) -> str | None:
+        asked.append((method, qc))
+        return NO_KERNEL
+
+    monkeypatch.setattr(kernels, "probe_quantization", probe)
+    monkeypatch.setattr(cv, "on_cpu_backend", lambda: True)
+
+    def request(q: str | None) -> Any:
+        argv = ["--source", str(tmp_path), "--output", str(tmp_path / "out"), "-tp", "1"]
+        plan = ConversionPlan.from_argv(argv + (["--quantization", q] if q else []))
+        return cv.ConvertRequest(plan=plan)
+
+    raw, record = cv.quantization_for_engine(request("fp8_per_tensor"), LLAMA)
+    assert raw is None and record is not None
+    assert record["kernel"] == NO_KERNEL and record["online"] and record["probed"]
+    raw, record = cv.quantization_for_engine(request("int8_per_channel_weight_only"), LLAMA)
+    assert raw is None and record is not None and "only MoE experts" in record["note"]
+    assert cv.quantization_for_engine(request(None), LLAMA) == (None, None)
+    fp8_ckpt = {**LLAMA, "quantization_config": {"quant_method": "fp8", "activation_scheme": "x"}}
+    with pytest.raises(PreshardError) as err:
+        cv.quantization_for_engine(request("fp8"), fp8_ckpt)
+    assert err.value.permanent and err.value.reason == "UnsupportedQuantization"
+    assert NO_KERNEL in err.value.message
+    assert asked[-1] == ("fp8", fp8_ckpt["quantization_config"])  # the checkpoint's config
+    # not the CPU backend: nothing probed, the method goes to the engine as asked
+    monkeypatch.setattr(cv, "on_cpu_backend", lambda: False)
+    n = len(asked)
+    assert cv.quantization_for_engine(request("fp8"), fp8_ckpt)[0] == "fp8"
+    assert len(asked) == n
