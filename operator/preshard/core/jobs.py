@@ -700,6 +700,9 @@ def build_preflight_job(
         "--owner",
         owner_arg(name, namespace, uid),
     ]
+    if spec.quantization and accelerator(spec, config) == "cpu":
+        # the preflight probes the method's kernel on the CPU node type that converts
+        args += ["--quantization", spec.quantization]
     extra = (str(attempt),) if attempt else ()
     return _reuse_job(
         name, namespace, uid, spec, config, "preflight", args, *extra, source_access=True

@@ -112,7 +112,11 @@ def choose_engine(
 
 
 def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
+    from preshard.core.quantization import raw_plan_quantization
+    from preshard.worker import convert as cv
     from preshard.worker import planner  # type: ignore[attr-defined]
+
+    config = cv.read_config_json(model_dir, str(req.plan.source))
 
     traces: list[dict[str, Any]] = planner.plan_ranks(
         model_dir,
@@ -120,7 +124,10 @@ def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
         tp=req.plan.tensor_parallel_size,
         pp=req.plan.pipeline_parallel_size,
         dtype=req.plan.dtype,
-        quantization=req.plan.quantization,
+        # an online method is planned unquantized (core.quantization)
+        quantization=raw_plan_quantization(
+            req.plan.quantization, cv.checkpoint_quantization(config)
+        ),
     )
     return traces
 
@@ -278,6 +285,9 @@ def convert_engine_free(
                 "bytesWritten": report.bytes_written,
             }
         }
+        online = cv.online_record(plan.quantization, config, probe=False)
+        if online is not None:
+            verification["quantization"] = online
         facts = ConversionFacts(
             vllm_version=installed_vllm_version(),
             source_revision=getattr(source, "revision", None),

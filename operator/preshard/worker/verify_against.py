@@ -48,6 +48,7 @@ from typing import Any
 
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import SHARDING_NAME
+from preshard.core.quantization import raw_plan_quantization
 from preshard.core.sharding import (
     MAX_DOCUMENT_BYTES,
     Sharding,
@@ -501,6 +502,17 @@ def _local_checkpoint(path: Path) -> Path:
     return path
 
 
+def _declared_quantization(source_dir: Path) -> str | None:
+    """The method the source's config.json declares (None: none, or unreadable)."""
+    try:
+        config = json.loads((Path(source_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return method if isinstance(method, str) and method else None
+
+
 def _read_manifest(path: Path) -> Any:
     from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
 
@@ -569,7 +581,10 @@ def run_cli(args: Any) -> int:
                     tp=manifest.tensor_parallel_size,
                     pp=manifest.pipeline_parallel_size,
                     dtype=manifest.dtype,
-                    quantization=manifest.quantization,
+                    # an online method's rank files are the unquantized weights
+                    quantization=raw_plan_quantization(
+                        manifest.quantization, _declared_quantization(source_dir)
+                    ),
                 ),
             )
             report.seconds = time.monotonic() - t0
