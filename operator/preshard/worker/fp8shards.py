@@ -220,6 +220,38 @@ def combine(
     return out
 
 
+def sharding_traces(combined: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The traces for ``preshard-sharding.json``: an FP8 weight's copies become
+    ``derived`` writes (same regions, the same source tensors: its values are computed
+    from them) and its scale one ``derived`` write over the whole tensor; everything else
+    as planned. A re-shard from these files is refused (``CheckpointSource`` does not
+    read a source through derived writes) and ``verify --against`` recomputes them."""
+    out = []
+    for t in combined:
+        doc = {k: v for k, v in t.items() if k not in ("quantized", "scheme")}
+        writes = dict(t["writes"])
+        for key, q in (t.get("quantized") or {}).items():
+            srcs = [w["source"] for w in writes.get(key, []) if w.get("op") == "copy"]
+            writes[key] = [
+                {"op": "derived", "sources": [w["source"]], "dst": w["dst"]}
+                if w.get("op") == "copy"
+                else w
+                for w in writes.get(key, [])
+            ]
+            shape = [int(n) for n in t["saved"][q["scale"]]["shape"]]
+            strides: list[int] = []
+            acc = 1
+            for n in reversed(shape):
+                strides.insert(0, acc)
+                acc *= n
+            writes[q["scale"]] = [
+                {"op": "derived", "sources": sorted(set(srcs)), "dst": [0, strides, shape]}
+            ]
+        doc["writes"] = writes
+        out.append(doc)
+    return out
+
+
 # ------------------------------------------------------------------- the reference math
 
 
