@@ -87,6 +87,32 @@ def main() -> int:
             result["checked"] += 1
             if not (ok_q and ok_s):
                 result["mismatch"].append(f"rank {r} {key} weight={ok_q} scale={ok_s}")
+    # serving: vLLM's FP8 checkpoint path requantizes a fused per-tensor weight to the max
+    # of its part scales (requantize_with_max_scale; its scaled_fp8_quant kernel replaced
+    # by the reference, as this CPU has none): with the one scale repeated, a no-op
+    if scheme.block is None:
+        from vllm.model_executor.layers.quantization.utils import w8a8_utils
+
+        from vllm import _custom_ops as ops
+
+        real = ops.scaled_fp8_quant
+        ops.scaled_fp8_quant = lambda x, scale: quant.forward_native(x, scale)  # type: ignore[assignment]
+        try:
+            noop = []
+            for r in range(tp):
+                for key in traces[r]["quantized"]:
+                    base = key.rpartition(".")[0]
+                    w = fp8s[r][key].clone()
+                    s = fp8s[r][f"{base}.weight_scale"]
+                    widths = [w.shape[0] // s.numel()] * s.numel()  # any split: one scale
+                    got_s, got_w = w8a8_utils.requantize_with_max_scale(w, s, widths)
+                    noop.append(
+                        bool(torch.equal(got_w.view(torch.uint8), fp8s[r][key].view(torch.uint8)))
+                        and bool(got_s == s[0])
+                    )
+            result["requantizeNoOp"] = noop
+        finally:
+            ops.scaled_fp8_quant = real  # type: ignore[assignment]
     # non-quantized tensors: identical to the raw files
     for r in range(tp):
         q = traces[r]["quantized"]
