@@ -184,3 +184,37 @@ def test_verify_against_names_one_changed_value(
     doc = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert doc["ok"] is False and doc["reason"] == "VerificationFailed"
     assert f"{key} on rank 0" in doc["error"] and f"element {element}" in doc["error"]
+
+
+def convert(model: Path, base: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    base.mkdir(parents=True, exist_ok=True)
+    return run(
+        "-m", "preshard.cli", "convert", "--source", str(model), "-tp", "2", "--engine", "none",
+        "--output", str(base / "out"), "--work-dir", str(base / "work"), "--progress", "lines",
+        *extra, cwd=base,
+    )  # fmt: skip
+
+
+def test_weights_raw_are_the_conversion_without_the_method(model: Path, tmp_path: Path) -> None:
+    raw = convert(model, tmp_path / "raw", "--quantization", "fp8_per_tensor", "--weights", "raw")
+    assert raw.returncode == 0, raw.stderr[-3000:]
+    plain = convert(model, tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    for rank in (0, 1):
+        name = f"model-rank-{rank}-part-0.safetensors"
+        a = (tmp_path / "raw" / "out" / name).read_bytes()
+        assert a == (tmp_path / "plain" / "out" / name).read_bytes()
+    cfg = json.loads((tmp_path / "raw" / "out" / "config.json").read_text())
+    assert "quantization_config" not in cfg  # serving quantizes (with --quantization)
+    man = json.loads((tmp_path / "raw" / "out" / MANIFEST_NAME).read_text())
+    assert man["quantization"] == "fp8_per_tensor"
+    assert "quantizedAtConversion" not in man.get("extra", {})
+
+
+def test_moe_experts_are_refused_for_pre_quantization(tmp_path: Path) -> None:
+    moe = make_tiny_model("mixtral", tmp_path / "mixtral")
+    proc = convert(moe, tmp_path / "conv", "--quantization", "fp8_per_tensor")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    last = [x for x in proc.stderr.splitlines() if x.startswith("preshard:")][-1]
+    assert "MoE experts are not" in last and "--weights raw" in last
+    assert not (tmp_path / "conv" / "out" / MANIFEST_NAME).exists()

@@ -65,6 +65,16 @@ ENGINES: tuple[str, ...] = ("auto", "none", "vllm")
 # "quantized" for the methods in PREQUANTIZED unless the conversion runs an engine
 # (--engine vllm), else "raw".
 WEIGHTS: tuple[str, ...] = ("auto", "quantized", "raw")
+# vLLM 0.32's online methods (quantize bf16/fp16 weights while loading): their raw rank
+# files are the weights before quantization, i.e. what the conversion without the
+# method writes, so the engine-free planner plans them without it.
+ONLINE_QUANTIZATIONS: tuple[str, ...] = (
+    "fp8_per_tensor",
+    "fp8_per_channel",
+    "fp8_per_block",
+    "int8_per_channel_weight_only",
+    "mxfp8",
+)
 PREQUANTIZED: tuple[str, ...] = ("fp8_per_tensor", "fp8_per_block")
 MAX_PARALLEL = 1024  # the CRD's maximum tensorParallelSize / pipelineParallelSize
 DEFAULT_MAX_FILE_SIZE = 5 * 2**30

@@ -129,13 +129,20 @@ def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
             scheme=scheme,
         )
 
+    from preshard.core.plan import ONLINE_QUANTIZATIONS
+
+    quantization = req.plan.quantization
+    if quantization in ONLINE_QUANTIZATIONS:
+        # raw files of an online method: the weights before quantization (serving
+        # quantizes); planning with the method would run its quantization on meta tensors
+        quantization = None
     traces: list[dict[str, Any]] = planner.plan_ranks(
         model_dir,
         source.tensors(),
         tp=req.plan.tensor_parallel_size,
         pp=req.plan.pipeline_parallel_size,
         dtype=req.plan.dtype,
-        quantization=req.plan.quantization,
+        quantization=quantization,
     )
     return traces
 

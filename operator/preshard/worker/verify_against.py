@@ -492,6 +492,7 @@ def run_cli(args: Any) -> int:
     import shutil
     import tempfile
 
+    from preshard.core.plan import ONLINE_QUANTIZATIONS
     from preshard.core.uris import parse_uri
 
     assert isinstance(args, argparse.Namespace)
@@ -559,7 +560,10 @@ def run_cli(args: Any) -> int:
                 tp=manifest.tensor_parallel_size,
                 pp=manifest.pipeline_parallel_size,
                 dtype=manifest.dtype,
-                quantization=manifest.quantization,
+                # an online method's raw files are the weights before quantization
+                quantization=(
+                    None if manifest.quantization in ONLINE_QUANTIZATIONS else manifest.quantization
+                ),
             )
             report = verify_against(
                 source_dir, ckpt, allow_derived=args.allow_derived, planned=planned
