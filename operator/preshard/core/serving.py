@@ -121,7 +121,8 @@ def configmap_data(
     }
     if gate:
         data["CHECK_COMMAND"] = shlex.join(["preshard", "check", "--from", info.model, *gate])
-    if spec.quantization:
+    if spec.quantization and "--quantization" in info.args:
+        # (not for pre-quantized FP8 shards: they are served without --quantization)
         data["QUANTIZATION"] = spec.quantization
     for k, v in info.env:
         data[k] = v
