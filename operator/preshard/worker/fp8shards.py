@@ -324,6 +324,8 @@ class Fp8Builder:
         }
         self._done: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._seen: dict[tuple[int, str], set[str]] = {}
+        # per-tensor: each layer's group amax (one small tensor per layer)
+        self._amax: dict[tuple[int, str], torch.Tensor] = {}
 
     def raw_weight(self, rank: int, key: str, cache: SourceCache) -> torch.Tensor:
         from preshard.worker.shardwriter import Saved, build_tensor
@@ -341,10 +343,14 @@ class Fp8Builder:
         if self.scheme.block is not None:
             return per_block(weight, self.scheme.block)
         plan = self.plans[rank]
-        amax = per_tensor_amax(weight)
-        for other, p in self.plans.items():  # the TP group: the same pipeline stage
-            if other != rank and p.pp_rank == plan.pp_rank and key in self.quantized[other]:
-                amax = torch.maximum(amax, per_tensor_amax(self.raw_weight(other, key, cache)))
+        group = (plan.pp_rank, key)
+        amax = self._amax.get(group)
+        if amax is None:  # once per layer: the MAX over the TP group (the same stage)
+            amax = per_tensor_amax(weight)
+            for other, p in self.plans.items():
+                if other != rank and p.pp_rank == plan.pp_rank and key in self.quantized[other]:
+                    amax = torch.maximum(amax, per_tensor_amax(self.raw_weight(other, key, cache)))
+            self._amax[group] = amax
         scale = per_tensor_scale(amax)
         return static_quant(weight, scale), scale
 
