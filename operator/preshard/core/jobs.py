@@ -522,7 +522,9 @@ def build_serving(
     config: OperatorConfig,
 ) -> tuple[ServingInfo, dict[str, Any]]:
     """The serving hand-off, built once: ``status.serving``'s source and the ConfigMap."""
-    info = serving_info(name, spec, str(spec.output.parsed), output_endpoint(spec, config))
+    info = serving_info(
+        name, spec, str(spec.output.parsed), output_endpoint(spec, config), engine(spec, config)
+    )
     return info, _serving_configmap(name, namespace, uid, info, spec, artifact)
 
 

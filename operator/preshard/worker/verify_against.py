@@ -572,6 +572,30 @@ def run_cli(args: Any) -> int:
         try:
             t0 = time.monotonic()
             manifest = _read_manifest(ckpt)
+            from preshard.worker import fp8verify
+
+            scheme = fp8verify.scheme_of(manifest)
+            if scheme is not None:  # pre-quantized FP8 shards: recomputed, bit for bit
+                summary = fp8verify.verify_quantized(
+                    source_dir, ckpt, fp8verify.replan(source_dir, manifest, scheme)
+                )
+                if args.json:
+                    print(
+                        json.dumps(
+                            {"uri": args.uri, "against": args.against, "ok": True, **summary},
+                            indent=2,
+                        )
+                    )
+                else:
+                    print(
+                        f"checkpoint {args.uri} against {args.against}: OK (FP8 "
+                        f"{scheme.name} shards re-planned by vLLM and recomputed)"
+                    )
+                    print(
+                        f"  {summary['checkedTensors']} tensors ({summary['quantizedTensors']}"
+                        f" FP8 weights and scales) equal bit for bit in {summary['seconds']} s"
+                    )
+                return 0
             report = verify_against(
                 source_dir,
                 ckpt,
