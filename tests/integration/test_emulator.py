@@ -1569,6 +1569,7 @@ def test_table_output_has_crd_printer_columns(k8s_api: K8s, ns: str) -> None:
         "Reason",
         "Path",
         "Took",
+        "Engine",
     ]
     prio = {col["name"]: col["priority"] for col in table["columnDefinitions"]}
     assert prio["Phase"] == 0 and prio["PP"] == 1 and prio["Reason"] == 1
@@ -1591,6 +1592,7 @@ def test_table_output_has_crd_printer_columns(k8s_api: K8s, ns: str) -> None:
         "Reason": "Converting",
         "Path": None,
         "Took": None,
+        "Engine": None,
     }
     assert rows["tbl"]["Age"].endswith("s")
     assert rows["tbl2"]["Phase"] is None and rows["tbl2"]["TP"] == 1
@@ -1637,7 +1639,9 @@ def test_kubectl_get_prints_printer_columns(k8s_api: K8s, ns: str) -> None:
     # Phase and Ready are unset (null cells, printed blank)
     assert out[1].split()[:4] == ["kc", "8", "fp8", "s3://out/kc/tp8/"]
     wide = kubectl("get", "sckpt", "-o", "wide").splitlines()
-    assert wide[0].split()[-8:] == ["PP", "STAGE", "RATE", "ETA", "JOB", "REASON", "PATH", "TOOK"]
+    assert wide[0].split()[-9:] == [
+        "PP", "STAGE", "RATE", "ETA", "JOB", "REASON", "PATH", "TOOK", "ENGINE",
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ pod logs

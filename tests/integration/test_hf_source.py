@@ -182,7 +182,9 @@ def convert(
     timeout: float = 60,
     extra: tuple[str, ...] = (),
 ) -> Run:
-    """``preshard convert`` in a subprocess, huggingface_hub pointed at the stand-in."""
+    """``preshard convert`` in a subprocess, huggingface_hub pointed at the stand-in; the
+    engine path (``--engine vllm``), whose download these tests are about (the engine-free
+    path reads ``hf://`` by ranges: tests/integration/test_sources_hf.py)."""
     work = work or tmp_path / "work"
     term = tmp_path / "termination-log"
     term.unlink(missing_ok=True)
@@ -193,7 +195,7 @@ def convert(
     env["PRESHARD_TERMINATION_LOG"] = str(term)
     cmd = [sys.executable, "-m", "preshard.cli", *(["-v"] if verbose else []), "convert"]
     cmd += ["--source", source, "-tp", tp, "--output", str(tmp_path / "out")]
-    cmd += ["--work-dir", str(work), "--progress", "lines", *extra]
+    cmd += ["--work-dir", str(work), "--progress", "lines", "--engine", "vllm", *extra]
     t0 = time.monotonic()
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
