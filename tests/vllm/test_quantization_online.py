@@ -99,9 +99,12 @@ def test_online_fp8_summary_says_the_quantized_check_was_skipped(fp8_engine: Cli
 def test_online_fp8_engine_free_writes_the_same_bytes(
     fp8_engine: CliRun, tiny_tokenizer_model: Path, tmp_path: Path
 ) -> None:
+    # --weights raw: the unquantized rank files (without it, the engine-free default for
+    # the FP8 online methods is pre-quantized FP8 shards: tests/vllm/test_fp8_shards.py)
     free = _convert(
-        tmp_path, tiny_tokenizer_model, "--quantization", "fp8_per_tensor", "--engine", "none"
-    )
+        tmp_path, tiny_tokenizer_model, "--quantization", "fp8_per_tensor", "--engine", "none",
+        "--weights", "raw",
+    )  # fmt: skip
     assert free.rc == 0, free.stderr[-3000:]
     name = "model-rank-0-part-0.safetensors"
     assert (free.output / name).read_bytes() == (fp8_engine.output / name).read_bytes()
