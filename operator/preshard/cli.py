@@ -398,6 +398,12 @@ def _reuse_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--output", required=True, help="s3://bucket/prefix/ to convert into")
     _owner_flag(p, "the resource asking (namespace/name/uid); recorded nowhere")
     p.add_argument(
+        "--quantization",
+        default=None,
+        help="probe this method's kernel with this machine's vLLM (the findings' kernels: "
+        "{method: null | reason}); the operator passes it for accelerator: cpu",
+    )
+    p.add_argument(
         "--source-endpoint-url",
         default=os.environ.get("PRESHARD_SOURCE_ENDPOINT_URL"),
         help="S3 endpoint of the source, if different (env PRESHARD_SOURCE_ENDPOINT_URL)",

@@ -220,3 +220,54 @@ def test_a_malformed_source_pin_is_refused(bad: str) -> None:
     argv = ["--source", "hf://o/m", "-tp", "1", "--output", "s3://out/p/", "--source-digest", bad]
     with pytest.raises(SpecError, match="--source-digest"):
         ConversionPlan.from_argv(argv)
+
+
+@pytest.mark.parametrize(
+    ("quantization", "extra", "quantized"),
+    [
+        ("fp8_per_tensor", [], True),  # the default: pre-quantized shards
+        ("fp8_per_block", [], True),
+        ("fp8_per_tensor", ["--weights", "raw"], False),
+        ("fp8_per_tensor", ["--engine", "vllm"], False),  # an engine writes raw weights
+        ("fp8_per_tensor", ["--weights", "quantized", "--engine", "none"], True),
+        ("fp8_per_channel", [], False),  # no stock FP8 format: raw, serving quantizes
+        ("fp8", [], False),
+        (None, [], False),
+    ],
+)
+def test_pre_quantized_shards_are_served_without_the_online_method(
+    quantization: str | None, extra: list[str], quantized: bool
+) -> None:
+    argv = ["--source", "hf://o/m", "-tp", "2", "--output", "s3://out/p/", *extra]
+    if quantization:
+        argv += ["--quantization", quantization]
+    plan = ConversionPlan.from_argv(argv)
+    assert plan.quantized_shards is quantized
+    # the flag travels to the worker unchanged
+    back = ConversionPlan.from_argv(plan.to_argv())
+    assert back == plan and back.weights == plan.weights
+    ns = build_parser().parse_args(["convert", *plan.to_argv(), "--work-dir", "/w"])
+    assert ConvertRequest.from_args(ns).plan.weights == plan.weights
+    args = plan.serving_args()
+    if quantized:
+        # an FP8 checkpoint: vLLM reads quantization_config from config.json
+        assert "--quantization" not in args
+    elif quantization:
+        assert args[args.index("--quantization") + 1] == quantization
+    assert args[:2] == ["--tensor-parallel-size", "2"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--quantization", "fp8_per_channel", "--weights", "quantized"], "fp8_per_channel"),
+        (["--weights", "quantized"], "needs --quantization"),
+        (["--quantization", "fp8_per_tensor", "--weights", "quantized", "--engine", "vllm"],
+         "without an engine"),
+        (["--weights", "bf16"], "invalid choice"),
+    ],
+)  # fmt: skip
+def test_weights_quantized_refusals(extra: list[str], message: str) -> None:
+    argv = ["--source", "hf://o/m", "-tp", "1", "--output", "s3://out/p/", *extra]
+    with pytest.raises(SpecError, match=message):
+        ConversionPlan.from_argv(argv)

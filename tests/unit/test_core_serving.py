@@ -231,3 +231,25 @@ def test_trusted_artifact_takes_the_locations_from_the_spec() -> None:
     }
     # no uri at all (a KeyError in the handler before)
     assert trusted_artifact({"files": 1}, spec)["uri"] == out
+
+
+@pytest.mark.parametrize(
+    ("quantization", "engine", "served_with"),
+    [
+        ("fp8_per_tensor", None, None),  # pre-quantized FP8 shards: config.json says fp8
+        ("fp8_per_block", "none", None),
+        ("fp8_per_tensor", "vllm", "fp8_per_tensor"),  # an engine writes the raw weights
+        ("fp8_per_channel", None, "fp8_per_channel"),  # raw: serving quantizes
+    ],
+)
+def test_pre_quantized_shards_are_served_as_an_fp8_checkpoint(
+    quantization: str, engine: str | None, served_with: str | None
+) -> None:
+    spec = make_spec(quantization=quantization)
+    args = parallel_args(spec, engine)
+    if served_with is None:
+        assert "--quantization" not in args
+    else:
+        assert args[args.index("--quantization") + 1] == served_with
+    info = serving_info("m", spec, "s3://checkpoints/llama/tp2/", None, engine)
+    assert list(info.args[4:]) == args and list(info.local_args[4:]) == args

@@ -77,6 +77,9 @@ class Preflight:
     config: dict[str, Any] = field(default_factory=dict)
     # why config.json's numbers cannot be used (InvalidModelConfig), or None
     config_error: str | None = None
+    # the kernel probe on the node type that converts (worker.kernels): {method: None
+    # (it has a kernel) | the kernel's own reason}; None: not probed (static fallback)
+    kernels: dict[str, str | None] | None = None
 
     def owners(self) -> list[str]:
         """Every owner the operator must look up (living or gone)."""
@@ -140,7 +143,19 @@ def parse_preflight(data: dict[str, Any] | None) -> Preflight:
         overlaps=tuple(overlaps),
         config=config,
         config_error=config_error,
+        kernels=_kernels(data.get("kernels")),
     )
+
+
+def _kernels(raw: Any) -> dict[str, str | None] | None:
+    """The preflight's ``kernels`` (tenant-reachable input: typed and bounded)."""
+    if not isinstance(raw, dict):
+        return None
+    out: dict[str, str | None] = {}
+    for k, v in list(raw.items())[:4]:
+        if isinstance(k, str) and 0 < len(k) <= 64 and (v is None or isinstance(v, str)):
+            out[k] = v[:1000] if isinstance(v, str) else None
+    return out or None
 
 
 @dataclass(frozen=True)
@@ -261,8 +276,35 @@ def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -
         refusal = cpu_raw_reload_refusal(preflight.config, spec.quantization)
         if refusal:
             return Gate("UnsupportedQuantization", refusal)
+    if accelerator == "cpu":
+        refusal = cpu_kernel_refusal(spec.quantization, preflight)
+        if refusal:
+            return Gate("UnsupportedQuantization", refusal)
     _, problem = _estimate(spec, preflight, accelerator)
     return Gate("InsufficientMemory", problem) if problem else None
+
+
+def cpu_kernel_refusal(quantization: str | None, preflight: Preflight) -> str | None:
+    """Why the CPU conversion cannot run ``quantization`` (None: it can, or the preflight
+    did not probe: spec.check_accelerator's static list stands). An online method needs
+    no kernel to convert (core.quantization: its rank files are unquantized); any other
+    method needs the kernel the preflight probed on the node type that converts."""
+    from preshard.core.estimate import prequantized_method
+    from preshard.core.quantization import kernel_refusal, online_method
+
+    if not quantization or online_method(
+        quantization, prequantized_method(preflight.config) if preflight.config else None
+    ):
+        return None
+    reason = kernel_refusal(quantization, preflight.kernels)
+    if reason is None:
+        return None
+    return (
+        f"quantization {quantization!r} has no kernel on the CPU node type that converts "
+        f"(probed by the preflight Job with vLLM's own kernel selection): {reason}; the "
+        "conversion engine needs it to load the checkpoint. Set spec.converter.accelerator: "
+        "gpu, or convert on CPUs that have the kernel"
+    )
 
 
 def memory_estimate_status(

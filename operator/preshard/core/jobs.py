@@ -522,7 +522,9 @@ def build_serving(
     config: OperatorConfig,
 ) -> tuple[ServingInfo, dict[str, Any]]:
     """The serving hand-off, built once: ``status.serving``'s source and the ConfigMap."""
-    info = serving_info(name, spec, str(spec.output.parsed), output_endpoint(spec, config))
+    info = serving_info(
+        name, spec, str(spec.output.parsed), output_endpoint(spec, config), engine(spec, config)
+    )
     return info, _serving_configmap(name, namespace, uid, info, spec, artifact)
 
 
@@ -700,6 +702,9 @@ def build_preflight_job(
         "--owner",
         owner_arg(name, namespace, uid),
     ]
+    if spec.quantization and accelerator(spec, config) == "cpu":
+        # the preflight probes the method's kernel on the CPU node type that converts
+        args += ["--quantization", spec.quantization]
     extra = (str(attempt),) if attempt else ()
     return _reuse_job(
         name, namespace, uid, spec, config, "preflight", args, *extra, source_access=True

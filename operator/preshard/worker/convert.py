@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preshard.core import quantization
 from preshard.core.contract import (
     EXIT_FAILED,
     EXIT_OK,
@@ -162,14 +163,22 @@ class ConvertRequest:
             ):
                 raise SpecError(f"output {out} and the source must not contain each other")
 
-    def engine_request(self, model: Path, prompts: tuple[Prompt, ...], **kw: Any) -> EngineRequest:
-        """The vLLM engine for ``model`` at this plan's layout, quantization and dtype,
-        with this pod's runtime settings (``kw``: what the stage adds, e.g. save_dir)."""
+    def engine_request(
+        self,
+        model: Path,
+        prompts: tuple[Prompt, ...],
+        *,
+        quantization: str | None = None,
+        **kw: Any,
+    ) -> EngineRequest:
+        """The vLLM engine for ``model`` at this plan's layout, ``quantization`` (the
+        raw plan's: None for an online method, ``core.quantization``) and dtype, with this
+        pod's runtime settings (``kw``: what the stage adds, e.g. save_dir)."""
         return EngineRequest(
             model=str(model),
             tensor_parallel_size=self.plan.tensor_parallel_size,
             pipeline_parallel_size=self.plan.pipeline_parallel_size,
-            quantization=self.plan.quantization,
+            quantization=quantization,
             dtype=self.plan.dtype,
             prompts=prompts,
             gpu_memory_utilization=self.gpu_memory_utilization,
@@ -304,6 +313,13 @@ def keep_traces(shards: Path, dest: Path) -> None:
 
 
 def _conversion_error(exc: EngineError) -> PreshardError:
+    if exc.kind and quantization.permanent_kernel_error(exc.message):
+        # a quantization kernel that does not exist on this machine: no retry can help
+        return PreshardError(
+            f"vLLM has no kernel for this quantization on this machine: {exc.message}",
+            reason="UnsupportedQuantization",
+            permanent=True,
+        )
     if exc.stage == "load" and exc.kind in PERMANENT_ENGINE_ERRORS:
         return PreshardError(
             f"vLLM cannot load the model at this configuration: {exc.message}",
@@ -373,6 +389,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
         refusal = cpu_raw_reload_refusal(config, req.plan.quantization)
         if refusal:
             raise PreshardError(refusal, reason="UnsupportedQuantization", permanent=True)
+    raw_quantization, kernel_note = quantization_for_engine(req, config)
     # issue 9: refuse a pod whose memory limit is below the estimate (InsufficientMemory)
     resources.check_memory(
         config,
@@ -394,6 +411,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
             req.engine_request(
                 src_dir,
                 prompts,
+                quantization=raw_quantization,
                 save_dir=str(shards),
                 pattern=verify_shards.shard_pattern(req.plan.pipeline_parallel_size),
                 max_file_size=req.plan.max_file_size,
@@ -429,6 +447,8 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     timer.add("verify_engine_free", time.monotonic() - t)
     log.info("verified engine-free: %s", free.describe())
     verification: dict[str, Any] = {"engineFree": free.summary()}
+    if kernel_note:
+        verification["quantization"] = kernel_note
     publication = Publication(
         shards,
         str(req.plan.output),
@@ -455,7 +475,9 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
                 req.plan.output,
             )
             t = time.monotonic()
-            verification["engine"], verified = _engine_check(req, shards, prompts, saved)
+            verification["engine"], verified = _engine_check(
+                req, shards, prompts, saved, raw_quantization
+            )
             timer.add("verify_engine", time.monotonic() - t)
             log.info(
                 "verified with an engine: the sharded checkpoint reloaded at TP %d x PP %d "
@@ -555,13 +577,90 @@ def _engine_free(req: ConvertRequest, reporter: Any) -> ConvertOutcome | None:
         source.close()
 
 
+def quantization_for_engine(
+    req: ConvertRequest, config: dict[str, Any]
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The quantization the conversion engine loads the source with, and what the
+    verification records about the method (None: no method).
+
+    An online method (``core.quantization.online_method``) is never applied by the
+    conversion: the engine converts without it (the raw files hold the weights before
+    quantization) and its kernel is only probed, so the summary can say whether this
+    machine could serve it. Any other method is applied by the engine, so it needs its
+    kernel here: a method the probe finds no kernel for is refused permanently
+    (``UnsupportedQuantization``, exit 3) before any engine starts."""
+    from preshard.worker import kernels
+
+    q = req.plan.quantization
+    if not q:
+        return None, None
+    declared = checkpoint_quantization(config)
+    note = online_record(q, config, probe=on_cpu_backend())
+    if note is not None:
+        return quantization.raw_plan_quantization(q, declared), note
+    if on_cpu_backend():
+        qc = config.get("quantization_config")
+        reason = kernels.probe_quantization(
+            q, qc if isinstance(qc, dict) and declared and declared.lower() == q else None
+        )
+        if reason:
+            raise PreshardError(
+                f"quantization {q!r} cannot run on this machine (vLLM's own kernel selection "
+                "on one probe layer, before any engine), and the conversion engine needs it "
+                f"to load the checkpoint: {reason}. Convert on a node type where the probe "
+                "passes (accelerator: gpu, or a CPU with the kernel), or use an online "
+                "method (fp8_per_tensor, fp8_per_channel, fp8_per_block) over an "
+                "unquantized checkpoint",
+                reason="UnsupportedQuantization",
+                permanent=True,
+            )
+    return q, {"method": q, "online": False, "kernel": None}
+
+
+def online_record(q: str | None, config: dict[str, Any], *, probe: bool) -> dict[str, Any] | None:
+    """The verification's ``quantization`` record for an online method (None: ``q`` is
+    not one): the note the summary repeats and, with ``probe``, the kernel probe's reason
+    (None: this machine has the kernel)."""
+    from preshard.worker import kernels
+
+    if not quantization.online_method(q, checkpoint_quantization(config)):
+        return None
+    assert q is not None
+    note: dict[str, Any] = {
+        "method": q,
+        "online": True,
+        "note": quantization.online_note(q, moe=_is_moe(config)),
+        "kernel": kernels.probe_quantization(q) if probe else None,
+        "probed": probe,
+    }
+    log.info("%s", note["note"])
+    return note
+
+
+def _is_moe(config: dict[str, Any]) -> bool | None:
+    """Whether config.json describes a mixture-of-experts model (None: cannot tell)."""
+    text = config.get("text_config")
+    cfg = text if isinstance(text, dict) else config
+    keys = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    return any(isinstance(cfg.get(k), int) and cfg.get(k, 0) > 1 for k in keys)
+
+
 def _engine_check(
-    req: ConvertRequest, shards: Path, prompts: tuple[Prompt, ...], saved: EngineOutcome
+    req: ConvertRequest,
+    shards: Path,
+    prompts: tuple[Prompt, ...],
+    saved: EngineOutcome,
+    raw_quantization: str | None,
 ) -> tuple[dict[str, Any], list[list[int]]]:
-    """ONE more engine loads the shards (load_format=sharded_state) and must give the
-    conversion engine's tokens and log-probabilities; VerificationFailed otherwise."""
+    """ONE more engine loads the shards (load_format=sharded_state, at the quantization
+    the conversion engine used) and must give the conversion engine's tokens and
+    log-probabilities; VerificationFailed otherwise."""
     try:
-        again = run_engine(req.engine_request(shards, prompts, load_format=LOAD_FORMAT_LOCAL))
+        again = run_engine(
+            req.engine_request(
+                shards, prompts, quantization=raw_quantization, load_format=LOAD_FORMAT_LOCAL
+            )
+        )
     except EngineError as exc:
         raise _verification_error(exc) from None
     summary = verify_shards.compare_outputs(
@@ -646,7 +745,32 @@ def verification_result(verification: dict[str, Any]) -> dict[str, Any]:
     summary = "; ".join(f"{c['name']}: {c['detail']}" for c in checks)
     if not isinstance(engine, dict) and not planned:
         summary += "; engine check skipped (--no-verify)"
+    summary += quantization_summary(verification.get("quantization"))
     return {"passed": passed, "summary": summary, "checks": checks}
+
+
+def quantization_summary(record: Any) -> str:
+    """What the verification summary says about an online method (``quantization`` in
+    the verification record): the raw files are unquantized, and whether the quantized
+    engine check could run on this machine."""
+    if not isinstance(record, dict) or not record.get("online"):
+        return ""
+    method = record.get("method")
+    text = f"; {record.get('note')}"
+    reason = record.get("kernel")
+    if not record.get("probed"):
+        text += f"; {method}'s kernel was not probed (no engine ran)"
+    elif isinstance(reason, str) and reason:
+        text += (
+            f"; engine check with {method} skipped: {method} has no kernel on this CPU ({reason})"
+        )
+    else:
+        text += (
+            f"; engine check with {method} skipped: the engine check reloads the raw files "
+            f"without the method ({method}'s kernel exists on this machine, the quantized "
+            "reload is not compared)"
+        )
+    return text
 
 
 def on_cpu_backend() -> bool:

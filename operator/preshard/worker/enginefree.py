@@ -92,14 +92,16 @@ def choose_engine(
     asked = req.plan.engine
     if asked == ENGINE_VLLM:
         return ENGINE_VLLM, "--engine vllm", None
+    prequantized = req.plan.quantized_shards
     try:
         traces = plan_ranks(req, source, model_dir)
     except PreshardError as exc:
-        if asked == ENGINE_NONE:
+        # pre-quantized shards exist only engine-free (their serving args say so)
+        if asked == ENGINE_NONE or prequantized:
             raise
         return ENGINE_VLLM, f"--engine auto: {exc.message}", None
     except Exception as exc:  # the planner failing is no reason to fail an auto run
-        if asked == ENGINE_NONE:
+        if asked == ENGINE_NONE or prequantized:
             if isinstance(exc, ImportError):
                 raise PreshardError(
                     f"--engine none: the engine-free planner is not available ({exc})",
@@ -112,7 +114,24 @@ def choose_engine(
 
 
 def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
+    from preshard.core.quantization import raw_plan_quantization
+    from preshard.worker import convert as cv
     from preshard.worker import planner  # type: ignore[attr-defined]
+
+    config = cv.read_config_json(model_dir, str(req.plan.source))
+
+    scheme = prequantized_scheme(req.plan)
+    if scheme is not None:
+        from preshard.worker import fp8shards
+
+        return fp8shards.plan_quantized(
+            model_dir,
+            source.tensors(),
+            tp=req.plan.tensor_parallel_size,
+            pp=req.plan.pipeline_parallel_size,
+            dtype=req.plan.dtype,
+            scheme=scheme,
+        )
 
     traces: list[dict[str, Any]] = planner.plan_ranks(
         model_dir,
@@ -120,9 +139,22 @@ def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
         tp=req.plan.tensor_parallel_size,
         pp=req.plan.pipeline_parallel_size,
         dtype=req.plan.dtype,
-        quantization=req.plan.quantization,
+        # an online method is planned unquantized (core.quantization)
+        quantization=raw_plan_quantization(
+            req.plan.quantization, cv.checkpoint_quantization(config)
+        ),
     )
     return traces
+
+
+def prequantized_scheme(plan: Any) -> Any:
+    """The FP8 scheme the rank files are pre-quantized with (``plan.quantized_shards``),
+    else None."""
+    if not plan.quantized_shards:
+        return None
+    from preshard.worker import fp8shards
+
+    return fp8shards.scheme_for(plan.quantization, plan.weights)
 
 
 def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) -> None:
@@ -205,8 +237,9 @@ def convert_engine_free(
     pattern = shard_pattern(plan.pipeline_parallel_size)
     ranks = shardwriter.plan_files(traces, pattern=pattern, max_size=plan.max_file_size)
     layouts = {layout.name: layout for _, ls in ranks for layout in ls}
+    scheme = prequantized_scheme(plan)
     try:
-        doc = build_document(traces)
+        doc = build_document(traces if scheme is None else _fp8().sharding_traces(traces))
     except (ShardingError, KeyError, TypeError, ValueError) as exc:
         raise PreshardError(
             f"cannot build the sharding metadata from the planned traces: {exc}",
@@ -215,6 +248,14 @@ def convert_engine_free(
         ) from None
     (shards / SHARDING_NAME).write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     copied = cv.copy_non_weight_files(model_dir, shards)
+    builder = None
+    if scheme is not None:  # an FP8 checkpoint: its config.json says so
+        from preshard.worker import fp8shards
+
+        (shards / "config.json").write_text(
+            json.dumps(fp8shards.published_config(config, scheme), indent=2) + "\n"
+        )
+        builder = fp8shards.Fp8Builder(traces)
     others = [SHARDING_NAME, *copied]
     planned = [(n, (shards / n).stat().st_size) for n in others]
     planned += [(name, layout.size) for name, layout in layouts.items()]
@@ -261,6 +302,7 @@ def convert_engine_free(
             max_size=plan.max_file_size,
             on_file=on_file,
             on_bytes=reporter.advance,
+            builder=builder,
         )
         publication.finish_writing()
         timings["convert"] = time.monotonic() - t
@@ -278,6 +320,11 @@ def convert_engine_free(
                 "bytesWritten": report.bytes_written,
             }
         }
+        online = cv.online_record(plan.quantization, config, probe=False)
+        if online is not None:
+            verification["quantization"] = online
+        if scheme is not None:
+            verification["engineFree"]["quantizedShards"] = scheme.method
         facts = ConversionFacts(
             vllm_version=installed_vllm_version(),
             source_revision=getattr(source, "revision", None),
@@ -287,8 +334,17 @@ def convert_engine_free(
         )
         fields = conversion_fields(plan, facts)
         origin = _resharded_from(source)
+        extra: dict[str, Any] = {}
         if origin is not None:  # a re-shard: the manifest records the origin
-            fields["extra"] = {"reshardedFrom": origin}
+            extra["reshardedFrom"] = origin
+        if scheme is not None:
+            extra["quantizedAtConversion"] = {
+                "method": scheme.method,
+                "scheme": scheme.name,
+                "quantizationConfig": scheme.quantization_config(),
+            }
+        if extra:
+            fields["extra"] = extra
         artifact = publication.commit(fields, reporter=reporter)
         timings["upload"] = time.monotonic() - t
     except BaseException as exc:
@@ -312,6 +368,12 @@ def convert_engine_free(
         verification=verification,
         engine=ENGINE_NONE,
     )
+
+
+def _fp8() -> Any:
+    from preshard.worker import fp8shards
+
+    return fp8shards
 
 
 def _resharded_from(source: Any) -> dict[str, Any] | None:

@@ -523,9 +523,13 @@ def write_shards(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     on_file: Callable[[WrittenFile], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    builder: Callable[[RankPlan, Saved, SourceCache], torch.Tensor] | None = None,
 ) -> WriteReport:
     """Write every rank's files into ``out_dir``; ``on_file`` gets each file as soon as
-    it is complete (in the order files complete), ``on_bytes`` the bytes written."""
+    it is complete (in the order files complete), ``on_bytes`` the bytes written;
+    ``builder`` builds each saved tensor (default ``build_tensor``; the pre-quantized FP8
+    files: ``fp8shards.Fp8Builder``)."""
+    build = builder or build_tensor
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = plan_files(traces, pattern=pattern, max_size=max_size)
     cache = SourceCache(source, max(cache_bytes, step_bytes(ranks, source)))
@@ -554,7 +558,7 @@ def write_shards(
                     if on_file is not None:
                         on_file(done)
                     continue
-                t = build_tensor(plan, saved, cache)
+                t = build(plan, saved, cache)
                 fw.put_tensor(saved.key, t)
                 if on_bytes is not None:
                     on_bytes(saved.nbytes)

@@ -48,6 +48,7 @@ from typing import Any
 
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import SHARDING_NAME
+from preshard.core.quantization import raw_plan_quantization
 from preshard.core.sharding import (
     MAX_DOCUMENT_BYTES,
     Sharding,
@@ -501,6 +502,17 @@ def _local_checkpoint(path: Path) -> Path:
     return path
 
 
+def _declared_quantization(source_dir: Path) -> str | None:
+    """The method the source's config.json declares (None: none, or unreadable)."""
+    try:
+        config = json.loads((Path(source_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    return method if isinstance(method, str) and method else None
+
+
 def _read_manifest(path: Path) -> Any:
     from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
 
@@ -560,6 +572,30 @@ def run_cli(args: Any) -> int:
         try:
             t0 = time.monotonic()
             manifest = _read_manifest(ckpt)
+            from preshard.worker import fp8verify
+
+            scheme = fp8verify.scheme_of(manifest)
+            if scheme is not None:  # pre-quantized FP8 shards: recomputed, bit for bit
+                summary = fp8verify.verify_quantized(
+                    source_dir, ckpt, fp8verify.replan(source_dir, manifest, scheme)
+                )
+                if args.json:
+                    print(
+                        json.dumps(
+                            {"uri": args.uri, "against": args.against, "ok": True, **summary},
+                            indent=2,
+                        )
+                    )
+                else:
+                    print(
+                        f"checkpoint {args.uri} against {args.against}: OK (FP8 "
+                        f"{scheme.name} shards re-planned by vLLM and recomputed)"
+                    )
+                    print(
+                        f"  {summary['checkedTensors']} tensors ({summary['quantizedTensors']}"
+                        f" FP8 weights and scales) equal bit for bit in {summary['seconds']} s"
+                    )
+                return 0
             report = verify_against(
                 source_dir,
                 ckpt,
@@ -569,7 +605,10 @@ def run_cli(args: Any) -> int:
                     tp=manifest.tensor_parallel_size,
                     pp=manifest.pipeline_parallel_size,
                     dtype=manifest.dtype,
-                    quantization=manifest.quantization,
+                    # an online method's rank files are the unquantized weights
+                    quantization=raw_plan_quantization(
+                        manifest.quantization, _declared_quantization(source_dir)
+                    ),
                 ),
             )
             report.seconds = time.monotonic() - t0

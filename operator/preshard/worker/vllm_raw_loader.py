@@ -82,6 +82,7 @@ def register() -> None:
             save_dir = os.environ.get(ENV_SAVE_DIR)
             if not save_dir:
                 raise ValueError(f"load_format={LOAD_FORMAT} needs {ENV_SAVE_DIR}")
+            _refuse_online_quantization(model)
             params = dict(model.state_dict(keep_vars=True))
             tracer = LoadTracer(params)
             self._preshard_tracer = tracer
@@ -95,6 +96,21 @@ def register() -> None:
 
     register_model_loader(LOAD_FORMAT)(PreshardRawLoader)
     _registered = True
+
+
+def _refuse_online_quantization(model: Any) -> None:
+    """An online method quantizes each layer during ``load_weights`` (its weights on the
+    meta device until then): a raw save after it would capture processed, kernel-specific
+    tensors. preshard's worker converts online methods without them
+    (``core.quantization.raw_plan_quantization``); this is the loader's own guard."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if getattr(method, "uses_meta_device", False):
+            raise ValueError(
+                f"load_format={LOAD_FORMAT} cannot save the raw state under an online "
+                f"quantization method ({type(method).__name__} quantizes during "
+                "load_weights): convert without it (the manifest carries the method)"
+            )
 
 
 def _rank() -> tuple[int, int, int, int]:
