@@ -287,6 +287,12 @@ class Publication:
         self.files = [
             LocalFile(p.relative_to(self.local_dir).as_posix(), p, p.stat().st_size) for p in paths
         ]
+        self._begin_output()
+        return self
+
+    def _begin_output(self) -> None:
+        """``self.files`` known: a local output loses its manifest; an S3 output gets every
+        ownership check and the publication record (``_begin_s3``)."""
         if self.local:
             dest = Path(self.out.path)
             dest.mkdir(parents=True, exist_ok=True)
@@ -294,7 +300,6 @@ class Publication:
         else:
             self._begin_s3()
         self.state = "begun"
-        return self
 
     def _begin_s3(self) -> None:
         out, uri = self.out, self.uri

@@ -59,15 +59,7 @@ class StreamingPublication(Publication):
         if not self.planned:
             raise PreshardError("nothing to publish", reason="NothingToPublish", permanent=True)
         self.files = [LocalFile(rel, self.local_dir / rel, size) for rel, size in self.planned]
-        if self.local:
-            from preshard.core.manifest import MANIFEST_NAME
-
-            dest = Path(self.out.path)
-            dest.mkdir(parents=True, exist_ok=True)
-            (dest / MANIFEST_NAME).unlink(missing_ok=True)
-        else:
-            self._begin_s3()
-        self.state = "begun"
+        self._begin_output()
         return self
 
     # -- the writer's side -------------------------------------------------------------
