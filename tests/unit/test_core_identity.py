@@ -177,3 +177,18 @@ def test_is_identity() -> None:
     assert not is_identity(None) and not is_identity("sha256:xyz")
     assert not is_identity("sha256:" + "A" * 64)
     assert is_identity("sha256:" + "a" * 64)
+
+
+def test_pre_quantized_shards_are_another_identity_than_the_raw_weights() -> None:
+    """An online FP8 method's pre-quantized rank files (engine-free, the default) are
+    other bytes than the same method's raw weights (engine vllm): another identity, so
+    neither is ever copied or adopted for the other."""
+    fp8 = with_("quantization", "fp8_per_tensor")
+    raw = copy.deepcopy(fp8)
+    raw["converter"] = {"engine": "vllm"}
+    assert ident(fp8) != ident(raw)
+    doc = identity_document(parse_spec(fp8), PIN, VLLM, namespace="ml")
+    assert doc["weights"] == "quantized"
+    # no field for conversions without pre-quantization: their identities are unchanged
+    assert "weights" not in identity_document(parse_spec(raw), PIN, VLLM, namespace="ml")
+    assert "weights" not in identity_document(parse_spec(BASE), PIN, VLLM, namespace="ml")

@@ -117,6 +117,8 @@ def identity_document(
         "vllmVersion": vllm_version,
         "filePattern": plan.layout.file_pattern,
         "maxFileSize": plan.max_file_size,
+        # pre-quantized FP8 rank files are other bytes than the same method's raw weights
+        **({"weights": "quantized"} if plan.quantized_shards else {}),
     }
 
 
