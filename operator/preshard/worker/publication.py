@@ -301,6 +301,24 @@ class Publication:
             self._begin_s3()
         self.state = "begun"
 
+    def _uploader(self, handle: UploadHandle) -> Uploader:
+        """The upload thread's Uploader: this publication's client, bucket, concurrency
+        and part size, the handle's progress, cancel event and niceness."""
+        assert self._settings is not None
+        up = Uploader(
+            self._client,
+            self.out.bucket,
+            concurrency=self._settings.concurrency,
+            reporter=handle.progress,  # type: ignore[arg-type]
+            uri=self.uri,
+            **({"part_size": self.part_size} if self.part_size else {}),
+        )
+        up.cancel = handle.cancel
+        up.fail_after_parts = self.fail_after_parts
+        up.nice = handle.nice
+        handle.uploader = up
+        return up
+
     def _begin_s3(self) -> None:
         out, uri = self.out, self.uri
         self._settings = s3.output_settings(self.endpoint_url, self.region, self.concurrency)
@@ -363,19 +381,8 @@ class Publication:
                 self.reused.append(item.key)
             return True
 
-        up = Uploader(
-            client,
-            out.bucket,
-            concurrency=self._settings.concurrency,
-            reporter=handle.progress,  # type: ignore[arg-type]
-            uri=self.uri,
-            **({"part_size": self.part_size} if self.part_size else {}),
-        )
-        up.cancel = handle.cancel
+        up = self._uploader(handle)
         up.skip = skip
-        up.fail_after_parts = self.fail_after_parts
-        up.nice = handle.nice
-        handle.uploader = up
         done = {
             i.key: i
             for i in up.upload([UploadItem(f.path, out.key(f.rel), f.size) for f in self.files])

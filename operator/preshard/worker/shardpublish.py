@@ -25,7 +25,7 @@ from typing import Any
 
 from preshard.core.errors import PreshardError
 from preshard.worker.publication import LocalFile, Publication, UploadHandle, _copy_hashing
-from preshard.worker.transfer import UploadCancelled, Uploader, UploadItem, remote_sha256
+from preshard.worker.transfer import UploadCancelled, UploadItem, remote_sha256
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +129,7 @@ class StreamingPublication(Publication):
     def _upload_s3(self, handle: UploadHandle) -> list[tuple[str, int, str]]:
         out, client, remote = self.out, self._client, self._remote
         assert self._settings is not None
-        up = Uploader(
-            client,
-            out.bucket,
-            concurrency=self._settings.concurrency,
-            reporter=handle.progress,  # type: ignore[arg-type]
-            uri=self.uri,
-            **({"part_size": self.part_size} if self.part_size else {}),
-        )
-        up.cancel = handle.cancel
-        up.fail_after_parts = self.fail_after_parts
-        up.nice = handle.nice
-        handle.uploader = up
+        up = self._uploader(handle)
 
         def skip(item: UploadItem) -> bool:
             if remote.get(item.key) != item.size:
