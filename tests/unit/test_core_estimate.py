@@ -295,9 +295,8 @@ def test_the_demo_example_fits_its_own_memory_limit(tmp_path: Path) -> None:
 
 
 def test_preflight_reads_the_spec_limit_and_its_status_is_valid_for_the_crd() -> None:
-    from tests.unit.test_crd import MINIMAL, errors, resource
-
     from preshard.core.estimate import preflight
+    from tests.unit.test_crd import MINIMAL, errors, resource
 
     args: dict[str, Any] = {
         "tensor_parallel_size": 8,

@@ -7,17 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_core_jobs import (  # tests/unit is on sys.path (no package)
-    BASIC_CONFIG,
-    CLUSTER_CONFIG,
-    GOLDEN_CASES,
-    HF,
-    IDENTITY,
-    NS,
-    PVC_TP8_PP2_FP8,
-    S3_TP2,
-    UID,
-)
 
 from preshard.core.jobs import (
     RESTRICTED_CONTAINER_SECURITY,
@@ -28,6 +17,17 @@ from preshard.core.jobs import (
     reuse_job_name,
 )
 from preshard.core.spec import parse_spec
+from tests.unit.test_core_jobs import (
+    BASIC_CONFIG,
+    CLUSTER_CONFIG,
+    GOLDEN_CASES,
+    HF,
+    IDENTITY,
+    NS,
+    PVC_TP8_PP2_FP8,
+    S3_TP2,
+    UID,
+)
 
 STEP_CASES = sorted(n for n in GOLDEN_CASES if n.split("_")[0] in REUSE_COMPONENTS)
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_crd import MINIMAL, errors, resource  # tests/unit is on sys.path (no package)
 
 from preshard.core import pathstatus as ps
 from preshard.core import status as st
+from tests.unit.test_crd import MINIMAL, errors, resource
 
 T0, T1 = "2026-12-01T10:00:00Z", "2026-12-01T10:00:07Z"
 ARTIFACT = {

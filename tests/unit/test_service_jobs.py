@@ -9,17 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_handlers_reuse import (  # tests/unit is on sys.path (no package)
+
+from preshard.core.progress import Result
+from preshard.service import reconcile
+from preshard.service.jobs import ensure_job, find_job, slim_job
+from tests.unit.test_handlers_reuse import (
     COMPLETE,
     Fake,
     body,
     findings,
     install,
 )
-
-from preshard.core.progress import Result
-from preshard.service import reconcile
-from preshard.service.jobs import ensure_job, find_job, slim_job
 
 
 class Counting(Fake):

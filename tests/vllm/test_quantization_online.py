@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CliRun, read_json, run_convert_cli
 from safetensors.torch import load_file
 
 from preshard.worker.kernels import probe_quantization
+from tests.vllm.conftest import CliRun, read_json, run_convert_cli
 
 pytestmark = pytest.mark.vllm
 
