@@ -25,9 +25,11 @@ from typing import Any, TextIO
 import yaml
 
 from preshard import GROUP, KIND
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.pod import accelerator
+from preshard.core.children.purge import build_purge_job
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError, SpecError
-from preshard.core.jobs import accelerator, build_conversion_job, build_purge_job
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"

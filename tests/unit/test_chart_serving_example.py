@@ -63,7 +63,7 @@ def _serving_configmap(
     **extra: Any,
 ) -> dict[str, Any]:
     """The ConfigMap the operator publishes for a Ready checkpoint (real builder)."""
-    from preshard.core.jobs import build_serving_configmap
+    from preshard.core.children.configmap import build_serving_configmap
     from preshard.core.spec import parse_spec
 
     out_uri = artifact["uri"] if artifact else OUTPUT

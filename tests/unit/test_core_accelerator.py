@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.pod import accelerator
+from preshard.core.children.purge import build_purge_job
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import SpecError
-from preshard.core.jobs import accelerator, build_conversion_job, build_purge_job
 from preshard.core.plan import QUANTIZATIONS
 from preshard.core.spec import (
     CPU_QUANTIZATIONS,

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from preshard.core import quantization as qz
+from preshard.core.children.steps import build_preflight_job
 from preshard.core.config import OperatorConfig
 from preshard.core.decide import Preflight, cpu_kernel_refusal, decide, gate, parse_preflight
 from preshard.core.identity import SourcePin
-from preshard.core.jobs import build_preflight_job
 from preshard.core.spec import parse_spec
 from preshard.worker import convert as cv
 from preshard.worker.vllm_engine import EngineError

@@ -33,7 +33,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from preshard.core.errors import URIError
-from preshard.core.jobs import ANNOTATION_OWNER_UID
+from preshard.core.naming import ANNOTATION_OWNER_UID
 from preshard.core.uris import parse_output_uri, parse_uri
 
 Strength = Literal["strong", "weak"]

@@ -8,7 +8,6 @@ PascalCase reason and a message a user can act on.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -492,11 +491,19 @@ class CheckpointSpec(_Model):
     ) -> ConversionPlan:
         """The conversion this spec asks for (preshard.core.plan); ``engine`` is the
         effective one (the spec's, else the operator default: preshard.core.jobs.engine)."""
-        plan = ConversionPlan.from_spec(
-            self, owner=owner, identity=identity, source_digest=source_digest
+        return ConversionPlan(
+            source=self.source.parsed,
+            output=self.output.parsed,
+            layout=self.layout,
+            quantization=self.quantization,
+            dtype=self.dtype,
+            max_file_size=self.output.max_file_size_bytes,
+            verify=self.verify,
+            owner=owner,
+            identity=identity,
+            source_digest=source_digest,
+            engine=engine or self.converter.engine or "auto",
         )
-        chosen = engine or self.converter.engine or "auto"
-        return dataclasses.replace(plan, engine=chosen) if chosen != plan.engine else plan
 
     def conversion_fields(self) -> dict[str, Any]:
         """The fields that define the conversion's result (immutable in the CRD)."""

@@ -19,9 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from preshard.core import status as st
+from preshard.core.children.purge import build_purge_job
 from preshard.core.deletion import purge_decision_at_deletion, running_step, step_wrote_output
 from preshard.core.errors import SpecError
-from preshard.core.jobs import build_purge_job
 from preshard.core.naming import job_name
 from preshard.core.spec import parse_spec
 from preshard.service import errors, events

@@ -22,6 +22,9 @@ import logging
 from typing import Any
 
 from preshard.core import status as st
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.credentials import referenced_secrets
+from preshard.core.children.pod import accelerator
 from preshard.core.claims import (
     OutputClaim,
     claim_of,
@@ -30,15 +33,13 @@ from preshard.core.claims import (
     preceding_claim,
 )
 from preshard.core.errors import SpecError
-from preshard.core.jobs import (
+from preshard.core.naming import (
     ANNOTATION_CHECKPOINT_NAME,
     ANNOTATION_OWNER_UID,
     LABEL_CHECKPOINT,
-    accelerator,
-    build_conversion_job,
-    referenced_secrets,
+    job_name,
+    serving_configmap_name,
 )
-from preshard.core.naming import job_name, serving_configmap_name
 from preshard.core.policy import POLICY_VIOLATION, check_policy, policy_message
 from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec

@@ -19,6 +19,14 @@ from kubernetes.client.exceptions import ApiException
 
 from preshard.core import pathstatus as ps
 from preshard.core import status as st
+from preshard.core.children.credentials import output_endpoint, source_endpoint
+from preshard.core.children.pod import accelerator
+from preshard.core.children.steps import (
+    build_adopt_job,
+    build_copy_job,
+    build_preflight_job,
+    build_withdraw_job,
+)
 from preshard.core.decide import (
     REFUSALS,
     Decision,
@@ -30,15 +38,6 @@ from preshard.core.decide import (
     parse_preflight,
 )
 from preshard.core.identity import SourcePin, conversion_identity
-from preshard.core.jobs import (
-    accelerator,
-    build_adopt_job,
-    build_copy_job,
-    build_preflight_job,
-    build_withdraw_job,
-    output_endpoint,
-    source_endpoint,
-)
 from preshard.core.naming import serving_configmap_name
 from preshard.core.progress import INVALID_RESULT
 from preshard.core.serving import trusted_artifact

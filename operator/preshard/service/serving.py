@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from preshard.core.jobs import build_serving
+from preshard.core.children.configmap import build_serving
 from preshard.core.spec import CheckpointSpec
 from preshard.service.context import Service
 
