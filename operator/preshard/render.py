@@ -4,7 +4,7 @@ ShardedCheckpoint, without a cluster.
 It runs the operator's own code path on the file: the operator configuration from the
 same ``PRESHARD_*`` variables and defaults (``preshard.runner.load_config``), the same
 spec validation (``parse_spec`` and ``check_accelerator``) and the same builders
-(``preshard.core.jobs``): the conversion Job and, for ``deletionPolicy: Delete``, the
+(``preshard.core.children``): the conversion Job and, for ``deletionPolicy: Delete``, the
 purge Job that runs when the resource is deleted. The API server assigns the resource's
 uid when it is created; until then the manifests carry ``--uid`` (default a placeholder).
 
@@ -70,7 +70,7 @@ def render_resource(
 def memory_estimate(
     spec: CheckpointSpec, config: OperatorConfig, model_config: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """``status.memoryEstimate`` as the operator's preflight computes it (core.decide)."""
+    """``status.memoryEstimate`` as the operator's preflight computes it (core.steps)."""
     from preshard.core.estimate import EstimateUnavailable, estimate_memory
 
     try:

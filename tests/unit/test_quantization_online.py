@@ -13,9 +13,10 @@ import pytest
 from preshard.core import quantization as qz
 from preshard.core.children.steps import build_preflight_job
 from preshard.core.config import OperatorConfig
-from preshard.core.decide import Preflight, cpu_kernel_refusal, decide, gate, parse_preflight
 from preshard.core.identity import SourcePin
+from preshard.core.preflight import Preflight, parse_preflight
 from preshard.core.spec import parse_spec
+from preshard.core.steps import conversion_refusal, cpu_kernel_refusal, next_step
 from preshard.worker import convert as cv
 from preshard.worker.vllm_engine import EngineError
 
@@ -107,21 +108,21 @@ def test_the_gate_refuses_a_needed_kernel_the_probe_did_not_find() -> None:
         source=PIN, vllm_version="0.32.0", state="empty", config=fp8_ckpt,
         kernels={"fp8": NO_KERNEL},
     )  # fmt: skip
-    g = gate(spec("fp8"), probed, "cpu")
+    g = conversion_refusal(spec("fp8"), probed, "cpu")
     assert g is not None and g.reason == "UnsupportedQuantization"
     assert "expected at most 0 argument(s)" in g.message and "accelerator: gpu" in g.message
-    d = decide(spec("fp8"), "ml/llama/uid", probed, frozenset(), [], accelerator="cpu")
-    assert (d.path, d.reason) == ("Gated", "UnsupportedQuantization")
+    d = next_step(spec("fp8"), "ml/llama/uid", probed, frozenset(), [], accelerator="cpu")
+    assert (d.step, d.reason) == ("CannotConvert", "UnsupportedQuantization")
     # GPUs: the CPU probe says nothing about them
-    assert gate(spec("fp8", "gpu"), probed, "gpu") is None
+    assert conversion_refusal(spec("fp8", "gpu"), probed, "gpu") is None
     # the probe found the kernel: go ahead
     ok = Preflight(
         source=PIN, vllm_version="0.32.0", state="empty", config=fp8_ckpt, kernels={"fp8": None}
     )
-    assert gate(spec("fp8"), ok, "cpu") is None
+    assert conversion_refusal(spec("fp8"), ok, "cpu") is None
     # not probed (no vLLM in the preflight image): the static list already ran; no refusal
     unprobed = Preflight(source=PIN, vllm_version="0.32.0", state="empty", config=fp8_ckpt)
-    assert gate(spec("fp8"), unprobed, "cpu") is None
+    assert conversion_refusal(spec("fp8"), unprobed, "cpu") is None
 
 
 def test_the_gate_never_refuses_an_online_method_for_its_kernel() -> None:
@@ -130,8 +131,8 @@ def test_the_gate_never_refuses_an_online_method_for_its_kernel() -> None:
         kernels={"fp8_per_tensor": NO_KERNEL, "mxfp8": "ValueError: no MXFP8 kernel"},
     )  # fmt: skip
     assert cpu_kernel_refusal("fp8_per_tensor", p) is None
-    assert gate(spec("fp8_per_tensor"), p, "cpu") is None
-    assert gate(spec("mxfp8"), p, "cpu") is None
+    assert conversion_refusal(spec("fp8_per_tensor"), p, "cpu") is None
+    assert conversion_refusal(spec("mxfp8"), p, "cpu") is None
     # ... but mxfp8 over an MXFP8 checkpoint is the checkpoint's method: it needs a kernel
     mx = Preflight(
         source=PIN, vllm_version="0.32.0", state="empty",

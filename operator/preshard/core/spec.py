@@ -48,7 +48,7 @@ from preshard.core.uris import StorageURI, check_endpoint, parse_output_uri, par
 # vLLM's CpuPlatform.supported_quantization is empty (it lets every method through and
 # fails later, inside the engine): preshard refuses these before a Job starts. This is
 # the static fallback: the preflight Job probes the spec's method on the node type that
-# converts (worker.kernels) and the gate (core.decide.cpu_kernel_refusal) refuses what
+# converts (worker.kernels) and the gate (core.steps.cpu_kernel_refusal) refuses what
 # that probe finds no kernel for. The online shorthands (core.quantization, mxfp8
 # included over an unquantized checkpoint) need no kernel to convert: their rank files
 # are unquantized, so none of them is listed here.
@@ -205,7 +205,7 @@ _ENV_NAME_RE = re.compile(ENV_NAME_PATTERN)
 MAX_URI = 1024
 MAX_LIST = 64
 
-# Variables the conversion Job sets itself (preshard.core.jobs; a unit test checks the
+# Variables the conversion Job sets itself (preshard.core.children; a unit test checks the
 # list covers every name the builders write). converter.env may not set them: credentials
 # come from credentialsSecret (never a plain value), endpoints and regions from
 # spec.source/spec.output, and the paths from the operator.
@@ -490,7 +490,7 @@ class CheckpointSpec(_Model):
         engine: str | None = None,
     ) -> ConversionPlan:
         """The conversion this spec asks for (preshard.core.plan); ``engine`` is the
-        effective one (the spec's, else the operator default: preshard.core.jobs.engine)."""
+        effective one (the spec's, else the operator default: preshard.core.children.engine)."""
         return ConversionPlan(
             source=self.source.parsed,
             output=self.output.parsed,

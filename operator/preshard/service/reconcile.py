@@ -3,7 +3,7 @@
 * create / resume / spec update / retry -> :func:`reconcile` (validate; the operator's
   pod policy, preshard.core.policy; the output claim, preshard.core.claims; then the
   Secrets' existence, metadata only; the steps before a conversion,
-  :mod:`preshard.service.reuse`; create-or-get the conversion Job, write status);
+  :mod:`preshard.service.steps`; create-or-get the conversion Job, write status);
 * Job events (:func:`job_event`, :func:`step_job_event`) and progress polls
   (:func:`poll`) -> :func:`sync` derives status from the Job's conditions, the newest
   pod's termination message, its progress lines and what keeps it from starting
@@ -43,7 +43,7 @@ from preshard.core.naming import (
 from preshard.core.policy import POLICY_VIOLATION, check_policy, policy_message
 from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
-from preshard.service import errors, reuse
+from preshard.service import errors, steps
 from preshard.service.context import Service
 from preshard.service.jobs import ensure_job, find_job
 from preshard.service.serving import apply_serving
@@ -161,7 +161,7 @@ def _reconcile(
         if svc.preflight and not old.get("jobName"):
             # preflight -> adopt | copy | refuse | convert, before any Job requests an
             # accelerator
-            go, identity, source_digest = reuse.prepare(
+            go, identity, source_digest = steps.prepare(
                 svc, body, spec, old, identities_index, jobs=jobs_index
             )
             if not go:
@@ -267,7 +267,7 @@ def sync(
         serving_error=serving_error,
     )
     if svc.preflight:
-        new = reuse.after_sync(body, old, new, svc)
+        new = steps.after_sync(body, old, new, svc)
     svc.status.write(body, old, new, job_created)
 
 

@@ -1,5 +1,5 @@
 """The serving hand-off of a published checkpoint: the ``<name>-serving`` ConfigMap and
-``status.serving``, built once (core.jobs.build_serving) for every path that publishes
+``status.serving``, built once (core.children.configmap.build_serving) for every path that publishes
 (a conversion, an adopt, a copy)."""
 
 from __future__ import annotations

@@ -38,7 +38,6 @@ from typing import Any
 import botocore.exceptions
 
 from preshard.core.contract import JOURNAL_NAME, utc_timestamp
-from preshard.core.decide import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
 from preshard.core.errors import PreshardError
 from preshard.core.identity import files_digest
 from preshard.core.manifest import (
@@ -48,6 +47,7 @@ from preshard.core.manifest import (
     ManifestError,
     artifact_status,
 )
+from preshard.core.preflight import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
 from preshard.worker import records, s3

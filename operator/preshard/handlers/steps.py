@@ -1,6 +1,6 @@
 """kopf handlers of the steps before a conversion (preflight, adopt, copy, withdraw):
 the index of Ready checkpoints by identity and their Jobs' events. The flow is
-:mod:`preshard.service.reuse`."""
+:mod:`preshard.service.steps`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import kopf
 
 from preshard import GROUP, PLURAL, VERSION
 from preshard.core.children.steps import STEP_COMPONENTS
-from preshard.core.decide import ready_checkpoint
 from preshard.core.naming import LABEL_CHECKPOINT, LABEL_COMPONENT
+from preshard.core.steps import ready_checkpoint
 from preshard.handlers.checkpoint import service
 from preshard.service import reconcile
 

@@ -1,6 +1,6 @@
-"""The CPU-only step Jobs (preflight, adopt, copy, withdraw; core.jobs): no accelerator,
+"""The CPU-only step Jobs (preflight, adopt, copy, withdraw; core.children): no accelerator,
 small requests, the resource's own Secrets only, restricted pod security, no Kubernetes
-API access, deterministic names per resource incarnation. Golden files: test_core_jobs."""
+API access, deterministic names per resource incarnation. Golden files: test_core_children."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from preshard.core.children.pod import RESTRICTED_CONTAINER_SECURITY, RESTRICTED
 from preshard.core.children.steps import STEP_COMPONENTS, build_preflight_job
 from preshard.core.naming import step_job_name
 from preshard.core.spec import parse_spec
-from tests.unit.test_core_jobs import (
+from tests.unit.test_core_children import (
     BASIC_CONFIG,
     CLUSTER_CONFIG,
     GOLDEN_CASES,

@@ -1,7 +1,7 @@
-"""preshard.core.jobs: the conversion Job, the purge Job and the serving ConfigMap.
+"""preshard.core.children: the conversion Job, the purge Job and the serving ConfigMap.
 
 The builders are pinned by golden files in tests/golden/*.json (sorted keys, indent 2).
-``PRESHARD_UPDATE_GOLDEN=1 pytest tests/unit/test_core_jobs.py`` rewrites them; by default
+``PRESHARD_UPDATE_GOLDEN=1 pytest tests/unit/test_core_children.py`` rewrites them; by default
 the built manifest is compared and a mismatch shows a unified diff.
 """
 

@@ -29,7 +29,7 @@ from preshard_dev.s3server import RcloneS3
 from tests.unit.test_worker_load_trace import _convert, _tamper
 
 from .conftest import MANIFEST_FIELDS, object_keys, read_object
-from .test_reuse_commands import run
+from .test_step_commands import run
 
 ID = "sha256:" + "a" * 64
 X = "team-x/llama/uid-x"  # the attacker's resource
