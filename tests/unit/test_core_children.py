@@ -46,6 +46,7 @@ from preshard.core.children.steps import (
 )
 from preshard.core.config import OperatorConfig
 from preshard.core.contract import EXIT_PERMANENT, PVC_MOUNT_ROOT, TERMINATION_LOG, WORK_DIR
+from preshard.core.envpolicy import RESERVED_ENV
 from preshard.core.errors import SpecError
 from preshard.core.naming import (
     ANNOTATION_CHECKPOINT_NAME,
@@ -58,7 +59,7 @@ from preshard.core.naming import (
     purge_job_name,
 )
 from preshard.core.serving import configmap_data, serving_info
-from preshard.core.spec import RESERVED_ENV, CheckpointSpec, parse_spec
+from preshard.core.spec import CheckpointSpec, parse_spec
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 UPDATE_GOLDEN = os.environ.get("PRESHARD_UPDATE_GOLDEN") == "1"
