@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from preshard.core import steps as cs
-from preshard.core.estimate import CONFIG_NUMBER_BOUNDS, model_config
 from preshard.core.identity import SourcePin
+from preshard.core.modelconfig import CONFIG_NUMBER_BOUNDS, model_config
 from preshard.core.preflight import parse_preflight
 from preshard.core.spec import parse_spec
 from preshard.core.steps import next_step

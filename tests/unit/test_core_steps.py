@@ -367,7 +367,7 @@ def test_an_unreadable_manifest_is_never_touched() -> None:
 
 
 def test_a_gptq_checkpoint_is_refused_on_cpu_before_any_job_but_not_on_gpu() -> None:
-    from preshard.core.estimate import cpu_raw_reload_refusal, prequantized_method
+    from preshard.core.modelconfig import cpu_raw_reload_refusal, prequantized_method
 
     gptq = {**LLAMA_70B, "quantization_config": {"quant_method": "GPTQ", "bits": 4}}
     assert prequantized_method(gptq) == "gptq"

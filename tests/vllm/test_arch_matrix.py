@@ -66,7 +66,7 @@ DEFAULT_MATRIX = (
 )
 ALL = (*FAMILIES, GPTQ)
 # GPTQ on vLLM's CPU backend: convert refuses it before any engine (sharded_state cannot
-# reload its raw shards there; preshard.core.estimate.cpu_raw_reload_refusal), so the
+# reload its raw shards there; preshard.core.modelconfig.cpu_raw_reload_refusal), so the
 # published-checkpoint tests run over the others.
 # Per log-probability, the reload may differ from the source by at most preshard's own
 # tolerance (LOGPROB_TOLERANCE); the comparison below (_differences) is this file's.

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from preshard.core.estimate import model_config
 from preshard.core.identity import SourcePin
+from preshard.core.modelconfig import model_config
 
 PREFLIGHT_KIND = "preflight"
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from preshard.core.errors import SpecError
-from preshard.core.estimate import cpu_raw_reload_refusal, prequantized_method
 from preshard.core.estimate import preflight as estimate
 from preshard.core.identity import conversion_identity, is_identity
 from preshard.core.manifest import MANIFEST_NAME
+from preshard.core.modelconfig import cpu_raw_reload_refusal, prequantized_method
 from preshard.core.preflight import INVALID, Preflight
 from preshard.core.quantization import kernel_refusal, online_method
 from preshard.core.spec import CheckpointSpec
