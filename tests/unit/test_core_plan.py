@@ -13,7 +13,8 @@ from preshard.cli import build_parser
 from preshard.core.children.conversion import conversion_args
 from preshard.core.contract import FILE_PATTERN, PP_FILE_PATTERN, STATE_RAW, WORK_DIR
 from preshard.core.errors import SpecError
-from preshard.core.manifest import ConversionFacts, Manifest, manifest_for
+from preshard.core.manifest import Manifest
+from preshard.core.manifestfields import ConversionFacts, manifest_for
 from preshard.core.plan import MAX_PARALLEL, ConversionPlan, Layout
 from preshard.core.serving import parallel_args
 from preshard.core.spec import parse_spec

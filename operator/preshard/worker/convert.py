@@ -65,7 +65,7 @@ from preshard.core.contract import (
     WEIGHT_SUFFIXES,
 )
 from preshard.core.errors import PreshardError, SpecError
-from preshard.core.manifest import ConversionFacts, conversion_fields
+from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.core.modelconfig import cpu_raw_reload_refusal
 from preshard.core.plan import ConversionPlan
 from preshard.core.progress import Result, format_rate
