@@ -33,6 +33,7 @@ from preshard.core.claims import (
     preceding_claim,
 )
 from preshard.core.errors import SpecError
+from preshard.core.jobstate import job_outcome, pod_problem
 from preshard.core.naming import (
     ANNOTATION_CHECKPOINT_NAME,
     ANNOTATION_OWNER_UID,
@@ -228,13 +229,13 @@ def sync(
     api = svc.api
     old = svc.status.known(body)
     jname = job["metadata"]["name"]
-    outcome = st.job_outcome(job)
+    outcome = job_outcome(job)
     # A Job that has not started has no pod worth reading (saves a request per resource).
     # Only the Job's own pods speak for it (core.jobpods.owned_by_job).
     pod = api.job_pod(job) if outcome.phase != st.PENDING else None
     result = api.termination_result(pod, job)
     # an active Job's pod may wait for the scheduler or the kubelet (no log to read then)
-    problem = st.pod_problem(pod) if outcome.phase == st.RUNNING else None
+    problem = pod_problem(pod) if outcome.phase == st.RUNNING else None
     progress = None
     if pod is not None and outcome.phase == st.RUNNING and problem is None:
         progress = api.pod_progress(ns, pod["metadata"]["name"])

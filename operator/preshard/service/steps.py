@@ -28,6 +28,7 @@ from preshard.core.children.steps import (
     build_withdraw_job,
 )
 from preshard.core.identity import SourcePin, conversion_identity
+from preshard.core.jobstate import job_outcome
 from preshard.core.naming import serving_configmap_name
 from preshard.core.preflight import Preflight, PreflightError, parse_preflight
 from preshard.core.progress import INVALID_RESULT
@@ -124,7 +125,7 @@ def _preflight(
     )
     jname = wanted["metadata"]["name"]
     job, created = ensure_job(svc, jobs, wanted)
-    outcome = st.job_outcome(job)
+    outcome = job_outcome(job)
     if outcome.phase in (st.PENDING, st.RUNNING):
         d = {**base, "step": "Preflight", "jobName": jname}
         msg = (
@@ -314,7 +315,7 @@ def _follow(
     jname = job["metadata"]["name"]
     out = str(spec.output.parsed)
     identity = old.get("identity")
-    outcome = st.job_outcome(job)
+    outcome = job_outcome(job)
     if outcome.phase in (st.PENDING, st.RUNNING):
         src = f" ({record['from']})" if record.get("from") else ""
         msg = _STEP_MESSAGES[step].format(job=jname, out=out, src=src)
