@@ -37,7 +37,8 @@ from typing import Any
 
 import botocore.exceptions
 
-from preshard.core.contract import JOURNAL_NAME, utc_timestamp
+from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
+from preshard.core.contract import utc_timestamp
 from preshard.core.errors import PreshardError
 from preshard.core.identity import files_digest
 from preshard.core.manifest import (

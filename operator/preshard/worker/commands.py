@@ -20,7 +20,8 @@ from typing import Any
 import botocore.exceptions
 
 from preshard.core import gate
-from preshard.core.contract import EXIT_FAILED, EXIT_OK, JOURNAL_NAME
+from preshard.core.contract import EXIT_FAILED, EXIT_OK
+from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from preshard.core.quantity import format_bytes

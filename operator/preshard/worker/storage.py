@@ -19,10 +19,12 @@ import threading
 from pathlib import Path
 
 from preshard.core.contract import (
-    JOURNAL_NAME,
     OTHER_WEIGHT_SUFFIXES,
     PVC_MOUNT_ROOT,
     SAFETENSORS_SUFFIX,
+)
+from preshard.core.contract import (
+    PUBLICATION_RECORD_NAME as JOURNAL_NAME,
 )
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
