@@ -1,4 +1,4 @@
-"""Adopt, copy and refuse before any accelerator (issue 10), end to end on the demo stack.
+"""Adopt, copy and refuse before any accelerator, end to end on the demo stack.
 
 The stand-in worker (see conftest) plays ``preshard convert`` (what is under test here is
 the operator's decision and the CPU-only steps, which run the REAL ``preshard preflight``,

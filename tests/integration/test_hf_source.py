@@ -482,7 +482,7 @@ def test_convert_from_the_hub_with_vllm(tmp_path: Path, hub: Hub) -> None:
     assert TOKEN not in run.stdout + run.stderr
 
 
-# ---------------------------------------------------------------- preflight (issue 10)
+# --------------------------------------------------------------------------- preflight
 
 
 def hf_pin(tmp_path: Path, hub: Hub, source: str, token: str | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Two tenants on one operator (issue 11): the whole product on 127.0.0.1
+"""Two tenants on one operator (docs/security.md): the whole product on 127.0.0.1
 (preshard_dev.stack.LocalStack: the API emulator over HTTP, ``rclone serve s3``, the real
 operator as a subprocess and the local Job runner playing the Job controller and the
 kubelet). Conversions use the stand-in worker (``preshard_dev.standin``: the real CLI
@@ -81,7 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         st.s3_client().put_object(
             Bucket="preshard-models", Key="tiny-llama/config.json", Body=b"{}"
         )
-        # the preflight Job (issue 10) wants a config.json and *.safetensors weights
+        # the preflight Job wants a config.json and *.safetensors weights
         st.s3_client().put_object(
             Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=standin_weights()
         )

@@ -1,4 +1,4 @@
-"""Hostile input to the worker (issue 11): symlinks out of a PVC source, S3 source keys
+"""Hostile input to the worker: symlinks out of a PVC source, S3 source keys
 that are not file names, endpoints with user info or unparseable, and credentials that
 must never appear in an error, a log line or the termination message. Against moto
 (which stores any key) and rclone serve s3."""

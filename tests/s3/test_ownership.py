@@ -1,4 +1,4 @@
-"""Many owners in one bucket (issue 11): publishing or purging a prefix touches only
+"""Many owners in one bucket (docs/security.md, "Object storage"): publishing or purging a prefix touches only
 what that owner itself published there, and refuses when another owner's checkpoint
 lies below the prefix (nested) or around it (the prefix is inside another checkpoint).
 Against rclone serve s3 and moto."""

@@ -237,7 +237,7 @@ GOLDEN_CASES: dict[str, Any] = {
     "conversion_job_s3_tp2": lambda: build_conversion_job(
         "tiny-tp2", NS, UID, parse_spec(S3_TP2), BASIC_CONFIG
     ),
-    # the conversion identity and the source content the preflight pinned (issue 18)
+    # the conversion identity and the source content the preflight pinned
     "conversion_job_pvc_tp8_pp2_fp8": lambda: build_conversion_job(
         "llama-70b-tp8-pp2",
         NS,

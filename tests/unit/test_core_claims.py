@@ -249,7 +249,7 @@ def test_purge_only_by_the_owner_that_did_not_fail_before_publishing() -> None:
     assert not purge_decision(owner, PUBLISHED, [owner], False).purge
 
 
-# --------------------------------------------- a Job left Pending holds no prefix (issue 18)
+# ---------------------------------------------------------- a Job left Pending holds no prefix
 
 H0, H_HALF, H2 = "2026-01-01T00:00:00Z", "2026-01-01T00:30:00Z", "2026-01-01T02:00:00Z"
 

@@ -1,4 +1,4 @@
-"""config.json numbers from the preflight's findings are tenant input (issue 18): a pod of
+"""config.json numbers from the preflight's findings are tenant input (docs/security.md, "Job results"): a pod of
 the tenant's namespace wrote them. On main a 300-digit integer raised OverflowError in
 the next step (the memory estimate), and an odd one made the layout check build a divisor
 list of 10**300 entries. Now every number the operator reads is typed and bounded first:

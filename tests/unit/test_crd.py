@@ -763,7 +763,7 @@ ENV_RULE_PATH = ".spec.converter.env"
 
 
 def test_cel_rules_are_where_expected() -> None:
-    """The immutability (transition) rules on spec, and the env denylist (issue 18) on
+    """The immutability (transition) rules on spec, and the env denylist (docs/security.md, "Environment") on
     spec.converter.env, the same rule core.spec applies."""
     from preshard.core.envpolicy import ENV_DENY_MESSAGE, ENV_DENY_RULE
 
@@ -891,7 +891,7 @@ def test_cel_rules_and_conversion_hash_agree() -> None:
             assert parse_spec(new).conversion_hash() == parse_spec(base).conversion_hash()
 
 
-# ------------------------------------------------------------- env that loads code (issue 18)
+# ---------------------------------------------------------------- env that loads code
 
 REFUSED_ENV = [
     "VLLM_LOGGING_CONFIG_PATH",  # logging.config.dictConfig can run code

@@ -17,7 +17,7 @@ checkpoint tensor, the rank and the element.
 
 Families (preshard.worker.tinymodel.FAMILIES, plus a 4-bit GPTQ checkpoint written by
 tinymodel.quantize_gptq): the default matrix is the smallest set that covers every
-feature of issue 8 (dense GQA, tied embeddings, padded vocabulary, KV-head replication,
+feature the raw-shard save must handle (dense GQA, tied embeddings, padded vocabulary, KV-head replication,
 qkv bias, q/k norm, HF-fused qkv, two MoE families, GPTQ), several features per model,
 so that it fits its time budget (about 12 minutes on the 2-core test machine);
 ``PRESHARD_ARCH_MATRIX=all`` adds one model per feature (Qwen2 qkv bias, Qwen3 q/k norm,
@@ -60,8 +60,8 @@ DEFAULT_MATRIX = (
     "llama-gqa",  # dense GQA (1 KV head per rank), q/k/v/o biases, HF-separate q/k/v
     "llama-tied",  # tied embeddings, padded vocabulary (500), 1 KV head on both ranks
     "phi3",  # HF-fused qkv_proj / gate_up_proj split per rank
-    "mixtral",  # MoE, w1/w2/w3 experts (the family issue 8 could not convert)
-    "qwen3-moe",  # MoE + q/k norm (the family issue 8 published wrong)
+    "mixtral",  # MoE, w1/w2/w3 experts (a family the processed save could not convert)
+    "qwen3-moe",  # MoE + q/k norm (a family the processed save published wrong)
     GPTQ,  # 4-bit GPTQ of llama-gqa (CPU WNA16 kernels repack the weights)
 )
 ALL = (*FAMILIES, GPTQ)

@@ -2,7 +2,7 @@
 
 Pure functions (no I/O): the worker calls :func:`estimate_memory` right after it has read
 config.json and compares the result with the pod's cgroup memory limit
-(:func:`memory_shortfall`); the operator's preflight (issue 10) calls the same functions
+(:func:`memory_shortfall`); the operator's preflight step (:mod:`preshard.core.steps`) calls the same functions
 with the config.json it read, before any accelerator is requested, and writes
 :meth:`MemoryEstimate.to_status` into ``status.memoryEstimate``.
 
