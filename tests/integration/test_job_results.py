@@ -1,4 +1,4 @@
-"""Issue 18 against the real operator (``preshard operator``, kopf) and the API emulator,
+"""Job results (docs/security.md) against the real operator (``preshard operator``, kopf) and the API emulator,
 with the preflight on: the tests play the Job controller and the kubelet for the CPU
 preflight Job (no S3 is needed: the pod's termination message is the whole interface).
 

@@ -292,7 +292,7 @@ def test_env_outside_the_allowlist_is_refused_at_admission(stack: LocalStack, va
     ["VLLM_LOGGING_CONFIG_PATH", "VLLM_PLUGINS", "NCCL_NET_PLUGIN", "TORCHINDUCTOR_CACHE_DIR"],
 )
 def test_env_that_loads_code_is_refused_at_admission(stack: LocalStack, var: str) -> None:
-    """Issue 18: allowed families, but the name loads code or names a path: the CRD's CEL
+    """Allowed families, but the name loads code or names a path: the CRD's CEL
     rule on spec.converter.env refuses it (the emulator evaluates the CRD's rules)."""
     body = doc("env-" + var.lower().replace("_", "-"), f"s3://{BUCKET}/team-b/env/")
     body["spec"]["converter"]["env"] = [{"name": var, "value": "/work/source/x.json"}]

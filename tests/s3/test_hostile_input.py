@@ -66,7 +66,7 @@ def test_a_pvc_path_that_is_itself_a_link_out_of_the_volume_is_refused(
 def test_the_preflight_digest_never_follows_a_link_out_of_the_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, uri: str
 ) -> None:
-    """Issue 18: the preflight hashed (and so read) whatever a link in a PVC source
+    """The preflight hashed (and so read) whatever a link in a PVC source
     pointed at; it now refuses it as convert does (one shared function)."""
     from preshard.worker import adopt
 

@@ -1,4 +1,4 @@
-"""Issue 18, the worker side: Copy and Adopt take only provably the same content, Copy
+"""docs/security.md "Copy, Adopt and Withdraw", the worker side: Copy and Adopt take only provably the same content, Copy
 follows the publication rules, Withdraw deletes only what a proven owner published, and
 the source a conversion reads is the one the preflight pinned.
 

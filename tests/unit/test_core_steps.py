@@ -280,7 +280,7 @@ def test_the_gate_stops_a_conversion_whose_pod_memory_is_below_the_estimate() ->
     assert next_step(_spec_with_memory(None), ME, p, frozenset(), [], accelerator="cpu").step == (
         "Convert"
     )
-    # the gate never stands between a resource and its own published checkpoint
+    # the conversion refusal never stands between a resource and its own published checkpoint
     adopt = Preflight(
         source=PIN, vllm_version="0.32.0", state="manifest", manifest=man(OLD,
         identity=conversion_identity(small, PIN, "0.32.0", namespace="ml"), proven=True),

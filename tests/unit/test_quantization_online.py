@@ -1,6 +1,6 @@
-"""Issue 21: online methods convert unquantized; refusals that tell the truth (no vLLM
-engine here: the pure parts, the gate over a preflight's probe result, the worker's
-error mapping and summary wording; tests/vllm/test_quantization_online.py runs the real
+"""Online methods convert unquantized; refusals that tell the truth (no vLLM engine
+here: the pure parts, the conversion refusal over a preflight's probe result, the
+worker's error mapping and summary wording; tests/vllm/test_quantization_online.py runs the real
 probe and a real conversion)."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_a_quant_kernels_own_refusal_is_permanent(message: str, permanent: bool)
         assert err.reason == "UnsupportedQuantization" and message in err.message
 
 
-def test_the_gate_refuses_a_needed_kernel_the_probe_did_not_find() -> None:
+def test_the_conversion_refusal_refuses_a_needed_kernel_the_probe_did_not_find() -> None:
     fp8_ckpt = {**LLAMA, "quantization_config": {"quant_method": "fp8"}}
     probed = Preflight(
         source=PIN, vllm_version="0.32.0", state="empty", config=fp8_ckpt,
@@ -125,7 +125,7 @@ def test_the_gate_refuses_a_needed_kernel_the_probe_did_not_find() -> None:
     assert conversion_refusal(spec("fp8"), unprobed, "cpu") is None
 
 
-def test_the_gate_never_refuses_an_online_method_for_its_kernel() -> None:
+def test_the_conversion_refusal_never_refuses_an_online_method_for_its_kernel() -> None:
     p = Preflight(
         source=PIN, vllm_version="0.32.0", state="empty", config=LLAMA,
         kernels={"fp8_per_tensor": NO_KERNEL, "mxfp8": "ValueError: no MXFP8 kernel"},

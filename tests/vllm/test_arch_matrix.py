@@ -762,7 +762,7 @@ def test_lying_sharding_file_is_refused(matrix: Matrix, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", _converted_families())
 def test_engine_free_files_are_the_engines(matrix: Matrix, family: str, tmp_path: Path) -> None:
-    """Issue 20, the proof in one step: the PLANNER's traces (no engine) given to the
+    """The engine-free proof in one step: the PLANNER's traces (no engine) given to the
     streaming writer with the source give the engine's raw save, file for file: the same
     names and the same sha256."""
     from preshard.worker.shardwriter import write_shards

@@ -166,7 +166,7 @@ def _files(d: Path) -> dict[str, str]:
 
 @pytest.mark.skipif(_engine_free_missing() is not None, reason=str(_engine_free_missing()))
 def test_reshard_tp2_to_tp4_and_tp2_pp2_equals_planning_from_the_original(tmp_path: Path) -> None:
-    """Issue 20 item 6: re-sharding a published TP=2 checkpoint (no original, no engine)
+    """Re-sharding a published TP=2 checkpoint (no original, no engine)
     gives the same rank files and sharding metadata (same names, same sha256) as planning
     TP=4 (and TP=2 x PP=2) from the original; the manifest records the origin."""
     from preshard.worker.tinymodel import make_tiny_llama

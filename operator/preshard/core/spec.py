@@ -291,7 +291,7 @@ class CheckpointSpec(_Model):
         engine: str | None = None,
     ) -> ConversionPlan:
         """The conversion this spec asks for (preshard.core.plan); ``engine`` is the
-        effective one (the spec's, else the operator default: preshard.core.children.engine)."""
+        effective one (the spec's, else the operator default: preshard.core.children.pod.engine)."""
         return ConversionPlan(
             source=self.source.parsed,
             output=self.output.parsed,
