@@ -1,7 +1,7 @@
 """Adopt, copy and refuse before any accelerator, end to end on the demo stack.
 
 The stand-in worker (see conftest) plays ``preshard convert`` (what is under test here is
-the operator's decision and the CPU-only steps, which run the REAL ``preshard preflight``,
+the operator's choice of step and the CPU-only steps, which run the REAL ``preshard preflight``,
 ``adopt``, ``copy`` and ``withdraw`` commands against ``rclone serve s3``). "Conversion
 pod" below means a pod of a Job with component ``converter``: the only Jobs that request
 an accelerator.

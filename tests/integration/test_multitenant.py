@@ -50,7 +50,7 @@ def doc(name: str, output: str, **spec: Any) -> dict[str, Any]:
         "source": {"uri": "s3://preshard-models/tiny-llama/"},
         "tensorParallelSize": 2,
         # a file size of its own gives every resource its own conversion identity, so each
-        # one converts (this module is about tenancy; reuse by copy is tests/e2e/test_steps)
+        # one converts (this module is about tenancy; a copy is tests/e2e/test_steps)
         "output": {
             "uri": output,
             "credentialsSecret": "preshard-s3",

@@ -1,7 +1,7 @@
-"""Many owners in one bucket (docs/security.md, "Object storage"): publishing or purging a prefix touches only
-what that owner itself published there, and refuses when another owner's checkpoint
-lies below the prefix (nested) or around it (the prefix is inside another checkpoint).
-Against rclone serve s3 and moto."""
+"""Many owners in one bucket (docs/security.md, "Object storage"): publishing or purging
+a prefix touches only what that owner itself published there, and refuses when another
+owner's checkpoint lies below the prefix (nested) or around it (the prefix is inside
+another checkpoint). Against rclone serve s3 and moto."""
 
 from __future__ import annotations
 

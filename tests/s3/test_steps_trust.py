@@ -1,6 +1,7 @@
-"""docs/security.md "Copy, Adopt and Withdraw", the worker side: Copy and Adopt take only provably the same content, Copy
-follows the publication rules, Withdraw deletes only what a proven owner published, and
-the source a conversion reads is the one the preflight pinned.
+"""docs/security.md "Copy, Adopt and Withdraw", the worker side: Copy and Adopt take
+only provably the same content, Copy follows the publication rules, Withdraw deletes
+only what a proven owner published, and the source a conversion reads is the one the
+preflight pinned.
 
 Real parts: ``preshard copy``/``adopt``/``withdraw`` as subprocesses against ``rclone serve
 s3`` on loopback; a real raw checkpoint with real sharding metadata, built by the real

@@ -1,9 +1,9 @@
-"""config.json numbers from the preflight's findings are tenant input (docs/security.md, "Job results"): a pod of
-the tenant's namespace wrote them. On main a 300-digit integer raised OverflowError in
-the next step (the memory estimate), and an odd one made the layout check build a divisor
-list of 10**300 entries. Now every number the operator reads is typed and bounded first:
-a bad one is refused with InvalidModelConfig naming the field; everything else
-optional is ignored; nothing raises."""
+"""config.json numbers from the preflight's findings are tenant input (docs/security.md,
+"Job results"): a pod of the tenant's namespace wrote them. On main a 300-digit integer
+raised OverflowError in the next step (the memory estimate), and an odd one made the
+layout check build a divisor list of 10**300 entries. Now every number the operator
+reads is typed and bounded first: a bad one is refused with InvalidModelConfig naming
+the field; everything else optional is ignored; nothing raises."""
 
 from __future__ import annotations
 

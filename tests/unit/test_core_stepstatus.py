@@ -1,5 +1,5 @@
-"""core.stepstatus: the status of the steps before a conversion and of a reused
-checkpoint; every such status is valid against the CRD's status schema (a field the
+"""core.stepstatus: the status of the steps before a conversion and of an adopted
+or copied checkpoint; every such status is valid against the CRD's status schema (a field the
 schema lacked would be pruned by the API server)."""
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ ORIGIN = {"uri": "s3://out/orig/", "manifestSha256": "8" * 64}
 
 
 def statuses() -> dict[str, dict[str, Any]]:
-    decision = {"step": "Copy", "jobName": "twin-copy-0123456789", "startedAt": T0,
+    record = {"step": "Copy", "jobName": "twin-copy-0123456789", "startedAt": T0,
                 "from": "s3://out/orig/", "noAdopt": True, "round": 1}  # fmt: skip
-    step = ss.status_for_step(None, step_record=decision, message="m", generation=1, now=T0,
+    step = ss.status_for_step(None, step_record=record, message="m", generation=1, now=T0,
                               identity=IDENTITY)  # fmt: skip
     copied = ss.status_for_adopted_or_copied(
         step, result=ss.COPIED, artifact=ARTIFACT, serving=SERVING, identity=IDENTITY,
@@ -75,7 +75,7 @@ def test_copied_status() -> None:
     assert "twin-serving" in ready["message"]
     assert s["path"] == "Copied" and s["origin"] == ORIGIN and s["durationSeconds"] == 7
     assert s["phase"] == st.SUCCEEDED and s["artifact"] == ARTIFACT
-    assert "decision" not in s  # done: the prefix is claimed by the path now
+    assert "decision" not in s  # done: the prefix is claimed by the step's result now
     pub = st.get_condition(s, st.PUBLISHED)
     assert pub and pub["reason"] == "Copied"
 

@@ -763,8 +763,9 @@ ENV_RULE_PATH = ".spec.converter.env"
 
 
 def test_cel_rules_are_where_expected() -> None:
-    """The immutability (transition) rules on spec, and the env denylist (docs/security.md, "Environment") on
-    spec.converter.env, the same rule core.spec applies."""
+    """The immutability (transition) rules on spec, and the env denylist
+    (docs/security.md, "Environment") on spec.converter.env, the same rule core.spec
+    applies."""
     from preshard.core.envpolicy import ENV_DENY_MESSAGE, ENV_DENY_RULE
 
     [env_rule] = [r for path, r in cel_rules() if path == ENV_RULE_PATH]

@@ -1,6 +1,7 @@
-"""service.steps (through service.reconcile): the flow preflight -> adopt | copy | withdraw -> convert, with
-the Kubernetes calls replaced by an in-memory fake (no API server; the e2e tests in
-tests/e2e/test_steps.py run the same flow for real). Jobs finish as each test says."""
+"""service.steps (through service.reconcile): the flow preflight -> adopt | copy |
+withdraw -> convert, with the Kubernetes calls replaced by an in-memory fake (no API
+server; the e2e tests in tests/e2e/test_steps.py run the same flow for real). Jobs
+finish as each test says."""
 
 from __future__ import annotations
 

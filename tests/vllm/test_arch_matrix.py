@@ -17,9 +17,10 @@ checkpoint tensor, the rank and the element.
 
 Families (preshard.worker.tinymodel.FAMILIES, plus a 4-bit GPTQ checkpoint written by
 tinymodel.quantize_gptq): the default matrix is the smallest set that covers every
-feature the raw-shard save must handle (dense GQA, tied embeddings, padded vocabulary, KV-head replication,
-qkv bias, q/k norm, HF-fused qkv, two MoE families, GPTQ), several features per model,
-so that it fits its time budget (about 12 minutes on the 2-core test machine);
+feature the raw-shard save must handle (dense GQA, tied embeddings, padded vocabulary,
+KV-head replication, qkv bias, q/k norm, HF-fused qkv, two MoE families, GPTQ), several
+features per model, so that it fits its time budget (about 12 minutes on the 2-core test
+machine);
 ``PRESHARD_ARCH_MATRIX=all`` adds one model per feature (Qwen2 qkv bias, Qwen3 q/k norm,
 untied padded vocabulary) and two more MoE families (Qwen2-MoE with a shared expert,
 DeepSeek-V2-Lite style MLA + MoE), or a comma-separated list picks families. Per family

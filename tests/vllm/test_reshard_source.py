@@ -1,7 +1,8 @@
-"""Re-shard source over a real engine conversion (docs/architecture.md, "Re-shard"): the TP=2 checkpoint
-the ``converted_tp2`` fixture publishes to S3 (real vLLM 0.32 CPU build, one KV head
-replicated on both ranks, tied embeddings, files split at 128 KiB) is read back through
-``preshard.worker.sources.checkpoint`` by ranged GETs, and every original tensor the
+"""Re-shard source over a real engine conversion (docs/architecture.md, "Re-shard"): the
+TP=2 checkpoint the ``converted_tp2`` fixture publishes to S3 (real vLLM 0.32 CPU build,
+one KV head replicated on both ranks, tied embeddings, files split at 128 KiB) is read
+back through ``preshard.worker.sources.checkpoint`` by ranged GETs, and every original
+tensor the
 model reads equals the source checkpoint bit for bit; the tied lm_head (never read) is
 refused, as are a changed rank file and a lying sharding file."""
 

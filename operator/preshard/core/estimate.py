@@ -1,10 +1,10 @@
 """Preflight estimate of the memory a conversion pod needs, from the model's config.json.
 
-Pure functions (no I/O): the worker calls :func:`estimate_memory` right after it has read
-config.json and compares the result with the pod's cgroup memory limit
-(:func:`memory_shortfall`); the operator's preflight step (:mod:`preshard.core.steps`) calls the same functions
-with the config.json it read, before any accelerator is requested, and writes
-:meth:`MemoryEstimate.to_status` into ``status.memoryEstimate``.
+Pure functions (no I/O): the worker calls :func:`estimate_memory` right after it has
+read config.json and compares the result with the pod's cgroup memory limit
+(:func:`memory_shortfall`); the operator's preflight step (:mod:`preshard.core.steps`)
+calls the same functions with the config.json it read, before any accelerator is
+requested, and writes :meth:`MemoryEstimate.to_status` into ``status.memoryEstimate``.
 
 The formula (docs/cpu-conversion.md shows it with measured figures)::
 

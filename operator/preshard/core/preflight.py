@@ -101,7 +101,8 @@ def parse_preflight(data: dict[str, Any] | None) -> Preflight:
                 overlaps.append(Overlap(key, owner, o["relation"], "publication"))
             else:
                 overlaps.append(Overlap(key, owner, o["relation"]))
-    # tenant input: typed and bounded before anything counts with it (docs/security.md, "Job results")
+    # tenant input: typed and bounded before anything counts with it
+    # (docs/security.md, "Job results")
     config, config_error = model_config(data.get("config"))
     return Preflight(
         source=SourcePin(_opt(src, "revision"), digest),

@@ -1,6 +1,6 @@
 """The serving hand-off of a published checkpoint: the ``<name>-serving`` ConfigMap and
-``status.serving``, built once (core.children.configmap.build_serving) for every path that publishes
-(a conversion, an adopt, a copy)."""
+``status.serving``, built once (core.children.configmap.build_serving) for every step
+that publishes (a conversion, an adopt, a copy)."""
 
 from __future__ import annotations
 
