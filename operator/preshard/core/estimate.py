@@ -54,6 +54,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from preshard.core.quantity import parse_bytes
+
 GiB = 2**30
 MiB = 2**20
 
@@ -429,8 +431,6 @@ def memory_shortfall(memory_limit_bytes: int | None, estimate: MemoryEstimate) -
 def spec_memory_limit(resources: dict[str, Any] | None) -> int | None:
     """The memory limit a conversion container gets from ``spec.converter.resources``
     (limits.memory; None without one: the pod may use what the node has)."""
-    from preshard.core.quantity import parse_bytes
-
     value = ((resources or {}).get("limits") or {}).get("memory")
     return parse_bytes(str(value)) if value is not None else None
 
