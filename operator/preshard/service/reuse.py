@@ -391,20 +391,11 @@ def _follow(
 def after_sync(
     body: dict[str, Any], old: dict[str, Any], new: dict[str, Any], svc: Service | None = None
 ) -> dict[str, Any]:
-    """A conversion's status: record the Converted path when it becomes Ready (and an
-    Event with how long it took)."""
+    """A conversion's status: record the Converted path when it becomes Ready (its Ready
+    Event, posted by the status writer, says how long it took)."""
     marked = ps.mark_converted(old, new, now())
     if marked is not new and old.get("path") != ps.CONVERTED and svc is not None:
         meta = body.get("metadata") or {}
         owner = f"{meta.get('namespace')}/{meta.get('name')}/{meta.get('uid')}"
         ledger.record(svc, (marked.get("artifact") or {}).get("manifestSha256"), owner)
-    if marked is not new and old.get("path") != ps.CONVERTED:
-        took = marked.get("durationSeconds")
-        events.post(
-            body,
-            "Normal",
-            ps.CONVERTED,
-            f"converted at {(marked.get('artifact') or {}).get('uri')}"
-            + (f" in {took} s" if took is not None else ""),
-        )
     return marked
