@@ -47,12 +47,24 @@ def _read(svc: Any) -> dict[str, str] | None:
     return dict(data or {})
 
 
+def _cache(svc: Any) -> dict[str, str] | None:
+    """The ledger as this operator last read or wrote it (it is the only writer)."""
+    cached = getattr(svc, "ledger_cache", None)
+    return cached if isinstance(cached, dict) else None
+
+
+def _remember(svc: Any, data: dict[str, str] | None) -> None:
+    if data is not None and hasattr(svc, "ledger_cache"):
+        svc.ledger_cache = dict(data)
+
+
 def published_by(svc: Any, manifest_sha256: str | None) -> str | None:
     """The owner this operator saw publish the manifest with this sha256 (None: never
-    seen, or no ledger)."""
+    seen, or no ledger). Always read from the API (proof is never taken from memory)."""
     if not isinstance(manifest_sha256, str) or not _SHA.match(manifest_sha256):
         return None
     data = _read(svc)
+    _remember(svc, data)
     return data.get(manifest_sha256) if data else None
 
 
@@ -67,7 +79,12 @@ def record(svc: Any, manifest_sha256: object, owner: str) -> bool:
         or not _SHA.match(manifest_sha256)
     ):
         return False
-    data = _read(svc)
+    # the entries as last read or written (one read per operator process, then only the
+    # merge patch per entry: the operator is the ledger's only writer)
+    data = _cache(svc)
+    if data is None:
+        data = _read(svc)
+        _remember(svc, data)
     if data is not None and data.get(manifest_sha256) == owner:
         return True
     if data is not None and len(data) >= MAX_ENTRIES:
@@ -78,5 +95,12 @@ def record(svc: Any, manifest_sha256: object, owner: str) -> bool:
         merge(ns, NAME, {manifest_sha256: owner})
     except Exception as exc:
         log.warning("cannot write the ledger %s/%s: %s", ns, NAME, type(exc).__name__)
+        if hasattr(svc, "ledger_cache"):
+            svc.ledger_cache = None  # read it again next time
         return False
+    cached = _cache(svc)
+    if cached is not None:
+        cached[manifest_sha256] = owner
+    else:
+        _remember(svc, {**(data or {}), manifest_sha256: owner})
     return True

@@ -157,10 +157,11 @@ def _reconcile(
                 return
         identity = old.get("identity")
         source_digest = (old.get("decision") or {}).get("sourceDigest")
+        pending = None  # the decision to convert, written with the Job's status
         if svc.preflight and not old.get("jobName"):
             # preflight -> adopt | copy | refuse | convert, before any Job requests an
             # accelerator
-            go, identity, source_digest = reuse.prepare(
+            go, identity, source_digest, pending = reuse.prepare(
                 svc, body, spec, old, identities_index, jobs=jobs_index
             )
             if not go:
@@ -173,14 +174,14 @@ def _reconcile(
             config,
             identity=identity,
             source_digest=source_digest,
-            memory_estimate=svc.status.known(body).get("memoryEstimate"),
+            memory_estimate=(pending or svc.status.known(body)).get("memoryEstimate"),
         )
         job, created = ensure_job(svc, jobs_index, wanted)
         if not job_owned_by(job, uid):
             jname = (job.get("metadata") or {}).get("name")
             msg = f"a Job named {jname} exists but does not belong to this ShardedCheckpoint; delete it or rename this resource"
             new = st.status_for_error(
-                old,
+                pending or old,
                 reason="JobNameConflict",
                 message=msg,
                 generation=gen,
@@ -194,7 +195,7 @@ def _reconcile(
             if created
             else None
         )
-        sync(svc, body, spec, job, job_created=created_msg)
+        sync(svc, body, spec, job, job_created=created_msg, pending=pending)
 
 
 def poll(svc: Service, body: dict[str, Any], jobs_index: Any = None) -> None:
@@ -220,12 +221,18 @@ def sync(
     spec: CheckpointSpec,
     job: dict[str, Any],
     job_created: str | None = None,
+    pending: dict[str, Any] | None = None,
+    read_log: bool = True,
 ) -> None:
-    """Derive and write the status from the Job (callers hold the resource's lock)."""
+    """Derive and write the status from the Job (callers hold the resource's lock).
+    ``pending``: a status decided but not written yet (service.reuse.prepare), the base
+    of this one, written with it. ``read_log``: read a running worker's progress from
+    its pod log (the progress poll does; a Job event need not: its pod just started)."""
     meta = body["metadata"]
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
     api = svc.api
-    old = svc.status.known(body)
+    written = svc.status.known(body)
+    old = pending if pending is not None else written
     jname = job["metadata"]["name"]
     outcome = st.job_outcome(job)
     # A Job that has not started has no pod worth reading (saves a request per resource).
@@ -235,7 +242,7 @@ def sync(
     # an active Job's pod may wait for the scheduler or the kubelet (no log to read then)
     problem = st.pod_problem(pod) if outcome.phase == st.RUNNING else None
     progress = None
-    if pod is not None and outcome.phase == st.RUNNING and problem is None:
+    if read_log and pod is not None and outcome.phase == st.RUNNING and problem is None:
         progress = api.pod_progress(ns, pod["metadata"]["name"])
     serving = None
     serving_error = None
@@ -267,7 +274,7 @@ def sync(
     )
     if svc.preflight:
         new = reuse.after_sync(body, old, new, svc)
-    svc.status.write(body, old, new, job_created)
+    svc.status.write(body, written, new, job_created)
 
 
 def _owner(meta: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
@@ -308,7 +315,7 @@ def job_event(svc: Service, event: dict[str, Any], checkpoints_index: Any) -> No
         errors.logged(f"update {ns}/{owner} from its Job"),
         svc.status.lock(body["metadata"]["uid"]),
     ):
-        sync(svc, body, spec, job)
+        sync(svc, body, spec, job, read_log=False)
 
 
 def step_job_event(

@@ -56,6 +56,13 @@ log = logging.getLogger(__name__)
 RESTART_REASONS = frozenset({"OutputChanged"})
 MAX_ROUNDS = 3
 
+# What :func:`prepare` decided: (go, identity, source digest, pending). ``go``: create the
+# conversion Job now, pinned to that identity and content; ``pending``: the status to
+# write with the conversion Job's (the decision to convert: one status write, not two;
+# a restart before it re-decides from the finished preflight Job, to the same result).
+Prepared = tuple[bool, str | None, str | None, dict[str, Any] | None]
+STOP: Prepared = (False, None, None, None)  # handled (status written), nothing more now
+
 
 def _alive(svc: Service, owner: str) -> bool:
     parts = owner.split("/")
@@ -78,10 +85,9 @@ def prepare(
     index: Any,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None, str | None]:
-    """Run the steps before a conversion. (True, identity, source digest): create the
-    conversion Job now, pinned to the source content the preflight saw; (False, None,
-    None): handled (status written), nothing more to do in this pass.
+) -> Prepared:
+    """Run the steps before a conversion (:data:`Prepared`: go on to the conversion Job,
+    pinned to the source content the preflight saw, or :data:`STOP`).
 
     ``jobs``: the operator's Jobs index (service.jobs): a step's Job is read there and
     never created twice; None asks the API."""
@@ -89,11 +95,11 @@ def prepare(
         gen = body["metadata"].get("generation")
         if old.get("observedGeneration") != gen:
             svc.status.write_known(body, ps.regenerate(old, gen, now()))
-        return False, None, None
+        return STOP
     decision = dict(old.get("decision") or {})
     step = decision.get("step")
     if step == "Convert":
-        return True, old.get("identity"), decision.get("sourceDigest")
+        return True, old.get("identity"), decision.get("sourceDigest"), None
     ns = body["metadata"]["namespace"]
     if step in ("Adopt", "Copy", "Withdraw") and decision.get("jobName"):
         job = find_job(svc, jobs, ns, str(decision["jobName"]))
@@ -118,7 +124,7 @@ def _preflight(
     index: Any,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None, str | None]:
+) -> Prepared:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     base = _base(decision)
@@ -138,21 +144,21 @@ def _preflight(
         svc.status.write_known(
             body, new, f"created preflight Job {jname} (CPU only)" if created else None
         )
-        return False, None, None
+        return STOP
     result = svc.api.termination_result(svc.api.job_pod(job), job)
     if outcome.phase == st.FAILED:
         reason = result.reason if result and result.reason else (outcome.reason or "JobFailed")
         message = (result.message if result and result.message else outcome.message) or ""
         _fail(svc, body, old, reason, f"preflight Job {jname} failed: {message}", gen)
-        return False, None, None
+        return STOP
     if result is not None and result.reason == INVALID_RESULT:  # malformed findings
         _fail(svc, body, old, INVALID_RESULT, f"preflight Job {jname}: {result.message}", gen)
-        return False, None, None
+        return STOP
     try:
         pre = parse_preflight(result.artifact if result else None)
     except PreflightError as exc:
         _fail(svc, body, old, "PreflightFailed", f"preflight Job {jname}: {exc}", gen)
-        return False, None, None
+        return STOP
     pre = _with_proof(svc, ns, pre)
     trusted = svc.config.copy_sources_for(ns)
     args: dict[str, Any] = {
@@ -233,21 +239,21 @@ def _act(
     source: SourcePin,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None, str | None]:
+) -> Prepared:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     if d.path in REFUSALS or d.path == "Gated":
         # GATE: a Gated decision (core.decide.gate) lands here as Ready=False.
         old = {**old, "identity": d.identity} if d.identity else old
         _fail(svc, body, old, d.reason, d.message, gen)
-        return False, None, None
+        return STOP
     # the conversion reads exactly the content the preflight pinned (convert
     # --source-digest: SourceChanged otherwise); the adopt/copy check reads it too
     base = {**base, "sourceDigest": source.digest}
     if d.path == "Convert" and not d.withdraw:
+        # written with the conversion Job's status (one write: service.reconcile.sync)
         new = {**old, "identity": d.identity, "decision": {**base, "step": "Convert"}}
-        svc.status.write_known(body, new)
-        return True, d.identity, source.digest
+        return True, d.identity, source.digest, new
     if d.path == "Adopt":
         assert d.identity and d.expect_manifest_sha256
         job = build_adopt_job(
@@ -310,7 +316,7 @@ def _follow(
     created: bool = False,
     why: str | None = None,
     jobs: Any = None,
-) -> tuple[bool, str | None, str | None]:
+) -> Prepared:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     step = str(decision["step"])
@@ -325,13 +331,12 @@ def _follow(
         svc.status.write_known(
             body, new, f"created {step.lower()} Job {jname}: {why}" if created else None
         )
-        return False, None, None
+        return STOP
     result = svc.api.termination_result(svc.api.job_pod(job), job)
     ok = outcome.phase == st.SUCCEEDED and result is not None and result.result == "Succeeded"
     if ok and step == "Withdraw":
         new = {**old, "decision": {**_base(decision), "step": "Convert"}}
-        svc.status.write_known(body, new)
-        return True, identity, decision.get("sourceDigest")
+        return True, identity, decision.get("sourceDigest"), new
     if ok and result is not None and result.artifact:
         artifact = dict(result.artifact)
         origin = artifact.pop("origin", None) if step == "Copy" else None
@@ -358,7 +363,7 @@ def _follow(
         )
         svc.status.write_known(body, new)
         ledger.record(svc, artifact.get("manifestSha256"), f"{ns}/{name}/{uid}")
-        return False, None, None
+        return STOP
     # failed (or succeeded without a result)
     reason = (result.reason if result and result.reason else None) or outcome.reason or "JobFailed"
     message = (result.message if result and result.message else None) or outcome.message or ""
@@ -374,7 +379,7 @@ def _follow(
         return _preflight(svc, body, spec, {**old, "decision": base}, base, index, jobs=jobs)
     if step == "Withdraw":
         _fail(svc, body, old, reason, f"withdraw Job {jname} failed: {message}", gen)
-        return False, None, None
+        return STOP
     flag = "noAdopt" if step == "Adopt" else "noCopy"
     base[flag] = True
     # A copy's message may name a prefix of another tenant: only the reason is told.
