@@ -62,10 +62,14 @@ def run(args: argparse.Namespace) -> int:
     )
 
     @kopf.on.startup(registry=registry)
-    def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    def startup(
+        settings: kopf.OperatorSettings, memo: kopf.Memo, pods: Any = None, **_: Any
+    ) -> None:
         # The service (configuration, API helpers, the status writer) for every handler:
         # kopf hands each one this memo (handlers.checkpoint.service).
         memo.service = Service(config=config, api=api)
+        # the Jobs' pods as the watch keeps them (handlers.checkpoint.pods): read, not listed
+        memo.service.pods_index = pods
         # Progress and diff-base in annotations under our own prefix (no status clutter).
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
             prefix="preshard.io"

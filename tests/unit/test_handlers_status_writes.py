@@ -142,6 +142,8 @@ def test_the_checkpoint_index_keeps_what_job_events_need() -> None:
     ((key, slim),) = h.checkpoints(body=kopf.Body(b)).items()
     assert key == ("ml", "llama")
     assert slim == {
+        "apiVersion": "preshard.io/v1alpha1",  # for the Events the timers post
+        "kind": "ShardedCheckpoint",
         "metadata": {
             "name": "llama",
             "namespace": "ml",

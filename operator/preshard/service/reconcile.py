@@ -44,7 +44,7 @@ from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 from preshard.service import errors, reuse
 from preshard.service.context import Service
-from preshard.service.jobs import ensure_job, find_job
+from preshard.service.jobs import ensure_job, find_job, job_pod
 from preshard.service.serving import apply_serving
 from preshard.service.status import now
 
@@ -237,7 +237,7 @@ def sync(
     outcome = st.job_outcome(job)
     # A Job that has not started has no pod worth reading (saves a request per resource).
     # Only the Job's own pods speak for it (core.jobpods.owned_by_job).
-    pod = api.job_pod(job) if outcome.phase != st.PENDING else None
+    pod = job_pod(svc, job) if outcome.phase != st.PENDING else None
     result = api.termination_result(pod, job)
     # an active Job's pod may wait for the scheduler or the kubelet (no log to read then)
     problem = st.pod_problem(pod) if outcome.phase == st.RUNNING else None

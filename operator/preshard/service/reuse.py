@@ -45,7 +45,7 @@ from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec
 from preshard.service import events, ledger
 from preshard.service.context import Service
-from preshard.service.jobs import ensure_job, find_job
+from preshard.service.jobs import ensure_job, find_job, job_result
 from preshard.service.serving import apply_serving
 from preshard.service.status import now
 
@@ -145,7 +145,7 @@ def _preflight(
             body, new, f"created preflight Job {jname} (CPU only)" if created else None
         )
         return STOP
-    result = svc.api.termination_result(svc.api.job_pod(job), job)
+    result = job_result(svc, job)
     if outcome.phase == st.FAILED:
         reason = result.reason if result and result.reason else (outcome.reason or "JobFailed")
         message = (result.message if result and result.message else outcome.message) or ""
@@ -332,7 +332,7 @@ def _follow(
             body, new, f"created {step.lower()} Job {jname}: {why}" if created else None
         )
         return STOP
-    result = svc.api.termination_result(svc.api.job_pod(job), job)
+    result = job_result(svc, job)
     ok = outcome.phase == st.SUCCEEDED and result is not None and result.result == "Succeeded"
     if ok and step == "Withdraw":
         new = {**old, "decision": {**_base(decision), "step": "Convert"}}

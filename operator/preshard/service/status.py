@@ -72,6 +72,13 @@ class StatusWriter:
             written = self._written.get(body["metadata"]["uid"])
         return copy.deepcopy(written) if written is not None else dict(body.get("status") or {})
 
+    def peek(self, body: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`known` without the copy, for filters that only read it (never modify
+        what it returns)."""
+        with self._guard:
+            written = self._written.get(body["metadata"]["uid"])
+        return written if written is not None else (body.get("status") or {})
+
     def forget(self, uid: str) -> None:
         """Drop a resource's cache, lock and metrics (it is gone or being deleted)."""
         with self._guard:
