@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     from preshard import handlers, metrics
     from preshard.k8s.api import KubeApi
-    from preshard.service import Service
+    from preshard.service import Service, ledger
 
     try:
         api = KubeApi.connect(pool_size=HANDLER_THREADS)
@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         memo.service = Service(config=config, api=api)
         # the Jobs' pods as the watch keeps them (handlers.checkpoint.pods): read, not listed
         memo.service.pods_index = pods
+        # ledger entries of resources that become Ready together: one patch
+        memo.service.ledger_writer = ledger.LedgerWriter(memo.service)
         # Progress and diff-base in annotations under our own prefix (no status clutter).
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
             prefix="preshard.io"

@@ -140,7 +140,12 @@ def _in_step(status: dict[str, Any]) -> bool:
 
 
 def _polled(status: dict[str, Any]) -> bool:
-    return st.needs_polling(status)
+    """A running conversion, a pod that cannot start, and a conversion Job not started
+    yet (its start is the poll's, service.reconcile.job_event; from the index, no
+    request while it waits)."""
+    ready = st.get_condition(status, st.READY) or {}
+    waiting = bool(status.get("jobName")) and ready.get("reason") == "JobPending"
+    return st.needs_polling(status) or waiting
 
 
 def _purges_output(spec: dict[str, Any], **_: Any) -> bool:

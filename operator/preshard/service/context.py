@@ -49,6 +49,8 @@ class Service:
     pods_index: Any = field(default=None, init=False)
     # the operator's ledger ConfigMap as last read or written (service.ledger)
     ledger_cache: dict[str, str] | None = field(default=None, init=False)
+    # batches ledger entries (service.ledger.LedgerWriter; None: written at once)
+    ledger_writer: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.status = StatusWriter(self.api)

@@ -86,16 +86,17 @@ def _has_result(pod: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
 
 def job_pod(svc: Service, job: dict[str, Any]) -> dict[str, Any] | None:
     """The newest of the Job's own pods: from the pods index (``svc.pods_index``, kept
-    by the watch: no request) when there is one, else listed. A finished Job whose pod
-    the index does not show terminated with a message yet (the pod's event lags the
-    Job's) is listed: a result is never missed."""
+    by the watch: no request) when there is one, else listed. Listed too when the index
+    has none of the Job's pods (a pod without the template's labels, or its event lags
+    the Job's) or, for a finished Job, none terminated with a message yet: a result is
+    never missed."""
     index = svc.pods_index
     if index is None:
         return svc.api.job_pod(job)
     meta = job.get("metadata") or {}
     pod = newest_owned_pod(index.get((meta.get("namespace"), meta.get("name")), ()), job)
     finished = st.job_outcome(job).phase in (st.SUCCEEDED, st.FAILED)
-    if finished and (pod is None or not _has_result(pod, job)):
+    if pod is None or (finished and not _has_result(pod, job)):
         return svc.api.job_pod(job)
     return pod
 

@@ -201,7 +201,9 @@ def _reconcile(
 def poll(svc: Service, body: dict[str, Any], jobs_index: Any = None) -> None:
     """Progress lives in the pod log, and a pod waiting for the scheduler or the kubelet
     changes only itself: neither changes the Job, so the timer polls them (the Job
-    itself from the index)."""
+    itself from the index). A conversion Job that starts running is also first seen
+    here (its Job event leaves it to the poll): a Job that has not started costs
+    nothing."""
     if body["metadata"].get("deletionTimestamp"):
         return
     what = f"poll the progress of {body['metadata']['name']}"
@@ -211,7 +213,7 @@ def poll(svc: Service, body: dict[str, Any], jobs_index: Any = None) -> None:
             jname = svc.status.known(body).get("jobName")
             ns = body["metadata"]["namespace"]
             job = find_job(svc, jobs_index, ns, str(jname)) if jname else None
-            if job is not None:
+            if job is not None and st.job_outcome(job).phase != st.PENDING:
                 sync(svc, body, spec, job)
 
 
@@ -311,11 +313,15 @@ def job_event(svc: Service, event: dict[str, Any], checkpoints_index: Any) -> No
         return  # an invalid spec has no conversion Job
     if job_name(owner, spec.conversion_hash()) != meta.get("name"):
         return
+    if st.job_outcome(job).phase == st.RUNNING:
+        # a running conversion is the progress poll's (service.reconcile.poll: its pod,
+        # its log, what keeps it from starting, in one status write per change)
+        return
     with (
         errors.logged(f"update {ns}/{owner} from its Job"),
         svc.status.lock(body["metadata"]["uid"]),
     ):
-        sync(svc, body, spec, job, read_log=False)
+        sync(svc, body, spec, job)
 
 
 def step_job_event(
