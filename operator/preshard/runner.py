@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from preshard import handlers, metrics
+    from preshard.handlers.diffbase import ObservedGenerationDiffBase, UnmarkedProgressStorage
     from preshard.k8s.api import KubeApi
     from preshard.service import Service, ledger
 
@@ -72,13 +73,11 @@ def run(args: argparse.Namespace) -> int:
         memo.service.pods_index = pods
         # ledger entries of resources that become Ready together: one patch
         memo.service.ledger_writer = ledger.LedgerWriter(memo.service)
-        # Progress and diff-base in annotations under our own prefix (no status clutter).
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-            prefix="preshard.io"
-        )
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="preshard.io", key="last-handled-configuration"
-        )
+        # kopf's progress (a handler's retries) in annotations under our own prefix.
+        settings.persistence.progress_storage = UnmarkedProgressStorage(prefix="preshard.io")
+        # What was handled last: the status's observedGeneration (no patch of kopf's own
+        # per created resource; handlers.diffbase)
+        settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
         settings.persistence.finalizer = "preshard.io/finalizer"
         # Our Events are explicit (service.events); kopf's own "Handler succeeded" events
         # would double the API calls, so only its warnings and errors become Events.
