@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
         memo.service = Service(config=config, api=api)
         # the Jobs' pods as the watch keeps them (handlers.checkpoint.pods): read, not listed
         memo.service.pods_index = pods
-        # ledger entries of resources that become Ready together: one patch
-        memo.service.ledger_writer = ledger.LedgerWriter(memo.service)
+        # ledger entries of resources that become Ready within 2 s: one patch
+        memo.service.ledger_writer = ledger.LedgerWriter(memo.service, window=2.0)
         # kopf's progress (a handler's retries) in annotations under our own prefix.
         settings.persistence.progress_storage = UnmarkedProgressStorage(prefix="preshard.io")
         # What was handled last: the status's observedGeneration (no patch of kopf's own

@@ -136,7 +136,11 @@ def _reconcile(
         if owner is not None:
             write(body, old, st.status_for_conflict(old, conflict_message(me, owner), gen, now()))
             return
-        if config.check_secrets:
+        # The Secrets are checked before this generation's first Job; once one runs they
+        # existed, and one deleted since shows as its pod's CreateContainerConfigError
+        # (PodWaiting), found by the progress poll: no read per step.
+        started = bool(old.get("decision") or old.get("jobName"))
+        if config.check_secrets and not (started and old.get("observedGeneration") == gen):
             missing = [s for s in referenced_secrets(spec, config) if not api.secret_exists(ns, s)]
             if missing:
                 msg = (
