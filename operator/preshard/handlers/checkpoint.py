@@ -32,7 +32,7 @@ import kopf
 from preshard import GROUP, KIND, PLURAL, VERSION
 from preshard.core import status as st
 from preshard.core.claims import claim_of
-from preshard.core.jobs import LABEL_CHECKPOINT, LABEL_COMPONENT, MANAGED_BY
+from preshard.core.jobs import ANNOTATION_OWNER_UID, LABEL_CHECKPOINT, LABEL_COMPONENT, MANAGED_BY
 from preshard.core.pathstatus import STEP_REASONS
 from preshard.handlers import timers
 from preshard.service import Service, deletion, reconcile
@@ -209,6 +209,20 @@ def checkpoint_timers(
 def on_job_event(
     event: dict[str, Any], checkpoints: kopf.Index[tuple[str, str], Any], memo: Any, **_: Any
 ) -> None:
+    job = event.get("object") or {}
+    owner_uid = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_OWNER_UID)
+    timers_ = getattr(memo, "timers", None)
+    if (
+        timers_ is not None
+        and owner_uid
+        and event.get("type") == "MODIFIED"
+        and st.job_outcome(job).phase == st.RUNNING
+        and _ready_reason(service(memo).status.peek({"metadata": {"uid": owner_uid}}))
+        == "JobPending"
+    ):
+        # the conversion's pod started: its progress is first read half a poll period
+        # from now, when there is some (its Job event leaves a running Job to the poll)
+        timers_.restart("poll_progress", str(owner_uid))
     reconcile.job_event(service(memo), event, checkpoints)
 
 
@@ -264,16 +278,14 @@ def register(
             # nothing before the operator's own startup handler made the service
             return _bodies(checkpoints) if getattr(memo, "service", None) else []
 
-        memo.timers_task = timers.start(
-            timers.Timers(
-                runs,
-                bodies,
-                lambda body: service(memo).status.peek(body),
-                HANDLER_CONTEXT,
-                asyncio.get_running_loop().time,
-            ),
-            timers.tick_for(runs),
+        memo.timers = timers.Timers(
+            runs,
+            bodies,
+            lambda body: service(memo).status.peek(body),
+            HANDLER_CONTEXT,
+            asyncio.get_running_loop().time,
         )
+        memo.timers_task = timers.start(memo.timers, timers.tick_for(runs))
 
     @kopf.on.cleanup(id="stop_timers", registry=registry)
     async def stop_timers(memo: Any, **_: Any) -> None:

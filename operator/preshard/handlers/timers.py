@@ -90,6 +90,20 @@ class Timers:
         self.clock = clock
         self.due: dict[tuple[str, str], float] = {}
         self.running: set[tuple[str, str]] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def restart(self, name: str, uid: str) -> None:
+        """Start a resource's timer over (first due after its initial delay), from any
+        thread: e.g. the progress poll when the conversion's pod starts, so its first
+        read comes when there is progress to read."""
+        timer = next((t for t in self.timers if t.name == name), None)
+        if timer is None or self.loop is None:
+            return
+
+        def restart() -> None:
+            self.due[(name, uid)] = self.clock() + timer.initial
+
+        self.loop.call_soon_threadsafe(restart)
 
     def due_now(self) -> list[tuple[Timer, dict[str, Any]]]:
         """The runs due now (each marked running and given its next time); resources
@@ -142,7 +156,7 @@ class Timers:
         return done
 
     async def run_forever(self, tick: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="preshard-timer")
         try:
             while True:
