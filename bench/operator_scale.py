@@ -13,7 +13,8 @@ Three figures, each next to its target:
    Job of any step (label ``app.kubernetes.io/managed-by=preshard``) on a watch this
    script holds open; both timestamps are taken here (monotonic clock). Target at
    N=200: p99 < 2 s. ``--no-phases`` drops the second watch that splits the latency
-   into kopf's finalizer patch, the handler and the status write.
+   into kopf's finalizer patch (``--deletion-policy Delete`` only: Retain resources get
+   no finalizer), the handler and the status write.
 2. **steady request rate of N resources waiting on step Jobs that never finish** (no Job
    runner: the preflight Jobs stay Pending): once the burst is over, the operator's
    requests over ``--window`` seconds (default 130 s, more than two periods of the step
