@@ -62,9 +62,15 @@ def _remember(svc: Any, data: dict[str, str] | None) -> None:
 
 def published_by(svc: Any, manifest_sha256: str | None) -> str | None:
     """The owner this operator saw publish the manifest with this sha256 (None: never
-    seen, or no ledger). Always read from the API (proof is never taken from memory)."""
+    seen, or no ledger): read from the API, or an entry this operator recorded that its
+    :class:`LedgerWriter` has not written yet (the same record, not yet flushed)."""
     if not isinstance(manifest_sha256, str) or not _SHA.match(manifest_sha256):
         return None
+    writer = getattr(svc, "ledger_writer", None)
+    if isinstance(writer, LedgerWriter) and _namespace(svc) is not None:
+        owner = writer.pending(manifest_sha256)
+        if owner is not None:
+            return owner
     data = _read(svc)
     _remember(svc, data)
     return data.get(manifest_sha256) if data else None
@@ -85,6 +91,11 @@ class LedgerWriter:
         self._pending: dict[str, str] = {}
         self._cv = threading.Condition()
         threading.Thread(target=self._run, name="preshard-ledger", daemon=True).start()
+
+    def pending(self, manifest_sha256: str) -> str | None:
+        """The owner of an entry recorded but not written yet."""
+        with self._cv:
+            return self._pending.get(manifest_sha256)
 
     def add(self, manifest_sha256: str, owner: str) -> None:
         with self._cv:
