@@ -13,14 +13,16 @@ Three figures, each next to its target:
    Job of any step (label ``app.kubernetes.io/managed-by=preshard``) on a watch this
    script holds open; both timestamps are taken here (monotonic clock). Target at
    N=200: p99 < 2 s. ``--no-phases`` drops the second watch that splits the latency
-   into kopf's finalizer patch, the handler and the status write.
+   into kopf's finalizer patch (``--deletion-policy Delete`` only: Retain resources get
+   no finalizer), the handler and the status write.
 2. **steady request rate of N resources waiting on step Jobs that never finish** (no Job
    runner: the preflight Jobs stay Pending): once the burst is over, the operator's
    requests over ``--window`` seconds (default 130 s, more than two periods of the step
    safety timer, ``--step-retry``, default 60 s here; the operator's own default is
    300 s, so a cluster sees a fifth of the timer's share). Target: < 0.01 requests per
    second per waiting resource.
-3. **API requests per resource through Ready** (``--ready``, default 20 resources) on a
+3. **API requests per resource through Ready** (``--ready``, default 20 resources; also
+   every request that names the first resource, in order, kopf's and the operator's) on a
    second stack (``preshard_dev.stack.LocalStack``: the emulator, ``rclone serve s3``,
    the operator and the local Job runner) where the Jobs run: every resource's preflight
    Job runs the real ``preshard preflight``, its conversion Job the fast **stand-in
@@ -47,6 +49,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import statistics
@@ -628,6 +631,53 @@ def run(
             emulator.stop()
 
 
+def _what(entry: dict[str, str]) -> str:
+    """A few words on what a logged request carried (an Event's reason, a status's Ready
+    reason, a Job's component, a patch's top-level keys)."""
+    raw = entry.get("body") or ""
+    try:
+        body = json.loads(raw or "null")
+    except ValueError:  # longer than the log keeps: what its start says
+        component = re.search(r'"app.kubernetes.io/component": "(\w+)"', raw)
+        reason = re.search(r'"type": "Ready", "status": "(\w+)", "reason": "(\w+)"', raw)
+        if entry["request"] == "create jobs" and component:
+            return f"{component.group(1)} Job"
+        if reason:
+            return f"Ready {reason.group(1)}/{reason.group(2)}"
+        return "(body cut)"
+    if not isinstance(body, dict):
+        return ""
+    if entry["request"] == "create events":
+        return f"Event {body.get('reason')}"
+    if entry["request"].endswith("/status"):
+        st = body.get("status") or {}
+        ready = next((c for c in st.get("conditions") or [] if c.get("type") == "Ready"), {})
+        return f"Ready {ready.get('status')}/{ready.get('reason')}" if ready else str(sorted(st))
+    if entry["request"] == "create jobs":
+        labels = (body.get("metadata") or {}).get("labels") or {}
+        return f"{labels.get('app.kubernetes.io/component')} Job"
+    return str(sorted(body))[:60]
+
+
+def print_one_resource(http: urllib3.PoolManager, url: str, name: str) -> None:
+    """Every operator request that named one resource (its path, or its name in the
+    body), in order: which are kopf's own, which the operator's, and what each carried
+    (the emulator's request log, ``GET /emulator/requests``). Requests shared by
+    resources (the Secret check, the ledger) name no resource and are not listed."""
+    log = json.loads(http.request("GET", f"{url}/emulator/requests").data)
+    mine = [
+        e
+        for e in log
+        if not e["agent"].startswith(NOT_OPERATOR)
+        and not e["request"].startswith("watch ")
+        and (f"/{name}" in e["path"] or f'"{name}' in (e.get("body") or ""))
+    ]
+    print(f"  one resource ({name}): {len(mine)} requests that name it")
+    for e in mine:
+        who = "kopf" if e["agent"].startswith("kopf") else "operator"
+        print(f"    {who:<8} {e['request']:<32} {_what(e)}")
+
+
 def run_ready(n: int, timeout: float) -> int:
     """Requests per resource through Ready, the Jobs run by the local Job runner: the
     real ``preshard preflight``, then the stand-in worker for the conversion."""
@@ -720,6 +770,7 @@ def run_ready(n: int, timeout: float) -> int:
             for key, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
                 who = ", ".join(a for a in agents if by_agent[a].get(key))
                 print(f"  {key:<35} {c:6d}  {c / n:5.2f}/resource  [{who}]")
+            print_one_resource(http, url, names[0])
             if ready_n != n:
                 print(f"\noperator log tail:\n{stack.operator_log()[-3000:]}", file=sys.stderr)
             return 0

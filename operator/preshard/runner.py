@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
     import kopf
 
     from preshard import handlers, metrics
+    from preshard.handlers.diffbase import ObservedGenerationDiffBase, UnmarkedProgressStorage
     from preshard.k8s.api import KubeApi
-    from preshard.service import Service
+    from preshard.service import Service, ledger
 
     try:
         api = KubeApi.connect(pool_size=HANDLER_THREADS)
@@ -62,17 +63,21 @@ def run(args: argparse.Namespace) -> int:
     )
 
     @kopf.on.startup(registry=registry)
-    def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    def startup(
+        settings: kopf.OperatorSettings, memo: kopf.Memo, pods: Any = None, **_: Any
+    ) -> None:
         # The service (configuration, API helpers, the status writer) for every handler:
         # kopf hands each one this memo (handlers.checkpoint.service).
         memo.service = Service(config=config, api=api)
-        # Progress and diff-base in annotations under our own prefix (no status clutter).
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-            prefix="preshard.io"
-        )
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="preshard.io", key="last-handled-configuration"
-        )
+        # the Jobs' pods as the watch keeps them (handlers.checkpoint.pods): read, not listed
+        memo.service.pods_index = pods
+        # ledger entries of resources that become Ready within 2 s: one patch
+        memo.service.ledger_writer = ledger.LedgerWriter(memo.service, window=2.0)
+        # kopf's progress (a handler's retries) in annotations under our own prefix.
+        settings.persistence.progress_storage = UnmarkedProgressStorage(prefix="preshard.io")
+        # What was handled last: the status's observedGeneration (no patch of kopf's own
+        # per created resource; handlers.diffbase)
+        settings.persistence.diffbase_storage = ObservedGenerationDiffBase()
         settings.persistence.finalizer = "preshard.io/finalizer"
         # Our Events are explicit (service.events); kopf's own "Handler succeeded" events
         # would double the API calls, so only its warnings and errors become Events.

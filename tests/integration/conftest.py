@@ -136,16 +136,17 @@ class K8s:
         self.batch.patch_namespaced_job_status(name, ns, {"status": status})
 
     def create_pod(self, ns: str, job: dict[str, Any], suffix: str = "a") -> str:
-        """A pod as the Job controller creates it: the Job's labels, its controller
-        ownerReference and the template's container."""
+        """A pod as the Job controller creates it: the template's labels and the Job's,
+        its controller ownerReference and the template's container."""
         jname = job["metadata"]["name"]
         name = f"{jname}-{suffix}"
         tmpl = job["spec"]["template"]["spec"]["containers"][0]
         container = {k: tmpl[k] for k in ("name", "image", "command", "args") if k in tmpl}
+        labels = dict((job["spec"]["template"].get("metadata") or {}).get("labels") or {})
         pod = {
             "metadata": {
                 "name": name,
-                "labels": {"job-name": jname, "batch.kubernetes.io/job-name": jname},
+                "labels": {**labels, "job-name": jname, "batch.kubernetes.io/job-name": jname},
                 "ownerReferences": [
                     {
                         "apiVersion": "batch/v1",

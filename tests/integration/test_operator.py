@@ -53,9 +53,14 @@ def ns(k8s_api: K8s) -> str:
 
 
 def handled(k8s: K8s, ns: str, name: str) -> bool:
-    """kopf stored what it handled (its last patch after the handlers)."""
-    meta = (k8s.checkpoint(ns, name) or {}).get("metadata") or {}
-    return "preshard.io/last-handled-configuration" in (meta.get("annotations") or {})
+    """The operator handled the current generation (kopf's diff-base is the status's
+    observedGeneration, handlers.diffbase: kopf makes no patch of its own after the
+    handlers)."""
+    obj = k8s.checkpoint(ns, name) or {}
+    generation = (obj.get("metadata") or {}).get("generation")
+    return generation is not None and (obj.get("status") or {}).get("observedGeneration") == (
+        generation
+    )
 
 
 def finalizers(k8s: K8s, ns: str, name: str) -> list[str]:

@@ -95,8 +95,10 @@ def test_a_job_event_first_then_the_create_handler(rec: Recorder) -> None:
         rec.svc, body(), spec, JOB, job_created="created conversion Job llama-0123456789 (2 GPUs)"
     )
     assert len(rec.patches) == 1
-    assert [r for _, r, _ in rec.events] == ["JobPending", "JobCreated"]
-    assert rec.events[1][2] == "created conversion Job llama-0123456789 (2 GPUs)"
+    # a Normal step between is not announced (service.status.announced): one Event, the
+    # creation's
+    assert [r for _, r, _ in rec.events] == ["JobCreated"]
+    assert rec.events[0][2] == "created conversion Job llama-0123456789 (2 GPUs)"
 
 
 def test_known_status_prefers_what_was_written_until_forgotten(rec: Recorder) -> None:
@@ -140,6 +142,8 @@ def test_the_checkpoint_index_keeps_what_job_events_need() -> None:
     ((key, slim),) = h.checkpoints(body=kopf.Body(b)).items()
     assert key == ("ml", "llama")
     assert slim == {
+        "apiVersion": "preshard.io/v1alpha1",  # for the Events the timers post
+        "kind": "ShardedCheckpoint",
         "metadata": {
             "name": "llama",
             "namespace": "ml",
@@ -173,3 +177,38 @@ def test_a_broken_connection_is_retried_soon(
         reconcile.reconcile(rec.svc, body(), {})
     assert err.value.delay == 2
     assert rec.patches == [] and rec.events == []
+
+
+def _ready(status: str, reason: str, message: str = "m") -> dict[str, Any]:
+    return {"type": "Ready", "status": status, "reason": reason, "message": message}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "created", "posted"),
+    [
+        # a Normal step between: in the status, not posted
+        ({"phase": "Pending", "conditions": [_ready("False", "JobPending")]},
+         {"phase": "Running", "conditions": [_ready("False", "Converting")]}, None, []),
+        # a Warning: posted
+        ({"phase": "Running", "conditions": [_ready("False", "Converting")]},
+         {"phase": "Failed", "conditions": [_ready("False", "SourceNotFound", "gone")]}, None,
+         [("Warning", "SourceNotFound", "gone")]),
+        # a Job created: posted, with the state it left the resource in
+        ({}, {"phase": "Pending", "conditions": [_ready("False", "JobPending", "w")]}, "made",
+         [("Normal", "JobCreated", "made; JobPending: w")]),
+        # Ready: posted, with the path's duration
+        ({"phase": "Running", "conditions": [_ready("False", "Converting")]},
+         {"phase": "Succeeded", "path": "Converted", "durationSeconds": 42,
+          "conditions": [_ready("True", "Published", "at s3://o/")]}, None,
+         [("Normal", "Published", "at s3://o/ (converted in 42 s)")]),
+        ({"phase": "Running", "conditions": [_ready("False", "Adopting")]},
+         {"phase": "Succeeded", "path": "Adopted", "durationSeconds": 3,
+          "conditions": [_ready("True", "Adopted", "ok")]}, None,
+         [("Normal", "Adopted", "ok (adopted in 3 s)")]),
+    ],
+)  # fmt: skip
+def test_only_creations_warnings_and_ready_are_announced(
+    rec: Recorder, old: dict[str, Any], new: dict[str, Any], created: str | None, posted: Any
+) -> None:
+    rec.svc.status.write(body(), old, new, created)
+    assert rec.events == posted

@@ -355,9 +355,10 @@ def test_a_conversion_becomes_converted_with_its_duration(monkeypatch: pytest.Mo
     assert marked["path"] == "Converted" and marked["durationSeconds"] == 65
     assert fake.ledger == {ARTIFACT["manifestSha256"]: f"ml/llama/{UID}"}
     assert "decision" not in marked
-    assert [(r, m) for _, r, m in fake.events] == [
-        ("Converted", "converted at s3://out/llama/ in 65 s")
-    ]
+    # one Event, the Ready one the status writer posts, says how long it took
+    assert fake.events == []
+    fake.svc.status.write(body(), old, marked)
+    assert [(r, m) for _, r, m in fake.events] == [("Published", "converted in 65 s")]
 
 
 def test_a_new_generation_of_an_adopted_resource_is_acknowledged(

@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from preshard import handlers, metrics
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError
+from preshard.handlers import checkpoint
 from preshard.runner import load_config
 from preshard.service import Service, errors
 
@@ -108,13 +109,25 @@ def test_handlers_are_registered_with_the_configured_intervals_and_stable_ids() 
     # kopf keeps handler ids in its progress annotations: a renamed handler would re-run
     assert set(found) == {
         "outputs", "checkpoints", "identities", "on_change", "on_change/spec",
-        "retry_waiting", "poll_progress", "on_job_event", "on_gone", "on_delete",
-        "on_step_job_event", "jobs", "retry_steps",
+        "on_job_event", "on_gone", "on_delete", "on_step_job_event", "jobs", "pods",
     }  # fmt: skip
-    assert (found["poll_progress"].interval, found["poll_progress"].initial_delay) == (2.5, 1.25)
-    assert (found["retry_waiting"].interval, found["retry_waiting"].initial_delay) == (7, 3.5)
+    # no kopf timer or daemon: kopf would add its finalizer to every resource one matches
+    assert not registry._spawning.get_all_handlers()
+    activities = {str(h.id) for h in registry._activities.get_all_handlers()}
+    assert {"start_timers", "stop_timers"} <= activities
+    # the timers (handlers.timers) with the configured intervals and initial delays
+    timers = {
+        t.name: t
+        for t in checkpoint.checkpoint_timers(
+            kopf.Memo(), {}, poll_seconds=config.progress_poll_seconds,
+            retry_seconds=7, step_retry_seconds=240,
+        )
+    }  # fmt: skip
+    assert set(timers) == {"retry_waiting", "poll_progress", "retry_steps"}
+    assert (timers["poll_progress"].interval, timers["poll_progress"].initial) == (2.5, 1.25)
+    assert (timers["retry_waiting"].interval, timers["retry_waiting"].initial) == (7, 3.5)
     # a step's Job is followed by its watch events; the timer is a safety net of minutes
-    assert (found["retry_steps"].interval, found["retry_steps"].initial_delay) == (240, 240)
+    assert (timers["retry_steps"].interval, timers["retry_steps"].initial) == (240, 240)
     assert kopf.get_default_registry() is not registry
     assert "on_change" not in registered(kopf.get_default_registry())  # nothing at import
 

@@ -6,33 +6,38 @@ by the operator's startup handler).
   missing Secret, an output prefix owned by another resource; every few minutes, a
   step's Job as a safety net: steps advance on their Jobs' events) ->
   :func:`preshard.service.reconcile.reconcile`;
-* indexes: the output claims, the checkpoints (for Job events) and the operator's Jobs
-  (read from memory, never polled);
+* indexes: the output claims, the checkpoints (for Job events and the timers), the
+  operator's Jobs and their pods (read from memory, never polled);
 * a timer polls the progress of running conversions (and pods that cannot start);
+* the timers are not kopf timers (those add and remove kopf's finalizer as resources
+  start and stop matching them): :mod:`preshard.handlers.timers` runs them over the
+  checkpoints index, started and stopped with the operator;
 * conversion Job events -> :func:`preshard.service.reconcile.job_event`;
 * delete -> only ``deletionPolicy: Delete`` has a deletion handler (and so kopf's
   finalizer): :func:`preshard.service.deletion.delete`. ``Retain`` resources go at once
   (Job and ConfigMap are garbage-collected); their DELETED event only drops in-memory
-  state. kopf adds its finalizer also while a timer matches a resource (progress
-  polling, retries), whatever the policy.
+  state.
 
-Timer intervals are fixed when kopf registers a handler, so :func:`register` applies
-the decorators with the operator's configuration (``preshard.runner``).
+:func:`register` applies the decorators and sets the timers up with the operator's
+configuration (``preshard.runner``).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import kopf
 
-from preshard import GROUP, PLURAL, VERSION
+from preshard import GROUP, KIND, PLURAL, VERSION
 from preshard.core import status as st
 from preshard.core.claims import claim_of
-from preshard.core.naming import LABEL_CHECKPOINT, LABEL_COMPONENT, MANAGED_BY
+from preshard.core.jobstate import job_outcome
+from preshard.core.naming import ANNOTATION_OWNER_UID, LABEL_CHECKPOINT, LABEL_COMPONENT, MANAGED_BY
 from preshard.core.stepstatus import STEP_REASONS
+from preshard.handlers import timers
 from preshard.service import Service, deletion, reconcile
-from preshard.service.jobs import MANAGED_BY_LABEL, slim_job
+from preshard.service.jobs import MANAGED_BY_LABEL, pod_key, slim_job, slim_pod
 from preshard.service.reconcile import SERVING_CONFLICT
 
 # Ready reasons the retry timer re-checks (a Secret created, a prefix or a ConfigMap name
@@ -78,6 +83,16 @@ def jobs(body: kopf.Body, **_: Any) -> Any:
     return {(meta.get("namespace"), meta.get("name")): slim_job(body)}
 
 
+def pods(body: kopf.Body, **_: Any) -> Any:
+    """(namespace, Job name) -> the Job's pods as the operator reads them
+    (service.jobs.slim_pod), for every pod labelled managed-by preshard (the Jobs' pod
+    templates carry the label): a step's result and a conversion's pod problems are read
+    here instead of listing pods (service.jobs.job_pod). Only the Job's own pods count
+    (core.jobpods.owned_by_job); the label only narrows the watch."""
+    key = pod_key(body)
+    return {key: slim_pod(body)} if all(key) else {}
+
+
 _CHECKPOINT_META = (
     "name",
     "namespace",
@@ -88,12 +103,20 @@ _CHECKPOINT_META = (
 )
 
 
+# kopf's handler context, for the timers' Events (handlers.timers.HandlerContext)
+HANDLER_CONTEXT = timers.HandlerContext()
+
+
 def checkpoints(body: kopf.Body, **_: Any) -> Any:
-    """(namespace, name) -> what Job events need of a checkpoint (kept up to date by the
-    watch, so a Job event costs no read). Spec and status are the event's own parsed
-    objects, not copies (every event brings new ones; readers never modify them)."""
+    """(namespace, name) -> what Job events and the timers need of a checkpoint (kept up
+    to date by the watch, so a Job event costs no read). Spec and status are the event's
+    own parsed objects, not copies (every event brings new ones; readers never modify
+    them)."""
+    HANDLER_CONTEXT.capture()
     meta = body.get("metadata") or {}
     slim = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
         "metadata": {k: meta.get(k) for k in _CHECKPOINT_META if meta.get(k) is not None},
         "spec": body.get("spec") or {},
         "status": body.get("status") or {},
@@ -109,16 +132,21 @@ def _ready_reason(status: dict[str, Any]) -> Any:
     return cond.get("reason") if cond else None
 
 
-def _waiting(status: dict[str, Any], **_: Any) -> bool:
+def _waiting(status: dict[str, Any]) -> bool:
     return _ready_reason(status) in WAITING_REASONS
 
 
-def _in_step(status: dict[str, Any], **_: Any) -> bool:
+def _in_step(status: dict[str, Any]) -> bool:
     return _ready_reason(status) in STEP_WAITING_REASONS
 
 
-def _polled(status: dict[str, Any], **_: Any) -> bool:
-    return st.needs_polling(status)
+def _polled(status: dict[str, Any]) -> bool:
+    """A running conversion, a pod that cannot start, and a conversion Job not started
+    yet (its start is the poll's, service.reconcile.job_event; from the index, no
+    request while it waits)."""
+    ready = st.get_condition(status, st.READY) or {}
+    waiting = bool(status.get("jobName")) and ready.get("reason") == "JobPending"
+    return st.needs_polling(status) or waiting
 
 
 def _purges_output(spec: dict[str, Any], **_: Any) -> bool:
@@ -147,40 +175,55 @@ def on_change(
     reconcile.reconcile(service(memo), dict(body), outputs, identities, jobs)
 
 
-def retry_waiting(
-    body: kopf.Body,
-    outputs: kopf.Index[Any, Any],
+def _bodies(index: kopf.Index[tuple[str, str], Any]) -> list[dict[str, Any]]:
+    return [dict(b) for store in list(index.values()) for b in list(store)]
+
+
+def checkpoint_timers(
     memo: Any,
-    identities: kopf.Index[str, Any] | None = None,
-    jobs: kopf.Index[tuple[str, str], Any] | None = None,
-    **_: Any,
-) -> None:
-    """Heal resources waiting for a Secret or for an output prefix to be released."""
-    reconcile.reconcile(service(memo), dict(body), outputs, identities, jobs)
+    indexes: dict[str, Any],
+    *,
+    poll_seconds: float,
+    retry_seconds: float,
+    step_retry_seconds: float,
+) -> list[timers.Timer]:
+    """The timers (handlers.timers): heal resources waiting for a Secret or for an output
+    prefix to be released; the safety net of a resource whose step Job has not finished
+    (its Job events move it on: the Job is read from the index, never fetched or created
+    again); the progress poll of a running conversion."""
 
+    def reconcile_it(body: dict[str, Any]) -> None:
+        reconcile.reconcile(
+            service(memo), body, indexes["outputs"], indexes["identities"], indexes["jobs"]
+        )
 
-def retry_steps(
-    body: kopf.Body,
-    outputs: kopf.Index[Any, Any],
-    memo: Any,
-    identities: kopf.Index[str, Any] | None = None,
-    jobs: kopf.Index[tuple[str, str], Any] | None = None,
-    **_: Any,
-) -> None:
-    """The safety net of a resource whose step Job has not finished (its Job events move
-    it on): the Job is read from the index, never fetched or created again."""
-    reconcile.reconcile(service(memo), dict(body), outputs, identities, jobs)
+    def poll_it(body: dict[str, Any]) -> None:
+        reconcile.poll(service(memo), body, indexes["jobs"])
 
-
-def poll_progress(
-    body: kopf.Body, memo: Any, jobs: kopf.Index[tuple[str, str], Any] | None = None, **_: Any
-) -> None:
-    reconcile.poll(service(memo), dict(body), jobs)
+    return [
+        timers.Timer("retry_waiting", _waiting, retry_seconds, retry_seconds / 2, reconcile_it),
+        timers.Timer("retry_steps", _in_step, step_retry_seconds, step_retry_seconds, reconcile_it),
+        timers.Timer("poll_progress", _polled, poll_seconds, poll_seconds / 2, poll_it),
+    ]
 
 
 def on_job_event(
     event: dict[str, Any], checkpoints: kopf.Index[tuple[str, str], Any], memo: Any, **_: Any
 ) -> None:
+    job = event.get("object") or {}
+    owner_uid = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_OWNER_UID)
+    timers_ = getattr(memo, "timers", None)
+    if (
+        timers_ is not None
+        and owner_uid
+        and event.get("type") == "MODIFIED"
+        and job_outcome(job).phase == st.RUNNING
+        and _ready_reason(service(memo).status.peek({"metadata": {"uid": owner_uid}}))
+        == "JobPending"
+    ):
+        # the conversion's pod started: its progress is first read half a poll period
+        # from now, when there is some (its Job event leaves a running Job to the poll)
+        timers_.restart("poll_progress", str(owner_uid))
     reconcile.job_event(service(memo), event, checkpoints)
 
 
@@ -210,30 +253,45 @@ def register(
     kopf.index("batch", "v1", "jobs", labels={MANAGED_BY_LABEL: MANAGED_BY}, registry=registry)(
         jobs
     )
+    kopf.index("", "v1", "pods", labels={MANAGED_BY_LABEL: MANAGED_BY}, registry=registry)(pods)
     for on in (kopf.on.resume, kopf.on.create):
         on(*res, registry=registry)(on_change)
     kopf.on.update(*res, field="spec", registry=registry)(on_change)
-    kopf.timer(
-        *res,
-        interval=retry_seconds,
-        initial_delay=retry_seconds / 2,
-        when=_waiting,
-        registry=registry,
-    )(retry_waiting)
-    kopf.timer(
-        *res,
-        interval=step_retry_seconds,
-        initial_delay=step_retry_seconds,
-        when=_in_step,
-        registry=registry,
-    )(retry_steps)
-    kopf.timer(
-        *res,
-        interval=poll_seconds,
-        initial_delay=poll_seconds / 2,
-        when=_polled,
-        registry=registry,
-    )(poll_progress)
+    periods = {
+        "poll_seconds": poll_seconds,
+        "retry_seconds": retry_seconds,
+        "step_retry_seconds": step_retry_seconds,
+    }
+
+    @kopf.on.startup(id="start_timers", registry=registry)
+    async def start_timers(
+        memo: Any,
+        checkpoints: Any,
+        outputs: Any,
+        identities: Any = None,
+        jobs: Any = None,
+        **_: Any,
+    ) -> None:
+        indexes = {"outputs": outputs, "identities": identities, "jobs": jobs}
+        runs = checkpoint_timers(memo, indexes, **periods)
+
+        def bodies() -> list[dict[str, Any]]:
+            # nothing before the operator's own startup handler made the service
+            return _bodies(checkpoints) if getattr(memo, "service", None) else []
+
+        memo.timers = timers.Timers(
+            runs,
+            bodies,
+            lambda body: service(memo).status.peek(body),
+            HANDLER_CONTEXT,
+            asyncio.get_running_loop().time,
+        )
+        memo.timers_task = timers.start(memo.timers, timers.tick_for(runs))
+
+    @kopf.on.cleanup(id="stop_timers", registry=registry)
+    async def stop_timers(memo: Any, **_: Any) -> None:
+        await timers.stop(getattr(memo, "timers_task", None))
+
     kopf.on.event(
         "batch",
         "v1",

@@ -9,6 +9,7 @@ tests give it a fake client."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -54,6 +55,8 @@ class KubeApi:
         self.custom = kubernetes.client.CustomObjectsApi(client)
         # (namespace, name) -> monotonic time a Secret was last found
         self._secrets_seen: dict[tuple[str, str], float] = {}
+        self._secret_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
 
     @classmethod
     def connect(cls, pool_size: int | None = None) -> KubeApi:
@@ -95,6 +98,19 @@ class KubeApi:
         seen = self._secrets_seen.get(key)
         if seen is not None and time.monotonic() - seen < max_age:
             return True
+        with self._secret_lock(key):  # one read at a time per Secret: the others wait
+            seen = self._secrets_seen.get(key)  # for it and use its answer
+            if seen is not None and time.monotonic() - seen < max_age:
+                return True
+            return self._read_secret_metadata(namespace, name, key)
+
+    def _secret_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._guard:
+            if len(self._secret_locks) > 10_000:
+                self._secret_locks.clear()
+            return self._secret_locks.setdefault(key, threading.Lock())
+
+    def _read_secret_metadata(self, namespace: str, name: str, key: tuple[str, str]) -> bool:
         try:
             resp = self.client.call_api(
                 "/api/v1/namespaces/{namespace}/secrets/{name}",

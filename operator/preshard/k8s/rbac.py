@@ -28,8 +28,9 @@ REQUIRED_RBAC: tuple[Rule, ...] = (
     Rule(("preshard.io",), ("shardedcheckpoints/status",), ("patch",)),
     # conversion and purge Jobs (create-or-get, track, delete on deletionPolicy: Delete)
     Rule(("batch",), ("jobs",), ("get", "list", "watch", "create", "delete")),
-    # the newest pod of a Job: termination message and progress lines
-    Rule(("",), ("pods",), ("list",)),
+    # the newest pod of a Job: termination message and progress lines (the operator's
+    # pods index watches the Jobs' pods; a finished Job's pod not there yet is listed)
+    Rule(("",), ("pods",), ("list", "watch")),
     Rule(("",), ("pods/log",), ("get",)),
     # the <name>-serving ConfigMap
     Rule(("",), ("configmaps",), ("get", "create", "patch")),

@@ -45,6 +45,12 @@ class Service:
     config: OperatorConfig = field(default_factory=OperatorConfig)
     api: KubeCalls = field(default_factory=_NoApi)  # type: ignore[assignment]
     status: StatusWriter = field(init=False)
+    # kopf's in-memory index of the Jobs' pods (service.jobs.job_pod; None: list them)
+    pods_index: Any = field(default=None, init=False)
+    # the operator's ledger ConfigMap as last read or written (service.ledger)
+    ledger_cache: dict[str, str] | None = field(default=None, init=False)
+    # batches ledger entries (service.ledger.LedgerWriter; None: written at once)
+    ledger_writer: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.status = StatusWriter(self.api)

@@ -46,7 +46,7 @@ from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 from preshard.service import errors, steps
 from preshard.service.context import Service
-from preshard.service.jobs import ensure_job, find_job
+from preshard.service.jobs import ensure_job, find_job, job_pod
 from preshard.service.serving import apply_serving
 from preshard.service.status import now
 
@@ -138,7 +138,11 @@ def _reconcile(
         if owner is not None:
             write(body, old, st.status_for_conflict(old, conflict_message(me, owner), gen, now()))
             return
-        if config.check_secrets:
+        # The Secrets are checked before this generation's first Job; once one runs they
+        # existed, and one deleted since shows as its pod's CreateContainerConfigError
+        # (PodWaiting), found by the progress poll: no read per step.
+        started = bool(old.get("decision") or old.get("jobName"))
+        if config.check_secrets and not (started and old.get("observedGeneration") == gen):
             missing = [s for s in referenced_secrets(spec, config) if not api.secret_exists(ns, s)]
             if missing:
                 msg = (
@@ -159,10 +163,11 @@ def _reconcile(
                 return
         identity = old.get("identity")
         source_digest = (old.get("decision") or {}).get("sourceDigest")
+        pending = None  # the decision to convert, written with the Job's status
         if svc.preflight and not old.get("jobName"):
             # preflight -> adopt | copy | refuse | convert, before any Job requests an
             # accelerator
-            go, identity, source_digest = steps.prepare(
+            go, identity, source_digest, pending = steps.prepare(
                 svc, body, spec, old, identities_index, jobs=jobs_index
             )
             if not go:
@@ -175,14 +180,14 @@ def _reconcile(
             config,
             identity=identity,
             source_digest=source_digest,
-            memory_estimate=svc.status.known(body).get("memoryEstimate"),
+            memory_estimate=(pending or svc.status.known(body)).get("memoryEstimate"),
         )
         job, created = ensure_job(svc, jobs_index, wanted)
         if not job_owned_by(job, uid):
             jname = (job.get("metadata") or {}).get("name")
             msg = f"a Job named {jname} exists but does not belong to this ShardedCheckpoint; delete it or rename this resource"
             new = st.status_for_error(
-                old,
+                pending or old,
                 reason="JobNameConflict",
                 message=msg,
                 generation=gen,
@@ -196,13 +201,15 @@ def _reconcile(
             if created
             else None
         )
-        sync(svc, body, spec, job, job_created=created_msg)
+        sync(svc, body, spec, job, job_created=created_msg, pending=pending)
 
 
 def poll(svc: Service, body: dict[str, Any], jobs_index: Any = None) -> None:
     """Progress lives in the pod log, and a pod waiting for the scheduler or the kubelet
     changes only itself: neither changes the Job, so the timer polls them (the Job
-    itself from the index)."""
+    itself from the index). A conversion Job that starts running is also first seen
+    here (its Job event leaves it to the poll): a Job that has not started costs
+    nothing."""
     if body["metadata"].get("deletionTimestamp"):
         return
     what = f"poll the progress of {body['metadata']['name']}"
@@ -212,7 +219,7 @@ def poll(svc: Service, body: dict[str, Any], jobs_index: Any = None) -> None:
             jname = svc.status.known(body).get("jobName")
             ns = body["metadata"]["namespace"]
             job = find_job(svc, jobs_index, ns, str(jname)) if jname else None
-            if job is not None:
+            if job is not None and job_outcome(job).phase != st.PENDING:
                 sync(svc, body, spec, job)
 
 
@@ -222,22 +229,28 @@ def sync(
     spec: CheckpointSpec,
     job: dict[str, Any],
     job_created: str | None = None,
+    pending: dict[str, Any] | None = None,
+    read_log: bool = True,
 ) -> None:
-    """Derive and write the status from the Job (callers hold the resource's lock)."""
+    """Derive and write the status from the Job (callers hold the resource's lock).
+    ``pending``: a status decided but not written yet (service.steps.prepare), the base
+    of this one, written with it. ``read_log``: read a running worker's progress from
+    its pod log (the progress poll does; a Job event need not: its pod just started)."""
     meta = body["metadata"]
     ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
     api = svc.api
-    old = svc.status.known(body)
+    written = svc.status.known(body)
+    old = pending if pending is not None else written
     jname = job["metadata"]["name"]
     outcome = job_outcome(job)
     # A Job that has not started has no pod worth reading (saves a request per resource).
     # Only the Job's own pods speak for it (core.jobpods.owned_by_job).
-    pod = api.job_pod(job) if outcome.phase != st.PENDING else None
+    pod = job_pod(svc, job) if outcome.phase != st.PENDING else None
     result = api.termination_result(pod, job)
     # an active Job's pod may wait for the scheduler or the kubelet (no log to read then)
     problem = pod_problem(pod) if outcome.phase == st.RUNNING else None
     progress = None
-    if pod is not None and outcome.phase == st.RUNNING and problem is None:
+    if read_log and pod is not None and outcome.phase == st.RUNNING and problem is None:
         progress = api.pod_progress(ns, pod["metadata"]["name"])
     serving = None
     serving_error = None
@@ -269,7 +282,7 @@ def sync(
     )
     if svc.preflight:
         new = steps.after_sync(body, old, new, svc)
-    svc.status.write(body, old, new, job_created)
+    svc.status.write(body, written, new, job_created)
 
 
 def _owner(meta: dict[str, Any]) -> tuple[str | None, str | None, str | None]:
@@ -305,6 +318,10 @@ def job_event(svc: Service, event: dict[str, Any], checkpoints_index: Any) -> No
     except SpecError:
         return  # an invalid spec has no conversion Job
     if job_name(owner, spec.conversion_hash()) != meta.get("name"):
+        return
+    if job_outcome(job).phase == st.RUNNING:
+        # a running conversion is the progress poll's (service.reconcile.poll: its pod,
+        # its log, what keeps it from starting, in one status write per change)
         return
     with (
         errors.logged(f"update {ns}/{owner} from its Job"),

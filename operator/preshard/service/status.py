@@ -30,6 +30,30 @@ def now() -> str:
     return utc_timestamp()
 
 
+def announced(
+    candidates: list[st.Event], new: dict[str, Any], job_created: str | None
+) -> list[st.Event]:
+    """The Events of a status change worth an API request each: a Job created (with the
+    state it left the resource in), every Warning, and Ready (with how long the path took,
+    ``status.durationSeconds``). A Normal step in between (JobPending -> Converting, a
+    step resumed) is in the status and the Job's own events, not posted again."""
+    out = []
+    ready = st.get_condition(new, st.READY) or {}
+    for ev in candidates:
+        if (ev.reason == "JobCreated" and job_created is not None) or ev.type != "Normal":
+            out.append(ev)
+        elif ready.get("status") == "True" and ev.reason == ready.get("reason"):
+            took = new.get("durationSeconds")
+            path = str(new.get("path") or "").lower()
+            if took is not None and path:
+                took_s = f"{path} in {took} s"
+                ev = st.Event(
+                    ev.type, ev.reason, f"{ev.message} ({took_s})" if ev.message else took_s
+                )
+            out.append(ev)
+    return out
+
+
 class StatusWriter:
     def __init__(self, api: _Patcher) -> None:
         self._api = api
@@ -48,6 +72,13 @@ class StatusWriter:
             written = self._written.get(body["metadata"]["uid"])
         return copy.deepcopy(written) if written is not None else dict(body.get("status") or {})
 
+    def peek(self, body: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`known` without the copy, for filters that only read it (never modify
+        what it returns)."""
+        with self._guard:
+            written = self._written.get(body["metadata"]["uid"])
+        return written if written is not None else (body.get("status") or {})
+
     def forget(self, uid: str) -> None:
         """Drop a resource's cache, lock and metrics (it is gone or being deleted)."""
         with self._guard:
@@ -62,9 +93,9 @@ class StatusWriter:
         new: dict[str, Any],
         job_created: str | None = None,
     ) -> None:
-        """Patch what changed from ``old``; post an Event when Ready's reason or the
-        phase changed (and ``job_created``, the message of the Job's creation, in the
-        same Event)."""
+        """Patch what changed from ``old``; post an Event when a Job was created
+        (``job_created``, its message, with the state it left the resource in), on a
+        Warning and when the resource becomes Ready (:func:`announced`)."""
         meta = body["metadata"]
         patch = st.status_patch(old, new)
         if patch:
@@ -78,7 +109,7 @@ class StatusWriter:
                 (old or {}).get("phase"),
                 seconds_between(new.get("startTime"), new.get("completionTime")),
             )
-        for ev in st.status_events(old, new, job_created):
+        for ev in announced(st.status_events(old, new, job_created), new, job_created):
             events.post(body, ev.type, ev.reason, ev.message)
 
     def write_known(

@@ -43,7 +43,7 @@ from preshard.core.steps import (
 )
 from preshard.service import events, ledger
 from preshard.service.context import Service
-from preshard.service.jobs import ensure_job, find_job
+from preshard.service.jobs import ensure_job, find_job, job_result
 from preshard.service.serving import apply_serving
 from preshard.service.status import now
 
@@ -53,6 +53,13 @@ log = logging.getLogger(__name__)
 # us), at most this many times.
 RESTART_REASONS = frozenset({"OutputChanged"})
 MAX_ROUNDS = 3
+
+# What :func:`prepare` decided: (go, identity, source digest, pending). ``go``: create the
+# conversion Job now, pinned to that identity and content; ``pending``: the status to
+# write with the conversion Job's (the decision to convert: one status write, not two;
+# a restart before it re-decides from the finished preflight Job, to the same result).
+Prepared = tuple[bool, str | None, str | None, dict[str, Any] | None]
+STOP: Prepared = (False, None, None, None)  # handled (status written), nothing more now
 
 
 def _alive(svc: Service, owner: str) -> bool:
@@ -76,10 +83,9 @@ def prepare(
     index: Any,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None, str | None]:
-    """Run the steps before a conversion. (True, identity, source digest): create the
-    conversion Job now, pinned to the source content the preflight saw; (False, None,
-    None): handled (status written), nothing more to do in this pass.
+) -> Prepared:
+    """Run the steps before a conversion (:data:`Prepared`: go on to the conversion Job,
+    pinned to the source content the preflight saw, or :data:`STOP`).
 
     ``jobs``: the operator's Jobs index (service.jobs): a step's Job is read there and
     never created twice; None asks the API."""
@@ -87,11 +93,11 @@ def prepare(
         gen = body["metadata"].get("generation")
         if old.get("observedGeneration") != gen:
             svc.status.write_known(body, ss.regenerate(old, gen, now()))
-        return False, None, None
+        return STOP
     record = dict(old.get("decision") or {})
     step = record.get("step")
     if step == "Convert":
-        return True, old.get("identity"), record.get("sourceDigest")
+        return True, old.get("identity"), record.get("sourceDigest"), None
     ns = body["metadata"]["namespace"]
     if step in ("Adopt", "Copy", "Withdraw") and record.get("jobName"):
         job = find_job(svc, jobs, ns, str(record["jobName"]))
@@ -116,7 +122,7 @@ def _preflight(
     index: Any,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None, str | None]:
+) -> Prepared:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     base = _base(record)
@@ -136,21 +142,21 @@ def _preflight(
         svc.status.write_known(
             body, new, f"created preflight Job {jname} (CPU only)" if created else None
         )
-        return False, None, None
-    result = svc.api.termination_result(svc.api.job_pod(job), job)
+        return STOP
+    result = job_result(svc, job)
     if outcome.phase == st.FAILED:
         reason = result.reason if result and result.reason else (outcome.reason or "JobFailed")
         message = (result.message if result and result.message else outcome.message) or ""
         _fail(svc, body, old, reason, f"preflight Job {jname} failed: {message}", gen)
-        return False, None, None
+        return STOP
     if result is not None and result.reason == INVALID_RESULT:  # malformed findings
         _fail(svc, body, old, INVALID_RESULT, f"preflight Job {jname}: {result.message}", gen)
-        return False, None, None
+        return STOP
     try:
         pre = parse_preflight(result.artifact if result else None)
     except PreflightError as exc:
         _fail(svc, body, old, "PreflightFailed", f"preflight Job {jname}: {exc}", gen)
-        return False, None, None
+        return STOP
     pre = _with_proof(svc, ns, pre)
     trusted = svc.config.copy_sources_for(ns)
     args: dict[str, Any] = {
@@ -231,21 +237,21 @@ def _act(
     source: SourcePin,
     *,
     jobs: Any = None,
-) -> tuple[bool, str | None, str | None]:
+) -> Prepared:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     if d.step in REFUSALS or d.step == "CannotConvert":
         # a refusal (core.steps.conversion_refusal included) lands here as Ready=False
         old = {**old, "identity": d.identity} if d.identity else old
         _fail(svc, body, old, d.reason, d.message, gen)
-        return False, None, None
+        return STOP
     # the conversion reads exactly the content the preflight pinned (convert
     # --source-digest: SourceChanged otherwise); the adopt/copy check reads it too
     base = {**base, "sourceDigest": source.digest}
     if d.step == "Convert" and not d.withdraw:
+        # written with the conversion Job's status (one write: service.reconcile.sync)
         new = {**old, "identity": d.identity, "decision": {**base, "step": "Convert"}}
-        svc.status.write_known(body, new)
-        return True, d.identity, source.digest
+        return True, d.identity, source.digest, new
     if d.step == "Adopt":
         assert d.identity and d.expect_manifest_sha256
         job = build_adopt_job(
@@ -308,7 +314,7 @@ def _follow(
     created: bool = False,
     why: str | None = None,
     jobs: Any = None,
-) -> tuple[bool, str | None, str | None]:
+) -> Prepared:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
     step = str(record["step"])
@@ -323,13 +329,12 @@ def _follow(
         svc.status.write_known(
             body, new, f"created {step.lower()} Job {jname}: {why}" if created else None
         )
-        return False, None, None
-    result = svc.api.termination_result(svc.api.job_pod(job), job)
+        return STOP
+    result = job_result(svc, job)
     ok = outcome.phase == st.SUCCEEDED and result is not None and result.result == "Succeeded"
     if ok and step == "Withdraw":
         new = {**old, "decision": {**_base(record), "step": "Convert"}}
-        svc.status.write_known(body, new)
-        return True, identity, record.get("sourceDigest")
+        return True, identity, record.get("sourceDigest"), new
     if ok and result is not None and result.artifact:
         artifact = dict(result.artifact)
         origin = artifact.pop("origin", None) if step == "Copy" else None
@@ -356,7 +361,7 @@ def _follow(
         )
         svc.status.write_known(body, new)
         ledger.record(svc, artifact.get("manifestSha256"), f"{ns}/{name}/{uid}")
-        return False, None, None
+        return STOP
     # failed (or succeeded without a result)
     reason = (result.reason if result and result.reason else None) or outcome.reason or "JobFailed"
     message = (result.message if result and result.message else None) or outcome.message or ""
@@ -372,7 +377,7 @@ def _follow(
         return _preflight(svc, body, spec, {**old, "decision": base}, base, index, jobs=jobs)
     if step == "Withdraw":
         _fail(svc, body, old, reason, f"withdraw Job {jname} failed: {message}", gen)
-        return False, None, None
+        return STOP
     flag = "noAdopt" if step == "Adopt" else "noCopy"
     base[flag] = True
     # A copy's message may name a prefix of another tenant: only the reason is told.
@@ -389,20 +394,11 @@ def _follow(
 def after_sync(
     body: dict[str, Any], old: dict[str, Any], new: dict[str, Any], svc: Service | None = None
 ) -> dict[str, Any]:
-    """A conversion's status: record the Converted step (``status.path``) when it becomes
-    Ready (and an Event with how long it took)."""
+    """A conversion's status: record the Converted step (``status.path``) when it becomes Ready (its Ready
+    Event, posted by the status writer, says how long it took)."""
     marked = ss.mark_converted(old, new, now())
     if marked is not new and old.get("path") != ss.CONVERTED and svc is not None:
         meta = body.get("metadata") or {}
         owner = f"{meta.get('namespace')}/{meta.get('name')}/{meta.get('uid')}"
         ledger.record(svc, (marked.get("artifact") or {}).get("manifestSha256"), owner)
-    if marked is not new and old.get("path") != ss.CONVERTED:
-        took = marked.get("durationSeconds")
-        events.post(
-            body,
-            "Normal",
-            ss.CONVERTED,
-            f"converted at {(marked.get('artifact') or {}).get('uri')}"
-            + (f" in {took} s" if took is not None else ""),
-        )
     return marked

@@ -50,7 +50,9 @@ What is emulated:
   (``GET /emulator/stats?by=secret-data``);
 * pod logs (``GET .../pods/NAME/log?tailLines=N``) fed through a non-standard
   ``POST /emulator/v1/namespaces/NS/pods/NAME/log``;
-* request counters (``GET /emulator/stats``) and fault injection
+* request counters (``GET /emulator/stats``; ``DELETE`` resets them), a request log
+  (``GET /emulator/requests``: agent, counter key, path and the start of the body of
+  each request since the last reset) and fault injection
   (``POST /emulator/faults`` with verb, resource, code, count, message, retryAfter).
 
 What it does not do: authentication, authorization, admission webhooks, priority and

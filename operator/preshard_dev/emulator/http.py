@@ -20,6 +20,8 @@ from preshard_dev.emulator.store import Fault, Store, count_secret_data
 from preshard_dev.emulator.tables import to_table
 from preshard_dev.emulator.watch import watch
 
+REQUEST_BODY_LOGGED = 2000  # characters of each request body kept in the request log
+
 
 class Emulator:
     """The API server: an aiohttp application over one ``Store`` (``app``)."""
@@ -75,11 +77,15 @@ class Emulator:
                 self.store.stats.clear()
                 self.store.agent_stats.clear()
                 self.store.secret_data_served.clear()
+                self.store.requests.clear()
             if request.query.get("by") == "agent":
                 return web.json_response({a: dict(c) for a, c in self.store.agent_stats.items()})
             if request.query.get("by") == "secret-data":
                 return web.json_response(dict(self.store.secret_data_served))
             return web.json_response(dict(self.store.stats))
+        if parts == ["requests"]:
+            # the request log (newest last): agent, counter key, path, the body's start
+            return web.json_response(list(self.store.requests))
         if parts == ["faults"] and request.method == "POST":
             body = await request.json()
             self.store.faults.append(
@@ -138,6 +144,16 @@ class Emulator:
         self.store.stats["total"] += 1
         agent = request.headers.get("User-Agent", "").split("/")[0] or "unknown"
         self.store.agent_stats.setdefault(agent, Counter())[stat] += 1
+        self.store.requests.append(
+            {
+                "agent": agent,
+                "request": stat,
+                "path": request.path_qs,
+                "body": (await request.text())[:REQUEST_BODY_LOGGED]
+                if request.can_read_body
+                else "",
+            }
+        )
         self.store.check_fault(verb, plural)
         if sub == "log":
             return self.pod_log(namespace or "default", name or "", q)

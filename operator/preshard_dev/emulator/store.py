@@ -52,6 +52,8 @@ class Store:
         self.logs: dict[tuple[str, str], list[str]] = {}
         self.stats: Counter[str] = Counter()
         self.agent_stats: dict[str, Counter[str]] = {}
+        # every counted request, for per-resource breakdowns (GET /emulator/requests)
+        self.requests: deque[dict[str, str]] = deque(maxlen=history)
         # user agent -> Secret objects served with their data (get, list, watch), for
         # tests that prove a client never reads Secret data
         self.secret_data_served: Counter[str] = Counter()
