@@ -313,32 +313,46 @@ def test_a_published_checkpoint_source_is_a_reshard(
 
 
 def test_read_back_check_catches_a_changed_byte_and_a_wrong_header(
-    models: dict[str, Path], tmp_path: Path
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The engine-free conversion reads every completed file back before uploading it:
-    one byte changed in a tensor's data, or a header that leads a name to another
-    tensor's bytes, is refused (VerificationFailed, permanent)."""
+    """The engine-free writer reads every buffer back from the file as it writes it and
+    compares it with what it built (one changed byte is refused: VerificationFailed,
+    permanent, and no file is left), and each completed file is read back through its
+    own header before it is uploaded: a header that leads a name to another tensor's
+    bytes is refused."""
     from preshard.worker import enginefree
 
     traces, info = recorded("llama-tied")
     ranks = sw.plan_files(traces, max_size=info["maxFileSize"])
     layouts = {layout.name: layout for _, ls in ranks for layout in ls}
-    report = sw.write_shards(
-        traces, open_source(str(models["llama-tied"])), tmp_path, max_size=info["maxFileSize"]
-    )
+    # a write that does not land as built: one bit of the first tensor's data flipped on
+    # its way to the file (a faulty disk or file system stands in: nothing else can)
+    real = sw._pwrite
+    first = {"done": False}
+
+    def faulty(fd: int, data: Any, offset: int) -> int:
+        if not first["done"] and offset > 0 and len(data) > 3:
+            first["done"] = True
+            bad = bytearray(data)
+            bad[3] ^= 0x01
+            real(fd, bytes(bad), offset)
+            return len(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(sw, "_pwrite", faulty)
+    source = open_source(str(models["llama-tied"]))
+    with pytest.raises(PreshardError, match="read back at offset") as e:
+        sw.write_shards(traces, source, tmp_path / "bad", max_size=info["maxFileSize"])
+    assert e.value.reason == "VerificationFailed" and e.value.permanent
+    assert first["done"] and not list((tmp_path / "bad").iterdir())
+    monkeypatch.setattr(sw, "_pwrite", real)
+    report = sw.write_shards(traces, source, tmp_path, max_size=info["maxFileSize"])
     f = report.files[0]
     enginefree.check_written(f, layouts[f.name])  # as written: passes
-    data = bytearray(f.path.read_bytes())
-    data[len(layouts[f.name].header) + 3] ^= 0x01  # one bit of the first tensor's data
-    f.path.write_bytes(bytes(data))
-    with pytest.raises(PreshardError, match="read back through the file's header") as e:
-        enginefree.check_written(f, layouts[f.name])
-    assert e.value.reason == "VerificationFailed" and e.value.permanent
     # a header whose offsets swap two tensors of one size
     layout = layouts[f.name]
     a, b = [t for t in layout.tensors if t.dtype == "bfloat16" and t.shape == (128,)][:2]
     body = bytearray(f.path.read_bytes())
-    body[len(layout.header) + 3] ^= 0x01  # undo the flip
     n = int.from_bytes(body[:8], "little")
     header = json.loads(body[8 : 8 + n])
     header[a.key]["data_offsets"], header[b.key]["data_offsets"] = (
@@ -348,5 +362,6 @@ def test_read_back_check_catches_a_changed_byte_and_a_wrong_header(
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (n - len(text))
     f.path.write_bytes(bytes(body[:8]) + text + bytes(body[8 + n :]))
-    with pytest.raises(PreshardError, match=r"read back through the file's header"):
+    with pytest.raises(PreshardError, match=r"header leads .* not to those written") as e:
         enginefree.check_written(f, layout)
+    assert e.value.reason == "VerificationFailed" and e.value.permanent
