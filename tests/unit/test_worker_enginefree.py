@@ -365,3 +365,68 @@ def test_read_back_check_catches_a_changed_byte_and_a_wrong_header(
     with pytest.raises(PreshardError, match=r"header leads .* not to those written") as e:
         enginefree.check_written(f, layout)
     assert e.value.reason == "VerificationFailed" and e.value.permanent
+
+
+def _streamed(work: Path, out: Path, files: dict[str, bytes], sha: dict[str, str]) -> list[Any]:
+    """Stream ``files`` (written into ``work`` one by one) to the local output ``out``:
+    the upload's result, or its error."""
+    from preshard.worker.shardpublish import StreamingPublication
+
+    work.mkdir(parents=True, exist_ok=True)
+    pub = StreamingPublication(
+        work,
+        str(out),
+        [(name, len(data)) for name, data in files.items()],
+        delete_after=frozenset(files),
+        owner="ns/m/uid",
+    )
+    pub.begin()
+    handle = pub.start(None)
+    for name, data in files.items():
+        (work / name).write_bytes(data)
+        pub.ready(name, sha[name])
+    pub.finish_writing()
+    return handle.wait()
+
+
+def test_streamed_local_output_renames_on_one_file_system_and_copies_checked_across(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank file bound for a local output on the work dir's file system is renamed
+    into place (the same inode: no copy, no second hash); across file systems it is
+    copied and hashed, and a file whose bytes are not those the writer hashed is
+    refused there."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    data = {"model-rank-0-part-0.safetensors": b"x" * 4096 + b"abc"}
+    sha = {k: hashlib.sha256(v).hexdigest() for k, v in data.items()}
+    name = next(iter(data))
+    work, out = tmp_path / "work", tmp_path / "out"
+    renamed: list[int] = []
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        renamed.append(os.stat(src).st_ino)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert _streamed(work, out, data, sha) == [(name, len(data[name]), sha[name])]
+    monkeypatch.undo()
+    assert (out / name).read_bytes() == data[name] and not (work / name).exists()
+    assert os.stat(out / name).st_ino in renamed  # renamed into place, not copied
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system here to copy across")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        got = _streamed(other / "w", tmp_path / "out2", data, sha)
+        assert got == [(name, len(data[name]), sha[name])]
+        assert (tmp_path / "out2" / name).read_bytes() == data[name]
+        wrong = {name: hashlib.sha256(b"other bytes").hexdigest()}
+        with pytest.raises(PreshardError, match="changed on disk after it was written"):
+            _streamed(other / "w2", tmp_path / "out3", data, wrong)
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
