@@ -384,3 +384,22 @@ def test_pvc_source_stays_inside_its_volume(
     (root / "claim" / "escape").symlink_to(model_dir)  # a link out of the volume
     with pytest.raises(PreshardError, match="outside its volume"):
         open_source("pvc://claim/escape")
+
+
+def test_uncovered_counts_the_elements_no_write_reaches_runs_and_strided_alike() -> None:
+    """The planner's completeness check (and the writer's): from the writes' runs of
+    elements when each is one consecutive run, from a mask otherwise; one missing
+    element is counted either way, overlaps are not counted twice."""
+
+    def w(off: int, strides: list[int], shape: list[int]) -> dict[str, Any]:
+        return {"op": "copy", "dst": [off, strides, shape]}
+
+    rows = [w(0, [4, 1], [2, 4]), w(8, [4, 1], [2, 4])]  # a 4x4 tensor, two row blocks
+    assert sw.uncovered(rows, 16) == 0
+    assert sw.uncovered(rows[:1], 16) == 8
+    assert sw.uncovered([w(0, [4, 1], [2, 4]), w(4, [4, 1], [3, 4])], 16) == 0  # overlap
+    assert sw.uncovered([w(0, [4, 1], [2, 4]), w(9, [1], [7])], 16) == 1  # one gap
+    cols = [w(0, [4, 1], [4, 2]), w(2, [4, 1], [4, 2])]  # two column blocks: strided
+    assert sw.uncovered(cols, 16) == 0
+    assert sw.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [3, 2])], 16) == 2
+    assert sw.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [4, 1])], 16) == 4

@@ -259,41 +259,46 @@ class RankPlan:
 
 
 class Buffers:
-    """Reused byte buffers (uint8 tensors). A fresh large allocation costs a page fault
-    per 4 KiB page (and a zero-fill for a bytearray): on this kind of machine that made
-    building a tensor into new memory 3-4x slower than into memory already touched.
-    ``take(n)`` gives the smallest free buffer of at least ``n`` bytes (a new one when
-    none fits); ``give`` returns it; at most ``keep`` buffers are kept free, the
-    smallest dropped first, so the memory stays what the live buffers need."""
+    """Reused byte buffers (uint8 tensors) for the saved tensors being built and
+    written. A fresh large allocation costs a page fault per 4 KiB page: on this kind
+    of machine that made building a tensor into new memory 3-4x slower than into
+    memory already touched. ``take(n)`` gives the smallest free buffer of at least
+    ``n`` bytes, else a new one; at most ``most`` buffers exist at once (a free one that
+    is too small is dropped before a new one is made), so the memory is at most
+    ``most`` x the largest tensor, as without reuse."""
 
-    def __init__(self, keep: int) -> None:
-        self._free: list[torch.Tensor] = []
-        self._keep = keep
+    def __init__(self, most: int) -> None:
+        self._free: list[torch.Tensor] = []  # sorted by size
+        self._count = 0
+        self._most = most
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
         import torch
 
         with self._lock:
-            # (kept sorted by size: the first that fits is the smallest)
             for i, b in enumerate(self._free):
                 if b.numel() >= nbytes:
                     return self._free.pop(i)
+            if self._free and self._count >= self._most:
+                self._free.pop()  # the largest of those too small
+                self._count -= 1
+            self._count += 1
         return torch.empty(max(nbytes, 1), dtype=torch.uint8)
 
     def give(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
             self._free.sort(key=lambda b: b.numel())
-            del self._free[: max(0, len(self._free) - self._keep)]
 
 
 class SourceCache:
     """Source tensors (flattened) kept while ranks in lockstep still need them, bounded by
-    bytes (the tensor being used always stays). With ``recycle`` (the writer's, which
-    keeps no reference to a source tensor past the saved tensor it builds), a source
-    that reads into a caller's buffer (``reads_into``) reads into the buffers of the
-    tensors evicted before."""
+    bytes (the tensor being used always stays). With ``recycle`` (the writer's default
+    builder, which keeps no reference to a source tensor past the saved tensor it
+    builds) and a source that reads into a caller's buffer (``reads_into``), a tensor
+    is read into the buffer of an evicted one of the same size (no new allocation, no
+    page faults); the buffers kept count in the limit."""
 
     def __init__(
         self, source: TensorSource, limit: int = DEFAULT_CACHE_BYTES, *, recycle: bool = False
@@ -301,12 +306,11 @@ class SourceCache:
         self.source = source
         self.limit = limit
         self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-        self._bytes = 0
+        self._spare: list[torch.Tensor] = []  # buffers of evicted tensors
+        self._bytes = 0  # cached tensors (their buffers) and spare buffers
         self.reads = 0
         self.bytes_read = 0
-        self._buffers = (
-            Buffers(keep=4) if recycle and getattr(source, "reads_into", False) else None
-        )
+        self._recycle = recycle and bool(getattr(source, "reads_into", False))
         self._infos: dict[str, Any] = {}
 
     def get(self, name: str) -> torch.Tensor:
@@ -315,12 +319,12 @@ class SourceCache:
             self._items.move_to_end(name)
             return item[0]
         base = None
-        if self._buffers is not None:
+        if self._recycle:
             if not self._infos:
                 self._infos = {i.name: i for i in self.source.tensors()}
             info = self._infos.get(name)
             if info is not None and info.nbytes:
-                base = self._buffers.take(info.nbytes)
+                base = self._buffer(info.nbytes)
                 view = memoryview(base[: info.nbytes].numpy())
                 t = self.source.read(name, into=view).reshape(-1)  # type: ignore[call-arg]
         if base is None:
@@ -329,13 +333,41 @@ class SourceCache:
         self.reads += 1
         self.bytes_read += size
         self._items[name] = (t, base)
-        self._bytes += size
+        self._bytes += size if base is None else base.numel()
         while self._bytes > self.limit and len(self._items) > 1:
-            _, (old, old_base) = self._items.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
-            if old_base is not None and self._buffers is not None:
-                self._buffers.give(old_base)
+            self._evict()
+        while self._bytes > self.limit and self._spare:
+            self._bytes -= self._spare.pop().numel()
         return t
+
+    def _evict(self) -> None:
+        _, (old, old_base) = self._items.popitem(last=False)
+        if old_base is None:
+            self._bytes -= old.numel() * old.element_size()
+        else:
+            self._spare.append(old_base)
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A buffer of exactly ``nbytes`` (a model's layers repeat their shapes, so an
+        evicted tensor's buffer fits a later one): a spare of that size, else room is
+        made (spares that do not fit dropped, then the least recently used tensors
+        evicted) while the cache and this read exceed the limit, and a new one made."""
+        import torch
+
+        while True:
+            for i, b in enumerate(self._spare):
+                if b.numel() == nbytes:
+                    self._bytes -= nbytes
+                    return self._spare.pop(i)
+            if self._bytes + nbytes <= self.limit:
+                break
+            if self._spare:
+                self._bytes -= self._spare.pop(0).numel()
+            elif self._items:
+                self._evict()
+            else:
+                break
+        return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def build_tensor(
@@ -417,18 +449,39 @@ def _dense_run(offset: int, strides: list[int], shape: list[int]) -> tuple[int, 
 def _uncovered(plan: RankPlan, saved: Saved, size: int, runs: list[tuple[int, int]] | None) -> int:
     """How many elements no write covers: from the runs when every write is one run of
     elements (the usual case: rows, fused row blocks, whole tensors), else from a mask."""
+    if runs is not None:
+        return _uncovered_runs(runs, size)
+    return _uncovered_mask(plan.writes.get(saved.key) or (), size)
+
+
+def uncovered(writes: list[dict[str, Any]], size: int) -> int:
+    """How many of a tensor's ``size`` elements none of ``writes`` (trace writes, their
+    ``dst`` regions) covers; the planner's completeness check and the writer's. From
+    the regions' runs when each is one consecutive run (no mask), else from a mask."""
+    runs = []
+    for w in writes:
+        run = _dense_run(*w["dst"])
+        if run is None:
+            return _uncovered_mask(writes, size)
+        runs.append(run)
+    return _uncovered_runs(runs, size)
+
+
+def _uncovered_runs(runs: list[tuple[int, int]], size: int) -> int:
+    covered, reach = 0, 0
+    for a, b in sorted(runs):
+        a, b = max(a, reach, 0), min(b, size)
+        if b > a:
+            covered += b - a
+            reach = b
+    return size - covered
+
+
+def _uncovered_mask(writes: Any, size: int) -> int:
     import torch
 
-    if runs is not None:
-        covered, reach = 0, 0
-        for a, b in sorted(runs):
-            a = max(a, reach)
-            if b > a:
-                covered += b - a
-                reach = b
-        return size - covered
     mask = torch.zeros(size, dtype=torch.bool)
-    for w in plan.writes.get(saved.key) or ():
+    for w in writes:
         d_off, d_strides, shape = w["dst"]
         torch.as_strided(mask, shape, d_strides, d_off).fill_(True)
     return int((~mask).sum())
@@ -678,11 +731,13 @@ def write_shards(
     files: ``fp8shards.Fp8Builder``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = plan_files(traces, pattern=pattern, max_size=max_size)
-    cache = SourceCache(source, max(cache_bytes, step_bytes(ranks, source)), recycle=True)
+    cache = SourceCache(
+        source, max(cache_bytes, step_bytes(ranks, source)), recycle=builder is None
+    )
     report = WriteReport()
     open_files: dict[int, _FileWriter] = {}
     # the default builder builds into reused buffers: one being built, ``depth`` out
-    buffers = Buffers(keep=_DEPTH + 1) if builder is None else None
+    buffers = Buffers(most=_DEPTH + 1) if builder is None else None
     io = _IO(buffers, depth=_DEPTH)
     iters = [(plan, layouts, _steps(plan, layouts)) for plan, layouts in ranks]
     try:
