@@ -535,15 +535,20 @@ def same_bytes(a: memoryview, b: memoryview) -> bool:
 
 
 class _IO:
-    """Two background threads while the main thread builds the next tensor: one writes
-    each buffer and reads it back (the check that the file holds the bytes built), the
-    other hashes it (sha256); both release the GIL, so on two cores the hash, the
-    slowest step, runs beside everything else. At most ``depth`` buffers in flight; a
-    buffer goes back to ``buffers`` once written, checked and hashed."""
+    """Background threads while the main thread builds the next tensor: one writes each
+    buffer and reads it back (the check that the file holds the bytes built), others
+    hash (sha256, the slowest step): one hash thread per rank up to the number of
+    cores, each file always on the same one (a file is hashed in order), so the ranks'
+    files are hashed in parallel. All of it releases the GIL. At most ``depth``
+    buffers in flight; a buffer goes back to ``buffers`` once written, checked and
+    hashed."""
 
-    def __init__(self, buffers: Buffers | None = None, depth: int = 2) -> None:
+    def __init__(self, buffers: Buffers | None = None, depth: int = 2, lanes: int = 1) -> None:
         self._write = ThreadPoolExecutor(1, thread_name_prefix="shard-write")
-        self._hash = ThreadPoolExecutor(1, thread_name_prefix="shard-hash")
+        self._hashers = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"shard-hash-{i}")
+            for i in range(max(1, lanes))
+        ]
         self._pending: deque[tuple[Future[None], Future[None], tuple[Any, Any]]] = deque()
         self._depth = depth
         self._buffers = buffers
@@ -557,11 +562,16 @@ class _IO:
         return buf
 
     def submit(
-        self, write: Callable[[], None], digest: Callable[[], None], keep: tuple[Any, Any]
+        self,
+        write: Callable[[], None],
+        digest: Callable[[], None],
+        keep: tuple[Any, Any],
+        lane: int = 0,
     ) -> None:
         while len(self._pending) >= self._depth:
             self._pop()
-        self._pending.append((self._write.submit(write), self._hash.submit(digest), keep))
+        hasher = self._hashers[lane % len(self._hashers)]
+        self._pending.append((self._write.submit(write), hasher.submit(digest), keep))
 
     def _pop(self) -> None:
         w, h, (_, give) = self._pending.popleft()
@@ -584,7 +594,8 @@ class _IO:
             self.drain()
         finally:
             self._write.shutdown(wait=True)
-            self._hash.shutdown(wait=True)
+            for h in self._hashers:
+                h.shutdown(wait=True)
 
 
 class _FileWriter:
@@ -633,7 +644,7 @@ class _FileWriter:
             for i in range(0, len(mv), _WRITE_CHUNK):
                 self._h.update(mv[i : i + _WRITE_CHUNK])
 
-        self.io.submit(write, digest, (hold, give))
+        self.io.submit(write, digest, (hold, give), lane=self.rank)
 
     def put_tensor(self, key: str, t: torch.Tensor, give: Any = None) -> None:
         """``t``'s bytes next in the file; ``give`` (the reused buffer ``t`` was built
@@ -737,8 +748,11 @@ def write_shards(
     report = WriteReport()
     open_files: dict[int, _FileWriter] = {}
     # the default builder builds into reused buffers: one being built, ``depth`` out
-    buffers = Buffers(most=_DEPTH + 1) if builder is None else None
-    io = _IO(buffers, depth=_DEPTH)
+    lanes = min(len(ranks), os.cpu_count() or 1)
+    # (as many buffers in flight as hash threads: each has one to work on)
+    depth = max(_DEPTH, lanes)
+    buffers = Buffers(most=depth + 1) if builder is None else None
+    io = _IO(buffers, depth=depth, lanes=lanes)
     iters = [(plan, layouts, _steps(plan, layouts)) for plan, layouts in ranks]
     try:
         while iters:
