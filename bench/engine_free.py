@@ -3,6 +3,7 @@
     python bench/engine_free.py                    # 1.5 GiB and 4 GiB random Llamas, TP=2
     BENCH_ENGINE_FREE_SIZES=0.5 python bench/engine_free.py     # a quick run
     python bench/engine_free.py --no-engine       # skip the (slow) vLLM conversions
+    python bench/engine_free.py --engine-max-gib 5  # the engine at 4 GiB too (~15 GiB)
     python bench/engine_free.py --no-s3           # local output only
 
 For each size, in the same run and on the same model (preshard.worker.tinymodel, bf16,
@@ -357,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default=os.environ.get("BENCH_ENGINE_FREE_SIZES", "1.5,4"))
     ap.add_argument("--no-engine", action="store_true", help="skip the vLLM conversions")
+    ap.add_argument(
+        "--engine-max-gib",
+        type=float,
+        default=float(os.environ.get("BENCH_ENGINE_MAX_GIB", "2")),
+        help="run the vLLM conversion only for models up to this size (default 2: the 4 GiB "
+        "model's engine needs about 15 GiB, more than this shared machine spares)",
+    )
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 output and s5cmd")
     a = ap.parse_args(argv)
     sizes = parse_sizes(a.sizes)
@@ -377,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 sub = base / f"size-{size:g}"
                 sub.mkdir()
-                runs = run_size(size, sub, server, why is None, not a.no_engine)
+                engine = not a.no_engine and size <= a.engine_max_gib
+                if not a.no_engine and not engine:
+                    print(f"\n(the engine is not run at {size:g} GiB: --engine-max-gib)")
+                runs = run_size(size, sub, server, why is None, engine)
                 report(size, runs)
                 none = runs.get("none")
                 if none and none.ok and none.peak_bytes:
