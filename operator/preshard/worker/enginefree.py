@@ -9,17 +9,17 @@
    record lists every key before any file is written, and the sharding metadata is
    built from the traces exactly as for the engine's.
 2. Converting: ``shardwriter.write_shards`` streams every rank's files from the source
-   (ranks in lockstep over a byte-bounded cache: the source is read about once), each
-   hashed while written; each completed file is read back with safetensors (the tensors,
-   shapes and dtypes the plan lists, the size the layout says, and every tensor's bytes,
-   through the header, equal to what was built for that name: CRC-32) and handed to the
-   upload at once.
+   (ranks in lockstep over a byte-bounded cache: the source is read about once), every
+   buffer read back from the file as it is written and compared with what was built,
+   and hashed (sha256); each completed file's header is read back with safetensors (the
+   tensors, shapes and dtypes the plan lists, the size the layout says, every name led
+   to exactly the bytes written for it) and the file handed to the upload at once.
 3. Uploading: ``shardpublish.StreamingPublication`` uploads each file as it completes
-   and deletes it; the manifest (``convertedOn.engine: "none"``) goes last, when every
-   file is stored.
+   and deletes it (a local output on the work dir's file system: renamed into place);
+   the manifest (``convertedOn.engine: "none"``) goes last, when every file is stored.
 
 Memory: the writer's source cache (``cache_bytes``, at least the largest source tensor)
-plus one saved tensor per rank in flight plus the upload's part buffers; disk: the
+plus three buffers of the largest saved tensor plus the upload's part buffers; disk: the
 non-weight files plus the rank files written and not yet uploaded (the writer waits
 while more than ``max_pending`` bytes wait). No engine runs, so there is no reload check
 here: ``preshard verify --against SOURCE`` re-plans and checks every file bit for bit,

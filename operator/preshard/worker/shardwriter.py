@@ -21,11 +21,15 @@ to vLLM's ``ShardedStateLoader.save_model`` over the same raw state:
 
 Ranks run in lockstep (tensor i of every rank before tensor i+1): tensor-parallel ranks
 read the same source tensors at the same step, so a small byte-bounded cache makes the
-source read about once rather than TP times. Each file is written sequentially (its
-header is known before its data: shapes and dtypes are in the trace) and hashed
-(sha256) while written; ``on_file`` is called as soon as a file is complete (the
-conversion uploads it and deletes it). Memory: the source cache (``cache_bytes``, at
-least the largest source tensor) plus one saved tensor per rank in flight, independent
+source read about once rather than TP times. Each file is written in order (its
+header is known before its data: shapes and dtypes are in the trace): each saved tensor
+is built into a reused buffer, then a write thread writes it (``pwrite``) and reads it
+back from the file, comparing it with what was built (a write that does not land as
+built is refused), while a hash thread per rank (two at most) takes its sha256; the
+main thread builds the next tensor meanwhile. ``on_file`` is called as soon as a file
+is complete (the conversion uploads it and deletes it). Memory: the source cache
+(``cache_bytes``, at least what one saved tensor is copied from) plus three buffers of
+the largest saved tensor (one being built, two being written and hashed), independent
 of the model's size.
 """
 
@@ -537,8 +541,8 @@ def same_bytes(a: memoryview, b: memoryview) -> bool:
 class _IO:
     """Background threads while the main thread builds the next tensor: one writes each
     buffer and reads it back (the check that the file holds the bytes built), others
-    hash (sha256, the slowest step): one hash thread per rank up to the number of
-    cores, each file always on the same one (a file is hashed in order), so the ranks'
+    hash (sha256, the slowest step): one hash thread per rank up to two (and the
+    cores), each file always on the same one (a file is hashed in order), so the ranks'
     files are hashed in parallel. All of it releases the GIL. At most ``depth``
     buffers in flight; a buffer goes back to ``buffers`` once written, checked and
     hashed."""
@@ -748,9 +752,10 @@ def write_shards(
     report = WriteReport()
     open_files: dict[int, _FileWriter] = {}
     # the default builder builds into reused buffers: one being built, ``depth`` out
-    lanes = min(len(ranks), os.cpu_count() or 1)
-    # (as many buffers in flight as hash threads: each has one to work on)
-    depth = max(_DEPTH, lanes)
+    # two hash threads at most: as many buffers in flight as hash threads, so the memory
+    # stays (depth + 1) x the largest saved tensor, the 3 x that core.estimate counts
+    lanes = min(len(ranks), os.cpu_count() or 1, _DEPTH)
+    depth = _DEPTH
     buffers = Buffers(most=depth + 1) if builder is None else None
     io = _IO(buffers, depth=depth, lanes=lanes)
     iters = [(plan, layouts, _steps(plan, layouts)) for plan, layouts in ranks]
