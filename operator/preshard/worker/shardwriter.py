@@ -329,7 +329,7 @@ class SourceCache:
             info = self._infos.get(name)
             if info is not None and info.nbytes:
                 base = self._buffer(info.nbytes)
-                view = memoryview(base[: info.nbytes].numpy())
+                view = base[: info.nbytes].numpy().data
                 t = self.source.read(name, into=view).reshape(-1)  # type: ignore[call-arg]
         if base is None:
             t = self.source.read(name).reshape(-1)
@@ -657,7 +657,7 @@ class _FileWriter:
 
         if t.numel():
             t = t.contiguous()
-            self._put(memoryview(t.view(torch.uint8).numpy()), t, give, key)
+            self._put(t.view(torch.uint8).numpy().data, t, give, key)
         else:
             self.spans[key] = (self._n, self._n)
             self.io.give(give)
