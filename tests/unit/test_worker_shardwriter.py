@@ -403,3 +403,40 @@ def test_uncovered_counts_the_elements_no_write_reaches_runs_and_strided_alike()
     assert sw.uncovered(cols, 16) == 0
     assert sw.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [3, 2])], 16) == 2
     assert sw.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [4, 1])], 16) == 4
+
+
+def test_source_cache_reuses_evicted_buffers_of_the_same_size_within_its_limit(
+    tmp_path: Path,
+) -> None:
+    """The writer's cache reads a tensor into the buffer of an evicted one of the same
+    size (no new allocation): the values read are the source's, each read is counted,
+    and the cache (reused buffers included) stays within its limit."""
+    from safetensors.torch import save_file
+
+    from preshard.worker.sources import open_source
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {f"w{i}": torch.randn(64, 64, generator=gen).to(torch.bfloat16) for i in range(6)}
+    tensors["odd"] = torch.randn(10, 3, generator=gen)
+    model = tmp_path / "m"
+    model.mkdir()
+    save_file(tensors, str(model / "model.safetensors"))
+    (model / "config.json").write_text('{"architectures": ["X"]}')
+    source = open_source(str(model))
+    one = 64 * 64 * 2
+    cache = sw.SourceCache(source, limit=2 * one, recycle=True)
+    seen: list[int] = []
+    for name in ["w0", "w1", "w2", "w0", "odd", "w3", "w4", "w5"]:
+        t = cache.get(name)
+        assert torch.equal(t.reshape(tensors[name].shape), tensors[name]), name
+        seen.append(t.data_ptr())
+        assert cache._bytes <= 2 * one + 10 * 3 * 4
+    assert cache.reads == 8  # w0 again: evicted by then (a limit of two)
+    # seven reads of w-tensors into three buffers: the two first read into, and one new
+    # after the odd-sized tensor's read dropped a spare to stay within the limit
+    assert len(set(seen[:4] + seen[5:])) == 3
+    # without recycling (a builder that may keep references): new buffers every time
+    plain = sw.SourceCache(source, limit=2 * one)
+    a = plain.get("w0")
+    plain.get("w1"), plain.get("w2")
+    assert torch.equal(a.reshape(64, 64), tensors["w0"])
