@@ -426,15 +426,14 @@ def test_source_cache_reuses_evicted_buffers_of_the_same_size_within_its_limit(
     one = 64 * 64 * 2
     cache = sw.SourceCache(source, limit=2 * one, recycle=True)
     seen: list[int] = []
-    for name in ["w0", "w1", "w2", "w0", "odd", "w3", "w4", "w5"]:
+    for name in ["w0", "w1", "w2", "w0", "w3", "w4", "w5", "odd", "w1"]:
         t = cache.get(name)
         assert torch.equal(t.reshape(tensors[name].shape), tensors[name]), name
         seen.append(t.data_ptr())
-        assert cache._bytes <= 2 * one + 10 * 3 * 4
-    assert cache.reads == 8  # w0 again: evicted by then (a limit of two)
-    # seven reads of w-tensors into three buffers: the two first read into, and one new
-    # after the odd-sized tensor's read dropped a spare to stay within the limit
-    assert len(set(seen[:4] + seen[5:])) == 3
+        assert cache._bytes <= 2 * one
+    assert cache.reads == 9  # w0 again: evicted by then (a limit of two)
+    # seven reads of same-sized tensors into the two buffers the first two were read into
+    assert set(seen[:7]) == set(seen[:2]) and len(set(seen[:2])) == 2
     # without recycling (a builder that may keep references): new buffers every time
     plain = sw.SourceCache(source, limit=2 * one)
     a = plain.get("w0")
