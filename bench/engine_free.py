@@ -3,6 +3,7 @@
     python bench/engine_free.py                    # 1.5 GiB and 4 GiB random Llamas, TP=2
     BENCH_ENGINE_FREE_SIZES=0.5 python bench/engine_free.py     # a quick run
     python bench/engine_free.py --no-engine       # skip the (slow) vLLM conversions
+    python bench/engine_free.py --engine-max-gib 5  # the engine at 4 GiB too (~15 GiB)
     python bench/engine_free.py --no-s3           # local output only
 
 For each size, in the same run and on the same model (preshard.worker.tinymodel, bf16,
@@ -20,9 +21,11 @@ descendants, sampled every 0.2 s from /proc: vLLM's engine runs several processe
 
 It prints the figures and the ratios the issue sets as targets: peak memory of the
 engine-free path flat across sizes and under 1 GiB, at least 10x faster than the
-engine, within 2x of copying the same bytes (and against s5cmd for S3). Client and
-server share this machine's cores: compare ratios of one run, never absolute figures.
-Not a test: it never fails on a number.
+engine, within 2x of copying the same bytes (and against s5cmd for S3); and, from the
+conversion's own stage timings, how much of its time streamed the bytes (the convert
+and upload stages, against ``cp``) and how much was the fixed start (vLLM's import and
+the planning). Client and server share this machine's cores: compare ratios of one
+run, never absolute figures. Not a test: it never fails on a number.
 
 The engine-free part runs only when ``preshard convert --engine none`` really is
 engine-free: a probe conversion of a tiny model must record ``convertedOn.engine:
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +46,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GiB = 2**30
@@ -103,6 +107,21 @@ class Run:
     peak_bytes: int | None  # None: not measured (a copy of bytes, no process tree)
     ok: bool = True
     note: str = ""
+    # the conversion's own stage timings (its last line: "plan 9.1 s, convert 3.2 s, ...")
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+_STAGE = re.compile(r"\b(plan|convert|upload|total) (\d+(?:\.\d+)?) s\b")
+
+
+def stage_timings(output: str) -> dict[str, float]:
+    """The stage timings of ``preshard convert``'s result line (the last one that has
+    them): ``{"plan": 9.1, "convert": 3.2, "upload": 0.0, "total": 12.4}``."""
+    for line in reversed(output.splitlines()):
+        found = dict(_STAGE.findall(line))
+        if "plan" in found and "total" in found:
+            return {k: float(v) for k, v in found.items()}
+    return {}
 
 
 def verdicts(size_gib: float, runs: dict[str, Run]) -> list[str]:
@@ -129,6 +148,14 @@ def verdicts(size_gib: float, runs: dict[str, Run]) -> list[str]:
             f"{size_gib:g} GiB: engine-free / cp = {x:.2f}x "
             f"(target <= {TARGET_COPY_RATIO:g}x): {'met' if met else 'NOT met'}"
         )
+        streamed = none.stages.get("convert", 0.0) + none.stages.get("upload", 0.0)
+        if streamed > 0:
+            fixed = none.seconds - streamed
+            out.append(
+                f"{size_gib:g} GiB: of which streaming the bytes (convert + upload stages) "
+                f"{streamed:.1f} s = {streamed / cp.seconds:.2f}x cp, the rest {fixed:.1f} s "
+                "(start-up, vLLM's import, planning: fixed, independent of the size)"
+            )
     s3, s5 = runs.get("none_s3"), runs.get("s5cmd")
     if s3 and s3.ok and s5 and s5.ok:
         out.append(
@@ -176,9 +203,10 @@ def _pss(pid: int) -> int:
 
 
 def measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, float, int, str]:
-    """(exit code, wall seconds, peak process-tree PSS in bytes, stderr tail) of argv."""
+    """(exit code, wall seconds, peak process-tree PSS in bytes, output tail: stdout
+    then stderr) of argv."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     peak, stop = 0, threading.Event()
 
     def sample() -> None:
@@ -189,11 +217,11 @@ def measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, f
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, err = proc.communicate()
+    err, _ = proc.communicate()
     dt = time.monotonic() - t0
     stop.set()
     sampler.join()
-    return proc.returncode, dt, peak, err.decode(errors="replace")[-2000:]
+    return proc.returncode, dt, peak, err.decode(errors="replace")[-4000:]
 
 
 def convert_argv(model: Path, output: str, work: Path, *extra: str) -> list[str]:
@@ -269,7 +297,7 @@ def run_size(
         rc, dt, peak, err = measured(convert_argv(model, output, work, *extra), env)
         shutil.rmtree(work, ignore_errors=True)
         note = "" if rc == 0 else f"exit {rc}: {err.strip().splitlines()[-1:]}"
-        runs[key] = Run(key, dt, peak, rc == 0, note)
+        runs[key] = Run(key, dt, peak, rc == 0, note, stage_timings(err))
 
     if engine_free:
         conv("none", str(base / "out-none"), "--engine", "none")
@@ -320,6 +348,8 @@ def report(size_gib: float, runs: dict[str, Run]) -> None:
         peak = f"{r.peak_bytes / MiB:.0f}" if r.peak_bytes is not None else "-"
         text = f"{r.seconds:>9.1f}{peak:>10}" if r.ok else f"  failed: {r.note[:120]}"
         print(f"{label:<46}{text}")
+        if r.ok and r.stages:
+            print(f"{'':<4}stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in r.stages.items()))
     for line in verdicts(size_gib, runs):
         print("  " + line)
 
@@ -328,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default=os.environ.get("BENCH_ENGINE_FREE_SIZES", "1.5,4"))
     ap.add_argument("--no-engine", action="store_true", help="skip the vLLM conversions")
+    ap.add_argument(
+        "--engine-max-gib",
+        type=float,
+        default=float(os.environ.get("BENCH_ENGINE_MAX_GIB", "2")),
+        help="run the vLLM conversion only for models up to this size (default 2: the 4 GiB "
+        "model's engine needs about 15 GiB, more than this shared machine spares)",
+    )
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 output and s5cmd")
     a = ap.parse_args(argv)
     sizes = parse_sizes(a.sizes)
@@ -348,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             for size in sizes:
                 sub = base / f"size-{size:g}"
                 sub.mkdir()
-                runs = run_size(size, sub, server, why is None, not a.no_engine)
+                engine = not a.no_engine and size <= a.engine_max_gib
+                if not a.no_engine and not engine:
+                    print(f"\n(the engine is not run at {size:g} GiB: --engine-max-gib)")
+                runs = run_size(size, sub, server, why is None, engine)
                 report(size, runs)
                 none = runs.get("none")
                 if none and none.ok and none.peak_bytes:

@@ -97,6 +97,24 @@ def test_verdicts_and_flatness(bench: ModuleType) -> None:
     assert bench.flatness([(1.5, 1)]) is None
 
 
+def test_stage_timings_and_the_streaming_share(bench: ModuleType) -> None:
+    out = (
+        "PRESHARD-PROGRESS {...}\n"
+        "preshard: published /tmp/o/ (engine none; 2 rank files, 1.5 GiB; plan 8.5 s, "
+        "convert 3.0 s, upload 0.5 s, total 12.0 s)\n"
+    )
+    stages = bench.stage_timings(out)
+    assert stages == {"plan": 8.5, "convert": 3.0, "upload": 0.5, "total": 12.0}
+    assert bench.stage_timings("no timings here\n") == {}
+    Run = bench.Run
+    runs = {"none": Run("none", 12.5, 600 * 2**20, stages=stages), "cp": Run("cp", 2.0, None)}
+    assert bench.verdicts(1.5, runs)[1:] == [
+        "1.5 GiB: engine-free / cp = 6.25x (target <= 2x): NOT met",
+        "1.5 GiB: of which streaming the bytes (convert + upload stages) 3.5 s = 1.75x cp, "
+        "the rest 9.0 s (start-up, vLLM's import, planning: fixed, independent of the size)",
+    ]
+
+
 def test_the_bench_is_registered() -> None:
     run = (BENCH.parent / "run.py").read_text()
     assert '"engine_free.py"' in run

@@ -313,32 +313,46 @@ def test_a_published_checkpoint_source_is_a_reshard(
 
 
 def test_read_back_check_catches_a_changed_byte_and_a_wrong_header(
-    models: dict[str, Path], tmp_path: Path
+    models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The engine-free conversion reads every completed file back before uploading it:
-    one byte changed in a tensor's data, or a header that leads a name to another
-    tensor's bytes, is refused (VerificationFailed, permanent)."""
+    """The engine-free writer reads every buffer back from the file as it writes it and
+    compares it with what it built (one changed byte is refused: VerificationFailed,
+    permanent, and no file is left), and each completed file is read back through its
+    own header before it is uploaded: a header that leads a name to another tensor's
+    bytes is refused."""
     from preshard.worker import enginefree
 
     traces, info = recorded("llama-tied")
     ranks = sw.plan_files(traces, max_size=info["maxFileSize"])
     layouts = {layout.name: layout for _, ls in ranks for layout in ls}
-    report = sw.write_shards(
-        traces, open_source(str(models["llama-tied"])), tmp_path, max_size=info["maxFileSize"]
-    )
+    # a write that does not land as built: one bit of the first tensor's data flipped on
+    # its way to the file (a faulty disk or file system stands in: nothing else can)
+    real = sw._pwrite
+    first = {"done": False}
+
+    def faulty(fd: int, data: Any, offset: int) -> int:
+        if not first["done"] and offset > 0 and len(data) > 3:
+            first["done"] = True
+            bad = bytearray(data)
+            bad[3] ^= 0x01
+            real(fd, bytes(bad), offset)
+            return len(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(sw, "_pwrite", faulty)
+    source = open_source(str(models["llama-tied"]))
+    with pytest.raises(PreshardError, match="read back at offset") as e:
+        sw.write_shards(traces, source, tmp_path / "bad", max_size=info["maxFileSize"])
+    assert e.value.reason == "VerificationFailed" and e.value.permanent
+    assert first["done"] and not list((tmp_path / "bad").iterdir())
+    monkeypatch.setattr(sw, "_pwrite", real)
+    report = sw.write_shards(traces, source, tmp_path, max_size=info["maxFileSize"])
     f = report.files[0]
     enginefree.check_written(f, layouts[f.name])  # as written: passes
-    data = bytearray(f.path.read_bytes())
-    data[len(layouts[f.name].header) + 3] ^= 0x01  # one bit of the first tensor's data
-    f.path.write_bytes(bytes(data))
-    with pytest.raises(PreshardError, match="read back through the file's header") as e:
-        enginefree.check_written(f, layouts[f.name])
-    assert e.value.reason == "VerificationFailed" and e.value.permanent
     # a header whose offsets swap two tensors of one size
     layout = layouts[f.name]
     a, b = [t for t in layout.tensors if t.dtype == "bfloat16" and t.shape == (128,)][:2]
     body = bytearray(f.path.read_bytes())
-    body[len(layout.header) + 3] ^= 0x01  # undo the flip
     n = int.from_bytes(body[:8], "little")
     header = json.loads(body[8 : 8 + n])
     header[a.key]["data_offsets"], header[b.key]["data_offsets"] = (
@@ -348,5 +362,71 @@ def test_read_back_check_catches_a_changed_byte_and_a_wrong_header(
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (n - len(text))
     f.path.write_bytes(bytes(body[:8]) + text + bytes(body[8 + n :]))
-    with pytest.raises(PreshardError, match=r"read back through the file's header"):
+    with pytest.raises(PreshardError, match=r"header leads .* not to those written") as e:
         enginefree.check_written(f, layout)
+    assert e.value.reason == "VerificationFailed" and e.value.permanent
+
+
+def _streamed(work: Path, out: Path, files: dict[str, bytes], sha: dict[str, str]) -> list[Any]:
+    """Stream ``files`` (written into ``work`` one by one) to the local output ``out``:
+    the upload's result, or its error."""
+    from preshard.worker.shardpublish import StreamingPublication
+
+    work.mkdir(parents=True, exist_ok=True)
+    pub = StreamingPublication(
+        work,
+        str(out),
+        [(name, len(data)) for name, data in files.items()],
+        delete_after=frozenset(files),
+        owner="ns/m/uid",
+    )
+    pub.begin()
+    handle = pub.start(None)
+    for name, data in files.items():
+        (work / name).write_bytes(data)
+        pub.ready(name, sha[name])
+    pub.finish_writing()
+    return handle.wait()
+
+
+def test_streamed_local_output_renames_on_one_file_system_and_copies_checked_across(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank file bound for a local output on the work dir's file system is renamed
+    into place (the same inode: no copy, no second hash); across file systems it is
+    copied and hashed, and a file whose bytes are not those the writer hashed is
+    refused there."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    data = {"model-rank-0-part-0.safetensors": b"x" * 4096 + b"abc"}
+    sha = {k: hashlib.sha256(v).hexdigest() for k, v in data.items()}
+    name = next(iter(data))
+    work, out = tmp_path / "work", tmp_path / "out"
+    renamed: list[int] = []
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        renamed.append(os.stat(src).st_ino)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert _streamed(work, out, data, sha) == [(name, len(data[name]), sha[name])]
+    monkeypatch.undo()
+    assert (out / name).read_bytes() == data[name] and not (work / name).exists()
+    assert os.stat(out / name).st_ino in renamed  # renamed into place, not copied
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system here to copy across")
+    other = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        got = _streamed(other / "w", tmp_path / "out2", data, sha)
+        assert got == [(name, len(data[name]), sha[name])]
+        assert (tmp_path / "out2" / name).read_bytes() == data[name]
+        wrong = {name: hashlib.sha256(b"other bytes").hexdigest()}
+        with pytest.raises(PreshardError, match="changed on disk after it was written"):
+            _streamed(other / "w2", tmp_path / "out3", data, wrong)
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

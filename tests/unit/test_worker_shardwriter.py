@@ -384,3 +384,58 @@ def test_pvc_source_stays_inside_its_volume(
     (root / "claim" / "escape").symlink_to(model_dir)  # a link out of the volume
     with pytest.raises(PreshardError, match="outside its volume"):
         open_source("pvc://claim/escape")
+
+
+def test_uncovered_counts_the_elements_no_write_reaches_runs_and_strided_alike() -> None:
+    """The planner's completeness check (and the writer's): from the writes' runs of
+    elements when each is one consecutive run, from a mask otherwise; one missing
+    element is counted either way, overlaps are not counted twice."""
+
+    def w(off: int, strides: list[int], shape: list[int]) -> dict[str, Any]:
+        return {"op": "copy", "dst": [off, strides, shape]}
+
+    rows = [w(0, [4, 1], [2, 4]), w(8, [4, 1], [2, 4])]  # a 4x4 tensor, two row blocks
+    assert sw.uncovered(rows, 16) == 0
+    assert sw.uncovered(rows[:1], 16) == 8
+    assert sw.uncovered([w(0, [4, 1], [2, 4]), w(4, [4, 1], [3, 4])], 16) == 0  # overlap
+    assert sw.uncovered([w(0, [4, 1], [2, 4]), w(9, [1], [7])], 16) == 1  # one gap
+    cols = [w(0, [4, 1], [4, 2]), w(2, [4, 1], [4, 2])]  # two column blocks: strided
+    assert sw.uncovered(cols, 16) == 0
+    assert sw.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [3, 2])], 16) == 2
+    assert sw.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [4, 1])], 16) == 4
+
+
+def test_source_cache_reuses_evicted_buffers_of_the_same_size_within_its_limit(
+    tmp_path: Path,
+) -> None:
+    """The writer's cache reads a tensor into the buffer of an evicted one of the same
+    size (no new allocation): the values read are the source's, each read is counted,
+    and the cache (reused buffers included) stays within its limit."""
+    from safetensors.torch import save_file
+
+    from preshard.worker.sources import open_source
+
+    gen = torch.Generator().manual_seed(3)
+    tensors = {f"w{i}": torch.randn(64, 64, generator=gen).to(torch.bfloat16) for i in range(6)}
+    tensors["odd"] = torch.randn(10, 3, generator=gen)
+    model = tmp_path / "m"
+    model.mkdir()
+    save_file(tensors, str(model / "model.safetensors"))
+    (model / "config.json").write_text('{"architectures": ["X"]}')
+    source = open_source(str(model))
+    one = 64 * 64 * 2
+    cache = sw.SourceCache(source, limit=2 * one, recycle=True)
+    seen: list[int] = []
+    for name in ["w0", "w1", "w2", "w0", "w3", "w4", "w5", "odd", "w1"]:
+        t = cache.get(name)
+        assert torch.equal(t.reshape(tensors[name].shape), tensors[name]), name
+        seen.append(t.data_ptr())
+        assert cache._bytes <= 2 * one
+    assert cache.reads == 9  # w0 again: evicted by then (a limit of two)
+    # seven reads of same-sized tensors into the two buffers the first two were read into
+    assert set(seen[:7]) == set(seen[:2]) and len(set(seen[:2])) == 2
+    # without recycling (a builder that may keep references): new buffers every time
+    plain = sw.SourceCache(source, limit=2 * one)
+    a = plain.get("w0")
+    plain.get("w1"), plain.get("w2")
+    assert torch.equal(a.reshape(64, 64), tensors["w0"])

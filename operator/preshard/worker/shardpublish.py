@@ -11,7 +11,8 @@ publication record, resumable uploads, manifest last, abort) with two difference
   in the order they become ready (each with the sha256 computed while it was written;
   an object already at the prefix with the same size and sha256 is kept, as on a
   resumed run), and deletes a file once it is stored (``delete_after``), so the work
-  dir holds only the files written but not yet uploaded. ``wait_room`` lets the writer
+  dir holds only the files written but not yet uploaded. To a local output on the work
+  dir's file system such a file is renamed into place instead of copied. ``wait_room`` lets the writer
   wait while more than ``max_pending`` bytes are waiting (the disk bound).
 """
 
@@ -159,6 +160,12 @@ class StreamingPublication(Publication):
             dst.parent.mkdir(parents=True, exist_ok=True)
             with self._lock:
                 self._copied.append(dst)
+            if f.rel in self.delete_after and _move(f.path, dst):
+                # a file deleted after its upload, on the destination's file system: it
+                # is renamed into place, not copied and hashed again (the writer checked
+                # its bytes as they were written and hashed exactly those)
+                handle.progress.advance(f.size)
+                return sha
             got = _copy_hashing(f.path, dst, handle.cancel)
             if got != sha:
                 raise PreshardError(
@@ -169,3 +176,18 @@ class StreamingPublication(Publication):
             return got
 
         return self._collect(handle, send)
+
+
+def _move(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` when both are on one file system (False otherwise,
+    nothing changed: the caller copies)."""
+    import errno
+    import os
+
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EACCES, errno.ENOTSUP):
+            return False
+        raise
+    return True

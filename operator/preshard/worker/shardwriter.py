@@ -21,11 +21,15 @@ to vLLM's ``ShardedStateLoader.save_model`` over the same raw state:
 
 Ranks run in lockstep (tensor i of every rank before tensor i+1): tensor-parallel ranks
 read the same source tensors at the same step, so a small byte-bounded cache makes the
-source read about once rather than TP times. Each file is written sequentially (its
-header is known before its data: shapes and dtypes are in the trace) and hashed
-(sha256) while written; ``on_file`` is called as soon as a file is complete (the
-conversion uploads it and deletes it). Memory: the source cache (``cache_bytes``, at
-least the largest source tensor) plus one saved tensor per rank in flight, independent
+source read about once rather than TP times. Each file is written in order (its
+header is known before its data: shapes and dtypes are in the trace): each saved tensor
+is built into a reused buffer, then a write thread writes it (``pwrite``) and reads it
+back from the file, comparing it with what was built (a write that does not land as
+built is refused), while a hash thread per rank (two at most) takes its sha256; the
+main thread builds the next tensor meanwhile. ``on_file`` is called as soon as a file
+is complete (the conversion uploads it and deletes it). Memory: the source cache
+(``cache_bytes``, at least what one saved tensor is copied from) plus three buffers of
+the largest saved tensor (one being built, two being written and hashed), independent
 of the model's size.
 """
 
@@ -37,7 +41,7 @@ import json
 import logging
 import os
 import string
-import zlib
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -89,6 +93,7 @@ INITIALIZED_DEFAULTS = {"_k_scale": 1.0, "_v_scale": 1.0, "_q_scale": 1.0, "_pro
 # more for neighbours (a source shared by consecutive saved tensors).
 DEFAULT_CACHE_BYTES = 64 * 2**20
 _WRITE_CHUNK = 16 * 2**20
+_DEPTH = 2  # tensors written, checked and hashed while the next is built
 
 
 def st_dtype(torch_name: str) -> str:
@@ -257,43 +262,132 @@ class RankPlan:
 # ---------------------------------------------------------------------------- building
 
 
+class Buffers:
+    """Reused byte buffers (uint8 tensors) for the saved tensors being built and
+    written. A fresh large allocation costs a page fault per 4 KiB page: on this kind
+    of machine that made building a tensor into new memory 3-4x slower than into
+    memory already touched. ``take(n)`` gives the smallest free buffer of at least
+    ``n`` bytes, else a new one; at most ``most`` buffers exist at once (a free one that
+    is too small is dropped before a new one is made), so the memory is at most
+    ``most`` x the largest tensor, as without reuse."""
+
+    def __init__(self, most: int) -> None:
+        self._free: list[torch.Tensor] = []  # sorted by size
+        self._count = 0
+        self._most = most
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        import torch
+
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if b.numel() >= nbytes:
+                    return self._free.pop(i)
+            if self._free and self._count >= self._most:
+                self._free.pop()  # the largest of those too small
+                self._count -= 1
+            self._count += 1
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+    def give(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
+            self._free.sort(key=lambda b: b.numel())
+
+
 class SourceCache:
     """Source tensors (flattened) kept while ranks in lockstep still need them, bounded by
-    bytes (the tensor being used always stays)."""
+    bytes (the tensor being used always stays). With ``recycle`` (the writer's default
+    builder, which keeps no reference to a source tensor past the saved tensor it
+    builds) and a source that reads into a caller's buffer (``reads_into``), a tensor
+    is read into the buffer of an evicted one of the same size (no new allocation, no
+    page faults); the buffers kept count in the limit."""
 
-    def __init__(self, source: TensorSource, limit: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, source: TensorSource, limit: int = DEFAULT_CACHE_BYTES, *, recycle: bool = False
+    ) -> None:
         self.source = source
         self.limit = limit
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._bytes = 0
+        self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self._spare: list[torch.Tensor] = []  # buffers of evicted tensors
+        self._bytes = 0  # cached tensors (their buffers) and spare buffers
         self.reads = 0
         self.bytes_read = 0
+        self._recycle = recycle and bool(getattr(source, "reads_into", False))
+        self._infos: dict[str, Any] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        t = self._items.get(name)
-        if t is not None:
+        item = self._items.get(name)
+        if item is not None:
             self._items.move_to_end(name)
-            return t
-        t = self.source.read(name).reshape(-1)
+            return item[0]
+        base = None
+        if self._recycle:
+            if not self._infos:
+                self._infos = {i.name: i for i in self.source.tensors()}
+            info = self._infos.get(name)
+            if info is not None and info.nbytes:
+                base = self._buffer(info.nbytes)
+                view = base[: info.nbytes].numpy().data
+                t = self.source.read(name, into=view).reshape(-1)  # type: ignore[call-arg]
+        if base is None:
+            t = self.source.read(name).reshape(-1)
         size = t.numel() * t.element_size()
         self.reads += 1
         self.bytes_read += size
-        self._items[name] = t
-        self._bytes += size
+        self._items[name] = (t, base)
+        self._bytes += size if base is None else base.numel()
         while self._bytes > self.limit and len(self._items) > 1:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= old.numel() * old.element_size()
+            self._evict()
+        while self._bytes > self.limit and self._spare:
+            self._bytes -= self._spare.pop().numel()
         return t
 
+    def _evict(self) -> None:
+        _, (old, old_base) = self._items.popitem(last=False)
+        if old_base is None:
+            self._bytes -= old.numel() * old.element_size()
+        else:
+            self._spare.append(old_base)
 
-def build_tensor(plan: RankPlan, saved: Saved, cache: SourceCache) -> torch.Tensor:
-    """The saved tensor's values as the model held them after ``load_weights``."""
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A buffer of exactly ``nbytes`` (a model's layers repeat their shapes, so an
+        evicted tensor's buffer fits a later one): a spare of that size, else room is
+        made (spares that do not fit dropped, then the least recently used tensors
+        evicted) while the cache and this read exceed the limit, and a new one made."""
+        import torch
+
+        while True:
+            for i, b in enumerate(self._spare):
+                if b.numel() == nbytes:
+                    self._bytes -= nbytes
+                    return self._spare.pop(i)
+            if self._bytes + nbytes <= self.limit:
+                break
+            if self._spare:
+                self._bytes -= self._spare.pop(0).numel()
+            elif self._items:
+                self._evict()
+            else:
+                break
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def build_tensor(
+    plan: RankPlan, saved: Saved, cache: SourceCache, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The saved tensor's values as the model held them after ``load_weights`` (flat);
+    built in ``out`` (a uint8 buffer of at least its bytes) when given."""
     import torch
 
     dtype = _torch_dtype(saved.dtype)
     size = numel(saved.shape)
     # (uninitialized: every element is written below, or the tensor is refused)
-    flat = torch.empty(size, dtype=dtype)
+    if out is not None and size:
+        flat = out[: saved.nbytes].view(dtype)
+    else:
+        flat = torch.empty(size, dtype=dtype)
     writes = plan.writes.get(saved.key) or []
     if not writes:
         value = plan.initialized.get(saved.key)
@@ -359,18 +453,39 @@ def _dense_run(offset: int, strides: list[int], shape: list[int]) -> tuple[int, 
 def _uncovered(plan: RankPlan, saved: Saved, size: int, runs: list[tuple[int, int]] | None) -> int:
     """How many elements no write covers: from the runs when every write is one run of
     elements (the usual case: rows, fused row blocks, whole tensors), else from a mask."""
+    if runs is not None:
+        return _uncovered_runs(runs, size)
+    return _uncovered_mask(plan.writes.get(saved.key) or (), size)
+
+
+def uncovered(writes: list[dict[str, Any]], size: int) -> int:
+    """How many of a tensor's ``size`` elements none of ``writes`` (trace writes, their
+    ``dst`` regions) covers; the planner's completeness check and the writer's. From
+    the regions' runs when each is one consecutive run (no mask), else from a mask."""
+    runs = []
+    for w in writes:
+        run = _dense_run(*w["dst"])
+        if run is None:
+            return _uncovered_mask(writes, size)
+        runs.append(run)
+    return _uncovered_runs(runs, size)
+
+
+def _uncovered_runs(runs: list[tuple[int, int]], size: int) -> int:
+    covered, reach = 0, 0
+    for a, b in sorted(runs):
+        a, b = max(a, reach, 0), min(b, size)
+        if b > a:
+            covered += b - a
+            reach = b
+    return size - covered
+
+
+def _uncovered_mask(writes: Any, size: int) -> int:
     import torch
 
-    if runs is not None:
-        covered, reach = 0, 0
-        for a, b in sorted(runs):
-            a = max(a, reach)
-            if b > a:
-                covered += b - a
-                reach = b
-        return size - covered
     mask = torch.zeros(size, dtype=torch.bool)
-    for w in plan.writes.get(saved.key) or ():
+    for w in writes:
         d_off, d_strides, shape = w["dst"]
         torch.as_strided(mask, shape, d_strides, d_off).fill_(True)
     return int((~mask).sum())
@@ -386,90 +501,190 @@ class WrittenFile:
     size: int
     sha256: str
     rank: int
-    # CRC-32 of each tensor's bytes as built (a read-back check: the file's header must
-    # lead every name to exactly these bytes)
-    crc32: dict[str, int] = field(default_factory=dict)
+    # where each tensor's bytes were written: name -> (begin, end) in the file (the
+    # file's own header must lead every name to exactly this span)
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+# ``os.pwrite``, through a name the corrupted-write test can replace
+_pwrite = os.pwrite
+
+
+def _libc_memcmp() -> Any:
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None).memcmp  # a CDLL call releases the GIL
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_memcmp = _libc_memcmp()
+
+
+def same_bytes(a: memoryview, b: memoryview) -> bool:
+    """``a`` and ``b`` hold the same bytes (memcmp: a memoryview's own ``==`` compares
+    element by element, 30x slower)."""
+    import numpy as np
+
+    if len(a) != len(b):
+        return False
+    if _memcmp is None or not len(a):
+        return bytes(a) == bytes(b)
+    x, y = np.frombuffer(a, dtype=np.uint8), np.frombuffer(b, dtype=np.uint8)
+    return int(_memcmp(x.ctypes.data, y.ctypes.data, len(a))) == 0
 
 
 class _IO:
-    """One background thread that writes and hashes (both release the GIL) while the
-    main thread builds the next tensor; at most ``depth`` buffers in flight."""
+    """Background threads while the main thread builds the next tensor: one writes each
+    buffer and reads it back (the check that the file holds the bytes built), others
+    hash (sha256, the slowest step): one hash thread per rank up to two (and the
+    cores), each file always on the same one (a file is hashed in order), so the ranks'
+    files are hashed in parallel. All of it releases the GIL. At most ``depth``
+    buffers in flight; a buffer goes back to ``buffers`` once written, checked and
+    hashed."""
 
-    def __init__(self, depth: int = 2) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-write")
-        self._pending: deque[Future[None]] = deque()
+    def __init__(self, buffers: Buffers | None = None, depth: int = 2, lanes: int = 1) -> None:
+        self._write = ThreadPoolExecutor(1, thread_name_prefix="shard-write")
+        self._hashers = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"shard-hash-{i}")
+            for i in range(max(1, lanes))
+        ]
+        self._pending: deque[tuple[Future[None], Future[None], tuple[Any, Any]]] = deque()
         self._depth = depth
+        self._buffers = buffers
+        self._check = threading.local()
 
-    def submit(self, fn: Callable[[], None]) -> None:
+    def readback(self, nbytes: int) -> bytearray:
+        """The write thread's read-back buffer (one, reused)."""
+        buf: bytearray | None = getattr(self._check, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._check.buf = bytearray(max(nbytes, _WRITE_CHUNK))
+        return buf
+
+    def submit(
+        self,
+        write: Callable[[], None],
+        digest: Callable[[], None],
+        keep: tuple[Any, Any],
+        lane: int = 0,
+    ) -> None:
         while len(self._pending) >= self._depth:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(fn))
+            self._pop()
+        hasher = self._hashers[lane % len(self._hashers)]
+        self._pending.append((self._write.submit(write), hasher.submit(digest), keep))
+
+    def _pop(self) -> None:
+        w, h, (_, give) = self._pending.popleft()
+        try:
+            w.result()
+        finally:
+            h.result()
+        self.give(give)
+
+    def give(self, buf: Any) -> None:
+        if self._buffers is not None and buf is not None:
+            self._buffers.give(buf)
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._pop()
 
     def close(self) -> None:
         try:
             self.drain()
         finally:
-            self._pool.shutdown(wait=True)
+            self._write.shutdown(wait=True)
+            for h in self._hashers:
+                h.shutdown(wait=True)
 
 
 class _FileWriter:
+    """One rank file: every buffer is written at its offset (``pwrite``), read back and
+    compared with what was built (a write that does not land as built, one byte
+    differing, is refused: VerificationFailed), and hashed in file order."""
+
     def __init__(self, path: Path, layout: PartLayout, rank: int, io: _IO) -> None:
         self.path, self.layout, self.rank, self.io = path, layout, rank, io
         self.tmp = path.with_name(path.name + ".partial")
-        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in finish/abort
+        self._fd: int | None = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self._h = hashlib.sha256()
         self._n = 0
-        self.crc32: dict[str, int] = {}
-        self._put(layout.header)
+        self.spans: dict[str, tuple[int, int]] = {}
+        self._put(memoryview(layout.header))
 
-    def _put(self, data: Any, keep: Any = None, key: str | None = None) -> None:
-        mv = memoryview(data).cast("B")
+    def _put(
+        self, mv: memoryview, hold: Any = None, give: Any = None, key: str | None = None
+    ) -> None:
+        """``mv`` next in the file; ``hold`` stays alive until it is out, ``give`` (a
+        reused buffer) then goes back to the pool."""
+        offset = self._n
         self._n += len(mv)
+        if key is not None:
+            self.spans[key] = (offset, self._n)
+        fd, name = self._fd, self.path.name
 
-        def job() -> None:
-            _ = keep  # the tensor stays alive until its bytes are out
-            crc = 0
+        def write() -> None:
+            assert fd is not None
             for i in range(0, len(mv), _WRITE_CHUNK):
                 chunk = mv[i : i + _WRITE_CHUNK]
-                self._f.write(chunk)
-                self._h.update(chunk)
-                if key is not None:
-                    crc = zlib.crc32(chunk, crc)
-            if key is not None:
-                self.crc32[key] = crc
+                done = 0
+                while done < len(chunk):
+                    done += _pwrite(fd, chunk[done:], offset + i + done)
+                back = memoryview(self.io.readback(len(chunk)))[: len(chunk)]
+                got = os.preadv(fd, [back], offset + i)
+                if got != len(chunk) or not same_bytes(back, chunk):
+                    raise PreshardError(
+                        f"{name}: the bytes read back at offset {offset + i} are not "
+                        f"those written{f' for {key}' if key else ''}",
+                        reason="VerificationFailed",
+                        permanent=True,
+                    )
 
-        self.io.submit(job)
+        def digest() -> None:
+            for i in range(0, len(mv), _WRITE_CHUNK):
+                self._h.update(mv[i : i + _WRITE_CHUNK])
 
-    def put_tensor(self, key: str, t: torch.Tensor) -> None:
+        self.io.submit(write, digest, (hold, give), lane=self.rank)
+
+    def put_tensor(self, key: str, t: torch.Tensor, give: Any = None) -> None:
+        """``t``'s bytes next in the file; ``give`` (the reused buffer ``t`` was built
+        in) goes back to the pool once they are out."""
         import torch
 
         if t.numel():
             t = t.contiguous()
-            self._put(t.view(torch.uint8).numpy(), keep=t, key=key)
+            self._put(t.view(torch.uint8).numpy().data, t, give, key)
         else:
-            self.crc32[key] = 0
+            self.spans[key] = (self._n, self._n)
+            self.io.give(give)
 
     def finish(self) -> WrittenFile:
         self.io.drain()
-        self._f.close()
-        if self._n != self.layout.size:
+        fd, self._fd = self._fd, None
+        assert fd is not None
+        size = os.fstat(fd).st_size
+        os.close(fd)
+        if self._n != self.layout.size or size != self.layout.size:
             raise PreshardError(
-                f"{self.path.name}: wrote {self._n} bytes, expected {self.layout.size}",
+                f"{self.path.name}: wrote {self._n} bytes ({size} on disk), "
+                f"expected {self.layout.size}",
                 reason="InternalError",
             )
         os.replace(self.tmp, self.path)
         return WrittenFile(
-            self.path.name, self.path, self._n, self._h.hexdigest(), self.rank, dict(self.crc32)
+            self.path.name, self.path, self._n, self._h.hexdigest(), self.rank, dict(self.spans)
         )
 
     def abort(self) -> None:
         with contextlib.suppress(BaseException):
             self.io.drain()
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.tmp.unlink(missing_ok=True)
 
 
@@ -529,13 +744,20 @@ def write_shards(
     it is complete (in the order files complete), ``on_bytes`` the bytes written;
     ``builder`` builds each saved tensor (default ``build_tensor``; the pre-quantized FP8
     files: ``fp8shards.Fp8Builder``)."""
-    build = builder or build_tensor
     out_dir.mkdir(parents=True, exist_ok=True)
     ranks = plan_files(traces, pattern=pattern, max_size=max_size)
-    cache = SourceCache(source, max(cache_bytes, step_bytes(ranks, source)))
+    cache = SourceCache(
+        source, max(cache_bytes, step_bytes(ranks, source)), recycle=builder is None
+    )
     report = WriteReport()
     open_files: dict[int, _FileWriter] = {}
-    io = _IO()
+    # the default builder builds into reused buffers: one being built, ``depth`` out
+    # two hash threads at most: as many buffers in flight as hash threads, so the memory
+    # stays (depth + 1) x the largest saved tensor, the 3 x that core.estimate counts
+    lanes = min(len(ranks), os.cpu_count() or 1, _DEPTH)
+    depth = _DEPTH
+    buffers = Buffers(most=depth + 1) if builder is None else None
+    io = _IO(buffers, depth=depth, lanes=lanes)
     iters = [(plan, layouts, _steps(plan, layouts)) for plan, layouts in ranks]
     try:
         while iters:
@@ -551,15 +773,20 @@ def write_shards(
                     fw = _FileWriter(out_dir / layouts[part].name, layouts[part], plan.rank, io)
                     open_files[plan.rank] = fw
                 if saved is None:
+                    done = fw.finish()  # (on failure it is aborted below with the others)
                     del open_files[plan.rank]
-                    done = fw.finish()
                     report.files.append(done)
                     report.bytes_written += done.size
                     if on_file is not None:
                         on_file(done)
                     continue
-                t = build(plan, saved, cache)
-                fw.put_tensor(saved.key, t)
+                if buffers is None:
+                    assert builder is not None
+                    t, buf = builder(plan, saved, cache), None
+                else:
+                    buf = buffers.take(saved.nbytes)
+                    t = build_tensor(plan, saved, cache, out=buf)
+                fw.put_tensor(saved.key, t, buf)
                 if on_bytes is not None:
                     on_bytes(saved.nbytes)
                 del t

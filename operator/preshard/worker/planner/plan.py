@@ -253,7 +253,7 @@ def check_complete(doc: dict[str, Any], arch: str) -> None:
     whose writes leave some element unset (a tensor with no write at all is the
     model's own initialisation, e.g. attention scales not in the checkpoint, as the
     engine saves it)."""
-    import torch
+    from preshard.worker.shardwriter import uncovered
 
     for key, info in doc["saved"].items():
         writes = doc["writes"].get(key, [])
@@ -269,12 +269,10 @@ def check_complete(doc: dict[str, Any], arch: str) -> None:
         n = 1
         for d in info["shape"]:
             n *= int(d)
-        covered = torch.zeros(n, dtype=torch.bool)
-        for w in writes:
-            off, strides, shape = w["dst"]
-            torch.as_strided(covered, shape, strides, off).fill_(True)
-        if not bool(covered.all()):
-            missing = int((~covered).sum())
+        # (from the writes' runs of elements: no mask of every element, which cost
+        # more than the rest of planning a rank)
+        missing = uncovered(writes, n)
+        if missing:
             raise PlannerUnsupported(
                 f"{arch}: the weight loaders leave {missing} of {n} elements of {key} "
                 "unset on rank files the planner would write; convert with --engine vllm"

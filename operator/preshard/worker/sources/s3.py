@@ -165,10 +165,13 @@ class S3Source:
     def tensors(self) -> list[TensorInfo]:
         return list(self._order)
 
-    def read(self, name: str) -> Any:
+    # ``read(name, into=buf)`` reads into a caller's buffer (the writer's reused ones)
+    reads_into = True
+
+    def read(self, name: str, into: Any = None) -> Any:
         info, begin, end = self._where[name]
         key = self._u.key(info.file)
-        buf = bytearray(end - begin)
+        buf = bytearray(end - begin) if into is None else into
         view = memoryview(buf)
         pieces = [(a, min(a + PIECE, len(buf))) for a in range(0, len(buf), PIECE)]
         if len(pieces) <= 1 or self._concurrency == 1:
