@@ -252,3 +252,85 @@ def test_the_engine_converts_online_methods_without_them_and_refuses_missing_ker
     n = len(asked)
     assert cv.quantization_for_engine(request("fp8"), fp8_ckpt)[0] == "fp8"
     assert len(asked) == n
+
+
+# ------------------------------------------------ spec.weights (the resource's --weights)
+
+
+def weights_spec(q: str | None, weights: str | None, engine: str | None = None) -> Any:
+    raw: dict[str, Any] = {
+        "source": {"uri": "s3://models/llama/"},
+        "tensorParallelSize": 2,
+        "output": {"uri": "s3://out/llama/"},
+    }
+    if q:
+        raw["quantization"] = q
+    if weights:
+        raw["weights"] = weights
+    if engine:
+        raw["converter"] = {"engine": engine}
+    return parse_spec(raw)
+
+
+def test_spec_weights_raw_reaches_the_job_the_identity_and_serving() -> None:
+    from preshard.core.identity import identity_document
+    from preshard.core.serving import parallel_args
+
+    auto = weights_spec("fp8_per_block", None)
+    raw = weights_spec("fp8_per_block", "raw")
+    quantized = weights_spec("fp8_per_block", "quantized")
+    assert auto.weights == "auto" and auto.plan().quantized_shards
+    assert raw.plan().weights == "raw" and not raw.plan().quantized_shards
+    argv = raw.plan().to_argv()
+    assert argv[argv.index("--weights") + 1] == "raw"
+    assert "--weights" not in auto.plan().to_argv()
+    # the identity records exactly what the worker's records: pre-quantized or not
+    docs = [identity_document(s, PIN, "0.32.0", namespace="ml") for s in (auto, raw, quantized)]
+    assert [d.get("weights") for d in docs] == ["quantized", None, "quantized"]
+    assert docs[0] == docs[2]
+    # raw weights are served with the method; pre-quantized ones as an FP8 checkpoint
+    assert "fp8_per_block" in parallel_args(raw, "none")
+    assert "--quantization" not in parallel_args(quantized, "none")
+    # the Job name's hash moves only for a resource that sets the field
+    assert "weights" not in auto.conversion_fields()
+    assert raw.conversion_fields()["weights"] == "raw"
+    assert auto.conversion_hash() != raw.conversion_hash()
+
+
+@pytest.mark.parametrize(
+    ("q", "weights", "engine", "message"),
+    [
+        (
+            "fp8_per_channel",
+            "quantized",
+            None,
+            "needs quantization fp8_per_tensor or fp8_per_block",
+        ),
+        (None, "quantized", None, "(got none)"),
+        ("fp8_per_tensor", "quantized", "vllm", "not with converter.engine vllm"),
+        ("fp8_per_tensor", "fp8", None, "spec.weights"),
+    ],
+)
+def test_spec_weights_refusals(
+    q: str | None, weights: str, engine: str | None, message: str
+) -> None:
+    from preshard.core.errors import SpecError
+
+    with pytest.raises(SpecError) as exc:
+        weights_spec(q, weights, engine)
+    assert message in str(exc.value)
+
+
+def test_the_crd_declares_weights_immutable_with_the_specs_values() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "crds" / "shardedcheckpoints.preshard.io.yaml").read_text()
+    assert text == (root / "charts/preshard/crds/shardedcheckpoints.preshard.io.yaml").read_text()
+    crd = yaml.safe_load(text)
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["weights"]["enum"] == ["auto", "quantized", "raw"]
+    rules = [r["message"] for r in spec["x-kubernetes-validations"]]
+    assert "spec.weights is immutable: create a new ShardedCheckpoint to re-shard" in rules

@@ -299,6 +299,7 @@ class ConversionPlan:
             layout=Layout(spec.tensor_parallel_size, spec.pipeline_parallel_size),
             quantization=spec.quantization,
             dtype=spec.dtype,
+            weights=spec.weights,
             max_file_size=spec.output.max_file_size_bytes,
             verify=spec.verify,
             owner=owner,
