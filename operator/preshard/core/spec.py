@@ -493,8 +493,7 @@ class CheckpointSpec(_Model):
             )
         if self.weights == "quantized" and self.converter.engine == "vllm":
             raise ValueError(
-                "weights: quantized is computed without an engine: not with "
-                "converter.engine vllm"
+                "weights: quantized is computed without an engine: not with converter.engine vllm"
             )
         return self
 
