@@ -34,8 +34,14 @@ How, without an engine and without any FP8 kernel:
 ``fp8_per_channel`` has no stock serialized FP8 format that vLLM's ``fp8`` method loads
 with per-channel scales (that is compressed-tensors' format, not planned here): with
 ``--weights auto`` it publishes the raw weights (serving quantizes); ``--weights
-quantized`` refuses it. MoE experts are refused for pre-quantization (``--weights
-raw`` or ``auto`` publishes them raw).
+quantized`` refuses it.
+
+MoE experts (FusedMoE ``w13_weight`` / ``w2_weight``) follow vLLM's online MoE methods:
+per-tensor (``Fp8PerTensorOnlineMoEMethod``) one scale per expert from its amax, MAX over
+the TP group, written twice in the checkpoint's ``w13_weight_scale`` [E, 2] (w1 and w3)
+so that the load-time requantize to their max is a no-op; per-block
+(``Fp8PerBlockOnlineMoEMethod``) ``per_block_cast_to_fp8`` per expert, refused where the
+online method would pad the experts to the 128 block (``check_block_experts``).
 """
 
 from __future__ import annotations
