@@ -334,3 +334,52 @@ def test_the_crd_declares_weights_immutable_with_the_specs_values() -> None:
     assert spec["properties"]["weights"]["enum"] == ["auto", "quantized", "raw"]
     rules = [r["message"] for r in spec["x-kubernetes-validations"]]
     assert "spec.weights is immutable: create a new ShardedCheckpoint to re-shard" in rules
+
+
+# ------------------------------- a kernel's refusal on the engine-free path (issue 21, 5.)
+
+
+def test_a_kernel_refusal_inside_the_planner_is_unsupported_quantization() -> None:
+    from preshard.core.errors import PreshardError
+
+    planner_error = PreshardError(
+        "LlamaForCausalLM's weight loaders do not run on shape-only tensors: " + NO_KERNEL,
+        reason="PlannerUnsupported",
+        permanent=True,
+    )
+    err = qz.unsupported_quantization("fp8", planner_error)
+    assert err is not None and err.reason == "UnsupportedQuantization" and err.permanent
+    assert "'fp8' has no kernel on this machine" in err.message and NO_KERNEL in err.message
+    # not a kernel's refusal, or no quantization asked: the planner's own error stands
+    other = PreshardError("a derived write", reason="PlannerUnsupported", permanent=True)
+    assert qz.unsupported_quantization("fp8", other) is None
+    assert qz.unsupported_quantization(None, planner_error) is None
+
+
+def test_engine_free_planning_maps_a_kernel_refusal(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner is replaced (no vLLM here): it raises what the real one raised for
+    ``--quantization fp8 --engine none`` on a bf16 Llama on this machine."""
+    import json
+    import types
+
+    from preshard.core.errors import PreshardError
+    from preshard.worker import enginefree, planner
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs["quantization"] == "fp8"
+        raise planner.PlannerUnsupported(
+            "LlamaForCausalLM's weight loaders do not run on shape-only tensors: " + NO_KERNEL
+        )
+
+    monkeypatch.setattr(planner, "plan_ranks", refuse)
+    plan = spec("fp8", "gpu").plan(engine="none")
+    req = types.SimpleNamespace(plan=plan)
+    source = types.SimpleNamespace(tensors=lambda: [])
+    with pytest.raises(PreshardError) as exc:
+        enginefree.plan_ranks(req, source, tmp_path)
+    assert exc.value.reason == "UnsupportedQuantization" and exc.value.permanent
+    assert "static_scaled_fp8_quant" in exc.value.message
