@@ -383,3 +383,26 @@ def test_engine_free_planning_maps_a_kernel_refusal(
         enginefree.plan_ranks(req, source, tmp_path)
     assert exc.value.reason == "UnsupportedQuantization" and exc.value.permanent
     assert "static_scaled_fp8_quant" in exc.value.message
+
+
+@pytest.mark.parametrize(
+    ("q", "weights", "spec_engine", "default", "effective"),
+    [
+        ("fp8_per_block", "quantized", None, "vllm", "none"),  # only engine-free exists
+        ("fp8_per_block", "auto", None, "auto", "none"),  # pre-quantized: never falls back
+        ("fp8_per_block", "auto", None, "vllm", "vllm"),  # auto under vllm: raw weights
+        ("fp8_per_block", "raw", None, "auto", "auto"),
+        ("fp8_per_tensor", "auto", "vllm", "auto", "vllm"),  # the spec's own choice wins
+        ("fp8", "auto", None, "auto", "auto"),  # a checkpoint method: not pre-quantized
+    ],
+)
+def test_the_job_is_sized_for_the_engine_pre_quantized_shards_need(
+    q: str, weights: str, spec_engine: str | None, default: str, effective: str
+) -> None:
+    from preshard.core.jobs import engine
+
+    s = weights_spec(q, weights, spec_engine)
+    config = OperatorConfig(default_engine=default)
+    assert engine(s, config) == effective
+    plan = s.plan(engine=effective)
+    assert plan.quantized_shards is (effective == "none" and weights != "raw" and q != "fp8")

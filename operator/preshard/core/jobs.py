@@ -21,6 +21,7 @@ from preshard.core.naming import (
     job_name,
     serving_configmap_name,
 )
+from preshard.core.plan import PREQUANTIZED
 from preshard.core.serving import ServingInfo, configmap_data, serving_info
 from preshard.core.spec import CheckpointSpec
 
@@ -171,8 +172,15 @@ def _runtime_env() -> list[dict[str, Any]]:
 
 
 def engine(spec: CheckpointSpec, config: OperatorConfig) -> str:
-    """The effective engine (core.plan.ENGINES): the spec's, else the operator default."""
-    return spec.converter.engine or config.default_engine
+    """The effective engine (core.plan.ENGINES): the spec's, else the operator default;
+    without the spec's, ``none`` for pre-quantized FP8 shards (``spec.weights``
+    ``quantized``, or ``auto`` under an ``auto`` default): they are computed only without
+    an engine (the worker never falls back to one), so the Job is sized for that."""
+    chosen = spec.converter.engine or config.default_engine
+    prequantized = spec.weights == "quantized" or (spec.weights == "auto" and chosen == "auto")
+    if spec.converter.engine is None and spec.quantization in PREQUANTIZED and prequantized:
+        return "none"
+    return chosen
 
 
 def accelerator(spec: CheckpointSpec, config: OperatorConfig) -> str:
