@@ -1,9 +1,9 @@
 """Pre-quantized FP8 rank files (``convert --quantization fp8_per_tensor|fp8_per_block``,
 ``preshard.worker.fp8shards``), with the real vLLM (CPU build) in subprocesses.
 
-This machine has no FP8 kernel (vLLM's CPU FP8 linear layers need AMX: see
-``torch._C._cpu._is_amx_tile_supported()``), so no engine loads the shards here. What is
-proven instead:
+No engine runs here (the reload where this machine has the kernels, and its comparison
+with vLLM's online method, is tests/vllm/test_fp8_reload.py). What is proven here, on any
+CPU, dense layers and MoE experts alike:
 
 * the values: every FP8 weight and scale of every rank equals, bit for bit, what vLLM's
   own reference functions give for the raw rank tensors (``fp8_probe.py``: the online
