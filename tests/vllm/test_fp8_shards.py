@@ -81,6 +81,8 @@ def test_convert_publishes_an_fp8_checkpoint(converted: Path, model: Path) -> No
     assert man["quantization"] == "fp8_per_tensor"
     assert man["extra"]["quantizedAtConversion"]["method"] == "fp8_per_tensor"
     assert man["verification"]["engineFree"]["quantizedShards"] == "fp8_per_tensor"
+    # not the online note ("the rank files hold the weights before quantization")
+    assert "quantization" not in man["verification"]
     # bytes per rank: every Linear weight (qkv, o, gate_up, down) in FP8, half of bf16;
     # embeddings, norms and lm_head stay bf16
     raw_linear = 0
