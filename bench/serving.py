@@ -18,7 +18,15 @@ convert`` and published to ``rclone serve s3`` on 127.0.0.1, fetched back with
   (b)  preshard's shards from local disk, ``--load-format sharded_state``;
   (c)  preshard's shards straight from the S3 server, ``--load-format
        runai_streamer_sharded``, with the environment the operator's serving ConfigMap
-       gives (``preshard.core.serving``).
+       gives (``preshard.core.serving``);
+  (d)  preshard's pre-quantized FP8 shards (``convert --quantization fp8_per_block
+       --engine none``, issue 21) from local disk, ``--load-format sharded_state``, where
+       this machine has the fp8 checkpoint's kernel (``preshard.worker.kernels``: the
+       probe's reason is printed where not; ``--no-fp8`` skips it). Its bytes per rank
+       and the read + deserialize time of each rank's files are printed against (b)'s
+       in every case (``bench/fp8_load.py``). (d) is a quantized model: its tokens are
+       not compared with bf16's (tests/vllm/test_fp8_reload.py compares them with
+       vLLM's online method).
 
 For each: vLLM's own figure ("Loading weights took N seconds", per rank) and wall times
 from process start to the weights-loaded log line and to /health answering; bytes read
@@ -55,7 +63,12 @@ from preshard.worker.vllm_engine import cpu_env
 from preshard_dev.s3server import RcloneS3, free_port
 from preshard_dev.vllmclient import complete
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fp8_load  # bench/fp8_load.py (these benches run as scripts)
+
 TP = 2
+FP8_METHOD = "fp8_per_block"
+FP8_LABEL = "(d) preshard FP8 per-block, sharded_state"
 PROMPT = "The capital of France is"
 WEIGHTS_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 MODEL_LOADING_LINE = re.compile(r"Model loading took ([0-9.]+) GiB memory and ([0-9.]+) seconds")
@@ -200,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--no-eager-baseline", action="store_true", help="skip (a')")
+    ap.add_argument("--no-fp8", action="store_true", help="skip (d) and the FP8 figures")
     ap.add_argument(
         "--model-dir",
         default=None,
@@ -282,6 +296,20 @@ def main(argv: list[str] | None = None) -> int:
             ]  # fmt: skip
             if a.no_eager_baseline:
                 configs.pop(1)
+            fp8_local, fp8_why = base / "fp8", None
+            if not a.no_fp8:
+                fp8_s = _cli(
+                    ["convert", "--source", str(model), "-tp", str(TP), "--output",
+                     str(fp8_local), "--quantization", FP8_METHOD, "--engine", "none",
+                     "--no-verify", "--work-dir", str(base / "work-fp8"), "--progress", "lines"],
+                    {},
+                )  # fmt: skip
+                print(f"preshard convert {FP8_METHOD} (engine-free, local): {fp8_s:.0f} s")
+                fp8_why = fp8_load.fp8_reason(FP8_METHOD)
+                if fp8_why is None:
+                    configs.append((FP8_LABEL, str(fp8_local), "sharded_state", {}, []))
+                else:
+                    print(f"(d) not served: no fp8 checkpoint kernel here: {fp8_why}")
             runs: list[Run] = []
             failed: list[str] = []
             cache_states = []
@@ -296,14 +324,31 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:  # report the others; say which could not run
                     print(f"{label}: FAILED: {exc}", flush=True)
                     failed.append(label)
+            if not runs or not runs[0].label.startswith("(a)"):
+                print("the baseline (a) could not run: no ratios", file=sys.stderr)
+                return 1
+            report(runs, weights, all(cache_states), any(cache_states))
+            if not a.no_fp8:
+                fp8_report(runs, local, fp8_local, fp8_why)
         finally:
             server.stop()
-
-    if not runs or not runs[0].label.startswith("(a)"):
-        print("the baseline (a) could not run: no ratios", file=sys.stderr)
-        return 1
-    report(runs, weights, all(cache_states), any(cache_states))
     return 1 if failed else 0
+
+
+def fp8_report(runs: list[Run], bf16: Path, fp8: Path, why: str | None) -> None:
+    """(d) against (b): vLLM's weights-loading time, then bytes and reads per rank."""
+    by = {r.label: r for r in runs}
+    b, d = by.get("(b) preshard, sharded_state, local"), by.get(FP8_LABEL)
+    if b and d and b.weights_s and d.weights_s:
+        print(
+            f"\n(d) {FP8_METHOD} vs (b) bf16, both sharded_state from local disk: weights "
+            f"{max(d.weights_s):.2f} s vs {max(b.weights_s):.2f} s "
+            f"({max(d.weights_s) / max(b.weights_s):.2f}x), to ready {d.wall_ready_s:.1f} s "
+            f"vs {b.wall_ready_s:.1f} s; (d)'s greedy tokens: {d.tokens}"
+        )
+    elif why:
+        print(f"\n(d) not measured: {why}")
+    fp8_load.report(bf16, fp8, FP8_METHOD)
 
 
 def _per_rank(run: Run, key: str) -> list[int]:
@@ -347,6 +392,7 @@ def report(runs: list[Run], weights: int, all_cold: bool, some_cold: bool) -> No
             f"  {r.label:<42} read_bytes {' / '.join(f'{x:.2f}' for x in rb)}   "
             f"rchar {' / '.join(f'{x:.2f}' for x in rc)}"
         )
+    runs = [r for r in runs if r.label != FP8_LABEL]  # a quantized model: other tokens
     same = all(r.tokens == base.tokens for r in runs)
     print(f"\ngreedy tokens equal across all start-ups: {same} ({base.tokens})")
     if not same:

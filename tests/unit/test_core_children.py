@@ -173,6 +173,13 @@ ENGINE_NONE_TP8: dict[str, Any] = {
     "converter": {"engine": "none"},
 }
 CPU_NO_MEMORY: dict[str, Any] = {**S3_TP2, "converter": {"accelerator": "cpu"}}
+# An online FP8 method whose user asks for the raw weights (spec.weights, issue 21): the
+# Job passes --weights raw; serving quantizes (--quantization in the serving arguments).
+FP8_WEIGHTS_RAW: dict[str, Any] = {
+    **ENGINE_NONE_TP8,
+    "quantization": "fp8_per_block",
+    "weights": "raw",
+}
 
 
 def memory_status(accelerator: str, total: int) -> dict[str, Any]:
@@ -262,6 +269,14 @@ GOLDEN_CASES: dict[str, Any] = {
         NS,
         UID,
         parse_spec(ENGINE_NONE_TP8),
+        CLUSTER_CONFIG,
+        memory_estimate=ESTIMATE_NONE,
+    ),
+    "conversion_job_fp8_weights_raw": lambda: build_conversion_job(
+        "llama-70b-tp8",
+        NS,
+        UID,
+        parse_spec(FP8_WEIGHTS_RAW),
         CLUSTER_CONFIG,
         memory_estimate=ESTIMATE_NONE,
     ),

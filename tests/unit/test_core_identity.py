@@ -194,3 +194,17 @@ def test_pre_quantized_shards_are_another_identity_than_the_raw_weights() -> Non
     # no field for conversions without pre-quantization: their identities are unchanged
     assert "weights" not in identity_document(parse_spec(raw), PIN, VLLM, namespace="ml")
     assert "weights" not in identity_document(parse_spec(BASE), PIN, VLLM, namespace="ml")
+
+
+def test_the_operators_default_engine_decides_pre_quantization_too() -> None:
+    """Without ``spec.converter.engine`` the operator's default engine converts: under a
+    default of ``vllm`` an FP8 method's files are the raw weights (the identity says so,
+    as the worker records it), under ``auto`` they are pre-quantized."""
+    fp8 = parse_spec(with_("quantization", "fp8_per_block"))
+    under_vllm = identity_document(fp8, PIN, VLLM, namespace="ml", engine="vllm")
+    under_auto = identity_document(fp8, PIN, VLLM, namespace="ml", engine="auto")
+    assert "weights" not in under_vllm
+    assert under_auto["weights"] == "quantized"
+    explicit_raw = copy.deepcopy(with_("quantization", "fp8_per_block"))
+    explicit_raw["converter"] = {"engine": "vllm"}
+    assert under_vllm == identity_document(parse_spec(explicit_raw), PIN, VLLM, namespace="ml")

@@ -706,6 +706,7 @@ def test_the_api_server_fills_in_the_defaults_the_operator_assumes() -> None:
         **MINIMAL,
         "pipelineParallelSize": spec.pipeline_parallel_size,
         "dtype": spec.dtype,
+        "weights": spec.weights,
         "verify": spec.verify,
         "deletionPolicy": spec.deletion_policy,
     }
@@ -750,6 +751,7 @@ IMMUTABLE_FIELDS = [
     "pipelineParallelSize",
     "quantization",
     "dtype",
+    "weights",
     "output.uri",
     "output.maxFileSize",
 ]
@@ -787,7 +789,13 @@ def test_immutable_fields_are_the_conversion_fields() -> None:
             out |= leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
         return out
 
-    assert set(IMMUTABLE_FIELDS) == leaves(parse_spec(MINIMAL).conversion_fields())
+    # spec.weights is a conversion field only when set (every other resource keeps its
+    # conversion hash): compared with a spec that sets it
+    minimal = parse_spec(MINIMAL).conversion_fields()
+    assert set(IMMUTABLE_FIELDS) - {"weights"} == leaves(minimal)
+    assert set(IMMUTABLE_FIELDS) == leaves(
+        parse_spec({**MINIMAL, "weights": "raw"}).conversion_fields()
+    )
     description = prop("spec")["description"]
     for field in IMMUTABLE_FIELDS:
         assert field in description
@@ -818,6 +826,9 @@ def test_an_unchanged_update_passes(name: str) -> None:
         (MINIMAL, {"dtype": "float16"}, "dtype"),
         (FULL, {"dtype": "auto"}, "dtype"),
         (FULL, {"dtype": DROP}, "dtype"),
+        (MINIMAL, {"weights": "raw"}, "weights"),
+        ({**MINIMAL, "weights": "raw"}, {"weights": DROP}, "weights"),
+        ({**MINIMAL, "weights": "quantized"}, {"weights": "auto"}, "weights"),
         (MINIMAL, {"output.uri": "s3://checkpoints/llama/tp2-b/"}, "output.uri"),
         (MINIMAL, {"output.uri": "s3://checkpoints/llama/tp2"}, "output.uri"),
         (FULL, {"output.maxFileSize": "3Gi"}, "output.maxFileSize"),
@@ -843,6 +854,7 @@ def test_changing_everything_reports_every_field() -> None:
             "pipelineParallelSize": 1,
             "quantization": "awq",
             "dtype": "float32",
+            "weights": "raw",
             "output.uri": "s3://other/x/",
             "output.maxFileSize": "1Gi",
         },

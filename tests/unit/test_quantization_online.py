@@ -253,3 +253,157 @@ def test_the_engine_converts_online_methods_without_them_and_refuses_missing_ker
     n = len(asked)
     assert cv.quantization_for_engine(request("fp8"), fp8_ckpt)[0] == "fp8"
     assert len(asked) == n
+
+
+# ------------------------------------------------ spec.weights (the resource's --weights)
+
+
+def weights_spec(q: str | None, weights: str | None, engine: str | None = None) -> Any:
+    raw: dict[str, Any] = {
+        "source": {"uri": "s3://models/llama/"},
+        "tensorParallelSize": 2,
+        "output": {"uri": "s3://out/llama/"},
+    }
+    if q:
+        raw["quantization"] = q
+    if weights:
+        raw["weights"] = weights
+    if engine:
+        raw["converter"] = {"engine": engine}
+    return parse_spec(raw)
+
+
+def test_spec_weights_raw_reaches_the_job_the_identity_and_serving() -> None:
+    from preshard.core.identity import identity_document
+    from preshard.core.serving import parallel_args
+
+    auto = weights_spec("fp8_per_block", None)
+    raw = weights_spec("fp8_per_block", "raw")
+    quantized = weights_spec("fp8_per_block", "quantized")
+    assert auto.weights == "auto" and auto.plan().quantized_shards
+    assert raw.plan().weights == "raw" and not raw.plan().quantized_shards
+    argv = raw.plan().to_argv()
+    assert argv[argv.index("--weights") + 1] == "raw"
+    assert "--weights" not in auto.plan().to_argv()
+    # the identity records exactly what the worker's records: pre-quantized or not
+    docs = [identity_document(s, PIN, "0.32.0", namespace="ml") for s in (auto, raw, quantized)]
+    assert [d.get("weights") for d in docs] == ["quantized", None, "quantized"]
+    assert docs[0] == docs[2]
+    # raw weights are served with the method; pre-quantized ones as an FP8 checkpoint
+    assert "fp8_per_block" in parallel_args(raw, "none")
+    assert "--quantization" not in parallel_args(quantized, "none")
+    # the Job name's hash moves only for a resource that sets the field
+    assert "weights" not in auto.conversion_fields()
+    assert raw.conversion_fields()["weights"] == "raw"
+    assert auto.conversion_hash() != raw.conversion_hash()
+
+
+@pytest.mark.parametrize(
+    ("q", "weights", "engine", "message"),
+    [
+        (
+            "fp8_per_channel",
+            "quantized",
+            None,
+            "needs quantization fp8_per_tensor or fp8_per_block",
+        ),
+        (None, "quantized", None, "(got none)"),
+        ("fp8_per_tensor", "quantized", "vllm", "not with converter.engine vllm"),
+        ("fp8_per_tensor", "fp8", None, "spec.weights"),
+    ],
+)
+def test_spec_weights_refusals(
+    q: str | None, weights: str, engine: str | None, message: str
+) -> None:
+    from preshard.core.errors import SpecError
+
+    with pytest.raises(SpecError) as exc:
+        weights_spec(q, weights, engine)
+    assert message in str(exc.value)
+
+
+def test_the_crd_declares_weights_immutable_with_the_specs_values() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "crds" / "shardedcheckpoints.preshard.io.yaml").read_text()
+    assert text == (root / "charts/preshard/crds/shardedcheckpoints.preshard.io.yaml").read_text()
+    crd = yaml.safe_load(text)
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["properties"]["weights"]["enum"] == ["auto", "quantized", "raw"]
+    rules = [r["message"] for r in spec["x-kubernetes-validations"]]
+    assert "spec.weights is immutable: create a new ShardedCheckpoint to re-shard" in rules
+
+
+# ------------------------------- a kernel's refusal on the engine-free path (issue 21, 5.)
+
+
+def test_a_kernel_refusal_inside_the_planner_is_unsupported_quantization() -> None:
+    from preshard.core.errors import PreshardError
+
+    planner_error = PreshardError(
+        "LlamaForCausalLM's weight loaders do not run on shape-only tensors: " + NO_KERNEL,
+        reason="PlannerUnsupported",
+        permanent=True,
+    )
+    err = qz.unsupported_quantization("fp8", planner_error)
+    assert err is not None and err.reason == "UnsupportedQuantization" and err.permanent
+    assert "'fp8' has no kernel on this machine" in err.message and NO_KERNEL in err.message
+    # not a kernel's refusal, or no quantization asked: the planner's own error stands
+    other = PreshardError("a derived write", reason="PlannerUnsupported", permanent=True)
+    assert qz.unsupported_quantization("fp8", other) is None
+    assert qz.unsupported_quantization(None, planner_error) is None
+
+
+def test_engine_free_planning_maps_a_kernel_refusal(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner is replaced (no vLLM here): it raises what the real one raised for
+    ``--quantization fp8 --engine none`` on a bf16 Llama on this machine."""
+    import json
+    import types
+
+    from preshard.core.errors import PreshardError
+    from preshard.worker import enginefree, planner
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs["quantization"] == "fp8"
+        raise planner.PlannerUnsupported(
+            "LlamaForCausalLM's weight loaders do not run on shape-only tensors: " + NO_KERNEL
+        )
+
+    monkeypatch.setattr(planner, "plan_ranks", refuse)
+    plan = spec("fp8", "gpu").plan(engine="none")
+    req = types.SimpleNamespace(plan=plan)
+    source = types.SimpleNamespace(tensors=lambda: [])
+    with pytest.raises(PreshardError) as exc:
+        enginefree.plan_ranks(req, source, tmp_path)
+    assert exc.value.reason == "UnsupportedQuantization" and exc.value.permanent
+    assert "static_scaled_fp8_quant" in exc.value.message
+
+
+@pytest.mark.parametrize(
+    ("q", "weights", "spec_engine", "default", "effective"),
+    [
+        ("fp8_per_block", "quantized", None, "vllm", "none"),  # only engine-free exists
+        ("fp8_per_block", "auto", None, "auto", "none"),  # pre-quantized: never falls back
+        ("fp8_per_block", "auto", None, "vllm", "vllm"),  # auto under vllm: raw weights
+        ("fp8_per_block", "raw", None, "auto", "auto"),
+        ("fp8_per_tensor", "auto", "vllm", "auto", "vllm"),  # the spec's own choice wins
+        ("fp8", "auto", None, "auto", "auto"),  # a checkpoint method: not pre-quantized
+    ],
+)
+def test_the_job_is_sized_for_the_engine_pre_quantized_shards_need(
+    q: str, weights: str, spec_engine: str | None, default: str, effective: str
+) -> None:
+    from preshard.core.children.pod import engine
+
+    s = weights_spec(q, weights, spec_engine)
+    config = OperatorConfig(default_engine=default)
+    assert engine(s, config) == effective
+    plan = s.plan(engine=effective)
+    assert plan.quantized_shards is (effective == "none" and weights != "raw" and q != "fp8")

@@ -82,12 +82,59 @@ def test_combine_and_the_sharding_metadata() -> None:
 
 
 def test_combine_refuses_what_is_not_a_linear_weight() -> None:
+    # (before issue 21's MoE support this refused every experts weight; now an experts
+    # weight without its raw counterpart and its scale is what is refused)
     quant = copy.deepcopy(QUANT)
     quant["saved"]["experts.w13_weight"] = {"shape": [2, 8, 2], "dtype": "float8_e4m3fn"}
-    with pytest.raises(PreshardError, match="MoE experts are not") as exc:
+    with pytest.raises(PreshardError, match="not a linear weight or fused MoE experts") as exc:
         fp8shards.combine([RAW], [quant], fp8shards.SCHEMES["fp8_per_tensor"])
     assert exc.value.reason == "UnsupportedQuantization"
+    quant = copy.deepcopy(QUANT)
+    quant["saved"]["x.bias"] = {"shape": [8, 2], "dtype": "float8_e4m3fn"}  # not a weight
+    with pytest.raises(PreshardError, match=r"x\.bias: not a linear weight"):
+        fp8shards.combine([RAW], [quant], fp8shards.SCHEMES["fp8_per_tensor"])
     quant = copy.deepcopy(QUANT)
     quant["saved"]["n.weight"]["dtype"] = "float32"  # the plans disagree
     with pytest.raises(PreshardError, match=r"n\.weight: the FP8 checkpoint plan"):
         fp8shards.combine([RAW], [quant], fp8shards.SCHEMES["fp8_per_tensor"])
+
+
+def experts_traces(inter: int, hidden: int, scheme: str) -> tuple[Any, Any]:
+    w13 = {"shape": [2, 2 * inter, hidden], "dtype": "bfloat16"}
+    w2 = {"shape": [2, hidden, inter], "dtype": "bfloat16"}
+    raw = rank_trace(
+        {"e.w13_weight": w13, "e.w2_weight": w2}, {"e.w13_weight": [], "e.w2_weight": []}
+    )
+    name = fp8shards.SCHEMES[scheme].scale_name
+    quant = rank_trace(
+        {
+            "e.w13_weight": {**w13, "dtype": "float8_e4m3fn"},
+            "e.w2_weight": {**w2, "dtype": "float8_e4m3fn"},
+            f"e.w13_{name}": {"shape": [2, 2], "dtype": "float32"},
+            f"e.w2_{name}": {"shape": [2], "dtype": "float32"},
+        },
+        {},
+    )
+    return raw, quant  # fmt: skip
+
+
+def test_combine_takes_moe_experts_with_their_scales() -> None:
+    raw, quant = experts_traces(128, 256, "fp8_per_tensor")
+    [doc] = fp8shards.combine([raw], [quant], fp8shards.SCHEMES["fp8_per_tensor"])
+    assert doc["quantized"] == {
+        "e.w13_weight": {"scale": "e.w13_weight_scale", "rawDtype": "bfloat16", "experts": True},
+        "e.w2_weight": {"scale": "e.w2_weight_scale", "rawDtype": "bfloat16", "experts": True},
+    }
+    raw, quant = experts_traces(128, 256, "fp8_per_block")
+    [doc] = fp8shards.combine([raw], [quant], fp8shards.SCHEMES["fp8_per_block"])
+    assert doc["quantized"]["e.w2_weight"]["scale"] == "e.w2_weight_scale_inv"
+
+
+@pytest.mark.parametrize(("inter", "hidden"), [(64, 256), (128, 192)])
+def test_per_block_experts_the_block_does_not_fill_are_refused(inter: int, hidden: int) -> None:
+    raw, quant = experts_traces(inter, hidden, "fp8_per_block")
+    with pytest.raises(PreshardError) as exc:
+        fp8shards.combine([raw], [quant], fp8shards.SCHEMES["fp8_per_block"])
+    assert exc.value.reason == "UnsupportedQuantization" and exc.value.permanent
+    assert f"intermediate size ({inter}) and the hidden size ({hidden})" in exc.value.message
+    assert "pads them to the block" in exc.value.message

@@ -64,21 +64,40 @@ def main() -> int:
     with set_current_vllm_config(VllmConfig()):
         quant = QuantFP8(static=True, group_shape=GroupShape.PER_TENSOR)
     for key in traces[0]["quantized"]:
-        base = key.rpartition(".")[0]
-        amaxes = [weight_amax(raws[r][key]).reshape(1) for r in range(tp)]
+        scale_key = key[: -len("weight")] + scheme.scale_name
+        experts = raws[0][key].dim() == 3  # FusedMoE w13_weight / w2_weight [E, N, K]
+        if experts:  # Fp8PerTensorOnlineMoEMethod: weight_amax(w.flatten(1), dim=-1)
+            amaxes = [weight_amax(raws[r][key].flatten(1), dim=-1) for r in range(tp)]
+        else:
+            amaxes = [weight_amax(raws[r][key]).reshape(1) for r in range(tp)]
         amax = amaxes[0]
         for a in amaxes[1:]:
-            amax = torch.maximum(amax, a)  # all_reduce(MAX) over the TP group
+            amax = torch.maximum(amax, a)  # all_reduce(MAX) over the TP (EP) group
         for r in range(tp):
             w = raws[r][key]
-            if scheme.block is None:
+            got_s = fp8s[r][scale_key]
+            if scheme.block is None and experts:
+                scale = _fp8_scale(amax)  # [E]: one per expert
+                want_q = torch.stack(
+                    [quant.forward_native(w[e], scale[e])[0] for e in range(w.shape[0])]
+                )
+                want_s = scale.reshape(-1, 1).expand(-1, got_s.numel() // scale.numel())
+                ok_s = got_s.dtype == torch.float32 and torch.equal(
+                    got_s.reshape(want_s.shape), want_s
+                )
+            elif scheme.block is None:
                 scale = _fp8_scale(amax)
                 want_q, _ = quant.forward_native(w, scale)
-                got_s = fp8s[r][f"{base}.weight_scale"]
                 ok_s = bool((got_s == scale).all()) and got_s.dtype == torch.float32
+            elif experts:  # Fp8PerBlockOnlineMoEMethod: each expert on its own
+                parts = [
+                    per_block_cast_to_fp8(w[e], block_size=[128, 128], use_ue8m0=False)
+                    for e in range(w.shape[0])
+                ]
+                want_q = torch.stack([p[0] for p in parts])
+                ok_s = torch.equal(got_s, torch.stack([p[1] for p in parts]))
             else:
                 want_q, want_s = per_block_cast_to_fp8(w, block_size=[128, 128], use_ue8m0=False)
-                got_s = fp8s[r][f"{base}.weight_scale_inv"]
                 ok_s = torch.equal(got_s, want_s)
             got_q = fp8s[r][key]
             ok_q = got_q.dtype == want_q.dtype and torch.equal(
@@ -91,7 +110,7 @@ def main() -> int:
     # of its part scales (requantize_with_max_scale; its scaled_fp8_quant kernel replaced
     # by the reference, as this CPU has none): with the one scale repeated, a no-op
     if scheme.block is None:
-        from vllm.model_executor.layers.quantization.utils import w8a8_utils
+        from vllm.model_executor.layers.quantization.utils import fp8_utils, w8a8_utils
 
         from vllm import _custom_ops as ops
 
@@ -101,14 +120,23 @@ def main() -> int:
             noop = []
             for r in range(tp):
                 for key in traces[r]["quantized"]:
-                    base = key.rpartition(".")[0]
                     w = fp8s[r][key].clone()
-                    s = fp8s[r][f"{base}.weight_scale"]
-                    widths = [w.shape[0] // s.numel()] * s.numel()  # any split: one scale
-                    got_s, got_w = w8a8_utils.requantize_with_max_scale(w, s, widths)
+                    s = fp8s[r][key[: -len("weight")] + "weight_scale"]
+                    if w.dim() == 3 and key.endswith("w13_weight"):
+                        # Fp8MoEMethod: w1 and w3's scales requantized to their max
+                        got_w, got_s = fp8_utils.process_fp8_weight_tensor_strategy_moe(
+                            w, s.clone(), w.shape[1] // 2, w.shape[0]
+                        )
+                        ok = bool(torch.equal(got_s, s[:, 0]))
+                    elif w.dim() == 3:  # w2: one scale per expert, used as it is
+                        got_w, ok = w, True
+                    else:
+                        widths = [w.shape[0] // s.numel()] * s.numel()  # any split: one scale
+                        got_s, got_w = w8a8_utils.requantize_with_max_scale(w, s, widths)
+                        ok = bool(got_s == s[0])
                     noop.append(
                         bool(torch.equal(got_w.view(torch.uint8), fp8s[r][key].view(torch.uint8)))
-                        and bool(got_s == s[0])
+                        and ok
                     )
             result["requantizeNoOp"] = noop
         finally:

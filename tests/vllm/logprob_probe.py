@@ -1,9 +1,10 @@
 """Run stock vLLM on models and write their greedy tokens and top-k logprobs as JSON.
 
-    python tests/vllm/logprob_probe.py OUT.json=MODEL_DIR[@LOAD_FORMAT] ... [--tp 2]
-        [--pp 1] [--max-tokens 16] [--logprobs 5]
+    python tests/vllm/logprob_probe.py OUT.json=MODEL_DIR[@LOAD_FORMAT[:QUANTIZATION]] ...
+        [--tp 2] [--pp 1] [--max-tokens 16] [--logprobs 5]
 
-Each job loads one engine (load format ``auto`` unless given, e.g. ``@sharded_state``),
+Each job loads one engine (load format ``auto`` unless given, e.g. ``@sharded_state``;
+``@auto:fp8_per_block``: the source with vLLM's online method),
 generates, writes OUT.json and shuts the engine down before the next job: one process
 for several models saves vLLM's import and start-up per model.
 
@@ -49,6 +50,8 @@ def _omp_bind(world: int) -> str:
 def run_one(args: argparse.Namespace, model: str, load_format: str) -> dict:
     from vllm import LLM, SamplingParams
 
+    load_format, _, quantization = load_format.partition(":")
+
     kwargs = {
         "model": model,
         "tensor_parallel_size": args.tp,
@@ -61,6 +64,8 @@ def run_one(args: argparse.Namespace, model: str, load_format: str) -> dict:
         "max_num_seqs": 8,
         "max_model_len": 256,
     }
+    if quantization:
+        kwargs["quantization"] = quantization
     t0 = time.monotonic()
     llm = LLM(**kwargs)
     t1 = time.monotonic()
@@ -88,6 +93,7 @@ def run_one(args: argparse.Namespace, model: str, load_format: str) -> dict:
         "tp": args.tp,
         "pp": args.pp,
         "load_format": load_format,
+        "quantization": quantization or None,
         "load_seconds": t1 - t0,
         "generate_seconds": t2 - t1,
         "sequences": seqs,

@@ -1,9 +1,9 @@
 """Pre-quantized FP8 rank files (``convert --quantization fp8_per_tensor|fp8_per_block``,
 ``preshard.worker.fp8shards``), with the real vLLM (CPU build) in subprocesses.
 
-This machine has no FP8 kernel (vLLM's CPU FP8 linear layers need AMX: see
-``torch._C._cpu._is_amx_tile_supported()``), so no engine loads the shards here. What is
-proven instead:
+No engine runs here (the reload where this machine has the kernels, and its comparison
+with vLLM's online method, is tests/vllm/test_fp8_reload.py). What is proven here, on any
+CPU, dense layers and MoE experts alike:
 
 * the values: every FP8 weight and scale of every rank equals, bit for bit, what vLLM's
   own reference functions give for the raw rank tensors (``fp8_probe.py``: the online
@@ -81,6 +81,8 @@ def test_convert_publishes_an_fp8_checkpoint(converted: Path, model: Path) -> No
     assert man["quantization"] == "fp8_per_tensor"
     assert man["extra"]["quantizedAtConversion"]["method"] == "fp8_per_tensor"
     assert man["verification"]["engineFree"]["quantizedShards"] == "fp8_per_tensor"
+    # not the online note ("the rank files hold the weights before quantization")
+    assert "quantization" not in man["verification"]
     # bytes per rank: every Linear weight (qkv, o, gate_up, down) in FP8, half of bf16;
     # embeddings, norms and lm_head stay bf16
     raw_linear = 0
@@ -211,10 +213,103 @@ def test_weights_raw_are_the_conversion_without_the_method(model: Path, tmp_path
     assert "quantizedAtConversion" not in man.get("extra", {})
 
 
-def test_moe_experts_are_refused_for_pre_quantization(tmp_path: Path) -> None:
-    moe = make_tiny_model("mixtral", tmp_path / "mixtral")
-    proc = convert(moe, tmp_path / "conv", "--quantization", "fp8_per_tensor")
+# MoE experts (vLLM's FusedMoE w13_weight [E, 2I/TP, H] and w2_weight [E, H, I/TP]):
+# Mixtral-style (hidden 256, 4 heads, intermediate 256: 128 per rank, so per-block too)
+# and DeepSeek-style (MLA, a shared expert, a dense first layer).
+MOE_OVERRIDES = {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 256}
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(
+        "mixtral", tmp_path_factory.mktemp("fp8-moe") / "model", overrides=MOE_OVERRIDES
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [
+        ("mixtral", "fp8_per_tensor"),
+        ("mixtral", "fp8_per_block"),
+        ("deepseek-v2", "fp8_per_tensor"),
+    ],
+)
+def test_moe_experts_equal_vllms_online_moe_quantization(
+    family: str, method: str, moe: Path, tmp_path: Path
+) -> None:
+    """Every expert's FP8 values and scales equal what vLLM's online MoE methods compute
+    (Fp8PerTensorOnlineMoEMethod: per-expert amax, MAX over the TP group, one static scale
+    per expert; Fp8PerBlockOnlineMoEMethod: per_block_cast_to_fp8 per expert), and the
+    fp8 checkpoint's load-time requantize of w13 (to the max of the w1/w3 scales) leaves
+    every expert as it is."""
+    src = moe if family == "mixtral" else make_tiny_model(family, tmp_path / "model")
+    proc = run(str(PROBE), str(src), str(tmp_path), "2", method, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["mismatch"] == []
+    experts = [k for k in result["quantizedKeys"] if "routed_experts.w" in k]
+    assert len(experts) == (4 if family == "mixtral" else 2)  # w13 + w2 per MoE layer
+    assert result["modelMatches"] == [True, True]
+    if method == "fp8_per_tensor":
+        assert result["requantizeNoOp"] == [True] * result["checked"]
+    for name, size in result["files"].items():
+        print(f"{family} {method} {name}: {size} bytes (bf16 raw: {result['rawFiles'][name]})")
+        assert size < 0.62 * result["rawFiles"][name]
+
+
+@pytest.fixture(scope="module")
+def moe_converted(moe: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("fp8-moe-convert")
+    proc = convert(moe, base, "--quantization", "fp8_per_tensor")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return base / "out"
+
+
+def test_moe_convert_and_verify_against(moe_converted: Path, moe: Path, tmp_path: Path) -> None:
+    h = header(moe_converted / "model-rank-0-part-0.safetensors")
+    w13 = "model.layers.0.block_sparse_moe.experts.routed_experts.w13_weight"
+    assert h[w13]["dtype"] == "F8_E4M3" and h[w13]["shape"] == [4, 256, 256]
+    assert h[f"{w13}_scale"]["shape"] == [4, 2] and h[f"{w13}_scale"]["dtype"] == "F32"
+    proc = verify(moe_converted, moe, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout[proc.stdout.index("{") :])
+    # 2 ranks x 2 layers x (qkv, o, w13, w2) x (weight, scale)
+    assert doc["ok"] and doc["quantizedTensors"] == 32
+
+
+@pytest.mark.parametrize(
+    ("key", "index", "element"),
+    [
+        # expert 2's w13, row 3, column 5 (one FP8 byte)
+        ("model.layers.1.block_sparse_moe.experts.routed_experts.w13_weight",
+         (2 * 256 + 3) * 256 + 5, "[2, 3, 5]"),
+        # expert 1's w3 scale (float32 [4, 2]: element [1, 1] starts at byte 12)
+        ("model.layers.0.block_sparse_moe.experts.routed_experts.w13_weight_scale", 12,
+         "[1, 1]"),
+    ],
+)  # fmt: skip
+def test_moe_verify_against_names_one_changed_expert_value(
+    key: str, index: int, element: str, moe_converted: Path, moe: Path, tmp_path: Path
+) -> None:
+    bad = tamper(moe_converted, key, index, tmp_path)
+    proc = verify(bad, moe, tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert doc["ok"] is False and doc["reason"] == "VerificationFailed"
+    assert f"{key} on rank 0" in doc["error"] and f"element {element}" in doc["error"]
+
+
+def test_per_block_experts_the_block_does_not_divide_are_refused(tmp_path: Path) -> None:
+    """intermediate 128 at TP=2: 64 per rank. vLLM's online fp8_per_block pads the
+    experts to 128 and quantizes the padding; no fp8 checkpoint holds that layout."""
+    src = make_tiny_model(
+        "mixtral", tmp_path / "m", overrides={**MOE_OVERRIDES, "intermediate_size": 128}
+    )
+    proc = convert(src, tmp_path / "conv", "--quantization", "fp8_per_block")
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = [x for x in proc.stderr.splitlines() if x.startswith("preshard:")][-1]
-    assert "MoE experts are not" in last and "--weights raw" in last
+    assert "per-rank intermediate size (64)" in last and "multiples of 128" in last
+    assert "--weights raw" in last
+    assert "UnsupportedQuantization" in (tmp_path / "conv" / "termination-log").read_text()
     assert not (tmp_path / "conv" / "out" / MANIFEST_NAME).exists()

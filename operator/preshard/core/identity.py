@@ -93,12 +93,15 @@ def identity_document(
     *,
     namespace: str,
     source_endpoint: str | None = None,
+    engine: str | None = None,
 ) -> dict[str, Any]:
     """The canonical document the identity hashes (also useful to explain a mismatch):
     the spec's conversion plan (preshard.core.plan) and what pins its inputs.
     ``namespace``: the resource's; ``source_endpoint``: the S3 endpoint the source is
-    read from (the spec's source endpoint, else the output's, else the default)."""
-    plan = spec.plan()
+    read from (the spec's source endpoint, else the output's, else the default);
+    ``engine``: the effective engine (the spec's, else the operator's default), which
+    decides whether an FP8 method's rank files are pre-quantized."""
+    plan = spec.plan(engine=engine)
     src = plan.source
     return {
         "identityVersion": IDENTITY_VERSION,
@@ -130,6 +133,7 @@ def conversion_identity(
     *,
     namespace: str,
     source_endpoint: str | None = None,
+    engine: str | None = None,
 ) -> str:
     doc = identity_document(
         spec,
@@ -138,6 +142,7 @@ def conversion_identity(
         state_format,
         namespace=namespace,
         source_endpoint=source_endpoint,
+        engine=engine,
     )
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return PREFIX + hashlib.sha256(blob.encode()).hexdigest()

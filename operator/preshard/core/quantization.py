@@ -19,6 +19,8 @@ account the same way.
 
 from __future__ import annotations
 
+from preshard.core.errors import PreshardError
+
 # vLLM 0.32's _ONLINE_SHORTHANDS that preshard accepts (core.plan.QUANTIZATIONS); a unit
 # test compares this set with the installed vLLM's table.
 ONLINE_METHODS = frozenset(
@@ -99,3 +101,18 @@ def kernel_refusal(quantization: str | None, kernels: dict[str, str | None] | No
         return None
     reason = kernels.get(quantization)
     return reason if isinstance(reason, str) and reason else None
+
+
+def unsupported_quantization(quantization: str | None, exc: Exception) -> PreshardError | None:
+    """``exc`` (e.g. the planner's refusal) as the permanent ``UnsupportedQuantization``
+    it is when a quantization kernel refused (``permanent_kernel_error``), with that
+    kernel's own message; None when it is something else."""
+    message = getattr(exc, "message", None) or str(exc)
+    if not quantization or not permanent_kernel_error(message):
+        return None
+    return PreshardError(
+        f"quantization {quantization!r} has no kernel on this machine, and the conversion "
+        f"needs it to load the checkpoint: {message}",
+        reason="UnsupportedQuantization",
+        permanent=True,
+    )

@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
     with_config,
 )
 from pydantic_core import PydanticCustomError
@@ -31,6 +32,7 @@ from preshard.core.errors import SpecError, URIError
 from preshard.core.plan import (
     DEFAULT_MAX_FILE_SIZE,
     MAX_PARALLEL,
+    PREQUANTIZED,
     QUANTIZATIONS,
     ConversionPlan,
     Layout,
@@ -257,6 +259,9 @@ class CheckpointSpec(_Model):
     )
     quantization: str | None = None
     dtype: str = "auto"
+    # what the rank files hold for an online FP8 method (core.plan.WEIGHTS, the worker's
+    # --weights): part of the identity only when it makes them pre-quantized
+    weights: Literal["auto", "quantized", "raw"] = "auto"
     output: OutputSpec
     verify: bool = True
     deletion_policy: Literal["Retain", "Delete"] = Field(default="Retain", alias="deletionPolicy")
@@ -278,6 +283,20 @@ class CheckpointSpec(_Model):
         except SpecError as exc:
             raise ValueError(exc.message) from None
 
+    @model_validator(mode="after")
+    def _weights(self) -> CheckpointSpec:
+        if self.weights == "quantized" and self.quantization not in PREQUANTIZED:
+            raise ValueError(
+                f"weights: quantized needs quantization {' or '.join(PREQUANTIZED)} (got "
+                f"{self.quantization or 'none'}): only these are pre-quantized "
+                "(fp8_per_channel has no FP8 checkpoint format vLLM's fp8 method loads)"
+            )
+        if self.weights == "quantized" and self.converter.engine == "vllm":
+            raise ValueError(
+                "weights: quantized is computed without an engine: not with converter.engine vllm"
+            )
+        return self
+
     @property
     def layout(self) -> Layout:
         return Layout(self.tensor_parallel_size, self.pipeline_parallel_size)
@@ -298,6 +317,7 @@ class CheckpointSpec(_Model):
             layout=self.layout,
             quantization=self.quantization,
             dtype=self.dtype,
+            weights=self.weights,
             max_file_size=self.output.max_file_size_bytes,
             verify=self.verify,
             owner=owner,
@@ -318,6 +338,8 @@ class CheckpointSpec(_Model):
                 "uri": str(self.output.parsed),
                 "maxFileSize": self.output.max_file_size_bytes,
             },
+            # only when set: every existing resource keeps its hash (its Job's name)
+            **({"weights": self.weights} if self.weights != "auto" else {}),
         }
 
     def conversion_hash(self) -> str:

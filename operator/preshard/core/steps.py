@@ -240,13 +240,14 @@ def next_step(
     copy_allowed: bool = True,
     adopt_allowed: bool = True,
     accelerator: str = "gpu",
+    engine: str | None = None,
 ) -> NextStep:
     """``me`` is this resource's owner string (namespace/name/uid); ``living_owners`` the
     owner strings of :meth:`Preflight.owners` that the operator found alive; ``ready``
     the Ready checkpoints with this identity; ``copy_from_namespaces`` the OTHER
     namespaces the copy policy lets this one copy from (``*``: any; its own always);
     ``copy_allowed``/``adopt_allowed`` False after that step failed once (falls through
-    to Convert)."""
+    to Convert); ``engine`` the effective engine (core.children.pod.engine)."""
     my_ns = me.split("/", 1)[0]
     identity = conversion_identity(
         spec,
@@ -254,6 +255,7 @@ def next_step(
         preflight.vllm_version,
         namespace=my_ns,
         source_endpoint=source_endpoint,
+        engine=engine,
     )
     out = str(spec.output.parsed)
     for o in preflight.overlaps:

@@ -21,6 +21,7 @@ from preshard.core import status as st
 from preshard.core import stepstatus as ss
 from preshard.core.children.credentials import output_endpoint, source_endpoint
 from preshard.core.children.pod import accelerator
+from preshard.core.children.pod import engine as effective_engine
 from preshard.core.children.steps import (
     build_adopt_job,
     build_copy_job,
@@ -166,6 +167,7 @@ def _preflight(
         "adopt_allowed": not base.get("noAdopt"),
         "copy_allowed": not base.get("noCopy"),
         "accelerator": accelerator(spec, svc.config),
+        "engine": effective_engine(spec, svc.config),
     }
     identity = conversion_identity(
         spec,
@@ -173,6 +175,7 @@ def _preflight(
         pre.vllm_version,
         namespace=ns,
         source_endpoint=args["source_endpoint"],
+        engine=args["engine"],
     )
     living = frozenset(o for o in pre.owners() if _alive(svc, o))
     # only the Ready checkpoints a Copy may come from: this namespace's, and those of the

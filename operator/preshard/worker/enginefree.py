@@ -115,7 +115,7 @@ def choose_engine(
 
 
 def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
-    from preshard.core.quantization import raw_plan_quantization
+    from preshard.core.quantization import raw_plan_quantization, unsupported_quantization
     from preshard.worker import convert as cv
     from preshard.worker import planner  # type: ignore[attr-defined]
 
@@ -134,17 +134,20 @@ def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
             scheme=scheme,
         )
 
-    traces: list[dict[str, Any]] = planner.plan_ranks(
-        model_dir,
-        source.tensors(),
-        tp=req.plan.tensor_parallel_size,
-        pp=req.plan.pipeline_parallel_size,
-        dtype=req.plan.dtype,
-        # an online method is planned unquantized (core.quantization)
-        quantization=raw_plan_quantization(
-            req.plan.quantization, cv.checkpoint_quantization(config)
-        ),
-    )
+    quantization = raw_plan_quantization(req.plan.quantization, cv.checkpoint_quantization(config))
+    try:
+        traces: list[dict[str, Any]] = planner.plan_ranks(
+            model_dir,
+            source.tensors(),
+            tp=req.plan.tensor_parallel_size,
+            pp=req.plan.pipeline_parallel_size,
+            dtype=req.plan.dtype,
+            # an online method is planned unquantized (core.quantization)
+            quantization=quantization,
+        )
+    except PreshardError as exc:
+        # a quantization kernel's own refusal inside vLLM's loaders: UnsupportedQuantization
+        raise unsupported_quantization(quantization, exc) or exc from None
     return traces
 
 
@@ -313,7 +316,8 @@ def convert_engine_free(
                 "bytesWritten": report.bytes_written,
             }
         }
-        online = cv.online_record(plan.quantization, config, probe=False)
+        # pre-quantized shards do not hold the weights before quantization: no online note
+        online = None if scheme else cv.online_record(plan.quantization, config, probe=False)
         if online is not None:
             verification["quantization"] = online
         if scheme is not None:

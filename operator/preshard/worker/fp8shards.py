@@ -34,8 +34,14 @@ How, without an engine and without any FP8 kernel:
 ``fp8_per_channel`` has no stock serialized FP8 format that vLLM's ``fp8`` method loads
 with per-channel scales (that is compressed-tensors' format, not planned here): with
 ``--weights auto`` it publishes the raw weights (serving quantizes); ``--weights
-quantized`` refuses it. MoE experts are refused for pre-quantization (``--weights
-raw`` or ``auto`` publishes them raw).
+quantized`` refuses it.
+
+MoE experts (FusedMoE ``w13_weight`` / ``w2_weight``) follow vLLM's online MoE methods:
+per-tensor (``Fp8PerTensorOnlineMoEMethod``) one scale per expert from its amax, MAX over
+the TP group, written twice in the checkpoint's ``w13_weight_scale`` [E, 2] (w1 and w3)
+so that the load-time requantize to their max is a no-op; per-block
+(``Fp8PerBlockOnlineMoEMethod``) ``per_block_cast_to_fp8`` per expert, refused where the
+online method would pad the experts to the 128 block (``check_block_experts``).
 """
 
 from __future__ import annotations
@@ -150,8 +156,61 @@ def plan_quantized(
     raw = planner.plan_ranks(model_dir, tensors, tp=tp, pp=pp, dtype=dtype, quantization=None)
     with tempfile.TemporaryDirectory(prefix="preshard-fp8-plan-") as tmp:
         qdir = planning_dir(model_dir, scheme, Path(tmp) / "model")
-        quant = planner.plan_ranks(qdir, tensors, tp=tp, pp=pp, dtype=dtype, quantization="fp8")
+        try:
+            quant = planner.plan_ranks(qdir, tensors, tp=tp, pp=pp, dtype=dtype, quantization="fp8")
+        except PreshardError as exc:
+            if getattr(exc, "reason", None) != "PlannerUnsupported":
+                raise
+            # vLLM's own FP8 checkpoint model refuses this layout (e.g. a per-rank size
+            # the 128 block does not divide): no checkpoint of it can be served
+            raise PreshardError(
+                f"{scheme.method} cannot be pre-quantized at TP={tp} x PP={pp}: vLLM's fp8 "
+                f"checkpoint model refuses it ({exc}); convert with --weights raw",
+                reason="UnsupportedQuantization",
+                permanent=True,
+            ) from None
     return combine(raw, quant, scheme)
+
+
+EXPERT_WEIGHTS = ("w13_weight", "w2_weight")
+
+
+def is_experts(key: str) -> bool:
+    """A fused MoE experts weight (vLLM's FusedMoE ``w13_weight`` [E, 2I/TP, H] or
+    ``w2_weight`` [E, H, I/TP])."""
+    return key.rpartition(".")[2] in EXPERT_WEIGHTS
+
+
+def scale_key(key: str, scheme: Scheme) -> str | None:
+    """The serialized FP8 checkpoint's scale of weight ``key``: ``x.weight`` ->
+    ``x.weight_scale`` (``_inv`` per-block), ``x.w13_weight`` -> ``x.w13_weight_scale``."""
+    if not key.endswith("weight"):
+        return None
+    return key[: -len("weight")] + scheme.scale_name
+
+
+def check_block_experts(key: str, shape: list[int], block: list[int]) -> None:
+    """Per-block MoE experts: vLLM's online method (``Fp8PerBlockOnlineMoEMethod.
+    maybe_roundup_sizes``) pads the hidden size and the per-rank intermediate size to
+    multiples of the 128 block and quantizes the zero-padded experts; the fp8 checkpoint
+    format holds them unpadded (vLLM's ``Fp8MoEMethod`` creates unpadded parameters and
+    refines or refuses a block the per-rank size does not fill), so a padded layout has
+    no checkpoint stock vLLM loads to the same values. Refused, precisely."""
+    leaf = key.rpartition(".")[2]
+    if leaf == "w13_weight":
+        inter, hidden = shape[1] // 2, shape[2]
+    else:
+        hidden, inter = shape[1], shape[2]
+    if inter % block[0] or hidden % block[1]:
+        raise PreshardError(
+            f"{key}: fp8_per_block MoE experts need the per-rank intermediate size "
+            f"({inter}) and the hidden size ({hidden}) to be multiples of {block[0]}: "
+            "vLLM's online fp8_per_block pads them to the block and quantizes the padded "
+            "experts, a layout no fp8 checkpoint holds (choose a tensor-parallel size that "
+            "keeps intermediate_size / TP a multiple of 128, or --weights raw)",
+            reason="UnsupportedQuantization",
+            permanent=True,
+        )
 
 
 def combine(
@@ -175,23 +234,28 @@ def combine(
         scales = set()
         for key, info in q["saved"].items():
             if info["dtype"].startswith("float8"):
-                base = key.rpartition(".")[0]
-                scale = f"{base}.{scheme.scale_name}"
+                scale = scale_key(key, scheme)
                 raw_info = saved_raw.get(key)
+                experts = is_experts(key)
                 if (
-                    not key.endswith(".weight")
-                    or len(info["shape"]) != 2
+                    scale is None
+                    or len(info["shape"]) != (3 if experts else 2)
                     or raw_info is None
                     or raw_info["shape"] != info["shape"]
                     or scale not in q["saved"]
                 ):
                     raise PreshardError(
-                        f"{key}: only linear layers are pre-quantized to FP8 by preshard "
-                        "(MoE experts are not); convert with --weights raw",
+                        f"{key}: not a linear weight or fused MoE experts weight with its "
+                        f"{scheme.scale_name} ({info}); cannot pre-quantize this model: "
+                        "convert with --weights raw",
                         reason="UnsupportedQuantization",
                         permanent=True,
                     )
+                if experts and scheme.block is not None:
+                    check_block_experts(key, info["shape"], scheme.block)
                 quantized[key] = {"scale": scale, "rawDtype": raw_info["dtype"]}
+                if experts:
+                    quantized[key]["experts"] = True
                 writes[key] = r["writes"].get(key, [])
                 scales.add(scale)
         for key, info in q["saved"].items():
@@ -270,6 +334,15 @@ def per_tensor_amax(weight: torch.Tensor) -> torch.Tensor:
     return amax
 
 
+def per_expert_amax(weight: torch.Tensor) -> torch.Tensor:
+    """``Fp8PerTensorOnlineMoEMethod``'s ``weight_amax(w.flatten(1), dim=-1)``: one
+    amax per expert (in the weight's dtype)."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import weight_amax
+
+    amax: torch.Tensor = weight_amax(weight.flatten(1), dim=-1)
+    return amax
+
+
 def per_tensor_scale(amax: torch.Tensor) -> torch.Tensor:
     """The online method's ``_fp8_scale(amax)``: float32 amax / fp8 max (true division
     by a 0-d tensor)."""
@@ -340,18 +413,28 @@ class Fp8Builder:
         import torch
 
         weight = self.raw_weight(rank, key, cache)
+        experts = bool(self.quantized[rank][key].get("experts"))
         if self.scheme.block is not None:
+            if experts:  # Fp8PerBlockOnlineMoEMethod: each expert's [N, K] on its own
+                parts = [per_block(weight[e], self.scheme.block) for e in range(len(weight))]
+                return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
             return per_block(weight, self.scheme.block)
+        amax_of = per_expert_amax if experts else per_tensor_amax
         plan = self.plans[rank]
         group = (plan.pp_rank, key)
         amax = self._amax.get(group)
-        if amax is None:  # once per layer: the MAX over the TP group (the same stage)
-            amax = per_tensor_amax(weight)
+        if amax is None:
+            # once per layer: the MAX over the TP group of the same stage (linear:
+            # amax_for_tp_weight_quant; experts, per expert: amax_for_moe_weight_quant)
+            amax = amax_of(weight)
             for other, p in self.plans.items():
                 if other != rank and p.pp_rank == plan.pp_rank and key in self.quantized[other]:
-                    amax = torch.maximum(amax, per_tensor_amax(self.raw_weight(other, key, cache)))
+                    amax = torch.maximum(amax, amax_of(self.raw_weight(other, key, cache)))
             self._amax[group] = amax
         scale = per_tensor_scale(amax)
+        if experts:  # Fp8PerTensorOnlineMoEMethod: one static scale per expert
+            q = torch.stack([static_quant(weight[e], scale[e]) for e in range(len(weight))])
+            return q, scale
         return static_quant(weight, scale), scale
 
     def __call__(self, plan: RankPlan, saved: Saved, cache: SourceCache) -> torch.Tensor:
@@ -371,11 +454,11 @@ class Fp8Builder:
         if wkey is not None:
             out = qweight.reshape(-1)
         else:
-            n = 1
-            for d in saved.shape:
-                n *= d
-            # per-tensor: the one scale over the fused parameter, once per part
-            out = scale.reshape(-1).expand(n) if scale.numel() == 1 else scale.reshape(-1)
+            # per-tensor: the one scale of a fused parameter (of each expert) repeated
+            # once per part (qkv: [3]; w13: [E, 2]); per-block: the block scales
+            k = scale.numel()
+            n = _numel(saved.shape)
+            out = scale.reshape(k, 1).expand(k, n // k if n % k == 0 else 0).reshape(-1)
             out = out.clone()
         if out.numel() != _numel(saved.shape) or str(out.dtype).removeprefix("torch.") != (
             saved.dtype

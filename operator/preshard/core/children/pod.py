@@ -15,6 +15,7 @@ from preshard.core.naming import (
     ANNOTATION_OWNER_UID,
     ANNOTATION_SPEC_HASH,
 )
+from preshard.core.plan import PREQUANTIZED
 from preshard.core.spec import CheckpointSpec
 
 RESTRICTED_CONTAINER_SECURITY = {
@@ -151,8 +152,15 @@ def source_volume(spec: CheckpointSpec) -> tuple[list[dict[str, Any]], list[dict
 
 
 def engine(spec: CheckpointSpec, config: OperatorConfig) -> str:
-    """The effective engine (core.plan.ENGINES): the spec's, else the operator default."""
-    return spec.converter.engine or config.default_engine
+    """The effective engine (core.plan.ENGINES): the spec's, else the operator default;
+    without the spec's, ``none`` for pre-quantized FP8 shards (``spec.weights``
+    ``quantized``, or ``auto`` under an ``auto`` default): they are computed only without
+    an engine (the worker never falls back to one), so the Job is sized for that."""
+    chosen = spec.converter.engine or config.default_engine
+    prequantized = spec.weights == "quantized" or (spec.weights == "auto" and chosen == "auto")
+    if spec.converter.engine is None and spec.quantization in PREQUANTIZED and prequantized:
+        return "none"
+    return chosen
 
 
 def accelerator(spec: CheckpointSpec, config: OperatorConfig) -> str:
