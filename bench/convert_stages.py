@@ -9,7 +9,7 @@ engines on both cores (a CPU conversion, where the engine check and the upload c
 for the same cores), and TP=1 with the engines bound to core 0 (the other core stands for
 the host CPU that a GPU node leaves free while the accelerator verifies).
 
-The model (preshard.worker.tinymodel.make_tiny_llama, bf16, hidden 2048, 32 heads of 64,
+The model (preshard_dev.tinymodel.make_tiny_llama, bf16, hidden 2048, 32 heads of 64,
 8 KV heads, intermediate 5632, vocabulary 32000, ``BENCH_CONVERT_LAYERS`` layers, default
 10: about 1.1 GiB) is big enough that loading, saving, verifying and moving the weights
 show in the split; ``--tiny`` uses the tiny 2-layer model instead, which measures little
@@ -46,7 +46,7 @@ from preshard.core.contract import LOAD_FORMAT_LOCAL
 from preshard.core.manifest import ConversionFacts, conversion_fields
 from preshard.worker import convert
 from preshard.worker.progress import Reporter
-from preshard.worker.tinymodel import make_tiny_llama
+from preshard_dev.tinymodel import make_tiny_llama
 
 
 def _s3_setup(model: Path, root: Path):

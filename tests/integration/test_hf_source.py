@@ -458,7 +458,7 @@ def test_the_stand_in_speaks_the_hub_protocol(hub: Hub) -> None:
 @pytest.mark.vllm
 def test_convert_from_the_hub_with_vllm(tmp_path: Path, hub: Hub) -> None:
     from preshard.core.manifest import MANIFEST_NAME, Manifest
-    from preshard.worker.tinymodel import make_tiny_llama
+    from preshard_dev.tinymodel import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "tiny-llama", num_kv_heads=2, seed=0)
     (model / "pytorch_model.bin").write_bytes(b"not fetched")

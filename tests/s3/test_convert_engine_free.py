@@ -22,7 +22,7 @@ from preshard.cli import build_parser
 from preshard.core.manifest import MANIFEST_NAME, Manifest
 from preshard.worker import convert as cv
 from preshard.worker import shardpublish
-from preshard.worker.tinymodel import make_tiny_model
+from preshard_dev.tinymodel import make_tiny_model
 
 from .conftest import client_env, object_keys, read_object
 

@@ -1,7 +1,7 @@
 """The engine-free conversion against recorded real engine runs.
 
 ``tests/golden/engine-traces/<family>/`` holds, for three families of
-``preshard.worker.tinymodel`` (tied embeddings over a padded vocabulary with one KV head
+``preshard_dev.tinymodel`` (tied embeddings over a padded vocabulary with one KV head
 replicated; Mixtral-style MoE; Phi-3 with HF-fused qkv/gate_up from a float32 checkpoint
 converted to bfloat16), the per-rank traces the engine's ``preshard_raw`` loader wrote
 in a real ``preshard convert --engine vllm`` at TP=2 with ``--max-file-size 256Ki``, and
@@ -34,7 +34,7 @@ from preshard.core.manifest import MANIFEST_NAME, SHARDING_NAME, Manifest
 from preshard.worker import convert as cv
 from preshard.worker import shardwriter as sw
 from preshard.worker.sources import open_source
-from preshard.worker.tinymodel import make_tiny_model
+from preshard_dev.tinymodel import make_tiny_model
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "engine-traces"
 FAMILIES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())

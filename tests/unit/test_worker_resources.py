@@ -12,7 +12,7 @@ import pytest
 from preshard.core.estimate import GiB, estimate_memory
 from preshard.worker import resources
 from preshard.worker import vllm_engine as ve
-from preshard.worker.tinymodel import make_tiny_llama
+from preshard_dev.tinymodel import make_tiny_llama
 
 
 def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from preshard.core.progress import ProgressRecord, Result, parse_progress_line
-from preshard.worker.tinymodel import make_tiny_llama
+from preshard_dev.tinymodel import make_tiny_llama
 
 
 @dataclass

@@ -15,7 +15,7 @@ And a tampered shard (one element changed by its lowest bit, the manifest's sha2
 recomputed so the file checks pass) must fail ``verify --against`` (exit 3) naming the
 checkpoint tensor, the rank and the element.
 
-Families (preshard.worker.tinymodel.FAMILIES, plus a 4-bit GPTQ checkpoint written by
+Families (preshard_dev.tinymodel.FAMILIES, plus a 4-bit GPTQ checkpoint written by
 tinymodel.quantize_gptq): the default matrix is the smallest set that covers every
 feature of issue 8 (dense GQA, tied embeddings, padded vocabulary, KV-head replication,
 qkv bias, q/k norm, HF-fused qkv, two MoE families, GPTQ), several features per model,
@@ -46,7 +46,7 @@ from typing import Any
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
+from preshard_dev.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
 from preshard.worker.verify_shards import LOGPROB_TOLERANCE
 
 pytestmark = pytest.mark.vllm
