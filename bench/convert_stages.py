@@ -78,7 +78,7 @@ def _sequential_baseline(
     import json
 
     from preshard.worker import publication
-    from preshard.worker.vllm_engine import default_prompts, has_tokenizer, run_engine
+    from preshard.worker.engine.process import default_prompts, has_tokenizer, run_engine
 
     config = json.loads((shards / "config.json").read_text())
     prompts = default_prompts(config, tokenizer=has_tokenizer(shards))

@@ -50,9 +50,9 @@ from pathlib import Path
 from preshard.core.quantity import format_bytes
 from preshard.core.serving import serving_info
 from preshard.core.spec import parse_spec
-from preshard_dev.tinymodel import make_tiny_llama
-from preshard.worker.vllm_engine import cpu_env
+from preshard.worker.engine.cpu import cpu_env
 from preshard_dev.s3server import RcloneS3, free_port
+from preshard_dev.tinymodel import make_tiny_llama
 from preshard_dev.vllmclient import complete
 
 TP = 2

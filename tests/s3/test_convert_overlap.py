@@ -34,9 +34,9 @@ from preshard.core.progress import Result, verification_status
 from preshard.core.uris import parse_output_uri, parse_uri
 from preshard.worker import convert as cv
 from preshard.worker import verify_against
+from preshard.worker.engine.process import EngineError, EngineOutcome, EngineRequest
 from preshard.worker.progress import Reporter
 from preshard.worker.records import Journal
-from preshard.worker.vllm_engine import EngineError, EngineOutcome, EngineRequest
 from preshard_dev.faultproxy import FaultProxy
 from preshard_dev.s3server import RcloneS3
 

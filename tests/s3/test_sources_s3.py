@@ -14,8 +14,8 @@ import torch
 from preshard.core.errors import PreshardError
 from preshard.worker.sources import open_source
 from preshard.worker.sources import s3 as s3_source
-from preshard_dev.tinymodel import make_tiny_model
 from preshard_dev.faultproxy import FaultProxy, FaultRule
+from preshard_dev.tinymodel import make_tiny_model
 
 from .conftest import client_env
 

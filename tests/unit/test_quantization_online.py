@@ -17,7 +17,7 @@ from preshard.core.identity import SourcePin
 from preshard.core.jobs import build_preflight_job
 from preshard.core.spec import parse_spec
 from preshard.worker import convert as cv
-from preshard.worker.vllm_engine import EngineError
+from preshard.worker.engine.process import EngineError
 
 PIN = SourcePin(None, "sha256:" + "1" * 64)
 LLAMA = {
@@ -202,7 +202,7 @@ def test_the_raw_loader_refuses_to_save_under_an_online_method() -> None:
 
     import torch
 
-    from preshard.worker.vllm_raw_loader import _refuse_online_quantization
+    from preshard.worker.engine.raw_loader import _refuse_online_quantization
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0].quant_method = types.SimpleNamespace(uses_meta_device=False)  # type: ignore[assignment]
@@ -219,7 +219,7 @@ def test_the_engine_converts_online_methods_without_them_and_refuses_missing_ker
     probe (the real one runs in tests/vllm/test_quantization_online.py)."""
     from preshard.core.errors import PreshardError
     from preshard.core.plan import ConversionPlan
-    from preshard.worker import kernels
+    from preshard.worker.engine import kernels
 
     asked: list[tuple[str | None, Any]] = []
 

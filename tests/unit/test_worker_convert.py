@@ -334,7 +334,7 @@ def test_manifest_fields(tmp_path: Path) -> None:
 
 
 def test_engine_error_classification() -> None:
-    from preshard.worker.vllm_engine import EngineError
+    from preshard.worker.engine.process import EngineError
 
     perm = cv._conversion_error(EngineError("ValueError: x", stage="load", kind="ValueError"))
     assert perm.permanent and perm.reason == "ConversionFailed"

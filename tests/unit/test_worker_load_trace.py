@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from preshard.core.sharding import ShardingError, as_box, parse_document, placement_of
 from preshard.worker import verify_against as va
-from preshard.worker.load_trace import LoadTracer
+from preshard.worker.engine.load_trace import LoadTracer
 from preshard.worker.verify_shards import VerificationFailed
 
 TP = 2

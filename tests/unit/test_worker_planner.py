@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from preshard.core.sharding import build_document, parse_document
-from preshard.worker.load_trace import LoadTracer, storage_key
+from preshard.worker.engine.load_trace import LoadTracer, storage_key
 from preshard.worker.planner.checkpoint import local_tensors
 from preshard.worker.planner.plan import PlannerUnsupported, check_complete, filter_subtensors
 from preshard.worker.verify_against import compare_with_plan

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from preshard.core.contract import MANIFEST_NAME, SHARDING_NAME
 from preshard.core.manifest import build_manifest
 from preshard.core.sharding import build_document
-from preshard.worker.load_trace import LoadTracer
+from preshard.worker.engine.load_trace import LoadTracer
 from preshard.worker.sources import TensorSource
 from preshard.worker.sources.checkpoint import (
     CheckpointSource,

@@ -203,7 +203,7 @@ def test_compare_tokens() -> None:
 PROMPTS = ["'a'", "'b'"]
 TOKENS = [[7, 9], [3, 3]]
 # Per prompt, per position: (token, log-probability) pairs, highest first (what
-# vllm_engine._top_logprobs returns), top-3.
+# engine.process._top_logprobs returns), top-3.
 LOGPROBS = (
     (((7, -0.5), (8, -1.25), (2, -3.0)), ((9, -0.75), (1, -1.5), (4, -2.0))),
     (((3, -0.1), (5, -2.5), (6, -4.0)), ((3, -0.2), (6, -2.25), (5, -2.3))),

@@ -46,8 +46,8 @@ from typing import Any
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard_dev.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
 from preshard.worker.verify_shards import LOGPROB_TOLERANCE
+from preshard_dev.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
 
 pytestmark = pytest.mark.vllm
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preshard.worker.kernels import probe_quantization
+from preshard.worker.engine.kernels import probe_quantization
 from tests.vllm.conftest import CliRun, read_json, run_convert_cli
 
 pytestmark = pytest.mark.vllm

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.vllm
 
 def test_entry_point_is_registered() -> None:
     eps = importlib.metadata.entry_points(group="vllm.general_plugins")
-    assert "preshard.worker.vllm_plugin:register" in {ep.value for ep in eps}
+    assert "preshard.worker.engine.plugin:register" in {ep.value for ep in eps}
 
 
 def test_register_adds_the_raw_loader_and_nothing_else() -> None:
@@ -29,7 +29,7 @@ def test_register_adds_the_raw_loader_and_nothing_else() -> None:
     code = (
         "from vllm.model_executor import model_loader as ml\n"
         "before = set(ml._LOAD_FORMAT_TO_MODEL_LOADER)\n"
-        "from preshard.worker import vllm_plugin\n"
+        "from preshard.worker.engine import plugin as vllm_plugin\n"
         "vllm_plugin.register(); vllm_plugin.register()\n"
         "after = set(ml._LOAD_FORMAT_TO_MODEL_LOADER)\n"
         "from vllm.config.load import LoadConfig\n"

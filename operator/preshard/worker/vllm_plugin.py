@@ -1,24 +1,13 @@
-"""vLLM general plugin: registers preshard's ``preshard_raw`` model loader.
-
-vLLM calls every ``vllm.general_plugins`` entry point in each of its processes (the
-front end, the engine core and every worker), which is the only way to reach the worker
-processes where the weights are loaded; a patch in the parent process would not. The
-entry point is declared in pyproject.toml.
-
-Registering a load format changes nothing for a vLLM that does not ask for it: a vLLM
-server that merely has preshard installed loads models exactly as before. The loader
-itself is ``preshard.worker.vllm_raw_loader``.
-"""
+"""The plugin's entry point under its name before the worker's engine package
+(``preshard.worker.engine.plugin``): an install made before the move (an editable
+install's metadata) still names ``preshard.worker.vllm_plugin:register`` until it is
+reinstalled. Remove once every environment is reinstalled (pyproject.toml names the new
+one)."""
 
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger("vllm.preshard_plugin")
-
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point (may be called more than once)."""
-    from preshard.worker.vllm_raw_loader import register as register_loader
+    from preshard.worker.engine.plugin import register as register_plugin
 
-    register_loader()
+    register_plugin()
