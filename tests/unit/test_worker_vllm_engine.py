@@ -214,7 +214,8 @@ def test_sigterm_stops_the_engine_tree(tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
     script = tmp_path / "term.py"
     script.write_text(SIGTERM_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.Popen(
         [sys.executable, str(script), str(pidfile)], stdout=subprocess.PIPE, text=True, env=env
     )
