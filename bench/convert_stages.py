@@ -77,8 +77,8 @@ def _sequential_baseline(
     same files to a fresh prefix, alone."""
     import json
 
-    from preshard.worker import publication
     from preshard.worker.engine.process import default_prompts, has_tokenizer, run_engine
+    from preshard.worker.store import publication
 
     config = json.loads((shards / "config.json").read_text())
     prompts = default_prompts(config, tokenizer=has_tokenizer(shards))

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from preshard.core.progress import ProgressRecord, Result, parse_progress_line
-from preshard.worker.storage import HF_PATTERNS
+from preshard.worker.store.hf import HF_PATTERNS
 from preshard_dev.hfhub import INVALID_CREDENTIALS, FakeHub
 
 TOKEN = "hf_preshardTestToken0123456789abcdef"

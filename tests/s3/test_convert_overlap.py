@@ -36,7 +36,7 @@ from preshard.worker import convert as cv
 from preshard.worker import verify_against
 from preshard.worker.engine.process import EngineError, EngineOutcome, EngineRequest
 from preshard.worker.progress import Reporter
-from preshard.worker.records import Journal
+from preshard.worker.store.records import Journal
 from preshard_dev.faultproxy import FaultProxy
 from preshard_dev.s3server import RcloneS3
 

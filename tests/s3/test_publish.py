@@ -15,7 +15,7 @@ import pytest
 from preshard.core.contract import JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest
-from preshard.worker.transfer import remote_sha256
+from preshard.worker.store.transfer import remote_sha256
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3
 

@@ -23,8 +23,8 @@ from preshard.core.identity import files_digest
 from preshard.core.manifest import MANIFEST_NAME, Manifest
 from preshard.core.uris import parse_uri
 from preshard.worker import adopt as ad
-from preshard.worker import publication, storage
-from preshard.worker.records import Journal
+from preshard.worker.store import fetch, publication, source_files
+from preshard.worker.store.records import Journal
 from preshard_dev.s3server import RcloneS3
 from tests.unit.test_worker_load_trace import _convert, _tamper
 
@@ -64,7 +64,7 @@ def copy_args(bucket: str, body: bytes, src: Path, *extra: str) -> list[str]:
     return [
         "copy", "--from", f"s3://{bucket}/x/", "--to", f"s3://{bucket}/c/", "--owner", C,
         "--expect-identity", ID, "--expect-manifest-sha256", hashlib.sha256(body).hexdigest(),
-        "--against", str(src), "--source-digest", files_digest(storage.local_entries(src)),
+        "--against", str(src), "--source-digest", files_digest(source_files.local_entries(src)),
         *extra,
     ]  # fmt: skip
 
@@ -257,13 +257,13 @@ def test_publishing_over_an_ownerless_manifest_never_deletes_what_it_lists(
 
 def test_fetch_source_refuses_a_local_source_that_changed(tmp_path: Path) -> None:
     src, _ = genuine(tmp_path)
-    pin = files_digest(storage.local_entries(src))
-    assert storage.fetch_source(str(src), tmp_path / "w", pin=pin) == src.resolve()
+    pin = files_digest(source_files.local_entries(src))
+    assert fetch.fetch_source(str(src), tmp_path / "w", pin=pin) == src.resolve()
     data = bytearray((src / "model.safetensors").read_bytes())
     data[-1] ^= 1  # same size, one bit
     (src / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(Exception) as exc:
-        storage.fetch_source(str(src), tmp_path / "w", pin=pin)
+        fetch.fetch_source(str(src), tmp_path / "w", pin=pin)
     assert getattr(exc.value, "reason", None) == "SourceChanged"
 
 
@@ -275,14 +275,14 @@ def test_fetch_source_refuses_an_s3_source_that_changed(
     for p in src.iterdir():
         c.put_object(Bucket=bucket, Key="src/" + p.name, Body=p.read_bytes())
     u = parse_uri(f"s3://{bucket}/src/")
-    pin = files_digest(storage.s3_entries(c, u))
-    got = storage.fetch_source(str(u), tmp_path / "w1", endpoint_url=s3.endpoint, pin=pin)
+    pin = files_digest(source_files.s3_entries(c, u))
+    got = fetch.fetch_source(str(u), tmp_path / "w1", endpoint_url=s3.endpoint, pin=pin)
     assert (got / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     data = bytearray((src / "model.safetensors").read_bytes())
     data[-1] ^= 1
     c.put_object(Bucket=bucket, Key="src/model.safetensors", Body=bytes(data))
     with pytest.raises(Exception) as exc:
-        storage.fetch_source(str(u), tmp_path / "w2", endpoint_url=s3.endpoint, pin=pin)
+        fetch.fetch_source(str(u), tmp_path / "w2", endpoint_url=s3.endpoint, pin=pin)
     assert getattr(exc.value, "reason", None) == "SourceChanged"
     assert not (tmp_path / "w2" / "model.safetensors").exists()  # refused before reading
 
@@ -300,7 +300,7 @@ def test_convert_refuses_weights_swapped_after_the_preflight(
 
     src = tmp_path / "src"
     fake_source(src)
-    pin = files_digest(storage.local_entries(src))
+    pin = files_digest(source_files.local_entries(src))
     weights = next(src.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # the swap: same names and sizes, other bytes

@@ -49,10 +49,10 @@ from preshard.core.manifest import (
 )
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
-from preshard.worker import records, s3
 from preshard.worker.engine.installed import vllm_version
 from preshard.worker.progress import write_result
-from preshard.worker.transfer import with_retries
+from preshard.worker.store import records, s3
+from preshard.worker.store.transfer import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _source_pin(uri: str, args: argparse.Namespace) -> tuple[dict[str, Any], dic
         return _s3_source(u, args)
     if u.scheme == "hf":
         return _hf_source(u)
-    from preshard.worker.storage import local_source_dir
+    from preshard.worker.store.source_files import local_source_dir
 
     # The same link check as convert and publish: never a file outside the source.
     path = local_source_dir(u, uri)
@@ -151,7 +151,7 @@ def _source_pin(uri: str, args: argparse.Namespace) -> tuple[dict[str, Any], dic
             reason="SourceNotFound",
             permanent=True,
         )
-    from preshard.worker.storage import local_entries
+    from preshard.worker.store.source_files import local_entries
 
     entries = local_entries(path)
     config = _json_file(path / "config.json", uri)
@@ -193,25 +193,9 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
     settings = s3.source_settings(args.source_endpoint_url, None, 4)
     client = s3.make_client(settings)
     uri = str(u)
-    from preshard.worker.storage import s3_entries
+    from preshard.worker.store.source_files import list_source
 
-    try:
-        entries = s3_entries(client, u)
-    except Exception as exc:
-        err = s3.translate(exc, uri, "read the source")
-        if err.reason == "BucketNotFound":
-            err = PreshardError(
-                f"source {uri} does not exist (no bucket {u.bucket!r})",
-                reason="SourceNotFound",
-                permanent=True,
-            )
-        raise err from None
-    if not entries:
-        raise PreshardError(
-            f"source {uri} does not exist or is empty (no objects under the prefix)",
-            reason="SourceNotFound",
-            permanent=True,
-        )
+    entries = list_source(client, u, uri)
     try:
         raw = records.read_bounded(client, u.bucket, u.key("config.json"), MAX_MANIFEST_BYTES)
     except ManifestError as exc:
@@ -240,7 +224,7 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
 def _hf_source(u: StorageURI) -> tuple[dict[str, Any], dict[str, Any]]:
     from huggingface_hub import HfApi, hf_hub_download
 
-    from preshard.worker.storage import hf_error, quiet_hf_client
+    from preshard.worker.store.hf import hf_error, quiet_hf_client
 
     quiet_hf_client()
     token = os.environ.get("HF_TOKEN") or None
@@ -526,8 +510,8 @@ def check_against_source(
     against = getattr(args, "against", None)
     if not against:
         return None
-    from preshard.worker import storage
-    from preshard.worker.download import Downloader, DownloadItem
+    from preshard.worker.store import fetch
+    from preshard.worker.store.download import Downloader, DownloadItem
     from preshard.worker.verify_against import verify_against
 
     work = Path(os.environ.get("PRESHARD_WORK_DIR") or "/tmp") / "check"
@@ -544,7 +528,7 @@ def check_against_source(
     )
     (ckpt / MANIFEST_NAME).write_text(man.to_json())
     try:
-        source_dir = storage.fetch_source(
+        source_dir = fetch.fetch_source(
             against,
             work / "source",
             endpoint_url=getattr(args, "source_endpoint_url", None),
@@ -648,7 +632,7 @@ def _copy_object(
 
 def copy(args: argparse.Namespace) -> dict[str, Any]:
     """Copy a Ready checkpoint to ``--to`` under the publication rules
-    (:mod:`preshard.worker.records`): refuse another owner's manifest or unfinished
+    (:mod:`preshard.worker.store.records`): refuse another owner's manifest or unfinished
     publication at, below or above the destination; write this owner's publication record
     first (every key the copy may leave behind); check the copy against the manifest and
     against this resource's own source (``--against``) BEFORE the manifest; delete only

@@ -24,11 +24,11 @@ from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from preshard.core.quantity import format_bytes
 from preshard.core.uris import StorageURI, parse_uri
-from preshard.worker import records, s3
-from preshard.worker.download import Downloader, DownloadItem
 from preshard.worker.engine.installed import installed_vllm
 from preshard.worker.progress import Reporter
-from preshard.worker.transfer import with_retries
+from preshard.worker.store import records, s3
+from preshard.worker.store.download import Downloader, DownloadItem
+from preshard.worker.store.transfer import with_retries
 
 log = logging.getLogger(__name__)
 

@@ -351,8 +351,9 @@ def _verification_error(exc: EngineError) -> PreshardError:
 
 def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     """The whole pipeline; raises PreshardError on any failure."""
-    from preshard.worker import resources, storage
-    from preshard.worker.publication import Publication
+    from preshard.worker import resources
+    from preshard.worker.store import fetch, source_files
+    from preshard.worker.store.publication import Publication
 
     engine_free = _engine_free(req, reporter)
     if engine_free is not None:
@@ -364,7 +365,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     t = time.monotonic()
     reporter.stage("Downloading")
     src_dir = Path(
-        storage.fetch_source(
+        fetch.fetch_source(
             str(req.plan.source),
             req.work_dir / SOURCE_DIR,
             endpoint_url=req.source_endpoint_url or req.endpoint_url,
@@ -378,7 +379,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     log.info("source ready in %s (%.1f s)", src_dir, timer.timings["download"])
     # hf://org/name@main: the manifest records the commit that was actually converted
     commit = (
-        storage.resolved_revision(req.work_dir / SOURCE_DIR)
+        source_files.resolved_revision(req.work_dir / SOURCE_DIR)
         if req.plan.source.scheme == "hf"
         else None
     )
@@ -831,7 +832,7 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:  # unexpected: a bug or an environment problem; the Job retries
         _safe_done(reporter)
         log.debug("unexpected error", exc_info=True)
-        from preshard.worker.s3 import scrub
+        from preshard.worker.store.s3 import scrub
 
         notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", []))
         msg = scrub(f"unexpected error: {type(exc).__name__}: {exc}{notes}")

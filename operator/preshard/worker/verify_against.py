@@ -558,10 +558,10 @@ def run_cli(args: Any) -> int:
             with contextlib.redirect_stdout(sys.stderr):
                 commands.fetch(fetch_args)
             ckpt = work_root / "checkpoint"
-        from preshard.worker import storage
+        from preshard.worker.store import fetch
 
         source_dir = Path(
-            storage.fetch_source(
+            fetch.fetch_source(
                 args.against,
                 work_root / "source",
                 endpoint_url=getattr(args, "source_endpoint_url", None) or args.endpoint_url,

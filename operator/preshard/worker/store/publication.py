@@ -1,8 +1,8 @@
 """Publishing checkpoints: the one publication path.
 
 A :class:`Publication` (``publish`` runs all of it at once) checks who owns the output
-(:mod:`preshard.worker.records`), records what it is about to write, uploads the converted
-files resumably (:class:`~preshard.worker.transfer.Uploader`), hashing each right before
+(:mod:`preshard.worker.store.records`), records what it is about to write, uploads the converted
+files resumably (:class:`~preshard.worker.store.transfer.Uploader`), hashing each right before
 it goes, possibly while the conversion still verifies them, and writes
 ``preshard-manifest.json`` LAST, so a prefix with a manifest always describes complete,
 verified objects.
@@ -32,9 +32,9 @@ from preshard.core.manifest import (
     build_manifest,
 )
 from preshard.core.uris import parse_output_uri
-from preshard.worker import s3
 from preshard.worker.progress import Reporter
-from preshard.worker.records import (
+from preshard.worker.store import s3
+from preshard.worker.store.records import (
     Journal,
     Unreadable,
     check_neighbours,
@@ -46,7 +46,7 @@ from preshard.worker.records import (
     read_journal,
     read_manifest,
 )
-from preshard.worker.transfer import (
+from preshard.worker.store.transfer import (
     HASH_CHUNK,
     UploadCancelled,
     Uploader,
@@ -125,7 +125,7 @@ class _Progress:
 
 class UploadHandle:
     """The upload of a :class:`Publication`, running in a background thread (which runs
-    the :class:`~preshard.worker.transfer.Uploader`'s thread pool)."""
+    the :class:`~preshard.worker.store.transfer.Uploader`'s thread pool)."""
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ them bounded (:func:`read_bounded`: never a whole large object, a body damaged o
 way read again), writes them with their sha256 in the metadata, deletes keys, and
 decides whether an owner may write at a prefix (:func:`check_own` for the prefix itself,
 :func:`check_neighbours` for checkpoints below or above it). The one publication path
-(:class:`~preshard.worker.publication.Publication`), ``preshard purge`` and the
+(:class:`~preshard.worker.store.publication.Publication`), ``preshard purge`` and the
 reuse commands (adopt, copy, withdraw) all go through it.
 """
 
@@ -34,8 +34,8 @@ from preshard.core.manifest import (
     ManifestError,
 )
 from preshard.core.uris import StorageURI
-from preshard.worker import s3
-from preshard.worker.transfer import with_retries
+from preshard.worker.store import s3
+from preshard.worker.store.transfer import with_retries
 
 log = logging.getLogger(__name__)
 

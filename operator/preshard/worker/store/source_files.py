@@ -1,21 +1,19 @@
-"""Fetching sources: ``fetch_source`` brings a model to local disk (an ``s3://`` prefix
-through the :class:`~preshard.worker.download.Downloader`, an ``hf://`` repository through
-huggingface_hub, at one resolved commit) or uses a ``file://`` or ``pvc://`` directory in
-place, after checking that it is a model directory that reaches nothing outside itself.
+"""A source's files, as every reader of a source sees them: a ``file://`` or ``pvc://``
+directory after checking that it is a model directory that reaches nothing outside
+itself (``local_source_dir``, ``check_model_dir``); the top-level objects of an ``s3://``
+prefix (``list_source``, the one listing, and ``list_source_files``); the pin of a
+source's content (``local_entries``/``s3_entries`` -> ``core.identity.files_digest``) and
+the SourceChanged refusal; the marker of what a download directory holds.
 
-Publishing is :mod:`preshard.worker.publication`'s; the records at a prefix (manifest,
-publication record) and the ownership rules are :mod:`preshard.worker.records`'.
+Fetching is :mod:`preshard.worker.store.fetch`'s (``hf://``: :mod:`.hf`); the tensor
+sources of the engine-free path (``preshard.worker.sources``) use the same checks.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import logging
 import os
 import shutil
-import sys
-import threading
 from pathlib import Path
 
 from preshard.core.contract import (
@@ -25,36 +23,14 @@ from preshard.core.contract import (
     SAFETENSORS_SUFFIX,
 )
 from preshard.core.errors import PreshardError
-from preshard.core.manifest import (
-    MANIFEST_NAME,
-    MAX_MANIFEST_BYTES,
-    Manifest,
-    ManifestError,
-)
-from preshard.core.uris import StorageURI, check_file_name, parse_uri
-from preshard.worker import s3
-from preshard.worker.download import Downloader, DownloadItem
-from preshard.worker.progress import Reporter
-from preshard.worker.records import read_bounded
+from preshard.core.uris import StorageURI, check_file_name
+from preshard.worker.store import s3
 
 log = logging.getLogger(__name__)
 
 # A source needs safetensors weights; weights in other formats are never downloaded.
 WEIGHT_SUFFIXES = (SAFETENSORS_SUFFIX,)
 SKIPPED_SUFFIXES = OTHER_WEIGHT_SUFFIXES
-# Top-level files only (as for s3:// sources): vLLM reads none in subfolders, and repos
-# keep whole copies of the weights there (checkpoint-*/, original/).
-HF_IGNORE_PATTERNS = ["*/*"]
-HF_PATTERNS = [
-    "*.safetensors",
-    "*.json",
-    "*.model",
-    "*.txt",
-    "*.tiktoken",
-    "*.py",
-    "tokenizer*",
-    "*.jinja",
-]
 
 
 def pvc_mount_root() -> Path:
@@ -146,7 +122,7 @@ def local_source_dir(u: StorageURI, uri: str) -> Path:
 
 def local_entries(path: Path) -> list[tuple[str, int, str]]:
     """(name, size, sha256) of a directory's top-level files (dotfiles aside)."""
-    from preshard.worker.transfer import sha256_file
+    from preshard.worker.store.transfer import sha256_file
 
     return [
         (p.name, p.stat().st_size, sha256_file(p))
@@ -188,37 +164,12 @@ def check_pin(uri: str, entries: list[tuple[str, int, str]], pin: str | None) ->
         raise source_changed(uri, pin)
 
 
-def fetch_source(
-    uri: str,
-    dest: Path,
-    *,
-    endpoint_url: str | None = None,
-    region: str | None = None,
-    concurrency: int = 16,
-    reporter: Reporter | None = None,
-    pin: str | None = None,
-) -> Path:
-    """Return a local directory holding the model at ``uri``. ``pin``: the content the
-    preflight saw (a files digest; the commit for hf://): a source that differs fails
-    with SourceChanged (permanent), and hf:// downloads exactly that commit."""
-    u = parse_uri(uri, allow_local=True)
-    if u.scheme in ("file", "pvc"):
-        path = local_source_dir(u, uri)
-        check_model_dir(path, uri)
-        if pin is not None:
-            check_pin(uri, local_entries(path), pin)
-        return path
-    if u.scheme == "hf":
-        return _fetch_hf(u, uri, dest, reporter, pin)
-    return _fetch_s3(u, uri, dest, endpoint_url, region, concurrency, reporter, pin)
-
-
-def list_source_files(client: object, u: StorageURI, uri: str) -> dict[str, int]:
-    """name -> size of the top-level objects of an ``s3://`` source (its publication
-    record aside): SourceNotFound for a missing bucket or an empty prefix, InvalidSource
-    for a name no model file can have. Every reader of an S3 source lists it here."""
+def list_source(client: object, u: StorageURI, uri: str) -> list[tuple[str, int, str]]:
+    """(name, size, ETag) of the top-level objects of an ``s3://`` source, the one
+    listing of an S3 source (the preflight's pin, the fetch, the tensor source):
+    SourceNotFound for a missing bucket or an empty prefix; other failures translated."""
     try:
-        objects = s3.list_objects(client, u.bucket, u.prefix)
+        entries = s3_entries(client, u)
     except Exception as exc:
         err = s3.translate(exc, uri, "read the source")
         if err.reason == "BucketNotFound":
@@ -228,11 +179,23 @@ def list_source_files(client: object, u: StorageURI, uri: str) -> dict[str, int]
                 permanent=True,
             )
         raise err from None
-    files = {
-        k[len(u.prefix) :]: size
-        for k, size in objects.items()
-        if "/" not in k[len(u.prefix) :] and k != u.prefix
-    }
+    if not entries:
+        raise _empty(uri)
+    return entries
+
+
+def _empty(uri: str) -> PreshardError:
+    return PreshardError(
+        f"source {uri} does not exist or is empty (no objects under the prefix)",
+        reason="SourceNotFound",
+        permanent=True,
+    )
+
+
+def list_source_files(client: object, u: StorageURI, uri: str) -> dict[str, int]:
+    """name -> size of the top-level objects of an ``s3://`` source (``list_source``; its
+    publication record aside): InvalidSource for a name no model file can have."""
+    files = {name: size for name, size, _ in list_source(client, u, uri)}
     for name in sorted(files):
         why = check_file_name(name)
         if why is not None:
@@ -245,137 +208,11 @@ def list_source_files(client: object, u: StorageURI, uri: str) -> dict[str, int]
             )
     files.pop(JOURNAL_NAME, None)
     if not files:
-        raise PreshardError(
-            f"source {uri} does not exist or is empty (no objects under the prefix)",
-            reason="SourceNotFound",
-            permanent=True,
-        )
+        raise _empty(uri)
     return files
 
 
-def _fetch_s3(
-    u: StorageURI,
-    uri: str,
-    dest: Path,
-    endpoint_url: str | None,
-    region: str | None,
-    concurrency: int,
-    reporter: Reporter | None,
-    pin: str | None = None,
-) -> Path:
-    settings = s3.source_settings(endpoint_url, region, concurrency)
-    client = s3.make_client(settings)
-
-    def pinned() -> None:
-        if pin is not None:
-            check_pin(uri, s3.with_translation(lambda: s3_entries(client, u), uri), pin)
-
-    pinned()  # before anything is downloaded
-    files = list_source_files(client, u, uri)
-    if not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
-        raise PreshardError(
-            f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
-        )
-    wanted = {n: s for n, s in files.items() if not n.endswith(SKIPPED_SUFFIXES)}
-    # the same URI with the same object sizes may resume; anything else starts afresh
-    _claim_dest(dest, f"{uri} " + json.dumps(sorted(wanted.items())))
-    dest.mkdir(parents=True, exist_ok=True)
-    expected: dict[str, str] = {}
-    if MANIFEST_NAME in files:  # a preshard checkpoint as source: verify hashes too
-        try:
-            body = read_bounded(client, u.bucket, u.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
-            man = Manifest.from_json(body)
-            expected = {f.key: f.sha256 for f in man.files}
-        except ManifestError:
-            expected = {}
-        except Exception as exc:
-            raise s3.translate(exc, uri, "read the manifest of") from None
-    items = [
-        DownloadItem(u.key(n), dest / n, s, expected.get(n)) for n, s in sorted(wanted.items())
-    ]
-    if reporter is not None:
-        reporter.stage("Downloading", sum(i.size for i in items))
-    Downloader(
-        client, u.bucket, concurrency=settings.concurrency, reporter=reporter, uri=uri
-    ).download(items)
-    if reporter is not None:
-        reporter.done()
-    pinned()  # and after: an object replaced while it was downloaded changed its ETag
-    check_model_dir(dest, uri)
-    return dest
-
-
-def _fetch_hf(
-    u: StorageURI, uri: str, dest: Path, reporter: Reporter | None, pin: str | None = None
-) -> Path:
-    try:
-        from huggingface_hub import HfApi, snapshot_download
-    except ImportError as exc:  # pragma: no cover - dependency of the package
-        raise PreshardError(
-            f"hf:// sources need huggingface_hub ({exc})", reason="InternalError"
-        ) from None
-    quiet_hf_client()
-    token = os.environ.get("HF_TOKEN") or None
-    try:
-        # Resolve the branch or tag to one commit first: every file then comes from that
-        # commit, and a missing repository or revision or an unreachable Hub fails here.
-        # (Given a branch, snapshot_download falls back to whatever an earlier run left
-        # in dest when it cannot ask the Hub: even another repository's files.)
-        # pinned: exactly the commit the preflight resolved, never the branch's tip now
-        info = HfApi().model_info(
-            u.authority, revision=pin or u.revision, token=token, files_metadata=True
-        )
-        if not info.sha:
-            raise PreshardError(
-                f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
-            )
-        if pin is not None and info.sha != pin:
-            raise source_changed(uri, pin)
-        _claim_dest(dest, f"hf {u.authority}@{info.sha}")
-        wanted = [s for s in info.siblings or [] if hf_wanted(s.rfilename)]
-        if reporter is not None:
-            reporter.stage("Downloading", sum(s.size or 0 for s in wanted))
-        with _DirProgress(dest, reporter):
-            path = snapshot_download(
-                repo_id=u.authority,
-                revision=info.sha,
-                local_dir=str(dest),
-                allow_patterns=HF_PATTERNS,
-                ignore_patterns=HF_IGNORE_PATTERNS,
-                token=token,
-            )
-    except PreshardError:
-        raise
-    except Exception as exc:
-        err = hf_error(exc, uri, u.revision, has_token=token is not None)
-        if err is None:
-            raise
-        raise err from None
-    if reporter is not None:
-        reporter.done()
-    out = Path(path)
-    check_model_dir(out, uri)
-    return out
-
-
-def hf_wanted(name: str) -> bool:
-    return "/" not in name and any(fnmatch.fnmatchcase(name, p) for p in HF_PATTERNS)
-
-
-def quiet_hf_client() -> None:
-    """huggingface_hub's HTTP client logs every request at INFO (signed download URLs
-    included) and draws tqdm bars; the Reporter shows the download instead."""
-    for name in ("httpx2", "httpx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    except ImportError:  # pragma: no cover - older huggingface_hub
-        pass
-
-
-def _claim_dest(dest: Path, identity: str) -> None:
+def claim_dest(dest: Path, identity: str) -> None:
     """Empty ``dest`` unless it holds (part of) this very source, so that neither a resumed
     download nor huggingface_hub's fallbacks can mix in files of another source (a reused
     --work-dir). The marker lives next to dest: a dest that is not empty makes
@@ -402,158 +239,3 @@ def resolved_revision(dest: Path) -> str | None:
     if not identity.startswith("hf ") or "@" not in identity:
         return None
     return identity.rpartition("@")[2] or None
-
-
-class _DirProgress:
-    """Reports the bytes growing under a directory (snapshot_download's own progress
-    reporting is not a stable API)."""
-
-    def __init__(self, root: Path, reporter: Reporter | None, interval: float = 1.0) -> None:
-        self.root, self.reporter, self.interval = root, reporter, interval
-        self._seen = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _size(self) -> int:
-        """Bytes of downloaded files: finished ones, and the partial ``*.incomplete``
-        files in huggingface_hub's bookkeeping folder (``.cache/``)."""
-        total = 0
-        for dirpath, _, names in os.walk(self.root):
-            in_cache = ".cache" in Path(dirpath).relative_to(self.root).parts
-            for n in names:
-                if in_cache and not n.endswith(".incomplete"):
-                    continue
-                try:
-                    total += os.stat(os.path.join(dirpath, n)).st_size
-                except OSError:
-                    pass
-        return total
-
-    def _poll(self) -> None:
-        assert self.reporter is not None
-        size = self._size()
-        if size > self._seen:
-            self.reporter.advance(size - self._seen)
-            self._seen = size
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._poll()
-
-    def __enter__(self) -> _DirProgress:
-        if self.reporter is not None:
-            self._thread = threading.Thread(target=self._run, name="hf-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._poll()
-
-
-def _hf_cause(exc: BaseException) -> str:
-    """One line naming what failed underneath huggingface_hub's wrappers."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    seen: list[BaseException] = []
-    e: BaseException | None = exc
-    while e is not None and e not in seen:
-        seen.append(e)
-        e = e.__cause__ or e.__context__
-    for e in seen:
-        if isinstance(e, OfflineModeIsEnabled):
-            return "HF_HUB_OFFLINE is set"
-        if isinstance(e, HfHubHTTPError) and e.response is not None:
-            return f"HTTP {e.response.status_code}"
-    last = seen[-1]
-    text = str(last).strip().splitlines()[0] if str(last).strip() else ""
-    return f"{type(last).__name__}: {text[:200]}" if text else type(last).__name__
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """OSError (requests-based huggingface_hub, local files) and the request errors of
-    the httpx flavour huggingface_hub uses (not OSErrors)."""
-    out: list[type[BaseException]] = [OSError]
-    for name in ("httpx2", "httpx"):
-        mod = sys.modules.get(name)
-        cls = getattr(mod, "RequestError", None) if mod is not None else None
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            out.append(cls)
-    return tuple(out)
-
-
-def _hub_host(exc: BaseException, endpoint: str) -> bool:
-    """True when the failed request went to the Hub endpoint itself."""
-    from urllib.parse import urlsplit
-
-    try:
-        url = str(exc.response.request.url)  # type: ignore[attr-defined]
-    except Exception:  # no request attached: assume the Hub
-        return True
-    return urlsplit(url).netloc == urlsplit(endpoint).netloc
-
-
-def hf_error(
-    exc: BaseException, uri: str, revision: str | None, *, has_token: bool
-) -> PreshardError | None:
-    """The PreshardError for a huggingface_hub failure (None: not a download failure)."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(exc, GatedRepoError):
-        if has_token:
-            msg = (
-                f"source {uri} is gated and the account of HF_TOKEN has not been granted "
-                "access: request access on the model's page on the Hub"
-            )
-        else:
-            msg = (
-                f"source {uri} is gated: set HF_TOKEN (key HF_TOKEN in the source credentials "
-                "Secret) for an account with access"
-            )
-        return PreshardError(msg, reason="AccessDenied", permanent=True)
-    if isinstance(exc, RevisionNotFoundError):
-        return PreshardError(
-            f"source {uri}: revision {revision!r} does not exist",
-            reason="SourceNotFound",
-            permanent=True,
-        )
-    if isinstance(exc, RepositoryNotFoundError):
-        hint = "the account of HF_TOKEN cannot see it" if has_token else "is private: set HF_TOKEN"
-        return PreshardError(
-            f"source {uri} does not exist (or {hint})", reason="SourceNotFound", permanent=True
-        )
-    status = (
-        exc.response.status_code
-        if isinstance(exc, HfHubHTTPError) and exc.response is not None
-        else None
-    )
-    # The Hub itself refusing the request (not the CDN a download is redirected to, whose
-    # 403 means an expired signed URL).
-    if status in (401, 403) and _hub_host(exc, constants.ENDPOINT):
-        who = (
-            "rejected HF_TOKEN (invalid, expired or without read access)"
-            if has_token
-            else "requires a token: set HF_TOKEN"
-        )
-        return PreshardError(
-            f"the Hugging Face Hub {who} for {uri} (HTTP {status})",
-            reason="AccessDenied",
-            permanent=True,
-        )
-    if isinstance(exc, (HfHubHTTPError, *_transport_errors())):
-        return PreshardError(
-            s3.scrub(
-                f"cannot download {uri} from the Hugging Face Hub at {constants.ENDPOINT}: "
-                f"{_hf_cause(exc)}"
-            ),
-            reason="StorageUnavailable",
-        )
-    return None
