@@ -22,7 +22,6 @@ already serialises within a cluster.
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import hashlib
 import json
@@ -449,56 +448,6 @@ def verify_objects(client: Any, u: StorageURI, man: Manifest, concurrency: int =
     return [f"{c.key}: {c.problem}" for c in checks if not c.ok]
 
 
-def put_manifest(
-    client: Any, u: StorageURI, text: str, *, expect_body: bytes | None, expect_etag: str | None
-) -> None:
-    """Write the manifest last and conditionally: re-read and compare with what we
-    verified, then PUT with If-Match on its ETag (or If-None-Match: * for a new one)."""
-    uri = str(u)
-    key = u.key(MANIFEST_NAME)
-    now = _manifest_at(client, u.bucket, key, uri)
-    now_body = now[1] if now is not None else None
-    if now_body != expect_body:
-        raise PreshardError(
-            f"the manifest of {uri} changed while this Job ran; nothing was written",
-            reason="OutputChanged",
-            permanent=True,
-        )
-    body = text.encode()
-    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 - Content-MD5
-    cond: dict[str, str] = {}
-    if expect_body is None:
-        cond["IfNoneMatch"] = "*"
-    elif now is not None and now[2]:
-        cond["IfMatch"] = str(now[2])
-
-    def put(**extra: str) -> Any:
-        return client.put_object(
-            Bucket=u.bucket,
-            Key=key,
-            Body=body,
-            ContentMD5=md5,
-            ContentType="application/json",
-            Metadata={"sha256": hashlib.sha256(body).hexdigest()},
-            **extra,
-        )
-
-    try:
-        with_retries(lambda: put(**cond), "put manifest")
-    except botocore.exceptions.ClientError as exc:
-        code = s3.error_code(exc)
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-            raise PreshardError(
-                f"the manifest of {uri} changed while this Job ran; nothing was written",
-                reason="OutputChanged",
-                permanent=True,
-            ) from None
-        if code in ("NotImplemented", "501") and cond:
-            with_retries(put, "put manifest")  # a server without conditional writes
-        else:
-            raise s3.translate(exc, uri, "write the manifest of") from None
-
-
 def check_against_source(
     client: Any, u: StorageURI, man: Manifest, args: argparse.Namespace
 ) -> dict[str, Any] | None:
@@ -564,7 +513,7 @@ def adopt(args: argparse.Namespace) -> dict[str, Any]:
     new = dataclasses.replace(man, owner=args.owner)
     text = new.to_json()
     if new.owner != man.owner:
-        put_manifest(client, u, text, expect_body=body, expect_etag=etag)
+        records.put_manifest(client, u, text, conditional=True, expect_body=body, expect_etag=etag)
     else:
         text = body.decode()
     print(
@@ -702,7 +651,7 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
         man, owner=args.owner, created_at=utc_timestamp(), extra={**man.extra, "copiedFrom": origin}
     )
     text = new.to_json()
-    put_manifest(client, dst, text, expect_body=None, expect_etag=None)
+    records.put_manifest(client, dst, text, conditional=True, expect_body=None)
     records.delete_one(client, dst, JOURNAL_NAME, "delete journal")
     print(f"copied {len(man.files)} objects from {src} to {dst_uri}, verified", file=sys.stderr)
     out = artifact_status(new, dst_uri, text) | {"origin": origin}
