@@ -44,7 +44,7 @@ from pathlib import Path
 from preshard.cli import build_parser
 from preshard.core.contract import LOAD_FORMAT_LOCAL
 from preshard.core.manifest import ConversionFacts, conversion_fields
-from preshard.worker import convert
+from preshard.worker.conversion import common, engine_path
 from preshard.worker.progress import Reporter
 from preshard_dev.tinymodel import make_tiny_llama
 
@@ -70,7 +70,7 @@ def _s3_setup(model: Path, root: Path):
 
 
 def _sequential_baseline(
-    req: convert.ConvertRequest, shards: Path, output: str, vllm_version: str
+    req: common.ConvertRequest, shards: Path, output: str, vllm_version: str
 ) -> dict[str, float]:
     """The same run's verification and upload one after the other, as preshard did before
     the overlap: one more engine check of the same shards, alone, then a publish of the
@@ -187,8 +187,8 @@ def run_one(argv: list[str]) -> int:
                     "--verify" if not a.no_verify else "--no-verify",
                 ]
             )
-            req = convert.ConvertRequest.from_args(args)
-            outcome = convert.convert(req, Reporter(mode="lines"))
+            req = common.ConvertRequest.from_args(args)
+            outcome = engine_path.convert(req, Reporter(mode="lines"))
             if not a.no_verify and not a.no_baseline:
                 baseline = _sequential_baseline(
                     req, outcome.shards_dir, baseline_output, outcome.vllm_version

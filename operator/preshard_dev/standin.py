@@ -129,10 +129,10 @@ def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
 
 def convert(args: Any) -> int:
     from preshard.core.manifest import ConversionFacts, conversion_fields
-    from preshard.worker.convert import ConvertRequest
+    from preshard.worker.conversion.common import ConvertRequest
     from preshard.worker.progress import write_result
     from preshard.worker.store import publication, s3
-    from preshard.worker.verify_shards import shard_pattern
+    from preshard.worker.verify.shards import shard_pattern
 
     reporter = _reporter()
     try:

@@ -486,7 +486,7 @@ def test_convert_from_the_hub_with_vllm(tmp_path: Path, hub: Hub) -> None:
 
 
 def hf_pin(tmp_path: Path, hub: Hub, source: str, token: str | None = None) -> dict[str, Any]:
-    """The preflight's source findings for an hf:// source (worker.adopt._hf_source in a
+    """The preflight's source findings for an hf:// source (worker.commands.preflight._hf_source in a
     subprocess: huggingface_hub reads HF_ENDPOINT when it is imported)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
     env.update(hub.server.env(token=token, hf_home=tmp_path / "hf-home"))
@@ -495,7 +495,7 @@ def hf_pin(tmp_path: Path, hub: Hub, source: str, token: str | None = None) -> d
         "import json, sys\n"
         "from preshard.core.errors import PreshardError\n"
         "from preshard.core.uris import parse_uri\n"
-        "from preshard.worker.adopt import _hf_source\n"
+        "from preshard.worker.commands.preflight import _hf_source\n"
         "try:\n"
         "    rec, config = _hf_source(parse_uri(sys.argv[1]))\n"
         "    print(json.dumps({'source': rec, 'config': config}))\n"

@@ -68,7 +68,7 @@ def test_the_preflight_digest_never_follows_a_link_out_of_the_source(
 ) -> None:
     """Issue 18: the preflight hashed (and so read) whatever a link in a PVC source
     pointed at; it now refuses it as convert does (one shared function)."""
-    from preshard.worker import adopt
+    from preshard.worker.commands import preflight as adopt
 
     monkeypatch.setenv("PRESHARD_PVC_MOUNT_ROOT", str(tmp_path / "mnt"))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environ-secret-value-1234")

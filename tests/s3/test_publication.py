@@ -174,7 +174,7 @@ def test_abort_rewrites_the_record_to_what_this_owner_still_has(
     }
     # ... and a purge by this owner then finds everything it left.
     from preshard.core.uris import parse_uri
-    from preshard.worker.commands import purge_prefix
+    from preshard.worker.commands.purge import purge_prefix
     from preshard.worker.store import s3 as s3mod
 
     client = s3mod.make_client(s3mod.output_settings(s3_env.endpoint))

@@ -16,7 +16,7 @@ import pytest
 from preshard.core.decide import parse_preflight
 from preshard.core.manifest import MANIFEST_NAME
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
-from preshard.worker import adopt as ad
+from preshard.worker.commands import preflight as ad
 from preshard.worker.store import records
 from preshard.worker.store import s3 as s3mod
 from preshard_dev.s3server import MotoS3, RcloneS3

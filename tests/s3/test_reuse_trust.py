@@ -22,7 +22,7 @@ from preshard.core.contract import JOURNAL_NAME
 from preshard.core.identity import files_digest
 from preshard.core.manifest import MANIFEST_NAME, Manifest
 from preshard.core.uris import parse_uri
-from preshard.worker import adopt as ad
+from preshard.worker.commands import preflight as ad
 from preshard.worker.store import fetch, publication, source_files
 from preshard.worker.store.records import Journal
 from preshard_dev.s3server import RcloneS3
@@ -294,7 +294,7 @@ def test_convert_refuses_weights_swapped_after_the_preflight(
     before the conversion runs: ``convert --source-digest`` fails permanently
     (SourceChanged) before any engine, and publishes nothing."""
     from preshard.core.errors import PreshardError
-    from preshard.worker import convert as cv
+    from preshard.worker.conversion import engine_path
 
     from .test_convert_overlap import fake_source, reporter, request
 
@@ -309,10 +309,10 @@ def test_convert_refuses_weights_swapped_after_the_preflight(
     def no_engine(*a: object, **k: object) -> None:
         raise AssertionError("the engine must not run")
 
-    monkeypatch.setattr(cv, "run_engine", no_engine)
+    monkeypatch.setattr(engine_path, "run_engine", no_engine)
     out = tmp_path / "out"
     req = request(tmp_path, str(out), None, source_digest=pin)
     with pytest.raises(PreshardError) as exc:
-        cv.convert(req, reporter())
+        engine_path.convert(req, reporter())
     assert exc.value.reason == "SourceChanged" and exc.value.permanent
     assert not out.exists() or not any(out.iterdir())

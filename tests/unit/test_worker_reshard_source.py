@@ -30,7 +30,7 @@ from preshard.worker.sources.checkpoint import (
     open_checkpoint,
     resharded_from,
 )
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 TP = 2
 VOCAB, PADDED, HIDDEN, HEADS, INTER = 10, 12, 8, 2, 12

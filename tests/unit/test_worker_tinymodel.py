@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from preshard.worker.verify_shards import read_safetensors_header
+from preshard.worker.verify.shards import read_safetensors_header
 from preshard_dev.tinymodel import make_tiny_llama
 
 

@@ -194,15 +194,17 @@ def test_run_engine_timeout_stops_the_whole_process_tree(tmp_path: Path) -> None
 
 SIGTERM_SCRIPT = """
 import signal, sys
-from preshard.worker import convert
+from preshard.worker.conversion import common
+from preshard.worker.commands import runner
+from preshard.worker.progress import Terminated
 from preshard.worker.engine.process import EngineRequest, run_engine
 from test_worker_vllm_engine import child_hangs_with_grandchild
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, convert._on_sigterm)
+    signal.signal(signal.SIGTERM, runner._on_sigterm)
     try:
         run_engine(EngineRequest(model=sys.argv[1]), target=child_hangs_with_grandchild)
-    except convert.Terminated:
+    except Terminated:
         print("TERMINATED", flush=True)
         sys.exit(143)
 """

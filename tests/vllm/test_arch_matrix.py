@@ -46,7 +46,7 @@ from typing import Any
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker.verify_shards import LOGPROB_TOLERANCE
+from preshard.worker.verify.shards import LOGPROB_TOLERANCE
 from preshard_dev.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
 
 pytestmark = pytest.mark.vllm
@@ -644,7 +644,7 @@ def _planned_parts(saved: dict[str, Any], max_size: int | None) -> list[list[str
 
 def _engine_parts(out: Path, rank: int, tp: int, pp: int) -> list[dict[str, Any]]:
     """Each part file's safetensors header of ``rank``, in part order."""
-    from preshard.worker.verify_against import rank_files
+    from preshard.worker.verify.against import rank_files
 
     files = sorted(
         rank_files(out, rank, tp, pp), key=lambda p: int(p.name.rsplit("-", 1)[1].split(".")[0])

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from preshard.worker.engine.process import EngineRequest, run_engine
-from preshard.worker.verify_shards import check_shards, read_safetensors_header
+from preshard.worker.verify.shards import check_shards, read_safetensors_header
 
 pytestmark = pytest.mark.vllm
 

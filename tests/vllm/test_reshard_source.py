@@ -24,7 +24,7 @@ from preshard.worker.sources.checkpoint import (
     open_checkpoint,
     resharded_from,
 )
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

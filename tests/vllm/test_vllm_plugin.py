@@ -63,7 +63,7 @@ def test_vllm_cpu_backend_processing_changes_the_layout() -> None:
 def test_shard_patterns_match_vllm() -> None:
     from vllm.model_executor.model_loader import ShardedStateLoader
 
-    from preshard.worker import verify_shards
+    from preshard.worker.verify import shards as verify_shards
 
     assert verify_shards.shard_pattern(1) == ShardedStateLoader.TP_ONLY_PATTERN
     assert verify_shards.shard_pattern(2) == ShardedStateLoader.PP_AND_TP_PATTERN

@@ -56,7 +56,7 @@ from preshard.core.manifest import Manifest, ManifestError, ManifestFile, manife
 from preshard.core.sharding import Sharding, ShardingError, numel, parse_document, unravel
 from preshard.core.uris import StorageURI, parse_uri
 from preshard.worker.sources import DTYPE_SIZES, TensorInfo
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 if TYPE_CHECKING:
     import torch
