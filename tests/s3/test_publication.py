@@ -237,7 +237,7 @@ def test_a_background_upload_runs_at_the_lowest_cpu_priority(
     and every transfer thread) run at niceness +19; a plain publish does not."""
     import threading
 
-    from preshard.worker.store import transfer
+    from preshard.worker.store import transfer, upload_handle
 
     seen: dict[str, int] = {}
     real = transfer.lower_priority
@@ -248,7 +248,7 @@ def test_a_background_upload_runs_at_the_lowest_cpu_priority(
         seen[threading.current_thread().name] = os.getpriority(os.PRIO_PROCESS, tid)
 
     monkeypatch.setattr(transfer, "lower_priority", spy)
-    monkeypatch.setattr(pubmod, "lower_priority", spy)
+    monkeypatch.setattr(upload_handle, "lower_priority", spy)
     pub = publication(checkpoint, f"s3://{bucket}/nice/", s3_env.endpoint).begin()
     pub.start(background=True).wait(timeout=60)
     assert seen.get("s3-upload") == 19
