@@ -234,7 +234,12 @@ def test_killed_upload_resumes_and_purge_aborts_its_leftovers(
     proc = subprocess.Popen(
         [sys.executable, "-c", PUBLISH_SCRIPT, str(checkpoint.path), uri, proxy.endpoint],
         cwd=root,
-        env=os.environ | {"PYTHONPATH": str(root)},
+        env=os.environ
+        | {
+            "PYTHONPATH": os.pathsep.join(
+                [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
+        },
     )
     try:
         deadline = time.monotonic() + 30

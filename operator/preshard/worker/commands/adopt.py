@@ -27,6 +27,9 @@ from preshard.worker.verify.objects import verify_objects
 
 log = logging.getLogger(__name__)
 
+# The operator runs it as a Job and reads its outcome from the termination message.
+WRITES_RESULT = True
+
 
 def adopt(args: argparse.Namespace) -> dict[str, Any]:
     u = s3_prefix(args.output, "--output")

@@ -34,6 +34,9 @@ from preshard.worker.verify.objects import verify_objects
 
 log = logging.getLogger(__name__)
 
+# The operator runs it as a Job and reads its outcome from the termination message.
+WRITES_RESULT = True
+
 
 COPY_MULTIPART_THRESHOLD = 5 * 2**30  # S3's CopyObject limit
 

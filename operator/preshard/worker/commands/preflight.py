@@ -39,6 +39,9 @@ from preshard.worker.store import records, s3
 
 log = logging.getLogger(__name__)
 
+# The operator runs it as a Job and reads its outcome from the termination message.
+WRITES_RESULT = True
+
 
 # config.json fields later checks (memory estimate) need; nothing else is reported.
 CONFIG_FIELDS = (

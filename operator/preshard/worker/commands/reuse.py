@@ -108,7 +108,7 @@ def check_against_source(
     if not against:
         return None
     from preshard.worker.store import fetch
-    from preshard.worker.verify_against import verify_against
+    from preshard.worker.verify.against import verify_against
 
     work = Path(os.environ.get("PRESHARD_WORK_DIR") or "/tmp") / "check"
     shutil.rmtree(work, ignore_errors=True)

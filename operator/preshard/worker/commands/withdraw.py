@@ -27,6 +27,9 @@ from preshard.worker.store.transfer import with_retries
 
 log = logging.getLogger(__name__)
 
+# The operator runs it as a Job and reads its outcome from the termination message.
+WRITES_RESULT = True
+
 
 def withdraw(args: argparse.Namespace) -> dict[str, Any]:
     u = s3_prefix(args.output, "--output")
