@@ -316,3 +316,30 @@ def test_convert_refuses_weights_swapped_after_the_preflight(
         engine_path.convert(req, reporter())
     assert exc.value.reason == "SourceChanged" and exc.value.permanent
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_verify_against_downloads_a_published_s3_checkpoint(
+    s3_env: RcloneS3, bucket: str, tmp_path: Path
+) -> None:
+    """``preshard verify --against SOURCE s3://...`` downloads the checkpoint (every file
+    sha256-checked, the manifest last) and then checks it against the sharding vLLM plans
+    from the source: this miniature checkpoint's tensors no vLLM model has, so the check
+    refuses it after the download, with one clear line (exit 3), never a traceback (the
+    download once went through ``fetch``'s command line and failed on its flags)."""
+    src, ckpt = genuine(tmp_path / "v")
+    publish_dir(s3_env, bucket, ckpt, "v/", X)
+    work = tmp_path / "work"
+    rc, _, out = run(
+        s3_env, tmp_path, "verify", "--against", str(src), "--work-dir", str(work),
+        f"s3://{bucket}/v/",
+    )  # fmt: skip
+    assert rc == 3, out
+    assert "Traceback" not in out and "unexpected error" not in out, out
+    [line] = [x for x in out.splitlines() if x.startswith("preshard: error:")]
+    # the download came first and is complete: every listed file, and the manifest last
+    man = Manifest.from_json((work / "checkpoint" / MANIFEST_NAME).read_bytes())
+    got = {p.name for p in (work / "checkpoint").iterdir()}
+    assert got == {f.key for f in man.files} | {MANIFEST_NAME}, (got, line)
+    assert man.files and all(
+        (work / "checkpoint" / f.key).read_bytes() == (ckpt / f.key).read_bytes() for f in man.files
+    )

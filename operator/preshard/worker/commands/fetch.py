@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from preshard.core import gate
 from preshard.core.errors import PreshardError
-from preshard.core.manifest import (
-    MANIFEST_NAME,
-)
 from preshard.core.quantity import format_bytes
-from preshard.worker.commands.published import load_manifest, published_client, s3_uri, serving_vllm
+from preshard.worker.commands.published import (
+    download_checkpoint,
+    load_manifest,
+    published_client,
+    s3_uri,
+    serving_vllm,
+)
 from preshard.worker.commands.runner import Done
 from preshard.worker.progress import Reporter
-from preshard.worker.store.download import Downloader, DownloadItem
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +67,10 @@ def fetch(args: argparse.Namespace) -> int:
             f"{manifest.pipeline_parallel_size})"
         )
     dest = Path(args.dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    # A fetched directory is complete only once its manifest is there: withdraw it first.
-    (dest / MANIFEST_NAME).unlink(missing_ok=True)
-    reporter = Reporter(mode=args.progress)
     total = sum(f.size for f in files)
-    reporter.stage("Downloading", total)
-    items = [DownloadItem(u.key(f.key), dest / f.key, f.size, f.sha256) for f in files]
-    transferred = Downloader(
-        client, u.bucket, concurrency=settings.concurrency, reporter=reporter, uri=str(u)
-    ).download(items)
-    reporter.done()
-    tmp = dest / (MANIFEST_NAME + ".part")
-    tmp.write_bytes(body)
-    os.replace(tmp, dest / MANIFEST_NAME)
+    transferred = download_checkpoint(
+        client, u, body, files, dest, settings.concurrency, Reporter(mode=args.progress)
+    )
     pinned = ", manifest matches the pin" if args.manifest_sha256 else ""
     print(
         f"fetched {len(files)} files ({format_bytes(total)}; {len(transferred)} downloaded, "

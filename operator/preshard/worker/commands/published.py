@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import botocore.exceptions
@@ -21,7 +23,9 @@ from preshard.core.manifest import (
 )
 from preshard.core.uris import StorageURI, parse_uri
 from preshard.worker.engine.installed import installed_vllm
+from preshard.worker.progress import Reporter
 from preshard.worker.store import records, s3
+from preshard.worker.store.download import Downloader, DownloadItem
 
 log = logging.getLogger(__name__)
 
@@ -88,3 +92,30 @@ def serving_vllm(args: argparse.Namespace, manifest: Manifest) -> gate.ServingVl
         return gate.ServingVllm(version=version)
     platform, device = detect_platform()
     return gate.ServingVllm(version=version, platform=platform, device=device)
+
+
+def download_checkpoint(
+    client: Any,
+    u: StorageURI,
+    body: bytes,
+    files: list[Any],
+    dest: Path,
+    concurrency: int,
+    reporter: Reporter,
+) -> list[Any]:
+    """Download ``files`` of the checkpoint at ``u`` into ``dest`` (each sha256-checked
+    against the manifest, what is already there and right is kept), then its manifest
+    ``body``, last: a fetched directory is complete only once its manifest is there.
+    Returns what was transferred."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / MANIFEST_NAME).unlink(missing_ok=True)
+    reporter.stage("Downloading", sum(f.size for f in files))
+    items = [DownloadItem(u.key(f.key), dest / f.key, f.size, f.sha256) for f in files]
+    transferred: list[Any] = Downloader(
+        client, u.bucket, concurrency=concurrency, reporter=reporter, uri=str(u)
+    ).download(items)
+    reporter.done()
+    tmp = dest / (MANIFEST_NAME + ".part")
+    tmp.write_bytes(body)
+    os.replace(tmp, dest / MANIFEST_NAME)
+    return transferred

@@ -26,10 +26,16 @@ from preshard.core.quantity import format_bytes
 from preshard.core.quantization import raw_plan_quantization
 from preshard.core.uris import parse_uri
 from preshard.worker import fp8verify
-from preshard.worker.commands.fetch import fetch
-from preshard.worker.commands.published import load_manifest, published_client, s3_uri
+from preshard.worker.commands.published import (
+    download_checkpoint,
+    load_manifest,
+    published_client,
+    s3_uri,
+)
 from preshard.worker.commands.runner import Done
+from preshard.worker.conversion.common import checkpoint_quantization
 from preshard.worker.planner.verify import planned_sharding
+from preshard.worker.progress import Reporter
 from preshard.worker.store.fetch import fetch_source
 from preshard.worker.verify.against import verify_against
 from preshard.worker.verify.objects import check_objects
@@ -114,9 +120,7 @@ def _declared_quantization(source_dir: Path) -> str | None:
         config = json.loads((Path(source_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
-    return method if isinstance(method, str) and method else None
+    return checkpoint_quantization(config) if isinstance(config, dict) else None
 
 
 def _read_manifest(path: Path) -> Any:
@@ -143,16 +147,20 @@ def verify_against_source(args: argparse.Namespace) -> int:
         if target.scheme == "file":
             ckpt = _local_checkpoint(Path(target.path))
         else:
-            fetch_args = argparse.Namespace(**vars(args))
-            fetch_args.source, fetch_args.dest, fetch_args.rank = (
-                args.uri,
-                str(work_root / "checkpoint"),
-                None,
-            )
-            fetch_args.progress = "lines"
-            with contextlib.redirect_stdout(sys.stderr):
-                fetch(fetch_args)
+            u = s3_uri(args.uri)
+            client, settings = published_client(args)
+            published, body = load_manifest(client, u)
             ckpt = work_root / "checkpoint"
+            with contextlib.redirect_stdout(sys.stderr):
+                download_checkpoint(
+                    client,
+                    u,
+                    body,
+                    list(published.files),
+                    ckpt,
+                    settings.concurrency,
+                    Reporter(mode="lines"),
+                )
         source_dir = Path(
             fetch_source(
                 args.against,
