@@ -9,8 +9,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import botocore.exceptions
-
 from preshard.core import gate
 from preshard.core.errors import PreshardError
 from preshard.core.quantity import format_bytes
@@ -27,7 +25,7 @@ def _head_size(client: Any, u: StorageURI, key: str) -> int | None:
     def once() -> int | None:
         try:
             resp = client.head_object(Bucket=u.bucket, Key=u.key(key))
-        except botocore.exceptions.ClientError as exc:
+        except s3.ClientError as exc:
             if s3.is_not_found(exc):
                 return None
             raise

@@ -15,8 +15,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions
-
 from preshard.core.contract import JOURNAL_NAME
 from preshard.core.decide import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
 from preshard.core.errors import PreshardError
@@ -164,7 +162,7 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
             reason="InvalidSource",
             permanent=True,
         ) from None
-    except botocore.exceptions.ClientError as exc:
+    except s3.ClientError as exc:
         if s3.is_not_found(exc):
             raise PreshardError(
                 f"source {uri} has no config.json: not a Hugging Face-format model directory",
@@ -285,7 +283,7 @@ def _exists(client: Any, bucket: str, key: str, uri: str) -> bool:
     try:
         client.head_object(Bucket=bucket, Key=key)
         return True
-    except botocore.exceptions.ClientError as exc:
+    except s3.ClientError as exc:
         if s3.is_not_found(exc):
             return False
         raise s3.translate(exc, uri, "read") from None

@@ -11,8 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import botocore.exceptions
-
 from preshard.core import gate
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
@@ -45,7 +43,7 @@ def load_manifest(client: Any, u: StorageURI) -> tuple[Manifest, bytes]:
         raise PreshardError(
             f"{uri}{MANIFEST_NAME} is invalid: {exc}", reason="InvalidManifest", permanent=True
         ) from None
-    except botocore.exceptions.ClientError as exc:
+    except s3.ClientError as exc:
         if s3.is_not_found(exc):
             raise PreshardError(
                 f"{uri} has no {MANIFEST_NAME}: it is not a published checkpoint (or its upload has not finished)",

@@ -7,8 +7,6 @@ import argparse
 import logging
 from typing import Any
 
-import botocore.exceptions
-
 from preshard.core.contract import JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
@@ -96,12 +94,12 @@ def _abort_uploads(client: Any, u: StorageURI, keys: set[str]) -> int:
                         Bucket=u.bucket, Key=up["Key"], UploadId=up["UploadId"]
                     )
                     aborted += 1
-                except botocore.exceptions.ClientError as exc:
+                except s3.ClientError as exc:
                     # already completed or aborted (some servers list stale uploads): gone
                     # is what we want
                     if s3.error_code(exc) != "NoSuchUpload":
                         raise
-    except botocore.exceptions.ClientError as exc:
+    except s3.ClientError as exc:
         # NotImplemented: the store has no listing; NoSuchUpload: rclone's answer when
         # there are no unfinished uploads. Neither leaves anything to abort.
         if s3.error_code(exc) not in ("NotImplemented", "501", "NoSuchUpload"):

@@ -9,8 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import botocore.exceptions
-
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import Manifest
 from preshard.core.uris import StorageURI
@@ -30,7 +28,7 @@ def check_object(client: Any, u: StorageURI, key: str, size: int, sha: str) -> F
     def run_once() -> FileCheck:
         try:
             resp = client.get_object(Bucket=u.bucket, Key=u.key(key))
-        except botocore.exceptions.ClientError as exc:
+        except s3.ClientError as exc:
             if s3.is_not_found(exc):
                 return FileCheck(key, size, False, "missing")
             raise
