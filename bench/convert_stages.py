@@ -43,7 +43,7 @@ from pathlib import Path
 
 from preshard.cli import build_parser
 from preshard.core.contract import LOAD_FORMAT_LOCAL
-from preshard.core.manifest import ConversionFacts, conversion_fields
+from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.worker.conversion import common, engine_path
 from preshard.worker.progress import Reporter
 from preshard_dev.tinymodel import make_tiny_llama

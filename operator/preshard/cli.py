@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
         "after its preflight (without it, no requests.memory is shown)",
     )
 
-    _reuse_parsers(sub)
+    _step_parsers(sub)
     _plugin_commands(sub)
     return parser
 
@@ -386,7 +386,7 @@ def _against_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _reuse_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _step_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """preflight, adopt, copy, withdraw: the CPU-only Jobs that run before (or instead
     of) a conversion. Findings and results go to the termination message."""
     p = sub.add_parser(

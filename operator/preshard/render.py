@@ -4,7 +4,7 @@ ShardedCheckpoint, without a cluster.
 It runs the operator's own code path on the file: the operator configuration from the
 same ``PRESHARD_*`` variables and defaults (``preshard.runner.load_config``), the same
 spec validation (``parse_spec`` and ``check_accelerator``) and the same builders
-(``preshard.core.jobs``): the conversion Job and, for ``deletionPolicy: Delete``, the
+(``preshard.core.children``): the conversion Job and, for ``deletionPolicy: Delete``, the
 purge Job that runs when the resource is deleted. The API server assigns the resource's
 uid when it is created; until then the manifests carry ``--uid`` (default a placeholder).
 
@@ -25,9 +25,11 @@ from typing import Any, TextIO
 import yaml
 
 from preshard import GROUP, KIND
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.pod import accelerator
+from preshard.core.children.purge import build_purge_job
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError, SpecError
-from preshard.core.jobs import accelerator, build_conversion_job, build_purge_job
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
@@ -68,7 +70,7 @@ def render_resource(
 def memory_estimate(
     spec: CheckpointSpec, config: OperatorConfig, model_config: dict[str, Any]
 ) -> dict[str, Any] | None:
-    """``status.memoryEstimate`` as the operator's preflight computes it (core.decide)."""
+    """``status.memoryEstimate`` as the operator's preflight computes it (core.steps)."""
     from preshard.core.estimate import EstimateUnavailable, estimate_memory
 
     try:

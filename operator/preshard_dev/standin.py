@@ -128,7 +128,7 @@ def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
 
 
 def convert(args: Any) -> int:
-    from preshard.core.manifest import ConversionFacts, conversion_fields
+    from preshard.core.manifestfields import ConversionFacts, conversion_fields
     from preshard.worker.conversion.common import ConvertRequest
     from preshard.worker.progress import write_result
     from preshard.worker.store import publication, s3

@@ -98,7 +98,7 @@ def test_a_pod_below_the_memory_estimate_fails_before_any_engine(
     msg = ready["message"]
     assert f"about {format_gib(need.total_bytes)}" in msg and str(need.total_bytes) in msg
     assert "1Gi" in msg and "spec.converter.resources.limits.memory" in msg
-    # decided from the preflight's config.json (issue 10's CPU-only preflight Job): no
+    # decided from the preflight's config.json (the CPU-only preflight Job): no
     # conversion Job was ever created, so no pod waited for capacity or started an engine
     assert status.get("memoryEstimate", {}).get("bytes") == need.total_bytes
     assert stack.jobs(NS) == []  # no conversion Job

@@ -31,7 +31,7 @@ def test_twenty_resources_at_once_all_ready_with_one_job_each(stack_factory: Any
     for i, n in enumerate(names):
         doc = checkpoint_doc(n, tp=1 + len(n) % 2)
         # a conversion identity each (maxFileSize is part of it): with one identity, all
-        # but the first few would be Ready by server-side copy instead (test_reuse)
+        # but the first few would be Ready by server-side copy instead (test_steps)
         doc["spec"]["output"]["maxFileSize"] = f"{100 + i}Mi"
         stack.apply(doc, "default")
 

@@ -253,7 +253,7 @@ class Operator:
             "PRESHARD_RETRY_SECONDS": "1",
             "PRESHARD_CONVERTER_IMAGE": "registry.example/preshard-converter:test",
             # These tests play the Job controller for conversion Jobs; the CPU-only steps
-            # before them (preflight, adopt, copy) run for real in tests/e2e/test_reuse.py.
+            # before them (preflight, adopt, copy) run for real in tests/e2e/test_steps.py.
             "PRESHARD_PREFLIGHT": "0",
             **(extra_env or {}),
         }

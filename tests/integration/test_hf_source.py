@@ -259,7 +259,7 @@ def test_a_commit_or_ref_revision(tmp_path: Path, hub: Hub, rev: str) -> None:
 
 
 def test_the_pinned_commit_is_downloaded_after_the_branch_moved(tmp_path: Path, hub: Hub) -> None:
-    """Issue 18: the preflight pinned v1; main has moved on to v2 since. The conversion
+    """The preflight pinned v1; main has moved on to v2 since. The conversion
     (``--source-digest``: the pinned commit) downloads exactly v1, never the branch's tip."""
     run = convert(tmp_path, hub, "hf://org/tiny", extra=("--source-digest", hub.sha_v1))
     assert_fetched(run, hub.repo_v1)
@@ -482,7 +482,7 @@ def test_convert_from_the_hub_with_vllm(tmp_path: Path, hub: Hub) -> None:
     assert TOKEN not in run.stdout + run.stderr
 
 
-# ---------------------------------------------------------------- preflight (issue 10)
+# --------------------------------------------------------------------------- preflight
 
 
 def hf_pin(tmp_path: Path, hub: Hub, source: str, token: str | None = None) -> dict[str, Any]:

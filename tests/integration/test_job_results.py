@@ -1,6 +1,7 @@
-"""Issue 18 against the real operator (``preshard operator``, kopf) and the API emulator,
-with the preflight on: the tests play the Job controller and the kubelet for the CPU
-preflight Job (no S3 is needed: the pod's termination message is the whole interface).
+"""Job results (docs/security.md) against the real operator (``preshard operator``,
+kopf) and the API emulator, with the preflight on: the tests play the Job controller and
+the kubelet for the CPU preflight Job (no S3 is needed: the pod's termination message is
+the whole interface).
 
 * a pod forged by a tenant who may create pods (the Job's labels only, or an
   ownerReference to another uid) never decides a resource's status;

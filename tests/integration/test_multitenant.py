@@ -1,4 +1,4 @@
-"""Two tenants on one operator (issue 11): the whole product on 127.0.0.1
+"""Two tenants on one operator (docs/security.md): the whole product on 127.0.0.1
 (preshard_dev.stack.LocalStack: the API emulator over HTTP, ``rclone serve s3``, the real
 operator as a subprocess and the local Job runner playing the Job controller and the
 kubelet). Conversions use the stand-in worker (``preshard_dev.standin``: the real CLI
@@ -50,7 +50,7 @@ def doc(name: str, output: str, **spec: Any) -> dict[str, Any]:
         "source": {"uri": "s3://preshard-models/tiny-llama/"},
         "tensorParallelSize": 2,
         # a file size of its own gives every resource its own conversion identity, so each
-        # one converts (this module is about tenancy; reuse by copy is tests/e2e/test_reuse)
+        # one converts (this module is about tenancy; a copy is tests/e2e/test_steps)
         "output": {
             "uri": output,
             "credentialsSecret": "preshard-s3",
@@ -81,7 +81,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         st.s3_client().put_object(
             Bucket="preshard-models", Key="tiny-llama/config.json", Body=b"{}"
         )
-        # the preflight Job (issue 10) wants a config.json and *.safetensors weights
+        # the preflight Job wants a config.json and *.safetensors weights
         st.s3_client().put_object(
             Bucket="preshard-models", Key="tiny-llama/model.safetensors", Body=standin_weights()
         )
@@ -292,7 +292,7 @@ def test_env_outside_the_allowlist_is_refused_at_admission(stack: LocalStack, va
     ["VLLM_LOGGING_CONFIG_PATH", "VLLM_PLUGINS", "NCCL_NET_PLUGIN", "TORCHINDUCTOR_CACHE_DIR"],
 )
 def test_env_that_loads_code_is_refused_at_admission(stack: LocalStack, var: str) -> None:
-    """Issue 18: allowed families, but the name loads code or names a path: the CRD's CEL
+    """Allowed families, but the name loads code or names a path: the CRD's CEL
     rule on spec.converter.env refuses it (the emulator evaluates the CRD's rules)."""
     body = doc("env-" + var.lower().replace("_", "-"), f"s3://{BUCKET}/team-b/env/")
     body["spec"]["converter"]["env"] = [{"name": var, "value": "/work/source/x.json"}]

@@ -678,10 +678,10 @@ def test_metrics_and_rbac(k8s_api: K8s, operator: Operator) -> None:
 def test_a_forged_pod_never_sets_the_artifact_or_the_serving_pin(
     k8s_api: K8s, operator: Operator, ns: str, forgery: str
 ) -> None:
-    """Issue 18, the conversion: the genuine pod published manifest A; a newer pod a
-    tenant created with the Job's labels (and, in the second case, a controller
-    ownerReference to another uid) claims manifest F. status.artifact and the serving
-    ConfigMap's pin (MANIFEST_SHA256) are A's."""
+    """Job results (docs/security.md), the conversion: the genuine pod published
+    manifest A; a newer pod a tenant created with the Job's labels (and, in the second
+    case, a controller ownerReference to another uid) claims manifest F. status.artifact
+    and the serving ConfigMap's pin (MANIFEST_SHA256) are A's."""
     name = f"pin-{forgery}"
     k8s_api.create_checkpoint(ns, name, spec())
     (job,) = k8s_api.wait_jobs(ns, label_selector=f"preshard.io/checkpoint={name}")

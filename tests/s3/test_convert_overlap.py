@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from preshard.core.contract import JOURNAL_NAME
+from preshard.core.contract import PUBLICATION_RECORD_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest, build_manifest
 from preshard.core.plan import ConversionPlan, Layout
@@ -197,7 +197,9 @@ def test_the_upload_runs_while_the_engine_verifies_and_the_manifest_comes_last(
         wait_for(
             lambda: not any(t.name == "s3-upload" for t in threading.enumerate()), "the thread"
         )
-        seen["journal"] = Journal.from_json(read_object(s3_env, bucket, prefix + JOURNAL_NAME))
+        seen["journal"] = Journal.from_json(
+            read_object(s3_env, bucket, prefix + PUBLICATION_RECORD_NAME)
+        )
         return outcome()
 
     engines = pipeline(verify)
@@ -208,12 +210,12 @@ def test_the_upload_runs_while_the_engine_verifies_and_the_manifest_comes_last(
     # While the engine verified: every file uploaded, the record listing each key
     # written, and no manifest yet.
     assert prefix + MANIFEST_NAME not in seen["keys"]
-    assert seen["keys"] == {prefix + n for n in local_names()} | {prefix + JOURNAL_NAME}
+    assert seen["keys"] == {prefix + n for n in local_names()} | {prefix + PUBLICATION_RECORD_NAME}
     assert seen["journal"].owner == OWNER
     assert seen["journal"].keys == local_names()
     # The manifest last, after every file; the record removed after it.
     sent = uploads(proxy)
-    assert sent.index(JOURNAL_NAME) < min(sent.index(n) for n in local_names())
+    assert sent.index(PUBLICATION_RECORD_NAME) < min(sent.index(n) for n in local_names())
     assert sent.count(MANIFEST_NAME) == 1 and sent[-1] == MANIFEST_NAME
     assert object_keys(s3_env, bucket, prefix) == {prefix + n for n in local_names()} | {
         prefix + MANIFEST_NAME
@@ -351,10 +353,10 @@ def test_a_transient_failure_leaves_the_upload_recorded_and_the_retry_reuses_it(
         )
     assert not err.value.permanent  # the Job retries
     assert "are left unreferenced" in err.value.message
-    assert JOURNAL_NAME in err.value.message
+    assert PUBLICATION_RECORD_NAME in err.value.message
     # Unreferenced (no manifest) and recorded as this owner's.
-    assert object_keys(s3_env, bucket, prefix) == want | {prefix + JOURNAL_NAME}
-    journal = Journal.from_json(read_object(s3_env, bucket, prefix + JOURNAL_NAME))
+    assert object_keys(s3_env, bucket, prefix) == want | {prefix + PUBLICATION_RECORD_NAME}
+    journal = Journal.from_json(read_object(s3_env, bucket, prefix + PUBLICATION_RECORD_NAME))
     assert (journal.owner, journal.keys) == (OWNER, local_names())
 
     # The retry (same bytes: a deterministic conversion) sends no file again.
@@ -363,7 +365,7 @@ def test_a_transient_failure_leaves_the_upload_recorded_and_the_retry_reuses_it(
     out = engine_path.convert(
         request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter()
     )
-    assert set(uploads(proxy)) == {JOURNAL_NAME, MANIFEST_NAME}
+    assert set(uploads(proxy)) == {PUBLICATION_RECORD_NAME, MANIFEST_NAME}
     assert out.artifact["files"] == len(local_names())
     assert object_keys(s3_env, bucket, prefix) == want | {prefix + MANIFEST_NAME}
 

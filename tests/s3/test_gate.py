@@ -49,7 +49,7 @@ def check(s3: RcloneS3, uri: str, pin: str, *extra: str) -> subprocess.Completed
 
 
 def replace_shard_and_rewrite_manifest(s3: RcloneS3, bucket: str, prefix: str) -> None:
-    """What issue 11 describes: another rank-1 shard of the same size, and the manifest
+    """A forged checkpoint: another rank-1 shard of the same size, and the manifest
     rewritten so that its sha256 matches (every per-file check then passes)."""
     client = s3.client()
     old = read_object(s3, bucket, prefix + RANK1)

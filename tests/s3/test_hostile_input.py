@@ -1,4 +1,4 @@
-"""Hostile input to the worker (issue 11): symlinks out of a PVC source, S3 source keys
+"""Hostile input to the worker: symlinks out of a PVC source, S3 source keys
 that are not file names, endpoints with user info or unparseable, and credentials that
 must never appear in an error, a log line or the termination message. Against moto
 (which stores any key) and rclone serve s3."""
@@ -66,7 +66,7 @@ def test_a_pvc_path_that_is_itself_a_link_out_of_the_volume_is_refused(
 def test_the_preflight_digest_never_follows_a_link_out_of_the_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, uri: str
 ) -> None:
-    """Issue 18: the preflight hashed (and so read) whatever a link in a PVC source
+    """The preflight hashed (and so read) whatever a link in a PVC source
     pointed at; it now refuses it as convert does (one shared function)."""
     from preshard.worker.commands import preflight as adopt
 

@@ -1,7 +1,7 @@
-"""Many owners in one bucket (issue 11): publishing or purging a prefix touches only
-what that owner itself published there, and refuses when another owner's checkpoint
-lies below the prefix (nested) or around it (the prefix is inside another checkpoint).
-Against rclone serve s3 and moto."""
+"""Many owners in one bucket (docs/security.md, "Object storage"): publishing or purging
+a prefix touches only what that owner itself published there, and refuses when another
+owner's checkpoint lies below the prefix (nested) or around it (the prefix is inside
+another checkpoint). Against rclone serve s3 and moto."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from preshard.core.contract import JOURNAL_NAME
+from preshard.core.contract import PUBLICATION_RECORD_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME
 from preshard_dev.s3server import S3Server
@@ -92,17 +92,17 @@ def test_republishing_deletes_only_what_the_owners_previous_manifest_listed(
     assert p + "old.txt" not in keys and p + "model-rank-0-part-1.safetensors" not in keys
     for k, data in second.files.items():
         assert read_object(server, b, p + k) == data
-    # ...and what no manifest of A listed is left alone, the journal is gone.
+    # ...and what no manifest of A listed is left alone, the publication record is gone.
     for k, data in UNRELATED.items():
         assert read_object(server, b, k) == data
     assert read_object(server, b, p + "model-rank-2-part-0.safetensors") == b"?"
-    assert p + JOURNAL_NAME not in keys
+    assert p + PUBLICATION_RECORD_NAME not in keys
 
 
 def test_an_interrupted_publish_is_cleaned_up_by_the_next_one(
     server: S3Server, any_bucket: str, tmp_path: Path
 ) -> None:
-    """The run that crashed wrote objects no manifest lists; its journal lets the next
+    """The run that crashed wrote objects no manifest lists; its publication record lets the next
     run (another conversion, other file names) remove them."""
     b, p = any_bucket, "models/run/"
     big = make_checkpoint(
@@ -114,7 +114,7 @@ def test_an_interrupted_publish_is_cleaned_up_by_the_next_one(
         publish(big, f"s3://{b}/{p}", server.endpoint, owner=A, concurrency=1, fail_after_parts=2)
     assert p + "stale-only.txt" in object_keys(server, b, p)
     assert p + MANIFEST_NAME not in object_keys(server, b, p)
-    assert p + JOURNAL_NAME in object_keys(server, b, p)
+    assert p + PUBLICATION_RECORD_NAME in object_keys(server, b, p)
     # Another owner cannot take the prefix over while A's publication is unfinished.
     with pytest.raises(PreshardError) as err:
         publish(small(tmp_path, "b"), f"s3://{b}/{p}", server.endpoint, owner=B)
@@ -198,18 +198,18 @@ def test_purge_withdraws_the_manifest_before_any_object(
 def test_an_unfinished_publication_of_another_owner_below_the_prefix_blocks_it(
     server: S3Server, any_bucket: str, tmp_path: Path
 ) -> None:
-    """No manifest yet below, only the journal of B's publication in progress."""
+    """No manifest yet below, only the publication record of B's publication in progress."""
     b = any_bucket
     server.client().put_object(
         Bucket=b,
-        Key="models/b/" + JOURNAL_NAME,
+        Key="models/b/" + PUBLICATION_RECORD_NAME,
         Body=b'{"format": "preshard.io/publish-journal", "owner": "%s", "keys": ["x"]}'
         % B.encode(),
     )
     with pytest.raises(PreshardError) as err:
         publish(small(tmp_path, "a"), f"s3://{b}/models/", server.endpoint, owner=A)
     assert err.value.reason == "OutputOwnedByOther" and "models/b/" in str(err.value)
-    assert object_keys(server, b) == {"models/b/" + JOURNAL_NAME}
+    assert object_keys(server, b) == {"models/b/" + PUBLICATION_RECORD_NAME}
 
 
 def test_the_owners_own_nested_checkpoint_is_allowed_and_kept(

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from preshard.core.contract import JOURNAL_NAME
+from preshard.core.contract import PUBLICATION_RECORD_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, build_manifest
 from preshard.worker.progress import Reporter
@@ -51,7 +51,7 @@ def test_start_uploads_in_the_background_and_commit_writes_only_the_manifest(
     prefix = "bg/"
     pub = publication(checkpoint, f"s3://{bucket}/{prefix}", proxy.endpoint).begin()
     # The record first, before any object: this owner and every key it will write.
-    journal = Journal.from_json(read_object(s3_env, bucket, prefix + JOURNAL_NAME))
+    journal = Journal.from_json(read_object(s3_env, bucket, prefix + PUBLICATION_RECORD_NAME))
     assert (journal.owner, journal.keys) == (OWNER, set(checkpoint.files))
     handle = pub.start()
     got = handle.wait(timeout=60)
@@ -59,7 +59,7 @@ def test_start_uploads_in_the_background_and_commit_writes_only_the_manifest(
     assert handle.bytes_done == handle.bytes_total == checkpoint.total_bytes
     # Every object is there, byte for byte, with its sha256 recorded; no manifest yet.
     assert object_keys(s3_env, bucket, prefix) == {prefix + k for k in checkpoint.files} | {
-        prefix + JOURNAL_NAME
+        prefix + PUBLICATION_RECORD_NAME
     }
     client = s3_env.client()
     for key, data in checkpoint.files.items():
@@ -166,11 +166,14 @@ def test_abort_rewrites_the_record_to_what_this_owner_still_has(
         "model-rank-0-part-0.safetensors",
     ]
     left = set(checkpoint.files) - {"model-rank-0-part-0.safetensors"}
-    journal = Journal.from_json(read_object(s3_env, bucket, prefix + JOURNAL_NAME))
+    journal = Journal.from_json(read_object(s3_env, bucket, prefix + PUBLICATION_RECORD_NAME))
     assert (journal.owner, journal.keys) == (OWNER, left)
-    assert f"{JOURNAL_NAME} lists the {len(left)} object(s) of this owner still there" in note
+    assert (
+        f"{PUBLICATION_RECORD_NAME} lists the {len(left)} object(s) of this owner still there"
+        in note
+    )
     assert object_keys(s3_env, bucket, prefix) == {prefix + k for k in left} | {
-        prefix + JOURNAL_NAME
+        prefix + PUBLICATION_RECORD_NAME
     }
     # ... and a purge by this owner then finds everything it left.
     from preshard.core.uris import parse_uri
@@ -213,7 +216,7 @@ def test_a_resumed_publication_reuses_the_objects_already_uploaded(
             part_size=PART,
             fail_after_parts=2,
         )
-    there = object_keys(s3_env, bucket, "resume/") - {"resume/" + JOURNAL_NAME}
+    there = object_keys(s3_env, bucket, "resume/") - {"resume/" + PUBLICATION_RECORD_NAME}
     assert there and "resume/" + MANIFEST_NAME not in there
     proxy.reset_stats()
     pub = publication(checkpoint, uri, proxy.endpoint).begin()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from preshard.core.contract import JOURNAL_NAME
+from preshard.core.contract import PUBLICATION_RECORD_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest
 from preshard.worker.store.transfer import remote_sha256
@@ -113,10 +113,10 @@ def test_interrupted_upload_leaves_no_manifest_and_resumes(
     assert err.value.reason == "InjectedCrash"
 
     # No manifest: the prefix is not a checkpoint. What was finished is complete, and
-    # the journal records what this owner was writing.
+    # the publication record records what this owner was writing.
     present = object_keys(s3_env, bucket, prefix)
     assert prefix + MANIFEST_NAME not in present
-    assert present == {prefix + k for k in [*small, rank0]} | {prefix + JOURNAL_NAME}
+    assert present == {prefix + k for k in [*small, rank0]} | {prefix + PUBLICATION_RECORD_NAME}
     client = s3_env.client()
     uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
     assert not uploads, "the unfinished multipart upload was not aborted"
@@ -125,7 +125,7 @@ def test_interrupted_upload_leaves_no_manifest_and_resumes(
     proxy.reset_stats()
     publish(checkpoint, uri, proxy.endpoint)
     writes = writes_by_key(proxy, prefix)
-    assert set(writes) == {rank1, MANIFEST_NAME, JOURNAL_NAME}, writes
+    assert set(writes) == {rank1, MANIFEST_NAME, PUBLICATION_RECORD_NAME}, writes
     assert writes[rank1].count("UploadPart") == parts_of(len(checkpoint.files[rank1]))
     heads = [r for r in proxy.records() if r.operation == "HeadObject"]
     assert {r.path.rsplit("/", 1)[1] for r in heads} >= {*small, rank0}
@@ -135,14 +135,14 @@ def test_interrupted_upload_leaves_no_manifest_and_resumes(
     for key, data in checkpoint.files.items():
         assert read_object(s3_env, bucket, prefix + key) == data, key
 
-    assert prefix + JOURNAL_NAME not in object_keys(s3_env, bucket, prefix)
+    assert prefix + PUBLICATION_RECORD_NAME not in object_keys(s3_env, bucket, prefix)
 
     # Publishing the same checkpoint again uploads nothing but the manifest (and the
-    # journal, removed again once the manifest is there).
+    # publication record, removed again once the manifest is there).
     proxy.reset_stats()
     publish(checkpoint, uri, proxy.endpoint)
-    assert set(writes_by_key(proxy, prefix)) == {MANIFEST_NAME, JOURNAL_NAME}
-    assert prefix + JOURNAL_NAME not in object_keys(s3_env, bucket, prefix)
+    assert set(writes_by_key(proxy, prefix)) == {MANIFEST_NAME, PUBLICATION_RECORD_NAME}
+    assert prefix + PUBLICATION_RECORD_NAME not in object_keys(s3_env, bucket, prefix)
 
 
 def test_resume_replaces_objects_that_do_not_match(

@@ -105,7 +105,7 @@ def test_s3_source_errors(s3: object, bucket: str, monkeypatch: pytest.MonkeyPat
 def test_pinned_s3_source_reads_exactly_the_pinned_objects(
     s3: object, bucket: str, model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 18, finding 1 on the engine-free path: the source is read at the content the
+    """The pinned source on the engine-free path: the source is read at the content the
     preflight pinned. Another pin is SourceChanged before any tensor is read; an object
     swapped after the source was opened (same name and size, other bytes) is refused on
     its next read, whatever the server does with If-Match."""

@@ -1,8 +1,9 @@
 """examples/serving-deployment.yaml and examples/serving-leaderworkerset.yaml: valid
 Kubernetes (strict OpenAPI schemas; the LeaderWorkerSet's pod templates as Pods), wired to
-the serving ConfigMap the operator really builds (preshard.core.jobs.build_serving_configmap).
-The vLLM containers' command runs in the real /bin/sh with that ConfigMap's values (a
-stand-in `vllm` executable on PATH records its argv; real vLLM serving runs in
+the serving ConfigMap the operator really builds
+(preshard.core.children.configmap.build_serving_configmap). The vLLM containers' command
+runs in the real /bin/sh with that ConfigMap's values (a stand-in `vllm` executable on
+PATH records its argv; real vLLM serving runs in
 tests/e2e/test_streaming.py), and the argv is parsed by vLLM's own `vllm serve` argument
 parser; the init containers' args (after Kubernetes' $(VAR) expansion) by preshard's
 parser, and, against a checkpoint published to a real S3 server (rclone on loopback),
@@ -63,7 +64,7 @@ def _serving_configmap(
     **extra: Any,
 ) -> dict[str, Any]:
     """The ConfigMap the operator publishes for a Ready checkpoint (real builder)."""
-    from preshard.core.jobs import build_serving_configmap
+    from preshard.core.children.configmap import build_serving_configmap
     from preshard.core.spec import parse_spec
 
     out_uri = artifact["uri"] if artifact else OUTPUT

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.pod import accelerator
+from preshard.core.children.purge import build_purge_job
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import SpecError
-from preshard.core.jobs import accelerator, build_conversion_job, build_purge_job
 from preshard.core.plan import QUANTIZATIONS
 from preshard.core.spec import (
     CPU_QUANTIZATIONS,
@@ -126,7 +128,7 @@ def test_cpu_accepts_the_cpu_loadable_quantizations(q: str) -> None:
 def test_cpu_quantizations_are_known_methods() -> None:
     assert set(CPU_QUANTIZATIONS) < set(QUANTIZATIONS)
     assert {"modelopt_fp4", "fbgemm_fp8"}.isdisjoint(CPU_QUANTIZATIONS)
-    # issue 21: an online method converts anywhere (unquantized rank files), mxfp8 too
+    # an online method (core.quantization) converts anywhere (unquantized rank files), mxfp8 too
     assert {"mxfp8", "fp8_per_tensor", "int8_per_channel_weight_only"} <= set(CPU_QUANTIZATIONS)
 
 
@@ -194,7 +196,7 @@ def test_cpu_jobs_get_the_cpu_placement_defaults_not_the_gpu_ones() -> None:
     gpu = build_conversion_job("m", NS, UID, spec(accelerator="gpu"), config)["spec"]["template"]
     assert gpu["spec"]["nodeSelector"] == {"gpu.example.com/class": "h100"}
     assert gpu["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
-    # the spec adds to the admin's default nodeSelector (a floor, issue 11); its own
+    # the spec adds to the admin's default nodeSelector (a floor); its own
     # tolerations replace the defaults
     own = spec(accelerator="cpu", nodeSelector={"zone": "a"}, tolerations=[])
     pod = build_conversion_job("m", NS, UID, own, config)["spec"]["template"]["spec"]

@@ -144,7 +144,7 @@ def test_one_endpoint_spelled_two_ways_is_one_store(a: str, b: str) -> None:
     ],
 )
 def test_every_aws_s3_endpoint_is_the_default_store(endpoint: str) -> None:
-    """Issue 18: ``https://s3.us-east-1.amazonaws.com`` and no endpoint were two stores,
+    """``https://s3.us-east-1.amazonaws.com`` and no endpoint were two stores,
     so two resources could claim one bucket prefix. S3 bucket names are global: every
     endpoint of S3 itself is one store with the default (more conflicts can only be the
     safe side)."""
@@ -249,7 +249,7 @@ def test_purge_only_by_the_owner_that_did_not_fail_before_publishing() -> None:
     assert not purge_decision(owner, PUBLISHED, [owner], False).purge
 
 
-# --------------------------------------------- a Job left Pending holds no prefix (issue 18)
+# ---------------------------------------------------------- a Job left Pending holds no prefix
 
 H0, H_HALF, H2 = "2026-01-01T00:00:00Z", "2026-01-01T00:30:00Z", "2026-01-01T02:00:00Z"
 

@@ -383,7 +383,7 @@ def test_engine_free_is_flat_in_the_model_size_and_the_engine_is_not() -> None:
             acc: estimate_memory(config, tensor_parallel_size=8, accelerator=acc).total_bytes
             for acc in ("cpu", "none")
         }
-    # the figures docs/cpu-conversion.md states (and issue 20 measured for the engine)
+    # the figures docs/cpu-conversion.md states (docs/architecture.md measured the engine)
     assert format_gib(figures["405B"]["cpu"]) == "899.3Gi"
     assert format_gib(figures["V3"]["cpu"]) == "758.3Gi"
     assert format_gib(figures["405B"]["none"]) == "16.3Gi"

@@ -67,7 +67,8 @@ def test_it_is_a_sha256_value_and_stable() -> None:
         ("quantization", "fp8"),
         ("dtype", "bfloat16"),
         ("output.maxFileSize", "1Gi"),
-        # another store: the same bucket/prefix there is another source (issue 18)
+        # another store: the same bucket/prefix there is another source
+        # (docs/security.md, "Copy, Adopt and Withdraw")
         ("source.endpoint", "http://other:9000"),
     ],
 )
@@ -125,7 +126,8 @@ def test_owner_and_name_are_not_inputs_and_the_namespace_only_for_pvc() -> None:
     assert ident(BASE, namespace="a") == ident(copy.deepcopy(BASE), namespace="b")
     hf = with_("source.uri", "hf://org/model")
     assert ident(hf, namespace="a") == ident(hf, namespace="b")
-    # ... a pvc:// claim name means another claim in each namespace (issue 18, finding 1)
+    # ... a pvc:// claim name means another claim in each namespace
+    # (docs/security.md, "Copy, Adopt and Withdraw")
     pvc = with_("source.uri", "pvc://models/llama")
     assert ident(pvc, namespace="a") != ident(pvc, namespace="b")
 

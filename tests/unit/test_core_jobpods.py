@@ -1,6 +1,7 @@
-"""core.jobpods: only a Job's own pods speak for it (issue 18: a tenant who may create
-pods forged a pod with only the ``job-name`` label and decided the resource's status),
-and core.progress: termination messages and progress lines are bounded tenant input."""
+"""core.jobpods: only a Job's own pods speak for it (docs/security.md, "Job results": a
+tenant who may create pods forged a pod with only the ``job-name`` label and decided the
+resource's status), and core.progress: termination messages and progress lines are
+bounded tenant input."""
 
 from __future__ import annotations
 

@@ -538,7 +538,7 @@ def test_v2_fields_round_trip_and_are_checked() -> None:
         Manifest.from_json(json.dumps(data))
 
 
-# ------------------------------------------------------------------ reader bounds (issue 11)
+# ------------------------------------------------------------------------------ reader bounds
 
 
 @pytest.mark.parametrize("tp", [10**7, 10**12, 1025])

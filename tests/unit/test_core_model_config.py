@@ -1,9 +1,9 @@
-"""config.json numbers from the preflight's findings are tenant input (issue 18): a pod of
-the tenant's namespace wrote them. On main a 300-digit integer raised OverflowError in
-the decision (the memory estimate), and an odd one made the layout check build a divisor
-list of 10**300 entries. Now every number the operator reads is typed and bounded first:
-a bad one is refused with InvalidModelConfig naming the field; everything else
-optional is ignored; nothing raises."""
+"""config.json numbers from the preflight's findings are tenant input (docs/security.md,
+"Job results"): a pod of the tenant's namespace wrote them. On main a 300-digit integer
+raised OverflowError in the next step (the memory estimate), and an odd one made the
+layout check build a divisor list of 10**300 entries. Now every number the operator
+reads is typed and bounded first: a bad one is refused with InvalidModelConfig naming
+the field; everything else optional is ignored; nothing raises."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from preshard.core import decide as dc
-from preshard.core.decide import decide, parse_preflight
-from preshard.core.estimate import CONFIG_NUMBER_BOUNDS, model_config
+from preshard.core import steps as cs
 from preshard.core.identity import SourcePin
+from preshard.core.modelconfig import CONFIG_NUMBER_BOUNDS, model_config
+from preshard.core.preflight import parse_preflight
 from preshard.core.spec import parse_spec
+from preshard.core.steps import next_step
 
 PIN = SourcePin(None, "sha256:" + "1" * 64)
 ME = "ml/llama/uid-new"
@@ -64,8 +65,8 @@ def test_a_real_config_passes_unchanged() -> None:
     assert problem is None and config == LLAMA
     p = parse_preflight(_findings(LLAMA))
     assert p.config == LLAMA and p.config_error is None
-    assert decide(_spec(), ME, p, frozenset(), [], accelerator="cpu").path == "Convert"
-    assert dc.memory_estimate_status(_spec(), p, "cpu") is not None
+    assert next_step(_spec(), ME, p, frozenset(), [], accelerator="cpu").step == "Convert"
+    assert cs.memory_estimate_status(_spec(), p, "cpu") is not None
 
 
 @pytest.mark.parametrize(
@@ -90,10 +91,10 @@ def test_a_bad_number_is_refused_naming_the_field(field: str, value: Any, words:
     assert p.config_error is not None and field in p.config_error and words in p.config_error
     assert field not in p.config  # never counted with
     for accelerator in ("cpu", "gpu"):
-        d = decide(_spec(accelerator), ME, p, frozenset(), [], accelerator=accelerator)
-        assert (d.path, d.reason) == ("Gated", "InvalidModelConfig"), d
+        d = next_step(_spec(accelerator), ME, p, frozenset(), [], accelerator=accelerator)
+        assert (d.step, d.reason) == ("CannotConvert", "InvalidModelConfig"), d
         assert field in d.message and len(d.message) < 400
-        dc.memory_estimate_status(_spec(accelerator), p, accelerator)  # never raises
+        cs.memory_estimate_status(_spec(accelerator), p, accelerator)  # never raises
 
 
 def test_optional_fields_of_another_type_are_ignored_and_unknown_ones_dropped() -> None:
@@ -111,7 +112,7 @@ def test_optional_fields_of_another_type_are_ignored_and_unknown_ones_dropped() 
     assert problem is None
     assert set(config) == set(CONFIG_NUMBER_BOUNDS) & set(LLAMA)
     p = parse_preflight(_findings(raw))
-    assert decide(_spec(), ME, p, frozenset(), [], accelerator="cpu").path == "Convert"
+    assert next_step(_spec(), ME, p, frozenset(), [], accelerator="cpu").step == "Convert"
 
 
 @pytest.mark.parametrize("raw", [None, [], "config", 12, {"hidden_size": None}])

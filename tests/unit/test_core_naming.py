@@ -11,8 +11,8 @@ from preshard.core.naming import (
     MAX_NAME,
     bounded_name,
     checkpoint_label_value,
-    cleanup_job_name,
     job_name,
+    purge_job_name,
     serving_configmap_name,
 )
 
@@ -26,7 +26,7 @@ def test_max_name_is_the_label_limit() -> None:
 
 def test_short_names_are_kept_verbatim() -> None:
     assert job_name("llama-70b-tp8", HASH) == f"llama-70b-tp8-{HASH[:10]}"
-    assert cleanup_job_name("llama-70b-tp8", HASH) == f"llama-70b-tp8-purge-{HASH[:10]}"
+    assert purge_job_name("llama-70b-tp8", HASH) == f"llama-70b-tp8-purge-{HASH[:10]}"
     assert bounded_name("a", "b") == "a-b"
 
 
@@ -69,7 +69,7 @@ def test_bounded_name_respects_a_custom_limit() -> None:
 @pytest.mark.parametrize("length", [1, 40, 52, 53, 54, 63, 64, 100, 253])
 def test_job_names_are_valid_labels_and_deterministic(length: int) -> None:
     resource = ("m" * (length - 1) + "1")[:length]
-    for fn in (job_name, cleanup_job_name):
+    for fn in (job_name, purge_job_name):
         name = fn(resource, HASH)
         assert len(name) <= 63, name
         assert DNS_LABEL.match(name), name
@@ -92,7 +92,7 @@ def test_long_names_sharing_a_prefix_stay_distinct() -> None:
 
 def test_conversion_and_purge_job_names_differ() -> None:
     for resource in ("x", "y" * 100):
-        assert job_name(resource, HASH) != cleanup_job_name(resource, HASH)
+        assert job_name(resource, HASH) != purge_job_name(resource, HASH)
 
 
 def test_serving_configmap_name() -> None:

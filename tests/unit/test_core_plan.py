@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from preshard.cli import build_parser
-from preshard.core.contract import FILE_PATTERN, PP_FILE_PATTERN, STATE_RAW
+from preshard.core.children.conversion import conversion_args
+from preshard.core.contract import FILE_PATTERN, PP_FILE_PATTERN, STATE_RAW, WORK_DIR
 from preshard.core.errors import SpecError
-from preshard.core.jobs import WORK_DIR, conversion_args
-from preshard.core.manifest import ConversionFacts, Manifest, manifest_for
+from preshard.core.manifest import Manifest
+from preshard.core.manifestfields import ConversionFacts, manifest_for
 from preshard.core.plan import MAX_PARALLEL, ConversionPlan, Layout
 from preshard.core.serving import parallel_args
 from preshard.core.spec import parse_spec

@@ -8,15 +8,11 @@ from typing import Any
 
 import pytest
 
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.purge import build_purge_job
 from preshard.core.config import OperatorConfig
-from preshard.core.jobs import build_conversion_job, build_purge_job
-from preshard.core.policy import (
-    check_policy,
-    image_allowed,
-    parse_image,
-    policy_message,
-    toleration_covered,
-)
+from preshard.core.images import image_allowed, parse_image
+from preshard.core.policy import check_policy, policy_message, toleration_covered
 from preshard.core.spec import parse_spec
 
 IMAGE = "registry.example.com/ml/preshard-converter:1.2.3"

@@ -221,7 +221,7 @@ def test_result_from_message_no_result(text: str | None) -> None:
 
 @pytest.mark.parametrize("text", ["[]", '{"result":"Maybe"}', '{"reason":"X"}', "{not json"])
 def test_result_from_message_rejects_garbage(text: str) -> None:
-    """JSON that is not a Result: a failure with reason InvalidResult (issue 18: tenant
+    """JSON that is not a Result: a failure with reason InvalidResult (tenant
     input is never trusted, and never silently taken for a missing result)."""
     res = Result.from_message(text)
     assert res is not None and res.result == "Failed" and res.reason == "InvalidResult"

@@ -614,7 +614,7 @@ def test_documented_tuning_variables_are_allowed(name: str) -> None:
 def test_env_allowlist_is_the_crds_pattern_and_documented() -> None:
     import yaml
 
-    from preshard.core.spec import ALLOWED_ENV_NAMES, ALLOWED_ENV_PREFIXES, ENV_NAME_PATTERN
+    from preshard.core.envpolicy import ALLOWED_ENV_NAMES, ALLOWED_ENV_PREFIXES, ENV_NAME_PATTERN
 
     root = Path(__file__).resolve().parents[2]
     crd = yaml.safe_load((root / "crds" / "shardedcheckpoints.preshard.io.yaml").read_text())

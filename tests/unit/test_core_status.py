@@ -8,19 +8,21 @@ from typing import Any
 
 import pytest
 
+from preshard.core.jobstate import (
+    POD_WAITING_REASONS,
+    JobOutcome,
+    PodProblem,
+    job_outcome,
+    pod_problem,
+)
 from preshard.core.progress import ProgressRecord, Result
 from preshard.core.status import (
     CONDITION_ORDER,
     MAX_MESSAGE,
-    POD_WAITING_REASONS,
     Event,
-    JobOutcome,
-    PodProblem,
     derive_status,
     get_condition,
-    job_outcome,
     needs_polling,
-    pod_problem,
     set_condition,
     status_events,
     status_for_conflict,

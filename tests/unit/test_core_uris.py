@@ -333,7 +333,7 @@ def test_output_pattern_agrees_with_parser(uri: str) -> None:
     assert bool(re.match(OUTPUT_URI_PATTERN, uri)) is accepted
 
 
-# ------------------------------------------------------------- issue 11: hostile input
+# ---------------------------------------------------------------------- hostile input
 
 SECRET = "hunter2-s3cr3t"
 

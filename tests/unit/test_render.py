@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from preshard.cli import main
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.purge import build_purge_job
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import SpecError
-from preshard.core.jobs import build_conversion_job, build_purge_job
 from preshard.core.spec import parse_spec
 from preshard.render import PLACEHOLDER_UID, render
 

@@ -1,7 +1,7 @@
 """service.jobs and the step flow with kopf's Jobs index: a Job in the index is never
-fetched and never created again (issue 18: the retry timer made a create and a get of
+fetched and never created again (before the index, the retry timer made a create and a get of
 the Job per resource every 10 s). The Kubernetes API is the in-memory fake of
-test_handlers_reuse (no API server); the index is a plain mapping shaped like kopf's
+test_handlers_steps (no API server); the index is a plain mapping shaped like kopf's
 (key -> values), filled from the fake's Jobs as the watch would."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from preshard.core.progress import Result
 from preshard.service import reconcile
 from preshard.service.jobs import ensure_job, find_job, slim_job
-from tests.unit.test_handlers_reuse import (
+from tests.unit.test_handlers_steps import (
     COMPLETE,
     Fake,
     body,

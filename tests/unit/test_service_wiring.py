@@ -120,7 +120,7 @@ def test_handlers_are_registered_with_the_configured_intervals_and_stable_ids() 
 
 
 def test_the_handlers_find_the_service_in_kopfs_memo() -> None:
-    from preshard.handlers import checkpoint, reuse
+    from preshard.handlers import checkpoint, steps
 
     svc = Service(config=OperatorConfig(default_s3_endpoint="http://minio:9000"))
     memo = kopf.Memo(service=svc)
@@ -135,14 +135,14 @@ def test_the_handlers_find_the_service_in_kopfs_memo() -> None:
         name="a", namespace="ml", spec=spec, meta=meta, status=status, memo=memo
     )
     assert list(out) == [("http://minio:9000", "out")]  # the configured default endpoint
-    ((ident, ready),) = reuse.identities(
+    ((ident, ready),) = steps.identities(
         name="a", namespace="ml", spec=spec, meta=meta, status=status, memo=memo
     ).items()
     assert ident == status["identity"] and ready.endpoint == "http://minio:9000"
     assert ready.ref == "ml/a" and ready.manifest_sha256 == "9" * 64
     not_ready = {**status, "conditions": [{"type": "Ready", "status": "False"}]}
     assert (
-        reuse.identities(
+        steps.identities(
             name="a", namespace="ml", spec=spec, meta=meta, status=not_ready, memo=memo
         )
         is None
@@ -167,7 +167,7 @@ def _calls_and_imports(path: Path) -> tuple[set[str], set[str]]:
 
 def test_one_status_writer_and_kopf_only_in_errors_and_events() -> None:
     modules = {p.name: _calls_and_imports(p) for p in sorted(SERVICE.glob("*.py"))}
-    assert {"reconcile.py", "reuse.py", "deletion.py", "status.py"} <= set(modules)
+    assert {"reconcile.py", "steps.py", "deletion.py", "status.py"} <= set(modules)
     patchers = {name for name, (calls, _) in modules.items() if "patch_checkpoint_status" in calls}
     assert patchers == {"status.py"}
     assert {name for name, (_, imports) in modules.items() if "kopf" in imports} == {

@@ -10,7 +10,7 @@ import pytest
 
 from preshard.cli import build_parser
 from preshard.core.errors import PreshardError, SpecError
-from preshard.core.manifest import ConversionFacts, conversion_fields
+from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.core.plan import Layout
 from preshard.worker.conversion import common, engine_path
 

@@ -1,5 +1,5 @@
 """preshard.worker.sources.checkpoint: a published checkpoint read back as the original
-tensors (re-shard, issue 20 item 5).
+tensors (re-shard, docs/architecture.md "Re-shard").
 
 No vLLM here: the checkpoints are built the way the engine's ``preshard_raw`` loader
 builds them, with the real ``LoadTracer`` recording weight-loader-like writes (row and

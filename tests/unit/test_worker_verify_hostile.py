@@ -1,4 +1,4 @@
-"""Hostile sharding metadata (issue 18, finding 5): ``preshard verify --against`` of a
+"""Hostile sharding metadata (docs/security.md, "Job results"): ``preshard verify --against`` of a
 checkpoint under review refuses every malformed or out-of-bounds field of
 ``preshard-sharding.json`` with exit 3, reason ``InvalidShardingMetadata`` and the field
 that is wrong, before it allocates anything from it: the process runs under an address
@@ -297,7 +297,7 @@ def test_the_limited_process_verifies_a_good_checkpoint(tmp_path: Path) -> None:
     """The address-space limit leaves room for a real verification (so the refusals above
     are the validation's, not the limit's): the stored metadata is replayed against the
     files in full, and only then re-planned from the source with vLLM's weight loaders
-    (issue 20), which imports vLLM under the same limit and refuses this hand-made
+    (the engine-free planner), which imports vLLM under the same limit and refuses this hand-made
     checkpoint, whose tensors no vLLM model has, with PlannerUnsupported (exit 3)."""
     src, ckpt = _write(tmp_path, _doc())
     proc = _verify(src, ckpt)

@@ -11,7 +11,7 @@ The architecture matrix (test_arch_matrix.py) runs it in a subprocess for the so
 model loaded normally and for the published shards loaded with ``sharded_state``, and
 compares the two files: the same greedy tokens, the top-5 logprobs within preshard's
 tolerance (two engines over the same bits were bit-identical on one CPU and differed by
-1e-5 on another). It uses plain ``vllm.LLM`` with the CPU settings of DESIGN.md,
+1e-5 on another). It uses plain ``vllm.LLM`` with the CPU settings of docs/cpu-conversion.md,
 independently of preshard's own engine code, so the check does not share a bug with what
 it checks.
 

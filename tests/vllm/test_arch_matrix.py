@@ -17,9 +17,10 @@ checkpoint tensor, the rank and the element.
 
 Families (preshard_dev.tinymodel.FAMILIES, plus a 4-bit GPTQ checkpoint written by
 tinymodel.quantize_gptq): the default matrix is the smallest set that covers every
-feature of issue 8 (dense GQA, tied embeddings, padded vocabulary, KV-head replication,
-qkv bias, q/k norm, HF-fused qkv, two MoE families, GPTQ), several features per model,
-so that it fits its time budget (about 12 minutes on the 2-core test machine);
+feature the raw-shard save must handle (dense GQA, tied embeddings, padded vocabulary,
+KV-head replication, qkv bias, q/k norm, HF-fused qkv, two MoE families, GPTQ), several
+features per model, so that it fits its time budget (about 12 minutes on the 2-core test
+machine);
 ``PRESHARD_ARCH_MATRIX=all`` adds one model per feature (Qwen2 qkv bias, Qwen3 q/k norm,
 untied padded vocabulary) and two more MoE families (Qwen2-MoE with a shared expert,
 DeepSeek-V2-Lite style MLA + MoE), or a comma-separated list picks families. Per family
@@ -60,13 +61,13 @@ DEFAULT_MATRIX = (
     "llama-gqa",  # dense GQA (1 KV head per rank), q/k/v/o biases, HF-separate q/k/v
     "llama-tied",  # tied embeddings, padded vocabulary (500), 1 KV head on both ranks
     "phi3",  # HF-fused qkv_proj / gate_up_proj split per rank
-    "mixtral",  # MoE, w1/w2/w3 experts (the family issue 8 could not convert)
-    "qwen3-moe",  # MoE + q/k norm (the family issue 8 published wrong)
+    "mixtral",  # MoE, w1/w2/w3 experts (a family the processed save could not convert)
+    "qwen3-moe",  # MoE + q/k norm (a family the processed save published wrong)
     GPTQ,  # 4-bit GPTQ of llama-gqa (CPU WNA16 kernels repack the weights)
 )
 ALL = (*FAMILIES, GPTQ)
 # GPTQ on vLLM's CPU backend: convert refuses it before any engine (sharded_state cannot
-# reload its raw shards there; preshard.core.estimate.cpu_raw_reload_refusal), so the
+# reload its raw shards there; preshard.core.modelconfig.cpu_raw_reload_refusal), so the
 # published-checkpoint tests run over the others.
 # Per log-probability, the reload may differ from the source by at most preshard's own
 # tolerance (LOGPROB_TOLERANCE); the comparison below (_differences) is this file's.
@@ -762,7 +763,7 @@ def test_lying_sharding_file_is_refused(matrix: Matrix, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", _converted_families())
 def test_engine_free_files_are_the_engines(matrix: Matrix, family: str, tmp_path: Path) -> None:
-    """Issue 20, the proof in one step: the PLANNER's traces (no engine) given to the
+    """The engine-free proof in one step: the PLANNER's traces (no engine) given to the
     streaming writer with the source give the engine's raw save, file for file: the same
     names and the same sha256."""
     from preshard.worker.shardwriter import write_shards

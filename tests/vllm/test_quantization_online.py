@@ -1,4 +1,4 @@
-"""Issue 21 with real vLLM (CPU build): the kernel probe on this machine, an online
+"""Online quantization with real vLLM (CPU build): the kernel probe on this machine, an online
 method converted on both paths (one engine conversion reused by several assertions),
 and a method whose kernel is missing refused with exit 3 before any engine.
 

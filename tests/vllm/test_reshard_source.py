@@ -1,7 +1,8 @@
-"""Re-shard source over a real engine conversion (issue 20, item 5): the TP=2 checkpoint
-the ``converted_tp2`` fixture publishes to S3 (real vLLM 0.32 CPU build, one KV head
-replicated on both ranks, tied embeddings, files split at 128 KiB) is read back through
-``preshard.worker.sources.checkpoint`` by ranged GETs, and every original tensor the
+"""Re-shard source over a real engine conversion (docs/architecture.md, "Re-shard"): the
+TP=2 checkpoint the ``converted_tp2`` fixture publishes to S3 (real vLLM 0.32 CPU build,
+one KV head replicated on both ranks, tied embeddings, files split at 128 KiB) is read
+back through ``preshard.worker.sources.checkpoint`` by ranged GETs, and every original
+tensor the
 model reads equals the source checkpoint bit for bit; the tied lm_head (never read) is
 refused, as are a changed rank file and a lying sharding file."""
 
@@ -166,7 +167,7 @@ def _files(d: Path) -> dict[str, str]:
 
 @pytest.mark.skipif(_engine_free_missing() is not None, reason=str(_engine_free_missing()))
 def test_reshard_tp2_to_tp4_and_tp2_pp2_equals_planning_from_the_original(tmp_path: Path) -> None:
-    """Issue 20 item 6: re-sharding a published TP=2 checkpoint (no original, no engine)
+    """Re-sharding a published TP=2 checkpoint (no original, no engine)
     gives the same rank files and sharding metadata (same names, same sha256) as planning
     TP=4 (and TP=2 x PP=2) from the original; the manifest records the origin."""
     from preshard_dev.tinymodel import make_tiny_llama

@@ -33,7 +33,7 @@ from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from preshard.core.errors import URIError
-from preshard.core.jobs import ANNOTATION_OWNER_UID
+from preshard.core.naming import ANNOTATION_OWNER_UID
 from preshard.core.uris import parse_output_uri, parse_uri
 
 Strength = Literal["strong", "weak"]
@@ -180,7 +180,7 @@ def _parse_time(text: str) -> datetime | None:
 
 def seen_writing(status: Mapping[str, Any] | None) -> bool:
     """Whether the operator has observed this resource's own work reach its prefix: a
-    published or reused checkpoint (Published=True, ``status.path``, an artifact), or a
+    published, adopted or copied checkpoint (Published=True, ``status.path``, an artifact), or a
     conversion pod that ran the worker (a progress record from its log). A Job that
     exists but whose pod never started is not, nor is the Job's ``Running`` phase (the
     Job controller sets startTime and counts a pod as active before it is scheduled or
@@ -193,8 +193,8 @@ def seen_writing(status: Mapping[str, Any] | None) -> bool:
 
 def pending_since(status: Mapping[str, Any] | None) -> str:
     """Since when a strong claim has rested on work not yet seen writing: the conversion
-    Job's creation (its JobCreated condition) or the start of the step decision
-    (``status.decision.startedAt``); "" when it was seen writing or no time is known."""
+    Job's creation (its JobCreated condition) or the start of the steps (the step
+    record's ``status.decision.startedAt``); "" when it was seen writing or no time is known."""
     status = status or {}
     if seen_writing(status):
         return ""
@@ -202,9 +202,9 @@ def pending_since(status: Mapping[str, Any] | None) -> str:
         since = _condition(status, "JobCreated").get("lastTransitionTime")
         if isinstance(since, str) and since:
             return since
-    decision = status.get("decision")
-    if isinstance(decision, Mapping) and isinstance(decision.get("startedAt"), str):
-        return str(decision["startedAt"])
+    record = status.get("decision")  # the step record
+    if isinstance(record, Mapping) and isinstance(record.get("startedAt"), str):
+        return str(record["startedAt"])
     return ""
 
 

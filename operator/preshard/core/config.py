@@ -14,6 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from preshard import __version__
 from preshard.core.errors import URIError
+from preshard.core.images import default_image_allowlist
 from preshard.core.quantity import QUANTITY_RE
 from preshard.core.spec import NAME_PATTERN, Toleration
 from preshard.core.uris import check_endpoint, parse_output_uri
@@ -104,8 +105,6 @@ class OperatorConfig:
     def image_allowlist(self) -> tuple[str, ...]:
         if self.allowed_images:
             return self.allowed_images
-        from preshard.core.policy import default_image_allowlist
-
         return default_image_allowlist(self.converter_image)
 
     def service_account_for(self, namespace: str) -> str:

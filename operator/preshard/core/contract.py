@@ -26,7 +26,9 @@ LOCAL_MODEL_ROOT = "/models"
 # -- objects at a published prefix
 MANIFEST_NAME = "preshard-manifest.json"  # written last: a prefix without it is no checkpoint
 SHARDING_NAME = "preshard-sharding.json"  # per-parameter sharding metadata (listed, hashed)
-JOURNAL_NAME = "preshard-publish.json"  # the owner's publication record, during a publish
+PUBLICATION_RECORD_NAME = (
+    "preshard-publish.json"  # the owner's publication record, during a publish
+)
 
 # -- rank files, as vLLM's ShardedStateLoader names them
 FILE_PATTERN = "model-rank-{rank}-part-{part}.safetensors"

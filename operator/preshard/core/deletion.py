@@ -47,9 +47,9 @@ def purge_decision_at_deletion(
 
 
 def running_step(status: Mapping[str, Any] | None) -> tuple[str, str] | None:
-    """(step, Job name) of a CPU step recorded in ``status.decision``, if any."""
-    decision = (status or {}).get("decision") or {}
-    step, job = decision.get("step"), decision.get("jobName")
+    """(step, Job name) of a CPU step in the step record (``status.decision``), if any."""
+    record = (status or {}).get("decision") or {}
+    step, job = record.get("step"), record.get("jobName")
     if step in STEPS and job:
         return str(step), str(job)
     return None

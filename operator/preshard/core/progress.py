@@ -460,7 +460,7 @@ def artifact_problem(artifact: dict[str, Any]) -> str | None:
     """What is wrong with the typed fields of a result's artifact (None: nothing). Fields
     the operator copies into status or serving must have their types: counts and sizes
     non-negative integers, the manifest digest 64 lowercase hex digits, names short
-    strings; others are the step's own to check (core.decide.parse_preflight)."""
+    strings; others are the step's own to check (core.preflight.parse_preflight)."""
     for k in _ARTIFACT_INTS:
         v = artifact.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):

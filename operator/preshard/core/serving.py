@@ -49,7 +49,7 @@ class ServingInfo:
 
 def parallel_args(spec: CheckpointSpec, engine: str | None = None) -> list[str]:
     """vLLM's flags that must match the conversion plan (core.plan) when serving it;
-    ``engine``: the effective one (core.jobs.engine), which decides whether an online
+    ``engine``: the effective one (core.children.pod.engine), which decides whether an online
     FP8 method's shards were pre-quantized (then served without --quantization)."""
     return spec.plan(engine=engine).serving_args()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import kopf
 
-from preshard.handlers import checkpoint, reuse
+from preshard.handlers import checkpoint, steps
 
 
 def register(
@@ -21,4 +21,4 @@ def register(
         retry_seconds=retry_seconds,
         step_retry_seconds=step_retry_seconds,
     )
-    reuse.register(registry)
+    steps.register(registry)

@@ -29,8 +29,8 @@ import kopf
 from preshard import GROUP, PLURAL, VERSION
 from preshard.core import status as st
 from preshard.core.claims import claim_of
-from preshard.core.jobs import LABEL_CHECKPOINT, LABEL_COMPONENT, MANAGED_BY
-from preshard.core.pathstatus import STEP_REASONS
+from preshard.core.naming import LABEL_CHECKPOINT, LABEL_COMPONENT, MANAGED_BY
+from preshard.core.stepstatus import STEP_REASONS
 from preshard.service import Service, deletion, reconcile
 from preshard.service.jobs import MANAGED_BY_LABEL, slim_job
 from preshard.service.reconcile import SERVING_CONFLICT

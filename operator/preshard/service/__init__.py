@@ -6,7 +6,7 @@ helpers (:mod:`preshard.k8s`).
   find in kopf's ``memo`` (set by the operator's startup handler, ``preshard.runner``);
 * :mod:`.reconcile`: create / resume / spec update / retry -> validate, policy, claim,
   Secrets, steps, conversion Job; Job events and progress polls -> status;
-* :mod:`.reuse`: the steps before a conversion (preflight -> adopt | copy | withdraw);
+* :mod:`.steps`: the steps before a conversion (preflight -> adopt | copy | withdraw);
 * :mod:`.deletion`: the deletion state machine of ``deletionPolicy: Delete``;
 * :mod:`.status`: the one status writer and its cache of what was written last;
 * :mod:`.errors`: the one mapping of API errors to kopf's retries (and to log lines);

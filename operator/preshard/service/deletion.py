@@ -19,9 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 from preshard.core import status as st
+from preshard.core.children.purge import build_purge_job
 from preshard.core.deletion import purge_decision_at_deletion, running_step, step_wrote_output
 from preshard.core.errors import SpecError
-from preshard.core.jobs import build_purge_job
+from preshard.core.jobstate import job_outcome
 from preshard.core.naming import job_name
 from preshard.core.spec import parse_spec
 from preshard.service import errors, events
@@ -92,7 +93,7 @@ def delete(svc: Service, body: dict[str, Any], outputs_index: Any) -> None:
                 body, "Normal", "Purging", f"deleting {spec.output.uri} (deletionPolicy: Delete)"
             )
             svc.status.mark_deleting(body, status)
-        outcome = st.job_outcome(pjob)
+        outcome = job_outcome(pjob)
         if outcome.phase == st.SUCCEEDED:
             events.post(body, "Normal", "Purged", f"deleted {spec.output.uri}")
             return

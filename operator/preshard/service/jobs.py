@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from preshard.core.jobs import MANAGED_BY
+from preshard.core.naming import MANAGED_BY
 from preshard.service.context import Service
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"

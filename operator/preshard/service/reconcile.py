@@ -3,7 +3,7 @@
 * create / resume / spec update / retry -> :func:`reconcile` (validate; the operator's
   pod policy, preshard.core.policy; the output claim, preshard.core.claims; then the
   Secrets' existence, metadata only; the steps before a conversion,
-  :mod:`preshard.service.reuse`; create-or-get the conversion Job, write status);
+  :mod:`preshard.service.steps`; create-or-get the conversion Job, write status);
 * Job events (:func:`job_event`, :func:`step_job_event`) and progress polls
   (:func:`poll`) -> :func:`sync` derives status from the Job's conditions, the newest
   pod's termination message, its progress lines and what keeps it from starting
@@ -22,6 +22,9 @@ import logging
 from typing import Any
 
 from preshard.core import status as st
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.credentials import referenced_secrets
+from preshard.core.children.pod import accelerator
 from preshard.core.claims import (
     OutputClaim,
     claim_of,
@@ -30,19 +33,18 @@ from preshard.core.claims import (
     preceding_claim,
 )
 from preshard.core.errors import SpecError
-from preshard.core.jobs import (
+from preshard.core.jobstate import job_outcome, pod_problem
+from preshard.core.naming import (
     ANNOTATION_CHECKPOINT_NAME,
     ANNOTATION_OWNER_UID,
     LABEL_CHECKPOINT,
-    accelerator,
-    build_conversion_job,
-    referenced_secrets,
+    job_name,
+    serving_configmap_name,
 )
-from preshard.core.naming import job_name, serving_configmap_name
 from preshard.core.policy import POLICY_VIOLATION, check_policy, policy_message
 from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
-from preshard.service import errors, reuse
+from preshard.service import errors, steps
 from preshard.service.context import Service
 from preshard.service.jobs import ensure_job, find_job
 from preshard.service.serving import apply_serving
@@ -160,7 +162,7 @@ def _reconcile(
         if svc.preflight and not old.get("jobName"):
             # preflight -> adopt | copy | refuse | convert, before any Job requests an
             # accelerator
-            go, identity, source_digest = reuse.prepare(
+            go, identity, source_digest = steps.prepare(
                 svc, body, spec, old, identities_index, jobs=jobs_index
             )
             if not go:
@@ -227,13 +229,13 @@ def sync(
     api = svc.api
     old = svc.status.known(body)
     jname = job["metadata"]["name"]
-    outcome = st.job_outcome(job)
+    outcome = job_outcome(job)
     # A Job that has not started has no pod worth reading (saves a request per resource).
     # Only the Job's own pods speak for it (core.jobpods.owned_by_job).
     pod = api.job_pod(job) if outcome.phase != st.PENDING else None
     result = api.termination_result(pod, job)
     # an active Job's pod may wait for the scheduler or the kubelet (no log to read then)
-    problem = st.pod_problem(pod) if outcome.phase == st.RUNNING else None
+    problem = pod_problem(pod) if outcome.phase == st.RUNNING else None
     progress = None
     if pod is not None and outcome.phase == st.RUNNING and problem is None:
         progress = api.pod_progress(ns, pod["metadata"]["name"])
@@ -266,7 +268,7 @@ def sync(
         serving_error=serving_error,
     )
     if svc.preflight:
-        new = reuse.after_sync(body, old, new, svc)
+        new = steps.after_sync(body, old, new, svc)
     svc.status.write(body, old, new, job_created)
 
 

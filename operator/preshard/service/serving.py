@@ -1,12 +1,12 @@
 """The serving hand-off of a published checkpoint: the ``<name>-serving`` ConfigMap and
-``status.serving``, built once (core.jobs.build_serving) for every path that publishes
-(a conversion, an adopt, a copy)."""
+``status.serving``, built once (core.children.configmap.build_serving) for every step
+that publishes (a conversion, an adopt, a copy)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from preshard.core.jobs import build_serving
+from preshard.core.children.configmap import build_serving
 from preshard.core.spec import CheckpointSpec
 from preshard.service.context import Service
 

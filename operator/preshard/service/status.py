@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from preshard import metrics
 from preshard.core import status as st
 from preshard.core.contract import utc_timestamp
-from preshard.core.pathstatus import seconds_between
+from preshard.core.stepstatus import seconds_between
 from preshard.service import events
 
 

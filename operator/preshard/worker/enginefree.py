@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.errors import PreshardError
-from preshard.core.manifest import SHARDING_NAME, ConversionFacts, conversion_fields
+from preshard.core.manifest import SHARDING_NAME
+from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.core.quantity import format_bytes
 from preshard.worker import shardwriter
 

@@ -1,11 +1,12 @@
 """A Kubernetes API emulator on 127.0.0.1 for tests, the demo and benchmarks (dev only).
 
-Why not plain kmock: DESIGN.md lists what kmock 0.8 lacks (uid/resourceVersion/
-generation, namespace on POST, resourceVersion on watches, 409/422 status codes, label
-selectors, PUT, namespaces). A subclass would have had to replace all of its object
-handling, so this emulator implements the API semantics the operator and kubectl rely on
-directly on aiohttp, and keeps them small and explicit. It is checked against the
-behaviour of a real API server by ``tests/integration/test_emulator.py``.
+Why not plain kmock: kmock 0.8 lacks uid/resourceVersion/generation, namespaces on POST,
+resourceVersion on watches, 409/422 status codes, label selectors, PUT and namespaces
+(docs/architecture.md, "The Kubernetes API emulator"). A subclass would have had to
+replace all of its object handling, so this emulator implements the API semantics the
+operator and kubectl rely on directly on aiohttp, and keeps them small and explicit. It
+is checked against the behaviour of a real API server by
+``tests/integration/test_emulator.py``.
 
 What is emulated:
 

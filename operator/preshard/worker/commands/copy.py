@@ -12,7 +12,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from preshard.core.contract import JOURNAL_NAME, utc_timestamp
+from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
+from preshard.core.contract import utc_timestamp
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
     MANIFEST_NAME,

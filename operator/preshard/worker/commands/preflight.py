@@ -15,8 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from preshard.core.contract import JOURNAL_NAME
-from preshard.core.decide import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
+from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.identity import files_digest
 from preshard.core.manifest import (
@@ -24,6 +23,7 @@ from preshard.core.manifest import (
     MAX_MANIFEST_BYTES,
     ManifestError,
 )
+from preshard.core.preflight import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
 from preshard.worker.commands.reuse import (

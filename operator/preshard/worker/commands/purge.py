@@ -7,7 +7,7 @@ import argparse
 import logging
 from typing import Any
 
-from preshard.core.contract import JOURNAL_NAME
+from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
     MANIFEST_NAME,

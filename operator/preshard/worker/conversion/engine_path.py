@@ -46,8 +46,8 @@ from typing import Any
 from preshard.core import quantization
 from preshard.core.contract import LOAD_FORMAT_LOCAL
 from preshard.core.errors import PreshardError
-from preshard.core.estimate import cpu_raw_reload_refusal
-from preshard.core.manifest import ConversionFacts, conversion_fields
+from preshard.core.manifestfields import ConversionFacts, conversion_fields
+from preshard.core.modelconfig import cpu_raw_reload_refusal
 from preshard.core.progress import format_rate
 from preshard.core.quantity import format_bytes
 from preshard.worker.conversion.common import (

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.contract import (
-    JOURNAL_NAME,
+    PUBLICATION_RECORD_NAME as JOURNAL_NAME,
+)
+from preshard.core.contract import (
     utc_timestamp,
 )
 from preshard.core.errors import PreshardError

@@ -24,7 +24,7 @@ from typing import Any
 import botocore.exceptions
 
 from preshard.core.contract import (
-    JOURNAL_NAME,
+    PUBLICATION_RECORD_NAME as JOURNAL_NAME,
 )
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import (

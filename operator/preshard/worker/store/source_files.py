@@ -17,11 +17,11 @@ import shutil
 from pathlib import Path
 
 from preshard.core.contract import (
-    JOURNAL_NAME,
     OTHER_WEIGHT_SUFFIXES,
     PVC_MOUNT_ROOT,
     SAFETENSORS_SUFFIX,
 )
+from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.uris import StorageURI, check_file_name
 from preshard.worker.store import s3

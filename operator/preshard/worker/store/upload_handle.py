@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from preshard.core.contract import JOURNAL_NAME, MANIFEST_NAME
+from preshard.core.contract import MANIFEST_NAME
+from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
 from preshard.core.errors import PreshardError
 from preshard.worker.progress import Reporter
 from preshard.worker.store.transfer import HASH_CHUNK, UploadCancelled, Uploader, lower_priority

@@ -1,7 +1,7 @@
-"""Adopt, copy and refuse before any accelerator (issue 10), end to end on the demo stack.
+"""Adopt, copy and refuse before any accelerator, end to end on the demo stack.
 
 The stand-in worker (see conftest) plays ``preshard convert`` (what is under test here is
-the operator's decision and the CPU-only steps, which run the REAL ``preshard preflight``,
+the operator's choice of step and the CPU-only steps, which run the REAL ``preshard preflight``,
 ``adopt``, ``copy`` and ``withdraw`` commands against ``rclone serve s3``). "Conversion
 pod" below means a pod of a Job with component ``converter``: the only Jobs that request
 an accelerator.
@@ -159,7 +159,7 @@ def rank0_value(stack: LocalStack, prefix: str) -> float:
 def test_a_ready_twin_of_another_namespace_is_never_offered_by_default(
     stack_factory: Any,
 ) -> None:
-    """Issue 18, finding 1: the copy policy's default is the own namespace only; nothing
+    """The copy policy's default is the own namespace only; nothing
     C sees names team-x's prefix, or that team-x holds this identity at all."""
     stack: LocalStack = stack_factory(namespaces=(NS, "team-x"))
     seed_fake_source(stack)
@@ -176,7 +176,7 @@ def test_a_ready_twin_of_another_namespace_is_never_offered_by_default(
 
 
 def test_swapped_weights_of_a_trusted_namespace_are_not_copied(stack_factory: Any) -> None:
-    """Issue 18, finding 1, with a copy policy that trusts team-x: team-x's conversion
+    """With a copy policy that trusts team-x: team-x's conversion
     published swapped weights under the genuine identity; C's copy is checked against C's
     own source (verify --against) and fails, so C converts: its rank-0 tensor holds C's
     values, and nothing of team-x's bytes stays at C's prefix."""
@@ -206,7 +206,7 @@ def test_swapped_weights_of_a_trusted_namespace_are_not_copied(stack_factory: An
 def test_a_planted_checkpoint_is_neither_adopted_nor_trusted_for_deletion(
     stack_factory: Any,
 ) -> None:
-    """Issue 18, finding 4: someone who could write a prefix before the resource existed
+    """Someone who could write a prefix before the resource existed
     planted a complete manifest claiming its identity (swapped weights, a gone owner,
     listing an unrelated object). The operator never saw it published: no Adopt; the
     Withdraw deletes the manifest alone; the resource converts and serves its own bytes."""

@@ -1,10 +1,12 @@
-"""What to do with a ShardedCheckpoint once its preflight Job reported (pure).
+"""The steps before a conversion (pure): which step comes after the preflight.
 
+The steps are preflight -> adopt | copy | (withdraw ->) convert, or a refusal; the
+``status.decision`` field of the CRD records the step in progress and ``status.path``
+the step that produced a Ready checkpoint (the field names stay for stored objects).
 The preflight Job (CPU only, the resource's own credentials, ``preshard preflight``)
-reports the source's pinned content, the parts of its config.json later checks need, the
-converter image's vLLM version and the state of the output prefix. From that, the
-living owners the operator found in the API and the Ready checkpoints of the cluster,
-:func:`decide` picks one path, before any Job requests an accelerator:
+reports what :mod:`preshard.core.preflight` parses. From that, the living owners the
+operator found in the API and the Ready checkpoints of the cluster, :func:`next_step`
+picks one step, before any Job requests an accelerator:
 
 1. ``OutputOwnedByOther``: the prefix (or a prefix above or below it) holds a checkpoint
    whose recorded owner still exists and is not this resource: never touched.
@@ -19,8 +21,8 @@ living owners the operator found in the API and the Ready checkpoints of the clu
    namespace the admin's copy policy trusts (``converter.policy.copyTrust``), on the same
    endpoint: server-side copy with this resource's own credentials, checked against this
    resource's own source before its manifest is written.
-4. *gate* (one marked place, see :func:`gate`): a check that can stop a conversion with
-   a Ready=False condition before any accelerator is requested.
+4. ``CannotConvert`` (one place, :func:`conversion_refusal`): a check that stops a
+   conversion with a Ready=False condition before any accelerator is requested.
 5. ``Convert``: convert; a checkpoint of another identity whose owner is gone (or is this
    resource) is replaced safely: its manifest is withdrawn first (with the objects it
    lists only when the operator saw that manifest published; else the manifest alone).
@@ -28,134 +30,24 @@ living owners the operator found in the API and the Ready checkpoints of the clu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from preshard.core.identity import SourcePin, conversion_identity, is_identity
+from preshard.core.errors import SpecError
+from preshard.core.estimate import preflight as estimate
+from preshard.core.identity import conversion_identity, is_identity
 from preshard.core.manifest import MANIFEST_NAME
+from preshard.core.modelconfig import cpu_raw_reload_refusal, prequantized_method
+from preshard.core.preflight import INVALID, Preflight
+from preshard.core.quantization import kernel_refusal, online_method
 from preshard.core.spec import CheckpointSpec
 from preshard.core.status import READY, get_condition
 
-PREFLIGHT_KIND = "preflight"
-Path = Literal[
-    "OutputOwnedByOther", "OutputOverlapsCheckpoint", "InvalidPreflight", "Gated",
+Step = Literal[
+    "OutputOwnedByOther", "OutputOverlapsCheckpoint", "InvalidPreflight", "CannotConvert",
     "Adopt", "Copy", "Convert",
 ]  # fmt: skip
 REFUSALS = frozenset({"OutputOwnedByOther", "OutputOverlapsCheckpoint", "InvalidPreflight"})
-
-# Output prefix states the preflight reports.
-EMPTY, INCOMPLETE, MANIFEST, INVALID = "empty", "incomplete", "manifest", "invalid"
-
-
-@dataclass(frozen=True)
-class OutputManifest:
-    owner: str | None
-    identity: str | None
-    sha256: str
-    etag: str | None = None
-    complete: bool = False  # every listed object exists with its size
-    # the operator's ledger records this manifest (sha256) as published by this owner
-    # (set by the service, never from the preflight's report)
-    proven: bool = False
-
-
-@dataclass(frozen=True)
-class Overlap:
-    key: str  # the other manifest's key (relative names only: same bucket)
-    owner: str | None
-    relation: Literal["nested", "parent"]
-    kind: Literal["manifest", "publication"] = "manifest"  # an unfinished publication
-
-
-@dataclass(frozen=True)
-class Preflight:
-    source: SourcePin
-    vllm_version: str
-    state: str
-    manifest: OutputManifest | None = None
-    overlaps: tuple[Overlap, ...] = ()
-    config: dict[str, Any] = field(default_factory=dict)
-    # why config.json's numbers cannot be used (InvalidModelConfig), or None
-    config_error: str | None = None
-    # the kernel probe on the node type that converts (worker.kernels): {method: None
-    # (it has a kernel) | the kernel's own reason}; None: not probed (static fallback)
-    kernels: dict[str, str | None] | None = None
-
-    def owners(self) -> list[str]:
-        """Every owner the operator must look up (living or gone)."""
-        out = [self.manifest.owner] if self.manifest and self.manifest.owner else []
-        out += [o.owner for o in self.overlaps if o.owner]
-        return sorted(set(out))
-
-
-class PreflightError(ValueError):
-    pass
-
-
-def _opt(d: dict[str, Any], k: str) -> str | None:
-    v = d.get(k)
-    return str(v) if isinstance(v, str) and v else None
-
-
-def parse_preflight(data: dict[str, Any] | None) -> Preflight:
-    """The preflight Job's findings (its termination message's ``artifact``)."""
-    if not isinstance(data, dict) or data.get("kind") != PREFLIGHT_KIND:
-        raise PreflightError("the preflight Job reported no findings")
-    src = data.get("source") or {}
-    out = data.get("output") or {}
-    if not isinstance(src, dict) or not isinstance(out, dict):
-        raise PreflightError("the preflight findings are malformed")
-    digest = _opt(src, "digest")
-    if not digest:
-        raise PreflightError("the preflight findings have no source digest")
-    state = out.get("state")
-    if state not in (EMPTY, INCOMPLETE, MANIFEST, INVALID):
-        raise PreflightError(f"unknown output state {state!r}")
-    man = None
-    raw = out.get("manifest")
-    if state == MANIFEST:
-        if not isinstance(raw, dict) or not _opt(raw, "sha256"):
-            raise PreflightError("the preflight reported a manifest without its sha256")
-        man = OutputManifest(
-            owner=_opt(raw, "owner"),
-            identity=_opt(raw, "identity"),
-            sha256=str(raw["sha256"]),
-            etag=_opt(raw, "etag"),
-            complete=raw.get("complete") is True,
-        )
-    overlaps = []
-    for o in out.get("overlapping") or []:
-        if isinstance(o, dict) and o.get("relation") in ("nested", "parent"):
-            key, owner = str(o.get("key", ""))[:1024], _opt(o, "owner")
-            if o.get("kind") == "publication":
-                overlaps.append(Overlap(key, owner, o["relation"], "publication"))
-            else:
-                overlaps.append(Overlap(key, owner, o["relation"]))
-    from preshard.core.estimate import model_config
-
-    # tenant input: typed and bounded before anything counts with it (issue 18)
-    config, config_error = model_config(data.get("config"))
-    return Preflight(
-        source=SourcePin(_opt(src, "revision"), digest),
-        vllm_version=str(data.get("vllmVersion") or "unknown"),
-        state=state,
-        manifest=man,
-        overlaps=tuple(overlaps),
-        config=config,
-        config_error=config_error,
-        kernels=_kernels(data.get("kernels")),
-    )
-
-
-def _kernels(raw: Any) -> dict[str, str | None] | None:
-    """The preflight's ``kernels`` (tenant-reachable input: typed and bounded)."""
-    if not isinstance(raw, dict):
-        return None
-    out: dict[str, str | None] = {}
-    for k, v in list(raw.items())[:4]:
-        if isinstance(k, str) and 0 < len(k) <= 64 and (v is None or isinstance(v, str)):
-            out[k] = v[:1000] if isinstance(v, str) else None
-    return out or None
 
 
 @dataclass(frozen=True)
@@ -208,16 +100,16 @@ def ready_checkpoint(
 
 
 @dataclass(frozen=True)
-class Gate:
-    """A check that stops a conversion before accelerators: Ready=False with this."""
+class Refusal:
+    """Why a conversion may not start (before any accelerator): Ready=False with this."""
 
     reason: str
     message: str
 
 
 @dataclass(frozen=True)
-class Decision:
-    path: Path
+class NextStep:
+    step: Step
     identity: str | None
     reason: str
     message: str
@@ -238,8 +130,6 @@ def _estimate(
 ) -> tuple[Any, str | None]:
     """(MemoryEstimate or None, InsufficientMemory message or None) from the source's
     config.json as the preflight read it (core/estimate.py)."""
-    from preshard.core.estimate import preflight as estimate
-
     if not preflight.config:
         return None, None
     return estimate(
@@ -254,34 +144,33 @@ def _estimate(
     )
 
 
-def gate(spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu") -> Gate | None:
-    """GATE: the one place for checks that may stop a conversion before it requests
+def conversion_refusal(
+    spec: CheckpointSpec, preflight: Preflight, accelerator: str = "gpu"
+) -> Refusal | None:
+    """The one place for checks that may stop a conversion before it requests
     accelerators. The layout against the model's config.json (TensorParallelSizeMismatch,
     PipelineParallelSizeMismatch); on CPU, a quantization the CPU backend cannot reload;
     the memory estimate: a pod whose memory limit is below it is refused
     with InsufficientMemory and both numbers, before any pod of the conversion starts.
     None: go ahead."""
-    from preshard.core.errors import SpecError
-    from preshard.core.estimate import cpu_raw_reload_refusal
-
     if preflight.config_error:
-        return Gate("InvalidModelConfig", preflight.config_error)
+        return Refusal("InvalidModelConfig", preflight.config_error)
     if preflight.config:
         # the same check the worker repeats before its engine (core.plan.Layout)
         try:
             spec.layout.check_model(preflight.config)
         except SpecError as exc:
-            return Gate(exc.reason, exc.message)
+            return Refusal(exc.reason, exc.message)
     if accelerator == "cpu" and preflight.config:
         refusal = cpu_raw_reload_refusal(preflight.config, spec.quantization)
         if refusal:
-            return Gate("UnsupportedQuantization", refusal)
+            return Refusal("UnsupportedQuantization", refusal)
     if accelerator == "cpu":
         refusal = cpu_kernel_refusal(spec.quantization, preflight)
         if refusal:
-            return Gate("UnsupportedQuantization", refusal)
+            return Refusal("UnsupportedQuantization", refusal)
     _, problem = _estimate(spec, preflight, accelerator)
-    return Gate("InsufficientMemory", problem) if problem else None
+    return Refusal("InsufficientMemory", problem) if problem else None
 
 
 def cpu_kernel_refusal(quantization: str | None, preflight: Preflight) -> str | None:
@@ -289,9 +178,6 @@ def cpu_kernel_refusal(quantization: str | None, preflight: Preflight) -> str | 
     did not probe: spec.check_accelerator's static list stands). An online method needs
     no kernel to convert (core.quantization: its rank files are unquantized); any other
     method needs the kernel the preflight probed on the node type that converts."""
-    from preshard.core.estimate import prequantized_method
-    from preshard.core.quantization import kernel_refusal, online_method
-
     if not quantization or online_method(
         quantization, prequantized_method(preflight.config) if preflight.config else None
     ):
@@ -341,7 +227,7 @@ def _describe(owner: str, me: str) -> str:
     return "another owner"
 
 
-def decide(
+def next_step(
     spec: CheckpointSpec,
     me: str,
     preflight: Preflight,
@@ -354,12 +240,12 @@ def decide(
     copy_allowed: bool = True,
     adopt_allowed: bool = True,
     accelerator: str = "gpu",
-) -> Decision:
+) -> NextStep:
     """``me`` is this resource's owner string (namespace/name/uid); ``living_owners`` the
     owner strings of :meth:`Preflight.owners` that the operator found alive; ``ready``
     the Ready checkpoints with this identity; ``copy_from_namespaces`` the OTHER
     namespaces the copy policy lets this one copy from (``*``: any; its own always);
-    ``copy_allowed``/``adopt_allowed`` False after that path failed once (falls through
+    ``copy_allowed``/``adopt_allowed`` False after that step failed once (falls through
     to Convert)."""
     my_ns = me.split("/", 1)[0]
     identity = conversion_identity(
@@ -377,7 +263,7 @@ def decide(
         if o.kind == "publication" and o.relation == "nested":
             # another owner's unfinished publication below: its objects are not listed by
             # any manifest yet, and a step here must never delete or shadow them
-            return Decision(
+            return NextStep(
                 "OutputOwnedByOther"
                 if not _owner_gone(o.owner, me, living_owners)
                 else "OutputOverlapsCheckpoint",
@@ -389,7 +275,7 @@ def decide(
                 "writes over another owner's objects: choose another spec.output.uri",
             )
         if not _owner_gone(o.owner, me, living_owners):
-            return Decision(
+            return NextStep(
                 "OutputOwnedByOther",
                 identity,
                 "OutputOwnedByOther",
@@ -397,7 +283,7 @@ def decide(
                 f"{_describe(o.owner or '', me)}, which still exists; choose another "
                 "spec.output.uri (preshard never writes over another owner's checkpoint)",
             )
-        return Decision(
+        return NextStep(
             "OutputOverlapsCheckpoint",
             identity,
             "OutputOverlapsCheckpoint",
@@ -406,7 +292,7 @@ def decide(
             "spec.output.uri",
         )
     if preflight.state == INVALID:
-        return Decision(
+        return NextStep(
             "OutputOwnedByOther",
             identity,
             "OutputHasUnreadableManifest",
@@ -418,7 +304,7 @@ def decide(
     if man is not None:
         gone = _owner_gone(man.owner, me, living_owners)
         if not gone and man.owner != me:
-            return Decision(
+            return NextStep(
                 "OutputOwnedByOther",
                 identity,
                 "OutputOwnedByOther",
@@ -433,7 +319,7 @@ def decide(
             and is_identity(identity)
             and (man.proven or man.owner == me)
         ):
-            return Decision(
+            return NextStep(
                 "Adopt",
                 identity,
                 "Adopting",
@@ -464,7 +350,7 @@ def decide(
             # another namespace's prefix is not named before the copy proved that this
             # resource's credentials read it
             where = f" at {src.uri}" if src.namespace == my_ns else ""
-            return Decision(
+            return NextStep(
                 "Copy",
                 identity,
                 "Copying",
@@ -472,9 +358,9 @@ def decide(
                 f"server-side to {out} with this resource's credentials",
                 copy_from=src,
             )
-    g = gate(spec, preflight, accelerator)  # GATE: Ready=False before any accelerator
-    if g is not None:
-        return Decision("Gated", identity, g.reason, g.message)
+    refusal = conversion_refusal(spec, preflight, accelerator)  # Ready=False, no accelerator
+    if refusal is not None:
+        return NextStep("CannotConvert", identity, refusal.reason, refusal.message)
     withdraw = man is not None and man.owner != me and bool(man.owner)
     why = (
         f"output {out} holds a checkpoint of another identity whose owner is gone; "
@@ -482,7 +368,7 @@ def decide(
         if man is not None and man.identity != identity
         else f"converting into {out}"
     )
-    return Decision(
+    return NextStep(
         "Convert",
         identity,
         "Converting",

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from preshard.core.decide import parse_preflight
 from preshard.core.manifest import MANIFEST_NAME
+from preshard.core.preflight import parse_preflight
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.worker.commands import preflight as ad
 from preshard.worker.store import records

@@ -1,6 +1,6 @@
 """kopf handlers of the steps before a conversion (preflight, adopt, copy, withdraw):
 the index of Ready checkpoints by identity and their Jobs' events. The flow is
-:mod:`preshard.service.reuse`."""
+:mod:`preshard.service.steps`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 import kopf
 
 from preshard import GROUP, PLURAL, VERSION
-from preshard.core.decide import ready_checkpoint
-from preshard.core.jobs import LABEL_CHECKPOINT, LABEL_COMPONENT, REUSE_COMPONENTS
+from preshard.core.children.steps import STEP_COMPONENTS
+from preshard.core.naming import LABEL_CHECKPOINT, LABEL_COMPONENT
+from preshard.core.steps import ready_checkpoint
 from preshard.handlers.checkpoint import service
 from preshard.service import reconcile
 
@@ -31,7 +32,7 @@ def identities(
 
 
 def _step_component(value: str | None, **_: Any) -> bool:
-    return value in REUSE_COMPONENTS
+    return value in STEP_COMPONENTS
 
 
 def on_step_job_event(

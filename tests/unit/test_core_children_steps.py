@@ -1,6 +1,6 @@
-"""The CPU-only step Jobs (preflight, adopt, copy, withdraw; core.jobs): no accelerator,
+"""The CPU-only step Jobs (preflight, adopt, copy, withdraw; core.children): no accelerator,
 small requests, the resource's own Secrets only, restricted pod security, no Kubernetes
-API access, deterministic names per resource incarnation. Golden files: test_core_jobs."""
+API access, deterministic names per resource incarnation. Golden files: test_core_children."""
 
 from __future__ import annotations
 
@@ -8,16 +8,12 @@ from typing import Any
 
 import pytest
 
-from preshard.core.jobs import (
-    RESTRICTED_CONTAINER_SECURITY,
-    RESTRICTED_POD_SECURITY,
-    REUSE_COMPONENTS,
-    build_conversion_job,
-    build_preflight_job,
-    reuse_job_name,
-)
+from preshard.core.children.conversion import build_conversion_job
+from preshard.core.children.pod import RESTRICTED_CONTAINER_SECURITY, RESTRICTED_POD_SECURITY
+from preshard.core.children.steps import STEP_COMPONENTS, build_preflight_job
+from preshard.core.naming import step_job_name
 from preshard.core.spec import parse_spec
-from tests.unit.test_core_jobs import (
+from tests.unit.test_core_children import (
     BASIC_CONFIG,
     CLUSTER_CONFIG,
     GOLDEN_CASES,
@@ -29,7 +25,7 @@ from tests.unit.test_core_jobs import (
     UID,
 )
 
-STEP_CASES = sorted(n for n in GOLDEN_CASES if n.split("_")[0] in REUSE_COMPONENTS)
+STEP_CASES = sorted(n for n in GOLDEN_CASES if n.split("_")[0] in STEP_COMPONENTS)
 
 
 def container(job: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +42,7 @@ def secrets_of(job: dict[str, Any]) -> set[str]:
 
 
 def test_every_step_has_a_golden_case() -> None:
-    assert {n.split("_")[0] for n in STEP_CASES} == set(REUSE_COMPONENTS)
+    assert {n.split("_")[0] for n in STEP_CASES} == set(STEP_COMPONENTS)
 
 
 @pytest.mark.parametrize("name", STEP_CASES)
@@ -98,12 +94,12 @@ def test_writers_get_only_the_output_credentials(name: str) -> None:
 
 def test_names_are_per_incarnation_and_state() -> None:
     h = parse_spec(S3_TP2).conversion_hash()
-    a = reuse_job_name("m", "uid-1", "adopt", h, IDENTITY, "a" * 64)
-    assert a == reuse_job_name("m", "uid-1", "adopt", h, IDENTITY, "a" * 64)
-    assert a != reuse_job_name("m", "uid-2", "adopt", h, IDENTITY, "a" * 64)  # re-created
-    assert a != reuse_job_name("m", "uid-1", "adopt", h, IDENTITY, "b" * 64)  # other state
+    a = step_job_name("m", "uid-1", "adopt", h, IDENTITY, "a" * 64)
+    assert a == step_job_name("m", "uid-1", "adopt", h, IDENTITY, "a" * 64)
+    assert a != step_job_name("m", "uid-2", "adopt", h, IDENTITY, "a" * 64)  # re-created
+    assert a != step_job_name("m", "uid-1", "adopt", h, IDENTITY, "b" * 64)  # other state
     assert a.startswith("m-adopt-") and len(a) <= 63
-    long = reuse_job_name("x" * 253, "u", "preflight", h)
+    long = step_job_name("x" * 253, "u", "preflight", h)
     assert len(long) <= 63 and "preflight-" in long
     spec = parse_spec(S3_TP2)
     p0 = build_preflight_job("m", NS, UID, spec, BASIC_CONFIG)["metadata"]["name"]

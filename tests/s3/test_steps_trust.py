@@ -1,6 +1,7 @@
-"""Issue 18, the worker side: Copy and Adopt take only provably the same content, Copy
-follows the publication rules, Withdraw deletes only what a proven owner published, and
-the source a conversion reads is the one the preflight pinned.
+"""docs/security.md "Copy, Adopt and Withdraw", the worker side: Copy and Adopt take
+only provably the same content, Copy follows the publication rules, Withdraw deletes
+only what a proven owner published, and the source a conversion reads is the one the
+preflight pinned.
 
 Real parts: ``preshard copy``/``adopt``/``withdraw`` as subprocesses against ``rclone serve
 s3`` on loopback; a real raw checkpoint with real sharding metadata, built by the real
@@ -18,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preshard.core.contract import JOURNAL_NAME
+from preshard.core.contract import PUBLICATION_RECORD_NAME
 from preshard.core.identity import files_digest
 from preshard.core.manifest import MANIFEST_NAME, Manifest
 from preshard.core.uris import parse_uri
@@ -29,7 +30,7 @@ from preshard_dev.s3server import RcloneS3
 from tests.unit.test_worker_load_trace import _convert, _tamper
 
 from .conftest import MANIFEST_FIELDS, object_keys, read_object
-from .test_reuse_commands import run
+from .test_step_commands import run
 
 ID = "sha256:" + "a" * 64
 X = "team-x/llama/uid-x"  # the attacker's resource
@@ -111,7 +112,9 @@ def test_the_same_content_is_copied_after_the_check(
     got = rank0(s3, bucket, "c/model-rank-0-part-0.safetensors", tmp_path)
     want = load_file(str(ckpt / "model-rank-0-part-0.safetensors"))
     assert torch.equal(got["qkv.weight"], want["qkv.weight"])
-    assert f"c/{JOURNAL_NAME}" not in object_keys(s3, bucket, "c/")  # record removed last
+    assert f"c/{PUBLICATION_RECORD_NAME}" not in object_keys(
+        s3, bucket, "c/"
+    )  # record removed last
 
 
 def test_a_source_that_changed_since_the_preflight_is_refused(
@@ -162,12 +165,15 @@ def test_copy_refuses_another_owners_unfinished_publication_below_and_keeps_it(
     body = publish_dir(s3, bucket, ckpt, "x/", X)
     c = s3.client()
     rec = Journal("team-b/other/uid-b", frozenset({"w.safetensors"})).to_json()
-    c.put_object(Bucket=bucket, Key=f"c/team-b/{JOURNAL_NAME}", Body=rec)
+    c.put_object(Bucket=bucket, Key=f"c/team-b/{PUBLICATION_RECORD_NAME}", Body=rec)
     c.put_object(Bucket=bucket, Key="c/team-b/w.safetensors", Body=b"in progress")
     rc, res, out = run(s3, tmp_path, *copy_args(bucket, body, src))
     assert rc == 3 and res is not None and res.reason == "OutputOwnedByOther", out
     assert "team-b/other" not in (res.message or "")  # never the other owner
-    assert object_keys(s3, bucket, "c/") == {f"c/team-b/{JOURNAL_NAME}", "c/team-b/w.safetensors"}
+    assert object_keys(s3, bucket, "c/") == {
+        f"c/team-b/{PUBLICATION_RECORD_NAME}",
+        "c/team-b/w.safetensors",
+    }
 
 
 def test_copy_refuses_a_parent_checkpoint_of_another_owner(
@@ -191,7 +197,7 @@ def test_copy_writes_its_record_first(s3: RcloneS3, bucket: str, tmp_path: Path)
     body = publish_dir(s3, bucket, ckpt, "x/", X)
     rc, res, _ = run(s3, tmp_path, *copy_args(bucket, body, src, "--multipart-threshold", "1"))
     assert rc == 3 and res is not None and res.reason == "CopyNotSupported"
-    rec = Journal.from_json(read_object(s3, bucket, f"c/{JOURNAL_NAME}"))
+    rec = Journal.from_json(read_object(s3, bucket, f"c/{PUBLICATION_RECORD_NAME}"))
     man = json.loads(read_object(s3, bucket, "x/" + MANIFEST_NAME))
     assert rec.owner == C and rec.keys == {f["key"] for f in man["files"]}
 
@@ -200,10 +206,10 @@ def test_the_preflight_counts_a_nested_publication_record_as_an_overlap(
     s3: RcloneS3, bucket: str
 ) -> None:
     rec = Journal("team-b/other/uid-b", frozenset({"w"})).to_json()
-    s3.client().put_object(Bucket=bucket, Key=f"out/sub/{JOURNAL_NAME}", Body=rec)
+    s3.client().put_object(Bucket=bucket, Key=f"out/sub/{PUBLICATION_RECORD_NAME}", Body=rec)
     state = ad.output_state(s3.client(), parse_uri(f"s3://{bucket}/out/"))
     assert state["overlapping"] == [
-        {"key": f"out/sub/{JOURNAL_NAME}", "relation": "nested", "kind": "publication",
+        {"key": f"out/sub/{PUBLICATION_RECORD_NAME}", "relation": "nested", "kind": "publication",
          "owner": "team-b/other/uid-b"}
     ]  # fmt: skip
 

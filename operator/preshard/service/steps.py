@@ -1,12 +1,12 @@
-"""The steps before a conversion: preflight -> decide -> adopt | copy | (withdraw ->)
-convert | refuse. The decision is :func:`preshard.core.decide.decide`, the Jobs come from
-:mod:`preshard.core.jobs`, the status from :mod:`preshard.core.pathstatus`.
+"""The steps before a conversion: preflight -> adopt | copy | (withdraw ->) convert |
+refuse. The next step is :func:`preshard.core.steps.next_step`'s, the Jobs come from
+:mod:`preshard.core.children.steps`, the status from :mod:`preshard.core.stepstatus`.
 
 Every step is a small CPU-only Job in the resource's namespace with the resource's own
 credentials Secrets (the operator reads no Secret data and no object store). Its
 result is the pod's termination message; Job events of these Jobs re-run the reconcile
-(:func:`preshard.service.reconcile.step_job_event`). ``status.decision`` records the
-step in progress, so a restarted operator resumes it.
+(:func:`preshard.service.reconcile.step_job_event`). The CRD field ``status.decision``
+holds the step record (the step in progress), so a restarted operator resumes it.
 """
 
 from __future__ import annotations
@@ -17,32 +17,30 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from preshard.core import pathstatus as ps
 from preshard.core import status as st
-from preshard.core.decide import (
-    REFUSALS,
-    Decision,
-    Preflight,
-    PreflightError,
-    ReadyCheckpoint,
-    decide,
-    memory_estimate_status,
-    parse_preflight,
-)
-from preshard.core.identity import SourcePin, conversion_identity
-from preshard.core.jobs import (
-    accelerator,
+from preshard.core import stepstatus as ss
+from preshard.core.children.credentials import output_endpoint, source_endpoint
+from preshard.core.children.pod import accelerator
+from preshard.core.children.steps import (
     build_adopt_job,
     build_copy_job,
     build_preflight_job,
     build_withdraw_job,
-    output_endpoint,
-    source_endpoint,
 )
+from preshard.core.identity import SourcePin, conversion_identity
+from preshard.core.jobstate import job_outcome
 from preshard.core.naming import serving_configmap_name
+from preshard.core.preflight import Preflight, PreflightError, parse_preflight
 from preshard.core.progress import INVALID_RESULT
 from preshard.core.serving import trusted_artifact
 from preshard.core.spec import CheckpointSpec
+from preshard.core.steps import (
+    REFUSALS,
+    NextStep,
+    ReadyCheckpoint,
+    memory_estimate_status,
+    next_step,
+)
 from preshard.service import events, ledger
 from preshard.service.context import Service
 from preshard.service.jobs import ensure_job, find_job
@@ -60,7 +58,7 @@ MAX_ROUNDS = 3
 def _alive(svc: Service, owner: str) -> bool:
     parts = owner.split("/")
     if len(parts) != 3 or not all(parts):
-        return True  # never provably gone (decide keeps such owners anyway)
+        return True  # never provably gone (core.steps keeps such owners anyway)
     try:
         obj = svc.api.get_checkpoint(parts[0], parts[1])
     except ApiException as exc:
@@ -85,26 +83,26 @@ def prepare(
 
     ``jobs``: the operator's Jobs index (service.jobs): a step's Job is read there and
     never created twice; None asks the API."""
-    if ps.is_done(old):
+    if ss.is_done(old):
         gen = body["metadata"].get("generation")
         if old.get("observedGeneration") != gen:
-            svc.status.write_known(body, ps.regenerate(old, gen, now()))
+            svc.status.write_known(body, ss.regenerate(old, gen, now()))
         return False, None, None
-    decision = dict(old.get("decision") or {})
-    step = decision.get("step")
+    record = dict(old.get("decision") or {})
+    step = record.get("step")
     if step == "Convert":
-        return True, old.get("identity"), decision.get("sourceDigest")
+        return True, old.get("identity"), record.get("sourceDigest")
     ns = body["metadata"]["namespace"]
-    if step in ("Adopt", "Copy", "Withdraw") and decision.get("jobName"):
-        job = find_job(svc, jobs, ns, str(decision["jobName"]))
+    if step in ("Adopt", "Copy", "Withdraw") and record.get("jobName"):
+        job = find_job(svc, jobs, ns, str(record["jobName"]))
         if job is not None:
-            return _follow(svc, body, spec, old, decision, job, index, jobs=jobs)
-    return _preflight(svc, body, spec, old, decision, index, jobs=jobs)
+            return _follow(svc, body, spec, old, record, job, index, jobs=jobs)
+    return _preflight(svc, body, spec, old, record, index, jobs=jobs)
 
 
-def _base(decision: dict[str, Any]) -> dict[str, Any]:
+def _base(record: dict[str, Any]) -> dict[str, Any]:
     keep = ("startedAt", "noAdopt", "noCopy", "round", "sourceDigest")
-    out = {k: decision[k] for k in keep if decision.get(k)}
+    out = {k: record[k] for k in keep if record.get(k)}
     out.setdefault("startedAt", now())
     return out
 
@@ -114,27 +112,27 @@ def _preflight(
     body: dict[str, Any],
     spec: CheckpointSpec,
     old: dict[str, Any],
-    decision: dict[str, Any],
+    record: dict[str, Any],
     index: Any,
     *,
     jobs: Any = None,
 ) -> tuple[bool, str | None, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
-    base = _base(decision)
+    base = _base(record)
     wanted = build_preflight_job(
         name, ns, uid, spec, svc.config, attempt=int(base.get("round") or 0)
     )
     jname = wanted["metadata"]["name"]
     job, created = ensure_job(svc, jobs, wanted)
-    outcome = st.job_outcome(job)
+    outcome = job_outcome(job)
     if outcome.phase in (st.PENDING, st.RUNNING):
         d = {**base, "step": "Preflight", "jobName": jname}
         msg = (
             f"preflight Job {jname} checks the source and the output prefix "
             "(CPU only, no accelerator)"
         )
-        new = ps.status_for_step(old, decision=d, message=msg, generation=gen, now=now())
+        new = ss.status_for_step(old, step_record=d, message=msg, generation=gen, now=now())
         svc.status.write_known(
             body, new, f"created preflight Job {jname} (CPU only)" if created else None
         )
@@ -172,14 +170,14 @@ def _preflight(
     )
     living = frozenset(o for o in pre.owners() if _alive(svc, o))
     # only the Ready checkpoints a Copy may come from: this namespace's, and those of the
-    # namespaces the admin's copy policy trusts (nothing else enters the decision)
+    # namespaces the admin's copy policy trusts (nothing else enters the choice)
     ready = [
         r
         for r in (index or {}).get(identity, [])
         if isinstance(r, ReadyCheckpoint)
         and (r.namespace == ns or "*" in trusted or r.namespace in trusted)
     ]
-    choice = decide(spec, f"{ns}/{name}/{uid}", pre, living, ready, **args)
+    choice = next_step(spec, f"{ns}/{name}/{uid}", pre, living, ready, **args)
     estimate = memory_estimate_status(spec, pre, accelerator(spec, svc.config))
     if estimate is not None:
         old = {**old, "memoryEstimate": estimate}
@@ -228,7 +226,7 @@ def _act(
     spec: CheckpointSpec,
     old: dict[str, Any],
     base: dict[str, Any],
-    d: Decision,
+    d: NextStep,
     index: Any,
     source: SourcePin,
     *,
@@ -236,19 +234,19 @@ def _act(
 ) -> tuple[bool, str | None, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
-    if d.path in REFUSALS or d.path == "Gated":
-        # GATE: a Gated decision (core.decide.gate) lands here as Ready=False.
+    if d.step in REFUSALS or d.step == "CannotConvert":
+        # a refusal (core.steps.conversion_refusal included) lands here as Ready=False
         old = {**old, "identity": d.identity} if d.identity else old
         _fail(svc, body, old, d.reason, d.message, gen)
         return False, None, None
     # the conversion reads exactly the content the preflight pinned (convert
     # --source-digest: SourceChanged otherwise); the adopt/copy check reads it too
     base = {**base, "sourceDigest": source.digest}
-    if d.path == "Convert" and not d.withdraw:
+    if d.step == "Convert" and not d.withdraw:
         new = {**old, "identity": d.identity, "decision": {**base, "step": "Convert"}}
         svc.status.write_known(body, new)
         return True, d.identity, source.digest
-    if d.path == "Adopt":
+    if d.step == "Adopt":
         assert d.identity and d.expect_manifest_sha256
         job = build_adopt_job(
             name, ns, uid, spec, svc.config,
@@ -258,7 +256,7 @@ def _act(
             source_digest=source.digest,
         )  # fmt: skip
         step: dict[str, Any] = {"step": "Adopt"}
-    elif d.path == "Copy":
+    elif d.step == "Copy":
         assert d.identity and d.copy_from
         job = build_copy_job(
             name, ns, uid, spec, svc.config,
@@ -280,10 +278,10 @@ def _act(
         )  # fmt: skip
         step = {"step": "Withdraw"}
     created_job, created = ensure_job(svc, jobs, job)
-    decision = {**base, **step, "jobName": job["metadata"]["name"]}
+    record = {**base, **step, "jobName": job["metadata"]["name"]}
     old2 = {**old, "identity": d.identity}
     return _follow(
-        svc, body, spec, old2, decision, created_job, index,
+        svc, body, spec, old2, record, created_job, index,
         created=created, why=d.message, jobs=jobs,
     )  # fmt: skip
 
@@ -303,7 +301,7 @@ def _follow(
     body: dict[str, Any],
     spec: CheckpointSpec,
     old: dict[str, Any],
-    decision: dict[str, Any],
+    record: dict[str, Any],
     job: dict[str, Any],
     index: Any,
     *,
@@ -313,15 +311,15 @@ def _follow(
 ) -> tuple[bool, str | None, str | None]:
     meta = body["metadata"]
     ns, name, uid, gen = meta["namespace"], meta["name"], meta["uid"], meta.get("generation")
-    step = str(decision["step"])
+    step = str(record["step"])
     jname = job["metadata"]["name"]
     out = str(spec.output.parsed)
     identity = old.get("identity")
-    outcome = st.job_outcome(job)
+    outcome = job_outcome(job)
     if outcome.phase in (st.PENDING, st.RUNNING):
-        src = f" ({decision['from']})" if decision.get("from") else ""
+        src = f" ({record['from']})" if record.get("from") else ""
         msg = _STEP_MESSAGES[step].format(job=jname, out=out, src=src)
-        new = ps.status_for_step(old, decision=decision, message=msg, generation=gen, now=now())
+        new = ss.status_for_step(old, step_record=record, message=msg, generation=gen, now=now())
         svc.status.write_known(
             body, new, f"created {step.lower()} Job {jname}: {why}" if created else None
         )
@@ -329,9 +327,9 @@ def _follow(
     result = svc.api.termination_result(svc.api.job_pod(job), job)
     ok = outcome.phase == st.SUCCEEDED and result is not None and result.result == "Succeeded"
     if ok and step == "Withdraw":
-        new = {**old, "decision": {**_base(decision), "step": "Convert"}}
+        new = {**old, "decision": {**_base(record), "step": "Convert"}}
         svc.status.write_known(body, new)
-        return True, identity, decision.get("sourceDigest")
+        return True, identity, record.get("sourceDigest")
     if ok and result is not None and result.artifact:
         artifact = dict(result.artifact)
         origin = artifact.pop("origin", None) if step == "Copy" else None
@@ -345,14 +343,14 @@ def _follow(
                 name,
                 serving_configmap_name(name),
             )
-        new = ps.status_for_reused(
+        new = ss.status_for_adopted_or_copied(
             old,
-            path=ps.ADOPTED if step == "Adopt" else ps.COPIED,
+            result=ss.ADOPTED if step == "Adopt" else ss.COPIED,
             artifact=artifact,
             serving=serving,
             identity=str(identity),
             origin=origin if isinstance(origin, dict) else None,
-            started=decision.get("startedAt"),
+            started=record.get("startedAt"),
             generation=gen,
             now=now(),
         )
@@ -362,7 +360,7 @@ def _follow(
     # failed (or succeeded without a result)
     reason = (result.reason if result and result.reason else None) or outcome.reason or "JobFailed"
     message = (result.message if result and result.message else None) or outcome.message or ""
-    base = _base(decision)
+    base = _base(record)
     if reason in RESTART_REASONS and int(base.get("round") or 0) + 1 < MAX_ROUNDS:
         base["round"] = int(base.get("round") or 0) + 1
         events.post(
@@ -391,19 +389,19 @@ def _follow(
 def after_sync(
     body: dict[str, Any], old: dict[str, Any], new: dict[str, Any], svc: Service | None = None
 ) -> dict[str, Any]:
-    """A conversion's status: record the Converted path when it becomes Ready (and an
-    Event with how long it took)."""
-    marked = ps.mark_converted(old, new, now())
-    if marked is not new and old.get("path") != ps.CONVERTED and svc is not None:
+    """A conversion's status: record the Converted step (``status.path``) when it becomes
+    Ready (and an Event with how long it took)."""
+    marked = ss.mark_converted(old, new, now())
+    if marked is not new and old.get("path") != ss.CONVERTED and svc is not None:
         meta = body.get("metadata") or {}
         owner = f"{meta.get('namespace')}/{meta.get('name')}/{meta.get('uid')}"
         ledger.record(svc, (marked.get("artifact") or {}).get("manifestSha256"), owner)
-    if marked is not new and old.get("path") != ps.CONVERTED:
+    if marked is not new and old.get("path") != ss.CONVERTED:
         took = marked.get("durationSeconds")
         events.post(
             body,
             "Normal",
-            ps.CONVERTED,
+            ss.CONVERTED,
             f"converted at {(marked.get('artifact') or {}).get('uri')}"
             + (f" in {took} s" if took is not None else ""),
         )

@@ -1,7 +1,7 @@
-"""preshard.core.jobs: the conversion Job, the purge Job and the serving ConfigMap.
+"""preshard.core.children: the conversion Job, the purge Job and the serving ConfigMap.
 
 The builders are pinned by golden files in tests/golden/*.json (sorted keys, indent 2).
-``PRESHARD_UPDATE_GOLDEN=1 pytest tests/unit/test_core_jobs.py`` rewrites them; by default
+``PRESHARD_UPDATE_GOLDEN=1 pytest tests/unit/test_core_children.py`` rewrites them; by default
 the built manifest is compared and a mismatch shows a unified diff.
 """
 
@@ -19,40 +19,47 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from preshard.core.config import OperatorConfig
-from preshard.core.errors import SpecError
-from preshard.core.jobs import (
-    ANNOTATION_CHECKPOINT_NAME,
-    ANNOTATION_OWNER_UID,
-    ANNOTATION_SPEC_HASH,
+from preshard.core.children.configmap import build_serving_configmap
+from preshard.core.children.conversion import (
     CONTAINER,
-    EXIT_PERMANENT,
-    LABEL_CHECKPOINT,
-    LABEL_SPEC_HASH,
-    PVC_MOUNT_ROOT,
-    RESTRICTED_CONTAINER_SECURITY,
-    RESTRICTED_POD_SECURITY,
-    TERMINATION_LOG,
-    WORK_DIR,
-    build_adopt_job,
     build_conversion_job,
-    build_copy_job,
-    build_preflight_job,
-    build_purge_job,
-    build_serving_configmap,
-    build_withdraw_job,
     conversion_args,
-    labels,
     memory_request,
+)
+from preshard.core.children.credentials import (
     output_endpoint,
     output_secret,
-    owner_reference,
     referenced_secrets,
     source_secret,
 )
-from preshard.core.naming import cleanup_job_name, job_name
+from preshard.core.children.pod import (
+    RESTRICTED_CONTAINER_SECURITY,
+    RESTRICTED_POD_SECURITY,
+    owner_reference,
+)
+from preshard.core.children.purge import build_purge_job
+from preshard.core.children.steps import (
+    build_adopt_job,
+    build_copy_job,
+    build_preflight_job,
+    build_withdraw_job,
+)
+from preshard.core.config import OperatorConfig
+from preshard.core.contract import EXIT_PERMANENT, PVC_MOUNT_ROOT, TERMINATION_LOG, WORK_DIR
+from preshard.core.envpolicy import RESERVED_ENV
+from preshard.core.errors import SpecError
+from preshard.core.naming import (
+    ANNOTATION_CHECKPOINT_NAME,
+    ANNOTATION_OWNER_UID,
+    ANNOTATION_SPEC_HASH,
+    LABEL_CHECKPOINT,
+    LABEL_SPEC_HASH,
+    job_name,
+    labels,
+    purge_job_name,
+)
 from preshard.core.serving import configmap_data, serving_info
-from preshard.core.spec import RESERVED_ENV, CheckpointSpec, parse_spec
+from preshard.core.spec import CheckpointSpec, parse_spec
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1] / "golden"
 UPDATE_GOLDEN = os.environ.get("PRESHARD_UPDATE_GOLDEN") == "1"
@@ -230,7 +237,7 @@ GOLDEN_CASES: dict[str, Any] = {
     "conversion_job_s3_tp2": lambda: build_conversion_job(
         "tiny-tp2", NS, UID, parse_spec(S3_TP2), BASIC_CONFIG
     ),
-    # the conversion identity and the source content the preflight pinned (issue 18)
+    # the conversion identity and the source content the preflight pinned
     "conversion_job_pvc_tp8_pp2_fp8": lambda: build_conversion_job(
         "llama-70b-tp8-pp2",
         NS,
@@ -598,9 +605,9 @@ def test_long_resource_names_give_valid_job_names() -> None:
     ):
         assert len(job["metadata"]["name"]) <= 63
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
-    assert build_purge_job(name, NS, UID, spec, BASIC_CONFIG)["metadata"][
-        "name"
-    ] == cleanup_job_name(name, spec.conversion_hash())
+    assert build_purge_job(name, NS, UID, spec, BASIC_CONFIG)["metadata"]["name"] == purge_job_name(
+        name, spec.conversion_hash()
+    )
 
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -857,7 +864,7 @@ def test_purge_job() -> None:
     spec = parse_spec(HF)
     job = build_purge_job("llama-8b", NS, UID, spec, CLUSTER_CONFIG)
     h = spec.conversion_hash()
-    assert job["metadata"]["name"] == cleanup_job_name("llama-8b", h)
+    assert job["metadata"]["name"] == purge_job_name("llama-8b", h)
     assert "ownerReferences" not in job["metadata"]  # its owner is being deleted
     assert job["metadata"]["annotations"] == {
         ANNOTATION_SPEC_HASH: h,

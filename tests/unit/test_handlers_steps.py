@@ -1,6 +1,7 @@
-"""service.reuse (through service.reconcile): the flow preflight -> decide -> adopt | copy | withdraw -> convert, with
-the Kubernetes calls replaced by an in-memory fake (no API server; the e2e tests in
-tests/e2e/test_reuse.py run the same flow for real). Jobs finish as each test says."""
+"""service.steps (through service.reconcile): the flow preflight -> adopt | copy |
+withdraw -> convert, with the Kubernetes calls replaced by an in-memory fake (no API
+server; the e2e tests in tests/e2e/test_steps.py run the same flow for real). Jobs
+finish as each test says."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from preshard.core.config import OperatorConfig
-from preshard.core.decide import ReadyCheckpoint
 from preshard.core.identity import SourcePin, conversion_identity
 from preshard.core.progress import Result
 from preshard.core.spec import parse_spec
-from preshard.service import Service, reconcile, reuse
+from preshard.core.steps import ReadyCheckpoint
+from preshard.service import Service, reconcile, steps
 
 UID = "uid-new"
 SPEC = {
@@ -350,7 +351,7 @@ def test_a_conversion_becomes_converted_with_its_duration(monkeypatch: pytest.Mo
     new = {**old, "artifact": ARTIFACT,
            "conditions": [{"type": "Ready", "status": "True", "reason": "Published"}]}  # fmt: skip
     fake = install(monkeypatch, Fake({}))
-    marked = reuse.after_sync(body(), old, new, fake.svc)
+    marked = steps.after_sync(body(), old, new, fake.svc)
     assert marked["path"] == "Converted" and marked["durationSeconds"] == 65
     assert fake.ledger == {ARTIFACT["manifestSha256"]: f"ml/llama/{UID}"}
     assert "decision" not in marked

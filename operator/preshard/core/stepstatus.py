@@ -1,10 +1,11 @@
 """Status for the steps before (or instead of) a conversion: preflight, adopt, copy,
-withdraw (pure; see core.decide). The conversion itself keeps core.status.
+withdraw (pure; see core.steps). The conversion itself keeps core.status.
 
-``status.decision`` records the step in progress (``{"step": "Preflight"|"Adopt"|
+The CRD's field names stay as stored objects have them: ``status.decision`` records the
+step in progress (``{"step": "Preflight"|"Adopt"|
 "Copy"|"Withdraw"|"Convert", "jobName": ..., "startedAt": ..., "noAdopt": bool,
-"noCopy": bool}``) so a restarted operator resumes it; ``status.path`` says which path
-produced the checkpoint (``Adopted``, ``Copied``, ``Converted``) once it is Ready,
+"noCopy": bool}``, the step record) so a restarted operator resumes it; ``status.path``
+says which step produced the checkpoint (``Adopted``, ``Copied``, ``Converted``) once it is Ready,
 ``status.durationSeconds`` how long that took from the first reconcile, ``status.identity``
 the conversion identity and ``status.origin`` where a copy came from.
 """
@@ -19,7 +20,7 @@ from preshard.core import status as st
 from preshard.core.quantity import format_bytes
 
 ADOPTED, COPIED, CONVERTED = "Adopted", "Copied", "Converted"
-PATHS = (ADOPTED, COPIED, CONVERTED)
+STEP_RESULTS = (ADOPTED, COPIED, CONVERTED)  # the values of status.path
 STEP_REASONS = {
     "Preflight": "Preflight",
     "Adopt": "Adopting",
@@ -56,7 +57,7 @@ def _spec_valid(
 def status_for_step(
     current: dict[str, Any] | None,
     *,
-    decision: dict[str, Any],
+    step_record: dict[str, Any],
     message: str,
     generation: int | None,
     now: str,
@@ -64,22 +65,22 @@ def status_for_step(
 ) -> dict[str, Any]:
     """A step's Job is pending or running: Ready=False with the step's reason."""
     out = copy.deepcopy(current or {})
-    reason = STEP_REASONS[decision["step"]]
+    reason = STEP_REASONS[step_record["step"]]
     conds = _spec_valid(out.get("conditions") or [], generation, now)
     conds = st.set_condition(conds, st.READY, "False", reason, message, generation, now)
     out["conditions"] = conds
-    out["phase"] = st.PENDING if decision["step"] == "Preflight" else st.RUNNING
+    out["phase"] = st.PENDING if step_record["step"] == "Preflight" else st.RUNNING
     out["observedGeneration"] = generation
-    out["decision"] = decision
+    out["decision"] = step_record
     if identity:
         out["identity"] = identity
     return out
 
 
-def status_for_reused(
+def status_for_adopted_or_copied(
     current: dict[str, Any] | None,
     *,
-    path: str,
+    result: str,
     artifact: dict[str, Any],
     serving: dict[str, Any] | None,
     identity: str,
@@ -89,25 +90,25 @@ def status_for_reused(
     now: str,
 ) -> dict[str, Any]:
     """The checkpoint was adopted or copied: Succeeded, Ready once serving is set."""
-    if path not in (ADOPTED, COPIED):
-        raise ValueError(f"not a reuse path: {path}")
+    if result not in (ADOPTED, COPIED):
+        raise ValueError(f"not an adopt or copy result: {result}")
     out = copy.deepcopy(current or {})
     conds = _spec_valid(out.get("conditions") or [], generation, now)
     took = seconds_between(started, now)
-    verb = "adopted" if path == ADOPTED else f"copied from {(origin or {}).get('uri')}"
+    verb = "adopted" if result == ADOPTED else f"copied from {(origin or {}).get('uri')}"
     total = int(artifact.get("totalBytes", 0))
     msg = (
         f"checkpoint {verb} at {artifact.get('uri')} ({artifact.get('files')} files, "
         f"{format_bytes(total)}, every object verified, no conversion)"
         + (f" in {took} s" if took is not None else "")
     )
-    conds = st.set_condition(conds, st.PUBLISHED, "True", path, msg, generation, now)
+    conds = st.set_condition(conds, st.PUBLISHED, "True", result, msg, generation, now)
     if serving is not None:
         conds = st.set_condition(
             conds,
             st.READY,
             "True",
-            path,
+            result,
             msg + f"; serve with ConfigMap {serving.get('configMapName')}",
             generation,
             now,
@@ -128,7 +129,7 @@ def status_for_reused(
     out["observedGeneration"] = generation
     out["artifact"] = {k: v for k, v in artifact.items() if k != "origin"}
     out["progress"] = {"stage": "Published", "bytesDone": total, "bytesTotal": total}
-    out["path"] = path
+    out["path"] = result
     out["identity"] = identity
     if origin:
         out["origin"] = origin
@@ -142,15 +143,15 @@ def status_for_reused(
 
 
 def mark_converted(old: dict[str, Any] | None, new: dict[str, Any], now: str) -> dict[str, Any]:
-    """A conversion that became Ready: record the path and how long it took (from the
-    preflight's start when there was one)."""
+    """A conversion that became Ready: record the step (``status.path``) and how long it
+    took (from the preflight's start when there was one)."""
     ready = st.get_condition(new, st.READY) or {}
     if ready.get("status") != "True" or new.get("path") == CONVERTED:
         return new
     out = dict(new)
     out["path"] = CONVERTED
-    decision = out.pop("decision", None) or {}
-    started = decision.get("startedAt") or out.get("startTime")
+    step_record = out.pop("decision", None) or {}
+    started = step_record.get("startedAt") or out.get("startTime")
     took = seconds_between(started, out.get("completionTime") or now)
     if took is not None:
         out["durationSeconds"] = took
