@@ -17,7 +17,7 @@ from preshard.core.progress import Result
 from preshard.worker.commands import runner
 from preshard.worker.progress import Terminated
 
-# The Jobs the operator creates and reads back (conversion, reuse steps).
+# The Jobs the operator creates and reads back (conversion, steps).
 OPERATOR_JOBS = {"convert", "preflight", "adopt", "copy", "withdraw"}
 
 

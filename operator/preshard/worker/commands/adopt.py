@@ -14,14 +14,14 @@ from preshard.core.errors import PreshardError
 from preshard.core.manifest import (
     artifact_status,
 )
-from preshard.worker.commands.reuse import (
+from preshard.worker.commands.runner import Done
+from preshard.worker.commands.steps import (
     check_against_source,
     read_expected,
-    reuse_client,
     s3_prefix,
+    step_client,
     succeeded,
 )
-from preshard.worker.commands.runner import Done
 from preshard.worker.store import records
 from preshard.worker.verify.objects import verify_objects
 
@@ -33,7 +33,7 @@ WRITES_RESULT = True
 
 def adopt(args: argparse.Namespace) -> dict[str, Any]:
     u = s3_prefix(args.output, "--output")
-    client = reuse_client(args)
+    client = step_client(args)
     uri = str(u)
     man, body, etag = read_expected(
         client, u, args.expect_owner, args.expect_identity, args.expect_manifest_sha256

@@ -20,15 +20,15 @@ from preshard.core.manifest import (
     artifact_status,
 )
 from preshard.core.uris import StorageURI
-from preshard.worker.commands.reuse import (
+from preshard.worker.commands.runner import Done
+from preshard.worker.commands.steps import (
     check_against_source,
     manifest_at,
     read_expected,
-    reuse_client,
     s3_prefix,
+    step_client,
     succeeded,
 )
-from preshard.worker.commands.runner import Done
 from preshard.worker.store import records, s3
 from preshard.worker.store.transfer import with_retries
 from preshard.worker.verify.objects import verify_objects
@@ -111,7 +111,7 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
         src.prefix.startswith(dst.prefix) or dst.prefix.startswith(src.prefix)
     ):
         raise PreshardError("--from and --to overlap", reason="Usage", permanent=True)
-    client = reuse_client(args)
+    client = step_client(args)
     # the source stays its owner's: any owner, the identity and bytes must match
     man, body, _ = read_expected(
         client, src, None, args.expect_identity, args.expect_manifest_sha256, check_owner=False

@@ -26,12 +26,12 @@ from preshard.core.manifest import (
 from preshard.core.preflight import EMPTY, INCOMPLETE, INVALID, MANIFEST, PREFLIGHT_KIND
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
-from preshard.worker.commands.reuse import (
+from preshard.worker.commands.runner import Done
+from preshard.worker.commands.steps import (
     manifest_at,
-    reuse_client,
+    step_client,
     succeeded,
 )
-from preshard.worker.commands.runner import Done
 from preshard.worker.engine.installed import vllm_version
 from preshard.worker.store import records, s3
 
@@ -297,7 +297,7 @@ def preflight(args: argparse.Namespace) -> dict[str, Any]:
         "source": source,
         "config": config,
         "vllmVersion": vllm_version(),
-        "output": output_state(reuse_client(args), out),
+        "output": output_state(step_client(args), out),
     }
     kernels = probe_kernels(getattr(args, "quantization", None), config)
     if kernels is not None:

@@ -15,13 +15,13 @@ from preshard.core.manifest import (
     Manifest,
     ManifestError,
 )
-from preshard.worker.commands.reuse import (
+from preshard.worker.commands.runner import Done
+from preshard.worker.commands.steps import (
     manifest_at,
-    reuse_client,
     s3_prefix,
+    step_client,
     succeeded,
 )
-from preshard.worker.commands.runner import Done
 from preshard.worker.store import records, s3
 from preshard.worker.store.transfer import with_retries
 
@@ -33,7 +33,7 @@ WRITES_RESULT = True
 
 def withdraw(args: argparse.Namespace) -> dict[str, Any]:
     u = s3_prefix(args.output, "--output")
-    client = reuse_client(args)
+    client = step_client(args)
     uri = str(u)
     key = u.key(MANIFEST_NAME)
     got = manifest_at(client, u.bucket, key, uri)

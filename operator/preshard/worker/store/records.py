@@ -8,7 +8,7 @@ way read again), writes them with their sha256 in the metadata, deletes keys, an
 decides whether an owner may write at a prefix (:func:`check_own` for the prefix itself,
 :func:`check_neighbours` for checkpoints below or above it). The one publication path
 (:class:`~preshard.worker.store.publication.Publication`), ``preshard purge`` and the
-reuse commands (adopt, copy, withdraw) all go through it.
+step commands (adopt, copy, withdraw) all go through it.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def put_manifest(
     expect_etag: str | None = None,
 ) -> None:
     """Write the manifest (the one writer of it). A publication writes it last, after
-    its own ownership checks (``conditional=False``). ``conditional``: the reuse commands
+    its own ownership checks (``conditional=False``). ``conditional``: the step commands
     replace a manifest they verified (``expect_body``; None: there must be none): it is
     re-read and compared right before the write, then PUT with If-Match on the ETag
     read (If-None-Match: * for a new one); OutputChanged (permanent, nothing written)

@@ -1,4 +1,4 @@
-"""What the reuse commands share (preflight, adopt, copy, withdraw: the CPU-only Jobs
+"""What the step commands share (preflight, adopt, copy, withdraw: the CPU-only Jobs
 that run before, or instead of, a conversion; their results go to the termination
 message): the client, the s3:// prefixes, the manifest they expect, and the check of a
 checkpoint against the requester's own source.
@@ -37,7 +37,7 @@ from preshard.worker.store.download import Downloader, DownloadItem
 log = logging.getLogger(__name__)
 
 
-def reuse_client(args: argparse.Namespace) -> Any:
+def step_client(args: argparse.Namespace) -> Any:
     return s3.make_client(s3.output_settings(args.endpoint_url, args.region, args.concurrency))
 
 
@@ -140,6 +140,6 @@ def check_against_source(
 
 
 def succeeded(artifact: dict[str, Any]) -> Done:
-    """A reuse command's success: its artifact on stdout and in the result."""
+    """A step command's success: its artifact on stdout and in the result."""
     print(json.dumps(artifact, indent=2, sort_keys=True))
     return Done(result=Result(result="Succeeded", artifact=artifact))
