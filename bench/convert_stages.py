@@ -9,7 +9,7 @@ engines on both cores (a CPU conversion, where the engine check and the upload c
 for the same cores), and TP=1 with the engines bound to core 0 (the other core stands for
 the host CPU that a GPU node leaves free while the accelerator verifies).
 
-The model (preshard.worker.tinymodel.make_tiny_llama, bf16, hidden 2048, 32 heads of 64,
+The model (preshard_dev.tinymodel.make_tiny_llama, bf16, hidden 2048, 32 heads of 64,
 8 KV heads, intermediate 5632, vocabulary 32000, ``BENCH_CONVERT_LAYERS`` layers, default
 10: about 1.1 GiB) is big enough that loading, saving, verifying and moving the weights
 show in the split; ``--tiny`` uses the tiny 2-layer model instead, which measures little
@@ -44,9 +44,9 @@ from pathlib import Path
 from preshard.cli import build_parser
 from preshard.core.contract import LOAD_FORMAT_LOCAL
 from preshard.core.manifestfields import ConversionFacts, conversion_fields
-from preshard.worker import convert
+from preshard.worker.conversion import common, engine_path
 from preshard.worker.progress import Reporter
-from preshard.worker.tinymodel import make_tiny_llama
+from preshard_dev.tinymodel import make_tiny_llama
 
 
 def _s3_setup(model: Path, root: Path):
@@ -70,15 +70,15 @@ def _s3_setup(model: Path, root: Path):
 
 
 def _sequential_baseline(
-    req: convert.ConvertRequest, shards: Path, output: str, vllm_version: str
+    req: common.ConvertRequest, shards: Path, output: str, vllm_version: str
 ) -> dict[str, float]:
     """The same run's verification and upload one after the other, as preshard did before
     the overlap: one more engine check of the same shards, alone, then a publish of the
     same files to a fresh prefix, alone."""
     import json
 
-    from preshard.worker import publication
-    from preshard.worker.vllm_engine import default_prompts, has_tokenizer, run_engine
+    from preshard.worker.engine.process import default_prompts, has_tokenizer, run_engine
+    from preshard.worker.store import publication
 
     config = json.loads((shards / "config.json").read_text())
     prompts = default_prompts(config, tokenizer=has_tokenizer(shards))
@@ -187,8 +187,8 @@ def run_one(argv: list[str]) -> int:
                     "--verify" if not a.no_verify else "--no-verify",
                 ]
             )
-            req = convert.ConvertRequest.from_args(args)
-            outcome = convert.convert(req, Reporter(mode="lines"))
+            req = common.ConvertRequest.from_args(args)
+            outcome = engine_path.convert(req, Reporter(mode="lines"))
             if not a.no_verify and not a.no_baseline:
                 baseline = _sequential_baseline(
                     req, outcome.shards_dir, baseline_output, outcome.vllm_version

@@ -6,7 +6,7 @@
     python bench/engine_free.py --engine-max-gib 5  # the engine at 4 GiB too (~15 GiB)
     python bench/engine_free.py --no-s3           # local output only
 
-For each size, in the same run and on the same model (preshard.worker.tinymodel, bf16,
+For each size, in the same run and on the same model (preshard_dev.tinymodel, bf16,
 hidden 2048, 32 heads of 64, 8 KV heads, intermediate 5632, vocabulary 32000, as many
 layers as the size needs), each step in a fresh process whose wall time and peak memory
 are measured (peak of the SUM of the proportional set size of the process and all its
@@ -237,7 +237,7 @@ def engine_free_available(base: Path) -> str | None:
     conversion's manifest records ``convertedOn.engine: none``), else why not."""
     import importlib.util
 
-    from preshard.worker.tinymodel import make_tiny_llama
+    from preshard_dev.tinymodel import make_tiny_llama
 
     if importlib.util.find_spec("preshard.worker.planner") is None:
         # no probe then: an --engine flag without the planner would run the engine
@@ -276,7 +276,7 @@ def timed_copy(fn: Callable[[], None], what: str) -> Run:
 def run_size(
     size_gib: float, base: Path, server: object | None, engine_free: bool, engine: bool
 ) -> dict[str, Run]:
-    from preshard.worker.tinymodel import make_tiny_llama
+    from preshard_dev.tinymodel import make_tiny_llama
 
     layers = layers_for(int(size_gib * GiB))
     t0 = time.monotonic()

@@ -8,7 +8,7 @@ Measured, always: every rank's bytes (bf16 rank files vs pre-quantized FP8 rank 
 the same model, ``preshard convert --engine none`` with and without the method), and the
 time to read and deserialize each rank's files (``safetensors.torch.load_file`` after the
 page cache is dropped where permitted: what any loader must do at least). Measured where
-this machine has the kernels (``preshard.worker.kernels.probe_quantization``: the fp8
+this machine has the kernels (``preshard.worker.engine.kernels.probe_quantization``: the fp8
 checkpoint's linear kernel), by ``bench/serving.py``: ``vllm serve --load-format
 sharded_state`` of the FP8 shards next to the bf16 ones. Where the probe finds no kernel
 the bench prints the probe's reason verbatim and what it measured without an engine.
@@ -76,7 +76,7 @@ def read_seconds(ckpt: Path) -> list[float]:
 def fp8_reason(method: str) -> str | None:
     """Why this machine cannot serve ``method``'s pre-quantized shards (None: it can)."""
     from preshard.worker import fp8shards
-    from preshard.worker.kernels import probe_quantization
+    from preshard.worker.engine.kernels import probe_quantization
 
     return probe_quantization("fp8", fp8shards.SCHEMES[method].quantization_config())
 
@@ -97,7 +97,7 @@ def report(bf16: Path, fp8: Path, method: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from preshard.worker.tinymodel import make_tiny_llama
+    from preshard_dev.tinymodel import make_tiny_llama
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=4)

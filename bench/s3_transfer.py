@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker import publication
-from preshard.worker import s3 as s3mod
-from preshard.worker.download import Downloader, DownloadItem
-from preshard.worker.transfer import sha256_file
+from preshard.worker.store import publication
+from preshard.worker.store import s3 as s3mod
+from preshard.worker.store.download import Downloader, DownloadItem
+from preshard.worker.store.transfer import sha256_file
 from preshard_dev.s3server import RcloneS3, tool_path
 
 MiB = 2**20

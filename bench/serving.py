@@ -21,7 +21,7 @@ convert`` and published to ``rclone serve s3`` on 127.0.0.1, fetched back with
        gives (``preshard.core.serving``);
   (d)  preshard's pre-quantized FP8 shards (``convert --quantization fp8_per_block
        --engine none``, issue 21) from local disk, ``--load-format sharded_state``, where
-       this machine has the fp8 checkpoint's kernel (``preshard.worker.kernels``: the
+       this machine has the fp8 checkpoint's kernel (``preshard.worker.engine.kernels``: the
        probe's reason is printed where not; ``--no-fp8`` skips it). Its bytes per rank
        and the read + deserialize time of each rank's files are printed against (b)'s
        in every case (``bench/fp8_load.py``). (d) is a quantized model: its tokens are
@@ -58,9 +58,9 @@ from pathlib import Path
 from preshard.core.quantity import format_bytes
 from preshard.core.serving import serving_info
 from preshard.core.spec import parse_spec
-from preshard.worker.tinymodel import make_tiny_llama
-from preshard.worker.vllm_engine import cpu_env
+from preshard.worker.engine.cpu import cpu_env
 from preshard_dev.s3server import RcloneS3, free_port
+from preshard_dev.tinymodel import make_tiny_llama
 from preshard_dev.vllmclient import complete
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -5,7 +5,7 @@
     python bench/verify_against.py --model DIR --shards DIR   # an existing pair
 
 It writes a random Llama of at least 1 GiB (bf16, hidden 2048, ``BENCH_VERIFY_LAYERS``
-layers, default 10, vocabulary 32000; preshard.worker.tinymodel), converts it once at
+layers, default 10, vocabulary 32000; preshard_dev.tinymodel), converts it once at
 TP=2 with the real ``preshard convert`` (CPU vLLM, untimed here: bench/convert_stages.py
 measures that) and then times, each in a fresh process whose RSS high-water mark is read
 with ``getrusage(RUSAGE_CHILDREN)`` of a wrapper process:
@@ -82,7 +82,7 @@ def checkpoint_bytes(d: Path) -> tuple[int, int, str]:
 
 
 def make_pair(base: Path, layers: int) -> tuple[Path, Path]:
-    from preshard.worker.tinymodel import make_tiny_llama
+    from preshard_dev.tinymodel import make_tiny_llama
 
     model = make_tiny_llama(
         base / "model",

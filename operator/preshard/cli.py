@@ -22,18 +22,21 @@ from preshard.core import plan
 from preshard.core.contract import EXIT_FAILED, EXIT_PERMANENT, EXIT_USAGE
 from preshard.core.errors import PreshardError
 
+WORKER_RUNNER = "preshard.worker.commands.runner"
 # subcommand -> module with ``run(args: argparse.Namespace) -> int``
 COMMANDS = {
     "operator": "preshard.runner",
-    "convert": "preshard.worker.convert",
-    "fetch": "preshard.worker.commands",
-    "check": "preshard.worker.commands",
-    "verify": "preshard.worker.commands",
-    "purge": "preshard.worker.commands",
-    "preflight": "preshard.worker.adopt",
-    "adopt": "preshard.worker.adopt",
-    "copy": "preshard.worker.adopt",
-    "withdraw": "preshard.worker.adopt",
+    # the worker's commands: one runner (result, termination message, exit code), one
+    # module per command under preshard.worker.commands
+    "convert": WORKER_RUNNER,
+    "fetch": WORKER_RUNNER,
+    "check": WORKER_RUNNER,
+    "verify": WORKER_RUNNER,
+    "purge": WORKER_RUNNER,
+    "preflight": WORKER_RUNNER,
+    "adopt": WORKER_RUNNER,
+    "copy": WORKER_RUNNER,
+    "withdraw": WORKER_RUNNER,
     "render": "preshard.render",
 }
 

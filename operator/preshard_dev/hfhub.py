@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from preshard.worker.transfer import sha256_file
+from preshard.worker.store.transfer import sha256_file
 
 LFS_SUFFIXES = (
     ".safetensors",

@@ -241,7 +241,7 @@ class LocalStack:
 
     def seed_tiny_model(self, model_dir: Path, prefix: str = TINY_MODEL_PREFIX) -> str:
         """Generate the tiny Llama (once per directory) and upload it to the source bucket."""
-        from preshard.worker.tinymodel import make_tiny_llama
+        from preshard_dev.tinymodel import make_tiny_llama
 
         if not (model_dir / "config.json").exists():
             make_tiny_llama(model_dir, num_kv_heads=1)

@@ -129,10 +129,10 @@ def _fake_sharding(shards: Any, tp: int, pp: int) -> None:
 
 def convert(args: Any) -> int:
     from preshard.core.manifestfields import ConversionFacts, conversion_fields
-    from preshard.worker import publication, s3
-    from preshard.worker.convert import ConvertRequest
+    from preshard.worker.conversion.common import ConvertRequest
     from preshard.worker.progress import write_result
-    from preshard.worker.verify_shards import shard_pattern
+    from preshard.worker.store import publication, s3
+    from preshard.worker.verify.shards import shard_pattern
 
     reporter = _reporter()
     try:
@@ -152,13 +152,13 @@ def convert(args: Any) -> int:
                     reason="SourceNotFound",
                     permanent=True,
                 )
-            if req.plan.source_digest:  # the real worker's pin check (storage.fetch_source)
-                from preshard.worker import storage
+            if req.plan.source_digest:  # the real worker's pin check (store.fetch.fetch_source)
+                from preshard.worker.store import source_files
 
                 entries = s3.with_translation(
-                    lambda: storage.s3_entries(client, req.plan.source), str(req.plan.source)
+                    lambda: source_files.s3_entries(client, req.plan.source), str(req.plan.source)
                 )
-                storage.check_pin(str(req.plan.source), entries, req.plan.source_digest)
+                source_files.check_pin(str(req.plan.source), entries, req.plan.source_digest)
         delay = float(os.environ.get("PRESHARD_STANDIN_SECONDS", "0.5"))
         reporter.stage("Converting")
         time.sleep(delay)

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from preshard.core.estimate import estimate_memory, format_gib
-from preshard.worker.tinymodel import make_tiny_llama
 from preshard_dev.stack import LocalStack
+from preshard_dev.tinymodel import make_tiny_llama
 
 from .conftest import checkpoint_doc, ready_condition, seed_fake_source, wait_phase
 

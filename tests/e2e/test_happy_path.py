@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker.vllm_engine import EngineRequest, default_prompts, run_engine
+from preshard.worker.engine.process import EngineRequest, default_prompts, run_engine
 from preshard_dev.stack import ROOT, LocalStack
 
 from .conftest import cli, ready_condition, status_of

@@ -38,10 +38,10 @@ from typing import Any
 import pytest
 import yaml
 
-from preshard.worker.vllm_engine import (
+from preshard.worker.engine.process import (
     MAX_TOKENS as ENGINE_MAX_TOKENS,
 )
-from preshard.worker.vllm_engine import (
+from preshard.worker.engine.process import (
     EngineRequest,
     cpu_env,
     default_prompts,
@@ -56,7 +56,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 CHECKPOINT_EXAMPLE = ROOT / "examples" / "tiny-tp2.yaml"
 SERVING_EXAMPLE = ROOT / "examples" / "serving-deployment.yaml"
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
-# the reference engine's token count (preshard.worker.vllm_engine, 16 by default)
+# the reference engine's token count (preshard.worker.engine.process, 16 by default)
 MAX_TOKENS = ENGINE_MAX_TOKENS
 
 

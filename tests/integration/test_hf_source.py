@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from preshard.core.progress import ProgressRecord, Result, parse_progress_line
-from preshard.worker.storage import HF_PATTERNS
+from preshard.worker.store.hf import HF_PATTERNS
 from preshard_dev.hfhub import INVALID_CREDENTIALS, FakeHub
 
 TOKEN = "hf_preshardTestToken0123456789abcdef"
@@ -458,7 +458,7 @@ def test_the_stand_in_speaks_the_hub_protocol(hub: Hub) -> None:
 @pytest.mark.vllm
 def test_convert_from_the_hub_with_vllm(tmp_path: Path, hub: Hub) -> None:
     from preshard.core.manifest import MANIFEST_NAME, Manifest
-    from preshard.worker.tinymodel import make_tiny_llama
+    from preshard_dev.tinymodel import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "tiny-llama", num_kv_heads=2, seed=0)
     (model / "pytorch_model.bin").write_bytes(b"not fetched")
@@ -486,7 +486,7 @@ def test_convert_from_the_hub_with_vllm(tmp_path: Path, hub: Hub) -> None:
 
 
 def hf_pin(tmp_path: Path, hub: Hub, source: str, token: str | None = None) -> dict[str, Any]:
-    """The preflight's source findings for an hf:// source (worker.adopt._hf_source in a
+    """The preflight's source findings for an hf:// source (worker.commands.preflight._hf_source in a
     subprocess: huggingface_hub reads HF_ENDPOINT when it is imported)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
     env.update(hub.server.env(token=token, hf_home=tmp_path / "hf-home"))
@@ -495,7 +495,7 @@ def hf_pin(tmp_path: Path, hub: Hub, source: str, token: str | None = None) -> d
         "import json, sys\n"
         "from preshard.core.errors import PreshardError\n"
         "from preshard.core.uris import parse_uri\n"
-        "from preshard.worker.adopt import _hf_source\n"
+        "from preshard.worker.commands.preflight import _hf_source\n"
         "try:\n"
         "    rec, config = _hf_source(parse_uri(sys.argv[1]))\n"
         "    print(json.dumps({'source': rec, 'config': config}))\n"

@@ -14,8 +14,8 @@ import torch
 
 from preshard.core.errors import PreshardError
 from preshard.worker.sources import open_source
-from preshard.worker.tinymodel import make_tiny_model
 from preshard_dev.hfhub import FakeHub
+from preshard_dev.tinymodel import make_tiny_model
 
 TOKEN = "hf_sourceTestToken0123456789abcdef"
 

@@ -20,7 +20,7 @@ import botocore.exceptions
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker import publication
+from preshard.worker.store import publication
 from preshard_dev.faultproxy import FaultProxy
 from preshard_dev.s3server import MotoS3, RcloneS3, S3Server
 

@@ -20,9 +20,9 @@ import pytest
 
 from preshard.cli import build_parser
 from preshard.core.manifest import MANIFEST_NAME, Manifest
-from preshard.worker import convert as cv
 from preshard.worker import shardpublish
-from preshard.worker.tinymodel import make_tiny_model
+from preshard.worker.commands import runner
+from preshard_dev.tinymodel import make_tiny_model
 
 from .conftest import client_env, object_keys, read_object
 
@@ -63,7 +63,7 @@ def test_engine_none_s3_to_s3(
         ["convert", "--source", f"s3://{bucket}/src/", "-tp", "2", "--output", f"s3://{bucket}/out/",
          "--work-dir", str(work), "--max-file-size", "256Ki", "--owner", "ns/ef/uid", "--progress", "lines"]
     )  # fmt: skip
-    assert cv.run(args) == 0  # auto: the (stand-in) planner supports the model
+    assert runner.run(args) == 0  # auto: the (stand-in) planner supports the model
     stdout = capsys.readouterr().out
     assert "Planning" in stdout and "Converting" in stdout and "Uploading" in stdout
     man = Manifest.from_json(read_object(s3, bucket, "out/" + MANIFEST_NAME))
@@ -119,7 +119,7 @@ def test_engine_none_upload_failure_stops_the_writer(
             ["convert", "--source", str(model), "-tp", "2", "--output", f"s3://{bucket}/bad/",
              "--work-dir", str(tmp_path / "w"), "--max-file-size", "256Ki", "--engine", "none"]
         )  # fmt: skip
-        assert cv.run(args) == 3
+        assert runner.run(args) == 3
     result = json.loads((tmp_path / "term").read_text())
     assert result["reason"] == "AccessDenied" and "nothing was published" in result["message"]
     assert MANIFEST_NAME not in {k.removeprefix("bad/") for k in object_keys(s3, bucket, "bad/")}

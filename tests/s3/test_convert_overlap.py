@@ -1,7 +1,7 @@
 """``convert()`` uploads the rank files WHILE the engine verification runs, and writes the
 manifest only when every check passed; a failed check (or any error) aborts the upload.
 
-Real parts: the conversion pipeline (``preshard.worker.convert.convert``), the real
+Real parts: the conversion pipeline (``preshard.worker.conversion.engine_path.convert``), the real
 ``publication.Publication`` against a real S3 server on 127.0.0.1 (``rclone serve s3``, through
 the fault proxy, which records every request), the real file-level shard checks and the
 real progress reporter. Stood in (no vLLM here; a real-vLLM run of the whole path is
@@ -32,11 +32,13 @@ from preshard.core.manifest import MANIFEST_NAME, Manifest, build_manifest
 from preshard.core.plan import ConversionPlan, Layout
 from preshard.core.progress import Result, verification_status
 from preshard.core.uris import parse_output_uri, parse_uri
-from preshard.worker import convert as cv
-from preshard.worker import verify_against
-from preshard.worker.progress import Reporter
-from preshard.worker.records import Journal
-from preshard.worker.vllm_engine import EngineError, EngineOutcome, EngineRequest
+from preshard.worker.commands import runner
+from preshard.worker.conversion import common, engine_path
+from preshard.worker.conversion import result as conv_result
+from preshard.worker.engine.process import EngineError, EngineOutcome, EngineRequest
+from preshard.worker.progress import Reporter, Terminated
+from preshard.worker.store.records import Journal
+from preshard.worker.verify import against as verify_against
 from preshard_dev.faultproxy import FaultProxy
 from preshard_dev.s3server import RcloneS3
 
@@ -127,7 +129,7 @@ class FreeReport:
 def pipeline(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Engines]:
     def install(verify: Callable[[EngineRequest], EngineOutcome], **kw: Any) -> Engines:
         engines = Engines(verify, **kw)
-        monkeypatch.setattr(cv, "run_engine", engines)
+        monkeypatch.setattr(engine_path, "run_engine", engines)
         monkeypatch.setattr(
             verify_against,
             "write_sharding",
@@ -139,7 +141,7 @@ def pipeline(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Engines]:
     return install
 
 
-def request(tmp_path: Path, output: str, endpoint: str | None, **kw: Any) -> cv.ConvertRequest:
+def request(tmp_path: Path, output: str, endpoint: str | None, **kw: Any) -> common.ConvertRequest:
     src = tmp_path / "src"
     if not src.exists():
         fake_source(src)
@@ -150,7 +152,7 @@ def request(tmp_path: Path, output: str, endpoint: str | None, **kw: Any) -> cv.
         owner=OWNER,
         **kw,
     )
-    return cv.ConvertRequest(
+    return common.ConvertRequest(
         plan=plan, work_dir=tmp_path / "work", endpoint_url=endpoint, concurrency=4
     )
 
@@ -202,7 +204,7 @@ def test_the_upload_runs_while_the_engine_verifies_and_the_manifest_comes_last(
 
     engines = pipeline(verify)
     rep = reporter()
-    out = cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), rep)
+    out = engine_path.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), rep)
 
     assert engines.calls == ["convert", "verify"]
     # While the engine verified: every file uploaded, the record listing each key
@@ -246,7 +248,9 @@ def test_a_failed_verification_publishes_nothing_and_removes_what_was_uploaded(
 
     pipeline(verify)
     with pytest.raises(PreshardError) as err:
-        cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter())
+        engine_path.convert(
+            request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter()
+        )
     assert err.value.reason == "VerificationFailed" and err.value.permanent
     assert "nothing was published: removed the " in err.value.message
     assert RANKS[1] in err.value.message
@@ -279,7 +283,9 @@ def test_an_engine_that_cannot_load_the_shards_aborts_mid_upload(
 
     pipeline(verify, mib=40)
     with pytest.raises(PreshardError) as err:
-        cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter())
+        engine_path.convert(
+            request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter()
+        )
     assert err.value.reason == "VerificationFailed"
     assert "nothing was published" in err.value.message
     assert object_keys(s3_env, bucket, prefix) == set()
@@ -313,7 +319,9 @@ def test_another_owners_manifest_appearing_meanwhile_is_refused_and_kept(
 
     pipeline(verify)
     with pytest.raises(PreshardError) as err:
-        cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter())
+        engine_path.convert(
+            request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter()
+        )
     assert err.value.reason == "OutputOwnedByOther"
     assert "nothing was published: removed the 4 object(s)" in err.value.message
     assert "kept 1 that another manifest there refers to" in err.value.message
@@ -340,7 +348,9 @@ def test_a_transient_failure_leaves_the_upload_recorded_and_the_retry_reuses_it(
 
     pipeline(dies)
     with pytest.raises(PreshardError) as err:
-        cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter())
+        engine_path.convert(
+            request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter()
+        )
     assert not err.value.permanent  # the Job retries
     assert "are left unreferenced" in err.value.message
     assert PUBLICATION_RECORD_NAME in err.value.message
@@ -352,7 +362,9 @@ def test_a_transient_failure_leaves_the_upload_recorded_and_the_retry_reuses_it(
     # The retry (same bytes: a deterministic conversion) sends no file again.
     proxy.reset_stats()
     pipeline(lambda req: outcome())
-    out = cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter())
+    out = engine_path.convert(
+        request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter()
+    )
     assert set(uploads(proxy)) == {PUBLICATION_RECORD_NAME, MANIFEST_NAME}
     assert out.artifact["files"] == len(local_names())
     assert object_keys(s3_env, bucket, prefix) == want | {prefix + MANIFEST_NAME}
@@ -365,11 +377,13 @@ def test_termination_during_verification_removes_the_upload(
 
     def terminated(req: EngineRequest) -> EngineOutcome:
         wait_for(lambda: prefix + RANKS[0] in object_keys(s3_env, bucket, prefix), "the upload")
-        raise cv.Terminated()
+        raise Terminated()
 
     pipeline(terminated)
-    with pytest.raises(cv.Terminated) as err:
-        cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter())
+    with pytest.raises(Terminated) as err:
+        engine_path.convert(
+            request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter()
+        )
     assert err.value.note.startswith("removed the ")
     assert object_keys(s3_env, bucket, prefix) == set()
 
@@ -378,7 +392,7 @@ def test_no_verify_and_a_local_output_upload_as_before(tmp_path: Path, pipeline:
     engines = pipeline(lambda req: pytest.fail("no engine check with --no-verify"))
     out_dir = tmp_path / "out"
     rep = reporter()
-    out = cv.convert(request(tmp_path, str(out_dir), None, verify=False), rep)
+    out = engine_path.convert(request(tmp_path, str(out_dir), None, verify=False), rep)
     assert engines.calls == ["convert"]
     assert {p.name for p in out_dir.iterdir()} == local_names() | {MANIFEST_NAME}
     man = Manifest.from_json((out_dir / MANIFEST_NAME).read_text())
@@ -400,7 +414,7 @@ def test_a_failed_verification_removes_local_copies(tmp_path: Path, pipeline: An
 
     pipeline(verify)
     with pytest.raises(PreshardError) as err:
-        cv.convert(request(tmp_path, str(tmp_path / "out"), None), reporter())
+        engine_path.convert(request(tmp_path, str(tmp_path / "out"), None), reporter())
     assert started.is_set() and err.value.reason == "VerificationFailed"
     assert list((tmp_path / "out").iterdir()) == []
 
@@ -435,7 +449,7 @@ def test_the_result_carries_stages_and_the_verification_the_operator_reads(
             "lines",
         ]
     )
-    assert cv.run(args) == 0
+    assert runner.run(args) == 0
     result = Result.from_message(term.read_text())
     assert result is not None and result.result == "Succeeded"
     assert result.stages is not None
@@ -456,7 +470,7 @@ def test_the_result_carries_stages_and_the_verification_the_operator_reads(
 
 def test_verification_result_reports_a_failed_check_and_a_skipped_engine() -> None:
     free = FreeReport().summary()
-    got = cv.verification_result({"engineFree": free | {"matched": False}})
+    got = conv_result.verification_result({"engineFree": free | {"matched": False}})
     assert got["passed"] is False
     assert [c["passed"] for c in got["checks"]] == [False]
     assert got["summary"].endswith("; engine check skipped (--no-verify)")
@@ -474,6 +488,8 @@ def test_an_unexpected_error_removes_the_upload_and_says_so(
 
     pipeline(bug)
     with pytest.raises(RuntimeError) as err:
-        cv.convert(request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter())
+        engine_path.convert(
+            request(tmp_path, f"s3://{bucket}/{prefix}", proxy.endpoint), reporter()
+        )
     assert any(n.startswith("nothing was published: removed the ") for n in err.value.__notes__)
     assert object_keys(s3_env, bucket, prefix) == set()

@@ -15,8 +15,13 @@ from typing import Any
 import pytest
 
 from preshard.core.errors import PreshardError
-from preshard.worker import s3 as s3mod
-from preshard.worker.download import Downloader, DownloadItem, IntegrityError, SequentialHasher
+from preshard.worker.store import s3 as s3mod
+from preshard.worker.store.download import (
+    Downloader,
+    DownloadItem,
+    IntegrityError,
+    SequentialHasher,
+)
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3
 

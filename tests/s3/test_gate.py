@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker import publication
+from preshard.worker.store import publication
 from preshard_dev.s3server import RcloneS3
 
 from .conftest import (

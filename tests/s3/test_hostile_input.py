@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from preshard.core.errors import PreshardError
-from preshard.worker import publication, storage
+from preshard.worker.store import fetch, publication
 from preshard_dev.s3server import MotoS3, S3Server
 
 from .conftest import client_env, error_lines, run_cli
@@ -38,7 +38,7 @@ def test_a_symlink_out_of_a_pvc_source_is_refused(
     src = model_dir(tmp_path / "mnt" / "claim" / "llama")
     (src / "NOTICE.txt").symlink_to("/proc/self/environ")
     with pytest.raises(PreshardError) as err:
-        storage.fetch_source("pvc://claim/llama", tmp_path / "work")
+        fetch.fetch_source("pvc://claim/llama", tmp_path / "work")
     assert err.value.reason == "InvalidSource" and err.value.permanent
     assert "NOTICE.txt" in str(err.value) and "outside the source directory" in str(err.value)
     assert "environ-secret" not in str(err.value) + caplog.text
@@ -47,7 +47,7 @@ def test_a_symlink_out_of_a_pvc_source_is_refused(
     (tmp_path / "mnt" / "claim" / "secret.txt").write_text("other data")
     (src / "tokenizer.json").symlink_to("../secret.txt")
     with pytest.raises(PreshardError, match=r"tokenizer\.json"):
-        storage.fetch_source("pvc://claim/llama", tmp_path / "work")
+        fetch.fetch_source("pvc://claim/llama", tmp_path / "work")
 
 
 def test_a_pvc_path_that_is_itself_a_link_out_of_the_volume_is_refused(
@@ -58,7 +58,7 @@ def test_a_pvc_path_that_is_itself_a_link_out_of_the_volume_is_refused(
     (tmp_path / "mnt" / "claim").mkdir(parents=True)
     (tmp_path / "mnt" / "claim" / "llama").symlink_to(elsewhere)
     with pytest.raises(PreshardError) as err:
-        storage.fetch_source("pvc://claim/llama", tmp_path / "work")
+        fetch.fetch_source("pvc://claim/llama", tmp_path / "work")
     assert err.value.reason == "InvalidSource" and "outside" in str(err.value)
 
 
@@ -68,7 +68,7 @@ def test_the_preflight_digest_never_follows_a_link_out_of_the_source(
 ) -> None:
     """The preflight hashed (and so read) whatever a link in a PVC source
     pointed at; it now refuses it as convert does (one shared function)."""
-    from preshard.worker import adopt
+    from preshard.worker.commands import preflight as adopt
 
     monkeypatch.setenv("PRESHARD_PVC_MOUNT_ROOT", str(tmp_path / "mnt"))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environ-secret-value-1234")
@@ -116,7 +116,7 @@ def test_symlinks_inside_the_source_directory_are_resolved_and_used(
     (src / "blobs").mkdir()
     (src / "blobs" / "tok").write_text("{}")
     (src / "tokenizer.json").symlink_to("blobs/tok")
-    assert storage.fetch_source("pvc://claim/llama", tmp_path / "work") == src
+    assert fetch.fetch_source("pvc://claim/llama", tmp_path / "work") == src
 
 
 def test_publish_never_follows_a_link_out_of_the_directory(
@@ -158,7 +158,7 @@ def test_a_source_key_that_is_not_a_file_name_is_a_permanent_error(
     work = tmp_path / "work"
     work.mkdir()
     with pytest.raises(PreshardError) as err:
-        storage.fetch_source(f"s3://{bucket}/m1/", work / "source", endpoint_url=moto.endpoint)
+        fetch.fetch_source(f"s3://{bucket}/m1/", work / "source", endpoint_url=moto.endpoint)
     assert err.value.reason == "InvalidSource" and err.value.permanent
     assert len(str(err.value)) < 400
     # Nothing written anywhere: not the work dir, not next to it.
@@ -308,7 +308,7 @@ def test_s3_errors_are_scrubbed_of_every_credential(
 
 
 def test_scrub_removes_credentials_from_arbitrary_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    from preshard.worker.s3 import scrub
+    from preshard.worker.store.s3 import scrub
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
     text = (
@@ -383,7 +383,7 @@ def test_an_oversized_manifest_object_is_never_read_whole(
     s3: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     from preshard.core.manifest import MAX_MANIFEST_BYTES
-    from preshard.worker.records import read_bounded
+    from preshard.worker.store.records import read_bounded
 
     body = b" " * (MAX_MANIFEST_BYTES + 10 * 2**20) + _manifest(2)
     s3.client().put_object(Bucket=bucket, Key="big/preshard-manifest.json", Body=body)

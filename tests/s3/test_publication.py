@@ -15,11 +15,11 @@ import pytest
 from preshard.core.contract import PUBLICATION_RECORD_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, build_manifest
-from preshard.worker import publication as pubmod
 from preshard.worker.progress import Reporter
-from preshard.worker.publication import Publication
-from preshard.worker.records import Journal
-from preshard.worker.transfer import remote_sha256
+from preshard.worker.store import publication as pubmod
+from preshard.worker.store.publication import Publication
+from preshard.worker.store.records import Journal
+from preshard.worker.store.transfer import remote_sha256
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3
 
@@ -177,8 +177,8 @@ def test_abort_rewrites_the_record_to_what_this_owner_still_has(
     }
     # ... and a purge by this owner then finds everything it left.
     from preshard.core.uris import parse_uri
-    from preshard.worker import s3 as s3mod
-    from preshard.worker.commands import purge_prefix
+    from preshard.worker.commands.purge import purge_prefix
+    from preshard.worker.store import s3 as s3mod
 
     client = s3mod.make_client(s3mod.output_settings(s3_env.endpoint))
     purge_prefix(client, parse_uri(uri), OWNER)
@@ -240,7 +240,7 @@ def test_a_background_upload_runs_at_the_lowest_cpu_priority(
     and every transfer thread) run at niceness +19; a plain publish does not."""
     import threading
 
-    from preshard.worker import transfer
+    from preshard.worker.store import transfer, upload_handle
 
     seen: dict[str, int] = {}
     real = transfer.lower_priority
@@ -251,7 +251,7 @@ def test_a_background_upload_runs_at_the_lowest_cpu_priority(
         seen[threading.current_thread().name] = os.getpriority(os.PRIO_PROCESS, tid)
 
     monkeypatch.setattr(transfer, "lower_priority", spy)
-    monkeypatch.setattr(pubmod, "lower_priority", spy)
+    monkeypatch.setattr(upload_handle, "lower_priority", spy)
     pub = publication(checkpoint, f"s3://{bucket}/nice/", s3_env.endpoint).begin()
     pub.start(background=True).wait(timeout=60)
     assert seen.get("s3-upload") == 19

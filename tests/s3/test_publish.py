@@ -15,7 +15,7 @@ import pytest
 from preshard.core.contract import PUBLICATION_RECORD_NAME
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest
-from preshard.worker.transfer import remote_sha256
+from preshard.worker.store.transfer import remote_sha256
 from preshard_dev.faultproxy import FaultProxy, FaultRule
 from preshard_dev.s3server import RcloneS3
 
@@ -234,7 +234,12 @@ def test_killed_upload_resumes_and_purge_aborts_its_leftovers(
     proc = subprocess.Popen(
         [sys.executable, "-c", PUBLISH_SCRIPT, str(checkpoint.path), uri, proxy.endpoint],
         cwd=root,
-        env=os.environ | {"PYTHONPATH": str(root)},
+        env=os.environ
+        | {
+            "PYTHONPATH": os.pathsep.join(
+                [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+            )
+        },
     )
     try:
         deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from preshard.worker.sources.checkpoint import CheckpointSource, S3Reader, open_checkpoint
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 from preshard_dev.s3server import RcloneS3
 from tests.unit.test_worker_reshard_source import bits, make_checkpoint, original
 

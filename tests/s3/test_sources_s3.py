@@ -14,8 +14,8 @@ import torch
 from preshard.core.errors import PreshardError
 from preshard.worker.sources import open_source
 from preshard.worker.sources import s3 as s3_source
-from preshard.worker.tinymodel import make_tiny_model
 from preshard_dev.faultproxy import FaultProxy, FaultRule
+from preshard_dev.tinymodel import make_tiny_model
 
 from .conftest import client_env
 
@@ -111,13 +111,13 @@ def test_pinned_s3_source_reads_exactly_the_pinned_objects(
     its next read, whatever the server does with If-Match."""
     from preshard.core.identity import files_digest
     from preshard.core.uris import parse_uri
-    from preshard.worker import s3 as s3_client
-    from preshard.worker import storage
+    from preshard.worker.store import s3 as s3_client
+    from preshard.worker.store import source_files
 
     _env(monkeypatch, s3)
     uri = _upload(s3, bucket, model, prefix="pinned/")
     client = s3_client.make_client(s3_client.source_settings())
-    pin = files_digest(storage.s3_entries(client, parse_uri(uri)))
+    pin = files_digest(source_files.s3_entries(client, parse_uri(uri)))
     with pytest.raises(PreshardError) as err:
         open_source(uri, pin="sha256:" + "0" * 64)
     assert err.value.reason == "SourceChanged" and err.value.permanent
@@ -138,11 +138,11 @@ def test_pinned_local_source(model: Path, tmp_path: Path) -> None:
     import shutil
 
     from preshard.core.identity import files_digest
-    from preshard.worker import storage
+    from preshard.worker.store import source_files
 
     copy = tmp_path / "copy"
     shutil.copytree(model, copy)
-    pin = files_digest(storage.local_entries(copy))
+    pin = files_digest(source_files.local_entries(copy))
     open_source(str(copy), pin=pin).close()
     weights = next(p for p in sorted(copy.iterdir()) if p.suffix == ".safetensors")
     data = bytearray(weights.read_bytes())

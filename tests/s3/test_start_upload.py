@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from preshard.core.errors import PreshardError
-from preshard.worker import s3 as s3mod
-from preshard.worker.download import (
+from preshard.worker.store import s3 as s3mod
+from preshard.worker.store.download import (
     Downloader,
     DownloadItem,
     SequentialHasher,

@@ -16,8 +16,9 @@ import pytest
 from preshard.core.manifest import MANIFEST_NAME
 from preshard.core.preflight import parse_preflight
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
-from preshard.worker import adopt as ad
-from preshard.worker import s3 as s3mod
+from preshard.worker.commands import preflight as ad
+from preshard.worker.store import records
+from preshard.worker.store import s3 as s3mod
 from preshard_dev.s3server import MotoS3, RcloneS3
 
 from .conftest import (
@@ -159,7 +160,7 @@ def test_put_manifest_rereads_before_writing_on_a_server_that_ignores_if_match(
         Bucket=bucket, Key="ck/" + MANIFEST_NAME, Body=body.replace(b"uid-1", b"uid-9")
     )
     with pytest.raises(ad.PreshardError) as err:
-        ad.put_manifest(client, u, "{}", expect_body=body, expect_etag=None)
+        records.put_manifest(client, u, "{}", conditional=True, expect_body=body)
     assert err.value.reason == "OutputChanged"
     assert b"uid-9" in read_object(s3, bucket, "ck/" + MANIFEST_NAME)
 
@@ -172,10 +173,12 @@ def test_put_manifest_sends_if_match_and_a_server_that_honours_it_refuses(
     old_etag = client.head_object(Bucket=moto_bucket, Key="ck/" + MANIFEST_NAME)["ETag"]
     client.put_object(Bucket=moto_bucket, Key="ck/" + MANIFEST_NAME, Body=b"theirs")
     # the race the re-read cannot see: it still sees our bytes and our ETag
-    monkeypatch.setattr(ad, "_manifest_at", lambda *a: (None, b"ours", old_etag))
+    monkeypatch.setattr(records, "read_manifest_tagged", lambda *a: (None, b"ours", old_etag))
     u = ad.parse_uri(f"s3://{moto_bucket}/ck/")
     with pytest.raises(ad.PreshardError) as err:
-        ad.put_manifest(client, u, "{}", expect_body=b"ours", expect_etag=old_etag)
+        records.put_manifest(
+            client, u, "{}", conditional=True, expect_body=b"ours", expect_etag=old_etag
+        )
     assert err.value.reason == "OutputChanged"
     assert (
         client.get_object(Bucket=moto_bucket, Key="ck/" + MANIFEST_NAME)["Body"].read() == b"theirs"

@@ -23,9 +23,9 @@ from preshard.core.contract import PUBLICATION_RECORD_NAME
 from preshard.core.identity import files_digest
 from preshard.core.manifest import MANIFEST_NAME, Manifest
 from preshard.core.uris import parse_uri
-from preshard.worker import adopt as ad
-from preshard.worker import publication, storage
-from preshard.worker.records import Journal
+from preshard.worker.commands import preflight as ad
+from preshard.worker.store import fetch, publication, source_files
+from preshard.worker.store.records import Journal
 from preshard_dev.s3server import RcloneS3
 from tests.unit.test_worker_load_trace import _convert, _tamper
 
@@ -65,7 +65,7 @@ def copy_args(bucket: str, body: bytes, src: Path, *extra: str) -> list[str]:
     return [
         "copy", "--from", f"s3://{bucket}/x/", "--to", f"s3://{bucket}/c/", "--owner", C,
         "--expect-identity", ID, "--expect-manifest-sha256", hashlib.sha256(body).hexdigest(),
-        "--against", str(src), "--source-digest", files_digest(storage.local_entries(src)),
+        "--against", str(src), "--source-digest", files_digest(source_files.local_entries(src)),
         *extra,
     ]  # fmt: skip
 
@@ -263,13 +263,13 @@ def test_publishing_over_an_ownerless_manifest_never_deletes_what_it_lists(
 
 def test_fetch_source_refuses_a_local_source_that_changed(tmp_path: Path) -> None:
     src, _ = genuine(tmp_path)
-    pin = files_digest(storage.local_entries(src))
-    assert storage.fetch_source(str(src), tmp_path / "w", pin=pin) == src.resolve()
+    pin = files_digest(source_files.local_entries(src))
+    assert fetch.fetch_source(str(src), tmp_path / "w", pin=pin) == src.resolve()
     data = bytearray((src / "model.safetensors").read_bytes())
     data[-1] ^= 1  # same size, one bit
     (src / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(Exception) as exc:
-        storage.fetch_source(str(src), tmp_path / "w", pin=pin)
+        fetch.fetch_source(str(src), tmp_path / "w", pin=pin)
     assert getattr(exc.value, "reason", None) == "SourceChanged"
 
 
@@ -281,14 +281,14 @@ def test_fetch_source_refuses_an_s3_source_that_changed(
     for p in src.iterdir():
         c.put_object(Bucket=bucket, Key="src/" + p.name, Body=p.read_bytes())
     u = parse_uri(f"s3://{bucket}/src/")
-    pin = files_digest(storage.s3_entries(c, u))
-    got = storage.fetch_source(str(u), tmp_path / "w1", endpoint_url=s3.endpoint, pin=pin)
+    pin = files_digest(source_files.s3_entries(c, u))
+    got = fetch.fetch_source(str(u), tmp_path / "w1", endpoint_url=s3.endpoint, pin=pin)
     assert (got / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
     data = bytearray((src / "model.safetensors").read_bytes())
     data[-1] ^= 1
     c.put_object(Bucket=bucket, Key="src/model.safetensors", Body=bytes(data))
     with pytest.raises(Exception) as exc:
-        storage.fetch_source(str(u), tmp_path / "w2", endpoint_url=s3.endpoint, pin=pin)
+        fetch.fetch_source(str(u), tmp_path / "w2", endpoint_url=s3.endpoint, pin=pin)
     assert getattr(exc.value, "reason", None) == "SourceChanged"
     assert not (tmp_path / "w2" / "model.safetensors").exists()  # refused before reading
 
@@ -300,13 +300,13 @@ def test_convert_refuses_weights_swapped_after_the_preflight(
     before the conversion runs: ``convert --source-digest`` fails permanently
     (SourceChanged) before any engine, and publishes nothing."""
     from preshard.core.errors import PreshardError
-    from preshard.worker import convert as cv
+    from preshard.worker.conversion import engine_path
 
     from .test_convert_overlap import fake_source, reporter, request
 
     src = tmp_path / "src"
     fake_source(src)
-    pin = files_digest(storage.local_entries(src))
+    pin = files_digest(source_files.local_entries(src))
     weights = next(src.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1  # the swap: same names and sizes, other bytes
@@ -315,10 +315,37 @@ def test_convert_refuses_weights_swapped_after_the_preflight(
     def no_engine(*a: object, **k: object) -> None:
         raise AssertionError("the engine must not run")
 
-    monkeypatch.setattr(cv, "run_engine", no_engine)
+    monkeypatch.setattr(engine_path, "run_engine", no_engine)
     out = tmp_path / "out"
     req = request(tmp_path, str(out), None, source_digest=pin)
     with pytest.raises(PreshardError) as exc:
-        cv.convert(req, reporter())
+        engine_path.convert(req, reporter())
     assert exc.value.reason == "SourceChanged" and exc.value.permanent
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_verify_against_downloads_a_published_s3_checkpoint(
+    s3_env: RcloneS3, bucket: str, tmp_path: Path
+) -> None:
+    """``preshard verify --against SOURCE s3://...`` downloads the checkpoint (every file
+    sha256-checked, the manifest last) and then checks it against the sharding vLLM plans
+    from the source: this miniature checkpoint's tensors no vLLM model has, so the check
+    refuses it after the download, with one clear line (exit 3), never a traceback (the
+    download once went through ``fetch``'s command line and failed on its flags)."""
+    src, ckpt = genuine(tmp_path / "v")
+    publish_dir(s3_env, bucket, ckpt, "v/", X)
+    work = tmp_path / "work"
+    rc, _, out = run(
+        s3_env, tmp_path, "verify", "--against", str(src), "--work-dir", str(work),
+        f"s3://{bucket}/v/",
+    )  # fmt: skip
+    assert rc == 3, out
+    assert "Traceback" not in out and "unexpected error" not in out, out
+    [line] = [x for x in out.splitlines() if x.startswith("preshard: error:")]
+    # the download came first and is complete: every listed file, and the manifest last
+    man = Manifest.from_json((work / "checkpoint" / MANIFEST_NAME).read_bytes())
+    got = {p.name for p in (work / "checkpoint").iterdir()}
+    assert got == {f.key for f in man.files} | {MANIFEST_NAME}, (got, line)
+    assert man.files and all(
+        (work / "checkpoint" / f.key).read_bytes() == (ckpt / f.key).read_bytes() for f in man.files
+    )

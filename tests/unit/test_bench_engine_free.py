@@ -29,7 +29,7 @@ def test_model_bytes_equal_the_generated_model(bench: ModuleType, tmp_path: Path
     # the formula against a real (small-vocabulary) model of the same family
     from safetensors import safe_open
 
-    from preshard.worker.tinymodel import make_tiny_llama
+    from preshard_dev.tinymodel import make_tiny_llama
 
     model = make_tiny_llama(
         tmp_path / "m", hidden=bench.HIDDEN, heads=32, num_kv_heads=8, layers=1,

@@ -520,7 +520,7 @@ def _publish(s3: Any, tmp: Path, uri: str, tp: int, pp: int, monkeypatch: Any) -
     preshard's own publication.publish (manifest last); returns status.artifact."""
     import random
 
-    from preshard.worker import publication
+    from preshard.worker.store import publication
 
     for k, v in s3.env().items():
         monkeypatch.setenv(k, v)

@@ -1,7 +1,7 @@
 """preshard.core.estimate: the preflight memory estimate.
 
 The parameter count is checked against real checkpoints: the tiny Llama models of
-preshard.worker.tinymodel (tensor sizes read from their model.safetensors) and tiny
+preshard_dev.tinymodel (tensor sizes read from their model.safetensors) and tiny
 random models of other families built by transformers (their state dicts). One large
 config, Llama 3.1 70B, is written here and its estimate worked out by hand.
 """
@@ -24,7 +24,7 @@ from preshard.core.estimate import (
     format_gib,
     memory_shortfall,
 )
-from preshard.worker.tinymodel import make_tiny_llama
+from preshard_dev.tinymodel import make_tiny_llama
 
 
 def _safetensors_numel_and_bytes(path: Path) -> tuple[int, int]:

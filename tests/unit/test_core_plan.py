@@ -19,7 +19,7 @@ from preshard.core.plan import MAX_PARALLEL, ConversionPlan, Layout
 from preshard.core.serving import parallel_args
 from preshard.core.spec import parse_spec
 from preshard.core.uris import parse_output_uri
-from preshard.worker.convert import ConvertRequest
+from preshard.worker.conversion.common import ConvertRequest
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 UID = "6f1c2b9e-3d4a-4f5b-8c7d-0e1f2a3b4c5d"

@@ -17,8 +17,9 @@ from preshard.core.identity import SourcePin
 from preshard.core.preflight import Preflight, parse_preflight
 from preshard.core.spec import parse_spec
 from preshard.core.steps import conversion_refusal, cpu_kernel_refusal, next_step
-from preshard.worker import convert as cv
-from preshard.worker.vllm_engine import EngineError
+from preshard.worker.conversion import common, engine_path
+from preshard.worker.conversion import result as conv_result
+from preshard.worker.engine.process import EngineError
 
 PIN = SourcePin(None, "sha256:" + "1" * 64)
 LLAMA = {
@@ -78,8 +79,8 @@ def test_int8_weight_only_says_dense_layers_stay_unquantized() -> None:
     assert "only MoE" not in qz.online_note("int8_per_channel_weight_only", moe=True)
     assert "only MoE" not in qz.online_note("fp8_per_tensor", moe=False)
     assert "before quantization" in qz.online_note("fp8_per_tensor", moe=False)
-    assert cv._is_moe(LLAMA) is False
-    assert cv._is_moe({"num_local_experts": 8, "hidden_size": 8}) is True
+    assert common._is_moe(LLAMA) is False
+    assert common._is_moe({"num_local_experts": 8, "hidden_size": 8}) is True
 
 
 @pytest.mark.parametrize(
@@ -96,7 +97,7 @@ def test_int8_weight_only_says_dense_layers_stay_unquantized() -> None:
 )
 def test_a_quant_kernels_own_refusal_is_permanent(message: str, permanent: bool) -> None:
     assert qz.permanent_kernel_error(message) is permanent
-    err = cv._conversion_error(EngineError(message, stage="load", kind="RuntimeError"))
+    err = engine_path._conversion_error(EngineError(message, stage="load", kind="RuntimeError"))
     assert err.permanent is permanent
     if permanent:  # exit 3, never a retried exit 1
         assert err.reason == "UnsupportedQuantization" and message in err.message
@@ -179,19 +180,22 @@ def test_summary_says_the_quantized_engine_check_was_skipped_and_why() -> None:
             "probed": True,
         },
     }
-    s = cv.verification_result(no_kernel)["summary"]
+    s = conv_result.verification_result(no_kernel)["summary"]
     assert "engine check with fp8_per_tensor skipped: fp8_per_tensor has no kernel" in s
     assert "expected at most 0 argument(s)" in s and "before quantization" in s
     has_kernel = copy.deepcopy(no_kernel)
     has_kernel["quantization"]["kernel"] = None
-    s = cv.verification_result(has_kernel)["summary"]
+    s = conv_result.verification_result(has_kernel)["summary"]
     assert "kernel exists on this machine" in s and "no kernel" not in s
     unprobed = copy.deepcopy(no_kernel)
     unprobed["quantization"]["probed"] = False
-    assert "was not probed" in cv.verification_result(unprobed)["summary"]
+    assert "was not probed" in conv_result.verification_result(unprobed)["summary"]
     # a checkpoint method (not online) adds nothing
     plain = {**copy.deepcopy(base), "quantization": {"method": "fp8", "online": False}}
-    assert cv.verification_result(plain)["summary"] == cv.verification_result(base)["summary"]
+    assert (
+        conv_result.verification_result(plain)["summary"]
+        == conv_result.verification_result(base)["summary"]
+    )
 
 
 def test_the_raw_loader_refuses_to_save_under_an_online_method() -> None:
@@ -203,7 +207,7 @@ def test_the_raw_loader_refuses_to_save_under_an_online_method() -> None:
 
     import torch
 
-    from preshard.worker.vllm_raw_loader import _refuse_online_quantization
+    from preshard.worker.engine.raw_loader import _refuse_online_quantization
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[0].quant_method = types.SimpleNamespace(uses_meta_device=False)  # type: ignore[assignment]
@@ -220,7 +224,7 @@ def test_the_engine_converts_online_methods_without_them_and_refuses_missing_ker
     probe (the real one runs in tests/vllm/test_quantization_online.py)."""
     from preshard.core.errors import PreshardError
     from preshard.core.plan import ConversionPlan
-    from preshard.worker import kernels
+    from preshard.worker.engine import kernels
 
     asked: list[tuple[str | None, Any]] = []
 
@@ -229,29 +233,29 @@ def test_the_engine_converts_online_methods_without_them_and_refuses_missing_ker
         return NO_KERNEL
 
     monkeypatch.setattr(kernels, "probe_quantization", probe)
-    monkeypatch.setattr(cv, "on_cpu_backend", lambda: True)
+    monkeypatch.setattr(common, "on_cpu_backend", lambda: True)
 
     def request(q: str | None) -> Any:
         argv = ["--source", str(tmp_path), "--output", str(tmp_path / "out"), "-tp", "1"]
         plan = ConversionPlan.from_argv(argv + (["--quantization", q] if q else []))
-        return cv.ConvertRequest(plan=plan)
+        return common.ConvertRequest(plan=plan)
 
-    raw, record = cv.quantization_for_engine(request("fp8_per_tensor"), LLAMA)
+    raw, record = common.quantization_for_engine(request("fp8_per_tensor"), LLAMA)
     assert raw is None and record is not None
     assert record["kernel"] == NO_KERNEL and record["online"] and record["probed"]
-    raw, record = cv.quantization_for_engine(request("int8_per_channel_weight_only"), LLAMA)
+    raw, record = common.quantization_for_engine(request("int8_per_channel_weight_only"), LLAMA)
     assert raw is None and record is not None and "only MoE experts" in record["note"]
-    assert cv.quantization_for_engine(request(None), LLAMA) == (None, None)
+    assert common.quantization_for_engine(request(None), LLAMA) == (None, None)
     fp8_ckpt = {**LLAMA, "quantization_config": {"quant_method": "fp8", "activation_scheme": "x"}}
     with pytest.raises(PreshardError) as err:
-        cv.quantization_for_engine(request("fp8"), fp8_ckpt)
+        common.quantization_for_engine(request("fp8"), fp8_ckpt)
     assert err.value.permanent and err.value.reason == "UnsupportedQuantization"
     assert NO_KERNEL in err.value.message
     assert asked[-1] == ("fp8", fp8_ckpt["quantization_config"])  # the checkpoint's config
     # not the CPU backend: nothing probed, the method goes to the engine as asked
-    monkeypatch.setattr(cv, "on_cpu_backend", lambda: False)
+    monkeypatch.setattr(common, "on_cpu_backend", lambda: False)
     n = len(asked)
-    assert cv.quantization_for_engine(request("fp8"), fp8_ckpt)[0] == "fp8"
+    assert common.quantization_for_engine(request("fp8"), fp8_ckpt)[0] == "fp8"
     assert len(asked) == n
 
 

@@ -12,14 +12,14 @@ from preshard.cli import build_parser
 from preshard.core.errors import PreshardError, SpecError
 from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.core.plan import Layout
-from preshard.worker import convert as cv
+from preshard.worker.conversion import common, engine_path
 
 
 def parse(*argv: str):
     return build_parser().parse_args(["convert", *argv])
 
 
-def request(tmp_path: Path, *extra: str) -> cv.ConvertRequest:
+def request(tmp_path: Path, *extra: str) -> common.ConvertRequest:
     src = tmp_path / "src"
     src.mkdir(exist_ok=True)
     args = parse(
@@ -33,7 +33,7 @@ def request(tmp_path: Path, *extra: str) -> cv.ConvertRequest:
         str(tmp_path / "work"),
         *extra,
     )
-    return cv.ConvertRequest.from_args(args)
+    return common.ConvertRequest.from_args(args)
 
 
 def test_from_args_defaults(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_from_args_rejects(tmp_path: Path, extra, reason: str, message: str) -> 
 
 def test_from_args_uris(tmp_path: Path) -> None:
     def convert_args(source: str, output: str, work: str | None = None):
-        return cv.ConvertRequest.from_args(
+        return common.ConvertRequest.from_args(
             parse(
                 "--source",
                 source,
@@ -138,8 +138,8 @@ def write_model(d: Path, **cfg) -> Path:
 
 def test_read_model_config(tmp_path: Path) -> None:
     d = write_model(tmp_path / "m")
-    assert cv.read_model_config(d, "s3://b/m/")["num_attention_heads"] == 8
-    assert cv.weight_bytes(d) == 15
+    assert common.read_model_config(d, "s3://b/m/")["num_attention_heads"] == 8
+    assert common.weight_bytes(d) == 15
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_read_model_config_rejects(tmp_path: Path, setup: str, reason: str, mess
         (d / "config.json").write_text("{}")
         (d / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(PreshardError) as ei:
-        cv.read_model_config(d, "SRC")
+        common.read_model_config(d, "SRC")
     assert ei.value.reason == reason and ei.value.permanent
     assert message in ei.value.message
 
@@ -244,7 +244,7 @@ def test_copy_non_weight_files(tmp_path: Path) -> None:
     (src / "original" / "params.json").write_text("{}")
     dst = tmp_path / "dst"
     dst.mkdir()
-    copied = cv.copy_non_weight_files(src, dst)
+    copied = common.copy_non_weight_files(src, dst)
     expected = sorted(
         [
             "config.json",
@@ -271,15 +271,15 @@ def test_prepare_work_dir_cleans_partial_output_keeps_source(tmp_path: Path) -> 
     (work / "shards" / "model-rank-0-part-0.safetensors").write_bytes(b"partial")
     (work / "source").mkdir()
     (work / "source" / "model.safetensors").write_bytes(b"fetched")
-    shards = cv.prepare_work_dir(work)
+    shards = common.prepare_work_dir(work)
     assert shards == work / "shards" and list(shards.iterdir()) == []
     assert (work / "source" / "model.safetensors").read_bytes() == b"fetched"
-    fresh = cv.prepare_work_dir(tmp_path / "new" / "dir")
+    fresh = common.prepare_work_dir(tmp_path / "new" / "dir")
     assert fresh.is_dir()
 
 
 def test_manifest_fields(tmp_path: Path) -> None:
-    req = cv.ConvertRequest.from_args(
+    req = common.ConvertRequest.from_args(
         parse(
             "--source",
             "hf://org/model@abc",
@@ -322,7 +322,7 @@ def test_manifest_fields(tmp_path: Path) -> None:
     fields = conversion_fields(req.plan, ConversionFacts("0.32.0", platform="cpu", engine="none"))
     assert fields["converted_on"] == {"platform": "cpu", "engine": "none"}
     ident = "sha256:" + "ab" * 32
-    req2 = cv.ConvertRequest.from_args(
+    req2 = common.ConvertRequest.from_args(
         parse(
             "--source", "hf://org/model@abc", "-tp", "2", "--output", "s3://bucket-a/x/",
             "--work-dir", str(tmp_path), "--identity", ident,
@@ -334,28 +334,30 @@ def test_manifest_fields(tmp_path: Path) -> None:
 
 
 def test_engine_error_classification() -> None:
-    from preshard.worker.vllm_engine import EngineError
+    from preshard.worker.engine.process import EngineError
 
-    perm = cv._conversion_error(EngineError("ValueError: x", stage="load", kind="ValueError"))
+    perm = engine_path._conversion_error(
+        EngineError("ValueError: x", stage="load", kind="ValueError")
+    )
     assert perm.permanent and perm.reason == "ConversionFailed"
     assert perm.message == "vLLM cannot load the model at this configuration: ValueError: x"
-    oom = cv._conversion_error(EngineError("killed", stage="load", kind=""))
+    oom = engine_path._conversion_error(EngineError("killed", stage="load", kind=""))
     assert not oom.permanent
-    bad = cv._verification_error(
+    bad = engine_path._verification_error(
         EngineError("ValueError: Missing keys", stage="load", kind="ValueError")
     )
     assert bad.reason == "VerificationFailed" and bad.permanent
     assert "load_format=sharded_state failed: ValueError: Missing keys" in bad.message
-    died = cv._verification_error(EngineError("exited with code 9", stage="load"))
+    died = engine_path._verification_error(EngineError("exited with code 9", stage="load"))
     assert died.reason == "ConversionFailed" and not died.permanent
 
 
 def test_format_timings() -> None:
-    assert cv.format_timings({"download": 1.234, "total": 10}) == "download 1.2 s, total 10.0 s"
+    assert common.format_timings({"download": 1.234, "total": 10}) == "download 1.2 s, total 10.0 s"
 
 
 def test_a_pre_quantized_checkpoint_records_its_method(tmp_path: Path) -> None:
-    req = cv.ConvertRequest.from_args(
+    req = common.ConvertRequest.from_args(
         parse(
             "--source",
             "s3://models/x/",
@@ -367,8 +369,10 @@ def test_a_pre_quantized_checkpoint_records_its_method(tmp_path: Path) -> None:
             str(tmp_path),
         )
     )
-    assert cv.checkpoint_quantization({"quantization_config": {"quant_method": "gptq"}}) == "gptq"
-    assert cv.checkpoint_quantization({"quantization_config": "x"}) is None
-    assert cv.checkpoint_quantization({}) is None
+    assert (
+        common.checkpoint_quantization({"quantization_config": {"quant_method": "gptq"}}) == "gptq"
+    )
+    assert common.checkpoint_quantization({"quantization_config": "x"}) is None
+    assert common.checkpoint_quantization({}) is None
     fields = conversion_fields(req.plan, ConversionFacts("0.32.0", detected_quantization="gptq"))
     assert fields["quantization"] == "gptq"

@@ -1,7 +1,7 @@
 """The engine-free conversion against recorded real engine runs.
 
 ``tests/golden/engine-traces/<family>/`` holds, for three families of
-``preshard.worker.tinymodel`` (tied embeddings over a padded vocabulary with one KV head
+``preshard_dev.tinymodel`` (tied embeddings over a padded vocabulary with one KV head
 replicated; Mixtral-style MoE; Phi-3 with HF-fused qkv/gate_up from a float32 checkpoint
 converted to bfloat16), the per-rank traces the engine's ``preshard_raw`` loader wrote
 in a real ``preshard convert --engine vllm`` at TP=2 with ``--max-file-size 256Ki``, and
@@ -31,10 +31,11 @@ import pytest
 from preshard.cli import build_parser
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME, SHARDING_NAME, Manifest
-from preshard.worker import convert as cv
 from preshard.worker import shardwriter as sw
+from preshard.worker.commands import runner
+from preshard.worker.conversion import common
 from preshard.worker.sources import open_source
-from preshard.worker.tinymodel import make_tiny_model
+from preshard_dev.tinymodel import make_tiny_model
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "engine-traces"
 FAMILIES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
@@ -126,7 +127,7 @@ def planner_stand_in(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
 
 def _run(*argv: str) -> int:
-    return cv.run(build_parser().parse_args(["convert", *argv]))
+    return runner.run(build_parser().parse_args(["convert", *argv]))
 
 
 def test_convert_engine_none_publishes_the_engine_files(
@@ -198,7 +199,7 @@ def test_convert_auto_falls_back_to_the_engine_when_the_planner_declines(
     from preshard.worker import enginefree
 
     planner_stand_in["supports"] = "a derived write in model.layers.0.mlp (family X)"
-    req = cv.ConvertRequest.from_args(
+    req = common.ConvertRequest.from_args(
         build_parser().parse_args(
             [
                 "convert",
@@ -225,7 +226,7 @@ def test_convert_auto_falls_back_to_the_engine_when_the_planner_declines(
         "--engine auto: the planner plans the model",
         [{"rank": 0}],
     )
-    none = cv.ConvertRequest.from_args(
+    none = common.ConvertRequest.from_args(
         build_parser().parse_args(
             [
                 "convert",

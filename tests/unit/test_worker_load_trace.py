@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preshard.core.sharding import ShardingError, as_box, parse_document, placement_of
-from preshard.worker import verify_against as va
-from preshard.worker.load_trace import LoadTracer
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.engine.load_trace import LoadTracer
+from preshard.worker.verify import against as va
+from preshard.worker.verify.shards import VerificationFailed
 
 TP = 2
 HIDDEN, HEADS, HEAD = 8, 4, 2

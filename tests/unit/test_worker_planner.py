@@ -19,11 +19,11 @@ import torch
 from safetensors.torch import save_file
 
 from preshard.core.sharding import build_document, parse_document
-from preshard.worker.load_trace import LoadTracer, storage_key
+from preshard.worker.engine.load_trace import LoadTracer, storage_key
 from preshard.worker.planner.checkpoint import local_tensors
 from preshard.worker.planner.plan import PlannerUnsupported, check_complete, filter_subtensors
-from preshard.worker.verify_against import compare_with_plan
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.against import compare_with_plan
+from preshard.worker.verify.shards import VerificationFailed
 
 TP = 2
 SOURCE = {
@@ -243,7 +243,7 @@ def _checkpoint(tmp: Path) -> tuple[Path, Path, list[dict]]:
     tensors), their sharding metadata written as convert writes it, and the meta plan."""
     from safetensors.torch import load_file
 
-    from preshard.worker import verify_against as va
+    from preshard.worker.verify import against as va
 
     g = torch.Generator().manual_seed(0)
     src_dir, ckpt = tmp / "src", tmp / "ckpt"
@@ -291,7 +291,7 @@ def test_verify_against_a_plan_refuses_what_the_stored_file_lets_through(tmp_pat
     from safetensors.torch import load_file
 
     from preshard.core.manifest import SHARDING_NAME
-    from preshard.worker import verify_against as va
+    from preshard.worker.verify import against as va
 
     src, ckpt, plan = _checkpoint(tmp_path)
     planned = _sharding(plan)
@@ -316,7 +316,7 @@ def test_without_vllm_verify_refuses_rather_than_trust(
 ) -> None:
     import importlib.util
 
-    from preshard.worker import verify_against as va
+    from preshard.worker.verify import against as va
 
     real = importlib.util.find_spec
     monkeypatch.setattr(

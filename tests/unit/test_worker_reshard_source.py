@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from preshard.core.contract import MANIFEST_NAME, SHARDING_NAME
 from preshard.core.manifest import build_manifest
 from preshard.core.sharding import build_document
-from preshard.worker.load_trace import LoadTracer
+from preshard.worker.engine.load_trace import LoadTracer
 from preshard.worker.sources import TensorSource
 from preshard.worker.sources.checkpoint import (
     CheckpointSource,
@@ -30,7 +30,7 @@ from preshard.worker.sources.checkpoint import (
     open_checkpoint,
     resharded_from,
 )
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 TP = 2
 VOCAB, PADDED, HIDDEN, HEADS, INTER = 10, 12, 8, 2, 12

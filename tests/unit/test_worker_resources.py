@@ -11,8 +11,8 @@ import pytest
 
 from preshard.core.estimate import GiB, estimate_memory
 from preshard.worker import resources
-from preshard.worker import vllm_engine as ve
-from preshard.worker.tinymodel import make_tiny_llama
+from preshard.worker.engine import cpu as vcpu
+from preshard_dev.tinymodel import make_tiny_llama
 
 
 def _cgroup(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -59,9 +59,9 @@ def test_usable_cpus_cut_to_the_quota(tmp_path: Path) -> None:
 
 def test_omp_binding_follows_the_pod_cpus() -> None:
     # 2 ranks on a pod that may use 8 cores of a 64-core node: 4 cores each
-    assert ve.omp_threads_bind(2, list(range(8))) == "0,1,2,3|4,5,6,7"
+    assert vcpu.omp_threads_bind(2, list(range(8))) == "0,1,2,3|4,5,6,7"
     # not the test machine's "0|1"
-    assert ve.omp_threads_bind(2, [10, 11, 12]) == "10,11|12"
+    assert vcpu.omp_threads_bind(2, [10, 11, 12]) == "10,11|12"
 
 
 def test_kvcache_space_from_the_model_and_the_memory_limit() -> None:
@@ -74,29 +74,29 @@ def test_kvcache_space_from_the_model_and_the_memory_limit() -> None:
     }
     # TP=1: 2 (K,V) x 80 layers x 8 heads x 128 dims x 2 bytes x 512 tokens x 8 seqs
     # = 1_342_177_280 bytes = 1.25 GiB -> 2 GiB
-    assert ve.cpu_kvcache_space(1, config=llama70, tensor_parallel_size=1) == 2
+    assert vcpu.cpu_kvcache_space(1, config=llama70, tensor_parallel_size=1) == 2
     # TP=8: one KV head per rank -> 0.16 GiB -> the 1 GiB minimum
-    assert ve.cpu_kvcache_space(8, config=llama70, tensor_parallel_size=8) == 1
+    assert vcpu.cpu_kvcache_space(8, config=llama70, tensor_parallel_size=8) == 1
     # a small pod caps it: 10% of 8 GiB for one rank is 0.8 GiB -> the 1 GiB minimum
     assert (
-        ve.cpu_kvcache_space(1, config=llama70, tensor_parallel_size=1, memory_limit=8 * GiB) == 1
+        vcpu.cpu_kvcache_space(1, config=llama70, tensor_parallel_size=1, memory_limit=8 * GiB) == 1
     )
-    assert ve.cpu_kvcache_space(2) == 1
+    assert vcpu.cpu_kvcache_space(2) == 1
 
 
 def test_cpu_env_derives_from_the_pod_and_keeps_user_settings() -> None:
-    env = ve.cpu_env(2, {}, cpus=[0, 1, 2, 3], memory_limit=24 * GiB)
+    env = vcpu.cpu_env(2, {}, cpus=[0, 1, 2, 3], memory_limit=24 * GiB)
     assert env == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0,1|2,3"}
     user = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1|2-3"}
-    assert ve.cpu_env(2, user, cpus=[0, 1]) == {}
+    assert vcpu.cpu_env(2, user, cpus=[0, 1]) == {}
 
 
 def test_cpu_memory_utilization_is_the_rank_share_of_the_pod() -> None:
     # 2 ranks, a 32 GiB limit on a 128 GiB node: 32/128/2 x 0.9
-    assert ve.cpu_memory_utilization(2, memory_limit=32 * GiB, node_total=128 * GiB) == 0.1125
+    assert vcpu.cpu_memory_utilization(2, memory_limit=32 * GiB, node_total=128 * GiB) == 0.1125
     # no limit: the node's memory
-    assert ve.cpu_memory_utilization(1, memory_limit=None, node_total=128 * GiB) == 0.9
-    assert ve.cpu_memory_utilization(64, memory_limit=GiB, node_total=1024 * GiB) == 0.01
+    assert vcpu.cpu_memory_utilization(1, memory_limit=None, node_total=128 * GiB) == 0.9
+    assert vcpu.cpu_memory_utilization(64, memory_limit=GiB, node_total=1024 * GiB) == 0.01
 
 
 @pytest.fixture(scope="module")

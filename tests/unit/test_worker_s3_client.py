@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from preshard.worker import s3 as s3mod
+from preshard.worker.store import s3 as s3mod
 
 
 def credentials(client: object) -> tuple[str, str]:

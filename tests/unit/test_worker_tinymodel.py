@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from preshard.worker.tinymodel import make_tiny_llama
-from preshard.worker.verify_shards import read_safetensors_header
+from preshard.worker.verify.shards import read_safetensors_header
+from preshard_dev.tinymodel import make_tiny_llama
 
 
 def test_tiny_llama_with_tokenizer(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preshard.worker.tinymodel import (
+from preshard_dev.tinymodel import (
     FAMILIES,
     dequantize_gptq,
     gptq_pack,

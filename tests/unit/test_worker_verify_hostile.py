@@ -27,8 +27,8 @@ from safetensors.torch import save_file
 
 from preshard.core.manifest import MANIFEST_NAME, SHARDING_NAME, build_manifest
 from preshard.core.sharding import ShardingError, check_fill, check_region, parse_document
-from preshard.worker import verify_against as va
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify import against as va
+from preshard.worker.verify.shards import VerificationFailed
 
 RANK_FILE = "model-rank-0-part-0.safetensors"
 # The limit on the verifier's address space: torch alone maps about 1-1.5 GiB here; the

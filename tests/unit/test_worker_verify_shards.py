@@ -1,4 +1,4 @@
-"""File-level shard checks (preshard.worker.verify_shards) on synthetic safetensors files.
+"""File-level shard checks (preshard.worker.verify.shards) on synthetic safetensors files.
 
 Files are written with the real ``safetensors`` package (numpy backend), so the header
 parser is checked against the reference writer; malformed files are crafted by hand.
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from preshard.worker import verify_shards as vs
-from preshard.worker.verify_shards import VerificationFailed, check_shards, compare_tokens
+from preshard.worker.verify import shards as vs
+from preshard.worker.verify.shards import VerificationFailed, check_shards, compare_tokens
 
 LAYER = {
     "model.layers.0.self_attn.qkv_proj.weight": (6, 4),
@@ -203,7 +203,7 @@ def test_compare_tokens() -> None:
 PROMPTS = ["'a'", "'b'"]
 TOKENS = [[7, 9], [3, 3]]
 # Per prompt, per position: (token, log-probability) pairs, highest first (what
-# vllm_engine._top_logprobs returns), top-3.
+# engine.process._top_logprobs returns), top-3.
 LOGPROBS = (
     (((7, -0.5), (8, -1.25), (2, -3.0)), ((9, -0.75), (1, -1.5), (4, -2.0))),
     (((3, -0.1), (5, -2.5), (6, -4.0)), ((3, -0.2), (6, -2.25), (5, -2.3))),

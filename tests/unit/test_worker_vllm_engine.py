@@ -16,31 +16,33 @@ from pathlib import Path
 
 import pytest
 
-from preshard.worker import vllm_engine as ve
-from preshard.worker.vllm_engine import EngineError, EngineOutcome, EngineRequest, Prompt
+from preshard.worker.engine import cpu as vcpu
+from preshard.worker.engine import process as ve
+from preshard.worker.engine.process import EngineError, EngineOutcome, EngineRequest, Prompt
 
 
 def test_omp_threads_bind_splits_cpus() -> None:
-    assert ve.omp_threads_bind(1, [0, 1]) == "0,1"
-    assert ve.omp_threads_bind(2, [0, 1]) == "0|1"
-    assert ve.omp_threads_bind(2, [4, 5, 6, 7, 8]) == "4,5,6|7,8"
-    assert ve.omp_threads_bind(4, [0, 1]) == "0|1|0|1"  # fewer CPUs than workers: shared
-    assert ve.omp_threads_bind(3, [3]) == "3|3|3"
+    assert vcpu.omp_threads_bind(1, [0, 1]) == "0,1"
+    assert vcpu.omp_threads_bind(2, [0, 1]) == "0|1"
+    assert vcpu.omp_threads_bind(2, [4, 5, 6, 7, 8]) == "4,5,6|7,8"
+    assert vcpu.omp_threads_bind(4, [0, 1]) == "0|1|0|1"  # fewer CPUs than workers: shared
+    assert vcpu.omp_threads_bind(3, [3]) == "3|3|3"
     with pytest.raises(ValueError):
-        ve.omp_threads_bind(0, [0])
+        vcpu.omp_threads_bind(0, [0])
 
 
 def test_omp_threads_bind_defaults_to_affinity() -> None:
     cpus = sorted(os.sched_getaffinity(0))
-    assert ve.omp_threads_bind(1) == ",".join(map(str, cpus))
+    assert vcpu.omp_threads_bind(1) == ",".join(map(str, cpus))
 
 
 def test_cpu_env_keeps_user_settings() -> None:
-    env = ve.cpu_env(2, {})
+    env = vcpu.cpu_env(2, {})
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
     assert (
-        ve.cpu_env(2, {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1|2-3"}) == {}
+        vcpu.cpu_env(2, {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1|2-3"})
+        == {}
     )
 
 
@@ -50,8 +52,8 @@ def test_engine_kwargs_cpu_vs_other(tmp_path: Path) -> None:
     cpu = ve._engine_kwargs(req, is_cpu=True)
     assert cpu["enforce_eager"] is True
     # derived from the pod's memory (tests/unit/test_worker_resources.py)
-    assert cpu["gpu_memory_utilization"] == ve.cpu_memory_utilization(2)
-    assert cpu["max_model_len"] == ve.CPU_MAX_MODEL_LEN
+    assert cpu["gpu_memory_utilization"] == vcpu.cpu_memory_utilization(2)
+    assert cpu["max_model_len"] == vcpu.CPU_MAX_MODEL_LEN
     assert cpu["quantization"] == "fp8" and cpu["tensor_parallel_size"] == 2
     gpu = ve._engine_kwargs(req, is_cpu=False)
     # On GPUs vLLM's own defaults apply.
@@ -192,15 +194,17 @@ def test_run_engine_timeout_stops_the_whole_process_tree(tmp_path: Path) -> None
 
 SIGTERM_SCRIPT = """
 import signal, sys
-from preshard.worker import convert
-from preshard.worker.vllm_engine import EngineRequest, run_engine
+from preshard.worker.conversion import common
+from preshard.worker.commands import runner
+from preshard.worker.progress import Terminated
+from preshard.worker.engine.process import EngineRequest, run_engine
 from test_worker_vllm_engine import child_hangs_with_grandchild
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, convert._on_sigterm)
+    signal.signal(signal.SIGTERM, runner._on_sigterm)
     try:
         run_engine(EngineRequest(model=sys.argv[1]), target=child_hangs_with_grandchild)
-    except convert.Terminated:
+    except Terminated:
         print("TERMINATED", flush=True)
         sys.exit(143)
 """
@@ -212,7 +216,8 @@ def test_sigterm_stops_the_engine_tree(tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
     script = tmp_path / "term.py"
     script.write_text(SIGTERM_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.Popen(
         [sys.executable, str(script), str(pidfile)], stdout=subprocess.PIPE, text=True, env=env
     )

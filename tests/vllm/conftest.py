@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from preshard.core.progress import ProgressRecord, Result, parse_progress_line
-from preshard.worker.tinymodel import make_tiny_llama
+from preshard_dev.tinymodel import make_tiny_llama
 
 
 @dataclass
@@ -129,7 +129,7 @@ def read_json(path: Path) -> dict:
 
 @dataclass
 class InProcessRun:
-    outcome: Any  # preshard.worker.convert.ConvertOutcome
+    outcome: Any  # preshard.worker.conversion.common.ConvertOutcome
     server: Any  # preshard_dev.s3server.RcloneS3
     source: str
     output: str
@@ -153,10 +153,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 def converted_tp2(
     tiny_kv1_tied_model: Path, s3_server: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> InProcessRun:
-    """TP=2 from S3 to S3 through ``convert.convert`` in this process (the engines still
+    """TP=2 from S3 to S3 through ``engine_path.convert`` in this process (the engines still
     run in spawned children), so the test sees the reference and the reloaded tokens."""
     from preshard.cli import build_parser
-    from preshard.worker import convert
+    from preshard.worker.conversion import common, engine_path
     from preshard.worker.progress import Reporter
 
     s3_server.create_bucket("models")
@@ -190,7 +190,7 @@ def converted_tp2(
             ]
         )
         t0 = time.monotonic()
-        outcome = convert.convert(convert.ConvertRequest.from_args(args), Reporter(mode="lines"))
+        outcome = engine_path.convert(common.ConvertRequest.from_args(args), Reporter(mode="lines"))
     return InProcessRun(outcome, s3_server, source, output, time.monotonic() - t0)
 
 

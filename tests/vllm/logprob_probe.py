@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The engine core in this process: every prompt is queued before the first step, so
     # the reference and the reload run the same batches (no race over the engine core's
-    # socket; preshard's engine does the same, vllm_engine.ENV_V1_MULTIPROCESSING).
+    # socket; preshard's engine does the same, engine.process.ENV_V1_MULTIPROCESSING).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     rc = 0
     for out, model, load_format in jobs:

@@ -48,7 +48,7 @@ def _on_cpu(state: dict[str, Any]) -> dict[str, Any]:
     pointers tell what storage identity tells on meta)."""
     import torch
 
-    from preshard.worker.load_trace import storage_key
+    from preshard.worker.engine.load_trace import storage_key
 
     storages: dict[Any, Any] = {}
     out = {}

@@ -15,7 +15,7 @@ And a tampered shard (one element changed by its lowest bit, the manifest's sha2
 recomputed so the file checks pass) must fail ``verify --against`` (exit 3) naming the
 checkpoint tensor, the rank and the element.
 
-Families (preshard.worker.tinymodel.FAMILIES, plus a 4-bit GPTQ checkpoint written by
+Families (preshard_dev.tinymodel.FAMILIES, plus a 4-bit GPTQ checkpoint written by
 tinymodel.quantize_gptq): the default matrix is the smallest set that covers every
 feature the raw-shard save must handle (dense GQA, tied embeddings, padded vocabulary,
 KV-head replication, qkv bias, q/k norm, HF-fused qkv, two MoE families, GPTQ), several
@@ -47,8 +47,8 @@ from typing import Any
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
-from preshard.worker.verify_shards import LOGPROB_TOLERANCE
+from preshard.worker.verify.shards import LOGPROB_TOLERANCE
+from preshard_dev.tinymodel import FAMILIES, dequantize_gptq, make_tiny_model, quantize_gptq
 
 pytestmark = pytest.mark.vllm
 
@@ -645,7 +645,7 @@ def _planned_parts(saved: dict[str, Any], max_size: int | None) -> list[list[str
 
 def _engine_parts(out: Path, rank: int, tp: int, pp: int) -> list[dict[str, Any]]:
     """Each part file's safetensors header of ``rank``, in part order."""
-    from preshard.worker.verify_against import rank_files
+    from preshard.worker.verify.against import rank_files
 
     files = sorted(
         rank_files(out, rank, tp, pp), key=lambda p: int(p.name.rsplit("-", 1)[1].split(".")[0])

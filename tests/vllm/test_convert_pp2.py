@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from preshard.worker.verify_shards import check_shards, read_safetensors_header
-from preshard.worker.vllm_engine import EngineRequest, run_engine
+from preshard.worker.engine.process import EngineRequest, run_engine
+from preshard.worker.verify.shards import check_shards, read_safetensors_header
 
 pytestmark = pytest.mark.vllm
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from preshard.core.manifest import MANIFEST_NAME, Manifest
-from preshard.worker.verify_shards import check_shards
+from preshard.worker.verify.shards import check_shards
 
 pytestmark = pytest.mark.vllm
 

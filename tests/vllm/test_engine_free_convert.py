@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from preshard.worker import tinymodel
+from preshard_dev import tinymodel
 
 pytestmark = pytest.mark.vllm
 

@@ -9,7 +9,7 @@ code) and must give the same greedy tokens and top-5 log-probabilities (within
 ``LOGPROB_TOLERANCE``; the test prints whether they were bit-identical).
 
 Which kernels exist is a property of the machine, so the test PROBES them first with
-vLLM's own kernel chooser (``preshard.worker.kernels.probe_quantization``): the online
+vLLM's own kernel chooser (``preshard.worker.engine.kernels.probe_quantization``): the online
 method's linear kernel (the source's load) and the fp8 checkpoint's (the reload). Where
 either is missing, the case is skipped with the probe's reason, verbatim (vLLM 0.32's CPU
 build: ``fp8_per_tensor`` has no ``static_scaled_fp8_quant`` kernel anywhere;
@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 
 from preshard.worker import fp8shards
-from preshard.worker.kernels import probe_quantization
-from preshard.worker.tinymodel import make_tiny_model
+from preshard.worker.engine.kernels import probe_quantization
+from preshard_dev.tinymodel import make_tiny_model
 from tests.vllm.test_arch_matrix import _differences
 
 pytestmark = pytest.mark.vllm

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from preshard.core.manifest import MANIFEST_NAME
-from preshard.worker.tinymodel import make_tiny_model
+from preshard_dev.tinymodel import make_tiny_model
 
 pytestmark = pytest.mark.vllm
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from preshard.core.sharding import build_document, parse_document
-from preshard.worker.tinymodel import (
+from preshard_dev.tinymodel import (
     FAMILIES,
     make_tiny_fp8_block,
     make_tiny_model,

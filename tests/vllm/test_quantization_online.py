@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from preshard.worker.kernels import probe_quantization
+from preshard.worker.engine.kernels import probe_quantization
 from tests.vllm.conftest import CliRun, read_json, run_convert_cli
 
 pytestmark = pytest.mark.vllm
@@ -88,7 +88,7 @@ def test_online_fp8_converts_on_the_engine_path_never_exit_1(
 
 
 def test_online_fp8_summary_says_the_quantized_check_was_skipped(fp8_engine: CliRun) -> None:
-    from preshard.worker.convert import verification_result
+    from preshard.worker.conversion.result import verification_result
 
     man = read_json(fp8_engine.output / "preshard-manifest.json")
     summary = verification_result(man["verification"])["summary"]

@@ -25,7 +25,7 @@ from preshard.worker.sources.checkpoint import (
     open_checkpoint,
     resharded_from,
 )
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -170,7 +170,7 @@ def test_reshard_tp2_to_tp4_and_tp2_pp2_equals_planning_from_the_original(tmp_pa
     """Re-sharding a published TP=2 checkpoint (no original, no engine)
     gives the same rank files and sharding metadata (same names, same sha256) as planning
     TP=4 (and TP=2 x PP=2) from the original; the manifest records the origin."""
-    from preshard.worker.tinymodel import make_tiny_llama
+    from preshard_dev.tinymodel import make_tiny_llama
 
     model = make_tiny_llama(
         tmp_path / "model", hidden=256, heads=4, num_kv_heads=2, layers=2, tokenizer=False, seed=3

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.vllm
 
 def test_entry_point_is_registered() -> None:
     eps = importlib.metadata.entry_points(group="vllm.general_plugins")
-    assert "preshard.worker.vllm_plugin:register" in {ep.value for ep in eps}
+    assert "preshard.worker.engine.plugin:register" in {ep.value for ep in eps}
 
 
 def test_register_adds_the_raw_loader_and_nothing_else() -> None:
@@ -29,7 +29,7 @@ def test_register_adds_the_raw_loader_and_nothing_else() -> None:
     code = (
         "from vllm.model_executor import model_loader as ml\n"
         "before = set(ml._LOAD_FORMAT_TO_MODEL_LOADER)\n"
-        "from preshard.worker import vllm_plugin\n"
+        "from preshard.worker.engine import plugin as vllm_plugin\n"
         "vllm_plugin.register(); vllm_plugin.register()\n"
         "after = set(ml._LOAD_FORMAT_TO_MODEL_LOADER)\n"
         "from vllm.config.load import LoadConfig\n"
@@ -63,7 +63,7 @@ def test_vllm_cpu_backend_processing_changes_the_layout() -> None:
 def test_shard_patterns_match_vllm() -> None:
     from vllm.model_executor.model_loader import ShardedStateLoader
 
-    from preshard.worker import verify_shards
+    from preshard.worker.verify import shards as verify_shards
 
     assert verify_shards.shard_pattern(1) == ShardedStateLoader.TP_ONLY_PATTERN
     assert verify_shards.shard_pattern(2) == ShardedStateLoader.PP_AND_TP_PATTERN

@@ -72,7 +72,7 @@ GPU_RANK_OVERHEAD = 4 * GiB
 UPLOAD_BUFFERS = 16 * 32 * MiB
 SAFETY_DIVISOR = 10  # a 10 % margin on top (allocator fragmentation, page cache, Python)
 # The verification prompts need little KV cache: 8 sequences of at most 512 tokens
-# (the CPU defaults of preshard.worker.vllm_engine).
+# (the CPU defaults of preshard.worker.engine.cpu).
 KV_MAX_MODEL_LEN = 512
 KV_MAX_NUM_SEQS = 8
 MIN_KV_CACHE_GIB = 1

@@ -47,7 +47,7 @@ class Preflight:
     config: dict[str, Any] = field(default_factory=dict)
     # why config.json's numbers cannot be used (InvalidModelConfig), or None
     config_error: str | None = None
-    # the kernel probe on the node type that converts (worker.kernels): {method: None
+    # the kernel probe on the node type that converts (worker.engine.kernels): {method: None
     # (it has a kernel) | the kernel's own reason}; None: not probed (static fallback)
     kernels: dict[str, str | None] | None = None
 

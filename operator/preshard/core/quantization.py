@@ -8,7 +8,7 @@ after ``load_weights`` would capture those processed, kernel-specific tensors, s
 online method the conversion never quantizes: the raw per-rank files hold the weights
 before quantization (exactly what the same conversion without the method writes), the
 manifest and the serving arguments carry the method, and serving quantizes on its own
-hardware. Both the engine path (``worker.convert``) and the engine-free planner path
+hardware. Both the engine path (``worker.conversion``) and the engine-free planner path
 plan/convert with ``raw_plan_quantization(q)``.
 
 ``mxfp8`` and ``mxfp4`` are also checkpoint methods: vLLM treats ``--quantization

@@ -3,7 +3,7 @@
 The rank files of a raw checkpoint hold, for every rank, the parameters exactly as
 vLLM's weight loaders filled them. This file says, for every saved tensor of every rank,
 where each of its elements came from, as recorded from the loaders' own calls
-(``preshard.worker.load_trace``), in the spirit of vLLM's RFC on exposing per-parameter
+(``preshard.worker.engine.load_trace``), in the spirit of vLLM's RFC on exposing per-parameter
 sharding as DTensor metadata (``Shard(dim)``/``Replicate`` placements on the tp/pp mesh):
 
 * ``writes``: the exact record. Each write is ``copy`` (a strided region of one

@@ -51,7 +51,7 @@ from preshard.core.uris import StorageURI, check_endpoint, parse_output_uri, par
 # vLLM's CpuPlatform.supported_quantization is empty (it lets every method through and
 # fails later, inside the engine): preshard refuses these before a Job starts. This is
 # the static fallback: the preflight Job probes the spec's method on the node type that
-# converts (worker.kernels) and core.steps.cpu_kernel_refusal refuses what
+# converts (worker.engine.kernels) and core.steps.cpu_kernel_refusal refuses what
 # that probe finds no kernel for. The online shorthands (core.quantization, mxfp8
 # included over an unquantized checkpoint) need no kernel to convert: their rank files
 # are unquantized, so none of them is listed here.

@@ -116,8 +116,8 @@ def choose_engine(
 
 def plan_ranks(req: Any, source: Any, model_dir: Path) -> list[dict[str, Any]]:
     from preshard.core.quantization import raw_plan_quantization, unsupported_quantization
-    from preshard.worker import convert as cv
     from preshard.worker import planner  # type: ignore[attr-defined]
+    from preshard.worker.conversion import common as cv
 
     config = cv.read_config_json(model_dir, str(req.plan.source))
 
@@ -217,7 +217,7 @@ def convert_engine_free(
     convert.ConvertOutcome; raises PreshardError."""
     from preshard.core.contract import shard_pattern
     from preshard.core.sharding import ShardingError, build_document
-    from preshard.worker import convert as cv
+    from preshard.worker.conversion import common as cv
     from preshard.worker.shardpublish import StreamingPublication
 
     t_start = time.monotonic() - plan_seconds
@@ -345,7 +345,7 @@ def convert_engine_free(
         artifact = publication.commit(fields, reporter=reporter)
         timings["upload"] = time.monotonic() - t
     except BaseException as exc:
-        cv._abort_publication(publication, exc)
+        cv.abort_publication(publication, exc)
         raise
     timings["total"] = time.monotonic() - t_start
     log.info(

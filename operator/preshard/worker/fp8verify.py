@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.sharding import ShardingError, parse_document, unravel
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 
 def replan(source_dir: Path, manifest: Any, scheme: Any) -> list[dict[str, Any]]:
@@ -62,7 +62,7 @@ def verify_quantized(
     from preshard.core.sharding import build_document
     from preshard.worker import fp8shards, shardwriter
     from preshard.worker.sources import open_source
-    from preshard.worker.verify_against import _Files, compare_with_plan, load_sharding, rank_files
+    from preshard.worker.verify.against import _Files, compare_with_plan, load_sharding, rank_files
 
     t0 = time.monotonic()
     stored = load_sharding(checkpoint)

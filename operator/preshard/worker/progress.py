@@ -217,3 +217,10 @@ def write_result(result: Result) -> bool:
     except OSError as exc:
         log.warning("could not write the termination message to %s: %s", path, exc)
         return False
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (pod deletion, Job deadline, a user): stop engines and exit
+    (``commands.runner`` turns SIGTERM into it for the commands that ask)."""
+
+    note = ""  # what became of an upload in progress (the conversion sets it)

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.errors import PreshardError
-from preshard.worker.publication import LocalFile, Publication, UploadHandle, _copy_hashing
-from preshard.worker.transfer import UploadCancelled, UploadItem, remote_sha256
+from preshard.worker.store.publication import LocalFile, Publication, UploadHandle, _copy_hashing
+from preshard.worker.store.transfer import UploadCancelled, UploadItem, remote_sha256
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from preshard.worker.load_trace import storage_key
+from preshard.worker.engine.load_trace import storage_key
 
 _CONSTANT = {"zeros": 0, "zeros_like": 0, "ones": 1, "ones_like": 1}
 _FULL = {"full", "full_like"}

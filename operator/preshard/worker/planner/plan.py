@@ -3,7 +3,7 @@
 For each rank (``rank = pp_rank * tp + tp_rank``) the planner builds vLLM's model class
 for that rank on the meta device (``runtime``), runs vLLM's ``DefaultModelLoader.
 load_weights`` over shape-only (meta) checkpoint tensors in the order the source yields
-them, under ``preshard.worker.load_trace.LoadTracer``, and returns the very trace
+them, under ``preshard.worker.engine.load_trace.LoadTracer``, and returns the very trace
 document the engine's ``preshard_raw`` loader writes for that rank
 (``vllm_raw_loader.save_raw_state``): ``writes``, ``sources``, ``skippedSources``,
 ``aliases``, ``rank``, ``tpRank``, ``ppRank``, ``tensorParallelSize``,
@@ -176,7 +176,7 @@ def _plan_rank(
     from vllm.config import set_current_vllm_config
     from vllm.utils.torch_utils import set_default_torch_dtype
 
-    from preshard.worker.load_trace import LoadTracer
+    from preshard.worker.engine.load_trace import LoadTracer
     from preshard.worker.planner import runtime
     from preshard.worker.planner.initial import InitRecorder
 
@@ -283,7 +283,7 @@ def filter_subtensors(tensors: dict[str, Any]) -> dict[str, Any]:
     """vLLM's ``ShardedStateLoader._filter_subtensors`` (which tensors the rank files
     hold) computed from storage identities and offsets instead of data pointers, so that
     it gives the same answer on the meta device, where every pointer is 0."""
-    from preshard.worker.load_trace import storage_key
+    from preshard.worker.engine.load_trace import storage_key
 
     groups: dict[Any, list[tuple[str, Any]]] = collections.defaultdict(list)
     for key, tensor in tensors.items():

@@ -1,6 +1,6 @@
 """``verify --against`` without trusting the checkpoint: the sharding re-planned from the
 source with vLLM's own weight loaders, and the stored metadata compared with it
-(``preshard.worker.verify_against`` then replays the planned writes)."""
+(``preshard.worker.verify.against`` then replays the planned writes)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import SHARDING_NAME
 from preshard.core.sharding import Sharding, ShardingError, parse_document
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 
 def planned_sharding(

@@ -140,7 +140,8 @@ def _check_checkpoint_pin(u: Any, uri: str, pin: str, settings: dict[str, Any]) 
     """A published checkpoint read as a source is pinned as any source is (the
     preflight's digest of its top-level objects); its rank files are then held to its
     manifest, and on S3 each range to the hashed object's ETag."""
-    from preshard.worker import s3, storage
+    from preshard.worker.store import s3
+    from preshard.worker.store import source_files as storage
 
     if u.scheme == "s3":
         client = s3.make_client(

@@ -56,7 +56,7 @@ from preshard.core.manifest import Manifest, ManifestError, ManifestFile, manife
 from preshard.core.sharding import Sharding, ShardingError, numel, parse_document, unravel
 from preshard.core.uris import StorageURI, parse_uri
 from preshard.worker.sources import DTYPE_SIZES, TensorInfo
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 if TYPE_CHECKING:
     import torch
@@ -158,7 +158,7 @@ class S3Reader:
         self._etags: dict[str, str] = {}
 
     def _get(self, key: str, **kwargs: Any) -> Any:
-        from preshard.worker import s3
+        from preshard.worker.store import s3
 
         try:
             return self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key(key), **kwargs)
@@ -218,11 +218,11 @@ def reader_for(uri: str, *, endpoint_url: str | None = None, region: str | None 
     if u.scheme == "file":
         return LocalReader(Path(u.path))
     if u.scheme == "pvc":
-        from preshard.worker.storage import pvc_mount_root
+        from preshard.worker.store.source_files import pvc_mount_root
 
         return LocalReader(pvc_mount_root() / u.authority / u.path)
     if u.scheme == "s3":
-        from preshard.worker import s3
+        from preshard.worker.store import s3
 
         return S3Reader(u, s3.make_client(s3.source_settings(endpoint_url, region)))
     raise ReshardNotPossible(f"{uri}: a published checkpoint is an s3:// prefix or a directory")

@@ -51,7 +51,7 @@ class HfSource:
     def __init__(self, u: StorageURI, uri: str, pin: str | None = None) -> None:
         from huggingface_hub import HfApi
 
-        from preshard.worker import storage
+        from preshard.worker.store import hf as storage
 
         storage.quiet_hf_client()
         self.uri, self._u = uri, u
@@ -102,7 +102,7 @@ class HfSource:
         self._where, self._order = index_tensors(uri, ((name, headers(name)) for name in weights))
 
     def _error(self, exc: BaseException) -> BaseException:
-        from preshard.worker import storage
+        from preshard.worker.store import hf as storage
 
         err = storage.hf_error(exc, self.uri, self._u.revision, has_token=self._token is not None)
         return err if err is not None else exc

@@ -83,7 +83,7 @@ class LocalSource:
 
 @register_source("file", "pvc")
 def open_local(u: StorageURI, uri: str, *, pin: str | None = None, **_: Any) -> LocalSource:
-    from preshard.worker import storage
+    from preshard.worker.store import source_files as storage
 
     path = storage.local_source_dir(u, uri)  # the one reader of local sources' checks
     storage.check_model_dir(path, uri)

@@ -1,7 +1,7 @@
 """``s3://`` sources: headers and tensors by ranged GETs, never a whole weight file.
 
 The client, its retries (botocore's standard mode, ``AWS_MAX_ATTEMPTS``) and the
-credentials are ``preshard.worker.s3``'s, with the source's own settings
+credentials are ``preshard.worker.store.s3``'s, with the source's own settings
 (``s3.source_settings``: ``PRESHARD_SOURCE_*`` when set, else the output's), exactly as
 ``storage.fetch_source`` uses them. Listing is paginated and top-level only; object names
 are checked as the download checks them.
@@ -27,7 +27,6 @@ import botocore.exceptions
 from preshard.core.contract import OTHER_WEIGHT_SUFFIXES, SAFETENSORS_SUFFIX
 from preshard.core.errors import PreshardError
 from preshard.core.uris import StorageURI
-from preshard.worker import s3
 from preshard.worker.sources import TensorInfo, register_source
 from preshard.worker.sources.header import (
     INDEX_NAME,
@@ -37,6 +36,7 @@ from preshard.worker.sources.header import (
     to_tensor,
     weight_files,
 )
+from preshard.worker.store import s3
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class S3Source:
         self._concurrency = max(1, concurrency)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        from preshard.worker import storage
+        from preshard.worker.store import source_files as storage
 
         files = storage.list_source_files(client, u, uri)
         if pin is not None:
@@ -104,7 +104,7 @@ class S3Source:
                     Bucket=self._u.bucket, Key=key, Range=f"bytes={begin}-{end - 1}", **pinned
                 )
                 if self._pin is not None and str(resp.get("ETag", "")).strip('"') != etag:
-                    from preshard.worker import storage
+                    from preshard.worker.store import source_files as storage
 
                     raise storage.source_changed(self.uri, self._pin)
                 body = resp["Body"]

@@ -5,8 +5,8 @@ bytes object per read), write it into a preallocated ``.part`` file (``os.pwrite
 hash it as the bytes arrive (:class:`SequentialHasher`: in order, the contiguous
 prefix), check the sha256 against the manifest, and rename it into place atomically, so
 a file with its final name is always complete and verified. Retries, part sizing and the
-shared :class:`~preshard.worker.transfer.Transfer` base are
-:mod:`preshard.worker.transfer`'s.
+shared :class:`~preshard.worker.store.transfer.Transfer` base are
+:mod:`preshard.worker.store.transfer`'s.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 import botocore.exceptions
 
 from preshard.core.errors import PreshardError
-from preshard.worker.s3 import error_code, translate
-from preshard.worker.transfer import (
+from preshard.worker.store.s3 import error_code, translate
+from preshard.worker.store.transfer import (
     MiB,
     Transfer,
     part_size_for,

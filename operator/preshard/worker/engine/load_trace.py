@@ -15,7 +15,7 @@ any view a loader makes (``narrow``, ``chunk``, ``select``, ``t()``, ``view``, `
 is represented exactly, fused parameters (qkv, gate_up, w13) become several writes from
 several checkpoint tensors, and vocabulary padding appears as a fill. A verifier
 replays each write from the rank file and the source checkpoint and compares the values
-bit for bit (``preshard.worker.verify_against``).
+bit for bit (``preshard.worker.verify.against``).
 
 A write whose source is not a view of a checkpoint tensor (the loader computed it, e.g.
 dequantized or permuted with a copy) is recorded as ``derived`` with the checkpoint

@@ -7,7 +7,7 @@ entry point is declared in pyproject.toml.
 
 Registering a load format changes nothing for a vLLM that does not ask for it: a vLLM
 server that merely has preshard installed loads models exactly as before. The loader
-itself is ``preshard.worker.vllm_raw_loader``.
+itself is ``preshard.worker.engine.raw_loader``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,6 @@ log = logging.getLogger("vllm.preshard_plugin")
 
 def register() -> None:
     """The ``vllm.general_plugins`` entry point (may be called more than once)."""
-    from preshard.worker.vllm_raw_loader import register as register_loader
+    from preshard.worker.engine.raw_loader import register as register_loader
 
     register_loader()

@@ -12,7 +12,7 @@ same family always gives the same bytes. ``quantize_gptq(src, dest)`` turns a de
 checkpoint into a 4-bit GPTQ checkpoint (packed ``qweight``/``qzeros``/``scales``/
 ``g_idx``) that vLLM's CPU backend loads through its WNA16 kernels.
 
-Run as a script: ``python -m preshard.worker.tinymodel DEST [--kv-heads 1] [--tie]``,
+Run as a script: ``python -m preshard_dev.tinymodel DEST [--kv-heads 1] [--tie]``,
 ``--family NAME`` for a matrix family, ``--gptq`` to quantize it.
 """
 

@@ -17,7 +17,7 @@ an online method with no linear part (``int8_per_channel_weight_only``) probes t
 unquantized linear path, and a checkpoint method that gives a linear layer no method at
 all is reported as supported (nothing to ask).
 
-``python -m preshard.worker.kernels METHOD [QUANTIZATION_CONFIG_JSON]`` prints
+``python -m preshard.worker.engine.kernels METHOD [QUANTIZATION_CONFIG_JSON]`` prints
 ``{"method": ..., "reason": null|"..."}`` (what ``probe_quantization`` runs).
 """
 
@@ -49,7 +49,7 @@ def probe_quantization(
     run at all (no vLLM, a crash, a timeout) is reported as such, never as "supported"."""
     if not method:
         return None
-    cmd = [sys.executable, "-m", "preshard.worker.kernels", method]
+    cmd = [sys.executable, "-m", "preshard.worker.engine.kernels", method]
     if quantization_config:
         cmd.append(json.dumps(quantization_config))
     env = dict(os.environ)

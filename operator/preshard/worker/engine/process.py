@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import multiprocessing
 import os
 import re
@@ -35,14 +34,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from preshard.core.errors import PreshardError
-from preshard.core.estimate import (
-    KV_MAX_MODEL_LEN,
-    KV_MAX_NUM_SEQS,
-    MIN_KV_CACHE_GIB,
-    GiB,
-    kv_cache_gib,
+from preshard.worker.engine.cpu import (
+    CPU_MAX_MODEL_LEN,
+    CPU_MAX_NUM_SEQS,
+    cpu_env,
+    cpu_memory_utilization,
 )
-from preshard.worker import resources
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +51,23 @@ TEXT_PROMPTS = (
     "def fibonacci(n):",
     "Hello, my name is",
 )
-# Tokens generated per prompt for the reference/verification comparison, and the
-# top-k log-probabilities recorded at every position.
-MAX_TOKENS = int(os.environ.get("PRESHARD_VERIFY_TOKENS", "16"))
+# Tokens generated per prompt for the reference/verification comparison (default;
+# PRESHARD_VERIFY_TOKENS, read when a request is made), and the top-k log-probabilities
+# recorded at every position.
+MAX_TOKENS = 16
 TOP_LOGPROBS = 5
-DEFAULT_TIMEOUT = float(os.environ.get("PRESHARD_ENGINE_TIMEOUT", str(3 * 3600)))
-# CPU-only settings (vLLM's CPU backend). The verification prompts are short: the
-# engine needs room for CPU_MAX_NUM_SEQS sequences of CPU_MAX_MODEL_LEN tokens, which
-# is what preshard.core.estimate sizes the KV cache (VLLM_CPU_KVCACHE_SPACE) for.
-CPU_MAX_MODEL_LEN = KV_MAX_MODEL_LEN
-CPU_MAX_NUM_SEQS = KV_MAX_NUM_SEQS
-# --gpu-memory-utilization on CPU is the fraction of the NUMA node's memory a rank
-# reserves (vLLM uses it only when VLLM_CPU_KVCACHE_SPACE is unset): each rank gets its
-# share of the pod's memory limit (of the node without a limit), within these bounds.
-CPU_MEMORY_UTILIZATION_MIN = 0.01
-CPU_MEMORY_UTILIZATION_MAX = 0.9
-CPU_MEMORY_UTILIZATION_UNKNOWN = 0.2  # no /proc/meminfo: the value measured on a laptop
-# VLLM_CPU_KVCACHE_SPACE never takes more than this fraction of the pod's memory limit
-# (per rank: limit / world_size x fraction), and never less than 1 GiB.
-CPU_KVCACHE_MAX_FRACTION = 0.1
+# Wall-clock limit of one engine run (default; PRESHARD_ENGINE_TIMEOUT, read per run).
+DEFAULT_TIMEOUT = 3 * 3600.0
+
+
+def verify_tokens() -> int:
+    """Tokens generated per prompt: PRESHARD_VERIFY_TOKENS, else MAX_TOKENS."""
+    return int(os.environ.get("PRESHARD_VERIFY_TOKENS") or MAX_TOKENS)
+
+
+def engine_timeout() -> float:
+    """One engine run's wall-clock limit: PRESHARD_ENGINE_TIMEOUT, else DEFAULT_TIMEOUT."""
+    return float(os.environ.get("PRESHARD_ENGINE_TIMEOUT") or DEFAULT_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -105,7 +100,7 @@ class EngineRequest:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
     skip_tokenizer_init: bool = False
-    max_tokens: int = MAX_TOKENS
+    max_tokens: int = field(default_factory=verify_tokens)
     top_logprobs: int = TOP_LOGPROBS
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -153,89 +148,6 @@ def default_prompts(config: dict[str, Any], *, tokenizer: bool) -> tuple[Prompt,
     vocab = vocab if isinstance(vocab, int) and vocab > 16 else 32000
     seqs = ([1, 2, 3, 4, 5, 6, 7, 8], [100, 200, 300, 400], [11, 13, 17, 19, 23, 29])
     return tuple(Prompt(token_ids=tuple(3 + (i % (vocab - 3)) for i in s)) for s in seqs)
-
-
-def omp_threads_bind(world_size: int, cpus: list[int] | None = None) -> str:
-    """``VLLM_CPU_OMP_THREADS_BIND`` for ``world_size`` CPU ranks: the pod's usable CPUs
-    (affinity cut to the cgroup CPU quota, :func:`resources.usable_cpus`) split into
-    contiguous groups ("0|1" for two ranks on two CPUs, "0,1|2,3" for two on four); with
-    fewer CPUs than ranks, ranks share CPUs round-robin (the operator refuses a Job that
-    requests fewer cores than ranks)."""
-    if world_size < 1:
-        raise ValueError("world_size must be >= 1")
-    cpus = sorted(cpus) if cpus is not None else resources.usable_cpus()
-    cpus = cpus or [0]
-    if len(cpus) < world_size:
-        return "|".join(str(cpus[r % len(cpus)]) for r in range(world_size))
-    per, extra = divmod(len(cpus), world_size)
-    groups, start = [], 0
-    for r in range(world_size):
-        n = per + (1 if r < extra else 0)
-        groups.append(",".join(str(c) for c in cpus[start : start + n]))
-        start += n
-    return "|".join(groups)
-
-
-def cpu_kvcache_space(
-    world_size: int,
-    *,
-    config: dict[str, Any] | None = None,
-    tensor_parallel_size: int | None = None,
-    memory_limit: int | None = None,
-) -> int:
-    """``VLLM_CPU_KVCACHE_SPACE`` in GiB per rank: what the verification prompts need
-    for this model and layout (:func:`preshard.core.estimate.kv_cache_gib`; 1 GiB without
-    config.json), at most CPU_KVCACHE_MAX_FRACTION of the rank's share of the pod's
-    memory limit, at least 1 GiB."""
-    need = MIN_KV_CACHE_GIB
-    if config is not None:
-        tp = tensor_parallel_size or world_size
-        need = kv_cache_gib(config, tp, max(1, world_size // max(1, tp)))
-    if memory_limit is not None:
-        cap = math.floor(memory_limit / max(1, world_size) * CPU_KVCACHE_MAX_FRACTION / GiB)
-        need = min(need, max(MIN_KV_CACHE_GIB, cap))
-    return max(MIN_KV_CACHE_GIB, need)
-
-
-def cpu_memory_utilization(
-    world_size: int, *, memory_limit: int | None = None, node_total: int | None = None
-) -> float:
-    """``gpu_memory_utilization`` for a CPU rank: its share of the pod's memory limit (or
-    of the node) as a fraction of the node's memory, within the CPU_MEMORY_* bounds."""
-    node = node_total if node_total is not None else resources.node_memory()
-    limit = memory_limit if memory_limit is not None else resources.memory_limit()
-    if not node:
-        return CPU_MEMORY_UTILIZATION_UNKNOWN
-    pod = min(limit, node) if limit else node
-    share = pod / node / max(1, world_size) * CPU_MEMORY_UTILIZATION_MAX
-    return round(min(CPU_MEMORY_UTILIZATION_MAX, max(CPU_MEMORY_UTILIZATION_MIN, share)), 4)
-
-
-def cpu_env(
-    world_size: int,
-    environ: dict[str, str] | os._Environ[str],
-    *,
-    config: dict[str, Any] | None = None,
-    tensor_parallel_size: int | None = None,
-    cpus: list[int] | None = None,
-    memory_limit: int | None = None,
-) -> dict[str, str]:
-    """Environment defaults for vLLM's CPU backend, derived from the pod's resources
-    (usable CPUs, memory limit; read from the cgroup when not given); values the user set
-    are kept."""
-    limit = memory_limit if memory_limit is not None else resources.memory_limit()
-    wanted = {
-        "VLLM_CPU_KVCACHE_SPACE": str(
-            cpu_kvcache_space(
-                world_size,
-                config=config,
-                tensor_parallel_size=tensor_parallel_size,
-                memory_limit=limit,
-            )
-        ),
-        "VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(world_size, cpus),
-    }
-    return {k: v for k, v in wanted.items() if not environ.get(k)}
 
 
 # ----------------------------------------------------------------------------- child side
@@ -346,7 +258,7 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
     try:
         os.environ.update(req.extra_env)
         if req.save_dir is not None:
-            from preshard.worker import vllm_raw_loader as raw
+            from preshard.worker.engine import raw_loader as raw
 
             # Inherited by vLLM's worker processes, where the loader runs.
             os.environ[raw.ENV_SAVE_DIR] = req.save_dir
@@ -376,7 +288,7 @@ def _child_main(req: EngineRequest, conn: Connection) -> None:  # pragma: no cov
 
         kwargs = _engine_kwargs(req, is_cpu=is_cpu)
         if req.save_dir is not None:
-            from preshard.worker.vllm_raw_loader import LOAD_FORMAT, register
+            from preshard.worker.engine.raw_loader import LOAD_FORMAT, register
 
             register()  # this process (vLLM's own processes run the plugin entry point)
             kwargs["load_format"] = LOAD_FORMAT
@@ -497,7 +409,7 @@ def run_engine(
     ``target`` is the child's entry point (tests substitute a module-level function to
     exercise the process handling without vLLM).
     """
-    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+    timeout = engine_timeout() if timeout is None else timeout
     _quiet_resource_tracker()
     ctx = multiprocessing.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=False)

@@ -14,7 +14,7 @@ loaders have filled the parameters, and before ``BaseModelLoader.load_model`` ru
 ``load_weights``: stock ``sharded_state``/``runai_streamer_sharded`` copy them into the
 same parameters and process them on the serving hardware, whatever it is.
 
-While the loaders run, ``preshard.worker.load_trace`` records every write into a
+While the loaders run, ``preshard.worker.engine.load_trace`` records every write into a
 parameter; each rank writes that trace next to its files
 (``preshard-trace-rank-{rank}.json``), and the conversion merges the ranks' traces into
 the checkpoint's sharding metadata (``preshard.core.sharding``).
@@ -77,7 +77,7 @@ def register() -> None:
                 yield name, tensor
 
         def load_weights(self, model: Any, model_config: Any) -> None:
-            from preshard.worker.load_trace import LoadTracer
+            from preshard.worker.engine.load_trace import LoadTracer
 
             save_dir = os.environ.get(ENV_SAVE_DIR)
             if not save_dir:

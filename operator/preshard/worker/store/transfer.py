@@ -9,8 +9,8 @@ whose sha256 is not known yet is hashed in a small side pool just before its par
 queued, so hashing overlaps the transfer of the files before it. Each part is read once
 into a reused per-thread buffer that feeds both its MD5 and the request body.
 
-Downloads are :mod:`preshard.worker.download`'s; the background upload, the ownership
-rules and the manifest are ``preshard.worker.publication.Publication``'s.
+Downloads are :mod:`preshard.worker.store.download`'s; the background upload, the ownership
+rules and the manifest are ``preshard.worker.store.publication.Publication``'s.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import botocore.exceptions
 
 from preshard.core.errors import PreshardError
 from preshard.worker.progress import Reporter
-from preshard.worker.s3 import error_code, translate
+from preshard.worker.store.s3 import error_code, translate
 
 log = logging.getLogger(__name__)
 

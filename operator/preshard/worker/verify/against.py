@@ -20,7 +20,7 @@ Memory stays at about one source tensor, a few saved tensors and one boolean mas
 sources are read one at a time (safetensors memory-maps the files), saved tensors are
 read on demand with a small cache, and coverage is tracked per tensor.
 
-``preshard verify --against`` (``run_cli``) does not take the checkpoint's word for its
+``preshard verify --against`` (``commands.verify``) does not take the checkpoint's word for its
 sharding: it re-plans it from the source with vLLM's own weight loaders
 (``preshard.worker.planner``, no engine), refuses a stored ``preshard-sharding.json``
 that differs from the plan (``compare_with_plan``: a source tensor left out, a saved
@@ -35,10 +35,8 @@ check).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -48,7 +46,6 @@ from typing import Any
 
 from preshard.core.errors import PreshardError
 from preshard.core.manifest import SHARDING_NAME
-from preshard.core.quantization import raw_plan_quantization
 from preshard.core.sharding import (
     MAX_DOCUMENT_BYTES,
     Sharding,
@@ -58,7 +55,7 @@ from preshard.core.sharding import (
     unravel,
 )
 from preshard.worker.planner.verify import compare_with_plan, planned_sharding
-from preshard.worker.verify_shards import VerificationFailed
+from preshard.worker.verify.shards import VerificationFailed
 
 __all__ = ["compare_with_plan", "planned_sharding", "verify_against"]
 
@@ -467,177 +464,3 @@ def write_sharding(shards: Path) -> dict[str, Any]:
     for p in paths:
         p.unlink()
     return doc
-
-
-# ------------------------------------------------------------------------------ command
-
-
-def _local_checkpoint(path: Path) -> Path:
-    """A local checkpoint directory: every file the manifest lists, with its sha256."""
-    import hashlib
-
-    from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
-
-    man_path = path / MANIFEST_NAME
-    if not man_path.is_file():
-        raise PreshardError(
-            f"{path} has no {MANIFEST_NAME}: not a published checkpoint",
-            reason="ManifestNotFound",
-            permanent=True,
-        )
-    try:
-        manifest = Manifest.from_json(man_path.read_bytes())
-    except ManifestError as exc:
-        raise VerificationFailed(f"{MANIFEST_NAME}: {exc}") from None
-    for f in manifest.files:
-        p = path / f.key
-        if not p.is_file() or p.stat().st_size != f.size:
-            raise VerificationFailed(f"{f.key}: missing or not {f.size} bytes")
-        h = hashlib.sha256()
-        with p.open("rb") as fh:
-            while chunk := fh.read(8 * 2**20):
-                h.update(chunk)
-        if h.hexdigest() != f.sha256:
-            raise VerificationFailed(f"{f.key}: sha256 does not match the manifest")
-    return path
-
-
-def _declared_quantization(source_dir: Path) -> str | None:
-    """The method the source's config.json declares (None: none, or unreadable)."""
-    try:
-        config = json.loads((Path(source_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
-    return method if isinstance(method, str) and method else None
-
-
-def _read_manifest(path: Path) -> Any:
-    from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
-
-    try:
-        return Manifest.from_json((path / MANIFEST_NAME).read_bytes())
-    except (OSError, ManifestError) as exc:
-        raise VerificationFailed(f"{MANIFEST_NAME}: {exc}") from None
-
-
-def run_cli(args: Any) -> int:
-    """``preshard verify --against SOURCE URI``: the engine-free check of a published
-    checkpoint (s3:// prefix or local directory) against any source ``convert`` accepts.
-    Remote files are downloaded (and sha256-checked) into ``--work-dir``; memory stays
-    bounded by the largest tensor. The checkpoint's own ``preshard-sharding.json`` is not
-    trusted: the sharding is re-planned from the source at the manifest's TP x PP, dtype
-    and quantization with the installed vLLM's weight loaders (``planned_sharding``), the
-    stored metadata must equal it, and the planned writes are replayed."""
-    import argparse
-    import shutil
-    import tempfile
-
-    from preshard.core.uris import parse_uri
-
-    assert isinstance(args, argparse.Namespace)
-    work_root = (
-        Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="preshard-verify-"))
-    )
-    work_root.mkdir(parents=True, exist_ok=True)
-    try:
-        target = parse_uri(args.uri, allow_local=True)
-        if target.scheme == "file":
-            ckpt = _local_checkpoint(Path(target.path))
-        else:
-            from preshard.worker import commands
-
-            fetch_args = argparse.Namespace(**vars(args))
-            fetch_args.source, fetch_args.dest, fetch_args.rank = (
-                args.uri,
-                str(work_root / "checkpoint"),
-                None,
-            )
-            fetch_args.progress = "lines"
-            with contextlib.redirect_stdout(sys.stderr):
-                commands.fetch(fetch_args)
-            ckpt = work_root / "checkpoint"
-        from preshard.worker import storage
-
-        source_dir = Path(
-            storage.fetch_source(
-                args.against,
-                work_root / "source",
-                endpoint_url=getattr(args, "source_endpoint_url", None) or args.endpoint_url,
-                region=args.region,
-                concurrency=args.concurrency,
-            )
-        )
-        try:
-            t0 = time.monotonic()
-            manifest = _read_manifest(ckpt)
-            from preshard.worker import fp8verify
-
-            scheme = fp8verify.scheme_of(manifest)
-            if scheme is not None:  # pre-quantized FP8 shards: recomputed, bit for bit
-                summary = fp8verify.verify_quantized(
-                    source_dir, ckpt, fp8verify.replan(source_dir, manifest, scheme)
-                )
-                if args.json:
-                    print(
-                        json.dumps(
-                            {"uri": args.uri, "against": args.against, "ok": True, **summary},
-                            indent=2,
-                        )
-                    )
-                else:
-                    print(
-                        f"checkpoint {args.uri} against {args.against}: OK (FP8 "
-                        f"{scheme.name} shards re-planned by vLLM and recomputed)"
-                    )
-                    print(
-                        f"  {summary['checkedTensors']} tensors ({summary['quantizedTensors']}"
-                        f" FP8 weights and scales) equal bit for bit in {summary['seconds']} s"
-                    )
-                return 0
-            report = verify_against(
-                source_dir,
-                ckpt,
-                allow_derived=args.allow_derived,
-                plan=lambda: planned_sharding(
-                    source_dir,
-                    tp=manifest.tensor_parallel_size,
-                    pp=manifest.pipeline_parallel_size,
-                    dtype=manifest.dtype,
-                    # an online method's rank files are the unquantized weights
-                    quantization=raw_plan_quantization(
-                        manifest.quantization, _declared_quantization(source_dir)
-                    ),
-                ),
-            )
-            report.seconds = time.monotonic() - t0
-        except PreshardError as exc:
-            if args.json:  # the report too, then the error (exit 3) as every command
-                print(
-                    json.dumps(
-                        {
-                            "uri": args.uri,
-                            "against": args.against,
-                            "ok": False,
-                            "reason": exc.reason,
-                            "error": exc.message,
-                        },
-                        indent=2,
-                    )
-                )
-            raise
-    finally:
-        if not args.work_dir:
-            shutil.rmtree(work_root, ignore_errors=True)
-    if args.json:
-        print(
-            json.dumps(
-                {"uri": args.uri, "against": args.against, "ok": True, **report.summary()},
-                indent=2,
-            )
-        )
-    else:
-        print(f"checkpoint {args.uri} against {args.against}: OK (sharding re-planned by vLLM)")
-        print(f"  {report.describe()} in {report.seconds:.1f} s")
-    return 0

@@ -7,8 +7,8 @@ them bounded (:func:`read_bounded`: never a whole large object, a body damaged o
 way read again), writes them with their sha256 in the metadata, deletes keys, and
 decides whether an owner may write at a prefix (:func:`check_own` for the prefix itself,
 :func:`check_neighbours` for checkpoints below or above it). The one publication path
-(:class:`~preshard.worker.publication.Publication`), ``preshard purge`` and the
-reuse commands (adopt, copy, withdraw) all go through it.
+(:class:`~preshard.worker.store.publication.Publication`), ``preshard purge`` and the
+step commands (adopt, copy, withdraw) all go through it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from preshard.core.manifest import (
     ManifestError,
 )
 from preshard.core.uris import StorageURI
-from preshard.worker import s3
-from preshard.worker.transfer import with_retries
+from preshard.worker.store import s3
+from preshard.worker.store.transfer import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +277,67 @@ def delete_one(client: Any, u: StorageURI, name: str, what: str) -> None:
     )
 
 
-def put_manifest(client: Any, u: StorageURI, text: str) -> None:
-    _put_record(client, u, MANIFEST_NAME, text.encode(), "put manifest")
+def put_manifest(
+    client: Any,
+    u: StorageURI,
+    text: str,
+    *,
+    conditional: bool = False,
+    expect_body: bytes | None = None,
+    expect_etag: str | None = None,
+) -> None:
+    """Write the manifest (the one writer of it). A publication writes it last, after
+    its own ownership checks (``conditional=False``). ``conditional``: the step commands
+    replace a manifest they verified (``expect_body``; None: there must be none): it is
+    re-read and compared right before the write, then PUT with If-Match on the ETag
+    read (If-None-Match: * for a new one); OutputChanged (permanent, nothing written)
+    when it changed. ``expect_etag`` is what the caller read (the re-read's is sent)."""
+    if not conditional:
+        _put_record(client, u, MANIFEST_NAME, text.encode(), "put manifest")
+        return
+    uri = str(u)
+    key = u.key(MANIFEST_NAME)
+    now = read_manifest_tagged(client, u.bucket, key, uri)
+    now_body = now[1] if now is not None else None
+    if now_body != expect_body:
+        raise PreshardError(
+            f"the manifest of {uri} changed while this Job ran; nothing was written",
+            reason="OutputChanged",
+            permanent=True,
+        )
+    body = text.encode()
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 - Content-MD5
+    cond: dict[str, str] = {}
+    if expect_body is None:
+        cond["IfNoneMatch"] = "*"
+    elif now is not None and now[2]:
+        cond["IfMatch"] = str(now[2])
+
+    def put(**extra: str) -> Any:
+        return client.put_object(
+            Bucket=u.bucket,
+            Key=key,
+            Body=body,
+            ContentMD5=md5,
+            ContentType="application/json",
+            Metadata={"sha256": hashlib.sha256(body).hexdigest()},
+            **extra,
+        )
+
+    try:
+        with_retries(lambda: put(**cond), "put manifest")
+    except botocore.exceptions.ClientError as exc:
+        code = s3.error_code(exc)
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            raise PreshardError(
+                f"the manifest of {uri} changed while this Job ran; nothing was written",
+                reason="OutputChanged",
+                permanent=True,
+            ) from None
+        if code in ("NotImplemented", "501") and cond:
+            with_retries(put, "put manifest")  # a server without conditional writes
+        else:
+            raise s3.translate(exc, uri, "write the manifest of") from None
 
 
 def _put_record(client: Any, u: StorageURI, name: str, body: bytes, what: str) -> None:

@@ -21,6 +21,10 @@ from botocore.config import Config
 from preshard.core.errors import PreshardError
 from preshard.core.uris import check_endpoint
 
+# The one botocore error the layers above the store catch (a missing object, a refused
+# precondition: ``is_not_found``, ``error_code``); only the store imports botocore.
+ClientError = botocore.exceptions.ClientError
+
 SOURCE_PREFIX = "PRESHARD_SOURCE_"
 # Environment variables whose values are credentials (scrubbed from every message).
 SECRET_ENV = (
