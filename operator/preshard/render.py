@@ -29,7 +29,7 @@ from preshard.core.children.conversion import build_conversion_job
 from preshard.core.children.pod import accelerator
 from preshard.core.children.purge import build_purge_job
 from preshard.core.config import OperatorConfig
-from preshard.core.errors import PreshardError, SpecError
+from preshard.core.errors import InvalidInput, SpecError
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
@@ -155,9 +155,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             text, label = Path(args.file).read_text(), args.file
         except OSError as exc:
-            raise PreshardError(
-                f"cannot read {args.file}: {exc.strerror}", reason="InvalidInput", permanent=True
-            ) from None
+            raise InvalidInput(f"cannot read {args.file}: {exc.strerror}") from None
     model_config = None
     if getattr(args, "model_config", None):
         import json
@@ -165,20 +163,14 @@ def run(args: argparse.Namespace) -> int:
         try:
             model_config = json.loads(Path(args.model_config).read_text())
         except OSError as exc:
-            raise PreshardError(
+            raise InvalidInput(
                 f"cannot read {args.model_config}: {exc.strerror}",
-                reason="InvalidInput",
-                permanent=True,
             ) from None
         except ValueError:
-            raise PreshardError(
-                f"{args.model_config} is not valid JSON", reason="InvalidInput", permanent=True
-            ) from None
+            raise InvalidInput(f"{args.model_config} is not valid JSON") from None
         if not isinstance(model_config, dict):
-            raise PreshardError(
+            raise InvalidInput(
                 f"{args.model_config} is not a config.json object",
-                reason="InvalidInput",
-                permanent=True,
             )
     render(
         text,

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from preshard.core.config import OperatorConfig
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidConfig, NoKubeconfig
 
 log = logging.getLogger(__name__)
 # kopf's thread pool for our (sync) handlers; the Kubernetes client keeps as many
@@ -21,9 +21,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     try:
         config = OperatorConfig.from_env(dict(os.environ if env is None else env))
     except ValueError as exc:
-        raise PreshardError(
-            f"invalid operator configuration: {exc}", reason="InvalidConfig", permanent=True
-        ) from None
+        raise InvalidConfig(f"invalid operator configuration: {exc}") from None
     namespaces = tuple(args.namespace or ()) if not args.all_namespaces else ()
     return config.with_overrides(
         namespaces=namespaces or None,
@@ -44,11 +42,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         api = KubeApi.connect(pool_size=HANDLER_THREADS)
     except Exception as exc:  # kubernetes.config.ConfigException and file errors
-        raise PreshardError(
+        raise NoKubeconfig(
             f"no Kubernetes credentials: not running in a cluster and no usable kubeconfig ({exc}); "
             "set KUBECONFIG or run inside a pod with a ServiceAccount",
-            reason="NoKubeconfig",
-            permanent=True,
         ) from None
 
     registry = kopf.OperatorRegistry()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from preshard import cli
-from preshard.core.errors import PreshardError
+from preshard.core.errors import PreshardError, SourceNotFound
 from preshard.core.progress import Result
 from preshard.worker.progress import Reporter
 
@@ -147,10 +147,8 @@ def convert(args: Any) -> int:
                 "list",
             )
             if not listing:
-                raise PreshardError(
+                raise SourceNotFound(
                     f"source {req.plan.source} is empty or does not exist",
-                    reason="SourceNotFound",
-                    permanent=True,
                 )
             if req.plan.source_digest:  # the real worker's pin check (store.fetch.fetch_source)
                 from preshard.worker.store import source_files

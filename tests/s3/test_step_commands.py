@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from preshard.core.errors import PreshardError
 from preshard.core.manifest import MANIFEST_NAME
 from preshard.core.preflight import parse_preflight
 from preshard.core.progress import TERMINATION_MESSAGE_LIMIT, Result
@@ -159,7 +160,7 @@ def test_put_manifest_rereads_before_writing_on_a_server_that_ignores_if_match(
     client.put_object(
         Bucket=bucket, Key="ck/" + MANIFEST_NAME, Body=body.replace(b"uid-1", b"uid-9")
     )
-    with pytest.raises(ad.PreshardError) as err:
+    with pytest.raises(PreshardError) as err:
         records.put_manifest(client, u, "{}", conditional=True, expect_body=body)
     assert err.value.reason == "OutputChanged"
     assert b"uid-9" in read_object(s3, bucket, "ck/" + MANIFEST_NAME)
@@ -175,7 +176,7 @@ def test_put_manifest_sends_if_match_and_a_server_that_honours_it_refuses(
     # the race the re-read cannot see: it still sees our bytes and our ETag
     monkeypatch.setattr(records, "read_manifest_tagged", lambda *a: (None, b"ours", old_etag))
     u = ad.parse_uri(f"s3://{moto_bucket}/ck/")
-    with pytest.raises(ad.PreshardError) as err:
+    with pytest.raises(PreshardError) as err:
         records.put_manifest(
             client, u, "{}", conditional=True, expect_body=b"ours", expect_etag=old_etag
         )

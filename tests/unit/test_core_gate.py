@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from preshard.core import gate
+from preshard.core.errors import PreshardError
 from preshard.core.manifest import STATE_PROCESSED, STATE_RAW, Manifest, build_manifest
 
 SHA = "a" * 64
@@ -28,8 +29,8 @@ def manifest(tp: int = 2, pp: int = 1, **kw: object) -> Manifest:
     return build_manifest(files, **fields)
 
 
-def refused(fn: object, *args: object) -> gate.GateError:
-    with pytest.raises(gate.GateError) as info:
+def refused(fn: object, *args: object) -> PreshardError:
+    with pytest.raises(PreshardError) as info:  # every refusal of the gate is permanent
         fn(*args)  # type: ignore[operator]
     assert info.value.permanent
     return info.value

@@ -12,7 +12,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from preshard.core.errors import SpecError, URIError
+from preshard.core.errors import InvalidURI, SpecError
 from preshard.core.plan import DEFAULT_MAX_FILE_SIZE, DTYPES, MAX_PARALLEL, QUANTIZATIONS
 from preshard.core.spec import CheckpointSpec, parse_spec
 
@@ -272,7 +272,7 @@ def test_parse_spec_errors_name_every_field(raw: dict[str, Any], message: str) -
     ],
 )
 def test_bad_uris_are_invalid_uri_spec_errors(raw: dict[str, Any], message: str) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_spec(raw)
     assert str(exc.value) == message
     assert exc.value.reason == "InvalidURI"

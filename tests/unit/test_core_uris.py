@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from preshard.core.errors import SpecError, URIError
+from preshard.core.errors import InvalidURI, SpecError
 from preshard.core.uris import (
     OUTPUT_URI_PATTERN,
     SOURCE_URI_PATTERN,
@@ -59,7 +59,7 @@ def test_parse_s3(uri: str, bucket: str, prefix: str, text: str) -> None:
     ],
 )
 def test_parse_s3_rejects_bad_buckets(uri: str) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_uri(uri)
     assert str(exc.value) == (
         f"{uri!r} is not a valid S3 URI: expected s3://bucket/prefix/ with a bucket name of "
@@ -79,7 +79,7 @@ def test_parse_s3_rejects_bad_buckets(uri: str) -> None:
     ],
 )
 def test_parse_s3_rejects_empty_dot_and_dotdot_segments(uri: str, key: str) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_uri(uri)
     assert str(exc.value) == f"S3 prefix {key!r} has an empty, '.' or '..' segment"
 
@@ -121,7 +121,7 @@ def test_parse_pvc(uri: str, claim: str, path: str, text: str) -> None:
 
 @pytest.mark.parametrize("uri", ["pvc://Models/x", "pvc://-models/x", "pvc://models-/x", "pvc://"])
 def test_parse_pvc_rejects_bad_claims(uri: str) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_uri(uri)
     assert str(exc.value) == (
         f"{uri!r} is not a valid PVC URI: expected pvc://claim-name/path/in/volume "
@@ -175,7 +175,7 @@ def test_parse_hf(uri: str, repo: str, revision: str | None, text: str) -> None:
     ],
 )
 def test_parse_hf_rejects_bad_repos(uri: str) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_uri(uri)
     assert str(exc.value) == (
         f"{uri!r} is not a valid Hugging Face URI: expected hf://org/name or hf://org/name@revision"
@@ -189,14 +189,14 @@ def test_parse_hf_rejects_bad_repos(uri: str) -> None:
     "uri", ["gs://bucket/x", "https://example.com/m", "/models/x", "models", "S3://b/x"]
 )
 def test_unsupported_schemes(uri: str) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_uri(uri)
     assert str(exc.value) == f"{uri!r} has an unsupported scheme: {UNSUPPORTED}"
 
 
 @pytest.mark.parametrize("uri", ["", "   ", None, 3])
 def test_empty_or_non_string(uri: object) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_uri(uri)  # type: ignore[arg-type]
     assert str(exc.value) == f"URI is empty; {UNSUPPORTED}"
 
@@ -214,12 +214,12 @@ def test_local_paths_only_when_allowed(uri: str, path: str) -> None:
     u = parse_uri(uri, allow_local=True)
     assert u == StorageURI("file", "", path)
     assert str(u) == path
-    with pytest.raises(URIError, match="unsupported scheme"):
+    with pytest.raises(InvalidURI, match="unsupported scheme"):
         parse_uri(uri)
 
 
 def test_relative_name_without_dot_is_not_local() -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_uri("models/x", allow_local=True)
     assert str(exc.value) == f"'models/x' has an unsupported scheme: {UNSUPPORTED} or a local path"
 
@@ -233,7 +233,7 @@ def test_parse_output_uri_accepts_s3_prefixes() -> None:
 
 @pytest.mark.parametrize("uri", ["s3://out", "s3://out/", "s3://out//"])
 def test_parse_output_uri_rejects_bucket_roots(uri: str) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_output_uri(uri)
     assert str(exc.value) == (
         f"output {uri!r} is a bucket root: give a prefix such as s3://out/models/name/ "
@@ -243,7 +243,7 @@ def test_parse_output_uri_rejects_bucket_roots(uri: str) -> None:
 
 @pytest.mark.parametrize(("uri", "scheme"), [("pvc://claim/x", "pvc"), ("hf://org/name", "hf")])
 def test_parse_output_uri_rejects_non_s3(uri: str, scheme: str) -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_output_uri(uri)
     assert str(exc.value) == f"output {uri!r} must be an s3:// prefix (got {scheme}://)"
     assert isinstance(exc.value, SpecError)
@@ -251,7 +251,7 @@ def test_parse_output_uri_rejects_non_s3(uri: str, scheme: str) -> None:
 
 def test_parse_output_uri_local_only_when_allowed() -> None:
     assert parse_output_uri("/tmp/out", allow_local=True) == StorageURI("file", "", "/tmp/out")
-    with pytest.raises(URIError, match="unsupported scheme"):
+    with pytest.raises(InvalidURI, match="unsupported scheme"):
         parse_output_uri("/tmp/out")
 
 
@@ -306,7 +306,7 @@ def test_source_pattern_agrees_with_parser(uri: str) -> None:
     try:
         parse_uri(uri)
         accepted = True
-    except URIError:
+    except InvalidURI:
         accepted = False
     assert bool(re.match(SOURCE_URI_PATTERN, uri)) is accepted
 
@@ -328,7 +328,7 @@ def test_output_pattern_agrees_with_parser(uri: str) -> None:
     try:
         parse_output_uri(uri)
         accepted = True
-    except URIError:
+    except InvalidURI:
         accepted = False
     assert bool(re.match(OUTPUT_URI_PATTERN, uri)) is accepted
 
@@ -350,7 +350,7 @@ SECRET = "hunter2-s3cr3t"
 def test_endpoints_with_user_info_are_refused_without_echoing_it(url: str) -> None:
     from preshard.core.uris import check_endpoint
 
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         check_endpoint(url)
     assert "user name or password" in str(exc.value)
     assert SECRET not in str(exc.value) and "user:" not in str(exc.value)
@@ -371,7 +371,7 @@ def test_endpoints_with_user_info_are_refused_without_echoing_it(url: str) -> No
 def test_malformed_endpoints_are_refused(url: str, needle: str) -> None:
     from preshard.core.uris import check_endpoint
 
-    with pytest.raises(URIError, match=needle):
+    with pytest.raises(InvalidURI, match=needle):
         check_endpoint(url)
 
 
@@ -424,7 +424,7 @@ def test_ordinary_object_names_are_file_names() -> None:
 
 
 def test_a_very_long_prefix_is_a_short_clear_error() -> None:
-    with pytest.raises(URIError) as exc:
+    with pytest.raises(InvalidURI) as exc:
         parse_uri("s3://bucket/" + "a" * 5000 + "/")
     assert "too long" in str(exc.value) and len(str(exc.value)) < 300
     parse_uri("s3://bucket/" + "a" * 700 + "/")

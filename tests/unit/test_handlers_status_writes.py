@@ -17,6 +17,7 @@ import urllib3
 from preshard.core.spec import parse_spec
 from preshard.handlers import checkpoint as h
 from preshard.k8s.api import termination_result
+from preshard.k8s.errors import from_client
 from preshard.service import Service, reconcile
 
 UID = "0b5c-uid"
@@ -167,9 +168,10 @@ def test_the_checkpoint_index_keeps_what_job_events_need() -> None:
 def test_a_broken_connection_is_retried_soon(
     rec: Recorder, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
-    # not after kopf's 60 s backoff for unexpected exceptions
+    # not after kopf's 60 s backoff for unexpected exceptions; the fake stands for KubeApi,
+    # whose methods raise the client's errors as the k8s boundary converts them
     def broken(*args: Any) -> Any:
-        raise error
+        raise from_client(error)
 
     monkeypatch.setattr(rec.api, "secret_exists", broken, raising=False)
     monkeypatch.setattr(rec.api, "create_or_get_job", broken, raising=False)

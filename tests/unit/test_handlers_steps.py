@@ -9,13 +9,13 @@ from typing import Any
 
 import kopf
 import pytest
-from kubernetes.client.exceptions import ApiException
 
 from preshard.core.config import OperatorConfig
 from preshard.core.identity import SourcePin, conversion_identity
 from preshard.core.progress import Result
 from preshard.core.spec import parse_spec
 from preshard.core.steps import ReadyCheckpoint
+from preshard.k8s.errors import KubeForbidden
 from preshard.service import Service, reconcile, steps
 
 UID = "uid-new"
@@ -217,7 +217,7 @@ def test_an_owner_in_a_namespace_we_may_not_read_counts_as_living(
     )
 
     def forbidden(ns: str, name: str) -> Any:
-        raise ApiException(status=403)
+        raise KubeForbidden(403, "Forbidden")
 
     monkeypatch.setattr(fake, "get_checkpoint", forbidden)
     reconcile.reconcile(fake.svc, body(), {}, {})

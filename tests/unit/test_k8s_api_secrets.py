@@ -10,6 +10,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from preshard.k8s.api import KubeApi
+from preshard.k8s.errors import KubeForbidden
 
 
 class FakeResponse:
@@ -89,5 +90,5 @@ def test_other_errors_are_raised(fake: FakeClient, monkeypatch: pytest.MonkeyPat
         raise ApiException(status=403, reason="Forbidden")
 
     monkeypatch.setattr(fake, "call_api", forbidden)
-    with pytest.raises(ApiException):
+    with pytest.raises(KubeForbidden):  # converted at the boundary
         fake.api.secret_exists("ml", "s3")

@@ -13,6 +13,7 @@ import pytest
 from preshard.core import quantization as qz
 from preshard.core.children.steps import build_preflight_job
 from preshard.core.config import OperatorConfig
+from preshard.core.errors import PlannerUnsupported
 from preshard.core.identity import SourcePin
 from preshard.core.preflight import Preflight, parse_preflight
 from preshard.core.spec import parse_spec
@@ -345,18 +346,15 @@ def test_the_crd_declares_weights_immutable_with_the_specs_values() -> None:
 
 
 def test_a_kernel_refusal_inside_the_planner_is_unsupported_quantization() -> None:
-    from preshard.core.errors import PreshardError
 
-    planner_error = PreshardError(
+    planner_error = PlannerUnsupported(
         "LlamaForCausalLM's weight loaders do not run on shape-only tensors: " + NO_KERNEL,
-        reason="PlannerUnsupported",
-        permanent=True,
     )
     err = qz.unsupported_quantization("fp8", planner_error)
     assert err is not None and err.reason == "UnsupportedQuantization" and err.permanent
     assert "'fp8' has no kernel on this machine" in err.message and NO_KERNEL in err.message
     # not a kernel's refusal, or no quantization asked: the planner's own error stands
-    other = PreshardError("a derived write", reason="PlannerUnsupported", permanent=True)
+    other = PlannerUnsupported("a derived write")
     assert qz.unsupported_quantization("fp8", other) is None
     assert qz.unsupported_quantization(None, planner_error) is None
 
@@ -376,7 +374,7 @@ def test_engine_free_planning_maps_a_kernel_refusal(
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         assert kwargs["quantization"] == "fp8"
-        raise planner.PlannerUnsupported(
+        raise PlannerUnsupported(
             "LlamaForCausalLM's weight loaders do not run on shape-only tensors: " + NO_KERNEL
         )
 

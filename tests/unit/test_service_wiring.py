@@ -20,6 +20,7 @@ from preshard import handlers, metrics
 from preshard.core.config import OperatorConfig
 from preshard.core.errors import PreshardError
 from preshard.handlers import checkpoint
+from preshard.k8s.errors import from_client
 from preshard.runner import load_config
 from preshard.service import Service, errors
 
@@ -33,9 +34,10 @@ def counted() -> float:
 @pytest.mark.parametrize(
     ("exc", "delay", "text"),
     [
-        (ApiException(status=500, reason="Internal Server Error"), 10, "Kubernetes API error 500 Internal Server Error"),
-        (urllib3.exceptions.ProtocolError("Connection aborted."), 2, "Kubernetes API unreachable"),
-        (ConnectionRefusedError(111, "refused"), 2, "Kubernetes API unreachable"),
+        # the client's exceptions as the k8s boundary converts them (the service sees only those)
+        (from_client(ApiException(status=500, reason="Internal Server Error")), 10, "Kubernetes API error 500 Internal Server Error"),
+        (from_client(urllib3.exceptions.ProtocolError("Connection aborted.")), 2, "Kubernetes API unreachable"),
+        (from_client(ConnectionRefusedError(111, "refused")), 2, "Kubernetes API unreachable"),
     ],
 )  # fmt: skip
 def test_api_failures_become_retries_and_are_counted(
@@ -65,7 +67,7 @@ def test_logged_turns_api_failures_and_retries_into_one_line(
     before = counted()
     with caplog.at_level(logging.WARNING, "preshard.service"):
         with errors.logged("update ml/llama from its Job"):
-            raise ApiException(status=409, reason="Conflict")
+            raise from_client(ApiException(status=409, reason="Conflict"))
         with errors.logged("update ml/llama from its Job"):
             raise errors.retry_later("Kubernetes API error 500 x", delay=10)  # counted already
     assert [r.getMessage() for r in caplog.records] == [

@@ -339,7 +339,9 @@ def test_engine_error_classification() -> None:
     perm = engine_path._conversion_error(
         EngineError("ValueError: x", stage="load", kind="ValueError")
     )
-    assert perm.permanent and perm.reason == "ConversionFailed"
+    assert (
+        perm.permanent and perm.reason == "EngineRefused"
+    )  # was ConversionFailed: one permanence per reason
     assert perm.message == "vLLM cannot load the model at this configuration: ValueError: x"
     oom = engine_path._conversion_error(EngineError("killed", stage="load", kind=""))
     assert not oom.permanent

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from preshard.cli import build_parser
-from preshard.core.errors import PreshardError
+from preshard.core.errors import PlannerUnsupported, PreshardError
 from preshard.core.manifest import MANIFEST_NAME, SHARDING_NAME, Manifest
 from preshard.worker import shardwriter as sw
 from preshard.worker.commands import runner
@@ -119,7 +119,7 @@ def planner_stand_in(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     ) -> Any:
         calls["args"].append((Path(model_dir), len(list(tensors)), tp, pp, dtype, quantization))
         if calls["supports"] is not None:  # the planner declines (as PlannerUnsupported does)
-            raise PreshardError(calls["supports"], reason="PlannerUnsupported", permanent=True)
+            raise PlannerUnsupported(calls["supports"])
         return calls["traces"]
 
     monkeypatch.setattr(planner, "plan_ranks", plan_ranks)

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from preshard.core.errors import PreshardError
 from preshard.core.sharding import build_document, parse_document
 from preshard.worker.engine.load_trace import LoadTracer, storage_key
 from preshard.worker.planner.checkpoint import local_tensors
@@ -322,6 +323,6 @@ def test_without_vllm_verify_refuses_rather_than_trust(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
     )
-    with pytest.raises(va.PreshardError, match="vLLM is not installed") as exc:
+    with pytest.raises(PreshardError, match="vLLM is not installed") as exc:
         va.planned_sharding(tmp_path, tp=2, pp=1, dtype="auto", quantization=None)
     assert exc.value.reason == "PlannerUnavailable" and exc.value.permanent

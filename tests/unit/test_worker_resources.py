@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from preshard.core.errors import InsufficientMemory
 from preshard.core.estimate import GiB, estimate_memory
 from preshard.worker import resources
 from preshard.worker.engine import cpu as vcpu
@@ -122,7 +123,7 @@ def test_check_memory_passes_when_the_limit_fits(tiny_config: dict) -> None:
 
 def test_check_memory_refuses_a_limit_one_byte_short(tiny_config: dict) -> None:
     est = estimate_memory(tiny_config, tensor_parallel_size=2, accelerator="cpu")
-    with pytest.raises(resources.InsufficientMemory) as err:
+    with pytest.raises(InsufficientMemory) as err:
         resources.check_memory(
             tiny_config,
             tensor_parallel_size=2,
@@ -143,7 +144,7 @@ def test_check_memory_reads_the_accelerator_and_limit_of_the_pod(
 ) -> None:
     monkeypatch.setenv("PRESHARD_ACCELERATOR", "cpu")
     root = _cgroup(tmp_path, {"memory.max": str(GiB)})
-    with pytest.raises(resources.InsufficientMemory, match="memory limit is 1Gi"):
+    with pytest.raises(InsufficientMemory, match="memory limit is 1Gi"):
         resources.check_memory(
             tiny_config,
             tensor_parallel_size=2,
@@ -171,7 +172,7 @@ def test_an_engine_free_job_is_checked_with_the_engine_free_formula(
     est = resources.check_memory(tiny_config, **args)  # type: ignore[arg-type]
     assert est is not None and est.accelerator == "none" and est.total_bytes < 4 * GiB
     monkeypatch.setenv("PRESHARD_ACCELERATOR", "cpu")
-    with pytest.raises(resources.InsufficientMemory):
+    with pytest.raises(InsufficientMemory):
         resources.check_memory(tiny_config, **args)  # type: ignore[arg-type]
     monkeypatch.setenv("PRESHARD_ACCELERATOR", "tpu")
     assert resources.accelerator_from_env() == "gpu"

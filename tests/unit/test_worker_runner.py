@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 
 from preshard.cli import COMMANDS, build_parser
-from preshard.core.errors import PreshardError
+from preshard.core.errors import ObjectsMismatch, SourceNotFound, StorageUnavailable
 from preshard.core.progress import Result
 from preshard.worker.commands import runner
 from preshard.worker.progress import Terminated
@@ -56,7 +56,7 @@ def test_the_runner_writes_the_result_and_picks_the_exit_code(
     assert res.artifact == {"uri": "s3://b/p/"}
 
     def permanent(args: object) -> runner.Done:
-        raise PreshardError("no such source", reason="SourceNotFound", permanent=True)
+        raise SourceNotFound("no such source")
 
     code, res = _run(monkeypatch, tmp_path, permanent)
     assert code == 3 and res is not None
@@ -64,7 +64,7 @@ def test_the_runner_writes_the_result_and_picks_the_exit_code(
     assert "preshard: error: no such source" in capsys.readouterr().err
 
     def transient(args: object) -> runner.Done:
-        raise PreshardError("storage down", reason="StorageUnavailable")
+        raise StorageUnavailable("storage down")
 
     code, res = _run(monkeypatch, tmp_path, transient)
     assert code == 1 and res is not None and res.reason == "StorageUnavailable"
@@ -93,7 +93,7 @@ def test_a_command_without_a_result_writes_none_and_keeps_its_exit_code(
     assert code == 1 and res is None
 
     def permanent(args: object) -> runner.Done:
-        raise PreshardError("refused", reason="ObjectsMismatch", permanent=True)
+        raise ObjectsMismatch("refused")
 
     code, res = _run(monkeypatch, tmp_path, permanent, writes=False)
     assert code == 3 and res is None

@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 from urllib.parse import urlsplit
 
-from preshard.core.errors import URIError
+from preshard.core.errors import InvalidURI
 from preshard.core.naming import ANNOTATION_OWNER_UID
 from preshard.core.uris import parse_output_uri, parse_uri
 
@@ -237,7 +237,7 @@ def claim_of(
         return None
     try:
         out = parse_output_uri(str(out_spec.get("uri", "")))
-    except URIError:
+    except InvalidURI:
         return None
     strength = claim_strength(status)
     if strength is None:

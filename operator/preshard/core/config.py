@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from preshard import __version__
-from preshard.core.errors import URIError
+from preshard.core.errors import InvalidURI
 from preshard.core.images import default_image_allowlist
 from preshard.core.quantity import QUANTITY_RE
 from preshard.core.spec import NAME_PATTERN, Toleration
@@ -196,7 +196,7 @@ class OperatorConfig:
         if endpoint is not None:
             try:  # http(s)://host[:port], no user info
                 check_endpoint(endpoint, "PRESHARD_S3_ENDPOINT")
-            except URIError as exc:
+            except InvalidURI as exc:
                 raise ValueError(str(exc)) from None
 
         def placement(selector_var: str, tolerations_var: str) -> tuple[dict[str, str], list[Any]]:
@@ -272,7 +272,7 @@ class OperatorConfig:
             for uri in value:
                 try:
                     parse_output_uri(uri)
-                except URIError as exc:
+                except InvalidURI as exc:
                     raise ValueError(f"PRESHARD_OUTPUT_PREFIXES[{key!r}]: {exc}") from None
         try:
             trust = json_value("PRESHARD_COPY_TRUST", list)

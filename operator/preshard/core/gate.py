@@ -42,7 +42,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from preshard.core.contract import LOAD_FORMAT_LOCAL, LOAD_FORMAT_STREAM
-from preshard.core.errors import PreshardError
+from preshard.core.errors import (
+    ManifestPinMismatch,
+    PipelineParallelSizeMismatch,
+    PlatformUnknown,
+    ShardNamesIncompatible,
+    StateFormatIncompatible,
+    TensorParallelSizeMismatch,
+    UsageError,
+    VllmNotFound,
+    VllmTooOld,
+    VllmVersionUnknown,
+)
 from preshard.core.manifest import (
     STATE_PROCESSED,
     STATE_RAW,
@@ -64,12 +75,6 @@ MIN_VLLM_PP = (0, 32, 0)
 
 _PIN = re.compile(r"^[0-9a-f]{64}$")
 _VERSION = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?")
-
-
-class GateError(PreshardError):
-    """The checkpoint must not be served as configured (permanent: retrying cannot help)."""
-
-    permanent = True
 
 
 def valid_pin(value: str) -> bool:
@@ -95,18 +100,16 @@ def _fmt(v: tuple[int, int, int]) -> str:
 def check_pin(manifest_bytes: bytes, pin: str, uri: str) -> None:
     """The manifest's bytes hash to the pinned sha256."""
     if not valid_pin(pin):
-        raise GateError(
+        raise UsageError(
             f"--manifest-sha256 {pin[:80]!r} is not 64 lowercase hex digits",
-            reason="Usage",
         )
     got = manifest_sha256(manifest_bytes)
     if got != pin:
-        raise GateError(
+        raise ManifestPinMismatch(
             f"the manifest of {uri} has sha256 {got}, not the pinned {pin}: the checkpoint "
             "was replaced or changed after it was published. Do not serve it; re-apply the "
             "ShardedCheckpoint (or re-pin to status.artifact.manifestSha256 if the change "
             "was yours)",
-            reason="ManifestPinMismatch",
         )
 
 
@@ -117,18 +120,16 @@ def check_parallelism(
     half-filled, with only a warning)."""
     tp, pp = manifest.tensor_parallel_size, manifest.pipeline_parallel_size
     if tensor_parallel_size != tp:
-        raise GateError(
+        raise TensorParallelSizeMismatch(
             f"this checkpoint was sharded for tensor-parallel size {tp}, not "
             f"{tensor_parallel_size}: serve it with --tensor-parallel-size {tp} (and "
             f"{tp * pp} GPUs), or create a ShardedCheckpoint for TP {tensor_parallel_size}",
-            reason="TensorParallelSizeMismatch",
         )
     if pipeline_parallel_size != pp:
-        raise GateError(
+        raise PipelineParallelSizeMismatch(
             f"this checkpoint was sharded for pipeline-parallel size {pp}, not "
             f"{pipeline_parallel_size}: serve it with --pipeline-parallel-size {pp}, or "
             f"create a ShardedCheckpoint for PP {pipeline_parallel_size}",
-            reason="PipelineParallelSizeMismatch",
         )
 
 
@@ -150,23 +151,19 @@ def needs_platform(manifest: Manifest) -> bool:
 def check_loadable(manifest: Manifest, serving: ServingVllm, load_format: str) -> None:
     """The serving vLLM can load this state format and version with ``load_format``."""
     if load_format not in LOAD_FORMATS:
-        raise GateError(
+        raise UsageError(
             f"load format {load_format!r} cannot load preshard checkpoints (use "
             f"{' or '.join(LOAD_FORMATS)})",
-            reason="Usage",
         )
     if serving.version is None:
-        raise GateError(
+        raise VllmNotFound(
             "no vLLM is installed here, so it cannot be checked that the serving vLLM can "
             "load this checkpoint: run this in the serving image, or pass "
             "--serving-vllm-version with the serving container's vLLM version",
-            reason="VllmNotFound",
         )
     have = parse_version(serving.version)
     if have is None:
-        raise GateError(
-            f"cannot read the vLLM version {serving.version[:40]!r}", reason="VllmVersionUnknown"
-        )
+        raise VllmVersionUnknown(f"cannot read the vLLM version {serving.version[:40]!r}")
     _check_file_names(manifest)
     if manifest.state_format == STATE_RAW:
         need = MIN_VLLM_RAW
@@ -176,10 +173,9 @@ def check_loadable(manifest: Manifest, serving: ServingVllm, load_format: str) -
         if manifest.pipeline_parallel_size > 1 and need < MIN_VLLM_PP:
             need, what = MIN_VLLM_PP, "pipeline-parallel shard files (model-pp-*)"
         if have < need:
-            raise GateError(
+            raise VllmTooOld(
                 f"vLLM {serving.version} is older than {_fmt(need)}, the oldest vLLM that "
                 f"loads {what} as preshard has tested: serve with vLLM >= {_fmt(need)}",
-                reason="VllmTooOld",
             )
         return
     # processed: the converting hardware's kernel layout
@@ -190,25 +186,22 @@ def check_loadable(manifest: Manifest, serving: ServingVllm, load_format: str) -
         "delete and re-apply the ShardedCheckpoint, or apply one with a new output prefix"
     )
     if conv_platform is None:
-        raise GateError(
+        raise StateFormatIncompatible(
             "this checkpoint holds processed weights (formatVersion "
             f"{manifest.format_version}: the kernel layout of the hardware it was converted "
             "on) and does not record that hardware, so no serving platform can be shown to "
             f"load it correctly; {redo}",
-            reason="StateFormatIncompatible",
         )
     if parse_version(manifest.vllm_version) != have:
-        raise GateError(
+        raise StateFormatIncompatible(
             f"this checkpoint holds processed weights saved by vLLM {manifest.vllm_version}; "
             f"the serving vLLM is {serving.version}, whose kernels may expect another "
             f"layout: serve with vLLM {manifest.vllm_version}, or {redo}",
-            reason="StateFormatIncompatible",
         )
     if serving.platform is None:
-        raise GateError(
+        raise PlatformUnknown(
             "this checkpoint holds processed weights and the serving platform could not be "
             "determined here: run the check in the serving image on the serving node",
-            reason="PlatformUnknown",
         )
     mismatch = serving.platform != conv_platform or (
         conv_device is not None and serving.device != conv_device
@@ -216,11 +209,10 @@ def check_loadable(manifest: Manifest, serving: ServingVllm, load_format: str) -
     if mismatch:
         was = conv_platform + (f" ({conv_device})" if conv_device else "")
         now = serving.platform + (f" ({serving.device})" if serving.device else "")
-        raise GateError(
+        raise StateFormatIncompatible(
             f"this checkpoint holds processed weights in the kernel layout of {was}; this "
             f"node is {now}, where they would load wrong or not at all: serve on {was}, or "
             f"{redo}",
-            reason="StateFormatIncompatible",
         )
 
 
@@ -234,11 +226,10 @@ def _check_file_names(manifest: Manifest) -> None:
             expected = (
                 "model-pp-{pp}-tp-{tp}-part-{part}" if pp > 1 else "model-rank-{rank}-part-{part}"
             )
-            raise GateError(
+            raise ShardNamesIncompatible(
                 f"{f.key} is not named as vLLM's sharded loader looks for shards at "
                 f"PP {pp} ({expected}.safetensors): vLLM would not find it; re-convert the "
                 "checkpoint with this preshard",
-                reason="ShardNamesIncompatible",
             )
 
 
@@ -294,16 +285,14 @@ def node_ranks(manifest: Manifest, nodes: int, node_rank: int) -> list[int]:
     """
     world = manifest.world_size
     if nodes < 1 or not 0 <= node_rank < nodes:
-        raise GateError(
+        raise UsageError(
             f"--node-rank {node_rank} must be in 0..{max(nodes, 1) - 1} (--nodes {nodes})",
-            reason="Usage",
         )
     if world % nodes:
-        raise GateError(
+        raise UsageError(
             f"--nodes {nodes} does not divide this checkpoint's {world} ranks "
             f"(TP {manifest.tensor_parallel_size} x PP {manifest.pipeline_parallel_size}): "
             "every node runs the same number of ranks",
-            reason="Usage",
         )
     per = world // nodes
     return list(range(node_rank * per, (node_rank + 1) * per))

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from preshard.core.contract import STATE_FORMATS, STATE_RAW, shard_pattern
-from preshard.core.errors import PreshardError, SpecError
+from preshard.core.errors import (
+    PipelineParallelSizeMismatch,
+    SpecError,
+    TensorParallelSizeMismatch,
+    UnknownQuantization,
+    UnsupportedQuantization,
+    UsageError,
+)
 from preshard.core.quantity import parse_bytes
 from preshard.core.uris import StorageURI, parse_output_uri, parse_uri
 
@@ -79,9 +86,8 @@ def check_parallel_size(what: str, value: int) -> int:
 
 def check_quantization(value: str | None) -> str | None:
     if value is not None and value not in QUANTIZATIONS:
-        raise SpecError(
+        raise UnknownQuantization(
             f"unknown quantization {value!r}; supported: {', '.join(QUANTIZATIONS)}",
-            reason="UnknownQuantization",
         )
     return value
 
@@ -171,10 +177,9 @@ class Layout:
         tp = self.tensor_parallel_size
         if isinstance(heads, int) and heads % tp != 0:
             divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-            raise SpecError(
+            raise TensorParallelSizeMismatch(
                 f"tensorParallelSize {tp} does not divide the model's {heads} attention heads; "
                 f"use one of {divisors}",
-                reason="TensorParallelSizeMismatch",
             )
         kv = config.get("num_key_value_heads")
         if kv is None and isinstance(text, dict):
@@ -183,24 +188,21 @@ class Layout:
         # replicates them: either way one count must divide the other.
         if isinstance(kv, int) and kv > 0:
             if kv >= tp and kv % tp:
-                raise SpecError(
+                raise TensorParallelSizeMismatch(
                     f"tensorParallelSize {tp} does not divide the model's {kv} key/value heads",
-                    reason="TensorParallelSizeMismatch",
                 )
             if kv < tp and tp % kv:
-                raise SpecError(
+                raise TensorParallelSizeMismatch(
                     f"tensorParallelSize {tp} is not a multiple of the model's {kv} key/value "
                     "heads",
-                    reason="TensorParallelSizeMismatch",
                 )
         layers = config.get("num_hidden_layers")
         if layers is None and isinstance(text, dict):
             layers = text.get("num_hidden_layers")
         pp = self.pipeline_parallel_size
         if isinstance(layers, int) and pp > layers:
-            raise SpecError(
+            raise PipelineParallelSizeMismatch(
                 f"pipelineParallelSize {pp} exceeds the model's {layers} layers",
-                reason="PipelineParallelSizeMismatch",
             )
 
 
@@ -233,16 +235,14 @@ class ConversionPlan:
         check_engine(self.engine)
         check_weights(self.weights)
         if self.weights == "quantized" and self.quantization not in PREQUANTIZED:
-            raise SpecError(
+            raise UnsupportedQuantization(
                 f"--weights quantized needs --quantization {' or '.join(PREQUANTIZED)} "
                 f"(got {self.quantization or 'none'}): only these are pre-quantized "
                 "(fp8_per_channel has no FP8 checkpoint format vLLM's fp8 method loads)",
-                reason="UnsupportedQuantization",
             )
         if self.weights == "quantized" and self.engine == "vllm":
-            raise SpecError(
+            raise UnsupportedQuantization(
                 "--weights quantized is computed without an engine: not with --engine vllm",
-                reason="UnsupportedQuantization",
             )
         check_dtype(self.dtype)
         check_max_file_size(self.max_file_size)
@@ -372,7 +372,7 @@ class ConversionPlan:
         return args
 
 
-class _ArgvError(PreshardError):
+class _ArgvError(UsageError):
     pass
 
 

@@ -19,7 +19,7 @@ account the same way.
 
 from __future__ import annotations
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import PreshardError, UnsupportedQuantization
 
 # vLLM 0.32's _ONLINE_SHORTHANDS that preshard accepts (core.plan.QUANTIZATIONS); a unit
 # test compares this set with the installed vLLM's table.
@@ -110,9 +110,7 @@ def unsupported_quantization(quantization: str | None, exc: Exception) -> Presha
     message = getattr(exc, "message", None) or str(exc)
     if not quantization or not permanent_kernel_error(message):
         return None
-    return PreshardError(
+    return UnsupportedQuantization(
         f"quantization {quantization!r} has no kernel on this machine, and the conversion "
         f"needs it to load the checkpoint: {message}",
-        reason="UnsupportedQuantization",
-        permanent=True,
     )

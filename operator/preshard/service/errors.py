@@ -2,11 +2,13 @@
 must not retry, to one log line). One of the two service modules that import kopf
 (with :mod:`preshard.service.events`).
 
-* an ``ApiException`` (the API server answered with an error): ``kopf.TemporaryError``
+* a ``KubeApiError`` (the API server answered with an error): ``kopf.TemporaryError``
   after 10 s, for this resource only;
-* a connection that breaks (reset, refused, timed out) raises urllib3's errors, not
-  ``ApiException``: retried after 2 s, not after kopf's 60 s backoff for unexpected
-  exceptions.
+* a ``KubeUnreachable`` (the connection broke: reset, refused, timed out): retried after
+  2 s, not after kopf's 60 s backoff for unexpected exceptions.
+
+Both are :mod:`preshard.k8s.errors`, the Kubernetes client's exceptions converted once at
+the ``k8s`` boundary: the service never imports the client.
 
 Permanent problems never get here: they become a Ready=False condition with a
 PascalCase reason (no crash loop, no retry storm), so nothing maps to
@@ -21,24 +23,18 @@ import logging
 from collections.abc import Iterator
 
 import kopf
-import urllib3
-from kubernetes.client.exceptions import ApiException
 
 from preshard import metrics
+from preshard.k8s.errors import KubeApiError, KubeUnreachable
 
 log = logging.getLogger("preshard.service")
 
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, ConnectionError)
 API_ERROR_DELAY = 10.0
 TRANSPORT_ERROR_DELAY = 2.0
 
 
 def describe(exc: BaseException) -> str:
     """The wording of an API failure in retries, logs and kopf's Events (never a body)."""
-    if isinstance(exc, ApiException):
-        return f"Kubernetes API error {exc.status} {exc.reason}"
-    if isinstance(exc, TRANSPORT_ERRORS):
-        return f"Kubernetes API unreachable: {exc!r}"
     return str(exc)
 
 
@@ -53,11 +49,11 @@ def retried(*, count: bool = True) -> Iterator[None]:
     (``count``: also in ``preshard_reconcile_errors_total``)."""
     try:
         yield
-    except ApiException as exc:
+    except KubeApiError as exc:
         if count:
             metrics.RECONCILE_ERRORS.inc()
         raise retry_later(describe(exc), API_ERROR_DELAY) from None
-    except TRANSPORT_ERRORS as exc:
+    except KubeUnreachable as exc:
         if count:
             metrics.RECONCILE_ERRORS.inc()
         raise retry_later(describe(exc), TRANSPORT_ERROR_DELAY) from None
@@ -75,9 +71,15 @@ def logged(
     event, a timer or a retry of the resource's own handler heals it): API failures in
     the block (a retry raised inside it too, and ``also``) become one log line
     ``could not <what>: ...``."""
+    caught: tuple[type[BaseException], ...] = (
+        KubeApiError,
+        KubeUnreachable,
+        kopf.TemporaryError,
+        *also,
+    )
     try:
         yield
-    except (ApiException, kopf.TemporaryError, *TRANSPORT_ERRORS, *also) as exc:
+    except caught as exc:
         if count and not isinstance(exc, (kopf.TemporaryError, *also)):
             metrics.RECONCILE_ERRORS.inc()
         log.log(level, "could not %s: %s", what, describe(exc))

@@ -15,8 +15,6 @@ import dataclasses
 import logging
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
 from preshard.core import status as st
 from preshard.core import stepstatus as ss
 from preshard.core.children.credentials import output_endpoint, source_endpoint
@@ -42,6 +40,7 @@ from preshard.core.steps import (
     memory_estimate_status,
     next_step,
 )
+from preshard.k8s.errors import KubeForbidden
 from preshard.service import events, ledger
 from preshard.service.context import Service
 from preshard.service.jobs import ensure_job, find_job, job_result
@@ -69,10 +68,8 @@ def _alive(svc: Service, owner: str) -> bool:
         return True  # never provably gone (core.steps keeps such owners anyway)
     try:
         obj = svc.api.get_checkpoint(parts[0], parts[1])
-    except ApiException as exc:
-        if exc.status == 403:  # a namespace this operator may not read: never provably gone
-            return True
-        raise
+    except KubeForbidden:  # a namespace this operator may not read: never provably gone
+        return True
     return obj is not None and (obj.get("metadata") or {}).get("uid") == parts[2]
 
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import PlanningFailed, PreshardError, UnsupportedModel, VerificationFailed
 from preshard.core.manifest import SHARDING_NAME
 from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.core.quantity import format_bytes
@@ -93,10 +93,8 @@ def choose_engine(
     except Exception as exc:  # the planner failing is no reason to fail an auto run
         if asked == ENGINE_NONE or prequantized:
             if isinstance(exc, ImportError):
-                raise PreshardError(
+                raise UnsupportedModel(
                     f"--engine none: the engine-free planner is not available ({exc})",
-                    reason="UnsupportedModel",
-                    permanent=True,
                 ) from None
             raise
         return ENGINE_VLLM, f"--engine auto: the planner failed ({type(exc).__name__}: {exc})", None
@@ -172,21 +170,17 @@ def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) ->
             for k in st.keys()  # noqa: SIM118
         }
     if got != want or size != layout.size:
-        raise PreshardError(
+        raise VerificationFailed(
             f"{f.name} does not hold what its plan lists (tensors or size differ)",
-            reason="VerificationFailed",
-            permanent=True,
         )
     fd = os.open(f.path, os.O_RDONLY)
     try:
         n = header_length(os.pread(fd, 8, 0), f.name, size)
         for info, begin, end in parse_header(os.pread(fd, n, 8), f.name, size):
             if f.spans.get(info.name) != (begin, end):
-                raise PreshardError(
+                raise VerificationFailed(
                     f"{f.name}: the file's header leads {info.name} to bytes "
                     f"{begin}-{end}, not to those written for it",
-                    reason="VerificationFailed",
-                    permanent=True,
                 )
     finally:
         os.close(fd)
@@ -226,10 +220,8 @@ def convert_engine_free(
     try:
         doc = build_document(traces if scheme is None else _fp8().sharding_traces(traces))
     except (ShardingError, KeyError, TypeError, ValueError) as exc:
-        raise PreshardError(
+        raise PlanningFailed(
             f"cannot build the sharding metadata from the planned traces: {exc}",
-            reason="ConversionFailed",
-            permanent=True,
         ) from None
     (shards / SHARDING_NAME).write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     copied = cv.copy_non_weight_files(model_dir, shards)

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import PlanningFailed, PreshardError, UnsupportedQuantization
 
 if TYPE_CHECKING:
     import torch
@@ -111,10 +111,8 @@ def scheme_for(method: str | None, weights: str) -> Scheme | None:
         why = NO_STOCK_FORMAT.get(
             method, "only fp8_per_tensor and fp8_per_block are pre-quantized by preshard"
         )
-        raise PreshardError(
+        raise UnsupportedQuantization(
             f"--weights quantized with --quantization {method}: {why}",
-            reason="UnsupportedQuantization",
-            permanent=True,
         )
     return None
 
@@ -148,10 +146,8 @@ def plan_quantized(
     from preshard.worker import planner  # type: ignore[attr-defined]
 
     if any(t.dtype not in ("BF16", "F16", "F32") for t in tensors if t.name.endswith("weight")):
-        raise PreshardError(
+        raise UnsupportedQuantization(
             "pre-quantized FP8 shards need an unquantized (bf16/fp16/fp32) source",
-            reason="UnsupportedQuantization",
-            permanent=True,
         )
     raw = planner.plan_ranks(model_dir, tensors, tp=tp, pp=pp, dtype=dtype, quantization=None)
     with tempfile.TemporaryDirectory(prefix="preshard-fp8-plan-") as tmp:
@@ -163,11 +159,9 @@ def plan_quantized(
                 raise
             # vLLM's own FP8 checkpoint model refuses this layout (e.g. a per-rank size
             # the 128 block does not divide): no checkpoint of it can be served
-            raise PreshardError(
+            raise UnsupportedQuantization(
                 f"{scheme.method} cannot be pre-quantized at TP={tp} x PP={pp}: vLLM's fp8 "
                 f"checkpoint model refuses it ({exc}); convert with --weights raw",
-                reason="UnsupportedQuantization",
-                permanent=True,
             ) from None
     return combine(raw, quant, scheme)
 
@@ -202,14 +196,12 @@ def check_block_experts(key: str, shape: list[int], block: list[int]) -> None:
     else:
         hidden, inter = shape[1], shape[2]
     if inter % block[0] or hidden % block[1]:
-        raise PreshardError(
+        raise UnsupportedQuantization(
             f"{key}: fp8_per_block MoE experts need the per-rank intermediate size "
             f"({inter}) and the hidden size ({hidden}) to be multiples of {block[0]}: "
             "vLLM's online fp8_per_block pads them to the block and quantizes the padded "
             "experts, a layout no fp8 checkpoint holds (choose a tensor-parallel size that "
             "keeps intermediate_size / TP a multiple of 128, or --weights raw)",
-            reason="UnsupportedQuantization",
-            permanent=True,
         )
 
 
@@ -244,12 +236,10 @@ def combine(
                     or raw_info["shape"] != info["shape"]
                     or scale not in q["saved"]
                 ):
-                    raise PreshardError(
+                    raise UnsupportedQuantization(
                         f"{key}: not a linear weight or fused MoE experts weight with its "
                         f"{scheme.scale_name} ({info}); cannot pre-quantize this model: "
                         "convert with --weights raw",
-                        reason="UnsupportedQuantization",
-                        permanent=True,
                     )
                 if experts and scheme.block is not None:
                     check_block_experts(key, info["shape"], scheme.block)
@@ -266,11 +256,9 @@ def combine(
                 initialized[key] = KV_SCALE_INIT[leaf]
                 continue
             if saved_raw.get(key) != info:
-                raise PreshardError(
+                raise UnsupportedQuantization(
                     f"{key}: the FP8 checkpoint plan holds it as {info}, the raw plan as "
                     f"{saved_raw.get(key)}; cannot pre-quantize this model",
-                    reason="UnsupportedQuantization",
-                    permanent=True,
                 )
             if key in r["writes"]:
                 writes[key] = r["writes"][key]
@@ -386,10 +374,8 @@ class Fp8Builder:
         self.quantized = {int(t["rank"]): dict(t.get("quantized") or {}) for t in traces}
         schemes = {t.get("scheme") for t in traces}
         if len(schemes) != 1 or next(iter(schemes)) not in SCHEMES:
-            raise PreshardError(
+            raise PlanningFailed(
                 f"combined traces name no single FP8 scheme ({schemes})",
-                reason="ConversionFailed",
-                permanent=True,
             )
         self.scheme = SCHEMES[str(next(iter(schemes)))]
         self.scale_of = {
@@ -463,11 +449,9 @@ class Fp8Builder:
         if out.numel() != _numel(saved.shape) or str(out.dtype).removeprefix("torch.") != (
             saved.dtype
         ):
-            raise PreshardError(
+            raise PlanningFailed(
                 f"rank {rank}: {saved.key} computed as {tuple(out.shape)} {out.dtype}, "
                 f"the plan lists {saved.shape} {saved.dtype}",
-                reason="ConversionFailed",
-                permanent=True,
             )
         # both halves done: forget them (one tensor of each rank in flight)
         if (rank, key) in self._done and self._served(rank, key, saved.key):

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InsufficientMemory
 from preshard.core.estimate import (
     EstimateUnavailable,
     MemoryEstimate,
@@ -119,11 +119,6 @@ def accelerator_from_env(environ: Any = os.environ) -> str:
     the estimate's engine-free formula); gpu when absent."""
     value = str(environ.get("PRESHARD_ACCELERATOR") or "gpu").strip().lower()
     return value if value in ("gpu", "cpu", "none") else "gpu"
-
-
-class InsufficientMemory(PreshardError):
-    reason = "InsufficientMemory"
-    permanent = True
 
 
 def check_memory(

@@ -24,9 +24,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InternalError, NothingToPublish
 from preshard.worker.store.publication import LocalFile, Publication, UploadHandle, _copy_hashing
-from preshard.worker.store.transfer import UploadCancelled, UploadItem, remote_sha256
+from preshard.worker.store.transfer import UploadAborted, UploadItem, remote_sha256
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class StreamingPublication(Publication):
         if self.state != "new":
             raise RuntimeError(f"begin() on a publication that is {self.state}")
         if not self.planned:
-            raise PreshardError("nothing to publish", reason="NothingToPublish", permanent=True)
+            raise NothingToPublish("nothing to publish")
         self.files = [LocalFile(rel, self.local_dir / rel, size) for rel, size in self.planned]
         self._begin_output()
         return self
@@ -84,9 +84,7 @@ class StreamingPublication(Publication):
         # the upload thread ended before the writer finished: only a failure does that
         assert self.handle is not None
         self.handle.wait()
-        raise PreshardError(
-            "the upload ended before every file was written", reason="InternalError"
-        )
+        raise InternalError("the upload ended before every file was written")
 
     def finish_writing(self) -> None:
         self._ready.put(_STOP)
@@ -98,7 +96,7 @@ class StreamingPublication(Publication):
     def _next(self, handle: UploadHandle) -> tuple[str, str] | None:
         while True:
             if handle.cancel.is_set():
-                raise UploadCancelled("the upload was aborted")
+                raise UploadAborted("the upload was aborted")
             try:
                 item = self._ready.get(timeout=0.5)
             except queue.Empty:
@@ -121,7 +119,7 @@ class StreamingPublication(Publication):
             self._done(f)
         missing = [f.rel for f in self.files if f.rel not in self._shas]
         if missing:
-            raise UploadCancelled(
+            raise UploadAborted(
                 f"the conversion ended before {len(missing)} file(s) were written: {missing[:3]}"
             )
         return [(f.rel, f.size, self._shas[f.rel]) for f in self.files]
@@ -168,9 +166,8 @@ class StreamingPublication(Publication):
                 return sha
             got = _copy_hashing(f.path, dst, handle.cancel)
             if got != sha:
-                raise PreshardError(
+                raise InternalError(
                     f"{f.rel} changed on disk after it was written (sha256)",
-                    reason="InternalError",
                 )
             handle.progress.advance(f.size)
             return got

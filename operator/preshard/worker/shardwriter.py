@@ -49,7 +49,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import (
+    InternalError,
+    InvalidSpec,
+    PlanningFailed,
+    UnsupportedDtype,
+    UnsupportedModel,
+    VerificationFailed,
+)
 from preshard.core.sharding import numel
 
 if TYPE_CHECKING:
@@ -100,10 +107,8 @@ def st_dtype(torch_name: str) -> str:
     try:
         return _TORCH_TO_ST[torch_name.removeprefix("torch.")]
     except KeyError:
-        raise PreshardError(
+        raise UnsupportedDtype(
             f"dtype {torch_name} has no safetensors equivalent",
-            reason="UnsupportedDtype",
-            permanent=True,
         ) from None
 
 
@@ -112,7 +117,7 @@ def _torch_dtype(name: str) -> torch.dtype:
 
     dt = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype):
-        raise PreshardError(f"unknown dtype {name}", reason="UnsupportedDtype", permanent=True)
+        raise UnsupportedDtype(f"unknown dtype {name}")
     return dt
 
 
@@ -197,10 +202,8 @@ def render_name(
         or (pp_size == 1 and "pp_rank" in fields)
         or (tp_size > 1 and not has_tp)
     ):
-        raise PreshardError(
+        raise InvalidSpec(
             f"file name pattern {pattern!r} does not fit TP {tp_size} x PP {pp_size}",
-            reason="InvalidSpec",
-            permanent=True,
         )
     if pp_size > 1:
         return pattern.format(pp_rank=pp_rank, tp_rank=tp_rank, rank=tp_rank, part=part)
@@ -237,10 +240,8 @@ class RankPlan:
                 initialized=dict(trace.get("initialized") or {}),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise PreshardError(
+            raise PlanningFailed(
                 f"malformed rank trace: {type(exc).__name__}: {exc}",
-                reason="ConversionFailed",
-                permanent=True,
             ) from None
 
     def layout(self, pattern: str | None, max_size: int | None) -> list[PartLayout]:
@@ -394,12 +395,10 @@ def build_tensor(
         if value is None:
             value = INITIALIZED_DEFAULTS.get(saved.key.rpartition(".")[2])
         if value is None:
-            raise PreshardError(
+            raise UnsupportedModel(
                 f"rank {plan.rank}: {saved.key} is written by no weight loader and its "
                 "initial value is unknown; it cannot be produced without an engine "
                 "(--engine vllm)",
-                reason="UnsupportedModel",
-                permanent=True,
             )
         flat.fill_(value)
         return flat
@@ -416,12 +415,10 @@ def build_tensor(
         elif w["op"] == "derived" and "values" in w:
             dst.copy_(torch.tensor(w["values"], dtype=dtype).reshape(shape))
         else:
-            raise PreshardError(
+            raise UnsupportedModel(
                 f"rank {plan.rank}: vLLM's weight loader computes {saved.key} from "
                 f"{', '.join(w.get('sources') or ()) or 'the checkpoint'} (not a copy): it "
                 "cannot be streamed without an engine (--engine vllm)",
-                reason="UnsupportedModel",
-                permanent=True,
             )
         run = _dense_run(d_off, d_strides, shape)
         if run is None or runs is None:
@@ -430,11 +427,9 @@ def build_tensor(
             runs.append(run)
     missing = _uncovered(plan, saved, size, runs)
     if missing:
-        raise PreshardError(
+        raise UnsupportedModel(
             f"rank {plan.rank}: {missing} of {size} elements of {saved.key} are "
             "written by no weight loader; they cannot be produced without an engine",
-            reason="UnsupportedModel",
-            permanent=True,
         )
     return flat
 
@@ -637,11 +632,9 @@ class _FileWriter:
                 back = memoryview(self.io.readback(len(chunk)))[: len(chunk)]
                 got = os.preadv(fd, [back], offset + i)
                 if got != len(chunk) or not same_bytes(back, chunk):
-                    raise PreshardError(
+                    raise VerificationFailed(
                         f"{name}: the bytes read back at offset {offset + i} are not "
                         f"those written{f' for {key}' if key else ''}",
-                        reason="VerificationFailed",
-                        permanent=True,
                     )
 
         def digest() -> None:
@@ -669,10 +662,9 @@ class _FileWriter:
         size = os.fstat(fd).st_size
         os.close(fd)
         if self._n != self.layout.size or size != self.layout.size:
-            raise PreshardError(
+            raise InternalError(
                 f"{self.path.name}: wrote {self._n} bytes ({size} on disk), "
                 f"expected {self.layout.size}",
-                reason="InternalError",
             )
         os.replace(self.tmp, self.path)
         return WrittenFile(

@@ -10,7 +10,7 @@ import logging
 import sys
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import VerificationFailed
 from preshard.core.manifest import (
     artifact_status,
 )
@@ -40,11 +40,9 @@ def adopt(args: argparse.Namespace) -> dict[str, Any]:
     )
     problems = verify_objects(client, u, man, args.concurrency)
     if problems:
-        raise PreshardError(
+        raise VerificationFailed(
             f"{len(problems)} of {len(man.files)} objects in {uri} do not match the manifest "
             f"(first: {problems[0]}); not adopted",
-            reason="VerificationFailed",
-            permanent=True,
         )
     # the bytes must also be what THIS resource's source converts to (a checkpoint
     # published from other content under this identity is never taken over)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from preshard.core import gate
-from preshard.core.errors import PreshardError
+from preshard.core.errors import ObjectsMismatch, PreshardError, StreamerListingMismatch
 from preshard.core.quantity import format_bytes
 from preshard.core.uris import StorageURI
 from preshard.worker.commands.published import load_manifest, published_client, s3_uri, serving_vllm
@@ -63,12 +63,10 @@ def check(args: argparse.Namespace) -> int:
         shown = "; ".join(problems[:5]) + (
             f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
         )
-        raise PreshardError(
+        raise ObjectsMismatch(
             f"{len(problems)} of {len(manifest.files)} objects in {u} do not match the "
             f"manifest ({shown}): the checkpoint is incomplete or was changed; do not serve "
             "it (preshard verify shows every file)",
-            reason="ObjectsMismatch",
-            permanent=True,
         )
     if args.load_format == gate.LOAD_FORMAT_STREAM:
         # One ListObjectsV2 call, exactly as vLLM's S3 glob makes it.
@@ -78,10 +76,8 @@ def check(args: argparse.Namespace) -> int:
         keys = [o["Key"].removeprefix(u.prefix) for o in page.get("Contents") or []]
         listing = gate.streamer_listing_problems(manifest, keys)
         if listing:
-            raise PreshardError(
+            raise StreamerListingMismatch(
                 f"vLLM would not stream {u} as published: {'; '.join(listing)}",
-                reason="StreamerListingMismatch",
-                permanent=True,
             )
     print(
         f"checkpoint {u} ok for vLLM {serving.version} with {args.load_format}: manifest "

@@ -14,7 +14,13 @@ from typing import Any
 
 from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
 from preshard.core.contract import utc_timestamp
-from preshard.core.errors import PreshardError
+from preshard.core.errors import (
+    CopyNotSupported,
+    OutputChanged,
+    PreshardError,
+    UsageError,
+    VerificationFailed,
+)
 from preshard.core.manifest import (
     MANIFEST_NAME,
     artifact_status,
@@ -77,11 +83,9 @@ def _copy_object(
             resp = with_retries(part_copy, f"copy {key} part {n}")
             etag = (resp.get("CopyPartResult") or {}).get("ETag")
             if not etag:
-                raise PreshardError(
+                raise CopyNotSupported(
                     f"the S3 server does not support UploadPartCopy (needed for {key}, "
                     f"{size} bytes)",
-                    reason="CopyNotSupported",
-                    permanent=True,
                 )
             parts.append({"PartNumber": n, "ETag": etag})
         client.complete_multipart_upload(
@@ -110,7 +114,7 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
     if src.bucket == dst.bucket and (
         src.prefix.startswith(dst.prefix) or dst.prefix.startswith(src.prefix)
     ):
-        raise PreshardError("--from and --to overlap", reason="Usage", permanent=True)
+        raise UsageError("--from and --to overlap")
     client = step_client(args)
     # the source stays its owner's: any owner, the identity and bytes must match
     man, body, _ = read_expected(
@@ -119,10 +123,8 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
     dst_uri = str(dst)
     s3.check_bucket(client, dst.bucket, dst_uri)
     if manifest_at(client, dst.bucket, dst.key(MANIFEST_NAME), dst_uri) is not None:
-        raise PreshardError(
+        raise OutputChanged(
             f"{dst_uri} already holds a manifest; not copied",
-            reason="OutputChanged",
-            permanent=True,
         )
     journal = records.read_journal(client, dst.bucket, dst.key(JOURNAL_NAME), dst_uri)
     records.check_own(journal, args.owner, dst_uri, "copy to")
@@ -148,11 +150,9 @@ def copy(args: argparse.Namespace) -> dict[str, Any]:
         list(pool.map(one, man.files))
     problems = verify_objects(client, dst, man, args.concurrency)
     if problems:
-        raise PreshardError(
+        raise VerificationFailed(
             f"{len(problems)} copied objects in {dst_uri} do not match the source manifest "
             f"(first: {problems[0]})",
-            reason="VerificationFailed",
-            permanent=False,
         )
     try:
         checked = check_against_source(client, dst, man, args)

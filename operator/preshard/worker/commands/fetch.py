@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from preshard.core import gate
-from preshard.core.errors import PreshardError
+from preshard.core.errors import UsageError
 from preshard.core.quantity import format_bytes
 from preshard.worker.commands.published import (
     download_checkpoint,
@@ -38,27 +38,19 @@ def fetch(args: argparse.Namespace) -> int:
         )
         gate.check_loadable(manifest, serving_vllm(args, manifest), gate.LOAD_FORMAT_LOCAL)
     elif args.pipeline_parallel_size is not None:
-        raise PreshardError(
-            "--pipeline-parallel-size needs --tensor-parallel-size", reason="Usage", permanent=True
-        )
+        raise UsageError("--pipeline-parallel-size needs --tensor-parallel-size")
     files = list(manifest.files)
     if args.rank is not None and args.nodes is not None:
-        raise PreshardError(
-            "--rank and --node-rank/--nodes are exclusive", reason="Usage", permanent=True
-        )
+        raise UsageError("--rank and --node-rank/--nodes are exclusive")
     if args.rank is not None:
         if not 0 <= args.rank < manifest.world_size:
-            raise PreshardError(
+            raise UsageError(
                 f"--rank {args.rank} is outside 0..{manifest.world_size - 1} for this checkpoint",
-                reason="Usage",
-                permanent=True,
             )
         files = manifest.rank_files(args.rank) + manifest.other_files()
     elif args.nodes is not None or args.node_rank is not None:
         if args.nodes is None or args.node_rank is None:
-            raise PreshardError(
-                "--node-rank and --nodes go together", reason="Usage", permanent=True
-            )
+            raise UsageError("--node-rank and --nodes go together")
         ranks = gate.node_ranks(manifest, args.nodes, args.node_rank)
         files = gate.files_for_ranks(manifest, ranks)
         print(

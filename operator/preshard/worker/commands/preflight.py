@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource, PreshardError, SourceNotFound, StorageUnavailable
 from preshard.core.identity import files_digest
 from preshard.core.manifest import (
     MANIFEST_NAME,
@@ -104,10 +104,8 @@ def _source_pin(uri: str, args: argparse.Namespace) -> tuple[dict[str, Any], dic
     # The same link check as convert and publish: never a file outside the source.
     path = local_source_dir(u, uri)
     if not path.is_dir():
-        raise PreshardError(
+        raise SourceNotFound(
             f"source {uri} does not exist (no directory {path})",
-            reason="SourceNotFound",
-            permanent=True,
         )
     from preshard.worker.store.source_files import local_entries
 
@@ -120,24 +118,18 @@ def _json_file(path: Path, uri: str) -> dict[str, Any]:
     try:
         return config_fields(json.loads(path.read_text()))
     except FileNotFoundError:
-        raise PreshardError(
+        raise InvalidSource(
             f"source {uri} has no config.json: not a Hugging Face-format model directory",
-            reason="InvalidSource",
-            permanent=True,
         ) from None
     except ValueError:
-        raise PreshardError(
-            f"source {uri}: config.json is not valid JSON", reason="InvalidSource", permanent=True
-        ) from None
+        raise InvalidSource(f"source {uri}: config.json is not valid JSON") from None
 
 
 def _source_record(
     uri: str, revision: str | None, entries: list[tuple[str, int, str]]
 ) -> dict[str, Any]:
     if not any(n.endswith(".safetensors") for n, _, _ in entries):
-        raise PreshardError(
-            f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
-        )
+        raise InvalidSource(f"source {uri} has no *.safetensors weights")
     return {
         "uri": uri,
         "revision": revision,
@@ -157,25 +149,19 @@ def _s3_source(u: StorageURI, args: argparse.Namespace) -> tuple[dict[str, Any],
     try:
         raw = records.read_bounded(client, u.bucket, u.key("config.json"), MAX_MANIFEST_BYTES)
     except ManifestError as exc:
-        raise PreshardError(
+        raise InvalidSource(
             f"source {uri}: config.json is too large ({exc})",
-            reason="InvalidSource",
-            permanent=True,
         ) from None
     except s3.ClientError as exc:
         if s3.is_not_found(exc):
-            raise PreshardError(
+            raise InvalidSource(
                 f"source {uri} has no config.json: not a Hugging Face-format model directory",
-                reason="InvalidSource",
-                permanent=True,
             ) from None
         raise s3.translate(exc, uri, "read the source") from None
     try:
         config = config_fields(json.loads(raw))
     except ValueError:
-        raise PreshardError(
-            f"source {uri}: config.json is not valid JSON", reason="InvalidSource", permanent=True
-        ) from None
+        raise InvalidSource(f"source {uri}: config.json is not valid JSON") from None
     return _source_record(uri, None, entries), config
 
 
@@ -190,9 +176,7 @@ def _hf_source(u: StorageURI) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         info = HfApi().model_info(u.authority, revision=u.revision, token=token)
         if not info.sha:
-            raise PreshardError(
-                f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
-            )
+            raise StorageUnavailable(f"the Hugging Face Hub returned no commit for {uri}")
         # a fresh folder: never a config.json an earlier download left (another repo)
         work = Path(os.environ.get("PRESHARD_WORK_DIR") or "/tmp") / "preflight" / info.sha
         shutil.rmtree(work, ignore_errors=True)
@@ -208,9 +192,7 @@ def _hf_source(u: StorageURI) -> tuple[dict[str, Any], dict[str, Any]]:
         raise err from None
     names = [s.rfilename for s in info.siblings or []]
     if not any(n.endswith(".safetensors") and "/" not in n for n in names):
-        raise PreshardError(
-            f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
-        )
+        raise InvalidSource(f"source {uri} has no *.safetensors weights")
     record = {"uri": uri, "revision": info.sha, "digest": info.sha, "files": len(names)}
     return record, _json_file(Path(path), uri)
 

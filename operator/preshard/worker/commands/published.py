@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core import gate
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidManifest, InvalidURI, ManifestNotFound
 from preshard.core.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def s3_uri(uri: str) -> StorageURI:
     u = parse_uri(uri)
     if u.scheme != "s3":
-        raise PreshardError(f"{uri} is not an s3:// prefix", reason="InvalidURI", permanent=True)
+        raise InvalidURI(f"{uri} is not an s3:// prefix")
     return u
 
 
@@ -40,15 +40,11 @@ def load_manifest(client: Any, u: StorageURI) -> tuple[Manifest, bytes]:
     try:
         body = records.read_bounded(client, u.bucket, u.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
     except ManifestError as exc:
-        raise PreshardError(
-            f"{uri}{MANIFEST_NAME} is invalid: {exc}", reason="InvalidManifest", permanent=True
-        ) from None
+        raise InvalidManifest(f"{uri}{MANIFEST_NAME} is invalid: {exc}") from None
     except s3.ClientError as exc:
         if s3.is_not_found(exc):
-            raise PreshardError(
+            raise ManifestNotFound(
                 f"{uri} has no {MANIFEST_NAME}: it is not a published checkpoint (or its upload has not finished)",
-                reason="ManifestNotFound",
-                permanent=True,
             ) from None
         raise s3.translate(exc, uri, "read") from None
     except Exception as exc:
@@ -56,9 +52,7 @@ def load_manifest(client: Any, u: StorageURI) -> tuple[Manifest, bytes]:
     try:
         return Manifest.from_json(body), body
     except ManifestError as exc:
-        raise PreshardError(
-            f"{uri}{MANIFEST_NAME} is invalid: {exc}", reason="InvalidManifest", permanent=True
-        ) from None
+        raise InvalidManifest(f"{uri}{MANIFEST_NAME} is invalid: {exc}") from None
 
 
 def published_client(args: argparse.Namespace) -> tuple[Any, s3.S3Settings]:

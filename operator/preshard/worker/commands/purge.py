@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
-from preshard.core.errors import PreshardError
+from preshard.core.errors import OutputOwnedByOther, UsageError
 from preshard.core.manifest import (
     MANIFEST_NAME,
 )
@@ -29,20 +29,16 @@ def purge_prefix(client: Any, u: StorageURI, owner: str | None) -> int:
     Idempotent: a prefix with nothing of the owner's left succeeds with 0 deleted."""
     uri = str(u)
     if not u.prefix:
-        raise PreshardError(
-            f"refusing to purge a bucket root ({uri})", reason="Usage", permanent=True
-        )
+        raise UsageError(f"refusing to purge a bucket root ({uri})")
     existing = records.read_manifest(client, u.bucket, u.key(MANIFEST_NAME), uri)
     journal = records.read_journal(client, u.bucket, u.key(JOURNAL_NAME), uri)
     for record in (existing, journal):
         if isinstance(record, records.Unreadable):
             records.check_own(record, owner, uri, "purge")
         if record is not None and owner is not None and record.owner != owner:  # type: ignore[union-attr]
-            raise PreshardError(
+            raise OutputOwnedByOther(
                 f"refusing to purge {uri}: its manifest does not name owner {owner} (it is "
                 "another owner's checkpoint, or was published without an owner)",
-                reason="OutputOwnedByOther",
-                permanent=True,
             )
     listing = s3.with_translation(lambda: s3.list_objects(client, u.bucket, u.prefix), uri, "list")
     records.check_neighbours(client, u, listing, owner, "purge")

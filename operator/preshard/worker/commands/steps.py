@@ -23,7 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import (
+    IdentityMismatch,
+    InvalidManifest,
+    OutputChanged,
+    UsageError,
+)
 from preshard.core.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -44,7 +49,7 @@ def step_client(args: argparse.Namespace) -> Any:
 def s3_prefix(uri: str, what: str) -> StorageURI:
     u = parse_uri(uri)
     if u.scheme != "s3":
-        raise PreshardError(f"{what} {uri} is not an s3:// prefix", reason="Usage", permanent=True)
+        raise UsageError(f"{what} {uri} is not an s3:// prefix")
     return u
 
 
@@ -64,34 +69,24 @@ def read_expected(
     uri = str(u)
     got = manifest_at(client, u.bucket, u.key(MANIFEST_NAME), uri)
     if got is None:
-        raise PreshardError(
-            f"{uri} has no {MANIFEST_NAME} any more", reason="OutputChanged", permanent=True
-        )
+        raise OutputChanged(f"{uri} has no {MANIFEST_NAME} any more")
     man, body, etag = got
     if man is None:
-        raise PreshardError(
+        raise InvalidManifest(
             f"{uri}{MANIFEST_NAME} is not a valid manifest",
-            reason="InvalidManifest",
-            permanent=True,
         )
     sha = hashlib.sha256(body).hexdigest()
     if expect_sha and sha != expect_sha:
-        raise PreshardError(
+        raise OutputChanged(
             f"the manifest of {uri} changed since the preflight",
-            reason="OutputChanged",
-            permanent=True,
         )
     if check_owner and (man.owner or None) != (expect_owner or None):
-        raise PreshardError(
+        raise OutputChanged(
             f"the manifest of {uri} names another owner than expected",
-            reason="OutputChanged",
-            permanent=True,
         )
     if expect_identity is not None and man.identity != expect_identity:
-        raise PreshardError(
+        raise IdentityMismatch(
             f"the checkpoint at {uri} has identity {man.identity}, not {expect_identity}",
-            reason="IdentityMismatch",
-            permanent=True,
         )
     return man, body, etag
 

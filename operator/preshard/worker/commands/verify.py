@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.contract import EXIT_FAILED, EXIT_OK
-from preshard.core.errors import PreshardError
+from preshard.core.errors import ManifestNotFound, PreshardError
 from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
 from preshard.core.quantity import format_bytes
 from preshard.core.quantization import raw_plan_quantization
@@ -92,10 +92,8 @@ def _local_checkpoint(path: Path) -> Path:
     """A local checkpoint directory: every file the manifest lists, with its sha256."""
     man_path = path / MANIFEST_NAME
     if not man_path.is_file():
-        raise PreshardError(
+        raise ManifestNotFound(
             f"{path} has no {MANIFEST_NAME}: not a published checkpoint",
-            reason="ManifestNotFound",
-            permanent=True,
         )
     try:
         manifest = Manifest.from_json(man_path.read_bytes())

@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import OutputChanged
 from preshard.core.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -41,10 +41,8 @@ def withdraw(args: argparse.Namespace) -> dict[str, Any]:
         return {"uri": uri, "withdrawn": False}
     body = got[1]
     if hashlib.sha256(body).hexdigest() != args.expect_manifest_sha256:
-        raise PreshardError(
+        raise OutputChanged(
             f"the manifest of {uri} changed since the preflight; nothing was withdrawn",
-            reason="OutputChanged",
-            permanent=True,
         )
     s3.with_translation(
         lambda: with_retries(

@@ -18,7 +18,13 @@ from typing import Any
 
 from preshard.core import quantization
 from preshard.core.contract import MANIFEST_NAME, WEIGHT_INDEXES, WEIGHT_SUFFIXES
-from preshard.core.errors import PreshardError, SpecError
+from preshard.core.errors import (
+    InvalidSource,
+    PreshardError,
+    SourceNotFound,
+    SpecError,
+    UnsupportedQuantization,
+)
 from preshard.core.plan import ConversionPlan
 from preshard.worker.engine import kernels
 from preshard.worker.engine.installed import on_cpu_backend
@@ -172,10 +178,8 @@ def read_model_config(model_dir: Path, label: str) -> dict[str, Any]:
     if there are no safetensors weights."""
     config = read_config_json(model_dir, label)
     if not any(p.is_file() for p in model_dir.glob("*.safetensors")):
-        raise PreshardError(
+        raise InvalidSource(
             f"the source {label} has no *.safetensors weights (other formats are not supported)",
-            reason="InvalidSource",
-            permanent=True,
         )
     return config
 
@@ -184,28 +188,20 @@ def read_config_json(model_dir: Path, label: str) -> dict[str, Any]:
     """The checkpoint's config.json (``model_dir`` may hold only the non-weight files, as
     a tensor source prepares them); InvalidSource if it is missing or unreadable."""
     if not model_dir.is_dir():
-        raise PreshardError(
-            f"the source {label} does not exist", reason="SourceNotFound", permanent=True
-        )
+        raise SourceNotFound(f"the source {label} does not exist")
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
-        raise PreshardError(
+        raise InvalidSource(
             f"the source {label} has no config.json: not a Hugging Face model directory",
-            reason="InvalidSource",
-            permanent=True,
         )
     try:
         config = json.loads(cfg_path.read_text())
     except (OSError, ValueError) as exc:
-        raise PreshardError(
+        raise InvalidSource(
             f"the source's config.json is not valid JSON: {exc}",
-            reason="InvalidSource",
-            permanent=True,
         ) from None
     if not isinstance(config, dict):
-        raise PreshardError(
-            "the source's config.json is not a JSON object", reason="InvalidSource", permanent=True
-        )
+        raise InvalidSource("the source's config.json is not a JSON object")
     return config
 
 
@@ -279,15 +275,13 @@ def quantization_for_engine(
             q, qc if isinstance(qc, dict) and declared and declared.lower() == q else None
         )
         if reason:
-            raise PreshardError(
+            raise UnsupportedQuantization(
                 f"quantization {q!r} cannot run on this machine (vLLM's own kernel selection "
                 "on one probe layer, before any engine), and the conversion engine needs it "
                 f"to load the checkpoint: {reason}. Convert on a node type where the probe "
                 "passes (accelerator: gpu, or a CPU with the kernel), or use an online "
                 "method (fp8_per_tensor, fp8_per_channel, fp8_per_block) over an "
                 "unquantized checkpoint",
-                reason="UnsupportedQuantization",
-                permanent=True,
             )
     return q, {"method": q, "online": False, "kernel": None}
 

@@ -45,7 +45,13 @@ from typing import Any
 
 from preshard.core import quantization
 from preshard.core.contract import LOAD_FORMAT_LOCAL
-from preshard.core.errors import PreshardError
+from preshard.core.errors import (
+    ConversionFailed,
+    EngineRefused,
+    PreshardError,
+    UnsupportedQuantization,
+    VerificationFailed,
+)
 from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.core.modelconfig import cpu_raw_reload_refusal
 from preshard.core.progress import format_rate
@@ -92,38 +98,30 @@ PERMANENT_ENGINE_ERRORS = frozenset({"ValueError", "NotImplementedError", "Valid
 def _conversion_error(exc: EngineError) -> PreshardError:
     if exc.kind and quantization.permanent_kernel_error(exc.message):
         # a quantization kernel that does not exist on this machine: no retry can help
-        return PreshardError(
+        return UnsupportedQuantization(
             f"vLLM has no kernel for this quantization on this machine: {exc.message}",
-            reason="UnsupportedQuantization",
-            permanent=True,
         )
     if exc.stage == "load" and exc.kind in PERMANENT_ENGINE_ERRORS:
-        return PreshardError(
+        return EngineRefused(
             f"vLLM cannot load the model at this configuration: {exc.message}",
-            reason="ConversionFailed",
-            permanent=True,
         )
     if exc.stage == "generate" and exc.kind:
         # vLLM raised while generating the reference tokens: deterministic for a given
         # model and layout, so a retry cannot help.
-        return PreshardError(
+        return EngineRefused(
             f"vLLM failed to generate the reference tokens for verification: {exc.message} "
             "(--no-verify skips this step)",
-            reason="ConversionFailed",
-            permanent=True,
         )
-    return PreshardError(
-        f"conversion failed ({exc.stage}): {exc.message}", reason="ConversionFailed"
-    )
+    return ConversionFailed(f"conversion failed ({exc.stage}): {exc.message}")
 
 
 def _verification_error(exc: EngineError) -> PreshardError:
     if exc.kind:  # vLLM raised: the shards do not load (e.g. "Missing keys")
-        return verify_shards.VerificationFailed(
+        return VerificationFailed(
             f"reloading the shards with load_format=sharded_state failed: {exc.message}"
         )
     # The process died or timed out: not a verdict on the shards.
-    return PreshardError(f"verification engine failed: {exc.message}", reason="ConversionFailed")
+    return ConversionFailed(f"verification engine failed: {exc.message}")
 
 
 def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
@@ -166,7 +164,7 @@ def convert(req: ConvertRequest, reporter: Any) -> ConvertOutcome:
     if on_cpu_backend():
         refusal = cpu_raw_reload_refusal(config, req.plan.quantization)
         if refusal:
-            raise PreshardError(refusal, reason="UnsupportedQuantization", permanent=True)
+            raise UnsupportedQuantization(refusal)
     raw_quantization, kernel_note = quantization_for_engine(req, config)
     # issue 9: refuse a pod whose memory limit is below the estimate (InsufficientMemory)
     resources.check_memory(

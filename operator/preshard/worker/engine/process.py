@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import ConversionFailed
 from preshard.worker.engine.cpu import (
     CPU_MAX_MODEL_LEN,
     CPU_MAX_NUM_SEQS,
@@ -121,11 +121,10 @@ class EngineOutcome:
     logprobs: Logprobs = ()
 
 
-class EngineError(PreshardError):
+class EngineError(ConversionFailed):
     """The engine failed. ``stage`` is "load", "generate" or "save"; ``kind`` is the
-    exception class name in the child ("" when the child died without a word)."""
-
-    reason = "ConversionFailed"
+    exception class name in the child ("" when the child died without a word). A
+    ConversionFailed (transient) until the conversion path classifies it."""
 
     def __init__(self, message: str, *, stage: str, kind: str = "", detail: str = ""):
         super().__init__(message)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource
 from preshard.worker.sources import TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -35,9 +35,7 @@ def local_tensors(model_dir: Path) -> list[TensorInfo]:
         try:
             listed = {str(v) for v in json.loads(index.read_text())["weight_map"].values()}
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PreshardError(
-                f"{INDEX_NAME} is not a valid index: {exc}", reason="InvalidSource", permanent=True
-            ) from None
+            raise InvalidSource(f"{INDEX_NAME} is not a valid index: {exc}") from None
         files = [f for f in files if f in listed]
     out = []
     for name in sorted(files, key=_natural_key):

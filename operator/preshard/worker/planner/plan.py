@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import PlannerUnsupported, PreshardError
 from preshard.worker.sources import TensorInfo
 
 # safetensors dtype -> torch dtype name
@@ -49,13 +49,6 @@ _TORCH_DTYPES = {
     "U64": "uint64",
     "F8_E8M0": "float8_e8m0fnu",
 }
-
-
-class PlannerUnsupported(PreshardError):
-    """The planner cannot give this model's exact tensors (permanent, exit 3)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, reason="PlannerUnsupported", permanent=True)
 
 
 @dataclass

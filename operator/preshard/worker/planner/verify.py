@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import PlannerUnavailable
 from preshard.core.manifest import SHARDING_NAME
 from preshard.core.sharding import Sharding, ShardingError, parse_document
 from preshard.worker.verify.shards import VerificationFailed
@@ -30,11 +30,9 @@ def planned_sharding(
 
     missing = vllm_missing()
     if missing:
-        raise PreshardError(
+        raise PlannerUnavailable(
             f"verify --against re-plans the checkpoint from the source with vLLM's weight "
             f"loaders and does not trust its {SHARDING_NAME}, but {missing} here",
-            reason="PlannerUnavailable",
-            permanent=True,
         )
     from preshard.worker.planner import plan_ranks
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from preshard.core.errors import InvalidSource
+
 if TYPE_CHECKING:
     import torch
 
@@ -105,7 +107,6 @@ def register_source(*schemes: str) -> Callable[[SourceOpener], SourceOpener]:
 def open_source(uri: str, **settings: Any) -> TensorSource:
     """The TensorSource for ``uri`` (``settings``: endpoint_url, region, concurrency,
     work_dir, as the scheme needs them)."""
-    from preshard.core.errors import PreshardError
     from preshard.core.uris import parse_uri
 
     u = parse_uri(uri, allow_local=True)
@@ -130,9 +131,7 @@ def open_source(uri: str, **settings: Any) -> TensorSource:
         importlib.import_module(SOURCE_MODULES[u.scheme])
     opener = _REGISTRY.get(u.scheme)
     if opener is None:
-        raise PreshardError(
-            f"no tensor source for {u.scheme}:// URIs", reason="InvalidSource", permanent=True
-        )
+        raise InvalidSource(f"no tensor source for {u.scheme}:// URIs")
     return opener(u, uri, **settings)
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from preshard.core.contract import MANIFEST_NAME, SHARDING_NAME, STATE_RAW
-from preshard.core.errors import PreshardError
+from preshard.core.errors import ReshardNotPossible
 from preshard.core.manifest import Manifest, ManifestError, ManifestFile, manifest_sha256
 from preshard.core.sharding import Sharding, ShardingError, numel, parse_document, unravel
 from preshard.core.uris import StorageURI, parse_uri
@@ -70,11 +70,6 @@ TORCH_TO_ST = {
 }  # fmt: skip
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 _HASH_CHUNK = 8 * 2**20
-
-
-class ReshardNotPossible(PreshardError):
-    reason = "ReshardNotPossible"
-    permanent = True
 
 
 # ------------------------------------------------------------------------------ readers

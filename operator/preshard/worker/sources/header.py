@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource, PreshardError
 from preshard.worker.sources import DTYPE_SIZES, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -100,11 +100,9 @@ def index_tensors(uri: str, files: Any) -> tuple[dict[str, Located], list[Tensor
     for name, entries in files:
         for info, begin, end in entries:
             if info.name in where:
-                raise PreshardError(
+                raise InvalidSource(
                     f"source {uri}: tensor {info.name} is in both "
                     f"{where[info.name][0].file} and {name}",
-                    reason="InvalidSource",
-                    permanent=True,
                 )
             where[info.name] = (info, begin, end)
             order.append(info)
@@ -112,7 +110,7 @@ def index_tensors(uri: str, files: Any) -> tuple[dict[str, Located], list[Tensor
 
 
 def _invalid(message: str) -> PreshardError:
-    return PreshardError(message, reason="InvalidSource", permanent=True)
+    return InvalidSource(message)
 
 
 def to_tensor(buf: Any, info: TensorInfo) -> Any:

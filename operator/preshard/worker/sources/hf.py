@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource, PreshardError, StorageUnavailable
 from preshard.core.uris import StorageURI
 from preshard.worker.sources import TensorInfo, register_source
 from preshard.worker.sources.header import (
@@ -66,9 +66,7 @@ class HfSource:
         if pin is not None and info.sha != pin:
             raise storage.source_changed(uri, pin)
         if not info.sha:
-            raise PreshardError(
-                f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
-            )
+            raise StorageUnavailable(f"the Hugging Face Hub returned no commit for {uri}")
         self.revision: str = info.sha
         self._sizes = {
             s.rfilename: int(s.size or 0)
@@ -76,19 +74,15 @@ class HfSource:
             if "/" not in s.rfilename and storage.hf_wanted(s.rfilename)
         }
         if "config.json" not in self._sizes:
-            raise PreshardError(
+            raise InvalidSource(
                 f"source {uri} has no config.json: not a Hugging Face-format model directory",
-                reason="InvalidSource",
-                permanent=True,
             )
         index = (
             self._get(INDEX_NAME, 0, self._sizes[INDEX_NAME]) if INDEX_NAME in self._sizes else None
         )
         weights = weight_files(sorted(self._sizes), index)
         if not weights:
-            raise PreshardError(
-                f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
-            )
+            raise InvalidSource(f"source {uri} has no *.safetensors weights")
 
         def headers(name: str) -> Any:
             size = self._sizes[name]
@@ -128,9 +122,8 @@ class HfSource:
                 ) as resp:
                     hf_raise_for_status(resp)
                     if resp.status_code != 206 and not (begin == 0 and resp.status_code == 200):
-                        raise PreshardError(
+                        raise StorageUnavailable(
                             f"source {self.uri}: the Hub ignored a range request for {name}",
-                            reason="StorageUnavailable",
                         )
                     for chunk in resp.iter_bytes(_CHUNK):
                         chunk = chunk[: want - got]
@@ -157,9 +150,8 @@ class HfSource:
             if out is not None:
                 out.clear()
             if attempt == _ATTEMPTS:
-                raise PreshardError(
+                raise StorageUnavailable(
                     f"source {self.uri}: {name} ended early ({reason})",
-                    reason="StorageUnavailable",
                 )
             log.info("reading %s again (%s)", name, reason)
             time.sleep(min(2**attempt * 0.25, 4))

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource
 from preshard.core.uris import StorageURI
 from preshard.worker.sources import TensorInfo, register_source
 from preshard.worker.sources.header import (
@@ -67,10 +67,8 @@ class LocalSource:
         while done < len(buf):
             n = os.preadv(fd, [view[done:]], begin + done)
             if n <= 0:
-                raise PreshardError(
+                raise InvalidSource(
                     f"source {self.uri}: {info.file} ended inside tensor {name}",
-                    reason="InvalidSource",
-                    permanent=True,
                 )
             done += n
         return to_tensor(buf, info)

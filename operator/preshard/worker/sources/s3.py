@@ -25,7 +25,7 @@ from typing import Any
 import botocore.exceptions
 
 from preshard.core.contract import OTHER_WEIGHT_SUFFIXES, SAFETENSORS_SUFFIX
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource, PreshardError
 from preshard.core.uris import StorageURI
 from preshard.worker.sources import TensorInfo, register_source
 from preshard.worker.sources.header import (
@@ -75,18 +75,14 @@ class S3Source:
             storage.check_pin(uri, entries, pin)
             self._etags = {u.key(name): etag for name, _, etag in entries}
         if "config.json" not in files:
-            raise PreshardError(
+            raise InvalidSource(
                 f"source {uri} has no config.json: not a Hugging Face-format model directory",
-                reason="InvalidSource",
-                permanent=True,
             )
         self._files = files
         index = self._get_small(INDEX_NAME) if INDEX_NAME in files else None
         weights = weight_files(sorted(files), index)
         if not weights:
-            raise PreshardError(
-                f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
-            )
+            raise InvalidSource(f"source {uri} has no *.safetensors weights")
         self._where, self._order = index_tensors(
             uri, ((name, self._header(name, files[name])) for name in weights)
         )
@@ -154,10 +150,8 @@ class S3Source:
             if name.endswith((SAFETENSORS_SUFFIX, *OTHER_WEIGHT_SUFFIXES)):
                 continue
             if size > MAX_META_FILE:
-                raise PreshardError(
+                raise InvalidSource(
                     f"source {self.uri}: {name} is {size} bytes, too large for a non-weight file",
-                    reason="InvalidSource",
-                    permanent=True,
                 )
             (dest / name).write_bytes(self._get_small(name))
         return dest

@@ -27,7 +27,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import IntegrityError, PreshardError
 from preshard.worker.store.s3 import error_code, translate
 from preshard.worker.store.transfer import (
     MiB,
@@ -55,11 +55,6 @@ class DownloadItem:
     dest: Path
     size: int
     sha256: str | None  # None: no expected hash (source without manifest)
-
-
-class IntegrityError(PreshardError):
-    reason = "IntegrityError"
-    permanent = True
 
 
 class SequentialHasher:

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource
 from preshard.core.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from preshard.core.uris import StorageURI, parse_uri
 from preshard.worker.progress import Reporter
@@ -82,9 +82,7 @@ def _fetch_s3(
     pinned()  # before anything is downloaded
     files = list_source_files(client, u, uri)
     if not any(name.endswith(WEIGHT_SUFFIXES) for name in files):
-        raise PreshardError(
-            f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
-        )
+        raise InvalidSource(f"source {uri} has no *.safetensors weights")
     wanted = {n: s for n, s in files.items() if not n.endswith(SKIPPED_SUFFIXES)}
     # the same URI with the same object sizes may resume; anything else starts afresh
     claim_dest(dest, f"{uri} " + json.dumps(sorted(wanted.items())))

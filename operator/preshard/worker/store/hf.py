@@ -12,7 +12,13 @@ import sys
 import threading
 from pathlib import Path
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import (
+    AccessDenied,
+    InternalError,
+    PreshardError,
+    SourceNotFound,
+    StorageUnavailable,
+)
 from preshard.core.uris import StorageURI
 from preshard.worker.progress import Reporter
 from preshard.worker.store import s3
@@ -41,9 +47,7 @@ def fetch_hf(
     try:
         from huggingface_hub import HfApi, snapshot_download
     except ImportError as exc:  # pragma: no cover - dependency of the package
-        raise PreshardError(
-            f"hf:// sources need huggingface_hub ({exc})", reason="InternalError"
-        ) from None
+        raise InternalError(f"hf:// sources need huggingface_hub ({exc})") from None
     quiet_hf_client()
     token = os.environ.get("HF_TOKEN") or None
     try:
@@ -56,9 +60,7 @@ def fetch_hf(
             u.authority, revision=pin or u.revision, token=token, files_metadata=True
         )
         if not info.sha:
-            raise PreshardError(
-                f"the Hugging Face Hub returned no commit for {uri}", reason="StorageUnavailable"
-            )
+            raise StorageUnavailable(f"the Hugging Face Hub returned no commit for {uri}")
         if pin is not None and info.sha != pin:
             raise source_changed(uri, pin)
         claim_dest(dest, f"hf {u.authority}@{info.sha}")
@@ -219,18 +221,14 @@ def hf_error(
                 f"source {uri} is gated: set HF_TOKEN (key HF_TOKEN in the source credentials "
                 "Secret) for an account with access"
             )
-        return PreshardError(msg, reason="AccessDenied", permanent=True)
+        return AccessDenied(msg)
     if isinstance(exc, RevisionNotFoundError):
-        return PreshardError(
+        return SourceNotFound(
             f"source {uri}: revision {revision!r} does not exist",
-            reason="SourceNotFound",
-            permanent=True,
         )
     if isinstance(exc, RepositoryNotFoundError):
         hint = "the account of HF_TOKEN cannot see it" if has_token else "is private: set HF_TOKEN"
-        return PreshardError(
-            f"source {uri} does not exist (or {hint})", reason="SourceNotFound", permanent=True
-        )
+        return SourceNotFound(f"source {uri} does not exist (or {hint})")
     status = (
         exc.response.status_code
         if isinstance(exc, HfHubHTTPError) and exc.response is not None
@@ -244,17 +242,14 @@ def hf_error(
             if has_token
             else "requires a token: set HF_TOKEN"
         )
-        return PreshardError(
+        return AccessDenied(
             f"the Hugging Face Hub {who} for {uri} (HTTP {status})",
-            reason="AccessDenied",
-            permanent=True,
         )
     if isinstance(exc, (HfHubHTTPError, *_transport_errors())):
-        return PreshardError(
+        return StorageUnavailable(
             s3.scrub(
                 f"cannot download {uri} from the Hugging Face Hub at {constants.ENDPOINT}: "
                 f"{_hf_cause(exc)}"
             ),
-            reason="StorageUnavailable",
         )
     return None

@@ -22,7 +22,7 @@ from preshard.core.contract import (
 from preshard.core.contract import (
     utc_timestamp,
 )
-from preshard.core.errors import PreshardError
+from preshard.core.errors import NothingToPublish, PreshardError
 from preshard.core.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -45,7 +45,7 @@ from preshard.worker.store.records import (
     read_manifest,
 )
 from preshard.worker.store.transfer import (
-    UploadCancelled,
+    UploadAborted,
     Uploader,
     UploadItem,
     remote_sha256,
@@ -135,10 +135,8 @@ class Publication:
             raise RuntimeError(f"begin() on a publication that is {self.state}")
         paths = local_files(self.local_dir)
         if not paths:
-            raise PreshardError(
+            raise NothingToPublish(
                 f"nothing to publish in {self.local_dir}",
-                reason="NothingToPublish",
-                permanent=True,
             )
         self.files = [
             LocalFile(p.relative_to(self.local_dir).as_posix(), p, p.stat().st_size) for p in paths
@@ -258,7 +256,7 @@ class Publication:
         results = []
         for f in self.files:
             if handle.cancel.is_set():
-                raise UploadCancelled("the upload was aborted")
+                raise UploadAborted("the upload was aborted")
             dst = dest / f.rel
             if f.path.resolve() == dst.resolve():
                 sha = sha256_file(f.path)

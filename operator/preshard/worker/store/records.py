@@ -26,7 +26,7 @@ import botocore.exceptions
 from preshard.core.contract import (
     PUBLICATION_RECORD_NAME as JOURNAL_NAME,
 )
-from preshard.core.errors import PreshardError
+from preshard.core.errors import OutputChanged, OutputOwnedByOther, PreshardError, StorageError
 from preshard.core.manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -211,12 +211,10 @@ def check_neighbours(
         record = reader(client, u.bucket, key, uri)
         if record is not None and not _same_owner(record, owner):
             nested = f"s3://{u.bucket}/{key.rsplit('/', 1)[0]}/"
-            raise PreshardError(
+            raise OutputOwnedByOther(
                 f"refusing to {what} {uri}: another owner's checkpoint lies below it, at "
                 f"{nested}; preshard never touches another owner's checkpoint (choose a "
                 "prefix that contains no other checkpoint)",
-                reason="OutputOwnedByOther",
-                permanent=True,
             )
     parts = u.prefix.rstrip("/").split("/")[:-1] if u.prefix else []
     ancestors = [""] + ["/".join(parts[: i + 1]) + "/" for i in range(len(parts))]
@@ -233,11 +231,9 @@ def check_neighbours(
                 log.debug("cannot read %s%s (access denied): not checked", anc, name)
                 continue
             if record is not None and not _same_owner(record, owner):
-                raise PreshardError(
+                raise OutputOwnedByOther(
                     f"refusing to {what} {uri}: it lies inside another owner's checkpoint at "
                     f"s3://{u.bucket}/{anc}; choose a prefix outside it",
-                    reason="OutputOwnedByOther",
-                    permanent=True,
                 )
 
 
@@ -249,20 +245,16 @@ def check_own(
     if record is None:
         return
     if isinstance(record, Unreadable):
-        raise PreshardError(
+        raise OutputOwnedByOther(
             f"refusing to {what} {uri}: its {MANIFEST_NAME} (or {JOURNAL_NAME}) cannot be "
             f"read ({record.why}), so its owner and objects are unknown; remove it by hand "
             "if it is yours",
-            reason="OutputOwnedByOther",
-            permanent=True,
         )
     if record.owner is not None and record.owner != owner:
-        raise PreshardError(
+        raise OutputOwnedByOther(
             f"refusing to {what} {uri}: it holds a checkpoint published by another owner; "
             "choose another output prefix (preshard never overwrites or deletes another "
             "owner's checkpoint)",
-            reason="OutputOwnedByOther",
-            permanent=True,
         )
 
 
@@ -300,10 +292,8 @@ def put_manifest(
     now = read_manifest_tagged(client, u.bucket, key, uri)
     now_body = now[1] if now is not None else None
     if now_body != expect_body:
-        raise PreshardError(
+        raise OutputChanged(
             f"the manifest of {uri} changed while this Job ran; nothing was written",
-            reason="OutputChanged",
-            permanent=True,
         )
     body = text.encode()
     md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 - Content-MD5
@@ -329,10 +319,8 @@ def put_manifest(
     except botocore.exceptions.ClientError as exc:
         code = s3.error_code(exc)
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-            raise PreshardError(
+            raise OutputChanged(
                 f"the manifest of {uri} changed while this Job ran; nothing was written",
-                reason="OutputChanged",
-                permanent=True,
             ) from None
         if code in ("NotImplemented", "501") and cond:
             with_retries(put, "put manifest")  # a server without conditional writes
@@ -375,10 +363,9 @@ def delete_keys(client: Any, bucket: str, keys: list[str], uri: str) -> int:
         )
         errors = resp.get("Errors") or []
         if errors:
-            raise PreshardError(
+            raise StorageError(
                 f"could not delete {len(errors)} object(s) under {uri}: "
                 f"{s3.scrub(str(errors[0].get('Code')), 100)}",
-                reason="StorageError",
             )
         deleted += len(batch)
     return deleted

@@ -7,6 +7,7 @@ error message or log line ever contains a credential value.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import threading
@@ -18,7 +19,16 @@ import botocore.exceptions
 import botocore.session
 from botocore.config import Config
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import (
+    AccessDenied,
+    BucketNotFound,
+    InvalidConfig,
+    InvalidURI,
+    ObjectNotFound,
+    PreshardError,
+    StorageError,
+    StorageUnavailable,
+)
 from preshard.core.uris import check_endpoint
 
 # The one botocore error the layers above the store catch (a missing object, a refused
@@ -184,10 +194,8 @@ def make_client(settings: S3Settings) -> Any:
             config=config,
         )
     except Exception as exc:  # a bad region or endpoint: permanent, scrubbed, no traceback
-        raise PreshardError(
+        raise InvalidConfig(
             scrub(f"cannot create an S3 client: {type(exc).__name__}: {exc}"),
-            reason="InvalidConfig",
-            permanent=True,
         ) from None
 
 
@@ -229,7 +237,9 @@ def translate(exc: BaseException, uri: str, action: str) -> PreshardError:
     err = _translate(exc, uri, action)
     clean = scrub(err.message)
     if clean != err.message:
-        return PreshardError(clean, reason=err.reason, permanent=err.permanent)
+        scrubbed = copy.copy(err)  # the same class (reason, permanence), a clean message
+        scrubbed.message, scrubbed.args = clean, (clean,)
+        return scrubbed
     return err
 
 
@@ -239,54 +249,40 @@ def _translate(exc: BaseException, uri: str, action: str) -> PreshardError:
     if isinstance(
         exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
     ):
-        return PreshardError(
+        return AccessDenied(
             f"cannot {action} {uri}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
             "or use a service account with an IAM role)",
-            reason="AccessDenied",
-            permanent=True,
         )
     if isinstance(
         exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError
     ):
         endpoint = _endpoint_of(str(getattr(exc, "kwargs", {}).get("endpoint_url", "")))
         where = f" at {endpoint}" if endpoint else ""
-        return PreshardError(
+        return StorageUnavailable(
             f"cannot {action} {uri}: the S3 endpoint{where} is unreachable",
-            reason="StorageUnavailable",
-            permanent=False,
         )
     code = error_code(exc)
     if code == "NoSuchBucket":
-        return PreshardError(
+        return BucketNotFound(
             f"cannot {action} {uri}: the bucket does not exist",
-            reason="BucketNotFound",
-            permanent=True,
         )
     if code in _PERMANENT_ACCESS:
-        return PreshardError(
+        return AccessDenied(
             f"cannot {action} {uri}: access denied ({code}); check the credentials in AWS_ACCESS_KEY_ID/"
             "AWS_SECRET_ACCESS_KEY and the bucket policy",
-            reason="AccessDenied",
-            permanent=True,
         )
     if code in ("NoSuchKey", "404", "NotFound"):
-        return PreshardError(f"cannot {action} {uri}: not found", reason="NotFound", permanent=True)
+        return ObjectNotFound(f"cannot {action} {uri}: not found")
     if isinstance(exc, botocore.exceptions.BotoCoreError | botocore.exceptions.ClientError):
-        return PreshardError(
+        return StorageError(
             f"cannot {action} {uri}: {code or type(exc).__name__}",
-            reason="StorageError",
-            permanent=False,
         )
     if isinstance(exc, ValueError):  # botocore/urllib3 refusing the request (bad URL...)
-        return PreshardError(
+        return InvalidURI(
             f"cannot {action} {uri}: the request was refused ({type(exc).__name__}: {exc})",
-            reason="InvalidURI",
-            permanent=True,
         )
-    return PreshardError(
+    return StorageError(
         f"cannot {action} {uri}: {type(exc).__name__}: {exc}",
-        reason="StorageError",
-        permanent=False,
     )
 
 
@@ -295,10 +291,8 @@ def check_bucket(client: Any, bucket: str, uri: str) -> None:
         client.head_bucket(Bucket=bucket)
     except botocore.exceptions.ClientError as exc:
         if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
-            raise PreshardError(
+            raise BucketNotFound(
                 f"cannot use {uri}: the bucket {bucket!r} does not exist",
-                reason="BucketNotFound",
-                permanent=True,
             ) from None
         raise translate(exc, uri, "access") from None
     except Exception as exc:

@@ -22,7 +22,7 @@ from preshard.core.contract import (
     SAFETENSORS_SUFFIX,
 )
 from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource, PreshardError, SourceChanged, SourceNotFound
 from preshard.core.uris import StorageURI, check_file_name
 from preshard.worker.store import s3
 
@@ -39,21 +39,15 @@ def pvc_mount_root() -> Path:
 
 def check_model_dir(path: Path, uri: str) -> None:
     if not path.is_dir():
-        raise PreshardError(
+        raise SourceNotFound(
             f"source {uri} does not exist (no directory {path})",
-            reason="SourceNotFound",
-            permanent=True,
         )
     if not (path / "config.json").is_file():
-        raise PreshardError(
+        raise InvalidSource(
             f"source {uri} has no config.json: not a Hugging Face-format model directory",
-            reason="InvalidSource",
-            permanent=True,
         )
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
-        raise PreshardError(
-            f"source {uri} has no *.safetensors weights", reason="InvalidSource", permanent=True
-        )
+        raise InvalidSource(f"source {uri} has no *.safetensors weights")
 
 
 def check_links(path: Path, uri: str, root: Path | None = None) -> None:
@@ -67,11 +61,9 @@ def check_links(path: Path, uri: str, root: Path | None = None) -> None:
     """
     real = path.resolve()
     if root is not None and not real.is_relative_to(root.resolve()):
-        raise PreshardError(
+        raise InvalidSource(
             f"source {uri} is a symbolic link to a directory outside its volume; preshard "
             "never follows links out of a source",
-            reason="InvalidSource",
-            permanent=True,
         )
     if not real.is_dir():
         return  # check_model_dir reports it
@@ -88,12 +80,10 @@ def check_links(path: Path, uri: str, root: Path | None = None) -> None:
                 uri,
                 p.name,
             )
-            raise PreshardError(
+            raise InvalidSource(
                 f"source {uri}: {p.name} is a symbolic link to a path outside the source "
                 "directory (or a dangling one); preshard never follows links out of a "
                 "source: replace it with the file itself",
-                reason="InvalidSource",
-                permanent=True,
             )
 
 
@@ -147,12 +137,10 @@ def s3_entries(client: object, u: StorageURI) -> list[tuple[str, int, str]]:
 
 
 def source_changed(uri: str, pin: str) -> PreshardError:
-    return PreshardError(
+    return SourceChanged(
         f"the source {uri} changed since the operator's preflight pinned it ({pin[:19]}...): "
         "preshard converts (and checks against) exactly the content it pinned; apply the "
         "resource again to convert the new content",
-        reason="SourceChanged",
-        permanent=True,
     )
 
 
@@ -173,10 +161,8 @@ def list_source(client: object, u: StorageURI, uri: str) -> list[tuple[str, int,
     except Exception as exc:
         err = s3.translate(exc, uri, "read the source")
         if err.reason == "BucketNotFound":
-            err = PreshardError(
+            err = SourceNotFound(
                 f"source {uri} does not exist (no bucket {u.bucket!r})",
-                reason="SourceNotFound",
-                permanent=True,
             )
         raise err from None
     if not entries:
@@ -185,10 +171,8 @@ def list_source(client: object, u: StorageURI, uri: str) -> list[tuple[str, int,
 
 
 def _empty(uri: str) -> PreshardError:
-    return PreshardError(
+    return SourceNotFound(
         f"source {uri} does not exist or is empty (no objects under the prefix)",
-        reason="SourceNotFound",
-        permanent=True,
     )
 
 
@@ -200,11 +184,9 @@ def list_source_files(client: object, u: StorageURI, uri: str) -> dict[str, int]
         why = check_file_name(name)
         if why is not None:
             shown = name if len(name) <= 60 else name[:60] + "..."
-            raise PreshardError(
+            raise InvalidSource(
                 f"source {uri}: the object {u.prefix}{shown} {why}; it cannot be a model file "
                 "(rename or remove it)",
-                reason="InvalidSource",
-                permanent=True,
             )
     files.pop(JOURNAL_NAME, None)
     if not files:

@@ -32,7 +32,7 @@ from typing import Any
 
 import botocore.exceptions
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InjectedCrash, LocalFileChanged, PreshardError, UploadAborted
 from preshard.worker.progress import Reporter
 from preshard.worker.store.s3 import error_code, translate
 
@@ -148,11 +148,6 @@ class UploadItem:
     sha256: str | None = None  # None: hashed by the Uploader just before its upload
 
 
-class UploadCancelled(PreshardError):
-    reason = "UploadAborted"
-    permanent = True
-
-
 def failed_before_cancel(exc: BaseException) -> bool:
     """Whether a failure seen after an abort is a failure of its own (not a transient
     error whose retry the abort stopped)."""
@@ -225,9 +220,8 @@ def _read_exact(path: Path, offset: int, buf: memoryview) -> None:
         while got < len(buf):
             n = f.readinto(buf[got:])
             if not n:
-                raise PreshardError(
+                raise LocalFileChanged(
                     f"{path} changed while uploading (shorter than when it was listed)",
-                    reason="LocalFileChanged",
                 )
             got += n
 
@@ -241,7 +235,7 @@ class Uploader(Transfer):
         super().__init__(client, bucket, **kw)
         # Test hook: raise after this many parts (simulates a crash mid-upload).
         self.fail_after_parts: int | None = None
-        # Set to stop: queued parts fail with UploadCancelled, unfinished uploads are aborted.
+        # Set to stop: queued parts fail with UploadAborted, unfinished uploads are aborted.
         self.cancel = threading.Event()
         # Resumption: called with a hashed item; True skips it (already in place).
         self.skip: Callable[[UploadItem], bool] | None = None
@@ -260,13 +254,11 @@ class Uploader(Transfer):
 
     def _count_part(self) -> None:
         if self.cancel.is_set():
-            raise UploadCancelled("the upload was aborted")
+            raise UploadAborted("the upload was aborted")
         with self._lock:
             self._parts_done += 1
             if self.fail_after_parts is not None and self._parts_done > self.fail_after_parts:
-                raise PreshardError(
-                    "injected crash (test hook)", reason="InjectedCrash", permanent=True
-                )
+                raise InjectedCrash("injected crash (test hook)")
 
     def upload(self, items: list[UploadItem]) -> list[UploadItem]:
         """Upload all items in parallel; return them with their sha256. Raises the first
@@ -335,7 +327,7 @@ class Uploader(Transfer):
                         for k in range(nparts):
                             submit(partial(self._put_part, mp, ps, k))
                     if self.cancel.is_set():
-                        raise UploadCancelled("the upload was aborted")
+                        raise UploadAborted("the upload was aborted")
                     wait_all(futures)
                 except BaseException:
                     for h in hashes.values():
@@ -350,7 +342,7 @@ class Uploader(Transfer):
             raise
         except Exception as exc:
             if self.cancel.is_set() and not failed_before_cancel(exc):
-                raise UploadCancelled("the upload was aborted") from None
+                raise UploadAborted("the upload was aborted") from None
             raise translate(exc, self.uri, "upload to") from None
         return list(self.results)
 
@@ -361,7 +353,7 @@ class Uploader(Transfer):
                 return fut.result(timeout=0.2)
             except FuturesTimeout:
                 if failed.is_set() or self.cancel.is_set():
-                    raise UploadCancelled("the upload was aborted") from None
+                    raise UploadAborted("the upload was aborted") from None
 
     def _complete(self, mp: _Multipart) -> None:
         parts = [{"PartNumber": n + 1, "ETag": e} for n, e in enumerate(mp.etags)]
@@ -405,7 +397,7 @@ class Uploader(Transfer):
     def _put_small(self, item: UploadItem) -> None:
         self._count_part()
         if item.path.stat().st_size != item.size:
-            raise PreshardError(f"{item.path} changed while uploading", reason="LocalFileChanged")
+            raise LocalFileChanged(f"{item.path} changed while uploading")
         data, md5 = self._body(item.path, 0, item.size)
         with_retries(
             lambda: self.client.put_object(

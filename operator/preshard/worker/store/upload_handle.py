@@ -14,9 +14,9 @@ from pathlib import Path
 
 from preshard.core.contract import MANIFEST_NAME
 from preshard.core.contract import PUBLICATION_RECORD_NAME as JOURNAL_NAME
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidSource
 from preshard.worker.progress import Reporter
-from preshard.worker.store.transfer import HASH_CHUNK, UploadCancelled, Uploader, lower_priority
+from preshard.worker.store.transfer import HASH_CHUNK, UploadAborted, Uploader, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,10 @@ def local_files(local_dir: Path) -> list[Path]:
             except (OSError, RuntimeError):
                 inside = False
             if not inside:
-                raise PreshardError(
+                raise InvalidSource(
                     f"{rel.as_posix()} in {local_dir} is a symbolic link to a path outside "
                     "the directory (or a dangling one): preshard never publishes what a link "
                     "out of the directory points at",
-                    reason="InvalidSource",
-                    permanent=True,
                 )
         if not p.is_file():
             continue
@@ -161,7 +159,7 @@ def _copy_hashing(src: Path, dst: Path, cancel: threading.Event) -> str:
     with open(src, "rb") as fi, open(dst, "wb") as fo:
         while chunk := fi.read(HASH_CHUNK):
             if cancel.is_set():
-                raise UploadCancelled("the upload was aborted")
+                raise UploadAborted("the upload was aborted")
             h.update(chunk)
             fo.write(chunk)
     return h.hexdigest()

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PreshardError
+from preshard.core.errors import InvalidShardingMetadata, PlanningFailed
 from preshard.core.manifest import SHARDING_NAME
 from preshard.core.sharding import (
     MAX_DOCUMENT_BYTES,
@@ -390,14 +390,13 @@ def load_sharding(checkpoint: Path) -> Sharding:
         raise invalid_metadata(exc) from None
 
 
-def invalid_metadata(exc: ShardingError) -> VerificationFailed:
+def invalid_metadata(exc: ShardingError) -> InvalidShardingMetadata:
     """The permanent error for sharding metadata that is malformed or out of bounds
     (reason InvalidShardingMetadata), naming the field that is wrong."""
     field = f" (field {exc.field})" if exc.field else ""
     problem = str(exc).removeprefix(f"{exc.field}: ") if exc.field else str(exc)
-    return VerificationFailed(
+    return InvalidShardingMetadata(
         f"InvalidShardingMetadata: {SHARDING_NAME}{field}: {problem}",
-        reason="InvalidShardingMetadata",
     )
 
 
@@ -453,10 +452,8 @@ def write_sharding(shards: Path) -> dict[str, Any]:
     try:
         doc = build_document([json.loads(p.read_text()) for p in paths])
     except (ShardingError, KeyError, TypeError, ValueError) as exc:
-        raise PreshardError(
+        raise PlanningFailed(
             f"cannot build the sharding metadata from the ranks' traces: {exc}",
-            reason="ConversionFailed",
-            permanent=True,
         ) from None
     tmp = shards / (SHARDING_NAME + ".tmp")
     tmp.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=False) + "\n")

@@ -33,7 +33,7 @@ from typing import Any
 
 from preshard.core.contract import FILE_PATTERN, PP_FILE_PATTERN, PP_FILE_RE, RANK_FILE_RE
 from preshard.core.contract import shard_pattern as shard_pattern
-from preshard.core.errors import PreshardError
+from preshard.core.errors import VerificationFailed
 
 # vLLM's ShardedStateLoader.TP_ONLY_PATTERN / PP_AND_TP_PATTERN (a vLLM test compares).
 TP_ONLY_PATTERN = FILE_PATTERN
@@ -42,11 +42,6 @@ TP_ONLY_RE = RANK_FILE_RE
 PP_AND_TP_RE = PP_FILE_RE
 MAX_HEADER = 100 * 2**20  # safetensors' own limit
 _MAX_LISTED = 5
-
-
-class VerificationFailed(PreshardError):
-    reason = "VerificationFailed"
-    permanent = True
 
 
 def is_shard_file(name: str) -> bool:
