@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from preshard.worker.sources.checkpoint import CheckpointSource, S3Reader, open_checkpoint
+from preshard.worker.sources.checkpoint import CheckpointSource, open_checkpoint
+from preshard.worker.sources.ranged import S3Reader
 from preshard.worker.verify.shards import VerificationFailed
 from preshard_dev.s3server import RcloneS3
 from tests.unit.test_worker_reshard_source import bits, make_checkpoint, original

@@ -31,6 +31,7 @@ import pytest
 from preshard.cli import build_parser
 from preshard.core.errors import PlannerUnsupported, PreshardError
 from preshard.core.manifest import MANIFEST_NAME, SHARDING_NAME, Manifest
+from preshard.worker import shardlayout
 from preshard.worker import shardwriter as sw
 from preshard.worker.commands import runner
 from preshard.worker.conversion import common
@@ -324,7 +325,7 @@ def test_read_back_check_catches_a_changed_byte_and_a_wrong_header(
     from preshard.worker import enginefree
 
     traces, info = recorded("llama-tied")
-    ranks = sw.plan_files(traces, max_size=info["maxFileSize"])
+    ranks = shardlayout.plan_files(traces, max_size=info["maxFileSize"])
     layouts = {layout.name: layout for _, ls in ranks for layout in ls}
     # a write that does not land as built: one bit of the first tensor's data flipped on
     # its way to the file (a faulty disk or file system stands in: nothing else can)

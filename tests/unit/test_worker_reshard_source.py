@@ -196,7 +196,7 @@ def test_a_tensor_the_model_never_read_is_refused(
 
 
 def _reader(path: Path) -> Any:
-    from preshard.worker.sources.checkpoint import LocalReader
+    from preshard.worker.sources.ranged import LocalReader
 
     return LocalReader(path)
 
@@ -273,7 +273,7 @@ def test_a_changed_sharding_file_or_a_checkpoint_without_one_is_refused(
 def test_listing_the_tensors_reads_headers_only_and_a_file_is_hashed_once(
     published: tuple[Path, dict[str, torch.Tensor], dict[str, Any]],
 ) -> None:
-    from preshard.worker.sources.checkpoint import LocalReader
+    from preshard.worker.sources.ranged import LocalReader
 
     path, src, _ = published
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from preshard.core.errors import PreshardError
+from preshard.worker import shardbuild, shardlayout
 from preshard.worker import shardwriter as sw
 from preshard.worker.sources import TensorInfo, open_source
 from preshard.worker.sources.header import natural_key, weight_files
@@ -223,9 +224,10 @@ def test_header_order_and_padding_match_safetensors(tmp_path: Path) -> None:
     data = (tmp_path / "x.safetensors").read_bytes()
     n = struct.unpack("<Q", data[:8])[0]
     saved = [
-        sw.Saved(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()
+        shardlayout.Saved(k, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for k, t in tensors.items()
     ]
-    header, order = sw.header_bytes(saved)
+    header, order = shardlayout.header_bytes(saved)
     assert header == data[: 8 + n]
     assert [t.key for t in order] == list(json.loads(data[8 : 8 + n]))
 
@@ -265,14 +267,14 @@ def test_uncovered_and_derived_are_refused(tmp_path: Path, checkpoint: Any) -> N
 
 
 def test_names_for_pipeline_parallel() -> None:
-    assert sw.render_name(None, tp_rank=1, pp_rank=1, tp_size=2, pp_size=2, part=3) == (
+    assert shardlayout.render_name(None, tp_rank=1, pp_rank=1, tp_size=2, pp_size=2, part=3) == (
         "model-pp-1-tp-1-part-3.safetensors"
     )
-    assert sw.render_name(None, tp_rank=1, pp_rank=0, tp_size=2, pp_size=1, part=0) == (
+    assert shardlayout.render_name(None, tp_rank=1, pp_rank=0, tp_size=2, pp_size=1, part=0) == (
         "model-rank-1-part-0.safetensors"
     )
     with pytest.raises(PreshardError):
-        sw.render_name(
+        shardlayout.render_name(
             "model-rank-{rank}-part-{part}.safetensors",
             tp_rank=0,
             pp_rank=0,
@@ -395,14 +397,14 @@ def test_uncovered_counts_the_elements_no_write_reaches_runs_and_strided_alike()
         return {"op": "copy", "dst": [off, strides, shape]}
 
     rows = [w(0, [4, 1], [2, 4]), w(8, [4, 1], [2, 4])]  # a 4x4 tensor, two row blocks
-    assert sw.uncovered(rows, 16) == 0
-    assert sw.uncovered(rows[:1], 16) == 8
-    assert sw.uncovered([w(0, [4, 1], [2, 4]), w(4, [4, 1], [3, 4])], 16) == 0  # overlap
-    assert sw.uncovered([w(0, [4, 1], [2, 4]), w(9, [1], [7])], 16) == 1  # one gap
+    assert shardbuild.uncovered(rows, 16) == 0
+    assert shardbuild.uncovered(rows[:1], 16) == 8
+    assert shardbuild.uncovered([w(0, [4, 1], [2, 4]), w(4, [4, 1], [3, 4])], 16) == 0  # overlap
+    assert shardbuild.uncovered([w(0, [4, 1], [2, 4]), w(9, [1], [7])], 16) == 1  # one gap
     cols = [w(0, [4, 1], [4, 2]), w(2, [4, 1], [4, 2])]  # two column blocks: strided
-    assert sw.uncovered(cols, 16) == 0
-    assert sw.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [3, 2])], 16) == 2
-    assert sw.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [4, 1])], 16) == 4
+    assert shardbuild.uncovered(cols, 16) == 0
+    assert shardbuild.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [3, 2])], 16) == 2
+    assert shardbuild.uncovered([w(0, [4, 1], [4, 2]), w(2, [4, 1], [4, 1])], 16) == 4
 
 
 def test_source_cache_reuses_evicted_buffers_of_the_same_size_within_its_limit(
@@ -424,7 +426,7 @@ def test_source_cache_reuses_evicted_buffers_of_the_same_size_within_its_limit(
     (model / "config.json").write_text('{"architectures": ["X"]}')
     source = open_source(str(model))
     one = 64 * 64 * 2
-    cache = sw.SourceCache(source, limit=2 * one, recycle=True)
+    cache = shardbuild.SourceCache(source, limit=2 * one, recycle=True)
     seen: list[int] = []
     for name in ["w0", "w1", "w2", "w0", "w3", "w4", "w5", "odd", "w1"]:
         t = cache.get(name)
@@ -435,7 +437,7 @@ def test_source_cache_reuses_evicted_buffers_of_the_same_size_within_its_limit(
     # seven reads of same-sized tensors into the two buffers the first two were read into
     assert set(seen[:7]) == set(seen[:2]) and len(set(seen[:2])) == 2
     # without recycling (a builder that may keep references): new buffers every time
-    plain = sw.SourceCache(source, limit=2 * one)
+    plain = shardbuild.SourceCache(source, limit=2 * one)
     a = plain.get("w0")
     plain.get("w1"), plain.get("w2")
     assert torch.equal(a.reshape(64, 64), tensors["w0"])

@@ -57,7 +57,8 @@ def test_pp2_streaming_writer_reproduces_the_engine_files(
     """At PP=2 too, the engine-free writer given the ENGINE's traces writes the engine's
     files: the same names (model-pp-*-tp-*), the same sha256."""
     from preshard.core.manifest import MANIFEST_NAME
-    from preshard.worker.shardwriter import load_traces, write_shards
+    from preshard.worker.shardlayout import load_traces
+    from preshard.worker.shardwriter import write_shards
     from preshard.worker.sources import open_source
 
     assert converted_pp2.rc == 0, converted_pp2.stderr[-3000:]

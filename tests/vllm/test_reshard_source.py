@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 from preshard.core.contract import MANIFEST_NAME, SHARDING_NAME
 from preshard.worker.sources.checkpoint import (
     CheckpointSource,
-    LocalReader,
     ReshardNotPossible,
     open_checkpoint,
     resharded_from,
 )
+from preshard.worker.sources.ranged import LocalReader
 from preshard.worker.verify.shards import VerificationFailed
 
 

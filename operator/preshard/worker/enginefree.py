@@ -39,7 +39,7 @@ from preshard.core.errors import PlanningFailed, PreshardError, UnsupportedModel
 from preshard.core.manifest import SHARDING_NAME
 from preshard.core.manifestfields import ConversionFacts, conversion_fields
 from preshard.core.quantity import format_bytes
-from preshard.worker import shardwriter
+from preshard.worker import shardlayout, shardwriter
 from preshard.worker.engine.installed import installed_vllm
 
 log = logging.getLogger("preshard.convert")
@@ -148,7 +148,7 @@ def prequantized_scheme(plan: Any) -> Any:
     return fp8shards.scheme_for(plan.quantization, plan.weights)
 
 
-def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) -> None:
+def check_written(f: shardwriter.WrittenFile, layout: shardlayout.PartLayout) -> None:
     """A completed rank file read back through its own header: safetensors must list
     exactly the layout's tensors (shapes, dtypes) at the layout's size, and the header
     must lead every name to exactly the span the writer wrote that tensor's bytes to.
@@ -163,7 +163,7 @@ def check_written(f: shardwriter.WrittenFile, layout: shardwriter.PartLayout) ->
     from preshard.worker.sources.header import header_length, parse_header
 
     size = f.path.stat().st_size
-    want = {t.key: (t.shape, shardwriter.st_dtype(t.dtype)) for t in layout.tensors}
+    want = {t.key: (t.shape, shardlayout.st_dtype(t.dtype)) for t in layout.tensors}
     with safe_open(str(f.path), framework="pt") as st:
         got = {
             k: (tuple(st.get_slice(k).get_shape()), str(st.get_slice(k).get_dtype()))
@@ -214,7 +214,7 @@ def convert_engine_free(
         traces = plan_ranks(req, source, model_dir)
     timings["plan"] = plan_seconds + time.monotonic() - t
     pattern = shard_pattern(plan.pipeline_parallel_size)
-    ranks = shardwriter.plan_files(traces, pattern=pattern, max_size=plan.max_file_size)
+    ranks = shardlayout.plan_files(traces, pattern=pattern, max_size=plan.max_file_size)
     layouts = {layout.name: layout for _, ls in ranks for layout in ls}
     scheme = prequantized_scheme(plan)
     try:

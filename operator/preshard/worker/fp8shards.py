@@ -59,7 +59,8 @@ from preshard.core.errors import PlanningFailed, PreshardError, UnsupportedQuant
 if TYPE_CHECKING:
     import torch
 
-    from preshard.worker.shardwriter import RankPlan, Saved, SourceCache
+    from preshard.worker.shardbuild import SourceCache
+    from preshard.worker.shardlayout import RankPlan, Saved
 
 BLOCK = [128, 128]
 # vLLM's KVCacheScaleParameter (kv_cache.py): created at -1.0, an "unset" sentinel its
@@ -368,7 +369,7 @@ class Fp8Builder:
     scales computed per rank, everything else as ``build_tensor`` builds it."""
 
     def __init__(self, traces: list[dict[str, Any]]) -> None:
-        from preshard.worker.shardwriter import RankPlan
+        from preshard.worker.shardlayout import RankPlan
 
         self.plans = {int(t["rank"]): RankPlan.from_trace(t) for t in traces}
         self.quantized = {int(t["rank"]): dict(t.get("quantized") or {}) for t in traces}
@@ -387,7 +388,8 @@ class Fp8Builder:
         self._amax: dict[tuple[int, str], torch.Tensor] = {}
 
     def raw_weight(self, rank: int, key: str, cache: SourceCache) -> torch.Tensor:
-        from preshard.worker.shardwriter import Saved, build_tensor
+        from preshard.worker.shardbuild import build_tensor
+        from preshard.worker.shardlayout import Saved
 
         plan = self.plans[rank]
         info = next(s for s in plan.saved if s.key == key)
@@ -424,7 +426,7 @@ class Fp8Builder:
         return static_quant(weight, scale), scale
 
     def __call__(self, plan: RankPlan, saved: Saved, cache: SourceCache) -> torch.Tensor:
-        from preshard.worker.shardwriter import build_tensor
+        from preshard.worker.shardbuild import build_tensor
 
         rank = plan.rank
         wkey = saved.key if saved.key in self.quantized[rank] else None

@@ -60,7 +60,7 @@ def verify_quantized(
     import torch
 
     from preshard.core.sharding import build_document
-    from preshard.worker import fp8shards, shardwriter
+    from preshard.worker import fp8shards, shardbuild
     from preshard.worker.sources import open_source
     from preshard.worker.verify.against import _Files, compare_with_plan, load_sharding, rank_files
 
@@ -72,7 +72,7 @@ def verify_quantized(
         raise VerificationFailed(f"the re-planned sharding metadata is invalid: {exc}") from None
     compare_with_plan(stored, planned)
     builder = fp8shards.Fp8Builder(traces)
-    cache = shardwriter.SourceCache(open_source(str(source_dir)))
+    cache = shardbuild.SourceCache(open_source(str(source_dir)))
     tensors = quantized = 0
     compared = 0
     for rank, plan in sorted(builder.plans.items()):

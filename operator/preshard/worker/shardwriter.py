@@ -31,33 +31,28 @@ is complete (the conversion uploads it and deletes it). Memory: the source cache
 (``cache_bytes``, at least what one saved tensor is copied from) plus three buffers of
 the largest saved tensor (one being built, two being written and hashed), independent
 of the model's size.
+
+The files' layout (names, headers, tensor order) is ``preshard.worker.shardlayout``'s;
+building each tensor's values (and the source cache) is ``preshard.worker.shardbuild``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
-import string
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preshard.core.errors import (
-    InternalError,
-    InvalidSpec,
-    PlanningFailed,
-    UnsupportedDtype,
-    UnsupportedModel,
-    VerificationFailed,
-)
-from preshard.core.sharding import numel
+from preshard.core.errors import InternalError, VerificationFailed
+from preshard.worker.shardbuild import DEFAULT_CACHE_BYTES, SourceCache, build_tensor, step_bytes
+from preshard.worker.shardlayout import PartLayout, RankPlan, Saved, plan_files
 
 if TYPE_CHECKING:
     import torch
@@ -66,201 +61,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("preshard.shardwriter")
 
-# safetensors' dtype order (its Rust ``Dtype`` enum); the header lists the tensors by
-# this order, largest first, then by name.
-ST_DTYPE_ORDER = (
-    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
-    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
-)  # fmt: skip
-_TORCH_TO_ST = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fn": "F8_E4M3",
-    "float8_e8m0fnu": "F8_E8M0",
-    "int16": "I16",
-    "uint16": "U16",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int32": "I32",
-    "uint32": "U32",
-    "float32": "F32",
-    "float64": "F64",
-    "int64": "I64",
-    "uint64": "U64",
-}
-ST_TO_TORCH = {v: k for k, v in _TORCH_TO_ST.items()}
-# Tensors vLLM's models create with a value and no weight loader writes (attention
-# scale buffers: vllm/model_executor/layers/attention/attention.py registers them as
-# torch.tensor(1.0, dtype=float32)). Matched on the last component of the key.
-INITIALIZED_DEFAULTS = {"_k_scale": 1.0, "_v_scale": 1.0, "_q_scale": 1.0, "_prob_scale": 1.0}
-# The source cache: at least what one step needs (every source tensor one saved tensor
-# is copied from: the tensor-parallel ranks use them at the same step), and this much
-# more for neighbours (a source shared by consecutive saved tensors).
-DEFAULT_CACHE_BYTES = 64 * 2**20
 _WRITE_CHUNK = 16 * 2**20
 _DEPTH = 2  # tensors written, checked and hashed while the next is built
-
-
-def st_dtype(torch_name: str) -> str:
-    try:
-        return _TORCH_TO_ST[torch_name.removeprefix("torch.")]
-    except KeyError:
-        raise UnsupportedDtype(
-            f"dtype {torch_name} has no safetensors equivalent",
-        ) from None
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    dt = getattr(torch, name.removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype):
-        raise UnsupportedDtype(f"unknown dtype {name}")
-    return dt
-
-
-# --------------------------------------------------------------------- file layout (pure)
-
-
-@dataclass(frozen=True)
-class Saved:
-    key: str
-    shape: tuple[int, ...]
-    dtype: str  # torch name, as the trace records it
-
-    @property
-    def nbytes(self) -> int:
-        from preshard.worker.sources import DTYPE_SIZES
-
-        return numel(self.shape) * DTYPE_SIZES[st_dtype(self.dtype)]
-
-
-@dataclass(frozen=True)
-class PartLayout:
-    """One rank file: its name, its header bytes and its tensors in data order."""
-
-    name: str
-    header: bytes  # the 8-byte length, the JSON and its padding
-    tensors: tuple[Saved, ...]
-
-    @property
-    def size(self) -> int:
-        return len(self.header) + sum(t.nbytes for t in self.tensors)
-
-
-def split_parts(saved: list[Saved], max_size: int | None) -> list[list[Saved]]:
-    """``ShardedStateLoader.save_model``'s split, including its empty first part when
-    the first tensor alone exceeds ``max_size``."""
-    parts: list[list[Saved]] = []
-    part: list[Saved] = []
-    total = 0
-    for t in saved:
-        if max_size is not None and total + t.nbytes > max_size:
-            parts.append(part)
-            part, total = [], 0
-        part.append(t)
-        total += t.nbytes
-    if part:
-        parts.append(part)
-    return parts
-
-
-def header_bytes(tensors: list[Saved]) -> tuple[bytes, tuple[Saved, ...]]:
-    """The safetensors header ``safetensors.torch.save_file`` writes for these tensors
-    (no metadata) and the tensors in the order their data follows it."""
-    order = sorted(tensors, key=lambda t: (-ST_DTYPE_ORDER.index(st_dtype(t.dtype)), t.key))
-    entries: dict[str, Any] = {}
-    offset = 0
-    for t in order:
-        end = offset + t.nbytes
-        entries[t.key] = {
-            "dtype": st_dtype(t.dtype),
-            "shape": list(t.shape),
-            "data_offsets": [offset, end],
-        }
-        offset = end
-    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text, tuple(order)
-
-
-def render_name(
-    pattern: str | None, *, tp_rank: int, pp_rank: int, tp_size: int, pp_size: int, part: int
-) -> str:
-    """``ShardedStateLoader._render_default_pattern`` for one rank."""
-    from preshard.core.contract import shard_pattern
-
-    pattern = pattern or shard_pattern(pp_size)
-    fields = {f for _, f, _, _ in string.Formatter().parse(pattern) if f is not None}
-    unsupported = fields - {"pp_rank", "tp_rank", "rank", "part"}
-    has_tp = "tp_rank" in fields or "rank" in fields
-    if (
-        unsupported
-        or (pp_size > 1 and "pp_rank" not in fields)
-        or (pp_size == 1 and "pp_rank" in fields)
-        or (tp_size > 1 and not has_tp)
-    ):
-        raise InvalidSpec(
-            f"file name pattern {pattern!r} does not fit TP {tp_size} x PP {pp_size}",
-        )
-    if pp_size > 1:
-        return pattern.format(pp_rank=pp_rank, tp_rank=tp_rank, rank=tp_rank, part=part)
-    return pattern.format(tp_rank=tp_rank, rank=tp_rank, part=part)
-
-
-@dataclass
-class RankPlan:
-    """One rank's trace, parsed: what its files hold and how each tensor is written."""
-
-    rank: int
-    tp_rank: int
-    pp_rank: int
-    tp_size: int
-    pp_size: int
-    saved: list[Saved]
-    writes: dict[str, list[dict[str, Any]]]
-    initialized: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_trace(cls, trace: dict[str, Any]) -> RankPlan:
-        try:
-            return cls(
-                rank=int(trace["rank"]),
-                tp_rank=int(trace["tpRank"]),
-                pp_rank=int(trace["ppRank"]),
-                tp_size=int(trace["tensorParallelSize"]),
-                pp_size=int(trace["pipelineParallelSize"]),
-                saved=[
-                    Saved(k, tuple(int(n) for n in v["shape"]), str(v["dtype"]))
-                    for k, v in trace["saved"].items()
-                ],
-                writes=dict(trace.get("writes") or {}),
-                initialized=dict(trace.get("initialized") or {}),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise PlanningFailed(
-                f"malformed rank trace: {type(exc).__name__}: {exc}",
-            ) from None
-
-    def layout(self, pattern: str | None, max_size: int | None) -> list[PartLayout]:
-        out = []
-        for i, part in enumerate(split_parts(self.saved, max_size)):
-            header, order = header_bytes(part)
-            name = render_name(
-                pattern,
-                tp_rank=self.tp_rank,
-                pp_rank=self.pp_rank,
-                tp_size=self.tp_size,
-                pp_size=self.pp_size,
-                part=i,
-            )
-            out.append(PartLayout(name, header, order))
-        return out
-
-
-# ---------------------------------------------------------------------------- building
 
 
 class Buffers:
@@ -295,198 +97,6 @@ class Buffers:
         with self._lock:
             self._free.append(buf)
             self._free.sort(key=lambda b: b.numel())
-
-
-class SourceCache:
-    """Source tensors (flattened) kept while ranks in lockstep still need them, bounded by
-    bytes (the tensor being used always stays). With ``recycle`` (the writer's default
-    builder, which keeps no reference to a source tensor past the saved tensor it
-    builds) and a source that reads into a caller's buffer (``reads_into``), a tensor
-    is read into the buffer of an evicted one of the same size (no new allocation, no
-    page faults); the buffers kept count in the limit."""
-
-    def __init__(
-        self, source: TensorSource, limit: int = DEFAULT_CACHE_BYTES, *, recycle: bool = False
-    ) -> None:
-        self.source = source
-        self.limit = limit
-        self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-        self._spare: list[torch.Tensor] = []  # buffers of evicted tensors
-        self._bytes = 0  # cached tensors (their buffers) and spare buffers
-        self.reads = 0
-        self.bytes_read = 0
-        self._recycle = recycle and bool(getattr(source, "reads_into", False))
-        self._infos: dict[str, Any] = {}
-
-    def get(self, name: str) -> torch.Tensor:
-        item = self._items.get(name)
-        if item is not None:
-            self._items.move_to_end(name)
-            return item[0]
-        base = None
-        if self._recycle:
-            if not self._infos:
-                self._infos = {i.name: i for i in self.source.tensors()}
-            info = self._infos.get(name)
-            if info is not None and info.nbytes:
-                base = self._buffer(info.nbytes)
-                view = base[: info.nbytes].numpy().data
-                t = self.source.read(name, into=view).reshape(-1)  # type: ignore[call-arg]
-        if base is None:
-            t = self.source.read(name).reshape(-1)
-        size = t.numel() * t.element_size()
-        self.reads += 1
-        self.bytes_read += size
-        self._items[name] = (t, base)
-        self._bytes += size if base is None else base.numel()
-        while self._bytes > self.limit and len(self._items) > 1:
-            self._evict()
-        while self._bytes > self.limit and self._spare:
-            self._bytes -= self._spare.pop().numel()
-        return t
-
-    def _evict(self) -> None:
-        _, (old, old_base) = self._items.popitem(last=False)
-        if old_base is None:
-            self._bytes -= old.numel() * old.element_size()
-        else:
-            self._spare.append(old_base)
-
-    def _buffer(self, nbytes: int) -> torch.Tensor:
-        """A buffer of exactly ``nbytes`` (a model's layers repeat their shapes, so an
-        evicted tensor's buffer fits a later one): a spare of that size, else room is
-        made (spares that do not fit dropped, then the least recently used tensors
-        evicted) while the cache and this read exceed the limit, and a new one made."""
-        import torch
-
-        while True:
-            for i, b in enumerate(self._spare):
-                if b.numel() == nbytes:
-                    self._bytes -= nbytes
-                    return self._spare.pop(i)
-            if self._bytes + nbytes <= self.limit:
-                break
-            if self._spare:
-                self._bytes -= self._spare.pop(0).numel()
-            elif self._items:
-                self._evict()
-            else:
-                break
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-
-def build_tensor(
-    plan: RankPlan, saved: Saved, cache: SourceCache, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The saved tensor's values as the model held them after ``load_weights`` (flat);
-    built in ``out`` (a uint8 buffer of at least its bytes) when given."""
-    import torch
-
-    dtype = _torch_dtype(saved.dtype)
-    size = numel(saved.shape)
-    # (uninitialized: every element is written below, or the tensor is refused)
-    if out is not None and size:
-        flat = out[: saved.nbytes].view(dtype)
-    else:
-        flat = torch.empty(size, dtype=dtype)
-    writes = plan.writes.get(saved.key) or []
-    if not writes:
-        value = plan.initialized.get(saved.key)
-        if value is None:
-            value = INITIALIZED_DEFAULTS.get(saved.key.rpartition(".")[2])
-        if value is None:
-            raise UnsupportedModel(
-                f"rank {plan.rank}: {saved.key} is written by no weight loader and its "
-                "initial value is unknown; it cannot be produced without an engine "
-                "(--engine vllm)",
-            )
-        flat.fill_(value)
-        return flat
-    runs: list[tuple[int, int]] | None = []
-    for w in writes:
-        d_off, d_strides, shape = w["dst"]
-        dst = torch.as_strided(flat, shape, d_strides, d_off)
-        if w["op"] == "copy":
-            src_flat = cache.get(w["source"])
-            s_off, s_strides, s_shape = w["src"]
-            dst.copy_(torch.as_strided(src_flat, s_shape, s_strides, s_off))
-        elif w["op"] == "fill":
-            dst.fill_(w["value"])
-        elif w["op"] == "derived" and "values" in w:
-            dst.copy_(torch.tensor(w["values"], dtype=dtype).reshape(shape))
-        else:
-            raise UnsupportedModel(
-                f"rank {plan.rank}: vLLM's weight loader computes {saved.key} from "
-                f"{', '.join(w.get('sources') or ()) or 'the checkpoint'} (not a copy): it "
-                "cannot be streamed without an engine (--engine vllm)",
-            )
-        run = _dense_run(d_off, d_strides, shape)
-        if run is None or runs is None:
-            runs = None
-        else:
-            runs.append(run)
-    missing = _uncovered(plan, saved, size, runs)
-    if missing:
-        raise UnsupportedModel(
-            f"rank {plan.rank}: {missing} of {size} elements of {saved.key} are "
-            "written by no weight loader; they cannot be produced without an engine",
-        )
-    return flat
-
-
-def _dense_run(offset: int, strides: list[int], shape: list[int]) -> tuple[int, int] | None:
-    """``(start, end)`` when the region is one consecutive run of elements, else None."""
-    n, expect = 1, 1
-    for size, stride in zip(reversed(shape), reversed(strides), strict=True):
-        if size > 1 and stride != expect:
-            return None
-        expect *= size
-        n *= size
-    return (int(offset), int(offset) + n)
-
-
-def _uncovered(plan: RankPlan, saved: Saved, size: int, runs: list[tuple[int, int]] | None) -> int:
-    """How many elements no write covers: from the runs when every write is one run of
-    elements (the usual case: rows, fused row blocks, whole tensors), else from a mask."""
-    if runs is not None:
-        return _uncovered_runs(runs, size)
-    return _uncovered_mask(plan.writes.get(saved.key) or (), size)
-
-
-def uncovered(writes: list[dict[str, Any]], size: int) -> int:
-    """How many of a tensor's ``size`` elements none of ``writes`` (trace writes, their
-    ``dst`` regions) covers; the planner's completeness check and the writer's. From
-    the regions' runs when each is one consecutive run (no mask), else from a mask."""
-    runs = []
-    for w in writes:
-        run = _dense_run(*w["dst"])
-        if run is None:
-            return _uncovered_mask(writes, size)
-        runs.append(run)
-    return _uncovered_runs(runs, size)
-
-
-def _uncovered_runs(runs: list[tuple[int, int]], size: int) -> int:
-    covered, reach = 0, 0
-    for a, b in sorted(runs):
-        a, b = max(a, reach, 0), min(b, size)
-        if b > a:
-            covered += b - a
-            reach = b
-    return size - covered
-
-
-def _uncovered_mask(writes: Any, size: int) -> int:
-    import torch
-
-    mask = torch.zeros(size, dtype=torch.bool)
-    for w in writes:
-        d_off, d_strides, shape = w["dst"]
-        torch.as_strided(mask, shape, d_strides, d_off).fill_(True)
-    return int((~mask).sum())
-
-
-# ----------------------------------------------------------------------------- writing
 
 
 @dataclass(frozen=True)
@@ -696,30 +306,6 @@ class WriteReport:
     bytes_written: int = 0
 
 
-def step_bytes(ranks: list[tuple[RankPlan, list[PartLayout]]], source: TensorSource) -> int:
-    """The most source bytes one saved tensor is copied from (what the cache must hold
-    for the ranks of one step to share their reads)."""
-    sizes = {t.name: t.nbytes for t in source.tensors()}
-    most = 0
-    for plan, _ in ranks:
-        for saved in plan.saved:
-            names = {w["source"] for w in plan.writes.get(saved.key) or () if w.get("op") == "copy"}
-            most = max(most, sum(sizes.get(n, 0) for n in names))
-    return most
-
-
-def plan_files(
-    traces: list[dict[str, Any]], *, pattern: str | None = None, max_size: int | None = None
-) -> list[tuple[RankPlan, list[PartLayout]]]:
-    """Every rank's plan and file layouts (names, headers, sizes), before any data."""
-    plans = sorted((RankPlan.from_trace(t) for t in traces), key=lambda p: p.rank)
-    return [(p, p.layout(pattern, max_size)) for p in plans]
-
-
-def total_bytes(files: list[tuple[RankPlan, list[PartLayout]]]) -> int:
-    return sum(layout.size for _, layouts in files for layout in layouts)
-
-
 def write_shards(
     traces: list[dict[str, Any]],
     source: TensorSource,
@@ -800,11 +386,3 @@ def write_shards(
         cache.bytes_read,
     )
     return report
-
-
-def load_traces(directory: Path) -> list[dict[str, Any]]:
-    """The ``preshard-trace-rank-*.json`` documents in ``directory``."""
-    out = []
-    for p in sorted(directory.glob("preshard-trace-rank-*.json")):
-        out.append(json.loads(p.read_text()))
-    return out

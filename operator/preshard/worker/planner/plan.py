@@ -246,7 +246,7 @@ def check_complete(doc: dict[str, Any], arch: str) -> None:
     whose writes leave some element unset (a tensor with no write at all is the
     model's own initialisation, e.g. attention scales not in the checkpoint, as the
     engine saves it)."""
-    from preshard.worker.shardwriter import uncovered
+    from preshard.worker.shardbuild import uncovered
 
     for key, info in doc["saved"].items():
         writes = doc["writes"].get(key, [])

@@ -25,6 +25,26 @@ from preshard.worker.sources import DTYPE_SIZES, TensorInfo
 INDEX_NAME = "model.safetensors.index.json"
 # safetensors refuses headers above 100 MB; so do we (a bounded read of untrusted data).
 MAX_HEADER_BYTES = 100_000_000
+# torch dtype names (as traces and the sharding metadata record them) <-> safetensors dtypes
+TORCH_TO_ST = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e8m0fnu": "F8_E8M0",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "float64": "F64",
+    "int64": "I64",
+    "uint64": "U64",
+}
+ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
 
 
 def natural_key(name: str) -> list[Any]:
@@ -116,8 +136,6 @@ def _invalid(message: str) -> PreshardError:
 def to_tensor(buf: Any, info: TensorInfo) -> Any:
     """A CPU tensor of ``info``'s dtype and shape over ``buf`` (a bytearray)."""
     import torch
-
-    from preshard.worker.shardwriter import ST_TO_TORCH
 
     dtype = getattr(torch, ST_TO_TORCH[info.dtype])
     if info.nbytes == 0:
