@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from preshard.core.errors import VerificationFailed
 from preshard.core.sharding import ShardingError, parse_document, unravel
-from preshard.worker.verify.shards import VerificationFailed
 
 
 def replan(source_dir: Path, manifest: Any, scheme: Any) -> list[dict[str, Any]]:

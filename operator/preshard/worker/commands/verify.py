@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from preshard.core.contract import EXIT_FAILED, EXIT_OK
-from preshard.core.errors import ManifestNotFound, PreshardError
+from preshard.core.errors import ManifestNotFound, PreshardError, VerificationFailed
 from preshard.core.manifest import MANIFEST_NAME, Manifest, ManifestError
 from preshard.core.quantity import format_bytes
 from preshard.core.quantization import raw_plan_quantization
@@ -39,7 +39,6 @@ from preshard.worker.progress import Reporter
 from preshard.worker.store.fetch import fetch_source
 from preshard.worker.verify.against import verify_against
 from preshard.worker.verify.objects import check_objects
-from preshard.worker.verify.shards import VerificationFailed
 
 
 def verify(args: argparse.Namespace) -> int:

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import PlannerUnavailable
+from preshard.core.errors import PlannerUnavailable, VerificationFailed
 from preshard.core.manifest import SHARDING_NAME
 from preshard.core.sharding import Sharding, ShardingError, parse_document
-from preshard.worker.verify.shards import VerificationFailed
 
 
 def planned_sharding(

@@ -52,13 +52,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from preshard.core.contract import MANIFEST_NAME, SHARDING_NAME, STATE_RAW
-from preshard.core.errors import ReshardNotPossible
+from preshard.core.errors import ReshardNotPossible, VerificationFailed
 from preshard.core.manifest import Manifest, ManifestError, ManifestFile, manifest_sha256
 from preshard.core.sharding import Sharding, ShardingError, numel, parse_document, unravel
 from preshard.worker.sources import DTYPE_SIZES, TensorInfo
 from preshard.worker.sources.header import ST_TO_TORCH, TORCH_TO_ST
 from preshard.worker.sources.ranged import RangeReader, is_checkpoint, reader_for
-from preshard.worker.verify.shards import VerificationFailed
 
 if TYPE_CHECKING:
     import torch

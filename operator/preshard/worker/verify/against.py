@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preshard.core.errors import InvalidShardingMetadata, PlanningFailed
+from preshard.core.errors import InvalidShardingMetadata, PlanningFailed, VerificationFailed
 from preshard.core.manifest import SHARDING_NAME
 from preshard.core.sharding import (
     MAX_DOCUMENT_BYTES,
@@ -55,7 +55,6 @@ from preshard.core.sharding import (
     unravel,
 )
 from preshard.worker.planner.verify import compare_with_plan, planned_sharding
-from preshard.worker.verify.shards import VerificationFailed
 
 __all__ = ["compare_with_plan", "planned_sharding", "verify_against"]
 
