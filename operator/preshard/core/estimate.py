@@ -67,7 +67,7 @@ CPU_RANK_OVERHEAD = 3 * GiB // 2  # one vLLM CPU worker process (torch, oneDNN, 
 FRONTEND_OVERHEAD = 3 * GiB // 2  # the preshard worker + vLLM's engine processes
 # GPU: a CUDA context and vLLM's GPU worker on the host (not measured here: no GPU).
 GPU_RANK_OVERHEAD = 4 * GiB
-# The upload's part buffers (worker.transfer: concurrency 16 x 32 MiB parts), alive while
+# The upload's part buffers (worker.store.transfer: concurrency 16 x 32 MiB parts), alive while
 # the verification engine runs.
 UPLOAD_BUFFERS = 16 * 32 * MiB
 SAFETY_DIVISOR = 10  # a 10 % margin on top (allocator fragmentation, page cache, Python)

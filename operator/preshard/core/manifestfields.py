@@ -38,7 +38,7 @@ def manifest_for(
 
 def conversion_fields(plan: ConversionPlan, facts: ConversionFacts) -> dict[str, Any]:
     """The manifest fields of a conversion except its files, owner and creation time
-    (what ``worker.publication.Publication.commit`` adds): from the plan or the facts."""
+    (what ``worker.store.publication.Publication.commit`` adds): from the plan or the facts."""
     return dict(
         source_uri=plan.source_label,
         source_revision=facts.source_revision or plan.source.revision,
