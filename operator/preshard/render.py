@@ -29,7 +29,7 @@ from preshard.core.children.conversion import build_conversion_job
 from preshard.core.children.pod import accelerator
 from preshard.core.children.purge import build_purge_job
 from preshard.core.config import OperatorConfig
-from preshard.core.errors import InvalidInput, SpecError
+from preshard.core.errors import InvalidInput, InvalidSpec
 from preshard.core.spec import CheckpointSpec, check_accelerator, parse_spec
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
@@ -56,7 +56,7 @@ def render_resource(
     meta = resource.get("metadata") or {}
     name = meta.get("name")
     if not isinstance(name, str) or not name:
-        raise SpecError("metadata.name is required")
+        raise InvalidSpec("metadata.name is required")
     ns = meta.get("namespace") or namespace
     spec = parse_spec(dict(resource.get("spec") or {}))
     check_accelerator(spec, accelerator(spec, config))
@@ -84,7 +84,7 @@ def memory_estimate(
             accelerator=accelerator(spec, config),
         )
     except EstimateUnavailable as exc:
-        raise SpecError(f"--model-config: no memory estimate: {exc}") from None
+        raise InvalidSpec(f"--model-config: no memory estimate: {exc}") from None
     return est.to_status()
 
 
@@ -92,7 +92,7 @@ def load_resources(text: str, label: str) -> list[dict[str, Any]]:
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
-        raise SpecError(f"{label} is not valid YAML: {exc}") from None
+        raise InvalidSpec(f"{label} is not valid YAML: {exc}") from None
     found = [
         d
         for d in docs
@@ -101,7 +101,7 @@ def load_resources(text: str, label: str) -> list[dict[str, Any]]:
         and str(d.get("apiVersion", "")).startswith(f"{GROUP}/")
     ]
     if not found:
-        raise SpecError(f"{label} has no {KIND} ({GROUP}) document")
+        raise InvalidSpec(f"{label} has no {KIND} ({GROUP}) document")
     return found
 
 

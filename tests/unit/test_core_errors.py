@@ -157,3 +157,18 @@ def test_no_raise_site_passes_a_reason() -> None:
             if name in names and any(k.arg in ("reason", "permanent") for k in node.keywords):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []
+
+
+def test_no_category_is_raised_as_a_failure_of_its_own() -> None:
+    """A category (SpecError, GateError, ...) groups failures for ``except``; a raise site
+    names the concrete class, so each reason has exactly one class that carries it."""
+    categories = {"PreshardError", "SpecError", "SourceError", "OutputError"}
+    categories |= {"StorageFailure", "VerificationError", "GateError"}
+    offenders = []
+    for path in PRODUCT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            value = node.exc if isinstance(node, ast.Raise) else None
+            if isinstance(value, ast.Call) and isinstance(value.func, ast.Name):
+                if value.func.id in categories:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []

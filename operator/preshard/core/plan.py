@@ -20,8 +20,8 @@ from typing import Any
 
 from preshard.core.contract import STATE_FORMATS, STATE_RAW, shard_pattern
 from preshard.core.errors import (
+    InvalidSpec,
     PipelineParallelSizeMismatch,
-    SpecError,
     TensorParallelSizeMismatch,
     UnknownQuantization,
     UnsupportedQuantization,
@@ -80,7 +80,7 @@ DEFAULT_MAX_FILE_SIZE = 5 * 2**30
 
 def check_parallel_size(what: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PARALLEL:
-        raise SpecError(f"{what} must be an integer from 1 to {MAX_PARALLEL} (got {value!r})")
+        raise InvalidSpec(f"{what} must be an integer from 1 to {MAX_PARALLEL} (got {value!r})")
     return value
 
 
@@ -94,19 +94,19 @@ def check_quantization(value: str | None) -> str | None:
 
 def check_dtype(value: str) -> str:
     if value not in DTYPES:
-        raise SpecError(f"unknown dtype {value!r}; supported: {', '.join(DTYPES)}")
+        raise InvalidSpec(f"unknown dtype {value!r}; supported: {', '.join(DTYPES)}")
     return value
 
 
 def check_engine(value: str) -> str:
     if value not in ENGINES:
-        raise SpecError(f"unknown engine {value!r}; supported: {', '.join(ENGINES)}")
+        raise InvalidSpec(f"unknown engine {value!r}; supported: {', '.join(ENGINES)}")
     return value
 
 
 def check_weights(value: str) -> str:
     if value not in WEIGHTS:
-        raise SpecError(f"unknown weights {value!r}; supported: {', '.join(WEIGHTS)}")
+        raise InvalidSpec(f"unknown weights {value!r}; supported: {', '.join(WEIGHTS)}")
     return value
 
 
@@ -118,7 +118,7 @@ def check_source_digest(value: str | None) -> str | None:
     body = value[len("sha256:") :] if value.startswith("sha256:") else value
     want = 64 if value.startswith("sha256:") else 40
     if len(body) != want or any(c not in hexdigits for c in body):
-        raise SpecError(
+        raise InvalidSpec(
             f"--source-digest must be sha256:<64 hex digits> or a 40-digit commit (got {value!r})"
         )
     return value
@@ -126,7 +126,7 @@ def check_source_digest(value: str | None) -> str | None:
 
 def check_max_file_size(value: int, what: str = "maxFileSize") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"{what} must be a positive number of bytes (got {value!r})")
+        raise InvalidSpec(f"{what} must be a positive number of bytes (got {value!r})")
     return value
 
 
@@ -248,11 +248,11 @@ class ConversionPlan:
         check_max_file_size(self.max_file_size)
         check_source_digest(self.source_digest)
         if self.state_format not in STATE_FORMATS:
-            raise SpecError(f"unknown state format {self.state_format!r}")
+            raise InvalidSpec(f"unknown state format {self.state_format!r}")
         if self.output.scheme not in ("s3", "file"):
-            raise SpecError(f"the output must be an s3:// prefix, not {self.output}")
+            raise InvalidSpec(f"the output must be an s3:// prefix, not {self.output}")
         if self.source.scheme == "s3" and self.source.overlaps(self.output):
-            raise SpecError(f"output {self.output} overlaps the source {self.source}")
+            raise InvalidSpec(f"output {self.output} overlaps the source {self.source}")
 
     # -- shortcuts read everywhere
     @property
@@ -322,7 +322,7 @@ class ConversionPlan:
         try:
             ns = parser.parse_args(list(argv))
         except _ArgvError as exc:
-            raise SpecError(str(exc)) from None
+            raise InvalidSpec(str(exc)) from None
         return cls.from_namespace(ns)
 
     @classmethod
@@ -331,7 +331,7 @@ class ConversionPlan:
         try:
             max_file_size = parse_bytes(ns.max_file_size)
         except ValueError as exc:
-            raise SpecError(f"--max-file-size: {exc}") from None
+            raise InvalidSpec(f"--max-file-size: {exc}") from None
         check_max_file_size(max_file_size, "--max-file-size")
         check_parallel_size("--tensor-parallel-size", ns.tensor_parallel_size)
         check_parallel_size("--pipeline-parallel-size", ns.pipeline_parallel_size)

@@ -28,7 +28,13 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 from preshard.core.envpolicy import env_name
-from preshard.core.errors import InsufficientCPU, InvalidURI, SpecError, UnsupportedQuantization
+from preshard.core.errors import (
+    InsufficientCPU,
+    InvalidSpec,
+    InvalidURI,
+    SpecError,
+    UnsupportedQuantization,
+)
 from preshard.core.plan import (
     DEFAULT_MAX_FILE_SIZE,
     MAX_PARALLEL,
@@ -367,9 +373,9 @@ def parse_spec(spec: dict[str, Any] | None) -> CheckpointSpec:
     InvalidSpec.
     """
     if not spec:
-        raise SpecError("spec is empty: source, tensorParallelSize and output are required")
+        raise InvalidSpec("spec is empty: source, tensorParallelSize and output are required")
     if not isinstance(spec, dict):
-        raise SpecError(f"spec must be an object, not {type(spec).__name__}")
+        raise InvalidSpec(f"spec must be an object, not {type(spec).__name__}")
     try:
         return CheckpointSpec.model_validate(spec)
     except ValidationError as exc:
@@ -403,7 +409,7 @@ def parse_cpu(value: int | str) -> float:
             return int(text[:-1]) / 1000
         return float(text)
     except ValueError:
-        raise SpecError(f"{value!r} is not a CPU quantity such as 16 or 500m") from None
+        raise InvalidSpec(f"{value!r} is not a CPU quantity such as 16 or 500m") from None
 
 
 def check_accelerator(spec: CheckpointSpec, accelerator: str) -> None:

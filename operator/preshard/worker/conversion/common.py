@@ -20,6 +20,7 @@ from preshard.core import quantization
 from preshard.core.contract import MANIFEST_NAME, WEIGHT_INDEXES, WEIGHT_SUFFIXES
 from preshard.core.errors import (
     InvalidSource,
+    InvalidSpec,
     PreshardError,
     SourceNotFound,
     SpecError,
@@ -67,9 +68,9 @@ class ConvertRequest:
         """Validate the command line; SpecError (permanent) with one clear line."""
         plan = ConversionPlan.from_namespace(args)
         if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
-            raise SpecError("--gpu-memory-utilization must be in (0, 1]")
+            raise InvalidSpec("--gpu-memory-utilization must be in (0, 1]")
         if args.max_model_len is not None and args.max_model_len < 1:
-            raise SpecError("--max-model-len must be positive")
+            raise InvalidSpec("--max-model-len must be positive")
         temporary = not args.work_dir
         work_dir = (
             Path(tempfile.mkdtemp(prefix="preshard-work-")).resolve()
@@ -100,14 +101,14 @@ class ConvertRequest:
         if source.scheme == "file":
             src = Path(source.path).resolve()
             if _inside(work_dir, src) or _inside(src, work_dir):
-                raise SpecError(
+                raise InvalidSpec(
                     f"--work-dir {work_dir} and the source {src} must not contain each other "
                     "(the work dir is cleaned on every run)"
                 )
         if output.scheme == "file":
             out = Path(output.path).resolve()
             if _inside(out, work_dir) or _inside(work_dir, out):
-                raise SpecError(
+                raise InvalidSpec(
                     f"output {out} and --work-dir {work_dir} must not contain each other "
                     "(the work dir is cleaned on every run)"
                 )
@@ -115,7 +116,7 @@ class ConvertRequest:
                 _inside(out, Path(source.path).resolve())
                 or _inside(Path(source.path).resolve(), out)
             ):
-                raise SpecError(f"output {out} and the source must not contain each other")
+                raise InvalidSpec(f"output {out} and the source must not contain each other")
 
     def engine_request(
         self,
